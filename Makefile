@@ -1,0 +1,28 @@
+# The README's two commands: `make demo` and `make test`. Both build their own virtualenv.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install bench clean
+
+$(STAMP): pyproject.toml setup.py hv/_kvm_build.py
+	@command -v gcc >/dev/null || (apt-get update -qq && apt-get install -y -qq gcc make)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	@touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/hv run --mem 1G --ws 64 --passes 30
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) tools/bench/bench_hv.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info hv/_kvm*.so tools/guests/build

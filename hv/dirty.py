@@ -1,0 +1,137 @@
+"""Dirty page bitmaps, handled whole: no Python loop per page.
+
+KVM's layout: bit i of a little-endian array of u64 words is page i of a memory slot. The same
+layout serves the VMM's own bitmap (pages devices wrote) so the two merge with one numpy OR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hv._ffi import ffi, lib
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+
+
+@dataclass(frozen=True)
+class PageRuns:
+    """Runs of consecutive pages: `starts[i]` (page index) for `counts[i]` pages."""
+
+    starts: np.ndarray  # uint64
+    counts: np.ndarray  # uint64
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @property
+    def total_pages(self) -> int:
+        return int(self.counts.sum())
+
+    def as_tuples(self) -> list[tuple[int, int]]:
+        return list(zip(self.starts.tolist(), self.counts.tolist()))
+
+
+def words_for(npages: int) -> int:
+    """u64 words KVM uses for a slot of `npages` pages (rounded up to whole words)."""
+    return (npages + 63) // 64
+
+
+class DirtyBitmap:
+    """One memory slot's dirty pages: `npages` bits over a uint64 numpy array."""
+
+    __slots__ = ("npages", "words")
+
+    def __init__(self, npages: int, words: np.ndarray | None = None) -> None:
+        self.npages = npages
+        if words is None:
+            words = np.zeros(words_for(npages), dtype=np.uint64)
+        elif words.dtype != np.uint64 or len(words) != words_for(npages):
+            raise ValueError(f"bitmap for {npages} pages needs {words_for(npages)} uint64 words")
+        self.words = words
+
+    @classmethod
+    def from_pages(cls, npages: int, pages: np.ndarray | list[int]) -> DirtyBitmap:
+        bitmap = cls(npages)
+        bitmap.set_pages(np.asarray(pages, dtype=np.int64))
+        return bitmap
+
+    def set_pages(self, pages: np.ndarray) -> None:
+        pages = np.asarray(pages, dtype=np.uint64)
+        if len(pages) == 0:
+            return
+        if int(pages.max()) >= self.npages:
+            raise IndexError(f"page {int(pages.max())} beyond bitmap of {self.npages} pages")
+        bits = np.left_shift(np.uint64(1), pages & np.uint64(63))
+        np.bitwise_or.at(self.words, (pages >> np.uint64(6)).astype(np.intp), bits)
+
+    def set_range(self, first_page: int, count: int) -> None:
+        """Mark pages [first_page, first_page + count) dirty, a word at a time."""
+        if count <= 0:
+            return
+        end = first_page + count
+        if first_page < 0 or end > self.npages:
+            raise IndexError(f"pages [{first_page}, {end}) beyond bitmap of {self.npages} pages")
+        w0, w1 = first_page >> 6, (end - 1) >> 6
+        lo_mask = np.uint64((~0 << (first_page & 63)) & 0xFFFF_FFFF_FFFF_FFFF)
+        hi_bits = ((end - 1) & 63) + 1
+        hi_mask = np.uint64((1 << hi_bits) - 1)
+        if w0 == w1:
+            self.words[w0] |= lo_mask & hi_mask
+        else:
+            self.words[w0] |= lo_mask
+            self.words[w0 + 1 : w1] = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+            self.words[w1] |= hi_mask
+
+    def __or__(self, other: DirtyBitmap) -> DirtyBitmap:
+        self._check_same(other)
+        return DirtyBitmap(self.npages, self.words | other.words)
+
+    def __ior__(self, other: DirtyBitmap) -> DirtyBitmap:
+        self._check_same(other)
+        np.bitwise_or(self.words, other.words, out=self.words)
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, DirtyBitmap)
+            and self.npages == other.npages
+            and bool(np.array_equal(self.words, other.words))
+        )
+
+    def _check_same(self, other: DirtyBitmap) -> None:
+        if other.npages != self.npages:
+            raise ValueError(f"bitmaps of {self.npages} and {other.npages} pages do not merge")
+
+    def count(self) -> int:
+        return int(lib.kvmig_bitmap_count(self._ptr(), len(self.words)))
+
+    def pages(self) -> np.ndarray:
+        """Indices of the set bits, ascending (little-endian bit order within each word)."""
+        bits = np.unpackbits(self.words.view(np.uint8), bitorder="little")[: self.npages]
+        return np.flatnonzero(bits).astype(np.uint64)
+
+    def runs(self) -> PageRuns:
+        """Runs of consecutive dirty pages, found by the C scanner (zero words skipped)."""
+        room = max(16, min(self.npages // 2 + 1, 4096))
+        while True:
+            starts = np.empty(room, dtype=np.uint64)
+            counts = np.empty(room, dtype=np.uint64)
+            n = lib.kvmig_bitmap_runs(
+                self._ptr(), self.npages,
+                ffi.from_buffer("uint64_t[]", starts), ffi.from_buffer("uint64_t[]", counts), room,
+            )
+            if n < room:
+                return PageRuns(starts[:n].copy(), counts[:n].copy())
+            room *= 4
+
+    def clear(self) -> None:
+        self.words.fill(0)
+
+    def _ptr(self):
+        return ffi.from_buffer("uint64_t[]", self.words)
+
+    def __repr__(self) -> str:
+        return f"DirtyBitmap(npages={self.npages}, dirty={self.count()})"

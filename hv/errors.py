@@ -1,0 +1,123 @@
+"""The hv error hierarchy: one root, one class per failing operation, the facts as fields."""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class HvError(Exception):
+    """Root of every error raised by the hv package."""
+
+
+# --- the KVM interface -------------------------------------------------------------------------
+
+
+class KvmUnavailableError(HvError):
+    def __init__(self, path: str, errno: int) -> None:
+        self.path, self.errno = path, errno
+        super().__init__(f"cannot open {path}: {os.strerror(errno)} (errno {errno})")
+
+
+class KvmApiVersionError(HvError):
+    def __init__(self, expected: int, found: int) -> None:
+        self.expected, self.found = expected, found
+        super().__init__(f"KVM API version {found}, expected {expected}")
+
+
+class KvmIoctlError(HvError):
+    """An ioctl failed: which one, on which kind of fd, and the errno."""
+
+    def __init__(self, ioctl: str, errno: int, target: str = "") -> None:
+        self.ioctl, self.errno, self.target = ioctl, errno, target
+        name = _errno.errorcode.get(errno, str(errno))
+        where = f" on {target}" if target else ""
+        super().__init__(f"{ioctl}{where} failed: {name} ({os.strerror(errno)})")
+
+
+class MissingCapabilityError(HvError):
+    def __init__(self, capability: str, needed_for: str) -> None:
+        self.capability, self.needed_for = capability, needed_for
+        super().__init__(f"KVM lacks {capability}, needed for {needed_for}")
+
+
+# --- guest memory ------------------------------------------------------------------------------
+
+
+class GuestMemoryError(HvError):
+    pass
+
+
+class GuestAddressError(GuestMemoryError):
+    """An access [address, address+length) that no single memory region covers."""
+
+    def __init__(self, address: int, length: int, detail: str = "not backed by guest RAM") -> None:
+        self.address, self.length = address, length
+        super().__init__(f"guest range [{address:#x}, {address + length:#x}) {detail}")
+
+
+class SlotOverlapError(GuestMemoryError):
+    def __init__(self, guest_addr: int, size: int, slot: int, slot_addr: int, slot_size: int) -> None:
+        self.guest_addr, self.size, self.slot = guest_addr, size, slot
+        super().__init__(
+            f"memory [{guest_addr:#x}, {guest_addr + size:#x}) overlaps slot {slot} "
+            f"[{slot_addr:#x}, {slot_addr + slot_size:#x})"
+        )
+
+
+class SlotError(GuestMemoryError):
+    def __init__(self, slot: int, detail: str) -> None:
+        self.slot = slot
+        super().__init__(f"memory slot {slot}: {detail}")
+
+
+# --- vCPUs and VM state ------------------------------------------------------------------------
+
+
+class VcpuError(HvError):
+    pass
+
+
+class VcpuIdError(VcpuError):
+    def __init__(self, vcpu_id: int, vcpu_count: int) -> None:
+        self.vcpu_id, self.vcpu_count = vcpu_id, vcpu_count
+        super().__init__(f"vCPU id {vcpu_id} out of range: the VM is configured for {vcpu_count}")
+
+
+class VcpuStateError(VcpuError):
+    """A vCPU state could not be read or applied; `part` names the piece (e.g. 'msrs')."""
+
+    def __init__(self, vcpu_id: int, part: str, detail: str) -> None:
+        self.vcpu_id, self.part = vcpu_id, part
+        super().__init__(f"vCPU {vcpu_id} {part}: {detail}")
+
+
+class GuestFatalExit(VcpuError):
+    """The guest stopped in a way it cannot continue from (emulation failure, failed entry, ...)."""
+
+    def __init__(self, vcpu_id: int, exit: object) -> None:
+        self.vcpu_id, self.exit = vcpu_id, exit
+        super().__init__(f"vCPU {vcpu_id}: {exit}")
+
+
+# --- lifecycle and boot ------------------------------------------------------------------------
+
+
+class LifecycleError(HvError):
+    def __init__(self, current: object, requested: str) -> None:
+        self.current, self.requested = current, requested
+        super().__init__(f"cannot {requested} a VM that is {getattr(current, 'value', current)}")
+
+
+class ConfigError(HvError):
+    def __init__(self, field: str, value: object, detail: str) -> None:
+        self.field, self.value = field, value
+        super().__init__(f"{field}={value!r}: {detail}")
+
+
+class BootError(HvError):
+    """A kernel image was refused by a loader: which field, what was expected, what was found."""
+
+    def __init__(self, image: str, field: str, expected: object, found: object) -> None:
+        self.image, self.field, self.expected, self.found = image, field, expected, found
+        super().__init__(f"{image}: {field}: expected {expected}, found {found}")

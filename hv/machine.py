@@ -1,0 +1,291 @@
+"""A running VM: one thread per vCPU, exits routed to device buses, and a lifecycle.
+
+    Created --start--> Running --pause--> Paused --resume--> Running
+       |                  |                  |
+       +------stop--------+-------stop-------+--> Stopped        (a fatal exit: --> Error --stop--> Stopped)
+
+Pausing really stops the guest. `pause()` sets `immediate_exit` in every vCPU's kvm_run and sends
+the kick signal to its thread: a vCPU inside KVM_RUN returns EINTR at once; one that is handling
+an exit in Python returns EINTR from its next KVM_RUN, which first completes the pending I/O
+(api.rst: re-entering with immediate_exit "completes pending operations without allowing any
+further instructions to be executed"). A vCPU parks only after that EINTR, so a paused VM has no
+half-done I/O and its state can be read and saved.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hv._ffi import lib
+from hv.bus import Bus
+from hv.errors import GuestFatalExit, HvError, LifecycleError
+from hv.exits import (
+    FATAL_EXITS, Hlt, Interrupted, IoIn, IoOut, MmioRead, MmioWrite, SystemEvent, VcpuExit,
+)
+from hv.vcpu import Vcpu
+from hv.vm import Vm
+
+log = logging.getLogger(__name__)
+
+KICK_SIGNAL = signal.SIGRTMIN
+_kick_installed = threading.Lock()
+_kick_ready = False
+
+
+def _install_kick_handler() -> None:
+    global _kick_ready
+    with _kick_installed:
+        if not _kick_ready:
+            if lib.kvmig_install_kick_handler(KICK_SIGNAL) != 0:
+                raise OSError("sigaction failed for the vCPU kick signal")
+            _kick_ready = True
+
+
+class RunState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+
+class _Control(enum.Enum):
+    RUN = 1
+    PAUSE = 2
+    STOP = 3
+
+
+@dataclass
+class VcpuStats:
+    exits: int = 0
+    io_exits: int = 0
+    mmio_exits: int = 0
+    kicks: int = 0
+
+
+@dataclass(frozen=True)
+class StopReason:
+    """Why a VM stopped: asked by the host, or decided by the guest (shutdown, reset, halt)."""
+
+    source: str  # "host", "guest-shutdown", "guest-reset", "guest-halt", "fatal"
+    detail: str = ""
+
+
+ExitHook = Callable[[Vcpu, VcpuExit], bool]
+
+
+@dataclass
+class _VcpuSlot:
+    vcpu: Vcpu
+    thread: threading.Thread | None = None
+    stats: VcpuStats = field(default_factory=VcpuStats)
+    parked: bool = False
+
+
+class Machine:
+    """Runs a `Vm`'s vCPUs on threads, with pause/resume/stop that really stop the guest."""
+
+    def __init__(self, vm: Vm, *, io_bus: Bus | None = None, mmio_bus: Bus | None = None) -> None:
+        if not vm.vcpus:
+            raise LifecycleError("without vCPUs", "build a machine from a VM")
+        self.vm = vm
+        self.io_bus = io_bus or Bus("port I/O")
+        self.mmio_bus = mmio_bus or Bus("MMIO")
+        self._slots = [_VcpuSlot(v) for _, v in sorted(vm.vcpus.items())]
+        self._cond = threading.Condition()
+        self._control = _Control.RUN
+        self._state = RunState.CREATED
+        self.error: HvError | None = None
+        self.stop_reason: StopReason | None = None
+        self.exit_hooks: list[ExitHook] = []
+        self.devices: dict[str, object] = {}  # device id -> model, for save/restore by id
+        self.last_pause_seconds = 0.0
+
+    # --- state --------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> RunState:
+        return self._state
+
+    @property
+    def vcpus(self) -> list[Vcpu]:
+        return [s.vcpu for s in self._slots]
+
+    @property
+    def stats(self) -> list[VcpuStats]:
+        return [s.stats for s in self._slots]
+
+    def _require(self, action: str, *allowed: RunState) -> None:
+        if self._state not in allowed:
+            raise LifecycleError(self._state, action)
+
+    # --- transitions --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._cond:
+            self._require("start", RunState.CREATED)
+            _install_kick_handler()
+            self._control = _Control.RUN
+            self._state = RunState.RUNNING
+            for slot in self._slots:
+                slot.thread = threading.Thread(
+                    target=self._vcpu_thread, args=(slot,), name=f"vcpu{slot.vcpu.vcpu_id}", daemon=True
+                )
+                slot.thread.start()
+
+    def _kick_all(self) -> None:
+        for slot in self._slots:
+            slot.vcpu.immediate_exit = True
+            ident = slot.thread.ident if slot.thread else None
+            if ident is not None and slot.thread.is_alive():
+                try:
+                    signal.pthread_kill(ident, KICK_SIGNAL)
+                except ProcessLookupError:
+                    pass  # the thread ended between the check and the kill
+
+    def _all_quiet(self) -> bool:
+        return all(s.parked or s.thread is None or not s.thread.is_alive() for s in self._slots)
+
+    def pause(self, timeout: float = 5.0) -> float:
+        """Stop guest execution on every vCPU; returns how long that took (seconds)."""
+        t0 = time.perf_counter()
+        with self._cond:
+            self._require("pause", RunState.RUNNING)
+            self._control = _Control.PAUSE
+            self._kick_all()
+            if not self._cond.wait_for(self._all_quiet, timeout):
+                raise LifecycleError(self._state, f"pause within {timeout}s (a vCPU did not stop)")
+            if self._state is RunState.RUNNING:
+                self._state = RunState.PAUSED
+        self.last_pause_seconds = time.perf_counter() - t0
+        return self.last_pause_seconds
+
+    def resume(self) -> float:
+        """Let the vCPUs run again; returns how long the hand-off took (seconds)."""
+        t0 = time.perf_counter()
+        with self._cond:
+            self._require("resume", RunState.PAUSED)
+            for slot in self._slots:
+                slot.vcpu.immediate_exit = False
+            self._control = _Control.RUN
+            self._state = RunState.RUNNING
+            self._cond.notify_all()
+        return time.perf_counter() - t0
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the VM's execution for good (the Vm itself stays open for inspection)."""
+        with self._cond:
+            if self._state is RunState.STOPPED:
+                return
+            self._require("stop", RunState.CREATED, RunState.RUNNING, RunState.PAUSED, RunState.ERROR)
+            self._control = _Control.STOP
+            if self.stop_reason is None:
+                self.stop_reason = StopReason("host")
+            self._kick_all()
+            self._cond.notify_all()
+        self._join(timeout)
+        with self._cond:
+            self._state = RunState.STOPPED
+            self._cond.notify_all()
+
+    def _join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for slot in self._slots:
+            if slot.thread is not None and slot.thread is not threading.current_thread():
+                slot.thread.join(max(0.0, deadline - time.monotonic()))
+
+    def wait(self, timeout: float | None = None) -> RunState:
+        """Block until the guest stops by itself (or fails); returns the state then."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._state in (RunState.STOPPED, RunState.ERROR)
+                or (self._control is _Control.STOP and self._all_quiet()),
+                timeout,
+            )
+        if self._control is _Control.STOP and self._state is not RunState.STOPPED:
+            self.stop()
+        return self._state
+
+    # --- the vCPU thread ----------------------------------------------------------------------
+
+    def _park(self, slot: _VcpuSlot) -> bool:
+        """Wait while paused; False when the vCPU must end."""
+        with self._cond:
+            slot.parked = True
+            self._cond.notify_all()
+            while self._control is _Control.PAUSE:
+                self._cond.wait()
+            slot.parked = False
+            return self._control is _Control.RUN
+
+    def _guest_stop(self, reason: StopReason) -> None:
+        with self._cond:
+            if self.stop_reason is None:
+                self.stop_reason = reason
+            self._control = _Control.STOP
+            self._kick_all()
+            self._cond.notify_all()
+
+    def _fail(self, slot: _VcpuSlot, error: HvError) -> None:
+        log.error("vCPU %d failed: %s", slot.vcpu.vcpu_id, error)
+        with self._cond:
+            self.error = error
+            self.stop_reason = StopReason("fatal", str(error))
+            self._state = RunState.ERROR
+            self._control = _Control.STOP
+            self._kick_all()
+            self._cond.notify_all()
+
+    def _vcpu_thread(self, slot: _VcpuSlot) -> None:
+        vcpu = slot.vcpu
+        vcpu.thread_id = threading.get_ident()
+        vcpu.apply_affinity()
+        stats = slot.stats
+        io, mmio = self.io_bus, self.mmio_bus
+        try:
+            while True:
+                ex = vcpu.run()
+                stats.exits += 1
+                match ex:
+                    case IoOut(port=port, size=size, data=data, count=count):
+                        stats.io_exits += 1
+                        for i in range(count):
+                            io.write(port, size, int.from_bytes(data[i * size : (i + 1) * size], "little"))
+                    case IoIn(port=port, size=size, count=count):
+                        stats.io_exits += 1
+                        vcpu.set_io_result(b"".join(
+                            io.read(port, size).to_bytes(size, "little") for _ in range(count)))
+                    case MmioWrite(address=address, data=data):
+                        stats.mmio_exits += 1
+                        mmio.write(address, len(data), int.from_bytes(data, "little"))
+                    case MmioRead(address=address, length=length):
+                        stats.mmio_exits += 1
+                        vcpu.set_mmio_result(mmio.read(address, length).to_bytes(length, "little"))
+                    case Interrupted():
+                        stats.kicks += 1
+                        if self._control is not _Control.RUN and not self._park(slot):
+                            return
+                    case _ if any(hook(vcpu, ex) for hook in self.exit_hooks):
+                        pass
+                    case SystemEvent(type=kind):
+                        reset = kind == lib.KVM_SYSTEM_EVENT_RESET
+                        self._guest_stop(StopReason("guest-reset" if reset else "guest-shutdown", str(ex)))
+                    case Hlt():
+                        # Only seen without an in-kernel LAPIC: nothing can wake the vCPU.
+                        self._guest_stop(StopReason("guest-halt", f"vCPU {vcpu.vcpu_id} halted"))
+                    case _ if isinstance(ex, FATAL_EXITS):
+                        raise GuestFatalExit(vcpu.vcpu_id, ex)
+                    case _:
+                        log.warning("vCPU %d: unhandled exit %s", vcpu.vcpu_id, ex)
+        except HvError as e:
+            self._fail(slot, e)
+        finally:
+            with self._cond:
+                slot.parked = False
+                self._cond.notify_all()

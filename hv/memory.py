@@ -1,0 +1,198 @@
+"""Guest RAM: mmap-backed regions, zero-copy views, and the VMM's own dirty bitmap.
+
+A `MemoryRegion` is one host mapping that backs one KVM memory slot. `GuestMemory` finds the
+region for a guest physical address and gives out memoryviews into it; writes made through it
+(by device models, loaders) are marked in the region's VMM dirty bitmap, because KVM's dirty log
+only sees writes made by the guest.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NewType
+
+import numpy as np
+
+from hv._ffi import ffi, lib
+from hv.dirty import PAGE_SHIFT, PAGE_SIZE, DirtyBitmap
+from hv.errors import GuestAddressError, SlotOverlapError
+
+GuestAddress = NewType("GuestAddress", int)
+"""A guest physical address (as opposed to a host virtual address or an offset)."""
+
+
+@dataclass(frozen=True)
+class MemoryRange:
+    guest_base: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.guest_base + self.size
+
+    def overlaps(self, other: MemoryRange) -> bool:
+        return self.guest_base < other.end and other.guest_base < self.end
+
+
+class MemoryRegion:
+    """One anonymous (or file-backed, private) mapping of guest RAM."""
+
+    def __init__(
+        self,
+        guest_base: int,
+        size: int,
+        *,
+        slot: int,
+        readonly: bool = False,
+        backing: mmap.mmap | None = None,
+    ) -> None:
+        if guest_base % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
+            raise GuestAddressError(guest_base, size, "is not a whole number of pages")
+        self.range = MemoryRange(guest_base, size)
+        self.slot = slot
+        self.readonly = readonly
+        # MAP_NORESERVE: a 4 GiB guest that touches 100 MiB costs 100 MiB.
+        self._map = backing or mmap.mmap(
+            -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | lib.MAP_NORESERVE
+        )
+        self._cbuf = ffi.from_buffer(self._map)
+        self.host_address = int(ffi.cast("uintptr_t", self._cbuf))
+        self.view = memoryview(self._map)
+        self.vmm_dirty = DirtyBitmap(size >> PAGE_SHIFT)
+        self._dirty_lock = threading.Lock()
+        self.log_dirty = False
+
+    @property
+    def guest_base(self) -> int:
+        return self.range.guest_base
+
+    @property
+    def size(self) -> int:
+        return self.range.size
+
+    @property
+    def npages(self) -> int:
+        return self.size >> PAGE_SHIFT
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        """Record a VMM write of [offset, offset+length) into this region."""
+        if length <= 0:
+            return
+        first = offset >> PAGE_SHIFT
+        last = (offset + length - 1) >> PAGE_SHIFT
+        with self._dirty_lock:
+            self.vmm_dirty.set_range(first, last - first + 1)
+
+    def take_vmm_dirty(self) -> DirtyBitmap:
+        """The VMM dirty bitmap since the last call, cleared atomically."""
+        fresh = DirtyBitmap(self.npages)
+        with self._dirty_lock:
+            taken, self.vmm_dirty = self.vmm_dirty, fresh
+        return taken
+
+    def pages_array(self) -> np.ndarray:
+        """The region as a (pages, 4096) uint8 array: zero-copy."""
+        return np.frombuffer(self.view, dtype=np.uint8).reshape(self.npages, PAGE_SIZE)
+
+    def close(self) -> None:
+        self.view.release()
+        self._cbuf = None
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes when that view does
+
+    def __repr__(self) -> str:
+        ro = ", ro" if self.readonly else ""
+        return f"MemoryRegion(slot={self.slot}, [{self.guest_base:#x}, {self.range.end:#x}){ro})"
+
+
+class GuestMemory:
+    """The guest's physical memory map: non-overlapping regions, sorted by address."""
+
+    def __init__(self) -> None:
+        self._regions: list[MemoryRegion] = []
+
+    @property
+    def regions(self) -> tuple[MemoryRegion, ...]:
+        return tuple(self._regions)
+
+    @property
+    def total_size(self) -> int:
+        return sum(r.size for r in self._regions)
+
+    def check_free(self, guest_base: int, size: int) -> None:
+        wanted = MemoryRange(guest_base, size)
+        for r in self._regions:
+            if r.range.overlaps(wanted):
+                raise SlotOverlapError(guest_base, size, r.slot, r.guest_base, r.size)
+
+    def insert(self, region: MemoryRegion) -> None:
+        self.check_free(region.guest_base, region.size)
+        self._regions.append(region)
+        self._regions.sort(key=lambda r: r.guest_base)
+
+    def remove(self, region: MemoryRegion) -> None:
+        self._regions.remove(region)
+
+    def find(self, address: int, length: int = 1) -> tuple[MemoryRegion, int]:
+        """The region containing all of [address, address+length), and the offset into it."""
+        if length < 0 or address < 0:
+            raise GuestAddressError(address, max(length, 0), "is not a valid range")
+        for r in self._regions:
+            if r.guest_base <= address < r.range.end:
+                if address + length > r.range.end:
+                    raise GuestAddressError(address, length, f"runs past the end of {r}")
+                return r, address - r.guest_base
+        raise GuestAddressError(address, length)
+
+    def view(self, address: int, length: int) -> memoryview:
+        """Zero-copy view of guest memory. Writes through it are NOT dirty-tracked by the VMM:
+        use `write`, or call `mark_dirty` after writing."""
+        region, offset = self.find(address, length)
+        return region.view[offset : offset + length]
+
+    def read(self, address: int, length: int) -> bytes:
+        return bytes(self.view(address, length))
+
+    def read_into(self, address: int, out: bytearray | memoryview) -> None:
+        n = len(out)
+        out[:] = self.view(address, n)
+
+    def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        region, offset = self.find(address, len(data))
+        region.view[offset : offset + len(data)] = data
+        region.mark_dirty(offset, len(data))
+
+    def fill(self, address: int, length: int, byte: int = 0) -> None:
+        region, offset = self.find(address, length)
+        region.pages_array().reshape(-1)[offset : offset + length] = byte
+        region.mark_dirty(offset, length)
+
+    def mark_dirty(self, address: int, length: int) -> None:
+        region, offset = self.find(address, length)
+        region.mark_dirty(offset, length)
+
+    def read_u32(self, address: int) -> int:
+        return int.from_bytes(self.view(address, 4), "little")
+
+    def read_u64(self, address: int) -> int:
+        return int.from_bytes(self.view(address, 8), "little")
+
+    def write_u32(self, address: int, value: int) -> None:
+        self.write(address, value.to_bytes(4, "little"))
+
+    def write_u64(self, address: int, value: int) -> None:
+        self.write(address, value.to_bytes(8, "little"))
+
+    def host_address(self, address: int) -> int:
+        region, offset = self.find(address)
+        return region.host_address + offset
+
+    def dump_all(self) -> Iterator[tuple[int, memoryview]]:
+        """(guest base, zero-copy view) for every region, in address order."""
+        for r in self._regions:
+            yield r.guest_base, r.view

@@ -1,0 +1,313 @@
+"""A vCPU: typed exits from KVM_RUN, registers, and the complete architectural state.
+
+State is saved and restored in a fixed order (`SAVE_ORDER`, `RESTORE_ORDER`); the reasons are
+kernel facts, each written beside its step (from api.rst and Firecracker's notes on them).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from hv import structconv
+from hv._ffi import ffi, lib
+from hv.errors import KvmIoctlError, VcpuStateError
+from hv.exits import (
+    DebugExit, FailEntry, Hlt, InternalError, Interrupted, IoIn, IoOut, MmioRead, MmioWrite,
+    Shutdown, SystemEvent, UnknownExit, VcpuExit,
+)
+from hv.kvm import VcpuFd, new_flexible
+from hv.state import (
+    CpuidEntry, DebugRegs, Fpu, Msr, Regs, Sregs, VcpuEvents, VcpuState, Xcr,
+)
+
+if TYPE_CHECKING:
+    from hv.vm import Vm
+
+MSR_IA32_TSC = 0x10
+
+# (part, why it is at this position). Restore walks this list top to bottom.
+RESTORE_ORDER: tuple[tuple[str, str], ...] = (
+    ("cpuid", "first: KVM checks CR4, XSAVE features and MSRs against the guest CPUID"),
+    ("mp_state", "before registers: KVM_SET_MP_STATE may reset a vCPU that is not runnable"),
+    ("regs", "before events: KVM_SET_REGS clears a pending exception, which events restore"),
+    ("sregs", "before the LAPIC: KVM_SET_SREGS restores the APIC base MSR the LAPIC lives at"),
+    ("fpu", "before XSAVE: the XSAVE area is the complete copy and overwrites the FPU part"),
+    ("xsave", "after CPUID: the accepted features follow the guest's CPUID leaf 0xD"),
+    ("xcrs", "after XSAVE, as the kernel documents the pair"),
+    ("debug_regs", "independent of the rest"),
+    ("lapic", "after sregs (APIC base), before MSRs (the TSC-deadline MSR needs the LAPIC mode)"),
+    ("msrs", "after the LAPIC; writes IA32_TSC, so the TSC restarts from the saved value"),
+    ("events", "last: pending exceptions/interrupts/NMIs/SIPI would be cleared by earlier sets"),
+)
+SAVE_ORDER: tuple[str, ...] = (
+    "mp_state", "regs", "sregs", "fpu", "xsave", "xcrs", "debug_regs", "lapic", "msrs",
+    "events", "cpuid",
+)
+
+
+class Vcpu:
+    """One vCPU of a `Vm`. `run()` must be called from a single thread (the vCPU thread)."""
+
+    def __init__(self, vm: Vm, vcpu_id: int, fd: VcpuFd, mmap_size: int) -> None:
+        self.vm = vm
+        self.vcpu_id = vcpu_id
+        self.fd = fd
+        self._run = fd.map_run(mmap_size)
+        self._run_bytes = ffi.cast("char *", self._run)
+        self._exit_union = self._run_bytes + lib.KVMIG_RUN_EXIT_OFFSET
+        self.thread_id: int | None = None  # pthread id of the thread in run(), for kicks
+        self._affinity: set[int] | None = None
+
+    # --- running ------------------------------------------------------------------------------
+
+    def run(self) -> VcpuExit:
+        """Enter the guest until the next exit that userspace must see."""
+        if self.fd.run() < 0:
+            return Interrupted()
+        return self._decode_exit(self._run.exit_reason)
+
+    def _payload(self, ctype: str) -> Any:
+        return ffi.cast(ctype, self._exit_union)
+
+    def _decode_exit(self, reason: int) -> VcpuExit:
+        if reason == lib.KVM_EXIT_IO:
+            io = self._payload("kvmig_exit_io *")
+            if io.direction == lib.KVM_EXIT_IO_OUT:
+                data = ffi.buffer(self._run_bytes + io.data_offset, io.size * io.count)[:]
+                return IoOut(io.port, io.size, data, io.count)
+            return IoIn(io.port, io.size, io.count)
+        if reason == lib.KVM_EXIT_MMIO:
+            mmio = self._payload("kvmig_exit_mmio *")
+            if mmio.is_write:
+                return MmioWrite(mmio.phys_addr, bytes(mmio.data)[: mmio.len])
+            return MmioRead(mmio.phys_addr, mmio.len)
+        if reason == lib.KVM_EXIT_HLT:
+            return Hlt()
+        if reason == lib.KVM_EXIT_SHUTDOWN:
+            return Shutdown()
+        if reason == lib.KVM_EXIT_INTR:
+            return Interrupted()
+        if reason == lib.KVM_EXIT_SYSTEM_EVENT:
+            ev = self._payload("kvmig_exit_system_event *")
+            words = ffi.cast("__u64 *", ffi.cast("char *", ev) + lib.KVMIG_SYSTEM_EVENT_DATA_OFFSET)
+            return SystemEvent(ev.type, tuple(words[i] for i in range(min(ev.ndata, 16))))
+        if reason == lib.KVM_EXIT_INTERNAL_ERROR:
+            ie = self._payload("kvmig_exit_internal *")
+            return InternalError(ie.suberror, tuple(ie.data[i] for i in range(min(ie.ndata, 16))))
+        if reason == lib.KVM_EXIT_FAIL_ENTRY:
+            fe = self._payload("kvmig_exit_fail_entry *")
+            return FailEntry(fe.hardware_entry_failure_reason, fe.cpu)
+        if reason == lib.KVM_EXIT_DEBUG:
+            return DebugExit()
+        hw = self._payload("kvmig_exit_hw *")
+        return UnknownExit(reason, hw.hardware_exit_reason)
+
+    def set_io_result(self, data: bytes) -> None:
+        """Answer the pending IoIn exit: `data` is size * count bytes."""
+        io = self._payload("kvmig_exit_io *")
+        expected = io.size * io.count
+        if len(data) != expected:
+            raise ValueError(f"I/O result for port {io.port:#x} needs {expected} bytes, got {len(data)}")
+        ffi.memmove(self._run_bytes + io.data_offset, data, expected)
+
+    def set_mmio_result(self, data: bytes) -> None:
+        mmio = self._payload("kvmig_exit_mmio *")
+        if len(data) != mmio.len:
+            raise ValueError(f"MMIO result at {mmio.phys_addr:#x} needs {mmio.len} bytes, got {len(data)}")
+        ffi.memmove(mmio.data, data, len(data))
+
+    @property
+    def immediate_exit(self) -> bool:
+        return bool(self._run.immediate_exit)
+
+    @immediate_exit.setter
+    def immediate_exit(self, value: bool) -> None:
+        self._run.immediate_exit = 1 if value else 0
+
+    # --- thread placement -----------------------------------------------------------------------
+
+    def bind(self, host_cpu: int) -> None:
+        """Pin the vCPU's thread to `host_cpu` (now if called on that thread, else when it runs)."""
+        self._affinity = {host_cpu}
+        self.apply_affinity()
+
+    def unbind(self) -> None:
+        self._affinity = set(range(os.cpu_count() or 1))
+        self.apply_affinity()
+
+    def apply_affinity(self) -> None:
+        """Called by the vCPU thread when it starts; sched_setaffinity(0) acts on the caller."""
+        if self._affinity is not None and self.thread_id == threading.get_ident():
+            os.sched_setaffinity(0, self._affinity)
+
+    # --- registers ------------------------------------------------------------------------------
+
+    def get_regs(self) -> Regs:
+        return structconv.from_struct(Regs, self.fd.get_regs())
+
+    def set_regs(self, regs: Regs) -> None:
+        self.fd.set_regs(structconv.to_struct(regs, ffi.new("struct kvm_regs *")))
+
+    def get_sregs(self) -> Sregs:
+        return structconv.from_struct(Sregs, self.fd.get_sregs())
+
+    def set_sregs(self, sregs: Sregs) -> None:
+        self.fd.set_sregs(structconv.to_struct(sregs, ffi.new("struct kvm_sregs *")))
+
+    def set_gpr(self, name: str, value: int) -> None:
+        """Set one general purpose register (or rip/rflags) by its kernel name."""
+        self.set_regs(replace(self.get_regs(), **{name: value}))
+
+    def set_entry(self, rip: int) -> None:
+        self.set_gpr("rip", rip)
+
+    def set_cpuid(self, entries: Sequence[CpuidEntry]) -> None:
+        cpuid = new_flexible("struct kvm_cpuid2 *", "entries", len(entries))
+        cpuid.nent = len(entries)
+        for i, entry in enumerate(entries):
+            structconv.to_struct(entry, cpuid.entries[i])
+        self.fd.set_cpuid2(cpuid)
+
+    def get_cpuid(self) -> tuple[CpuidEntry, ...]:
+        cpuid = self.fd.get_cpuid2()
+        return tuple(structconv.from_struct(CpuidEntry, cpuid.entries[i]) for i in range(cpuid.nent))
+
+    def setup(self, cpuid: Sequence[CpuidEntry], msrs: Sequence[Msr] = ()) -> None:
+        """Give the vCPU its CPUID (mandatory before it runs) and initial MSR values."""
+        self.set_cpuid(cpuid)
+        if msrs:
+            self._set_msrs(msrs)
+
+    def inject_interrupt(self, vector: int) -> None:
+        """Deliver interrupt `vector` to this vCPU's local APIC (fixed delivery, physical mode)."""
+        if self.vm.has_irqchip:
+            self.vm.signal_msi(address=0xFEE0_0000 | (self.vcpu_id << 12), data=vector)
+        else:
+            self.fd.interrupt(vector)
+
+    # --- MSRs ---------------------------------------------------------------------------------
+
+    def _msr_buffer(self, indices: Sequence[int]) -> Any:
+        msrs = new_flexible("struct kvm_msrs *", "entries", len(indices))
+        msrs.nmsrs = len(indices)
+        for i, index in enumerate(indices):
+            msrs.entries[i].index = index
+        return msrs
+
+    def get_msrs(self, indices: Sequence[int]) -> tuple[Msr, ...]:
+        msrs = self._msr_buffer(indices)
+        n = self.fd.get_msrs(msrs)
+        if n != len(indices):
+            raise VcpuStateError(self.vcpu_id, "msrs", f"KVM refused to read MSR {indices[n]:#x}")
+        return tuple(Msr(msrs.entries[i].index, msrs.entries[i].data) for i in range(n))
+
+    def _set_msrs(self, values: Sequence[Msr]) -> None:
+        msrs = self._msr_buffer([m.index for m in values])
+        for i, m in enumerate(values):
+            msrs.entries[i].data = m.data
+        n = self.fd.set_msrs(msrs)
+        if n != len(values):
+            bad = values[n]
+            raise VcpuStateError(self.vcpu_id, "msrs", f"KVM refused MSR {bad.index:#x} = {bad.data:#x}")
+
+    # --- complete state -------------------------------------------------------------------------
+
+    def _get_xsave(self) -> bytes:
+        size = self.vm.xsave_size
+        xsave = self.fd.get_xsave2(size) if size > 4096 else self.fd.get_xsave()
+        return bytes(ffi.buffer(xsave, max(size, 4096)))
+
+    def _set_xsave(self, data: bytes) -> None:
+        size = max(self.vm.xsave_size, 4096)
+        xsave = new_flexible("struct kvm_xsave *", "extra", (size - 4096) // 4)
+        self._copy_exact(ffi.cast("char *", xsave), data, "xsave", size)
+        self.fd.set_xsave(xsave)
+
+    def _copy_exact(self, dst: Any, data: bytes, part: str, size: int | None = None) -> None:
+        """Copy a saved blob into a kernel buffer, refusing one of the wrong size."""
+        size = ffi.sizeof(dst) if size is None else size
+        if len(data) != size:
+            raise VcpuStateError(self.vcpu_id, part, f"expected {size} bytes, found {len(data)}")
+        ffi.memmove(dst, data, size)
+
+    def _get_xcrs(self) -> tuple[Xcr, ...]:
+        xcrs = self.fd.get_xcrs()
+        return tuple(structconv.from_struct(Xcr, xcrs.xcrs[i]) for i in range(xcrs.nr_xcrs))
+
+    def _set_xcrs(self, values: tuple[Xcr, ...]) -> None:
+        xcrs = ffi.new("struct kvm_xcrs *")
+        if len(values) > len(xcrs.xcrs):
+            raise VcpuStateError(self.vcpu_id, "xcrs", f"{len(values)} XCRs, at most {len(xcrs.xcrs)}")
+        xcrs.nr_xcrs = len(values)
+        for i, x in enumerate(values):
+            structconv.to_struct(x, xcrs.xcrs[i])
+        self.fd.set_xcrs(xcrs)
+
+    def _getters(self) -> dict[str, Callable[[], Any]]:
+        fd = self.fd
+        return {
+            "cpuid": self.get_cpuid,
+            "mp_state": fd.get_mp_state,
+            "regs": self.get_regs,
+            "sregs": self.get_sregs,
+            "fpu": lambda: structconv.from_struct(Fpu, fd.get_fpu()),
+            "xsave": self._get_xsave if self.vm.capabilities.xsave else (lambda: b""),
+            "xcrs": self._get_xcrs if self.vm.capabilities.xcrs else (lambda: ()),
+            "debug_regs": lambda: structconv.from_struct(DebugRegs, fd.get_debugregs()),
+            "lapic": lambda: bytes(ffi.buffer(fd.get_lapic().regs)),
+            "msrs": lambda: self.get_msrs(self.vm.saveable_msrs(self)),
+            "events": lambda: structconv.from_struct(VcpuEvents, fd.get_vcpu_events()),
+        }
+
+    def _setters(self) -> dict[str, Callable[[Any], None]]:
+        fd = self.fd
+
+        def set_lapic(data: bytes) -> None:
+            lapic = ffi.new("struct kvm_lapic_state *")
+            self._copy_exact(lapic.regs, data, "lapic")
+            fd.set_lapic(lapic)
+
+        return {
+            "cpuid": self.set_cpuid,
+            "mp_state": fd.set_mp_state,
+            "regs": self.set_regs,
+            "sregs": self.set_sregs,
+            "fpu": lambda v: fd.set_fpu(structconv.to_struct(v, ffi.new("struct kvm_fpu *"))),
+            "xsave": lambda v: self._set_xsave(v) if v else None,
+            "xcrs": lambda v: self._set_xcrs(v) if v else None,
+            "debug_regs": lambda v: fd.set_debugregs(
+                structconv.to_struct(v, ffi.new("struct kvm_debugregs *"))),
+            "lapic": set_lapic,
+            "msrs": self._set_msrs,
+            "events": lambda v: fd.set_vcpu_events(
+                structconv.to_struct(v, ffi.new("struct kvm_vcpu_events *"))),
+        }
+
+    def snapshot(self) -> VcpuState:
+        """The complete state. The vCPU must not be inside KVM_RUN (pause the VM first)."""
+        getters = self._getters()
+        parts: dict[str, Any] = {}
+        for part in SAVE_ORDER:
+            try:
+                parts[part] = getters[part]()
+            except KvmIoctlError as e:
+                raise VcpuStateError(self.vcpu_id, part, str(e)) from e
+        return VcpuState(vcpu_id=self.vcpu_id, tsc_khz=self.fd.get_tsc_khz(), **parts)
+
+    def restore(self, state: VcpuState) -> None:
+        """Apply a complete state, in RESTORE_ORDER."""
+        if self.vm.capabilities.tsc_control and state.tsc_khz and state.tsc_khz != self.fd.get_tsc_khz():
+            self.fd.set_tsc_khz(state.tsc_khz)
+        setters = self._setters()
+        for part, _why in RESTORE_ORDER:
+            try:
+                setters[part](getattr(state, part))
+            except (KvmIoctlError, structconv.StructShapeError) as e:
+                raise VcpuStateError(self.vcpu_id, part, str(e)) from e
+
+    def close(self) -> None:
+        self.fd.close()

@@ -1,0 +1,347 @@
+"""A KVM virtual machine: x86 setup, memory slots, interrupts, dirty logging, VM-wide state."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hv import structconv
+from hv._ffi import ffi, lib
+from hv.caps import PlatformCapabilities
+from hv.dirty import PAGE_SIZE, DirtyBitmap
+from hv.errors import ConfigError, MissingCapabilityError, SlotError, VcpuIdError
+from hv.kvm import VmFd
+from hv.memory import GuestMemory, MemoryRegion
+from hv.state import (
+    ClockState, IoapicState, IrqchipState, PicState, PitChannelState, PitState, VmState,
+)
+from hv.vcpu import Vcpu
+
+if TYPE_CHECKING:
+    from hv.hypervisor import Kvm
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+# x86 platform addresses: the top of the 32-bit space below the BIOS area is where QEMU and
+# Firecracker put KVM's real-mode TSS (3 pages) and identity map page, outside guest RAM.
+TSS_ADDRESS = 0xFFFB_D000
+IDENTITY_MAP_ADDRESS = 0xFFFB_C000
+# RAM below 4 GiB stops here; [3 GiB, 4 GiB) is left for MMIO (LAPIC, IOAPIC, devices).
+MMIO_HOLE_START = 3 * GiB
+MMIO_HOLE_END = 4 * GiB
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    mem_size: int = 256 * MiB
+    vcpus: int = 1
+    irqchip: bool = True  # in-kernel PIC + IOAPIC + LAPICs
+    pit: bool = True  # in-kernel i8254
+
+    def memory_layout(self) -> list[tuple[int, int]]:
+        """(guest base, size) of each RAM region: below the MMIO hole, then above 4 GiB."""
+        low = min(self.mem_size, MMIO_HOLE_START)
+        layout = [(0, low)]
+        if self.mem_size > low:
+            layout.append((MMIO_HOLE_END, self.mem_size - low))
+        return layout
+
+    def validate(self, caps: PlatformCapabilities) -> None:
+        if self.mem_size <= 0 or self.mem_size % PAGE_SIZE:
+            raise ConfigError("mem_size", self.mem_size, "must be a positive number of 4 KiB pages")
+        if not 1 <= self.vcpus <= caps.max_vcpus:
+            raise ConfigError("vcpus", self.vcpus, f"must be between 1 and {caps.max_vcpus}")
+        if self.irqchip and not caps.irqchip:
+            raise MissingCapabilityError("KVM_CAP_IRQCHIP", "the in-kernel interrupt controller")
+        if self.pit and not (caps.pit2 and self.irqchip):
+            raise ConfigError("pit", True, "the in-kernel PIT needs KVM_CAP_PIT2 and the irqchip")
+
+
+@dataclass(frozen=True)
+class IoEventFdRegistration:
+    fd: int
+    address: int
+    length: int
+    pio: bool
+    datamatch: int | None
+
+
+class Vm:
+    """A VM built from a `VmConfig`: memory laid out, irqchip and PIT created, vCPUs on demand."""
+
+    def __init__(self, kvm: Kvm, fd: VmFd, config: VmConfig) -> None:
+        self.kvm = kvm
+        self.fd = fd
+        self.config = config
+        self.capabilities = kvm.capabilities
+        self.memory = GuestMemory()
+        self.vcpus: dict[int, Vcpu] = {}
+        self._slots_lock = threading.Lock()
+        self._next_slot = 0
+        self._free_slots: list[int] = []
+        self._dirty_logging = False
+        self._manual_protect = False
+        self._irqfds: set[tuple[int, int]] = set()
+        self._ioeventfds: set[IoEventFdRegistration] = set()
+
+    # --- setup --------------------------------------------------------------------------------
+
+    def setup_platform(self) -> None:
+        """x86 setup that must happen before any vCPU exists."""
+        caps, cfg = self.capabilities, self.config
+        self.fd.set_tss_addr(TSS_ADDRESS)
+        if caps.set_identity_map_addr:
+            self.fd.set_identity_map_addr(IDENTITY_MAP_ADDRESS)
+        if cfg.irqchip:
+            self.fd.create_irqchip()
+        if cfg.pit:
+            self.fd.create_pit2(lib.KVM_PIT_SPEAKER_DUMMY)
+        if caps.manual_dirty_log_protect & lib.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+            # Manual protect: KVM_GET_DIRTY_LOG only reads; we re-protect with KVM_CLEAR_DIRTY_LOG
+            # right after, so one fetch costs one pass over the slot, not a protect-all.
+            self.fd.enable_cap(
+                lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, lib.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+            )
+            self._manual_protect = True
+        for base, size in cfg.memory_layout():
+            self.add_memory_region(base, size)
+
+    @property
+    def has_irqchip(self) -> bool:
+        return self.config.irqchip
+
+    @property
+    def xsave_size(self) -> int:
+        return self.capabilities.xsave_size
+
+    def saveable_msrs(self, vcpu: Vcpu) -> tuple[int, ...]:
+        return self.kvm.saveable_msrs(vcpu)
+
+    # --- memory slots -------------------------------------------------------------------------
+
+    def _take_slot(self) -> int:
+        if self._free_slots:
+            return self._free_slots.pop()
+        if self._next_slot >= self.capabilities.max_memslots:
+            raise SlotError(self._next_slot, f"KVM allows {self.capabilities.max_memslots} slots")
+        self._next_slot += 1
+        return self._next_slot - 1
+
+    def _slot_flags(self, region: MemoryRegion) -> int:
+        flags = lib.KVM_MEM_READONLY if region.readonly else 0
+        if region.log_dirty:
+            flags |= lib.KVM_MEM_LOG_DIRTY_PAGES
+        return flags
+
+    def _register(self, region: MemoryRegion, size: int | None = None) -> None:
+        self.fd.set_user_memory_region(
+            region.slot, self._slot_flags(region), region.guest_base,
+            region.size if size is None else size, region.host_address,
+        )
+
+    def add_memory_region(self, guest_base: int, size: int, *, readonly: bool = False) -> MemoryRegion:
+        """Back [guest_base, guest_base+size) with fresh anonymous memory in a new slot."""
+        if readonly and not self.capabilities.readonly_mem:
+            raise MissingCapabilityError("KVM_CAP_READONLY_MEM", "read-only memory slots")
+        with self._slots_lock:
+            self.memory.check_free(guest_base, size)
+            slot = self._take_slot()
+            region = MemoryRegion(guest_base, size, slot=slot, readonly=readonly)
+            region.log_dirty = self._dirty_logging and not readonly
+            try:
+                self._register(region)
+            except BaseException:
+                self._free_slots.append(slot)
+                region.close()
+                raise
+            self.memory.insert(region)
+        return region
+
+    def remove_memory_region(self, region: MemoryRegion) -> None:
+        with self._slots_lock:
+            if region not in self.memory.regions:
+                raise SlotError(region.slot, "is not a memory slot of this VM")
+            self._register(region, size=0)  # size 0 deletes the slot
+            self.memory.remove(region)
+            self._free_slots.append(region.slot)
+            region.close()
+
+    # --- interrupts and eventfds ----------------------------------------------------------------
+
+    def set_irq_line(self, irq: int, level: bool) -> None:
+        self.fd.irq_line(irq, 1 if level else 0)
+
+    def trigger_edge_irq(self, irq: int) -> None:
+        self.fd.irq_line(irq, 1)
+        self.fd.irq_line(irq, 0)
+
+    def signal_msi(self, address: int, data: int) -> int:
+        return self.fd.signal_msi(address, data)
+
+    def register_irqfd(self, eventfd: int, gsi: int) -> None:
+        self.fd.irqfd(eventfd, gsi)
+        self._irqfds.add((eventfd, gsi))
+
+    def unregister_irqfd(self, eventfd: int, gsi: int) -> None:
+        self.fd.irqfd(eventfd, gsi, lib.KVM_IRQFD_FLAG_DEASSIGN)
+        self._irqfds.discard((eventfd, gsi))
+
+    def _ioeventfd(self, reg: IoEventFdRegistration, extra_flags: int) -> None:
+        flags = extra_flags | (lib.KVM_IOEVENTFD_FLAG_PIO if reg.pio else 0)
+        if reg.datamatch is not None:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
+        self.fd.ioeventfd(reg.fd, reg.address, reg.length, flags, reg.datamatch or 0)
+
+    def register_ioeventfd(
+        self, eventfd: int, address: int, length: int = 4, *, pio: bool = False,
+        datamatch: int | None = None,
+    ) -> IoEventFdRegistration:
+        """Have KVM signal `eventfd` on a guest write to `address` instead of exiting."""
+        reg = IoEventFdRegistration(eventfd, address, length, pio, datamatch)
+        self._ioeventfd(reg, 0)
+        self._ioeventfds.add(reg)
+        return reg
+
+    def unregister_ioeventfd(self, reg: IoEventFdRegistration) -> None:
+        self._ioeventfd(reg, lib.KVM_IOEVENTFD_FLAG_DEASSIGN)
+        self._ioeventfds.discard(reg)
+
+    # --- vCPUs --------------------------------------------------------------------------------
+
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        if not 0 <= vcpu_id < self.config.vcpus:
+            raise VcpuIdError(vcpu_id, self.config.vcpus)
+        if vcpu_id in self.vcpus:
+            raise ConfigError("vcpu_id", vcpu_id, "already created")
+        vcpu = Vcpu(self, vcpu_id, self.fd.create_vcpu(vcpu_id), self.capabilities.vcpu_mmap_size)
+        self.vcpus[vcpu_id] = vcpu
+        return vcpu
+
+    # --- dirty logging ------------------------------------------------------------------------
+
+    @property
+    def dirty_logging(self) -> bool:
+        return self._dirty_logging
+
+    def _set_dirty_logging(self, on: bool) -> None:
+        with self._slots_lock:
+            self._dirty_logging = on
+            for region in self.memory.regions:
+                if region.readonly:
+                    continue
+                region.log_dirty = on
+                self._register(region)
+
+    def enable_dirty_log(self) -> None:
+        """Start logging guest writes in every writable slot; the first fetch reports writes
+        made from now on. VMM writes are tracked all the time and merged in on fetch."""
+        self._set_dirty_logging(True)
+
+    def disable_dirty_log(self) -> None:
+        self._set_dirty_logging(False)
+
+    def fetch_dirty_log(self, region: MemoryRegion) -> DirtyBitmap:
+        """Pages of `region` written since the last fetch (KVM's log OR the VMM's), and reset."""
+        kvm_bitmap = DirtyBitmap(region.npages)
+        if region.log_dirty:
+            buf = ffi.from_buffer("__u64[]", kvm_bitmap.words)
+            self.fd.get_dirty_log(region.slot, buf)
+            if self._manual_protect and kvm_bitmap.words.any():
+                self.fd.clear_dirty_log(region.slot, 0, region.npages, buf)
+        kvm_bitmap |= region.take_vmm_dirty()
+        return kvm_bitmap
+
+    def fetch_dirty_logs(self) -> Iterator[tuple[MemoryRegion, DirtyBitmap]]:
+        for region in self.memory.regions:
+            yield region, self.fetch_dirty_log(region)
+
+    # --- VM-wide state ------------------------------------------------------------------------
+
+    def get_clock(self) -> ClockState:
+        return structconv.from_struct(ClockState, self.fd.get_clock())
+
+    def set_clock(self, state: ClockState) -> None:
+        clock = ffi.new("struct kvm_clock_data *")
+        clock.clock = state.clock  # flags are outputs of GET; SET takes none of them here
+        self.fd.set_clock(clock)
+
+    def _chip(self, chip: object, ctype: str) -> object:
+        return ffi.cast(ctype, ffi.cast("char *", chip) + lib.KVMIG_IRQCHIP_CHIP_OFFSET)
+
+    def _redirtbl(self, ioapic: object) -> object:
+        return ffi.cast("__u64 *", ffi.cast("char *", ioapic) + lib.KVMIG_IOAPIC_REDIRTBL_OFFSET)
+
+    def get_irqchip(self) -> IrqchipState:
+        pics = []
+        for chip_id in (lib.KVM_IRQCHIP_PIC_MASTER, lib.KVM_IRQCHIP_PIC_SLAVE):
+            chip = self.fd.get_irqchip(chip_id)
+            pics.append(structconv.from_struct(PicState, self._chip(chip, "struct kvm_pic_state *")))
+        chip = self.fd.get_irqchip(lib.KVM_IRQCHIP_IOAPIC)
+        ioapic = self._chip(chip, "struct kvm_ioapic_state *")
+        table = self._redirtbl(ioapic)
+        redir = tuple(int(table[i]) for i in range(lib.KVM_IOAPIC_NUM_PINS))
+        return IrqchipState(pics[0], pics[1], structconv.from_struct(IoapicState, ioapic, redirtbl=redir))
+
+    def set_irqchip(self, state: IrqchipState) -> None:
+        for chip_id, pic in ((lib.KVM_IRQCHIP_PIC_MASTER, state.pic_master),
+                             (lib.KVM_IRQCHIP_PIC_SLAVE, state.pic_slave)):
+            chip = ffi.new("struct kvm_irqchip *")
+            chip.chip_id = chip_id
+            structconv.to_struct(pic, self._chip(chip, "struct kvm_pic_state *"))
+            self.fd.set_irqchip(chip)
+        if len(state.ioapic.redirtbl) != lib.KVM_IOAPIC_NUM_PINS:
+            raise ConfigError("ioapic.redirtbl", len(state.ioapic.redirtbl),
+                              f"needs {lib.KVM_IOAPIC_NUM_PINS} entries")
+        chip = ffi.new("struct kvm_irqchip *")
+        chip.chip_id = lib.KVM_IRQCHIP_IOAPIC
+        ioapic = self._chip(chip, "struct kvm_ioapic_state *")
+        structconv.to_struct(state.ioapic, ioapic)
+        table = self._redirtbl(ioapic)
+        for i, entry in enumerate(state.ioapic.redirtbl):
+            table[i] = entry
+        self.fd.set_irqchip(chip)
+
+    def get_pit(self) -> PitState:
+        return structconv.from_struct(PitState, self.fd.get_pit2())
+
+    def set_pit(self, state: PitState) -> None:
+        self.fd.set_pit2(structconv.to_struct(state, ffi.new("struct kvm_pit_state2 *")))
+
+    def save_state(self) -> VmState:
+        return VmState(
+            irqchip=self.get_irqchip() if self.config.irqchip else None,
+            pit=self.get_pit() if self.config.pit else None,
+            clock=self.get_clock(),
+        )
+
+    def restore_state(self, state: VmState) -> None:
+        if (state.irqchip is None) != (not self.config.irqchip):
+            raise ConfigError("irqchip", self.config.irqchip, "saved state does not match this VM")
+        if (state.pit is None) != (not self.config.pit):
+            raise ConfigError("pit", self.config.pit, "saved state does not match this VM")
+        if state.irqchip is not None:
+            self.set_irqchip(state.irqchip)
+        if state.pit is not None:
+            self.set_pit(state.pit)
+        self.set_clock(state.clock)
+
+    # --- teardown -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for vcpu in self.vcpus.values():
+            vcpu.close()
+        self.vcpus.clear()
+        self.fd.close()
+        for region in self.memory.regions:
+            self.memory.remove(region)
+            region.close()
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

@@ -1,0 +1,5 @@
+# setuptools needs setup.py for cffi_modules: the KVM binding is compiled here, at install time,
+# against the machine's <linux/kvm.h> (cffi API mode), so struct layouts come from the header.
+from setuptools import setup
+
+setup(cffi_modules=["hv/_kvm_build.py:ffibuilder"])

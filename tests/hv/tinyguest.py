@@ -1,0 +1,48 @@
+"""Tiny Multiboot ELF32 images assembled in Python, for loader and exit-path tests.
+
+Each is a multiboot header plus a few hand-encoded 32-bit instructions at 1 MiB; they run in the
+(emulated) ring 0 with no setup, so keep them short.
+"""
+
+from __future__ import annotations
+
+import struct
+
+LOAD_ADDRESS = 0x100000
+HEADER_FLAGS = 0x3  # page-align + memory info
+
+# mov edx, 0x3f8 ; mov al, 'A' ; loop: out dx, al ; jmp loop
+OUT_LOOP = bytes.fromhex("baf8030000" "b041" "ee" "ebfd")
+# mov edx, PORT ; mov eax, ebx ; out dx, eax ; hlt-free spin: jmp $
+REPORT_EBX = bytes.fromhex("ba00050000" "89d8" "ef" "ebfe")
+
+
+def out_count(n: int, port: int = 0x3F8) -> bytes:
+    """Write 'x' to `port` n times, then write 1 to port 0x501 and spin."""
+    return (
+        b"\xba" + struct.pack("<I", port)  # mov edx, port
+        + b"\xb9" + struct.pack("<I", n)  # mov ecx, n
+        + b"\xb0\x78"  # loop: mov al, 'x'
+        + b"\xee"  # out dx, al
+        + b"\x49"  # dec ecx
+        + b"\x75\xfa"  # jnz loop (-6)
+        + b"\xba\x01\x05\x00\x00"  # mov edx, 0x501
+        + b"\xb0\x01\xee"  # mov al, 1 ; out dx, al
+        + b"\xeb\xfe"  # jmp $
+    )
+
+
+def multiboot_elf(code: bytes, *, bss: int = 0, flags: int = HEADER_FLAGS) -> bytes:
+    """An ELF32 with one PT_LOAD at 1 MiB: the multiboot header, then `code` (the entry)."""
+    header = struct.pack("<III", 0x1BADB002, flags, (-(0x1BADB002 + flags)) & 0xFFFFFFFF)
+    payload = header + code
+    ehsize, phsize = 52, 32
+    offset = 0x1000
+    entry = LOAD_ADDRESS + len(header)
+    ident = b"\x7fELF" + bytes([1, 1, 1]) + bytes(9)
+    ehdr = struct.pack("<16sHHIIIIIHHHHHH", ident, 2, 3, 1, entry, ehsize, 0, 0, ehsize, phsize, 1, 0, 0, 0)
+    phdr = struct.pack("<IIIIIIII", 1, offset, LOAD_ADDRESS, LOAD_ADDRESS, len(payload),
+                       len(payload) + bss, 5, 0x1000)
+    image = ehdr + phdr
+    # the multiboot header must sit in the first 8 KiB of the file: at 0x1000 it does
+    return image + bytes(offset - len(image)) + payload
