@@ -26,9 +26,15 @@ class _Fd:
     """An owned file descriptor."""
 
     kind = "fd"
+    _fd = -1  # so a constructor that failed leaves nothing for __del__ to close
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
+
+    def detach(self) -> int:
+        """Give up ownership: return the fd without closing it."""
+        fd, self._fd = self._fd, -1
+        return fd
 
     @property
     def fd(self) -> int:
@@ -215,6 +221,7 @@ class VcpuFd(_Fd):
     """A vCPU file descriptor and its shared `struct kvm_run` page."""
 
     kind = "vCPU fd"
+    _run: CData = ffi.NULL
 
     def __init__(self, fd: int) -> None:
         super().__init__(fd)

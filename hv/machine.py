@@ -208,8 +208,8 @@ class Machine:
                 or (self._control is _Control.STOP and self._all_quiet()),
                 timeout,
             )
-        if self._control is _Control.STOP and self._state is not RunState.STOPPED:
-            self.stop()
+        if self._control is _Control.STOP and self._state in (RunState.RUNNING, RunState.PAUSED):
+            self.stop()  # the guest asked to stop: finish it; an ERROR stays visible until stop()
         return self._state
 
     # --- the vCPU thread ----------------------------------------------------------------------

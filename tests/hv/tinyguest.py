@@ -46,3 +46,36 @@ def multiboot_elf(code: bytes, *, bss: int = 0, flags: int = HEADER_FLAGS) -> by
     image = ehdr + phdr
     # the multiboot header must sit in the first 8 KiB of the file: at 0x1000 it does
     return image + bytes(offset - len(image)) + payload
+
+
+def store_then_report(addresses: list[int], value: int = 0xA5A5A5A5) -> bytes:
+    """Store `value` (dword) at each address, write 1 to port 0x501, then spin.
+
+    Spins with `pause; jmp` so the guest stays runnable (and thus pausable) without writing.
+    """
+    code = b"".join(b"\xc7\x05" + struct.pack("<II", a, value) for a in addresses)
+    return code + b"\xba\x01\x05\x00\x00" + b"\xb0\x01\xee" + b"\xf3\x90\xeb\xfc"
+
+
+class Recorder:
+    """A bus device that records writes as (offset, size, value) and reads as `read_value`."""
+
+    def __init__(self, read_value: int = 0) -> None:
+        self.writes: list[tuple[int, int, int]] = []
+        self.read_value = read_value
+
+    def read(self, offset: int, size: int) -> int:
+        return self.read_value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes.append((offset, size, value))
+
+
+def wait_for(cond, timeout: float = 10.0, what: str = "the guest") -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.001)

@@ -1,0 +1,114 @@
+"""The VM lifecycle on vCPU threads: pause really stops the guest; transitions are enforced."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from hv.builder import multiboot_machine
+from hv.errors import GuestFatalExit, LifecycleError
+from hv.exits import InternalError, Shutdown
+from hv.hypervisor import Kvm
+from hv.machine import Machine, RunState
+from hv.vm import VmConfig
+from tinyguest import OUT_LOOP, Recorder, multiboot_elf, wait_for
+
+MiB = 1 << 20
+
+
+def _machine(kvm: Kvm, write_image, code: bytes, **config) -> tuple[Machine, bytearray]:
+    out = bytearray()
+    cfg = VmConfig(mem_size=16 * MiB, **config)
+    return multiboot_machine(kvm, write_image(multiboot_elf(code)), "", cfg, out.extend), out
+
+
+def test_pause_stops_the_guest_and_resume_continues(kvm: Kvm, write_image) -> None:
+    machine, out = _machine(kvm, write_image, OUT_LOOP)
+    try:
+        machine.start()
+        wait_for(lambda: len(out) > 1000)
+        took = machine.pause()
+        assert machine.state is RunState.PAUSED and took > 0
+        frozen = len(out)
+        regs = machine.vcpus[0].get_regs()
+        time.sleep(0.2)
+        assert len(out) == frozen, "the guest ran while paused"
+        assert machine.vcpus[0].get_regs() == regs
+        machine.resume()
+        wait_for(lambda: len(out) > frozen + 1000)
+        for _ in range(20):  # repeated pause/resume never loses or duplicates a vCPU
+            machine.pause()
+            machine.resume()
+        assert machine.state is RunState.RUNNING
+    finally:
+        machine.stop()
+        machine.vm.close()
+    assert machine.state is RunState.STOPPED
+    assert machine.stop_reason.source == "host"
+    assert machine.stats[0].io_exits >= 2000
+
+
+def test_invalid_transitions_are_refused(kvm: Kvm, write_image) -> None:
+    machine, _ = _machine(kvm, write_image, OUT_LOOP)
+    try:
+        with pytest.raises(LifecycleError):
+            machine.pause()
+        with pytest.raises(LifecycleError):
+            machine.resume()
+        machine.start()
+        with pytest.raises(LifecycleError) as err:
+            machine.start()
+        assert err.value.current is RunState.RUNNING
+        with pytest.raises(LifecycleError):
+            machine.resume()
+        machine.pause()
+        with pytest.raises(LifecycleError):
+            machine.pause()
+        machine.stop()  # from paused
+        for action in (machine.start, machine.pause, machine.resume):
+            with pytest.raises(LifecycleError):
+                action()
+        machine.stop()  # idempotent
+    finally:
+        machine.vm.close()
+
+
+def test_triple_fault_puts_the_vm_in_error(kvm: Kvm, write_image) -> None:
+    machine, _ = _machine(kvm, write_image, b"\x0f\x0b")  # ud2 with no IDT: triple fault
+    try:
+        machine.start()
+        assert machine.wait(timeout=10) is RunState.ERROR
+        assert isinstance(machine.error, GuestFatalExit)
+        assert isinstance(machine.error.exit, (Shutdown, InternalError))
+        assert machine.stop_reason.source == "fatal"
+        machine.stop()
+        assert machine.state is RunState.STOPPED
+    finally:
+        machine.vm.close()
+
+
+def test_halt_without_irqchip_stops_the_vm(kvm: Kvm, write_image) -> None:
+    machine, _ = _machine(kvm, write_image, b"\xf4", irqchip=False, pit=False)  # hlt
+    try:
+        machine.start()
+        assert machine.wait(timeout=10) is RunState.STOPPED
+        assert machine.stop_reason.source == "guest-halt"
+    finally:
+        machine.vm.close()
+
+
+def test_port_reads_are_answered_by_the_bus(kvm: Kvm, write_image) -> None:
+    # in al, 0x60 ; mov edx, 0x501 ; out dx, al ; jmp $
+    code = bytes.fromhex("e460" "ba01050000" "ee" "ebfe")
+    machine, _ = _machine(kvm, write_image, code)
+    device, done = Recorder(read_value=0x5A), Recorder()
+    machine.io_bus.insert(0x60, 1, device, "kbd")
+    machine.io_bus.insert(0x501, 1, done, "done")
+    try:
+        machine.start()
+        wait_for(lambda: done.writes)
+        assert done.writes == [(0, 1, 0x5A)]
+    finally:
+        machine.stop()
+        machine.vm.close()
