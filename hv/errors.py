@@ -100,6 +100,14 @@ class GuestFatalExit(VcpuError):
         super().__init__(f"vCPU {vcpu_id}: {exit}")
 
 
+class DeviceFault(VcpuError):
+    """A device model raised while handling a guest access; the VM cannot trust its state."""
+
+    def __init__(self, vcpu_id: int, exit: object, cause: BaseException) -> None:
+        self.vcpu_id, self.exit, self.cause = vcpu_id, exit, cause
+        super().__init__(f"vCPU {vcpu_id}: device failed on {exit}: {type(cause).__name__}: {cause}")
+
+
 # --- lifecycle and boot ------------------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from hv._ffi import lib
 from hv.bus import Bus
-from hv.errors import GuestFatalExit, HvError, LifecycleError
+from hv.errors import DeviceFault, GuestFatalExit, HvError, LifecycleError
 from hv.exits import (
     FATAL_EXITS, Hlt, Interrupted, IoIn, IoOut, MmioRead, MmioWrite, SystemEvent, VcpuExit,
 )
@@ -248,6 +248,7 @@ class Machine:
         vcpu.apply_affinity()
         stats = slot.stats
         io, mmio = self.io_bus, self.mmio_bus
+        ex: VcpuExit | None = None
         try:
             while True:
                 ex = vcpu.run()
@@ -285,6 +286,8 @@ class Machine:
                         log.warning("vCPU %d: unhandled exit %s", vcpu.vcpu_id, ex)
         except HvError as e:
             self._fail(slot, e)
+        except Exception as e:  # noqa: BLE001 - thread boundary: a device bug must end the VM visibly
+            self._fail(slot, DeviceFault(vcpu.vcpu_id, ex, e))
         finally:
             with self._cond:
                 slot.parked = False

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from hv.builder import multiboot_machine
-from hv.errors import GuestFatalExit, LifecycleError
+from hv.errors import DeviceFault, GuestFatalExit, LifecycleError
 from hv.exits import InternalError, Shutdown
 from hv.hypervisor import Kvm
 from hv.machine import Machine, RunState
@@ -109,6 +109,23 @@ def test_port_reads_are_answered_by_the_bus(kvm: Kvm, write_image) -> None:
         machine.start()
         wait_for(lambda: done.writes)
         assert done.writes == [(0, 1, 0x5A)]
+    finally:
+        machine.stop()
+        machine.vm.close()
+
+
+def test_a_failing_device_puts_the_vm_in_error(kvm: Kvm, write_image) -> None:
+    def broken_console(_data: bytes) -> None:
+        raise BrokenPipeError("console went away")
+
+    machine = multiboot_machine(kvm, write_image(multiboot_elf(OUT_LOOP)), "",
+                                VmConfig(mem_size=16 * MiB), broken_console)
+    try:
+        machine.start()
+        assert machine.wait(timeout=10) is RunState.ERROR
+        assert isinstance(machine.error, DeviceFault)
+        assert isinstance(machine.error.cause, BrokenPipeError)
+        assert "IoOut(port=1016" in str(machine.error)
     finally:
         machine.stop()
         machine.vm.close()

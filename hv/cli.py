@@ -1,0 +1,164 @@
+"""`hv`: run a VM from the command line.
+
+    hv info                                   what this host's KVM offers
+    hv run [--kernel ELF] [--mem 1G] [--cpus N] [--cmdline ...]
+           [--ws MiB --rate MiB/s --every N --passes N]     (built-in guest options)
+
+With no --kernel, `hv run` boots the built-in test guest. The guest's serial console goes to
+stdout; status goes to stderr. Ctrl-C stops the VM cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from hv.builder import multiboot_machine
+from hv.errors import HvError
+from hv.hypervisor import Kvm
+from hv.machine import RunState
+from hv.vm import VmConfig
+
+status = Console(stderr=True, highlight=False)
+
+_SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'1G', '512M', '4096K', '1073741824' -> bytes (binary units)."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 1G)")
+    shift = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+    return int(m.group(1)) << shift
+
+
+class LineConsole:
+    """Guest serial bytes -> stdout, and complete lines -> an optional callback."""
+
+    def __init__(self, on_line=None, echo: bool = True) -> None:
+        self._buf = bytearray()
+        self._on_line = on_line
+        self._echo = echo
+
+    def __call__(self, data: bytes) -> None:
+        if self._echo:
+            try:
+                sys.stdout.buffer.write(data)
+                if b"\n" in data:
+                    sys.stdout.flush()
+            except BrokenPipeError:
+                self._echo = False  # the reader went away; keep the guest running
+        if self._on_line is None:
+            return
+        self._buf.extend(data)
+        while (nl := self._buf.find(b"\n")) >= 0:
+            line = bytes(self._buf[:nl]).decode(errors="replace").rstrip("\r")
+            del self._buf[: nl + 1]
+            self._on_line(line)
+
+
+def cmd_info(_args: argparse.Namespace) -> int:
+    with Kvm() as kvm:
+        for f in dataclasses.fields(kvm.capabilities):
+            print(f"{f.name:26} {getattr(kvm.capabilities, f.name)}")
+        print(f"{'supported_cpuid_leaves':26} {len(kvm.supported_cpuid)}")
+        print(f"{'msr_index_list':26} {len(kvm.msr_index_list)}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    done = threading.Event()
+    if args.kernel:
+        image, cmdline, on_line = Path(args.kernel), args.cmdline or "", None
+        if not image.is_file():
+            status.print(f"[red]hv[/]: no kernel at {image}")
+            return 2
+    else:
+        from hv import builtin_guest
+
+        params = builtin_guest.GuestParams(
+            ws_mib=args.ws, rate_mib_s=args.rate, every=args.every, passes=args.passes)
+        image, cmdline = builtin_guest.guest_image(), params.cmdline()
+        if args.cmdline:
+            cmdline = f"{cmdline} {args.cmdline}"
+
+        def on_line(line: str) -> None:
+            if isinstance(builtin_guest.parse_line(line), (builtin_guest.Done, builtin_guest.GuestError)):
+                done.set()
+
+    config = VmConfig(mem_size=args.mem, vcpus=args.cpus)
+    with Kvm() as kvm:
+        machine = multiboot_machine(kvm, image, cmdline, config, LineConsole(on_line))
+        status.print(f"[bold]hv[/]: booting {image.name} ({args.mem >> 20} MiB, {args.cpus} vCPU) "
+                     f"cmdline: {cmdline!r}")
+        interrupted = threading.Event()
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+        t0 = time.monotonic()
+        try:
+            machine.start()
+            while machine.state is RunState.RUNNING and not interrupted.is_set() and not done.is_set():
+                if args.timeout and time.monotonic() - t0 > args.timeout:
+                    status.print(f"[yellow]hv[/]: --timeout {args.timeout}s reached")
+                    break
+                machine.wait(timeout=0.05)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            state = machine.state
+            machine.stop()
+            elapsed = time.monotonic() - t0
+            exits = sum(s.exits for s in machine.stats)
+            machine.vm.close()
+        if state is RunState.ERROR:
+            status.print(f"[red]hv[/]: the VM failed: {machine.error}")
+            return 1
+        why = "Ctrl-C" if interrupted.is_set() else (
+            "guest finished" if done.is_set() else machine.stop_reason.source if machine.stop_reason else "stopped")
+        status.print(f"[bold]hv[/]: stopped ({why}) after {elapsed:.2f} s, {exits:,} exits")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hv", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="show KVM capabilities").set_defaults(func=cmd_info)
+    run = sub.add_parser("run", help="run a VM (the built-in guest by default)")
+    run.add_argument("--kernel", help="a Multiboot v1 ELF32 kernel (default: the built-in guest)")
+    run.add_argument("--mem", type=parse_size, default=parse_size("256M"), help="guest RAM (e.g. 1G)")
+    run.add_argument("--cpus", type=int, default=1)
+    run.add_argument("--cmdline", default="", help="kernel command line (appended for the built-in guest)")
+    run.add_argument("--ws", type=int, default=64, help="built-in guest: working set, MiB")
+    run.add_argument("--rate", type=int, default=0, help="built-in guest: dirty rate, MiB/s (0 = max)")
+    run.add_argument("--every", type=int, default=1, help="built-in guest: report every N passes")
+    run.add_argument("--passes", type=int, default=0, help="built-in guest: stop after N passes (0 = run)")
+    run.add_argument("--timeout", type=float, default=0, help="stop after this many seconds (0 = never)")
+    run.set_defaults(func=cmd_run)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except HvError as e:
+        status.print(f"[red]hv: {type(e).__name__}[/]: {e}")
+        return 2
+    except BrokenPipeError:  # stdout closed early (e.g. piped to head): not an error of ours
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
