@@ -99,3 +99,16 @@ def test_readonly_slot_turns_guest_writes_into_mmio_exits(kvm: Kvm, write_image)
     finally:
         machine.stop()
         machine.vm.close()
+
+
+def test_populated_pages_follow_touched_memory_not_size(kvm: Kvm) -> None:
+    with kvm.create_vm(VmConfig(mem_size=4096 * MiB)) as big:
+        low, high = big.memory.regions
+        assert low.populated_pages().count() == 0  # a fresh 3 GiB region: nothing to read
+        assert not low.pages_array()[:4096].any()  # reading maps the zero page ...
+        assert low.populated_pages().count() == 0  # ... which still counts as untouched
+        big.memory.write(0x1234, b"x")
+        big.memory.fill(0x10_0000, 3 * 4096, 7)
+        big.memory.write(high.guest_base + 5 * 4096, b"y")
+        assert low.populated_pages().pages().tolist() == [1, 256, 257, 258]
+        assert high.populated_pages().pages().tolist() == [5]
