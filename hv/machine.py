@@ -106,6 +106,9 @@ class Machine:
         self.exit_hooks: list[ExitHook] = []
         self.devices: dict[str, object] = {}  # device id -> model, for save/restore by id
         self.last_pause_seconds = 0.0
+        self._throttle = 0.0  # fraction of each period the vCPUs sleep (auto-converge)
+        self._throttle_period = 0.01
+        self._throttle_thread: threading.Thread | None = None
 
     # --- state --------------------------------------------------------------------------------
 
@@ -127,17 +130,61 @@ class Machine:
 
     # --- transitions --------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, *, paused: bool = False) -> None:
+        """Start the vCPU threads; with `paused`, they park before running any guest code
+        (a restored VM is handed over this way)."""
         with self._cond:
             self._require("start", RunState.CREATED)
             _install_kick_handler()
-            self._control = _Control.RUN
-            self._state = RunState.RUNNING
+            self._control = _Control.PAUSE if paused else _Control.RUN
+            self._state = RunState.PAUSED if paused else RunState.RUNNING
             for slot in self._slots:
+                slot.vcpu.immediate_exit = paused  # the first KVM_RUN returns at once
                 slot.thread = threading.Thread(
                     target=self._vcpu_thread, args=(slot,), name=f"vcpu{slot.vcpu.vcpu_id}", daemon=True
                 )
                 slot.thread.start()
+            if paused and not self._cond.wait_for(self._all_quiet, 5.0):
+                raise LifecycleError(self._state, "start paused (a vCPU did not park)")
+
+    @property
+    def throttle(self) -> float:
+        return self._throttle
+
+    def set_throttle(self, fraction: float, period: float = 0.01) -> None:
+        """Make every vCPU sleep `fraction` of each `period` (0 turns it off): the guest then
+        dirties memory more slowly, as QEMU's auto-converge does."""
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"throttle fraction must be in [0, 1), got {fraction}")
+        with self._cond:
+            self._throttle, self._throttle_period = fraction, period
+            if fraction and self._throttle_thread is None:
+                self._throttle_thread = threading.Thread(target=self._throttle_loop, name="throttle",
+                                                         daemon=True)
+                self._throttle_thread.start()
+            self._cond.notify_all()
+
+    def _throttle_loop(self) -> None:
+        while True:
+            with self._cond:
+                if not self._throttle or self._control is _Control.STOP:
+                    self._throttle_thread = None
+                    return
+                run_slice = self._throttle_period * (1 - self._throttle)
+                if self._control is _Control.RUN:
+                    self._kick_all()  # each vCPU sleeps on its next Interrupted exit
+            time.sleep(run_slice)
+
+    def _throttle_sleep(self, slot: _VcpuSlot) -> None:
+        """A kick while running: clear immediate_exit under the lock (pause sets it under the same
+        lock, so it cannot be lost) and sleep the throttle slice, waking early for pause/stop."""
+        with self._cond:
+            if self._control is not _Control.RUN:
+                return
+            slot.vcpu.immediate_exit = False
+            if self._throttle:
+                self._cond.wait_for(lambda: self._control is not _Control.RUN,
+                                    self._throttle_period * self._throttle)
 
     def _kick_all(self) -> None:
         for slot in self._slots:
@@ -270,7 +317,9 @@ class Machine:
                         vcpu.set_mmio_result(mmio.read(address, length).to_bytes(length, "little"))
                     case Interrupted():
                         stats.kicks += 1
-                        if self._control is not _Control.RUN and not self._park(slot):
+                        if self._control is _Control.RUN:
+                            self._throttle_sleep(slot)
+                        elif not self._park(slot):
                             return
                     case _ if any(hook(vcpu, ex) for hook in self.exit_hooks):
                         pass
