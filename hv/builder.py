@@ -7,7 +7,7 @@ from pathlib import Path
 
 from hv.boot import multiboot
 from hv.cpuid import vcpu_cpuid
-from hv.devices.serial import COM1_PORT, SerialTx
+from hv.devices.serial import COM1_IRQ, COM1_PORT, SerialTx
 from hv.hypervisor import Kvm
 from hv.machine import Machine
 from hv.vm import Vm, VmConfig
@@ -39,9 +39,7 @@ def multiboot_machine(
         boot_vcpu.set_sregs(entry.apply(boot_vcpu.get_sregs()))
         boot_vcpu.set_regs(entry.regs)
         machine = Machine(vm)
-        serial = SerialTx(console)
-        machine.io_bus.insert(COM1_PORT, 8, serial, "serial0")
-        machine.devices["serial0"] = serial
+        machine.add_device("serial0", SerialTx(console), pio=(COM1_PORT, 8), irqs=(COM1_IRQ,))
         return machine
     except BaseException:
         vm.close()

@@ -80,6 +80,17 @@ class StopReason:
 ExitHook = Callable[[Vcpu, VcpuExit], bool]
 
 
+@dataclass(frozen=True)
+class DevicePlacement:
+    """Where a device sits: what a migration target must reproduce exactly."""
+
+    device_id: str
+    kind: str  # the device model's type name
+    pio: tuple[tuple[int, int], ...] = ()  # (base port, length)
+    mmio: tuple[tuple[int, int], ...] = ()  # (guest address, length)
+    irqs: tuple[int, ...] = ()
+
+
 @dataclass
 class _VcpuSlot:
     vcpu: Vcpu
@@ -105,10 +116,33 @@ class Machine:
         self.stop_reason: StopReason | None = None
         self.exit_hooks: list[ExitHook] = []
         self.devices: dict[str, object] = {}  # device id -> model, for save/restore by id
+        self.placements: dict[str, DevicePlacement] = {}
         self.last_pause_seconds = 0.0
         self._throttle = 0.0  # fraction of each period the vCPUs sleep (auto-converge)
         self._throttle_period = 0.01
         self._throttle_thread: threading.Thread | None = None
+
+    # --- devices ------------------------------------------------------------------------------
+
+    def add_device(
+        self, device_id: str, device: object, *, pio: tuple[int, int] | None = None,
+        mmio: tuple[int, int] | None = None, irqs: tuple[int, ...] = (),
+    ) -> DevicePlacement:
+        """Attach a device model at a port range and/or MMIO range, and record where it is."""
+        if device_id in self.devices:
+            raise LifecycleError(self._state, f"add a second device with id {device_id!r}")
+        if pio:
+            self.io_bus.insert(pio[0], pio[1], device, device_id)
+        if mmio:
+            self.mmio_bus.insert(mmio[0], mmio[1], device, device_id)
+        placement = DevicePlacement(device_id, type(device).__name__, (pio,) if pio else (),
+                                    (mmio,) if mmio else (), tuple(irqs))
+        self.devices[device_id] = device
+        self.placements[device_id] = placement
+        return placement
+
+    def device_layout(self) -> tuple[DevicePlacement, ...]:
+        return tuple(self.placements[d] for d in sorted(self.placements))
 
     # --- state --------------------------------------------------------------------------------
 

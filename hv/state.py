@@ -170,6 +170,13 @@ class VcpuEvents:
     exception_payload: int
 
 
+def lapic_registers(lapic: bytes) -> tuple[int, ...]:
+    """The architectural LAPIC registers in a KVM_GET_LAPIC page: 32 bits at every 16-byte
+    offset. The bytes between them are reserved (the kernel may leave anything there), so compare
+    LAPIC states through this, not byte for byte."""
+    return tuple(int.from_bytes(lapic[off : off + 4], "little") for off in range(0, len(lapic), 16))
+
+
 # --- the whole vCPU ----------------------------------------------------------------------------
 
 
