@@ -1,0 +1,328 @@
+"""The live-migration protocol: a sans-IO state machine for each side.
+
+Everything that affects the protocol's state lives in this file: the messages, the states, and one
+transition table. Sockets, threads, KVM and the byte encoding live elsewhere (`migrate.wire`,
+`migrate.transport`, `migrate.engine`); they feed messages in and act on what comes out.
+
+    Source                                              Target
+      | Hello(versions, config, layout, cpuid) ------------> |   check everything, list every mismatch
+      | <------------------------ Accept  |  Reject(problems) |
+      | Pages(round 0: all memory) ------------------------> |   written into the target's RAM
+      | RoundDone(0) ...  Pages(round n: dirty) ... -------> |   (guest keeps running on the source)
+      |   -- source pauses the guest (downtime starts) --    |
+      | Pages(final dirty) + State(vcpus, vm, devices) ----> |
+      | Complete(memory digest, totals) -------------------> |   verify digest, totals, layout; build VM
+      | <-------------------------------------------- Ready  |   (paused, not running)
+      | Commit --------------------------------------------> |   the point of no return for the source
+      | <------------------------------------------ Resumed  |   target runs the guest (downtime ends)
+      |   source stops its copy                              |
+    Either side may send Error(code, message) before Commit; the source may send Cancel.
+
+Never two running copies, never a lost guest. The hand-over is a two-phase commit with the source
+as coordinator:
+1. The target resumes the guest only after receiving Commit. The source sends Commit only after
+   Ready, i.e. after the target holds a verified, complete copy.
+2. Before sending Commit, the source may resume its own copy on any failure (Error, Cancel, a cut
+   link, a timeout): the target has no Commit, so it cannot be running the guest — it discards its
+   half-built VM. Exactly one copy runs: the source's.
+3. After sending Commit, the source never resumes on its own: the target may have received Commit
+   and be running. If `Resumed` arrives, the source stops for good (one copy: the target's). If the
+   target reports Error after Commit, it promises it did not run the guest, so the source may
+   resume. If the link drops after Commit with no answer, the source is IN_DOUBT: it keeps its copy
+   paused and intact (at most one copy runs; none is lost) until an operator, or a later query to
+   the target, settles it. No protocol over an unreliable link can avoid this last window (the
+   two generals problem); it is as small as one message's flight, and it loses nothing.
+4. A target that has Commit resumes even if its `Resumed` is lost: Commit made it the owner.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Union
+
+PROTOCOL_VERSION = 1
+
+
+# --- messages --------------------------------------------------------------------------------
+# Kinds on the wire reserve 0 for "invalid", so a zeroed message means nothing.
+
+
+class MessageKind(enum.IntEnum):
+    INVALID = 0
+    HELLO = 1
+    ACCEPT = 2
+    REJECT = 3
+    PAGES = 4
+    ROUND_DONE = 5
+    STATE = 6
+    COMPLETE = 7
+    READY = 8
+    COMMIT = 9
+    RESUMED = 10
+    CANCEL = 11
+    ERROR = 12
+
+
+class ErrorCode(enum.IntEnum):
+    """Why a side gave up: carried back so the other side can say why."""
+
+    INVALID = 0
+    INCOMPATIBLE = 1  # layout/config/CPU mismatch found late
+    BAD_STREAM = 2  # a decode, checksum or range error in what was received
+    DIGEST_MISMATCH = 3  # memory after the transfer is not what the source had
+    RESTORE_FAILED = 4  # KVM refused the state
+    RESUME_FAILED = 5  # the target could not start the guest (after Commit: guest never ran)
+    AUTH_FAILED = 6
+    TIMEOUT = 7
+    INTERNAL = 8
+    CANCELLED = 9
+
+
+@dataclass(frozen=True)
+class Hello:
+    kind = MessageKind.HELLO
+    protocol_version: int
+    format_version: str  # "major.minor" of the stream format
+    producer: str
+    config: bytes  # encoded VM config section
+    layout: bytes  # encoded device + memory layout section
+    cpuid: bytes  # encoded CPUID the guest sees
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Accept:
+    kind = MessageKind.ACCEPT
+
+
+@dataclass(frozen=True)
+class Reject:
+    kind = MessageKind.REJECT
+    problems: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Pages:
+    kind = MessageKind.PAGES
+    round: int
+    payload: bytes  # encoded page sections
+
+
+@dataclass(frozen=True)
+class RoundDone:
+    kind = MessageKind.ROUND_DONE
+    round: int
+    pages: int
+
+
+@dataclass(frozen=True)
+class State:
+    kind = MessageKind.STATE
+    payload: bytes  # encoded vCPU / VM / device state sections
+
+
+@dataclass(frozen=True)
+class Complete:
+    kind = MessageKind.COMPLETE
+    payload: bytes  # encoded end section: memory digest and totals
+
+
+@dataclass(frozen=True)
+class Ready:
+    kind = MessageKind.READY
+
+
+@dataclass(frozen=True)
+class Commit:
+    kind = MessageKind.COMMIT
+
+
+@dataclass(frozen=True)
+class Resumed:
+    kind = MessageKind.RESUMED
+
+
+@dataclass(frozen=True)
+class Cancel:
+    kind = MessageKind.CANCEL
+    reason: str
+
+
+@dataclass(frozen=True)
+class Error:
+    kind = MessageKind.ERROR
+    code: ErrorCode
+    message: str
+
+
+Message = Union[Hello, Accept, Reject, Pages, RoundDone, State, Complete, Ready, Commit, Resumed,
+                Cancel, Error]
+MESSAGE_TYPES: dict[MessageKind, type] = {
+    m.kind: m for m in (Hello, Accept, Reject, Pages, RoundDone, State, Complete, Ready, Commit,
+                        Resumed, Cancel, Error)
+}
+
+
+# --- states ----------------------------------------------------------------------------------
+
+
+class Role(enum.Enum):
+    SOURCE = "source"
+    TARGET = "target"
+
+
+class S(enum.Enum):
+    """Protocol states (shared names; each role uses its own subset)."""
+
+    START = "start"
+    HELLO = "hello"  # source: Hello sent; target: Hello received, deciding
+    TRANSFER = "transfer"  # accepted: pages and state flow
+    VERIFYING = "verifying"  # Complete sent/received, waiting for/deciding Ready
+    READY = "ready"  # target verified; waiting for Commit
+    COMMITTED = "committed"  # Commit sent/received
+    DONE = "done"  # Resumed sent/received: the target owns the guest
+    REJECTED = "rejected"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    IN_DOUBT = "in-doubt"  # source only: link lost after Commit
+
+
+TERMINAL = frozenset({S.DONE, S.REJECTED, S.CANCELLED, S.FAILED, S.IN_DOUBT})
+
+# (role, state, who sends, message kind) -> next state. Anything absent is a protocol error:
+# a LocalProtocolError if we tried to send it, a RemoteProtocolError if the peer did.
+SEND, RECV = "send", "recv"
+K = MessageKind
+TRANSITIONS: dict[tuple[Role, S, str, MessageKind], S] = {
+    # source
+    (Role.SOURCE, S.START, SEND, K.HELLO): S.HELLO,
+    (Role.SOURCE, S.HELLO, RECV, K.ACCEPT): S.TRANSFER,
+    (Role.SOURCE, S.HELLO, RECV, K.REJECT): S.REJECTED,
+    (Role.SOURCE, S.TRANSFER, SEND, K.PAGES): S.TRANSFER,
+    (Role.SOURCE, S.TRANSFER, SEND, K.ROUND_DONE): S.TRANSFER,
+    (Role.SOURCE, S.TRANSFER, SEND, K.STATE): S.TRANSFER,
+    (Role.SOURCE, S.TRANSFER, SEND, K.COMPLETE): S.VERIFYING,
+    (Role.SOURCE, S.VERIFYING, RECV, K.READY): S.READY,
+    (Role.SOURCE, S.READY, SEND, K.COMMIT): S.COMMITTED,
+    (Role.SOURCE, S.COMMITTED, RECV, K.RESUMED): S.DONE,
+    # target
+    (Role.TARGET, S.START, RECV, K.HELLO): S.HELLO,
+    (Role.TARGET, S.HELLO, SEND, K.ACCEPT): S.TRANSFER,
+    (Role.TARGET, S.HELLO, SEND, K.REJECT): S.REJECTED,
+    (Role.TARGET, S.TRANSFER, RECV, K.PAGES): S.TRANSFER,
+    (Role.TARGET, S.TRANSFER, RECV, K.ROUND_DONE): S.TRANSFER,
+    (Role.TARGET, S.TRANSFER, RECV, K.STATE): S.TRANSFER,
+    (Role.TARGET, S.TRANSFER, RECV, K.COMPLETE): S.VERIFYING,
+    (Role.TARGET, S.VERIFYING, SEND, K.READY): S.READY,
+    (Role.TARGET, S.READY, RECV, K.COMMIT): S.COMMITTED,
+    (Role.TARGET, S.COMMITTED, SEND, K.RESUMED): S.DONE,
+}
+# Cancel (source only) and Error (either side) end the exchange from any live state before Commit.
+_PRE_COMMIT = (S.START, S.HELLO, S.TRANSFER, S.VERIFYING, S.READY)
+for _state in _PRE_COMMIT:
+    TRANSITIONS[(Role.SOURCE, _state, SEND, K.CANCEL)] = S.CANCELLED
+    TRANSITIONS[(Role.TARGET, _state, RECV, K.CANCEL)] = S.CANCELLED
+    for _role in Role:
+        TRANSITIONS[(_role, _state, SEND, K.ERROR)] = S.FAILED
+        TRANSITIONS[(_role, _state, RECV, K.ERROR)] = S.FAILED
+# After Commit only the target may still fail, and only by promising the guest never ran there.
+TRANSITIONS[(Role.TARGET, S.COMMITTED, SEND, K.ERROR)] = S.FAILED
+TRANSITIONS[(Role.SOURCE, S.COMMITTED, RECV, K.ERROR)] = S.FAILED
+
+
+class Outcome(enum.Enum):
+    """What the side must do with its copy of the guest once the exchange is over."""
+
+    SOURCE_RESUME = "source resumes its guest"  # nothing was handed over
+    SOURCE_STOP = "source stops: the target runs the guest"
+    SOURCE_HOLD = "source keeps its guest paused: the hand-over is in doubt"
+    TARGET_DISCARD = "target discards its copy"
+    TARGET_RUN = "target runs the guest"
+    UNDECIDED = "undecided"
+
+
+class ProtocolError(Exception):
+    def __init__(self, role: Role, state: S, message: object, detail: str = "") -> None:
+        self.role, self.state, self.message = role, state, message
+        name = type(message).__name__
+        super().__init__(f"{role.value} in state {state.value} cannot {self.verb} {name}"
+                         + (f": {detail}" if detail else ""))
+
+
+class LocalProtocolError(ProtocolError):
+    verb = "send"
+
+
+class RemoteProtocolError(ProtocolError):
+    verb = "receive"
+
+
+@dataclass
+class Protocol:
+    """One side's view of the exchange. Call `send(msg)` before transmitting a message and
+    `receive(msg)` for each message that arrives; `connection_lost()` when the link dies."""
+
+    role: Role
+    state: S = S.START
+    history: list[tuple[str, MessageKind]] = field(default_factory=list)
+    error: Error | None = None
+    peer_error: Error | None = None
+    problems: tuple[str, ...] = ()
+    _link_lost: bool = False
+
+    def _step(self, direction: str, message: Message) -> S:
+        kind = getattr(message, "kind", MessageKind.INVALID)
+        key = (self.role, self.state, direction, kind)
+        if key not in TRANSITIONS:
+            err = LocalProtocolError if direction == SEND else RemoteProtocolError
+            raise err(self.role, self.state, message)
+        self.state = TRANSITIONS[key]
+        self.history.append((direction, kind))
+        return self.state
+
+    def send(self, message: Message) -> S:
+        state = self._step(SEND, message)
+        if isinstance(message, Error):
+            self.error = message
+        return state
+
+    def receive(self, message: Message) -> S:
+        state = self._step(RECV, message)
+        if isinstance(message, Error):
+            self.peer_error = message
+        elif isinstance(message, Reject):
+            self.problems = message.problems
+        return state
+
+    def connection_lost(self) -> S:
+        """The link died (or timed out) with no further message."""
+        self._link_lost = True
+        if self.state in TERMINAL:
+            return self.state
+        if self.role is Role.SOURCE and self.state is S.COMMITTED:
+            self.state = S.IN_DOUBT
+        elif not (self.role is Role.TARGET and self.state is S.COMMITTED):
+            self.state = S.FAILED
+        return self.state
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL or (self.role is Role.TARGET and self.state is S.COMMITTED
+                                          and self._link_lost)
+
+    def outcome(self) -> Outcome:
+        """What to do with this side's copy of the guest, given where the exchange stands."""
+        if self.role is Role.SOURCE:
+            if self.state is S.DONE:
+                return Outcome.SOURCE_STOP
+            if self.state is S.IN_DOUBT:
+                return Outcome.SOURCE_HOLD
+            if self.state in (S.REJECTED, S.CANCELLED, S.FAILED):
+                return Outcome.SOURCE_RESUME  # a post-Commit Error promises the target never ran it
+            return Outcome.UNDECIDED
+        if self.state in (S.COMMITTED, S.DONE):
+            return Outcome.TARGET_RUN
+        if self.state in (S.REJECTED, S.CANCELLED, S.FAILED):
+            return Outcome.TARGET_DISCARD
+        return Outcome.UNDECIDED
