@@ -64,14 +64,17 @@ class InternalError:
 
     @property
     def instruction_bytes(self) -> bytes:
-        """The bytes KVM failed to emulate, when it reports them (flags in data[0])."""
+        """The bytes KVM failed to emulate, when it reports them.
+
+        api.rst, emulation_failure: data[0] is `flags`; with FLAG_INSTRUCTION_BYTES, the next 16
+        bytes are `insn_size` (u8) then up to 15 instruction bytes.
+        """
         if self.suberror != self.EMULATION or len(self.data) < 3:
             return b""
         if not self.data[0] & self._FLAG_INSTRUCTION_BYTES:
             return b""
-        size = min(self.data[1], 16)
-        raw = b"".join(word.to_bytes(8, "little") for word in self.data[2:4])
-        return raw[:size]
+        raw = b"".join(word.to_bytes(8, "little") for word in self.data[1:3])
+        return raw[1 : 1 + min(raw[0], 15)]
 
     def __str__(self) -> str:
         insn = self.instruction_bytes

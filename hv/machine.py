@@ -325,8 +325,7 @@ class Machine:
 
     def _vcpu_thread(self, slot: _VcpuSlot) -> None:
         vcpu = slot.vcpu
-        vcpu.thread_id = threading.get_ident()
-        vcpu.apply_affinity()
+        vcpu.attach_thread()
         stats = slot.stats
         io, mmio = self.io_bus, self.mmio_bus
         ex: VcpuExit | None = None

@@ -60,6 +60,7 @@ class Vcpu:
         self._run_bytes = ffi.cast("char *", self._run)
         self._exit_union = self._run_bytes + lib.KVMIG_RUN_EXIT_OFFSET
         self.thread_id: int | None = None  # pthread id of the thread in run(), for kicks
+        self.native_thread_id: int | None = None  # kernel TID, for sched_setaffinity
         self._affinity: set[int] | None = None
 
     # --- running ------------------------------------------------------------------------------
@@ -131,18 +132,25 @@ class Vcpu:
     # --- thread placement -----------------------------------------------------------------------
 
     def bind(self, host_cpu: int) -> None:
-        """Pin the vCPU's thread to `host_cpu` (now if called on that thread, else when it runs)."""
+        """Pin the vCPU's thread to `host_cpu` (at once if the thread exists, else when it starts)."""
         self._affinity = {host_cpu}
         self.apply_affinity()
 
     def unbind(self) -> None:
-        self._affinity = set(range(os.cpu_count() or 1))
+        """Let the vCPU's thread run on every CPU this process may use."""
+        self._affinity = os.sched_getaffinity(0)
+        self.apply_affinity()
+
+    def attach_thread(self) -> None:
+        """Called by the thread that will run this vCPU."""
+        self.thread_id = threading.get_ident()
+        self.native_thread_id = threading.get_native_id()
         self.apply_affinity()
 
     def apply_affinity(self) -> None:
-        """Called by the vCPU thread when it starts; sched_setaffinity(0) acts on the caller."""
-        if self._affinity is not None and self.thread_id == threading.get_ident():
-            os.sched_setaffinity(0, self._affinity)
+        # sched_setaffinity takes a kernel TID, so any thread may place the vCPU thread.
+        if self._affinity is not None and self.native_thread_id is not None:
+            os.sched_setaffinity(self.native_thread_id, self._affinity)
 
     # --- registers ------------------------------------------------------------------------------
 

@@ -74,6 +74,25 @@ def test_invalid_transitions_are_refused(kvm: Kvm, write_image) -> None:
         machine.vm.close()
 
 
+def test_emulation_failure_reports_the_instruction(kvm: Kvm, write_image) -> None:
+    # iretd with a garbage frame: on PVM hosts the ring-0 emulator cannot run it at all; on
+    # hardware virtualization it faults (no IDT) into a triple fault. Both are fatal, typed exits.
+    machine, _ = _machine(kvm, write_image, b"\xbc\x00\x00\x09\x00\xcf")  # mov esp, 0x90000; iretd
+    try:
+        machine.start()
+        assert machine.wait(timeout=10) is RunState.ERROR
+        ex = machine.error.exit
+        if isinstance(ex, InternalError):
+            assert ex.suberror == InternalError.EMULATION
+            assert ex.instruction_bytes[:1] == b"\xcf"
+            assert "instruction bytes cf" in str(machine.error)
+        else:
+            assert isinstance(ex, Shutdown)
+    finally:
+        machine.stop()
+        machine.vm.close()
+
+
 def test_triple_fault_puts_the_vm_in_error(kvm: Kvm, write_image) -> None:
     machine, _ = _machine(kvm, write_image, b"\x0f\x0b")  # ud2 with no IDT: triple fault
     try:
@@ -169,6 +188,43 @@ def test_throttle_slows_the_guest_and_pause_still_works(kvm: Kvm, write_image) -
             machine.resume()
         machine.set_throttle(0)
         assert rate() > 0.5 * free
+    finally:
+        machine.stop()
+        machine.vm.close()
+
+
+def test_inject_interrupt_reaches_the_guest_idt(kvm: Kvm, write_image) -> None:
+    from tinyguest import interrupt_reporter
+
+    machine, _ = _machine(kvm, write_image, interrupt_reporter(0x41))
+    seen = Recorder()
+    machine.io_bus.insert(0x502, 1, seen, "irq-report")
+    try:
+        machine.start()
+        time.sleep(0.2)  # let it reach sti; hlt (emulated ring 0 is slow)
+        assert not seen.writes
+        machine.vcpus[0].inject_interrupt(0x41)
+        wait_for(lambda: seen.writes)
+        assert seen.writes == [(0, 1, 0x41)]
+        assert machine.state is RunState.RUNNING
+    finally:
+        machine.stop()
+        machine.vm.close()
+
+
+def test_bind_pins_the_vcpu_thread(kvm: Kvm, write_image) -> None:
+    import os
+
+    machine, out = _machine(kvm, write_image, OUT_LOOP)
+    cpu = max(os.sched_getaffinity(0))
+    try:
+        machine.vcpus[0].bind(cpu)
+        machine.start()
+        wait_for(lambda: out)
+        native = machine.vcpus[0].native_thread_id
+        assert os.sched_getaffinity(native) == {cpu}
+        machine.vcpus[0].unbind()  # from another thread: the kernel TID makes that possible
+        assert os.sched_getaffinity(native) == os.sched_getaffinity(0)
     finally:
         machine.stop()
         machine.vm.close()

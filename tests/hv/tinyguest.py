@@ -79,3 +79,30 @@ def wait_for(cond, timeout: float = 10.0, what: str = "the guest") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.001)
+
+
+def interrupt_reporter(vector: int, report_port: int = 0x502) -> bytes:
+    """Enable the LAPIC, install an IDT whose `vector` handler writes `vector` to `report_port`
+    and EOIs and spins; the main code does `sti; hlt` forever. Laid out for multiboot_elf (code starts at 1 MiB + 12)."""
+    base = LOAD_ADDRESS + 12
+    # fixed layout: [code 64 bytes][handler 32 bytes][IDTR 6 bytes, pad 2][IDT 256 * 8]
+    handler_at, idtr_at, idt_at = base + 64, base + 96, base + 104
+    code = (
+        b"\xbc" + struct.pack("<I", 0x9_0000)  # mov esp, 0x90000: Multiboot leaves ESP undefined
+        + b"\xc7\x05" + struct.pack("<II", 0xFEE000F0, 0x1FF)  # LAPIC SVR: software enable
+        + b"\x0f\x01\x1d" + struct.pack("<I", idtr_at)  # lidt [idtr]
+        + b"\xfb"  # sti
+        + b"\xf4\xeb\xfd"  # spin: hlt ; jmp spin
+    )
+    handler = (
+        b"\xba" + struct.pack("<I", report_port)  # mov edx, port
+        + b"\xb0" + bytes([vector])  # mov al, vector
+        + b"\xee"  # out dx, al
+        + b"\xc7\x05" + struct.pack("<II", 0xFEE000B0, 0)  # LAPIC EOI
+        + b"\xeb\xfe"  # jmp $ (iretd cannot be emulated in ring 0 on PVM hosts)
+    )
+    idt = bytearray(256 * 8)
+    gate = struct.pack("<HHBBH", handler_at & 0xFFFF, 0x10, 0, 0x8E, handler_at >> 16)
+    idt[vector * 8 : vector * 8 + 8] = gate
+    return (code.ljust(64, b"\x90") + handler.ljust(32, b"\x90")
+            + struct.pack("<HI", len(idt) - 1, idt_at) + b"\0\0" + bytes(idt))
