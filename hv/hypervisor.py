@@ -10,7 +10,7 @@ from hv import structconv
 from hv.caps import PlatformCapabilities
 from hv.kvm import KvmFd
 from hv.state import CpuidEntry
-from hv.vm import Vm, VmConfig
+from hv.vm import MemoryBacking, Vm, VmConfig
 
 if TYPE_CHECKING:
     from hv.vcpu import Vcpu
@@ -54,13 +54,17 @@ class Kvm:
                 self._saveable_msrs = tuple(candidates)
             return self._saveable_msrs
 
-    def create_vm(self, config: VmConfig | None = None) -> Vm:
-        """A VM with its platform set up and RAM mapped; vCPUs come from `Vm.create_vcpu`."""
+    def create_vm(self, config: VmConfig | None = None, *, backing: MemoryBacking | None = None) -> Vm:
+        """A VM with its platform set up and RAM mapped; vCPUs come from `Vm.create_vcpu`.
+
+        `backing(guest_base, size)` may supply each RAM region's mapping (say, a snapshot file
+        mapped MAP_PRIVATE, so pages load lazily on first touch); by default RAM is anonymous.
+        """
         config = config or VmConfig()
         config.validate(self.capabilities)
         vm = Vm(self, self.fd.create_vm(), config)
         try:
-            vm.setup_platform()
+            vm.setup_platform(backing)
         except BaseException:
             vm.close()
             raise

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import mmap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,10 @@ IDENTITY_MAP_ADDRESS = 0xFFFB_C000
 # RAM below 4 GiB stops here; [3 GiB, 4 GiB) is left for MMIO (LAPIC, IOAPIC, devices).
 MMIO_HOLE_START = 3 * GiB
 MMIO_HOLE_END = 4 * GiB
+
+
+MemoryBacking = Callable[[int, int], mmap.mmap]
+"""(guest base, size) -> the mapping that backs that RAM region."""
 
 
 @dataclass(frozen=True)
@@ -89,8 +94,8 @@ class Vm:
 
     # --- setup --------------------------------------------------------------------------------
 
-    def setup_platform(self) -> None:
-        """x86 setup that must happen before any vCPU exists."""
+    def setup_platform(self, backing: MemoryBacking | None = None) -> None:
+        """x86 setup that must happen before any vCPU exists; RAM from `backing` if given."""
         caps, cfg = self.capabilities, self.config
         self.fd.set_tss_addr(TSS_ADDRESS)
         if caps.set_identity_map_addr:
@@ -107,7 +112,7 @@ class Vm:
             )
             self._manual_protect = True
         for base, size in cfg.memory_layout():
-            self.add_memory_region(base, size)
+            self.add_memory_region(base, size, backing=backing(base, size) if backing else None)
 
     @property
     def has_irqchip(self) -> bool:
@@ -142,14 +147,19 @@ class Vm:
             region.size if size is None else size, region.host_address,
         )
 
-    def add_memory_region(self, guest_base: int, size: int, *, readonly: bool = False) -> MemoryRegion:
-        """Back [guest_base, guest_base+size) with fresh anonymous memory in a new slot."""
+    def add_memory_region(
+        self, guest_base: int, size: int, *, readonly: bool = False, backing: mmap.mmap | None = None,
+    ) -> MemoryRegion:
+        """Back [guest_base, guest_base+size) with fresh anonymous memory (or `backing`, a mapping
+        of exactly `size` bytes, e.g. a MAP_PRIVATE file mapping) in a new slot."""
+        if backing is not None and len(backing) != size:
+            raise ConfigError("backing", len(backing), f"must map exactly {size} bytes")
         if readonly and not self.capabilities.readonly_mem:
             raise MissingCapabilityError("KVM_CAP_READONLY_MEM", "read-only memory slots")
         with self._slots_lock:
             self.memory.check_free(guest_base, size)
             slot = self._take_slot()
-            region = MemoryRegion(guest_base, size, slot=slot, readonly=readonly)
+            region = MemoryRegion(guest_base, size, slot=slot, readonly=readonly, backing=backing)
             region.log_dirty = self._dirty_logging and not readonly
             try:
                 self._register(region)

@@ -112,3 +112,26 @@ def test_populated_pages_follow_touched_memory_not_size(kvm: Kvm) -> None:
         big.memory.write(high.guest_base + 5 * 4096, b"y")
         assert low.populated_pages().pages().tolist() == [1, 256, 257, 258]
         assert high.populated_pages().pages().tolist() == [5]
+
+
+def test_file_backed_private_ram_loads_lazily_and_never_writes_the_file(kvm: Kvm, tmp_path) -> None:
+    import mmap
+
+    image = tmp_path / "ram.img"
+    with open(image, "wb") as f:
+        f.truncate(16 * MiB)
+        f.seek(0x2000)
+        f.write(b"from the file")
+
+    def backing(base: int, size: int) -> mmap.mmap:
+        with open(image, "rb") as f:
+            return mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE,
+                             prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+
+    with kvm.create_vm(VmConfig(mem_size=16 * MiB), backing=backing) as vm:
+        assert vm.memory.read(0x2000, 13) == b"from the file"
+        vm.memory.write(0x2000, b"FROM")
+        assert vm.memory.read(0x2000, 13) == b"FROM the file"
+        assert not vm.memory.regions[0].anonymous
+        assert vm.memory.regions[0].populated_pages().count() == 4096  # file pages all count
+    assert image.read_bytes()[0x2000:0x200D] == b"from the file"  # copy-on-write: file untouched
