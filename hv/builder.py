@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from hv.boot import multiboot
+from hv.boot import linux, multiboot
 from hv.cpuid import vcpu_cpuid
 from hv.devices.serial import COM1_IRQ, COM1_PORT, SerialTx
 from hv.hypervisor import Kvm
@@ -18,6 +18,39 @@ def create_vcpus(kvm: Kvm, vm: Vm) -> None:
     for vcpu_id in range(vm.config.vcpus):
         vcpu = vm.create_vcpu(vcpu_id)
         vcpu.setup(vcpu_cpuid(kvm.supported_cpuid, vcpu_id, vm.config.vcpus))
+
+
+def _boot_vcpu_entry(vm: Vm, entry) -> None:
+    boot_vcpu = vm.vcpus[0]
+    boot_vcpu.set_sregs(entry.apply(boot_vcpu.get_sregs()))
+    boot_vcpu.set_regs(entry.regs)
+
+
+def _with_console(vm: Vm, console: Callable[[bytes], None]) -> Machine:
+    machine = Machine(vm)
+    machine.add_device("serial0", SerialTx(console), pio=(COM1_PORT, 8), irqs=(COM1_IRQ,))
+    return machine
+
+
+def linux_machine(
+    kvm: Kvm,
+    kernel: Path,
+    cmdline: str = "",
+    initrd: Path | None = None,
+    config: VmConfig | None = None,
+    console: Callable[[bytes], None] = lambda b: None,
+) -> tuple[Machine, linux.LinuxBoot]:
+    """A Machine that boots a Linux bzImage or vmlinux (PVH when the kernel has the note)."""
+    vm = kvm.create_vm(config or VmConfig())
+    try:
+        create_vcpus(kvm, vm)
+        booted = linux.boot(vm.memory, kernel.read_bytes(), cmdline,
+                            initrd.read_bytes() if initrd else None, kernel.name)
+        _boot_vcpu_entry(vm, booted.entry)
+        return _with_console(vm, console), booted
+    except BaseException:
+        vm.close()
+        raise
 
 
 def multiboot_machine(
@@ -35,12 +68,8 @@ def multiboot_machine(
     try:
         create_vcpus(kvm, vm)
         entry = multiboot.boot(vm.memory, image.read_bytes(), f"{image.name} {cmdline}".strip(), image.name)
-        boot_vcpu = vm.vcpus[0]
-        boot_vcpu.set_sregs(entry.apply(boot_vcpu.get_sregs()))
-        boot_vcpu.set_regs(entry.regs)
-        machine = Machine(vm)
-        machine.add_device("serial0", SerialTx(console), pio=(COM1_PORT, 8), irqs=(COM1_IRQ,))
-        return machine
+        _boot_vcpu_entry(vm, entry)
+        return _with_console(vm, console)
     except BaseException:
         vm.close()
         raise

@@ -10,7 +10,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from hv.boot.x86 import FLAT_GDT_ADDRESS, EntryState, protected_mode_entry
+from hv.boot import elf
+from hv.boot.x86 import FLAT_GDT_ADDRESS, EntryState, e820_map, protected_mode_entry
 from hv.errors import BootError, GuestAddressError
 from hv.memory import GuestMemory
 
@@ -38,18 +39,12 @@ MMAP_ADDRESS = 0x9100
 LOADER_NAME_ADDRESS = 0x9300
 CMDLINE_ADDRESS = 0x9400
 CMDLINE_MAX = 0x9F000 - CMDLINE_ADDRESS
-LOW_MEMORY_END = 0x9FC00  # top of conventional memory; EBDA above it
+LOW_MEMORY_END = 0x9FC00  # top of conventional memory (mem_lower)
 IMAGE_MIN_ADDRESS = 0x100000
 
-MMAP_AVAILABLE = 1
-MMAP_RESERVED = 2
 
 LOADER_NAME = b"kvmigrate\0"
 
-_ELF_HEADER = struct.Struct("<16sHHIIIIIHHHHHH")
-_ELF_PHDR = struct.Struct("<IIIIIIII")
-_PT_LOAD = 1
-_EM_386 = 3
 
 
 @dataclass(frozen=True)
@@ -110,30 +105,11 @@ def _check_ram(mem: GuestMemory, address: int, size: int, name: str, what: str) 
 
 
 def _elf_segments(image: bytes, name: str) -> tuple[int, list[tuple[int, int, int, int]]]:
-    if len(image) < _ELF_HEADER.size or image[:4] != b"\x7fELF":
-        raise BootError(name, "ELF magic", "7f 45 4c 46", image[:4].hex(" "))
-    ident, _type, machine, _ver, entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum, *_ = (
-        _ELF_HEADER.unpack_from(image)
-    )
-    if ident[4] != 1 or ident[5] != 1:
-        raise BootError(name, "ELF class/data", "ELF32 little-endian", f"class {ident[4]} data {ident[5]}")
-    if machine != _EM_386:
-        raise BootError(name, "ELF machine", _EM_386, machine)
-    if phentsize != _ELF_PHDR.size or phoff + phnum * phentsize > len(image):
-        raise BootError(name, "ELF program headers", "inside the file", f"{phnum} at {phoff:#x}")
-    segments = []
-    for i in range(phnum):
-        p_type, p_offset, _vaddr, p_paddr, p_filesz, p_memsz, _f, _a = _ELF_PHDR.unpack_from(
-            image, phoff + i * phentsize)
-        if p_type != _PT_LOAD or p_memsz == 0:
-            continue
-        if p_offset + p_filesz > len(image) or p_filesz > p_memsz:
-            raise BootError(name, f"ELF segment {i}", "file bytes inside the file and <= memsz",
-                            f"offset {p_offset:#x} filesz {p_filesz:#x} memsz {p_memsz:#x}")
-        segments.append((p_paddr, p_offset, p_filesz, p_memsz))
-    if not segments:
-        raise BootError(name, "ELF program headers", "at least one PT_LOAD", "none")
-    return entry, segments
+    parsed = elf.parse(image, name)
+    if parsed.bits != 32 or parsed.machine != elf.EM_386:
+        raise BootError(name, "ELF class/machine", f"ELF32 for EM_386 ({elf.EM_386})",
+                        f"ELF{parsed.bits} machine {parsed.machine}")
+    return parsed.entry, [(s.paddr, s.offset, s.filesz, s.memsz) for s in parsed.loadable]
 
 
 def load(mem: GuestMemory, image: bytes, name: str = "image") -> MultibootImage:
@@ -166,22 +142,12 @@ def load(mem: GuestMemory, image: bytes, name: str = "image") -> MultibootImage:
     return MultibootImage(header, entry, segments)
 
 
-def memory_map(mem: GuestMemory) -> list[tuple[int, int, int]]:
-    """(base, length, type) entries: conventional memory, the BIOS hole, then every RAM region."""
-    entries = [(0, LOW_MEMORY_END, MMAP_AVAILABLE), (LOW_MEMORY_END, 0x100000 - LOW_MEMORY_END, MMAP_RESERVED)]
-    for region in mem.regions:
-        start = max(region.guest_base, 0x100000)
-        if region.range.end > start:
-            entries.append((start, region.range.end - start, MMAP_AVAILABLE))
-    return entries
-
-
 def write_info(mem: GuestMemory, cmdline: str) -> int:
     """Write the multiboot_info struct, memory map, loader name and command line; return its address."""
     raw_cmdline = cmdline.encode() + b"\0"
     if len(raw_cmdline) > CMDLINE_MAX:
         raise BootError("command line", "length", f"<= {CMDLINE_MAX - 1} bytes", len(raw_cmdline) - 1)
-    mmap = b"".join(struct.pack("<IQQI", 20, base, length, kind) for base, length, kind in memory_map(mem))
+    mmap = b"".join(struct.pack("<IQQI", 20, base, length, kind) for base, length, kind in e820_map(mem))
     # mem_upper: KiB of contiguous RAM from 1 MiB up to the first hole.
     low_region, _ = mem.find(0x100000)
     mem_upper = (low_region.range.end - 0x100000) // 1024
@@ -205,5 +171,4 @@ def boot(mem: GuestMemory, image: bytes, cmdline: str, name: str = "image") -> E
     return protected_mode_entry(mem, entry=loaded.entry, eax=BOOTLOADER_MAGIC, ebx=info)
 
 
-__all__ = ["boot", "load", "write_info", "find_header", "memory_map", "MultibootImage",
-           "FLAT_GDT_ADDRESS"]
+__all__ = ["boot", "load", "write_info", "find_header", "MultibootImage", "FLAT_GDT_ADDRESS"]
