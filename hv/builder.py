@@ -39,13 +39,16 @@ def linux_machine(
     initrd: Path | None = None,
     config: VmConfig | None = None,
     console: Callable[[bytes], None] = lambda b: None,
+    *,
+    prefer_pvh: bool = True,
 ) -> tuple[Machine, linux.LinuxBoot]:
-    """A Machine that boots a Linux bzImage or vmlinux (PVH when the kernel has the note)."""
+    """A Machine that boots a Linux bzImage or vmlinux: by PVH when the kernel has the note and
+    `prefer_pvh`, else by the 64-bit boot protocol with a zero page."""
     vm = kvm.create_vm(config or VmConfig())
     try:
         create_vcpus(kvm, vm)
         booted = linux.boot(vm.memory, kernel.read_bytes(), cmdline,
-                            initrd.read_bytes() if initrd else None, kernel.name)
+                            initrd.read_bytes() if initrd else None, kernel.name, prefer_pvh=prefer_pvh)
         _boot_vcpu_entry(vm, booted.entry)
         return _with_console(vm, console), booted
     except BaseException:

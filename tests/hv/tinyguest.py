@@ -106,3 +106,37 @@ def interrupt_reporter(vector: int, report_port: int = 0x502) -> bytes:
     idt[vector * 8 : vector * 8 + 8] = gate
     return (code.ljust(64, b"\x90") + handler.ljust(32, b"\x90")
             + struct.pack("<HI", len(idt) - 1, idt_at) + b"\0\0" + bytes(idt))
+
+
+# PVH: print the command line from hvm_start_info (EBX) to COM1, then write memmap_entries to
+# port 0x501 and spin.
+PVH_PRINT_CMDLINE = bytes.fromhex(
+    "8b7318"  # 0: mov esi, [ebx+0x18]      (cmdline_paddr)
+    "8a06"  # 3: loop: mov al, [esi]
+    "84c0"  # 5: test al, al
+    "7408"  # 7: jz done (17)
+    "66baf803"  # 9: mov dx, 0x3f8
+    "ee"  # 13: out dx, al
+    "46"  # 14: inc esi
+    "ebf2"  # 15: jmp loop
+    "8b4330"  # 17: done: mov eax, [ebx+0x30]  (memmap_entries)
+    "66ba0105"  # 20: mov dx, 0x501
+    "ee"  # 24: out dx, al
+    "ebfe"  # 25: jmp $
+)
+
+
+def pvh_elf64(code: bytes, entry_offset: int = 0) -> bytes:
+    """An ELF64 x86-64 image with one PT_LOAD at 1 MiB and a Xen PVH entry note."""
+    ehsize, phsize = 64, 56
+    code_off = 0x1000
+    note_desc = struct.pack("<I", LOAD_ADDRESS + entry_offset)
+    note = struct.pack("<III", 4, len(note_desc), 18) + b"Xen\0" + note_desc
+    note_off = ehsize + 2 * phsize
+    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    ehdr = struct.pack("<16sHHIQQQIHHHHHH", ident, 2, 62, 1, 0xFFFF_FFFF_8100_0000, ehsize, 0, 0,
+                       ehsize, phsize, 2, 0, 0, 0)
+    load = struct.pack("<IIQQQQQQ", 1, 5, code_off, LOAD_ADDRESS, LOAD_ADDRESS, len(code), len(code), 0x1000)
+    pnote = struct.pack("<IIQQQQQQ", 4, 4, note_off, 0, 0, len(note), len(note), 4)
+    head = ehdr + load + pnote + note
+    return head + bytes(code_off - len(head)) + code
