@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from hv import builtin_guest
 from hv.boot import linux, multiboot
 from hv.cpuid import vcpu_cpuid
+from hv.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from hv.devices.serial import COM1_IRQ, COM1_PORT, SerialTx
 from hv.hypervisor import Kvm
-from hv.machine import Machine
+from hv.machine import Machine, StopReason
 from hv.vm import Vm, VmConfig
 
 
@@ -27,8 +29,14 @@ def _boot_vcpu_entry(vm: Vm, entry) -> None:
 
 
 def _with_console(vm: Vm, console: Callable[[bytes], None]) -> Machine:
+    """The legacy devices every machine has: COM1 and the debug-exit port."""
     machine = Machine(vm)
     machine.add_device("serial0", SerialTx(console), pio=(COM1_PORT, 8), irqs=(COM1_IRQ,))
+
+    def guest_exit(code: int) -> None:
+        machine.request_stop(StopReason("guest-exit", f"exit code {code}"))
+
+    machine.add_device("debug-exit", DebugExit(guest_exit), pio=(DEBUG_EXIT_PORT, 4))
     return machine
 
 
@@ -76,3 +84,27 @@ def multiboot_machine(
     except BaseException:
         vm.close()
         raise
+
+
+def builtin_machine(
+    kvm: Kvm,
+    params: builtin_guest.GuestParams,
+    config: VmConfig | None = None,
+    console: Callable[[bytes], None] = lambda b: None,
+) -> Machine:
+    """A Machine running the built-in guest with `params`; the guest paces itself by the vCPU's TSC."""
+    from dataclasses import replace
+
+    config = config or VmConfig()
+    if config.mem_size < params.min_mem:
+        from hv.errors import ConfigError
+
+        raise ConfigError("mem_size", config.mem_size, f"a {params.ws_mib} MiB working set needs at "
+                          f"least {params.min_mem >> 20} MiB of guest memory")
+    image = builtin_guest.guest_image()
+    machine = multiboot_machine(kvm, image, "", config, console)
+    if not params.tsc_khz:
+        params = replace(params, tsc_khz=machine.vcpus[0].fd.get_tsc_khz())
+    # the command line is written after the vCPU exists, since it carries the vCPU's TSC rate
+    multiboot.write_info(machine.vm.memory, f"{image.name} {params.cmdline()}")
+    return machine

@@ -305,7 +305,8 @@ class Machine:
             slot.parked = False
             return self._control is _Control.RUN
 
-    def _guest_stop(self, reason: StopReason) -> None:
+    def request_stop(self, reason: StopReason) -> None:
+        """Stop without waiting: for devices and hooks running on a vCPU thread (the guest asked)."""
         with self._cond:
             if self.stop_reason is None:
                 self.stop_reason = reason
@@ -358,10 +359,10 @@ class Machine:
                         pass
                     case SystemEvent(type=kind):
                         reset = kind == lib.KVM_SYSTEM_EVENT_RESET
-                        self._guest_stop(StopReason("guest-reset" if reset else "guest-shutdown", str(ex)))
+                        self.request_stop(StopReason("guest-reset" if reset else "guest-shutdown", str(ex)))
                     case Hlt():
                         # Only seen without an in-kernel LAPIC: nothing can wake the vCPU.
-                        self._guest_stop(StopReason("guest-halt", f"vCPU {vcpu.vcpu_id} halted"))
+                        self.request_stop(StopReason("guest-halt", f"vCPU {vcpu.vcpu_id} halted"))
                     case _ if isinstance(ex, FATAL_EXITS):
                         raise GuestFatalExit(vcpu.vcpu_id, ex)
                     case _:

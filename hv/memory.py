@@ -36,21 +36,36 @@ def _read_pagemap(host_address: int, npages: int) -> np.ndarray:
     return entries
 
 
-@functools.cache
-def _zero_page_pfn() -> int:
-    """The PFN of the kernel's shared zero page, which reads of untouched anonymous memory map.
+HUGE_PAGE_SIZE = 2 << 20
 
-    0 when PFNs are hidden from us (not root): callers then count such pages as touched.
-    """
-    probe = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+def _probe_read_pfn(size: int, huge: bool) -> int:
+    """The PFN a read fault maps into fresh anonymous memory (0 when PFNs are hidden from us)."""
+    probe = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
-        _ = probe[0]  # a read fault maps the zero page
         buf = ffi.from_buffer(probe)
-        entry = _read_pagemap(int(ffi.cast("uintptr_t", buf)), 1)[0]
+        base = int(ffi.cast("uintptr_t", buf))
         del buf
+        offset = -base % HUGE_PAGE_SIZE if huge else 0
+        if huge:
+            probe.madvise(mmap.MADV_HUGEPAGE)
+        _ = probe[offset]  # a read fault maps the (huge) zero page
+        entry = _read_pagemap(base + offset, 1)[0]
         return int(entry & _PAGEMAP_PFN) if entry & _PAGEMAP_PRESENT else 0
     finally:
         probe.close()
+
+
+@functools.cache
+def _zero_page_pfns() -> tuple[int, int]:
+    """PFNs of the kernel's shared zero pages: (4 KiB zero page, first PFN of the huge zero page).
+
+    Reads of untouched anonymous memory map one of them; such pages are still untouched. A PFN is 0
+    when we cannot see it (not root, THP off): callers then count such pages as touched.
+    """
+    small = _probe_read_pfn(PAGE_SIZE, huge=False)
+    huge = _probe_read_pfn(2 * HUGE_PAGE_SIZE, huge=True) if hasattr(mmap, "MADV_HUGEPAGE") else 0
+    return small, (huge if huge != small else 0)
 
 
 GuestAddress = NewType("GuestAddress", int)
@@ -91,6 +106,10 @@ class MemoryRegion:
         self._map = backing or mmap.mmap(
             -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | lib.MAP_NORESERVE
         )
+        if backing is None and hasattr(mmap, "MADV_HUGEPAGE"):
+            # as QEMU does: huge pages make the guest's first touch of memory ~4x cheaper; KVM
+            # still tracks dirty memory per 4 KiB page while logging is on
+            self._map.madvise(mmap.MADV_HUGEPAGE)
         self._cbuf = ffi.from_buffer(self._map)
         self.host_address = int(ffi.cast("uintptr_t", self._cbuf))
         self.view = memoryview(self._map)
@@ -141,9 +160,12 @@ class MemoryRegion:
             return bitmap
         entries = _read_pagemap(self.host_address, self.npages)
         touched = (entries & (_PAGEMAP_PRESENT | _PAGEMAP_SWAPPED)) != 0
-        zero_pfn = _zero_page_pfn()
-        if zero_pfn:  # a page only ever read maps the shared zero page: still untouched
-            touched &= (entries & _PAGEMAP_PFN) != np.uint64(zero_pfn)
+        small_zero, huge_zero = _zero_page_pfns()
+        pfns = entries & _PAGEMAP_PFN
+        if small_zero:  # a page only ever read maps the shared zero page: still untouched
+            touched &= pfns != np.uint64(small_zero)
+        if huge_zero:  # ... or, in a huge-page region, one of the huge zero page's 512 frames
+            touched &= (pfns - np.uint64(huge_zero)) >= np.uint64(HUGE_PAGE_SIZE // PAGE_SIZE)
         words = np.packbits(touched, bitorder="little")
         padded = np.zeros(((self.npages + 63) // 64) * 8, dtype=np.uint8)
         padded[: len(words)] = words

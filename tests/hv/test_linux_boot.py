@@ -26,6 +26,7 @@ from hv.vm import VmConfig
 from tinyguest import PVH_PRINT_CMDLINE, Recorder, pvh_elf64, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+from linux import initramfs  # noqa: E402
 from linux.debian import debian_kernel  # noqa: E402
 
 MiB = 1 << 20
@@ -113,11 +114,47 @@ E820_LINES = [
 ]
 
 
-def _boot_debian(kvm: Kvm, vmlinux: Path, prefer_pvh: bool):
+def _boot_debian(kvm: Kvm, vmlinux: Path, prefer_pvh: bool, initrd: Path | None = None):
     out = bytearray()
-    machine, booted = linux_machine(kvm, vmlinux, CMDLINE, config=VmConfig(mem_size=512 * MiB),
+    machine, booted = linux_machine(kvm, vmlinux, CMDLINE, initrd, config=VmConfig(mem_size=512 * MiB),
                                     console=out.extend, prefer_pvh=prefer_pvh)
     return machine, booted, out
+
+
+def _read_cpio(data: bytes) -> dict[str, bytes]:
+    files, pos = {}, 0
+    while True:
+        assert data[pos : pos + 6] == b"070701"
+        fields = [int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
+        size, namesize = fields[6], fields[11]
+        name = data[pos + 110 : pos + 110 + namesize - 1].decode()
+        pos += 110 + namesize
+        pos += -pos % 4
+        if name == "TRAILER!!!":
+            return files
+        files[name] = data[pos : pos + size]
+        pos += size + (-size % 4)
+
+
+@pytest.fixture(scope="module")
+def initrd(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("initrd") / "initramfs.cpio.gz"
+    path.write_bytes(initramfs.build())
+    return path
+
+
+def test_initramfs_carries_busybox_and_virtio_modules_in_dependency_order(initrd: Path) -> None:
+    import gzip
+
+    files = _read_cpio(gzip.decompress(initrd.read_bytes()))
+    assert files["init"].startswith(b"#!/bin/busybox sh")
+    assert files["bin/busybox"][:4] == b"\x7fELF"
+    order = files["etc/modules.order"].decode().split()
+    for module in ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_console", "virtio-rng"):
+        assert module in order and files[f"lib/modules/{module}.ko"][:4] == b"\x7fELF"
+    for position, name in enumerate(order):  # each module after every module it depends on
+        for dep in initramfs.module_depends(files[f"lib/modules/{name}.ko"]):
+            assert dep in order[:position], f"{name} needs {dep} first"
 
 
 def test_debian_kernel_by_the_64bit_protocol_reads_our_zero_page(kvm: Kvm, vmlinux: Path) -> None:
@@ -137,8 +174,8 @@ def test_debian_kernel_by_the_64bit_protocol_reads_our_zero_page(kvm: Kvm, vmlin
 
 
 @pytest.mark.slow
-def test_debian_kernel_by_pvh_boots_to_the_emulator_limit(kvm: Kvm, vmlinux: Path) -> None:
-    machine, booted, out = _boot_debian(kvm, vmlinux, prefer_pvh=True)
+def test_debian_kernel_by_pvh_boots_to_the_emulator_limit(kvm: Kvm, vmlinux: Path, initrd: Path) -> None:
+    machine, booted, out = _boot_debian(kvm, vmlinux, prefer_pvh=True, initrd=initrd)
     try:
         assert booted.protocol == "pvh"
         t0 = time.monotonic()
@@ -148,6 +185,9 @@ def test_debian_kernel_by_pvh_boots_to_the_emulator_limit(kvm: Kvm, vmlinux: Pat
         assert f"Command line: {CMDLINE}" in text
         for line in E820_LINES:
             assert line in text
+        base, size = booted.initrd_range
+        end = base + (size + 0xFFF & ~0xFFF) - 1  # setup.c prints the page-aligned end
+        assert f"RAMDISK: [mem {base:#010x}-{end:#010x}]" in text  # found our initrd
         assert "Memory:" in text  # got through memory init
         # This host emulates guest ring 0 and cannot run `lock cmpxchg16b`: the typed stop.
         # On a host with hardware virtualization the kernel goes on, and this assertion shows it.

@@ -1,0 +1,301 @@
+"""The built-in test guest: its image, parameters, console protocol, status page and checker.
+
+The guest (tools/guests/builtin) is a Multiboot v1 ELF32 that switches itself to long mode and runs
+its workload in ring 3: it fills a working set of `ws_mib` MiB at `WS_ADDR`, then increments the
+first byte of every page in order, pass after pass, at `rate_mib_s` (0 = flat out), printing one
+line per `every` passes on COM1 and keeping a status page at `STATUS_ADDR` current.
+
+Consistency rule, checked by `check_working_set`: with p completed passes, the counter bytes are
+(p+1) mod 256 on pages [0, k) and p mod 256 on pages [k, N) for a single k; with fill=random every
+other byte of a page is fixed (xorshift64 words seeded by the page index), so a working set that
+went through a snapshot or a migration can be verified bit for bit.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hv.errors import HvError
+
+GUEST_DIR = Path(__file__).resolve().parent.parent / "tools" / "guests"
+IMAGE_NAME = "kvmig-guest.elf"
+
+PAGE_SIZE = 4096
+STATUS_ADDR = 0x00F0_0000
+WS_ADDR = 0x0100_0000
+STATUS_MAGIC = 0x3154535347494D4B  # "KMIGSST1"
+GOLDEN = 0x9E3779B97F4A7C15
+MiB = 1 << 20
+
+
+class GuestBuildError(HvError):
+    def __init__(self, command: str, output: str) -> None:
+        super().__init__(f"building the built-in guest failed ({command}):\n{output}")
+        self.command, self.output = command, output
+
+
+_build_lock = threading.Lock()
+
+
+def guest_image() -> Path:
+    """The guest's ELF, built with the machine's gcc (make decides whether it is stale)."""
+    with _build_lock:
+        cmd = ["make", "-s", "-C", str(GUEST_DIR)]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        except FileNotFoundError as e:
+            raise GuestBuildError(" ".join(cmd), str(e)) from e
+        if done.returncode != 0:
+            raise GuestBuildError(" ".join(cmd), done.stdout + done.stderr)
+    return GUEST_DIR / "build" / IMAGE_NAME
+
+
+@dataclass(frozen=True)
+class GuestParams:
+    ws_mib: int = 64
+    rate_mib_s: int = 0  # 0: as fast as the guest can
+    every: int = 1  # report every N passes
+    passes: int = 0  # stop after N passes (0: run forever)
+    tsc_khz: int = 0  # the guest paces itself by TSC; hv passes the vCPU's rate
+    fill: str = "random"  # or "zero": only the counter bytes are non-zero
+
+    def cmdline(self) -> str:
+        return (f"ws={self.ws_mib} rate={self.rate_mib_s} every={self.every} passes={self.passes} "
+                f"tsc_khz={self.tsc_khz} fill={self.fill}")
+
+    @property
+    def min_mem(self) -> int:
+        return WS_ADDR + self.ws_mib * MiB
+
+
+# --- console protocol ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Boot:
+    fields: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Ready:
+    pages: int
+    touch_ms: int
+
+
+@dataclass(frozen=True)
+class Pass:
+    number: int
+    ms: int
+
+
+@dataclass(frozen=True)
+class Done:
+    passes: int
+
+
+@dataclass(frozen=True)
+class GuestError:
+    message: str
+
+
+@dataclass(frozen=True)
+class Fault:
+    vector: int
+    error: int
+    rip: int
+    cr2: int
+
+
+GuestEvent = Boot | Ready | Pass | Done | GuestError | Fault
+
+_KV = re.compile(r"(\w+)=(0x[0-9a-f]+|\d+)")
+
+
+def parse_line(line: str) -> GuestEvent | None:
+    """One console line -> its event (None for lines that are not the guest's protocol)."""
+    line = line.strip()
+    if not line.startswith("kvmig: "):
+        return None
+    verb, _, rest = line[7:].partition(" ")
+    kv = {k: int(v, 0) for k, v in _KV.findall(rest)}
+    try:
+        match verb:
+            case "boot":
+                return Boot(kv)
+            case "ready":
+                return Ready(kv["pages"], kv["touch_ms"])
+            case "pass":
+                return Pass(int(rest.split()[0]), kv["ms"])
+            case "done":
+                return Done(kv["passes"])
+            case "error":
+                return GuestError(rest)
+            case "fault":
+                return Fault(kv["vector"], kv["error"], kv["rip"], kv["cr2"])
+    except (KeyError, ValueError, IndexError):
+        return GuestError(f"unparsable line: {line!r}")
+    return None
+
+
+class GuestConsole:
+    """A serial `console` callable that splits lines, parses events and lets threads wait on them."""
+
+    def __init__(self, echo: Callable[[bytes], None] | None = None) -> None:
+        self._buf = bytearray()
+        self._cond = threading.Condition()
+        self._echo = echo
+        self.lines: list[str] = []
+        self.events: list[tuple[float, GuestEvent]] = []  # (monotonic time, event)
+
+    def __call__(self, data: bytes) -> None:
+        if self._echo:
+            self._echo(data)
+        self._buf.extend(data)
+        while (nl := self._buf.find(b"\n")) >= 0:
+            line = bytes(self._buf[:nl]).decode(errors="replace").rstrip("\r")
+            del self._buf[: nl + 1]
+            event = parse_line(line)
+            with self._cond:
+                self.lines.append(line)
+                if event is not None:
+                    self.events.append((time.monotonic(), event))
+                self._cond.notify_all()
+
+    @property
+    def passes(self) -> list[int]:
+        with self._cond:
+            return [e.number for _, e in self.events if isinstance(e, Pass)]
+
+    def last_pass(self) -> int:
+        p = self.passes
+        return p[-1] if p else 0
+
+    def failure(self) -> GuestEvent | None:
+        with self._cond:
+            return next((e for _, e in self.events if isinstance(e, (GuestError, Fault))), None)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        """Wait until `predicate()` holds; a guest error or fault, or the timeout, raises."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate():
+                if (bad := next((e for _, e in self.events if isinstance(e, (GuestError, Fault))), None)):
+                    raise GuestFailed(bad, self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"timed out after {timeout}s waiting for {what}; "
+                                       f"console: {self.lines[-5:]}")
+                self._cond.wait(min(left, 0.05))
+
+    def wait_pass(self, number: int, timeout: float = 30.0) -> None:
+        self.wait_for(lambda: any(isinstance(e, Pass) and e.number >= number for _, e in self.events),
+                      timeout, f"pass {number}")
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        self.wait_for(lambda: any(isinstance(e, Ready) for _, e in self.events), timeout, "ready")
+
+
+class GuestFailed(HvError):
+    def __init__(self, event: GuestEvent, lines: list[str]) -> None:
+        super().__init__(f"the built-in guest reported {event}; console: {lines[-5:]}")
+        self.event = event
+
+
+# --- status page and working-set check -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuestStatus:
+    valid: bool  # the magic is set once the working set is filled
+    passes: int
+    ws_pages: int
+    position: int
+    tsc_ready: int
+    tsc_last_pass: int
+    rate_mib_s: int
+    fill_random: bool
+
+    @classmethod
+    def from_bytes(cls, page: bytes | memoryview) -> GuestStatus:
+        w = np.frombuffer(page, dtype="<u8", count=8)
+        return cls(int(w[0]) == STATUS_MAGIC, int(w[1]), int(w[2]), int(w[3]), int(w[4]), int(w[5]),
+                   int(w[6]), bool(w[7]))
+
+
+def read_status(memory) -> GuestStatus:
+    """The status page, from a `GuestMemory` (or anything with `read(address, size)`)."""
+    return GuestStatus.from_bytes(memory.read(STATUS_ADDR, 64))
+
+
+def expected_fill(first_page: int, count: int) -> np.ndarray:
+    """Words 0..511 of pages [first_page, first_page+count) as fill=random writes them (counter 0)."""
+    out = np.empty((count, 512), dtype=np.uint64)
+    s = (np.arange(first_page + 1, first_page + count + 1, dtype=np.uint64) * np.uint64(GOLDEN))
+    out[:, 0] = 0
+    thirteen, seven, seventeen = np.uint64(13), np.uint64(7), np.uint64(17)
+    for w in range(1, 512):
+        s ^= s << thirteen
+        s ^= s >> seven
+        s ^= s << seventeen
+        out[:, w] = s
+    return out
+
+
+@dataclass(frozen=True)
+class WorkingSetCheck:
+    passes: int
+    split: int  # k: pages [0, k) are one pass ahead
+    bad_counters: tuple[int, ...] = ()  # page indexes whose counter breaks the rule (first 16)
+    bad_fill: tuple[int, ...] = ()  # page indexes whose other bytes changed (first 16)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad_counters and not self.bad_fill
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"working set consistent: {self.passes} passes, split at page {self.split}"
+        return (f"working set INCONSISTENT after {self.passes} passes: counters wrong on pages "
+                f"{list(self.bad_counters)}, fill wrong on pages {list(self.bad_fill)}")
+
+
+def check_working_set(ws: memoryview | bytes | np.ndarray, passes: int, fill_random: bool = True,
+                      chunk_pages: int = 8192) -> WorkingSetCheck:
+    """Check the consistency rule over a working set's bytes (whole pages, whole arrays)."""
+    pages = np.frombuffer(ws, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+    n = len(pages)
+    counters = pages[:, 0]
+    ahead = counters == (passes + 1) % 256
+    split = int(np.argmin(ahead)) if not ahead.all() else n
+    bad_counters = np.flatnonzero(counters[split:] != passes % 256)[:16] + split
+    bad_fill: list[int] = []
+    words = pages.view(np.uint64).reshape(n, 512)
+    for first in range(0, n, chunk_pages):
+        part = words[first : first + chunk_pages]
+        if fill_random:
+            want = expected_fill(first, len(part))
+            wrong = (part[:, 1:] != want[:, 1:]).any(axis=1)
+        else:
+            wrong = part[:, 1:].any(axis=1)
+        wrong |= (part[:, 0] >> np.uint64(8)) != 0  # bytes 1..7 of the first word stay zero
+        bad_fill.extend((np.flatnonzero(wrong) + first)[: 16 - len(bad_fill)].tolist())
+        if len(bad_fill) >= 16:
+            break
+    return WorkingSetCheck(passes, split, tuple(bad_counters.tolist()), tuple(bad_fill))
+
+
+def check_memory(memory) -> WorkingSetCheck:
+    """Read the status page and check the working set in `memory` (a paused or stopped guest's)."""
+    status = read_status(memory)
+    if not status.valid:
+        raise GuestFailed(GuestError("status page not valid (the guest has not finished its fill)"), [])
+    return check_working_set(memory.view(WS_ADDR, status.ws_pages * PAGE_SIZE), status.passes,
+                             status.fill_random)

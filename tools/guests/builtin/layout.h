@@ -1,0 +1,21 @@
+/* The built-in guest's fixed guest-physical layout: hv/builtin_guest.py reads the same numbers. */
+#ifndef KVMIG_LAYOUT_H
+#define KVMIG_LAYOUT_H
+
+#define LOAD_ADDR      0x00100000 /* the image (text, data, page tables, stacks) */
+#define STATUS_ADDR    0x00F00000 /* one page the workload keeps current (see struct status) */
+#define WS_ADDR        0x01000000 /* working set: W MiB from 16 MiB */
+
+#define STATUS_MAGIC   0x3154535347494D4BULL /* "KMIGSST1" */
+
+#define COM1           0x3F8
+#define DEBUG_EXIT     0xF4 /* QEMU's isa-debug-exit port; hv stops the VM on a write */
+
+/* selectors */
+#define KERNEL_CS      0x08
+#define KERNEL_DS      0x10
+#define USER_DS        0x1B
+#define USER_CS        0x23
+#define TSS_SEL        0x28
+
+#endif
