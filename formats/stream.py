@@ -1,0 +1,464 @@
+"""The snapshot / migration stream: a header, then checksummed sections, then END.
+
+Sans-IO on both sides. `StreamWriter` methods return the bytes to send or write; `StreamReader`
+is fed bytes in any chunking and returns the typed records completed so far. Neither touches a
+file or a socket. Byte layout and versioning rules: SPEC.md.
+
+Each record's xxh3-64 covers its kind, flags, length and body and is seeded with the previous
+record's checksum (the header's for the first), so flipping, dropping, reordering or inserting
+whole records is caught as well as corrupted bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import xxhash
+
+from .errors import (
+    BadMagic,
+    ChecksumError,
+    DigestMismatch,
+    FlagsError,
+    FormatError,
+    LayoutMismatch,
+    SchemaError,
+    SectionTooLarge,
+    SequenceError,
+    SizeMismatch,
+    TotalsMismatch,
+    TrailingDataError,
+    TruncatedError,
+    UnknownSection,
+    VersionError,
+)
+from .layout import DeviceEntry, DeviceLayout, MemoryDifference, MemoryLayout, check
+from .pages import PageDecoder, PageLimits, PageRun, PageSection, PageTotals, memory_digest
+from .schema import SchemaRegistry
+
+MAGIC = b"KVMIGSNP"
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+SUPPORTED_MAJORS = (1,)
+
+# magic, major, minor, flags, producer (UTF-8, NUL padded), reserved, xxh3-64 of bytes 0..55
+HEADER = struct.Struct("<8sHHI32s8xQ")
+# kind, flags, body length, chained xxh3-64 of (kind, flags, length, body)
+FRAME = struct.Struct("<HHIQ")
+END_BODY = struct.Struct("<QQQQQQ")
+assert HEADER.size == 64 and FRAME.size == 16 and END_BODY.size == 48
+
+FLAG_SKIPPABLE = 0x0001
+KNOWN_FLAGS = FLAG_SKIPPABLE
+
+
+class SectionKind(enum.IntEnum):
+    INVALID = 0
+    CONFIG = 1
+    LAYOUT = 2
+    VCPU = 3
+    VM_STATE = 4
+    DEVICE = 5
+    PAGES = 6
+    END = 7
+
+
+def _section_name(kind: int) -> str:
+    try:
+        return SectionKind(kind).name.lower()
+    except ValueError:
+        return f"kind {kind}"
+
+
+# --- records -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Header:
+    major: int
+    minor: int
+    flags: int
+    producer: str
+
+
+@dataclass(frozen=True)
+class ConfigRecord:
+    config: Any
+
+
+@dataclass(frozen=True)
+class LayoutRecord:
+    layout: DeviceLayout
+
+
+@dataclass(frozen=True)
+class VcpuRecord:
+    state: Any
+
+
+@dataclass(frozen=True)
+class VmStateRecord:
+    state: Any
+
+
+@dataclass(frozen=True)
+class DeviceSection:
+    """DEVICE body: where the device sits and its state (any registered type; the tag carries
+    the state type's name and version)."""
+
+    entry: DeviceEntry
+    state: Any
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    entry: DeviceEntry
+    state: Any
+
+
+@dataclass(frozen=True)
+class PagesRecord:
+    runs: tuple[PageRun, ...]
+    totals: PageTotals
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """A skippable section of a kind this reader does not know (newer minor version)."""
+
+    kind: int
+    length: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class StreamTotals:
+    pages: int
+    zero_pages: int
+    raw_bytes: int
+    payload_bytes: int
+    sections: int  # records between the header and END
+
+
+@dataclass(frozen=True)
+class EndRecord:
+    totals: StreamTotals
+    digest: int  # memory_digest() of the sender's guest memory
+
+
+Record = (Header | ConfigRecord | LayoutRecord | VcpuRecord | VmStateRecord | DeviceRecord
+          | PagesRecord | SkippedRecord | EndRecord)
+
+
+def register_format_types(registry: SchemaRegistry) -> SchemaRegistry:
+    """Register the types the stream itself encodes (layout, device envelope)."""
+    from .layout import IoRange, RamRange
+
+    for cls, name in ((RamRange, "formats.ram_range"), (MemoryLayout, "formats.memory_layout"),
+                      (IoRange, "formats.io_range"), (DeviceEntry, "formats.device_entry"),
+                      (DeviceLayout, "formats.device_layout"),
+                      (DeviceSection, "formats.device")):
+        if cls not in registry.names().values():
+            registry.register(cls, name, version=1)
+    return registry
+
+
+def _seed_of(header_bytes: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(header_bytes[:HEADER.size - 8])
+
+
+def _record_digest(prefix: bytes, body: bytes | memoryview, seed: int) -> int:
+    h = xxhash.xxh3_64(seed=seed)
+    h.update(prefix)
+    h.update(body)
+    return h.intdigest()
+
+
+# --- writer ------------------------------------------------------------------------------
+
+
+class StreamWriter:
+    """Produces a stream: `header()`, any sections, `end(digest)`. Each call returns bytes."""
+
+    def __init__(self, registry: SchemaRegistry, producer: str = "kvmigrate",
+                 max_section: int = 64 << 20) -> None:
+        self.registry = register_format_types(registry)
+        self.producer = producer.encode()[:32]
+        self.max_section = max_section
+        self._chain: int | None = None
+        self._ended = False
+        self._sections = 0
+        self._pages = PageTotals()
+
+    def header(self) -> bytes:
+        if self._chain is not None:
+            raise SequenceError("header", None, "header already written")
+        head = HEADER.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0, self.producer, 0)
+        self._chain = _seed_of(head)
+        return head[:-8] + struct.pack("<Q", self._chain)
+
+    def section(self, kind: int, body: bytes, *, skippable: bool = False) -> bytes:
+        """Frame one section body. Unknown-to-old-readers extensions pass skippable=True."""
+        if self._chain is None or self._ended:
+            raise SequenceError(_section_name(kind), None,
+                                "sections go between the header and END")
+        if len(body) > self.max_section:
+            raise SectionTooLarge(_section_name(kind), 0, len(body), self.max_section)
+        prefix = struct.pack("<HHI", kind, FLAG_SKIPPABLE if skippable else 0, len(body))
+        digest = _record_digest(prefix, body, self._chain)
+        self._chain = digest
+        if kind == SectionKind.END:
+            self._ended = True
+        else:
+            self._sections += 1
+        return b"".join((prefix, struct.pack("<Q", digest), body))
+
+    def config(self, config: Any) -> bytes:
+        return self.section(SectionKind.CONFIG, self.registry.encode(config))
+
+    def layout(self, layout: DeviceLayout) -> bytes:
+        return self.section(SectionKind.LAYOUT, self.registry.encode(layout))
+
+    def vcpu(self, state: Any) -> bytes:
+        return self.section(SectionKind.VCPU, self.registry.encode(state))
+
+    def vm_state(self, state: Any) -> bytes:
+        return self.section(SectionKind.VM_STATE, self.registry.encode(state))
+
+    def device(self, entry: DeviceEntry, state: Any) -> bytes:
+        return self.section(SectionKind.DEVICE, self.registry.encode(DeviceSection(entry, state)))
+
+    def pages(self, section: PageSection) -> bytes:
+        out = self.section(SectionKind.PAGES, section.body)
+        self._pages = self._pages + section.totals
+        return out
+
+    @property
+    def totals(self) -> StreamTotals:
+        p = self._pages
+        return StreamTotals(p.pages, p.zero_pages, p.raw_bytes, p.payload_bytes, self._sections)
+
+    def end(self, digest: int) -> bytes:
+        t = self.totals
+        return self.section(SectionKind.END, END_BODY.pack(
+            t.pages, t.zero_pages, t.raw_bytes, t.payload_bytes, t.sections, digest))
+
+
+# --- reader ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    max_section: int = 64 << 20  # body bytes of one section
+    pages: PageLimits = PageLimits()
+
+
+class StreamReader:
+    """Feed bytes, get records. Validates framing, checksums, versions, schemas, page addresses
+    and END totals; `finish()` at end of input raises if the stream stopped early.
+
+    `memory` is the RAM the receiver has: page runs outside it are refused before any page of
+    their section is returned. Without it, `expected_layout.memory` is used, or else the
+    stream's own LAYOUT section (which must then come before PAGES). `expected_layout`, when
+    given, is checked against the stream's LAYOUT (`LayoutMismatch` listing every difference).
+    `expect` pins the type of CONFIG / VCPU / VM_STATE bodies.
+    """
+
+    def __init__(self, registry: SchemaRegistry, *, memory: MemoryLayout | None = None,
+                 expected_layout: DeviceLayout | None = None,
+                 expect: Mapping[SectionKind, type] | None = None,
+                 limits: StreamLimits | None = None) -> None:
+        self.registry = register_format_types(registry)
+        self.limits = limits or StreamLimits()
+        self.expected_layout = expected_layout
+        self.expect = dict(expect or {})
+        if memory is None and expected_layout is not None:
+            memory = expected_layout.memory
+        self._memory_given = memory is not None
+        self._pages = PageDecoder(memory, self.limits.pages) if memory is not None else None
+        self._buf = bytearray()
+        self._pos = 0  # stream offset of _buf[0]
+        self._chain: int | None = None
+        self.header: Header | None = None
+        self.end: EndRecord | None = None
+        self.layout: DeviceLayout | None = None
+        self._sections = 0
+        self._seen = PageTotals()
+        self._failed: FormatError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.end is not None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Record]:
+        if self._failed is not None:
+            raise SequenceError("stream", self._pos, f"reader already failed: {self._failed}")
+        self._buf += data
+        out: list[Record] = []
+        try:
+            while self._step(out):
+                pass
+        except FormatError as exc:
+            self._failed = exc
+            raise
+        return out
+
+    def finish(self) -> None:
+        """End of input: raise unless a complete stream (through END) was read."""
+        if self._failed is not None:
+            raise SequenceError("stream", self._pos, f"reader already failed: {self._failed}")
+        if self.header is None:
+            raise TruncatedError("header", 0, HEADER.size, len(self._buf))
+        if self.end is None:
+            if len(self._buf) >= FRAME.size:
+                kind, _, length, _ = FRAME.unpack_from(self._buf)
+                raise TruncatedError(_section_name(kind), self._pos, FRAME.size + length,
+                                     len(self._buf))
+            raise TruncatedError("record", self._pos, FRAME.size, len(self._buf))
+
+    # --- one item ---
+
+    def _step(self, out: list[Record]) -> bool:
+        buf = self._buf
+        if self.end is not None:
+            if buf:
+                raise TrailingDataError("end", self._pos, len(buf))
+            return False
+        if self.header is None:
+            if len(buf) < HEADER.size:
+                self._check_magic_prefix()
+                return False
+            out.append(self._read_header(bytes(buf[:HEADER.size])))
+            self._consume(HEADER.size)
+            return True
+        if len(buf) < FRAME.size:
+            return False
+        kind, flags, length, digest = FRAME.unpack_from(buf)
+        name = _section_name(kind)
+        if length > self.limits.max_section:
+            raise SectionTooLarge(name, self._pos, length, self.limits.max_section)
+        if len(buf) < FRAME.size + length:
+            return False
+        with memoryview(buf) as view:
+            body = bytes(view[FRAME.size:FRAME.size + length])
+            found = _record_digest(view[:8], body, self._chain)  # type: ignore[arg-type]
+        if found != digest:
+            raise ChecksumError(name, self._pos, digest, found)
+        offset = self._pos + FRAME.size
+        self._consume(FRAME.size + length)
+        self._chain = digest
+        record = self._dispatch(kind, flags, body, offset)
+        if record is not None:
+            out.append(record)
+        return True
+
+    def _consume(self, n: int) -> None:
+        del self._buf[:n]
+        self._pos += n
+
+    def _check_magic_prefix(self) -> None:
+        have = bytes(self._buf[:len(MAGIC)])
+        if not MAGIC.startswith(have):
+            raise BadMagic(MAGIC, have)
+
+    def _read_header(self, raw: bytes) -> Header:
+        magic, major, minor, flags, producer, digest = HEADER.unpack(raw)
+        if magic != MAGIC:
+            raise BadMagic(MAGIC, magic)
+        # Major and minor sit at fixed offsets in every version, so a newer major is reported
+        # as such even if it changed the rest of the header.
+        if major not in SUPPORTED_MAJORS:
+            raise VersionError((major, minor), (max(SUPPORTED_MAJORS), FORMAT_MINOR))
+        found = _seed_of(raw)
+        if found != digest:
+            raise ChecksumError("header", 0, digest, found)
+        if flags:
+            raise FlagsError("header", 12, flags)
+        try:
+            text = producer.rstrip(b"\0").decode()
+        except UnicodeDecodeError:
+            raise SchemaError("header", "producer", "UTF-8", "undecodable bytes",
+                              section="header", offset=16) from None
+        self._chain = digest
+        self.header = Header(major, minor, flags, text)
+        return self.header
+
+    def _decode(self, kind: SectionKind, body: bytes, offset: int, expect: type | None) -> Any:
+        try:
+            return self.registry.decode(body, expect)
+        except SchemaError as exc:
+            raise SchemaError(exc.type, exc.field, exc.expected, exc.found,
+                              section=kind.name.lower(), offset=offset) from None
+
+    def _dispatch(self, kind: int, flags: int, body: bytes, offset: int) -> Record | None:
+        name = _section_name(kind)
+        try:
+            skind = SectionKind(kind)
+        except ValueError:
+            skind = SectionKind.INVALID
+        if skind is SectionKind.INVALID:
+            if not flags & FLAG_SKIPPABLE:
+                raise UnknownSection(kind, offset - FRAME.size)
+            self._sections += 1
+            return SkippedRecord(kind, len(body), offset - FRAME.size)
+        if flags & ~KNOWN_FLAGS:
+            raise FlagsError(name, offset - FRAME.size + 2, flags)
+        if skind is SectionKind.END:
+            return self._read_end(body, offset)
+        self._sections += 1
+        if skind is SectionKind.PAGES:
+            if self._pages is None:
+                raise SequenceError(name, offset, "PAGES before any memory layout is known")
+            runs, totals = self._pages.decode(body, offset)
+            self._seen = self._seen + totals
+            return PagesRecord(tuple(runs), totals)
+        if skind is SectionKind.LAYOUT:
+            return self._read_layout(body, offset)
+        if skind is SectionKind.DEVICE:
+            dev = self._decode(skind, body, offset, DeviceSection)
+            return DeviceRecord(dev.entry, dev.state)
+        value = self._decode(skind, body, offset, self.expect.get(skind))
+        if skind is SectionKind.CONFIG:
+            return ConfigRecord(value)
+        if skind is SectionKind.VCPU:
+            return VcpuRecord(value)
+        return VmStateRecord(value)
+
+    def _read_layout(self, body: bytes, offset: int) -> LayoutRecord:
+        if self.layout is not None:
+            raise SequenceError("layout", offset, "a second LAYOUT section")
+        layout = self._decode(SectionKind.LAYOUT, body, offset, DeviceLayout)
+        if self.expected_layout is not None:
+            check(self.expected_layout, layout)
+        elif self._pages is not None and self._memory_given:
+            if layout.memory != self._pages.memory:
+                raise LayoutMismatch([MemoryDifference(self._pages.memory, layout.memory)])
+        if self._pages is None:
+            self._pages = PageDecoder(layout.memory, self.limits.pages)
+        self.layout = layout
+        return LayoutRecord(layout)
+
+    def _read_end(self, body: bytes, offset: int) -> EndRecord:
+        if len(body) != END_BODY.size:
+            raise SizeMismatch("end", offset, END_BODY.size, len(body), "END body length")
+        pages, zero, raw, payload, sections, digest = END_BODY.unpack(body)
+        declared = StreamTotals(pages, zero, raw, payload, sections)
+        seen = StreamTotals(self._seen.pages, self._seen.zero_pages, self._seen.raw_bytes,
+                            self._seen.payload_bytes, self._sections)
+        for field in ("sections", "pages", "zero_pages", "raw_bytes", "payload_bytes"):
+            if getattr(declared, field) != getattr(seen, field):
+                raise TotalsMismatch(field, getattr(declared, field), getattr(seen, field),
+                                     offset=offset)
+        self.end = EndRecord(declared, digest)
+        return self.end
+
+
+def verify_digest(end: EndRecord, ranges: Iterable[tuple[int, object]]) -> None:
+    """Compare END's digest with the receiver's own memory (after writing every page)."""
+    found = memory_digest(ranges)
+    if found != end.digest:
+        raise DigestMismatch(end.digest, found)
