@@ -8,6 +8,9 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml setup.py hv/_kvm_build.py
 	@command -v gcc >/dev/null || (apt-get update -qq && apt-get install -y -qq gcc make)
+	@# the peer the tests and benchmarks compare against (boots the same built-in guest)
+	@command -v qemu-system-x86_64 >/dev/null || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'

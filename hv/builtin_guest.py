@@ -66,10 +66,11 @@ class GuestParams:
     passes: int = 0  # stop after N passes (0: run forever)
     tsc_khz: int = 0  # the guest paces itself by TSC; hv passes the vCPU's rate
     fill: str = "random"  # or "zero": only the counter bytes are non-zero
+    extra: str = ""  # appended to the command line as is
 
     def cmdline(self) -> str:
         return (f"ws={self.ws_mib} rate={self.rate_mib_s} every={self.every} passes={self.passes} "
-                f"tsc_khz={self.tsc_khz} fill={self.fill}")
+                f"tsc_khz={self.tsc_khz} fill={self.fill} {self.extra}").strip()
 
     @property
     def min_mem(self) -> int:
@@ -168,6 +169,11 @@ class GuestConsole:
                 if event is not None:
                     self.events.append((time.monotonic(), event))
                 self._cond.notify_all()
+
+    @property
+    def pending(self) -> bytes:
+        """The start of a line not yet ended: a console moving with its VM carries it along."""
+        return bytes(self._buf)
 
     @property
     def passes(self) -> list[int]:

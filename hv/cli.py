@@ -22,7 +22,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from hv.builder import multiboot_machine
+from hv.boot import multiboot
+from hv.builder import builtin_machine, multiboot_machine
 from hv.errors import HvError
 from hv.hypervisor import Kvm
 from hv.machine import RunState
@@ -78,27 +79,29 @@ def cmd_info(_args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     done = threading.Event()
-    if args.kernel:
-        image, cmdline, on_line = Path(args.kernel), args.cmdline or "", None
-        if not image.is_file():
-            status.print(f"[red]hv[/]: no kernel at {image}")
-            return 2
-    else:
-        from hv import builtin_guest
-
-        params = builtin_guest.GuestParams(
-            ws_mib=args.ws, rate_mib_s=args.rate, every=args.every, passes=args.passes)
-        image, cmdline = builtin_guest.guest_image(), params.cmdline()
-        if args.cmdline:
-            cmdline = f"{cmdline} {args.cmdline}"
-
-        def on_line(line: str) -> None:
-            if isinstance(builtin_guest.parse_line(line), (builtin_guest.Done, builtin_guest.GuestError)):
-                done.set()
-
     config = VmConfig(mem_size=args.mem, vcpus=args.cpus)
     with Kvm() as kvm:
-        machine = multiboot_machine(kvm, image, cmdline, config, LineConsole(on_line))
+        if args.kernel:
+            image = Path(args.kernel)
+            if not image.is_file():
+                status.print(f"[red]hv[/]: no kernel at {image}")
+                return 2
+            machine = multiboot_machine(kvm, image, args.cmdline or "", config, LineConsole())
+        else:
+            from hv import builtin_guest
+
+            params = builtin_guest.GuestParams(
+                ws_mib=args.ws, rate_mib_s=args.rate, every=args.every, passes=args.passes,
+                extra=args.cmdline)
+
+            def on_line(line: str) -> None:
+                if isinstance(builtin_guest.parse_line(line),
+                              (builtin_guest.Done, builtin_guest.GuestError, builtin_guest.Fault)):
+                    done.set()
+
+            machine = builtin_machine(kvm, params, config, LineConsole(on_line))
+            image = builtin_guest.guest_image()
+        cmdline = bytes(machine.vm.memory.view(multiboot.CMDLINE_ADDRESS, 1024)).partition(b"\0")[0].decode()
         status.print(f"[bold]hv[/]: booting {image.name} ({args.mem >> 20} MiB, {args.cpus} vCPU) "
                      f"cmdline: {cmdline!r}")
         interrupted = threading.Event()

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "tests" / "hv"))
 
 from tinyguest import OUT_LOOP, multiboot_elf  # noqa: E402
 
-from hv.builder import multiboot_machine  # noqa: E402
+from hv.builder import builtin_machine, multiboot_machine  # noqa: E402
 from hv.hypervisor import Kvm  # noqa: E402
 from hv.vm import VmConfig  # noqa: E402
 
@@ -72,32 +72,18 @@ def bench_dirty(kvm: Kvm, mem: int, rounds: int) -> None:
     from hv import builtin_guest
 
     ws_mib = min(mem, 3 * GiB) // MiB - 32  # below the MMIO hole, clear of the guest's own data
-    params = builtin_guest.GuestParams(ws_mib=ws_mib)
-    passes: list[int] = []
-
-    def console(data: bytes, buf=bytearray()) -> None:
-        buf.extend(data)
-        while b"\n" in buf:
-            line, _, rest = bytes(buf).partition(b"\n")
-            buf[:] = rest
-            event = builtin_guest.parse_line(line.decode(errors="replace"))
-            if isinstance(event, builtin_guest.Pass):
-                passes.append(event.number)
-
-    machine = multiboot_machine(kvm, builtin_guest.guest_image(), params.cmdline(),
-                                VmConfig(mem_size=mem), console)
+    params = builtin_guest.GuestParams(ws_mib=ws_mib, fill="zero")
+    console = builtin_guest.GuestConsole()
+    machine = builtin_machine(kvm, params, VmConfig(mem_size=mem), console)
     vm = machine.vm
     machine.start()
+    console.wait_pass(1, timeout=120)
     deadline = time.monotonic() + 120
-    while not passes and time.monotonic() < deadline:
-        time.sleep(0.01)
     vm.enable_dirty_log()
     _fetch_all(vm)
     busy, idle = [], []
     for _ in range(rounds):
-        seen = len(passes)
-        while len(passes) < seen + 2 and time.monotonic() < deadline:  # one full pass dirtied all
-            time.sleep(0.001)
+        console.wait_pass(console.last_pass() + 2, timeout=max(1.0, deadline - time.monotonic()))
         machine.pause()
         busy.append(_fetch_all(vm))
         idle.append(_fetch_all(vm))  # nothing written since: the bare cost of the calls

@@ -1,0 +1,198 @@
+"""The built-in guest on real KVM: it runs, its dirty log is exact, pause freezes it, and its
+whole state moves to a second VM that carries on identically. The same image boots in QEMU."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from hv import builtin_guest as bg
+from hv.builder import builtin_machine, multiboot_machine
+from hv.errors import ConfigError
+from hv.hypervisor import Kvm
+from hv.machine import Machine, RunState
+from hv.vm import VmConfig
+
+MiB = 1 << 20
+CONFIG = VmConfig(mem_size=64 * MiB)
+
+
+@pytest.fixture
+def running(kvm: Kvm) -> Iterator[tuple[Machine, bg.GuestConsole]]:
+    """An 8 MiB working set dirtied at 20 MiB/s (a pass takes 400 ms), past its fill."""
+    console = bg.GuestConsole()
+    machine = builtin_machine(kvm, bg.GuestParams(ws_mib=8, rate_mib_s=20), CONFIG, console)
+    machine.start()
+    try:
+        console.wait_ready(timeout=20)
+        yield machine, console
+    finally:
+        machine.stop()
+        machine.vm.close()
+
+
+def _ram(machine: Machine) -> np.ndarray:
+    (region,) = machine.vm.memory.regions
+    return region.pages_array().copy()
+
+
+def test_guest_runs_its_passes_and_ends_through_the_debug_exit(kvm: Kvm) -> None:
+    console = bg.GuestConsole()
+    machine = builtin_machine(kvm, bg.GuestParams(ws_mib=16, passes=12, every=3), CONFIG, console)
+    try:
+        machine.start()
+        assert machine.wait(timeout=30) is RunState.STOPPED
+        assert machine.stop_reason.source == "guest-exit" and "code 0" in machine.stop_reason.detail
+        assert console.passes == [3, 6, 9, 12]
+        boot = next(e for _, e in console.events if isinstance(e, bg.Boot))
+        assert boot.fields["ws_mib"] == 16 and boot.fields["tsc_khz"] == machine.vcpus[0].fd.get_tsc_khz()
+        assert any(isinstance(e, bg.Done) and e.passes == 12 for _, e in console.events)
+        assert sum(s.io_exits for s in machine.stats) >= sum(len(line) for line in console.lines)
+        status = bg.read_status(machine.vm.memory)
+        assert status.valid and status.passes == 12 and status.ws_pages == 16 * 256
+        check = bg.check_memory(machine.vm.memory)
+        assert check.ok and check.split == 0, check
+    finally:
+        machine.vm.close()
+
+
+def test_rate_paces_the_guest(running) -> None:
+    machine, console = running
+    console.wait_pass(2, timeout=10)
+    times = [t for t, e in console.events if isinstance(e, bg.Pass)]
+    assert 0.3 < times[1] - times[0] < 0.6  # 8 MiB at 20 MiB/s: 400 ms a pass
+
+
+def test_dirty_log_reports_exactly_what_changed_plus_vmm_writes(running) -> None:
+    machine, console = running
+    vm, memory = machine.vm, machine.vm.memory
+    (region,) = memory.regions
+    vm.enable_dirty_log()
+    machine.pause()
+    vm.fetch_dirty_log(region)  # start the interval: everything before is forgotten
+    before = _ram(machine)
+    marked, written = 40 * MiB, 41 * MiB  # outside the guest's working set
+    machine.resume()
+    memory.mark_dirty(marked, 1)  # a device "wrote" without changing anything
+    memory.write(written + 100, b"device data")
+    time.sleep(0.15)
+    machine.pause()
+    dirty = set(vm.fetch_dirty_log(region).pages().tolist())
+    after = _ram(machine)
+    changed = set(np.flatnonzero((before != after).any(axis=1)).tolist())
+
+    ws = set(range(bg.WS_ADDR // 4096, bg.WS_ADDR // 4096 + 8 * 256))
+    assert 0 < len(changed & ws) < len(ws)  # the interval caught part of a pass
+    assert changed <= dirty
+    assert dirty & ws == changed & ws  # every working-set write changes its page
+    image = set(range(0x100000 // 4096, 0x200000 // 4096))  # stacks may be rewritten unchanged
+    assert dirty - changed <= image | {bg.STATUS_ADDR // 4096, marked // 4096}
+    assert {marked // 4096, written // 4096} <= dirty
+    vm.disable_dirty_log()
+
+
+def test_pause_freezes_memory_and_resume_continues(running) -> None:
+    machine, console = running
+    took = machine.pause()
+    assert took < 0.05
+    before, status = _ram(machine), bg.read_status(machine.vm.memory)
+    time.sleep(0.3)
+    assert np.array_equal(before, _ram(machine))
+    assert bg.read_status(machine.vm.memory) == status
+    assert bg.check_memory(machine.vm.memory).ok
+    machine.resume()
+    console.wait_pass(status.passes + 1, timeout=5)
+
+
+def test_checker_finds_a_corrupted_page(running) -> None:
+    machine, _ = running
+    machine.pause()
+    memory = machine.vm.memory
+    memory.write(bg.WS_ADDR + 77 * 4096 + 1000, b"\x5a")
+    memory.write(bg.WS_ADDR + 1000 * 4096, bytes([memory.read(bg.WS_ADDR + 1000 * 4096, 1)[0] ^ 0x80]))
+    check = bg.check_memory(memory)
+    assert not check.ok
+    assert check.bad_fill == (77,) and 1000 in check.bad_counters
+
+
+def test_state_moves_to_a_second_vm_which_carries_on_identically(kvm: Kvm) -> None:
+    params = bg.GuestParams(ws_mib=8, rate_mib_s=40, passes=8)
+    source_console, target_console = bg.GuestConsole(), bg.GuestConsole()
+    source = builtin_machine(kvm, params, CONFIG, source_console)
+    target = builtin_machine(kvm, params, CONFIG, target_console)
+    try:
+        source.start()
+        source_console.wait_pass(2, timeout=20)
+        source.pause()
+        cut = len(source_console.events)
+        target_console(source_console.pending)  # the console line in flight moves too
+        # the whole machine: RAM, in-kernel irqchip/PIT/clock, every vCPU, every device
+        for src, dst in zip(source.vm.memory.regions, target.vm.memory.regions, strict=True):
+            dst.view[:] = src.view
+        target.vm.restore_state(source.vm.save_state())
+        for src, dst in zip(source.vcpus, target.vcpus, strict=True):
+            dst.restore(src.snapshot())
+        for device_id, device in source.devices.items():
+            target.devices[device_id].restore(device.save())
+        resumed_at = bg.read_status(source.vm.memory).passes
+
+        target.start()
+        source.resume()
+        assert source.wait(timeout=30) is RunState.STOPPED
+        assert target.wait(timeout=30) is RunState.STOPPED
+        assert target.stop_reason.source == "guest-exit"
+        after = [e.number for _, e in source_console.events[cut:] if isinstance(e, bg.Pass)]
+        assert after == target_console.passes == list(range(resumed_at + 1, 9))
+        for vm in (source.vm, target.vm):
+            assert bg.check_memory(vm.memory).ok
+        ws = slice(bg.WS_ADDR, bg.WS_ADDR + 8 * MiB)
+        assert source.vm.memory.regions[0].view[ws] == target.vm.memory.regions[0].view[ws]
+    finally:
+        for m in (source, target):
+            m.stop()
+            m.vm.close()
+
+
+def test_bad_parameters_are_refused_by_the_host_and_by_the_guest(kvm: Kvm, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="mem_size"):
+        builtin_machine(kvm, bg.GuestParams(ws_mib=100), CONFIG)
+    console = bg.GuestConsole()
+    machine = multiboot_machine(kvm, bg.guest_image(), "ws=100", CONFIG, console)  # past the host check
+    try:
+        machine.start()
+        machine.wait(timeout=20)
+        assert isinstance(console.failure(), bg.GuestError)
+        assert "does not fit" in console.failure().message
+        assert "code 2" in machine.stop_reason.detail
+    finally:
+        machine.vm.close()
+
+
+def test_parse_line_reads_the_protocol_and_flags_garbage() -> None:
+    assert bg.parse_line("kvmig: pass 7 ms=12") == bg.Pass(7, 12)
+    assert bg.parse_line("kvmig: ready pages=256 touch_ms=3") == bg.Ready(256, 3)
+    assert bg.parse_line("kvmig: fault vector=14 error=0x6 rip=0x10012a cs=0x23 cr2=0xdead000") == \
+        bg.Fault(14, 6, 0x10012A, 0xDEAD000)
+    assert bg.parse_line("hello") is None
+    assert isinstance(bg.parse_line("kvmig: pass x"), bg.GuestError)
+
+
+def test_the_same_image_boots_in_qemu() -> None:
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        pytest.fail("qemu-system-x86_64 is not installed (`make test` installs it)")
+    done = subprocess.run(
+        [qemu, "-enable-kvm", "-cpu", "max,-arch-capabilities", "-m", "64", "-display", "none",
+         "-monitor", "none", "-serial", "stdio", "-no-reboot",
+         "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+         "-kernel", str(bg.guest_image()), "-append", "ws=8 passes=3 fill=random"],
+        capture_output=True, text=True, timeout=60, check=False)
+    events = [bg.parse_line(line) for line in done.stdout.splitlines()]
+    assert done.returncode == 1, done.stderr  # isa-debug-exit: (0 << 1) | 1
+    assert [e.number for e in events if isinstance(e, bg.Pass)] == [1, 2, 3]
+    assert any(isinstance(e, bg.Boot) and e.fields["mem_mib"] in (63, 64) for e in events)
