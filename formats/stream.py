@@ -171,11 +171,10 @@ def _seed_of(header_bytes: bytes) -> int:
     return xxhash.xxh3_64_intdigest(header_bytes[:HEADER.size - 8])
 
 
-def _record_digest(prefix: bytes, body: bytes | memoryview, seed: int) -> int:
-    h = xxhash.xxh3_64(seed=seed)
-    h.update(prefix)
-    h.update(body)
-    return h.intdigest()
+def _record_digest(prefix: bytes | memoryview, body_digest: int, seed: int) -> int:
+    """A record's check: xxh3-64, seeded with the previous record's check, over its kind,
+    flags, length and the xxh3-64 of its body (so bodies can be hashed in parallel)."""
+    return xxhash.xxh3_64_intdigest(bytes(prefix) + struct.pack("<Q", body_digest), seed)
 
 
 # --- writer ------------------------------------------------------------------------------
@@ -203,19 +202,23 @@ class StreamWriter:
 
     def section(self, kind: int, body: bytes, *, skippable: bool = False) -> bytes:
         """Frame one section body. Unknown-to-old-readers extensions pass skippable=True."""
+        return self._frame(kind, len(body), xxhash.xxh3_64_intdigest(body), skippable) + body
+
+    def _frame(self, kind: int, length: int, body_digest: int, skippable: bool) -> bytes:
+        """The 16-byte record header for a body of `length` bytes hashing to `body_digest`."""
         if self._chain is None or self._ended:
             raise SequenceError(_section_name(kind), None,
                                 "sections go between the header and END")
-        if len(body) > self.max_section:
-            raise SectionTooLarge(_section_name(kind), 0, len(body), self.max_section)
-        prefix = struct.pack("<HHI", kind, FLAG_SKIPPABLE if skippable else 0, len(body))
-        digest = _record_digest(prefix, body, self._chain)
+        if length > self.max_section:
+            raise SectionTooLarge(_section_name(kind), 0, length, self.max_section)
+        prefix = struct.pack("<HHI", kind, FLAG_SKIPPABLE if skippable else 0, length)
+        digest = _record_digest(prefix, body_digest, self._chain)
         self._chain = digest
         if kind == SectionKind.END:
             self._ended = True
         else:
             self._sections += 1
-        return b"".join((prefix, struct.pack("<Q", digest), body))
+        return prefix + struct.pack("<Q", digest)
 
     def config(self, config: Any) -> bytes:
         return self.section(SectionKind.CONFIG, self.registry.encode(config))
@@ -233,9 +236,15 @@ class StreamWriter:
         return self.section(SectionKind.DEVICE, self.registry.encode(DeviceSection(entry, state)))
 
     def pages(self, section: PageSection) -> bytes:
-        out = self.section(SectionKind.PAGES, section.body)
+        return b"".join(self.pages_parts(section))
+
+    def pages_parts(self, section: PageSection) -> list[bytes | memoryview]:
+        """`pages` without joining: the record header, then the body's pieces (payloads may be
+        views of guest memory), for a vectored write. Only the 16-byte header is computed here:
+        the body was hashed by the encoder."""
+        head = self._frame(SectionKind.PAGES, section.length, section.digest, False)
         self._pages = self._pages + section.totals
-        return out
+        return [head, *section.parts]
 
     @property
     def totals(self) -> StreamTotals:
@@ -345,7 +354,8 @@ class StreamReader:
             return False
         with memoryview(buf) as view:
             body = bytes(view[FRAME.size:FRAME.size + length])
-            found = _record_digest(view[:8], body, self._chain)  # type: ignore[arg-type]
+            found = _record_digest(view[:8], xxhash.xxh3_64_intdigest(body),
+                                   self._chain)  # type: ignore[arg-type]
         if found != digest:
             raise ChecksumError(name, self._pos, digest, found)
         offset = self._pos + FRAME.size

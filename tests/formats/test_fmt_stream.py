@@ -146,10 +146,9 @@ def _raw_section(kind: int, flags: int, body: bytes, seed: int) -> bytes:
     import xxhash
 
     prefix = struct.pack("<HHI", kind, flags, len(body))
-    h = xxhash.xxh3_64(seed=seed)
-    h.update(prefix)
-    h.update(body)
-    return prefix + struct.pack("<Q", h.intdigest()) + body
+    check = xxhash.xxh3_64_intdigest(prefix + struct.pack("<Q", xxhash.xxh3_64_intdigest(body)),
+                                     seed)
+    return prefix + struct.pack("<Q", check) + body
 
 
 def test_unknown_skippable_sections_are_skipped_and_others_refused() -> None:
