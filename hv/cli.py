@@ -3,6 +3,7 @@
     hv info                                   what this host's KVM offers
     hv run [--kernel ELF] [--mem 1G] [--cpus N] [--cmdline ...]
            [--ws MiB --rate MiB/s --every N --passes N]     (built-in guest options)
+           [--api SOCK]                       control socket: see hv/control.py
 
 With no --kernel, `hv run` boots the built-in test guest. The guest's serial console goes to
 stdout; status goes to stderr. Ctrl-C stops the VM cleanly.
@@ -24,9 +25,10 @@ from rich.console import Console
 
 from hv.boot import multiboot
 from hv.builder import builtin_machine, multiboot_machine
+from hv.control import ControlContext, ControlServer
 from hv.errors import HvError
 from hv.hypervisor import Kvm
-from hv.machine import RunState
+from hv.machine import Machine, RunState
 from hv.vm import VmConfig
 
 status = Console(stderr=True, highlight=False)
@@ -86,7 +88,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             if not image.is_file():
                 status.print(f"[red]hv[/]: no kernel at {image}")
                 return 2
-            machine = multiboot_machine(kvm, image, args.cmdline or "", config, LineConsole())
+            console, params = LineConsole(), None
+            machine = multiboot_machine(kvm, image, args.cmdline or "", config, console)
         else:
             from hv import builtin_guest
 
@@ -99,34 +102,62 @@ def cmd_run(args: argparse.Namespace) -> int:
                               (builtin_guest.Done, builtin_guest.GuestError, builtin_guest.Fault)):
                     done.set()
 
-            machine = builtin_machine(kvm, params, config, LineConsole(on_line))
+            console = LineConsole(on_line)
+            machine = builtin_machine(kvm, params, config, console)
             image = builtin_guest.guest_image()
         cmdline = bytes(machine.vm.memory.view(multiboot.CMDLINE_ADDRESS, 1024)).partition(b"\0")[0].decode()
         status.print(f"[bold]hv[/]: booting {image.name} ({args.mem >> 20} MiB, {args.cpus} vCPU) "
                      f"cmdline: {cmdline!r}")
-        interrupted = threading.Event()
-        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
-        t0 = time.monotonic()
-        try:
+        return run_machine(machine, done=done, api=args.api, timeout=args.timeout,
+                           extra={"console": console, "params": params})
+
+
+def run_machine(machine: Machine, *, done: threading.Event | None = None, api: str | None = None,
+                timeout: float = 0, start: bool = True, extra: dict | None = None) -> int:
+    """Run a built machine until the guest ends, Ctrl-C, `--timeout`, a fatal exit, or a control
+    command (stop, a completed migration) ends it; then stop it, close it and say why.
+
+    Shared by `hv run`, `migrate restore` and `migrate recv`. Returns the process exit status.
+    """
+    done = done or threading.Event()
+    ctx = ControlContext(machine, extra=dict(extra or {}))
+    server = ControlServer(api, ctx) if api else None
+    interrupted = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    t0 = time.monotonic()
+    try:
+        if start:
             machine.start()
-            while machine.state is RunState.RUNNING and not interrupted.is_set() and not done.is_set():
-                if args.timeout and time.monotonic() - t0 > args.timeout:
-                    status.print(f"[yellow]hv[/]: --timeout {args.timeout}s reached")
-                    break
-                machine.wait(timeout=0.05)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-            state = machine.state
-            machine.stop()
-            elapsed = time.monotonic() - t0
-            exits = sum(s.exits for s in machine.stats)
-            machine.vm.close()
-        if state is RunState.ERROR:
-            status.print(f"[red]hv[/]: the VM failed: {machine.error}")
-            return 1
-        why = "Ctrl-C" if interrupted.is_set() else (
-            "guest finished" if done.is_set() else machine.stop_reason.source if machine.stop_reason else "stopped")
-        status.print(f"[bold]hv[/]: stopped ({why}) after {elapsed:.2f} s, {exits:,} exits")
+        if server:  # after start: every command then finds a machine that has a lifecycle going
+            server.start()
+            status.print(f"[bold]hv[/]: control socket {api} ({', '.join(sorted(server.handlers))})")
+        while (machine.state in (RunState.RUNNING, RunState.PAUSED)
+               and not (interrupted.is_set() or done.is_set() or ctx.finished.is_set())):
+            if timeout and time.monotonic() - t0 > timeout:
+                status.print(f"[yellow]hv[/]: --timeout {timeout}s reached")
+                break
+            machine.wait(timeout=0.05)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if server:
+            server.close()
+        state = machine.state
+        machine.stop()
+        elapsed = time.monotonic() - t0
+        exits = sum(s.exits for s in machine.stats)
+        machine.vm.close()
+    if state is RunState.ERROR:
+        status.print(f"[red]hv[/]: the VM failed: {machine.error}")
+        return 1
+    if interrupted.is_set():
+        why = "Ctrl-C"
+    elif ctx.finished.is_set():
+        why = ctx.finish_reason
+    elif done.is_set():
+        why = "guest finished"
+    else:
+        why = str(machine.stop_reason.source) if machine.stop_reason else "stopped"
+    status.print(f"[bold]hv[/]: stopped ({why}) after {elapsed:.2f} s, {exits:,} exits")
     return 0
 
 
@@ -146,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--every", type=int, default=1, help="built-in guest: report every N passes")
     run.add_argument("--passes", type=int, default=0, help="built-in guest: stop after N passes (0 = run)")
     run.add_argument("--timeout", type=float, default=0, help="stop after this many seconds (0 = never)")
+    run.add_argument("--api", metavar="SOCK", help="serve a control socket (pause, resume, stop, status, "
+                     "snapshot, migration) at this path")
     run.set_defaults(func=cmd_run)
     return ap
 

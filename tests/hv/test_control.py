@@ -1,0 +1,74 @@
+"""The control socket: lifecycle commands against a real running guest, typed errors back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hv import builtin_guest as bg
+from hv.builder import builtin_machine
+from hv.control import ControlContext, ControlError, ControlServer, call
+from hv.hypervisor import Kvm
+from hv.vm import VmConfig
+
+MiB = 1 << 20
+
+
+def test_pause_resume_status_and_errors_over_the_socket(kvm: Kvm, tmp_path) -> None:
+    console = bg.GuestConsole()
+    machine = builtin_machine(kvm, bg.GuestParams(ws_mib=4, rate_mib_s=20), VmConfig(mem_size=32 * MiB),
+                              console)
+    sock = tmp_path / "vm.sock"
+    server = ControlServer(sock, ControlContext(machine), load_extensions=False)
+    server.register("echo", lambda ctx, args, progress: (progress({"step": 1}), args)[1])
+    try:
+        with server:
+            assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
+            machine.start()
+            console.wait_pass(1, timeout=20)
+            assert call(sock, "status")["state"] == "running"
+            assert call(sock, "pause")["pause_seconds"] < 0.05
+            frozen = bg.read_status(machine.vm.memory)
+            time.sleep(0.3)
+            assert bg.read_status(machine.vm.memory) == frozen
+            with pytest.raises(ControlError) as e:
+                call(sock, "pause")  # already paused: the lifecycle's typed error comes back
+            assert e.value.kind == "LifecycleError"
+            call(sock, "resume")
+            console.wait_pass(frozen.passes + 1, timeout=5)
+            seen = []
+            assert call(sock, "echo", progress=seen.append, x=1) == {"x": 1} and seen == [{"step": 1}]
+            with pytest.raises(ControlError, match="UnknownCommand"):
+                call(sock, "fly")
+            assert call(sock, "stop") == {"state": "stopped"} and server.ctx.finished.is_set()
+        assert not sock.exists()
+        with pytest.raises(ControlError, match="ConnectionError"):
+            call(sock, "status")
+    finally:
+        machine.stop()
+        machine.vm.close()
+
+
+def test_hv_run_serves_the_socket_and_stops_on_request(tmp_path) -> None:
+    sock = tmp_path / "vm.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "hv.cli", "run", "--mem", "64M", "--ws", "8",
+                             "--rate", "50", "--api", str(sock)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        assert call(sock, "status")["devices"] == ["debug-exit", "serial0"]
+        call(sock, "pause")
+        call(sock, "resume")
+        call(sock, "stop")
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert "kvmig: ready" in out and "stopped through the control socket" in err
+    finally:
+        proc.kill()
