@@ -423,6 +423,9 @@ class StreamReader:
         if skind is SectionKind.PAGES:
             if self._pages is None:
                 raise SequenceError(name, offset, "PAGES before any memory layout is known")
+            if self.expected_layout is not None and self.layout is None:
+                # the device-layout check runs before any page is handed out
+                raise SequenceError(name, offset, "PAGES before the LAYOUT section")
             runs, totals = self._pages.decode(body, offset)
             self._seen = self._seen + totals
             return PagesRecord(tuple(runs), totals)

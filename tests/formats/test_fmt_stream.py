@@ -237,3 +237,10 @@ def test_a_failed_reader_stays_failed() -> None:
         reader.feed(VALID[:HEADER.size - 1] + bytes([VALID[HEADER.size - 1] ^ 1]))
     with pytest.raises(SequenceError):
         reader.feed(b"")
+
+
+def test_with_an_expected_layout_pages_must_follow_the_layout_section() -> None:
+    w = StreamWriter(REG)
+    data = b"".join([w.header(), *(w.pages(s) for s in PageEncoder().encode(0, MEM))])
+    with pytest.raises(SequenceError):
+        StreamReader(REG, expected_layout=LAYOUT).feed(data)

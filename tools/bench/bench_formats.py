@@ -144,9 +144,11 @@ def main() -> None:
         ("random", bytearray(np.random.default_rng(0).bytes(64 * MiB))),
         ("realistic", realistic_image(256 * MiB)),
     ]
+    load = os.getloadavg()  # other work on the host skews the two-thread figures
     rows = [bench(name, mem, args.level, args.repeat) for name, mem in images]
     if args.json:
-        print(json.dumps({"level": args.level, "cpus": os.cpu_count(), "results": rows},
+        print(json.dumps({"level": args.level, "cpus": os.cpu_count(), "loadavg": load,
+                          "results": rows},
                          indent=2))
         return
     cols = [("image", "{}"), ("size_mib", "{}"), ("encode_gbps", "{:.2f}"),
@@ -155,8 +157,8 @@ def main() -> None:
             ("time_vs_zstd_pct", "{:+.0f}%")]
     table = [[c for c, _ in cols]] + [[f.format(r[c]) for c, f in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    print(f"zstd level {args.level}, {os.cpu_count()} CPUs, GB/s of guest memory (best of "
-          f"{args.repeat})")
+    print(f"zstd level {args.level}, {os.cpu_count()} CPUs, load average before "
+          f"{load[0]:.2f}, GB/s of guest memory (best of {args.repeat})")
     for row in table:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
 
