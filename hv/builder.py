@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from hv import builtin_guest
@@ -10,6 +11,7 @@ from hv.boot import linux, multiboot
 from hv.cpuid import vcpu_cpuid
 from hv.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from hv.devices.serial import COM1_IRQ, COM1_PORT, SerialTx
+from hv.errors import ConfigError
 from hv.hypervisor import Kvm
 from hv.machine import Machine, StopReason
 from hv.vm import Vm, VmConfig
@@ -52,13 +54,26 @@ def linux_machine(
 ) -> tuple[Machine, linux.LinuxBoot]:
     """A Machine that boots a Linux bzImage or vmlinux: by PVH when the kernel has the note and
     `prefer_pvh`, else by the 64-bit boot protocol with a zero page."""
+    machine = blank_machine(kvm, config, console)
+    try:
+        booted = linux.boot(machine.vm.memory, kernel.read_bytes(), cmdline,
+                            initrd.read_bytes() if initrd else None, kernel.name, prefer_pvh=prefer_pvh)
+        _boot_vcpu_entry(machine.vm, booted.entry)
+        return machine, booted
+    except BaseException:
+        machine.vm.close()
+        raise
+
+
+def blank_machine(
+    kvm: Kvm, config: VmConfig | None = None, console: Callable[[bytes], None] = lambda b: None,
+) -> Machine:
+    """The machine every front end builds (VM, vCPUs with CPUID, standard devices) with nothing
+    loaded: what a restore or an incoming migration fills with saved state."""
     vm = kvm.create_vm(config or VmConfig())
     try:
         create_vcpus(kvm, vm)
-        booted = linux.boot(vm.memory, kernel.read_bytes(), cmdline,
-                            initrd.read_bytes() if initrd else None, kernel.name, prefer_pvh=prefer_pvh)
-        _boot_vcpu_entry(vm, booted.entry)
-        return _with_console(vm, console), booted
+        return _with_console(vm, console)
     except BaseException:
         vm.close()
         raise
@@ -75,14 +90,14 @@ def multiboot_machine(
 
     As GRUB and QEMU do, the kernel sees its own file name first on the command line.
     """
-    vm = kvm.create_vm(config or VmConfig())
+    machine = blank_machine(kvm, config, console)
     try:
-        create_vcpus(kvm, vm)
-        entry = multiboot.boot(vm.memory, image.read_bytes(), f"{image.name} {cmdline}".strip(), image.name)
-        _boot_vcpu_entry(vm, entry)
-        return _with_console(vm, console)
+        entry = multiboot.boot(machine.vm.memory, image.read_bytes(), f"{image.name} {cmdline}".strip(),
+                               image.name)
+        _boot_vcpu_entry(machine.vm, entry)
+        return machine
     except BaseException:
-        vm.close()
+        machine.vm.close()
         raise
 
 
@@ -93,12 +108,8 @@ def builtin_machine(
     console: Callable[[bytes], None] = lambda b: None,
 ) -> Machine:
     """A Machine running the built-in guest with `params`; the guest paces itself by the vCPU's TSC."""
-    from dataclasses import replace
-
     config = config or VmConfig()
     if config.mem_size < params.min_mem:
-        from hv.errors import ConfigError
-
         raise ConfigError("mem_size", config.mem_size, f"a {params.ws_mib} MiB working set needs at "
                           f"least {params.min_mem >> 20} MiB of guest memory")
     image = builtin_guest.guest_image()
