@@ -470,8 +470,9 @@ class StreamReader:
         return self.end
 
 
-def verify_digest(end: EndRecord, ranges: Iterable[tuple[int, object]]) -> None:
-    """Compare END's digest with the receiver's own memory (after writing every page)."""
-    found = memory_digest(ranges)
+def verify_digest(end: EndRecord, ranges: Iterable[tuple[int, object]], **digest_options: Any) -> None:
+    """Compare END's digest with the receiver's own memory (after writing every page);
+    `digest_options` go to `memory_digest` (known_zero, workers)."""
+    found = memory_digest(ranges, **digest_options)
     if found != end.digest:
         raise DigestMismatch(end.digest, found)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hv import builtin_guest
@@ -13,8 +13,8 @@ from hv.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from hv.devices.serial import COM1_IRQ, COM1_PORT, SerialTx
 from hv.errors import ConfigError
 from hv.hypervisor import Kvm
-from hv.machine import Machine, StopReason
-from hv.vm import Vm, VmConfig
+from hv.machine import DevicePlacement, Machine, StopReason
+from hv.vm import MemoryBacking, Vm, VmConfig
 
 
 def create_vcpus(kvm: Kvm, vm: Vm) -> None:
@@ -30,15 +30,37 @@ def _boot_vcpu_entry(vm: Vm, entry) -> None:
     boot_vcpu.set_regs(entry.regs)
 
 
+@dataclass(frozen=True)
+class StandardDevice:
+    device_id: str
+    kind: str  # the model's class name, as Machine.add_device records it
+    pio: tuple[int, int]
+    irqs: tuple[int, ...] = ()
+
+
+# The legacy devices every machine has. A migration target checks its layout against the
+# source's before creating anything, so the table is plain data that needs no KVM to read.
+STANDARD_DEVICES = (
+    StandardDevice("serial0", SerialTx.__name__, (COM1_PORT, 8), (COM1_IRQ,)),
+    StandardDevice("debug-exit", DebugExit.__name__, (DEBUG_EXIT_PORT, 4)),
+)
+
+
+def standard_layout() -> tuple[DevicePlacement, ...]:
+    """The device placements `blank_machine` produces, sorted by id as `Machine.device_layout`."""
+    return tuple(sorted((DevicePlacement(d.device_id, d.kind, (d.pio,), (), d.irqs)
+                         for d in STANDARD_DEVICES), key=lambda p: p.device_id))
+
+
 def _with_console(vm: Vm, console: Callable[[bytes], None]) -> Machine:
-    """The legacy devices every machine has: COM1 and the debug-exit port."""
     machine = Machine(vm)
-    machine.add_device("serial0", SerialTx(console), pio=(COM1_PORT, 8), irqs=(COM1_IRQ,))
 
     def guest_exit(code: int) -> None:
         machine.request_stop(StopReason("guest-exit", f"exit code {code}"))
 
-    machine.add_device("debug-exit", DebugExit(guest_exit), pio=(DEBUG_EXIT_PORT, 4))
+    models = {"serial0": SerialTx(console), "debug-exit": DebugExit(guest_exit)}
+    for d in STANDARD_DEVICES:
+        machine.add_device(d.device_id, models[d.device_id], pio=d.pio, irqs=d.irqs)
     return machine
 
 
@@ -67,10 +89,12 @@ def linux_machine(
 
 def blank_machine(
     kvm: Kvm, config: VmConfig | None = None, console: Callable[[bytes], None] = lambda b: None,
+    *, backing: MemoryBacking | None = None,
 ) -> Machine:
     """The machine every front end builds (VM, vCPUs with CPUID, standard devices) with nothing
-    loaded: what a restore or an incoming migration fills with saved state."""
-    vm = kvm.create_vm(config or VmConfig())
+    loaded: what a restore or an incoming migration fills with saved state. `backing` as for
+    `Kvm.create_vm` (a restore maps its memory file there)."""
+    vm = kvm.create_vm(config or VmConfig(), backing=backing)
     try:
         create_vcpus(kvm, vm)
         return _with_console(vm, console)

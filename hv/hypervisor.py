@@ -31,6 +31,21 @@ class Kvm:
         return tuple(structconv.from_struct(CpuidEntry, cpuid.entries[i]) for i in range(cpuid.nent))
 
     @cached_property
+    def guest_cpuid(self) -> tuple[CpuidEntry, ...]:
+        """The CPUID a vCPU of this host reports once set up (KVM_GET_CPUID2 after our setup).
+
+        Some hosts report more than KVM_GET_SUPPORTED_CPUID lists (nested PVM reports the host's
+        own features), so a guest's saved CPUID is compared with this, measured the same way, on a
+        throwaway VM (never the one a restore is about to fill)."""
+        from hv.cpuid import vcpu_cpuid
+        from hv.vm import VmConfig
+
+        with self.create_vm(VmConfig(mem_size=1 << 20, irqchip=True, pit=False)) as vm:
+            vcpu = vm.create_vcpu(0)
+            vcpu.setup(vcpu_cpuid(self.supported_cpuid, 0, 1))
+            return vcpu.get_cpuid()
+
+    @cached_property
     def msr_index_list(self) -> tuple[int, ...]:
         """MSRs KVM lists as saved/restored state (KVM_GET_MSR_INDEX_LIST)."""
         return tuple(self.fd.get_msr_index_list())

@@ -254,6 +254,19 @@ class GuestMemory:
         region, offset = self.find(address, length)
         region.mark_dirty(offset, length)
 
+    def zero_pages(self, address: int, length: int) -> None:
+        """Make whole pages read as zero. Anonymous RAM gives them back to the host
+        (MADV_DONTNEED: untouched pages cost nothing, touched ones are freed); file-backed RAM,
+        whose dropped pages would read the file again, is overwritten."""
+        if address % PAGE_SIZE or length % PAGE_SIZE:
+            raise GuestAddressError(address, length, "is not a whole number of pages")
+        region, offset = self.find(address, length)
+        if region.anonymous:
+            region._map.madvise(mmap.MADV_DONTNEED, offset, length)
+        else:
+            region.view[offset : offset + length] = bytes(length)
+        region.mark_dirty(offset, length)
+
     def read_u32(self, address: int) -> int:
         return int.from_bytes(self.view(address, 4), "little")
 

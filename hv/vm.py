@@ -88,6 +88,7 @@ class Vm:
         self._next_slot = 0
         self._free_slots: list[int] = []
         self._dirty_logging = False
+        self._dirty_generation = 0
         self._manual_protect = False
         self._irqfds: set[tuple[int, int]] = set()
         self._ioeventfds: set[IoEventFdRegistration] = set()
@@ -236,8 +237,15 @@ class Vm:
     def dirty_logging(self) -> bool:
         return self._dirty_logging
 
+    @property
+    def dirty_log_generation(self) -> int:
+        """Counts every enable, disable and fetch of the dirty log: whoever relies on "pages
+        dirtied since my last fetch" (an incremental snapshot) checks that nobody fetched since."""
+        return self._dirty_generation
+
     def _set_dirty_logging(self, on: bool) -> None:
         with self._slots_lock:
+            self._dirty_generation += 1
             self._dirty_logging = on
             for region in self.memory.regions:
                 if region.readonly:
@@ -256,6 +264,7 @@ class Vm:
     def fetch_dirty_log(self, region: MemoryRegion) -> DirtyBitmap:
         """Pages of `region` written since the last fetch (KVM's log OR the VMM's), and reset."""
         kvm_bitmap = DirtyBitmap(region.npages)
+        self._dirty_generation += 1
         if region.log_dirty:
             buf = ffi.from_buffer("__u64[]", kvm_bitmap.words)
             self.fd.get_dirty_log(region.slot, buf)

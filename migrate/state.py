@@ -1,0 +1,205 @@
+"""A machine's whole state as plain data, and the one schema registry every stream uses.
+
+`capture` reads a paused machine (vCPUs, in-kernel irqchip/PIT/clock, devices); `apply` writes
+such a state into a machine built by `hv.builder.blank_machine` from the same `MachineConfig`.
+Memory is not in here: it moves as page sections (`migrate.pages`). Snapshot files and the live
+migration wire both carry exactly these objects, so there is one capture path and one restore path.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+from dataclasses import dataclass
+
+import xxhash
+
+import formats
+from formats import DeviceEntry, DeviceLayout, IoRange, MemoryLayout, SchemaRegistry
+from hv import state as hv_state
+from hv.builder import standard_layout
+from hv.devices.debug_exit import DebugExitState
+from hv.devices.serial import SerialTxState
+from hv.machine import DevicePlacement, Machine, RunState
+from hv.vm import VmConfig
+
+from migrate.errors import IncompatibleError, StateError
+
+PRODUCER = "kvmigrate 0.1"
+
+# Each device model's state type and its version. A model whose state changes shape bumps its
+# version here; a reader refuses versions it does not know rather than guess.
+DEVICE_STATES: dict[str, tuple[type, str, int]] = {
+    "SerialTx": (SerialTxState, "hv.device.serial_tx", 1),
+    "DebugExit": (DebugExitState, "hv.device.debug_exit", 1),
+}
+
+
+@dataclass(frozen=True)
+class SnapshotRef:
+    """Which snapshot an incremental one builds on: its id and its memory digest."""
+
+    snapshot_id: str
+    memory_digest: int
+    path: str  # as given when the incremental was taken (informative; the id decides)
+
+
+@dataclass(frozen=True)
+class MemoryFileRef:
+    """A mappable snapshot's raw memory image: one file, RAM ranges back to back."""
+
+    path: str  # relative to the snapshot file
+    size: int
+    snapshot_id: str  # also in the file's trailer: the pair belongs together
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """What a target must build to take the guest (the CONFIG section)."""
+
+    mem_size: int
+    vcpus: int
+    irqchip: bool
+    pit: bool
+    cpuid_digest: int  # xxh3-64 of the boot vCPU's CPUID entries
+    snapshot_id: str = ""
+    base: SnapshotRef | None = None  # incremental snapshots only
+    memory_file: MemoryFileRef | None = None  # mappable snapshots only
+
+    def vm_config(self) -> VmConfig:
+        return VmConfig(mem_size=self.mem_size, vcpus=self.vcpus, irqchip=self.irqchip, pit=self.pit)
+
+
+@dataclass(frozen=True)
+class MachineState:
+    """Everything but memory, as plain data."""
+
+    config: MachineConfig
+    layout: DeviceLayout
+    vcpus: tuple[hv_state.VcpuState, ...]
+    vm: hv_state.VmState
+    devices: tuple[tuple[DeviceEntry, object], ...]
+
+
+@functools.cache
+def registry() -> SchemaRegistry:
+    """Every type a kvmigrate stream carries, under stable names (the names are the format)."""
+    reg = SchemaRegistry()
+    for cls in (hv_state.Regs, hv_state.Segment, hv_state.DescriptorTable, hv_state.Sregs, hv_state.Fpu,
+                hv_state.Xcr, hv_state.Msr, hv_state.CpuidEntry, hv_state.DebugRegs,
+                hv_state.ExceptionEvent, hv_state.InterruptEvent, hv_state.NmiEvent, hv_state.SmiEvent,
+                hv_state.VcpuEvents, hv_state.VcpuState, hv_state.PicState, hv_state.IoapicState,
+                hv_state.IrqchipState, hv_state.PitChannelState, hv_state.PitState, hv_state.ClockState,
+                hv_state.VmState):
+        reg.register(cls, f"hv.{cls.__name__}", version=1)
+    for cls, name, version in DEVICE_STATES.values():
+        reg.register(cls, name, version=version)
+    for cls in (SnapshotRef, MemoryFileRef, MachineConfig):
+        reg.register(cls, f"migrate.{cls.__name__}", version=1)
+    formats.register_format_types(reg)
+    return reg
+
+
+def new_snapshot_id() -> str:
+    return secrets.token_hex(16)
+
+
+def cpuid_digest(entries: tuple[hv_state.CpuidEntry, ...]) -> int:
+    h = xxhash.xxh3_64()
+    for e in entries:
+        h.update(repr((e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)).encode())
+    return h.intdigest()
+
+
+# --- layout -------------------------------------------------------------------------------------
+
+
+def _entry(p: DevicePlacement) -> DeviceEntry:
+    version = DEVICE_STATES[p.kind][2] if p.kind in DEVICE_STATES else 0
+    return DeviceEntry(p.device_id, p.kind, tuple(IoRange(b, n) for b, n in p.pio),
+                       tuple(IoRange(b, n) for b, n in p.mmio), p.irqs, version)
+
+
+def memory_layout(config: VmConfig) -> MemoryLayout:
+    return MemoryLayout.of(*config.memory_layout())
+
+
+def layout_for(config: VmConfig, placements: tuple[DevicePlacement, ...]) -> DeviceLayout:
+    return DeviceLayout(memory_layout(config), config.vcpus, tuple(_entry(p) for p in placements))
+
+
+def machine_layout(machine: Machine) -> DeviceLayout:
+    return layout_for(machine.vm.config, machine.device_layout())
+
+
+def expected_layout(config: VmConfig) -> DeviceLayout:
+    """The layout `blank_machine(config)` will have: checked before any VM exists."""
+    return layout_for(config, standard_layout())
+
+
+# --- capture and apply ----------------------------------------------------------------------------
+
+
+def machine_config(machine: Machine, **extra: object) -> MachineConfig:
+    c = machine.vm.config
+    return MachineConfig(c.mem_size, c.vcpus, c.irqchip, c.pit,
+                         cpuid_digest(machine.vcpus[0].get_cpuid()), **extra)
+
+
+def capture(machine: Machine, config: MachineConfig | None = None) -> MachineState:
+    """The state of a paused (or not yet started) machine."""
+    if machine.state not in (RunState.PAUSED, RunState.CREATED):
+        raise StateError(f"capture needs a paused machine, this one is {machine.state.value}")
+    devices = []
+    for placement in machine.device_layout():
+        model = machine.devices[placement.device_id]
+        devices.append((_entry(placement), model.save()))
+    return MachineState(
+        config=config or machine_config(machine),
+        layout=machine_layout(machine),
+        vcpus=tuple(v.snapshot() for v in machine.vcpus),
+        vm=machine.vm.save_state(),
+        devices=tuple(devices),
+    )
+
+
+def apply(machine: Machine, state: MachineState) -> None:
+    """Write `state` into a machine that has not run (memory is loaded separately, before)."""
+    if machine.state is not RunState.CREATED:
+        raise StateError(f"state goes into a machine that has not started, not a {machine.state.value} one")
+    formats.check(state.layout, machine_layout(machine))
+    if len(state.vcpus) != len(machine.vcpus):
+        raise IncompatibleError([f"{len(state.vcpus)} vCPU states for {len(machine.vcpus)} vCPUs"])
+    machine.vm.restore_state(state.vm)
+    for vcpu, saved in zip(machine.vcpus, state.vcpus, strict=True):
+        vcpu.restore(saved)
+    for entry, saved in state.devices:
+        machine.devices[entry.device_id].restore(saved)
+
+
+def cpuid_problems(saved: tuple[hv_state.CpuidEntry, ...],
+                   supported: tuple[hv_state.CpuidEntry, ...]) -> list[str]:
+    """Feature bits the guest was given that this host's KVM cannot give (every one listed).
+
+    Only the feature-flag leaves are compared; values like APIC ids and cache sizes are per vCPU
+    and per host and are set by the target's own CPUID setup."""
+    feature_regs = {(0x1, 0): ("ecx", "edx"), (0x7, 0): ("ebx", "ecx", "edx"), (0xD, 1): ("eax",),
+                    (0x80000001, 0): ("ecx", "edx")}
+    have = {(e.function, e.index): e for e in supported}
+    problems = []
+    for e in saved:
+        regs = feature_regs.get((e.function, e.index))
+        if regs is None:
+            continue
+        host = have.get((e.function, e.index))
+        for reg in regs:
+            missing = getattr(e, reg) & ~(getattr(host, reg) if host else 0)
+            # leaf 1 ECX bit 31 (hypervisor) and bit 27 (OSXSAVE, mirrors CR4) are set by KVM itself
+            if (e.function, reg) == (0x1, "ecx"):
+                missing &= ~((1 << 31) | (1 << 27))
+            if (e.function, reg) == (0x1, "edx"):
+                missing &= ~(1 << 9)  # APIC: follows the in-kernel LAPIC, not the host list
+            if missing:
+                problems.append(f"CPUID leaf {e.function:#x}.{e.index} {reg}: the guest uses "
+                                f"{missing:#x} which this host cannot offer")
+    return problems
