@@ -70,6 +70,7 @@ from .pages import (
     PageRun,
     PageSection,
     PageTotals,
+    DIGEST_BLOCK,
     memory_digest,
     page_runs,
 )

@@ -68,6 +68,16 @@ def _zero_page_pfns() -> tuple[int, int]:
     return small, (huge if huge != small else 0)
 
 
+@dataclass(frozen=True)
+class RamBacking:
+    """A caller's mapping for a RAM region. `anonymous` says it is private anonymous memory (its
+    untouched pages read as zero and `populated_pages` can find them), not a file's pages: a
+    restore that decoded a snapshot into fresh memory hands that memory over this way."""
+
+    mapping: mmap.mmap
+    anonymous: bool = False
+
+
 GuestAddress = NewType("GuestAddress", int)
 """A guest physical address (as opposed to a host virtual address or an offset)."""
 
@@ -95,8 +105,11 @@ class MemoryRegion:
         *,
         slot: int,
         readonly: bool = False,
-        backing: mmap.mmap | None = None,
+        backing: mmap.mmap | RamBacking | None = None,
     ) -> None:
+        anonymous = backing is None
+        if isinstance(backing, RamBacking):
+            backing, anonymous = backing.mapping, backing.anonymous
         if guest_base % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
             raise GuestAddressError(guest_base, size, "is not a whole number of pages")
         self.range = MemoryRange(guest_base, size)
@@ -116,7 +129,7 @@ class MemoryRegion:
         self.vmm_dirty = DirtyBitmap(size >> PAGE_SHIFT)
         self._dirty_lock = threading.Lock()
         self.log_dirty = False
-        self.anonymous = backing is None
+        self.anonymous = anonymous
 
     @property
     def guest_base(self) -> int:
@@ -170,6 +183,11 @@ class MemoryRegion:
         padded = np.zeros(((self.npages + 63) // 64) * 8, dtype=np.uint8)
         padded[: len(words)] = words
         return DirtyBitmap(self.npages, padded.view(np.uint64))
+
+    @property
+    def mapping(self) -> mmap.mmap:
+        """The host mapping behind the region (to hand to a VM as its backing)."""
+        return self._map
 
     def pages_array(self) -> np.ndarray:
         """The region as a (pages, 4096) uint8 array: zero-copy."""

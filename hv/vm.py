@@ -14,7 +14,7 @@ from hv.caps import PlatformCapabilities
 from hv.dirty import PAGE_SIZE, DirtyBitmap
 from hv.errors import ConfigError, MissingCapabilityError, SlotError, VcpuIdError
 from hv.kvm import VmFd
-from hv.memory import GuestMemory, MemoryRegion
+from hv.memory import GuestMemory, MemoryRegion, RamBacking
 from hv.state import (
     ClockState, IoapicState, IrqchipState, PicState, PitChannelState, PitState, VmState,
 )
@@ -35,7 +35,7 @@ MMIO_HOLE_START = 3 * GiB
 MMIO_HOLE_END = 4 * GiB
 
 
-MemoryBacking = Callable[[int, int], mmap.mmap]
+MemoryBacking = Callable[[int, int], "mmap.mmap | RamBacking"]
 """(guest base, size) -> the mapping that backs that RAM region."""
 
 
@@ -149,12 +149,14 @@ class Vm:
         )
 
     def add_memory_region(
-        self, guest_base: int, size: int, *, readonly: bool = False, backing: mmap.mmap | None = None,
+        self, guest_base: int, size: int, *, readonly: bool = False,
+        backing: mmap.mmap | RamBacking | None = None,
     ) -> MemoryRegion:
         """Back [guest_base, guest_base+size) with fresh anonymous memory (or `backing`, a mapping
         of exactly `size` bytes, e.g. a MAP_PRIVATE file mapping) in a new slot."""
-        if backing is not None and len(backing) != size:
-            raise ConfigError("backing", len(backing), f"must map exactly {size} bytes")
+        mapped = backing.mapping if isinstance(backing, RamBacking) else backing
+        if mapped is not None and len(mapped) != size:
+            raise ConfigError("backing", len(mapped), f"must map exactly {size} bytes")
         if readonly and not self.capabilities.readonly_mem:
             raise MissingCapabilityError("KVM_CAP_READONLY_MEM", "read-only memory slots")
         with self._slots_lock:

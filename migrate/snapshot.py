@@ -1,0 +1,407 @@
+"""Snapshots: a paused machine's whole state to a file, and back into a fresh VM.
+
+A snapshot file is one kvmigrate stream (formats/SPEC.md): header, CONFIG (`MachineConfig`),
+LAYOUT, one VCPU per vCPU, VM_STATE, one DEVICE per device, PAGES, END (totals and the memory
+digest). Three kinds:
+
+- full: every page the guest ever touched (untouched memory is zero and is not stored);
+- incremental (`base=`): only pages dirtied since `base`, which must be the last snapshot of the
+  same VM taken with dirty tracking on; restoring it restores the chain, base first;
+- mappable: no PAGES; memory goes raw to `FILE.mem` (RAM ranges back to back, then a trailer
+  naming the snapshot), which a restore maps MAP_PRIVATE, so pages load on first touch and
+  restore time does not depend on memory size (as Firecracker's snapshots do).
+
+Files are written to a temporary name and renamed when complete: a failed snapshot leaves no
+file that looks whole. A restore reads and checks everything (versions, checksums, layout,
+totals, memory digest, CPUID) into staging memory before it creates the VM, so a corrupt or
+foreign snapshot never reaches a VM.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import formats
+from formats import (
+    ConfigRecord, DeviceRecord, EndRecord, LayoutRecord, PagesRecord, SectionKind, StreamReader,
+    StreamWriter, VcpuRecord, VmStateRecord,
+)
+from hv import state as hv_state
+from hv.builder import blank_machine
+from hv.hypervisor import Kvm
+from hv.machine import Machine, RunState
+from hv.memory import GuestMemory, MemoryRegion, RamBacking
+from hv.vm import VmConfig
+
+from migrate import pages
+from migrate.errors import IncompatibleError, SnapshotError
+from migrate.state import (
+    PRODUCER, MachineConfig, MachineState, MemoryFileRef, SnapshotRef, apply, capture, cpuid_problems,
+    expected_layout, machine_config, new_snapshot_id, registry,
+)
+
+log = logging.getLogger(__name__)
+
+EXPECT = {SectionKind.CONFIG: MachineConfig, SectionKind.VCPU: hv_state.VcpuState,
+          SectionKind.VM_STATE: hv_state.VmState}
+READ_CHUNK = 1 << 20
+MEM_TRAILER_MAGIC = b"KVMIGMEM"
+MEM_TRAILER_SIZE = 4096
+MAX_CHAIN = 64
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    path: str
+    snapshot_id: str
+    kind: str  # "full", "incremental", "mappable"
+    base: str | None
+    pages: int  # pages stored (zero runs included)
+    raw_bytes: int  # guest bytes stored
+    file_bytes: int  # the snapshot file(s) on disk
+    memory_bytes: int  # the guest's RAM
+    pause_seconds: float  # how long the guest was paused for it
+    seconds: float
+
+
+@dataclass
+class _LastSnapshot:
+    snapshot_id: str
+    digest: int
+    dirty_generation: int
+
+
+# The last snapshot of each live machine taken with dirty tracking on: an incremental snapshot
+# may only build on it, and only if nobody fetched the dirty log since.
+_tracked: weakref.WeakKeyDictionary[Machine, _LastSnapshot] = weakref.WeakKeyDictionary()
+
+
+def snapshot(machine: Machine, path: str | Path, *, base: str | Path | None = None, level: int = 3,
+             mappable: bool = False, track_dirty: bool = False, workers: int = 2,
+             progress: Progress | None = None) -> SnapshotInfo:
+    """Write `machine`'s state to `path`. A running machine is paused for the copy and resumed
+    after; a paused one stays paused. `track_dirty` keeps dirty logging on afterwards so that a
+    later `snapshot(..., base=path)` can store only what changed (incremental ones always do)."""
+    path = Path(path)
+    t0 = time.perf_counter()
+    was_running = machine.state is RunState.RUNNING
+    paused_at = time.perf_counter()
+    if was_running:
+        machine.pause()
+    try:
+        info = _write(machine, path, base=Path(base) if base else None, level=level,
+                      mappable=mappable, track=track_dirty or base is not None, workers=workers,
+                      progress=progress)
+    finally:
+        if was_running and machine.state is RunState.PAUSED:
+            machine.resume()
+    pause = time.perf_counter() - paused_at if was_running else 0.0
+    return SnapshotInfo(**{**info, "pause_seconds": pause, "seconds": time.perf_counter() - t0})
+
+
+def _write(machine: Machine, path: Path, *, base: Path | None, level: int, mappable: bool, track: bool,
+           workers: int, progress: Progress | None) -> dict[str, Any]:
+    if machine.state not in (RunState.PAUSED, RunState.CREATED):
+        raise SnapshotError(path, f"the machine is {machine.state.value}; a snapshot needs it paused")
+    vm = machine.vm
+    snapshot_id = new_snapshot_id()
+    base_ref = None
+    if base is not None:
+        if mappable:
+            raise SnapshotError(path, "an incremental snapshot stores its pages in the stream; "
+                                      "only full snapshots can be mappable")
+        base_config = read_config(base)
+        last = _tracked.get(machine)
+        if last is None or last.snapshot_id != base_config.snapshot_id:
+            raise SnapshotError(base, "is not the last snapshot of this VM taken with dirty tracking on")
+        if last.dirty_generation != vm.dirty_log_generation:
+            raise SnapshotError(base, "the dirty log was read by someone else since (a migration?); "
+                                      "take a full snapshot")
+        runs, _ = pages.dirty_runs(vm.fetch_dirty_logs())
+        base_ref = SnapshotRef(base_config.snapshot_id, last.digest, os.path.relpath(base, path.parent))
+    else:
+        if track:
+            if not vm.dirty_logging:
+                vm.enable_dirty_log()
+            for _ in vm.fetch_dirty_logs():  # from now on the log counts changes since this one
+                pass
+        runs = pages.populated_runs(vm.memory)
+
+    mem_ref = None
+    mem_path = path.with_name(path.name + ".mem")
+    if mappable:
+        mem_ref = MemoryFileRef(mem_path.name, vm.memory.total_size + MEM_TRAILER_SIZE, snapshot_id)
+    config = machine_config(machine, snapshot_id=snapshot_id, base=base_ref, memory_file=mem_ref)
+    state = capture(machine, config)
+    tmp = path.with_name(f".{path.name}.{snapshot_id[:8]}.tmp")
+    tmp_mem = mem_path.with_name(f".{mem_path.name}.{snapshot_id[:8]}.tmp")
+    writer = StreamWriter(registry(), producer=PRODUCER)
+    raw = 0
+    try:
+        with open(tmp, "wb") as f:
+            for part in _state_sections(writer, state):
+                f.write(part)
+            if mappable:
+                raw = _write_memory_file(tmp_mem, vm.memory, runs, snapshot_id)
+            else:
+                with pages.PageEncoderPool(level, workers) as pool:
+                    for section in pool.encode(runs):
+                        f.writelines(writer.pages_parts(section))
+                        raw += section.totals.raw_bytes
+                        if progress:
+                            progress({"stage": "memory", "bytes": raw})
+            digest = pages.digest(vm.memory, workers)
+            f.write(writer.end(digest))
+            f.flush()
+            os.fsync(f.fileno())
+        if mappable:
+            os.replace(tmp_mem, mem_path)
+        os.replace(tmp, path)  # the snapshot exists from here on, whole
+    except BaseException:
+        for leftover in (tmp, tmp_mem):
+            leftover.unlink(missing_ok=True)
+        raise
+    if track:
+        _tracked[machine] = _LastSnapshot(snapshot_id, digest, vm.dirty_log_generation)
+    totals = writer.totals
+    file_bytes = path.stat().st_size + (mem_path.stat().st_blocks * 512 if mappable else 0)
+    log.info("snapshot %s: %s, %d pages, %d bytes", path, snapshot_id, totals.pages, file_bytes)
+    return dict(path=str(path), snapshot_id=snapshot_id,
+                kind="mappable" if mappable else "incremental" if base else "full",
+                base=str(base) if base else None, pages=totals.pages, raw_bytes=raw,
+                file_bytes=file_bytes, memory_bytes=vm.memory.total_size)
+
+
+def _state_sections(writer: StreamWriter, state: MachineState) -> list[bytes]:
+    parts = [writer.header(), writer.config(state.config), writer.layout(state.layout)]
+    parts += [writer.vcpu(v) for v in state.vcpus]
+    parts.append(writer.vm_state(state.vm))
+    parts += [writer.device(entry, s) for entry, s in state.devices]
+    return parts
+
+
+def _write_memory_file(path: Path, memory: GuestMemory, runs: list[pages.MemoryRun], snapshot_id: str) -> int:
+    """RAM ranges back to back (sparse: only touched pages are written), then the trailer."""
+    offsets, at = {}, 0
+    for region in memory.regions:
+        offsets[region.guest_base] = at
+        at += region.size
+    written = 0
+    with open(path, "wb") as f:
+        f.truncate(at + MEM_TRAILER_SIZE)
+        for run in runs:
+            region, offset = memory.find(run.address, len(run.view))
+            os.pwrite(f.fileno(), run.view, offsets[region.guest_base] + offset)
+            written += len(run.view)
+        os.pwrite(f.fileno(), MEM_TRAILER_MAGIC + snapshot_id.encode(), at)
+        f.flush()
+        os.fsync(f.fileno())
+    return written
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def read_config(path: str | Path) -> MachineConfig:
+    """A snapshot's CONFIG, reading no further than it (it follows the header)."""
+    reader = StreamReader(registry(), expect=EXPECT)
+    with open(path, "rb") as f:
+        while chunk := f.read(4096):
+            for record in reader.feed(chunk):
+                if isinstance(record, ConfigRecord):
+                    return record.config
+    reader.finish()
+    raise SnapshotError(path, "has no CONFIG section")
+
+
+@dataclass
+class _Loaded:
+    config: MachineConfig | None = None
+    layout: formats.DeviceLayout | None = None
+    vcpus: list[hv_state.VcpuState] = field(default_factory=list)
+    vm: hv_state.VmState | None = None
+    devices: list[tuple[formats.DeviceEntry, object]] = field(default_factory=list)
+    end: EndRecord | None = None
+    pages: int = 0
+
+    def state(self, path: Path) -> MachineState:
+        if self.config is None or self.layout is None or self.vm is None or not self.vcpus:
+            raise SnapshotError(path, "is missing CONFIG, LAYOUT, VCPU or VM_STATE sections")
+        return MachineState(self.config, self.layout, tuple(self.vcpus), self.vm, tuple(self.devices))
+
+
+def _read_stream(path: Path, expected: formats.DeviceLayout, sink: pages.MemorySink | None,
+                 progress: Progress | None = None) -> _Loaded:
+    """Read one snapshot file, checking everything; pages go to `sink` (None: checked, dropped)."""
+    reader = StreamReader(registry(), expected_layout=expected, expect=EXPECT)
+    loaded = _Loaded()
+    done = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(READ_CHUNK):
+            done += len(chunk)
+            for record in reader.feed(chunk):
+                match record:
+                    case ConfigRecord(config=c):
+                        loaded.config = c
+                    case LayoutRecord(layout=layout):
+                        loaded.layout = layout
+                    case VcpuRecord(state=s):
+                        loaded.vcpus.append(s)
+                    case VmStateRecord(state=s):
+                        loaded.vm = s
+                    case DeviceRecord(entry=entry, state=s):
+                        loaded.devices.append((entry, s))
+                    case PagesRecord(runs=runs, totals=totals):
+                        if sink is not None:
+                            sink.apply(runs)
+                        loaded.pages += totals.pages
+                    case EndRecord():
+                        loaded.end = record
+            if progress:
+                progress({"stage": "read", "file": str(path), "bytes": done})
+    reader.finish()
+    return loaded
+
+
+def snapshot_chain(path: Path) -> list[tuple[Path, MachineConfig]]:
+    """The files to apply, base first, each checked to be the one its successor names."""
+    chain = [(path, read_config(path))]
+    while (ref := chain[-1][1].base) is not None:
+        if len(chain) >= MAX_CHAIN:
+            raise SnapshotError(path, f"an incremental chain longer than {MAX_CHAIN}")
+        base_path = (chain[-1][0].parent / ref.path).resolve()
+        if not base_path.exists():
+            raise SnapshotError(chain[-1][0], f"its base {base_path} is missing")
+        base_config = read_config(base_path)
+        if base_config.snapshot_id != ref.snapshot_id:
+            raise SnapshotError(base_path, f"is snapshot {base_config.snapshot_id}, but "
+                                           f"{chain[-1][0].name} builds on {ref.snapshot_id}")
+        chain.append((base_path, base_config))
+    return chain[::-1]
+
+
+def _config_problems(saved: VmConfig, wanted: VmConfig) -> list[str]:
+    return [f"{name}: the snapshot has {getattr(saved, name)!r}, this VM would have {getattr(wanted, name)!r}"
+            for name in ("mem_size", "vcpus", "irqchip", "pit") if getattr(saved, name) != getattr(wanted, name)]
+
+
+def _mapped_memory(path: Path, ref: MemoryFileRef, vm_config: VmConfig) -> dict[int, mmap.mmap]:
+    mem_path = path.parent / ref.path
+    try:
+        fd = os.open(mem_path, os.O_RDONLY)
+    except OSError as e:
+        raise SnapshotError(mem_path, f"the memory file cannot be opened: {e.strerror}") from e
+    try:
+        size = os.fstat(fd).st_size
+        if size != ref.size:
+            raise SnapshotError(mem_path, f"is {size} bytes, the snapshot says {ref.size}")
+        trailer = os.pread(fd, len(MEM_TRAILER_MAGIC) + 32, size - MEM_TRAILER_SIZE)
+        if trailer != MEM_TRAILER_MAGIC + ref.snapshot_id.encode():
+            raise SnapshotError(mem_path, "belongs to another snapshot (trailer mismatch)")
+        maps, at = {}, 0
+        for base, length in vm_config.memory_layout():
+            maps[base] = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE,
+                                   prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=at)
+            at += length
+        return maps
+    finally:
+        os.close(fd)
+
+
+def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
+            console: Callable[[bytes], None] = lambda b: None, verify_memory: bool | None = None,
+            progress: Progress | None = None) -> Machine:
+    """A paused machine holding the snapshot at `path` (and its chain), checked before any VM
+    exists. `config`, when given, is the VM this VMM would build; any difference is refused.
+    `verify_memory` checks the memory digest (default: yes, except for mappable snapshots, whose
+    point is not to read memory up front)."""
+    path = Path(path)
+    chain = snapshot_chain(path)
+    head = chain[-1][1]
+    vm_config = head.vm_config()
+    if config is not None and (problems := _config_problems(vm_config, config)):
+        raise IncompatibleError(problems)
+    expected = expected_layout(vm_config)
+    mappable = head.memory_file is not None
+    verify = (not mappable) if verify_memory is None else verify_memory
+
+    staging = GuestMemory()
+    if mappable:
+        maps = _mapped_memory(path, head.memory_file, vm_config)
+        for base, mapping in maps.items():
+            staging.insert(MemoryRegion(base, len(mapping), slot=-1, backing=mapping))
+    else:
+        for base, length in vm_config.memory_layout():
+            staging.insert(MemoryRegion(base, length, slot=-1))
+    sink = pages.MemorySink(staging)
+    loaded = None
+    for file_path, _ in chain:
+        loaded = _read_stream(file_path, expected, None if mappable else sink, progress)
+        if verify:
+            formats.verify_digest(loaded.end, ((r.guest_base, r.view) for r in staging.regions),
+                                  known_zero=None if mappable else pages._known_zero_blocks(staging),
+                                  workers=2)
+    state = loaded.state(path)
+    if problems := cpuid_problems(state.vcpus[0].cpuid, kvm.guest_cpuid):
+        raise IncompatibleError(problems)
+
+    by_base = {r.guest_base: r for r in staging.regions}
+    machine = blank_machine(kvm, vm_config, console, backing=lambda base, size: RamBacking(
+        by_base[base].mapping, anonymous=not mappable))
+    try:
+        apply(machine, state)
+        machine.start(paused=True)
+    except BaseException:
+        machine.vm.close()
+        raise
+    return machine
+
+
+def inspect(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """What a snapshot holds, and whether it checks out (every checksum; with `verify`, the
+    pages applied to scratch memory and the memory digest)."""
+    path = Path(path)
+    result: dict[str, Any] = {"path": str(path), "file_bytes": path.stat().st_size}
+    try:
+        config = read_config(path)
+        vm_config = config.vm_config()
+        result["config"] = {"snapshot_id": config.snapshot_id, "mem_size": config.mem_size,
+                            "vcpus": config.vcpus, "irqchip": config.irqchip, "pit": config.pit,
+                            "kind": "mappable" if config.memory_file else
+                            "incremental" if config.base else "full",
+                            "base": config.base.path if config.base else None}
+        scratch = GuestMemory()
+        for base, length in vm_config.memory_layout():
+            scratch.insert(MemoryRegion(base, length, slot=-1))
+        expected = expected_layout(vm_config)
+        loaded = _read_stream(path, expected, pages.MemorySink(scratch) if verify else None)
+        result["layout"] = [{"id": d.device_id, "kind": d.kind, "pio": [str(r) for r in d.pio],
+                             "mmio": [str(r) for r in d.mmio], "irqs": list(d.irqs),
+                             "state_version": d.state_version} for d in loaded.layout.devices]
+        result["memory_ranges"] = [str(r) for r in loaded.layout.memory.ranges]
+        result["vcpus"] = [{"id": v.vcpu_id, "rip": hex(v.regs.rip), "mp_state": v.mp_state}
+                           for v in loaded.vcpus]
+        t = loaded.end.totals
+        result["totals"] = {"pages": t.pages, "zero_pages": t.zero_pages, "raw_bytes": t.raw_bytes,
+                            "payload_bytes": t.payload_bytes, "sections": t.sections}
+        if verify and config.base is None and config.memory_file is None:
+            formats.verify_digest(loaded.end, ((r.guest_base, r.view) for r in scratch.regions),
+                                  known_zero=pages._known_zero_blocks(scratch), workers=2)
+            result["digest"] = "verified"
+        else:
+            result["digest"] = "not checked (incremental or mappable: restore checks the chain)"
+        result["verified"] = True
+    except (formats.FormatError, SnapshotError) as e:
+        result["verified"] = False
+        result["error"] = {"type": type(e).__name__, "message": str(e)}
+    return result
