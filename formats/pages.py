@@ -146,12 +146,16 @@ class PageEncoder:
 
     def __init__(self, level: int = 1, section_bytes: int = 4 << 20,
                  min_zero_pages: int = 4, max_runs: int = 4096,
-                 limits: PageLimits | None = None) -> None:
+                 limits: PageLimits | None = None, stable: bool = False) -> None:
         self.limits = limits or PageLimits()
         if not PAGE_SIZE <= section_bytes <= min(self.limits.max_run_bytes,
                                                  self.limits.max_section_raw):
             raise ValueError(f"section_bytes {section_bytes} outside the decoder's limits")
         self.level = level
+        # Memory that may change while we read it (a running guest's) is copied once per run, and
+        # the copy is what gets hashed, compressed and sent: the three then agree. `stable` memory
+        # (a paused guest's) is used in place.
+        self.stable = stable
         self.section_pages = section_bytes >> PAGE_SHIFT
         self.min_zero_pages = min_zero_pages
         self.max_runs = min(max_runs, self.limits.max_runs)
@@ -201,6 +205,8 @@ class PageEncoder:
                 if raw_pages + (b - a) > step or len(runs) >= self.max_runs:
                     flush()
                 raw = mv[a << PAGE_SHIFT:b << PAGE_SHIFT]
+                if not self.stable:
+                    raw = bytes(raw)
                 packed = compress(raw)
                 if len(packed) < len(raw):
                     encoding, payload = PageEncoding.ZSTD, packed

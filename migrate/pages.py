@@ -62,15 +62,19 @@ def dirty_runs(dirty: Iterable[tuple[MemoryRegion, DirtyBitmap]]) -> tuple[list[
 class PageEncoderPool:
     """Encodes runs into PAGES sections on `workers` threads, yielding them in run order."""
 
-    def __init__(self, level: int = 1, workers: int = 2, ahead: int = 4) -> None:
+    def __init__(self, level: int = 1, workers: int = 2, ahead: int = 4, *, stable: bool = False) -> None:
+        """`stable`: the memory does not change while encoded (a paused guest); otherwise each
+        run is copied first so its checksum, payload and bytes sent agree."""
         self.level, self.workers, self.ahead = level, max(1, workers), max(1, ahead)
+        self.stable = stable
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="page-encoder")
 
     def _encode(self, run: MemoryRun) -> list[PageSection]:
         encoder = getattr(self._local, "encoder", None)
         if encoder is None:
-            encoder = self._local.encoder = PageEncoder(level=self.level, section_bytes=CHUNK_BYTES)
+            encoder = self._local.encoder = PageEncoder(level=self.level, section_bytes=CHUNK_BYTES,
+                                                        stable=self.stable)
         return encoder.encode(run.address, run.view)
 
     def encode(self, runs: Iterable[MemoryRun]) -> Iterator[PageSection]:

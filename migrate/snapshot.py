@@ -31,8 +31,16 @@ from typing import Any
 
 import formats
 from formats import (
-    ConfigRecord, DeviceRecord, EndRecord, LayoutRecord, PagesRecord, SectionKind, StreamReader,
-    StreamWriter, VcpuRecord, VmStateRecord,
+    ConfigRecord,
+    DeviceRecord,
+    EndRecord,
+    LayoutRecord,
+    PagesRecord,
+    SectionKind,
+    StreamReader,
+    StreamWriter,
+    VcpuRecord,
+    VmStateRecord,
 )
 from hv import state as hv_state
 from hv.builder import blank_machine
@@ -40,12 +48,21 @@ from hv.hypervisor import Kvm
 from hv.machine import Machine, RunState
 from hv.memory import GuestMemory, MemoryRegion, RamBacking
 from hv.vm import VmConfig
-
 from migrate import pages
 from migrate.errors import IncompatibleError, SnapshotError
 from migrate.state import (
-    PRODUCER, MachineConfig, MachineState, MemoryFileRef, SnapshotRef, apply, capture, cpuid_problems,
-    expected_layout, machine_config, new_snapshot_id, registry,
+    PRODUCER,
+    MachineConfig,
+    MachineState,
+    MemoryFileRef,
+    SnapshotRef,
+    apply,
+    capture,
+    cpuid_problems,
+    expected_layout,
+    machine_config,
+    new_snapshot_id,
+    registry,
 )
 
 log = logging.getLogger(__name__)
@@ -154,7 +171,7 @@ def _write(machine: Machine, path: Path, *, base: Path | None, level: int, mappa
             if mappable:
                 raw = _write_memory_file(tmp_mem, vm.memory, runs, snapshot_id)
             else:
-                with pages.PageEncoderPool(level, workers) as pool:
+                with pages.PageEncoderPool(level, workers, stable=True) as pool:  # the guest is paused
                     for section in pool.encode(runs):
                         f.writelines(writer.pages_parts(section))
                         raw += section.totals.raw_bytes

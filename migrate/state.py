@@ -22,7 +22,6 @@ from hv.devices.debug_exit import DebugExitState
 from hv.devices.serial import SerialTxState
 from hv.machine import DevicePlacement, Machine, RunState
 from hv.vm import VmConfig
-
 from migrate.errors import IncompatibleError, StateError
 
 PRODUCER = "kvmigrate 0.1"

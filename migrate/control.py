@@ -1,0 +1,40 @@
+"""migrate's commands on a running VM's control socket: `snapshot` and `migrate-send`.
+
+Registered through the `kvmigrate.control` entry point, so `hv run --api SOCK` serves them
+without hv knowing about migration; `migrate snapshot/send --api SOCK` call them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from hv.control import ControlContext, ControlError, ControlServer, Progress
+
+
+def _snapshot(ctx: ControlContext, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    from migrate.snapshot import snapshot
+
+    if not isinstance(args.get("out"), str):
+        raise ControlError("BadRequest", "snapshot needs 'out', the file to write")
+    info = snapshot(ctx.machine, args["out"], base=args.get("incremental_from"),
+                    level=int(args.get("level", 3)), mappable=bool(args.get("mappable", False)),
+                    track_dirty=bool(args.get("track_dirty", False)), progress=progress)
+    return dataclasses.asdict(info)
+
+
+def _migrate_send(ctx: ControlContext, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    from migrate.live import MigrationOptions, send
+
+    if not isinstance(args.get("to"), str):
+        raise ControlError("BadRequest", "migrate-send needs 'to', the target's HOST:PORT")
+    options = MigrationOptions.from_dict(args.get("options", {}))
+    stats = send(ctx.machine, args["to"], options, progress=progress)
+    if stats.outcome == "completed":
+        ctx.finish(f"migrated to {args['to']}")
+    return stats.as_dict()
+
+
+def register(server: ControlServer) -> None:
+    server.register("snapshot", _snapshot)
+    server.register("migrate-send", _migrate_send)

@@ -1,0 +1,241 @@
+"""Moving protocol messages over a socket: framing, the message codec, authentication.
+
+A frame is `le32 body length ‖ u8 message kind ‖ body`. Bodies are msgpack maps of the message's
+fields, except PAGES, whose body is `le32 round ‖ payload` so page data is never repacked. Every
+frame is bounded (`MAX_FRAME`), every field type-checked: input from the network is hostile.
+
+Before any message, the target authenticates the source: it sends a random challenge; the source
+answers HMAC-SHA256(key, challenge ‖ "kvmigrate-auth-v1"). The key is pre-shared; on loopback it
+may be empty (the connection then proves only that the peer is on this machine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import ipaddress
+import secrets
+import socket
+import struct
+import typing
+
+import msgpack
+
+from migrate.errors import TransportError
+from migrate.protocol import MESSAGE_TYPES, ErrorCode, Message, MessageKind, Pages
+
+FRAME = struct.Struct("<IB")
+MAX_FRAME = 64 << 20
+MAX_FIELD = 16 << 20
+AUTH_CONTEXT = b"kvmigrate-auth-v1"
+CHALLENGE_BYTES = 32
+DEFAULT_PORT = 7380
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+# --- message codec ------------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def encode(message: Message) -> list[bytes | memoryview]:
+    """A message as frame parts (header first), ready for `sendall` of each."""
+    if isinstance(message, Pages):
+        body_len = 4 + len(message.payload)
+        return [FRAME.pack(body_len, message.kind) + struct.pack("<I", message.round), message.payload]
+    fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+    for name, value in fields.items():
+        if isinstance(value, ErrorCode):
+            fields[name] = int(value)
+        elif isinstance(value, tuple):
+            fields[name] = list(value)
+    body = msgpack.packb(fields, use_bin_type=True)
+    return [FRAME.pack(len(body), message.kind), body]
+
+
+def decode(kind: int, body: bytes | memoryview) -> Message:
+    """A frame's message; a `TransportError` for anything malformed."""
+    try:
+        mkind = MessageKind(kind)
+        cls = MESSAGE_TYPES[mkind]
+    except (ValueError, KeyError):
+        raise TransportError(f"unknown message kind {kind}") from None
+    if cls is Pages:
+        if len(body) < 4:
+            raise TransportError("PAGES frame shorter than its round number")
+        return Pages(struct.unpack_from("<I", body)[0], bytes(body[4:]))
+    try:
+        fields = msgpack.unpackb(body, raw=False, max_bin_len=MAX_FIELD, max_str_len=MAX_FIELD,
+                                 max_array_len=65536, max_map_len=64, strict_map_key=True)
+    except Exception as e:
+        raise TransportError(f"{mkind.name}: undecodable body ({type(e).__name__})") from None
+    if not isinstance(fields, dict):
+        raise TransportError(f"{mkind.name}: body is not a map")
+    hints = _field_types(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in fields:
+            if f.default is not dataclasses.MISSING:
+                continue
+            raise TransportError(f"{mkind.name}: missing field {f.name!r}")
+        values[f.name] = _check(mkind.name, f.name, hints[f.name], fields[f.name])
+    return cls(**values)
+
+
+def _check(kind: str, name: str, hint: object, value: object) -> object:
+    if hint is bytes and isinstance(value, bytes):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is ErrorCode and isinstance(value, int):
+        try:
+            return ErrorCode(value)
+        except ValueError:
+            return ErrorCode.INVALID
+    if typing.get_origin(hint) is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise TransportError(f"{kind}.{name}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
+
+
+# --- a connection -------------------------------------------------------------------------------
+
+
+class Connection:
+    """A socket that carries whole messages. Not thread-safe for concurrent senders."""
+
+    def __init__(self, sock: socket.socket, peer: str) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send(self, message: Message) -> int:
+        n = 0
+        try:
+            for part in encode(message):
+                self.sock.sendall(part)
+                n += len(part)
+        except OSError as e:
+            raise TransportError(f"sending {type(message).__name__} to {self.peer}: {e}") from e
+        self.bytes_sent += n
+        return n
+
+    def _read_exact(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            try:
+                k = self.sock.recv_into(view[got:])
+            except TimeoutError as e:
+                raise TransportError(f"{self.peer}: timed out") from e
+            except OSError as e:
+                raise TransportError(f"{self.peer}: {e}") from e
+            if k == 0:
+                raise TransportError(f"{self.peer} closed the connection")
+            got += k
+        self.bytes_received += n
+        return buf
+
+    def receive(self, timeout: float | None = None) -> Message:
+        self.sock.settimeout(timeout)
+        length, kind = FRAME.unpack(self._read_exact(FRAME.size))
+        if length > MAX_FRAME:
+            raise TransportError(f"{self.peer}: a {length}-byte frame (at most {MAX_FRAME})")
+        return decode(kind, self._read_exact(length))
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    # --- authentication (before any message) ---
+
+    def prove(self, key: bytes, timeout: float = 10.0) -> None:
+        """Source side: answer the target's challenge."""
+        self.sock.settimeout(timeout)
+        challenge = bytes(self._read_exact(CHALLENGE_BYTES))
+        self.sock.sendall(hmac.new(key, challenge + AUTH_CONTEXT, hashlib.sha256).digest())
+        verdict = bytes(self._read_exact(1))
+        if verdict != b"\x01":
+            raise TransportError(f"{self.peer} refused our authentication (wrong key?)")
+
+    def challenge(self, key: bytes, timeout: float = 10.0) -> None:
+        """Target side: make the source prove it holds the key; nothing else is read before."""
+        self.sock.settimeout(timeout)
+        challenge = secrets.token_bytes(CHALLENGE_BYTES)
+        self.sock.sendall(challenge)
+        answer = bytes(self._read_exact(hashlib.sha256().digest_size))
+        ok = hmac.compare_digest(answer, hmac.new(key, challenge + AUTH_CONTEXT, hashlib.sha256).digest())
+        self.sock.sendall(b"\x01" if ok else b"\x00")
+        if not ok:
+            raise TransportError(f"{self.peer} failed authentication")
+
+
+def connect(address: str, key: bytes, timeout: float = 10.0) -> Connection:
+    host, port = parse_address(address)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        raise TransportError(f"cannot connect to {address}: {e}") from e
+    conn = Connection(sock, address)
+    try:
+        conn.prove(key, timeout)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class Listener:
+    """The target's listening socket. Binds loopback unless told otherwise; refuses to listen
+    elsewhere without a key."""
+
+    def __init__(self, address: str, key: bytes) -> None:
+        host, port = parse_address(address)
+        if not key and not is_loopback(host):
+            raise TransportError(f"listening on {host} needs a key (--key-file): anyone who can "
+                                 f"reach it could send a guest")
+        self.key = key
+        self.sock = socket.create_server((host, port), reuse_port=False)
+        self.address = f"{host}:{self.sock.getsockname()[1]}"
+
+    def accept(self, timeout: float | None = None) -> Connection:
+        self.sock.settimeout(timeout)
+        try:
+            sock, peer = self.sock.accept()
+        except TimeoutError as e:
+            raise TransportError(f"no source connected to {self.address} within {timeout}s") from e
+        conn = Connection(sock, f"{peer[0]}:{peer[1]}")
+        try:
+            conn.challenge(self.key)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def close(self) -> None:
+        self.sock.close()
