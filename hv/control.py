@@ -76,6 +76,25 @@ def _resume(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> 
     return {"state": "running", "resume_seconds": ctx.machine.resume()}
 
 
+def _guest_check(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
+    """The built-in guest's memory check, on a briefly paused guest (tests and the demo use it
+    to look inside a VM running in another process)."""
+    from hv import builtin_guest
+
+    m = ctx.machine
+    was_running = m.state.value == "running"
+    if was_running:
+        m.pause()
+    try:
+        status = builtin_guest.read_status(m.vm.memory)
+        check = builtin_guest.check_memory(m.vm.memory)
+    finally:
+        if was_running:
+            m.resume()
+    return {"ok": check.ok, "passes": status.passes, "split": check.split, "summary": str(check),
+            "bad_counters": list(check.bad_counters), "bad_fill": list(check.bad_fill)}
+
+
 def _stop(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
     ctx.machine.stop()
     ctx.finish("stopped through the control socket")
@@ -90,16 +109,22 @@ class ControlServer:
         self.ctx = ctx
         self.handlers: dict[str, Handler] = {
             "status": _status, "pause": _pause, "resume": _resume, "stop": _stop,
+            "guest-check": _guest_check,
         }
+        self._exclusive: set[str] = set()
         if load_extensions:
             for ep in entry_points(group=ENTRY_POINT_GROUP):
                 ep.load()(self)
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._busy = threading.Lock()  # one long command at a time (two snapshots would fight)
+        self._busy = threading.Lock()  # one exclusive command at a time (two snapshots would fight)
 
-    def register(self, name: str, handler: Handler) -> None:
+    def register(self, name: str, handler: Handler, *, exclusive: bool = False) -> None:
+        """Add a command. `exclusive` ones (snapshot, migration) run one at a time; the others
+        (status, a cancel) are served while one of those runs."""
         self.handlers[name] = handler
+        if exclusive:
+            self._exclusive.add(name)
 
     def start(self) -> None:
         if self.path.exists():
@@ -156,12 +181,19 @@ class ControlServer:
                 if handler is None:
                     raise ControlError("UnknownCommand",
                                        f"{name!r} (this VM serves: {', '.join(sorted(self.handlers))})")
-                with self._busy:
+                if name in self._exclusive:
+                    if not self._busy.acquire(blocking=False):
+                        raise ControlError("Busy", f"another long command is running; {name!r} refused")
+                    try:
+                        result = handler(self.ctx, request, lambda p: reply({"progress": p}))
+                    finally:
+                        self._busy.release()
+                else:
                     result = handler(self.ctx, request, lambda p: reply({"progress": p}))
                 reply({"ok": True, "result": result})
             except (ValueError, UnicodeDecodeError) as e:
                 self._reply_error(reply, ControlError("BadRequest", f"not JSON: {e}"))
-            except Exception as e:  # noqa: BLE001 - every failure goes back to the caller, typed
+            except Exception as e:
                 log.info("control command failed: %s", e)
                 self._reply_error(reply, e)
 

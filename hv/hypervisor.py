@@ -43,7 +43,7 @@ class Kvm:
         with self.create_vm(VmConfig(mem_size=1 << 20, irqchip=True, pit=False)) as vm:
             vcpu = vm.create_vcpu(0)
             vcpu.setup(vcpu_cpuid(self.supported_cpuid, 0, 1))
-            return vcpu.get_cpuid()
+            return vcpu.cpuid
 
     @cached_property
     def msr_index_list(self) -> tuple[int, ...]:

@@ -47,7 +47,7 @@ class _Fd:
             fd, self._fd = self._fd, -1
             os.close(fd)
 
-    def __enter__(self):  # noqa: D105
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc: object) -> None:

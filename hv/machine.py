@@ -26,7 +26,15 @@ from hv._ffi import lib
 from hv.bus import Bus
 from hv.errors import DeviceFault, GuestFatalExit, HvError, LifecycleError
 from hv.exits import (
-    FATAL_EXITS, Hlt, Interrupted, IoIn, IoOut, MmioRead, MmioWrite, SystemEvent, VcpuExit,
+    FATAL_EXITS,
+    Hlt,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    SystemEvent,
+    VcpuExit,
 )
 from hv.vcpu import Vcpu
 from hv.vm import Vm
@@ -369,7 +377,7 @@ class Machine:
                         log.warning("vCPU %d: unhandled exit %s", vcpu.vcpu_id, ex)
         except HvError as e:
             self._fail(slot, e)
-        except Exception as e:  # noqa: BLE001 - thread boundary: a device bug must end the VM visibly
+        except Exception as e:
             self._fail(slot, DeviceFault(vcpu.vcpu_id, ex, e))
         finally:
             with self._cond:

@@ -44,7 +44,7 @@ class Segment:
     dpl: int
     db: int
     s: int
-    l: int  # noqa: E741 - the kernel's name (64-bit code segment)
+    l: int
     g: int
     avl: int
     unusable: int

@@ -16,12 +16,31 @@ from hv import structconv
 from hv._ffi import ffi, lib
 from hv.errors import KvmIoctlError, VcpuStateError
 from hv.exits import (
-    DebugExit, FailEntry, Hlt, InternalError, Interrupted, IoIn, IoOut, MmioRead, MmioWrite,
-    Shutdown, SystemEvent, UnknownExit, VcpuExit,
+    DebugExit,
+    FailEntry,
+    Hlt,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Shutdown,
+    SystemEvent,
+    UnknownExit,
+    VcpuExit,
 )
 from hv.kvm import VcpuFd, new_flexible
 from hv.state import (
-    CpuidEntry, DebugRegs, Fpu, Msr, Regs, Sregs, VcpuEvents, VcpuState, Xcr,
+    CpuidEntry,
+    DebugRegs,
+    Fpu,
+    Msr,
+    Regs,
+    Sregs,
+    VcpuEvents,
+    VcpuState,
+    Xcr,
 )
 
 if TYPE_CHECKING:
@@ -179,6 +198,15 @@ class Vcpu:
         for i, entry in enumerate(entries):
             structconv.to_struct(entry, cpuid.entries[i])
         self.fd.set_cpuid2(cpuid)
+        self._cpuid = None
+
+    @property
+    def cpuid(self) -> tuple[CpuidEntry, ...]:
+        """What the guest sees, read once after it was set. A vCPU ioctl waits while the vCPU is
+        inside KVM_RUN (KVM holds its mutex), so a running guest's CPUID is read from here."""
+        if getattr(self, "_cpuid", None) is None:
+            self._cpuid = self.get_cpuid()
+        return self._cpuid
 
     def get_cpuid(self) -> tuple[CpuidEntry, ...]:
         cpuid = self.fd.get_cpuid2()
@@ -187,6 +215,7 @@ class Vcpu:
     def setup(self, cpuid: Sequence[CpuidEntry], msrs: Sequence[Msr] = ()) -> None:
         """Give the vCPU its CPUID (mandatory before it runs) and initial MSR values."""
         self.set_cpuid(cpuid)
+        _ = self.cpuid  # read back now, while no thread runs the vCPU
         if msrs:
             self._set_msrs(msrs)
 
@@ -316,6 +345,7 @@ class Vcpu:
                 setters[part](getattr(state, part))
             except (KvmIoctlError, structconv.StructShapeError) as e:
                 raise VcpuStateError(self.vcpu_id, part, str(e)) from e
+        _ = self.cpuid  # read back before anyone runs the vCPU
 
     def close(self) -> None:
         self.fd.close()

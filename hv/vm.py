@@ -16,7 +16,12 @@ from hv.errors import ConfigError, MissingCapabilityError, SlotError, VcpuIdErro
 from hv.kvm import VmFd
 from hv.memory import GuestMemory, MemoryRegion, RamBacking
 from hv.state import (
-    ClockState, IoapicState, IrqchipState, PicState, PitChannelState, PitState, VmState,
+    ClockState,
+    IoapicState,
+    IrqchipState,
+    PicState,
+    PitState,
+    VmState,
 )
 from hv.vcpu import Vcpu
 

@@ -7,6 +7,7 @@ without hv knowing about migration; `migrate snapshot/send --api SOCK` call them
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any
 
 from hv.control import ControlContext, ControlError, ControlServer, Progress
@@ -29,12 +30,22 @@ def _migrate_send(ctx: ControlContext, args: dict[str, Any], progress: Progress)
     if not isinstance(args.get("to"), str):
         raise ControlError("BadRequest", "migrate-send needs 'to', the target's HOST:PORT")
     options = MigrationOptions.from_dict(args.get("options", {}))
-    stats = send(ctx.machine, args["to"], options, progress=progress)
+    cancel = ctx.extra["migration_cancel"] = threading.Event()
+    stats = send(ctx.machine, args["to"], options, progress=progress, cancel=cancel)
     if stats.outcome == "completed":
         ctx.finish(f"migrated to {args['to']}")
     return stats.as_dict()
 
 
+def _migrate_cancel(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
+    cancel = ctx.extra.get("migration_cancel")
+    if cancel is None:
+        raise ControlError("NotMigrating", "no migration has been started on this VM")
+    cancel.set()
+    return {"cancelled": True}
+
+
 def register(server: ControlServer) -> None:
-    server.register("snapshot", _snapshot)
-    server.register("migrate-send", _migrate_send)
+    server.register("snapshot", _snapshot, exclusive=True)
+    server.register("migrate-send", _migrate_send, exclusive=True)
+    server.register("migrate-cancel", _migrate_cancel)

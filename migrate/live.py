@@ -235,7 +235,7 @@ class _Sender:
         t0 = time.perf_counter()
         machine, vm, o = self.machine, self.machine.vm, self.options
         config = machine_config(machine)
-        cpuid = GuestCpuid(machine.vcpus[0].get_cpuid())
+        cpuid = GuestCpuid(machine.vcpus[0].cpuid)
         self.message(Hello(PROTOCOL_VERSION, f"{FORMAT_MAJOR}.{FORMAT_MINOR}", PRODUCER,
                            self.writer.header() + self.writer.config(config),
                            self.writer.layout(machine_layout(machine)), registry().encode(cpuid),

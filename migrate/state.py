@@ -142,7 +142,7 @@ def expected_layout(config: VmConfig) -> DeviceLayout:
 def machine_config(machine: Machine, **extra: object) -> MachineConfig:
     c = machine.vm.config
     return MachineConfig(c.mem_size, c.vcpus, c.irqchip, c.pit,
-                         cpuid_digest(machine.vcpus[0].get_cpuid()), **extra)
+                         cpuid_digest(machine.vcpus[0].cpuid), **extra)
 
 
 def capture(machine: Machine, config: MachineConfig | None = None) -> MachineState:

@@ -66,6 +66,15 @@ def test_hv_run_serves_the_socket_and_stops_on_request(tmp_path) -> None:
         assert call(sock, "status")["devices"] == ["debug-exit", "serial0"]
         call(sock, "pause")
         call(sock, "resume")
+        while True:  # the guest's memory, checked from outside its process
+            try:
+                check = call(sock, "guest-check")
+                break
+            except ControlError as e:
+                assert "status page not valid" in e.message  # still filling its working set
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert check["ok"] and check["passes"] >= 0, check
         call(sock, "stop")
         out, err = proc.communicate(timeout=20)
         assert proc.returncode == 0, err
