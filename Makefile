@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml setup.py hv/_kvm_build.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/hv run --mem 1G --ws 64 --passes 30
+	$(VENV)/bin/migrate demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,5 +1,25 @@
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 # test helper modules (tiny guests, etc.) import as top-level names
 sys.path.insert(0, str(Path(__file__).parent / "hv"))
+
+from hv.hypervisor import Kvm  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    # /dev/kvm exists on every machine this project runs on, CI included: a KVM test that cannot
+    # open it is a failure, not a skip.
+    if not os.path.exists("/dev/kvm"):
+        for item in items:
+            item.add_marker(pytest.mark.xfail(reason="/dev/kvm missing", strict=True))
+
+
+@pytest.fixture(scope="session")
+def kvm() -> Iterator[Kvm]:
+    with Kvm() as k:
+        yield k

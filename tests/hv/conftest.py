@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,20 +9,6 @@ from hv.hypervisor import Kvm
 from hv.vm import Vm, VmConfig
 
 MiB = 1 << 20
-
-
-def pytest_collection_modifyitems(config, items):
-    # /dev/kvm exists on every machine this project runs on, CI included: a KVM test that cannot
-    # open it is a failure, not a skip.
-    if not os.path.exists("/dev/kvm"):
-        for item in items:
-            item.add_marker(pytest.mark.xfail(reason="/dev/kvm missing", strict=True))
-
-
-@pytest.fixture(scope="session")
-def kvm() -> Iterator[Kvm]:
-    with Kvm() as k:
-        yield k
 
 
 @pytest.fixture
