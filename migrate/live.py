@@ -376,7 +376,8 @@ def send(machine: Machine, target: str | Connection, options: MigrationOptions |
         sender.pool.close()
         conn.close()
     machine.set_throttle(0)
-    machine.stop()  # the target runs the guest now
+    if stats.outcome == "completed":
+        machine.stop()  # the target runs the guest now
     return stats
 
 

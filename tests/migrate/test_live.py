@@ -1,0 +1,317 @@
+"""Live migration of the built-in guest on real KVM: between processes through the CLI, ping-pong,
+and every way it can fail (link cut mid-round and mid-stop-and-copy, target killed, cancel, no
+convergence), after which the guest runs on at the source with its memory intact."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hv import builtin_guest as bg
+from hv.builder import builtin_machine
+from hv.control import call
+from hv.hypervisor import Kvm
+from hv.machine import Machine, RunState
+from hv.vm import VmConfig
+from migrate.errors import MigrationFailed, TransportError
+from migrate.live import MigrationOptions, listen_and_receive, receive, send
+from migrate.protocol import Pages, State
+from migrate.transport import Connection, Listener, connect, decode
+
+MiB = 1 << 20
+CONFIG = VmConfig(mem_size=64 * MiB)
+
+
+def _source(kvm: Kvm, ws: int = 8, rate: int = 40) -> tuple[Machine, bg.GuestConsole]:
+    console = bg.GuestConsole()
+    machine = builtin_machine(kvm, bg.GuestParams(ws_mib=ws, rate_mib_s=rate), CONFIG, console)
+    machine.start()
+    console.wait_pass(1, timeout=30)
+    return machine, console
+
+
+class _Target:
+    """`receive` on a thread, as a target process would run it."""
+
+    def __init__(self, kvm: Kvm, wrap=None) -> None:
+        self.listener = Listener("127.0.0.1:0", b"")
+        self.console = bg.GuestConsole()
+        self.incoming = None
+        self.error: BaseException | None = None
+        self._wrap = wrap
+        self._thread = threading.Thread(target=self._run, args=(kvm,), daemon=True)
+        self._thread.start()
+
+    def _run(self, kvm: Kvm) -> None:
+        try:
+            conn = self.listener.accept(30)
+            if self._wrap:
+                conn = self._wrap(conn)
+            try:
+                self.incoming = receive(conn, kvm, console=self.console, timeout=30)
+            finally:
+                conn.close()
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            self.error = e
+        finally:
+            self.listener.close()
+
+    def join(self) -> None:
+        self._thread.join(60)
+        assert not self._thread.is_alive()
+
+
+def _assert_source_intact(machine: Machine, console: bg.GuestConsole) -> None:
+    """After a failed migration: the guest runs on here, with consistent memory."""
+    assert machine.state is RunState.RUNNING
+    assert machine.throttle == 0 and not machine.vm.dirty_logging
+    console.wait_pass(console.last_pass() + 1, timeout=20)
+    machine.pause()
+    assert bg.check_memory(machine.vm.memory).ok
+    machine.resume()
+
+
+def test_ping_pong_ten_times(kvm: Kvm) -> None:
+    machine, console = _source(kvm)
+    consoles, downtimes = [console], []
+    try:
+        for hop in range(10):
+            target = _Target(kvm)
+            target.console(consoles[-1].pending)  # the line in flight moves with the guest
+            stats = send(machine, target.listener.address, MigrationOptions(downtime_ms=300))
+            target.join()
+            assert stats.outcome == "completed", stats.reason
+            assert machine.state is RunState.STOPPED  # exactly one copy runs
+            machine.vm.close()
+            machine, console = target.incoming.machine, target.console
+            consoles.append(console)
+            downtimes.append(stats.downtime_ms)
+            before = bg.read_status(machine.vm.memory).passes
+            console.wait_pass(before + 1, timeout=20)
+        machine.pause()
+        check = bg.check_memory(machine.vm.memory)
+        assert check.ok, check
+    finally:
+        machine.stop()
+        machine.vm.close()
+    passes = [n for c in consoles for n in c.passes]
+    assert passes == sorted(set(passes)) and passes[0] == 1  # one counter, never repeated or lost
+    assert passes[-1] - passes[0] + 1 == len(passes)
+    assert len(downtimes) == 10
+
+
+def test_migration_between_processes_through_the_cli(tmp_path: Path) -> None:
+    source_api, target_api = tmp_path / "source.sock", tmp_path / "target.sock"
+    listener = Listener("127.0.0.1:0", b"")
+    port = listener.address.rsplit(":", 1)[1]
+    listener.close()
+    source = subprocess.Popen([sys.executable, "-m", "hv.cli", "run", "--mem", "64M", "--ws", "8", "--rate",
+                               "40", "--api", str(source_api)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    target = subprocess.Popen([sys.executable, "-m", "migrate.cli", "recv", "--listen", f"127.0.0.1:{port}",
+                               "--api", str(target_api), "--accept-timeout", "60"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not source_api.exists():
+            assert source.poll() is None and time.monotonic() < deadline, source.stderr.read()
+            time.sleep(0.05)
+        time.sleep(0.5)  # the target process is up and listening well within this
+        sent = subprocess.run([sys.executable, "-m", "migrate.cli", "send", "--api", str(source_api),
+                               "--to", f"127.0.0.1:{port}", "--json"], capture_output=True, text=True,
+                              timeout=120)
+        stats = json.loads(sent.stdout)
+        assert sent.returncode == 0 and stats["outcome"] == "completed", sent.stderr
+        assert stats["downtime_ms"] > 0 and stats["rounds"][0]["round"] == 0
+        assert source.wait(timeout=20) == 0  # the source stops once the target runs the guest
+        assert "migrated to" in source.stderr.read()
+        while not target_api.exists():
+            time.sleep(0.05)
+        passes_at = call(target_api, "guest-check")["passes"]
+        while (check := call(target_api, "guest-check"))["passes"] < passes_at + 2:
+            assert time.monotonic() < deadline + 60
+            time.sleep(0.05)
+        assert check["ok"], check
+        call(target_api, "stop")
+        assert target.wait(timeout=20) == 0
+    finally:
+        source.kill()
+        target.kill()
+
+
+def _cut_after(kind: type, count: int):
+    """A real connection that dies (socket shut) on receiving the `count`th message of `kind`."""
+
+    def wrap(conn: Connection) -> Connection:
+        seen = [0]
+        real_receive = conn.receive
+
+        def receive_then_cut(timeout=None):
+            message = real_receive(timeout)
+            if isinstance(message, kind):
+                seen[0] += 1
+                if seen[0] >= count:
+                    conn.close()
+                    raise TransportError("test: link cut")
+            return message
+
+        conn.receive = receive_then_cut
+        return conn
+
+    return wrap
+
+
+@pytest.mark.parametrize("cut", ["mid-round", "mid-stop-and-copy"])
+def test_link_cut_leaves_the_guest_running_at_the_source(kvm: Kvm, cut: str) -> None:
+    machine, console = _source(kvm, ws=32)
+    wrap = _cut_after(Pages, 2) if cut == "mid-round" else _cut_after(State, 1)
+    target = _Target(kvm, wrap)
+    try:
+        stats = send(machine, target.listener.address, MigrationOptions(timeout=10))
+        target.join()
+        assert stats.outcome == "failed" and "TransportError" in stats.reason
+        assert isinstance(target.error, TransportError) and target.incoming is None
+        _assert_source_intact(machine, console)
+    finally:
+        machine.stop()
+        machine.vm.close()
+
+
+def test_target_process_killed_mid_round(kvm: Kvm) -> None:
+    machine, console = _source(kvm, ws=32)
+    listener = Listener("127.0.0.1:0", b"")
+    address = listener.address
+    listener.close()
+    target = subprocess.Popen([sys.executable, "-m", "migrate.cli", "recv", "--listen", address,
+                               "--accept-timeout", "60"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening on" in target.stderr.readline()
+        killer = threading.Timer(0.5, target.send_signal, args=(signal.SIGKILL,))
+        killer.start()
+        # 16 MiB/s: round 0 alone takes two seconds, so the kill lands in it
+        stats = send(machine, address, MigrationOptions(bandwidth_mib_s=16, timeout=10))
+        killer.join()
+        assert stats.outcome == "failed", stats
+        _assert_source_intact(machine, console)
+    finally:
+        target.kill()
+        machine.stop()
+        machine.vm.close()
+
+
+def test_cancel_mid_migration(kvm: Kvm) -> None:
+    machine, console = _source(kvm, ws=32, rate=0)
+    target = _Target(kvm)
+    cancel = threading.Event()
+    try:
+        stats = send(machine, target.listener.address,
+                     MigrationOptions(bandwidth_mib_s=64, auto_converge=False, max_rounds=50),
+                     progress=lambda p: cancel.set() if p.get("round") == 1 else None, cancel=cancel)
+        target.join()
+        assert stats.outcome == "cancelled"
+        assert isinstance(target.error, MigrationFailed) and "cancelled" in str(target.error)
+        _assert_source_intact(machine, console)
+    finally:
+        machine.stop()
+        machine.vm.close()
+
+
+def test_non_converging_guest_fails_back_or_finishes_if_allowed(kvm: Kvm) -> None:
+    machine, console = _source(kvm, ws=48, rate=0)
+    options = MigrationOptions(bandwidth_mib_s=60, auto_converge=False, max_rounds=3, downtime_ms=50)
+    try:
+        target = _Target(kvm)
+        stats = send(machine, target.listener.address, options)
+        target.join()
+        assert stats.outcome == "failed" and "not converged" in stats.reason and len(stats.rounds) == 3
+        _assert_source_intact(machine, console)
+
+        target = _Target(kvm)
+        stats = send(machine, target.listener.address, MigrationOptions(
+            **{**options.__dict__, "finish_anyway": True}))
+        target.join()
+        assert stats.outcome == "completed"
+        assert stats.downtime_ms > 50  # the user allowed a longer downtime than the target
+        moved = target.incoming.machine
+        target.console.wait_pass(bg.read_status(moved.vm.memory).passes + 1, timeout=20)
+        moved.pause()
+        assert bg.check_memory(moved.vm.memory).ok
+        moved.stop()
+        moved.vm.close()
+    finally:
+        machine.stop()
+        machine.vm.close()
+
+
+def test_auto_converge_throttles_a_guest_that_outruns_the_link(kvm: Kvm) -> None:
+    machine, _ = _source(kvm, ws=48, rate=0)
+    target = _Target(kvm)
+    try:
+        stats = send(machine, target.listener.address,
+                     MigrationOptions(bandwidth_mib_s=60, downtime_ms=100, max_rounds=20))
+        target.join()
+        assert stats.outcome == "completed", stats.reason
+        assert stats.throttle_max >= 0.2
+        assert any(r.throttle > 0 for r in stats.rounds)
+        target.incoming.machine.stop()
+        target.incoming.machine.vm.close()
+    finally:
+        machine.stop()
+        machine.vm.close()
+
+
+def test_dry_run_checks_and_moves_nothing(kvm: Kvm) -> None:
+    machine, console = _source(kvm)
+    target = _Target(kvm)
+    try:
+        stats = send(machine, target.listener.address, MigrationOptions(dry_run=True))
+        target.join()
+        assert stats.outcome == "dry-run" and stats.pages_sent == 0
+        assert target.error is None and target.incoming.machine is None
+        assert machine.state is RunState.RUNNING
+    finally:
+        machine.stop()
+        machine.vm.close()
+
+
+def test_wrong_key_is_refused_before_any_message(kvm: Kvm) -> None:
+    listener = Listener("127.0.0.1:0", b"the right key")
+    result: dict[str, BaseException] = {}
+
+    def serve() -> None:
+        try:
+            listen_and_receive(listener, kvm, accept_timeout=10)
+        except BaseException as e:  # noqa: BLE001
+            result["error"] = e
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    with pytest.raises(TransportError, match="refused our authentication"):
+        connect(listener.address, b"a wrong key")
+    thread.join(10)
+    listener.close()
+    assert isinstance(result["error"], TransportError) and "authentication" in str(result["error"])
+
+
+def test_listening_off_loopback_needs_a_key() -> None:
+    with pytest.raises(TransportError, match="needs a key"):
+        Listener("0.0.0.0:0", b"")
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.integers(0, 255), body=st.binary(max_size=512))
+def test_hostile_frames_decode_to_a_message_or_a_transport_error(kind: int, body: bytes) -> None:
+    try:
+        decode(kind, body)
+    except TransportError:
+        pass
