@@ -1,0 +1,559 @@
+"""The peer's figures: QEMU's live migration and snapshot-to-file on kvmigrate's built-in guest.
+
+    .venv/bin/python tools/bench/bench_qemu.py [--quick | --runs N] [--json] [--only migrate|snapshot]
+                                               [--scenario NAME ...]
+
+Same guest image as tools/bench/bench_migrate.py (`hv.builtin_guest.guest_image()`, a Multiboot
+ELF32 booted with `-kernel`), same command line (`ws=.. rate=.. every=1 tsc_khz=<host> fill=random`),
+same scenario names (../shared/README.md), same result keys, so the two outputs line up.
+
+Live migration: a source and a target `qemu-system-x86_64` on loopback (`-incoming tcp:...`), driven
+over QMP. The source migrates once the guest printed `kvmig: pass 2`; `max-bandwidth` is lifted to
+10 GiB/s and `downtime-limit` set to 300 ms (kvmigrate's default) unless the variant says otherwise.
+A run that has not completed after 60 s is cancelled and counted as "no convergence". After
+completion the target's serial log must show a new `kvmig: pass` line: the guest kept going.
+
+Snapshot: the source is stopped, then migrated to `exec:cat > FILE` (QEMU 7.2 has no `file:`
+transport); restore is a fresh QEMU with `-incoming "exec:cat FILE"`, timed from process start to
+`query-status` running after `cont`. That includes QEMU's own start-up (about 50-100 ms here) and
+reads the file from the page cache.
+
+Numbers are printed, nothing is asserted. Each run holds at most one source and one target QEMU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from hv import builtin_guest as bg  # noqa: E402
+from hv.hypervisor import Kvm  # noqa: E402
+from hv.vm import VmConfig  # noqa: E402
+
+MiB, GiB = 1 << 20, 1 << 30
+QEMU = "qemu-system-x86_64"
+CONVERGENCE_TIMEOUT = 60.0  # seconds a live migration may take before it counts as not converging
+LIFTED_BANDWIDTH = 10 * GiB  # bytes/s; QEMU 7.2's default cap is 128 MiB/s
+DOWNTIME_LIMIT_MS = 300  # kvmigrate's default
+
+
+@dataclass(frozen=True)
+class Workload:
+    mem_mib: int
+    ws_mib: int
+    rate_mib_s: int  # 0: as fast as the guest can
+
+    def cmdline(self, tsc_khz: int) -> str:
+        return bg.GuestParams(ws_mib=self.ws_mib, rate_mib_s=self.rate_mib_s, every=1, tsc_khz=tsc_khz,
+                              fill="random").cmdline()
+
+
+@dataclass(frozen=True)
+class MigrationConfig:
+    max_bandwidth: int | None = LIFTED_BANDWIDTH  # None: keep QEMU's default cap
+    auto_converge: bool = False
+
+
+IDLE_1G, HOT256_100, HOT256_MAX, IDLE_4G = (Workload(1024, 1, 1), Workload(1024, 256, 100),
+                                           Workload(1024, 256, 0), Workload(4096, 1, 1))
+
+# name: (workload, migration settings); the first four are the shared scenario names
+MIGRATION_SCENARIOS: dict[str, tuple[Workload, MigrationConfig]] = {
+    "idle-1g": (IDLE_1G, MigrationConfig()),
+    "hot256-100": (HOT256_100, MigrationConfig()),
+    "hot256-max": (HOT256_MAX, MigrationConfig()),
+    "idle-4g": (IDLE_4G, MigrationConfig()),
+    "hot256-max+auto-converge": (HOT256_MAX, MigrationConfig(auto_converge=True)),
+    "hot256-100@default-cap": (HOT256_100, MigrationConfig(max_bandwidth=None)),
+}
+
+# named as bench_migrate.py's snapshots: memory and working set (rate 100 MiB/s when ws > 1)
+SNAPSHOT_SCENARIOS: dict[str, Workload] = {
+    "1g-ws1": Workload(1024, 1, 1),
+    "1g-ws256": Workload(1024, 256, 100),
+}
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+class BenchError(Exception):
+    """Root of this tool's errors."""
+
+
+class QmpError(BenchError):
+    """QEMU answered a QMP command with an error."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"QMP {command}: {error_class}: {desc}")
+        self.command, self.error_class, self.desc = command, error_class, desc
+
+
+class QmpClosedError(BenchError):
+    """The QMP socket closed (QEMU exited) while a reply was awaited."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__(f"QMP {command}: connection closed")
+        self.command = command
+
+
+class QemuExitedError(BenchError):
+    def __init__(self, role: str, returncode: int, stderr: str) -> None:
+        super().__init__(f"{role} QEMU exited with {returncode}: {stderr.strip()[-2000:]}")
+        self.role, self.returncode, self.stderr = role, returncode, stderr
+
+
+class GuestFailedError(BenchError):
+    def __init__(self, role: str, event: bg.GuestEvent) -> None:
+        super().__init__(f"guest on {role} QEMU failed: {event}")
+        self.role, self.event = role, event
+
+
+class WaitTimeoutError(BenchError):
+    def __init__(self, what: str, seconds: float) -> None:
+        super().__init__(f"timed out after {seconds:.0f} s waiting for {what}")
+        self.what, self.seconds = what, seconds
+
+
+# --- QMP ----------------------------------------------------------------------------------------
+
+
+class Qmp:
+    """A minimal QMP client: one JSON object per line; events are kept, not interpreted."""
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(str(path))
+        except OSError:
+            self.sock.close()
+            raise
+        self.reader = self.sock.makefile("rb")
+        self.events: list[dict] = []
+        self.greeting = self._read("greeting")
+        self.execute("qmp_capabilities")
+
+    def _read(self, command: str) -> dict:
+        line = self.reader.readline()
+        if not line:
+            raise QmpClosedError(command)
+        return json.loads(line)
+
+    def execute(self, command: str, **arguments) -> dict | list:
+        message = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        self.sock.sendall(json.dumps(message).encode() + b"\n")
+        while True:
+            reply = self._read(command)
+            if "event" in reply:
+                self.events.append(reply)
+            elif "error" in reply:
+                raise QmpError(command, reply["error"].get("class", "?"), reply["error"].get("desc", ""))
+            elif "return" in reply:
+                return reply["return"]
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+# --- one QEMU process ---------------------------------------------------------------------------
+
+
+class Qemu:
+    """A QEMU running the built-in guest, its serial output in a file, QMP on a unix socket.
+
+    Always used as a context manager: the process is killed (SIGKILL) on exit, whatever happened.
+    """
+
+    def __init__(self, role: str, workdir: Path, image: Path, workload: Workload, tsc_khz: int,
+                 incoming: str | None = None) -> None:
+        self.role = role
+        self.serial = workdir / f"{role}.serial"
+        self.qmp_path = workdir / f"{role}.qmp"
+        self.stderr_path = workdir / f"{role}.stderr"
+        args = [QEMU, "-enable-kvm", "-cpu", "max,-arch-capabilities", "-m", f"{workload.mem_mib}M",
+                "-display", "none", "-monitor", "none", "-no-reboot", "-nodefaults",
+                "-serial", f"file:{self.serial}",
+                "-device", "isa-debug-exit,iobase=0xf4,iosize=4",  # a failing guest ends QEMU
+                "-kernel", str(image), "-append", workload.cmdline(tsc_khz),
+                "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        if incoming is not None:
+            args += ["-incoming", incoming]
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+        self.qmp: Qmp | None = None
+        self.started = 0.0
+
+    def __enter__(self) -> Qemu:
+        self.started = time.perf_counter()
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=err)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.qmp is not None:
+            self.qmp.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait()
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise QemuExitedError(self.role, self.proc.returncode, self.stderr_path.read_text(errors="replace"))
+
+    def connect(self, timeout: float = 30.0) -> Qmp:
+        """Connects QMP, retrying while QEMU has not created its socket yet."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            try:
+                self.qmp = Qmp(self.qmp_path)
+                return self.qmp
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise WaitTimeoutError(f"{self.role} QMP socket", timeout) from None
+                time.sleep(0.005)
+
+    def guest_events(self) -> list[bg.GuestEvent]:
+        try:
+            text = self.serial.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        events = [bg.parse_line(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+        return [e for e in events if e is not None]
+
+    def passes(self) -> list[int]:
+        """Pass numbers printed so far; raises if the guest reported an error or a fault."""
+        numbers = []
+        for event in self.guest_events():
+            match event:
+                case bg.Pass(number=n):
+                    numbers.append(n)
+                case bg.GuestError() | bg.Fault():
+                    raise GuestFailedError(self.role, event)
+        return numbers
+
+    def wait_pass(self, number: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(n >= number for n in self.passes()):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise WaitTimeoutError(f"`kvmig: pass {number}` from the {self.role} guest", timeout)
+            time.sleep(0.02)
+
+    def wait_status(self, wanted: set[str], timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.qmp.execute("query-status")["status"]
+            if status in wanted:
+                return status
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise WaitTimeoutError(f"{self.role} status in {sorted(wanted)} (is {status})", timeout)
+            time.sleep(0.002)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def host_tsc_khz() -> int:
+    """The vCPU TSC rate KVM gives guests: what the guest needs to pace itself."""
+    with Kvm() as kvm, kvm.create_vm(VmConfig(mem_size=1 * MiB)) as vm:
+        return vm.create_vcpu(0).fd.get_tsc_khz()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pass_wait_timeout(workload: Workload) -> float:
+    # boot + first touch (~6 us/page) + a few passes at the guest's rate, generously
+    per_pass = workload.ws_mib / workload.rate_mib_s if workload.rate_mib_s else 1.0
+    return 60.0 + 4 * per_pass
+
+
+def wait_migration(qmp: Qmp, timeout: float) -> tuple[dict, float]:
+    """Polls query-migrate until a final status; returns it and the wall time from now."""
+    t0 = time.perf_counter()
+    while True:
+        info = qmp.execute("query-migrate")
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info, time.perf_counter() - t0
+        if time.perf_counter() - t0 > timeout:
+            return info, time.perf_counter() - t0
+        time.sleep(0.005)
+
+
+# --- live migration -----------------------------------------------------------------------------
+
+
+@dataclass
+class MigrationRun:
+    outcome: str  # "completed", "no convergence", "failed"
+    total_ms: float | None = None  # QEMU's total-time
+    downtime_ms: float | None = None
+    setup_ms: float | None = None
+    wall_ms: float | None = None  # migrate command to completed status seen, measured here
+    rounds: int | None = None  # ram.dirty-sync-count
+    sent_mib: float | None = None  # ram.transferred
+    zero_pages: int | None = None  # ram.duplicate
+    normal_pages: int | None = None  # ram.normal
+    throttle_max: int = 0  # cpu-throttle-percentage, highest seen (auto-converge)
+    guest_kept_going: bool | None = None
+    error: str | None = None
+
+
+def migrate_once(image: Path, tsc_khz: int, workload: Workload, config: MigrationConfig) -> MigrationRun:
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="bench-qemu-") as tmp:
+        workdir = Path(tmp)
+        with (Qemu("source", workdir, image, workload, tsc_khz) as source,
+              Qemu("target", workdir, image, workload, tsc_khz, incoming=f"tcp:127.0.0.1:{port}") as target):
+            src = source.connect()
+            target.connect()  # the target listens once its monitor is up
+            source.wait_pass(2, pass_wait_timeout(workload))
+            params = {"downtime-limit": DOWNTIME_LIMIT_MS}
+            if config.max_bandwidth is not None:
+                params["max-bandwidth"] = config.max_bandwidth
+            src.execute("migrate-set-parameters", **params)
+            if config.auto_converge:
+                src.execute("migrate-set-capabilities",
+                            capabilities=[{"capability": "auto-converge", "state": True}])
+            src.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
+            t0, throttle = time.perf_counter(), 0
+            while True:
+                info = src.execute("query-migrate")
+                throttle = max(throttle, info.get("cpu-throttle-percentage", 0))
+                status = info.get("status")
+                if status in ("completed", "failed", "cancelled"):
+                    break
+                if time.perf_counter() - t0 > CONVERGENCE_TIMEOUT:
+                    src.execute("migrate_cancel")
+                    rounds = info.get("ram", {}).get("dirty-sync-count")
+                    return MigrationRun("no convergence", rounds=rounds,
+                                        sent_mib=info.get("ram", {}).get("transferred", 0) / MiB,
+                                        throttle_max=throttle)
+                time.sleep(0.005)
+            wall_ms = (time.perf_counter() - t0) * 1000
+            if status != "completed":
+                return MigrationRun("failed", error=info.get("error-desc", status))
+            ram = info["ram"]
+            run = MigrationRun("completed", total_ms=info["total-time"], downtime_ms=info.get("downtime"),
+                               setup_ms=info.get("setup-time"), wall_ms=wall_ms,
+                               rounds=ram["dirty-sync-count"], sent_mib=ram["transferred"] / MiB,
+                               zero_pages=ram["duplicate"], normal_pages=ram["normal"], throttle_max=throttle)
+            # the target starts the guest itself (no -S); it must print a pass line of its own
+            target.wait_status({"running"}, timeout=30)
+            per_pass = workload.ws_mib / workload.rate_mib_s if workload.rate_mib_s else 1.0
+            try:
+                target.wait_pass(1, timeout=5 + 3 * per_pass)
+                run.guest_kept_going = True
+            except WaitTimeoutError:
+                run.guest_kept_going = False
+            return run
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise_migration(runs: list[MigrationRun]) -> dict:
+    done = [r for r in runs if r.outcome == "completed"]
+    row: dict = {"runs": len(runs), "completed": len(done)}
+    if done:
+        for key in ("total_ms", "downtime_ms", "setup_ms", "wall_ms", "rounds", "sent_mib", "zero_pages",
+                    "normal_pages"):
+            row[key] = _median([getattr(r, key) for r in done])
+        row["throttle_max"] = max(r.throttle_max for r in done)
+        row["guest_kept_going"] = all(r.guest_kept_going for r in done)
+    failed = [r.error for r in runs if r.outcome == "failed"]
+    if failed:
+        row["errors"] = failed
+    row["outcomes"] = [r.outcome for r in runs]
+    return row
+
+
+# --- snapshot to file ---------------------------------------------------------------------------
+
+
+@dataclass
+class SnapshotRun:
+    snapshot_ms: float  # QEMU's total-time for the migration to `exec:cat > FILE`
+    snapshot_wall_ms: float  # migrate command to completed status seen, measured here
+    file_mib: float
+    restore_to_running_ms: float  # QEMU process start to `running` after `cont`
+    restore_incoming_ms: float  # QEMU process start to the incoming migration done (status paused)
+    guest_kept_going: bool
+    zero_pages: int = 0
+    normal_pages: int = 0
+
+
+def snapshot_once(image: Path, tsc_khz: int, workload: Workload) -> SnapshotRun:
+    with tempfile.TemporaryDirectory(prefix="bench-qemu-") as tmp:
+        workdir = Path(tmp)
+        state = workdir / "state.bin"
+        with Qemu("source", workdir, image, workload, tsc_khz) as source:
+            src = source.connect()
+            source.wait_pass(2, pass_wait_timeout(workload))
+            src.execute("stop")
+            src.execute("migrate-set-parameters", **{"max-bandwidth": LIFTED_BANDWIDTH})
+            src.execute("migrate", uri=f"exec:cat > {state}")
+            info, wall = wait_migration(src, CONVERGENCE_TIMEOUT)
+            if info.get("status") != "completed":
+                raise BenchError(f"snapshot to file did not complete: {info}")
+        file_bytes = state.stat().st_size
+        with Qemu("restored", workdir, image, workload, tsc_khz, incoming=f"exec:cat {state}") as restored:
+            restored.connect()
+            restored.wait_status({"paused", "running"}, timeout=60)  # the state says paused: -S not needed
+            incoming_ms = (time.perf_counter() - restored.started) * 1000
+            restored.qmp.execute("cont")
+            restored.wait_status({"running"}, timeout=30)
+            running_ms = (time.perf_counter() - restored.started) * 1000
+            per_pass = workload.ws_mib / workload.rate_mib_s if workload.rate_mib_s else 1.0
+            try:
+                restored.wait_pass(1, timeout=5 + 3 * per_pass)
+                kept_going = True
+            except WaitTimeoutError:
+                kept_going = False
+        return SnapshotRun(snapshot_ms=info["total-time"], snapshot_wall_ms=wall * 1000,
+                           file_mib=file_bytes / MiB, restore_to_running_ms=running_ms,
+                           restore_incoming_ms=incoming_ms, guest_kept_going=kept_going,
+                           zero_pages=info["ram"]["duplicate"], normal_pages=info["ram"]["normal"])
+
+
+def summarise_snapshot(runs: list[SnapshotRun]) -> dict:
+    row: dict = {"runs": len(runs)}
+    for key in ("snapshot_ms", "snapshot_wall_ms", "file_mib", "restore_incoming_ms", "restore_to_running_ms",
+                "zero_pages", "normal_pages"):
+        row[key] = _median([getattr(r, key) for r in runs])
+    row["guest_kept_going"] = all(r.guest_kept_going for r in runs)
+    return row
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def _fmt(value, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}"
+
+
+def print_table(title: str, columns: list[tuple[str, str, int]], rows: dict[str, dict]) -> None:
+    """columns: (header, key, decimals); rows: scenario name -> summary."""
+    table = [["scenario"] + [h for h, _, _ in columns]]
+    for name, row in rows.items():
+        if row.get("completed", 1) == 0:
+            why = "no convergence in 60 s" if "no convergence" in row.get("outcomes", []) else "failed"
+            table.append([name, why] + [""] * (len(columns) - 1))
+        else:
+            table.append([name] + [_fmt(row.get(k), d) for _, k, d in columns])
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    print(f"\n{title}")
+    for i, r in enumerate(table):
+        print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+MIGRATION_COLUMNS = [("done", "completed", 0), ("total ms", "total_ms", 0), ("downtime ms", "downtime_ms", 0),
+                     ("setup ms", "setup_ms", 0), ("rounds", "rounds", 0), ("sent MiB", "sent_mib", 1),
+                     ("zero pages", "zero_pages", 0), ("normal pages", "normal_pages", 0),
+                     ("throttle %", "throttle_max", 0), ("kept going", "guest_kept_going", 0)]
+SNAPSHOT_COLUMNS = [("save ms", "snapshot_ms", 0), ("file MiB", "file_mib", 1),
+                    ("incoming done ms", "restore_incoming_ms", 0),
+                    ("restore-to-running ms", "restore_to_running_ms", 0), ("kept going", "guest_kept_going", 0)]
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one run each")
+    ap.add_argument("--runs", type=int, default=3, help="runs per scenario; medians are reported")
+    ap.add_argument("--json", action="store_true", help="print one JSON document instead of the tables")
+    ap.add_argument("--only", choices=("migrate", "snapshot"))
+    ap.add_argument("--scenario", action="append", metavar="NAME",
+                    choices=sorted(MIGRATION_SCENARIOS) + sorted(SNAPSHOT_SCENARIOS),
+                    help="run only these scenarios (repeatable)")
+    args = ap.parse_args()
+    runs = 1 if args.quick else args.runs
+    image, tsc_khz = bg.guest_image(), host_tsc_khz()
+    version = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    result: dict = {"qemu": version, "tsc_khz": tsc_khz, "runs": runs, "image": str(image),
+                    "settings": {"max_bandwidth": LIFTED_BANDWIDTH, "downtime_limit_ms": DOWNTIME_LIMIT_MS,
+                                 "convergence_timeout_s": CONVERGENCE_TIMEOUT}}
+    wanted = set(args.scenario or [])
+
+    if args.only in (None, "migrate"):
+        rows = {}
+        for name, (workload, config) in MIGRATION_SCENARIOS.items():
+            if wanted and name not in wanted:
+                continue
+            done: list[MigrationRun] = []
+            for i in range(runs):
+                run = migrate_once(image, tsc_khz, workload, config)
+                _progress(f"migrate {name} run {i + 1}/{runs}: {run.outcome}, total {_fmt(run.total_ms)} ms, "
+                          f"downtime {_fmt(run.downtime_ms)} ms, rounds {_fmt(run.rounds)}, "
+                          f"sent {_fmt(run.sent_mib, 1)} MiB, kept going {_fmt(run.guest_kept_going)}")
+                done.append(run)
+            rows[name] = summarise_migration(done) | {"raw": [asdict(r) for r in done],
+                                                      "workload": asdict(workload), "config": asdict(config)}
+        result["migrate"] = rows
+        if not args.json:
+            print_table(f"QEMU live migration ({version}; medians of {runs}; max-bandwidth "
+                        f"{LIFTED_BANDWIDTH // GiB} GiB/s unless @default-cap, downtime-limit {DOWNTIME_LIMIT_MS} ms)",
+                        MIGRATION_COLUMNS, rows)
+
+    if args.only in (None, "snapshot"):
+        rows = {}
+        for name, workload in SNAPSHOT_SCENARIOS.items():
+            if wanted and name not in wanted:
+                continue
+            done_s: list[SnapshotRun] = []
+            for i in range(runs):
+                run = snapshot_once(image, tsc_khz, workload)
+                _progress(f"snapshot {name} run {i + 1}/{runs}: save {run.snapshot_ms:.0f} ms, "
+                          f"file {run.file_mib:.1f} MiB, restore-to-running {run.restore_to_running_ms:.0f} ms")
+                done_s.append(run)
+            rows[name] = summarise_snapshot(done_s) | {"raw": [asdict(r) for r in done_s],
+                                                       "workload": asdict(workload)}
+        result["snapshot"] = rows
+        if not args.json:
+            print_table(f"QEMU snapshot to file (stopped guest, `exec:cat > FILE`; restore-to-running includes "
+                        f"QEMU start-up; medians of {runs})", SNAPSHOT_COLUMNS, rows)
+
+    if args.json:
+        print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
