@@ -130,9 +130,11 @@ class ControlServer:
         if self.path.exists():
             self.path.unlink()  # a stale socket from a previous run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(self.path))
-        os.chmod(self.path, 0o600)  # the socket can pause, stop and copy out the guest: owner only
+        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        sock.bind(str(staging))
+        os.chmod(staging, 0o600)  # the socket can pause, stop and copy out the guest: owner only
         sock.listen(4)
+        os.replace(staging, self.path)  # the path appears only once it accepts connections
         self._sock = sock
         self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
         self._thread.start()

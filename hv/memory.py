@@ -68,6 +68,23 @@ def _zero_page_pfns() -> tuple[int, int]:
     return small, (huge if huge != small else 0)
 
 
+def anonymous_ram(size: int, *, huge_pages: bool = True) -> mmap.mmap:
+    """Private anonymous memory for guest RAM. MAP_NORESERVE: a 4 GiB guest that touches
+    100 MiB costs 100 MiB.
+
+    `huge_pages` (as QEMU does) makes the *guest's* first touch of memory about 4x cheaper
+    (measured here: 200 MiB filled in 0.27 s instead of 1.1 s); KVM still tracks dirty memory per
+    4 KiB page while logging is on. Memory the *host* fills first (a restore, an incoming
+    migration) is better without: host-side first writes measured 0.66 s for 256 MiB with huge
+    pages, 0.19 s without.
+    """
+    ram = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | lib.MAP_NORESERVE)
+    advice = "MADV_HUGEPAGE" if huge_pages else "MADV_NOHUGEPAGE"
+    if hasattr(mmap, advice):
+        ram.madvise(getattr(mmap, advice))
+    return ram
+
+
 @dataclass(frozen=True)
 class RamBacking:
     """A caller's mapping for a RAM region. `anonymous` says it is private anonymous memory (its
@@ -76,6 +93,11 @@ class RamBacking:
 
     mapping: mmap.mmap
     anonymous: bool = False
+
+    @classmethod
+    def host_filled(cls, _guest_base: int, size: int) -> RamBacking:
+        """A `MemoryBacking` for RAM the host fills before the guest runs (see `anonymous_ram`)."""
+        return cls(anonymous_ram(size, huge_pages=False), anonymous=True)
 
 
 GuestAddress = NewType("GuestAddress", int)
@@ -115,14 +137,7 @@ class MemoryRegion:
         self.range = MemoryRange(guest_base, size)
         self.slot = slot
         self.readonly = readonly
-        # MAP_NORESERVE: a 4 GiB guest that touches 100 MiB costs 100 MiB.
-        self._map = backing or mmap.mmap(
-            -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | lib.MAP_NORESERVE
-        )
-        if backing is None and hasattr(mmap, "MADV_HUGEPAGE"):
-            # as QEMU does: huge pages make the guest's first touch of memory ~4x cheaper; KVM
-            # still tracks dirty memory per 4 KiB page while logging is on
-            self._map.madvise(mmap.MADV_HUGEPAGE)
+        self._map = backing or anonymous_ram(size)
         self._cbuf = ffi.from_buffer(self._map)
         self.host_address = int(ffi.cast("uintptr_t", self._cbuf))
         self.view = memoryview(self._map)

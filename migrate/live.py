@@ -43,7 +43,7 @@ from hv.dirty import PAGE_SIZE, DirtyBitmap
 from hv.errors import HvError
 from hv.hypervisor import Kvm
 from hv.machine import Machine, RunState
-from hv.memory import MemoryRegion
+from hv.memory import MemoryRegion, RamBacking
 from migrate import pages
 from migrate.errors import (
     IncompatibleError,
@@ -460,7 +460,7 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
         if hello.dry_run:
             take(conn.receive(timeout))  # the source's Cancel
             return incoming
-        machine = blank_machine(kvm, vm_config, console)
+        machine = blank_machine(kvm, vm_config, console, backing=RamBacking.host_filled)
         sink = pages.MemorySink(machine.vm.memory)
         while True:
             message = take(conn.receive(timeout))

@@ -359,7 +359,7 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
             staging.insert(MemoryRegion(base, len(mapping), slot=-1, backing=mapping))
     else:
         for base, length in vm_config.memory_layout():
-            staging.insert(MemoryRegion(base, length, slot=-1))
+            staging.insert(MemoryRegion(base, length, slot=-1, backing=RamBacking.host_filled(base, length)))
     sink = pages.MemorySink(staging)
     loaded = None
     for file_path, _ in chain:
@@ -399,7 +399,7 @@ def inspect(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
                             "base": config.base.path if config.base else None}
         scratch = GuestMemory()
         for base, length in vm_config.memory_layout():
-            scratch.insert(MemoryRegion(base, length, slot=-1))
+            scratch.insert(MemoryRegion(base, length, slot=-1, backing=RamBacking.host_filled(base, length)))
         expected = expected_layout(vm_config)
         loaded = _read_stream(path, expected, pages.MemorySink(scratch) if verify else None)
         result["layout"] = [{"id": d.device_id, "kind": d.kind, "pio": [str(r) for r in d.pio],
