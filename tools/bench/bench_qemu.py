@@ -24,6 +24,7 @@ Numbers are printed, nothing is asserted. Each run holds at most one source and 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import signal
 import socket
@@ -238,24 +239,38 @@ class Qemu:
         events = [bg.parse_line(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
         return [e for e in events if e is not None]
 
-    def passes(self) -> list[int]:
-        """Pass numbers printed so far; raises if the guest reported an error or a fault."""
-        numbers = []
+    def passes(self) -> list[bg.Pass]:
+        """Pass lines printed so far; raises if the guest reported an error or a fault."""
+        passes = []
         for event in self.guest_events():
             match event:
-                case bg.Pass(number=n):
-                    numbers.append(n)
+                case bg.Pass():
+                    passes.append(event)
                 case bg.GuestError() | bg.Fault():
                     raise GuestFailedError(self.role, event)
-        return numbers
+        return passes
 
     def wait_pass(self, number: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not any(n >= number for n in self.passes()):
+        while not any(p.number >= number for p in self.passes()):
             self.check_alive()
             if time.monotonic() > deadline:
                 raise WaitTimeoutError(f"`kvmig: pass {number}` from the {self.role} guest", timeout)
             time.sleep(0.02)
+
+    def check_memory(self) -> bg.WorkingSetCheck:
+        """Stops the guest and checks its working set bit for bit (status page and pages via pmemsave)."""
+        self.qmp.execute("stop")
+        status_file, ws_file = self.serial.with_suffix(".status"), self.serial.with_suffix(".ws")
+        self.qmp.execute("pmemsave", val=bg.STATUS_ADDR, size=64, filename=str(status_file))
+        status = bg.GuestStatus.from_bytes(status_file.read_bytes())
+        if not status.valid:
+            raise GuestFailedError(self.role, bg.GuestError("status page not valid after restore"))
+        self.qmp.execute("pmemsave", val=bg.WS_ADDR, size=status.ws_pages * bg.PAGE_SIZE, filename=str(ws_file))
+        try:
+            return bg.check_working_set(ws_file.read_bytes(), status.passes, status.fill_random)
+        finally:
+            ws_file.unlink()
 
     def wait_status(self, wanted: set[str], timeout: float) -> str:
         deadline = time.monotonic() + timeout
@@ -276,6 +291,16 @@ def host_tsc_khz() -> int:
     """The vCPU TSC rate KVM gives guests: what the guest needs to pace itself."""
     with Kvm() as kvm, kvm.create_vm(VmConfig(mem_size=1 * MiB)) as vm:
         return vm.create_vcpu(0).fd.get_tsc_khz()
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def pass_ms(passes: list[bg.Pass]) -> list[int]:
+    """Per-pass times: the guest's `ms=` is time since its working set was ready, so take steps."""
+    return [b.ms - a.ms for a, b in itertools.pairwise(passes) if b.number == a.number + 1]
 
 
 def free_port() -> int:
@@ -317,7 +342,10 @@ class MigrationRun:
     zero_pages: int | None = None  # ram.duplicate
     normal_pages: int | None = None  # ram.normal
     throttle_max: int = 0  # cpu-throttle-percentage, highest seen (auto-converge)
+    pass_ms_before: float | None = None  # the guest's own pass times (ms per working-set pass)
+    pass_ms_during: float | None = None  # ... on the source while it was being migrated
     guest_kept_going: bool | None = None
+    memory_ok: bool | None = None  # the target's working set passed the guest's consistency check
     error: str | None = None
 
 
@@ -337,6 +365,7 @@ def migrate_once(image: Path, tsc_khz: int, workload: Workload, config: Migratio
             if config.auto_converge:
                 src.execute("migrate-set-capabilities",
                             capabilities=[{"capability": "auto-converge", "state": True}])
+            before = source.passes()
             src.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
             t0, throttle = time.perf_counter(), 0
             while True:
@@ -348,18 +377,25 @@ def migrate_once(image: Path, tsc_khz: int, workload: Workload, config: Migratio
                 if time.perf_counter() - t0 > CONVERGENCE_TIMEOUT:
                     src.execute("migrate_cancel")
                     rounds = info.get("ram", {}).get("dirty-sync-count")
+                    during = source.passes()[len(before):]
                     return MigrationRun("no convergence", rounds=rounds,
                                         sent_mib=info.get("ram", {}).get("transferred", 0) / MiB,
-                                        throttle_max=throttle)
+                                        throttle_max=throttle,
+                                        pass_ms_before=_median(pass_ms(before)),
+                                        pass_ms_during=_median(pass_ms(before[-1:] + during)))
                 time.sleep(0.005)
             wall_ms = (time.perf_counter() - t0) * 1000
+            during = source.passes()[len(before):]
+            guest = {"pass_ms_before": _median(pass_ms(before)),
+                     "pass_ms_during": _median(pass_ms(before[-1:] + during))}
             if status != "completed":
                 return MigrationRun("failed", error=info.get("error-desc", status))
             ram = info["ram"]
             run = MigrationRun("completed", total_ms=info["total-time"], downtime_ms=info.get("downtime"),
                                setup_ms=info.get("setup-time"), wall_ms=wall_ms,
                                rounds=ram["dirty-sync-count"], sent_mib=ram["transferred"] / MiB,
-                               zero_pages=ram["duplicate"], normal_pages=ram["normal"], throttle_max=throttle)
+                               zero_pages=ram["duplicate"], normal_pages=ram["normal"], throttle_max=throttle,
+                               **guest)
             # the target starts the guest itself (no -S); it must print a pass line of its own
             target.wait_status({"running"}, timeout=30)
             per_pass = workload.ws_mib / workload.rate_mib_s if workload.rate_mib_s else 1.0
@@ -368,12 +404,8 @@ def migrate_once(image: Path, tsc_khz: int, workload: Workload, config: Migratio
                 run.guest_kept_going = True
             except WaitTimeoutError:
                 run.guest_kept_going = False
+            run.memory_ok = target.check_memory().ok
             return run
-
-
-def _median(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
 
 
 def summarise_migration(runs: list[MigrationRun]) -> dict:
@@ -381,10 +413,11 @@ def summarise_migration(runs: list[MigrationRun]) -> dict:
     row: dict = {"runs": len(runs), "completed": len(done)}
     if done:
         for key in ("total_ms", "downtime_ms", "setup_ms", "wall_ms", "rounds", "sent_mib", "zero_pages",
-                    "normal_pages"):
+                    "normal_pages", "pass_ms_before", "pass_ms_during"):
             row[key] = _median([getattr(r, key) for r in done])
         row["throttle_max"] = max(r.throttle_max for r in done)
         row["guest_kept_going"] = all(r.guest_kept_going for r in done)
+        row["memory_ok"] = all(r.memory_ok for r in done)
     failed = [r.error for r in runs if r.outcome == "failed"]
     if failed:
         row["errors"] = failed
@@ -402,7 +435,9 @@ class SnapshotRun:
     file_mib: float
     restore_to_running_ms: float  # QEMU process start to `running` after `cont`
     restore_incoming_ms: float  # QEMU process start to the incoming migration done (status paused)
+    restore_qmp_up_ms: float  # QEMU process start to its QMP answering: the start-up share
     guest_kept_going: bool
+    memory_ok: bool  # the restored working set passed the guest's consistency check
     zero_pages: int = 0
     normal_pages: int = 0
 
@@ -423,6 +458,7 @@ def snapshot_once(image: Path, tsc_khz: int, workload: Workload) -> SnapshotRun:
         file_bytes = state.stat().st_size
         with Qemu("restored", workdir, image, workload, tsc_khz, incoming=f"exec:cat {state}") as restored:
             restored.connect()
+            qmp_up_ms = (time.perf_counter() - restored.started) * 1000
             restored.wait_status({"paused", "running"}, timeout=60)  # the state says paused: -S not needed
             incoming_ms = (time.perf_counter() - restored.started) * 1000
             restored.qmp.execute("cont")
@@ -434,18 +470,21 @@ def snapshot_once(image: Path, tsc_khz: int, workload: Workload) -> SnapshotRun:
                 kept_going = True
             except WaitTimeoutError:
                 kept_going = False
+            memory_ok = restored.check_memory().ok
         return SnapshotRun(snapshot_ms=info["total-time"], snapshot_wall_ms=wall * 1000,
                            file_mib=file_bytes / MiB, restore_to_running_ms=running_ms,
-                           restore_incoming_ms=incoming_ms, guest_kept_going=kept_going,
+                           restore_incoming_ms=incoming_ms, restore_qmp_up_ms=qmp_up_ms, guest_kept_going=kept_going,
+                           memory_ok=memory_ok,
                            zero_pages=info["ram"]["duplicate"], normal_pages=info["ram"]["normal"])
 
 
 def summarise_snapshot(runs: list[SnapshotRun]) -> dict:
     row: dict = {"runs": len(runs)}
-    for key in ("snapshot_ms", "snapshot_wall_ms", "file_mib", "restore_incoming_ms", "restore_to_running_ms",
+    for key in ("snapshot_ms", "snapshot_wall_ms", "file_mib", "restore_qmp_up_ms", "restore_incoming_ms", "restore_to_running_ms",
                 "zero_pages", "normal_pages"):
         row[key] = _median([getattr(r, key) for r in runs])
     row["guest_kept_going"] = all(r.guest_kept_going for r in runs)
+    row["memory_ok"] = all(r.memory_ok for r in runs)
     return row
 
 
@@ -482,10 +521,15 @@ def print_table(title: str, columns: list[tuple[str, str, int]], rows: dict[str,
 MIGRATION_COLUMNS = [("done", "completed", 0), ("total ms", "total_ms", 0), ("downtime ms", "downtime_ms", 0),
                      ("setup ms", "setup_ms", 0), ("rounds", "rounds", 0), ("sent MiB", "sent_mib", 1),
                      ("zero pages", "zero_pages", 0), ("normal pages", "normal_pages", 0),
-                     ("throttle %", "throttle_max", 0), ("kept going", "guest_kept_going", 0)]
+                     ("throttle %", "throttle_max", 0),
+                     ("pass ms before", "pass_ms_before", 0), ("pass ms during", "pass_ms_during", 0),
+                     ("kept going", "guest_kept_going", 0),
+                     ("memory ok", "memory_ok", 0)]
 SNAPSHOT_COLUMNS = [("save ms", "snapshot_ms", 0), ("file MiB", "file_mib", 1),
+                    ("QMP up ms", "restore_qmp_up_ms", 0),
                     ("incoming done ms", "restore_incoming_ms", 0),
-                    ("restore-to-running ms", "restore_to_running_ms", 0), ("kept going", "guest_kept_going", 0)]
+                    ("restore-to-running ms", "restore_to_running_ms", 0), ("kept going", "guest_kept_going", 0),
+                     ("memory ok", "memory_ok", 0)]
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -523,7 +567,8 @@ def main() -> None:
                 run = migrate_once(image, tsc_khz, workload, config)
                 _progress(f"migrate {name} run {i + 1}/{runs}: {run.outcome}, total {_fmt(run.total_ms)} ms, "
                           f"downtime {_fmt(run.downtime_ms)} ms, rounds {_fmt(run.rounds)}, "
-                          f"sent {_fmt(run.sent_mib, 1)} MiB, kept going {_fmt(run.guest_kept_going)}")
+                          f"sent {_fmt(run.sent_mib, 1)} MiB, kept going {_fmt(run.guest_kept_going)}, "
+                          f"memory ok {_fmt(run.memory_ok)}")
                 done.append(run)
             rows[name] = summarise_migration(done) | {"raw": [asdict(r) for r in done],
                                                       "workload": asdict(workload), "config": asdict(config)}
