@@ -140,6 +140,7 @@ def builtin_machine(
     machine = multiboot_machine(kvm, image, "", config, console)
     if not params.tsc_khz:
         params = replace(params, tsc_khz=machine.vcpus[0].fd.get_tsc_khz())
+    params = replace(params, cpus=config.vcpus)
     # the command line is written after the vCPU exists, since it carries the vCPU's TSC rate
     multiboot.write_info(machine.vm.memory, f"{image.name} {params.cmdline()}")
     return machine

@@ -66,11 +66,12 @@ class GuestParams:
     passes: int = 0  # stop after N passes (0: run forever)
     tsc_khz: int = 0  # the guest paces itself by TSC; hv passes the vCPU's rate
     fill: str = "random"  # or "zero": only the counter bytes are non-zero
+    cpus: int = 1  # CPUs the guest starts (INIT/SIPI); the secondary ones drive the virtio devices
     extra: str = ""  # appended to the command line as is
 
     def cmdline(self) -> str:
         return (f"ws={self.ws_mib} rate={self.rate_mib_s} every={self.every} passes={self.passes} "
-                f"tsc_khz={self.tsc_khz} fill={self.fill} {self.extra}").strip()
+                f"tsc_khz={self.tsc_khz} fill={self.fill} cpus={self.cpus} {self.extra}").strip()
 
     @property
     def min_mem(self) -> int:
@@ -103,6 +104,26 @@ class Done:
 
 
 @dataclass(frozen=True)
+class CpuUp:
+    cpu: int
+
+
+@dataclass(frozen=True)
+class Devices:
+    cpu: int
+    blk: int  # MMIO base of each device the guest drives (0: none)
+    console: int
+    rng: int
+
+
+@dataclass(frozen=True)
+class DeviceRound:
+    cpu: int
+    round: int
+    ms: int
+
+
+@dataclass(frozen=True)
 class GuestError:
     message: str
 
@@ -115,7 +136,7 @@ class Fault:
     cr2: int
 
 
-GuestEvent = Boot | Ready | Pass | Done | GuestError | Fault
+GuestEvent = Boot | Ready | Pass | Done | CpuUp | Devices | DeviceRound | GuestError | Fault
 
 _KV = re.compile(r"(\w+)=(0x[0-9a-f]+|\d+)")
 
@@ -137,6 +158,12 @@ def parse_line(line: str) -> GuestEvent | None:
                 return Pass(int(rest.split()[0]), kv["ms"])
             case "done":
                 return Done(kv["passes"])
+            case "cpu":
+                return CpuUp(int(rest.split()[0]))
+            case "devices":
+                return Devices(kv["cpu"], kv["blk"], kv["console"], kv["rng"])
+            case "dev":
+                return DeviceRound(kv["cpu"], kv["round"], kv["ms"])
             case "error":
                 return GuestError(rest)
             case "fault":
@@ -228,17 +255,22 @@ class GuestStatus:
     tsc_last_pass: int
     rate_mib_s: int
     fill_random: bool
+    cpus_up: int = 0
+    cpu_work: tuple[int, ...] = (0, 0, 0, 0)  # per CPU: device rounds done (secondary CPUs)
 
     @classmethod
     def from_bytes(cls, page: bytes | memoryview) -> GuestStatus:
-        w = np.frombuffer(page, dtype="<u8", count=8)
+        w = np.frombuffer(page, dtype="<u8", count=STATUS_WORDS)
         return cls(int(w[0]) == STATUS_MAGIC, int(w[1]), int(w[2]), int(w[3]), int(w[4]), int(w[5]),
-                   int(w[6]), bool(w[7]))
+                   int(w[6]), bool(w[7]), int(w[8]), tuple(int(x) for x in w[9:13]))
+
+
+STATUS_WORDS = 13
 
 
 def read_status(memory) -> GuestStatus:
     """The status page, from a `GuestMemory` (or anything with `read(address, size)`)."""
-    return GuestStatus.from_bytes(memory.read(STATUS_ADDR, 64))
+    return GuestStatus.from_bytes(memory.read(STATUS_ADDR, STATUS_WORDS * 8))
 
 
 def expected_fill(first_page: int, count: int) -> np.ndarray:

@@ -8,6 +8,8 @@ created it returns, and closed by `close()` or the context manager.
 
 from __future__ import annotations
 
+import errno
+
 import os
 from typing import Any
 
@@ -249,13 +251,17 @@ class VcpuFd(_Fd):
 
     def run(self) -> int:
         """KVM_RUN. Returns 0, or -EINTR when a signal or immediate_exit interrupted it."""
-        ret = lib.kvmig_ioctl_int(self.fd, lib.KVM_RUN, 0)
-        if ret < 0:
+        while True:
+            ret = lib.kvmig_ioctl_int(self.fd, lib.KVM_RUN, 0)
+            if ret >= 0:
+                return ret
             err = ffi.errno
-            if err == 4:  # EINTR: kicked out of the guest; not an error
-                return -4
-            raise KvmIoctlError("KVM_RUN", err, self.kind)
-        return ret
+            if err == errno.EINTR:  # kicked out of the guest; not an error
+                return -errno.EINTR
+            if err != errno.EAGAIN:
+                raise KvmIoctlError("KVM_RUN", err, self.kind)
+            # EAGAIN: a secondary vCPU left its wait for INIT/SIPI (or was woken while waiting);
+            # api.rst has userspace simply enter again, as QEMU does.
 
     def _get(self, name: str, ctype: str) -> CData:
         obj = ffi.new(ctype)

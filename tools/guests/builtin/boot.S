@@ -13,14 +13,8 @@
     .align 4
     .long MB_MAGIC, MB_FLAGS, -(MB_MAGIC + MB_FLAGS)
 
-    .section .text.boot, "ax"
-    .code32
-    .globl _start
-_start:
-    cli
-    movl $boot_stack_top, %esp
-    movl %eax, mb_magic
-    movl %ebx, mb_info
+/* Paging (the assembled page tables), PAE, long mode: the same on every CPU. */
+.macro ENTER_LONG_MODE
     lgdt gdt_ptr
     movl %cr4, %eax
     orl $((1 << 5) | (1 << 9) | (1 << 10)), %eax /* PAE, OSFXSR, OSXMMEXCPT */
@@ -35,10 +29,61 @@ _start:
     andl $~(1 << 2), %eax /* EM off */
     orl $((1 << 31) | (1 << 1) | 1), %eax /* PG, MP, PE */
     movl %eax, %cr0
+.endm
+
+    .section .text.boot, "ax"
+    .code32
+    .globl _start
+_start:
+    cli
+    movl $boot_stack_top, %esp
+    movl %eax, mb_magic
+    movl %ebx, mb_info
+    ENTER_LONG_MODE
     ljmp $KERNEL_CS, $long_mode
+
+/* Secondary CPUs arrive here from the real-mode trampoline, in 32-bit protected mode. */
+    .globl ap_protected_mode
+ap_protected_mode:
+    movw $KERNEL_DS, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    ENTER_LONG_MODE
+    ljmp $KERNEL_CS, $ap_long_mode
 
     .code64
 long_mode:
+    call load_data_segments
+    movq $boot_stack_top, %rsp
+    call kernel_setup /* IDT gates, TSS descriptors, secondary CPUs started (INIT/SIPI) */
+    xorl %edi, %edi
+    call enter_cpu /* GDT, IDT, TSS of CPU 0 */
+    /* iretq to ring 3. IOPL stays 0: the TSS I/O bitmap grants every port (an IOPL set from an
+     * emulated ring 0 is not honoured on every host). Interrupts stay off in ring 3. */
+    movl mb_info, %edi
+    movq $user_stack_top, %rsi
+    movq $user_main, %rdx
+    jmp to_user
+
+ap_long_mode: /* data segments are loaded (protected mode did it); no stack yet */
+    movl $(LAPIC_BASE + 0x20), %eax /* LAPIC ID register: this CPU's number */
+    movl (%rax), %edi
+    shrl $24, %edi
+    movq %rdi, %rax
+    shlq $14, %rax
+    leaq ap_kernel_stacks + 16384(%rax), %rsp
+    call load_data_segments
+    pushq %rdi
+    call enter_cpu
+    popq %rdi
+    movq %rdi, %rax
+    shlq $14, %rax
+    leaq ap_user_stacks + 16384(%rax), %rsi
+    movq $ap_main, %rdx
+    jmp to_user
+
+load_data_segments:
     movw $KERNEL_DS, %ax
     movw %ax, %ds
     movw %ax, %es
@@ -46,20 +91,15 @@ long_mode:
     xorw %ax, %ax
     movw %ax, %fs
     movw %ax, %gs
-    movq $boot_stack_top, %rsp
-    call kernel_setup /* IDT gates and the TSS descriptor (their addresses are split bit fields) */
-    lgdt gdt_ptr
-    lidt idt_ptr
-    movw $TSS_SEL, %ax
-    ltr %ax
-    /* iretq to ring 3. IOPL stays 0: the TSS I/O bitmap grants every port (an IOPL set from an
-     * emulated ring 0 is not honoured on every host). Interrupts stay off in ring 3. */
-    movl mb_info, %edi
+    ret
+
+/* to_user(arg in rdi, stack in rsi, entry in rdx): iretq to ring 3 with interrupts off. */
+to_user:
     pushq $USER_DS
-    pushq $user_stack_top
+    pushq %rsi
     pushq $0x2
     pushq $USER_CS
-    pushq $user_main
+    pushq %rdx
     iretq
 
 /* Exception entry: vectors with an error code push it themselves; the others push 0. */
@@ -105,7 +145,8 @@ gdt:
     .quad 0x00CF92000000FFFF /* 0x10 kernel data */
     .quad 0x00CFF2000000FFFF /* 0x18 user data, DPL 3 */
     .quad 0x00AFFA000000FFFF /* 0x20 user code, 64-bit, DPL 3 */
-    .quad 0, 0               /* 0x28 TSS (16 bytes), filled by kernel_setup */
+    .quad 0x00CF9A000000FFFF /* 0x28 kernel code, 32-bit (the secondary CPUs' way up) */
+    .quad 0, 0, 0, 0, 0, 0, 0, 0 /* 0x30.. one 16-byte TSS per CPU, filled by kernel_setup */
 gdt_end:
 gdt_ptr:
     .word gdt_end - gdt - 1
@@ -138,8 +179,34 @@ pd:
     .set addr, addr + 0x200000
     .endr
 
+/* The secondary CPUs' first instructions: copied to TRAMPOLINE_ADDR (below 1 MiB, where a SIPI
+ * can start a CPU) and entered in real mode with CS = TRAMPOLINE_ADDR >> 4, IP = 0. */
+    .section .rodata
+    .code16
+    .globl trampoline_start, trampoline_end
+trampoline_start:
+    cli
+    movw %cs, %ax
+    movw %ax, %ds
+    lgdtl (trampoline_gdt_ptr - trampoline_start)
+    movl %cr0, %eax
+    orl $1, %eax
+    movl %eax, %cr0
+    ljmpl $KERNEL_CS32, $ap_protected_mode
+    .align 4
+trampoline_gdt_ptr:
+    .word gdt_end - gdt - 1
+    .long gdt
+trampoline_end:
+    .code64
+
     .section .bss
     .align 4096
+    .globl ap_kernel_stacks, ap_user_stacks
+ap_kernel_stacks:
+    .space 16384 * MAX_CPUS
+ap_user_stacks:
+    .space 16384 * MAX_CPUS
     .space 16384
     .globl boot_stack_top
 boot_stack_top:

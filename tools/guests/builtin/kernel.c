@@ -21,25 +21,70 @@ struct tss {
     u8 iomap_end;
 } __attribute__((packed, aligned(16)));
 
-static struct tss tss = {
-    .rsp = {(u64)0},
-    .iomap_base = __builtin_offsetof(struct tss, iomap),
-    .iomap_end = 0xFF,
-};
+#define TSS_INIT {.iomap_base = __builtin_offsetof(struct tss, iomap), .iomap_end = 0xFF}
+static struct tss tss[MAX_CPUS] = {TSS_INIT, TSS_INIT, TSS_INIT, TSS_INIT};
+
+extern u8 ap_kernel_stacks[];
+extern u8 trampoline_start[], trampoline_end[];
+extern u32 mb_info;
+
+struct descriptor_pointer {
+    u16 limit;
+    u64 base;
+} __attribute__((packed));
+
+static u32 cpus_wanted(void)
+{
+    const u32 *mbi = (const u32 *)(u64)mb_info;
+    if (!(mbi[0] & (1u << 2)))
+        return 1;
+    const char *v = find_arg((const char *)(u64)mbi[4], "cpus");
+    u64 n = v ? parse_u64(v, 0) : 1;
+    return n < 1 ? 1 : n > MAX_CPUS ? MAX_CPUS : (u32)n;
+}
+
+/* INIT, then SIPI: each secondary CPU starts in real mode at TRAMPOLINE_ADDR. */
+static void start_secondary_cpus(u32 cpus)
+{
+    volatile u32 *lapic = (volatile u32 *)LAPIC_BASE;
+    for (u8 *src = trampoline_start, *dst = (u8 *)TRAMPOLINE_ADDR; src < trampoline_end;)
+        *dst++ = *src++;
+    lapic[0xF0 / 4] = 0x1FF; /* spurious vector register: APIC software-enabled */
+    for (u32 cpu = 1; cpu < cpus; cpu++) {
+        lapic[0x310 / 4] = cpu << 24;
+        lapic[0x300 / 4] = 0x4500; /* INIT, level assert */
+        lapic[0x310 / 4] = cpu << 24;
+        lapic[0x300 / 4] = 0x4600 | (TRAMPOLINE_ADDR >> 12); /* STARTUP */
+    }
+}
 
 void kernel_setup(void)
 {
-    tss.rsp[0] = (u64)boot_stack_top; /* exceptions from ring 3 land on the boot stack */
-    u64 base = (u64)&tss, limit = sizeof(tss) - 1;
-    gdt[TSS_SEL / 8] = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (0x89ULL << 40) |
-                       (((limit >> 16) & 0xF) << 48) | (((base >> 24) & 0xFF) << 56);
-    gdt[TSS_SEL / 8 + 1] = base >> 32;
+    for (int cpu = 0; cpu < MAX_CPUS; cpu++) {
+        /* exceptions from ring 3 land on the CPU's ring-0 stack */
+        tss[cpu].rsp[0] = cpu == 0 ? (u64)boot_stack_top : (u64)ap_kernel_stacks + 16384ULL * (cpu + 1);
+        u64 base = (u64)&tss[cpu], limit = sizeof(tss[cpu]) - 1;
+        gdt[TSS_SEL(cpu) / 8] = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (0x89ULL << 40) |
+                                (((limit >> 16) & 0xF) << 48) | (((base >> 24) & 0xFF) << 56);
+        gdt[TSS_SEL(cpu) / 8 + 1] = base >> 32;
+    }
     for (int v = 0; v < 32; v++) {
         u64 h = exception_stubs[v];
         u64 *gate = (u64 *)(idt + 16 * v);
         gate[0] = (h & 0xFFFF) | ((u64)KERNEL_CS << 16) | (0x8EULL << 40) | ((h >> 16) << 48);
         gate[1] = h >> 32;
     }
+    u32 cpus = cpus_wanted();
+    if (cpus > 1)
+        start_secondary_cpus(cpus);
+}
+
+/* Per CPU: the shared IDT and the CPU's own TSS (ring-0 stack, I/O bitmap). */
+void enter_cpu(u64 cpu)
+{
+    struct descriptor_pointer idtr = {32 * 16 - 1, (u64)idt};
+    __asm__ volatile("lidt %0" ::"m"(idtr));
+    __asm__ volatile("ltr %w0" ::"r"((u16)TSS_SEL(cpu)));
 }
 
 struct exception_frame {

@@ -16,6 +16,11 @@
 #define KERNEL_DS      0x10
 #define USER_DS        0x1B
 #define USER_CS        0x23
-#define TSS_SEL        0x28
+#define KERNEL_CS32    0x28
+#define TSS_SEL(cpu)   (0x30 + 16 * (cpu))
+#define MAX_CPUS       4
+
+#define TRAMPOLINE_ADDR 0x7000 /* secondary CPUs start here (SIPI vector 0x07) */
+#define LAPIC_BASE     0xFEE00000
 
 #endif

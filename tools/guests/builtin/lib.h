@@ -32,6 +32,7 @@ void line_str(struct line *l, const char *s);
 void line_dec(struct line *l, u64 v);
 void line_hex(struct line *l, u64 v);
 void line_send(struct line *l); /* appends "\n", writes the line, resets it */
+void console_send(struct line *l); /* line_send under the lock every CPU's ring-3 code takes */
 
 void debug_exit(u32 code) __attribute__((noreturn));
 

@@ -9,6 +9,7 @@
  */
 #include "layout.h"
 #include "lib.h"
+#include "virtio.h"
 
 #define PAGE 4096ULL
 #define CHUNK_PAGES 16ULL /* rate pacing granularity: 64 KiB */
@@ -27,11 +28,24 @@ struct status {
     u64 tsc_last_pass; /* TSC at the end of the latest pass */
     u64 rate_mib_s;
     u64 fill_random;
+    u64 cpus_up;            /* CPUs running their ring-3 code */
+    u64 cpu_work[MAX_CPUS]; /* per secondary CPU: units of work done (device rounds or ticks) */
 };
 
 struct params {
     u64 ws_mib, rate, every, passes, tsc_khz, fill_random;
 };
+
+static volatile u32 console_lock;
+
+/* COM1 is shared by every CPU: one whole line at a time. */
+void console_send(struct line *l)
+{
+    while (__atomic_exchange_n(&console_lock, 1, __ATOMIC_ACQUIRE))
+        cpu_relax();
+    line_send(l);
+    __atomic_store_n(&console_lock, 0, __ATOMIC_RELEASE);
+}
 
 static u64 arg(const char *cmdline, const char *key, u64 dflt)
 {
@@ -44,7 +58,7 @@ static void fail(const char *why)
     struct line l = {0};
     line_str(&l, "kvmig: error ");
     line_str(&l, why);
-    line_send(&l);
+    console_send(&l);
     debug_exit(2);
 }
 
@@ -63,6 +77,25 @@ static void fill_page(u64 *page, u64 index)
         s ^= s << 17;
         page[w] = s;
     }
+}
+
+static struct params boot_params;
+static volatile u32 params_ready;
+
+/* A secondary CPU's ring-3 life: the device drivers' workload if there are devices, else ticks. */
+void ap_main(u64 cpu) __attribute__((noreturn));
+void ap_main(u64 cpu)
+{
+    volatile struct status *st = (volatile struct status *)STATUS_ADDR;
+    while (!__atomic_load_n(&params_ready, __ATOMIC_ACQUIRE))
+        cpu_relax();
+    __atomic_fetch_add(&st->cpus_up, 1, __ATOMIC_RELAXED);
+    struct line l = {0};
+    line_str(&l, "kvmig: cpu ");
+    line_dec(&l, cpu);
+    line_str(&l, " up");
+    console_send(&l);
+    device_workload(cpu, &st->cpu_work[cpu], boot_params.tsc_khz);
 }
 
 void user_main(u32 mbi_addr) __attribute__((noreturn));
@@ -93,7 +126,7 @@ void user_main(u32 mbi_addr)
     line_dec(&l, p.tsc_khz);
     line_str(&l, " mem_mib=");
     line_dec(&l, mem_mib);
-    line_send(&l);
+    console_send(&l);
 
     if (!p.every)
         p.every = 1;
@@ -105,7 +138,10 @@ void user_main(u32 mbi_addr)
         fail("rate needs tsc_khz");
 
     volatile struct status *st = (volatile struct status *)STATUS_ADDR;
+    boot_params = p;
+    __atomic_store_n(&params_ready, 1, __ATOMIC_RELEASE);
     u64 pages = p.ws_mib * 256;
+    __atomic_fetch_add(&st->cpus_up, 1, __ATOMIC_RELAXED);
     st->magic = 0;
     st->passes = 0;
     st->ws_pages = pages;
@@ -127,7 +163,7 @@ void user_main(u32 mbi_addr)
     line_dec(&l, pages);
     line_str(&l, " touch_ms=");
     line_dec(&l, ms_since(t0, &p));
-    line_send(&l);
+    console_send(&l);
 
     volatile u8 *ws = (volatile u8 *)WS_ADDR;
     u64 tsc_start = rdtsc(), paced = 0;
@@ -153,12 +189,12 @@ void user_main(u32 mbi_addr)
             line_dec(&l, pass);
             line_str(&l, " ms=");
             line_dec(&l, ms_since(tsc_start, &p));
-            line_send(&l);
+            console_send(&l);
         }
         if (p.passes && pass >= p.passes) {
             line_str(&l, "kvmig: done passes=");
             line_dec(&l, pass);
-            line_send(&l);
+            console_send(&l);
             debug_exit(0);
         }
     }
