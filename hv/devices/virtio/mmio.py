@@ -1,0 +1,454 @@
+"""The virtio-mmio transport (virtio 1.x, 4.2.2, register layout version 2) and its worker thread.
+
+One 4 KiB window per device:
+
+    0x000 MagicValue "virt"   0x004 Version (2)    0x008 DeviceID     0x00c VendorID
+    0x010 DeviceFeatures      0x014 DeviceFeaturesSel
+    0x020 DriverFeatures      0x024 DriverFeaturesSel
+    0x030 QueueSel  0x034 QueueNumMax  0x038 QueueNum  0x044 QueueReady
+    0x050 QueueNotify         0x060 InterruptStatus  0x064 InterruptACK  0x070 Status
+    0x080/0x084 QueueDesc lo/hi   0x090/0x094 QueueDriver lo/hi   0x0a0/0x0a4 QueueDevice lo/hi
+    0x0fc ConfigGeneration    0x100+ device configuration
+
+Notifications: with an in-kernel irqchip, KVM turns a guest write of queue index i to QueueNotify
+into a signal on queue i's eventfd (an ioeventfd with datamatch i), and a device worker thread
+waiting on those eventfds processes the queue. Without ioeventfds the write arrives as an MMIO
+exit and is processed inline on the vCPU thread. Interrupts: an irqfd on the device's GSI,
+written after the used ring moved, with InterruptStatus bit 0 set.
+
+Threads and the lock: register accesses (vCPU threads), the worker and host calls (pause, resume,
+console input) share one condition lock; queues are processed only while holding it and only
+while the device is not paused. A device starts paused: `Machine.start`/`resume` resume it, and
+`Machine.pause` pauses it after the vCPUs stopped, so a paused machine has no device touching
+guest memory. On resume every ready queue is looked at again, so a notification that arrived
+(or was consumed) while paused is never lost, and a restored device finishes what the source
+had made available but not processed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from hv.errors import GuestMemoryError, KvmIoctlError
+from hv.memory import GuestMemory
+
+from .errors import VirtioQueueError, VirtioStateError
+from .queue import QueueState, Virtqueue
+
+if TYPE_CHECKING:
+    from hv.vm import IoEventFdRegistration, Vm
+
+log = logging.getLogger(__name__)
+
+MMIO_WINDOW = 0x1000
+MAGIC_VALUE = 0x74726976  # "virt"
+MMIO_VERSION = 2
+VENDOR_ID = 0x554D4551  # "QEMU", as most virtio-mmio devices report
+
+# registers
+MAGIC, VERSION, DEVICE_ID, VENDOR = 0x000, 0x004, 0x008, 0x00C
+DEVICE_FEATURES, DEVICE_FEATURES_SEL = 0x010, 0x014
+DRIVER_FEATURES, DRIVER_FEATURES_SEL = 0x020, 0x024
+QUEUE_SEL, QUEUE_NUM_MAX, QUEUE_NUM, QUEUE_READY = 0x030, 0x034, 0x038, 0x044
+QUEUE_NOTIFY = 0x050
+INTERRUPT_STATUS, INTERRUPT_ACK = 0x060, 0x064
+STATUS = 0x070
+QUEUE_DESC_LOW, QUEUE_DESC_HIGH = 0x080, 0x084
+QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH = 0x090, 0x094
+QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH = 0x0A0, 0x0A4
+CONFIG_GENERATION = 0x0FC
+CONFIG = 0x100
+
+# device status bits
+STATUS_ACKNOWLEDGE = 1
+STATUS_DRIVER = 2
+STATUS_DRIVER_OK = 4
+STATUS_FEATURES_OK = 8
+STATUS_NEEDS_RESET = 0x40
+STATUS_FAILED = 0x80
+
+# InterruptStatus bits
+INT_USED_BUFFER = 1
+INT_CONFIG_CHANGE = 2
+
+VIRTIO_F_VERSION_1 = 1 << 32
+
+_ADDRESS_REGS = {
+    QUEUE_DESC_LOW: ("desc", 0), QUEUE_DESC_HIGH: ("desc", 32),
+    QUEUE_DRIVER_LOW: ("driver", 0), QUEUE_DRIVER_HIGH: ("driver", 32),
+    QUEUE_DEVICE_LOW: ("device", 0), QUEUE_DEVICE_HIGH: ("device", 32),
+}
+
+
+class VirtioBackend(Protocol):
+    """What a device type (blk, console, rng) gives the transport."""
+
+    device_id: int
+    features: int  # device feature bits besides VIRTIO_F_VERSION_1
+    queue_sizes: tuple[int, ...]  # QueueNumMax of each queue
+
+    def config(self) -> bytes: ...
+
+    def process(self, queue: Virtqueue) -> int:
+        """Consume what queue `queue.index` has available; returns how many chains were used."""
+        ...
+
+    def reset(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class VirtioMmioState:
+    """The transport registers and every queue's configuration and position."""
+
+    device_id: int
+    status: int = 0
+    device_features_sel: int = 0
+    driver_features_sel: int = 0
+    driver_features: int = 0  # all 64 bits the driver wrote
+    queue_sel: int = 0
+    interrupt_status: int = 0
+    config_generation: int = 0
+    queues: tuple[QueueState, ...] = ()
+
+
+class VirtioMmio:
+    """A virtio-mmio device: the register block over a backend, its queues and worker thread.
+
+    Subclasses (`VirtioBlk`, ...) name the backend and the state type: `save()` returns
+    `state_type(transport, backend_state)`.
+    """
+
+    state_type: ClassVar[type]
+
+    def __init__(self, backend: VirtioBackend, memory: GuestMemory) -> None:
+        self.backend = backend
+        self.memory = memory
+        self.queues = [Virtqueue(memory, i, n) for i, n in enumerate(backend.queue_sizes)]
+        self._regs = VirtioMmioState(backend.device_id, queues=())
+        self._cond = threading.Condition()
+        self._paused = True
+        self._parked = False
+        self._stopping = False
+        self._worker: threading.Thread | None = None
+        self._ctl_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.queue_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in self.queues]
+        self._irq_fd: int | None = None
+        self._vm: Vm | None = None
+        self._gsi: int | None = None
+        self._ioeventfds: list[IoEventFdRegistration] = []
+        self.interrupts = 0  # interrupts raised (for tests and stats)
+        self.last_error: str | None = None  # why the device last went to NEEDS_RESET
+
+    # --- KVM wiring -----------------------------------------------------------------------------
+
+    def connect(self, vm: Vm, mmio_base: int, gsi: int) -> None:
+        """Route QueueNotify writes at `mmio_base` to the queues' eventfds (ioeventfd, datamatch
+        = queue index) and interrupts to `gsi` (irqfd). Without an irqchip neither exists: the
+        notify arrives as an MMIO exit and the guest polls InterruptStatus."""
+        if not vm.has_irqchip:
+            return
+        self._vm, self._gsi = vm, gsi
+        for i, fd in enumerate(self.queue_fds):
+            self._ioeventfds.append(vm.register_ioeventfd(fd, mmio_base + QUEUE_NOTIFY, 4, datamatch=i))
+        self._irq_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        vm.register_irqfd(self._irq_fd, gsi)
+
+    def _interrupt(self, bits: int) -> None:
+        self._set(interrupt_status=self._regs.interrupt_status | bits)
+        self.interrupts += 1
+        if self._irq_fd is not None:
+            os.eventfd_write(self._irq_fd, 1)
+
+    # --- registers (vCPU threads) -------------------------------------------------------------
+
+    def _set(self, **changes: Any) -> None:
+        self._regs = replace(self._regs, **changes)
+
+    def _device_features(self) -> int:
+        return self.backend.features | VIRTIO_F_VERSION_1
+
+    def _queue(self) -> Virtqueue | None:
+        sel = self._regs.queue_sel
+        return self.queues[sel] if sel < len(self.queues) else None
+
+    def read(self, offset: int, size: int) -> int:
+        with self._cond:
+            if offset >= CONFIG:
+                cfg = self.backend.config()
+                start = offset - CONFIG
+                return int.from_bytes(cfg[start : start + size].ljust(size, b"\0"), "little")
+            return self._read_register(offset) & ((1 << (8 * size)) - 1)
+
+    def _read_register(self, offset: int) -> int:
+        r, q = self._regs, self._queue()
+        match offset:
+            case 0x000:
+                return MAGIC_VALUE
+            case 0x004:
+                return MMIO_VERSION
+            case 0x008:
+                return self.backend.device_id
+            case 0x00C:
+                return VENDOR_ID
+            case 0x010:
+                return (self._device_features() >> (32 * r.device_features_sel)) & 0xFFFF_FFFF \
+                    if r.device_features_sel < 2 else 0
+            case 0x034:
+                return q.max_size if q else 0
+            case 0x038:
+                return q.state.num if q else 0
+            case 0x044:
+                return int(q.state.ready) if q else 0
+            case 0x060:
+                return r.interrupt_status
+            case 0x070:
+                return r.status
+            case 0x0FC:
+                return r.config_generation
+            case _ if offset in _ADDRESS_REGS and q:
+                name, shift = _ADDRESS_REGS[offset]
+                return (getattr(q.state, name) >> shift) & 0xFFFF_FFFF
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset == QUEUE_NOTIFY:
+            self.notify(value)
+            return
+        with self._cond:
+            self._write_register(offset, value & 0xFFFF_FFFF)
+
+    def _write_register(self, offset: int, value: int) -> None:
+        r, q = self._regs, self._queue()
+        match offset:
+            case 0x014:
+                self._set(device_features_sel=value)
+            case 0x020 if r.driver_features_sel < 2 and not r.status & STATUS_FEATURES_OK:
+                shift = 32 * r.driver_features_sel
+                self._set(driver_features=(r.driver_features & ~(0xFFFF_FFFF << shift)) | (value << shift))
+            case 0x024:
+                self._set(driver_features_sel=value)
+            case 0x030:
+                self._set(queue_sel=value)
+            case 0x038 if q and not q.state.ready:
+                q.configure(num=value)
+            case 0x044 if q:
+                self._set_ready(q, bool(value & 1))
+            case 0x064:
+                self._set(interrupt_status=r.interrupt_status & ~value)
+            case 0x070:
+                self._write_status(value)
+            case _ if offset in _ADDRESS_REGS and q and not q.state.ready:
+                name, shift = _ADDRESS_REGS[offset]
+                old = getattr(q.state, name)
+                q.configure(**{name: (old & ~(0xFFFF_FFFF << shift)) | (value << shift)})
+
+    def _set_ready(self, q: Virtqueue, ready: bool) -> None:
+        if not ready:
+            q.configure(ready=False)
+            return
+        try:
+            q.check()
+        except VirtioQueueError as e:
+            self._needs_reset(e)
+            return
+        q.configure(ready=True)
+
+    def _write_status(self, value: int) -> None:
+        if value == 0:
+            self._reset()
+            return
+        r = self._regs
+        if value & STATUS_FEATURES_OK and not r.status & STATUS_FEATURES_OK:
+            offered = self._device_features()
+            if r.driver_features & ~offered or not r.driver_features & VIRTIO_F_VERSION_1:
+                value &= ~STATUS_FEATURES_OK  # the driver reads Status back and gives up
+        self._set(status=value | (r.status & STATUS_NEEDS_RESET))
+        if value & STATUS_DRIVER_OK:
+            self._kick_all()
+
+    def _reset(self) -> None:
+        for q in self.queues:
+            q.reset()
+        self.backend.reset()
+        self._regs = VirtioMmioState(self.backend.device_id, config_generation=self._regs.config_generation)
+        self.last_error = None
+
+    def _needs_reset(self, error: Exception) -> None:
+        log.warning("virtio device %d needs reset: %s", self.backend.device_id, error)
+        self.last_error = str(error)
+        self._set(status=self._regs.status | STATUS_NEEDS_RESET)
+        self._interrupt(INT_CONFIG_CHANGE)
+
+    # --- queue processing ---------------------------------------------------------------------
+
+    def notify(self, queue: int) -> None:
+        """A QueueNotify that came as an MMIO write (no ioeventfd): processed on this thread,
+        or left for the sweep on resume when paused."""
+        if queue >= len(self.queues):
+            return
+        self._process((queue,))
+
+    def _live(self) -> bool:
+        s = self._regs.status
+        return not self._paused and bool(s & STATUS_DRIVER_OK) and not s & (STATUS_NEEDS_RESET | STATUS_FAILED)
+
+    def _process(self, queues: tuple[int, ...] | list[int]) -> None:
+        with self._cond:
+            if not self._live():
+                return
+            used = 0
+            suppressed = True
+            try:
+                for i in queues:
+                    q = self.queues[i]
+                    if q.state.ready:
+                        n = self.backend.process(q)
+                        if n:
+                            used += n
+                            suppressed = suppressed and q.interrupt_suppressed()
+            except (VirtioQueueError, GuestMemoryError) as e:
+                self._needs_reset(e)
+                return
+            if used and not suppressed:
+                self._interrupt(INT_USED_BUFFER)
+
+    def kick(self, queue: int) -> None:
+        """Have the worker look at `queue` (from a host thread, e.g. console input arriving)."""
+        os.eventfd_write(self.queue_fds[queue], 1)
+
+    def _kick_all(self) -> None:
+        for fd in self.queue_fds:
+            os.eventfd_write(fd, 1)
+
+    def _worker_loop(self) -> None:
+        fds = [self._ctl_fd, *self.queue_fds]
+        while True:
+            with self._cond:
+                while self._paused and not self._stopping:
+                    self._parked = True
+                    self._cond.notify_all()
+                    self._cond.wait()
+                self._parked = False
+                if self._stopping:
+                    return
+            readable, _, _ = select.select(fds, [], [])
+            kicked = []
+            for fd in readable:
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    continue  # another reader (a racing sweep) took it
+                if fd != self._ctl_fd:
+                    kicked.append(self.queue_fds.index(fd))
+            if kicked:
+                try:
+                    self._process(sorted(kicked))
+                except Exception as e:  # noqa: BLE001 - the thread boundary: a device bug must
+                    with self._cond:    # not end the worker silently (as Machine's DeviceFault)
+                        self._needs_reset(e)
+
+    # --- lifecycle (called by Machine after/before its vCPUs) ---------------------------------
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Stop processing: when this returns no queue work is running nor will start."""
+        with self._cond:
+            self._paused = True
+            os.eventfd_write(self._ctl_fd, 1)
+            worker = self._worker
+            if worker is not None and worker.is_alive() and worker is not threading.current_thread():
+                if not self._cond.wait_for(lambda: self._parked or not worker.is_alive(), timeout):
+                    raise VirtioStateError(type(self).__name__, "worker", "parked", "still running")
+
+    def resume(self) -> None:
+        """Start (or restart) the worker and look at every queue again."""
+        with self._cond:
+            if self._stopping:
+                return
+            self._paused = False
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._worker_loop, daemon=True,
+                                                name=f"virtio-{self.backend.device_id}")
+                self._worker.start()
+            self._cond.notify_all()
+        self._kick_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def worker_parked(self) -> bool:
+        return self._parked
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the worker, take the eventfds back from KVM and close them, close the backend."""
+        with self._cond:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._paused = True
+            self._cond.notify_all()
+            os.eventfd_write(self._ctl_fd, 1)
+        if self._worker is not None and self._worker is not threading.current_thread():
+            self._worker.join(timeout)
+        if self._vm is not None:
+            try:
+                for reg in self._ioeventfds:
+                    self._vm.unregister_ioeventfd(reg)
+                if self._irq_fd is not None:
+                    self._vm.unregister_irqfd(self._irq_fd, self._gsi)
+            except KvmIoctlError as e:  # the VM is already closed: its registrations went with it
+                log.debug("virtio: eventfds not unregistered: %s", e)
+        for fd in (self._ctl_fd, *self.queue_fds, *((self._irq_fd,) if self._irq_fd is not None else ())):
+            os.close(fd)
+        self._ioeventfds, self._irq_fd = [], None
+        self.backend.close()
+
+    # --- state --------------------------------------------------------------------------------
+
+    def save_transport(self) -> VirtioMmioState:
+        with self._cond:
+            return replace(self._regs, queues=tuple(q.state for q in self.queues))
+
+    def save(self) -> Any:
+        with self._cond:
+            return self.state_type(self.save_transport(), self.backend.save())
+
+    def restore(self, state: Any) -> None:
+        """Validate everything first, then apply; a live device then processes what was left."""
+        name = type(self).__name__
+        if not isinstance(state, self.state_type):
+            raise VirtioStateError(name, "type", self.state_type.__name__, type(state).__name__)
+        t = state.transport
+        if t.device_id != self.backend.device_id:
+            raise VirtioStateError(name, "device_id", self.backend.device_id, t.device_id)
+        if len(t.queues) != len(self.queues):
+            raise VirtioStateError(name, "queues", len(self.queues), len(t.queues))
+        scratch = [Virtqueue(self.memory, i, q.max_size) for i, q in enumerate(self.queues)]
+        for vq, qs in zip(scratch, t.queues, strict=True):
+            for f in fields(QueueState):
+                if not isinstance(getattr(qs, f.name), int):
+                    raise VirtioStateError(name, f"queues[{vq.index}].{f.name}", "an int",
+                                           getattr(qs, f.name))
+            if qs.ready:
+                vq.state = qs
+                try:
+                    vq.check()
+                except VirtioQueueError as e:
+                    raise VirtioStateError(name, f"queues[{vq.index}]", "a usable queue", str(e)) from None
+        self.backend.check_state(state.backend)
+        with self._cond:
+            self.backend.restore(state.backend)
+            self._regs = replace(t, queues=())
+            for q, qs in zip(self.queues, t.queues, strict=True):
+                q.state = qs
+        if not self._paused:
+            self._kick_all()

@@ -1,0 +1,67 @@
+"""virtio-rng (device ID 4): one request queue whose writable buffers are filled from os.urandom."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from hv.memory import GuestMemory
+
+from .mmio import VirtioMmio, VirtioMmioState
+from .queue import Virtqueue
+
+VIRTIO_ID_RNG = 4
+QUEUE_SIZE = 64
+MAX_REQUEST = 64 << 10  # bytes given per buffer chain: a huge guest buffer costs no huge urandom
+
+
+@dataclass(frozen=True)
+class RngState:
+    """virtio-rng keeps nothing besides its queue."""
+
+
+@dataclass(frozen=True)
+class VirtioRngState:
+    transport: VirtioMmioState
+    backend: RngState
+
+
+class RngBackend:
+    device_id = VIRTIO_ID_RNG
+    features = 0
+    queue_sizes = (QUEUE_SIZE,)
+
+    def config(self) -> bytes:
+        return b""
+
+    def process(self, queue: Virtqueue) -> int:
+        used = 0
+        while (chain := queue.pop()) is not None:
+            n = queue.write_chain(chain, os.urandom(min(chain.writable_len, MAX_REQUEST)))
+            queue.push_used(chain.head, n)
+            used += 1
+        return used
+
+    def reset(self) -> None:
+        pass
+
+    def save(self) -> RngState:
+        return RngState()
+
+    def check_state(self, state: RngState) -> None:
+        pass
+
+    def restore(self, state: RngState) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class VirtioRng(VirtioMmio):
+    """A virtio entropy device on virtio-mmio."""
+
+    state_type = VirtioRngState
+
+    def __init__(self, memory: GuestMemory) -> None:
+        super().__init__(RngBackend(), memory)
