@@ -120,11 +120,32 @@ def test_checker_finds_a_corrupted_page(running) -> None:
     assert check.bad_fill == (77,) and 1000 in check.bad_counters
 
 
-def test_state_moves_to_a_second_vm_which_carries_on_identically(kvm: Kvm) -> None:
+def test_secondary_cpus_start_by_init_sipi_and_run_alongside(kvm: Kvm) -> None:
+    console = bg.GuestConsole()
+    machine = builtin_machine(kvm, bg.GuestParams(ws_mib=8, rate_mib_s=40), VmConfig(mem_size=64 * MiB, vcpus=3),
+                              console)
+    try:
+        machine.start()
+        console.wait_pass(2, timeout=20)
+        ups = {e.cpu for _, e in console.events if isinstance(e, bg.CpuUp)}
+        assert ups == {1, 2}
+        first = bg.read_status(machine.vm.memory)
+        console.wait_pass(first.passes + 1, timeout=5)
+        later = bg.read_status(machine.vm.memory)
+        assert later.cpus_up == 3
+        assert all(b > a > 0 for a, b in zip(first.cpu_work[1:3], later.cpu_work[1:3], strict=True))
+    finally:
+        machine.stop()
+        machine.vm.close()
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_state_moves_to_a_second_vm_which_carries_on_identically(kvm: Kvm, vcpus: int) -> None:
     params = bg.GuestParams(ws_mib=8, rate_mib_s=40, passes=8)
+    config = VmConfig(mem_size=64 * MiB, vcpus=vcpus)
     source_console, target_console = bg.GuestConsole(), bg.GuestConsole()
-    source = builtin_machine(kvm, params, CONFIG, source_console)
-    target = builtin_machine(kvm, params, CONFIG, target_console)
+    source = builtin_machine(kvm, params, config, source_console)
+    target = builtin_machine(kvm, params, config, target_console)
     try:
         source.start()
         source_console.wait_pass(2, timeout=20)
@@ -139,7 +160,8 @@ def test_state_moves_to_a_second_vm_which_carries_on_identically(kvm: Kvm) -> No
             dst.restore(src.snapshot())
         for device_id, device in source.devices.items():
             target.devices[device_id].restore(device.save())
-        resumed_at = bg.read_status(source.vm.memory).passes
+        saved = bg.read_status(source.vm.memory)
+        resumed_at = saved.passes
 
         target.start()
         source.resume()
@@ -152,6 +174,8 @@ def test_state_moves_to_a_second_vm_which_carries_on_identically(kvm: Kvm) -> No
             assert bg.check_memory(vm.memory).ok
         ws = slice(bg.WS_ADDR, bg.WS_ADDR + 8 * MiB)
         assert source.vm.memory.regions[0].view[ws] == target.vm.memory.regions[0].view[ws]
+        if vcpus == 2:  # the secondary CPU carried on from where it was, too
+            assert bg.read_status(target.vm.memory).cpu_work[1] > saved.cpu_work[1] > 0
     finally:
         for m in (source, target):
             m.stop()
