@@ -3,6 +3,7 @@ incremental chains restore bit for bit; mismatches and corruption are refused be
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -217,3 +218,37 @@ def test_snapshot_restore_snapshot_gives_identical_state(kvm: Kvm, tmp_path_fact
     assert [m for m in a.msrs if m.index not in time_msrs] == [m for m in b.msrs if m.index not in time_msrs]
     assert first.devices == second.devices and first.layout == second.layout
     assert first.vm.irqchip == second.vm.irqchip
+
+
+def test_snapshot_and_inspect_through_the_cli(tmp_path) -> None:
+    api = tmp_path / "vm.sock"
+    vm = subprocess.Popen([sys.executable, "-m", "hv.cli", "run", "--mem", "64M", "--ws", "8", "--rate", "40",
+                           "--api", str(api)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not api.exists():
+            assert vm.poll() is None and time.monotonic() < deadline, vm.stderr.read()
+            time.sleep(0.05)
+        cli = [sys.executable, "-m", "migrate.cli"]
+        base = subprocess.run(cli + ["snapshot", "--api", str(api), "--out", str(tmp_path / "s0"), "--track-dirty",
+                                     "--json"], capture_output=True, text=True, timeout=60)
+        assert base.returncode == 0, base.stderr
+        time.sleep(0.3)
+        inc = subprocess.run(cli + ["snapshot", "--api", str(api), "--out", str(tmp_path / "s1"),
+                                    "--incremental-from", str(tmp_path / "s0"), "--json"],
+                             capture_output=True, text=True, timeout=60)
+        assert inc.returncode == 0, inc.stderr
+        assert json.loads(inc.stdout)["kind"] == "incremental"
+        assert json.loads(inc.stdout)["pages"] < json.loads(base.stdout)["pages"]
+        shown = subprocess.run(cli + ["inspect", str(tmp_path / "s0"), "--json"], capture_output=True, text=True,
+                               timeout=60)
+        report = json.loads(shown.stdout)
+        assert shown.returncode == 0 and report["verified"] and report["digest"] == "verified"
+        assert [d["id"] for d in report["layout"]] == ["debug-exit", "serial0"]
+        (tmp_path / "s0").write_bytes((tmp_path / "s0").read_bytes()[:-10])
+        broken = subprocess.run(cli + ["inspect", str(tmp_path / "s0"), "--json"], capture_output=True, text=True,
+                                timeout=60)
+        assert broken.returncode == 1 and json.loads(broken.stdout)["error"]["type"] == "TruncatedError"
+        call(api, "stop")
+    finally:
+        vm.kill()
