@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -11,9 +11,11 @@ from hv.boot import linux, multiboot
 from hv.cpuid import vcpu_cpuid
 from hv.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from hv.devices.serial import COM1_IRQ, COM1_PORT, SerialTx
+from hv.devices.virtio import MMIO_WINDOW, VirtioBlk, VirtioConsole, VirtioRng
 from hv.errors import ConfigError
 from hv.hypervisor import Kvm
 from hv.machine import DevicePlacement, Machine, StopReason
+from hv.platform.allocator import SystemAllocator
 from hv.vm import MemoryBacking, Vm, VmConfig
 
 
@@ -46,10 +48,87 @@ STANDARD_DEVICES = (
 )
 
 
-def standard_layout() -> tuple[DevicePlacement, ...]:
-    """The device placements `blank_machine` produces, sorted by id as `Machine.device_layout`."""
-    return tuple(sorted((DevicePlacement(d.device_id, d.kind, (d.pio,), (), d.irqs)
-                         for d in STANDARD_DEVICES), key=lambda p: p.device_id))
+@dataclass(frozen=True)
+class VirtioDevice:
+    device_id: str
+    kind: str  # the model's class name
+
+
+# The optional virtio-mmio devices, in slot order: the selected ones take consecutive 4 KiB
+# windows from 0xD0000000 and IRQs from the system allocator, so the guest finds them by scanning
+# 0xD0000000 + i * 0x1000 for the magic value. A selection (device ids) fully determines the layout.
+VIRTIO_DEVICES = (
+    VirtioDevice("virtio-blk0", VirtioBlk.__name__),
+    VirtioDevice("virtio-console0", VirtioConsole.__name__),
+    VirtioDevice("virtio-rng0", VirtioRng.__name__),
+)
+
+
+def virtio_layout(selected: Iterable[str]) -> tuple[DevicePlacement, ...]:
+    """Where the selected virtio devices go, in slot order; plain data, no KVM needed."""
+    chosen = set(selected)
+    unknown = chosen - {d.device_id for d in VIRTIO_DEVICES}
+    if unknown:
+        raise ConfigError("virtio", sorted(unknown), f"not one of {[d.device_id for d in VIRTIO_DEVICES]}")
+    alloc = SystemAllocator.x86()
+    alloc.irqs.reserve(COM1_IRQ, "serial0")
+    placements = []
+    for d in VIRTIO_DEVICES:
+        if d.device_id in chosen:
+            window = alloc.mmio.allocate(MMIO_WINDOW, d.device_id, align=MMIO_WINDOW)
+            irq = alloc.irqs.allocate(d.device_id)
+            placements.append(DevicePlacement(d.device_id, d.kind, (), ((window.base, window.size),), (irq,)))
+    return tuple(placements)
+
+
+def standard_layout(virtio: Iterable[str] = ()) -> tuple[DevicePlacement, ...]:
+    """The device placements `blank_machine` produces (with the virtio device ids `virtio`),
+    sorted by id as `Machine.device_layout`."""
+    legacy = (DevicePlacement(d.device_id, d.kind, (d.pio,), (), d.irqs) for d in STANDARD_DEVICES)
+    return tuple(sorted((*legacy, *virtio_layout(virtio)), key=lambda p: p.device_id))
+
+
+@dataclass(frozen=True)
+class VirtioConfig:
+    """Which virtio devices a machine has, and their host-side ends."""
+
+    disk: Path | None = None
+    disk_readonly: bool = False
+    console_out: Callable[[bytes], None] | None = None
+    rng: bool = False
+
+    def device_ids(self) -> tuple[str, ...]:
+        chosen = {"virtio-blk0": self.disk is not None, "virtio-console0": self.console_out is not None,
+                  "virtio-rng0": self.rng}
+        return tuple(d.device_id for d in VIRTIO_DEVICES if chosen[d.device_id])
+
+
+def add_virtio_devices(
+    machine: Machine, disk: Path | None = None, disk_readonly: bool = False,
+    console_out: Callable[[bytes], None] | None = None, rng: bool = False,
+) -> tuple[DevicePlacement, ...]:
+    """Add virtio-blk (a file), virtio-console (output to `console_out`) and virtio-rng, those
+    asked for, in that order at consecutive slots (`virtio_layout`), wired to KVM."""
+    config = VirtioConfig(disk, disk_readonly, console_out, rng)
+    memory = machine.vm.memory
+    added = []
+    for placement in virtio_layout(config.device_ids()):
+        match placement.device_id:
+            case "virtio-blk0":
+                device = VirtioBlk(memory, disk, read_only=disk_readonly)
+            case "virtio-console0":
+                device = VirtioConsole(memory, console_out)
+            case _:
+                device = VirtioRng(memory)
+        (base, size), = placement.mmio
+        try:
+            device.connect(machine.vm, base, placement.irqs[0])
+            added.append(machine.add_device(placement.device_id, device, mmio=(base, size),
+                                            irqs=placement.irqs))
+        except BaseException:
+            device.stop()
+            raise
+    return tuple(added)
 
 
 def _with_console(vm: Vm, console: Callable[[bytes], None]) -> Machine:
@@ -89,18 +168,26 @@ def linux_machine(
 
 def blank_machine(
     kvm: Kvm, config: VmConfig | None = None, console: Callable[[bytes], None] = lambda b: None,
-    *, backing: MemoryBacking | None = None,
+    *, backing: MemoryBacking | None = None, virtio: VirtioConfig | None = None,
 ) -> Machine:
-    """The machine every front end builds (VM, vCPUs with CPUID, standard devices) with nothing
-    loaded: what a restore or an incoming migration fills with saved state. `backing` as for
-    `Kvm.create_vm` (a restore maps its memory file there)."""
+    """The machine every front end builds (VM, vCPUs with CPUID, standard devices, the virtio
+    devices `virtio` asks for) with nothing loaded: what a restore or an incoming migration fills
+    with saved state. `backing` as for `Kvm.create_vm` (a restore maps its memory file there)."""
     vm = kvm.create_vm(config or VmConfig(), backing=backing)
     try:
         create_vcpus(kvm, vm)
-        return _with_console(vm, console)
+        machine = _with_console(vm, console)
     except BaseException:
         vm.close()
         raise
+    if virtio is not None:
+        try:
+            add_virtio_devices(machine, virtio.disk, virtio.disk_readonly, virtio.console_out, virtio.rng)
+        except BaseException:
+            machine.stop()  # stops the virtio devices already added
+            vm.close()
+            raise
+    return machine
 
 
 def multiboot_machine(

@@ -149,6 +149,15 @@ class Machine:
         self.placements[device_id] = placement
         return placement
 
+    def _devices_do(self, action: str) -> None:
+        """Call `action` ("pause", "resume" or "stop") on every device that has it: devices with
+        threads of their own (virtio workers) follow the vCPUs, so a paused machine has no
+        device touching guest memory. Sans-IO devices have no such methods and are skipped."""
+        for device in self.devices.values():
+            hook = getattr(device, action, None)
+            if callable(hook):
+                hook()
+
     def device_layout(self) -> tuple[DevicePlacement, ...]:
         return tuple(self.placements[d] for d in sorted(self.placements))
 
@@ -188,6 +197,8 @@ class Machine:
                 slot.thread.start()
             if paused and not self._cond.wait_for(self._all_quiet, 5.0):
                 raise LifecycleError(self._state, "start paused (a vCPU did not park)")
+        if not paused:
+            self._devices_do("resume")
 
     @property
     def throttle(self) -> float:
@@ -252,6 +263,7 @@ class Machine:
                 raise LifecycleError(self._state, f"pause within {timeout}s (a vCPU did not stop)")
             if self._state is RunState.RUNNING:
                 self._state = RunState.PAUSED
+        self._devices_do("pause")  # after the vCPUs: nothing can notify a paused device
         self.last_pause_seconds = time.perf_counter() - t0
         return self.last_pause_seconds
 
@@ -260,6 +272,7 @@ class Machine:
         t0 = time.perf_counter()
         with self._cond:
             self._require("resume", RunState.PAUSED)
+            self._devices_do("resume")  # before the vCPUs: a notify finds the device live
             for slot in self._slots:
                 slot.vcpu.immediate_exit = False
             self._control = _Control.RUN
@@ -279,6 +292,7 @@ class Machine:
             self._kick_all()
             self._cond.notify_all()
         self._join(timeout)
+        self._devices_do("stop")
         with self._cond:
             self._state = RunState.STOPPED
             self._cond.notify_all()
