@@ -330,6 +330,7 @@ def test_dirty_bitmap_marks_exactly_the_pages_the_device_wrote(make_machine, dis
     # a 3-page read into a buffer starting mid-page: it touches 4 pages, then the status byte
     # sits on its own page further on
     mem = machine.vm.memory
+    dev.pause()  # DRIVER_OK kicked the worker: nothing may run before the bitmaps are cleared
     mem.write(at, struct.pack("<IIQ", 0, 0, 8))
     data_at = at + 5 * PAGE_SIZE + 0x800
     status_at = at + 20 * PAGE_SIZE
@@ -337,7 +338,7 @@ def test_dirty_bitmap_marks_exactly_the_pages_the_device_wrote(make_machine, dis
     region = mem.regions[0]
     region.take_vmm_dirty()
     machine.vm.fetch_dirty_log(region)  # and KVM's log, for the fetch below
-    kick(dev, 0)
+    dev.resume()
     assert wait_used(q, 1) == [(head, 3 * PAGE_SIZE + 1)]
     expected = {p >> 12 for p in range(data_at, data_at + 3 * PAGE_SIZE, PAGE_SIZE)}
     expected |= {(data_at + 3 * PAGE_SIZE - 1) >> 12, status_at >> 12, q.used >> 12}
@@ -518,9 +519,9 @@ def test_save_mid_operation_restores_into_a_second_machine(make_machine, disk: P
     con_drv.init(2, num=8, rings=RINGS + 0x80000)
     q = blk_drv.queues[0]
     # some traffic first, so the indices are not at zero (and the ring wraps below)
-    for i in range(6):
+    for i in range(6):  # one at a time: 4 descriptors each in an 8-entry table
         blk_request(q, 1, i, bytes([i]) * 512, BUFFERS + i * 0x2000)
-    blk_drv.notify_mmio(0)
+        blk_drv.notify_mmio(0)
     assert len(q.take_used()) == 6
     for d in devs.values():
         d.pause()
