@@ -262,7 +262,7 @@ class Qemu:
         """Stops the guest and checks its working set bit for bit (status page and pages via pmemsave)."""
         self.qmp.execute("stop")
         status_file, ws_file = self.serial.with_suffix(".status"), self.serial.with_suffix(".ws")
-        self.qmp.execute("pmemsave", val=bg.STATUS_ADDR, size=64, filename=str(status_file))
+        self.qmp.execute("pmemsave", val=bg.STATUS_ADDR, size=bg.PAGE_SIZE, filename=str(status_file))
         status = bg.GuestStatus.from_bytes(status_file.read_bytes())
         if not status.valid:
             raise GuestFailedError(self.role, bg.GuestError("status page not valid after restore"))
