@@ -10,6 +10,7 @@ from hv import builtin_guest
 from hv.boot import linux, multiboot
 from hv.cpuid import vcpu_cpuid
 from hv.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
+from hv.devices.i8042 import I8042, I8042_PORT, I8042_PORTS
 from hv.devices.serial import COM1_IRQ, COM1_PORT, SerialTx
 from hv.devices.virtio import MMIO_WINDOW, VirtioBlk, VirtioConsole, VirtioRng
 from hv.errors import ConfigError
@@ -45,6 +46,7 @@ class StandardDevice:
 STANDARD_DEVICES = (
     StandardDevice("serial0", SerialTx.__name__, (COM1_PORT, 8), (COM1_IRQ,)),
     StandardDevice("debug-exit", DebugExit.__name__, (DEBUG_EXIT_PORT, 4)),
+    StandardDevice("i8042", I8042.__name__, (I8042_PORT, I8042_PORTS)),
 )
 
 
@@ -137,7 +139,10 @@ def _with_console(vm: Vm, console: Callable[[bytes], None]) -> Machine:
     def guest_exit(code: int) -> None:
         machine.request_stop(StopReason("guest-exit", f"exit code {code}"))
 
-    models = {"serial0": SerialTx(console), "debug-exit": DebugExit(guest_exit)}
+    def guest_reset() -> None:
+        machine.request_stop(StopReason("guest-reset", "reset through the i8042 controller"))
+
+    models = {"serial0": SerialTx(console), "debug-exit": DebugExit(guest_exit), "i8042": I8042(guest_reset)}
     for d in STANDARD_DEVICES:
         machine.add_device(d.device_id, models[d.device_id], pio=d.pio, irqs=d.irqs)
     return machine

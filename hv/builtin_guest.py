@@ -67,11 +67,13 @@ class GuestParams:
     tsc_khz: int = 0  # the guest paces itself by TSC; hv passes the vCPU's rate
     fill: str = "random"  # or "zero": only the counter bytes are non-zero
     cpus: int = 1  # CPUs the guest starts (INIT/SIPI); the secondary ones drive the virtio devices
+    reset_after: int = 0  # after N passes, ask the i8042 controller for a CPU reset (0: never)
     extra: str = ""  # appended to the command line as is
 
     def cmdline(self) -> str:
         return (f"ws={self.ws_mib} rate={self.rate_mib_s} every={self.every} passes={self.passes} "
-                f"tsc_khz={self.tsc_khz} fill={self.fill} cpus={self.cpus} {self.extra}").strip()
+                f"tsc_khz={self.tsc_khz} fill={self.fill} cpus={self.cpus} reset={self.reset_after} "
+                f"{self.extra}").strip()
 
     @property
     def min_mem(self) -> int:

@@ -19,6 +19,7 @@ from formats import DeviceEntry, DeviceLayout, IoRange, MemoryLayout, SchemaRegi
 from hv import state as hv_state
 from hv.builder import standard_layout
 from hv.devices.debug_exit import DebugExitState
+from hv.devices.i8042 import I8042State
 from hv.devices.serial import SerialTxState
 from hv.machine import DevicePlacement, Machine, RunState
 from hv.vm import VmConfig
@@ -31,6 +32,7 @@ PRODUCER = "kvmigrate 0.1"
 DEVICE_STATES: dict[str, tuple[type, str, int]] = {
     "SerialTx": (SerialTxState, "hv.device.serial_tx", 1),
     "DebugExit": (DebugExitState, "hv.device.debug_exit", 1),
+    "I8042": (I8042State, "hv.device.i8042", 1),
 }
 
 

@@ -61,6 +61,19 @@ def test_guest_runs_its_passes_and_ends_through_the_debug_exit(kvm: Kvm) -> None
         machine.vm.close()
 
 
+def test_a_reset_through_the_i8042_stops_the_vm_cleanly(kvm: Kvm) -> None:
+    console = bg.GuestConsole()
+    machine = builtin_machine(kvm, bg.GuestParams(ws_mib=4, reset_after=3), CONFIG, console)
+    try:
+        machine.start()
+        assert machine.wait(timeout=30) is RunState.STOPPED
+        assert machine.stop_reason.source == "guest-reset" and machine.error is None
+        assert console.passes == [1, 2, 3]
+        assert machine.devices["i8042"].save().resets == 1
+    finally:
+        machine.vm.close()
+
+
 def test_rate_paces_the_guest(running) -> None:
     machine, console = running
     console.wait_pass(2, timeout=10)

@@ -63,7 +63,7 @@ def test_hv_run_serves_the_socket_and_stops_on_request(tmp_path) -> None:
         while not sock.exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.05)
-        assert call(sock, "status")["devices"] == ["debug-exit", "serial0"]
+        assert call(sock, "status")["devices"] == ["debug-exit", "i8042", "serial0"]
         call(sock, "pause")
         call(sock, "resume")
         while True:  # the guest's memory, checked from outside its process

@@ -118,11 +118,11 @@ def test_halt_without_irqchip_stops_the_vm(kvm: Kvm, write_image) -> None:
 
 
 def test_port_reads_are_answered_by_the_bus(kvm: Kvm, write_image) -> None:
-    # in al, 0x60 ; mov edx, 0x501 ; out dx, al ; jmp $
-    code = bytes.fromhex("e460" "ba01050000" "ee" "ebfe")
+    # in al, 0x80 ; mov edx, 0x501 ; out dx, al ; jmp $
+    code = bytes.fromhex("e480" "ba01050000" "ee" "ebfe")
     machine, _ = _machine(kvm, write_image, code)
     device, done = Recorder(read_value=0x5A), Recorder()
-    machine.io_bus.insert(0x60, 1, device, "kbd")
+    machine.io_bus.insert(0x80, 1, device, "post")
     machine.io_bus.insert(0x501, 1, done, "done")
     try:
         machine.start()

@@ -33,7 +33,7 @@ struct status {
 };
 
 struct params {
-    u64 ws_mib, rate, every, passes, tsc_khz, fill_random;
+    u64 ws_mib, rate, every, passes, tsc_khz, fill_random, reset_after;
 };
 
 static volatile u32 console_lock;
@@ -111,6 +111,7 @@ void user_main(u32 mbi_addr)
         .passes = arg(cmdline, "passes", 0),
         .tsc_khz = arg(cmdline, "tsc_khz", 0),
         .fill_random = !(fill && fill[0] == 'z'),
+        .reset_after = arg(cmdline, "reset", 0),
     };
     u64 mem_mib = (mbi->flags & 1u) ? (mbi->mem_upper / 1024 + 1) : 0;
     struct line l = {0};
@@ -190,6 +191,14 @@ void user_main(u32 mbi_addr)
             line_str(&l, " ms=");
             line_dec(&l, ms_since(tsc_start, &p));
             console_send(&l);
+        }
+        if (p.reset_after && pass >= p.reset_after) {
+            line_str(&l, "kvmig: reset passes=");
+            line_dec(&l, pass);
+            console_send(&l);
+            outb(0x64, 0xFE); /* i8042: pulse the CPU reset line */
+            for (;;)
+                cpu_relax();
         }
         if (p.passes && pass >= p.passes) {
             line_str(&l, "kvmig: done passes=");
