@@ -144,6 +144,7 @@ class VirtioMmio:
         self._vm: Vm | None = None
         self._gsi: int | None = None
         self._ioeventfds: list[IoEventFdRegistration] = []
+        self._reraise = False  # a restored interrupt status is raised again on resume
         self.interrupts = 0  # interrupts raised (for tests and stats)
         self.last_error: str | None = None  # why the device last went to NEEDS_RESET
 
@@ -378,6 +379,12 @@ class VirtioMmio:
                                                 name=f"virtio-{self.backend.device_id}")
                 self._worker.start()
             self._cond.notify_all()
+            if self._reraise:
+                # the source's irqfd pulse may not have reached the guest before the save; a
+                # spurious one is harmless (the driver reads InterruptStatus)
+                self._reraise = False
+                if self._regs.interrupt_status:
+                    self._interrupt(0)
         self._kick_all()
 
     @property
@@ -450,5 +457,6 @@ class VirtioMmio:
             self._regs = replace(t, queues=())
             for q, qs in zip(self.queues, t.queues, strict=True):
                 q.state = qs
+            self._reraise = bool(t.interrupt_status)
         if not self._paused:
             self._kick_all()
