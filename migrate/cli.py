@@ -16,6 +16,7 @@ results (and the guest console) to stdout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -47,6 +48,23 @@ def _key(path: str | None) -> bytes:
     if path:
         return Path(path).read_bytes().strip()
     return os.environ.get("KVMIGRATE_KEY", "").encode()
+
+
+def _tls(args: argparse.Namespace):
+    from migrate.transport import Tls
+
+    given = [args.tls_cert, args.tls_key, args.tls_ca]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError("TLS needs --tls-cert, --tls-key and --tls-ca together")
+    return Tls(*(str(Path(p).resolve()) for p in given))
+
+
+def _add_tls_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", help="our certificate (PEM): TLS, checked both ways")
+    p.add_argument("--tls-key", help="our private key (PEM)")
+    p.add_argument("--tls-ca", help="the CA (PEM) that signed the peer's certificate")
 
 
 def _print_json(obj: Any) -> None:
@@ -127,7 +145,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
     from migrate.live import listen_and_receive
     from migrate.transport import Listener
 
-    listener = Listener(args.listen, _key(args.key_file))
+    listener = Listener(args.listen, _key(args.key_file), _tls(args))
     status.print(f"[bold]migrate[/]: listening on {listener.address}")
     console, done = _guest_console()
     with Kvm() as kvm:
@@ -153,6 +171,8 @@ def _send_options(args: argparse.Namespace) -> dict[str, Any]:
     key = _key(args.key_file)
     if key:
         options["key"] = key.hex()
+    if (tls := _tls(args)) is not None:
+        options["tls"] = dataclasses.asdict(tls)
     return options
 
 
@@ -346,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", metavar="SOCK")
     p.add_argument("--key-file", help="pre-shared key (also $KVMIGRATE_KEY); required off loopback")
     p.add_argument("--accept-timeout", type=float, default=0, help="give up waiting after this many s")
+    _add_tls_arguments(p)
     p.add_argument("--timeout", type=float, default=0, help="stop the received guest after this many s")
     p.set_defaults(func=cmd_recv)
 
@@ -362,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at max rounds/time, stop and copy anyway (longer downtime) instead of giving up")
     p.add_argument("--dry-run", action="store_true", help="only check that the target would accept")
     p.add_argument("--key-file")
+    _add_tls_arguments(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_send)
 

@@ -82,7 +82,7 @@ from migrate.state import (
     machine_layout,
     registry,
 )
-from migrate.transport import Connection, Listener, connect
+from migrate.transport import Connection, Listener, Tls, connect
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class MigrationOptions:
     dry_run: bool = False
     timeout: float = 30.0  # longest wait for any one answer from the target
     key: bytes = b""
+    tls: Tls | None = None  # mutual TLS (certificates checked against a private CA)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MigrationOptions:
@@ -127,6 +128,8 @@ class MigrationOptions:
         values = dict(d)
         if isinstance(values.get("key"), str):
             values["key"] = bytes.fromhex(values["key"])
+        if isinstance(values.get("tls"), dict):
+            values["tls"] = Tls(**values["tls"])
         return cls(**values)
 
 
@@ -351,7 +354,7 @@ def send(machine: Machine, target: str | Connection, options: MigrationOptions |
     if machine.state not in (RunState.RUNNING, RunState.PAUSED):
         raise MigrationFailed(f"the machine is {machine.state.value}", "where it was")
     was_running = machine.state is RunState.RUNNING
-    conn = target if isinstance(target, Connection) else connect(target, o.key, o.timeout)
+    conn = target if isinstance(target, Connection) else connect(target, o.key, o.timeout, o.tls)
     sender = _Sender(machine, conn, o, progress, cancel or threading.Event())
     try:
         stats = sender.run()

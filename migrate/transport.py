@@ -6,7 +6,9 @@ frame is bounded (`MAX_FRAME`), every field type-checked: input from the network
 
 Before any message, the target authenticates the source: it sends a random challenge; the source
 answers HMAC-SHA256(key, challenge ‖ "kvmigrate-auth-v1"). The key is pre-shared; on loopback it
-may be empty (the connection then proves only that the peer is on this machine).
+may be empty (the connection then proves only that the peer is on this machine). With `Tls`, the
+link is TLS with certificates checked both ways against a private CA (mutual authentication and
+encryption); the challenge still runs inside it.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import hmac
 import ipaddress
 import secrets
 import socket
+import ssl
 import struct
 import typing
+from dataclasses import dataclass
 
 import msgpack
 
@@ -195,11 +199,34 @@ class Connection:
             raise TransportError(f"{self.peer} failed authentication")
 
 
-def connect(address: str, key: bytes, timeout: float = 10.0) -> Connection:
+@dataclass(frozen=True)
+class Tls:
+    """Mutual TLS: our certificate and key, and the CA that must have signed the peer's."""
+
+    cert: str
+    key: str
+    ca: str
+
+    def context(self, server: bool) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(self.cert, self.key)
+            ctx.load_verify_locations(self.ca)
+        except (OSError, ssl.SSLError) as e:
+            raise TransportError(f"TLS setup: {e}") from e
+        ctx.verify_mode = ssl.CERT_REQUIRED  # both ways: the peer's certificate must chain to `ca`
+        ctx.check_hostname = False  # peers are pinned by the private CA, not by DNS names
+        return ctx
+
+
+def connect(address: str, key: bytes, timeout: float = 10.0, tls: Tls | None = None) -> Connection:
     host, port = parse_address(address)
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
-    except OSError as e:
+        if tls is not None:
+            sock = tls.context(server=False).wrap_socket(sock)
+    except (OSError, ssl.SSLError) as e:
         raise TransportError(f"cannot connect to {address}: {e}") from e
     conn = Connection(sock, address)
     try:
@@ -214,12 +241,13 @@ class Listener:
     """The target's listening socket. Binds loopback unless told otherwise; refuses to listen
     elsewhere without a key."""
 
-    def __init__(self, address: str, key: bytes) -> None:
+    def __init__(self, address: str, key: bytes, tls: Tls | None = None) -> None:
         host, port = parse_address(address)
-        if not key and not is_loopback(host):
-            raise TransportError(f"listening on {host} needs a key (--key-file): anyone who can "
-                                 f"reach it could send a guest")
+        if not key and tls is None and not is_loopback(host):
+            raise TransportError(f"listening on {host} needs a key (--key-file) or TLS: anyone who "
+                                 f"can reach it could send a guest")
         self.key = key
+        self._tls = tls.context(server=True) if tls else None
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.address = f"{host}:{self.sock.getsockname()[1]}"
 
@@ -229,6 +257,13 @@ class Listener:
             sock, peer = self.sock.accept()
         except TimeoutError as e:
             raise TransportError(f"no source connected to {self.address} within {timeout}s") from e
+        if self._tls is not None:
+            try:
+                sock.settimeout(10.0)
+                sock = self._tls.wrap_socket(sock, server_side=True)
+            except (OSError, ssl.SSLError) as e:
+                sock.close()
+                raise TransportError(f"TLS with {peer[0]}:{peer[1]} failed: {e}") from e
         conn = Connection(sock, f"{peer[0]}:{peer[1]}")
         try:
             conn.challenge(self.key)

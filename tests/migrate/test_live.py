@@ -315,3 +315,70 @@ def test_hostile_frames_decode_to_a_message_or_a_transport_error(kind: int, body
         decode(kind, body)
     except TransportError:
         pass
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    """A private CA and two certificates it signed (and one it did not), made with openssl."""
+    d = tmp_path_factory.mktemp("pki")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=kvmigrate test CA")
+    for name in ("source", "target", "stranger"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}")
+        if name == "stranger":  # self-signed: not from our CA
+            openssl("x509", "-req", "-in", f"{name}.csr", "-signkey", f"{name}.key", "-out", f"{name}.pem",
+                    "-days", "2")
+        else:
+            openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                    "-out", f"{name}.pem", "-days", "2")
+    return {p.stem + p.suffix: p for p in d.iterdir()}
+
+
+def _tls(pki: dict[str, Path], name: str):
+    from migrate.transport import Tls
+
+    return Tls(str(pki[f"{name}.pem"]), str(pki[f"{name}.key"]), str(pki["ca.pem"]))
+
+
+def test_mutual_tls_carries_a_migration_and_refuses_strangers(kvm: Kvm, pki) -> None:
+    machine, console = _source(kvm)
+    try:
+        listener = Listener("127.0.0.1:0", b"", tls=_tls(pki, "target"))
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(
+            incoming=listen_and_receive(listener, kvm, accept_timeout=20)))
+        thread.start()
+        stats = send(machine, listener.address, MigrationOptions(tls=_tls(pki, "source")))
+        thread.join(30)
+        listener.close()
+        assert stats.outcome == "completed", stats.reason
+        moved = result["incoming"].machine
+        moved.pause()
+        assert bg.check_memory(moved.vm.memory).ok
+        moved.stop()
+        moved.vm.close()
+
+        listener = Listener("127.0.0.1:0", b"", tls=_tls(pki, "target"))
+        errors: dict = {}
+
+        def serve() -> None:
+            try:
+                listener.accept(20)
+            except TransportError as e:
+                errors["target"] = e
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        with pytest.raises(TransportError):
+            connect(listener.address, b"", tls=_tls(pki, "stranger"))
+        thread.join(30)
+        listener.close()
+        assert "TLS" in str(errors["target"])
+    finally:
+        machine.stop()
+        machine.vm.close()

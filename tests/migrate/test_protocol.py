@@ -7,9 +7,28 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from migrate.protocol import (
-    MESSAGE_TYPES, TRANSITIONS, Accept, Cancel, Commit, Complete, Error, ErrorCode, Hello,
-    LocalProtocolError, MessageKind, Outcome, Pages, Protocol, Ready, Reject, RemoteProtocolError,
-    Resumed, Role, RoundDone, S, State,
+    MESSAGE_TYPES,
+    TRANSITIONS,
+    Accept,
+    Cancel,
+    Commit,
+    Complete,
+    Error,
+    ErrorCode,
+    Hello,
+    LocalProtocolError,
+    MessageKind,
+    Outcome,
+    Pages,
+    Protocol,
+    Ready,
+    Reject,
+    RemoteProtocolError,
+    Resumed,
+    Role,
+    RoundDone,
+    S,
+    State,
 )
 
 SAMPLE = {
