@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tinyguest import multiboot_elf, store_then_report, wait_for
 
 from hv.builder import (
     VirtioConfig,
@@ -28,13 +29,11 @@ from hv.builder import (
 )
 from hv.devices.virtio import (
     MAGIC_VALUE,
-    VirtioBlk,
     VirtioBlkState,
     VirtioConsole,
     VirtioConsoleState,
     VirtioMmio,
     VirtioMmioState,
-    VirtioRng,
     VirtioRngState,
     VirtioStateError,
     Virtqueue,
@@ -52,7 +51,6 @@ from hv.hypervisor import Kvm
 from hv.machine import Machine, RunState
 from hv.memory import GuestMemory, MemoryRegion
 from hv.vm import VmConfig
-from tinyguest import multiboot_elf, store_then_report, wait_for
 
 MiB = 1 << 20
 SLOT0 = 0xD000_0000
@@ -279,7 +277,7 @@ def test_blk_write_read_flush_get_id(make_machine, disk: Path) -> None:
     assert machine.vm.memory.read(BUFFERS + 0x10000 + PAGE_SIZE, len(data)) == data
 
     head, status = blk_request(q, 4, 0, 0, BUFFERS + 0x20000)
-    head2, status2 = blk_request(q, 8, 0, 20, BUFFERS + 0x30000)
+    head2, _ = blk_request(q, 8, 0, 20, BUFFERS + 0x30000)
     head3, status3 = blk_request(q, 99, 0, 0, BUFFERS + 0x40000)
     kick(dev, 0)
     assert wait_used(q, 3) == [(head, 1), (head2, 21), (head3, 1)]

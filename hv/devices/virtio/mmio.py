@@ -31,7 +31,6 @@ import logging
 import os
 import select
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -364,9 +363,9 @@ class VirtioMmio:
             self._paused = True
             os.eventfd_write(self._ctl_fd, 1)
             worker = self._worker
-            if worker is not None and worker.is_alive() and worker is not threading.current_thread():
-                if not self._cond.wait_for(lambda: self._parked or not worker.is_alive(), timeout):
-                    raise VirtioStateError(type(self).__name__, "worker", "parked", "still running")
+            waits = worker is not None and worker.is_alive() and worker is not threading.current_thread()
+            if waits and not self._cond.wait_for(lambda: self._parked or not worker.is_alive(), timeout):
+                raise VirtioStateError(type(self).__name__, "worker", "parked", "still running")
 
     def resume(self) -> None:
         """Start (or restart) the worker and look at every queue again."""
