@@ -201,12 +201,14 @@ def multiboot_machine(
     cmdline: str = "",
     config: VmConfig | None = None,
     console: Callable[[bytes], None] = lambda b: None,
+    *,
+    virtio: VirtioConfig | None = None,
 ) -> Machine:
     """A Machine that boots a Multiboot v1 kernel, with a COM1 transmitter writing to `console`.
 
     As GRUB and QEMU do, the kernel sees its own file name first on the command line.
     """
-    machine = blank_machine(kvm, config, console)
+    machine = blank_machine(kvm, config, console, virtio=virtio)
     try:
         entry = multiboot.boot(machine.vm.memory, image.read_bytes(), f"{image.name} {cmdline}".strip(),
                                image.name)
@@ -222,14 +224,17 @@ def builtin_machine(
     params: builtin_guest.GuestParams,
     config: VmConfig | None = None,
     console: Callable[[bytes], None] = lambda b: None,
+    *,
+    virtio: VirtioConfig | None = None,
 ) -> Machine:
-    """A Machine running the built-in guest with `params`; the guest paces itself by the vCPU's TSC."""
+    """A Machine running the built-in guest with `params`; the guest paces itself by the vCPU's TSC.
+    With `virtio` devices and 2+ vCPUs, the guest's second CPU drives them."""
     config = config or VmConfig()
     if config.mem_size < params.min_mem:
         raise ConfigError("mem_size", config.mem_size, f"a {params.ws_mib} MiB working set needs at "
                           f"least {params.min_mem >> 20} MiB of guest memory")
     image = builtin_guest.guest_image()
-    machine = multiboot_machine(kvm, image, "", config, console)
+    machine = multiboot_machine(kvm, image, "", config, console, virtio=virtio)
     if not params.tsc_khz:
         params = replace(params, tsc_khz=machine.vcpus[0].fd.get_tsc_khz())
     params = replace(params, cpus=config.vcpus)

@@ -332,6 +332,33 @@ def check_working_set(ws: memoryview | bytes | np.ndarray, passes: int, fill_ran
     return WorkingSetCheck(passes, split, tuple(bad_counters.tolist()), tuple(bad_fill))
 
 
+BLK_SLOTS = 64  # the disk area the guest's block workload cycles through, 4 KiB a slot
+
+
+def check_disk(image: bytes | memoryview, rounds: int) -> list[str]:
+    """Problems with a disk the guest's virtio-blk workload wrote through `rounds` completed
+    rounds (its status page's cpu_work). Round r (from 1) writes slot r mod 64 with the words
+    r << 32 | slot << 16 | i; so slot s holds the latest completed round for it, or round
+    rounds + 1 if that write was in flight when the guest was stopped, or nothing yet."""
+    words = np.frombuffer(image, dtype="<u8", count=BLK_SLOTS * 512).reshape(BLK_SLOTS, 512)
+    index = np.arange(512, dtype=np.uint64)
+    problems = []
+    for slot in range(BLK_SLOTS):
+        latest = rounds - (rounds - slot) % BLK_SLOTS  # the last completed round with this slot
+        allowed = {r for r in (latest, rounds + 1) if r >= 1 and r % BLK_SLOTS == slot}
+        if not words[slot].any():
+            if latest >= 1:
+                problems.append(f"slot {slot}: empty, expected round {latest}")
+            continue
+        found = int(words[slot, 0]) >> 32
+        want = (np.uint64(found) << np.uint64(32)) | np.uint64(slot << 16) | index
+        if found not in allowed:
+            problems.append(f"slot {slot}: round {found}, expected one of {sorted(allowed)}")
+        elif not np.array_equal(words[slot], want):
+            problems.append(f"slot {slot}: round {found}'s words are damaged")
+    return problems
+
+
 def check_memory(memory) -> WorkingSetCheck:
     """Read the status page and check the working set in `memory` (a paused or stopped guest's)."""
     status = read_status(memory)

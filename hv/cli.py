@@ -1,7 +1,7 @@
 """`hv`: run a VM from the command line.
 
     hv info                                   what this host's KVM offers
-    hv run [--kernel ELF] [--mem 1G] [--cpus N] [--cmdline ...]
+    hv run [--kernel ELF] [--mem 1G] [--cpus N] [--cmdline ...] [--disk FILE[,ro]] [--virtio-console] [--rng]
            [--ws MiB --rate MiB/s --every N --passes N]     (built-in guest options)
            [--api SOCK]                       control socket: see hv/control.py
 
@@ -24,9 +24,9 @@ from pathlib import Path
 from rich.console import Console
 
 from hv.boot import multiboot
-from hv.builder import builtin_machine, multiboot_machine
+from hv.builder import VirtioConfig, builtin_machine, multiboot_machine
 from hv.control import ControlContext, ControlServer
-from hv.errors import HvError
+from hv.errors import ConfigError, HvError
 from hv.hypervisor import Kvm
 from hv.machine import Machine, RunState
 from hv.vm import VmConfig
@@ -45,8 +45,14 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) << shift
 
 
+_stdout_lock = threading.Lock()
+
+
 class LineConsole:
-    """Guest serial bytes -> stdout, and complete lines -> an optional callback."""
+    """Guest console bytes -> stdout a whole line at a time, and each line -> an optional callback.
+
+    Whole lines, under one lock: a machine has several consoles (COM1, virtio-console) written
+    from different threads, and their lines must not cut into each other."""
 
     def __init__(self, on_line=None, echo: bool = True) -> None:
         self._buf = bytearray()
@@ -54,20 +60,19 @@ class LineConsole:
         self._echo = echo
 
     def __call__(self, data: bytes) -> None:
-        if self._echo:
-            try:
-                sys.stdout.buffer.write(data)
-                if b"\n" in data:
-                    sys.stdout.flush()
-            except BrokenPipeError:
-                self._echo = False  # the reader went away; keep the guest running
-        if self._on_line is None:
-            return
         self._buf.extend(data)
         while (nl := self._buf.find(b"\n")) >= 0:
-            line = bytes(self._buf[:nl]).decode(errors="replace").rstrip("\r")
+            raw = bytes(self._buf[: nl + 1])
             del self._buf[: nl + 1]
-            self._on_line(line)
+            if self._echo:
+                try:
+                    with _stdout_lock:
+                        sys.stdout.buffer.write(raw)
+                        sys.stdout.flush()
+                except BrokenPipeError:
+                    self._echo = False  # the reader went away; keep the guest running
+            if self._on_line is not None:
+                self._on_line(raw[:-1].decode(errors="replace").rstrip("\r"))
 
 
 def cmd_info(_args: argparse.Namespace) -> int:
@@ -77,6 +82,21 @@ def cmd_info(_args: argparse.Namespace) -> int:
         print(f"{'supported_cpuid_leaves':26} {len(kvm.supported_cpuid)}")
         print(f"{'msr_index_list':26} {len(kvm.msr_index_list)}")
     return 0
+
+
+def _virtio(args: argparse.Namespace, console) -> VirtioConfig | None:
+    """--disk FILE[,ro], --virtio-console, --rng -> the virtio devices (None: none)."""
+    disk, readonly = None, False
+    if args.disk:
+        name, _, flag = args.disk.partition(",")
+        if flag not in ("", "ro"):
+            raise ConfigError("--disk", args.disk, "expected FILE or FILE,ro")
+        disk, readonly = Path(name), flag == "ro"
+        if not disk.is_file():
+            raise ConfigError("--disk", args.disk, "no such file")
+    if disk is None and not args.virtio_console and not args.rng:
+        return None
+    return VirtioConfig(disk, readonly, console if args.virtio_console else None, args.rng)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -89,7 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 status.print(f"[red]hv[/]: no kernel at {image}")
                 return 2
             console, params = LineConsole(), None
-            machine = multiboot_machine(kvm, image, args.cmdline or "", config, console)
+            machine = multiboot_machine(kvm, image, args.cmdline or "", config, console,
+                                        virtio=_virtio(args, LineConsole()))
         else:
             from hv import builtin_guest
 
@@ -103,7 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     done.set()
 
             console = LineConsole(on_line)
-            machine = builtin_machine(kvm, params, config, console)
+            machine = builtin_machine(kvm, params, config, console, virtio=_virtio(args, LineConsole()))
             image = builtin_guest.guest_image()
         cmdline = bytes(machine.vm.memory.view(multiboot.CMDLINE_ADDRESS, 1024)).partition(b"\0")[0].decode()
         status.print(f"[bold]hv[/]: booting {image.name} ({args.mem >> 20} MiB, {args.cpus} vCPU) "
@@ -177,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--every", type=int, default=1, help="built-in guest: report every N passes")
     run.add_argument("--passes", type=int, default=0, help="built-in guest: stop after N passes (0 = run)")
     run.add_argument("--timeout", type=float, default=0, help="stop after this many seconds (0 = never)")
+    run.add_argument("--disk", metavar="FILE[,ro]", help="virtio-blk backed by FILE (,ro: read-only)")
+    run.add_argument("--virtio-console", action="store_true", help="virtio-console, output to the console")
+    run.add_argument("--rng", action="store_true", help="virtio-rng")
     run.add_argument("--api", metavar="SOCK", help="serve a control socket (pause, resume, stop, status, "
                      "snapshot, migration) at this path")
     run.set_defaults(func=cmd_run)

@@ -92,7 +92,8 @@ def _guest_check(ctx: ControlContext, _args: dict[str, Any], _progress: Progress
         if was_running:
             m.resume()
     return {"ok": check.ok, "passes": status.passes, "split": check.split, "summary": str(check),
-            "bad_counters": list(check.bad_counters), "bad_fill": list(check.bad_fill)}
+            "bad_counters": list(check.bad_counters), "bad_fill": list(check.bad_fill),
+            "cpus_up": status.cpus_up, "cpu_work": list(status.cpu_work)}
 
 
 def _stop(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
@@ -118,6 +119,7 @@ class ControlServer:
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._busy = threading.Lock()  # one exclusive command at a time (two snapshots would fight)
+        self._connections: set[threading.Thread] = set()
 
     def register(self, name: str, handler: Handler, *, exclusive: bool = False) -> None:
         """Add a command. `exclusive` ones (snapshot, migration) run one at a time; the others
@@ -151,6 +153,11 @@ class ControlServer:
             self.path.unlink()
         except FileNotFoundError:
             pass
+        # Commands still being answered (a `stop` that ended the run loop, say) get their reply
+        # out before the process goes; a long one (a migration) is not waited for forever.
+        for thread in list(self._connections):
+            if thread is not threading.current_thread():
+                thread.join(5.0)
 
     def __enter__(self) -> ControlServer:
         self.start()
@@ -165,9 +172,17 @@ class ControlServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
+            thread = threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True)
+            self._connections.add(thread)
+            thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._answer(conn)
+        finally:
+            self._connections.discard(threading.current_thread())
+
+    def _answer(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rwb") as f:
             def reply(obj: dict[str, Any]) -> None:
                 f.write(json.dumps(obj).encode() + b"\n")

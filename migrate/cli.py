@@ -115,7 +115,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     console, done = _guest_console()
     with Kvm() as kvm:
         t0 = time.perf_counter()
-        machine = restore(args.file, kvm, console=console,
+        machine = restore(args.file, kvm, console=console, disk=args.disk, virtio_console=LineConsole(),
                           verify_memory=False if args.no_verify else None)
         status.print(f"[bold]migrate[/]: restored {args.file} in {(time.perf_counter() - t0) * 1000:.1f} ms")
         machine.resume()
@@ -150,7 +150,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
     console, done = _guest_console()
     with Kvm() as kvm:
         try:
-            incoming = listen_and_receive(listener, kvm, console=console,
+            incoming = listen_and_receive(listener, kvm, console=console, disk=args.disk,
+                                          virtio_console=LineConsole(),
                                           accept_timeout=args.accept_timeout or None)
         finally:
             listener.close()
@@ -353,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", metavar="SOCK")
     p.add_argument("--timeout", type=float, default=0)
     p.add_argument("--no-verify", action="store_true", help="skip the memory digest check")
+    p.add_argument("--disk", help="the virtio disk's file here (default: the path the snapshot names)")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("inspect", help="show and verify a snapshot")
@@ -366,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", metavar="SOCK")
     p.add_argument("--key-file", help="pre-shared key (also $KVMIGRATE_KEY); required off loopback")
     p.add_argument("--accept-timeout", type=float, default=0, help="give up waiting after this many s")
+    p.add_argument("--disk", help="the virtio disk's file here (default: the source's path, shared storage)")
     _add_tls_arguments(p)
     p.add_argument("--timeout", type=float, default=0, help="stop the received guest after this many s")
     p.set_defaults(func=cmd_recv)

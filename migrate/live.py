@@ -422,9 +422,11 @@ class Incoming:
 
 
 def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = lambda b: None,
-            timeout: float = 60.0, progress: Progress | None = None) -> Incoming:
+            timeout: float = 60.0, disk: str | None = None,
+            virtio_console: Callable[[bytes], None] | None = None, progress: Progress | None = None) -> Incoming:
     """Take one incoming migration on `conn`: check, build, fill, verify, and on Commit run the
-    guest. Any failure before Commit tears the half-built VM down and raises."""
+    guest. Any failure before Commit tears the half-built VM down and raises. `disk` puts the
+    virtio disk at another path than the source's (the default: shared storage)."""
     progress = progress or (lambda p: None)
     proto = Protocol(Role.TARGET)
     reader = StreamReader(registry(), expect=EXPECT)
@@ -453,7 +455,7 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
         layout = next(r.layout for r in records if isinstance(r, LayoutRecord))
         incoming.config = config
         vm_config = config.vm_config()
-        problems += [str(d) for d in formats.diff(expected_layout(vm_config), layout)]
+        problems += [str(d) for d in formats.diff(expected_layout(config), layout)]
         cpuid = registry().decode(hello.cpuid, expect=GuestCpuid)
         problems += cpuid_problems(cpuid.entries, kvm.guest_cpuid)
         if problems:
@@ -463,7 +465,8 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
         if hello.dry_run:
             take(conn.receive(timeout))  # the source's Cancel
             return incoming
-        machine = blank_machine(kvm, vm_config, console, backing=RamBacking.host_filled)
+        virtio = config.virtio.build(virtio_console or console, disk) if config.virtio else None
+        machine = blank_machine(kvm, vm_config, console, backing=RamBacking.host_filled, virtio=virtio)
         sink = pages.MemorySink(machine.vm.memory)
         while True:
             message = take(conn.receive(timeout))

@@ -337,9 +337,12 @@ def _mapped_memory(path: Path, ref: MemoryFileRef, vm_config: VmConfig) -> dict[
 
 def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
             console: Callable[[bytes], None] = lambda b: None, verify_memory: bool | None = None,
+            disk: str | Path | None = None, virtio_console: Callable[[bytes], None] | None = None,
             progress: Progress | None = None) -> Machine:
     """A paused machine holding the snapshot at `path` (and its chain), checked before any VM
     exists. `config`, when given, is the VM this VMM would build; any difference is refused.
+    `disk` puts the virtio disk at another path than the snapshot's (which is the default);
+    `virtio_console` takes the virtio console's output (default: `console`).
     `verify_memory` checks the memory digest (default: yes, except for mappable snapshots, whose
     point is not to read memory up front)."""
     path = Path(path)
@@ -348,7 +351,7 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
     vm_config = head.vm_config()
     if config is not None and (problems := _config_problems(vm_config, config)):
         raise IncompatibleError(problems)
-    expected = expected_layout(vm_config)
+    expected = expected_layout(head)
     mappable = head.memory_file is not None
     verify = (not mappable) if verify_memory is None else verify_memory
 
@@ -373,7 +376,8 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
         raise IncompatibleError(problems)
 
     by_base = {r.guest_base: r for r in staging.regions}
-    machine = blank_machine(kvm, vm_config, console, backing=lambda base, size: RamBacking(
+    virtio = head.virtio.build(virtio_console or console, disk) if head.virtio else None
+    machine = blank_machine(kvm, vm_config, console, virtio=virtio, backing=lambda base, size: RamBacking(
         by_base[base].mapping, anonymous=not mappable))
     try:
         apply(machine, state)
@@ -400,7 +404,7 @@ def inspect(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
         scratch = GuestMemory()
         for base, length in vm_config.memory_layout():
             scratch.insert(MemoryRegion(base, length, slot=-1, backing=RamBacking.host_filled(base, length)))
-        expected = expected_layout(vm_config)
+        expected = expected_layout(config)
         loaded = _read_stream(path, expected, pages.MemorySink(scratch) if verify else None)
         result["layout"] = [{"id": d.device_id, "kind": d.kind, "pio": [str(r) for r in d.pio],
                              "mmio": [str(r) for r in d.mmio], "irqs": list(d.irqs),

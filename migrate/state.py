@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import functools
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import xxhash
 
 import formats
 from formats import DeviceEntry, DeviceLayout, IoRange, MemoryLayout, SchemaRegistry
 from hv import state as hv_state
-from hv.builder import standard_layout
+from hv.builder import VirtioConfig, standard_layout
 from hv.devices.debug_exit import DebugExitState
 from hv.devices.i8042 import I8042State
+from hv.devices.virtio.blk import BlkState, VirtioBlkState
+from hv.devices.virtio.console import ConsoleState, VirtioConsoleState
+from hv.devices.virtio.mmio import VirtioMmioState
+from hv.devices.virtio.queue import QueueState
+from hv.devices.virtio.rng import RngState, VirtioRngState
 from hv.devices.serial import SerialTxState
 from hv.machine import DevicePlacement, Machine, RunState
 from hv.vm import VmConfig
@@ -33,6 +40,9 @@ DEVICE_STATES: dict[str, tuple[type, str, int]] = {
     "SerialTx": (SerialTxState, "hv.device.serial_tx", 1),
     "DebugExit": (DebugExitState, "hv.device.debug_exit", 1),
     "I8042": (I8042State, "hv.device.i8042", 1),
+    "VirtioBlk": (VirtioBlkState, "hv.device.virtio_blk", 1),
+    "VirtioConsole": (VirtioConsoleState, "hv.device.virtio_console", 1),
+    "VirtioRng": (VirtioRngState, "hv.device.virtio_rng", 1),
 }
 
 
@@ -55,6 +65,26 @@ class MemoryFileRef:
 
 
 @dataclass(frozen=True)
+class VirtioSpec:
+    """The virtio devices a machine has, as a target must build them. The disk is the same file
+    on both sides unless the target says otherwise (shared storage, as for QEMU's migrations)."""
+
+    disk: str | None = None
+    disk_readonly: bool = False
+    console: bool = False
+    rng: bool = False
+
+    def device_ids(self) -> tuple[str, ...]:
+        return self.build(lambda b: None).device_ids()
+
+    def build(self, console_out: Callable[[bytes], None], disk: str | Path | None = None) -> VirtioConfig:
+        """The builder's config: console output to `console_out`, the disk at `disk` if given."""
+        path = disk or self.disk
+        return VirtioConfig(Path(path) if path else None, self.disk_readonly,
+                            console_out if self.console else None, self.rng)
+
+
+@dataclass(frozen=True)
 class MachineConfig:
     """What a target must build to take the guest (the CONFIG section)."""
 
@@ -66,6 +96,7 @@ class MachineConfig:
     snapshot_id: str = ""
     base: SnapshotRef | None = None  # incremental snapshots only
     memory_file: MemoryFileRef | None = None  # mappable snapshots only
+    virtio: VirtioSpec | None = None
 
     def vm_config(self) -> VmConfig:
         return VmConfig(mem_size=self.mem_size, vcpus=self.vcpus, irqchip=self.irqchip, pit=self.pit)
@@ -95,7 +126,9 @@ def registry() -> SchemaRegistry:
         reg.register(cls, f"hv.{cls.__name__}", version=1)
     for cls, name, version in DEVICE_STATES.values():
         reg.register(cls, name, version=version)
-    for cls in (SnapshotRef, MemoryFileRef, MachineConfig):
+    for cls in (VirtioMmioState, QueueState, BlkState, ConsoleState, RngState):  # their parts
+        reg.register(cls, f"hv.device.{cls.__name__}", version=1)
+    for cls in (SnapshotRef, MemoryFileRef, VirtioSpec, MachineConfig):
         reg.register(cls, f"migrate.{cls.__name__}", version=1)
     formats.register_format_types(reg)
     return reg
@@ -133,9 +166,20 @@ def machine_layout(machine: Machine) -> DeviceLayout:
     return layout_for(machine.vm.config, machine.device_layout())
 
 
-def expected_layout(config: VmConfig) -> DeviceLayout:
-    """The layout `blank_machine(config)` will have: checked before any VM exists."""
-    return layout_for(config, standard_layout())
+def expected_layout(config: MachineConfig) -> DeviceLayout:
+    """The layout `blank_machine` will build for `config`: checked before any VM exists."""
+    virtio = config.virtio.device_ids() if config.virtio else ()
+    return layout_for(config.vm_config(), standard_layout(virtio))
+
+
+def virtio_spec(machine: Machine) -> VirtioSpec | None:
+    """The virtio devices `machine` has, as plain data."""
+    blk, console, rng = (machine.devices.get(i) for i in ("virtio-blk0", "virtio-console0", "virtio-rng0"))
+    if blk is None and console is None and rng is None:
+        return None
+    disk = blk.save().backend if blk is not None else None
+    return VirtioSpec(disk.path if disk else None, bool(disk and disk.read_only), console is not None,
+                      rng is not None)
 
 
 # --- capture and apply ----------------------------------------------------------------------------
@@ -143,8 +187,8 @@ def expected_layout(config: VmConfig) -> DeviceLayout:
 
 def machine_config(machine: Machine, **extra: object) -> MachineConfig:
     c = machine.vm.config
-    return MachineConfig(c.mem_size, c.vcpus, c.irqchip, c.pit,
-                         cpuid_digest(machine.vcpus[0].cpuid), **extra)
+    return MachineConfig(c.mem_size, c.vcpus, c.irqchip, c.pit, cpuid_digest(machine.vcpus[0].cpuid),
+                         virtio=virtio_spec(machine), **extra)
 
 
 def capture(machine: Machine, config: MachineConfig | None = None) -> MachineState:

@@ -1,0 +1,136 @@
+"""The built-in guest on 2 vCPUs with its virtio-blk, virtio-console and virtio-rng drivers busy
+(on CPU 1) while CPU 0 dirties memory: snapshot it mid-operation and restore it in a new process,
+and migrate it live; the requests in flight complete, the disk holds what the guest wrote, both
+vCPUs carry on, and the virtio console keeps printing on the other side."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hv import builtin_guest as bg
+from hv.builder import VirtioConfig, builtin_machine
+from hv.control import call
+from hv.hypervisor import Kvm
+from hv.machine import Machine, RunState
+from hv.vm import VmConfig
+from migrate.live import MigrationOptions, listen_and_receive, send
+from migrate.snapshot import snapshot
+from migrate.transport import Listener
+
+MiB = 1 << 20
+
+
+def _busy_machine(kvm: Kvm, disk: Path, console: bg.GuestConsole, vcon: bg.GuestConsole) -> Machine:
+    disk.write_bytes(bytes(1 * MiB))
+    machine = builtin_machine(kvm, bg.GuestParams(ws_mib=16, rate_mib_s=40), VmConfig(mem_size=64 * MiB, vcpus=2),
+                              console, virtio=VirtioConfig(disk, False, vcon, True))
+    machine.start()
+    console.wait_for(lambda: any(isinstance(e, bg.DeviceRound) for _, e in console.events), 30, "device rounds")
+    console.wait_pass(2, timeout=30)
+    return machine
+
+
+def _vcon_rounds(lines: list[str]) -> list[int]:
+    return [int(line.split()[-1]) for line in lines if line.startswith("kvmig-vcon: round ")]
+
+
+def test_snapshot_mid_operation_restores_in_a_new_process(kvm: Kvm, tmp_path: Path) -> None:
+    disk, console = tmp_path / "disk.img", bg.GuestConsole()
+    machine = _busy_machine(kvm, disk, console, bg.GuestConsole())
+    try:
+        snapshot(machine, tmp_path / "busy.snap")  # taken while the drivers are mid-request
+    finally:
+        machine.stop()  # one writer to the disk at a time: the source is gone from here
+        machine.vm.close()
+    api = tmp_path / "restored.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "migrate.cli", "restore", str(tmp_path / "busy.snap"),
+                             "--api", str(api), "--timeout", "90"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not api.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        first = call(api, "guest-check")
+        while (later := call(api, "guest-check"))["passes"] < first["passes"] + 2 or \
+                later["cpu_work"][1] < first["cpu_work"][1] + 300:
+            assert time.monotonic() < deadline + 30, later
+            time.sleep(0.05)
+        assert later["ok"] and later["cpus_up"] == 2, later
+        call(api, "pause")
+        rounds = call(api, "guest-check")["cpu_work"][1]
+        problems = bg.check_disk(disk.read_bytes(), rounds)
+        call(api, "stop")
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert not problems, problems
+    vcon = _vcon_rounds(out.splitlines())
+    assert vcon and vcon[0] > first["cpu_work"][1] - 64  # virtio-console output carries on
+    assert "error" not in out
+
+
+def test_live_migration_with_busy_devices(kvm: Kvm, tmp_path: Path) -> None:
+    disk, console = tmp_path / "disk.img", bg.GuestConsole()
+    machine = _busy_machine(kvm, disk, console, bg.GuestConsole())
+    listener = Listener("127.0.0.1:0", b"")
+    target_console, target_vcon = bg.GuestConsole(), bg.GuestConsole()
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(
+        incoming=listen_and_receive(listener, kvm, console=target_console, virtio_console=target_vcon,
+                                    accept_timeout=20)))
+    thread.start()
+    try:
+        moved_from = bg.read_status(machine.vm.memory)
+        stats = send(machine, listener.address, MigrationOptions())
+        thread.join(60)
+        assert stats.outcome == "completed", stats.reason
+        assert machine.state is RunState.STOPPED
+        target = result["incoming"].machine
+        try:
+            at = bg.read_status(target.vm.memory)
+            target_console.wait_pass(at.passes + 2, timeout=30)
+            target_vcon.wait_for(lambda: len(_vcon_rounds(target_vcon.lines)) >= 3, 30, "virtio console")
+            target.pause()
+            status = bg.read_status(target.vm.memory)
+            assert bg.check_memory(target.vm.memory).ok
+            assert status.cpu_work[1] > at.cpu_work[1] >= moved_from.cpu_work[1] > 0  # CPU 1 carried on
+            assert not bg.check_disk(disk.read_bytes(), status.cpu_work[1])
+            assert target_console.failure() is None and console.failure() is None
+        finally:
+            target.stop()
+            target.vm.close()
+    finally:
+        listener.close()
+        machine.stop()
+        machine.vm.close()
+
+
+def test_check_disk_finds_a_damaged_slot(tmp_path: Path) -> None:
+    import numpy as np
+
+    image = np.zeros(64 * 512, dtype="<u8")
+    for r in range(1, 101):  # 100 rounds
+        slot = r % 64
+        image[slot * 512:(slot + 1) * 512] = (r << 32) | (slot << 16) | np.arange(512)
+    assert bg.check_disk(image.tobytes(), 100) == []
+    assert bg.check_disk(image.tobytes(), 90)  # rounds 91..100 are not supposed to be there yet
+    image[5 * 512 + 7] ^= 1
+    assert bg.check_disk(image.tobytes(), 100) == ["slot 5: round 69's words are damaged"]
+
+
+@pytest.mark.parametrize("rounds", [0, 1, 63, 64, 65, 1000])
+def test_check_disk_accepts_what_the_workload_writes(rounds: int) -> None:
+    import numpy as np
+
+    image = np.zeros(64 * 512, dtype="<u8")
+    for r in range(1, rounds + 2):  # + the round in flight
+        slot = r % 64
+        image[slot * 512:(slot + 1) * 512] = (r << 32) | (slot << 16) | np.arange(512)
+    assert bg.check_disk(image.tobytes(), rounds) == []
