@@ -59,6 +59,7 @@ XLF_KERNEL_64 = 1 << 0
 LOADER_TYPE_UNDEFINED = 0xFF
 
 # --- boot_params (zero page) offsets --------------------------------------------------------------
+BP_ACPI_RSDP_ADDR = 0x070  # u64 (Documentation/arch/x86/zero-page.rst); read by any kernel that has it
 BP_EXT_RAMDISK_IMAGE = 0x0C0
 BP_EXT_RAMDISK_SIZE = 0x0C4
 BP_EXT_CMD_LINE_PTR = 0x0C8
@@ -70,6 +71,7 @@ E820_MAX_ENTRIES_ZEROPAGE = 128
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 HVM_START_MAGIC = 0x336EC578
 _START_INFO = struct.Struct("<IIIIQQQQII")  # magic version flags nr_modules modlist cmdline rsdp memmap n rsvd
+START_INFO_RSDP_OFFSET = 0x20  # rsdp_paddr, u64
 _MODLIST_ENTRY = struct.Struct("<QQQQ")
 _MEMMAP_ENTRY = struct.Struct("<QQII")
 
@@ -206,22 +208,22 @@ def _write_cmdline(mem: GuestMemory, cmdline: str) -> None:
     mem.write(CMDLINE_ADDRESS, raw)
 
 
-def write_start_info(mem: GuestMemory, cmdline: str, initrd: tuple[int, int] | None) -> int:
+def write_start_info(mem: GuestMemory, cmdline: str, initrd: tuple[int, int] | None, rsdp: int = 0) -> int:
     _write_cmdline(mem, cmdline)
     memmap = e820_map(mem)
     mem.write(MEMMAP_ADDRESS, b"".join(_MEMMAP_ENTRY.pack(b, n, t, 0) for b, n, t in memmap))
     if initrd:
         mem.write(MODLIST_ADDRESS, _MODLIST_ENTRY.pack(initrd[0], initrd[1], 0, 0))
     info = _START_INFO.pack(HVM_START_MAGIC, 1, 0, 1 if initrd else 0, MODLIST_ADDRESS if initrd else 0,
-                            CMDLINE_ADDRESS, 0, MEMMAP_ADDRESS, len(memmap), 0)
+                            CMDLINE_ADDRESS, rsdp, MEMMAP_ADDRESS, len(memmap), 0)
     mem.write(START_INFO_ADDRESS, info)
     return START_INFO_ADDRESS
 
 
 def write_zero_page(mem: GuestMemory, cmdline: str, initrd: tuple[int, int] | None,
-                    header: SetupHeader | None) -> int:
+                    header: SetupHeader | None, rsdp: int = 0) -> int:
     """boot_params for the 64-bit protocol: the bzImage's setup header (or a minimal one for an
-    ELF vmlinux), command line, initrd, e820."""
+    ELF vmlinux), command line, initrd, e820, the ACPI RSDP's address (0: none given)."""
     _write_cmdline(mem, cmdline)
     zp = bytearray(4096)
     if header is not None:
@@ -237,6 +239,7 @@ def write_zero_page(mem: GuestMemory, cmdline: str, initrd: tuple[int, int] | No
     if initrd:
         struct.pack_into("<II", zp, _SETUP_OFF["ramdisk_image"], initrd[0] & 0xFFFF_FFFF, initrd[1] & 0xFFFF_FFFF)
         struct.pack_into("<II", zp, BP_EXT_RAMDISK_IMAGE, initrd[0] >> 32, initrd[1] >> 32)
+    struct.pack_into("<Q", zp, BP_ACPI_RSDP_ADDR, rsdp)
     e820 = e820_map(mem)[:E820_MAX_ENTRIES_ZEROPAGE]
     struct.pack_into("<B", zp, BP_E820_ENTRIES, len(e820))
     for i, (base, size, kind) in enumerate(e820):
@@ -246,8 +249,11 @@ def write_zero_page(mem: GuestMemory, cmdline: str, initrd: tuple[int, int] | No
 
 
 def boot(mem: GuestMemory, kernel: bytes, cmdline: str = "", initrd: bytes | None = None,
-         name: str = "kernel", *, decompress_on_host: bool = True, prefer_pvh: bool = True) -> LinuxBoot:
-    """Load a Linux kernel (bzImage or vmlinux) and return the boot vCPU's entry state."""
+         name: str = "kernel", *, decompress_on_host: bool = True, prefer_pvh: bool = True,
+         rsdp: int = 0) -> LinuxBoot:
+    """Load a Linux kernel (bzImage or vmlinux) and return the boot vCPU's entry state. `rsdp`:
+    where the ACPI tables' root pointer is (`hv.platform.acpi.write_acpi`), handed over as PVH's
+    `rsdp_paddr` or the zero page's `acpi_rsdp_addr`; 0 leaves the kernel to scan for one."""
     header: SetupHeader | None = None
     if elf.is_elf(kernel):
         vmlinux = kernel
@@ -255,7 +261,7 @@ def boot(mem: GuestMemory, kernel: bytes, cmdline: str = "", initrd: bytes | Non
         bz = parse_bzimage(kernel, name)
         header = bz.header
         if not decompress_on_host:
-            return _boot_bzimage_in_guest(mem, bz, cmdline, initrd, name)
+            return _boot_bzimage_in_guest(mem, bz, cmdline, initrd, name, rsdp)
         vmlinux = decompress_payload(bz.payload, name)
     image = elf.parse(vmlinux, name)
     pvh = pvh_entry(vmlinux, image) if prefer_pvh else None
@@ -263,15 +269,15 @@ def boot(mem: GuestMemory, kernel: bytes, cmdline: str = "", initrd: bytes | Non
     addr_max = header.initrd_addr_max if header and header.initrd_addr_max else DEFAULT_INITRD_ADDR_MAX
     placed = _place_initrd(mem, initrd, hi, addr_max, name) if initrd else None
     if pvh is not None:
-        info = write_start_info(mem, cmdline, placed)
+        info = write_start_info(mem, cmdline, placed, rsdp)
         entry = protected_mode_entry(mem, entry=pvh, eax=0, ebx=info)
         return LinuxBoot(entry, "pvh", (lo, hi), placed, cmdline)
-    zero_page = write_zero_page(mem, cmdline, placed, header)
+    zero_page = write_zero_page(mem, cmdline, placed, header, rsdp)
     return LinuxBoot(long_mode_entry(mem, entry=image.entry, rsi=zero_page), "64-bit", (lo, hi), placed, cmdline)
 
 
 def _boot_bzimage_in_guest(mem: GuestMemory, bz: BzImage, cmdline: str, initrd: bytes | None,
-                           name: str) -> LinuxBoot:
+                           name: str, rsdp: int) -> LinuxBoot:
     h = bz.header
     load_at = h.pref_address if h.pref_address >= KERNEL_MIN_ADDRESS else 0x100_0000
     size = max(len(bz.kernel), h.init_size)
@@ -282,7 +288,7 @@ def _boot_bzimage_in_guest(mem: GuestMemory, bz: BzImage, cmdline: str, initrd: 
                         f"[{load_at:#x}, {load_at + size:#x})") from None
     mem.write(load_at, bz.kernel)
     placed = _place_initrd(mem, initrd, load_at + size, h.initrd_addr_max, name) if initrd else None
-    zero_page = write_zero_page(mem, cmdline, placed, h)
+    zero_page = write_zero_page(mem, cmdline, placed, h, rsdp)
     # boot.rst: the 64-bit entry is 0x200 past the start of the protected-mode kernel.
     entry = long_mode_entry(mem, entry=load_at + 0x200, rsi=zero_page)
     return LinuxBoot(entry, "64-bit", (load_at, load_at + size), placed, cmdline)
