@@ -16,6 +16,7 @@ from hv.devices.virtio import MMIO_WINDOW, VirtioBlk, VirtioConsole, VirtioRng
 from hv.errors import ConfigError
 from hv.hypervisor import Kvm
 from hv.machine import DevicePlacement, Machine, StopReason
+from hv.platform import acpi, mptable
 from hv.platform.allocator import SystemAllocator
 from hv.vm import MemoryBacking, Vm, VmConfig
 
@@ -148,6 +149,30 @@ def _with_console(vm: Vm, console: Callable[[bytes], None]) -> Machine:
     return machine
 
 
+@dataclass(frozen=True)
+class FirmwareTables:
+    """Where `write_firmware_tables` put the ACPI tables and the MP table (None past 254 vCPUs)."""
+
+    acpi: acpi.AcpiTables
+    mptable: mptable.MpTable | None
+
+
+def write_firmware_tables(machine: Machine) -> FirmwareTables:
+    """ACPI tables (MADT: every vCPU and the IOAPIC; DSDT: COM1 and the virtio-mmio devices of
+    `machine.device_layout()`, in slot order) and an MP table, in the BIOS area below 1 MiB: how a
+    stock Linux kernel learns it has more than one CPU, and finds virtio-mmio devices at all."""
+    layout = {p.device_id: p for p in machine.device_layout()}
+    virtio_ids = {d.device_id for d in VIRTIO_DEVICES}
+    virtio = sorted((p for p in layout.values() if p.device_id in virtio_ids), key=lambda p: p.mmio[0][0])
+    serial = next(d for d in STANDARD_DEVICES if d.device_id == "serial0")
+    vcpus = machine.vm.config.vcpus
+    memory = machine.vm.memory
+    tables = acpi.write_acpi(memory, vcpus, [acpi.MmioDevice(*p.mmio[0], p.irqs[0]) for p in virtio],
+                             [acpi.ComPort(serial.pio[0], serial.irqs[0])] if "serial0" in layout else [])
+    mp = mptable.write_mptable(memory, vcpus) if vcpus <= mptable.MAX_CPUS else None
+    return FirmwareTables(tables, mp)
+
+
 def linux_machine(
     kvm: Kvm,
     kernel: Path,
@@ -157,16 +182,21 @@ def linux_machine(
     console: Callable[[bytes], None] = lambda b: None,
     *,
     prefer_pvh: bool = True,
+    virtio: VirtioConfig | None = None,
 ) -> tuple[Machine, linux.LinuxBoot]:
     """A Machine that boots a Linux bzImage or vmlinux: by PVH when the kernel has the note and
-    `prefer_pvh`, else by the 64-bit boot protocol with a zero page."""
-    machine = blank_machine(kvm, config, console)
+    `prefer_pvh`, else by the 64-bit boot protocol with a zero page. ACPI and MP tables describe
+    its vCPUs and devices (`write_firmware_tables`), and the kernel is given the RSDP's address."""
+    machine = blank_machine(kvm, config, console, virtio=virtio)
     try:
+        firmware = write_firmware_tables(machine)
         booted = linux.boot(machine.vm.memory, kernel.read_bytes(), cmdline,
-                            initrd.read_bytes() if initrd else None, kernel.name, prefer_pvh=prefer_pvh)
+                            initrd.read_bytes() if initrd else None, kernel.name, prefer_pvh=prefer_pvh,
+                            rsdp=firmware.acpi.rsdp)
         _boot_vcpu_entry(machine.vm, booted.entry)
         return machine, booted
     except BaseException:
+        machine.stop()  # stops any virtio devices
         machine.vm.close()
         raise
 
