@@ -11,7 +11,7 @@ from hv.boot import linux, multiboot
 from hv.cpuid import vcpu_cpuid
 from hv.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from hv.devices.i8042 import I8042, I8042_PORT, I8042_PORTS
-from hv.devices.serial import COM1_IRQ, COM1_PORT, SerialTx
+from hv.devices.serial import COM1_IRQ, COM1_PORT, Serial16550
 from hv.devices.virtio import MMIO_WINDOW, VirtioBlk, VirtioConsole, VirtioRng
 from hv.errors import ConfigError
 from hv.hypervisor import Kvm
@@ -45,7 +45,7 @@ class StandardDevice:
 # The legacy devices every machine has. A migration target checks its layout against the
 # source's before creating anything, so the table is plain data that needs no KVM to read.
 STANDARD_DEVICES = (
-    StandardDevice("serial0", SerialTx.__name__, (COM1_PORT, 8), (COM1_IRQ,)),
+    StandardDevice("serial0", Serial16550.__name__, (COM1_PORT, 8), (COM1_IRQ,)),
     StandardDevice("debug-exit", DebugExit.__name__, (DEBUG_EXIT_PORT, 4)),
     StandardDevice("i8042", I8042.__name__, (I8042_PORT, I8042_PORTS)),
 )
@@ -143,7 +143,12 @@ def _with_console(vm: Vm, console: Callable[[bytes], None]) -> Machine:
     def guest_reset() -> None:
         machine.request_stop(StopReason("guest-reset", "reset through the i8042 controller"))
 
-    models = {"serial0": SerialTx(console), "debug-exit": DebugExit(guest_exit), "i8042": I8042(guest_reset)}
+    def com1_line(level: bool) -> None:
+        if vm.has_irqchip:
+            vm.set_irq_line(COM1_IRQ, level)
+
+    models = {"serial0": Serial16550(console, com1_line), "debug-exit": DebugExit(guest_exit),
+              "i8042": I8042(guest_reset)}
     for d in STANDARD_DEVICES:
         machine.add_device(d.device_id, models[d.device_id], pio=d.pio, irqs=d.irqs)
     return machine

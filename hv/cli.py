@@ -133,6 +133,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                            extra={"console": console, "params": params})
 
 
+def _stdin_to_serial(serial) -> None:
+    """The terminal's input goes to the guest's COM1 (line by line: the terminal stays cooked)."""
+    try:
+        while data := sys.stdin.buffer.read1(4096):
+            serial.feed(data)
+    except (OSError, ValueError):
+        pass  # no stdin (a daemon, a closed pipe): nothing to forward
+
+
 def run_machine(machine: Machine, *, done: threading.Event | None = None, api: str | None = None,
                 timeout: float = 0, start: bool = True, extra: dict | None = None) -> int:
     """Run a built machine until the guest ends, Ctrl-C, `--timeout`, a fatal exit, or a control
@@ -142,6 +151,9 @@ def run_machine(machine: Machine, *, done: threading.Event | None = None, api: s
     """
     done = done or threading.Event()
     ctx = ControlContext(machine, extra=dict(extra or {}))
+    serial = machine.devices.get("serial0")
+    if serial is not None and hasattr(serial, "feed"):
+        threading.Thread(target=_stdin_to_serial, args=(serial,), name="stdin", daemon=True).start()
     server = ControlServer(api, ctx) if api else None
     interrupted = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())

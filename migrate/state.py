@@ -27,7 +27,7 @@ from hv.devices.virtio.console import ConsoleState, VirtioConsoleState
 from hv.devices.virtio.mmio import VirtioMmioState
 from hv.devices.virtio.queue import QueueState
 from hv.devices.virtio.rng import RngState, VirtioRngState
-from hv.devices.serial import SerialTxState
+from hv.devices.serial import SerialState
 from hv.machine import DevicePlacement, Machine, RunState
 from hv.vm import VmConfig
 from migrate.errors import IncompatibleError, StateError
@@ -37,7 +37,7 @@ PRODUCER = "kvmigrate 0.1"
 # Each device model's state type and its version. A model whose state changes shape bumps its
 # version here; a reader refuses versions it does not know rather than guess.
 DEVICE_STATES: dict[str, tuple[type, str, int]] = {
-    "SerialTx": (SerialTxState, "hv.device.serial_tx", 1),
+    "Serial16550": (SerialState, "hv.device.serial_16550", 1),
     "DebugExit": (DebugExitState, "hv.device.debug_exit", 1),
     "I8042": (I8042State, "hv.device.i8042", 1),
     "VirtioBlk": (VirtioBlkState, "hv.device.virtio_blk", 1),

@@ -21,7 +21,7 @@ import formats
 from hv import builtin_guest as bg
 from hv.builder import builtin_machine
 from hv.control import call
-from hv.devices.serial import SerialTx
+from hv.devices.serial import Serial16550
 from hv.hypervisor import Kvm
 from hv.machine import Machine, RunState
 from hv.state import lapic_registers
@@ -134,7 +134,7 @@ def test_layout_mismatch_lists_every_difference_and_creates_no_vm(running, kvm: 
 
 def test_different_device_set_is_refused_with_every_difference(kvm: Kvm, tmp_path) -> None:
     machine = builtin_machine(kvm, bg.GuestParams(ws_mib=4), CONFIG)
-    machine.add_device("serial1", SerialTx(lambda b: None), pio=(0x2F8, 8), irqs=(3,))
+    machine.add_device("serial1", Serial16550(lambda b: None), pio=(0x2F8, 8), irqs=(3,))
     try:
         snapshot(machine, tmp_path / "snap")
     finally:

@@ -1,6 +1,6 @@
 """virtio-console (device ID 3): port 0 only, receiveq (0) and transmitq (1), no multiport.
 
-Bytes the guest transmits go to `output` (as `SerialTx`'s do). Input from the host (`feed`)
+Bytes the guest transmits go to `output` (as `Serial16550`'s do). Input from the host (`feed`)
 waits in the device until the guest has made receive buffers available; what has not been
 delivered yet is part of the saved state, so it survives a migration.
 """

@@ -93,11 +93,11 @@ load_data_segments:
     movw %ax, %gs
     ret
 
-/* to_user(arg in rdi, stack in rsi, entry in rdx): iretq to ring 3 with interrupts off. */
+/* to_user(arg in rdi, stack in rsi, entry in rdx): iretq to ring 3, interrupts on (IF). */
 to_user:
     pushq $USER_DS
     pushq %rsi
-    pushq $0x2
+    pushq $0x202
     pushq $USER_CS
     pushq %rdx
     iretq
@@ -117,6 +117,30 @@ EXC 0,0; EXC 1,0; EXC 2,0; EXC 3,0; EXC 4,0; EXC 5,0; EXC 6,0; EXC 7,0
 EXC 8,1; EXC 9,0; EXC 10,1; EXC 11,1; EXC 12,1; EXC 13,1; EXC 14,1; EXC 15,0
 EXC 16,0; EXC 17,1; EXC 18,0; EXC 19,0; EXC 20,0; EXC 21,1; EXC 22,0; EXC 23,0
 EXC 24,0; EXC 25,0; EXC 26,0; EXC 27,0; EXC 28,0; EXC 29,1; EXC 30,1; EXC 31,0
+
+/* COM1's interrupt (IOAPIC pin 4): the handler reads what arrived; then back where we were. */
+    .globl irq_com1
+irq_com1:
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    call serial_interrupt
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rax
+    iretq
 
 exception_common:
     movq %rsp, %rdi /* struct exception_frame */
@@ -155,7 +179,7 @@ gdt_ptr:
     .globl idt
     .align 16
 idt:
-    .fill 64, 8, 0
+    .fill IDT_VECTORS * 2, 8, 0
 idt_end:
 idt_ptr:
     .word idt_end - idt - 1

@@ -5,6 +5,7 @@
 extern u64 gdt[];
 extern u8 idt[];
 extern u64 exception_stubs[32];
+extern u8 irq_com1[];
 extern u8 boot_stack_top[];
 
 /* 64-bit TSS followed by an all-zero I/O permission bitmap (every port allowed in ring 3) and the
@@ -49,13 +50,52 @@ static void start_secondary_cpus(u32 cpus)
     volatile u32 *lapic = (volatile u32 *)LAPIC_BASE;
     for (u8 *src = trampoline_start, *dst = (u8 *)TRAMPOLINE_ADDR; src < trampoline_end;)
         *dst++ = *src++;
-    lapic[0xF0 / 4] = 0x1FF; /* spurious vector register: APIC software-enabled */
     for (u32 cpu = 1; cpu < cpus; cpu++) {
         lapic[0x310 / 4] = cpu << 24;
         lapic[0x300 / 4] = 0x4500; /* INIT, level assert */
         lapic[0x310 / 4] = cpu << 24;
         lapic[0x300 / 4] = 0x4600 | (TRAMPOLINE_ADDR >> 12); /* STARTUP */
     }
+}
+
+static void set_gate(int vector, u64 handler)
+{
+    u64 *gate = (u64 *)(idt + 16 * vector);
+    gate[0] = (handler & 0xFFFF) | ((u64)KERNEL_CS << 16) | (0x8EULL << 40) | ((handler >> 16) << 48);
+    gate[1] = handler >> 32;
+}
+
+/* The 8259s masked (a BIOS may have left them ticking), this CPU's LAPIC on, COM1's IOAPIC pin
+ * sent to COM1_VECTOR on CPU 0: edge-triggered, active high, as ISA interrupts are. */
+static void setup_interrupts(void)
+{
+    outb(0x21, 0xFF);
+    outb(0xA1, 0xFF);
+    volatile u32 *lapic = (volatile u32 *)LAPIC_BASE;
+    lapic[0xF0 / 4] = 0x1FF; /* spurious vector register: APIC software-enabled */
+    volatile u32 *ioapic = (volatile u32 *)IOAPIC_BASE;
+    ioapic[0] = 0x10 + 2 * COM1_IRQ + 1; /* redirection entry, high half: destination APIC 0 */
+    ioapic[4] = 0;
+    ioapic[0] = 0x10 + 2 * COM1_IRQ; /* low half: vector, fixed delivery, unmasked */
+    ioapic[4] = COM1_VECTOR;
+}
+
+struct uart_rx {
+    u64 irqs, head;
+    u8 buf[256];
+};
+
+/* Ring 0, interrupts off: take every byte the UART holds into the ring the workload reads. */
+void serial_interrupt(void)
+{
+    volatile struct uart_rx *rx = (volatile struct uart_rx *)UART_RX_ADDR;
+    rx->irqs++;
+    (void)inb(COM1 + 2); /* IIR: what was pending */
+    while (inb(COM1 + 5) & 1) {
+        rx->buf[rx->head % sizeof(rx->buf)] = inb(COM1);
+        rx->head++;
+    }
+    *(volatile u32 *)(LAPIC_BASE + 0xB0) = 0; /* EOI */
 }
 
 void kernel_setup(void)
@@ -68,12 +108,10 @@ void kernel_setup(void)
                                 (((limit >> 16) & 0xF) << 48) | (((base >> 24) & 0xFF) << 56);
         gdt[TSS_SEL(cpu) / 8 + 1] = base >> 32;
     }
-    for (int v = 0; v < 32; v++) {
-        u64 h = exception_stubs[v];
-        u64 *gate = (u64 *)(idt + 16 * v);
-        gate[0] = (h & 0xFFFF) | ((u64)KERNEL_CS << 16) | (0x8EULL << 40) | ((h >> 16) << 48);
-        gate[1] = h >> 32;
-    }
+    for (int v = 0; v < 32; v++)
+        set_gate(v, exception_stubs[v]);
+    set_gate(COM1_VECTOR, (u64)irq_com1);
+    setup_interrupts();
     u32 cpus = cpus_wanted();
     if (cpus > 1)
         start_secondary_cpus(cpus);
@@ -82,7 +120,7 @@ void kernel_setup(void)
 /* Per CPU: the shared IDT and the CPU's own TSS (ring-0 stack, I/O bitmap). */
 void enter_cpu(u64 cpu)
 {
-    struct descriptor_pointer idtr = {32 * 16 - 1, (u64)idt};
+    struct descriptor_pointer idtr = {IDT_VECTORS * 16 - 1, (u64)idt};
     __asm__ volatile("lidt %0" ::"m"(idtr));
     __asm__ volatile("ltr %w0" ::"r"((u16)TSS_SEL(cpu)));
 }

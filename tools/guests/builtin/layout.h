@@ -22,5 +22,11 @@
 
 #define TRAMPOLINE_ADDR 0x7000 /* secondary CPUs start here (SIPI vector 0x07) */
 #define LAPIC_BASE     0xFEE00000
+#define IOAPIC_BASE    0xFEC00000
+
+#define COM1_IRQ       4
+#define COM1_VECTOR    0x24 /* the IDT vector the IOAPIC sends COM1's interrupts to */
+#define IDT_VECTORS    48
+#define UART_RX_ADDR   (STATUS_ADDR + 0x800) /* struct uart_rx: what the COM1 interrupt received */
 
 #endif

@@ -62,6 +62,35 @@ static void fail(const char *why)
     debug_exit(2);
 }
 
+struct uart_rx {
+    u64 irqs, head;
+    u8 buf[256];
+};
+
+/* Lines typed on COM1 arrive through its interrupt (kernel.c); print each one back. */
+static void uart_poll(u64 *tail, struct line *typed)
+{
+    volatile struct uart_rx *rx = (volatile struct uart_rx *)UART_RX_ADDR;
+    while (*tail != rx->head) {
+        u8 c = rx->buf[*tail % sizeof(rx->buf)];
+        (*tail)++;
+        if (c != '\n' && c != '\r' && typed->len < 100) {
+            typed->buf[typed->len++] = (char)c;
+            continue;
+        }
+        if (c == '\r' || !typed->len)
+            continue;
+        struct line l = {0};
+        line_str(&l, "kvmig: uart-rx irqs=");
+        line_dec(&l, rx->irqs);
+        line_str(&l, " text=");
+        for (u32 i = 0; i < typed->len; i++)
+            l.buf[l.len++] = typed->buf[i];
+        console_send(&l);
+        typed->len = 0;
+    }
+}
+
 static u64 ms_since(u64 tsc0, const struct params *p)
 {
     return p->tsc_khz ? (rdtsc() - tsc0) / p->tsc_khz : 0;
@@ -166,6 +195,12 @@ void user_main(u32 mbi_addr)
     line_dec(&l, ms_since(t0, &p));
     console_send(&l);
 
+    outb(COM1 + 4, 0x0B); /* MCR: DTR, RTS, OUT2 (the PC's gate for the UART's interrupt) */
+    outb(COM1 + 1, 0x01); /* IER: interrupt on received data */
+    u64 uart_tail = 0;
+    struct line typed = {0};
+    volatile struct uart_rx *rx = (volatile struct uart_rx *)UART_RX_ADDR;
+
     volatile u8 *ws = (volatile u8 *)WS_ADDR;
     u64 tsc_start = rdtsc(), paced = 0;
     /* TSC ticks per CHUNK_PAGES at the requested rate */
@@ -176,6 +211,8 @@ void user_main(u32 mbi_addr)
             st->position = i;
             for (u64 j = i; j < end; j++)
                 ws[j * PAGE]++;
+            if (rx->head != uart_tail)
+                uart_poll(&uart_tail, &typed);
             if (chunk_ticks) {
                 paced += chunk_ticks;
                 while (rdtsc() - tsc_start < paced)
