@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from hv.boot import linux
-from hv.builder import linux_machine
+from hv.builder import VirtioConfig, linux_machine
 from hv.errors import BootError, GuestFatalExit
 from hv.exits import InternalError
 from hv.hypervisor import Kvm
 from hv.machine import RunState
 from hv.memory import GuestMemory, MemoryRegion
+from hv.platform import acpi
 from hv.vm import VmConfig
 from tinyguest import PVH_PRINT_CMDLINE, Recorder, pvh_elf64, wait_for
 
@@ -195,6 +196,70 @@ def test_debian_kernel_by_pvh_boots_to_the_emulator_limit(kvm: Kvm, vmlinux: Pat
         assert isinstance(machine.error, GuestFatalExit)
         assert isinstance(machine.error.exit, InternalError)
         assert machine.error.exit.instruction_bytes.startswith(bytes.fromhex("f0480fc7"))
+    finally:
+        machine.stop()
+        machine.vm.close()
+
+
+def _acpi_table_lines(mem: GuestMemory, rsdp: int) -> list[str]:
+    """The lines ACPICA's acpi_tb_print_table_header prints for our tables, read back from guest
+    RAM: RSDP, XSDT, then each table the XSDT lists and the FADT's DSDT."""
+    lines = [f"ACPI: RSDP 0x{rsdp:016X} 000024 (v02 KVMIG )"]
+    xsdt = mem.read_u64(rsdp + 24)
+    count = (mem.read_u32(xsdt + 4) - 36) // 8
+    fadt = next(a for a in (mem.read_u64(xsdt + 36 + 8 * i) for i in range(count)) if mem.read(a, 4) == b"FACP")
+    dsdt = mem.read_u64(fadt + 140)
+    for address in (xsdt, *(mem.read_u64(xsdt + 36 + 8 * i) for i in range(count)), dsdt):
+        signature, length, revision = mem.read(address, 4).decode(), mem.read_u32(address + 4), mem.read(address + 8, 1)[0]
+        lines.append(f"ACPI: {signature} 0x{address:016X} {length:06X} (v{revision:02d} KVMIG  KVMIG{signature[:3]} "
+                     f"00000001 KVMG 00000001)")
+    return lines
+
+
+def test_linux_machine_points_the_kernel_at_its_acpi_tables(kvm: Kvm, write_image) -> None:
+    """Both protocols carry the RSDP address; the tables describe every vCPU and virtio device."""
+    image = write_image(pvh_elf64(PVH_PRINT_CMDLINE), "pvh.elf")
+    for prefer_pvh in (True, False):
+        machine, booted = linux_machine(kvm, image, "x", config=VmConfig(mem_size=64 * MiB, vcpus=2),
+                                        prefer_pvh=prefer_pvh, virtio=VirtioConfig(rng=True))
+        try:
+            mem = machine.vm.memory
+            if booted.protocol == "pvh":
+                rsdp = mem.read_u64(linux.START_INFO_ADDRESS + linux.START_INFO_RSDP_OFFSET)
+            else:
+                rsdp = mem.read_u64(linux.ZERO_PAGE_ADDRESS + linux.BP_ACPI_RSDP_ADDR)
+            assert rsdp == acpi.ACPI_TABLES_START and mem.read(rsdp, 8) == b"RSD PTR "
+            assert len(_acpi_table_lines(mem, rsdp)) == 6  # RSDP XSDT FACP APIC DSDT + DSDT again
+            (rng,) = [p for p in machine.device_layout() if p.device_id == "virtio-rng0"]
+            dsdt = mem.read(acpi.ACPI_TABLES_START, acpi.ACPI_TABLES_END - acpi.ACPI_TABLES_START)
+            assert acpi.resource_template(acpi.res_memory32_fixed(*rng.mmio[0]), acpi.res_interrupt(rng.irqs[0])) in dsdt
+            assert mem.read(0xF0000, 4) == b"_MP_"
+        finally:
+            machine.stop()
+            machine.vm.close()
+
+
+@pytest.mark.slow
+def test_debian_kernel_by_pvh_reads_our_acpi_tables_and_allows_two_cpus(kvm: Kvm, vmlinux: Path) -> None:
+    """Debian's kernel, 2 vCPUs and two virtio devices: setup_arch prints our table list (found
+    through start_info.rsdp_paddr), parses the MADT and sizes the possible-CPU map from it."""
+    out = bytearray()
+    machine, booted = linux_machine(kvm, vmlinux, CMDLINE, config=VmConfig(mem_size=512 * MiB, vcpus=2),
+                                    console=out.extend,
+                                    virtio=VirtioConfig(console_out=lambda b: None, rng=True))
+    try:
+        assert booted.protocol == "pvh"
+        machine.start()
+        wait_for(lambda: b"Memory:" in out or machine.state is not RunState.RUNNING, timeout=150,
+                 what="memory init on the early console")
+        text = out.decode(errors="replace")
+        print("\n".join(line for line in text.splitlines()
+                        if any(k in line for k in ("ACPI", "APIC", "smpboot", "CPU", "MP", "IRQ"))))
+        for line in _acpi_table_lines(machine.vm.memory, acpi.ACPI_TABLES_START):
+            assert line in text
+        assert "ACPI: Using ACPI (MADT) for SMP configuration information" in text
+        assert "IOAPIC[0]: apic_id 2, version 17, address 0xfec00000, GSI 0-23" in text
+        assert "smpboot: Allowing 2 CPUs, 0 hotplug CPUs" in text
     finally:
         machine.stop()
         machine.vm.close()
