@@ -392,12 +392,13 @@ def layout_acpi(vcpus: int, virtio: Sequence[MmioDevice], com_ports: Sequence[Co
     dsdt_raw, madt_raw = dsdt(virtio, com_ports), madt(vcpus, overrides)
     a_rsdp = start
     a_xsdt = _align(a_rsdp + RSDP_SIZE, 16)
-    a_fadt = _align(a_xsdt + SDT_HEADER_SIZE + 3 * 8, 16)
+    a_fadt = _align(a_xsdt + SDT_HEADER_SIZE + 2 * 8, 16)
     a_madt = _align(a_fadt + FADT_SIZE, 16)
     a_dsdt = _align(a_madt + len(madt_raw), 16)
     end = a_dsdt + len(dsdt_raw)
     image = bytearray(end - start)
-    for address, raw in ((a_rsdp, rsdp(a_xsdt)), (a_xsdt, xsdt((a_fadt, a_madt, a_dsdt))),
+    # The XSDT lists every table but the DSDT, which only the FADT points at (5.2.8, 5.2.9).
+    for address, raw in ((a_rsdp, rsdp(a_xsdt)), (a_xsdt, xsdt((a_fadt, a_madt))),
                          (a_fadt, fadt(a_dsdt)), (a_madt, madt_raw), (a_dsdt, dsdt_raw)):
         image[address - start : address - start + len(raw)] = raw
     return AcpiTables(a_rsdp, a_xsdt, a_fadt, a_madt, a_dsdt, end), bytes(image)

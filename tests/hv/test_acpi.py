@@ -64,6 +64,7 @@ def read_all(image: bytes, base: int) -> dict[bytes, Table]:
     body = tables[b"XSDT"].body
     for (address,) in struct.iter_unpack("<Q", body):
         t = read_table(image, base, address)
+        assert t.signature not in tables and t.signature != b"DSDT"  # only the FADT points at the DSDT
         tables[t.signature] = t
     fadt = tables[b"FACP"]
     dsdt32, = struct.unpack_from("<I", fadt.raw, 40)

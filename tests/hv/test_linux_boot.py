@@ -203,7 +203,7 @@ def test_debian_kernel_by_pvh_boots_to_the_emulator_limit(kvm: Kvm, vmlinux: Pat
 
 def _acpi_table_lines(mem: GuestMemory, rsdp: int) -> list[str]:
     """The lines ACPICA's acpi_tb_print_table_header prints for our tables, read back from guest
-    RAM: RSDP, XSDT, then each table the XSDT lists and the FADT's DSDT."""
+    RAM: RSDP, XSDT, then each table the XSDT lists (FACP, APIC) and the FADT's DSDT."""
     lines = [f"ACPI: RSDP 0x{rsdp:016X} 000024 (v02 KVMIG )"]
     xsdt = mem.read_u64(rsdp + 24)
     count = (mem.read_u32(xsdt + 4) - 36) // 8
@@ -229,10 +229,10 @@ def test_linux_machine_points_the_kernel_at_its_acpi_tables(kvm: Kvm, write_imag
             else:
                 rsdp = mem.read_u64(linux.ZERO_PAGE_ADDRESS + linux.BP_ACPI_RSDP_ADDR)
             assert rsdp == acpi.ACPI_TABLES_START and mem.read(rsdp, 8) == b"RSD PTR "
-            assert len(_acpi_table_lines(mem, rsdp)) == 6  # RSDP XSDT FACP APIC DSDT + DSDT again
+            assert [line.split()[1] for line in _acpi_table_lines(mem, rsdp)] == ["RSDP", "XSDT", "FACP", "APIC", "DSDT"]
             (rng,) = [p for p in machine.device_layout() if p.device_id == "virtio-rng0"]
-            dsdt = mem.read(acpi.ACPI_TABLES_START, acpi.ACPI_TABLES_END - acpi.ACPI_TABLES_START)
-            assert acpi.resource_template(acpi.res_memory32_fixed(*rng.mmio[0]), acpi.res_interrupt(rng.irqs[0])) in dsdt
+            area = mem.read(acpi.ACPI_TABLES_START, acpi.ACPI_TABLES_END - acpi.ACPI_TABLES_START)
+            assert acpi.resource_template(acpi.res_memory32_fixed(*rng.mmio[0]), acpi.res_interrupt(rng.irqs[0])) in area
             assert mem.read(0xF0000, 4) == b"_MP_"
         finally:
             machine.stop()
@@ -256,7 +256,9 @@ def test_debian_kernel_by_pvh_reads_our_acpi_tables_and_allows_two_cpus(kvm: Kvm
         print("\n".join(line for line in text.splitlines()
                         if any(k in line for k in ("ACPI", "APIC", "smpboot", "CPU", "MP", "IRQ"))))
         for line in _acpi_table_lines(machine.vm.memory, acpi.ACPI_TABLES_START):
-            assert line in text
+            assert text.count(line) == 1, line
+        assert "found SMP MP-table at [mem 0x000f0000-0x000f000f]" in text  # our floating pointer
+        assert "ACPI: LAPIC_NMI (acpi_id[0xff] dfl dfl lint[0x1])" in text
         assert "ACPI: Using ACPI (MADT) for SMP configuration information" in text
         assert "IOAPIC[0]: apic_id 2, version 17, address 0xfec00000, GSI 0-23" in text
         assert "smpboot: Allowing 2 CPUs, 0 hotplug CPUs" in text
