@@ -21,7 +21,14 @@ import struct
 from dataclasses import dataclass
 
 from hv.memory import GuestMemory
-from hv.platform.acpi import IOAPIC_ADDRESS, IOAPIC_PINS, LOCAL_APIC_ADDRESS, FirmwareTableError, checksum, ioapic_id
+from hv.platform.acpi import (
+    IOAPIC_ADDRESS,
+    IOAPIC_PINS,
+    LOCAL_APIC_ADDRESS,
+    FirmwareTableError,
+    checksum,
+    ioapic_id,
+)
 
 MPTABLE_START = 0xF0000
 MPTABLE_END = 0x100000
