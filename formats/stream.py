@@ -303,14 +303,25 @@ class StreamReader:
     def done(self) -> bool:
         return self.end is not None
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Record]:
+    def feed(self, data: bytes | bytearray | memoryview, *, stable: bool = False) -> list[Record]:
+        """Records completed by `data`. When nothing is buffered and `data` is immutable
+        (`bytes`, or `stable`: the caller will not change it), records are parsed in place and
+        their bodies are views of `data` (no copy: a migration's page payloads go from the
+        socket buffer to guest memory once)."""
         if self._failed is not None:
             raise SequenceError("stream", self._pos, f"reader already failed: {self._failed}")
-        self._buf += data
         out: list[Record] = []
         try:
-            while self._step(out):
-                pass
+            if self._buf or not (stable or isinstance(data, bytes)):
+                self._buf += data
+                while n := self._parse(self._buf, out, copy=True):
+                    self._consume(n)
+            else:
+                view, at = memoryview(data), 0
+                while at < len(view) and (n := self._parse(view[at:], out, copy=False)):
+                    at += n
+                    self._pos += n
+                self._buf += view[at:]
         except FormatError as exc:
             self._failed = exc
             raise
@@ -331,47 +342,48 @@ class StreamReader:
 
     # --- one item ---
 
-    def _step(self, out: list[Record]) -> bool:
-        buf = self._buf
+    def _parse(self, buf: bytearray | memoryview, out: list[Record], *, copy: bool) -> int:
+        """Parse one item at the start of `buf` (stream offset `self._pos`); the bytes it took,
+        0 if `buf` does not hold a whole one yet. `copy`: bodies must not be views of `buf`."""
         if self.end is not None:
-            if buf:
+            if len(buf):
                 raise TrailingDataError("end", self._pos, len(buf))
-            return False
+            return 0
         if self.header is None:
             if len(buf) < HEADER.size:
-                self._check_magic_prefix()
-                return False
+                self._check_magic_prefix(buf)
+                return 0
             out.append(self._read_header(bytes(buf[:HEADER.size])))
-            self._consume(HEADER.size)
-            return True
+            return HEADER.size
         if len(buf) < FRAME.size:
-            return False
+            return 0
         kind, flags, length, digest = FRAME.unpack_from(buf)
         name = _section_name(kind)
         if length > self.limits.max_section:
             raise SectionTooLarge(name, self._pos, length, self.limits.max_section)
         if len(buf) < FRAME.size + length:
-            return False
+            return 0
         with memoryview(buf) as view:
-            body = bytes(view[FRAME.size:FRAME.size + length])
+            body = view[FRAME.size:FRAME.size + length]
+            if copy:
+                body = bytes(body)
             found = _record_digest(view[:8], xxhash.xxh3_64_intdigest(body),
                                    self._chain)  # type: ignore[arg-type]
         if found != digest:
             raise ChecksumError(name, self._pos, digest, found)
         offset = self._pos + FRAME.size
-        self._consume(FRAME.size + length)
         self._chain = digest
         record = self._dispatch(kind, flags, body, offset)
         if record is not None:
             out.append(record)
-        return True
+        return FRAME.size + length
 
     def _consume(self, n: int) -> None:
         del self._buf[:n]
         self._pos += n
 
-    def _check_magic_prefix(self) -> None:
-        have = bytes(self._buf[:len(MAGIC)])
+    def _check_magic_prefix(self, buf: bytearray | memoryview) -> None:
+        have = bytes(buf[:len(MAGIC)])
         if not MAGIC.startswith(have):
             raise BadMagic(MAGIC, have)
 

@@ -37,6 +37,8 @@ def _read_pagemap(host_address: int, npages: int) -> np.ndarray:
 
 
 HUGE_PAGE_SIZE = 2 << 20
+MADV_POPULATE_WRITE = 23  # <linux/mman.h>; Python's mmap module does not name it
+_POPULATE_WRITE_WORKS = [True]
 
 
 def _probe_read_pfn(size: int, huge: bool) -> int:
@@ -198,6 +200,16 @@ class MemoryRegion:
         padded = np.zeros(((self.npages + 63) // 64) * 8, dtype=np.uint8)
         padded[: len(words)] = words
         return DirtyBitmap(self.npages, padded.view(np.uint64))
+
+    def prefault(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) resident and writable in one call before the host fills
+        it (MADV_POPULATE_WRITE, Linux 5.14): one kernel walk instead of a fault per page, which
+        on nested hosts is what a restore or an incoming migration spends its time on."""
+        if self.anonymous and _POPULATE_WRITE_WORKS[0]:
+            try:
+                self._map.madvise(MADV_POPULATE_WRITE, offset, length)
+            except OSError:
+                _POPULATE_WRITE_WORKS[0] = False  # an older kernel: plain faults it is
 
     @property
     def mapping(self) -> mmap.mmap:

@@ -200,6 +200,10 @@ class _Sender:
         self.proto.send(message)
         self.conn.send(message)
 
+    def pages_message(self, round_number: int, parts: list[bytes | memoryview]) -> None:
+        self.proto.send(Pages(round_number, b""))  # the protocol tracks the kind, not the bytes
+        self.conn.send_pages(round_number, parts)
+
     def answer(self) -> Any:
         message = self.conn.receive(self.options.timeout)
         self.proto.receive(message)
@@ -226,11 +230,11 @@ class _Sender:
             raw += section.totals.raw_bytes
             self.stats.zero_pages += section.totals.zero_pages
             if size >= MESSAGE_BYTES:
-                self.message(Pages(round_number, b"".join(parts)))
+                self.pages_message(round_number, parts)
                 parts, size = [], 0
                 self._pace()
         if parts:
-            self.message(Pages(round_number, b"".join(parts)))
+            self.pages_message(round_number, parts)
         self.message(RoundDone(round_number, npages))
         return npages, raw, self.conn.bytes_sent - wire0
 
@@ -472,7 +476,7 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
             message = take(conn.receive(timeout))
             match message:
                 case Pages(payload=payload):
-                    for record in reader.feed(payload):
+                    for record in reader.feed(payload, stable=True):  # a buffer only we hold
                         if isinstance(record, PagesRecord):
                             sink.apply(record.runs)
                 case RoundDone(round=number, pages=count):

@@ -137,5 +137,6 @@ class MemorySink:
                 self.memory.zero_pages(run.address, length)
             else:
                 region, offset = self.memory.find(run.address, length)
+                region.prefault(offset, length)
                 region.view[offset: offset + length] = run.data
             self.pages += run.count
