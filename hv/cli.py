@@ -219,17 +219,24 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None,
+             expected: tuple[type[BaseException], ...]) -> int:
+    """Parse, set up logging, run the chosen command; an `expected` error is a one-line message
+    and exit status 2, not a traceback. Shared by `hv` and `migrate`."""
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except HvError as e:
-        status.print(f"[red]hv: {type(e).__name__}[/]: {e}")
-        return 2
     except BrokenPipeError:  # stdout closed early (e.g. piped to head): not an error of ours
         return 0
+    except expected as e:
+        status.print(f"[red]{parser.prog}: {type(e).__name__}[/]: {e}")
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch(build_parser(), argv, (HvError,))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -34,7 +33,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from formats import FormatError
-from hv.cli import LineConsole, parse_size, run_machine
+from hv.cli import LineConsole, dispatch, parse_size, run_machine
 from hv.control import ControlError, call
 from hv.errors import HvError
 from hv.hypervisor import Kvm
@@ -403,14 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except (MigrateError, FormatError, HvError, ControlError, OSError, ValueError) as e:
-        status.print(f"[red]migrate: {type(e).__name__}[/]: {e}")
-        return 2
+    return dispatch(build_parser(), argv, (MigrateError, FormatError, HvError, ControlError, OSError, ValueError))
 
 
 if __name__ == "__main__":
