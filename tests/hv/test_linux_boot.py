@@ -240,15 +240,17 @@ def test_linux_machine_points_the_kernel_at_its_acpi_tables(kvm: Kvm, write_imag
 
 
 @pytest.mark.slow
-def test_debian_kernel_by_pvh_reads_our_acpi_tables_and_allows_two_cpus(kvm: Kvm, vmlinux: Path) -> None:
-    """Debian's kernel, 2 vCPUs and two virtio devices: setup_arch prints our table list (found
-    through start_info.rsdp_paddr), parses the MADT and sizes the possible-CPU map from it."""
+@pytest.mark.parametrize("protocol", ["pvh", "64-bit"])
+def test_debian_kernel_reads_our_acpi_tables_and_allows_two_cpus(kvm: Kvm, vmlinux: Path, protocol: str) -> None:
+    """Debian's kernel, 2 vCPUs and two virtio devices: setup_arch prints our table list (given as
+    start_info.rsdp_paddr or boot_params.acpi_rsdp_addr), parses the MADT and sizes the
+    possible-CPU map from it."""
     out = bytearray()
     machine, booted = linux_machine(kvm, vmlinux, CMDLINE, config=VmConfig(mem_size=512 * MiB, vcpus=2),
-                                    console=out.extend,
+                                    console=out.extend, prefer_pvh=protocol == "pvh",
                                     virtio=VirtioConfig(console_out=lambda b: None, rng=True))
     try:
-        assert booted.protocol == "pvh"
+        assert booted.protocol == protocol
         machine.start()
         wait_for(lambda: b"Memory:" in out or machine.state is not RunState.RUNNING, timeout=150,
                  what="memory init on the early console")
