@@ -201,12 +201,17 @@ class _Sender:
         self.conn.send(message)
 
     def pages_message(self, round_number: int, parts: list[bytes | memoryview]) -> None:
+        if self.conn.has_message():  # the target does not speak during a round unless it gives up
+            self.answer()
         self.proto.send(Pages(round_number, b""))  # the protocol tracks the kind, not the bytes
         self.conn.send_pages(round_number, parts)
 
     def answer(self) -> Any:
         message = self.conn.receive(self.options.timeout)
         self.proto.receive(message)
+        if isinstance(message, Error):  # the target gave up and says why
+            raise MigrationFailed(f"the target failed: {message.code.name}: {message.message}",
+                                  "here", code=message.code)
         return message
 
     def _pace(self) -> None:

@@ -18,9 +18,11 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+import select
 import socket
 import ssl
 import struct
+import time
 import typing
 from dataclasses import dataclass
 
@@ -192,6 +194,29 @@ class Connection:
         if length > MAX_FRAME:
             raise TransportError(f"{self.peer}: a {length}-byte frame (at most {MAX_FRAME})")
         return decode(kind, self._read_exact(length))
+
+    def has_message(self) -> bool:
+        """Something arrived that we have not read (the peer may be telling us it gave up)."""
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
+
+    def close_after_telling(self, timeout: float = 2.0) -> None:
+        """Close so that what we last sent is read: stop sending, drain what the peer is still
+        sending (closing with unread data would reset the link and lose our last message)."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(timeout)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.sock.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+        self.close()
 
     def close(self) -> None:
         try:

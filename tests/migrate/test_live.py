@@ -382,3 +382,35 @@ def test_mutual_tls_carries_a_migration_and_refuses_strangers(kvm: Kvm, pki) -> 
     finally:
         machine.stop()
         machine.vm.close()
+
+
+def test_a_corrupted_page_is_refused_by_the_target_and_the_source_says_why(kvm: Kvm) -> None:
+    def flip_a_byte_in_the_second_pages_message(conn: Connection) -> Connection:
+        seen = [0]
+        real_receive = conn.receive
+
+        def receive(timeout=None):
+            message = real_receive(timeout)
+            if isinstance(message, Pages):
+                seen[0] += 1
+                if seen[0] == 2:
+                    data = bytearray(message.payload)
+                    data[len(data) // 2] ^= 0x01
+                    message = Pages(message.round, bytes(data))
+            return message
+
+        conn.receive = receive
+        return conn
+
+    machine, console = _source(kvm, ws=32)
+    target = _Target(kvm, flip_a_byte_in_the_second_pages_message)
+    try:
+        stats = send(machine, target.listener.address, MigrationOptions(timeout=10))
+        target.join()
+        assert stats.outcome == "failed"
+        assert "BAD_STREAM" in stats.reason and "checksum" in stats.reason  # the target's words
+        assert target.incoming is None
+        _assert_source_intact(machine, console)
+    finally:
+        machine.stop()
+        machine.vm.close()
