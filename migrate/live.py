@@ -527,8 +527,9 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
                     ErrorCode.RESTORE_FAILED if isinstance(e, HvError) else ErrorCode.INTERNAL)
             try:
                 tell(Error(code, f"{type(e).__name__}: {e}"[:1000]))
-            except Exception:
-                pass
+                conn.close_after_telling()  # so the source reads why, rather than a reset link
+            except Exception:  # noqa: BLE001 - the link may be gone; the raise below says why
+                log.debug("could not tell the source why", exc_info=True)
         raise
 
 
