@@ -16,8 +16,10 @@ Choices:
 - ACPI 2.0+ only: RSDP revision 2 pointing at an XSDT (64-bit entries); no RSDT.
 - The FADT sets HW_REDUCED_ACPI (as Firecracker and Cloud Hypervisor do): no PM1/GPE register
   blocks, no SCI, no FACS, so no ACPI hardware to emulate. Linux then skips the legacy PIC and the
-  PIT-based timer setup, and finds the COM port through the DSDT (`PNP0501`) instead of its
-  legacy table, which is why COM1 is declared there too.
+  PIT-based timer setup (acpi_generic_reduced_hw_init). COM1 is declared in the DSDT too
+  (`PNP0501`, its ports and IRQ 4), as Firecracker does, so the 8250 PNP driver can claim it
+  through ACPI; that part of boot is not reached on this project's hosts (see README), so it is
+  untested against a real kernel.
 - No interrupt source override for ISA IRQ 0 -> GSI 2, although QEMU declares one: QEMU installs
   its own GSI routing (GSI 0 to IOAPIC pin 2), while hv keeps KVM's default routing, in which GSI
   n goes to IOAPIC pin n (and PIC pin n) for n < 16, the in-kernel PIT included. Overrides can be
