@@ -22,7 +22,7 @@ enum {
 enum { S_ACKNOWLEDGE = 1, S_DRIVER = 2, S_DRIVER_OK = 4, S_FEATURES_OK = 8 };
 enum { ID_BLK = 2, ID_CONSOLE = 3, ID_RNG = 4 };
 enum { DESC_NEXT = 1, DESC_WRITE = 2 };
-enum { BLK_IN = 0, BLK_OUT = 1 };
+enum { BLK_IN = 0, BLK_OUT = 1, BLK_FLUSH = 4 };
 
 #define MAGIC 0x74726976u /* "virt" */
 #define QUEUE_SIZE 16
@@ -160,6 +160,7 @@ static u32 transact(struct queue *vq, const u64 *addr, const u32 *len, const u16
     return written;
 }
 
+/* header, data (none for a flush), status byte */
 static void blk_request(struct queue *vq, u32 type, u64 sector, u8 *data)
 {
     blk_header.type = type;
@@ -169,7 +170,12 @@ static void blk_request(struct queue *vq, u32 type, u64 sector, u8 *data)
     u64 addr[3] = {(u64)&blk_header, (u64)data, (u64)&blk_status};
     u32 len[3] = {sizeof(blk_header), 4096, 1};
     u16 flags[3] = {0, (u16)(type == BLK_IN ? DESC_WRITE : 0), DESC_WRITE};
-    transact(vq, addr, len, flags, 3);
+    if (!data) { /* drop the data descriptor */
+        addr[1] = addr[2];
+        len[1] = len[2];
+        flags[1] = flags[2];
+    }
+    transact(vq, addr, len, flags, data ? 3 : 2);
     if (blk_status != 0)
         die("blk status", type, blk_status);
 }
@@ -252,8 +258,11 @@ void device_workload(u64 cpu, volatile u64 *work, u64 tsc_khz)
 
     u64 t0 = rdtsc();
     for (u64 round = 1;; round++) {
-        if (blk.regs)
+        if (blk.regs) {
             blk_round(blkq, round);
+            if (round % 64 == 0)
+                blk_request(blkq, BLK_FLUSH, 0, 0); /* the last 64 rounds on stable storage */
+        }
         if (rng.regs && round % 16 == 0)
             rng_round(rngq);
         if (con.regs && round % 64 == 0)
