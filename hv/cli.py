@@ -49,10 +49,13 @@ _stdout_lock = threading.Lock()
 
 
 class LineConsole:
-    """Guest console bytes -> stdout a whole line at a time, and each line -> an optional callback.
+    """Guest console bytes -> stdout (or a file) a whole line at a time, and each line -> an
+    optional callback.
 
     Whole lines, under one lock: a machine has several consoles (COM1, virtio-console) written
     from different threads, and their lines must not cut into each other."""
+
+    out = None  # a binary file for every console's output instead of stdout (hv run --console)
 
     def __init__(self, on_line=None, echo: bool = True) -> None:
         self._buf = bytearray()
@@ -67,8 +70,9 @@ class LineConsole:
             if self._echo:
                 try:
                     with _stdout_lock:
-                        sys.stdout.buffer.write(raw)
-                        sys.stdout.flush()
+                        out = LineConsole.out or sys.stdout.buffer
+                        out.write(raw)
+                        out.flush()
                 except BrokenPipeError:
                     self._echo = False  # the reader went away; keep the guest running
             if self._on_line is not None:
@@ -101,6 +105,8 @@ def _virtio(args: argparse.Namespace, console) -> VirtioConfig | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     done = threading.Event()
+    if args.console:
+        LineConsole.out = open(args.console, "ab")  # noqa: SIM115 - open for the process's life
     config = VmConfig(mem_size=args.mem, vcpus=args.cpus)
     with Kvm() as kvm:
         if args.kernel:
@@ -210,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--every", type=int, default=1, help="built-in guest: report every N passes")
     run.add_argument("--passes", type=int, default=0, help="built-in guest: stop after N passes (0 = run)")
     run.add_argument("--timeout", type=float, default=0, help="stop after this many seconds (0 = never)")
+    run.add_argument("--console", metavar="FILE", help="guest console output to FILE (appended) "
+                     "instead of the terminal; input still comes from the terminal")
     run.add_argument("--disk", metavar="FILE[,ro]", help="virtio-blk backed by FILE (,ro: read-only)")
     run.add_argument("--virtio-console", action="store_true", help="virtio-console, output to the console")
     run.add_argument("--rng", action="store_true", help="virtio-rng")

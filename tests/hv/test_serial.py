@@ -97,3 +97,12 @@ def test_hv_run_forwards_the_terminal_to_com1() -> None:
                            "--timeout", "3"], input="typed on stdin\n", capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "kvmig: uart-rx irqs=1 text=typed on stdin" in proc.stdout
+
+
+def test_hv_run_can_send_the_console_to_a_file(tmp_path) -> None:
+    log = tmp_path / "console.log"
+    proc = subprocess.run([sys.executable, "-m", "hv.cli", "run", "--mem", "32M", "--ws", "4", "--passes", "3",
+                           "--console", str(log)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "kvmig:" not in proc.stdout
+    assert "kvmig: done passes=3" in log.read_text()
