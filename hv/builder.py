@@ -265,6 +265,7 @@ def builtin_machine(
     """A Machine running the built-in guest with `params`; the guest paces itself by the vCPU's TSC.
     With `virtio` devices and 2+ vCPUs, the guest's second CPU drives them."""
     config = config or VmConfig()
+    params = replace(params, cpus=config.vcpus)
     if config.mem_size < params.min_mem:
         raise ConfigError("mem_size", config.mem_size, f"a {params.ws_mib} MiB working set needs at "
                           f"least {params.min_mem >> 20} MiB of guest memory")
@@ -272,7 +273,6 @@ def builtin_machine(
     machine = multiboot_machine(kvm, image, "", config, console, virtio=virtio)
     if not params.tsc_khz:
         params = replace(params, tsc_khz=machine.vcpus[0].fd.get_tsc_khz())
-    params = replace(params, cpus=config.vcpus)
     # the command line is written after the vCPU exists, since it carries the vCPU's TSC rate
     multiboot.write_info(machine.vm.memory, f"{image.name} {params.cmdline()}")
     return machine

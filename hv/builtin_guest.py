@@ -31,6 +31,7 @@ IMAGE_NAME = "kvmig-guest.elf"
 PAGE_SIZE = 4096
 STATUS_ADDR = 0x00F0_0000
 WS_ADDR = 0x0100_0000
+CPU_WS_BYTES = 1 * (1 << 20)  # after the working set: 1 MiB each secondary CPU dirties
 STATUS_MAGIC = 0x3154535347494D4B  # "KMIGSST1"
 GOLDEN = 0x9E3779B97F4A7C15
 MiB = 1 << 20
@@ -77,7 +78,7 @@ class GuestParams:
 
     @property
     def min_mem(self) -> int:
-        return WS_ADDR + self.ws_mib * MiB
+        return WS_ADDR + self.ws_mib * MiB + (max(self.cpus, 1) - 1) * CPU_WS_BYTES
 
 
 # --- console protocol ---------------------------------------------------------------------------
@@ -360,9 +361,19 @@ def check_disk(image: bytes | memoryview, rounds: int) -> list[str]:
 
 
 def check_memory(memory) -> WorkingSetCheck:
-    """Read the status page and check the working set in `memory` (a paused or stopped guest's)."""
+    """Read the status page and check the working set in `memory` (a paused or stopped guest's),
+    and each secondary CPU's region (same rule, its rounds as passes, zero fill): the first
+    problem found, or CPU 0's result when all hold."""
     status = read_status(memory)
     if not status.valid:
         raise GuestFailed(GuestError("status page not valid (the guest has not finished its fill)"), [])
-    return check_working_set(memory.view(WS_ADDR, status.ws_pages * PAGE_SIZE), status.passes,
+    main = check_working_set(memory.view(WS_ADDR, status.ws_pages * PAGE_SIZE), status.passes,
                              status.fill_random)
+    if not main.ok:
+        return main
+    for cpu in range(1, min(status.cpus_up, len(status.cpu_work))):
+        base = WS_ADDR + status.ws_pages * PAGE_SIZE + (cpu - 1) * CPU_WS_BYTES
+        region = check_working_set(memory.view(base, CPU_WS_BYTES), status.cpu_work[cpu], False)
+        if not region.ok:
+            return region
+    return main

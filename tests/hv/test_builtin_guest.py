@@ -102,9 +102,14 @@ def test_dirty_log_reports_exactly_what_changed_plus_vmm_writes(running) -> None
     ws = set(range(bg.WS_ADDR // 4096, bg.WS_ADDR // 4096 + 8 * 256))
     assert 0 < len(changed & ws) < len(ws)  # the interval caught part of a pass
     assert changed <= dirty
-    assert dirty & ws == changed & ws  # every working-set write changes its page
+    # Every working-set write changes its page, so the two agree, but for one page: KVM logs a
+    # page when the guest's write faults, before the write is done; a pause that lands between
+    # the two leaves the page the incrementer was at logged and not yet changed.
+    incremented = sorted(changed & ws)
+    at = incremented[-1] + 1 if incremented[-1] + 1 in ws else min(ws)
+    assert changed & ws <= dirty & ws <= (changed & ws) | {at}
     image = set(range(0x100000 // 4096, 0x200000 // 4096))  # stacks may be rewritten unchanged
-    assert dirty - changed <= image | {bg.STATUS_ADDR // 4096, marked // 4096}
+    assert dirty - changed <= image | {bg.STATUS_ADDR // 4096, marked // 4096, at}
     assert {marked // 4096, written // 4096} <= dirty
     vm.disable_dirty_log()
 
@@ -147,6 +152,13 @@ def test_secondary_cpus_start_by_init_sipi_and_run_alongside(kvm: Kvm) -> None:
         later = bg.read_status(machine.vm.memory)
         assert later.cpus_up == 3
         assert all(b > a > 0 for a, b in zip(first.cpu_work[1:3], later.cpu_work[1:3], strict=True))
+        machine.pause()  # every CPU dirties memory: CPU 0 its working set, the others 1 MiB each
+        status = bg.read_status(machine.vm.memory)
+        assert bg.check_memory(machine.vm.memory).ok
+        for cpu in (1, 2):
+            region = bg.WS_ADDR + 8 * MiB + (cpu - 1) * bg.CPU_WS_BYTES
+            counters = machine.vm.memory.read(region, bg.CPU_WS_BYTES)[::4096]
+            assert set(counters) <= {status.cpu_work[cpu] % 256, (status.cpu_work[cpu] + 1) % 256}
     finally:
         machine.stop()
         machine.vm.close()

@@ -5,6 +5,7 @@
 #define LOAD_ADDR      0x00100000 /* the image (text, data, page tables, stacks) */
 #define STATUS_ADDR    0x00F00000 /* one page the workload keeps current (see struct status) */
 #define WS_ADDR        0x01000000 /* working set: W MiB from 16 MiB */
+#define CPU_WS_BYTES   0x00100000 /* then 1 MiB per secondary CPU, which it dirties too */
 
 #define STATUS_MAGIC   0x3154535347494D4BULL /* "KMIGSST1" */
 

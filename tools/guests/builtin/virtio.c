@@ -223,7 +223,7 @@ static void console_round(struct queue *tx, u64 round)
     transact(tx, &addr, &len, &flags, 1);
 }
 
-void device_workload(u64 cpu, volatile u64 *work, u64 tsc_khz)
+void device_workload(u64 cpu, volatile u64 *work, u64 tsc_khz, volatile u8 *region)
 {
     struct device blk = {0}, con = {0}, rng = {0};
     for (u64 i = 0; cpu == 1 && i < VIRTIO_MMIO_SLOTS; i++) { /* CPU 1 drives; others tick */
@@ -258,6 +258,8 @@ void device_workload(u64 cpu, volatile u64 *work, u64 tsc_khz)
 
     u64 t0 = rdtsc();
     for (u64 round = 1;; round++) {
+        for (u64 page = 0; page < CPU_WS_BYTES / 4096; page++)
+            region[page * 4096]++;
         if (blk.regs) {
             blk_round(blkq, round);
             if (round % 64 == 0)

@@ -33,7 +33,7 @@ struct status {
 };
 
 struct params {
-    u64 ws_mib, rate, every, passes, tsc_khz, fill_random, reset_after;
+    u64 ws_mib, rate, every, passes, tsc_khz, fill_random, reset_after, cpus;
 };
 
 static volatile u32 console_lock;
@@ -124,7 +124,8 @@ void ap_main(u64 cpu)
     line_dec(&l, cpu);
     line_str(&l, " up");
     console_send(&l);
-    device_workload(cpu, &st->cpu_work[cpu], boot_params.tsc_khz);
+    u64 region = WS_ADDR + boot_params.ws_mib * 1024 * 1024 + (cpu - 1) * CPU_WS_BYTES;
+    device_workload(cpu, &st->cpu_work[cpu], boot_params.tsc_khz, (volatile u8 *)region);
 }
 
 void user_main(u32 mbi_addr) __attribute__((noreturn));
@@ -141,6 +142,7 @@ void user_main(u32 mbi_addr)
         .tsc_khz = arg(cmdline, "tsc_khz", 0),
         .fill_random = !(fill && fill[0] == 'z'),
         .reset_after = arg(cmdline, "reset", 0),
+        .cpus = arg(cmdline, "cpus", 1),
     };
     u64 mem_mib = (mbi->flags & 1u) ? (mbi->mem_upper / 1024 + 1) : 0;
     struct line l = {0};
@@ -160,7 +162,9 @@ void user_main(u32 mbi_addr)
 
     if (!p.every)
         p.every = 1;
-    if (mem_mib && WS_ADDR / (1024 * 1024) + p.ws_mib > mem_mib)
+    if (p.cpus < 1)
+        p.cpus = 1;
+    if (mem_mib && WS_ADDR / (1024 * 1024) + p.ws_mib + (p.cpus - 1) > mem_mib)
         fail("working set does not fit in memory");
     if (WS_ADDR + p.ws_mib * 1024 * 1024 > 0xC0000000ULL)
         fail("working set reaches the MMIO hole");
