@@ -69,11 +69,13 @@ class GuestParams:
     fill: str = "random"  # or "zero": only the counter bytes are non-zero
     cpus: int = 1  # CPUs the guest starts (INIT/SIPI); the secondary ones drive the virtio devices
     reset_after: int = 0  # after N passes, ask the i8042 controller for a CPU reset (0: never)
+    idle: bool = False  # once ready, halt CPU 0 instead of running the workload
     extra: str = ""  # appended to the command line as is
 
     def cmdline(self) -> str:
         return (f"ws={self.ws_mib} rate={self.rate_mib_s} every={self.every} passes={self.passes} "
                 f"tsc_khz={self.tsc_khz} fill={self.fill} cpus={self.cpus} reset={self.reset_after} "
+                f"idle={int(self.idle)} "
                 f"{self.extra}").strip()
 
     @property

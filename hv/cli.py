@@ -122,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             params = builtin_guest.GuestParams(
                 ws_mib=args.ws, rate_mib_s=args.rate, every=args.every, passes=args.passes,
-                extra=args.cmdline)
+                idle=args.idle, extra=args.cmdline)
 
             def on_line(line: str) -> None:
                 if isinstance(builtin_guest.parse_line(line),
@@ -161,8 +161,12 @@ def run_machine(machine: Machine, *, done: threading.Event | None = None, api: s
     if serial is not None and hasattr(serial, "feed"):
         threading.Thread(target=_stdin_to_serial, args=(serial,), name="stdin", daemon=True).start()
     server = ControlServer(api, ctx) if api else None
-    interrupted = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    interrupted, wake = threading.Event(), threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: (interrupted.set(), wake.set()))
+    # Block until something happens, with no polling: timed waits cost real CPU on nested hosts,
+    # and an idle guest should cost its host nothing. One small thread per thing that can happen.
+    for waits_for in (machine.wait, done.wait, ctx.finished.wait):
+        threading.Thread(target=lambda w=waits_for: (w(), wake.set()), daemon=True).start()
     t0 = time.monotonic()
     try:
         if start:
@@ -170,12 +174,8 @@ def run_machine(machine: Machine, *, done: threading.Event | None = None, api: s
         if server:  # after start: every command then finds a machine that has a lifecycle going
             server.start()
             status.print(f"[bold]hv[/]: control socket {api} ({', '.join(sorted(server.handlers))})")
-        while (machine.state in (RunState.RUNNING, RunState.PAUSED)
-               and not (interrupted.is_set() or done.is_set() or ctx.finished.is_set())):
-            if timeout and time.monotonic() - t0 > timeout:
-                status.print(f"[yellow]hv[/]: --timeout {timeout}s reached")
-                break
-            machine.wait(timeout=0.05)
+        if not wake.wait(timeout or None):
+            status.print(f"[yellow]hv[/]: --timeout {timeout}s reached")
     finally:
         signal.signal(signal.SIGINT, previous)
         if server:
@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rate", type=int, default=0, help="built-in guest: dirty rate, MiB/s (0 = max)")
     run.add_argument("--every", type=int, default=1, help="built-in guest: report every N passes")
     run.add_argument("--passes", type=int, default=0, help="built-in guest: stop after N passes (0 = run)")
+    run.add_argument("--idle", action="store_true", help="built-in guest: halt once ready (no workload)")
     run.add_argument("--timeout", type=float, default=0, help="stop after this many seconds (0 = never)")
     run.add_argument("--console", metavar="FILE", help="guest console output to FILE (appended) "
                      "instead of the terminal; input still comes from the terminal")

@@ -142,6 +142,14 @@ irq_com1:
     popq %rax
     iretq
 
+/* Ring 3 asked to idle (kernel.c): halt with interrupts on, forever (a COM1 interrupt is served
+ * and the CPU halts again). The host sees a sleeping vCPU. */
+    .globl idle_forever
+idle_forever:
+    sti
+1:  hlt
+    jmp 1b
+
 exception_common:
     movq %rsp, %rdi /* struct exception_frame */
     call exception

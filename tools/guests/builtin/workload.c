@@ -33,7 +33,7 @@ struct status {
 };
 
 struct params {
-    u64 ws_mib, rate, every, passes, tsc_khz, fill_random, reset_after, cpus;
+    u64 ws_mib, rate, every, passes, tsc_khz, fill_random, reset_after, cpus, idle;
 };
 
 static volatile u32 console_lock;
@@ -143,6 +143,7 @@ void user_main(u32 mbi_addr)
         .fill_random = !(fill && fill[0] == 'z'),
         .reset_after = arg(cmdline, "reset", 0),
         .cpus = arg(cmdline, "cpus", 1),
+        .idle = arg(cmdline, "idle", 0),
     };
     u64 mem_mib = (mbi->flags & 1u) ? (mbi->mem_upper / 1024 + 1) : 0;
     struct line l = {0};
@@ -199,6 +200,8 @@ void user_main(u32 mbi_addr)
     line_dec(&l, ms_since(t0, &p));
     console_send(&l);
 
+    if (p.idle) /* ready, and nothing to do: `hlt` faults in ring 3, and ring 0 halts for us */
+        __asm__ volatile("hlt");
     outb(COM1 + 4, 0x0B); /* MCR: DTR, RTS, OUT2 (the PC's gate for the UART's interrupt) */
     outb(COM1 + 1, 0x01); /* IER: interrupt on received data */
     u64 uart_tail = 0;
