@@ -195,6 +195,7 @@ class _Sender:
         self._sent_at_start = 0.0
         self._fetched_at = 0.0
         self._bytes_at_start = 0
+        self._touched: pages.Touched = {}
 
     def message(self, message: Any) -> None:
         self.proto.send(message)
@@ -269,6 +270,7 @@ class _Sender:
         for _ in vm.fetch_dirty_logs():  # the log now counts writes from here on
             pass
         self._fetched_at = time.perf_counter()
+        self._touched = pages.touched_pages(vm.memory)  # kept up to date from each dirty log
         self._round(0, pages.populated_runs(vm.memory), 0.0)
         while True:
             if self.cancel.is_set():
@@ -278,7 +280,12 @@ class _Sender:
             st = self.stats
             ratio = max(st.sent_bytes_pages / st.raw_bytes if st.raw_bytes else 1.0, 0.05)
             remaining_mib = dirty_pages * PAGE_SIZE * ratio / MiB
-            if remaining_mib <= bandwidth * o.downtime_ms / 1000:
+            budget_mib = bandwidth * o.downtime_ms / 1000
+            # Stop and copy once the rest fits the downtime target, unless one more round is
+            # likely to cut it a lot (it is still shrinking fast and would not fit a quarter of
+            # the budget): a round costs the guest nothing, downtime costs it everything.
+            shrinking = dirty_pages < 0.5 * self.stats.rounds[-1].pages
+            if remaining_mib <= budget_mib and (remaining_mib <= budget_mib / 4 or not shrinking):
                 break
             elapsed = time.perf_counter() - t0
             if len(self.stats.rounds) >= o.max_rounds or elapsed >= o.max_seconds:
@@ -295,6 +302,8 @@ class _Sender:
     def _fetch(self) -> tuple[list[tuple[MemoryRegion, DirtyBitmap]], int, float]:
         """The dirty log since the last fetch, its page count and the rate the guest dirtied at."""
         dirty = list(self.machine.vm.fetch_dirty_logs())
+        for region, bitmap in dirty:
+            self._touched[region.guest_base] |= bitmap
         now = time.perf_counter()
         count = sum(b.count() for _, b in dirty)
         rate = count * PAGE_SIZE / MiB / max(now - self._fetched_at, 1e-6)
@@ -338,7 +347,7 @@ class _Sender:
         body = [self.writer.vcpu(v) for v in state.vcpus] + [self.writer.vm_state(state.vm)]
         body += [self.writer.device(entry, s) for entry, s in state.devices]
         self.message(State(b"".join(body)))
-        self.message(Complete(self.writer.end(pages.digest(vm.memory, self.options.streams))))
+        self.message(Complete(self.writer.end(pages.digest(vm.memory, self.options.streams, self._touched))))
         self.answer()  # Ready: the target holds a verified copy, built and paused
         self.message(Commit())
         # From here the target may be running the guest: never resume on our own (protocol.py).
@@ -498,8 +507,7 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
                 case Complete(payload=payload):
                     end = next(r for r in reader.feed(payload) if isinstance(r, EndRecord))
                     reader.finish()
-                    formats.verify_digest(end, ((r.guest_base, r.view) for r in machine.vm.memory.regions),
-                                          known_zero=pages._known_zero_blocks(machine.vm.memory), workers=2)
+                    pages.verify(end, machine.vm.memory, sink.touched)
                     apply(machine, MachineState(config, layout, tuple(loaded["vcpus"]), loaded["vm"],
                                                 tuple(loaded["devices"])))
                     tell(Ready())

@@ -17,7 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from formats import DIGEST_BLOCK, PageEncoder, PageRun, PageSection, memory_digest
+from formats import (
+    DIGEST_BLOCK,
+    EndRecord,
+    PageEncoder,
+    PageRun,
+    PageSection,
+    memory_digest,
+    verify_digest,
+)
 from hv.dirty import PAGE_SIZE, DirtyBitmap
 from hv.memory import GuestMemory, MemoryRegion
 
@@ -96,8 +104,13 @@ class PageEncoderPool:
         self.close()
 
 
-def _known_zero_blocks(memory: GuestMemory):
-    """For memory_digest: blocks of anonymous RAM with no populated page are zero, unread."""
+Touched = dict[int, DirtyBitmap]  # region guest base -> pages that may be non-zero
+
+
+def _known_zero_blocks(memory: GuestMemory, touched: Touched | None = None):
+    """For memory_digest: blocks of anonymous RAM with no touched page are zero, and not read.
+    `touched` is what the caller already knows (pages it sent or received); without it, the
+    kernel's page tables say (/proc/self/pagemap), which costs a read of them."""
     cache: dict[int, np.ndarray] = {}
 
     def known_zero(address: int, length: int) -> np.ndarray:
@@ -105,8 +118,8 @@ def _known_zero_blocks(memory: GuestMemory):
         if not region.anonymous:
             return np.zeros(-(-length // DIGEST_BLOCK), dtype=bool)
         if region.guest_base not in cache:
-            populated = region.populated_pages()
-            bits = np.unpackbits(populated.words.view(np.uint8), bitorder="little")[: region.npages]
+            pages = touched[region.guest_base] if touched else region.populated_pages()
+            bits = np.unpackbits(pages.words.view(np.uint8), bitorder="little")[: region.npages]
             per_block = DIGEST_BLOCK // PAGE_SIZE
             padded = np.zeros(-(-region.npages // per_block) * per_block, dtype=bool)
             padded[: region.npages] = bits.astype(bool)
@@ -117,18 +130,33 @@ def _known_zero_blocks(memory: GuestMemory):
     return known_zero
 
 
-def digest(memory: GuestMemory, workers: int = 2) -> int:
-    """`formats.memory_digest` of all RAM, skipping blocks the guest never touched."""
+def digest(memory: GuestMemory, workers: int = 2, touched: Touched | None = None) -> int:
+    """`formats.memory_digest` of all RAM, not reading blocks known to be untouched."""
     return memory_digest(((r.guest_base, r.view) for r in memory.regions),
-                         known_zero=_known_zero_blocks(memory), workers=workers)
+                         known_zero=_known_zero_blocks(memory, touched), workers=workers)
+
+
+def verify(end: EndRecord, memory: GuestMemory, touched: Touched | None = None, workers: int = 2) -> None:
+    """`DigestMismatch` unless `memory` is what the stream's sender had (END's digest)."""
+    verify_digest(end, ((r.guest_base, r.view) for r in memory.regions),
+                  known_zero=_known_zero_blocks(memory, touched),
+                  workers=workers)
+
+
+def touched_pages(memory: GuestMemory) -> Touched:
+    """What the page tables say was ever touched, region by region (a starting point to keep
+    up to date from dirty logs, so the digest at stop-and-copy needs no page-table read)."""
+    return {r.guest_base: r.populated_pages() for r in memory.regions}
 
 
 class MemorySink:
-    """Writes decoded page runs into guest memory (the stream decoder has range-checked them)."""
+    """Writes decoded page runs into guest memory (the stream decoder has range-checked them),
+    and keeps `touched`: the pages it wrote data to (for the digest, without a page-table read)."""
 
     def __init__(self, memory: GuestMemory) -> None:
         self.memory = memory
         self.pages = 0
+        self.touched: Touched = {r.guest_base: DirtyBitmap(r.npages) for r in memory.regions}
 
     def apply(self, runs: Iterable[PageRun]) -> None:
         for run in runs:  # per run: a section carries at most a few thousand
@@ -139,4 +167,5 @@ class MemorySink:
                 region, offset = self.memory.find(run.address, length)
                 region.prefault(offset, length)
                 region.view[offset: offset + length] = run.data
+                self.touched[region.guest_base].set_range(offset // PAGE_SIZE, run.count)
             self.pages += run.count

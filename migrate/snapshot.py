@@ -368,9 +368,7 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
     for file_path, _ in chain:
         loaded = _read_stream(file_path, expected, None if mappable else sink, progress)
         if verify:
-            formats.verify_digest(loaded.end, ((r.guest_base, r.view) for r in staging.regions),
-                                  known_zero=None if mappable else pages._known_zero_blocks(staging),
-                                  workers=2)
+            pages.verify(loaded.end, staging, None if mappable else sink.touched)
     state = loaded.state(path)
     if problems := cpuid_problems(state.vcpus[0].cpuid, kvm.guest_cpuid):
         raise IncompatibleError(problems)
@@ -405,7 +403,8 @@ def inspect(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
         for base, length in vm_config.memory_layout():
             scratch.insert(MemoryRegion(base, length, slot=-1, backing=RamBacking.host_filled(base, length)))
         expected = expected_layout(config)
-        loaded = _read_stream(path, expected, pages.MemorySink(scratch) if verify else None)
+        sink = pages.MemorySink(scratch)
+        loaded = _read_stream(path, expected, sink if verify else None)
         result["layout"] = [{"id": d.device_id, "kind": d.kind, "pio": [str(r) for r in d.pio],
                              "mmio": [str(r) for r in d.mmio], "irqs": list(d.irqs),
                              "state_version": d.state_version} for d in loaded.layout.devices]
@@ -416,8 +415,7 @@ def inspect(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
         result["totals"] = {"pages": t.pages, "zero_pages": t.zero_pages, "raw_bytes": t.raw_bytes,
                             "payload_bytes": t.payload_bytes, "sections": t.sections}
         if verify and config.base is None and config.memory_file is None:
-            formats.verify_digest(loaded.end, ((r.guest_base, r.view) for r in scratch.regions),
-                                  known_zero=pages._known_zero_blocks(scratch), workers=2)
+            pages.verify(loaded.end, scratch, sink.touched)
             result["digest"] = "verified"
         else:
             result["digest"] = "not checked (incremental or mappable: restore checks the chain)"

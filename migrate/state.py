@@ -22,12 +22,12 @@ from hv import state as hv_state
 from hv.builder import VirtioConfig, standard_layout
 from hv.devices.debug_exit import DebugExitState
 from hv.devices.i8042 import I8042State
+from hv.devices.serial import SerialState
 from hv.devices.virtio.blk import BlkState, VirtioBlkState
 from hv.devices.virtio.console import ConsoleState, VirtioConsoleState
 from hv.devices.virtio.mmio import VirtioMmioState
 from hv.devices.virtio.queue import QueueState
 from hv.devices.virtio.rng import RngState, VirtioRngState
-from hv.devices.serial import SerialState
 from hv.machine import DevicePlacement, Machine, RunState
 from hv.vm import VmConfig
 from migrate.errors import IncompatibleError, StateError
