@@ -116,6 +116,10 @@ class Serial16550:
 
     def write(self, offset: int, size: int, value: int) -> None:
         value &= 0xFF
+        s = self._state
+        if offset == THR and s.thre_pending and not (s.lcr & LCR_DLAB or s.mcr & MCR_LOOP):
+            self._output(bytes((value,)))  # the hot path: a byte out, nothing else changes
+            return
         send = None
         with self._lock:
             s = self._state
