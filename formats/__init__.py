@@ -63,6 +63,7 @@ from .layout import (
     diff,
 )
 from .pages import (
+    DIGEST_BLOCK,
     PageDecoder,
     PageEncoder,
     PageEncoding,
@@ -70,7 +71,7 @@ from .pages import (
     PageRun,
     PageSection,
     PageTotals,
-    DIGEST_BLOCK,
+    ZeroRanges,
     memory_digest,
     page_runs,
 )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import functools
 import struct
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -146,7 +147,8 @@ class PageEncoder:
 
     def __init__(self, level: int = 1, section_bytes: int = 4 << 20,
                  min_zero_pages: int = 4, max_runs: int = 4096,
-                 limits: PageLimits | None = None, stable: bool = False) -> None:
+                 limits: PageLimits | None = None, stable: bool = False,
+                 zero_ranges: ZeroRanges | None = None) -> None:
         self.limits = limits or PageLimits()
         if not PAGE_SIZE <= section_bytes <= min(self.limits.max_run_bytes,
                                                  self.limits.max_section_raw):
@@ -160,6 +162,8 @@ class PageEncoder:
         self.min_zero_pages = min_zero_pages
         self.max_runs = min(max_runs, self.limits.max_runs)
         self._cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        # the zero runs found, for a digest that need not read them again (may be shared)
+        self.zero_ranges = zero_ranges if zero_ranges is not None else ZeroRanges()
 
     def encode(self, address: int, pages: object) -> list[PageSection]:
         """Sections for the memory `pages` (any contiguous buffer, a multiple of the page size)
@@ -197,6 +201,7 @@ class PageEncoder:
                 count = end - start
                 runs.append(RUN.pack(address + (start << PAGE_SHIFT), count,
                                      PageEncoding.ZERO, 0, 0))
+                self.zero_ranges.add(address + (start << PAGE_SHIFT), count << PAGE_SHIFT)
                 pages_total += count
                 zero_pages += count
                 continue
@@ -338,6 +343,31 @@ class PageDecoder:
 
 
 DIGEST_BLOCK = 2 << 20  # bytes per block hash in the memory digest
+
+
+class ZeroRanges:
+    """Guest ranges known to be all zero (an encoder's ZERO runs), thread-safe to add to; as
+    `known_zero` for `memory_digest`, they spare the digest a second read of that memory."""
+
+    def __init__(self) -> None:
+        self._ranges: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+
+    def add(self, address: int, size: int) -> None:
+        with self._lock:
+            self._ranges.append((address, size))
+
+    def __call__(self, address: int, length: int) -> np.ndarray:
+        """One bool per DIGEST_BLOCK of [address, address+length): wholly inside a zero range."""
+        n = -(-length // DIGEST_BLOCK)
+        starts = address + np.arange(n, dtype=np.int64) * DIGEST_BLOCK
+        ends = np.minimum(starts + DIGEST_BLOCK, address + length)
+        known = np.zeros(n, dtype=bool)
+        with self._lock:
+            ranges = [(a, z) for a, z in self._ranges if a < address + length and a + z > address]
+        for a, z in ranges:  # per zero run, vectorized over blocks
+            known |= (starts >= a) & (ends <= a + z)
+        return known
 
 
 @functools.cache

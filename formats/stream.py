@@ -37,7 +37,14 @@ from .errors import (
     VersionError,
 )
 from .layout import DeviceEntry, DeviceLayout, MemoryDifference, MemoryLayout, check
-from .pages import PageDecoder, PageLimits, PageRun, PageSection, PageTotals, memory_digest
+from .pages import (
+    PageDecoder,
+    PageLimits,
+    PageRun,
+    PageSection,
+    PageTotals,
+    memory_digest,
+)
 from .schema import SchemaRegistry
 
 MAGIC = b"KVMIGSNP"

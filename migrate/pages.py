@@ -23,6 +23,7 @@ from formats import (
     PageEncoder,
     PageRun,
     PageSection,
+    ZeroRanges,
     memory_digest,
     verify_digest,
 )
@@ -72,9 +73,11 @@ class PageEncoderPool:
 
     def __init__(self, level: int = 1, workers: int = 2, ahead: int = 4, *, stable: bool = False) -> None:
         """`stable`: the memory does not change while encoded (a paused guest); otherwise each
-        run is copied first so its checksum, payload and bytes sent agree."""
+        run is copied first so its checksum, payload and bytes sent agree. `zero_ranges`
+        collects the zero runs every encoder found (only meaningful for stable memory)."""
         self.level, self.workers, self.ahead = level, max(1, workers), max(1, ahead)
         self.stable = stable
+        self.zero_ranges = ZeroRanges()
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="page-encoder")
 
@@ -82,7 +85,7 @@ class PageEncoderPool:
         encoder = getattr(self._local, "encoder", None)
         if encoder is None:
             encoder = self._local.encoder = PageEncoder(level=self.level, section_bytes=CHUNK_BYTES,
-                                                        stable=self.stable)
+                                                        stable=self.stable, zero_ranges=self.zero_ranges)
         return encoder.encode(run.address, run.view)
 
     def encode(self, runs: Iterable[MemoryRun]) -> Iterator[PageSection]:
@@ -107,7 +110,8 @@ class PageEncoderPool:
 Touched = dict[int, DirtyBitmap]  # region guest base -> pages that may be non-zero
 
 
-def _known_zero_blocks(memory: GuestMemory, touched: Touched | None = None):
+def _known_zero_blocks(memory: GuestMemory, touched: Touched | None = None,
+                       zero: ZeroRanges | None = None):
     """For memory_digest: blocks of anonymous RAM with no touched page are zero, and not read.
     `touched` is what the caller already knows (pages it sent or received); without it, the
     kernel's page tables say (/proc/self/pagemap), which costs a read of them."""
@@ -125,15 +129,18 @@ def _known_zero_blocks(memory: GuestMemory, touched: Touched | None = None):
             padded[: region.npages] = bits.astype(bool)
             cache[region.guest_base] = ~padded.reshape(-1, per_block).any(axis=1)
         first = offset // DIGEST_BLOCK
-        return cache[region.guest_base][first: first + -(-length // DIGEST_BLOCK)]
+        known = cache[region.guest_base][first: first + -(-length // DIGEST_BLOCK)]
+        return known | zero(address, length) if zero is not None else known
 
     return known_zero
 
 
-def digest(memory: GuestMemory, workers: int = 2, touched: Touched | None = None) -> int:
-    """`formats.memory_digest` of all RAM, not reading blocks known to be untouched."""
+def digest(memory: GuestMemory, workers: int = 2, touched: Touched | None = None,
+           zero: ZeroRanges | None = None) -> int:
+    """`formats.memory_digest` of all RAM, not reading blocks known to be untouched, or known
+    to be zero (`zero`: what the encoders found, when memory has not changed since)."""
     return memory_digest(((r.guest_base, r.view) for r in memory.regions),
-                         known_zero=_known_zero_blocks(memory, touched), workers=workers)
+                         known_zero=_known_zero_blocks(memory, touched, zero), workers=workers)
 
 
 def verify(end: EndRecord, memory: GuestMemory, touched: Touched | None = None, workers: int = 2) -> None:

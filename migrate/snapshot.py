@@ -168,6 +168,7 @@ def _write(machine: Machine, path: Path, *, base: Path | None, level: int, mappa
         with open(tmp, "wb") as f:
             for part in _state_sections(writer, state):
                 f.write(part)
+            zero = None
             if mappable:
                 raw = _write_memory_file(tmp_mem, vm.memory, runs, snapshot_id)
             else:
@@ -177,7 +178,8 @@ def _write(machine: Machine, path: Path, *, base: Path | None, level: int, mappa
                         raw += section.totals.raw_bytes
                         if progress:
                             progress({"stage": "memory", "bytes": raw})
-            digest = pages.digest(vm.memory, workers)
+                    zero = pool.zero_ranges
+            digest = pages.digest(vm.memory, workers, zero=zero)
             f.write(writer.end(digest))
             f.flush()
             os.fsync(f.fileno())

@@ -162,3 +162,19 @@ def test_memory_digest_is_address_ordered_and_position_sensitive() -> None:
     assert memory_digest([(0, a), (8192, b)]) == memory_digest([(8192, b), (0, a)])
     assert memory_digest([(0, a), (8192, b)]) != memory_digest([(0, b), (8192, a)])
     assert memory_digest([(0, a)]) != memory_digest([(4096, a)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(layout=st.lists(st.sampled_from(["zero", "data"]), min_size=1, max_size=12),
+       data=st.binary(min_size=1, max_size=64))
+def test_digest_with_the_encoders_zero_ranges_equals_reading_everything(layout, data) -> None:
+    from formats import DIGEST_BLOCK, ZeroRanges
+
+    chunk = DIGEST_BLOCK // 2  # zero runs that cover whole blocks and runs that split them
+    mem = bytearray(chunk * len(layout))
+    for i, kind in enumerate(layout):
+        if kind == "data":
+            mem[i * chunk + 100: i * chunk + 100 + len(data)] = data
+    zero = ZeroRanges()
+    PageEncoder(stable=True, zero_ranges=zero).encode(0x10_0000, memoryview(mem))
+    assert memory_digest([(0x10_0000, mem)], known_zero=zero) == memory_digest([(0x10_0000, mem)])

@@ -37,6 +37,7 @@ from formats import (  # noqa: E402
     SchemaRegistry,
     StreamReader,
     StreamWriter,
+    ZeroRanges,
     memory_digest,
 )
 
@@ -77,22 +78,23 @@ def encode(mem: bytearray, level: int, threads: int) -> list[bytes | memoryview]
     parts = [w.header()]
     view = memoryview(mem)
     chunks = [(a, view[a:a + CHUNK]) for a in range(0, len(mem), CHUNK)]
+    zero = ZeroRanges()  # what the encoder finds zero, the digest need not read again
     if threads == 1:
-        enc = PageEncoder(level=level, stable=True)  # memory at rest, as a paused guest's
+        enc = PageEncoder(level=level, stable=True, zero_ranges=zero)  # memory at rest, as a paused guest's
         sections = [s for a, c in chunks for s in enc.encode(a, c)]
     else:
         local = threading.local()
 
         def work(item: tuple[int, memoryview]) -> list[PageSection]:
             if not hasattr(local, "enc"):
-                local.enc = PageEncoder(level=level, stable=True)  # one zstd context per thread
+                local.enc = PageEncoder(level=level, stable=True, zero_ranges=zero)  # a zstd context each
             return local.enc.encode(*item)
 
         with ThreadPoolExecutor(threads) as pool:
             sections = [s for batch in pool.map(work, chunks) for s in batch]
     for s in sections:
         parts += w.pages_parts(s)
-    parts.append(w.end(memory_digest([(0, view)], workers=threads)))
+    parts.append(w.end(memory_digest([(0, view)], known_zero=zero, workers=threads)))
     return parts
 
 
