@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hv import builtin_guest
 from hv.boot import linux, multiboot
-from hv.cpuid import vcpu_cpuid
+from hv.cpuid import boot_msrs, vcpu_cpuid
 from hv.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from hv.devices.i8042 import I8042, I8042_PORT, I8042_PORTS
 from hv.devices.serial import COM1_IRQ, COM1_PORT, Serial16550
@@ -25,7 +25,7 @@ def create_vcpus(kvm: Kvm, vm: Vm) -> None:
     """Every configured vCPU, with its CPUID; non-boot vCPUs wait for INIT/SIPI as KVM leaves them."""
     for vcpu_id in range(vm.config.vcpus):
         vcpu = vm.create_vcpu(vcpu_id)
-        vcpu.setup(vcpu_cpuid(kvm.supported_cpuid, vcpu_id, vm.config.vcpus))
+        vcpu.setup(vcpu_cpuid(kvm.supported_cpuid, vcpu_id, vm.config.vcpus), boot_msrs())
 
 
 def _boot_vcpu_entry(vm: Vm, entry) -> None:

@@ -1,7 +1,8 @@
 """`hv`: run a VM from the command line.
 
     hv info                                   what this host's KVM offers
-    hv run [--kernel ELF] [--mem 1G] [--cpus N] [--cmdline ...] [--disk FILE[,ro]] [--virtio-console] [--rng]
+    hv run [--kernel ELF|bzImage [--initrd FILE]] [--mem 1G] [--cpus N] [--cmdline ...]
+           [--disk FILE[,ro]] [--virtio-console] [--rng] [--console FILE]
            [--ws MiB --rate MiB/s --every N --passes N]     (built-in guest options)
            [--api SOCK]                       control socket: see hv/control.py
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from rich.console import Console
 
 from hv.boot import multiboot
-from hv.builder import VirtioConfig, builtin_machine, multiboot_machine
+from hv.builder import VirtioConfig, builtin_machine, linux_machine, multiboot_machine
 from hv.control import ControlContext, ControlServer
 from hv.errors import ConfigError, HvError
 from hv.hypervisor import Kvm
@@ -115,8 +116,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                 status.print(f"[red]hv[/]: no kernel at {image}")
                 return 2
             console, params = LineConsole(), None
-            machine = multiboot_machine(kvm, image, args.cmdline or "", config, console,
-                                        virtio=_virtio(args, LineConsole()))
+            virtio = _virtio(args, LineConsole())
+            if multiboot.is_multiboot(image.read_bytes()[:multiboot.HEADER_SEARCH]):
+                if args.initrd:
+                    raise ConfigError("--initrd", args.initrd, "is for Linux kernels; this one is Multiboot")
+                machine = multiboot_machine(kvm, image, args.cmdline or "", config, console, virtio=virtio)
+            else:  # a Linux bzImage or vmlinux, with ACPI/MP tables for its vCPUs and devices
+                initrd = Path(args.initrd) if args.initrd else None
+                machine, booted = linux_machine(kvm, image, args.cmdline or "", initrd, config, console,
+                                                virtio=virtio)
+                status.print(f"[bold]hv[/]: Linux by the {booted.protocol} entry, cmdline {booted.cmdline!r}")
         else:
             from hv import builtin_guest
 
@@ -132,9 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             console = LineConsole(on_line)
             machine = builtin_machine(kvm, params, config, console, virtio=_virtio(args, LineConsole()))
             image = builtin_guest.guest_image()
-        cmdline = bytes(machine.vm.memory.view(multiboot.CMDLINE_ADDRESS, 1024)).partition(b"\0")[0].decode()
-        status.print(f"[bold]hv[/]: booting {image.name} ({args.mem >> 20} MiB, {args.cpus} vCPU) "
-                     f"cmdline: {cmdline!r}")
+        status.print(f"[bold]hv[/]: booting {image.name} ({args.mem >> 20} MiB, {args.cpus} vCPU)")
         return run_machine(machine, done=done, api=args.api, timeout=args.timeout,
                            extra={"console": console, "params": params})
 
@@ -207,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="show KVM capabilities").set_defaults(func=cmd_info)
     run = sub.add_parser("run", help="run a VM (the built-in guest by default)")
-    run.add_argument("--kernel", help="a Multiboot v1 ELF32 kernel (default: the built-in guest)")
+    run.add_argument("--kernel", help="a Multiboot v1 ELF32 kernel, or a Linux bzImage/vmlinux "
+                     "(default: the built-in guest)")
+    run.add_argument("--initrd", help="with a Linux --kernel: the initramfs")
     run.add_argument("--mem", type=parse_size, default=parse_size("256M"), help="guest RAM (e.g. 1G)")
     run.add_argument("--cpus", type=int, default=1)
     run.add_argument("--cmdline", default="", help="kernel command line (appended for the built-in guest)")

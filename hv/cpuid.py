@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from hv.state import CpuidEntry
+from hv.state import CpuidEntry, Msr
 
 _HYPERVISOR_BIT = 1 << 31  # leaf 1 ECX: "running under a hypervisor"
 
@@ -21,3 +21,17 @@ def vcpu_cpuid(supported: Sequence[CpuidEntry], vcpu_id: int, vcpu_count: int) -
             e = replace(e, edx=vcpu_id)
         out.append(e)
     return tuple(out)
+
+
+# MSRs a vCPU starts with (Firecracker's choice for booting Linux): fast string operations on,
+# and MTRRs enabled with write-back as the default memory type (otherwise every access without
+# an MTRR range is uncached, which a kernel notices and complains about).
+MSR_IA32_MISC_ENABLE = 0x1A0
+MSR_MTRR_DEF_TYPE = 0x2FF
+MISC_ENABLE_FAST_STRING = 1 << 0
+MTRR_ENABLE, MTRR_TYPE_WRBACK = 1 << 11, 6
+
+
+def boot_msrs() -> tuple[Msr, ...]:
+    return (Msr(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+            Msr(MSR_MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_TYPE_WRBACK))

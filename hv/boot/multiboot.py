@@ -72,6 +72,13 @@ class MultibootImage:
     segments: tuple[LoadedSegment, ...]
 
 
+def is_multiboot(image: bytes) -> bool:
+    """Whether `image` carries a Multiboot v1 header (else hv takes it for a Linux kernel)."""
+    window = image[:HEADER_SEARCH]
+    return any(struct.unpack_from("<I", window, off)[0] == HEADER_MAGIC
+               for off in range(0, len(window) - 3, 4))
+
+
 def find_header(image: bytes, name: str = "image") -> MultibootHeader:
     limit = min(len(image), HEADER_SEARCH) - 12
     for off in range(0, max(limit, 0) + 1, 4):

@@ -267,3 +267,23 @@ def test_debian_kernel_reads_our_acpi_tables_and_allows_two_cpus(kvm: Kvm, vmlin
     finally:
         machine.stop()
         machine.vm.close()
+
+
+@pytest.mark.slow
+def test_hv_run_boots_debians_bzimage_with_initrd_and_two_cpus_to_a_clear_end(initrd: Path) -> None:
+    """The command line path end to end: bzImage extracted, initrd placed, ACPI/MP tables for
+    2 vCPUs; on this host the kernel then stops at the emulator's limit, reported as a typed
+    error with the instruction bytes and exit status 1, not a hang or a traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "hv.cli", "run", "--kernel", str(debian_kernel()), "--initrd", str(initrd),
+         "--mem", "512M", "--cpus", "2", "--cmdline", CMDLINE, "--timeout", "240"],
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert f"Command line: {CMDLINE}" in proc.stdout
+    assert "smpboot: Allowing 2 CPUs" in proc.stdout
+    assert "RAMDISK: [mem" in proc.stdout
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "the VM failed" in proc.stderr and "emulation failure" in proc.stderr.lower()
+    assert "f0 48 0f c7" in proc.stderr.replace("\n", " ")  # lock cmpxchg16b

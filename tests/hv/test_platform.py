@@ -69,3 +69,17 @@ def test_host_cpus_from_a_fake_sysfs(tmp_path: Path) -> None:
     cpus = host_cpus(tmp_path)
     assert [(c.capacity, c.max_khz, c.min_khz) for c in cpus] == [(1024, 3000000, None), (512, 1800000, None)]
     assert clusters(cpus) == {(0, 0): (0,), (0, 1): (1,)}
+
+
+def test_vcpus_start_with_fast_strings_and_write_back_mtrrs(kvm) -> None:
+    from hv.builder import blank_machine
+    from hv.cpuid import MSR_IA32_MISC_ENABLE, MSR_MTRR_DEF_TYPE
+    from hv.vm import VmConfig
+
+    machine = blank_machine(kvm, VmConfig(mem_size=16 << 20, vcpus=2))
+    try:
+        for vcpu in machine.vcpus:
+            values = {m.index: m.data for m in vcpu.get_msrs([MSR_IA32_MISC_ENABLE, MSR_MTRR_DEF_TYPE])}
+            assert values[MSR_IA32_MISC_ENABLE] & 1 and values[MSR_MTRR_DEF_TYPE] == 0x806
+    finally:
+        machine.vm.close()
