@@ -130,7 +130,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         _print_json(result)
     else:
         table = Table(title=str(args.file), show_header=False)
-        for key in ("config", "memory_ranges", "layout", "vcpus", "totals", "digest", "verified", "error"):
+        for key in ("header", "sections", "config", "memory_ranges", "layout", "vcpus", "totals", "digest",
+                    "verified", "error"):
             if key in result:
                 table.add_row(key, json.dumps(result[key], default=str))
         Console().print(table)

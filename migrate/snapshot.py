@@ -34,6 +34,7 @@ from formats import (
     ConfigRecord,
     DeviceRecord,
     EndRecord,
+    Header,
     LayoutRecord,
     PagesRecord,
     SectionKind,
@@ -252,6 +253,8 @@ class _Loaded:
     devices: list[tuple[formats.DeviceEntry, object]] = field(default_factory=list)
     end: EndRecord | None = None
     pages: int = 0
+    header: Header | None = None
+    sections: dict[str, int] = field(default_factory=dict)  # section kind -> how many
 
     def state(self, path: Path) -> MachineState:
         if self.config is None or self.layout is None or self.vm is None or not self.vcpus:
@@ -269,7 +272,11 @@ def _read_stream(path: Path, expected: formats.DeviceLayout, sink: pages.MemoryS
         while chunk := f.read(READ_CHUNK):
             done += len(chunk)
             for record in reader.feed(chunk):
+                kind = type(record).__name__.removesuffix("Record").lower()
+                loaded.sections[kind] = loaded.sections.get(kind, 0) + 1
                 match record:
+                    case Header():
+                        loaded.header = record
                     case ConfigRecord(config=c):
                         loaded.config = c
                     case LayoutRecord(layout=layout):
@@ -410,6 +417,9 @@ def inspect(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
         result["layout"] = [{"id": d.device_id, "kind": d.kind, "pio": [str(r) for r in d.pio],
                              "mmio": [str(r) for r in d.mmio], "irqs": list(d.irqs),
                              "state_version": d.state_version} for d in loaded.layout.devices]
+        h = loaded.header
+        result["header"] = {"format_version": f"{h.major}.{h.minor}", "producer": h.producer, "flags": h.flags}
+        result["sections"] = loaded.sections
         result["memory_ranges"] = [str(r) for r in loaded.layout.memory.ranges]
         result["vcpus"] = [{"id": v.vcpu_id, "rip": hex(v.regs.rip), "mp_state": v.mp_state}
                            for v in loaded.vcpus]
