@@ -8,9 +8,20 @@ by pre-copy with a two-phase hand-over (`migrate.live`, `migrate.protocol`).
 """
 
 from migrate.errors import (
-    IncompatibleError, MigrateError, MigrationFailed, SnapshotError, StateError, TransportError,
+    IncompatibleError,
+    MigrateError,
+    MigrationFailed,
+    SnapshotError,
+    StateError,
+    TransportError,
 )
-from migrate.live import MigrationOptions, MigrationStats, listen_and_receive, receive, send
+from migrate.live import (
+    MigrationOptions,
+    MigrationStats,
+    listen_and_receive,
+    receive,
+    send,
+)
 from migrate.snapshot import SnapshotInfo, inspect, restore, snapshot
 from migrate.transport import Listener, Tls, connect
 

@@ -166,7 +166,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
 
 def _send_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"downtime_ms": args.downtime_ms, "bandwidth_mib_s": args.bandwidth,
-                               "streams": args.streams, "auto_converge": not args.no_auto_converge,
+                               "streams": args.streams, "threads": args.threads,
+                               "auto_converge": not args.no_auto_converge,
                                "dry_run": args.dry_run, "max_rounds": args.max_rounds,
                                "max_seconds": args.max_seconds, "finish_anyway": args.finish_anyway}
     key = _key(args.key_file)
@@ -378,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, metavar="HOST:PORT")
     p.add_argument("--downtime-ms", type=float, default=300)
     p.add_argument("--bandwidth", type=float, default=0, metavar="MiB/s", help="cap (0: none)")
-    p.add_argument("--streams", type=int, default=2, help="page-encoding threads")
+    p.add_argument("--streams", type=int, default=1, help="page streams: connections sending in parallel "
+                   "(QEMU's multifd channels)")
+    p.add_argument("--threads", type=int, default=2, help="page-encoding threads")
     p.add_argument("--no-auto-converge", action="store_true")
     p.add_argument("--max-rounds", type=int, default=30)
     p.add_argument("--max-seconds", type=float, default=120)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -55,6 +57,7 @@ from migrate.protocol import (
     PROTOCOL_VERSION,
     Accept,
     Cancel,
+    Channel,
     Commit,
     Complete,
     Error,
@@ -105,7 +108,8 @@ registry().register(GuestCpuid, "migrate.GuestCpuid", version=1)
 class MigrationOptions:
     downtime_ms: float = 300.0  # stop and copy once the rest fits in this
     bandwidth_mib_s: float = 0.0  # cap on what we send (0: as fast as the link goes)
-    streams: int = 2  # page-encoding threads
+    streams: int = 1  # page streams (connections), as QEMU's multifd channels
+    threads: int = 2  # page-encoding threads (at least `streams`)
     auto_converge: bool = True
     throttle_initial: float = 0.2  # QEMU's cpu-throttle-initial / -increment, as fractions
     throttle_step: float = 0.1
@@ -182,16 +186,49 @@ class _NotConverging(MigrateError):
 # --- source --------------------------------------------------------------------------------------
 
 
+class _ExtraStream:
+    """One extra page stream of the source: its own connection and stream writer, and a thread
+    that sends what the main thread queues (so the streams send in parallel)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.writer = StreamWriter(registry(), producer=PRODUCER)
+        self.queue: queue.Queue[tuple[int, list[bytes | memoryview]] | None] = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._send_loop, name="page-stream", daemon=True)
+        self.thread.start()
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                if self.error is None:
+                    self.conn.send_pages(*item)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self.error = e
+            finally:
+                self.queue.task_done()
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(10)
+        self.conn.close()
+
+
 class _Sender:
     def __init__(self, machine: Machine, conn: Connection, options: MigrationOptions,
-                 progress: Progress | None, cancel: threading.Event) -> None:
+                 progress: Progress | None, cancel: threading.Event, address: str | None = None) -> None:
         self.machine, self.conn, self.options = machine, conn, options
+        self.address = address
         self.progress = progress or (lambda p: None)
         self.cancel = cancel
         self.proto = Protocol(Role.SOURCE)
         self.writer = StreamWriter(registry(), producer=PRODUCER)
         self.stats = MigrationStats()
-        self.pool = pages.PageEncoderPool(options.level, options.streams)
+        self.pool = pages.PageEncoderPool(options.level, max(options.threads, options.streams))
+        self.extra: list[_ExtraStream] = []
         self._sent_at_start = 0.0
         self._fetched_at = 0.0
         self._bytes_at_start = 0
@@ -218,31 +255,64 @@ class _Sender:
     def _pace(self) -> None:
         limit = self.options.bandwidth_mib_s * MiB
         if limit:
-            ahead = (self.conn.bytes_sent - self._bytes_at_start) / limit - (time.perf_counter() - self._sent_at_start)
+            ahead = (self.bytes_sent - self._bytes_at_start) / limit - (time.perf_counter() - self._sent_at_start)
             if ahead > 0:
                 time.sleep(ahead)
 
+    @property
+    def bytes_sent(self) -> int:
+        return self.conn.bytes_sent + sum(x.conn.bytes_sent for x in self.extra)
+
+    def open_extra_streams(self, session: bytes) -> None:
+        """Streams 1..N-1: connect, authenticate, join the exchange, send the stream header."""
+        o = self.options
+        for index in range(1, o.streams):
+            conn = connect(self.address, o.key, o.timeout, o.tls)
+            stream = _ExtraStream(conn)
+            self.extra.append(stream)
+            conn.send(Channel(session, index))
+            conn.send_pages(0, [stream.writer.header()])
+
+    def _dispatch(self, stream: int, round_number: int, parts: list[bytes | memoryview]) -> None:
+        if stream == 0:
+            self.pages_message(round_number, parts)
+            return
+        extra = self.extra[stream - 1]
+        if extra.error is not None:
+            raise TransportError(f"page stream {stream}: {extra.error}")
+        extra.queue.put((round_number, parts))
+
     def send_pages(self, round_number: int, runs: Iterable[pages.MemoryRun]) -> tuple[int, int, int]:
-        """Encode and send `runs`; returns (pages, raw bytes, bytes on the wire)."""
+        """Encode and send `runs`, message by message across the streams; returns (pages, raw
+        bytes, bytes on the wire) once every stream has sent its share."""
         parts: list[bytes | memoryview] = []
         size = npages = raw = 0
-        wire0 = self.conn.bytes_sent
+        wire0 = self.bytes_sent
+        streams = 1 + len(self.extra)
+        stream = round_number % streams
+        writer = self.writer if stream == 0 else self.extra[stream - 1].writer
         for section in self.pool.encode(runs):
             if self.cancel.is_set():
                 raise Cancelled("cancelled by the user")
-            parts.extend(self.writer.pages_parts(section))
+            parts.extend(writer.pages_parts(section))  # framed by the stream that carries it
             size += section.length + 24
             npages += section.totals.pages
             raw += section.totals.raw_bytes
             self.stats.zero_pages += section.totals.zero_pages
             if size >= MESSAGE_BYTES:
-                self.pages_message(round_number, parts)
+                self._dispatch(stream, round_number, parts)
                 parts, size = [], 0
                 self._pace()
+                stream = (stream + 1) % streams
+                writer = self.writer if stream == 0 else self.extra[stream - 1].writer
         if parts:
-            self.pages_message(round_number, parts)
+            self._dispatch(stream, round_number, parts)
+        for extra in self.extra:  # the round's bandwidth counts only what has left
+            extra.queue.join()
+            if extra.error is not None:
+                raise TransportError(f"page stream: {extra.error}")
         self.message(RoundDone(round_number, npages))
-        return npages, raw, self.conn.bytes_sent - wire0
+        return npages, raw, self.bytes_sent - wire0
 
     def run(self) -> MigrationStats:
         t0 = time.perf_counter()
@@ -252,7 +322,7 @@ class _Sender:
         self.message(Hello(PROTOCOL_VERSION, f"{FORMAT_MAJOR}.{FORMAT_MINOR}", PRODUCER,
                            self.writer.header() + self.writer.config(config),
                            self.writer.layout(machine_layout(machine)), registry().encode(cpuid),
-                           o.dry_run))
+                           o.dry_run, o.streams))
         reply = self.answer()
         if isinstance(reply, Reject):
             self.stats.outcome, self.stats.problems = "rejected", list(reply.problems)
@@ -262,8 +332,10 @@ class _Sender:
             self.message(Cancel("dry run: compatibility checked, nothing sent"))
             self.stats.outcome, self.stats.reason = "dry-run", "the target would accept this guest"
             return self.stats
+        if o.streams > 1:
+            self.open_extra_streams(reply.session)
         self.stats.setup_seconds = time.perf_counter() - t0
-        self._sent_at_start, self._bytes_at_start = time.perf_counter(), self.conn.bytes_sent
+        self._sent_at_start, self._bytes_at_start = time.perf_counter(), self.bytes_sent
 
         if not vm.dirty_logging:
             vm.enable_dirty_log()
@@ -347,7 +419,7 @@ class _Sender:
         body = [self.writer.vcpu(v) for v in state.vcpus] + [self.writer.vm_state(state.vm)]
         body += [self.writer.device(entry, s) for entry, s in state.devices]
         self.message(State(b"".join(body)))
-        self.message(Complete(self.writer.end(pages.digest(vm.memory, self.options.streams, self._touched))))
+        self.message(Complete(self.writer.end(pages.digest(vm.memory, self.options.threads, self._touched))))
         self.answer()  # Ready: the target holds a verified copy, built and paused
         self.message(Commit())
         # From here the target may be running the guest: never resume on our own (protocol.py).
@@ -355,7 +427,7 @@ class _Sender:
         self.stats.downtime_ms = (time.perf_counter() - paused_at) * 1000
         self.stats.outcome, self.stats.reason = "completed", "the target runs the guest"
         self.stats.total_seconds = time.perf_counter() - t0
-        self.stats.sent_bytes = self.conn.bytes_sent
+        self.stats.sent_bytes = self.bytes_sent
         return self.stats
 
 
@@ -373,13 +445,16 @@ def send(machine: Machine, target: str | Connection, options: MigrationOptions |
         raise MigrationFailed(f"the machine is {machine.state.value}", "where it was")
     was_running = machine.state is RunState.RUNNING
     conn = target if isinstance(target, Connection) else connect(target, o.key, o.timeout, o.tls)
-    sender = _Sender(machine, conn, o, progress, cancel or threading.Event())
+    if o.streams > 1 and isinstance(target, Connection):
+        raise MigrationFailed("several streams need an address to connect to", "where it was")
+    sender = _Sender(machine, conn, o, progress, cancel or threading.Event(),
+                     address=None if isinstance(target, Connection) else target)
     try:
         stats = sender.run()
     except (Exception, KeyboardInterrupt) as e:
         stats = sender.stats
         stats.total_seconds = time.perf_counter() - t0
-        stats.sent_bytes = conn.bytes_sent
+        stats.sent_bytes = sender.bytes_sent
         stats.reason = f"{type(e).__name__}: {e}"
         code = (ErrorCode.CANCELLED if isinstance(e, Cancelled | KeyboardInterrupt) else
                 ErrorCode.TIMEOUT if isinstance(e, _NotConverging) else ErrorCode.INTERNAL)
@@ -395,6 +470,8 @@ def send(machine: Machine, target: str | Connection, options: MigrationOptions |
         return stats
     finally:
         sender.pool.close()
+        for extra in sender.extra:
+            extra.close()
         conn.close()
     machine.set_throttle(0)
     if stats.outcome == "completed":
@@ -427,6 +504,111 @@ def _restore_source(machine: Machine, was_running: bool) -> None:
 
 # --- target -------------------------------------------------------------------------------------
 
+MAX_STREAMS = 16
+
+
+class _RoundGate:
+    """The target's barrier across page streams: a stream applies round r's pages only once
+    every page of the rounds before it is in (RoundDone on the main connection counts them), so
+    a page re-sent in a later round can never be overwritten by its older copy."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.allowed = 0
+        self.applied: dict[int, int] = {}
+        self.error: BaseException | None = None
+        self.closed = False
+
+    def wait_turn(self, round_number: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: round_number <= self.allowed or self.closed or self.error)
+
+    def add(self, round_number: int, count: int) -> None:
+        with self.cond:
+            self.applied[round_number] = self.applied.get(round_number, 0) + count
+            self.cond.notify_all()
+
+    def round_done(self, round_number: int, count: int, timeout: float) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.applied.get(round_number, 0) >= count or self.error, timeout)
+            if self.error is not None:
+                raise TransportError(f"a page stream failed: {self.error}")
+            got = self.applied.get(round_number, 0)
+            if got != count:
+                raise TransportError(f"round {round_number}: {got} of {count} pages arrived")
+            self.allowed = round_number + 1
+            self.cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self.cond:
+            if not self.closed and self.error is None:
+                self.error = error
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+class _IncomingStream:
+    """An extra page stream on the target: its own stream reader, writing into guest memory."""
+
+    def __init__(self, conn: Connection, machine: Machine, memory: formats.MemoryLayout, gate: _RoundGate) -> None:
+        self.conn, self.gate = conn, gate
+        self.reader = StreamReader(registry(), memory=memory)
+        self.sink = pages.MemorySink(machine.vm.memory)
+        self.thread = threading.Thread(target=self._run, name="page-stream-in", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.gate.closed:
+                message = self.conn.receive(None)
+                if not isinstance(message, Pages):
+                    raise TransportError(f"a page stream carried {type(message).__name__}")
+                self.gate.wait_turn(message.round)
+                if self.gate.closed:
+                    return
+                count = 0
+                for record in self.reader.feed(message.payload, stable=True):
+                    if isinstance(record, PagesRecord):
+                        self.sink.apply(record.runs)
+                        count += record.totals.pages
+                self.gate.add(message.round, count)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread through the gate
+            self.gate.fail(e)
+
+    def close(self) -> None:
+        self.conn.close()
+        self.thread.join(10)
+
+
+def _accept_streams(listener: Listener | None, count: int, session: bytes, machine: Machine,
+                    memory: formats.MemoryLayout, gate: _RoundGate, timeout: float) -> list[_IncomingStream]:
+    if count and listener is None:
+        raise TransportError("the source wants several page streams; this target has no listener for them")
+    streams, seen = [], set()
+    try:
+        for _ in range(count):
+            conn = listener.accept(timeout)
+            try:
+                hello = conn.receive(timeout)
+                if (not isinstance(hello, Channel) or hello.session != session or hello.index in seen
+                        or not 1 <= hello.index <= count):
+                    raise TransportError(f"{conn.peer} is not one of this migration's page streams")
+            except BaseException:
+                conn.close()
+                raise
+            seen.add(hello.index)
+            streams.append(_IncomingStream(conn, machine, memory, gate))
+    except BaseException:
+        gate.close()
+        for stream in streams:
+            stream.close()
+        raise
+    return streams
+
 
 @dataclass
 class Incoming:
@@ -441,10 +623,12 @@ class Incoming:
 
 def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = lambda b: None,
             timeout: float = 60.0, disk: str | None = None,
-            virtio_console: Callable[[bytes], None] | None = None, progress: Progress | None = None) -> Incoming:
+            virtio_console: Callable[[bytes], None] | None = None, progress: Progress | None = None,
+            listener: Listener | None = None) -> Incoming:
     """Take one incoming migration on `conn`: check, build, fill, verify, and on Commit run the
     guest. Any failure before Commit tears the half-built VM down and raises. `disk` puts the
-    virtio disk at another path than the source's (the default: shared storage)."""
+    virtio disk at another path than the source's (the default: shared storage). `listener`
+    accepts the extra page streams a source may open."""
     progress = progress or (lambda p: None)
     proto = Protocol(Role.TARGET)
     reader = StreamReader(registry(), expect=EXPECT)
@@ -461,6 +645,7 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
         conn.send(message)
 
     machine: Machine | None = None
+    gate, streams = _RoundGate(), []
     try:
         hello = take(conn.receive(timeout))
         if not isinstance(hello, Hello):
@@ -476,24 +661,33 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
         problems += [str(d) for d in formats.diff(expected_layout(config), layout)]
         cpuid = registry().decode(hello.cpuid, expect=GuestCpuid)
         problems += cpuid_problems(cpuid.entries, kvm.guest_cpuid)
+        if not 1 <= hello.streams <= (MAX_STREAMS if listener is not None else 1):
+            problems.append(f"{hello.streams} page streams: this target takes 1 to "
+                            f"{MAX_STREAMS if listener is not None else 1}")
         if problems:
             tell(Reject(tuple(problems)))
             raise IncompatibleError(problems)
-        tell(Accept())
+        session = secrets.token_bytes(16)
+        tell(Accept(session))
         if hello.dry_run:
             take(conn.receive(timeout))  # the source's Cancel
             return incoming
         virtio = config.virtio.build(virtio_console or console, disk) if config.virtio else None
         machine = blank_machine(kvm, vm_config, console, backing=RamBacking.host_filled, virtio=virtio)
         sink = pages.MemorySink(machine.vm.memory)
+        streams = _accept_streams(listener, hello.streams - 1, session, machine, layout.memory, gate, timeout)
         while True:
             message = take(conn.receive(timeout))
             match message:
-                case Pages(payload=payload):
+                case Pages(round=number, payload=payload):
+                    count = 0
                     for record in reader.feed(payload, stable=True):  # a buffer only we hold
                         if isinstance(record, PagesRecord):
                             sink.apply(record.runs)
+                            count += record.totals.pages
+                    gate.add(number, count)
                 case RoundDone(round=number, pages=count):
+                    gate.round_done(number, count, timeout)
                     progress({"stage": "round", "round": number, "pages": count})
                 case State(payload=payload):
                     for record in reader.feed(payload):
@@ -507,7 +701,7 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
                 case Complete(payload=payload):
                     end = next(r for r in reader.feed(payload) if isinstance(r, EndRecord))
                     reader.finish()
-                    pages.verify(end, machine.vm.memory, sink.touched)
+                    pages.verify(end, machine.vm.memory, _merged_touched([sink, *(x.sink for x in streams)]))
                     apply(machine, MachineState(config, layout, tuple(loaded["vcpus"]), loaded["vm"],
                                                 tuple(loaded["devices"])))
                     tell(Ready())
@@ -517,7 +711,8 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
                         tell(Resumed())
                     except TransportError:
                         log.warning("the source did not hear Resumed; the guest runs here regardless")
-                    incoming.machine, incoming.pages = machine, sink.pages
+                    incoming.machine = machine
+                    incoming.pages = sink.pages + sum(x.sink.pages for x in streams)
                     incoming.seconds = time.perf_counter() - t0
                     return incoming
                 case Cancel(reason=reason):
@@ -525,6 +720,7 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
                 case Error(code=code, message=text):
                     raise MigrationFailed(f"the source failed: {text}", "on the source", code=code)
     except BaseException as e:
+        _close_streams(gate, streams)  # before the memory they write into goes away
         if machine is not None and incoming.machine is None:
             machine.stop()
             machine.vm.close()
@@ -539,12 +735,28 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
             except Exception:  # noqa: BLE001 - the link may be gone; the raise below says why
                 log.debug("could not tell the source why", exc_info=True)
         raise
+    finally:
+        _close_streams(gate, streams)
+
+
+def _close_streams(gate: _RoundGate, streams: list[_IncomingStream]) -> None:
+    gate.close()
+    for stream in streams:
+        stream.close()
+
+
+def _merged_touched(sinks: list[pages.MemorySink]) -> pages.Touched:
+    merged = {base: DirtyBitmap(bitmap.npages) for base, bitmap in sinks[0].touched.items()}
+    for sink in sinks:
+        for base, bitmap in sink.touched.items():
+            merged[base] |= bitmap
+    return merged
 
 
 def listen_and_receive(listener: Listener, kvm: Kvm, *, accept_timeout: float | None = None,
                        **kwargs: Any) -> Incoming:
     conn = listener.accept(accept_timeout)
     try:
-        return receive(conn, kvm, **kwargs)
+        return receive(conn, kvm, listener=listener, **kwargs)
     finally:
         conn.close()

@@ -62,6 +62,7 @@ class MessageKind(enum.IntEnum):
     RESUMED = 10
     CANCEL = 11
     ERROR = 12
+    CHANNEL = 13  # first message on an extra page stream; not part of the exchange below
 
 
 class ErrorCode(enum.IntEnum):
@@ -89,11 +90,13 @@ class Hello:
     layout: bytes  # encoded device + memory layout section
     cpuid: bytes  # encoded CPUID the guest sees
     dry_run: bool = False
+    streams: int = 1  # page streams: this connection and streams - 1 more (`Channel`)
 
 
 @dataclass(frozen=True)
 class Accept:
     kind = MessageKind.ACCEPT
+    session: bytes = b""  # what each extra page stream presents to join this exchange
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,17 @@ class Cancel:
 
 
 @dataclass(frozen=True)
+class Channel:
+    """Opens an extra page stream (like QEMU's multifd channels): it carries only PAGES, each
+    tagged with its round; the target applies a round's pages from every stream before the
+    next round's (RoundDone on the main connection says how many there are)."""
+
+    kind = MessageKind.CHANNEL
+    session: bytes
+    index: int
+
+
+@dataclass(frozen=True)
 class Error:
     kind = MessageKind.ERROR
     code: ErrorCode
@@ -157,10 +171,10 @@ class Error:
 
 
 Message = Union[Hello, Accept, Reject, Pages, RoundDone, State, Complete, Ready, Commit, Resumed,
-                Cancel, Error]
+                Cancel, Error, Channel]
 MESSAGE_TYPES: dict[MessageKind, type] = {
     m.kind: m for m in (Hello, Accept, Reject, Pages, RoundDone, State, Complete, Ready, Commit,
-                        Resumed, Cancel, Error)
+                        Resumed, Cancel, Error, Channel)
 }
 
 

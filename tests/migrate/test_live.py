@@ -57,7 +57,7 @@ class _Target:
             if self._wrap:
                 conn = self._wrap(conn)
             try:
-                self.incoming = receive(conn, kvm, console=self.console, timeout=30)
+                self.incoming = receive(conn, kvm, console=self.console, timeout=30, listener=self.listener)
             finally:
                 conn.close()
         except BaseException as e:  # noqa: BLE001 - the test inspects it
@@ -412,5 +412,60 @@ def test_a_corrupted_page_is_refused_by_the_target_and_the_source_says_why(kvm: 
         assert target.incoming is None
         _assert_source_intact(machine, console)
     finally:
+        machine.stop()
+        machine.vm.close()
+
+
+@pytest.mark.parametrize("streams", [2, 4])
+def test_several_page_streams_carry_a_busy_guest(kvm: Kvm, streams: int) -> None:
+    machine, console = _source(kvm, ws=32, rate=0)  # flat out: pages re-sent round after round
+    target = _Target(kvm)
+    try:
+        stats = send(machine, target.listener.address, MigrationOptions(streams=streams, auto_converge=False,
+                                                                         max_rounds=6, finish_anyway=True))
+        target.join()
+        assert stats.outcome == "completed", stats.reason
+        assert len(stats.rounds) >= 2  # pages went round after round, over every stream
+        moved = target.incoming.machine
+        target.console.wait_pass(bg.read_status(moved.vm.memory).passes + 1, timeout=20)
+        moved.pause()
+        assert bg.check_memory(moved.vm.memory).ok
+        moved.stop()
+        moved.vm.close()
+    finally:
+        machine.stop()
+        machine.vm.close()
+
+
+def test_a_stranger_cannot_join_as_a_page_stream(kvm: Kvm) -> None:
+    from migrate.protocol import Channel
+
+    machine, console = _source(kvm)
+    listener = Listener("127.0.0.1:0", b"")
+    errors: dict = {}
+
+    def serve() -> None:
+        try:
+            listen_and_receive(listener, kvm, accept_timeout=20, timeout=10)
+        except BaseException as e:  # noqa: BLE001
+            errors["target"] = e
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        # a source that asks for 2 streams, but the second connection is someone else's
+        conn = connect(listener.address, b"")
+        from migrate.live import _Sender
+
+        sender = _Sender(machine, conn, MigrationOptions(streams=2), None, threading.Event(), listener.address)
+        sender.open_extra_streams = lambda session: (lambda c: c.send(Channel(b"wrong", 1)))(
+            connect(listener.address, b""))
+        with pytest.raises(Exception):
+            sender.run()
+        thread.join(30)
+        assert isinstance(errors.get("target"), TransportError) and "not one of" in str(errors["target"])
+        assert machine.state is RunState.RUNNING
+    finally:
+        listener.close()
         machine.stop()
         machine.vm.close()

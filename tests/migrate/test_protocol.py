@@ -11,6 +11,7 @@ from migrate.protocol import (
     TRANSITIONS,
     Accept,
     Cancel,
+    Channel,
     Commit,
     Complete,
     Error,
@@ -44,6 +45,7 @@ SAMPLE = {
     MessageKind.RESUMED: Resumed(),
     MessageKind.CANCEL: Cancel("user"),
     MessageKind.ERROR: Error(ErrorCode.INTERNAL, "boom"),
+    MessageKind.CHANNEL: Channel(b"session", 1),  # valid only as an extra stream's first message
 }
 
 # The happy path, as (sender, message).
