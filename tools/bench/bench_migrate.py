@@ -76,11 +76,13 @@ def migrate_once(kvm: Kvm, mem: int, ws: int, rate: int, options: MigrationOptio
         target.wait()
 
 
-def bench_migration(runs: int, as_json: bool) -> dict:
+def bench_migration(runs: int, as_json: bool, streams: int = 1, only: list[str] | None = None) -> dict:
     out = {}
     kvm = Kvm()
     for name, (mem, ws, rate) in SCENARIOS.items():
-        results = [migrate_once(kvm, mem, ws, rate, MigrationOptions()) for _ in range(runs)]
+        if only and name not in only:
+            continue
+        results = [migrate_once(kvm, mem, ws, rate, MigrationOptions(streams=streams)) for _ in range(runs)]
         done = [r for r in results if r["outcome"] == "completed"]
         row = {"runs": runs, "completed": len(done)}
         if done:
@@ -149,13 +151,15 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--only", choices=("migrate", "snapshot"))
+    ap.add_argument("--streams", type=int, default=1, help="page streams (connections) for migrations")
+    ap.add_argument("--scenario", action="append", help="only these migration scenarios")
     ap.add_argument("--dir", default="/dev/shm" if Path("/dev/shm").is_dir() else None,
                     help="where snapshot files go (default: tmpfs)")
     args = ap.parse_args()
     runs = 1 if args.quick else args.runs
     result = {}
     if args.only in (None, "migrate"):
-        result["migrate"] = bench_migration(runs, args.json)
+        result["migrate"] = bench_migration(runs, args.json, args.streams, args.scenario)
     if args.only in (None, "snapshot"):
         result["snapshot"] = bench_snapshots(runs, args.json, args.dir)
     if args.json:
