@@ -347,14 +347,19 @@ def test_dirty_bitmap_marks_exactly_the_pages_the_device_wrote(make_machine, dis
 # --- virtio-rng and virtio-console ---------------------------------------------------------------
 
 
-def test_rng_fills_buffers(make_machine) -> None:
+def _rng_on_one_queue(make_machine):
+    """A machine with virtio-rng running, a test driver that set up its queue."""
     machine = make_machine(rng=True)
     dev = machine.devices["virtio-rng0"]
     dev.resume()
     drv = Driver(machine, SLOT0)
     drv.init(1)
+    return machine, dev, drv, machine.vm.memory
+
+
+def test_rng_fills_buffers(make_machine) -> None:
+    machine, dev, drv, mem = _rng_on_one_queue(make_machine)
     q = drv.queues[0]
-    mem = machine.vm.memory
     heads = [q.add([(BUFFERS + i * PAGE_SIZE, 64, True), (BUFFERS + i * PAGE_SIZE + 64, 64, True)])
              for i in range(3)]
     kick(dev, 0)
@@ -433,13 +438,8 @@ def _hostile_cases():
 @pytest.mark.parametrize("attack", _hostile_cases(), ids=lambda f: f.__name__)
 @pytest.mark.parametrize("path", ["worker", "inline"])
 def test_hostile_descriptors_give_needs_reset(make_machine, attack, path: str) -> None:
-    machine = make_machine(rng=True)
-    dev = machine.devices["virtio-rng0"]
-    dev.resume()
-    drv = Driver(machine, SLOT0)
-    drv.init(1)
+    machine, dev, drv, mem = _rng_on_one_queue(make_machine)
     q = drv.queues[0]
-    mem = machine.vm.memory
     before = mem.read(BUFFERS, 64)
     attack(q)
     if path == "worker":

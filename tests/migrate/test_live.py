@@ -80,6 +80,18 @@ def _assert_source_intact(machine: Machine, console: bg.GuestConsole) -> None:
     machine.resume()
 
 
+def _assert_target_carries_on(target: _Target) -> None:
+    """The migrated guest makes another pass on the target with consistent memory; then it ends."""
+    moved = target.incoming.machine
+    try:
+        target.console.wait_pass(bg.read_status(moved.vm.memory).passes + 1, timeout=20)
+        moved.pause()
+        assert bg.check_memory(moved.vm.memory).ok
+    finally:
+        moved.stop()
+        moved.vm.close()
+
+
 def test_ping_pong_ten_times(kvm: Kvm) -> None:
     machine, console = _source(kvm)
     consoles, downtimes = [console], []
@@ -242,12 +254,7 @@ def test_non_converging_guest_fails_back_or_finishes_if_allowed(kvm: Kvm) -> Non
         target.join()
         assert stats.outcome == "completed"
         assert stats.downtime_ms > 50  # the user allowed a longer downtime than the target
-        moved = target.incoming.machine
-        target.console.wait_pass(bg.read_status(moved.vm.memory).passes + 1, timeout=20)
-        moved.pause()
-        assert bg.check_memory(moved.vm.memory).ok
-        moved.stop()
-        moved.vm.close()
+        _assert_target_carries_on(target)
     finally:
         machine.stop()
         machine.vm.close()
@@ -426,12 +433,7 @@ def test_several_page_streams_carry_a_busy_guest(kvm: Kvm, streams: int) -> None
         target.join()
         assert stats.outcome == "completed", stats.reason
         assert len(stats.rounds) >= 2  # pages went round after round, over every stream
-        moved = target.incoming.machine
-        target.console.wait_pass(bg.read_status(moved.vm.memory).passes + 1, timeout=20)
-        moved.pause()
-        assert bg.check_memory(moved.vm.memory).ok
-        moved.stop()
-        moved.vm.close()
+        _assert_target_carries_on(target)
     finally:
         machine.stop()
         machine.vm.close()
