@@ -3,7 +3,7 @@
     from migrate import snapshot, restore, send, receive, MigrationOptions
 
 `snapshot(machine, path)` / `restore(path, kvm)`: a machine's whole state to a file and back
-(`migrate.snapshot`). `send(machine, "host:port", options)` / `receive(conn, kvm)`: live migration
+(`migrate.snapshots`). `send(machine, "host:port", options)` / `receive(conn, kvm)`: live migration
 by pre-copy with a two-phase hand-over (`migrate.live`, `migrate.protocol`).
 """
 
@@ -22,7 +22,7 @@ from migrate.live import (
     receive,
     send,
 )
-from migrate.snapshot import SnapshotInfo, inspect, restore, snapshot
+from migrate.snapshots import SnapshotInfo, inspect, restore, snapshot
 from migrate.transport import Listener, Tls, connect
 
 __all__ = [

@@ -109,7 +109,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from migrate.snapshot import restore
+    from migrate.snapshots import restore
 
     console, done = _guest_console()
     with Kvm() as kvm:
@@ -123,7 +123,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from migrate.snapshot import inspect
+    from migrate.snapshots import inspect
 
     result = inspect(args.file, verify=not args.no_verify)
     if args.json:

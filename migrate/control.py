@@ -14,7 +14,7 @@ from hv.control import ControlContext, ControlError, ControlServer, Progress
 
 
 def _snapshot(ctx: ControlContext, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    from migrate.snapshot import snapshot
+    from migrate.snapshots import snapshot
 
     if not isinstance(args.get("out"), str):
         raise ControlError("BadRequest", "snapshot needs 'out', the file to write")

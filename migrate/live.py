@@ -73,7 +73,7 @@ from migrate.protocol import (
     RoundDone,
     State,
 )
-from migrate.snapshot import EXPECT
+from migrate.snapshots import EXPECT
 from migrate.state import (
     PRODUCER,
     MachineState,

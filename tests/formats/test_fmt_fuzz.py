@@ -3,11 +3,11 @@ acceptable outcomes are records or a FormatError: no other exception, no hang.""
 
 from __future__ import annotations
 
-import hv.state as S
 from fmt_strategies import LAYOUT, build_stream, make_registry
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import hv.state as S
 from formats import FormatError, StreamLimits, StreamReader
 from formats.pages import PageLimits
 from formats.stream import HEADER

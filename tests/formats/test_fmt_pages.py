@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import xxhash
 import zstandard
-from fmt_strategies import LAYOUT, RAM, apply_pages, build_stream, make_registry, page_images
+from fmt_strategies import (
+    LAYOUT,
+    RAM,
+    apply_pages,
+    build_stream,
+    make_registry,
+    page_images,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -12,7 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hv.state as S
-from formats import FormatError, MsgpackLimits, SchemaError, SchemaRegistry, VersionError
+from formats import (
+    FormatError,
+    MsgpackLimits,
+    SchemaError,
+    SchemaRegistry,
+    VersionError,
+)
 
 REG = make_registry()
 

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import struct
 
-import hv.state as S
 import pytest
-from fmt_strategies import LAYOUT, RAM, apply_pages, build_stream, make_registry, page_images, \
-    strategy_for
+from fmt_strategies import (
+    LAYOUT,
+    RAM,
+    apply_pages,
+    build_stream,
+    make_registry,
+    page_images,
+    strategy_for,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import hv.state as S
 from formats import (
     FORMAT_MAJOR,
     MAGIC,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import struct
 
 import pytest
+from tinyguest import LOAD_ADDRESS, OUT_LOOP, multiboot_elf
 
 from hv.boot import elf, multiboot
 from hv.errors import BootError
 from hv.memory import GuestMemory, MemoryRegion
-from tinyguest import LOAD_ADDRESS, OUT_LOOP, multiboot_elf
 
 MiB = 1 << 20
 

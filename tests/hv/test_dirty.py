@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tinyguest import Recorder, multiboot_elf, store_then_report, wait_for
 
 from hv.dirty import DirtyBitmap, words_for
 from hv.hypervisor import Kvm
 from hv.vm import VmConfig
-from tinyguest import Recorder, multiboot_elf, store_then_report, wait_for
 
 MiB = 1 << 20
 

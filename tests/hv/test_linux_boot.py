@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tinyguest import PVH_PRINT_CMDLINE, Recorder, pvh_elf64, wait_for
 
 from hv.boot import linux
 from hv.builder import VirtioConfig, linux_machine
@@ -24,7 +25,6 @@ from hv.machine import RunState
 from hv.memory import GuestMemory, MemoryRegion
 from hv.platform import acpi
 from hv.vm import VmConfig
-from tinyguest import PVH_PRINT_CMDLINE, Recorder, pvh_elf64, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from linux import initramfs  # noqa: E402

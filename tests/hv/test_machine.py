@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from tinyguest import OUT_LOOP, Recorder, multiboot_elf, wait_for
 
 from hv.builder import multiboot_machine
 from hv.errors import DeviceFault, GuestFatalExit, LifecycleError
@@ -12,7 +13,6 @@ from hv.exits import InternalError, Shutdown
 from hv.hypervisor import Kvm
 from hv.machine import Machine, RunState
 from hv.vm import VmConfig
-from tinyguest import OUT_LOOP, Recorder, multiboot_elf, wait_for
 
 MiB = 1 << 20
 

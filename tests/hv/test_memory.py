@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from hv.errors import GuestAddressError, SlotError, SlotOverlapError
-from hv.exits import MmioWrite
 from hv.hypervisor import Kvm
 from hv.vm import MMIO_HOLE_END, MMIO_HOLE_START, Vm, VmConfig
 
@@ -80,8 +79,9 @@ def test_vmm_writes_are_marked_dirty(vm: Vm) -> None:
 
 
 def test_readonly_slot_turns_guest_writes_into_mmio_exits(kvm: Kvm, write_image) -> None:
-    from hv.builder import multiboot_machine
     from tinyguest import Recorder, multiboot_elf, store_then_report, wait_for
+
+    from hv.builder import multiboot_machine
 
     rom_base = 0x0800_0000  # above the 32 MiB of RAM
     image = write_image(multiboot_elf(store_then_report([rom_base + 0x10])))

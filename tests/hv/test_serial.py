@@ -7,7 +7,13 @@ import sys
 
 from hv import builtin_guest as bg
 from hv.builder import builtin_machine
-from hv.devices.serial import IIR_NO_INTERRUPT, IIR_RDA, IIR_THRE, RX_BUFFER, Serial16550
+from hv.devices.serial import (
+    IIR_NO_INTERRUPT,
+    IIR_RDA,
+    IIR_THRE,
+    RX_BUFFER,
+    Serial16550,
+)
 from hv.hypervisor import Kvm
 from hv.vm import VmConfig
 

@@ -15,7 +15,16 @@ from hv.builder import create_vcpus
 from hv.errors import VcpuIdError, VcpuStateError
 from hv.hypervisor import Kvm
 from hv.state import (
-    DebugRegs, Fpu, Msr, PicState, PitState, Regs, Sregs, VcpuEvents, VcpuState, VmState,
+    DebugRegs,
+    Fpu,
+    Msr,
+    PicState,
+    PitState,
+    Regs,
+    Sregs,
+    VcpuEvents,
+    VcpuState,
+    VmState,
     lapic_registers,
 )
 from hv.vcpu import RESTORE_ORDER, SAVE_ORDER

@@ -20,7 +20,7 @@ from hv.hypervisor import Kvm
 from hv.machine import Machine, RunState
 from hv.vm import VmConfig
 from migrate.live import MigrationOptions, listen_and_receive, send
-from migrate.snapshot import snapshot
+from migrate.snapshots import snapshot
 from migrate.transport import Listener
 
 MiB = 1 << 20

@@ -27,7 +27,7 @@ from hv.machine import Machine, RunState
 from hv.state import lapic_registers
 from hv.vm import VmConfig
 from migrate.errors import IncompatibleError, SnapshotError
-from migrate.snapshot import inspect, restore, snapshot
+from migrate.snapshots import inspect, restore, snapshot
 from migrate.state import capture
 
 MiB = 1 << 20

@@ -27,7 +27,7 @@ from hv.control import call
 from hv.hypervisor import Kvm
 from hv.vm import VmConfig
 from migrate.live import MigrationOptions, send
-from migrate.snapshot import restore, snapshot
+from migrate.snapshots import restore, snapshot
 from migrate.transport import Listener
 
 MiB, GiB = 1 << 20, 1 << 30
