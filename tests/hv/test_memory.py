@@ -115,7 +115,7 @@ def test_populated_pages_follow_touched_memory_not_size(kvm: Kvm) -> None:
         for region, written in ((low, {1, 256, 257, 258}), (high, {5})):
             populated = set(region.populated_pages().pages().tolist())
             assert written <= populated
-            block = lambda page: (region.host_address + page * 4096) // (2 << 20)  # noqa: E731
+            block = lambda page, r=region: (r.host_address + page * 4096) // (2 << 20)  # noqa: E731
             assert {block(p) for p in populated} == {block(p) for p in written}
 
 

@@ -462,7 +462,7 @@ def test_a_stranger_cannot_join_as_a_page_stream(kvm: Kvm) -> None:
         sender = _Sender(machine, conn, MigrationOptions(streams=2), None, threading.Event(), listener.address)
         sender.open_extra_streams = lambda session: (lambda c: c.send(Channel(b"wrong", 1)))(
             connect(listener.address, b""))
-        with pytest.raises(Exception):
+        with pytest.raises((TransportError, MigrationFailed)):  # the link dies, or the target says why
             sender.run()
         thread.join(30)
         assert isinstance(errors.get("target"), TransportError) and "not one of" in str(errors["target"])
