@@ -64,6 +64,8 @@ from .layout import (
 )
 from .pages import (
     DIGEST_BLOCK,
+    combine_block_hashes,
+    zero_block_hash,
     PageDecoder,
     PageEncoder,
     PageEncoding,

@@ -371,8 +371,22 @@ class ZeroRanges:
 
 
 @functools.cache
-def _zero_block_hash(size: int) -> int:
+def zero_block_hash(size: int = DIGEST_BLOCK) -> int:
+    """The block hash of `size` zero bytes."""
     return xxhash.xxh3_64_intdigest(bytes(size))
+
+
+_zero_block_hash = zero_block_hash
+
+
+def combine_block_hashes(ranges: Iterable[tuple[int, int, np.ndarray]]) -> int:
+    """The memory digest from each RAM range's (address, length, block hashes): what
+    `memory_digest` computes, for a caller that keeps block hashes current itself."""
+    h = xxhash.xxh3_64()
+    for address, length, hashes in sorted(ranges, key=lambda r: r[0]):
+        h.update(struct.pack("<QQ", address, length))
+        h.update(np.asarray(hashes, dtype="<u8").tobytes())
+    return h.intdigest()
 
 
 def _block_hashes(mv: memoryview, zero: np.ndarray | None) -> np.ndarray:
@@ -410,8 +424,4 @@ def memory_digest(ranges: Iterable[tuple[int, object]], *,
                 None if zero is None else zero[a:a + step]), range(0, n, step))
             return np.concatenate(list(parts))
 
-    h = xxhash.xxh3_64()
-    for address, mv in items:
-        h.update(struct.pack("<QQ", address, len(mv)))
-        h.update(hashes((address, mv)).tobytes())
-    return h.intdigest()
+    return combine_block_hashes((address, len(mv), hashes((address, mv))) for address, mv in items)

@@ -22,6 +22,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -233,6 +234,9 @@ class _Sender:
         self._fetched_at = 0.0
         self._bytes_at_start = 0
         self._touched: pages.Touched = {}
+        self._hashes: pages.BlockHashes | None = None
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="block-hashes")
+        self._hashing: Future | None = None
 
     def message(self, message: Any) -> None:
         self.proto.send(message)
@@ -343,6 +347,8 @@ class _Sender:
             pass
         self._fetched_at = time.perf_counter()
         self._touched = pages.touched_pages(vm.memory)  # kept up to date from each dirty log
+        self._hashes = pages.BlockHashes(vm.memory, self._touched)
+        self._rehash()
         self._round(0, pages.populated_runs(vm.memory), 0.0)
         while True:
             if self.cancel.is_set():
@@ -376,11 +382,20 @@ class _Sender:
         dirty = list(self.machine.vm.fetch_dirty_logs())
         for region, bitmap in dirty:
             self._touched[region.guest_base] |= bitmap
+        if self._hashes is not None:
+            self._hashes.invalidate(dirty)
+            self._rehash()
         now = time.perf_counter()
         count = sum(b.count() for _, b in dirty)
         rate = count * PAGE_SIZE / MiB / max(now - self._fetched_at, 1e-6)
         self._fetched_at = now
         return dirty, count, rate
+
+    def _rehash(self) -> None:
+        """Re-hash changed blocks in the background, one pass at a time (the digest at the end
+        then hashes only what changed since)."""
+        if self._hashing is None or self._hashing.done():
+            self._hashing = self._hasher.submit(self._hashes.refresh, 1)
 
     def _round(self, number: int, runs: list[pages.MemoryRun], dirty_rate: float) -> None:
         t = time.perf_counter()
@@ -407,7 +422,7 @@ class _Sender:
                 self.progress({"stage": "throttle", "throttle": step})
 
     def _stop_and_copy(self, pending: list[tuple[MemoryRegion, DirtyBitmap]], t0: float) -> MigrationStats:
-        machine, vm = self.machine, self.machine.vm
+        machine = self.machine
         paused_at = time.perf_counter()
         machine.pause()
         self.progress({"stage": "stop-and-copy"})
@@ -419,7 +434,9 @@ class _Sender:
         body = [self.writer.vcpu(v) for v in state.vcpus] + [self.writer.vm_state(state.vm)]
         body += [self.writer.device(entry, s) for entry, s in state.devices]
         self.message(State(b"".join(body)))
-        self.message(Complete(self.writer.end(pages.digest(vm.memory, self.options.threads, self._touched))))
+        if self._hashing is not None:
+            self._hashing.result()  # a background pass may still be running: let it finish
+        self.message(Complete(self.writer.end(self._hashes.digest(self.options.threads))))
         self.answer()  # Ready: the target holds a verified copy, built and paused
         self.message(Commit())
         # From here the target may be running the guest: never resume on our own (protocol.py).
@@ -470,6 +487,7 @@ def send(machine: Machine, target: str | Connection, options: MigrationOptions |
         return stats
     finally:
         sender.pool.close()
+        sender._hasher.shutdown(wait=True)
         for extra in sender.extra:
             extra.close()
         conn.close()
@@ -646,6 +664,7 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
 
     machine: Machine | None = None
     gate, streams = _RoundGate(), []
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="block-hashes")
     try:
         hello = take(conn.receive(timeout))
         if not isinstance(hello, Hello):
@@ -676,6 +695,10 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
         machine = blank_machine(kvm, vm_config, console, backing=RamBacking.host_filled, virtio=virtio)
         sink = pages.MemorySink(machine.vm.memory)
         streams = _accept_streams(listener, hello.streams - 1, session, machine, layout.memory, gate, timeout)
+        sinks = [sink, *(x.sink for x in streams)]
+        nothing = {r.guest_base: DirtyBitmap(r.npages) for r in machine.vm.memory.regions}
+        hashes = pages.BlockHashes(machine.vm.memory, nothing)  # fresh memory: all zero
+        hashing: Future | None = None
         while True:
             message = take(conn.receive(timeout))
             match message:
@@ -688,6 +711,10 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
                     gate.add(number, count)
                 case RoundDone(round=number, pages=count):
                     gate.round_done(number, count, timeout)
+                    for written in sinks:  # hash what this round wrote while the next one arrives
+                        hashes.invalidate(written.take_recent())
+                    if hashing is None or hashing.done():
+                        hashing = hasher.submit(hashes.refresh, 1)
                     progress({"stage": "round", "round": number, "pages": count})
                 case State(payload=payload):
                     for record in reader.feed(payload):
@@ -701,7 +728,13 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
                 case Complete(payload=payload):
                     end = next(r for r in reader.feed(payload) if isinstance(r, EndRecord))
                     reader.finish()
-                    pages.verify(end, machine.vm.memory, _merged_touched([sink, *(x.sink for x in streams)]))
+                    if hashing is not None:
+                        hashing.result()
+                    for written in sinks:
+                        hashes.invalidate(written.take_recent())
+                    found = hashes.digest(2)
+                    if found != end.digest:
+                        raise formats.DigestMismatch(end.digest, found)
                     apply(machine, MachineState(config, layout, tuple(loaded["vcpus"]), loaded["vm"],
                                                 tuple(loaded["devices"])))
                     tell(Ready())
@@ -737,20 +770,13 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
         raise
     finally:
         _close_streams(gate, streams)
+        hasher.shutdown(wait=True)
 
 
 def _close_streams(gate: _RoundGate, streams: list[_IncomingStream]) -> None:
     gate.close()
     for stream in streams:
         stream.close()
-
-
-def _merged_touched(sinks: list[pages.MemorySink]) -> pages.Touched:
-    merged = {base: DirtyBitmap(bitmap.npages) for base, bitmap in sinks[0].touched.items()}
-    for sink in sinks:
-        for base, bitmap in sink.touched.items():
-            merged[base] |= bitmap
-    return merged
 
 
 def listen_and_receive(listener: Listener, kvm: Kvm, *, accept_timeout: float | None = None,

@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import xxhash
 
 from formats import (
     DIGEST_BLOCK,
@@ -24,8 +25,10 @@ from formats import (
     PageRun,
     PageSection,
     ZeroRanges,
+    combine_block_hashes,
     memory_digest,
     verify_digest,
+    zero_block_hash,
 )
 from hv.dirty import PAGE_SIZE, DirtyBitmap
 from hv.memory import GuestMemory, MemoryRegion
@@ -156,6 +159,86 @@ def touched_pages(memory: GuestMemory) -> Touched:
     return {r.guest_base: r.populated_pages() for r in memory.regions}
 
 
+class BlockHashes:
+    """The memory digest's 2 MiB block hashes, kept current round by round.
+
+    A migration's digest is taken while the guest is paused; hashing all touched memory then
+    costs downtime. Instead each side hashes blocks in the background as rounds go, and a block
+    is re-hashed whenever pages in it change (the source learns that from the dirty log, the
+    target from what it writes). At the end only the blocks changed since their last hash are
+    hashed in the pause. A block changing while it is being hashed gets a new generation, and the
+    stale hash is not kept: `refresh` only records a hash if the block's generation did not move.
+    """
+
+    def __init__(self, memory: GuestMemory, touched: Touched) -> None:
+        self.memory = memory
+        self._lock = threading.Lock()
+        self._hashes: dict[int, np.ndarray] = {}
+        self._stale: dict[int, np.ndarray] = {}
+        self._generation: dict[int, np.ndarray] = {}
+        for region in memory.regions:
+            n = -(-region.size // DIGEST_BLOCK)
+            hashes = np.empty(n, dtype="<u8")
+            hashes[:] = zero_block_hash(DIGEST_BLOCK)
+            if region.size % DIGEST_BLOCK:
+                hashes[-1] = zero_block_hash(region.size % DIGEST_BLOCK)
+            self._hashes[region.guest_base] = hashes
+            self._stale[region.guest_base] = (self._blocks_of(region, touched[region.guest_base])
+                                              if region.anonymous else np.ones(n, dtype=bool))
+            self._generation[region.guest_base] = np.zeros(n, dtype=np.uint64)
+
+    @staticmethod
+    def _blocks_of(region: MemoryRegion, pages: DirtyBitmap) -> np.ndarray:
+        """One bool per block: does it hold any page set in `pages`."""
+        bits = np.unpackbits(pages.words.view(np.uint8), bitorder="little")[: region.npages]
+        per_block = DIGEST_BLOCK // PAGE_SIZE
+        padded = np.zeros(-(-region.npages // per_block) * per_block, dtype=bool)
+        padded[: region.npages] = bits.astype(bool)
+        return padded.reshape(-1, per_block).any(axis=1)
+
+    def invalidate(self, changed: Iterable[tuple[MemoryRegion, DirtyBitmap]]) -> None:
+        """Pages in `changed` may differ from what their blocks were hashed over."""
+        with self._lock:
+            for region, pages in changed:
+                blocks = self._blocks_of(region, pages)
+                self._stale[region.guest_base] |= blocks
+                self._generation[region.guest_base][blocks] += np.uint64(1)
+
+    def refresh(self, workers: int = 1) -> int:
+        """Hash every stale block; returns how many were hashed."""
+        todo = []
+        with self._lock:
+            for region in self.memory.regions:
+                base = region.guest_base
+                for block in np.flatnonzero(self._stale[base]).tolist():
+                    todo.append((region, block, int(self._generation[base][block])))
+
+        def hash_block(item: tuple[MemoryRegion, int, int]) -> int:
+            region, block, _ = item
+            return xxhash.xxh3_64_intdigest(region.view[block * DIGEST_BLOCK:(block + 1) * DIGEST_BLOCK])
+
+        if workers > 1 and len(todo) > 4:
+            with ThreadPoolExecutor(workers) as pool:
+                results = list(pool.map(hash_block, todo))
+        else:
+            results = [hash_block(item) for item in todo]
+        with self._lock:
+            for (region, block, generation), value in zip(todo, results, strict=True):
+                base = region.guest_base
+                if int(self._generation[base][block]) == generation:  # unchanged while hashed
+                    self._hashes[base][block] = value
+                    self._stale[base][block] = False
+        return len(todo)
+
+    def digest(self, workers: int = 2) -> int:
+        """The memory digest now (memory must not change meanwhile: a paused guest)."""
+        while self.refresh(workers):
+            pass  # a block invalidated during a refresh is hashed by the next one
+        with self._lock:
+            return combine_block_hashes((r.guest_base, r.size, self._hashes[r.guest_base].copy())
+                                        for r in self.memory.regions)
+
+
 class MemorySink:
     """Writes decoded page runs into guest memory (the stream decoder has range-checked them),
     and keeps `touched`: the pages it wrote data to (for the digest, without a page-table read)."""
@@ -164,15 +247,27 @@ class MemorySink:
         self.memory = memory
         self.pages = 0
         self.touched: Touched = {r.guest_base: DirtyBitmap(r.npages) for r in memory.regions}
+        self._recent: Touched = {r.guest_base: DirtyBitmap(r.npages) for r in memory.regions}
+        self._lock = threading.Lock()  # `take_recent` runs on another thread than `apply`
+
+    def take_recent(self) -> list[tuple[MemoryRegion, DirtyBitmap]]:
+        """The pages written (data or zeros) since the last call."""
+        with self._lock:
+            recent = self._recent
+            self._recent = {r.guest_base: DirtyBitmap(r.npages) for r in self.memory.regions}
+        return [(r, recent[r.guest_base]) for r in self.memory.regions]
 
     def apply(self, runs: Iterable[PageRun]) -> None:
         for run in runs:  # per run: a section carries at most a few thousand
             length = run.count * PAGE_SIZE
+            region, offset = self.memory.find(run.address, length)
             if run.data is None:
                 self.memory.zero_pages(run.address, length)
             else:
-                region, offset = self.memory.find(run.address, length)
                 region.prefault(offset, length)
                 region.view[offset: offset + length] = run.data
-                self.touched[region.guest_base].set_range(offset // PAGE_SIZE, run.count)
+            with self._lock:
+                if run.data is not None:
+                    self.touched[region.guest_base].set_range(offset // PAGE_SIZE, run.count)
+                self._recent[region.guest_base].set_range(offset // PAGE_SIZE, run.count)
             self.pages += run.count
