@@ -64,8 +64,6 @@ from .layout import (
 )
 from .pages import (
     DIGEST_BLOCK,
-    combine_block_hashes,
-    zero_block_hash,
     PageDecoder,
     PageEncoder,
     PageEncoding,
@@ -74,8 +72,10 @@ from .pages import (
     PageSection,
     PageTotals,
     ZeroRanges,
+    combine_block_hashes,
     memory_digest,
     page_runs,
+    zero_block_hash,
 )
 from .schema import MsgpackLimits, SchemaRegistry
 from .stream import (

@@ -376,8 +376,6 @@ def zero_block_hash(size: int = DIGEST_BLOCK) -> int:
     return xxhash.xxh3_64_intdigest(bytes(size))
 
 
-_zero_block_hash = zero_block_hash
-
 
 def combine_block_hashes(ranges: Iterable[tuple[int, int, np.ndarray]]) -> int:
     """The memory digest from each RAM range's (address, length, block hashes): what
@@ -394,7 +392,7 @@ def _block_hashes(mv: memoryview, zero: np.ndarray | None) -> np.ndarray:
     out = np.empty(n, dtype="<u8")
     for i in range(n):  # per 2 MiB block, not per page: 512 blocks a GiB
         block = mv[i * DIGEST_BLOCK:(i + 1) * DIGEST_BLOCK]
-        out[i] = (_zero_block_hash(len(block)) if zero is not None and zero[i]
+        out[i] = (zero_block_hash(len(block)) if zero is not None and zero[i]
                   else xxhash.xxh3_64_intdigest(block))
     return out
 

@@ -50,18 +50,18 @@ _stdout_lock = threading.Lock()
 
 
 class LineConsole:
-    """Guest console bytes -> stdout (or a file) a whole line at a time, and each line -> an
-    optional callback.
+    """Guest console bytes -> `out` (stdout by default) a whole line at a time, each after
+    `prefix`, and each line -> an optional callback.
 
     Whole lines, under one lock: a machine has several consoles (COM1, virtio-console) written
     from different threads, and their lines must not cut into each other."""
 
-    out = None  # a binary file for every console's output instead of stdout (hv run --console)
-
-    def __init__(self, on_line=None, echo: bool = True) -> None:
+    def __init__(self, on_line=None, echo: bool = True, *, prefix: str = "", out=None) -> None:
         self._buf = bytearray()
         self._on_line = on_line
         self._echo = echo
+        self._prefix = prefix.encode()
+        self._out = out
 
     def __call__(self, data: bytes) -> None:
         self._buf.extend(data)
@@ -71,8 +71,8 @@ class LineConsole:
             if self._echo:
                 try:
                     with _stdout_lock:
-                        out = LineConsole.out or sys.stdout.buffer
-                        out.write(raw)
+                        out = self._out or sys.stdout.buffer
+                        out.write(self._prefix + raw)
                         out.flush()
                 except BrokenPipeError:
                     self._echo = False  # the reader went away; keep the guest running
@@ -106,8 +106,7 @@ def _virtio(args: argparse.Namespace, console) -> VirtioConfig | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     done = threading.Event()
-    if args.console:
-        LineConsole.out = open(args.console, "ab")  # noqa: SIM115 - open for the process's life
+    out = open(args.console, "ab") if args.console else None  # noqa: SIM115 - for the process's life
     config = VmConfig(mem_size=args.mem, vcpus=args.cpus)
     with Kvm() as kvm:
         if args.kernel:
@@ -115,8 +114,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             if not image.is_file():
                 status.print(f"[red]hv[/]: no kernel at {image}")
                 return 2
-            console, params = LineConsole(), None
-            virtio = _virtio(args, LineConsole())
+            console, params = LineConsole(out=out), None
+            virtio = _virtio(args, LineConsole(out=out))
             if multiboot.is_multiboot(image.read_bytes()[:multiboot.HEADER_SEARCH]):
                 if args.initrd:
                     raise ConfigError("--initrd", args.initrd, "is for Linux kernels; this one is Multiboot")
@@ -138,8 +137,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                               (builtin_guest.Done, builtin_guest.GuestError, builtin_guest.Fault)):
                     done.set()
 
-            console = LineConsole(on_line)
-            machine = builtin_machine(kvm, params, config, console, virtio=_virtio(args, LineConsole()))
+            console = LineConsole(on_line, out=out)
+            machine = builtin_machine(kvm, params, config, console, virtio=_virtio(args, LineConsole(out=out)))
             image = builtin_guest.guest_image()
         status.print(f"[bold]hv[/]: booting {image.name} ({args.mem >> 20} MiB, {args.cpus} vCPU)")
         return run_machine(machine, done=done, api=args.api, timeout=args.timeout,

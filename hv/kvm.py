@@ -9,7 +9,6 @@ created it returns, and closed by `close()` or the context manager.
 from __future__ import annotations
 
 import errno
-
 import os
 from typing import Any
 

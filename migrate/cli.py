@@ -242,20 +242,6 @@ def cmd_send(args: argparse.Namespace) -> int:
 # --- demo -------------------------------------------------------------------------------------------
 
 
-class _Prefixed:
-    """Complete console lines to stdout, each with a prefix saying which VM printed it."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix, self._buf = prefix, bytearray()
-
-    def __call__(self, data: bytes) -> None:
-        self._buf.extend(data)
-        while (nl := self._buf.find(b"\n")) >= 0:
-            sys.stdout.write(self.prefix + self._buf[:nl].decode(errors="replace") + "\n")
-            del self._buf[: nl + 1]
-        sys.stdout.flush()
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -273,13 +259,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="kvmigrate-demo-"))
     target_api, port = tmp / "target.sock", _free_port()
     params = builtin_guest.GuestParams(ws_mib=args.ws, rate_mib_s=args.rate, every=args.every)
-    source_console = builtin_guest.GuestConsole(echo=None if args.json else _Prefixed("source | "))
+    source_console = builtin_guest.GuestConsole(echo=None if args.json else LineConsole(prefix="source | "))
     status.print(f"[bold]demo[/]: booting the built-in guest ({args.mem >> 20} MiB RAM, {args.ws} MiB working "
                  f"set dirtied at {args.rate or 'full'} MiB/s) in this process")
     target = subprocess.Popen([sys.executable, "-m", "migrate.cli", "recv", "--listen", f"127.0.0.1:{port}",
                                "--api", str(target_api), "--accept-timeout", "60"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    target_console = builtin_guest.GuestConsole(echo=None if args.json else _Prefixed("target | "))
+    target_console = builtin_guest.GuestConsole(echo=None if args.json else LineConsole(prefix="target | "))
     reader = threading.Thread(target=lambda: [target_console(line.encode()) for line in target.stdout],
                               daemon=True)
     reader.start()

@@ -349,7 +349,7 @@ class _Sender:
         self._touched = pages.touched_pages(vm.memory)  # kept up to date from each dirty log
         self._hashes = pages.BlockHashes(vm.memory, self._touched)
         self._rehash()
-        self._round(0, pages.populated_runs(vm.memory), 0.0)
+        self._round(0, pages.populated_runs(vm.memory, self._touched), 0.0)
         while True:
             if self.cancel.is_set():
                 raise Cancelled("cancelled by the user")

@@ -57,9 +57,11 @@ def bitmap_runs(region: MemoryRegion, bitmap: DirtyBitmap, chunk: int = CHUNK_BY
     return out
 
 
-def populated_runs(memory: GuestMemory) -> list[MemoryRun]:
-    """Every page the guest (or the VMM) ever touched; the rest is zero and needs no sending."""
-    return [run for region in memory.regions for run in bitmap_runs(region, region.populated_pages())]
+def populated_runs(memory: GuestMemory, touched: Touched | None = None) -> list[MemoryRun]:
+    """Every page the guest (or the VMM) ever touched; the rest is zero and needs no sending.
+    `touched` if the caller already read it (`touched_pages`), so the page tables are read once."""
+    touched = touched or touched_pages(memory)
+    return [run for region in memory.regions for run in bitmap_runs(region, touched[region.guest_base])]
 
 
 def dirty_runs(dirty: Iterable[tuple[MemoryRegion, DirtyBitmap]]) -> tuple[list[MemoryRun], int]:
@@ -113,6 +115,15 @@ class PageEncoderPool:
 Touched = dict[int, DirtyBitmap]  # region guest base -> pages that may be non-zero
 
 
+def blocks_with_pages(region: MemoryRegion, pages: DirtyBitmap) -> np.ndarray:
+    """One bool per digest block of `region`: does it hold any page set in `pages`."""
+    bits = np.unpackbits(pages.words.view(np.uint8), bitorder="little")[: region.npages]
+    per_block = DIGEST_BLOCK // PAGE_SIZE
+    padded = np.zeros(-(-region.npages // per_block) * per_block, dtype=bool)
+    padded[: region.npages] = bits.astype(bool)
+    return padded.reshape(-1, per_block).any(axis=1)
+
+
 def _known_zero_blocks(memory: GuestMemory, touched: Touched | None = None,
                        zero: ZeroRanges | None = None):
     """For memory_digest: blocks of anonymous RAM with no touched page are zero, and not read.
@@ -126,11 +137,7 @@ def _known_zero_blocks(memory: GuestMemory, touched: Touched | None = None,
             return np.zeros(-(-length // DIGEST_BLOCK), dtype=bool)
         if region.guest_base not in cache:
             pages = touched[region.guest_base] if touched else region.populated_pages()
-            bits = np.unpackbits(pages.words.view(np.uint8), bitorder="little")[: region.npages]
-            per_block = DIGEST_BLOCK // PAGE_SIZE
-            padded = np.zeros(-(-region.npages // per_block) * per_block, dtype=bool)
-            padded[: region.npages] = bits.astype(bool)
-            cache[region.guest_base] = ~padded.reshape(-1, per_block).any(axis=1)
+            cache[region.guest_base] = ~blocks_with_pages(region, pages)
         first = offset // DIGEST_BLOCK
         known = cache[region.guest_base][first: first + -(-length // DIGEST_BLOCK)]
         return known | zero(address, length) if zero is not None else known
@@ -183,24 +190,15 @@ class BlockHashes:
             if region.size % DIGEST_BLOCK:
                 hashes[-1] = zero_block_hash(region.size % DIGEST_BLOCK)
             self._hashes[region.guest_base] = hashes
-            self._stale[region.guest_base] = (self._blocks_of(region, touched[region.guest_base])
+            self._stale[region.guest_base] = (blocks_with_pages(region, touched[region.guest_base])
                                               if region.anonymous else np.ones(n, dtype=bool))
             self._generation[region.guest_base] = np.zeros(n, dtype=np.uint64)
-
-    @staticmethod
-    def _blocks_of(region: MemoryRegion, pages: DirtyBitmap) -> np.ndarray:
-        """One bool per block: does it hold any page set in `pages`."""
-        bits = np.unpackbits(pages.words.view(np.uint8), bitorder="little")[: region.npages]
-        per_block = DIGEST_BLOCK // PAGE_SIZE
-        padded = np.zeros(-(-region.npages // per_block) * per_block, dtype=bool)
-        padded[: region.npages] = bits.astype(bool)
-        return padded.reshape(-1, per_block).any(axis=1)
 
     def invalidate(self, changed: Iterable[tuple[MemoryRegion, DirtyBitmap]]) -> None:
         """Pages in `changed` may differ from what their blocks were hashed over."""
         with self._lock:
             for region, pages in changed:
-                blocks = self._blocks_of(region, pages)
+                blocks = blocks_with_pages(region, pages)
                 self._stale[region.guest_base] |= blocks
                 self._generation[region.guest_base][blocks] += np.uint64(1)
 
