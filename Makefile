@@ -4,27 +4,36 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean host-tools
 
-$(STAMP): pyproject.toml setup.py hv/_kvm_build.py
-	@command -v gcc >/dev/null || (apt-get update -qq && apt-get install -y -qq gcc make)
-	@# the peer the tests and benchmarks compare against (boots the same built-in guest)
-	@command -v qemu-system-x86_64 >/dev/null || (apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86)
+# Debian packages the build, the tests and the benchmarks need, by the command each provides:
+# gcc builds the cffi binding and the built-in guest, QEMU is the peer the tests and benchmarks
+# compare against (it boots the same guest), iasl (acpica-tools) checks our ACPI tables.
+HOST_TOOLS := gcc:gcc make:make qemu-system-x86_64:qemu-system-x86 iasl:acpica-tools
+
+# checked on every run (cheap), so a checkout whose venv predates a new tool still gets it
+host-tools:
+	@missing=$$(for t in $(HOST_TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): pyproject.toml setup.py hv/_kvm_build.py | host-tools
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
 	@touch $@
 
-install: $(STAMP)
+install: host-tools $(STAMP)
 
-demo: $(STAMP)
+demo: host-tools $(STAMP)
 	$(VENV)/bin/migrate demo
 
-test: $(STAMP)
+test: host-tools $(STAMP)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: host-tools $(STAMP)
 	$(PY) tools/bench/bench_hv.py
 
 clean:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hv.xsave import XsaveLayout
+
 # --- general purpose and system registers ------------------------------------------------------
 
 
@@ -280,3 +282,42 @@ class VmState:
     irqchip: IrqchipState | None
     pit: PitState | None
     clock: ClockState
+
+
+# --- comparing states by meaning ---------------------------------------------------------------
+
+# MSRs whose value moves with time between a save and a later read: the TSC and what counts or
+# fires by it, and kvmclock's registrations (KVM rewrites them as it updates the guest's clock).
+MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, MSR_IA32_MPERF, MSR_IA32_APERF = 0x10, 0x6E0, 0xE7, 0xE8
+MSR_KVM_WALL_CLOCK, MSR_KVM_SYSTEM_TIME = 0x11, 0x12
+MSR_KVM_WALL_CLOCK_NEW, MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D00, 0x4B564D01
+TIME_MSRS = frozenset({MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, MSR_IA32_MPERF, MSR_IA32_APERF,
+                       MSR_KVM_WALL_CLOCK, MSR_KVM_SYSTEM_TIME, MSR_KVM_WALL_CLOCK_NEW,
+                       MSR_KVM_SYSTEM_TIME_NEW})
+LAPIC_TIMER_CURRENT_COUNT = 0x390  # counts down while the timer runs
+
+
+def lapic_architectural(lapic: bytes) -> dict[int, int]:
+    """The LAPIC's registers by offset, without the timer's current count (time moves it)."""
+    return {off: value for off, value in zip(range(0, len(lapic), 16), lapic_registers(lapic))
+            if off != LAPIC_TIMER_CURRENT_COUNT}
+
+
+def vcpu_state_differences(a: VcpuState, b: VcpuState) -> list[str]:
+    """Where two vCPU states differ in what the guest can observe, apart from the passing of time
+    (the TSC and what follows it), by part name: `xsave.<component>`, `msr.<index>`, `lapic.<offset>`.
+
+    Byte equality is the wrong test: KVM may report an XSAVE component in its init state as
+    "init" on save and "in use" after restore (seen: PKRU on Intel), the LAPIC page has reserved
+    gaps, and which MSRs and XSAVE components exist differs from CPU to CPU.
+    """
+    out = [part for part in ("vcpu_id", "cpuid", "mp_state", "regs", "sregs", "fpu", "xcrs",
+                             "debug_regs", "events", "tsc_khz") if getattr(a, part) != getattr(b, part)]
+    if a.xsave or b.xsave:
+        out += [f"xsave.{name}" for name in XsaveLayout.from_cpuid(a.cpuid).differences(a.xsave, b.xsave)]
+    la, lb = lapic_architectural(a.lapic), lapic_architectural(b.lapic)
+    out += [f"lapic.{off:#x}" for off in sorted(la.keys() | lb.keys()) if la.get(off) != lb.get(off)]
+    ma = {m.index: m.data for m in a.msrs if m.index not in TIME_MSRS}
+    mb = {m.index: m.data for m in b.msrs if m.index not in TIME_MSRS}
+    out += [f"msr.{i:#x}" for i in sorted(ma.keys() | mb.keys()) if ma.get(i) != mb.get(i)]
+    return out

@@ -46,8 +46,6 @@ from hv.state import (
 if TYPE_CHECKING:
     from hv.vm import Vm
 
-MSR_IA32_TSC = 0x10
-
 # (part, why it is at this position). Restore walks this list top to bottom.
 RESTORE_ORDER: tuple[tuple[str, str], ...] = (
     ("cpuid", "first: KVM checks CR4, XSAVE features and MSRs against the guest CPUID"),

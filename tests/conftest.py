@@ -8,6 +8,8 @@ import pytest
 # test helper modules (tiny guests, etc.) import as top-level names
 sys.path.insert(0, str(Path(__file__).parent / "hv"))
 
+from hostfeatures import host_feature_missing  # noqa: E402
+
 from hv.hypervisor import Kvm  # noqa: E402
 
 
@@ -17,6 +19,16 @@ def pytest_collection_modifyitems(config, items):
     if not os.path.exists("/dev/kvm"):
         for item in items:
             item.add_marker(pytest.mark.xfail(reason="/dev/kvm missing", strict=True))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # before the report is made, so the note is part of the failure pytest prints
+    if call.excinfo is not None:
+        feature = host_feature_missing(call.excinfo.value)
+        if feature:
+            call.excinfo.value.add_note(f"HOST FEATURE: {feature}; not a fault of the code under test")
+    yield
 
 
 @pytest.fixture(scope="session")
