@@ -222,6 +222,12 @@ def apply(machine: Machine, state: MachineState) -> None:
         machine.devices[entry.device_id].restore(saved)
 
 
+# CPUID bits KVM sets in a vCPU's CPUID itself, whatever the host's supported list says: leaf 1
+# ECX bit 31 (hypervisor), bit 27 (OSXSAVE) and leaf 7 ECX bit 4 (OSPKE) mirror the guest's CR4;
+# leaf 1 EDX bit 9 (APIC) follows the in-kernel LAPIC.
+_KVM_SET_BITS = {(0x1, "ecx"): (1 << 31) | (1 << 27), (0x1, "edx"): 1 << 9, (0x7, "ecx"): 1 << 4}
+
+
 def cpuid_problems(saved: tuple[hv_state.CpuidEntry, ...],
                    supported: tuple[hv_state.CpuidEntry, ...]) -> list[str]:
     """Feature bits the guest was given that this host's KVM cannot give (every one listed).
@@ -239,11 +245,7 @@ def cpuid_problems(saved: tuple[hv_state.CpuidEntry, ...],
         host = have.get((e.function, e.index))
         for reg in regs:
             missing = getattr(e, reg) & ~(getattr(host, reg) if host else 0)
-            # leaf 1 ECX bit 31 (hypervisor) and bit 27 (OSXSAVE, mirrors CR4) are set by KVM itself
-            if (e.function, reg) == (0x1, "ecx"):
-                missing &= ~((1 << 31) | (1 << 27))
-            if (e.function, reg) == (0x1, "edx"):
-                missing &= ~(1 << 9)  # APIC: follows the in-kernel LAPIC, not the host list
+            missing &= ~_KVM_SET_BITS.get((e.function, reg), 0)
             if missing:
                 problems.append(f"CPUID leaf {e.function:#x}.{e.index} {reg}: the guest uses "
                                 f"{missing:#x} which this host cannot offer")

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import lzma
 import struct
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -107,6 +110,10 @@ def vmlinux(tmp_path_factory) -> Path:
     return path
 
 
+# A boot reaches memory init in ~30 s of emulated ring 0 on a quiet 2-core host, ~45 s with the
+# three boots of this module side by side; the bound only ends a boot that has gone wrong, and is
+# wide because a loaded host is several times slower.
+BOOT_TIMEOUT = 480
 CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 kvmigrate.test=1"
 E820_LINES = [
     "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable",
@@ -115,11 +122,41 @@ E820_LINES = [
 ]
 
 
-def _boot_debian(kvm: Kvm, vmlinux: Path, prefer_pvh: bool, initrd: Path | None = None):
+@dataclass(frozen=True)
+class DebianBoot:
+    """What one boot of Debian's kernel showed: 2 vCPUs, virtio devices, our ACPI/MP tables."""
+
+    protocol: str
+    text: str
+    acpi_lines: list[str]  # the table lines the kernel should print, read back from guest RAM
+    state: RunState
+    error: BaseException | None
+    initrd_range: tuple[int, int] | None
+    seconds: float
+
+
+def _boot_debian(kvm: Kvm, vmlinux: Path, prefer_pvh: bool, initrd: Path | None, to_the_end: bool) -> DebianBoot:
+    """Boot once and keep what it showed, so every test of that protocol reads the same boot (each
+    boot is ~30 s of emulated ring 0 here): to the emulator's stop, or until memory init."""
     out = bytearray()
-    machine, booted = linux_machine(kvm, vmlinux, CMDLINE, initrd, config=VmConfig(mem_size=512 * MiB),
-                                    console=out.extend, prefer_pvh=prefer_pvh)
-    return machine, booted, out
+    machine, booted = linux_machine(kvm, vmlinux, CMDLINE, initrd, config=VmConfig(mem_size=512 * MiB, vcpus=2),
+                                    console=out.extend, prefer_pvh=prefer_pvh,
+                                    virtio=VirtioConfig(console_out=lambda b: None, rng=True))
+    try:
+        t0 = time.monotonic()
+        machine.start()
+        if to_the_end:
+            state = machine.wait(timeout=BOOT_TIMEOUT)
+        else:
+            wait_for(lambda: b"Memory:" in out or machine.state is not RunState.RUNNING, timeout=BOOT_TIMEOUT,
+                     what="memory init on the early console")
+            state = machine.state
+        return DebianBoot(booted.protocol, out.decode(errors="replace"),
+                          _acpi_table_lines(machine.vm.memory, acpi.ACPI_TABLES_START), state, machine.error,
+                          booted.initrd_range if initrd else None, time.monotonic() - t0)
+    finally:
+        machine.stop()
+        machine.vm.close()
 
 
 def _read_cpio(data: bytes) -> dict[str, bytes]:
@@ -144,6 +181,42 @@ def initrd(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def cli_boot(initrd: Path, tmp_path_factory):
+    """`hv run` on the bzImage, started first and left running beside the in-process boots: each
+    boot keeps one core busy emulating ring 0, so on two cores they take the time of about two."""
+    out_dir = tmp_path_factory.mktemp("cli-boot")
+    with open(out_dir / "stdout", "w+") as stdout, open(out_dir / "stderr", "w+") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hv.cli", "run", "--kernel", str(debian_kernel()), "--initrd", str(initrd),
+             "--mem", "512M", "--cpus", "2", "--cmdline", CMDLINE, "--timeout", str(BOOT_TIMEOUT)],
+            stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, text=True)
+        try:
+            yield proc, stdout, stderr
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def debian_boots(kvm: Kvm, vmlinux: Path, initrd: Path, cli_boot) -> dict[str, DebianBoot]:
+    """One boot per protocol, both at once (and beside `cli_boot`)."""
+    with ThreadPoolExecutor(2) as pool:
+        pvh = pool.submit(_boot_debian, kvm, vmlinux, prefer_pvh=True, initrd=initrd, to_the_end=True)
+        b64 = pool.submit(_boot_debian, kvm, vmlinux, prefer_pvh=False, initrd=None, to_the_end=False)
+        return {"pvh": pvh.result(), "64-bit": b64.result()}
+
+
+@pytest.fixture
+def pvh_boot(debian_boots: dict[str, DebianBoot]) -> DebianBoot:
+    return debian_boots["pvh"]
+
+
+@pytest.fixture
+def boot_64bit(debian_boots: dict[str, DebianBoot]) -> DebianBoot:
+    return debian_boots["64-bit"]
+
+
 def test_initramfs_carries_busybox_and_virtio_modules_in_dependency_order(initrd: Path) -> None:
     import gzip
 
@@ -158,47 +231,32 @@ def test_initramfs_carries_busybox_and_virtio_modules_in_dependency_order(initrd
             assert dep in order[:position], f"{name} needs {dep} first"
 
 
-def test_debian_kernel_by_the_64bit_protocol_reads_our_zero_page(kvm: Kvm, vmlinux: Path) -> None:
-    machine, booted, out = _boot_debian(kvm, vmlinux, prefer_pvh=False)
-    try:
-        assert booted.protocol == "64-bit"
-        machine.start()
-        wait_for(lambda: E820_LINES[-1].encode() in out or machine.state is not RunState.RUNNING,
-                 timeout=120, what="the e820 map on the early console")
-        text = out.decode(errors="replace")
-        assert f"Command line: {CMDLINE}" in text
-        for line in E820_LINES:
-            assert line in text
-    finally:
-        machine.stop()
-        machine.vm.close()
+@pytest.mark.slow
+def test_debian_kernel_by_the_64bit_protocol_reads_our_zero_page(boot_64bit: DebianBoot) -> None:
+    assert boot_64bit.protocol == "64-bit"
+    assert f"Command line: {CMDLINE}" in boot_64bit.text
+    for line in E820_LINES:
+        assert line in boot_64bit.text
 
 
 @pytest.mark.slow
-def test_debian_kernel_by_pvh_boots_to_the_emulator_limit(kvm: Kvm, vmlinux: Path, initrd: Path) -> None:
-    machine, booted, out = _boot_debian(kvm, vmlinux, prefer_pvh=True, initrd=initrd)
-    try:
-        assert booted.protocol == "pvh"
-        t0 = time.monotonic()
-        machine.start()
-        state = machine.wait(timeout=300)
-        text = out.decode(errors="replace")
-        assert f"Command line: {CMDLINE}" in text
-        for line in E820_LINES:
-            assert line in text
-        base, size = booted.initrd_range
-        end = base + (size + 0xFFF & ~0xFFF) - 1  # setup.c prints the page-aligned end
-        assert f"RAMDISK: [mem {base:#010x}-{end:#010x}]" in text  # found our initrd
-        assert "Memory:" in text  # got through memory init
-        # This host emulates guest ring 0 and cannot run `lock cmpxchg16b`: the typed stop.
-        # On a host with hardware virtualization the kernel goes on, and this assertion shows it.
-        assert state is RunState.ERROR, f"the kernel kept running for {time.monotonic() - t0:.0f} s"
-        assert isinstance(machine.error, GuestFatalExit)
-        assert isinstance(machine.error.exit, InternalError)
-        assert machine.error.exit.instruction_bytes.startswith(bytes.fromhex("f0480fc7"))
-    finally:
-        machine.stop()
-        machine.vm.close()
+def test_debian_kernel_by_pvh_boots_to_the_emulator_limit(pvh_boot: DebianBoot) -> None:
+    assert pvh_boot.protocol == "pvh"
+    text = pvh_boot.text
+    assert f"Command line: {CMDLINE}" in text
+    for line in E820_LINES:
+        assert line in text
+    assert pvh_boot.initrd_range is not None
+    base, size = pvh_boot.initrd_range
+    end = base + (size + 0xFFF & ~0xFFF) - 1  # setup.c prints the page-aligned end
+    assert f"RAMDISK: [mem {base:#010x}-{end:#010x}]" in text  # found our initrd
+    assert "Memory:" in text  # got through memory init
+    # This host emulates guest ring 0 and cannot run `lock cmpxchg16b`: the typed stop.
+    # On a host with hardware virtualization the kernel goes on, and this assertion shows it.
+    assert pvh_boot.state is RunState.ERROR, f"the kernel kept running for {pvh_boot.seconds:.0f} s"
+    assert isinstance(pvh_boot.error, GuestFatalExit)
+    assert isinstance(pvh_boot.error.exit, InternalError)
+    assert pvh_boot.error.exit.instruction_bytes.startswith(bytes.fromhex("f0480fc7"))
 
 
 def _acpi_table_lines(mem: GuestMemory, rsdp: int) -> list[str]:
@@ -241,49 +299,35 @@ def test_linux_machine_points_the_kernel_at_its_acpi_tables(kvm: Kvm, write_imag
 
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["pvh", "64-bit"])
-def test_debian_kernel_reads_our_acpi_tables_and_allows_two_cpus(kvm: Kvm, vmlinux: Path, protocol: str) -> None:
+def test_debian_kernel_reads_our_acpi_tables_and_allows_two_cpus(request, protocol: str) -> None:
     """Debian's kernel, 2 vCPUs and two virtio devices: setup_arch prints our table list (given as
     start_info.rsdp_paddr or boot_params.acpi_rsdp_addr), parses the MADT and sizes the
     possible-CPU map from it."""
-    out = bytearray()
-    machine, booted = linux_machine(kvm, vmlinux, CMDLINE, config=VmConfig(mem_size=512 * MiB, vcpus=2),
-                                    console=out.extend, prefer_pvh=protocol == "pvh",
-                                    virtio=VirtioConfig(console_out=lambda b: None, rng=True))
-    try:
-        assert booted.protocol == protocol
-        machine.start()
-        wait_for(lambda: b"Memory:" in out or machine.state is not RunState.RUNNING, timeout=150,
-                 what="memory init on the early console")
-        text = out.decode(errors="replace")
-        print("\n".join(line for line in text.splitlines()
-                        if any(k in line for k in ("ACPI", "APIC", "smpboot", "CPU", "MP", "IRQ"))))
-        for line in _acpi_table_lines(machine.vm.memory, acpi.ACPI_TABLES_START):
-            assert text.count(line) == 1, line
-        assert "found SMP MP-table at [mem 0x000f0000-0x000f000f]" in text  # our floating pointer
-        assert "ACPI: LAPIC_NMI (acpi_id[0xff] dfl dfl lint[0x1])" in text
-        assert "ACPI: Using ACPI (MADT) for SMP configuration information" in text
-        assert "IOAPIC[0]: apic_id 2, version 17, address 0xfec00000, GSI 0-23" in text
-        assert "smpboot: Allowing 2 CPUs, 0 hotplug CPUs" in text
-    finally:
-        machine.stop()
-        machine.vm.close()
+    boot: DebianBoot = request.getfixturevalue("pvh_boot" if protocol == "pvh" else "boot_64bit")
+    assert boot.protocol == protocol
+    text = boot.text
+    for line in boot.acpi_lines:
+        assert text.count(line) == 1, line
+    assert "found SMP MP-table at [mem 0x000f0000-0x000f000f]" in text  # our floating pointer
+    assert "ACPI: LAPIC_NMI (acpi_id[0xff] dfl dfl lint[0x1])" in text
+    assert "ACPI: Using ACPI (MADT) for SMP configuration information" in text
+    assert "IOAPIC[0]: apic_id 2, version 17, address 0xfec00000, GSI 0-23" in text
+    assert "smpboot: Allowing 2 CPUs, 0 hotplug CPUs" in text
 
 
 @pytest.mark.slow
-def test_hv_run_boots_debians_bzimage_with_initrd_and_two_cpus_to_a_clear_end(initrd: Path) -> None:
+def test_hv_run_boots_debians_bzimage_with_initrd_and_two_cpus_to_a_clear_end(cli_boot) -> None:
     """The command line path end to end: bzImage extracted, initrd placed, ACPI/MP tables for
     2 vCPUs; on this host the kernel then stops at the emulator's limit, reported as a typed
     error with the instruction bytes and exit status 1, not a hang or a traceback."""
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "hv.cli", "run", "--kernel", str(debian_kernel()), "--initrd", str(initrd),
-         "--mem", "512M", "--cpus", "2", "--cmdline", CMDLINE, "--timeout", "240"],
-        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-    assert f"Command line: {CMDLINE}" in proc.stdout
-    assert "smpboot: Allowing 2 CPUs" in proc.stdout
-    assert "RAMDISK: [mem" in proc.stdout
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "the VM failed" in proc.stderr and "emulation failure" in proc.stderr.lower()
-    assert "f0 48 0f c7" in proc.stderr.replace("\n", " ")  # lock cmpxchg16b
+    proc, stdout_file, stderr_file = cli_boot
+    returncode = proc.wait(timeout=BOOT_TIMEOUT + 60)
+    stdout_file.seek(0)
+    stderr_file.seek(0)
+    stdout, stderr = stdout_file.read(), stderr_file.read()
+    assert f"Command line: {CMDLINE}" in stdout
+    assert "smpboot: Allowing 2 CPUs" in stdout
+    assert "RAMDISK: [mem" in stdout
+    assert returncode == 1, stderr[-2000:]
+    assert "the VM failed" in stderr and "emulation failure" in stderr.lower()
+    assert "f0 48 0f c7" in stderr.replace("\n", " ")  # lock cmpxchg16b
