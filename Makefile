@@ -8,18 +8,20 @@ STAMP  := $(VENV)/.installed
 
 # Debian packages the build, the tests and the benchmarks need, by the command each provides:
 # gcc builds the cffi binding and the built-in guest, QEMU is the peer the tests and benchmarks
-# compare against (it boots the same guest), iasl (acpica-tools) checks our ACPI tables.
-HOST_TOOLS := gcc:gcc make:make qemu-system-x86_64:qemu-system-x86 iasl:acpica-tools
+# compare against (it boots the same guest), iasl (acpica-tools) checks our ACPI tables, and the
+# migration data path is built against the system's zstd and xxhash (by header file).
+HOST_TOOLS := gcc:gcc make:make qemu-system-x86_64:qemu-system-x86 iasl:acpica-tools \
+              /usr/include/zstd.h:libzstd-dev /usr/include/xxhash.h:libxxhash-dev
 
 # checked on every run (cheap), so a checkout whose venv predates a new tool still gets it
 host-tools:
-	@missing=$$(for t in $(HOST_TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done); \
+	@missing=$$(for t in $(HOST_TOOLS); do [ -e $${t%%:*} ] || command -v $${t%%:*} >/dev/null || echo $${t#*:}; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(STAMP): pyproject.toml setup.py hv/_kvm_build.py | host-tools
+$(STAMP): pyproject.toml setup.py hv/_kvm_build.py migrate/datapath/_build.py migrate/datapath/pages.c | host-tools
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
@@ -37,4 +39,4 @@ bench: host-tools $(STAMP)
 	$(PY) tools/bench/bench_hv.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info hv/_kvm*.so tools/guests/build
+	rm -rf $(VENV) build *.egg-info hv/_kvm*.so migrate/datapath/_datapath*.so tools/guests/build

@@ -2,4 +2,5 @@
 # against the machine's <linux/kvm.h> (cffi API mode), so struct layouts come from the header.
 from setuptools import setup
 
-setup(cffi_modules=["hv/_kvm_build.py:ffibuilder"])
+# The migration data path (migrate/datapath) is a second cffi module, linked with libzstd.
+setup(cffi_modules=["hv/_kvm_build.py:ffibuilder", "migrate/datapath/_build.py:ffibuilder"])

@@ -148,7 +148,10 @@ class PageEncoder:
     def __init__(self, level: int = 1, section_bytes: int = 4 << 20,
                  min_zero_pages: int = 4, max_runs: int = 4096,
                  limits: PageLimits | None = None, stable: bool = False,
-                 zero_ranges: ZeroRanges | None = None) -> None:
+                 zero_ranges: ZeroRanges | None = None,
+                 compress: Callable[[bytes | memoryview], bytes] | None = None) -> None:
+        """`compress(frame)` makes one zstd frame with its content size (default: python-zstandard
+        at `level`); `level` 0 sends every data frame RAW."""
         self.limits = limits or PageLimits()
         if not PAGE_SIZE <= section_bytes <= min(self.limits.max_run_bytes,
                                                  self.limits.max_section_raw):
@@ -161,7 +164,9 @@ class PageEncoder:
         self.section_pages = section_bytes >> PAGE_SHIFT
         self.min_zero_pages = min_zero_pages
         self.max_runs = min(max_runs, self.limits.max_runs)
-        self._cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        if compress is None and level > 0:
+            compress = zstandard.ZstdCompressor(level=level, write_content_size=True).compress
+        self._compress = compress
         # the zero runs found, for a digest that need not read them again (may be shared)
         self.zero_ranges = zero_ranges if zero_ranges is not None else ZeroRanges()
 
@@ -192,7 +197,7 @@ class PageEncoder:
             payloads.clear()
             raw_pages = pages_total = zero_pages = payload_bytes = 0
 
-        compress = self._cctx.compress
+        compress = self._compress
         step = self.section_pages
         for start, end, nonzero in zip(starts.tolist(), ends.tolist(), kinds.tolist()):
             if not nonzero:
@@ -212,7 +217,7 @@ class PageEncoder:
                 raw = mv[a << PAGE_SHIFT:b << PAGE_SHIFT]
                 if not self.stable:
                     raw = bytes(raw)
-                packed = compress(raw)
+                packed = compress(raw) if compress else raw
                 if len(packed) < len(raw):
                     encoding, payload = PageEncoding.ZSTD, packed
                 else:

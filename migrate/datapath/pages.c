@@ -1,0 +1,284 @@
+/* PAGES section bodies (formats/SPEC.md section 3), encoded in C without the interpreter lock.
+ *
+ * The same algorithm as formats.pages.PageEncoder.encode, step for step, so the bodies are the
+ * same bytes (tests/migrate/test_datapath.py proves it against the Python reference):
+ *   1. one bit per page: any non-zero byte;
+ *   2. runs of equal kind; when there is more than one run, zero runs shorter than
+ *      min_zero_pages become data, and neighbours of equal kind merge;
+ *   3. a zero run is one ZERO descriptor (a new section first if this one has max_runs);
+ *   4. a data run is cut into frames of at most section_pages pages, counted from the run's
+ *      start; a frame that would take the section's data past section_pages, or a section with
+ *      max_runs descriptors, starts a new section; each frame is compressed (zstd, content size
+ *      in the frame header) and sent ZSTD if that is shorter, else RAW; its digest is xxh3-64 of
+ *      the uncompressed bytes.
+ * Memory that may change while it is read (a running guest's, `stable` = 0) is copied once per
+ * frame and the copy is what is hashed, compressed and sent, so the three agree.
+ *
+ * Output: each section as a head (u32 run count, u32 0, the descriptors) in `heads` and its
+ * payloads back to back in `payloads`; its body is head then payloads, `digest` is xxh3-64 of
+ * that body (what the record framing hashes).
+ */
+#include <stdint.h>
+#include <string.h>
+#include <zstd.h>
+#include <zstd_errors.h>
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+#define KVMIG_PAGE_SHIFT 12
+#define KVMIG_PAGE_SIZE 4096u
+#define KVMIG_RUN_SIZE 28u
+#define KVMIG_BODY_HEADER 8u
+
+enum { ENC_ZERO = 1, ENC_RAW = 2, ENC_ZSTD = 3 };
+
+static int page_is_zero(const uint8_t *p)
+{
+    const uint64_t *w = (const uint64_t *)p;
+    uint64_t acc = 0;
+    for (unsigned i = 0; i < KVMIG_PAGE_SIZE / 8; i++)
+        acc |= w[i];
+    return acc == 0;
+}
+
+static void put_u32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static void put_u64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+struct encoder {
+    const kvmig_page_params *prm;
+    ZSTD_CCtx *cctx;
+    uint8_t *heads, *payloads, *scratch;
+    size_t heads_cap, payloads_cap;
+    size_t head_pos, payload_pos;  /* where the open section's head and payloads begin */
+    size_t head_len;               /* bytes of the open section's head so far (header included) */
+    kvmig_page_section *sections;
+    size_t sections_cap, nsections;
+    uint64_t *zero_runs;           /* (address, bytes) pairs of the ZERO runs */
+    size_t zero_cap, nzero;
+    uint32_t runs;                 /* descriptors in the open section */
+    uint64_t raw_pages, pages, zero_pages, payload_bytes;
+};
+
+static int flush(struct encoder *e)
+{
+    if (e->runs == 0)
+        return 0;
+    if (e->nsections == e->sections_cap)
+        return KVMIG_ENOSPACE;
+    uint8_t *head = e->heads + e->head_pos;
+    put_u32(head, e->runs);
+    put_u32(head + 4, 0);
+    XXH3_state_t st;
+    XXH3_64bits_reset(&st);
+    XXH3_64bits_update(&st, head, e->head_len);
+    XXH3_64bits_update(&st, e->payloads + e->payload_pos, e->payload_bytes);
+    kvmig_page_section *s = &e->sections[e->nsections++];
+    s->head_offset = e->head_pos;
+    s->head_length = e->head_len;
+    s->payload_offset = e->payload_pos;
+    s->payload_length = e->payload_bytes;
+    s->digest = XXH3_64bits_digest(&st);
+    s->pages = e->pages;
+    s->zero_pages = e->zero_pages;
+    s->raw_bytes = e->raw_pages << KVMIG_PAGE_SHIFT;
+    s->payload_bytes = e->payload_bytes;
+    e->head_pos += e->head_len;
+    e->payload_pos += e->payload_bytes;
+    e->head_len = KVMIG_BODY_HEADER;
+    e->runs = 0;
+    e->raw_pages = e->pages = e->zero_pages = e->payload_bytes = 0;
+    return 0;
+}
+
+static int open_descriptor(struct encoder *e)
+{
+    if (e->head_pos + e->head_len + KVMIG_RUN_SIZE > e->heads_cap)
+        return KVMIG_ENOSPACE;
+    return 0;
+}
+
+static void descriptor(struct encoder *e, uint64_t address, uint32_t pages, uint8_t encoding,
+                       uint32_t payload_len, uint64_t digest)
+{
+    uint8_t *d = e->heads + e->head_pos + e->head_len;
+    put_u64(d, address);
+    put_u32(d + 8, pages);
+    d[12] = encoding;
+    d[13] = d[14] = d[15] = 0;
+    put_u32(d + 16, payload_len);
+    put_u64(d + 20, digest);
+    e->head_len += KVMIG_RUN_SIZE;
+    e->runs++;
+}
+
+static int zero_run(struct encoder *e, uint64_t first, uint64_t count)
+{
+    int rc;
+    if (e->runs >= e->prm->max_runs && (rc = flush(e)))
+        return rc;
+    if ((rc = open_descriptor(e)))
+        return rc;
+    if (e->nzero == e->zero_cap)
+        return KVMIG_ENOSPACE;
+    uint64_t address = e->prm->address + (first << KVMIG_PAGE_SHIFT);
+    descriptor(e, address, (uint32_t)count, ENC_ZERO, 0, 0);
+    e->zero_runs[2 * e->nzero] = address;
+    e->zero_runs[2 * e->nzero + 1] = count << KVMIG_PAGE_SHIFT;
+    e->nzero++;
+    e->pages += count;
+    e->zero_pages += count;
+    return 0;
+}
+
+static int data_frame(struct encoder *e, const uint8_t *mem, uint64_t a, uint64_t b)
+{
+    int rc;
+    uint64_t n = b - a;
+    if ((e->raw_pages + n > e->prm->section_pages || e->runs >= e->prm->max_runs) && (rc = flush(e)))
+        return rc;
+    if ((rc = open_descriptor(e)))
+        return rc;
+    size_t len = (size_t)n << KVMIG_PAGE_SHIFT;
+    uint8_t *out = e->payloads + e->payload_pos + e->payload_bytes;
+    if ((size_t)(out - e->payloads) + len > e->payloads_cap)
+        return KVMIG_ENOSPACE;
+    const uint8_t *raw = mem + ((size_t)a << KVMIG_PAGE_SHIFT);
+    if (!e->prm->stable) {  /* copy once: what is hashed, compressed and sent is this copy */
+        memcpy(out, raw, len);
+        raw = out;
+    }
+    uint64_t digest = XXH3_64bits(raw, len);
+    size_t packed = 0;
+    if (e->prm->level > 0) {
+        /* room for one byte less than the frame: it is sent compressed only if that is shorter */
+        uint8_t *dst = e->prm->stable ? out : e->scratch;
+        packed = ZSTD_compress2(e->cctx, dst, len - 1, raw, len);
+        if (ZSTD_isError(packed)) {
+            if (ZSTD_getErrorCode(packed) != ZSTD_error_dstSize_tooSmall)
+                return KVMIG_ECOMPRESS;
+            packed = 0;
+        } else if (!e->prm->stable) {
+            memcpy(out, e->scratch, packed);
+        }
+    }
+    if (packed) {
+        descriptor(e, e->prm->address + ((uint64_t)a << KVMIG_PAGE_SHIFT), (uint32_t)n, ENC_ZSTD,
+                   (uint32_t)packed, digest);
+        e->payload_bytes += packed;
+    } else {
+        if (e->prm->stable)
+            memcpy(out, raw, len);
+        descriptor(e, e->prm->address + ((uint64_t)a << KVMIG_PAGE_SHIFT), (uint32_t)n, ENC_RAW,
+                   (uint32_t)len, digest);
+        e->payload_bytes += len;
+    }
+    e->raw_pages += n;
+    e->pages += n;
+    return 0;
+}
+
+static int data_run(struct encoder *e, const uint8_t *mem, uint64_t start, uint64_t end)
+{
+    for (uint64_t a = start; a < end; a += e->prm->section_pages) {
+        uint64_t b = a + e->prm->section_pages < end ? a + e->prm->section_pages : end;
+        int rc = data_frame(e, mem, a, b);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+static int emit(struct encoder *e, const uint8_t *mem, uint64_t start, uint64_t end, int data)
+{
+    return data ? data_run(e, mem, start, end) : zero_run(e, start, end - start);
+}
+
+/* Step 2's folding: a zero run shorter than min_zero_pages counts as data. */
+static int folded(const kvmig_page_params *prm, int data, uint64_t pages)
+{
+    return data || (prm->min_zero_pages > 1 && pages < prm->min_zero_pages);
+}
+
+long kvmig_encode_pages(void *cctx, const uint8_t *mem, const kvmig_page_params *prm,
+                        uint8_t *heads, size_t heads_cap, uint8_t *payloads, size_t payloads_cap,
+                        uint8_t *scratch, kvmig_page_section *sections, size_t sections_cap,
+                        uint64_t *zero_runs, size_t zero_cap, size_t *nzero)
+{
+    struct encoder e = {
+        .prm = prm, .cctx = cctx, .heads = heads, .payloads = payloads, .scratch = scratch,
+        .heads_cap = heads_cap, .payloads_cap = payloads_cap, .head_len = KVMIG_BODY_HEADER,
+        .sections = sections, .sections_cap = sections_cap, .zero_runs = zero_runs,
+        .zero_cap = zero_cap,
+    };
+    *nzero = 0;
+    if (prm->section_pages == 0 || prm->max_runs == 0)
+        return KVMIG_EINVAL;
+    if (prm->level > 0) {
+        size_t r = ZSTD_CCtx_reset(cctx, ZSTD_reset_session_and_parameters);
+        if (!ZSTD_isError(r))
+            r = ZSTD_CCtx_setParameter(cctx, ZSTD_c_compressionLevel, prm->level);
+        if (!ZSTD_isError(r))
+            r = ZSTD_CCtx_setParameter(cctx, ZSTD_c_contentSizeFlag, 1);
+        if (ZSTD_isError(r))
+            return KVMIG_ECOMPRESS;
+    }
+    /* The first raw run is held until a second one shows that folding applies at all (a lone
+     * run keeps its kind); after that, folded runs of equal kind merge into `pending`. */
+    uint64_t first_start = 0, first_end = 0, pstart = 0, pend = 0;
+    int first_data = 0, pdata = 0, seen = 0, held = 0, rc;
+    for (uint64_t i = 0; i < prm->npages;) {
+        int data = !page_is_zero(mem + ((size_t)i << KVMIG_PAGE_SHIFT));
+        uint64_t j = i + 1;
+        while (j < prm->npages && (!page_is_zero(mem + ((size_t)j << KVMIG_PAGE_SHIFT))) == data)
+            j++;
+        if (!seen) {
+            seen = held = 1;
+            first_start = i, first_end = j, first_data = data;
+        } else {
+            if (held) {
+                held = 0;
+                pstart = first_start, pend = first_end;
+                pdata = folded(prm, first_data, first_end - first_start);
+            }
+            int kind = folded(prm, data, j - i);
+            if (kind == pdata) {
+                pend = j;
+            } else {
+                if ((rc = emit(&e, mem, pstart, pend, pdata)))
+                    return rc;
+                pstart = i, pend = j, pdata = kind;
+            }
+        }
+        i = j;
+    }
+    if (held)
+        rc = emit(&e, mem, first_start, first_end, first_data);
+    else
+        rc = seen ? emit(&e, mem, pstart, pend, pdata) : 0;
+    if (rc || (rc = flush(&e)))
+        return rc;
+    *nzero = e.nzero;
+    return (long)e.nsections;
+}
+
+void *kvmig_zstd_cctx_new(void) { return ZSTD_createCCtx(); }
+void kvmig_zstd_cctx_free(void *cctx) { ZSTD_freeCCtx(cctx); }
+
+/* One zstd frame of `src` at `level`, content size in its header: the compressor the Python
+ * reference encoder is given in the tests, so both paths use this very library. Returns the
+ * frame's length, or 0 when it does not fit in `dst_cap`, or -1 on another zstd error. */
+long kvmig_zstd_compress(void *cctx, int level, const uint8_t *src, size_t len, uint8_t *dst, size_t dst_cap)
+{
+    size_t r = ZSTD_CCtx_reset(cctx, ZSTD_reset_session_and_parameters);
+    if (!ZSTD_isError(r))
+        r = ZSTD_CCtx_setParameter(cctx, ZSTD_c_compressionLevel, level);
+    if (!ZSTD_isError(r))
+        r = ZSTD_CCtx_setParameter(cctx, ZSTD_c_contentSizeFlag, 1);
+    if (!ZSTD_isError(r))
+        r = ZSTD_compress2(cctx, dst, dst_cap, src, len);
+    if (ZSTD_isError(r))
+        return ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall ? 0 : -1;
+    return (long)r;
+}
+
+uint64_t kvmig_xxh3(const uint8_t *p, size_t len) { return XXH3_64bits(p, len); }
