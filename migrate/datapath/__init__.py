@@ -13,8 +13,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from formats import PageLimits, PageSection, PageTotals, ZeroRanges
+from formats import (
+    ChecksumError,
+    DecompressionError,
+    FormatError,
+    MemoryLayout,
+    PageLimits,
+    PageRangeError,
+    PageSection,
+    PageTotals,
+    SectionTooLarge,
+    SizeMismatch,
+    TrailingDataError,
+    TruncatedError,
+    ZeroRanges,
+)
 from formats.layout import PAGE_SHIFT, PAGE_SIZE
+from formats.pages import BODY_HEADER, RUN, RUN_DTYPE
 from migrate.datapath._datapath import ffi, lib  # type: ignore[import-not-found]
 
 _RUN_SIZE, _BODY_HEADER = 28, 8
@@ -31,13 +46,17 @@ class DataPathError(RuntimeError):
         self.operation, self.code = operation, code
 
 
-class _Cctx:
-    """One zstd compression context (not thread-safe: one per encoder)."""
+class _Zstd:
+    """A zstd context (not thread-safe: one per encoder or decoder)."""
 
-    def __init__(self) -> None:
-        self.ptr = ffi.gc(lib.kvmig_zstd_cctx_new(), lib.kvmig_zstd_cctx_free)
+    def __init__(self, new, free, name: str) -> None:
+        self.ptr = ffi.gc(new(), free)
         if self.ptr == ffi.NULL:
-            raise MemoryError("ZSTD_createCCtx")
+            raise MemoryError(name)
+
+
+def _Cctx() -> _Zstd:
+    return _Zstd(lib.kvmig_zstd_cctx_new, lib.kvmig_zstd_cctx_free, "ZSTD_createCCtx")
 
 
 def _uninitialised(size: int) -> np.ndarray:
@@ -134,3 +153,83 @@ def zstd_compressor(level: int):
         return bytes(dst[:n])
 
     return compress
+
+
+class PageDecoderC:
+    """`formats.PageDecoder` in C, writing each data run straight into guest memory.
+
+    `hosts` are writable buffers, one per RAM range of `memory`, holding that range's bytes. A
+    body is refused with the error the reference raises for it (same type and facts), the whole
+    run table checked before any payload is read; a run failing its checksum after earlier runs
+    were written leaves those written, so only memory no guest runs on yet may be given (a
+    migration target's before it starts, a restore's staging RAM). ZERO runs are not written:
+    the caller gives those pages back to the host, from the run table `apply` returns."""
+
+    def __init__(self, memory: MemoryLayout, hosts: list[object], limits: PageLimits | None = None, *,
+                 populate: bool = True) -> None:
+        if len(hosts) != len(memory.ranges):
+            raise ValueError(f"{len(hosts)} host buffers for {len(memory.ranges)} RAM ranges")
+        self.memory, self.limits = memory, limits or PageLimits()
+        views = [memoryview(h).cast("B") for h in hosts]  # type: ignore[arg-type]
+        for r, v in zip(memory.ranges, views, strict=True):
+            if v.readonly or v.nbytes != r.size:
+                raise ValueError(f"host buffer for {r.address:#x}: {v.nbytes} bytes, writable {not v.readonly}; "
+                                 f"the range has {r.size}")
+        self._views = views  # kept alive: the C side holds pointers into them
+        self._ranges = ffi.new("kvmig_ram_range[]", [
+            {"address": r.address, "size": r.size, "host": ffi.from_buffer("uint8_t[]", v, require_writable=True)}
+            for r, v in zip(memory.ranges, views, strict=True)])
+        self._limits = ffi.new("kvmig_page_limits *", {
+            "max_runs": self.limits.max_runs, "max_run_bytes": self.limits.max_run_bytes,
+            "max_section_raw": self.limits.max_section_raw})
+        self._populate = int(populate)
+        self._dctx = _Zstd(lib.kvmig_zstd_dctx_new, lib.kvmig_zstd_dctx_free, "ZSTD_createDCtx")
+
+    def apply(self, body: bytes | memoryview, offset: int = 0) -> tuple[np.ndarray, PageTotals]:
+        """Check `body` and write its data runs; its run table (RUN_DTYPE) and totals.
+        `offset` is the body's position in the stream, for error reports."""
+        totals = ffi.new("kvmig_page_totals *")
+        err = ffi.new("kvmig_decode_error *")
+        count = lib.kvmig_decode_pages(self._dctx.ptr, ffi.from_buffer("uint8_t[]", body), len(body),
+                                       self._ranges, len(self.memory.ranges), self._limits,
+                                       self._populate, totals, err)
+        if count < 0:
+            raise self._error(body, offset, err)
+        table = np.frombuffer(body, dtype=RUN_DTYPE, count=count, offset=BODY_HEADER.size)
+        return table, PageTotals(totals.pages, totals.zero_pages, totals.raw_bytes, totals.payload_bytes)
+
+    def _error(self, body: bytes | memoryview, offset: int, err) -> FormatError:
+        """The reference decoder's error for the check that refused the body."""
+        at = offset + err.offset
+        run_at = offset + BODY_HEADER.size + err.run * RUN.size
+        if err.run >= 0:
+            address, pages, encoding, _, digest = RUN.unpack_from(body, BODY_HEADER.size + err.run * RUN.size)
+        code = err.code
+        if code == lib.KVMIG_DEC_TRUNCATED:
+            return TruncatedError("pages", at, err.expected, err.found)
+        if code == lib.KVMIG_DEC_RESERVED:
+            return SizeMismatch("pages", at, 0, err.found, "reserved field")
+        if code in (lib.KVMIG_DEC_TOO_MANY_RUNS, lib.KVMIG_DEC_SECTION_TOO_LARGE):
+            return SectionTooLarge("pages", at, err.found, err.expected)
+        range_details = {lib.KVMIG_DEC_ENCODING: f"invalid encoding {err.found}",
+                         lib.KVMIG_DEC_OUTSIDE: "outside the memory layout, unaligned or empty",
+                         lib.KVMIG_DEC_OVERLAP: "overlaps or precedes the previous run",
+                         lib.KVMIG_DEC_ZERO_PAYLOAD: "ZERO run with a payload or digest"}
+        if code in range_details:
+            return PageRangeError(address, pages, range_details[code], section="pages", offset=run_at)
+        if code == lib.KVMIG_DEC_RAW_LENGTH:
+            return SizeMismatch("pages", run_at, err.expected, err.found, "RAW payload length")
+        if code == lib.KVMIG_DEC_RUN_TOO_LARGE:
+            return SectionTooLarge("pages", run_at, err.found, err.expected)
+        if code == lib.KVMIG_DEC_TRAILING:
+            return TrailingDataError("pages", at, err.found)
+        if code == lib.KVMIG_DEC_ZSTD:
+            return DecompressionError("pages", at, "not one valid zstd frame")
+        if code == lib.KVMIG_DEC_FRAME_SIZE:
+            found = -1 if err.found == 2**64 - 1 else err.found
+            return SizeMismatch("pages", at, err.expected, found, "zstd frame content size")
+        if code == lib.KVMIG_DEC_DECOMPRESSED_SIZE:
+            return SizeMismatch("pages", at, err.expected, err.found, "decompressed size")
+        if code == lib.KVMIG_DEC_CHECKSUM:
+            return ChecksumError(f"pages run {err.run} @{address:#x}", at, err.expected, err.found)
+        raise DataPathError("kvmig_decode_pages", code)

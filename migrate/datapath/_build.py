@@ -32,9 +32,24 @@ typedef struct {
     uint64_t digest;                        /* xxh3-64 of head + payloads: the body's */
     uint64_t pages, zero_pages, raw_bytes, payload_bytes;
 } kvmig_page_section;
+
+typedef struct { uint64_t address, size; uint8_t *host; } kvmig_ram_range;  /* host: its bytes */
+typedef struct { uint32_t max_runs; uint64_t max_run_bytes, max_section_raw; } kvmig_page_limits;
+typedef struct { uint64_t pages, zero_pages, raw_bytes, payload_bytes; } kvmig_page_totals;
+typedef struct {
+    int code;           /* KVMIG_DEC_*: which of the reference decoder's checks refused the body */
+    int64_t run;        /* the run it concerns, or -1 */
+    uint64_t offset;    /* in the body */
+    uint64_t expected, found;
+} kvmig_decode_error;
 """
 
 _ERRORS = {"KVMIG_ENOSPACE": -1, "KVMIG_ECOMPRESS": -2, "KVMIG_EINVAL": -3}
+# kvmig_decode_error.code, one per check of formats.pages.PageDecoder.decode (0 is no error)
+_DECODE_ERRORS = ["TRUNCATED", "RESERVED", "TOO_MANY_RUNS", "ENCODING", "OUTSIDE", "OVERLAP",
+                  "ZERO_PAYLOAD", "RAW_LENGTH", "RUN_TOO_LARGE", "SECTION_TOO_LARGE", "TRAILING",
+                  "ZSTD", "FRAME_SIZE", "DECOMPRESSED_SIZE", "CHECKSUM"]
+_ERRORS |= {f"KVMIG_DEC_{name}": code for code, name in enumerate(_DECODE_ERRORS, start=1)}
 
 ffibuilder.cdef(_TYPES + "".join(f"#define {name} {value}\n" for name, value in _ERRORS.items()) + """
 long kvmig_encode_pages(void *cctx, const uint8_t *mem, const kvmig_page_params *prm,
@@ -45,6 +60,11 @@ void *kvmig_zstd_cctx_new(void);
 void kvmig_zstd_cctx_free(void *cctx);
 long kvmig_zstd_compress(void *cctx, int level, const uint8_t *src, size_t len, uint8_t *dst, size_t dst_cap);
 uint64_t kvmig_xxh3(const uint8_t *p, size_t len);
+long kvmig_decode_pages(void *dctx, const uint8_t *body, size_t len, const kvmig_ram_range *ranges,
+                        size_t nranges, const kvmig_page_limits *lim, int populate,
+                        kvmig_page_totals *totals, kvmig_decode_error *err);
+void *kvmig_zstd_dctx_new(void);
+void kvmig_zstd_dctx_free(void *dctx);
 """)
 
 _SOURCE = ("#include <stddef.h>\n#include <stdint.h>\n" + _TYPES

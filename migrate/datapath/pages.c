@@ -282,3 +282,146 @@ long kvmig_zstd_compress(void *cctx, int level, const uint8_t *src, size_t len, 
 }
 
 uint64_t kvmig_xxh3(const uint8_t *p, size_t len) { return XXH3_64bits(p, len); }
+
+/* ---- decoding: formats.pages.PageDecoder.decode, with the pages written where they belong ----
+ *
+ * Every check of the reference, in its order, so a hostile body is refused with the same error
+ * (kvmig_decode_error says which, where, expected and found; the Python side raises the same
+ * FormatError): the whole run table is checked before any payload is touched. Data runs are
+ * then decompressed (or copied) straight into guest memory and their digest checked there; a
+ * later run failing leaves earlier runs written, which is why this writes only into memory that
+ * no guest runs on yet (a migration target's or a restore's staging RAM). ZERO runs are left to
+ * the caller (it gives the pages back to the host), which reads them from the run table.
+ */
+#include <sys/mman.h>
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+static uint32_t get_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static uint64_t get_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+static long fail(kvmig_decode_error *err, int code, int64_t run, uint64_t offset, uint64_t expected,
+                 uint64_t found)
+{
+    err->code = code, err->run = run, err->offset = offset, err->expected = expected, err->found = found;
+    return -1;
+}
+
+/* The RAM range holding [address, address + length), or -1 (formats.MemoryLayout.first_outside). */
+static long range_of(const kvmig_ram_range *ranges, size_t n, uint64_t address, uint64_t length)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint64_t end = ranges[i].address + ranges[i].size;
+        if (address >= ranges[i].address && address < end)
+            return length <= end - address ? (long)i : -1;
+    }
+    return -1;
+}
+
+long kvmig_decode_pages(void *dctx, const uint8_t *body, size_t len, const kvmig_ram_range *ranges,
+                        size_t nranges, const kvmig_page_limits *lim, int populate,
+                        kvmig_page_totals *totals, kvmig_decode_error *err)
+{
+    memset(totals, 0, sizeof *totals);
+    if (len < KVMIG_BODY_HEADER)
+        return fail(err, KVMIG_DEC_TRUNCATED, -1, 0, KVMIG_BODY_HEADER, len);
+    uint32_t count = get_u32(body), reserved = get_u32(body + 4);
+    if (reserved)
+        return fail(err, KVMIG_DEC_RESERVED, -1, 4, 0, reserved);
+    if (count > lim->max_runs)
+        return fail(err, KVMIG_DEC_TOO_MANY_RUNS, -1, 0, lim->max_runs, count);
+    uint64_t table_end = KVMIG_BODY_HEADER + (uint64_t)count * KVMIG_RUN_SIZE;
+    if (table_end > len)
+        return fail(err, KVMIG_DEC_TRUNCATED, -1, 0, table_end, len);
+    const uint8_t *table = body + KVMIG_BODY_HEADER;
+#define RUN_ADDRESS(i) get_u64(table + (size_t)(i) * KVMIG_RUN_SIZE)
+#define RUN_PAGES(i) get_u32(table + (size_t)(i) * KVMIG_RUN_SIZE + 8)
+#define RUN_ENCODING(i) (table[(size_t)(i) * KVMIG_RUN_SIZE + 12])
+#define RUN_LENGTH(i) get_u32(table + (size_t)(i) * KVMIG_RUN_SIZE + 16)
+#define RUN_DIGEST(i) get_u64(table + (size_t)(i) * KVMIG_RUN_SIZE + 20)
+    /* the same checks as the reference, each over the whole table before the next */
+    for (uint32_t i = 0; i < count; i++)
+        if (RUN_ENCODING(i) < ENC_ZERO || RUN_ENCODING(i) > ENC_ZSTD)
+            return fail(err, KVMIG_DEC_ENCODING, i, 0, 0, RUN_ENCODING(i));
+    for (uint32_t i = 0; i < count; i++) {
+        uint64_t a = RUN_ADDRESS(i), n = RUN_PAGES(i);
+        if ((a & (KVMIG_PAGE_SIZE - 1)) || n == 0 || range_of(ranges, nranges, a, n << KVMIG_PAGE_SHIFT) < 0)
+            return fail(err, KVMIG_DEC_OUTSIDE, i, 0, 0, 0);
+    }
+    for (uint32_t i = 1; i < count; i++)
+        if (RUN_ADDRESS(i) < RUN_ADDRESS(i - 1) + ((uint64_t)RUN_PAGES(i - 1) << KVMIG_PAGE_SHIFT))
+            return fail(err, KVMIG_DEC_OVERLAP, i, 0, 0, 0);
+    for (uint32_t i = 0; i < count; i++)
+        if (RUN_ENCODING(i) == ENC_ZERO && (RUN_LENGTH(i) || RUN_DIGEST(i)))
+            return fail(err, KVMIG_DEC_ZERO_PAYLOAD, i, 0, 0, 0);
+    for (uint32_t i = 0; i < count; i++)
+        if (RUN_ENCODING(i) == ENC_RAW && RUN_LENGTH(i) != (uint64_t)RUN_PAGES(i) << KVMIG_PAGE_SHIFT)
+            return fail(err, KVMIG_DEC_RAW_LENGTH, i, KVMIG_BODY_HEADER + (uint64_t)i * KVMIG_RUN_SIZE,
+                        (uint64_t)RUN_PAGES(i) << KVMIG_PAGE_SHIFT, RUN_LENGTH(i));
+    uint64_t raw_total = 0, payload_total = 0, zero_pages = 0, pages = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        uint64_t size = (uint64_t)RUN_PAGES(i) << KVMIG_PAGE_SHIFT;
+        if (RUN_ENCODING(i) != ENC_ZERO && size > lim->max_run_bytes)
+            return fail(err, KVMIG_DEC_RUN_TOO_LARGE, i, KVMIG_BODY_HEADER + (uint64_t)i * KVMIG_RUN_SIZE,
+                        lim->max_run_bytes, size);
+    }
+    for (uint32_t i = 0; i < count; i++) {
+        uint64_t size = (uint64_t)RUN_PAGES(i) << KVMIG_PAGE_SHIFT;
+        pages += RUN_PAGES(i);
+        if (RUN_ENCODING(i) == ENC_ZERO)
+            zero_pages += RUN_PAGES(i);
+        else
+            raw_total += size;
+        payload_total += RUN_LENGTH(i);
+    }
+    if (raw_total > lim->max_section_raw)
+        return fail(err, KVMIG_DEC_SECTION_TOO_LARGE, -1, 0, lim->max_section_raw, raw_total);
+    if (table_end + payload_total > len)
+        return fail(err, KVMIG_DEC_TRUNCATED, -1, 0, table_end + payload_total, len);
+    if (table_end + payload_total < len)
+        return fail(err, KVMIG_DEC_TRAILING, -1, table_end + payload_total, 0, len - table_end - payload_total);
+
+    uint64_t pos = table_end;
+    for (uint32_t i = 0; i < count; i++) {
+        if (RUN_ENCODING(i) == ENC_ZERO)
+            continue;
+        uint64_t a = RUN_ADDRESS(i), size = (uint64_t)RUN_PAGES(i) << KVMIG_PAGE_SHIFT;
+        const kvmig_ram_range *r = &ranges[range_of(ranges, nranges, a, size)];
+        uint8_t *dst = r->host + (a - r->address);
+        const uint8_t *payload = body + pos;
+        uint32_t plen = RUN_LENGTH(i);
+        if (populate)
+            madvise(dst, size, MADV_POPULATE_WRITE);  /* one fault-in for the run, not one a page */
+        if (RUN_ENCODING(i) == ENC_ZSTD) {
+            unsigned long long declared = ZSTD_getFrameContentSize(payload, plen);
+            if (declared == ZSTD_CONTENTSIZE_ERROR)
+                return fail(err, KVMIG_DEC_ZSTD, i, pos, 0, 0);
+            if (declared != size)
+                return fail(err, KVMIG_DEC_FRAME_SIZE, i, pos, size,
+                            declared == ZSTD_CONTENTSIZE_UNKNOWN ? (uint64_t)-1 : declared);
+            if (ZSTD_findFrameCompressedSize(payload, plen) != plen)  /* bytes after the frame */
+                return fail(err, KVMIG_DEC_ZSTD, i, pos, 0, 0);
+            size_t out = ZSTD_decompressDCtx(dctx, dst, size, payload, plen);
+            if (ZSTD_isError(out))
+                return fail(err, KVMIG_DEC_ZSTD, i, pos, 0, 0);
+            if (out != size)
+                return fail(err, KVMIG_DEC_DECOMPRESSED_SIZE, i, pos, size, out);
+            uint64_t found = XXH3_64bits(dst, size);
+            if (found != RUN_DIGEST(i))
+                return fail(err, KVMIG_DEC_CHECKSUM, i, pos, RUN_DIGEST(i), found);
+        } else {
+            uint64_t found = XXH3_64bits(payload, size);
+            if (found != RUN_DIGEST(i))
+                return fail(err, KVMIG_DEC_CHECKSUM, i, pos, RUN_DIGEST(i), found);
+            memcpy(dst, payload, size);
+        }
+        pos += plen;
+    }
+    totals->pages = pages, totals->zero_pages = zero_pages, totals->raw_bytes = raw_total;
+    totals->payload_bytes = payload_total;
+    return count;
+}
+
+void *kvmig_zstd_dctx_new(void) { return ZSTD_createDCtx(); }
+void kvmig_zstd_dctx_free(void *dctx) { ZSTD_freeDCtx(dctx); }

@@ -14,9 +14,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from formats import MemoryLayout, PageDecoder, PageEncoder, ZeroRanges
+from formats import (
+    DecompressionError,
+    FormatError,
+    MemoryLayout,
+    PageDecoder,
+    PageEncoder,
+    PageLimits,
+    PageRangeError,
+    ZeroRanges,
+)
 from formats.layout import PAGE_SIZE, RamRange
-from migrate.datapath import PageEncoderC, zstd_compressor
+from migrate.datapath import PageDecoderC, PageEncoderC, zstd_compressor
 
 _compressors: dict[int, object] = {}
 
@@ -122,3 +131,104 @@ def test_unaligned_or_empty_input() -> None:
     with pytest.raises(ValueError):
         PageEncoderC(section_bytes=100)
     assert PageEncoderC().encode(0, b"") == PageEncoder().encode(0, b"")
+
+
+# --- the decoder: the same verdict as the reference on any body, hostile ones included ---------
+
+BASE = 0x10_0000
+LAYOUT = MemoryLayout((RamRange(BASE, 48 * PAGE_SIZE), RamRange(BASE + 64 * PAGE_SIZE, 16 * PAGE_SIZE)))
+
+
+def _verdict_reference(body: bytes, limits, prefill: bytes):
+    hosts = [bytearray(prefill[:r.size]) for r in LAYOUT.ranges]
+    try:
+        runs, totals = PageDecoder(LAYOUT, limits).decode(body, offset=1000)
+    except FormatError as e:
+        return _error_facts(e), None
+    for run in runs:
+        (i, r), = [(i, r) for i, r in enumerate(LAYOUT.ranges) if r.address <= run.address < r.end]
+        at = run.address - r.address
+        hosts[i][at:at + run.size] = bytes(run.size) if run.data is None else run.data
+    return totals, hosts
+
+
+def _verdict_c(body: bytes, limits, prefill: bytes):
+    hosts = [bytearray(prefill[:r.size]) for r in LAYOUT.ranges]
+    try:
+        table, totals = PageDecoderC(LAYOUT, hosts, limits, populate=False).apply(body, offset=1000)
+    except FormatError as e:
+        return _error_facts(e), None
+    for row in table[table["encoding"] == 1]:  # ZERO runs are the caller's to apply
+        (i, r), = [(i, r) for i, r in enumerate(LAYOUT.ranges) if r.address <= int(row["address"]) < r.end]
+        at = int(row["address"]) - r.address
+        hosts[i][at:at + int(row["pages"]) * PAGE_SIZE] = bytes(int(row["pages"]) * PAGE_SIZE)
+    return totals, hosts
+
+
+def _error_facts(e: FormatError):
+    # zstd's own words differ between the two libraries; the kind of error and where do not
+    return (type(e).__name__, e.offset) if isinstance(e, DecompressionError) else (type(e).__name__, str(e))
+
+
+def _valid_body(spans, first_page: int, compressor) -> bytes:
+    mem = _memory(spans)[:40 * PAGE_SIZE]
+    encoder = PageEncoder(section_bytes=64 * PAGE_SIZE, min_zero_pages=2, compress=compressor)
+    return encoder.encode(BASE + first_page * PAGE_SIZE, mem)[0].body
+
+
+mutations = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10**6), st.integers(1, 255)),
+    st.tuples(st.just("truncate"), st.integers(0, 10**6), st.just(0)),
+    st.tuples(st.just("append"), st.integers(1, 64), st.just(0)),
+    st.tuples(st.just("field"), st.integers(0, 10**6), st.sampled_from([0, 1, 3, 4, 0xFF, 2**31, 2**32 - 1])),
+    st.tuples(st.just("swap"), st.integers(0, 10**6), st.just(0)),  # two neighbours out of order
+    st.tuples(st.just("grow"), st.integers(0, 10**6), st.integers(1, 3)),  # a run over its neighbour
+    st.tuples(st.just("none"), st.just(0), st.just(0)),
+)
+
+
+def _mutate(body: bytes, mutation) -> bytes:
+    what, at, value = mutation
+    data = bytearray(body)
+    if what == "flip":
+        data[at % len(data)] ^= value
+    elif what == "truncate":
+        data = data[:at % len(data)]
+    elif what == "append":
+        data += bytes(at)
+    elif what in ("swap", "grow"):
+        runs = int.from_bytes(data[:4], "little")
+        if runs >= 2 and len(data) >= 8 + 28 * runs:
+            i = at % (runs - 1)
+            a, b = 8 + 28 * i, 8 + 28 * (i + 1)
+            if what == "swap":
+                data[a:b], data[b:b + 28] = data[b:b + 28], data[a:b]
+            else:
+                pages = int.from_bytes(data[a + 8:a + 12], "little") + value
+                data[a + 8:a + 12] = pages.to_bytes(4, "little")
+    elif what == "field":  # a u32 of the header or run table set to a telling value
+        table_end = min(len(data), 8 + 28 * int.from_bytes(data[:4], "little"))
+        pos = (at % max(1, table_end // 4)) * 4
+        data[pos:pos + 4] = value.to_bytes(4, "little")
+    return bytes(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(spans=pages_strategy, first_page=st.sampled_from([0, 8, 30, 60, 64, 70]),
+       mutation=mutations, zstd_of=st.sampled_from(["python", "c"]),
+       limits=st.sampled_from([PageLimits(), PageLimits(max_runs=2), PageLimits(max_run_bytes=8 * PAGE_SIZE),
+                               PageLimits(max_section_raw=12 * PAGE_SIZE)]))
+def test_c_decoder_gives_the_reference_verdict(spans, first_page, mutation, zstd_of, limits) -> None:
+    compressor = None if zstd_of == "python" else _compressors.setdefault(1, zstd_compressor(1))
+    body = _mutate(_valid_body(spans, first_page, compressor), mutation)
+    prefill = bytes(range(256)) * (48 * PAGE_SIZE // 256)
+    assert _verdict_c(body, limits, prefill) == _verdict_reference(body, limits, prefill)
+
+
+def test_c_decoder_refuses_before_writing_when_the_table_is_wrong() -> None:
+    body = bytearray(_valid_body([("random", 4, 1)], 0, None))
+    body[8 + 8:8 + 12] = (10**6).to_bytes(4, "little")  # the run claims a million pages
+    host = bytearray(48 * PAGE_SIZE)
+    with pytest.raises(PageRangeError):
+        PageDecoderC(LAYOUT, [host, bytearray(16 * PAGE_SIZE)], populate=False).apply(bytes(body))
+    assert not any(host)
