@@ -149,9 +149,12 @@ class PageEncoder:
                  min_zero_pages: int = 4, max_runs: int = 4096,
                  limits: PageLimits | None = None, stable: bool = False,
                  zero_ranges: ZeroRanges | None = None,
-                 compress: Callable[[bytes | memoryview], bytes] | None = None) -> None:
+                 compress: Callable[[bytes | memoryview], bytes] | None = None,
+                 sample_bytes: int = 0) -> None:
         """`compress(frame)` makes one zstd frame with its content size (default: python-zstandard
-        at `level`); `level` 0 sends every data frame RAW."""
+        at `level`); `level` 0 sends every data frame RAW. `sample_bytes` > 0: a longer frame is
+        compressed only if its first `sample_bytes` compress by 1/16 or more (SPEC.md §3), so
+        memory zstd cannot shrink costs a sample, not a whole compression."""
         self.limits = limits or PageLimits()
         if not PAGE_SIZE <= section_bytes <= min(self.limits.max_run_bytes,
                                                  self.limits.max_section_raw):
@@ -167,6 +170,8 @@ class PageEncoder:
         if compress is None and level > 0:
             compress = zstandard.ZstdCompressor(level=level, write_content_size=True).compress
         self._compress = compress
+        self.sample_bytes = sample_bytes
+        self.frames_judged_raw = 0  # frames sent RAW because their sample did not compress
         # the zero runs found, for a digest that need not read them again (may be shared)
         self.zero_ranges = zero_ranges if zero_ranges is not None else ZeroRanges()
 
@@ -217,7 +222,7 @@ class PageEncoder:
                 raw = mv[a << PAGE_SHIFT:b << PAGE_SHIFT]
                 if not self.stable:
                     raw = bytes(raw)
-                packed = compress(raw) if compress else raw
+                packed = compress(raw) if compress and self._worth_compressing(compress, raw) else raw
                 if len(packed) < len(raw):
                     encoding, payload = PageEncoding.ZSTD, packed
                 else:
@@ -230,6 +235,17 @@ class PageEncoder:
                 payload_bytes += len(payload)
         flush()
         return sections
+
+
+    def _worth_compressing(self, compress: Callable[[bytes | memoryview], bytes],
+                           frame: bytes | memoryview) -> bool:
+        n = self.sample_bytes
+        if not n or len(frame) <= n:
+            return True
+        if 16 * len(compress(frame[:n])) < 15 * n:
+            return True
+        self.frames_judged_raw += 1
+        return False
 
 
 class PageDecoder:

@@ -89,7 +89,7 @@ class PageEncoderC:
 
     def __init__(self, level: int = 1, section_bytes: int = 4 << 20, min_zero_pages: int = 4,
                  max_runs: int = 4096, limits: PageLimits | None = None, stable: bool = False,
-                 zero_ranges: ZeroRanges | None = None) -> None:
+                 zero_ranges: ZeroRanges | None = None, sample_bytes: int = 0) -> None:
         self.limits = limits or PageLimits()
         if not PAGE_SIZE <= section_bytes <= min(self.limits.max_run_bytes, self.limits.max_section_raw):
             raise ValueError(f"section_bytes {section_bytes} outside the decoder's limits")
@@ -98,6 +98,8 @@ class PageEncoderC:
         self.min_zero_pages = min_zero_pages
         self.max_runs = min(max_runs, self.limits.max_runs)
         self.zero_ranges = zero_ranges if zero_ranges is not None else ZeroRanges()
+        self.sample_bytes = sample_bytes
+        self.frames_judged_raw = 0  # frames sent RAW because their sample did not compress
         self._cctx = _Cctx()
 
     def encode(self, address: int, pages: object) -> list[PageSection]:
@@ -116,16 +118,17 @@ class PageEncoderC:
         params = ffi.new("kvmig_page_params *", {
             "address": address, "npages": npages, "level": self.level, "stable": int(self.stable),
             "section_pages": self.section_pages, "min_zero_pages": self.min_zero_pages,
-            "max_runs": self.max_runs})
-        nzero = ffi.new("size_t *")
+            "max_runs": self.max_runs, "sample_bytes": self.sample_bytes})
+        nzero, judged_raw = ffi.new("size_t *"), ffi.new("uint64_t *")
         count = lib.kvmig_encode_pages(
             self._cctx.ptr, ffi.from_buffer("uint8_t[]", mem), params,
             ffi.from_buffer("uint8_t[]", out.heads), out.heads.nbytes,
             ffi.from_buffer("uint8_t[]", out.payloads), out.payloads.nbytes,
             ffi.from_buffer("uint8_t[]", out.scratch), out.sections, len(out.sections),
-            ffi.from_buffer("uint64_t[]", out.zero_runs), len(out.zero_runs) // 2, nzero)
+            ffi.from_buffer("uint64_t[]", out.zero_runs), len(out.zero_runs) // 2, nzero, judged_raw)
         if count < 0:
             raise DataPathError("kvmig_encode_pages", count)
+        self.frames_judged_raw += judged_raw[0]
         for zero_address, zero_size in out.zero_runs[:2 * nzero[0]].reshape(-1, 2).tolist():
             self.zero_ranges.add(zero_address, zero_size)
         heads, payloads = memoryview(out.heads), memoryview(out.payloads)

@@ -24,6 +24,7 @@ typedef struct {
     uint32_t section_pages;  /* most data pages in one section, and in one frame */
     uint32_t min_zero_pages; /* shorter zero holes between data travel as data */
     uint32_t max_runs;       /* most descriptors in one section */
+    uint32_t sample_bytes;   /* > 0: frames judged by a sample first (formats/SPEC.md 3) */
 } kvmig_page_params;
 
 typedef struct {
@@ -55,7 +56,7 @@ ffibuilder.cdef(_TYPES + "".join(f"#define {name} {value}\n" for name, value in 
 long kvmig_encode_pages(void *cctx, const uint8_t *mem, const kvmig_page_params *prm,
                         uint8_t *heads, size_t heads_cap, uint8_t *payloads, size_t payloads_cap,
                         uint8_t *scratch, kvmig_page_section *sections, size_t sections_cap,
-                        uint64_t *zero_runs, size_t zero_cap, size_t *nzero);
+                        uint64_t *zero_runs, size_t zero_cap, size_t *nzero, uint64_t *judged_raw);
 void *kvmig_zstd_cctx_new(void);
 void kvmig_zstd_cctx_free(void *cctx);
 long kvmig_zstd_compress(void *cctx, int level, const uint8_t *src, size_t len, uint8_t *dst, size_t dst_cap);

@@ -57,6 +57,7 @@ struct encoder {
     size_t zero_cap, nzero;
     uint32_t runs;                 /* descriptors in the open section */
     uint64_t raw_pages, pages, zero_pages, payload_bytes;
+    uint64_t judged_raw;           /* frames sent RAW because their sample did not compress */
 };
 
 static int flush(struct encoder *e)
@@ -149,7 +150,21 @@ static int data_frame(struct encoder *e, const uint8_t *mem, uint64_t a, uint64_
     }
     uint64_t digest = XXH3_64bits(raw, len);
     size_t packed = 0;
-    if (e->prm->level > 0) {
+    int worth = e->prm->level > 0;
+    uint32_t sample = e->prm->sample_bytes;
+    if (worth && sample && len > sample) {
+        /* formats/SPEC.md 3: compressed only if the sample shrinks by 1/16 (16 x packed < 15 x
+         * sample), i.e. if it fits in (15 x sample - 1) / 16 bytes */
+        size_t cap = ((size_t)15 * sample - 1) / 16;
+        size_t r = ZSTD_compress2(e->cctx, e->scratch, cap, raw, sample);
+        if (ZSTD_isError(r)) {
+            if (ZSTD_getErrorCode(r) != ZSTD_error_dstSize_tooSmall)
+                return KVMIG_ECOMPRESS;
+            worth = 0;
+            e->judged_raw++;
+        }
+    }
+    if (worth) {
         /* room for one byte less than the frame: it is sent compressed only if that is shorter */
         uint8_t *dst = e->prm->stable ? out : e->scratch;
         packed = ZSTD_compress2(e->cctx, dst, len - 1, raw, len);
@@ -202,7 +217,7 @@ static int folded(const kvmig_page_params *prm, int data, uint64_t pages)
 long kvmig_encode_pages(void *cctx, const uint8_t *mem, const kvmig_page_params *prm,
                         uint8_t *heads, size_t heads_cap, uint8_t *payloads, size_t payloads_cap,
                         uint8_t *scratch, kvmig_page_section *sections, size_t sections_cap,
-                        uint64_t *zero_runs, size_t zero_cap, size_t *nzero)
+                        uint64_t *zero_runs, size_t zero_cap, size_t *nzero, uint64_t *judged_raw)
 {
     struct encoder e = {
         .prm = prm, .cctx = cctx, .heads = heads, .payloads = payloads, .scratch = scratch,
@@ -258,6 +273,7 @@ long kvmig_encode_pages(void *cctx, const uint8_t *mem, const kvmig_page_params 
     if (rc || (rc = flush(&e)))
         return rc;
     *nzero = e.nzero;
+    *judged_raw = e.judged_raw;
     return (long)e.nsections;
 }
 

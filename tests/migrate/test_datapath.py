@@ -68,18 +68,28 @@ def _assert_same(c_sections, ref_sections) -> None:
 @settings(max_examples=150, deadline=None)
 @given(spans=pages_strategy, level=st.sampled_from([0, 1, 3]), stable=st.booleans(),
        section_pages=st.sampled_from([1, 2, 3, 8, 64]), min_zero=st.sampled_from([1, 2, 4, 7]),
-       max_runs=st.sampled_from([1, 2, 3, 4096]), page_address=st.integers(0, 2**30))
+       max_runs=st.sampled_from([1, 2, 3, 4096]), page_address=st.integers(0, 2**30),
+       sample_bytes=st.sampled_from([0, 512, 4096, 6000, 16384]))
 def test_c_encoder_makes_the_reference_bytes(spans, level, stable, section_pages, min_zero, max_runs,
-                                             page_address) -> None:
+                                             page_address, sample_bytes) -> None:
     mem = _memory(spans)
     address = page_address * PAGE_SIZE
     params = dict(section_bytes=section_pages * PAGE_SIZE, min_zero_pages=min_zero, max_runs=max_runs,
-                  stable=stable)
+                  stable=stable, sample_bytes=sample_bytes)
     zero_c, zero_ref = ZeroRanges(), ZeroRanges()
-    c = PageEncoderC(level=level, zero_ranges=zero_c, **params).encode(address, memoryview(mem))
-    ref = _reference(level, zero_ranges=zero_ref, **params).encode(address, memoryview(mem))
-    _assert_same(c, ref)
+    c_encoder = PageEncoderC(level=level, zero_ranges=zero_c, **params)
+    ref_encoder = _reference(level, zero_ranges=zero_ref, **params)
+    _assert_same(c_encoder.encode(address, memoryview(mem)), ref_encoder.encode(address, memoryview(mem)))
     assert zero_c._ranges == zero_ref._ranges
+    assert c_encoder.frames_judged_raw == ref_encoder.frames_judged_raw
+
+
+def test_a_sample_that_does_not_compress_spares_the_frame_compression() -> None:
+    noise, text = np.random.default_rng(7).bytes(64 * PAGE_SIZE), b"page of text " * (64 * PAGE_SIZE // 13 + 1)
+    encoder = PageEncoderC(sample_bytes=16384, section_bytes=32 * PAGE_SIZE, stable=True)
+    sections = encoder.encode(0, noise + text[:64 * PAGE_SIZE])
+    kinds = [int(k) for s in sections for k in _descriptors(s).encoding]
+    assert kinds == [2, 2, 3, 3] and encoder.frames_judged_raw == 2  # noise RAW unjudged, text compressed
 
 
 def test_large_frames_of_every_kind_match_and_decode(tmp_path) -> None:
