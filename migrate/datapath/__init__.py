@@ -63,24 +63,24 @@ def _uninitialised(size: int) -> np.ndarray:
     return np.empty(max(size, 1), dtype=np.uint8)  # no zero fill: the C code writes what is read
 
 
-@dataclass(frozen=True)
-class EncodeBuffers:
-    """The C encoder's output areas, sized for the worst case of `npages` (every page its own
-    run and section); untouched parts of them cost nothing (np.empty does not fill)."""
+class _WorkAreas:
+    """An encoder's own areas, kept from call to call (first touches of fresh memory are dear:
+    ~6 us a page on nested hosts): scratch for one frame, and the tables the C side fills for
+    one call (sections, payload pieces, zero runs), grown to the largest call so far."""
 
-    heads: np.ndarray
-    payloads: np.ndarray
-    scratch: np.ndarray
-    sections: object  # kvmig_page_section[]
-    zero_runs: np.ndarray
+    def __init__(self, section_pages: int) -> None:
+        self.scratch = _uninitialised(section_pages * PAGE_SIZE)
+        self.capacity = 0
+        self.sections = self.pieces = None
+        self.zero_runs = np.empty(0, dtype=np.uint64)
 
-    @classmethod
-    def for_pages(cls, npages: int, section_pages: int) -> EncodeBuffers:
-        return cls(heads=_uninitialised(npages * (_RUN_SIZE + _BODY_HEADER) + _BODY_HEADER),
-                   payloads=_uninitialised(npages * PAGE_SIZE),
-                   scratch=_uninitialised(min(npages, section_pages) * PAGE_SIZE),
-                   sections=ffi.new("kvmig_page_section[]", max(npages, 1)),
-                   zero_runs=np.empty(2 * max(npages, 1), dtype=np.uint64))
+    def fit(self, npages: int) -> None:
+        """Room for `npages` pages, each its own run, piece and section (the worst case)."""
+        if npages > self.capacity:
+            self.capacity = npages
+            self.sections = ffi.new("kvmig_page_section[]", npages)
+            self.pieces = ffi.new("kvmig_payload_piece[]", npages)
+            self.zero_runs = np.empty(2 * npages, dtype=np.uint64)
 
 
 class PageEncoderC:
@@ -101,6 +101,7 @@ class PageEncoderC:
         self.sample_bytes = sample_bytes
         self.frames_judged_raw = 0  # frames sent RAW because their sample did not compress
         self._cctx = _Cctx()
+        self._work = _WorkAreas(self.section_pages)
 
     def encode(self, address: int, pages: object) -> list[PageSection]:
         """Sections for the memory `pages` (a contiguous, page-multiple buffer) at `address`.
@@ -114,7 +115,12 @@ class PageEncoderC:
         npages = size >> PAGE_SHIFT
         if npages == 0:
             return []
-        out = EncodeBuffers.for_pages(npages, self.section_pages)
+        work = self._work
+        work.fit(npages)
+        # what the sections are made of, theirs to keep: heads, and payloads that are not the
+        # guest's own bytes (compressed frames; copies of memory that may change)
+        heads = _uninitialised(npages * (_RUN_SIZE + _BODY_HEADER) + _BODY_HEADER)
+        payloads = _uninitialised((npages if not self.stable or self.level > 0 else 0) * PAGE_SIZE)
         params = ffi.new("kvmig_page_params *", {
             "address": address, "npages": npages, "level": self.level, "stable": int(self.stable),
             "section_pages": self.section_pages, "min_zero_pages": self.min_zero_pages,
@@ -122,21 +128,24 @@ class PageEncoderC:
         nzero, judged_raw = ffi.new("size_t *"), ffi.new("uint64_t *")
         count = lib.kvmig_encode_pages(
             self._cctx.ptr, ffi.from_buffer("uint8_t[]", mem), params,
-            ffi.from_buffer("uint8_t[]", out.heads), out.heads.nbytes,
-            ffi.from_buffer("uint8_t[]", out.payloads), out.payloads.nbytes,
-            ffi.from_buffer("uint8_t[]", out.scratch), out.sections, len(out.sections),
-            ffi.from_buffer("uint64_t[]", out.zero_runs), len(out.zero_runs) // 2, nzero, judged_raw)
+            ffi.from_buffer("uint8_t[]", heads), heads.nbytes,
+            ffi.from_buffer("uint8_t[]", payloads), payloads.nbytes if payloads.size > 1 else 0,
+            ffi.from_buffer("uint8_t[]", work.scratch), work.sections, work.capacity,
+            work.pieces, work.capacity,
+            ffi.from_buffer("uint64_t[]", work.zero_runs), work.capacity, nzero, judged_raw)
         if count < 0:
             raise DataPathError("kvmig_encode_pages", count)
         self.frames_judged_raw += judged_raw[0]
-        for zero_address, zero_size in out.zero_runs[:2 * nzero[0]].reshape(-1, 2).tolist():
+        for zero_address, zero_size in work.zero_runs[:2 * nzero[0]].reshape(-1, 2).tolist():
             self.zero_ranges.add(zero_address, zero_size)
-        heads, payloads = memoryview(out.heads), memoryview(out.payloads)
+        sources = (memoryview(payloads), mem.cast("B") if mem.format != "B" or mem.ndim != 1 else mem)
+        head_view = memoryview(heads)
         sections = []
-        for s in out.sections[0:count]:
-            parts = (heads[s.head_offset:s.head_offset + s.head_length],
-                     payloads[s.payload_offset:s.payload_offset + s.payload_length])
-            sections.append(PageSection(parts, s.head_length + s.payload_length, s.digest,
+        for s in work.sections[0:count]:
+            pieces = work.pieces[s.first_piece:s.first_piece + s.pieces]
+            parts = (head_view[s.head_offset:s.head_offset + s.head_length],
+                     *(sources[p.in_guest][p.offset:p.offset + p.length] for p in pieces))
+            sections.append(PageSection(parts, s.head_length + s.payload_bytes, s.digest,
                                         PageTotals(s.pages, s.zero_pages, s.raw_bytes, s.payload_bytes)))
         return sections
 

@@ -28,11 +28,16 @@ typedef struct {
 } kvmig_page_params;
 
 typedef struct {
-    size_t head_offset, head_length;        /* in `heads` */
-    size_t payload_offset, payload_length;  /* in `payloads` */
-    uint64_t digest;                        /* xxh3-64 of head + payloads: the body's */
+    size_t head_offset, head_length;  /* in `heads` */
+    size_t first_piece, pieces;       /* its payloads, in order */
+    uint64_t digest;                  /* xxh3-64 of head + payloads: the body's */
     uint64_t pages, zero_pages, raw_bytes, payload_bytes;
 } kvmig_page_section;
+
+typedef struct {
+    int in_guest;                     /* 1: bytes of the guest memory given; 0: of `payloads` */
+    size_t offset, length;
+} kvmig_payload_piece;
 
 typedef struct { uint64_t address, size; uint8_t *host; } kvmig_ram_range;  /* host: its bytes */
 typedef struct { uint32_t max_runs; uint64_t max_run_bytes, max_section_raw; } kvmig_page_limits;
@@ -56,6 +61,7 @@ ffibuilder.cdef(_TYPES + "".join(f"#define {name} {value}\n" for name, value in 
 long kvmig_encode_pages(void *cctx, const uint8_t *mem, const kvmig_page_params *prm,
                         uint8_t *heads, size_t heads_cap, uint8_t *payloads, size_t payloads_cap,
                         uint8_t *scratch, kvmig_page_section *sections, size_t sections_cap,
+                        kvmig_payload_piece *pieces, size_t pieces_cap,
                         uint64_t *zero_runs, size_t zero_cap, size_t *nzero, uint64_t *judged_raw);
 void *kvmig_zstd_cctx_new(void);
 void kvmig_zstd_cctx_free(void *cctx);

@@ -15,8 +15,9 @@
  * frame and the copy is what is hashed, compressed and sent, so the three agree.
  *
  * Output: each section as a head (u32 run count, u32 0, the descriptors) in `heads` and its
- * payloads back to back in `payloads`; its body is head then payloads, `digest` is xxh3-64 of
- * that body (what the record framing hashes).
+ * payloads as pieces: views of the guest memory itself (a RAW frame of stable memory: no copy)
+ * or of `payloads` (compressed frames, and copies of memory that may change); its body is head
+ * then pieces, `digest` is xxh3-64 of that body (what the record framing hashes).
  */
 #include <stdint.h>
 #include <string.h>
@@ -49,16 +50,26 @@ struct encoder {
     ZSTD_CCtx *cctx;
     uint8_t *heads, *payloads, *scratch;
     size_t heads_cap, payloads_cap;
-    size_t head_pos, payload_pos;  /* where the open section's head and payloads begin */
+    size_t head_pos;               /* where the open section's head begins */
     size_t head_len;               /* bytes of the open section's head so far (header included) */
+    const uint8_t *mem;
     kvmig_page_section *sections;
     size_t sections_cap, nsections;
+    kvmig_payload_piece *pieces;
+    size_t pieces_cap, npieces;
+    size_t section_first_piece;
+    size_t payload_used;           /* bytes of `payloads` written so far */
     uint64_t *zero_runs;           /* (address, bytes) pairs of the ZERO runs */
     size_t zero_cap, nzero;
     uint32_t runs;                 /* descriptors in the open section */
     uint64_t raw_pages, pages, zero_pages, payload_bytes;
     uint64_t judged_raw;           /* frames sent RAW because their sample did not compress */
 };
+
+static const uint8_t *piece_bytes(const struct encoder *e, const kvmig_payload_piece *p)
+{
+    return (p->in_guest ? e->mem : e->payloads) + p->offset;
+}
 
 static int flush(struct encoder *e)
 {
@@ -72,22 +83,32 @@ static int flush(struct encoder *e)
     XXH3_state_t st;
     XXH3_64bits_reset(&st);
     XXH3_64bits_update(&st, head, e->head_len);
-    XXH3_64bits_update(&st, e->payloads + e->payload_pos, e->payload_bytes);
+    for (size_t i = e->section_first_piece; i < e->npieces; i++)
+        XXH3_64bits_update(&st, piece_bytes(e, &e->pieces[i]), e->pieces[i].length);
     kvmig_page_section *s = &e->sections[e->nsections++];
     s->head_offset = e->head_pos;
     s->head_length = e->head_len;
-    s->payload_offset = e->payload_pos;
-    s->payload_length = e->payload_bytes;
+    s->first_piece = e->section_first_piece;
+    s->pieces = e->npieces - e->section_first_piece;
     s->digest = XXH3_64bits_digest(&st);
     s->pages = e->pages;
     s->zero_pages = e->zero_pages;
     s->raw_bytes = e->raw_pages << KVMIG_PAGE_SHIFT;
     s->payload_bytes = e->payload_bytes;
     e->head_pos += e->head_len;
-    e->payload_pos += e->payload_bytes;
+    e->section_first_piece = e->npieces;
     e->head_len = KVMIG_BODY_HEADER;
     e->runs = 0;
     e->raw_pages = e->pages = e->zero_pages = e->payload_bytes = 0;
+    return 0;
+}
+
+static int add_piece(struct encoder *e, int in_guest, size_t offset, size_t length)
+{
+    if (e->npieces == e->pieces_cap)
+        return KVMIG_ENOSPACE;
+    e->pieces[e->npieces++] = (kvmig_payload_piece){.in_guest = in_guest, .offset = offset, .length = length};
+    e->payload_bytes += length;
     return 0;
 }
 
@@ -131,7 +152,7 @@ static int zero_run(struct encoder *e, uint64_t first, uint64_t count)
     return 0;
 }
 
-static int data_frame(struct encoder *e, const uint8_t *mem, uint64_t a, uint64_t b)
+static int data_frame(struct encoder *e, uint64_t a, uint64_t b)
 {
     int rc;
     uint64_t n = b - a;
@@ -139,17 +160,18 @@ static int data_frame(struct encoder *e, const uint8_t *mem, uint64_t a, uint64_
         return rc;
     if ((rc = open_descriptor(e)))
         return rc;
-    size_t len = (size_t)n << KVMIG_PAGE_SHIFT;
-    uint8_t *out = e->payloads + e->payload_pos + e->payload_bytes;
-    if ((size_t)(out - e->payloads) + len > e->payloads_cap)
-        return KVMIG_ENOSPACE;
-    const uint8_t *raw = mem + ((size_t)a << KVMIG_PAGE_SHIFT);
+    size_t len = (size_t)n << KVMIG_PAGE_SHIFT, at = (size_t)a << KVMIG_PAGE_SHIFT;
+    const uint8_t *raw = e->mem + at;
+    /* room in `payloads` for the frame: a copy, or a compressed frame (shorter than `len`) */
+    int room = e->payload_used + len <= e->payloads_cap;
+    uint8_t *out = e->payloads + e->payload_used;
     if (!e->prm->stable) {  /* copy once: what is hashed, compressed and sent is this copy */
+        if (!room)
+            return KVMIG_ENOSPACE;
         memcpy(out, raw, len);
         raw = out;
     }
     uint64_t digest = XXH3_64bits(raw, len);
-    size_t packed = 0;
     int worth = e->prm->level > 0;
     uint32_t sample = e->prm->sample_bytes;
     if (worth && sample && len > sample) {
@@ -164,6 +186,9 @@ static int data_frame(struct encoder *e, const uint8_t *mem, uint64_t a, uint64_
             e->judged_raw++;
         }
     }
+    size_t packed = 0;
+    if (worth && !room)
+        return KVMIG_ENOSPACE;
     if (worth) {
         /* room for one byte less than the frame: it is sent compressed only if that is shorter */
         uint8_t *dst = e->prm->stable ? out : e->scratch;
@@ -176,36 +201,40 @@ static int data_frame(struct encoder *e, const uint8_t *mem, uint64_t a, uint64_
             memcpy(out, e->scratch, packed);
         }
     }
+    uint64_t address = e->prm->address + ((uint64_t)a << KVMIG_PAGE_SHIFT);
     if (packed) {
-        descriptor(e, e->prm->address + ((uint64_t)a << KVMIG_PAGE_SHIFT), (uint32_t)n, ENC_ZSTD,
-                   (uint32_t)packed, digest);
-        e->payload_bytes += packed;
+        descriptor(e, address, (uint32_t)n, ENC_ZSTD, (uint32_t)packed, digest);
+        rc = add_piece(e, 0, e->payload_used, packed);
+        e->payload_used += packed;
+    } else if (e->prm->stable) {  /* the guest's own bytes, sent in place */
+        descriptor(e, address, (uint32_t)n, ENC_RAW, (uint32_t)len, digest);
+        rc = add_piece(e, 1, at, len);
     } else {
-        if (e->prm->stable)
-            memcpy(out, raw, len);
-        descriptor(e, e->prm->address + ((uint64_t)a << KVMIG_PAGE_SHIFT), (uint32_t)n, ENC_RAW,
-                   (uint32_t)len, digest);
-        e->payload_bytes += len;
+        descriptor(e, address, (uint32_t)n, ENC_RAW, (uint32_t)len, digest);
+        rc = add_piece(e, 0, e->payload_used, len);
+        e->payload_used += len;
     }
+    if (rc)
+        return rc;
     e->raw_pages += n;
     e->pages += n;
     return 0;
 }
 
-static int data_run(struct encoder *e, const uint8_t *mem, uint64_t start, uint64_t end)
+static int data_run(struct encoder *e, uint64_t start, uint64_t end)
 {
     for (uint64_t a = start; a < end; a += e->prm->section_pages) {
         uint64_t b = a + e->prm->section_pages < end ? a + e->prm->section_pages : end;
-        int rc = data_frame(e, mem, a, b);
+        int rc = data_frame(e, a, b);
         if (rc)
             return rc;
     }
     return 0;
 }
 
-static int emit(struct encoder *e, const uint8_t *mem, uint64_t start, uint64_t end, int data)
+static int emit(struct encoder *e, uint64_t start, uint64_t end, int data)
 {
-    return data ? data_run(e, mem, start, end) : zero_run(e, start, end - start);
+    return data ? data_run(e, start, end) : zero_run(e, start, end - start);
 }
 
 /* Step 2's folding: a zero run shorter than min_zero_pages counts as data. */
@@ -217,13 +246,14 @@ static int folded(const kvmig_page_params *prm, int data, uint64_t pages)
 long kvmig_encode_pages(void *cctx, const uint8_t *mem, const kvmig_page_params *prm,
                         uint8_t *heads, size_t heads_cap, uint8_t *payloads, size_t payloads_cap,
                         uint8_t *scratch, kvmig_page_section *sections, size_t sections_cap,
+                        kvmig_payload_piece *pieces, size_t pieces_cap,
                         uint64_t *zero_runs, size_t zero_cap, size_t *nzero, uint64_t *judged_raw)
 {
     struct encoder e = {
         .prm = prm, .cctx = cctx, .heads = heads, .payloads = payloads, .scratch = scratch,
         .heads_cap = heads_cap, .payloads_cap = payloads_cap, .head_len = KVMIG_BODY_HEADER,
-        .sections = sections, .sections_cap = sections_cap, .zero_runs = zero_runs,
-        .zero_cap = zero_cap,
+        .mem = mem, .sections = sections, .sections_cap = sections_cap, .pieces = pieces,
+        .pieces_cap = pieces_cap, .zero_runs = zero_runs, .zero_cap = zero_cap,
     };
     *nzero = 0;
     if (prm->section_pages == 0 || prm->max_runs == 0)
@@ -259,7 +289,7 @@ long kvmig_encode_pages(void *cctx, const uint8_t *mem, const kvmig_page_params 
             if (kind == pdata) {
                 pend = j;
             } else {
-                if ((rc = emit(&e, mem, pstart, pend, pdata)))
+                if ((rc = emit(&e, pstart, pend, pdata)))
                     return rc;
                 pstart = i, pend = j, pdata = kind;
             }
@@ -267,9 +297,9 @@ long kvmig_encode_pages(void *cctx, const uint8_t *mem, const kvmig_page_params 
         i = j;
     }
     if (held)
-        rc = emit(&e, mem, first_start, first_end, first_data);
+        rc = emit(&e, first_start, first_end, first_data);
     else
-        rc = seen ? emit(&e, mem, pstart, pend, pdata) : 0;
+        rc = seen ? emit(&e, pstart, pend, pdata) : 0;
     if (rc || (rc = flush(&e)))
         return rc;
     *nzero = e.nzero;
