@@ -32,8 +32,10 @@ from formats import (
 )
 from hv.dirty import PAGE_SIZE, DirtyBitmap
 from hv.memory import GuestMemory, MemoryRegion
+from migrate.datapath import PageEncoderC
 
 CHUNK_BYTES = 4 << 20  # one PAGES section's worth of raw memory
+SAMPLE_BYTES = 16 << 10  # a frame is compressed only if this much of it shrinks (SPEC §3)
 
 
 @dataclass(frozen=True)
@@ -84,14 +86,26 @@ class PageEncoderPool:
         self.stable = stable
         self.zero_ranges = ZeroRanges()
         self._local = threading.local()
+        self._encoders: list[PageEncoderC] = []
+        self._encoders_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="page-encoder")
 
     def _encode(self, run: MemoryRun) -> list[PageSection]:
         encoder = getattr(self._local, "encoder", None)
         if encoder is None:
-            encoder = self._local.encoder = PageEncoder(level=self.level, section_bytes=CHUNK_BYTES,
-                                                        stable=self.stable, zero_ranges=self.zero_ranges)
+            # in C, the GIL released for the whole run: the guest's exits are handled meanwhile
+            encoder = self._local.encoder = PageEncoderC(
+                level=self.level, section_bytes=CHUNK_BYTES, stable=self.stable,
+                zero_ranges=self.zero_ranges, sample_bytes=SAMPLE_BYTES)
+            with self._encoders_lock:
+                self._encoders.append(encoder)
         return encoder.encode(run.address, run.view)
+
+    @property
+    def frames_judged_raw(self) -> int:
+        """Frames sent RAW, uncompressed, because a sample of them did not compress."""
+        with self._encoders_lock:
+            return sum(e.frames_judged_raw for e in self._encoders)
 
     def encode(self, runs: Iterable[MemoryRun]) -> Iterator[PageSection]:
         pending: collections.deque[Future[list[PageSection]]] = collections.deque()
