@@ -33,7 +33,7 @@ demo: host-tools $(STAMP)
 	$(VENV)/bin/migrate demo
 
 test: host-tools $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=12
 
 bench: host-tools $(STAMP)
 	$(PY) tools/bench/bench_hv.py
