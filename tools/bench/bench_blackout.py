@@ -1,0 +1,429 @@
+"""The guest-observed blackout of a live migration, measured from outside the guest, the same way
+for kvmigrate and QEMU 7.2 (numbers, not asserts).
+
+    .venv/bin/python tools/bench/bench_blackout.py [--runs N] [--scenario NAME ...] [--fill random|zero ...]
+                                                   [--period-ms 5] [--peer kvmigrate|qemu ...] [--json]
+
+Both peers boot the same image (`hv.builtin_guest.guest_image()`, a Multiboot ELF32) with the same
+command line (`GuestParams(...).cmdline()`, the host's TSC rate in it) and migrate it on loopback
+to a second process: kvmigrate as `hv run --kernel IMAGE --cmdline ... --api SOCK` ->
+`migrate send` -> `migrate recv` (command-line tools only, run as subprocesses), QEMU as two
+`qemu-system-x86_64` (tools/bench/bench_qemu.py's `Qemu`, `-incoming tcp:...`, QMP `migrate`,
+max-bandwidth lifted, downtime-limit 300 ms). Each VMM keeps its other defaults (kvmigrate's
+auto-converge is on, QEMU's is off).
+
+The observer (tools/bench/echo_observer.py, threads of this process) writes `p<seq>` to the
+guest's COM1 every `--period-ms` and stamps each echo with the monotonic clock: COM1 is the
+stdin/stdout of `hv run` (source) and `migrate recv` (target), and a `-chardev socket` on both
+QEMUs. The figures (tools/bench/echo_timeline.py): blackout = first echo from the target, less
+the steady echo latency, minus the last echo from the source; echo p50/p99 on the source while it
+is migrated; the steady latency before the migration, which must stay flat (else the period
+saturates a console and the row is marked). Every figure is good to about one period, and to the
+guest's COM1 poll interval: the workload checks for input once per 64 KiB it dirties, i.e. every
+62.5 ms at 1 MiB/s (idle-*), 0.6 ms at 100 MiB/s, continuously at rate=0 (tiny-1g, hot256-max).
+
+The window "while migrating" opens when the migration is asked for (kvmigrate: `migrate send`
+is started, its interpreter start-up included) and closes when the VMM says it completed.
+Peers alternate run by run (A B B A A B ...); each row gives the median and the min-max spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import bench_qemu as bq
+from echo_observer import Console, Observer
+from echo_timeline import SOURCE, TARGET, Timeline, TimelineError, analyse, matched_echoes, percentile
+
+from hv import builtin_guest as bg
+
+GUEST_POLL_BYTES = 16 * bg.PAGE_SIZE  # workload.c's CHUNK_PAGES: it looks at COM1 once per chunk
+SETTLE = 0.3  # seconds of pings after `ready` before the steady window opens
+STEADY = 1.5  # seconds of steady window before the migration starts
+AFTER = 0.5  # seconds of pings to the target after its first echo
+BIN = Path(sys.executable).parent  # .venv/bin: hv and migrate
+
+
+@dataclass(frozen=True)
+class Scenario:
+    workload: bq.Workload
+    every: int  # a pass line every N passes: a few a second at most, the console is for the pings
+    fill: str = "random"
+
+    @property
+    def mem_mib(self) -> int:  # what bench_qemu.Qemu reads
+        return self.workload.mem_mib
+
+    def cmdline(self, tsc_khz: int) -> str:
+        return bg.GuestParams(ws_mib=self.workload.ws_mib, rate_mib_s=self.workload.rate_mib_s, every=self.every,
+                              tsc_khz=tsc_khz, fill=self.fill).cmdline()
+
+    @property
+    def poll_ms(self) -> float:
+        rate = self.workload.rate_mib_s
+        return GUEST_POLL_BYTES / (rate * bq.MiB) * 1000 if rate else 0.0
+
+
+SCENARIOS = {  # the shared names (../shared/README.md) and tiny-1g: 1 GiB, ws=1, rate=0
+    "tiny-1g": Scenario(bq.Workload(1024, 1, 0), every=1_000_000),  # ~3 us a pass undisturbed
+    "idle-1g": Scenario(bq.IDLE_1G, every=1),
+    "hot256-max": Scenario(bq.HOT256_MAX, every=1),
+    "hot256-100": Scenario(bq.HOT256_100, every=1),
+    "idle-4g": Scenario(bq.IDLE_4G, every=1),
+}
+
+
+@dataclass
+class Reported:
+    """What the VMM itself says about the migration."""
+    outcome: str
+    downtime_ms: float | None = None
+    total_ms: float | None = None
+    error: str | None = None
+    completed_at: float | None = None  # monotonic seconds: when the VMM told us
+
+
+class Peer(Protocol):
+    name: str
+
+    def consoles(self) -> tuple[Console, Console]: ...
+    def migrate(self) -> Reported: ...
+
+
+# --- QEMU ---------------------------------------------------------------------------------------
+
+
+class ObservedQemu(bq.Qemu):
+    """bench_qemu's Qemu with COM1 on a unix socket the observer connects to (the serial log file
+    is kept as the chardev's logfile)."""
+
+    def __init__(self, role: str, workdir: Path, image: Path, scenario: Scenario, tsc_khz: int,
+                 incoming: str | None = None) -> None:
+        super().__init__(role, workdir, image, scenario, tsc_khz, incoming)
+        self.console_path = workdir / f"{role}.com1"
+        i = self.args.index("-serial")
+        self.args[i:i + 2] = ["-chardev", f"socket,id=com1,path={self.console_path},server=on,wait=off,"
+                              f"logfile={self.serial}", "-serial", "chardev:com1"]
+        self.console_sock: socket.socket | None = None
+
+    def connect_console(self, timeout: float = 30.0) -> Console:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(self.console_path))
+                self.console_sock = sock
+                return Console(self.role, sock.fileno(), sock.fileno())
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise bq.WaitTimeoutError(f"{self.role} COM1 socket", timeout) from None
+                time.sleep(0.005)
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)  # killed first: the observer's reader then sees the socket end
+        if self.console_sock is not None:
+            self.console_sock.close()
+
+
+class QemuPeer:
+    name = "qemu"
+
+    def __init__(self, stack: ExitStack, workdir: Path, image: Path, scenario: Scenario, tsc_khz: int) -> None:
+        self.port = bq.free_port()
+        self.source = stack.enter_context(ObservedQemu(SOURCE, workdir, image, scenario, tsc_khz))
+        self.target = stack.enter_context(ObservedQemu(TARGET, workdir, image, scenario, tsc_khz,
+                                                       incoming=f"tcp:127.0.0.1:{self.port}"))
+        self.qmp = self.source.connect()
+        self.target.connect()
+
+    def consoles(self) -> tuple[Console, Console]:
+        return self.source.connect_console(), self.target.connect_console()
+
+    def migrate(self) -> Reported:
+        self.qmp.execute("migrate-set-parameters", **{"downtime-limit": bq.DOWNTIME_LIMIT_MS,
+                                                      "max-bandwidth": bq.LIFTED_BANDWIDTH})
+        self.qmp.execute("migrate", uri=f"tcp:127.0.0.1:{self.port}")
+        info, _ = bq.wait_migration(self.qmp, bq.CONVERGENCE_TIMEOUT)
+        completed_at = time.monotonic()
+        status = info.get("status")
+        if status == "completed":
+            return Reported("completed", info.get("downtime"), info.get("total-time"), completed_at=completed_at)
+        if status not in ("failed", "cancelled"):
+            self.qmp.execute("migrate_cancel")
+            return Reported("no convergence")
+        return Reported("failed", error=info.get("error-desc", status))
+
+
+# --- kvmigrate ----------------------------------------------------------------------------------
+
+
+class KvmigratePeer:
+    name = "kvmigrate"
+
+    def __init__(self, stack: ExitStack, workdir: Path, image: Path, scenario: Scenario, tsc_khz: int) -> None:
+        self.api, self.address = workdir / "source.sock", f"127.0.0.1:{bq.free_port()}"
+        self.workdir = workdir
+        self.source = self._spawn(stack, SOURCE, ["hv", "run", "--kernel", str(image), "--mem",
+                                                  f"{scenario.mem_mib}M", "--cmdline", scenario.cmdline(tsc_khz),
+                                                  "--api", str(self.api)])
+        self.target = self._spawn(stack, TARGET, ["migrate", "recv", "--listen", self.address,
+                                                  "--accept-timeout", "300"])
+
+    def _spawn(self, stack: ExitStack, role: str, argv: list[str]) -> subprocess.Popen:
+        with open(self.workdir / f"{role}.stderr", "wb") as err:
+            proc = subprocess.Popen([str(BIN / argv[0]), *argv[1:]], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=err)
+        stack.callback(self._end, proc)
+        return proc
+
+    @staticmethod
+    def _end(proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # a clean stop (the VM closed), then the hard way
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+
+    def consoles(self) -> tuple[Console, Console]:
+        return (Console(SOURCE, self.source.stdin.fileno(), self.source.stdout.fileno()),
+                Console(TARGET, self.target.stdin.fileno(), self.target.stdout.fileno()))
+
+    def _wait_for(self, what: str, ready, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            for role, proc in ((SOURCE, self.source), (TARGET, self.target)):
+                if proc.poll() is not None:
+                    raise bq.BenchError(f"{role} exited with {proc.returncode}: "
+                                        f"{(self.workdir / f'{role}.stderr').read_text(errors='replace')[-2000:]}")
+            if time.monotonic() > deadline:
+                raise bq.WaitTimeoutError(what, timeout)
+            time.sleep(0.01)
+
+    def migrate(self) -> Reported:
+        self._wait_for("the source's control socket", self.api.exists)
+        self._wait_for("the target to listen",
+                       lambda: b"listening on" in (self.workdir / "target.stderr").read_bytes())
+        send = subprocess.Popen([str(BIN / "migrate"), "send", "--api", str(self.api), "--to", self.address,
+                                 "--downtime-ms", str(bq.DOWNTIME_LIMIT_MS), "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        text, completed_at = "", None
+        for line in send.stdout:  # the result is printed as the control call returns: stamp it
+            text += line
+            if line == "}\n":
+                completed_at = time.monotonic()
+        send.wait()
+        try:
+            stats = json.loads(text)
+        except json.JSONDecodeError:
+            return Reported("failed", error=(send.stderr.read() or text).strip()[-2000:])
+        if stats["outcome"] != "completed":
+            return Reported(stats["outcome"], error=stats.get("reason"))
+        return Reported("completed", stats["downtime_ms"], stats["total_seconds"] * 1000, completed_at=completed_at)
+
+
+PEERS = {"kvmigrate": KvmigratePeer, "qemu": QemuPeer}
+
+
+# --- one run ------------------------------------------------------------------------------------
+
+
+def _ready_timeout(scenario: Scenario) -> float:
+    return 60.0 + scenario.workload.mem_mib / 256  # boot and the working set's first fill, generously
+
+
+def run_once(peer_name: str, scenario: Scenario, image: Path, tsc_khz: int, period: float) -> dict:
+    observer = Observer(period)
+    with tempfile.TemporaryDirectory(prefix="bench-blackout-") as tmp, ExitStack() as stack:
+        peer: Peer = PEERS[peer_name](stack, Path(tmp), image, scenario, tsc_khz)
+        for console in peer.consoles():
+            observer.attach(console)
+        observer.wait_line(SOURCE, lambda line: line.startswith("kvmig: ready"), _ready_timeout(scenario),
+                           "`kvmig: ready` from the source guest")
+        observer.start_pinging()
+        steady_from = time.monotonic() + SETTLE
+        time.sleep(SETTLE + STEADY)
+        now = time.monotonic()
+        steady = Timeline(period, *observer.seen(), steady_from, now, now, now)
+        observer.arm_target(quiet_after=max(4 * period, 2 * steady_p99(steady)))
+        asked = time.monotonic()
+        reported = peer.migrate()
+        end = reported.completed_at or time.monotonic()
+        # the window "while migrating" is the VMM's own total time, which ends as it tells us:
+        # kvmigrate's `migrate send` start-up is left out, as QEMU has none
+        start = max(asked, end - reported.total_ms / 1000) if reported.total_ms else asked
+        if reported.outcome == "completed" and observer.wait_echo(TARGET, timeout=30):
+            time.sleep(AFTER)
+        timeline = Timeline(period, *observer.stop(), steady_from, asked, start, end)
+    row = {"peer": peer_name, "asked_to_completed_ms": (end - asked) * 1000, **asdict(reported)}
+    del row["completed_at"]
+    if reported.outcome != "completed":
+        return row
+    try:
+        figures = analyse(timeline)
+    except TimelineError as e:
+        return row | {"outcome": "unmeasured", "error": e.what}
+    return row | asdict(figures) | {"saturated": figures.saturated}
+
+
+def steady_p99(timeline: Timeline) -> float:
+    """Seconds: the p99 of the source's latency so far (what `quiet` must exceed)."""
+    source = [seconds for (side, _), seconds in matched_echoes(timeline).latency.items() if side == SOURCE]
+    return percentile(source, 99) if source else 0.0
+
+
+# --- runs, summaries, output --------------------------------------------------------------------
+
+# (header, key): each a median with its min-max spread; ratios kvmigrate/QEMU of the medians
+SPREAD_COLUMNS = [("blackout ms", "blackout_ms"), ("self downtime ms", "downtime_ms"),
+                  ("echo p50 ms", "during_p50_ms"), ("echo p99 ms", "during_p99_ms"),
+                  ("steady p50 ms", "steady_p50_ms"), ("steady p99 ms", "steady_p99_ms"),
+                  ("total ms", "total_ms")]
+MEDIAN_KEYS = ["gap_ms", "steady_drift_ms", "lost", "carried", "strays", "target_p50_ms", "asked_to_completed_ms",
+               "last_source_echo_ms", "first_target_echo_ms"]
+
+
+def spread(values: list) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarise(runs: list[dict]) -> dict:
+    done = [r for r in runs if "blackout_ms" in r]
+    row: dict = {"runs": len(runs), "measured": len(done), "saturated": sum(r["saturated"] for r in done),
+                 "outcomes": [r["outcome"] for r in runs]}
+    errors = [r["error"] for r in runs if r.get("error")]
+    if errors:
+        row["errors"] = errors
+    for key in [k for _, k in SPREAD_COLUMNS] + MEDIAN_KEYS:
+        row[key] = spread([r.get(key) for r in done])
+    return row
+
+
+def ratios(summary: dict[str, dict]) -> dict:
+    ours, theirs = summary.get("kvmigrate"), summary.get("qemu")
+    if not ours or not theirs:
+        return {}
+    out = {}
+    for _, key in SPREAD_COLUMNS:
+        a, b = ours.get(key), theirs.get(key)
+        out[key] = a["median"] / b["median"] if a and b and b["median"] else None
+    return out
+
+
+def _cell(figure: dict | None) -> str:
+    if figure is None:
+        return "-"
+    return f"{figure['median']:.1f} ({figure['min']:.1f}-{figure['max']:.1f})"
+
+
+def print_scenario(title: str, summary: dict[str, dict], ratio: dict) -> None:
+    header = ["peer"] + [h for h, _ in SPREAD_COLUMNS] + ["measured", "lost pings"]
+    table = [header]
+    for peer, row in summary.items():
+        lost = row["lost"]["median"] if row["lost"] else None
+        marks = f" ({row['saturated']} saturated)" if row["saturated"] else ""
+        table.append([peer] + [_cell(row[k]) for _, k in SPREAD_COLUMNS]
+                     + [f"{row['measured']}/{row['runs']}{marks}", "-" if lost is None else f"{lost:.0f}"])
+    if ratio:
+        table.append(["kvmigrate/qemu"] + ["-" if ratio[k] is None else f"{ratio[k]:.2f}x" for _, k in SPREAD_COLUMNS]
+                     + ["", ""])
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    print(f"\n{title}")
+    for i, r in enumerate(table):
+        print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    for peer, row in summary.items():
+        for error in row.get("errors", []):
+            print(f"  {peer}: {error}")
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_scenario(name: str, scenario: Scenario, peers: list[str], runs: int, image: Path, tsc_khz: int,
+                 period: float) -> dict:
+    done: dict[str, list[dict]] = {peer: [] for peer in peers}
+    order = []
+    for i in range(runs):
+        for peer in peers if i % 2 == 0 else reversed(peers):  # A B, B A, A B, ...
+            try:
+                run = run_once(peer, scenario, image, tsc_khz, period)
+            except bq.BenchError as e:
+                run = {"peer": peer, "outcome": "failed", "error": str(e)}
+            order.append(peer)
+            done[peer].append(run)
+            _progress(f"{name} run {i + 1}/{runs} {peer}: {run['outcome']}"
+                      + (f", blackout {run['blackout_ms']:.1f} ms (gap {run['gap_ms']:.1f}), self downtime "
+                         f"{run['downtime_ms']:.1f} ms, echo p50/p99 {run['during_p50_ms'] or 0:.1f}/"
+                         f"{run['during_p99_ms'] or 0:.1f} ms, steady {run['steady_p50_ms']:.1f} ms, "
+                         f"total {run['total_ms']:.0f} ms" if "blackout_ms" in run else f" {run.get('error', '')}"))
+    summary = {peer: summarise(done[peer]) for peer in peers}
+    return {"scenario": asdict(scenario), "order": order, "runs": done, "summary": summary,
+            "ratios": ratios(summary)}
+
+
+def scenario_title(name: str, scenario: Scenario, runs: int, period_ms: float) -> str:
+    w = scenario.workload
+    poll = f"every {scenario.poll_ms:.1f} ms" if scenario.poll_ms else "continuously"
+    return (f"{name} ({w.mem_mib} MiB, working set {w.ws_mib} MiB at "
+            f"{f'{w.rate_mib_s} MiB/s' if w.rate_mib_s else 'full speed'}); ping every {period_ms:g} ms "
+            f"(figures good to ~{max(period_ms, scenario.poll_ms):g} ms; the guest polls COM1 {poll}); "
+            f"median (min-max) of {runs} runs, peers interleaved A B B A")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5, help="runs per scenario and peer")
+    ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), metavar="NAME",
+                    help=f"repeatable; default all: {', '.join(SCENARIOS)}")
+    ap.add_argument("--fill", action="append", choices=("random", "zero"),
+                    help="the guest's fill (repeatable; default random)")
+    ap.add_argument("--peer", action="append", choices=sorted(PEERS), help="repeatable; default both")
+    ap.add_argument("--period-ms", type=float, default=5.0, help="ping period: the figures' resolution")
+    ap.add_argument("--json", action="store_true", help="one JSON document instead of the tables")
+    args = ap.parse_args()
+    peers = args.peer or ["kvmigrate", "qemu"]
+    image, tsc_khz = bg.guest_image(), bq.host_tsc_khz()
+    qemu = subprocess.run([bq.QEMU, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    result: dict = {"qemu": qemu, "tsc_khz": tsc_khz, "image": str(image), "runs": args.runs, "peers": peers,
+                    "period_ms": args.period_ms,
+                    "settings": {"downtime_limit_ms": bq.DOWNTIME_LIMIT_MS, "qemu_max_bandwidth": bq.LIFTED_BANDWIDTH,
+                                 "settle_s": SETTLE, "steady_s": STEADY},
+                    "scenarios": {}}
+    for name in args.scenario or list(SCENARIOS):
+        for fill in args.fill or ["random"]:
+            scenario = Scenario(SCENARIOS[name].workload, SCENARIOS[name].every, fill)
+            key = f"{name} fill={fill}"
+            out = run_scenario(key, scenario, peers, args.runs, image, tsc_khz, args.period_ms / 1000)
+            result["scenarios"][key] = out
+            if not args.json:
+                print_scenario(scenario_title(key, scenario, args.runs, args.period_ms), out["summary"],
+                               out["ratios"])
+    if args.json:
+        print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
