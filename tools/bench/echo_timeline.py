@@ -87,9 +87,11 @@ class EchoFigures:
 
     @property
     def saturated(self) -> bool:
-        """The console did not keep up with the pings: the latency grew by a period or more
-        over the steady window, or a tenth of its pings went unanswered."""
-        return (self.steady_drift_ms >= self.period_ms
+        """The console did not keep up with the pings: the latency grew over the steady window
+        by a period or more and by half its median or more (a guest that polls its console
+        seldom has latencies spread over its poll interval, not growing), or a tenth of the
+        pings went unanswered."""
+        return (self.steady_drift_ms >= max(self.period_ms, self.steady_p50_ms / 2)
                 or self.steady_answered < 0.9 * self.steady_pings)
 
 
