@@ -145,14 +145,19 @@ class ObservedQemu(bq.Qemu):
 
 class QemuPeer:
     name = "qemu"
+    postcopy = False
 
     def __init__(self, stack: ExitStack, workdir: Path, image: Path, scenario: Scenario, tsc_khz: int) -> None:
-        self.port = bq.free_port()
+        self.uri = f"tcp:127.0.0.1:{bq.free_port()}"
         self.source = stack.enter_context(ObservedQemu(SOURCE, workdir, image, scenario, tsc_khz))
         self.target = stack.enter_context(ObservedQemu(TARGET, workdir, image, scenario, tsc_khz,
-                                                       incoming=f"tcp:127.0.0.1:{self.port}"))
+                                                       incoming="defer" if self.postcopy else self.uri))
         self.qmp = self.source.connect()
-        self.target.connect()
+        target = self.target.connect()
+        if self.postcopy:  # both sides need the capability before the stream starts
+            for qmp in (target, self.qmp):
+                qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+            target.execute("migrate-incoming", uri=self.uri)
 
     def consoles(self) -> tuple[Console, Console]:
         return self.source.connect_console(), self.target.connect_console()
@@ -160,7 +165,9 @@ class QemuPeer:
     def migrate(self) -> Reported:
         self.qmp.execute("migrate-set-parameters", **{"downtime-limit": bq.DOWNTIME_LIMIT_MS,
                                                       "max-bandwidth": bq.LIFTED_BANDWIDTH})
-        self.qmp.execute("migrate", uri=f"tcp:127.0.0.1:{self.port}")
+        self.qmp.execute("migrate", uri=self.uri)
+        if self.postcopy:
+            self._start_postcopy()
         info, _ = bq.wait_migration(self.qmp, bq.CONVERGENCE_TIMEOUT)
         completed_at = time.monotonic()
         status = info.get("status")
@@ -170,6 +177,25 @@ class QemuPeer:
             self.qmp.execute("migrate_cancel")
             return Reported("no convergence")
         return Reported("failed", error=info.get("error-desc", status))
+
+    def _start_postcopy(self) -> None:
+        """After one full pre-copy pass (so post-copy fetches only what the guest dirtied since)."""
+        while True:
+            info = self.qmp.execute("query-migrate")
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                return
+            if info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
+                self.qmp.execute("migrate-start-postcopy")
+                return
+            time.sleep(0.005)
+
+
+class QemuPostcopyPeer(QemuPeer):
+    """QEMU switching to post-copy after its first pass (userfaultfd on the target): optional,
+    not in the ratios."""
+
+    name = "qemu-postcopy"
+    postcopy = True
 
 
 # --- kvmigrate ----------------------------------------------------------------------------------
@@ -246,7 +272,7 @@ class KvmigratePeer:
         return Reported("completed", stats["downtime_ms"], stats["total_seconds"] * 1000, completed_at=completed_at)
 
 
-PEERS = {"kvmigrate": KvmigratePeer, "qemu": QemuPeer}
+PEERS = {"kvmigrate": KvmigratePeer, "qemu": QemuPeer, "qemu-postcopy": QemuPostcopyPeer}
 
 
 # --- one run ------------------------------------------------------------------------------------
@@ -414,7 +440,8 @@ def main() -> None:
                     help=f"repeatable; default all: {', '.join(SCENARIOS)}")
     ap.add_argument("--fill", action="append", choices=("random", "zero"),
                     help="the guest's fill (repeatable; default random)")
-    ap.add_argument("--peer", action="append", choices=sorted(PEERS), help="repeatable; default both")
+    ap.add_argument("--peer", action="append", choices=list(PEERS),
+                    help="repeatable; default kvmigrate and qemu (qemu-postcopy only when named)")
     ap.add_argument("--period-ms", type=float, default=5.0, help="ping period: the figures' resolution")
     ap.add_argument("--json", action="store_true", help="one JSON document instead of the tables")
     args = ap.parse_args()
