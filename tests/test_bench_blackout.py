@@ -1,5 +1,5 @@
-"""The blackout benchmark's arithmetic (tools/bench/echo_timeline.py) on synthetic timelines:
-times are made up, nothing here depends on a clock."""
+"""The blackout benchmark's arithmetic (tools/bench/echo_timeline.py, blackout_report.py) on
+synthetic timelines: times are made up, nothing here depends on a clock."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "bench"))
+from blackout_report import ratios, summarise  # noqa: E402
 from echo_timeline import (  # noqa: E402
     SOURCE,
     TARGET,
@@ -110,3 +111,19 @@ def test_no_echo_from_the_target_is_an_error() -> None:
     with pytest.raises(TimelineError, match="target never echoed"):
         analyse(Timeline(timeline.period, timeline.pings, silent, timeline.steady_from, timeline.steady_until,
                          timeline.migration_start, timeline.migration_end))
+
+
+def test_summaries_give_the_median_the_spread_and_the_ratio() -> None:
+    def run(blackout: float, downtime: float) -> dict:
+        return {"outcome": "completed", "blackout_ms": blackout, "downtime_ms": downtime, "saturated": False}
+
+    summary = {"kvmigrate": summarise([run(30, 10), run(20, 14), run(40, 12), {"outcome": "failed", "error": "x"}]),
+               "qemu": summarise([run(10, 2), run(12, 4), run(14, 3)])}
+    assert summary["kvmigrate"]["blackout_ms"] == {"median": 30, "min": 20, "max": 40}
+    assert (summary["kvmigrate"]["measured"], summary["kvmigrate"]["runs"]) == (3, 4)
+    assert summary["kvmigrate"]["errors"] == ["x"]
+    assert summary["qemu"]["during_p99_ms"] is None  # not in these runs
+    ratio = ratios(summary)
+    assert ratio["blackout_ms"] == pytest.approx(30 / 12)
+    assert ratio["downtime_ms"] == pytest.approx(12 / 3)
+    assert ratio["total_ms"] is None

@@ -37,7 +37,6 @@ import argparse
 import json
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from typing import Protocol
 
 import bench_qemu as bq
 from echo_observer import Console, Observer, ObserverTimeoutError
+from blackout_report import fmt_ms, print_scenario, ratios, scenario_title, summarise
 from echo_timeline import SOURCE, TARGET, Timeline, TimelineError, analyse, matched_echoes, percentile
 
 from hv import builtin_guest as bg
@@ -322,85 +322,16 @@ def steady_p99(timeline: Timeline) -> float:
     return percentile(source, 99) if source else 0.0
 
 
-# --- runs, summaries, output --------------------------------------------------------------------
-
-# (header, key): each a median with its min-max spread; ratios kvmigrate/QEMU of the medians
-SPREAD_COLUMNS = [("blackout ms", "blackout_ms"), ("self downtime ms", "downtime_ms"),
-                  ("echo p50 ms", "during_p50_ms"), ("echo p99 ms", "during_p99_ms"),
-                  ("steady p50 ms", "steady_p50_ms"), ("steady p99 ms", "steady_p99_ms"),
-                  ("total ms", "total_ms")]
-MEDIAN_KEYS = ["gap_ms", "steady_drift_ms", "lost", "carried", "strays", "target_p50_ms", "asked_to_completed_ms",
-               "last_source_echo_ms", "first_target_echo_ms"]
-
-
-def spread(values: list) -> dict | None:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def summarise(runs: list[dict]) -> dict:
-    done = [r for r in runs if "blackout_ms" in r]
-    row: dict = {"runs": len(runs), "measured": len(done), "saturated": sum(r["saturated"] for r in done),
-                 "outcomes": [r["outcome"] for r in runs]}
-    errors = [r["error"] for r in runs if r.get("error")]
-    if errors:
-        row["errors"] = errors
-    for key in [k for _, k in SPREAD_COLUMNS] + MEDIAN_KEYS:
-        row[key] = spread([r.get(key) for r in done])
-    return row
-
-
-def ratios(summary: dict[str, dict]) -> dict:
-    ours, theirs = summary.get("kvmigrate"), summary.get("qemu")
-    if not ours or not theirs:
-        return {}
-    out = {}
-    for _, key in SPREAD_COLUMNS:
-        a, b = ours.get(key), theirs.get(key)
-        out[key] = a["median"] / b["median"] if a and b and b["median"] else None
-    return out
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def _cell(figure: dict | None) -> str:
-    if figure is None:
-        return "-"
-    return f"{figure['median']:.1f} ({figure['min']:.1f}-{figure['max']:.1f})"
-
-
-def print_scenario(title: str, summary: dict[str, dict], ratio: dict) -> None:
-    header = ["peer"] + [h for h, _ in SPREAD_COLUMNS] + ["measured", "lost pings"]
-    table = [header]
-    for peer, row in summary.items():
-        lost = row["lost"]["median"] if row["lost"] else None
-        marks = f" ({row['saturated']} saturated)" if row["saturated"] else ""
-        table.append([peer] + [_cell(row[k]) for _, k in SPREAD_COLUMNS]
-                     + [f"{row['measured']}/{row['runs']}{marks}", "-" if lost is None else f"{lost:.0f}"])
-    if ratio:
-        table.append(["kvmigrate/qemu"] + ["-" if ratio[k] is None else f"{ratio[k]:.2f}x" for _, k in SPREAD_COLUMNS]
-                     + ["", ""])
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    print(f"\n{title}")
-    for i, r in enumerate(table):
-        print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-    for peer, row in summary.items():
-        for error in row.get("errors", []):
-            print(f"  {peer}: {error}")
-        if row["saturated"]:
-            print(f"  {peer}: in {row['saturated']} run(s) the steady latency grew while it was measured: the "
-                  "pings came faster than the console answered them (a busy host, or a period too short); "
-                  "those figures are not the VMM's")
+# --- runs --------------------------------------------------------------------------------------
 
 
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+PROGRESS = [("blackout", "blackout_ms"), ("gap", "gap_ms"), ("self downtime", "downtime_ms"),
+            ("echo p50", "during_p50_ms"), ("p99", "during_p99_ms"), ("steady", "steady_p50_ms"),
+            ("total", "total_ms")]  # ms, one line per run on stderr
 
 
 def run_scenario(name: str, scenario: Scenario, peers: list[str], runs: int, image: Path, tsc_khz: int,
@@ -415,22 +346,15 @@ def run_scenario(name: str, scenario: Scenario, peers: list[str], runs: int, ima
                 run = {"peer": peer, "outcome": "failed", "error": str(e)}
             order.append(peer)
             done[peer].append(run)
-            _progress(f"{name} run {i + 1}/{runs} {peer}: {run['outcome']}, " + (", ".join(
-                f"{key} {_ms(run.get(key))}" for key in ("blackout_ms", "gap_ms", "downtime_ms", "during_p50_ms",
-                                                         "during_p99_ms", "steady_p50_ms", "total_ms"))
-                + (" SATURATED" if run["saturated"] else "") if "blackout_ms" in run else run.get("error", "")))
+            if "blackout_ms" in run:
+                figures = ", ".join(f"{label} {fmt_ms(run[key])}" for label, key in PROGRESS)
+                figures += " SATURATED" if run["saturated"] else ""
+            else:
+                figures = run.get("error") or ""
+            _progress(f"{name} run {i + 1}/{runs} {peer}: {run['outcome']}, {figures}")
     summary = {peer: summarise(done[peer]) for peer in peers}
     return {"scenario": asdict(scenario), "order": order, "runs": done, "summary": summary,
             "ratios": ratios(summary)}
-
-
-def scenario_title(name: str, scenario: Scenario, runs: int, period_ms: float) -> str:
-    w = scenario.workload
-    poll = f"every {scenario.poll_ms:.1f} ms" if scenario.poll_ms else "continuously"
-    return (f"{name} ({w.mem_mib} MiB, working set {w.ws_mib} MiB at "
-            f"{f'{w.rate_mib_s} MiB/s' if w.rate_mib_s else 'full speed'}); ping every {period_ms:g} ms "
-            f"(figures good to ~{max(period_ms, scenario.poll_ms):g} ms; the guest polls COM1 {poll}); "
-            f"median (min-max) of {runs} runs, peers interleaved A B B A")
 
 
 def main() -> None:
@@ -460,8 +384,10 @@ def main() -> None:
             out = run_scenario(key, scenario, peers, args.runs, image, tsc_khz, args.period_ms / 1000)
             result["scenarios"][key] = out
             if not args.json:
-                print_scenario(scenario_title(key, scenario, args.runs, args.period_ms), out["summary"],
-                               out["ratios"])
+                w = scenario.workload
+                title = scenario_title(key, w.mem_mib, w.ws_mib, w.rate_mib_s, scenario.poll_ms, args.runs,
+                                       args.period_ms)
+                print_scenario(title, out["summary"], out["ratios"])
     if args.json:
         print(json.dumps(result, indent=2))
 
