@@ -24,9 +24,9 @@ guest's COM1 poll interval: the workload checks for input once per 64 KiB it dir
 
 The window "while migrating" is the VMM's own total time, ending when it says the migration
 completed (QMP `query-migrate`; the JSON `migrate send --json` prints as its control call
-returns): `migrate send`'s interpreter start-up, which QEMU's already running QMP client has no
-counterpart of, is left out, and the client runs niced so that start-up does not starve the
-guest's console meanwhile. Peers alternate run by run (A B, B A, A B, ...); each row gives the
+returns). `migrate send` is started with the source, and told to go when the migration is due:
+its interpreter's start-up, which QEMU's already running QMP client has no counterpart of, is
+over by then. Peers alternate run by run (A B, B A, A B, ...); each row gives the
 median and the min-max spread of its runs, then the ratios kvmigrate/QEMU of the medians.
 `--json` adds every run's figures (gap, lost and carried pings, the target's own latency, ...).
 """
@@ -201,22 +201,37 @@ class QemuPostcopyPeer(QemuPeer):
 # --- kvmigrate ----------------------------------------------------------------------------------
 
 
+# `migrate send ARGS` (the console script's entry point, as .venv/bin/migrate runs it), its
+# interpreter started and the command imported ahead, run on a line on stdin: its start-up
+# (seconds of CPU on a busy host) is then over before the steady window, as QEMU's QMP client's is
+SEND_WHEN_TOLD = """\
+import sys
+from importlib.metadata import entry_points
+(command,) = entry_points(group="console_scripts", name="migrate")
+main = command.load()
+sys.stdin.readline()
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 class KvmigratePeer:
     name = "kvmigrate"
 
     def __init__(self, stack: ExitStack, workdir: Path, image: Path, scenario: Scenario, tsc_khz: int) -> None:
         self.api, self.address = workdir / "source.sock", f"127.0.0.1:{bq.free_port()}"
         self.workdir = workdir
-        self.source = self._spawn(stack, SOURCE, ["hv", "run", "--kernel", str(image), "--mem",
+        self.source = self._spawn(stack, SOURCE, [str(BIN / "hv"), "run", "--kernel", str(image), "--mem",
                                                   f"{scenario.mem_mib}M", "--cmdline", scenario.cmdline(tsc_khz),
                                                   "--api", str(self.api)])
-        self.target = self._spawn(stack, TARGET, ["migrate", "recv", "--listen", self.address,
+        self.target = self._spawn(stack, TARGET, [str(BIN / "migrate"), "recv", "--listen", self.address,
                                                   "--accept-timeout", "300"])
+        self.send = self._spawn(stack, "send", [sys.executable, "-c", SEND_WHEN_TOLD, "send", "--api", str(self.api),
+                                                "--to", self.address, "--downtime-ms", str(bq.DOWNTIME_LIMIT_MS),
+                                                "--json"])
 
     def _spawn(self, stack: ExitStack, role: str, argv: list[str]) -> subprocess.Popen:
         with open(self.workdir / f"{role}.stderr", "wb") as err:
-            proc = subprocess.Popen([str(BIN / argv[0]), *argv[1:]], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=err)
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
         stack.callback(self._end, proc)
         return proc
 
@@ -251,22 +266,19 @@ class KvmigratePeer:
         self._wait_for("the source's control socket", self.api.exists)
         self._wait_for("the target to listen",
                        lambda: b"listening on" in (self.workdir / "target.stderr").read_bytes())
-        # niced: the client only asks the source and waits (the source process does the work), and
-        # its interpreter's start-up (seconds on a busy host) must not starve the guest's console
-        # as QEMU's QMP client, already running, does not
-        send = subprocess.Popen(["nice", "-n", "19", str(BIN / "migrate"), "send", "--api", str(self.api),
-                                 "--to", self.address, "--downtime-ms", str(bq.DOWNTIME_LIMIT_MS), "--json"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        text, completed_at = "", None
-        for line in send.stdout:  # the result is printed as the control call returns: stamp it
+        self.send.stdin.write(b"go\n")
+        self.send.stdin.flush()
+        text, completed_at = b"", None
+        for line in self.send.stdout:  # the result is printed as the control call returns: stamp it
             text += line
-            if line == "}\n":
+            if line == b"}\n":
                 completed_at = time.monotonic()
-        send.wait()
+        self.send.wait()
         try:
             stats = json.loads(text)
         except json.JSONDecodeError:
-            return Reported("failed", error=(send.stderr.read() or text).strip()[-2000:])
+            stderr = (self.workdir / "send.stderr").read_text(errors="replace")
+            return Reported("failed", error=(stderr or text.decode(errors="replace")).strip()[-2000:])
         if stats["outcome"] != "completed":
             return Reported(stats["outcome"], error=stats.get("reason"))
         return Reported("completed", stats["downtime_ms"], stats["total_seconds"] * 1000, completed_at=completed_at)
