@@ -47,7 +47,7 @@ from hv.errors import HvError
 from hv.hypervisor import Kvm
 from hv.machine import Machine, RunState
 from hv.memory import MemoryRegion, RamBacking
-from migrate import pages
+from migrate import digest, pages
 from migrate.errors import (
     IncompatibleError,
     MigrateError,
@@ -234,7 +234,7 @@ class _Sender:
         self._fetched_at = 0.0
         self._bytes_at_start = 0
         self._touched: pages.Touched = {}
-        self._hashes: pages.BlockHashes | None = None
+        self._hashes: digest.BlockHashes | None = None
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="block-hashes")
         self._hashing: Future | None = None
 
@@ -347,7 +347,7 @@ class _Sender:
             pass
         self._fetched_at = time.perf_counter()
         self._touched = pages.touched_pages(vm.memory)  # kept up to date from each dirty log
-        self._hashes = pages.BlockHashes(vm.memory, self._touched)
+        self._hashes = digest.BlockHashes(vm.memory, self._touched)
         self._rehash()
         self._round(0, pages.populated_runs(vm.memory, self._touched), 0.0)
         while True:
@@ -697,7 +697,7 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
         streams = _accept_streams(listener, hello.streams - 1, session, machine, layout.memory, gate, timeout)
         sinks = [sink, *(x.sink for x in streams)]
         nothing = {r.guest_base: DirtyBitmap(r.npages) for r in machine.vm.memory.regions}
-        hashes = pages.BlockHashes(machine.vm.memory, nothing)  # fresh memory: all zero
+        hashes = digest.BlockHashes(machine.vm.memory, nothing)  # fresh memory: all zero
         hashing: Future | None = None
         while True:
             message = take(conn.receive(timeout))

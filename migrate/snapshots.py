@@ -49,7 +49,7 @@ from hv.hypervisor import Kvm
 from hv.machine import Machine, RunState
 from hv.memory import GuestMemory, MemoryRegion, RamBacking
 from hv.vm import VmConfig
-from migrate import pages
+from migrate import digest, pages
 from migrate.errors import IncompatibleError, SnapshotError
 from migrate.state import (
     PRODUCER,
@@ -180,8 +180,8 @@ def _write(machine: Machine, path: Path, *, base: Path | None, level: int, mappa
                         if progress:
                             progress({"stage": "memory", "bytes": raw})
                     zero = pool.zero_ranges
-            digest = pages.digest(vm.memory, workers, zero=zero)
-            f.write(writer.end(digest))
+            ram_digest = digest.digest(vm.memory, workers, zero=zero)
+            f.write(writer.end(ram_digest))
             f.flush()
             os.fsync(f.fileno())
         if mappable:
@@ -192,7 +192,7 @@ def _write(machine: Machine, path: Path, *, base: Path | None, level: int, mappa
             leftover.unlink(missing_ok=True)
         raise
     if track:
-        _tracked[machine] = _LastSnapshot(snapshot_id, digest, vm.dirty_log_generation)
+        _tracked[machine] = _LastSnapshot(snapshot_id, ram_digest, vm.dirty_log_generation)
     totals = writer.totals
     file_bytes = path.stat().st_size + (mem_path.stat().st_blocks * 512 if mappable else 0)
     log.info("snapshot %s: %s, %d pages, %d bytes", path, snapshot_id, totals.pages, file_bytes)
@@ -377,7 +377,7 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
     for file_path, _ in chain:
         loaded = _read_stream(file_path, expected, None if mappable else sink, progress)
         if verify:
-            pages.verify(loaded.end, staging, None if mappable else sink.touched)
+            digest.verify(loaded.end, staging, None if mappable else sink.touched)
     state = loaded.state(path)
     if problems := cpuid_problems(state.vcpus[0].cpuid, kvm.guest_cpuid):
         raise IncompatibleError(problems)
@@ -427,7 +427,7 @@ def inspect(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
         result["totals"] = {"pages": t.pages, "zero_pages": t.zero_pages, "raw_bytes": t.raw_bytes,
                             "payload_bytes": t.payload_bytes, "sections": t.sections}
         if verify and config.base is None and config.memory_file is None:
-            pages.verify(loaded.end, scratch, sink.touched)
+            digest.verify(loaded.end, scratch, sink.touched)
             result["digest"] = "verified"
         else:
             result["digest"] = "not checked (incremental or mappable: restore checks the chain)"
