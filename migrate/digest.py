@@ -14,18 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from formats import (
-    DIGEST_BLOCK,
-    EndRecord,
-    KnownZero,
-    ZeroRanges,
-    block_count,
-    block_hash,
-    combine_block_hashes,
-    memory_digest,
-    verify_digest,
-    zero_block_hashes,
-)
+from formats import (DIGEST_BLOCK, EndRecord, KnownZero, ZeroRanges, block_count, block_hash,
+                     combine_block_hashes, memory_digest, verify_digest, zero_block_hashes)
 from hv.dirty import PAGE_SIZE, DirtyBitmap
 from hv.memory import GuestMemory, MemoryRegion
 from migrate.pages import Touched

@@ -23,7 +23,7 @@ from hv.hypervisor import Kvm
 from hv.machine import Machine, RunState
 from hv.vm import VmConfig
 from migrate.errors import MigrationFailed, TransportError
-from migrate.live import MigrationOptions, listen_and_receive, receive, send
+from migrate import MigrationOptions, listen_and_receive, receive, send
 from migrate.protocol import Pages, State
 from migrate.transport import Connection, Listener, connect, decode
 
@@ -457,9 +457,9 @@ def test_a_stranger_cannot_join_as_a_page_stream(kvm: Kvm) -> None:
     try:
         # a source that asks for 2 streams, but the second connection is someone else's
         conn = connect(listener.address, b"")
-        from migrate.live import _Sender
+        from migrate.source import Source
 
-        sender = _Sender(machine, conn, MigrationOptions(streams=2), None, threading.Event(), listener.address)
+        sender = Source(machine, conn, MigrationOptions(streams=2), None, threading.Event(), listener.address)
         sender.open_extra_streams = lambda session: (lambda c: c.send(Channel(b"wrong", 1)))(
             connect(listener.address, b""))
         with pytest.raises((TransportError, MigrationFailed)):  # the link dies, or the target says why
