@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -78,10 +78,13 @@ class BlockHashes:
     hashed in the pause. A block changing while it is being hashed gets a new generation, and the
     stale hash is not kept: `refresh` only records a hash if the block's generation did not move.
     Each hash is `formats.block_hash`, and the digest `formats.combine_block_hashes` of them.
+    `refresh_soon` runs a pass on a thread of its own; `close` waits for it and ends the thread.
     """
 
     def __init__(self, memory: GuestMemory, touched: Touched) -> None:
         self.memory = memory
+        self._background: ThreadPoolExecutor | None = None
+        self._pass: Future[int] | None = None
         self._lock = threading.Lock()
         self._hashes: dict[int, np.ndarray] = {}
         self._stale: dict[int, np.ndarray] = {}
@@ -126,8 +129,22 @@ class BlockHashes:
                     self._stale[base][block] = False
         return len(todo)
 
+    def refresh_soon(self) -> None:
+        """Hash the stale blocks in the background, one pass at a time (a pass already running
+        leaves what went stale since for the next one)."""
+        if self._background is None:
+            self._background = ThreadPoolExecutor(1, thread_name_prefix="block-hashes")
+        if self._pass is None or self._pass.done():
+            self._pass = self._background.submit(self.refresh, 1)
+
+    def close(self) -> None:
+        if self._background is not None:
+            self._background.shutdown(wait=True)
+
     def digest(self, workers: int = 2) -> int:
         """The memory digest now (memory must not change meanwhile: a paused guest)."""
+        if self._pass is not None:
+            self._pass.result()  # a background pass may still be running: let it finish
         while self.refresh(workers):
             pass  # a block invalidated during a refresh is hashed by the next one
         with self._lock:

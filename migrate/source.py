@@ -19,7 +19,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from formats import FORMAT_MAJOR, FORMAT_MINOR, StreamWriter
@@ -65,8 +64,6 @@ class Source:
         self._bytes_at_start = 0
         self._touched: pages.Touched = {}
         self._hashes: digest.BlockHashes | None = None
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="block-hashes")
-        self._hashing: Future | None = None
 
     # --- messages ---------------------------------------------------------------------------------
 
@@ -160,7 +157,7 @@ class Source:
         self._fetched_at = time.perf_counter()
         self._touched = pages.touched_pages(vm.memory)  # kept up to date from each dirty log
         self._hashes = digest.BlockHashes(vm.memory, self._touched)
-        self._rehash()
+        self._hashes.refresh_soon()  # the digest at the end then hashes only what changed since
 
     def _fetch(self) -> tuple[Dirty, int, float]:
         """The dirty log since the last fetch, its page count and the rate the guest dirtied at."""
@@ -169,18 +166,12 @@ class Source:
             self._touched[region.guest_base] |= bitmap
         if self._hashes is not None:
             self._hashes.invalidate(dirty)
-            self._rehash()
+            self._hashes.refresh_soon()
         now = time.perf_counter()
         count = sum(b.count() for _, b in dirty)
         rate = count * PAGE_SIZE / MiB / max(now - self._fetched_at, 1e-6)
         self._fetched_at = now
         return dirty, count, rate
-
-    def _rehash(self) -> None:
-        """Re-hash changed blocks in the background, one pass at a time (the digest at the end
-        then hashes only what changed since)."""
-        if self._hashing is None or self._hashing.done():
-            self._hashing = self._hasher.submit(self._hashes.refresh, 1)
 
     def _throttle(self, throttle: float) -> None:
         self.machine.set_throttle(throttle)
@@ -210,8 +201,6 @@ class Source:
         self._round(len(self.stats.rounds), pages.dirty_runs(final)[0], rate)
         state = capture(machine, machine_config(machine))
         self.message(State(b"".join(state_sections(self.writer, state))))
-        if self._hashing is not None:
-            self._hashing.result()  # a background pass may still be running: let it finish
         self.message(Complete(self.writer.end(self._hashes.digest(self.options.threads))))
         self.answer()  # Ready: the target holds a verified copy, built and paused
         self.message(Commit())
@@ -293,7 +282,8 @@ class Source:
 
     def close(self) -> None:
         self.pool.close()
-        self._hasher.shutdown(wait=True)
+        if self._hashes is not None:
+            self._hashes.close()
         for extra in self.extra:
             extra.close()
         self.conn.close()

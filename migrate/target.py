@@ -21,7 +21,6 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,8 +73,6 @@ class Target:
         self.gate = RoundGate()
         self.streams: list[IncomingStream] = []
         self.hashes: digest.BlockHashes | None = None
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="block-hashes")
-        self._hashing: Future | None = None
         self.session = b""  # what the extra page streams present, once accepted
         self._t0 = time.perf_counter()
 
@@ -102,7 +99,8 @@ class Target:
             raise
         finally:
             close_streams(self.gate, self.streams)
-            self._hasher.shutdown(wait=True)
+            if self.hashes is not None:
+                self.hashes.close()
 
     # --- 1. handshake -----------------------------------------------------------------------------
 
@@ -110,6 +108,9 @@ class Target:
         hello = self.take(self.conn.receive(self.timeout))
         if not isinstance(hello, Hello):
             raise TransportError(f"expected HELLO, got {type(hello).__name__}")
+        self.collected.take(self.reader.feed(hello.config + hello.layout))  # the header, CONFIG, LAYOUT
+        self.collected.need("CONFIG", "LAYOUT")
+        self.incoming.config = self.collected.config
         problems = self.problems(hello)
         if problems:
             self.tell(Reject(tuple(problems)))
@@ -119,15 +120,11 @@ class Target:
         return hello
 
     def problems(self, hello: Hello) -> list[str]:
-        """Everything that keeps this host from taking the guest HELLO describes."""
+        """Everything that keeps this host from taking the guest HELLO describes (every one)."""
         problems = []
         if hello.protocol_version != PROTOCOL_VERSION:
             problems.append(f"protocol version {hello.protocol_version}, this side speaks {PROTOCOL_VERSION}")
-        self.collected.take(self.reader.feed(hello.config + hello.layout))
-        self.collected.need("CONFIG", "LAYOUT")
-        config, layout = self.collected.config, self.collected.layout
-        self.incoming.config = config
-        problems += [str(d) for d in formats.diff(expected_layout(config), layout)]
+        problems += [str(d) for d in formats.diff(expected_layout(self.collected.config), self.collected.layout)]
         cpuid = registry().decode(hello.cpuid, expect=GuestCpuid)
         problems += cpuid_problems(cpuid.entries, self.kvm.guest_cpuid)
         most = MAX_STREAMS if self.listener is not None else 1
@@ -180,16 +177,13 @@ class Target:
 
     def round_done(self, number: int, count: int) -> None:
         self.gate.round_done(number, count, self.timeout)
-        self._invalidate_written()  # hash what this round wrote while the next one arrives
-        if self._hashing is None or self._hashing.done():
-            self._hashing = self._hasher.submit(self.hashes.refresh, 1)
+        self._invalidate_written()
+        self.hashes.refresh_soon()  # hash what this round wrote while the next one arrives
         self.progress({"stage": "round", "round": number, "pages": count})
 
     def verify(self, payload: bytes) -> None:
         self.collected.take(self.reader.feed(payload))
         self.reader.finish()
-        if self._hashing is not None:
-            self._hashing.result()
         self._invalidate_written()
         found = self.hashes.digest(2)
         if found != self.collected.end.digest:

@@ -98,8 +98,13 @@ def test_ping_pong_ten_times(kvm: Kvm) -> None:
     try:
         for hop in range(10):
             target = _Target(kvm)
-            target.console(consoles[-1].pending)  # the line in flight moves with the guest
-            stats = send(machine, target.listener.address, MigrationOptions(downtime_ms=300))
+
+            def carry_the_line(p: dict, source=consoles[-1], target=target) -> None:
+                if p["stage"] == "stop-and-copy":  # paused: the line in flight moves with the guest
+                    target.console(source.pending)
+
+            stats = send(machine, target.listener.address, MigrationOptions(downtime_ms=300),
+                         progress=carry_the_line)
             target.join()
             assert stats.outcome == "completed", stats.reason
             assert machine.state is RunState.STOPPED  # exactly one copy runs
