@@ -33,6 +33,7 @@ from typing import Any
 import formats
 from formats import ConfigRecord, StreamReader, StreamWriter
 from hv.builder import blank_machine
+from hv.control import Progress
 from hv.hypervisor import Kvm
 from hv.machine import Machine, RunState
 from hv.memory import GuestMemory, MemoryRegion, RamBacking
@@ -62,7 +63,6 @@ MEM_TRAILER_MAGIC = b"KVMIGMEM"
 MEM_TRAILER_SIZE = 4096
 MAX_CHAIN = 64
 
-Progress = Callable[[dict[str, Any]], None]
 
 
 class SnapshotKind(StrEnum):
@@ -280,6 +280,14 @@ def _config_problems(saved: VmConfig, wanted: VmConfig) -> list[str]:
             for name in ("mem_size", "vcpus", "irqchip", "pit") if getattr(saved, name) != getattr(wanted, name)]
 
 
+def _scratch_memory(vm_config: VmConfig) -> GuestMemory:
+    """Host memory shaped as the guest's RAM, in no VM: pages are checked here before one exists."""
+    memory = GuestMemory()
+    for base, length in vm_config.memory_layout():
+        memory.insert(MemoryRegion(base, length, slot=-1, backing=RamBacking.host_filled(base, length)))
+    return memory
+
+
 def _mapped_memory(path: Path, ref: MemoryFileRef, vm_config: VmConfig) -> dict[int, mmap.mmap]:
     mem_path = path.parent / ref.path
     try:
@@ -323,14 +331,12 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
     mappable = head.memory_file is not None
     verify = (not mappable) if verify_memory is None else verify_memory
 
-    staging = GuestMemory()
     if mappable:
-        maps = _mapped_memory(path, head.memory_file, vm_config)
-        for base, mapping in maps.items():
+        staging = GuestMemory()
+        for base, mapping in _mapped_memory(path, head.memory_file, vm_config).items():
             staging.insert(MemoryRegion(base, len(mapping), slot=-1, backing=mapping))
     else:
-        for base, length in vm_config.memory_layout():
-            staging.insert(MemoryRegion(base, length, slot=-1, backing=RamBacking.host_filled(base, length)))
+        staging = _scratch_memory(vm_config)
     sink = pages.MemorySink(staging)
     loaded = None
     for file_path, _ in chain:
@@ -366,9 +372,7 @@ def inspect(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
                             "vcpus": config.vcpus, "irqchip": config.irqchip, "pit": config.pit,
                             "kind": SnapshotKind.of(config),
                             "base": config.base.path if config.base else None}
-        scratch = GuestMemory()
-        for base, length in vm_config.memory_layout():
-            scratch.insert(MemoryRegion(base, length, slot=-1, backing=RamBacking.host_filled(base, length)))
+        scratch = _scratch_memory(vm_config)
         expected = expected_layout(config)
         sink = pages.MemorySink(scratch)
         loaded = _read_stream(path, expected, sink if verify else None)

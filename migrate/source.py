@@ -18,10 +18,11 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from formats import FORMAT_MAJOR, FORMAT_MINOR, StreamWriter
+from hv.control import Progress
 from hv.dirty import PAGE_SIZE, DirtyBitmap
 from hv.machine import Machine, RunState
 from hv.memory import MemoryRegion
@@ -39,7 +40,6 @@ from migrate.transport import Connection, connect
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[dict[str, Any]], None]
 MESSAGE_BYTES = 8 << 20  # page payload per PAGES message
 MiB = 1 << 20
 Dirty = list[tuple[MemoryRegion, DirtyBitmap]]

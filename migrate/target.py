@@ -27,6 +27,7 @@ from typing import Any
 import formats
 from formats import StreamReader
 from hv.builder import blank_machine
+from hv.control import Progress
 from hv.dirty import DirtyBitmap
 from hv.hypervisor import Kvm
 from hv.machine import Machine
@@ -42,7 +43,6 @@ from migrate.transport import Connection, Listener
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[dict[str, Any]], None]
 
 
 @dataclass

@@ -160,3 +160,4 @@ def test_the_figures_come_from_the_last_rounds() -> None:
     assert (f.last_dirty_rate_mib_s, f.last_bandwidth_mib_s, f.compression) == (40.0, 50.0, 0.25)
     assert math.isclose(f.remaining_mib, 7 * 4096 * 0.25 / (1 << 20))
     assert math.isclose(f.estimate_ms, f.remaining_mib / 300.0 * 1000)
+
