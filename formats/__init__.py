@@ -62,8 +62,18 @@ from .layout import (
     check,
     diff,
 )
-from .pages import (
+from .digest import (
     DIGEST_BLOCK,
+    KnownZero,
+    ZeroRanges,
+    block_count,
+    block_hash,
+    combine_block_hashes,
+    memory_digest,
+    zero_block_hash,
+    zero_block_hashes,
+)
+from .pages import (
     PageDecoder,
     PageEncoder,
     PageEncoding,
@@ -71,11 +81,7 @@ from .pages import (
     PageRun,
     PageSection,
     PageTotals,
-    ZeroRanges,
-    combine_block_hashes,
-    memory_digest,
     page_runs,
-    zero_block_hash,
 )
 from .schema import MsgpackLimits, SchemaRegistry
 from .stream import (

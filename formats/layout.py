@@ -236,3 +236,13 @@ def check(expected: DeviceLayout, found: DeviceLayout) -> None:
     differences = diff(expected, found)
     if differences:
         raise LayoutMismatch(differences)
+
+
+def as_bytes_view(memory: object) -> memoryview:
+    """`memory` (any contiguous buffer) as a flat view of bytes, without a copy."""
+    mv = memoryview(memory)  # type: ignore[arg-type]
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    if not mv.contiguous:
+        raise ValueError("memory must be a contiguous buffer")
+    return mv

@@ -1,4 +1,4 @@
-"""Guest pages in bulk: PAGES section bodies, and the memory digest both sides compute.
+"""Guest pages in bulk: PAGES section bodies (the memory digest is `formats.digest`).
 
 Body of a PAGES section (little-endian, see SPEC.md):
 
@@ -16,11 +16,7 @@ hashes memoryviews (no copies). The decoder validates the whole run table agains
 from __future__ import annotations
 
 import enum
-import functools
 import struct
-import threading
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +32,8 @@ from .errors import (
     TrailingDataError,
     TruncatedError,
 )
-from .layout import PAGE_SHIFT, PAGE_SIZE, MemoryLayout
+from .digest import ZeroRanges
+from .layout import PAGE_SHIFT, PAGE_SIZE, MemoryLayout, as_bytes_view
 
 _xxh3 = xxhash.xxh3_64_intdigest
 
@@ -109,15 +106,6 @@ class PageLimits:
     max_section_raw: int = 64 << 20  # uncompressed bytes of all RAW/ZSTD runs of a section
 
 
-def _as_bytes_view(pages: object) -> memoryview:
-    mv = memoryview(pages)  # type: ignore[arg-type]
-    if mv.ndim != 1 or mv.itemsize != 1:
-        mv = mv.cast("B")
-    if not mv.contiguous:
-        raise ValueError("pages must be a contiguous buffer")
-    return mv
-
-
 def page_runs(mv: memoryview, min_zero_pages: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split page-aligned memory into alternating runs: (start page, end page, is_nonzero).
 
@@ -178,7 +166,7 @@ class PageEncoder:
     def encode(self, address: int, pages: object) -> list[PageSection]:
         """Sections for the memory `pages` (any contiguous buffer, a multiple of the page size)
         that lives at guest-physical `address`."""
-        mv = _as_bytes_view(pages)
+        mv = as_bytes_view(pages)
         if address % PAGE_SIZE or len(mv) % PAGE_SIZE:
             raise ValueError("address and length must be page aligned")
         starts, ends, kinds = page_runs(mv, self.min_zero_pages)
@@ -361,86 +349,3 @@ class PageDecoder:
         if len(out) != size:
             raise SizeMismatch("pages", offset, size, len(out), "decompressed size")
         return out
-
-
-DIGEST_BLOCK = 2 << 20  # bytes per block hash in the memory digest
-
-
-class ZeroRanges:
-    """Guest ranges known to be all zero (an encoder's ZERO runs), thread-safe to add to; as
-    `known_zero` for `memory_digest`, they spare the digest a second read of that memory."""
-
-    def __init__(self) -> None:
-        self._ranges: list[tuple[int, int]] = []
-        self._lock = threading.Lock()
-
-    def add(self, address: int, size: int) -> None:
-        with self._lock:
-            self._ranges.append((address, size))
-
-    def __call__(self, address: int, length: int) -> np.ndarray:
-        """One bool per DIGEST_BLOCK of [address, address+length): wholly inside a zero range."""
-        n = -(-length // DIGEST_BLOCK)
-        starts = address + np.arange(n, dtype=np.int64) * DIGEST_BLOCK
-        ends = np.minimum(starts + DIGEST_BLOCK, address + length)
-        known = np.zeros(n, dtype=bool)
-        with self._lock:
-            ranges = [(a, z) for a, z in self._ranges if a < address + length and a + z > address]
-        for a, z in ranges:  # per zero run, vectorized over blocks
-            known |= (starts >= a) & (ends <= a + z)
-        return known
-
-
-@functools.cache
-def zero_block_hash(size: int = DIGEST_BLOCK) -> int:
-    """The block hash of `size` zero bytes."""
-    return xxhash.xxh3_64_intdigest(bytes(size))
-
-
-
-def combine_block_hashes(ranges: Iterable[tuple[int, int, np.ndarray]]) -> int:
-    """The memory digest from each RAM range's (address, length, block hashes): what
-    `memory_digest` computes, for a caller that keeps block hashes current itself."""
-    h = xxhash.xxh3_64()
-    for address, length, hashes in sorted(ranges, key=lambda r: r[0]):
-        h.update(struct.pack("<QQ", address, length))
-        h.update(np.asarray(hashes, dtype="<u8").tobytes())
-    return h.intdigest()
-
-
-def _block_hashes(mv: memoryview, zero: np.ndarray | None) -> np.ndarray:
-    n = -(-len(mv) // DIGEST_BLOCK)
-    out = np.empty(n, dtype="<u8")
-    for i in range(n):  # per 2 MiB block, not per page: 512 blocks a GiB
-        block = mv[i * DIGEST_BLOCK:(i + 1) * DIGEST_BLOCK]
-        out[i] = (zero_block_hash(len(block)) if zero is not None and zero[i]
-                  else xxhash.xxh3_64_intdigest(block))
-    return out
-
-
-def memory_digest(ranges: Iterable[tuple[int, object]], *,
-                  known_zero: Callable[[int, int], np.ndarray] | None = None,
-                  workers: int = 1) -> int:
-    """The digest of guest memory that END carries.
-
-    xxh3-64 (seed 0), over each RAM range in address order, of `le64(address) ‖ le64(length) ‖
-    le64 xxh3-64 of each 2 MiB block` (the last block may be shorter). Defined by block so that a
-    side may skip reading blocks it knows are zero: `known_zero(address, length)` returns one bool
-    per block (say, memory the guest never touched), and those contribute the hash of zeros
-    without being read. Blocks are hashed on `workers` threads (xxhash releases the GIL)."""
-    items = [(address, _as_bytes_view(mem)) for address, mem in sorted(ranges, key=lambda r: r[0])]
-
-    def hashes(item: tuple[int, memoryview]) -> np.ndarray:
-        address, mv = item
-        zero = known_zero(address, len(mv)) if known_zero else None
-        n = -(-len(mv) // DIGEST_BLOCK)
-        if workers <= 1 or n <= 4:
-            return _block_hashes(mv, zero)
-        step = -(-n // workers)
-        with ThreadPoolExecutor(workers) as pool:
-            parts = pool.map(lambda a: _block_hashes(
-                mv[a * DIGEST_BLOCK:(a + step) * DIGEST_BLOCK],
-                None if zero is None else zero[a:a + step]), range(0, n, step))
-            return np.concatenate(list(parts))
-
-    return combine_block_hashes((address, len(mv), hashes((address, mv))) for address, mv in items)

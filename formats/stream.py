@@ -36,6 +36,7 @@ from .errors import (
     UnknownSection,
     VersionError,
 )
+from .digest import memory_digest
 from .layout import DeviceEntry, DeviceLayout, MemoryDifference, MemoryLayout, check
 from .pages import (
     PageDecoder,
@@ -43,7 +44,6 @@ from .pages import (
     PageRun,
     PageSection,
     PageTotals,
-    memory_digest,
 )
 from .schema import SchemaRegistry
 

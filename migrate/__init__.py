@@ -4,29 +4,39 @@
 
 `snapshot(machine, path)` / `restore(path, kvm)`: a machine's whole state to a file and back
 (`migrate.snapshots`). `send(machine, "host:port", options)` / `receive(conn, kvm)`: live migration
-by pre-copy with a two-phase hand-over (`migrate.live`, `migrate.protocol`).
+by pre-copy with a two-phase hand-over.
+
+Where things are: `source` and `target` (the two sides of a live migration), `protocol` (the
+sans-IO state machine between them), `transport` (sockets, framing, authentication), `streams`
+(extra page streams and the round gate), `convergence` (when to stop and copy: a pure function),
+`options` and `stats` (what the user asks and what they get back), `snapshots` (files),
+`state` (a machine's state as plain data, and the schema registry), `records` (that state as
+stream sections and back), `pages` (guest memory to page sections and back), `digest` (the
+memory digest, computed the cheap way), `errors`, `cli` and `control` (the `migrate` command and
+the control-socket commands).
 """
 
 from migrate.errors import (
+    Cancelled,
     IncompatibleError,
     MigrateError,
     MigrationFailed,
+    MissingSections,
+    NotConverging,
     SnapshotError,
     StateError,
     TransportError,
 )
-from migrate.live import (
-    MigrationOptions,
-    MigrationStats,
-    listen_and_receive,
-    receive,
-    send,
-)
-from migrate.snapshots import SnapshotInfo, inspect, restore, snapshot
+from migrate.options import MigrationOptions
+from migrate.snapshots import SnapshotInfo, SnapshotKind, inspect, restore, snapshot
+from migrate.source import send
+from migrate.stats import MigrationOutcome, MigrationStats
+from migrate.target import listen_and_receive, receive
 from migrate.transport import Listener, Tls, connect
 
 __all__ = [
-    "IncompatibleError", "Listener", "MigrateError", "MigrationFailed", "MigrationOptions", "MigrationStats",
-    "SnapshotError", "SnapshotInfo", "StateError", "Tls", "TransportError", "connect", "inspect",
-    "listen_and_receive", "receive", "restore", "send", "snapshot",
+    "Cancelled", "IncompatibleError", "Listener", "MigrateError", "MigrationFailed", "MigrationOptions",
+    "MigrationOutcome", "MigrationStats", "MissingSections", "NotConverging", "SnapshotError", "SnapshotInfo",
+    "SnapshotKind", "StateError", "Tls", "TransportError", "connect", "inspect", "listen_and_receive",
+    "receive", "restore", "send", "snapshot",
 ]

@@ -142,7 +142,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_recv(args: argparse.Namespace) -> int:
-    from migrate.live import listen_and_receive
+    from migrate.target import listen_and_receive
     from migrate.transport import Listener
 
     listener = Listener(args.listen, _key(args.key_file), _tls(args))
@@ -236,7 +236,9 @@ def cmd_send(args: argparse.Namespace) -> int:
         _print_json(stats)
     else:
         Console(stderr=True).print(_stats_table(stats))
-    return 0 if stats["outcome"] in ("completed", "dry-run") else 1
+    from migrate.stats import MigrationOutcome
+
+    return 0 if stats["outcome"] in (MigrationOutcome.COMPLETED, MigrationOutcome.DRY_RUN) else 1
 
 
 # --- demo -------------------------------------------------------------------------------------------
@@ -254,7 +256,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from hv import builtin_guest
     from hv.builder import builtin_machine
     from hv.vm import VmConfig
-    from migrate.live import MigrationOptions, send
+    from migrate.options import MigrationOptions
+    from migrate.source import send
+    from migrate.stats import MigrationOutcome
 
     tmp = Path(tempfile.mkdtemp(prefix="kvmigrate-demo-"))
     target_api, port = tmp / "target.sock", _free_port()
@@ -297,7 +301,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             machine.stop()
             machine.vm.close()
     summary = stats.as_dict()
-    ok = stats.outcome == "completed"
+    ok = stats.outcome is MigrationOutcome.COMPLETED
     if ok:
         target_console.wait_pass(before + 3, timeout=60)
         check = call(target_api, "guest-check")

@@ -25,14 +25,16 @@ def _snapshot(ctx: ControlContext, args: dict[str, Any], progress: Progress) -> 
 
 
 def _migrate_send(ctx: ControlContext, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    from migrate.live import MigrationOptions, send
+    from migrate.options import MigrationOptions
+    from migrate.source import send
+    from migrate.stats import MigrationOutcome
 
     if not isinstance(args.get("to"), str):
         raise ControlError("BadRequest", "migrate-send needs 'to', the target's HOST:PORT")
     options = MigrationOptions.from_dict(args.get("options", {}))
     cancel = ctx.extra["migration_cancel"] = threading.Event()
     stats = send(ctx.machine, args["to"], options, progress=progress, cancel=cancel)
-    if stats.outcome == "completed":
+    if stats.outcome is MigrationOutcome.COMPLETED:
         ctx.finish(f"migrated to {args['to']}")
     return stats.as_dict()
 

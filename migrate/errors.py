@@ -1,12 +1,17 @@
 """migrate's errors: one root, the facts in each.
 
 Stream and file problems stay `formats.FormatError`s (a corrupt snapshot, a bad page run); VM
-problems stay `hv.HvError`s. These are the failures of the migration itself.
+problems stay `hv.HvError`s. These are the failures of the migration itself; `error_code` is the
+one table that turns any of them into the `ErrorCode` the other side is told.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+from formats import DigestMismatch, FormatError, LayoutMismatch
+from hv.errors import HvError
+from migrate.protocol import ErrorCode
 
 
 class MigrateError(Exception):
@@ -44,3 +49,44 @@ class MigrationFailed(MigrateError):
     def __init__(self, reason: str, guest_on: str, *, code: object = None) -> None:
         self.reason, self.guest_on, self.code = reason, guest_on, code
         super().__init__(f"migration failed: {reason} (the guest is {guest_on})")
+
+
+class Cancelled(MigrateError):
+    """The user (or the source, seen from the target) called the migration off."""
+
+
+class NotConverging(MigrateError):
+    """The guest dirties memory faster than the rounds can bring it down to the downtime target."""
+
+    def __init__(self, rounds: int, seconds: float, dirty_pages: int, estimate_ms: float,
+                 bandwidth_mib_s: float, downtime_ms: float) -> None:
+        self.rounds, self.seconds, self.dirty_pages = rounds, seconds, dirty_pages
+        self.estimate_ms, self.bandwidth_mib_s, self.downtime_ms = estimate_ms, bandwidth_mib_s, downtime_ms
+        super().__init__(f"not converged after {rounds} rounds / {seconds:.1f} s: {dirty_pages} pages dirty, "
+                         f"about {estimate_ms:.0f} ms to send at {bandwidth_mib_s:.0f} MiB/s, "
+                         f"downtime target {downtime_ms:.0f} ms")
+
+
+class MissingSections(MigrateError):
+    """A stream that ended without sections a machine's state needs (CONFIG, LAYOUT, ...)."""
+
+    def __init__(self, missing: Sequence[str]) -> None:
+        self.missing = tuple(missing)
+        super().__init__(f"no {', '.join(self.missing)} section")
+
+
+# Why a side gave up, as the code the wire carries to the other side: the first entry whose type
+# the error is. The one place a local failure becomes an `ErrorCode`, for either side.
+ERROR_CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], ErrorCode], ...] = (
+    ((Cancelled, KeyboardInterrupt), ErrorCode.CANCELLED),
+    (NotConverging, ErrorCode.TIMEOUT),
+    (DigestMismatch, ErrorCode.DIGEST_MISMATCH),
+    ((LayoutMismatch, IncompatibleError), ErrorCode.INCOMPATIBLE),
+    ((FormatError, MissingSections), ErrorCode.BAD_STREAM),
+    (HvError, ErrorCode.RESTORE_FAILED),  # KVM refused the state (on the target, the only HvError)
+)
+
+
+def error_code(error: BaseException) -> ErrorCode:
+    """The `ErrorCode` that tells the peer why `error` ended the migration here."""
+    return next((code for types, code in ERROR_CODES if isinstance(error, types)), ErrorCode.INTERNAL)

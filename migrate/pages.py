@@ -15,21 +15,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-import xxhash
-
-from formats import (
-    DIGEST_BLOCK,
-    EndRecord,
-    PageEncoder,
-    PageRun,
-    PageSection,
-    ZeroRanges,
-    combine_block_hashes,
-    memory_digest,
-    verify_digest,
-    zero_block_hash,
-)
+from formats import PageEncoder, PageRun, PageSection, ZeroRanges
 from hv.dirty import PAGE_SIZE, DirtyBitmap
 from hv.memory import GuestMemory, MemoryRegion
 from migrate.datapath import PageEncoderC
@@ -129,126 +115,10 @@ class PageEncoderPool:
 Touched = dict[int, DirtyBitmap]  # region guest base -> pages that may be non-zero
 
 
-def blocks_with_pages(region: MemoryRegion, pages: DirtyBitmap) -> np.ndarray:
-    """One bool per digest block of `region`: does it hold any page set in `pages`."""
-    bits = np.unpackbits(pages.words.view(np.uint8), bitorder="little")[: region.npages]
-    per_block = DIGEST_BLOCK // PAGE_SIZE
-    padded = np.zeros(-(-region.npages // per_block) * per_block, dtype=bool)
-    padded[: region.npages] = bits.astype(bool)
-    return padded.reshape(-1, per_block).any(axis=1)
-
-
-def _known_zero_blocks(memory: GuestMemory, touched: Touched | None = None,
-                       zero: ZeroRanges | None = None):
-    """For memory_digest: blocks of anonymous RAM with no touched page are zero, and not read.
-    `touched` is what the caller already knows (pages it sent or received); without it, the
-    kernel's page tables say (/proc/self/pagemap), which costs a read of them."""
-    cache: dict[int, np.ndarray] = {}
-
-    def known_zero(address: int, length: int) -> np.ndarray:
-        region, offset = memory.find(address, length)
-        if not region.anonymous:
-            return np.zeros(-(-length // DIGEST_BLOCK), dtype=bool)
-        if region.guest_base not in cache:
-            pages = touched[region.guest_base] if touched else region.populated_pages()
-            cache[region.guest_base] = ~blocks_with_pages(region, pages)
-        first = offset // DIGEST_BLOCK
-        known = cache[region.guest_base][first: first + -(-length // DIGEST_BLOCK)]
-        return known | zero(address, length) if zero is not None else known
-
-    return known_zero
-
-
-def digest(memory: GuestMemory, workers: int = 2, touched: Touched | None = None,
-           zero: ZeroRanges | None = None) -> int:
-    """`formats.memory_digest` of all RAM, not reading blocks known to be untouched, or known
-    to be zero (`zero`: what the encoders found, when memory has not changed since)."""
-    return memory_digest(((r.guest_base, r.view) for r in memory.regions),
-                         known_zero=_known_zero_blocks(memory, touched, zero), workers=workers)
-
-
-def verify(end: EndRecord, memory: GuestMemory, touched: Touched | None = None, workers: int = 2) -> None:
-    """`DigestMismatch` unless `memory` is what the stream's sender had (END's digest)."""
-    verify_digest(end, ((r.guest_base, r.view) for r in memory.regions),
-                  known_zero=_known_zero_blocks(memory, touched),
-                  workers=workers)
-
-
 def touched_pages(memory: GuestMemory) -> Touched:
     """What the page tables say was ever touched, region by region (a starting point to keep
     up to date from dirty logs, so the digest at stop-and-copy needs no page-table read)."""
     return {r.guest_base: r.populated_pages() for r in memory.regions}
-
-
-class BlockHashes:
-    """The memory digest's 2 MiB block hashes, kept current round by round.
-
-    A migration's digest is taken while the guest is paused; hashing all touched memory then
-    costs downtime. Instead each side hashes blocks in the background as rounds go, and a block
-    is re-hashed whenever pages in it change (the source learns that from the dirty log, the
-    target from what it writes). At the end only the blocks changed since their last hash are
-    hashed in the pause. A block changing while it is being hashed gets a new generation, and the
-    stale hash is not kept: `refresh` only records a hash if the block's generation did not move.
-    """
-
-    def __init__(self, memory: GuestMemory, touched: Touched) -> None:
-        self.memory = memory
-        self._lock = threading.Lock()
-        self._hashes: dict[int, np.ndarray] = {}
-        self._stale: dict[int, np.ndarray] = {}
-        self._generation: dict[int, np.ndarray] = {}
-        for region in memory.regions:
-            n = -(-region.size // DIGEST_BLOCK)
-            hashes = np.empty(n, dtype="<u8")
-            hashes[:] = zero_block_hash(DIGEST_BLOCK)
-            if region.size % DIGEST_BLOCK:
-                hashes[-1] = zero_block_hash(region.size % DIGEST_BLOCK)
-            self._hashes[region.guest_base] = hashes
-            self._stale[region.guest_base] = (blocks_with_pages(region, touched[region.guest_base])
-                                              if region.anonymous else np.ones(n, dtype=bool))
-            self._generation[region.guest_base] = np.zeros(n, dtype=np.uint64)
-
-    def invalidate(self, changed: Iterable[tuple[MemoryRegion, DirtyBitmap]]) -> None:
-        """Pages in `changed` may differ from what their blocks were hashed over."""
-        with self._lock:
-            for region, pages in changed:
-                blocks = blocks_with_pages(region, pages)
-                self._stale[region.guest_base] |= blocks
-                self._generation[region.guest_base][blocks] += np.uint64(1)
-
-    def refresh(self, workers: int = 1) -> int:
-        """Hash every stale block; returns how many were hashed."""
-        todo = []
-        with self._lock:
-            for region in self.memory.regions:
-                base = region.guest_base
-                for block in np.flatnonzero(self._stale[base]).tolist():
-                    todo.append((region, block, int(self._generation[base][block])))
-
-        def hash_block(item: tuple[MemoryRegion, int, int]) -> int:
-            region, block, _ = item
-            return xxhash.xxh3_64_intdigest(region.view[block * DIGEST_BLOCK:(block + 1) * DIGEST_BLOCK])
-
-        if workers > 1 and len(todo) > 4:
-            with ThreadPoolExecutor(workers) as pool:
-                results = list(pool.map(hash_block, todo))
-        else:
-            results = [hash_block(item) for item in todo]
-        with self._lock:
-            for (region, block, generation), value in zip(todo, results, strict=True):
-                base = region.guest_base
-                if int(self._generation[base][block]) == generation:  # unchanged while hashed
-                    self._hashes[base][block] = value
-                    self._stale[base][block] = False
-        return len(todo)
-
-    def digest(self, workers: int = 2) -> int:
-        """The memory digest now (memory must not change meanwhile: a paused guest)."""
-        while self.refresh(workers):
-            pass  # a block invalidated during a refresh is hashed by the next one
-        with self._lock:
-            return combine_block_hashes((r.guest_base, r.size, self._hashes[r.guest_base].copy())
-                                        for r in self.memory.regions)
 
 
 class MemorySink:

@@ -1,8 +1,8 @@
 """The live-migration protocol: a sans-IO state machine for each side.
 
 Everything that affects the protocol's state lives in this file: the messages, the states, and one
-transition table. Sockets, threads, KVM and the byte encoding live elsewhere (`migrate.wire`,
-`migrate.transport`, `migrate.engine`); they feed messages in and act on what comes out.
+transition table. Sockets, threads, KVM and the byte encoding live elsewhere (`migrate.transport`,
+`migrate.source`, `migrate.target`); they feed messages in and act on what comes out.
 
     Source                                              Target
       | Hello(versions, config, layout, cpuid) ------------> |   check everything, list every mismatch

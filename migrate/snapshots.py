@@ -25,32 +25,22 @@ import os
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import formats
-from formats import (
-    ConfigRecord,
-    DeviceRecord,
-    EndRecord,
-    Header,
-    LayoutRecord,
-    PagesRecord,
-    SectionKind,
-    StreamReader,
-    StreamWriter,
-    VcpuRecord,
-    VmStateRecord,
-)
-from hv import state as hv_state
+from formats import ConfigRecord, StreamReader, StreamWriter
 from hv.builder import blank_machine
+from hv.control import Progress
 from hv.hypervisor import Kvm
 from hv.machine import Machine, RunState
 from hv.memory import GuestMemory, MemoryRegion, RamBacking
 from hv.vm import VmConfig
-from migrate import pages
-from migrate.errors import IncompatibleError, SnapshotError
+from migrate import digest, pages
+from migrate.errors import IncompatibleError, MissingSections, SnapshotError
+from migrate.records import EXPECT, Collected, state_sections
 from migrate.state import (
     PRODUCER,
     MachineConfig,
@@ -68,21 +58,30 @@ from migrate.state import (
 
 log = logging.getLogger(__name__)
 
-EXPECT = {SectionKind.CONFIG: MachineConfig, SectionKind.VCPU: hv_state.VcpuState,
-          SectionKind.VM_STATE: hv_state.VmState}
 READ_CHUNK = 1 << 20
 MEM_TRAILER_MAGIC = b"KVMIGMEM"
 MEM_TRAILER_SIZE = 4096
 MAX_CHAIN = 64
 
-Progress = Callable[[dict[str, Any]], None]
+
+
+class SnapshotKind(StrEnum):
+    """What a snapshot file holds (the values are what `inspect` and the CLI print)."""
+
+    FULL = "full"  # every touched page
+    INCREMENTAL = "incremental"  # the pages dirtied since its base
+    MAPPABLE = "mappable"  # no pages: memory is the raw FILE.mem next to it
+
+    @classmethod
+    def of(cls, config: MachineConfig) -> SnapshotKind:
+        return cls.MAPPABLE if config.memory_file else cls.INCREMENTAL if config.base else cls.FULL
 
 
 @dataclass(frozen=True)
 class SnapshotInfo:
     path: str
     snapshot_id: str
-    kind: str  # "full", "incremental", "mappable"
+    kind: SnapshotKind
     base: str | None
     pages: int  # pages stored (zero runs included)
     raw_bytes: int  # guest bytes stored
@@ -167,8 +166,8 @@ def _write(machine: Machine, path: Path, *, base: Path | None, level: int, mappa
     raw = 0
     try:
         with open(tmp, "wb") as f:
-            for part in _state_sections(writer, state):
-                f.write(part)
+            f.writelines([writer.header(), writer.config(state.config), writer.layout(state.layout)])
+            f.writelines(state_sections(writer, state))
             zero = None
             if mappable:
                 raw = _write_memory_file(tmp_mem, vm.memory, runs, snapshot_id)
@@ -180,8 +179,8 @@ def _write(machine: Machine, path: Path, *, base: Path | None, level: int, mappa
                         if progress:
                             progress({"stage": "memory", "bytes": raw})
                     zero = pool.zero_ranges
-            digest = pages.digest(vm.memory, workers, zero=zero)
-            f.write(writer.end(digest))
+            ram_digest = digest.digest(vm.memory, workers, zero=zero)
+            f.write(writer.end(ram_digest))
             f.flush()
             os.fsync(f.fileno())
         if mappable:
@@ -192,22 +191,14 @@ def _write(machine: Machine, path: Path, *, base: Path | None, level: int, mappa
             leftover.unlink(missing_ok=True)
         raise
     if track:
-        _tracked[machine] = _LastSnapshot(snapshot_id, digest, vm.dirty_log_generation)
+        _tracked[machine] = _LastSnapshot(snapshot_id, ram_digest, vm.dirty_log_generation)
     totals = writer.totals
     file_bytes = path.stat().st_size + (mem_path.stat().st_blocks * 512 if mappable else 0)
     log.info("snapshot %s: %s, %d pages, %d bytes", path, snapshot_id, totals.pages, file_bytes)
     return dict(path=str(path), snapshot_id=snapshot_id,
-                kind="mappable" if mappable else "incremental" if base else "full",
+                kind=SnapshotKind.of(config),
                 base=str(base) if base else None, pages=totals.pages, raw_bytes=raw,
                 file_bytes=file_bytes, memory_bytes=vm.memory.total_size)
-
-
-def _state_sections(writer: StreamWriter, state: MachineState) -> list[bytes]:
-    parts = [writer.header(), writer.config(state.config), writer.layout(state.layout)]
-    parts += [writer.vcpu(v) for v in state.vcpus]
-    parts.append(writer.vm_state(state.vm))
-    parts += [writer.device(entry, s) for entry, s in state.devices]
-    return parts
 
 
 def _write_memory_file(path: Path, memory: GuestMemory, runs: list[pages.MemoryRun], snapshot_id: str) -> int:
@@ -244,59 +235,27 @@ def read_config(path: str | Path) -> MachineConfig:
     raise SnapshotError(path, "has no CONFIG section")
 
 
-@dataclass
-class _Loaded:
-    config: MachineConfig | None = None
-    layout: formats.DeviceLayout | None = None
-    vcpus: list[hv_state.VcpuState] = field(default_factory=list)
-    vm: hv_state.VmState | None = None
-    devices: list[tuple[formats.DeviceEntry, object]] = field(default_factory=list)
-    end: EndRecord | None = None
-    pages: int = 0
-    header: Header | None = None
-    sections: dict[str, int] = field(default_factory=dict)  # section kind -> how many
-
-    def state(self, path: Path) -> MachineState:
-        if self.config is None or self.layout is None or self.vm is None or not self.vcpus:
-            raise SnapshotError(path, "is missing CONFIG, LAYOUT, VCPU or VM_STATE sections")
-        return MachineState(self.config, self.layout, tuple(self.vcpus), self.vm, tuple(self.devices))
-
-
 def _read_stream(path: Path, expected: formats.DeviceLayout, sink: pages.MemorySink | None,
-                 progress: Progress | None = None) -> _Loaded:
+                 progress: Progress | None = None) -> Collected:
     """Read one snapshot file, checking everything; pages go to `sink` (None: checked, dropped)."""
     reader = StreamReader(registry(), expected_layout=expected, expect=EXPECT)
-    loaded = _Loaded()
+    loaded = Collected(sink)
     done = 0
     with open(path, "rb") as f:
         while chunk := f.read(READ_CHUNK):
             done += len(chunk)
-            for record in reader.feed(chunk):
-                kind = type(record).__name__.removesuffix("Record").lower()
-                loaded.sections[kind] = loaded.sections.get(kind, 0) + 1
-                match record:
-                    case Header():
-                        loaded.header = record
-                    case ConfigRecord(config=c):
-                        loaded.config = c
-                    case LayoutRecord(layout=layout):
-                        loaded.layout = layout
-                    case VcpuRecord(state=s):
-                        loaded.vcpus.append(s)
-                    case VmStateRecord(state=s):
-                        loaded.vm = s
-                    case DeviceRecord(entry=entry, state=s):
-                        loaded.devices.append((entry, s))
-                    case PagesRecord(runs=runs, totals=totals):
-                        if sink is not None:
-                            sink.apply(runs)
-                        loaded.pages += totals.pages
-                    case EndRecord():
-                        loaded.end = record
+            loaded.take(reader.feed(chunk))
             if progress:
                 progress({"stage": "read", "file": str(path), "bytes": done})
     reader.finish()
     return loaded
+
+
+def _state(loaded: Collected, path: Path) -> MachineState:
+    try:
+        return loaded.state()
+    except MissingSections as e:
+        raise SnapshotError(path, f"is missing {', '.join(e.missing)} sections") from e
 
 
 def snapshot_chain(path: Path) -> list[tuple[Path, MachineConfig]]:
@@ -319,6 +278,14 @@ def snapshot_chain(path: Path) -> list[tuple[Path, MachineConfig]]:
 def _config_problems(saved: VmConfig, wanted: VmConfig) -> list[str]:
     return [f"{name}: the snapshot has {getattr(saved, name)!r}, this VM would have {getattr(wanted, name)!r}"
             for name in ("mem_size", "vcpus", "irqchip", "pit") if getattr(saved, name) != getattr(wanted, name)]
+
+
+def _scratch_memory(vm_config: VmConfig) -> GuestMemory:
+    """Host memory shaped as the guest's RAM, in no VM: pages are checked here before one exists."""
+    memory = GuestMemory()
+    for base, length in vm_config.memory_layout():
+        memory.insert(MemoryRegion(base, length, slot=-1, backing=RamBacking.host_filled(base, length)))
+    return memory
 
 
 def _mapped_memory(path: Path, ref: MemoryFileRef, vm_config: VmConfig) -> dict[int, mmap.mmap]:
@@ -364,21 +331,19 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
     mappable = head.memory_file is not None
     verify = (not mappable) if verify_memory is None else verify_memory
 
-    staging = GuestMemory()
     if mappable:
-        maps = _mapped_memory(path, head.memory_file, vm_config)
-        for base, mapping in maps.items():
+        staging = GuestMemory()
+        for base, mapping in _mapped_memory(path, head.memory_file, vm_config).items():
             staging.insert(MemoryRegion(base, len(mapping), slot=-1, backing=mapping))
     else:
-        for base, length in vm_config.memory_layout():
-            staging.insert(MemoryRegion(base, length, slot=-1, backing=RamBacking.host_filled(base, length)))
+        staging = _scratch_memory(vm_config)
     sink = pages.MemorySink(staging)
     loaded = None
     for file_path, _ in chain:
         loaded = _read_stream(file_path, expected, None if mappable else sink, progress)
         if verify:
-            pages.verify(loaded.end, staging, None if mappable else sink.touched)
-    state = loaded.state(path)
+            digest.verify(loaded.end, staging, None if mappable else sink.touched)
+    state = _state(loaded, path)
     if problems := cpuid_problems(state.vcpus[0].cpuid, kvm.guest_cpuid):
         raise IncompatibleError(problems)
 
@@ -405,12 +370,9 @@ def inspect(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
         vm_config = config.vm_config()
         result["config"] = {"snapshot_id": config.snapshot_id, "mem_size": config.mem_size,
                             "vcpus": config.vcpus, "irqchip": config.irqchip, "pit": config.pit,
-                            "kind": "mappable" if config.memory_file else
-                            "incremental" if config.base else "full",
+                            "kind": SnapshotKind.of(config),
                             "base": config.base.path if config.base else None}
-        scratch = GuestMemory()
-        for base, length in vm_config.memory_layout():
-            scratch.insert(MemoryRegion(base, length, slot=-1, backing=RamBacking.host_filled(base, length)))
+        scratch = _scratch_memory(vm_config)
         expected = expected_layout(config)
         sink = pages.MemorySink(scratch)
         loaded = _read_stream(path, expected, sink if verify else None)
@@ -427,7 +389,7 @@ def inspect(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
         result["totals"] = {"pages": t.pages, "zero_pages": t.zero_pages, "raw_bytes": t.raw_bytes,
                             "payload_bytes": t.payload_bytes, "sections": t.sections}
         if verify and config.base is None and config.memory_file is None:
-            pages.verify(loaded.end, scratch, sink.touched)
+            digest.verify(loaded.end, scratch, sink.touched)
             result["digest"] = "verified"
         else:
             result["digest"] = "not checked (incremental or mappable: restore checks the chain)"

@@ -103,6 +103,13 @@ class MachineConfig:
 
 
 @dataclass(frozen=True)
+class GuestCpuid:
+    """The CPUID the guest sees, sent in HELLO so the target can refuse before any page moves."""
+
+    entries: tuple[hv_state.CpuidEntry, ...]
+
+
+@dataclass(frozen=True)
 class MachineState:
     """Everything but memory, as plain data."""
 
@@ -115,7 +122,8 @@ class MachineState:
 
 @functools.cache
 def registry() -> SchemaRegistry:
-    """Every type a kvmigrate stream carries, under stable names (the names are the format)."""
+    """Every type a kvmigrate stream carries, under stable names (the names are the format).
+    Built on first use and kept: no module registers anything into it as it is imported."""
     reg = SchemaRegistry()
     for cls in (hv_state.Regs, hv_state.Segment, hv_state.DescriptorTable, hv_state.Sregs, hv_state.Fpu,
                 hv_state.Xcr, hv_state.Msr, hv_state.CpuidEntry, hv_state.DebugRegs,
@@ -128,7 +136,7 @@ def registry() -> SchemaRegistry:
         reg.register(cls, name, version=version)
     for cls in (VirtioMmioState, QueueState, BlkState, ConsoleState, RngState):  # their parts
         reg.register(cls, f"hv.device.{cls.__name__}", version=1)
-    for cls in (SnapshotRef, MemoryFileRef, VirtioSpec, MachineConfig):
+    for cls in (SnapshotRef, MemoryFileRef, VirtioSpec, MachineConfig, GuestCpuid):
         reg.register(cls, f"migrate.{cls.__name__}", version=1)
     formats.register_format_types(reg)
     return reg

@@ -33,7 +33,6 @@ from formats import (
     StreamReader,
     StreamWriter,
     TrailingDataError,
-    memory_digest,
     page_runs,
 )
 from formats.pages import BODY_HEADER, RUN
@@ -162,26 +161,3 @@ def test_page_outside_the_layout_is_refused_before_any_page_is_yielded() -> None
     # and the same memory, properly placed, is accepted
     reader = StreamReader(REG, expected_layout=LAYOUT)
     assert apply_pages(reader.feed(good), len(mem)) == mem
-
-
-def test_memory_digest_is_address_ordered_and_position_sensitive() -> None:
-    a, b = b"\x01" * 4096, b"\x02" * 4096
-    assert memory_digest([(0, a), (8192, b)]) == memory_digest([(8192, b), (0, a)])
-    assert memory_digest([(0, a), (8192, b)]) != memory_digest([(0, b), (8192, a)])
-    assert memory_digest([(0, a)]) != memory_digest([(4096, a)])
-
-
-@settings(max_examples=40, deadline=None)
-@given(layout=st.lists(st.sampled_from(["zero", "data"]), min_size=1, max_size=12),
-       data=st.binary(min_size=1, max_size=64))
-def test_digest_with_the_encoders_zero_ranges_equals_reading_everything(layout, data) -> None:
-    from formats import DIGEST_BLOCK, ZeroRanges
-
-    chunk = DIGEST_BLOCK // 2  # zero runs that cover whole blocks and runs that split them
-    mem = bytearray(chunk * len(layout))
-    for i, kind in enumerate(layout):
-        if kind == "data":
-            mem[i * chunk + 100: i * chunk + 100 + len(data)] = data
-    zero = ZeroRanges()
-    PageEncoder(stable=True, zero_ranges=zero).encode(0x10_0000, memoryview(mem))
-    assert memory_digest([(0x10_0000, mem)], known_zero=zero) == memory_digest([(0x10_0000, mem)])

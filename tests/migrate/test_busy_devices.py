@@ -19,7 +19,7 @@ from hv.control import call
 from hv.hypervisor import Kvm
 from hv.machine import Machine, RunState
 from hv.vm import VmConfig
-from migrate.live import MigrationOptions, listen_and_receive, send
+from migrate import MigrationOptions, listen_and_receive, send
 from migrate.snapshots import snapshot
 from migrate.transport import Listener
 

@@ -23,7 +23,7 @@ from hv.hypervisor import Kvm
 from hv.machine import Machine, RunState
 from hv.vm import VmConfig
 from migrate.errors import MigrationFailed, TransportError
-from migrate.live import MigrationOptions, listen_and_receive, receive, send
+from migrate import MigrationOptions, listen_and_receive, receive, send
 from migrate.protocol import Pages, State
 from migrate.transport import Connection, Listener, connect, decode
 
@@ -98,8 +98,13 @@ def test_ping_pong_ten_times(kvm: Kvm) -> None:
     try:
         for hop in range(10):
             target = _Target(kvm)
-            target.console(consoles[-1].pending)  # the line in flight moves with the guest
-            stats = send(machine, target.listener.address, MigrationOptions(downtime_ms=300))
+
+            def carry_the_line(p: dict, source=consoles[-1], target=target) -> None:
+                if p["stage"] == "stop-and-copy":  # paused: the line in flight moves with the guest
+                    target.console(source.pending)
+
+            stats = send(machine, target.listener.address, MigrationOptions(downtime_ms=300),
+                         progress=carry_the_line)
             target.join()
             assert stats.outcome == "completed", stats.reason
             assert machine.state is RunState.STOPPED  # exactly one copy runs
@@ -457,9 +462,9 @@ def test_a_stranger_cannot_join_as_a_page_stream(kvm: Kvm) -> None:
     try:
         # a source that asks for 2 streams, but the second connection is someone else's
         conn = connect(listener.address, b"")
-        from migrate.live import _Sender
+        from migrate.source import Source
 
-        sender = _Sender(machine, conn, MigrationOptions(streams=2), None, threading.Event(), listener.address)
+        sender = Source(machine, conn, MigrationOptions(streams=2), None, threading.Event(), listener.address)
         sender.open_extra_streams = lambda session: (lambda c: c.send(Channel(b"wrong", 1)))(
             connect(listener.address, b""))
         with pytest.raises((TransportError, MigrationFailed)):  # the link dies, or the target says why

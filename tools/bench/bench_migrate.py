@@ -26,7 +26,7 @@ from hv.builder import builtin_machine
 from hv.control import call
 from hv.hypervisor import Kvm
 from hv.vm import VmConfig
-from migrate.live import MigrationOptions, send
+from migrate import MigrationOptions, send
 from migrate.snapshots import restore, snapshot
 from migrate.transport import Listener
 

@@ -1,0 +1,117 @@
+"""The memory digest END carries: its one definition, by 2 MiB block (SPEC.md, "Memory digest").
+
+xxh3-64 (seed 0), over each RAM range in address order, of `le64(address) ‖ le64(length) ‖ le64
+xxh3-64 of each 2 MiB block` (the last block of a range may be shorter). Defined by block so that
+a side may skip reading blocks it knows are zero, and so that a side which keeps block hashes
+current as memory changes (`migrate.digest.BlockHashes`) can combine them without re-reading
+everything: `block_hash`, `zero_block_hashes` and `combine_block_hashes` are the pieces, and
+`memory_digest` is them put together.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import xxhash
+
+from .layout import as_bytes_view
+
+DIGEST_BLOCK = 2 << 20  # bytes per block hash in the memory digest
+
+KnownZero = Callable[[int, int], np.ndarray]  # (address, length) -> one bool per block
+
+
+def block_count(length: int) -> int:
+    """How many digest blocks a RAM range of `length` bytes has."""
+    return -(-length // DIGEST_BLOCK)
+
+
+def block_hash(memory: memoryview, index: int) -> int:
+    """The hash of block `index` of a RAM range's bytes `memory`."""
+    return xxhash.xxh3_64_intdigest(memory[index * DIGEST_BLOCK:(index + 1) * DIGEST_BLOCK])
+
+
+@functools.cache
+def zero_block_hash(size: int = DIGEST_BLOCK) -> int:
+    """The block hash of `size` zero bytes."""
+    return xxhash.xxh3_64_intdigest(bytes(size))
+
+
+def zero_block_hashes(length: int) -> np.ndarray:
+    """The block hashes of a RAM range of `length` zero bytes."""
+    hashes = np.full(block_count(length), zero_block_hash(DIGEST_BLOCK), dtype="<u8")
+    if length % DIGEST_BLOCK:
+        hashes[-1] = zero_block_hash(length % DIGEST_BLOCK)
+    return hashes
+
+
+def combine_block_hashes(ranges: Iterable[tuple[int, int, np.ndarray]]) -> int:
+    """The memory digest from each RAM range's (address, length, block hashes): what
+    `memory_digest` computes, for a caller that keeps block hashes current itself."""
+    h = xxhash.xxh3_64()
+    for address, length, hashes in sorted(ranges, key=lambda r: r[0]):
+        h.update(struct.pack("<QQ", address, length))
+        h.update(np.asarray(hashes, dtype="<u8").tobytes())
+    return h.intdigest()
+
+
+def _block_hashes(mv: memoryview, zero: np.ndarray | None) -> np.ndarray:
+    hashes = zero_block_hashes(len(mv))
+    todo = range(len(hashes)) if zero is None else np.flatnonzero(~zero).tolist()
+    for i in todo:  # per 2 MiB block, not per page: 512 blocks a GiB
+        hashes[i] = block_hash(mv, i)
+    return hashes
+
+
+def memory_digest(ranges: Iterable[tuple[int, object]], *, known_zero: KnownZero | None = None,
+                  workers: int = 1) -> int:
+    """The digest of guest memory that END carries, over `ranges` of (address, bytes).
+
+    `known_zero(address, length)` returns one bool per block (say, memory the guest never
+    touched): those contribute the hash of zeros without being read. Blocks are hashed on
+    `workers` threads (xxhash releases the GIL)."""
+    items = [(address, as_bytes_view(mem)) for address, mem in sorted(ranges, key=lambda r: r[0])]
+
+    def hashes(address: int, mv: memoryview) -> np.ndarray:
+        zero = known_zero(address, len(mv)) if known_zero else None
+        n = block_count(len(mv))
+        if workers <= 1 or n <= 4:
+            return _block_hashes(mv, zero)
+        step = -(-n // workers)
+        with ThreadPoolExecutor(workers) as pool:
+            parts = pool.map(lambda a: _block_hashes(
+                mv[a * DIGEST_BLOCK:(a + step) * DIGEST_BLOCK],
+                None if zero is None else zero[a:a + step]), range(0, n, step))
+            return np.concatenate(list(parts))
+
+    return combine_block_hashes((address, len(mv), hashes(address, mv)) for address, mv in items)
+
+
+class ZeroRanges:
+    """Guest ranges known to be all zero (an encoder's ZERO runs), thread-safe to add to; as
+    `known_zero` for `memory_digest`, they spare the digest a second read of that memory."""
+
+    def __init__(self) -> None:
+        self._ranges: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+
+    def add(self, address: int, size: int) -> None:
+        with self._lock:
+            self._ranges.append((address, size))
+
+    def __call__(self, address: int, length: int) -> np.ndarray:
+        """One bool per DIGEST_BLOCK of [address, address+length): wholly inside a zero range."""
+        n = block_count(length)
+        starts = address + np.arange(n, dtype=np.int64) * DIGEST_BLOCK
+        ends = np.minimum(starts + DIGEST_BLOCK, address + length)
+        known = np.zeros(n, dtype=bool)
+        with self._lock:
+            ranges = [(a, z) for a, z in self._ranges if a < address + length and a + z > address]
+        for a, z in ranges:  # per zero run, vectorized over blocks
+            known |= (starts >= a) & (ends <= a + z)
+        return known

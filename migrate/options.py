@@ -1,0 +1,43 @@
+"""What the user may ask of a live migration: `MigrationOptions` (the `migrate send` flags, the
+control socket's `options`, `send(..., options)`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from migrate.transport import Tls
+
+
+@dataclass(frozen=True)
+class MigrationOptions:
+    downtime_ms: float = 300.0  # stop and copy once the rest fits in this
+    bandwidth_mib_s: float = 0.0  # cap on what we send (0: as fast as the link goes)
+    streams: int = 1  # page streams (connections), as QEMU's multifd channels
+    threads: int = 2  # page-encoding threads (at least `streams`)
+    auto_converge: bool = True
+    throttle_initial: float = 0.2  # QEMU's cpu-throttle-initial / -increment, as fractions
+    throttle_step: float = 0.1
+    throttle_max: float = 0.99
+    max_rounds: int = 30
+    max_seconds: float = 120.0
+    finish_anyway: bool = False  # at max rounds/time: stop and copy regardless (longer downtime)
+    level: int = 1  # zstd level
+    dry_run: bool = False
+    timeout: float = 30.0  # longest wait for any one answer from the target
+    key: bytes = b""
+    tls: Tls | None = None  # mutual TLS (certificates checked against a private CA)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MigrationOptions:
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(names)
+        if unknown:
+            raise ValueError(f"unknown migration options: {sorted(unknown)}")
+        values = dict(d)
+        if isinstance(values.get("key"), str):
+            values["key"] = bytes.fromhex(values["key"])
+        if isinstance(values.get("tls"), dict):
+            values["tls"] = Tls(**values["tls"])
+        return cls(**values)

@@ -1,0 +1,342 @@
+"""The sending side of a live migration: `send(machine, "host:port", options)`.
+
+The exchange is `migrate.protocol` (a two-phase hand-over; the never-two-copies argument is
+there); the bytes are one kvmigrate stream (formats/SPEC.md) cut into protocol messages: HELLO
+carries its header, CONFIG and LAYOUT; PAGES carry page sections; STATE the vCPU, VM and device
+sections; COMPLETE the END section with the memory digest.
+
+Round by round while the guest runs: round 0 sends every touched page; each later round fetches
+the dirty log (KVM's and the VMM's) and sends what changed. After each fetch `convergence.decide`
+says what next: another round, a throttle step first (auto-converge), stop and copy (the guest is
+paused and the rest goes), or give up. Pages are encoded on worker threads while the main thread
+sends, spread over the page streams (`migrate.streams`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from formats import FORMAT_MAJOR, FORMAT_MINOR, StreamWriter
+from hv.control import Progress
+from hv.dirty import PAGE_SIZE, DirtyBitmap
+from hv.machine import Machine, RunState
+from hv.memory import MemoryRegion
+from migrate import digest, pages
+from migrate.convergence import Action, RoundFigures, decide
+from migrate.errors import Cancelled, MigrationFailed, NotConverging, TransportError, error_code
+from migrate.options import MigrationOptions
+from migrate.protocol import (PROTOCOL_VERSION, Cancel, Channel, Commit, Complete, Error, ErrorCode,
+                              Hello, Outcome, Pages, Protocol, Reject, Role, RoundDone, State)
+from migrate.records import state_sections
+from migrate.state import PRODUCER, GuestCpuid, capture, machine_config, machine_layout, registry
+from migrate.stats import MigrationOutcome, MigrationStats, RoundStats
+from migrate.streams import OutgoingStream
+from migrate.transport import Connection, connect
+
+log = logging.getLogger(__name__)
+
+MESSAGE_BYTES = 8 << 20  # page payload per PAGES message
+MiB = 1 << 20
+Dirty = list[tuple[MemoryRegion, DirtyBitmap]]
+
+
+class Source:
+    """One outgoing migration of `machine` over `conn` (and its extra page streams)."""
+
+    def __init__(self, machine: Machine, conn: Connection, options: MigrationOptions,
+                 progress: Progress | None, cancel: threading.Event, address: str | None = None) -> None:
+        self.machine, self.conn, self.options = machine, conn, options
+        self.address = address
+        self.progress = progress or (lambda p: None)
+        self.cancel = cancel
+        self.proto = Protocol(Role.SOURCE)
+        self.writer = StreamWriter(registry(), producer=PRODUCER)
+        self.stats = MigrationStats()
+        self.pool = pages.PageEncoderPool(options.level, max(options.threads, options.streams))
+        self.extra: list[OutgoingStream] = []
+        self._sent_at_start = 0.0
+        self._fetched_at = 0.0
+        self._bytes_at_start = 0
+        self._touched: pages.Touched = {}
+        self._hashes: digest.BlockHashes | None = None
+
+    # --- messages ---------------------------------------------------------------------------------
+
+    def message(self, message: Any) -> None:
+        self.proto.send(message)
+        self.conn.send(message)
+
+    def pages_message(self, round_number: int, parts: list[bytes | memoryview]) -> None:
+        if self.conn.has_message():  # the target does not speak during a round unless it gives up
+            self.answer()
+        self.proto.send(Pages(round_number, b""))  # the protocol tracks the kind, not the bytes
+        self.conn.send_pages(round_number, parts)
+
+    def answer(self) -> Any:
+        message = self.conn.receive(self.options.timeout)
+        self.proto.receive(message)
+        if isinstance(message, Error):  # the target gave up and says why
+            raise MigrationFailed(f"the target failed: {message.code.name}: {message.message}",
+                                  "here", code=message.code)
+        return message
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.conn.bytes_sent + sum(x.conn.bytes_sent for x in self.extra)
+
+    # --- the stages -------------------------------------------------------------------------------
+
+    def run(self) -> MigrationStats:
+        t0 = time.perf_counter()
+        if not self.handshake():
+            return self.stats
+        self.stats.setup_seconds = time.perf_counter() - t0
+        self._sent_at_start, self._bytes_at_start = time.perf_counter(), self.bytes_sent
+        vm = self.machine.vm
+        self._track_dirty_pages()
+        self._round(0, pages.populated_runs(vm.memory, self._touched), 0.0)
+        while True:
+            if self.cancel.is_set():
+                raise Cancelled("cancelled by the user")
+            dirty, dirty_pages, dirty_rate = self._fetch()
+            figures = RoundFigures.after(self.stats, dirty_pages, time.perf_counter() - t0, self.machine.throttle)
+            decision = decide(figures, self.options)
+            match decision.action:
+                case Action.STOP_AND_COPY:
+                    return self._stop_and_copy(dirty, t0)
+                case Action.GIVE_UP:
+                    raise NotConverging(figures.rounds, figures.seconds, dirty_pages, decision.estimate_ms,
+                                        figures.bandwidth_mib_s, self.options.downtime_ms)
+                case Action.THROTTLE:
+                    self._throttle(decision.throttle)
+            self._round(len(self.stats.rounds), pages.dirty_runs(dirty)[0], dirty_rate)
+
+    def handshake(self) -> bool:
+        """HELLO and the target's answer; False when that is the end of it (refused, dry run)."""
+        machine, o = self.machine, self.options
+        cpuid = GuestCpuid(machine.vcpus[0].cpuid)
+        self.message(Hello(PROTOCOL_VERSION, f"{FORMAT_MAJOR}.{FORMAT_MINOR}", PRODUCER,
+                           self.writer.header() + self.writer.config(machine_config(machine)),
+                           self.writer.layout(machine_layout(machine)), registry().encode(cpuid),
+                           o.dry_run, o.streams))
+        reply = self.answer()
+        if isinstance(reply, Reject):
+            self.stats.outcome, self.stats.problems = MigrationOutcome.REJECTED, list(reply.problems)
+            self.stats.reason = "the target refused the guest"
+            return False
+        if o.dry_run:
+            self.message(Cancel("dry run: compatibility checked, nothing sent"))
+            self.stats.outcome, self.stats.reason = MigrationOutcome.DRY_RUN, "the target would accept this guest"
+            return False
+        if o.streams > 1:
+            self.open_extra_streams(reply.session)
+        return True
+
+    def open_extra_streams(self, session: bytes) -> None:
+        """Streams 1..N-1: connect, authenticate, join the exchange, send the stream header."""
+        o = self.options
+        for index in range(1, o.streams):
+            conn = connect(self.address, o.key, o.timeout, o.tls)
+            stream = OutgoingStream(conn)
+            self.extra.append(stream)
+            conn.send(Channel(session, index))
+            conn.send_pages(0, [stream.writer.header()])
+
+    def _track_dirty_pages(self) -> None:
+        """Dirty logging on, counting from now; the touched map and block hashes start from here."""
+        vm = self.machine.vm
+        if not vm.dirty_logging:
+            vm.enable_dirty_log()
+        for _ in vm.fetch_dirty_logs():  # the log now counts writes from here on
+            pass
+        self._fetched_at = time.perf_counter()
+        self._touched = pages.touched_pages(vm.memory)  # kept up to date from each dirty log
+        self._hashes = digest.BlockHashes(vm.memory, self._touched)
+        self._hashes.refresh_soon()  # the digest at the end then hashes only what changed since
+
+    def _fetch(self) -> tuple[Dirty, int, float]:
+        """The dirty log since the last fetch, its page count and the rate the guest dirtied at."""
+        dirty = list(self.machine.vm.fetch_dirty_logs())
+        for region, bitmap in dirty:
+            self._touched[region.guest_base] |= bitmap
+        if self._hashes is not None:
+            self._hashes.invalidate(dirty)
+            self._hashes.refresh_soon()
+        now = time.perf_counter()
+        count = sum(b.count() for _, b in dirty)
+        rate = count * PAGE_SIZE / MiB / max(now - self._fetched_at, 1e-6)
+        self._fetched_at = now
+        return dirty, count, rate
+
+    def _throttle(self, throttle: float) -> None:
+        self.machine.set_throttle(throttle)
+        self.stats.throttle_max = max(self.stats.throttle_max, throttle)
+        self.progress({"stage": "throttle", "throttle": throttle})
+
+    def _round(self, number: int, runs: list[pages.MemoryRun], dirty_rate: float) -> None:
+        t = time.perf_counter()
+        npages, raw, wire = self.send_pages(number, runs)
+        seconds = max(time.perf_counter() - t, 1e-6)
+        stat = RoundStats(number, npages, raw, wire, seconds, dirty_rate, wire / MiB / seconds,
+                          self.machine.throttle)
+        self.stats.rounds.append(stat)
+        self.stats.pages_sent += npages
+        self.stats.raw_bytes += raw
+        self.stats.sent_bytes_pages += wire
+        self.progress({"stage": "round", **dataclasses.asdict(stat)})
+
+    def _stop_and_copy(self, pending: Dirty, t0: float) -> MigrationStats:
+        machine = self.machine
+        paused_at = time.perf_counter()
+        machine.pause()
+        self.progress({"stage": "stop-and-copy"})
+        final, _, rate = self._fetch()
+        for (_, merged), (_, earlier) in zip(final, pending, strict=True):
+            merged |= earlier  # fetched while running but not sent yet
+        self._round(len(self.stats.rounds), pages.dirty_runs(final)[0], rate)
+        state = capture(machine, machine_config(machine))
+        self.message(State(b"".join(state_sections(self.writer, state))))
+        self.message(Complete(self.writer.end(self._hashes.digest(self.options.threads))))
+        self.answer()  # Ready: the target holds a verified copy, built and paused
+        self.message(Commit())
+        # From here the target may be running the guest: never resume on our own (protocol.py).
+        self.answer()  # Resumed
+        self.stats.downtime_ms = (time.perf_counter() - paused_at) * 1000
+        self.stats.outcome, self.stats.reason = MigrationOutcome.COMPLETED, "the target runs the guest"
+        self.stats.total_seconds = time.perf_counter() - t0
+        self.stats.sent_bytes = self.bytes_sent
+        return self.stats
+
+    # --- pages across the streams -----------------------------------------------------------------
+
+    def _pace(self) -> None:
+        limit = self.options.bandwidth_mib_s * MiB
+        if limit:
+            ahead = (self.bytes_sent - self._bytes_at_start) / limit - (time.perf_counter() - self._sent_at_start)
+            if ahead > 0:
+                time.sleep(ahead)
+
+    def _writer(self, stream: int) -> StreamWriter:
+        return self.writer if stream == 0 else self.extra[stream - 1].writer
+
+    def _dispatch(self, stream: int, round_number: int, parts: list[bytes | memoryview]) -> None:
+        if stream == 0:
+            self.pages_message(round_number, parts)
+            return
+        extra = self.extra[stream - 1]
+        if extra.error is not None:
+            raise TransportError(f"page stream {stream}: {extra.error}")
+        extra.queue.put((round_number, parts))
+
+    def send_pages(self, round_number: int, runs: Iterable[pages.MemoryRun]) -> tuple[int, int, int]:
+        """Encode and send `runs`, message by message across the streams; returns (pages, raw
+        bytes, bytes on the wire) once every stream has sent its share."""
+        parts: list[bytes | memoryview] = []
+        size = npages = raw = 0
+        wire0 = self.bytes_sent
+        streams = 1 + len(self.extra)
+        stream = round_number % streams
+        for section in self.pool.encode(runs):
+            if self.cancel.is_set():
+                raise Cancelled("cancelled by the user")
+            parts.extend(self._writer(stream).pages_parts(section))  # framed by the stream that carries it
+            size += section.length + 24
+            npages += section.totals.pages
+            raw += section.totals.raw_bytes
+            self.stats.zero_pages += section.totals.zero_pages
+            if size >= MESSAGE_BYTES:
+                self._dispatch(stream, round_number, parts)
+                parts, size = [], 0
+                self._pace()
+                stream = (stream + 1) % streams
+        if parts:
+            self._dispatch(stream, round_number, parts)
+        for extra in self.extra:  # the round's bandwidth counts only what has left
+            extra.queue.join()
+            if extra.error is not None:
+                raise TransportError(f"page stream: {extra.error}")
+        self.message(RoundDone(round_number, npages))
+        return npages, raw, self.bytes_sent - wire0
+
+    # --- the end, either way ----------------------------------------------------------------------
+
+    def fall_back(self, error: BaseException, code: ErrorCode) -> Outcome:
+        """Tell the target why (if the exchange is still open) and say what to do with the guest."""
+        proto = self.proto
+        if isinstance(error, TransportError):
+            proto.connection_lost()
+        elif proto.outcome() is Outcome.UNDECIDED:
+            message = (Cancel(str(error)) if code is ErrorCode.CANCELLED else Error(code, str(error)[:1000]))
+            try:
+                self.message(message)
+            except Exception:
+                proto.connection_lost()
+        if proto.outcome() is Outcome.UNDECIDED:
+            proto.connection_lost()
+        return proto.outcome()
+
+    def close(self) -> None:
+        self.pool.close()
+        if self._hashes is not None:
+            self._hashes.close()
+        for extra in self.extra:
+            extra.close()
+        self.conn.close()
+
+
+def send(machine: Machine, target: str | Connection, options: MigrationOptions | None = None, *,
+         progress: Progress | None = None, cancel: threading.Event | None = None) -> MigrationStats:
+    """Migrate a running (or paused) machine to `target` (HOST:PORT or a connection).
+
+    Returns the stats; `outcome` says where the guest is. Anything that fails before the target
+    acknowledged the hand-over leaves the guest running here, as it was (throttle off, dirty
+    logging off); after Commit with no answer the guest is kept paused here (in doubt) and
+    `MigrationFailed` says so."""
+    o = options or MigrationOptions()
+    t0 = time.perf_counter()
+    if machine.state not in (RunState.RUNNING, RunState.PAUSED):
+        raise MigrationFailed(f"the machine is {machine.state.value}", "where it was")
+    was_running = machine.state is RunState.RUNNING
+    conn = target if isinstance(target, Connection) else connect(target, o.key, o.timeout, o.tls)
+    if o.streams > 1 and isinstance(target, Connection):
+        raise MigrationFailed("several streams need an address to connect to", "where it was")
+    source = Source(machine, conn, o, progress, cancel or threading.Event(),
+                    address=None if isinstance(target, Connection) else target)
+    try:
+        stats = source.run()
+    except (Exception, KeyboardInterrupt) as e:
+        stats = source.stats
+        stats.total_seconds = time.perf_counter() - t0
+        stats.sent_bytes = source.bytes_sent
+        stats.reason = f"{type(e).__name__}: {e}"
+        code = error_code(e)
+        outcome = source.fall_back(e, code)
+        stats.outcome = {Outcome.SOURCE_RESUME: (MigrationOutcome.CANCELLED if code is ErrorCode.CANCELLED
+                                                 else MigrationOutcome.FAILED),
+                         Outcome.SOURCE_HOLD: MigrationOutcome.IN_DOUBT}.get(outcome, MigrationOutcome.FAILED)
+        if outcome is Outcome.SOURCE_RESUME:
+            _restore_source(machine, was_running)
+        log.warning("migration to %s: %s (%s)", conn.peer, stats.outcome, stats.reason)
+        if outcome is Outcome.SOURCE_HOLD:
+            raise MigrationFailed(stats.reason, "paused here: the target may have it (in doubt); "
+                                  "ask the target before resuming") from e
+        return stats
+    finally:
+        source.close()
+    machine.set_throttle(0)
+    if stats.outcome is MigrationOutcome.COMPLETED:
+        machine.stop()  # the target runs the guest now
+    return stats
+
+
+def _restore_source(machine: Machine, was_running: bool) -> None:
+    machine.set_throttle(0)
+    if machine.vm.dirty_logging:
+        machine.vm.disable_dirty_log()
+    if was_running and machine.state is RunState.PAUSED:
+        machine.resume()

@@ -1,0 +1,238 @@
+"""The receiving side of a live migration: `receive(conn, kvm)`, `listen_and_receive(listener, kvm)`.
+
+One `Target` takes one migration, stage by stage:
+
+1. handshake: HELLO is checked (protocol version, layout, CPUID, page streams; every problem
+   listed) and answered with Accept or Reject;
+2. build: a blank machine of the source's config, and the extra page streams accepted;
+3. transfer: PAGES written into guest memory, RoundDone closing each round across the streams
+   (while the block hashes of what the round wrote are refreshed in the background), STATE kept;
+4. verify: on COMPLETE the memory digest is checked and the state applied, then Ready;
+5. commit: on Commit the guest runs here, even if Resumed is lost.
+
+All the bytes go through one `StreamReader`, so every checksum, range check and total of a
+snapshot applies to the wire too. Any failure before Commit tears the half-built VM down, tells
+the source why (`error_code`) and raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import formats
+from formats import StreamReader
+from hv.builder import blank_machine
+from hv.control import Progress
+from hv.dirty import DirtyBitmap
+from hv.hypervisor import Kvm
+from hv.machine import Machine
+from hv.memory import RamBacking
+from migrate import digest, pages
+from migrate.errors import IncompatibleError, MigrationFailed, TransportError, error_code
+from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete, Error, Hello, Outcome,
+                              Pages, Protocol, Ready, Reject, Resumed, Role, RoundDone, State)
+from migrate.records import EXPECT, Collected
+from migrate.state import GuestCpuid, apply, cpuid_problems, expected_layout, registry
+from migrate.streams import MAX_STREAMS, IncomingStream, RoundGate, accept_streams, close_streams
+from migrate.transport import Connection, Listener
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class Incoming:
+    """What the target learned and built; `machine` runs the guest once `receive` returns."""
+
+    machine: Machine | None = None
+    config: Any = None
+    pages: int = 0
+    seconds: float = 0.0
+    source: str = ""
+
+
+class Target:
+    """One incoming migration on `conn`; `run()` takes it from HELLO to a running guest."""
+
+    def __init__(self, conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None], timeout: float,
+                 disk: str | None, virtio_console: Callable[[bytes], None] | None,
+                 progress: Progress | None, listener: Listener | None) -> None:
+        self.conn, self.kvm, self.timeout, self.listener = conn, kvm, timeout, listener
+        self.console, self.virtio_console, self.disk = console, virtio_console or console, disk
+        self.progress = progress or (lambda p: None)
+        self.proto = Protocol(Role.TARGET)
+        self.reader = StreamReader(registry(), expect=EXPECT)
+        self.incoming = Incoming(source=conn.peer)
+        self.machine: Machine | None = None
+        self.collected = Collected()  # the main connection's records; its sink once the VM exists
+        self.gate = RoundGate()
+        self.streams: list[IncomingStream] = []
+        self.hashes: digest.BlockHashes | None = None
+        self.session = b""  # what the extra page streams present, once accepted
+        self._t0 = time.perf_counter()
+
+    def take(self, message: Any) -> Any:
+        self.proto.receive(message)
+        return message
+
+    def tell(self, message: Any) -> None:
+        self.proto.send(message)
+        self.conn.send(message)
+
+    def run(self) -> Incoming:
+        try:
+            hello = self.handshake()
+            if hello.dry_run:
+                self.take(self.conn.receive(self.timeout))  # the source's Cancel
+                return self.incoming
+            self.build(hello)
+            while not self.on(self.take(self.conn.receive(self.timeout))):
+                pass
+            return self.incoming
+        except BaseException as e:
+            self.fail(e)
+            raise
+        finally:
+            close_streams(self.gate, self.streams)
+            if self.hashes is not None:
+                self.hashes.close()
+
+    # --- 1. handshake -----------------------------------------------------------------------------
+
+    def handshake(self) -> Hello:
+        hello = self.take(self.conn.receive(self.timeout))
+        if not isinstance(hello, Hello):
+            raise TransportError(f"expected HELLO, got {type(hello).__name__}")
+        self.collected.take(self.reader.feed(hello.config + hello.layout))  # the header, CONFIG, LAYOUT
+        self.collected.need("CONFIG", "LAYOUT")
+        self.incoming.config = self.collected.config
+        problems = self.problems(hello)
+        if problems:
+            self.tell(Reject(tuple(problems)))
+            raise IncompatibleError(problems)
+        self.session = secrets.token_bytes(16)
+        self.tell(Accept(self.session))
+        return hello
+
+    def problems(self, hello: Hello) -> list[str]:
+        """Everything that keeps this host from taking the guest HELLO describes (every one)."""
+        problems = []
+        if hello.protocol_version != PROTOCOL_VERSION:
+            problems.append(f"protocol version {hello.protocol_version}, this side speaks {PROTOCOL_VERSION}")
+        problems += [str(d) for d in formats.diff(expected_layout(self.collected.config), self.collected.layout)]
+        cpuid = registry().decode(hello.cpuid, expect=GuestCpuid)
+        problems += cpuid_problems(cpuid.entries, self.kvm.guest_cpuid)
+        most = MAX_STREAMS if self.listener is not None else 1
+        if not 1 <= hello.streams <= most:
+            problems.append(f"{hello.streams} page streams: this target takes 1 to {most}")
+        return problems
+
+    # --- 2. build ---------------------------------------------------------------------------------
+
+    def build(self, hello: Hello) -> None:
+        config = self.collected.config
+        virtio = config.virtio.build(self.virtio_console, self.disk) if config.virtio else None
+        self.machine = blank_machine(self.kvm, config.vm_config(), self.console, backing=RamBacking.host_filled,
+                                     virtio=virtio)
+        memory = self.machine.vm.memory
+        self.collected.sink = pages.MemorySink(memory)
+        self.streams = accept_streams(self.listener, hello.streams - 1, self.session, self.machine,
+                                      self.collected.layout.memory, self.gate, self.timeout)
+        nothing = {r.guest_base: DirtyBitmap(r.npages) for r in memory.regions}
+        self.hashes = digest.BlockHashes(memory, nothing)  # fresh memory: all zero
+
+    # --- 3. to 5.: one message at a time ----------------------------------------------------------
+
+    def on(self, message: Any) -> bool:
+        """Act on one message of the exchange; True once the guest runs here."""
+        match message:
+            case Pages(round=number, payload=payload):  # `stable`: a buffer only we hold
+                self.gate.add(number, self.collected.take(self.reader.feed(payload, stable=True)))
+            case RoundDone(round=number, pages=count):
+                self.round_done(number, count)
+            case State(payload=payload):
+                self.collected.take(self.reader.feed(payload))
+            case Complete(payload=payload):
+                self.verify(payload)
+            case Commit():
+                self.commit()
+                return True
+            case Cancel(reason=reason):
+                raise MigrationFailed(f"the source cancelled: {reason}", "on the source")
+            case Error(code=code, message=text):
+                raise MigrationFailed(f"the source failed: {text}", "on the source", code=code)
+        return False
+
+    def _sinks(self) -> list[pages.MemorySink]:
+        return [self.collected.sink, *(x.sink for x in self.streams)]
+
+    def _invalidate_written(self) -> None:
+        for sink in self._sinks():
+            self.hashes.invalidate(sink.take_recent())
+
+    def round_done(self, number: int, count: int) -> None:
+        self.gate.round_done(number, count, self.timeout)
+        self._invalidate_written()
+        self.hashes.refresh_soon()  # hash what this round wrote while the next one arrives
+        self.progress({"stage": "round", "round": number, "pages": count})
+
+    def verify(self, payload: bytes) -> None:
+        self.collected.take(self.reader.feed(payload))
+        self.reader.finish()
+        self._invalidate_written()
+        found = self.hashes.digest(2)
+        if found != self.collected.end.digest:
+            raise formats.DigestMismatch(self.collected.end.digest, found)
+        apply(self.machine, self.collected.state())
+        self.tell(Ready())
+
+    def commit(self) -> None:
+        self.machine.start()  # Commit made this side the owner: run, even if Resumed is lost
+        try:
+            self.tell(Resumed())
+        except TransportError:
+            log.warning("the source did not hear Resumed; the guest runs here regardless")
+        self.incoming.machine = self.machine
+        self.incoming.pages = sum(sink.pages for sink in self._sinks())
+        self.incoming.seconds = time.perf_counter() - self._t0
+
+    # --- or else ----------------------------------------------------------------------------------
+
+    def fail(self, error: BaseException) -> None:
+        """Tear the half-built VM down and, if the exchange is still open, tell the source why."""
+        close_streams(self.gate, self.streams)  # before the memory they write into goes away
+        if self.machine is not None and self.incoming.machine is None:
+            self.machine.stop()
+            self.machine.vm.close()
+        if self.proto.outcome() is Outcome.UNDECIDED and not isinstance(error, TransportError):
+            try:
+                self.tell(Error(error_code(error), f"{type(error).__name__}: {error}"[:1000]))
+                self.conn.close_after_telling()  # so the source reads why, rather than a reset link
+            except Exception:  # noqa: BLE001 - the link may be gone; the raise after this says why
+                log.debug("could not tell the source why", exc_info=True)
+
+
+def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = lambda b: None,
+            timeout: float = 60.0, disk: str | None = None,
+            virtio_console: Callable[[bytes], None] | None = None, progress: Progress | None = None,
+            listener: Listener | None = None) -> Incoming:
+    """Take one incoming migration on `conn`: check, build, fill, verify, and on Commit run the
+    guest. Any failure before Commit tears the half-built VM down and raises. `disk` puts the
+    virtio disk at another path than the source's (the default: shared storage). `listener`
+    accepts the extra page streams a source may open."""
+    return Target(conn, kvm, console=console, timeout=timeout, disk=disk, virtio_console=virtio_console,
+                  progress=progress, listener=listener).run()
+
+
+def listen_and_receive(listener: Listener, kvm: Kvm, *, accept_timeout: float | None = None,
+                       **kwargs: Any) -> Incoming:
+    conn = listener.accept(accept_timeout)
+    try:
+        return receive(conn, kvm, listener=listener, **kwargs)
+    finally:
+        conn.close()

@@ -1,0 +1,163 @@
+"""The stop-and-copy policy as properties: `convergence.decide` over any round figures and options."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from migrate.convergence import Action, Decision, Reason, RoundFigures, decide, next_throttle
+from migrate.options import MigrationOptions
+from migrate.stats import MigrationStats, RoundStats
+
+rates = st.floats(0, 5000, allow_nan=False)
+
+
+@st.composite
+def figures(draw: st.DrawFn) -> RoundFigures:
+    return RoundFigures(
+        rounds=draw(st.one_of(st.integers(1, 4), st.integers(1, 40))), seconds=draw(st.floats(0, 200, allow_nan=False)),
+        dirty_pages=draw(st.integers(0, 1 << 20)), last_pages=draw(st.integers(0, 1 << 20)),
+        last_dirty_rate_mib_s=draw(rates), last_bandwidth_mib_s=draw(rates), bandwidth_mib_s=draw(rates),
+        compression=draw(st.floats(0, 1.2, allow_nan=False)),
+        throttle=draw(st.sampled_from([0.0, 0.2, 0.3, 0.5, 0.9, 0.99])))
+
+
+@st.composite
+def options(draw: st.DrawFn) -> MigrationOptions:
+    return MigrationOptions(
+        downtime_ms=draw(st.floats(0, 2000, allow_nan=False)), auto_converge=draw(st.booleans()),
+        max_rounds=draw(st.integers(1, 35)), max_seconds=draw(st.floats(1, 150, allow_nan=False)),
+        finish_anyway=draw(st.booleans()))
+
+
+def _at_a_limit(f: RoundFigures, o: MigrationOptions) -> bool:
+    return f.rounds >= o.max_rounds or f.seconds >= o.max_seconds
+
+
+@given(figures(), options())
+def test_never_stops_over_the_downtime_target_unless_allowed_to_finish_late(f, o) -> None:
+    d = decide(f, o)
+    if d.action is Action.STOP_AND_COPY and d.estimate_ms > o.downtime_ms:
+        assert o.finish_anyway and _at_a_limit(f, o) and d.late
+
+
+@given(figures(), options())
+def test_gives_up_only_at_the_round_or_time_limit_and_never_when_told_to_finish(f, o) -> None:
+    d = decide(f, o)
+    if d.action is Action.GIVE_UP:
+        assert _at_a_limit(f, o) and not o.finish_anyway
+        assert d.reason is (Reason.OUT_OF_ROUNDS if f.rounds >= o.max_rounds else Reason.OUT_OF_TIME)
+    if _at_a_limit(f, o):  # no more rounds past a limit: it ends, one way or the other
+        assert d.action in (Action.STOP_AND_COPY, Action.GIVE_UP)
+
+
+@given(figures(), options())
+def test_stops_when_the_rest_fits_a_quarter_of_the_target(f, o) -> None:
+    assume(f.estimate_ms <= o.downtime_ms / 4)
+    assert decide(f, o) == Decision(Action.STOP_AND_COPY, Reason.FITS, f.throttle, f.estimate_ms)
+
+
+@given(figures(), options(), st.floats(0.3, 0.95))
+def test_another_round_when_it_fits_but_is_still_shrinking_fast(f, o, fraction) -> None:
+    assume(f.dirty_pages > 0 and o.downtime_ms > 1 and o.max_rounds > 1)
+    # a bandwidth at which the rest takes `fraction` of the target: fits, but not in a quarter
+    f = dataclasses.replace(f, rounds=min(f.rounds, o.max_rounds - 1), seconds=0.0,
+                            bandwidth_mib_s=f.remaining_mib * 1000 / (fraction * o.downtime_ms))
+    d = decide(f, o)
+    shrinking = f.dirty_pages < 0.5 * f.last_pages
+    assert (d.action is Action.STOP_AND_COPY) is (not shrinking)
+    if shrinking:
+        assert d.reason is (Reason.OUTRUNS_LINK if d.action is Action.THROTTLE else Reason.STILL_SHRINKING)
+
+
+@given(figures(), options(), st.floats(1, 100, allow_nan=False))
+def test_more_bandwidth_or_a_longer_target_never_turns_a_stop_into_a_round(f, o, factor) -> None:
+    assume(decide(f, o).action is Action.STOP_AND_COPY)
+    faster = dataclasses.replace(f, bandwidth_mib_s=f.bandwidth_mib_s * factor)
+    longer = dataclasses.replace(o, downtime_ms=o.downtime_ms * factor)
+    assert decide(faster, o).action is Action.STOP_AND_COPY
+    assert decide(f, longer).action is Action.STOP_AND_COPY
+
+
+@given(figures(), options(), rates, rates)
+def test_the_throttle_is_monotone_in_the_dirty_rate(f, o, rate_a, rate_b) -> None:
+    low, high = sorted((rate_a, rate_b))
+    at_low = decide(dataclasses.replace(f, last_dirty_rate_mib_s=low), o)
+    at_high = decide(dataclasses.replace(f, last_dirty_rate_mib_s=high), o)
+    assert at_high.throttle >= at_low.throttle
+    assert at_low.action is not Action.THROTTLE or at_high.action is Action.THROTTLE
+    assert at_low.action is at_high.action or {at_low.action, at_high.action} == {
+        Action.ANOTHER_ROUND, Action.THROTTLE}  # the rate decides a throttle step, nothing else
+
+
+@given(figures(), options())
+def test_a_throttle_step_goes_up_by_the_options_steps_and_only_when_allowed(f, o) -> None:
+    assume(o.max_rounds > 1)
+    # far from fitting and no limit reached: another round, the only question is the throttle
+    f = dataclasses.replace(f, rounds=min(f.rounds, o.max_rounds - 1), seconds=0.0, bandwidth_mib_s=0.0,
+                            dirty_pages=max(f.dirty_pages, 1))
+    d = decide(f, o)
+    outruns = f.last_dirty_rate_mib_s > 0.5 * f.last_bandwidth_mib_s
+    stepped = o.throttle_initial if f.throttle == 0 else min(o.throttle_max, f.throttle + o.throttle_step)
+    if o.auto_converge and f.rounds >= 3 and outruns and stepped != f.throttle:
+        assert d == Decision(Action.THROTTLE, Reason.OUTRUNS_LINK, stepped, math.inf)
+    else:
+        assert d == Decision(Action.ANOTHER_ROUND, Reason.TOO_MUCH, f.throttle, math.inf)
+    assert d.throttle <= max(o.throttle_max, f.throttle) and d.throttle == next_throttle(f, o)
+
+
+def test_throttling_starts_at_the_third_round_and_above_half_the_link() -> None:
+    o = MigrationOptions()
+    busy = RoundFigures(rounds=3, seconds=1.0, dirty_pages=5000, last_pages=5000, last_dirty_rate_mib_s=50.0,
+                        last_bandwidth_mib_s=100.0, bandwidth_mib_s=1.0, compression=1.0, throttle=0.0)
+    assert decide(busy, o).action is Action.ANOTHER_ROUND  # exactly half the link: not yet
+    faster = dataclasses.replace(busy, last_dirty_rate_mib_s=50.5)
+    assert decide(faster, o) == Decision(Action.THROTTLE, Reason.OUTRUNS_LINK, 0.2, faster.estimate_ms)
+    assert decide(dataclasses.replace(faster, rounds=2), o).action is Action.ANOTHER_ROUND
+    assert decide(dataclasses.replace(faster, throttle=0.2), o).throttle == 0.2 + 0.1
+    assert decide(dataclasses.replace(faster, throttle=0.95), o).throttle == 0.99
+    assert decide(dataclasses.replace(faster, throttle=0.99), o).action is Action.ANOTHER_ROUND  # at the top
+    assert decide(faster, dataclasses.replace(o, auto_converge=False)).action is Action.ANOTHER_ROUND
+
+
+def test_a_rest_that_fits_waits_one_more_round_only_while_under_half_the_last() -> None:
+    o = MigrationOptions(downtime_ms=100.0)
+    f = RoundFigures(rounds=4, seconds=1.0, dirty_pages=500, last_pages=1000, last_dirty_rate_mib_s=0.0,
+                     last_bandwidth_mib_s=100.0, bandwidth_mib_s=0.0, compression=1.0, throttle=0.0)
+    f = dataclasses.replace(f, bandwidth_mib_s=f.remaining_mib * 1000 / 50.0)  # takes half the target
+    assert decide(f, o).action is Action.STOP_AND_COPY  # exactly half the last round: not shrinking
+    shrinking = dataclasses.replace(f, dirty_pages=499)
+    assert decide(shrinking, o) == Decision(Action.ANOTHER_ROUND, Reason.STILL_SHRINKING, 0.0,
+                                            shrinking.estimate_ms)
+
+
+def test_compression_is_counted_no_better_than_twenty_to_one() -> None:
+    f = RoundFigures(rounds=1, seconds=0.0, dirty_pages=256, last_pages=0, last_dirty_rate_mib_s=0.0,
+                     last_bandwidth_mib_s=0.0, bandwidth_mib_s=1.0, compression=0.01, throttle=0.0)
+    assert math.isclose(f.remaining_mib, 256 * 4096 * 0.05 / (1 << 20))
+    assert math.isclose(dataclasses.replace(f, compression=0.5).remaining_mib, 0.5)
+
+
+def test_without_a_measured_bandwidth_only_a_clean_guest_stops() -> None:
+    o = MigrationOptions()
+    base = RoundFigures(rounds=2, seconds=1.0, dirty_pages=1, last_pages=10, last_dirty_rate_mib_s=0.0,
+                        last_bandwidth_mib_s=0.0, bandwidth_mib_s=0.0, compression=1.0, throttle=0.0)
+    assert decide(base, o).action is Action.ANOTHER_ROUND and math.isinf(decide(base, o).estimate_ms)
+    clean = dataclasses.replace(base, dirty_pages=0)
+    assert decide(clean, o) == Decision(Action.STOP_AND_COPY, Reason.FITS, 0.0, 0.0)
+
+
+def test_the_figures_come_from_the_last_rounds() -> None:
+    stats = MigrationStats(raw_bytes=4000, sent_bytes_pages=1000)
+    stats.rounds = [RoundStats(i, 100 * (5 - i), 0, 0, 0.1, 10.0 * i, bw, 0.0)
+                    for i, bw in enumerate([900.0, 100.0, 200.0, 300.0, 50.0])]
+    f = RoundFigures.after(stats, dirty_pages=7, seconds=3.5, throttle=0.2)
+    assert (f.rounds, f.dirty_pages, f.last_pages, f.seconds, f.throttle) == (5, 7, 100, 3.5, 0.2)
+    assert f.bandwidth_mib_s == 300.0  # the best of the last three, not of all
+    assert (f.last_dirty_rate_mib_s, f.last_bandwidth_mib_s, f.compression) == (40.0, 50.0, 0.25)
+    assert math.isclose(f.remaining_mib, 7 * 4096 * 0.25 / (1 << 20))
+    assert math.isclose(f.estimate_ms, f.remaining_mib / 300.0 * 1000)
+

@@ -1,0 +1,21 @@
+"""migrate's rooms: the policy module is pure, and the two sides of a migration stay apart."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+
+def test_the_policy_and_the_two_sides_keep_to_their_rooms() -> None:
+    """convergence is pure (no clock, socket, thread or machine); source and target never meet
+    but through the protocol."""
+    root = Path(__file__).resolve().parents[2] / "migrate"
+
+    def imports(name: str) -> set[str]:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        found = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        return found | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+    assert imports("convergence") <= {"__future__", "enum", "math", "dataclasses", "hv.dirty", "migrate.options",
+                                      "migrate.stats"}
+    assert "migrate.target" not in imports("source") and "migrate.source" not in imports("target")
