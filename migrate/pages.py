@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from formats import PageEncoder, PageRun, PageSection, ZeroRanges
+from formats import PageRun, PageSection, ZeroRanges
 from hv.dirty import PAGE_SIZE, DirtyBitmap
 from hv.memory import GuestMemory, MemoryRegion
 from migrate.datapath import PageEncoderC
