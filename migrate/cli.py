@@ -206,17 +206,21 @@ def _stats_table(stats: dict[str, Any]) -> Table:
     table = Table(title=f"migration {stats['outcome']}", show_header=False)
     rows = [("total", f"{stats['total_seconds'] * 1000:.0f} ms"),
             ("setup", f"{stats['setup_seconds'] * 1000:.0f} ms"),
-            ("downtime", f"{stats['downtime_ms']:.1f} ms"),
+            ("downtime", f"{stats['downtime_ms']:.1f} ms (target {stats['downtime_target_ms']:.0f} ms)"),
+            ("downtime by phase", ", ".join(f"{k.replace('_', ' ')} {v:.1f}"
+                                            for k, v in stats.get("downtime_phases_ms", {}).items()) + " ms"),
             ("rounds", str(len(stats["rounds"]))),
             ("guest memory sent", f"{stats['raw_bytes'] / MiB:.1f} MiB ({stats['pages_sent']} pages, "
                                   f"{stats['zero_pages']} zero)"),
-            ("bytes on the wire", f"{stats['sent_bytes'] / MiB:.1f} MiB (ratio {stats['compression_ratio']:.2f})"),
+            ("bytes on the wire", f"{stats['sent_bytes'] / MiB:.1f} MiB (ratio {stats['compression_ratio']:.2f}; "
+                                  f"{stats.get('frames_judged_raw', 0)} frames sent raw, a sample of them "
+                                  "not shrinking)"),
             ("dirty rate per round", ", ".join(f"{r['dirty_rate_mib_s']:.0f}" for r in stats["rounds"]) + " MiB/s"),
             ("throttle applied", f"{stats['throttle_max'] * 100:.0f}%")]
     if stats.get("reason"):
         rows.append(("reason", stats["reason"]))
     for problem in stats.get("problems", []):
-        rows.append(("incompatible", problem))
+        rows.append(("problem", problem))
     for k, v in rows:
         table.add_row(k, v)
     return table

@@ -133,7 +133,12 @@ class Complete:
 
 @dataclass(frozen=True)
 class Ready:
+    """The target holds a verified copy, built and paused; how long it took, for the source's
+    downtime breakdown (fields with defaults: a peer that sends none is still understood)."""
+
     kind = MessageKind.READY
+    digest_us: int = 0  # the memory digest checked against END
+    apply_us: int = 0  # vCPU, VM and device state applied
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,7 @@ class Commit:
 @dataclass(frozen=True)
 class Resumed:
     kind = MessageKind.RESUMED
+    resume_us: int = 0  # from Commit until the target's vCPUs were let run
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,11 @@ from migrate.convergence import Action, RoundFigures, decide
 from migrate.errors import Cancelled, MigrationFailed, NotConverging, TransportError, error_code
 from migrate.options import MigrationOptions
 from migrate.protocol import (PROTOCOL_VERSION, Cancel, Channel, Commit, Complete, Error, ErrorCode,
-                              Hello, Outcome, Pages, Protocol, Reject, Role, RoundDone, State)
+                              Hello, Outcome, Pages, Protocol, Ready, Reject, Resumed, Role, RoundDone,
+                              State)
 from migrate.records import state_sections
 from migrate.state import PRODUCER, GuestCpuid, capture, machine_config, machine_layout, registry
-from migrate.stats import MigrationOutcome, MigrationStats, RoundStats
+from migrate.stats import Laps, MigrationOutcome, MigrationStats, RoundStats
 from migrate.streams import OutgoingStream
 from migrate.transport import Connection, connect
 
@@ -192,21 +193,34 @@ class Source:
 
     def _stop_and_copy(self, pending: Dirty, t0: float) -> MigrationStats:
         machine = self.machine
-        paused_at = time.perf_counter()
+        laps = Laps()
         machine.pause()
-        self.progress({"stage": "stop-and-copy"})
+        laps.lap("pause")
         final, _, rate = self._fetch()
         for (_, merged), (_, earlier) in zip(final, pending, strict=True):
             merged |= earlier  # fetched while running but not sent yet
+        laps.lap("dirty_log")
         self._round(len(self.stats.rounds), pages.dirty_runs(final)[0], rate)
+        laps.lap("last_round")
         state = capture(machine, machine_config(machine))
         self.message(State(b"".join(state_sections(self.writer, state))))
-        self.message(Complete(self.writer.end(self._hashes.digest(self.options.threads))))
-        self.answer()  # Ready: the target holds a verified copy, built and paused
+        laps.lap("state")
+        end = self.writer.end(self._hashes.digest(self.options.threads))
+        laps.lap("digest")
+        self.message(Complete(end))
+        ready = self.answer()  # Ready: the target holds a verified copy, built and paused
+        waited = laps.lap("target_verify")
         self.message(Commit())
         # From here the target may be running the guest: never resume on our own (protocol.py).
-        self.answer()  # Resumed
-        self.stats.downtime_ms = (time.perf_counter() - paused_at) * 1000
+        resumed = self.answer()  # Resumed
+        committed = laps.lap("target_resume")
+        self.stats.downtime_ms = sum(laps.phases.values())
+        self.stats.downtime_phases_ms = _with_target_phases(laps.phases, ready, resumed, waited, committed)
+        self.stats.downtime_target_ms = self.options.downtime_ms
+        if self.stats.downtime_overrun_ms:
+            self.stats.problems.append(f"the guest was paused {self.stats.downtime_ms:.0f} ms, past the "
+                                       f"{self.options.downtime_ms:.0f} ms downtime target")
+        self.stats.frames_judged_raw = self.pool.frames_judged_raw
         self.stats.outcome, self.stats.reason = MigrationOutcome.COMPLETED, "the target runs the guest"
         self.stats.total_seconds = time.perf_counter() - t0
         self.stats.sent_bytes = self.bytes_sent
@@ -332,6 +346,18 @@ def send(machine: Machine, target: str | Connection, options: MigrationOptions |
     if stats.outcome is MigrationOutcome.COMPLETED:
         machine.stop()  # the target runs the guest now
     return stats
+
+
+def _with_target_phases(phases: dict[str, float], ready: Ready, resumed: Resumed, waited_ms: float,
+                        committed_ms: float) -> dict[str, float]:
+    """The source's laps with the target's own steps (from Ready and Resumed) taken out of the
+    waits they happened in; what is left of a wait is the link's ("link")."""
+    target = {"target_digest": ready.digest_us / 1000, "target_apply": ready.apply_us / 1000,
+              "target_resume": resumed.resume_us / 1000}
+    out = {k: round(v, 3) for k, v in phases.items() if k not in ("target_verify", "target_resume")}
+    out |= {k: round(v, 3) for k, v in target.items()}
+    out["link"] = round(max(0.0, waited_ms + committed_ms - sum(target.values())), 3)
+    return out
 
 
 def _restore_source(machine: Machine, was_running: bool) -> None:

@@ -4,9 +4,24 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+
+class Laps:
+    """Consecutive phases timed one after the other: `lap(name)` ends the phase running now."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> float:
+        now = time.perf_counter()
+        self.phases[name] = (now - self._t) * 1000
+        self._t = now
+        return self.phases[name]
 
 
 class MigrationOutcome(StrEnum):
@@ -50,6 +65,16 @@ class MigrationStats:
     sent_bytes: int = 0
     throttle_max: float = 0.0
     sent_bytes_pages: int = 0  # wire bytes of page messages (for the compression ratio)
+    # where the pause went, in order (source's steps, and the target's as it reports them; "link"
+    # is what neither side accounts for: transit and the peer's reading of the messages)
+    downtime_phases_ms: dict[str, float] = field(default_factory=dict)
+    downtime_target_ms: float = 0.0
+    frames_judged_raw: int = 0  # page frames sent uncompressed because a sample did not shrink
+
+    @property
+    def downtime_overrun_ms(self) -> float:
+        """How far the pause went past its target (0: within it)."""
+        return max(0.0, self.downtime_ms - self.downtime_target_ms) if self.downtime_target_ms else 0.0
 
     @property
     def compression_ratio(self) -> float:
@@ -58,4 +83,5 @@ class MigrationStats:
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["compression_ratio"] = round(self.compression_ratio, 3)
+        d["downtime_overrun_ms"] = round(self.downtime_overrun_ms, 3)
         return d

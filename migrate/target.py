@@ -185,16 +185,19 @@ class Target:
         self.collected.take(self.reader.feed(payload))
         self.reader.finish()
         self._invalidate_written()
+        t0 = time.perf_counter()
         found = self.hashes.digest(2)
         if found != self.collected.end.digest:
             raise formats.DigestMismatch(self.collected.end.digest, found)
+        t1 = time.perf_counter()
         apply(self.machine, self.collected.state())
-        self.tell(Ready())
+        self.tell(Ready(digest_us=_us(t1 - t0), apply_us=_us(time.perf_counter() - t1)))
 
     def commit(self) -> None:
+        t0 = time.perf_counter()
         self.machine.start()  # Commit made this side the owner: run, even if Resumed is lost
         try:
-            self.tell(Resumed())
+            self.tell(Resumed(resume_us=_us(time.perf_counter() - t0)))
         except TransportError:
             log.warning("the source did not hear Resumed; the guest runs here regardless")
         self.incoming.machine = self.machine
@@ -215,6 +218,10 @@ class Target:
                 self.conn.close_after_telling()  # so the source reads why, rather than a reset link
             except Exception:  # noqa: BLE001 - the link may be gone; the raise after this says why
                 log.debug("could not tell the source why", exc_info=True)
+
+
+def _us(seconds: float) -> int:
+    return round(seconds * 1e6)
 
 
 def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = lambda b: None,

@@ -92,6 +92,18 @@ def _assert_target_carries_on(target: _Target) -> None:
         moved.vm.close()
 
 
+def _assert_downtime_accounted(stats) -> None:
+    """Every step of the pause is named, none negative, and together they are the downtime."""
+    phases = stats.downtime_phases_ms
+    assert list(phases) == ["pause", "dirty_log", "last_round", "state", "digest", "target_digest",
+                            "target_apply", "target_resume", "link"]
+    assert all(v >= 0 for v in phases.values()), phases
+    assert phases["target_apply"] > 0 and phases["target_resume"] > 0  # the target reported its steps
+    assert sum(phases.values()) == pytest.approx(stats.downtime_ms, abs=0.05)
+    if stats.downtime_ms <= stats.downtime_target_ms:
+        assert stats.downtime_overrun_ms == 0 and not stats.problems
+
+
 def test_ping_pong_ten_times(kvm: Kvm) -> None:
     machine, console = _source(kvm)
     consoles, downtimes = [console], []
@@ -112,6 +124,7 @@ def test_ping_pong_ten_times(kvm: Kvm) -> None:
             machine, console = target.incoming.machine, target.console
             consoles.append(console)
             downtimes.append(stats.downtime_ms)
+            _assert_downtime_accounted(stats)
             before = bg.read_status(machine.vm.memory).passes
             console.wait_pass(before + 1, timeout=20)
         machine.pause()
@@ -259,6 +272,9 @@ def test_non_converging_guest_fails_back_or_finishes_if_allowed(kvm: Kvm) -> Non
         target.join()
         assert stats.outcome == "completed"
         assert stats.downtime_ms > 50  # the user allowed a longer downtime than the target
+        # ... and is told it was longer
+        assert stats.downtime_overrun_ms == pytest.approx(stats.downtime_ms - 50)
+        assert any("past the 50 ms downtime target" in p for p in stats.problems), stats.problems
         _assert_target_carries_on(target)
     finally:
         machine.stop()
