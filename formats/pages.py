@@ -239,10 +239,18 @@ class PageEncoder:
 class PageDecoder:
     """Decodes PAGES bodies, refusing anything outside `memory`. One zstd context per stream."""
 
-    def __init__(self, memory: MemoryLayout, limits: PageLimits | None = None) -> None:
+    def __init__(self, memory: MemoryLayout, limits: PageLimits | None = None,
+                 decompress: Callable[[memoryview, int], bytes] | None = None) -> None:
+        """`decompress(frame, size)` decompresses one zstd frame of at most `size` bytes, raising
+        `ValueError` for anything but exactly one valid frame (default: python-zstandard)."""
         self.memory = memory
         self.limits = limits or PageLimits()
-        self._dctx = zstandard.ZstdDecompressor()
+        if decompress is None:
+            dctx = zstandard.ZstdDecompressor()
+
+            def decompress(frame: memoryview, size: int) -> bytes:
+                return dctx.decompress(frame, max_output_size=size, allow_extra_data=False)
+        self._decompress_frame = decompress
 
     def decode(self, body: bytes, offset: int = 0) -> tuple[list[PageRun], PageTotals]:
         """All runs of one section, every check done before returning any. `offset` is the
@@ -310,7 +318,7 @@ class PageDecoder:
         view = memoryview(body)
         runs: list[PageRun] = []
         pos = table_end
-        decompress = self._dctx.decompress
+        decompress = self._decompress_frame
         for i, (addr, n, enc, length, digest) in enumerate(zip(
                 addresses.tolist(), counts.tolist(), encodings.tolist(), lengths.tolist(),
                 digests.tolist())):
@@ -342,9 +350,8 @@ class PageDecoder:
             if declared != size:
                 raise SizeMismatch("pages", offset, size, declared,
                                    "zstd frame content size")
-            out = decompress(payload, max_output_size=size,  # type: ignore[operator]
-                             allow_extra_data=False)
-        except zstandard.ZstdError as exc:
+            out = decompress(payload, size)  # type: ignore[operator]
+        except (zstandard.ZstdError, ValueError) as exc:
             raise DecompressionError("pages", offset, str(exc)[:200]) from None
         if len(out) != size:
             raise SizeMismatch("pages", offset, size, len(out), "decompressed size")

@@ -14,10 +14,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from formats import (DIGEST_BLOCK, EndRecord, KnownZero, ZeroRanges, block_count, block_hash,
+from formats import (DIGEST_BLOCK, EndRecord, KnownZero, ZeroRanges, block_count,
                      combine_block_hashes, memory_digest, verify_digest, zero_block_hashes)
 from hv.dirty import PAGE_SIZE, DirtyBitmap
 from hv.memory import GuestMemory, MemoryRegion
+from migrate.datapath import block_hashes
 from migrate.pages import Touched
 
 
@@ -77,7 +78,8 @@ class BlockHashes:
     target from what it writes). At the end only the blocks changed since their last hash are
     hashed in the pause. A block changing while it is being hashed gets a new generation, and the
     stale hash is not kept: `refresh` only records a hash if the block's generation did not move.
-    Each hash is `formats.block_hash`, and the digest `formats.combine_block_hashes` of them.
+    Each hash is `formats.block_hash` (computed in C, `migrate.datapath.block_hashes`), and the
+    digest `formats.combine_block_hashes` of them.
     `refresh_soon` runs a pass on a thread of its own; `close` waits for it and ends the thread.
     """
 
@@ -105,29 +107,27 @@ class BlockHashes:
                 self._generation[region.guest_base][blocks] += np.uint64(1)
 
     def refresh(self, workers: int = 1) -> int:
-        """Hash every stale block; returns how many were hashed."""
+        """Hash every stale block; returns how many were hashed. One C call per region and
+        worker (the GIL released throughout), the bookkeeping in numpy: no per-block Python."""
         todo = []
         with self._lock:
             for region in self.memory.regions:
+                blocks = np.flatnonzero(self._stale[region.guest_base]).astype(np.uint64)
+                if len(blocks):
+                    todo.append((region, blocks, self._generation[region.guest_base][blocks].copy()))
+        for region, blocks, generations in todo:
+            parts = np.array_split(blocks, max(1, min(workers, len(blocks) // 4)))
+            if len(parts) > 1:
+                with ThreadPoolExecutor(len(parts)) as pool:
+                    values = np.concatenate(list(pool.map(lambda b: block_hashes(region.view, b), parts)))
+            else:
+                values = block_hashes(region.view, blocks)
+            with self._lock:
                 base = region.guest_base
-                for block in np.flatnonzero(self._stale[base]).tolist():
-                    todo.append((region, block, int(self._generation[base][block])))
-
-        def hash_block(item: tuple[MemoryRegion, int, int]) -> int:
-            return block_hash(item[0].view, item[1])
-
-        if workers > 1 and len(todo) > 4:
-            with ThreadPoolExecutor(workers) as pool:
-                results = list(pool.map(hash_block, todo))
-        else:
-            results = [hash_block(item) for item in todo]
-        with self._lock:
-            for (region, block, generation), value in zip(todo, results, strict=True):
-                base = region.guest_base
-                if int(self._generation[base][block]) == generation:  # unchanged while hashed
-                    self._hashes[base][block] = value
-                    self._stale[base][block] = False
-        return len(todo)
+                kept = self._generation[base][blocks] == generations  # unchanged while hashed
+                self._hashes[base][blocks[kept]] = values[kept]
+                self._stale[base][blocks[kept]] = False
+        return sum(len(blocks) for _, blocks, _ in todo)
 
     def refresh_soon(self) -> None:
         """Hash the stale blocks in the background, one pass at a time (a pass already running

@@ -28,6 +28,7 @@ from formats import (
     TruncatedError,
     ZeroRanges,
 )
+from formats.digest import DIGEST_BLOCK
 from formats.layout import PAGE_SHIFT, PAGE_SIZE
 from formats.pages import BODY_HEADER, RUN, RUN_DTYPE
 from migrate.datapath._datapath import ffi, lib  # type: ignore[import-not-found]
@@ -148,6 +149,36 @@ class PageEncoderC:
             sections.append(PageSection(parts, s.head_length + s.payload_bytes, s.digest,
                                         PageTotals(s.pages, s.zero_pages, s.raw_bytes, s.payload_bytes)))
         return sections
+
+
+def zstd_decompressor():
+    """A `decompress(frame, size) -> bytes` over this module's libzstd, for the reference decoder
+    (`formats.PageDecoder(decompress=...)`): zstd versions differ in which damaged frames they
+    call corrupt, so only one library can show the two decoders judge every body alike."""
+    dctx = _Zstd(lib.kvmig_zstd_dctx_new, lib.kvmig_zstd_dctx_free, "ZSTD_createDCtx")
+
+    def decompress(frame: memoryview, size: int) -> bytes:
+        src = memoryview(frame).cast("B")
+        dst = bytearray(size)
+        n = lib.kvmig_zstd_decompress(dctx.ptr, ffi.from_buffer("uint8_t[]", src), len(src),
+                                      ffi.from_buffer("uint8_t[]", dst), size)
+        if n < 0:
+            raise ValueError("not one valid zstd frame")
+        return bytes(dst[:n])
+
+    return decompress
+
+
+def block_hashes(memory: object, blocks: np.ndarray) -> np.ndarray:
+    """`formats.digest.block_hash(memory, i)` for every block index in `blocks`, in one call
+    (a pass over many blocks holds the GIL for none of them). Out-of-range blocks hash as empty."""
+    mem = memoryview(memory).cast("B")  # type: ignore[arg-type]
+    index = np.ascontiguousarray(blocks, dtype=np.uint64)
+    out = np.empty(len(index), dtype=np.uint64)
+    if len(index):
+        lib.kvmig_block_hashes(ffi.from_buffer("uint8_t[]", mem), mem.nbytes, DIGEST_BLOCK,
+                               ffi.from_buffer("uint64_t[]", index), len(index), ffi.from_buffer("uint64_t[]", out))
+    return out
 
 
 def zstd_compressor(level: int):

@@ -72,6 +72,9 @@ long kvmig_decode_pages(void *dctx, const uint8_t *body, size_t len, const kvmig
                         kvmig_page_totals *totals, kvmig_decode_error *err);
 void *kvmig_zstd_dctx_new(void);
 void kvmig_zstd_dctx_free(void *dctx);
+long kvmig_zstd_decompress(void *dctx, const uint8_t *src, size_t len, uint8_t *dst, size_t cap);
+void kvmig_block_hashes(const uint8_t *mem, uint64_t len, uint64_t block_size, const uint64_t *blocks,
+                        size_t n, uint64_t *out);
 """)
 
 _SOURCE = ("#include <stddef.h>\n#include <stdint.h>\n" + _TYPES

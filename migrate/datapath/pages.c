@@ -471,3 +471,25 @@ long kvmig_decode_pages(void *dctx, const uint8_t *body, size_t len, const kvmig
 
 void *kvmig_zstd_dctx_new(void) { return ZSTD_createDCtx(); }
 void kvmig_zstd_dctx_free(void *dctx) { ZSTD_freeDCtx(dctx); }
+
+/* ---- the memory digest's block hashes (formats/digest.py block_hash), many in one call ---- */
+
+void kvmig_block_hashes(const uint8_t *mem, uint64_t len, uint64_t block_size, const uint64_t *blocks,
+                        size_t n, uint64_t *out)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint64_t start = blocks[i] * block_size;
+        uint64_t size = start >= len ? 0 : (len - start < block_size ? len - start : block_size);
+        out[i] = XXH3_64bits(mem + start, size);
+    }
+}
+
+/* One zstd frame of exactly `len` bytes into `dst` (at most `cap`): the decompressor the Python
+ * reference decoder is given in the tests. Its length, or -1 for anything but one valid frame. */
+long kvmig_zstd_decompress(void *dctx, const uint8_t *src, size_t len, uint8_t *dst, size_t cap)
+{
+    if (ZSTD_findFrameCompressedSize(src, len) != len)
+        return -1;
+    size_t r = ZSTD_decompressDCtx(dctx, dst, cap, src, len);
+    return ZSTD_isError(r) ? -1 : (long)r;
+}
