@@ -21,7 +21,7 @@ facts about its state.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from hv.errors import StateRestoreError
 
@@ -51,8 +51,9 @@ class Lifecycle(Protocol):
     def stop(self) -> None: ...
 
 
-class Device(Persist[object], Protocol):
-    """A bus device model (sans-IO reads and writes at offsets in its range) that persists."""
+class Device(Persist[Any], Protocol):
+    """A bus device model (sans-IO reads and writes at offsets in its range) that persists; its
+    state type is its own (Any here: each model's `restore` checks it is given its type)."""
 
     KIND: ClassVar[str]  # its identity on the wire; see the module docstring
 
