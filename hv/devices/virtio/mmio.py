@@ -23,6 +23,9 @@ while the device is not paused. A device starts paused: `Machine.start`/`resume`
 guest memory. On resume every ready queue is looked at again, so a notification that arrived
 (or was consumed) while paused is never lost, and a restored device finishes what the source
 had made available but not processed.
+
+Over 450 lines, as one room on purpose: registers, worker and state share the one lock above,
+and reading them together is how their ordering is checked.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from hv.memory import GuestMemory
 from hv.persist import U32, U64, Persist, check_bool, check_equal, check_ints, check_type
 
 from .errors import VirtioQueueError, VirtioWorkerError
-from .queue import QueueState, Virtqueue
+from .queue import QUEUE_STATE_BOUNDS, QueueState, Virtqueue
 
 if TYPE_CHECKING:
     from hv.vm import IoEventFdRegistration, Vm
@@ -125,8 +128,6 @@ _TRANSPORT_BOUNDS = {"status": (0, 0xFF), "device_features_sel": (0, U32), "driv
                      "driver_features": (0, U64), "queue_sel": (0, U32),
                      "interrupt_status": (0, INT_USED_BUFFER | INT_CONFIG_CHANGE),
                      "config_generation": (0, U32)}
-_QUEUE_BOUNDS = {"num": (0, U32), "desc": (0, U64), "driver": (0, U64), "device": (0, U64),
-                 "last_avail_idx": (0, 0xFFFF), "used_idx": (0, 0xFFFF)}
 
 
 class VirtioMmio:
@@ -455,7 +456,7 @@ class VirtioMmio:
         for vq, qs in zip(scratch, t.queues, strict=True):
             where = f"queues[{vq.index}]"
             check_type(f"{kind} {where}", qs, QueueState)
-            check_ints(f"{kind} {where}", qs, _QUEUE_BOUNDS)
+            check_ints(f"{kind} {where}", qs, QUEUE_STATE_BOUNDS)
             check_bool(f"{kind} {where}", "ready", qs.ready)
             if qs.ready:
                 vq.state = qs
