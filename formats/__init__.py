@@ -89,6 +89,7 @@ from .stream import (
     FORMAT_MAJOR,
     FORMAT_MINOR,
     MAGIC,
+    SUPPORTED_MAJORS,
     ConfigRecord,
     DeviceRecord,
     DeviceSection,

@@ -48,9 +48,9 @@ from .pages import (
 from .schema import SchemaRegistry
 
 MAGIC = b"KVMIGSNP"
-FORMAT_MAJOR = 1
+FORMAT_MAJOR = 2  # 2.0: device kinds are declared ids, no longer class names (SPEC.md section 6)
 FORMAT_MINOR = 0
-SUPPORTED_MAJORS = (1,)
+SUPPORTED_MAJORS = (2,)  # a 1.x stream names its devices by class: refused, not guessed at
 
 # magic, major, minor, flags, producer (UTF-8, NUL padded), reserved, xxh3-64 of bytes 0..55
 HEADER = struct.Struct("<8sHHI32s8xQ")

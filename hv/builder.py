@@ -37,7 +37,7 @@ def _boot_vcpu_entry(vm: Vm, entry) -> None:
 @dataclass(frozen=True)
 class StandardDevice:
     device_id: str
-    kind: str  # the model's class name, as Machine.add_device records it
+    kind: str  # the model's declared KIND, as Machine.add_device records it
     pio: tuple[int, int]
     irqs: tuple[int, ...] = ()
 
@@ -45,25 +45,25 @@ class StandardDevice:
 # The legacy devices every machine has. A migration target checks its layout against the
 # source's before creating anything, so the table is plain data that needs no KVM to read.
 STANDARD_DEVICES = (
-    StandardDevice("serial0", Serial16550.__name__, (COM1_PORT, 8), (COM1_IRQ,)),
-    StandardDevice("debug-exit", DebugExit.__name__, (DEBUG_EXIT_PORT, 4)),
-    StandardDevice("i8042", I8042.__name__, (I8042_PORT, I8042_PORTS)),
+    StandardDevice("serial0", Serial16550.KIND, (COM1_PORT, 8), (COM1_IRQ,)),
+    StandardDevice("debug-exit", DebugExit.KIND, (DEBUG_EXIT_PORT, 4)),
+    StandardDevice("i8042", I8042.KIND, (I8042_PORT, I8042_PORTS)),
 )
 
 
 @dataclass(frozen=True)
 class VirtioDevice:
     device_id: str
-    kind: str  # the model's class name
+    kind: str  # the model's declared KIND
 
 
 # The optional virtio-mmio devices, in slot order: the selected ones take consecutive 4 KiB
 # windows from 0xD0000000 and IRQs from the system allocator, so the guest finds them by scanning
 # 0xD0000000 + i * 0x1000 for the magic value. A selection (device ids) fully determines the layout.
 VIRTIO_DEVICES = (
-    VirtioDevice("virtio-blk0", VirtioBlk.__name__),
-    VirtioDevice("virtio-console0", VirtioConsole.__name__),
-    VirtioDevice("virtio-rng0", VirtioRng.__name__),
+    VirtioDevice("virtio-blk0", VirtioBlk.KIND),
+    VirtioDevice("virtio-console0", VirtioConsole.KIND),
+    VirtioDevice("virtio-rng0", VirtioRng.KIND),
 )
 
 

@@ -27,6 +27,7 @@ from rich.console import Console
 from hv.boot import multiboot
 from hv.builder import VirtioConfig, builtin_machine, linux_machine, multiboot_machine
 from hv.control import ControlContext, ControlServer
+from hv.devices.serial import Serial16550
 from hv.errors import ConfigError, HvError
 from hv.hypervisor import Kvm
 from hv.machine import Machine, RunState
@@ -164,7 +165,7 @@ def run_machine(machine: Machine, *, done: threading.Event | None = None, api: s
     done = done or threading.Event()
     ctx = ControlContext(machine, extra=dict(extra or {}))
     serial = machine.devices.get("serial0")
-    if serial is not None and hasattr(serial, "feed"):
+    if isinstance(serial, Serial16550):
         threading.Thread(target=_stdin_to_serial, args=(serial,), name="stdin", daemon=True).start()
     server = ControlServer(api, ctx) if api else None
     interrupted, wake = threading.Event(), threading.Event()

@@ -108,6 +108,19 @@ class DeviceFault(VcpuError):
         super().__init__(f"vCPU {vcpu_id}: device failed on {exit}: {type(cause).__name__}: {cause}")
 
 
+# --- saved state --------------------------------------------------------------------------------
+
+
+class StateRestoreError(HvError):
+    """A saved state that does not fit what restores it (wrong type, a value out of range, a size
+    this model does not have); raised before any of the state is applied. `owner` is who
+    restores: a device's declared kind ("serial-16550"), "vcpu 3" or "vm"."""
+
+    def __init__(self, owner: str, field: str, expected: object, found: object) -> None:
+        self.owner, self.field, self.expected, self.found = owner, field, expected, found
+        super().__init__(f"{owner}: {field}: expected {expected}, found {found!r}"[:1000])
+
+
 # --- lifecycle and boot ------------------------------------------------------------------------
 
 

@@ -21,10 +21,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from hv._ffi import lib
 from hv.bus import Bus
-from hv.errors import DeviceFault, GuestFatalExit, HvError, LifecycleError
+from hv.errors import ConfigError, DeviceFault, GuestFatalExit, HvError, LifecycleError
 from hv.exits import (
     FATAL_EXITS,
     Hlt,
@@ -36,6 +37,7 @@ from hv.exits import (
     SystemEvent,
     VcpuExit,
 )
+from hv.persist import Device, Lifecycle
 from hv.vcpu import Vcpu
 from hv.vm import Vm
 
@@ -86,6 +88,7 @@ class StopReason:
 
 
 ExitHook = Callable[[Vcpu, VcpuExit], bool]
+D = TypeVar("D")
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ class DevicePlacement:
     """Where a device sits: what a migration target must reproduce exactly."""
 
     device_id: str
-    kind: str  # the device model's type name
+    kind: str  # the device model's declared KIND (its identity on the wire)
     pio: tuple[tuple[int, int], ...] = ()  # (base port, length)
     mmio: tuple[tuple[int, int], ...] = ()  # (guest address, length)
     irqs: tuple[int, ...] = ()
@@ -123,8 +126,11 @@ class Machine:
         self.error: HvError | None = None
         self.stop_reason: StopReason | None = None
         self.exit_hooks: list[ExitHook] = []
-        self.devices: dict[str, object] = {}  # device id -> model, for save/restore by id
+        self.devices: dict[str, Device] = {}  # device id -> model, for save/restore by id
         self.placements: dict[str, DevicePlacement] = {}
+        # devices with threads of their own (virtio workers) follow the vCPUs, so a paused
+        # machine has no device touching guest memory; sans-IO devices have no lifecycle
+        self._running_devices: list[Lifecycle] = []
         self.last_pause_seconds = 0.0
         self._throttle = 0.0  # fraction of each period the vCPUs sleep (auto-converge)
         self._throttle_period = 0.01
@@ -133,30 +139,31 @@ class Machine:
     # --- devices ------------------------------------------------------------------------------
 
     def add_device(
-        self, device_id: str, device: object, *, pio: tuple[int, int] | None = None,
+        self, device_id: str, device: Device, *, pio: tuple[int, int] | None = None,
         mmio: tuple[int, int] | None = None, irqs: tuple[int, ...] = (),
     ) -> DevicePlacement:
-        """Attach a device model at a port range and/or MMIO range, and record where it is."""
+        """Attach a device model at a port range and/or MMIO range, and record where it is. A
+        device that implements `Lifecycle` is paused, resumed and stopped with the vCPUs."""
         if device_id in self.devices:
             raise LifecycleError(self._state, f"add a second device with id {device_id!r}")
         if pio:
             self.io_bus.insert(pio[0], pio[1], device, device_id)
         if mmio:
             self.mmio_bus.insert(mmio[0], mmio[1], device, device_id)
-        placement = DevicePlacement(device_id, type(device).__name__, (pio,) if pio else (),
+        placement = DevicePlacement(device_id, device.KIND, (pio,) if pio else (),
                                     (mmio,) if mmio else (), tuple(irqs))
         self.devices[device_id] = device
         self.placements[device_id] = placement
+        if isinstance(device, Lifecycle):
+            self._running_devices.append(device)
         return placement
 
-    def _devices_do(self, action: str) -> None:
-        """Call `action` ("pause", "resume" or "stop") on every device that has it: devices with
-        threads of their own (virtio workers) follow the vCPUs, so a paused machine has no
-        device touching guest memory. Sans-IO devices have no such methods and are skipped."""
-        for device in self.devices.values():
-            hook = getattr(device, action, None)
-            if callable(hook):
-                hook()
+    def device(self, device_id: str, model: type[D]) -> D:
+        """The device `device_id`, which must be a `model` (for its own methods, e.g. `feed`)."""
+        device = self.devices.get(device_id)
+        if not isinstance(device, model):
+            raise ConfigError("device", device_id, f"is {type(device).__name__}, not a {model.__name__}")
+        return device
 
     def device_layout(self) -> tuple[DevicePlacement, ...]:
         return tuple(self.placements[d] for d in sorted(self.placements))
@@ -198,7 +205,8 @@ class Machine:
             if paused and not self._cond.wait_for(self._all_quiet, 5.0):
                 raise LifecycleError(self._state, "start paused (a vCPU did not park)")
         if not paused:
-            self._devices_do("resume")
+            for device in self._running_devices:
+                device.resume()
 
     @property
     def throttle(self) -> float:
@@ -263,7 +271,8 @@ class Machine:
                 raise LifecycleError(self._state, f"pause within {timeout}s (a vCPU did not stop)")
             if self._state is RunState.RUNNING:
                 self._state = RunState.PAUSED
-        self._devices_do("pause")  # after the vCPUs: nothing can notify a paused device
+        for device in self._running_devices:  # after the vCPUs: nothing can notify a paused device
+            device.pause()
         self.last_pause_seconds = time.perf_counter() - t0
         return self.last_pause_seconds
 
@@ -272,7 +281,8 @@ class Machine:
         t0 = time.perf_counter()
         with self._cond:
             self._require("resume", RunState.PAUSED)
-            self._devices_do("resume")  # before the vCPUs: a notify finds the device live
+            for device in self._running_devices:  # before the vCPUs: a notify finds it live
+                device.resume()
             for slot in self._slots:
                 slot.vcpu.immediate_exit = False
             self._control = _Control.RUN
@@ -292,7 +302,8 @@ class Machine:
             self._kick_all()
             self._cond.notify_all()
         self._join(timeout)
-        self._devices_do("stop")
+        for device in self._running_devices:
+            device.stop()
         with self._cond:
             self._state = RunState.STOPPED
             self._cond.notify_all()

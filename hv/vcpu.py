@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
 from hv import structconv
@@ -31,6 +31,7 @@ from hv.exits import (
     VcpuExit,
 )
 from hv.kvm import VcpuFd, new_flexible
+from hv.persist import U32, U64, check_equal, check_int, check_ints, check_type
 from hv.state import (
     CpuidEntry,
     DebugRegs,
@@ -322,7 +323,7 @@ class Vcpu:
                 structconv.to_struct(v, ffi.new("struct kvm_vcpu_events *"))),
         }
 
-    def snapshot(self) -> VcpuState:
+    def save(self) -> VcpuState:
         """The complete state. The vCPU must not be inside KVM_RUN (pause the VM first)."""
         getters = self._getters()
         parts: dict[str, Any] = {}
@@ -333,8 +334,29 @@ class Vcpu:
                 raise VcpuStateError(self.vcpu_id, part, str(e)) from e
         return VcpuState(vcpu_id=self.vcpu_id, tsc_khz=self.fd.get_tsc_khz(), **parts)
 
+    def _check(self, state: object) -> VcpuState:
+        """What can be known before any ioctl: the types of the parts, this vCPU's id, the
+        general registers' width and the sizes of the blobs (the kernel checks the rest)."""
+        owner = f"vcpu {self.vcpu_id}"
+        state = check_type(owner, state, VcpuState)
+        check_equal(owner, "vcpu_id", self.vcpu_id, state.vcpu_id)
+        for part, cls in (("regs", Regs), ("sregs", Sregs), ("fpu", Fpu), ("debug_regs", DebugRegs),
+                          ("events", VcpuEvents)):
+            check_type(f"{owner} {part}", getattr(state, part), cls)
+        for part, cls in (("cpuid", CpuidEntry), ("xcrs", Xcr), ("msrs", Msr)):
+            for i, item in enumerate(getattr(state, part)):
+                check_type(f"{owner} {part}[{i}]", item, cls)
+        check_ints(f"{owner} regs", state.regs, {f.name: (0, U64) for f in fields(Regs)})
+        check_int(owner, "mp_state", state.mp_state, 0, U32)
+        check_int(owner, "tsc_khz", state.tsc_khz, 0, U32)
+        check_equal(owner, "lapic", f"{ffi.sizeof('struct kvm_lapic_state')} bytes", f"{len(state.lapic)} bytes")
+        if state.xsave:
+            check_equal(owner, "xsave", f"{max(self.vm.xsave_size, 4096)} bytes", f"{len(state.xsave)} bytes")
+        return state
+
     def restore(self, state: VcpuState) -> None:
-        """Apply a complete state, in RESTORE_ORDER."""
+        """Check the state (`_check`), then apply it in RESTORE_ORDER."""
+        state = self._check(state)
         if self.vm.capabilities.tsc_control and state.tsc_khz and state.tsc_khz != self.fd.get_tsc_khz():
             self.fd.set_tsc_khz(state.tsc_khz)
         setters = self._setters()

@@ -12,9 +12,10 @@ from hv import structconv
 from hv._ffi import ffi, lib
 from hv.caps import PlatformCapabilities
 from hv.dirty import PAGE_SIZE, DirtyBitmap
-from hv.errors import ConfigError, MissingCapabilityError, SlotError, VcpuIdError
+from hv.errors import ConfigError, MissingCapabilityError, SlotError, StateRestoreError, VcpuIdError
 from hv.kvm import VmFd
 from hv.memory import GuestMemory, MemoryRegion, RamBacking
+from hv.persist import U64, check_equal, check_int, check_type
 from hv.state import (
     ClockState,
     IoapicState,
@@ -319,8 +320,8 @@ class Vm:
             structconv.to_struct(pic, self._chip(chip, "struct kvm_pic_state *"))
             self.fd.set_irqchip(chip)
         if len(state.ioapic.redirtbl) != lib.KVM_IOAPIC_NUM_PINS:
-            raise ConfigError("ioapic.redirtbl", len(state.ioapic.redirtbl),
-                              f"needs {lib.KVM_IOAPIC_NUM_PINS} entries")
+            raise StateRestoreError("vm", "ioapic.redirtbl entries", lib.KVM_IOAPIC_NUM_PINS,
+                                    len(state.ioapic.redirtbl))
         chip = ffi.new("struct kvm_irqchip *")
         chip.chip_id = lib.KVM_IRQCHIP_IOAPIC
         ioapic = self._chip(chip, "struct kvm_ioapic_state *")
@@ -336,18 +337,37 @@ class Vm:
     def set_pit(self, state: PitState) -> None:
         self.fd.set_pit2(structconv.to_struct(state, ffi.new("struct kvm_pit_state2 *")))
 
-    def save_state(self) -> VmState:
+    def save(self) -> VmState:
         return VmState(
             irqchip=self.get_irqchip() if self.config.irqchip else None,
             pit=self.get_pit() if self.config.pit else None,
             clock=self.get_clock(),
         )
 
-    def restore_state(self, state: VmState) -> None:
-        if (state.irqchip is None) != (not self.config.irqchip):
-            raise ConfigError("irqchip", self.config.irqchip, "saved state does not match this VM")
-        if (state.pit is None) != (not self.config.pit):
-            raise ConfigError("pit", self.config.pit, "saved state does not match this VM")
+    def _check(self, state: object) -> VmState:
+        """The parts this VM has (and only those), with the sizes the kernel's structs have."""
+        state = check_type("vm", state, VmState)
+        for part, cls, present in (("irqchip", IrqchipState, self.config.irqchip),
+                                   ("pit", PitState, self.config.pit)):
+            value = getattr(state, part)
+            check_equal("vm", f"{part} present", present, value is not None)
+            if value is not None:
+                check_type(f"vm {part}", value, cls)
+        if state.irqchip is not None:
+            for chip in ("pic_master", "pic_slave"):
+                check_type(f"vm irqchip {chip}", getattr(state.irqchip, chip), PicState)
+            check_type("vm irqchip ioapic", state.irqchip.ioapic, IoapicState)
+            check_equal("vm", "ioapic.redirtbl entries", lib.KVM_IOAPIC_NUM_PINS,
+                        len(state.irqchip.ioapic.redirtbl))
+        if state.pit is not None:
+            check_equal("vm", "pit.channels", 3, len(state.pit.channels))
+        check_type("vm clock", state.clock, ClockState)
+        check_int("vm", "clock.clock", state.clock.clock, 0, U64)
+        return state
+
+    def restore(self, state: VmState) -> None:
+        """Check the state (`_check`), then apply the irqchip, the PIT and the clock."""
+        state = self._check(state)
         if state.irqchip is not None:
             self.set_irqchip(state.irqchip)
         if state.pit is not None:

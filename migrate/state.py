@@ -20,30 +20,52 @@ import formats
 from formats import DeviceEntry, DeviceLayout, IoRange, MemoryLayout, SchemaRegistry
 from hv import state as hv_state
 from hv.builder import VirtioConfig, standard_layout
-from hv.devices.debug_exit import DebugExitState
-from hv.devices.i8042 import I8042State
-from hv.devices.serial import SerialState
-from hv.devices.virtio.blk import BlkState, VirtioBlkState
-from hv.devices.virtio.console import ConsoleState, VirtioConsoleState
+from hv.devices.debug_exit import DebugExit, DebugExitState
+from hv.devices.i8042 import I8042, I8042State
+from hv.devices.serial import Serial16550, SerialState
+from hv.devices.virtio.blk import BlkState, VirtioBlk, VirtioBlkState
+from hv.devices.virtio.console import ConsoleState, VirtioConsole, VirtioConsoleState
 from hv.devices.virtio.mmio import VirtioMmioState
 from hv.devices.virtio.queue import QueueState
-from hv.devices.virtio.rng import RngState, VirtioRngState
+from hv.devices.virtio.rng import RngState, VirtioRng, VirtioRngState
 from hv.machine import DevicePlacement, Machine, RunState
 from hv.vm import VmConfig
 from migrate.errors import IncompatibleError, StateError
 
 PRODUCER = "kvmigrate 0.1"
 
-# Each device model's state type and its version. A model whose state changes shape bumps its
-# version here; a reader refuses versions it does not know rather than guess.
+# The one table from a device kind (the model's declared KIND, what LAYOUT entries carry) to its
+# state type, the state's wire name and its version. A model whose state changes shape bumps its
+# version here; a reader refuses versions it does not know rather than guess. Versions: virtio-blk
+# 2 (the disk path left the state, format 2.0); the others 1.
 DEVICE_STATES: dict[str, tuple[type, str, int]] = {
-    "Serial16550": (SerialState, "hv.device.serial_16550", 1),
-    "DebugExit": (DebugExitState, "hv.device.debug_exit", 1),
-    "I8042": (I8042State, "hv.device.i8042", 1),
-    "VirtioBlk": (VirtioBlkState, "hv.device.virtio_blk", 1),
-    "VirtioConsole": (VirtioConsoleState, "hv.device.virtio_console", 1),
-    "VirtioRng": (VirtioRngState, "hv.device.virtio_rng", 1),
+    Serial16550.KIND: (SerialState, "hv.device.serial_16550", 1),
+    DebugExit.KIND: (DebugExitState, "hv.device.debug_exit", 1),
+    I8042.KIND: (I8042State, "hv.device.i8042", 1),
+    VirtioBlk.KIND: (VirtioBlkState, "hv.device.virtio_blk", 2),
+    VirtioConsole.KIND: (VirtioConsoleState, "hv.device.virtio_console", 1),
+    VirtioRng.KIND: (VirtioRngState, "hv.device.virtio_rng", 1),
 }
+
+# The wire names of the other state types, declared (not derived from class names, so renaming a
+# class changes no format). Nested parts are encoded inside their owner; registering them
+# compiles their codecs up front.
+STATE_TYPES: tuple[tuple[type, str], ...] = (
+    (hv_state.Regs, "hv.Regs"), (hv_state.Segment, "hv.Segment"),
+    (hv_state.DescriptorTable, "hv.DescriptorTable"), (hv_state.Sregs, "hv.Sregs"),
+    (hv_state.Fpu, "hv.Fpu"), (hv_state.Xcr, "hv.Xcr"), (hv_state.Msr, "hv.Msr"),
+    (hv_state.CpuidEntry, "hv.CpuidEntry"), (hv_state.DebugRegs, "hv.DebugRegs"),
+    (hv_state.ExceptionEvent, "hv.ExceptionEvent"), (hv_state.InterruptEvent, "hv.InterruptEvent"),
+    (hv_state.NmiEvent, "hv.NmiEvent"), (hv_state.SmiEvent, "hv.SmiEvent"),
+    (hv_state.VcpuEvents, "hv.VcpuEvents"), (hv_state.VcpuState, "hv.VcpuState"),
+    (hv_state.PicState, "hv.PicState"), (hv_state.IoapicState, "hv.IoapicState"),
+    (hv_state.IrqchipState, "hv.IrqchipState"), (hv_state.PitChannelState, "hv.PitChannelState"),
+    (hv_state.PitState, "hv.PitState"), (hv_state.ClockState, "hv.ClockState"),
+    (hv_state.VmState, "hv.VmState"),
+    (VirtioMmioState, "hv.device.VirtioMmioState"), (QueueState, "hv.device.QueueState"),
+    (BlkState, "hv.device.BlkState"), (ConsoleState, "hv.device.ConsoleState"),
+    (RngState, "hv.device.RngState"),
+)
 
 
 @dataclass(frozen=True)
@@ -125,19 +147,14 @@ def registry() -> SchemaRegistry:
     """Every type a kvmigrate stream carries, under stable names (the names are the format).
     Built on first use and kept: no module registers anything into it as it is imported."""
     reg = SchemaRegistry()
-    for cls in (hv_state.Regs, hv_state.Segment, hv_state.DescriptorTable, hv_state.Sregs, hv_state.Fpu,
-                hv_state.Xcr, hv_state.Msr, hv_state.CpuidEntry, hv_state.DebugRegs,
-                hv_state.ExceptionEvent, hv_state.InterruptEvent, hv_state.NmiEvent, hv_state.SmiEvent,
-                hv_state.VcpuEvents, hv_state.VcpuState, hv_state.PicState, hv_state.IoapicState,
-                hv_state.IrqchipState, hv_state.PitChannelState, hv_state.PitState, hv_state.ClockState,
-                hv_state.VmState):
-        reg.register(cls, f"hv.{cls.__name__}", version=1)
+    for cls, name in STATE_TYPES:
+        reg.register(cls, name, version=1)
     for cls, name, version in DEVICE_STATES.values():
         reg.register(cls, name, version=version)
-    for cls in (VirtioMmioState, QueueState, BlkState, ConsoleState, RngState):  # their parts
-        reg.register(cls, f"hv.device.{cls.__name__}", version=1)
-    for cls in (SnapshotRef, MemoryFileRef, VirtioSpec, MachineConfig, GuestCpuid):
-        reg.register(cls, f"migrate.{cls.__name__}", version=1)
+    for cls, name in ((SnapshotRef, "migrate.SnapshotRef"), (MemoryFileRef, "migrate.MemoryFileRef"),
+                      (VirtioSpec, "migrate.VirtioSpec"), (MachineConfig, "migrate.MachineConfig"),
+                      (GuestCpuid, "migrate.GuestCpuid")):
+        reg.register(cls, name, version=1)
     formats.register_format_types(reg)
     return reg
 
@@ -181,12 +198,12 @@ def expected_layout(config: MachineConfig) -> DeviceLayout:
 
 
 def virtio_spec(machine: Machine) -> VirtioSpec | None:
-    """The virtio devices `machine` has, as plain data."""
+    """The virtio devices `machine` has, as plain data; the disk from the device's configuration."""
     blk, console, rng = (machine.devices.get(i) for i in ("virtio-blk0", "virtio-console0", "virtio-rng0"))
     if blk is None and console is None and rng is None:
         return None
-    disk = blk.save().backend if blk is not None else None
-    return VirtioSpec(disk.path if disk else None, bool(disk and disk.read_only), console is not None,
+    disk = blk if isinstance(blk, VirtioBlk) else None
+    return VirtioSpec(str(disk.path) if disk else None, bool(disk and disk.read_only), console is not None,
                       rng is not None)
 
 
@@ -210,8 +227,8 @@ def capture(machine: Machine, config: MachineConfig | None = None) -> MachineSta
     return MachineState(
         config=config or machine_config(machine),
         layout=machine_layout(machine),
-        vcpus=tuple(v.snapshot() for v in machine.vcpus),
-        vm=machine.vm.save_state(),
+        vcpus=tuple(v.save() for v in machine.vcpus),
+        vm=machine.vm.save(),
         devices=tuple(devices),
     )
 
@@ -223,7 +240,7 @@ def apply(machine: Machine, state: MachineState) -> None:
     formats.check(state.layout, machine_layout(machine))
     if len(state.vcpus) != len(machine.vcpus):
         raise IncompatibleError([f"{len(state.vcpus)} vCPU states for {len(machine.vcpus)} vCPUs"])
-    machine.vm.restore_state(state.vm)
+    machine.vm.restore(state.vm)
     for vcpu, saved in zip(machine.vcpus, state.vcpus, strict=True):
         vcpu.restore(saved)
     for entry, saved in state.devices:

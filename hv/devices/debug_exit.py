@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
+
+from hv.persist import U32, check_int, check_type
 
 DEBUG_EXIT_PORT = 0xF4
 
@@ -19,6 +22,8 @@ class DebugExitState:
 
 class DebugExit:
     """Calls `on_exit(code)` when the guest writes to the port; reads return 0."""
+
+    KIND: ClassVar[str] = "debug-exit"
 
     def __init__(self, on_exit: Callable[[int], None]) -> None:
         self._on_exit = on_exit
@@ -35,4 +40,7 @@ class DebugExit:
         return self._state
 
     def restore(self, state: DebugExitState) -> None:
+        check_type(self.KIND, state, DebugExitState)
+        if state.code is not None:
+            check_int(self.KIND, "code", state.code, 0, U32)  # at most a 4-byte write
         self._state = state

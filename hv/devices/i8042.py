@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import ClassVar
+
+from hv.errors import StateRestoreError
+from hv.persist import U64, check_bits, check_int, check_type
 
 I8042_PORT = 0x60
 I8042_PORTS = 5  # 0x60..0x64 (0x61, the speaker port, is KVM's in-kernel PIT's)
@@ -36,6 +40,8 @@ class I8042State:
 
 class I8042:
     """Calls `on_reset()` when the guest asks the controller to reset the CPU."""
+
+    KIND: ClassVar[str] = "i8042"
 
     def __init__(self, on_reset: Callable[[], None]) -> None:
         self._on_reset = on_reset
@@ -77,4 +83,15 @@ class I8042:
         return self._state
 
     def restore(self, state: I8042State) -> None:
+        """Only what the controller can hold: bytes, and a pending command it knows."""
+        check_type(self.KIND, state, I8042State)
+        check_bits(self.KIND, state, {"status": 0xFF, "command_byte": 0xFF})
+        if state.output is not None:
+            check_int(self.KIND, "output", state.output, 0, 0xFF)
+        check_int(self.KIND, "pending_command", state.pending_command, 0, 0xFF)
+        if state.pending_command not in (0, CMD_WRITE_COMMAND_BYTE, CMD_WRITE_OUTPUT_PORT):
+            raise StateRestoreError(self.KIND, "pending_command",
+                                    f"0, {CMD_WRITE_COMMAND_BYTE:#x} or {CMD_WRITE_OUTPUT_PORT:#x}",
+                                    state.pending_command)
+        check_int(self.KIND, "resets", state.resets, 0, U64)
         self._state = state

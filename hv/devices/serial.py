@@ -13,6 +13,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import ClassVar
+
+from hv.persist import U64, check_bits, check_bool, check_bytes, check_int, check_type
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
@@ -39,6 +42,10 @@ LSR_THRE = 0x20  # transmit holding register empty
 LSR_TEMT = 0x40  # transmitter empty
 MSR_LOOP_BITS = 0xF0  # CTS, DSR, RI, DCD follow RTS, DTR, OUT1, OUT2 in loopback
 
+# the bits a register can hold after the guest wrote it (the masks `write` applies)
+_REGISTER_BITS = {"ier": 0x0F, "lcr": 0xFF, "mcr": 0x1F, "fcr": 0xC9, "scr": 0xFF, "dll": 0xFF,
+                  "dlm": 0xFF}
+
 
 @dataclass(frozen=True)
 class SerialState:
@@ -57,6 +64,8 @@ class SerialState:
 
 class Serial16550:
     """COM port model. `output` gets each byte the guest sends; `irq(level)` drives the line."""
+
+    KIND: ClassVar[str] = "serial-16550"
 
     def __init__(self, output: Callable[[bytes], None], irq: Callable[[bool], None] | None = None) -> None:
         self._output = output
@@ -173,6 +182,13 @@ class Serial16550:
             return self._state
 
     def restore(self, state: SerialState) -> None:
+        """Check every register and the buffer first; then a raised line is raised again."""
+        check_type(self.KIND, state, SerialState)
+        check_bits(self.KIND, state, _REGISTER_BITS)
+        check_bytes(self.KIND, "rx", state.rx, RX_BUFFER)
+        check_bool(self.KIND, "thre_pending", state.thre_pending)
+        check_bool(self.KIND, "irq_level", state.irq_level)
+        check_int(self.KIND, "dropped", state.dropped, 0, U64)
         with self._lock:
             self._state = state
             if state.irq_level:

@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 import hv.state as S
 from formats import (
     FORMAT_MAJOR,
+    FORMAT_MINOR,
     MAGIC,
+    SUPPORTED_MAJORS,
     BadMagic,
     ChecksumError,
     ConfigRecord,
@@ -186,6 +188,14 @@ def test_newer_minor_is_read_and_newer_major_refused_naming_both() -> None:
     assert err.value.found == (FORMAT_MAJOR + 1, 0) and err.value.supported == (FORMAT_MAJOR, 0)
     with pytest.raises(BadMagic):
         StreamReader(REG).feed(b"KVMIGX")  # refused as soon as the prefix differs
+
+
+def test_a_1x_stream_naming_devices_by_class_is_refused_at_the_header() -> None:
+    # 2.0 changed what a device kind is (a declared id, SPEC.md 6.1): 1.x is not guessed at
+    assert (FORMAT_MAJOR, SUPPORTED_MAJORS) == (2, (2,))
+    with pytest.raises(VersionError) as err:
+        StreamReader(REG).feed(_header(1, 0))
+    assert err.value.found == (1, 0) and err.value.supported == (2, FORMAT_MINOR)
 
 
 def test_trailing_data_after_end_and_early_end_of_input() -> None:

@@ -180,9 +180,9 @@ def test_state_moves_to_a_second_vm_which_carries_on_identically(kvm: Kvm, vcpus
         # the whole machine: RAM, in-kernel irqchip/PIT/clock, every vCPU, every device
         for src, dst in zip(source.vm.memory.regions, target.vm.memory.regions, strict=True):
             dst.view[:] = src.view
-        target.vm.restore_state(source.vm.save_state())
+        target.vm.restore(source.vm.save())
         for src, dst in zip(source.vcpus, target.vcpus, strict=True):
-            dst.restore(src.snapshot())
+            dst.restore(src.save())
         for device_id, device in source.devices.items():
             target.devices[device_id].restore(device.save())
         saved = bg.read_status(source.vm.memory)

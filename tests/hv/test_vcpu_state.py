@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hv import structconv
 from hv._ffi import ffi
 from hv.builder import create_vcpus
-from hv.errors import VcpuIdError, VcpuStateError
+from hv.errors import StateRestoreError, VcpuIdError, VcpuStateError
 from hv.hypervisor import Kvm
 from hv.state import (
     MSR_IA32_TSC,
@@ -84,10 +84,10 @@ def test_vcpu_state_round_trips_into_a_second_vm(kvm: Kvm) -> None:
     with _vm_with_vcpu(kvm) as a, _vm_with_vcpu(kvm) as b:
         va = a.vcpus[0]
         va.set_regs(Regs(rax=1, rbx=2, rcx=3, rsp=0x8000, rip=0x1000, rflags=0x202))
-        saved = va.snapshot()
+        saved = va.save()
         assert saved.msrs and saved.lapic and saved.cpuid
         b.vcpus[0].restore(saved)
-        restored = b.vcpus[0].snapshot()
+        restored = b.vcpus[0].save()
         assert vcpu_state_differences(saved, restored) == []
         tsc = {m.index: m.data for m in saved.msrs}[MSR_IA32_TSC]
         tsc2 = {m.index: m.data for m in restored.msrs}[MSR_IA32_TSC]
@@ -97,7 +97,7 @@ def test_vcpu_state_round_trips_into_a_second_vm(kvm: Kvm) -> None:
 def test_lapic_is_restored_before_msrs(kvm: Kvm) -> None:
     """The TSC-deadline MSR only sticks when the LAPIC timer is already in TSC-deadline mode."""
     with _vm_with_vcpu(kvm) as a:
-        state = a.vcpus[0].snapshot()
+        state = a.vcpus[0].save()
     lapic = bytearray(state.lapic)
     lvt_timer = int.from_bytes(lapic[0x320:0x324], "little")
     lvt_timer = (lvt_timer & ~0x7_00FF) | (0b10 << 17) | 0xEC  # TSC-deadline mode, unmasked
@@ -120,13 +120,16 @@ def test_lapic_is_restored_before_msrs(kvm: Kvm) -> None:
 
 def test_corrupt_state_is_refused_with_the_part_named(kvm: Kvm) -> None:
     with _vm_with_vcpu(kvm) as a:
-        state = a.vcpus[0].snapshot()
-        with pytest.raises(VcpuStateError) as err:
-            a.vcpus[0].restore(replace(state, xsave=state.xsave[:100]))
-        assert err.value.part == "xsave"
-        with pytest.raises(VcpuStateError) as err:
+        state = a.vcpus[0].save()
+        # sizes are checked before any ioctl (StateRestoreError); what KVM refuses names its part
+        moved = replace(state, regs=replace(state.regs, rax=state.regs.rax ^ 0x1234), xsave=state.xsave[:100])
+        with pytest.raises(StateRestoreError) as err:
+            a.vcpus[0].restore(moved)
+        assert (err.value.owner, err.value.field, err.value.found) == ("vcpu 0", "xsave", "100 bytes")
+        assert a.vcpus[0].save().regs == state.regs, "registers were applied before the refusal"
+        with pytest.raises(StateRestoreError) as err:
             a.vcpus[0].restore(replace(state, lapic=b"\0" * 10))
-        assert err.value.part == "lapic"
+        assert (err.value.field, err.value.found) == ("lapic", "10 bytes")
         with pytest.raises(VcpuStateError) as err:
             a.vcpus[0].restore(replace(state, msrs=(Msr(0xDEAD_BEEF, 1),)))
         assert err.value.part == "msrs" and "0xdeadbeef" in str(err.value)
@@ -143,12 +146,12 @@ def test_vcpu_id_beyond_config_is_refused(kvm: Kvm) -> None:
 def test_vm_state_round_trips(kvm: Kvm) -> None:
     with _vm_with_vcpu(kvm) as a, _vm_with_vcpu(kvm) as b:
         a.set_irq_line(4, True)  # leaves an IRR bit in the PIC and IOAPIC state
-        saved = a.save_state()
+        saved = a.save()
         assert isinstance(saved, VmState) and len(saved.irqchip.ioapic.redirtbl) == 24
         moved = replace(saved, irqchip=replace(saved.irqchip, ioapic=replace(
             saved.irqchip.ioapic, redirtbl=(0x1_0030,) + saved.irqchip.ioapic.redirtbl[1:])))
-        b.restore_state(moved)
-        got = b.save_state()
+        b.restore(moved)
+        got = b.save()
         assert got.irqchip == moved.irqchip
         # KVM_SET_PIT2 reloads each counter, so its load time becomes "now" on the host clock
         def no_load_time(pit: PitState) -> list:

@@ -35,7 +35,6 @@ from hv.devices.virtio import (
     VirtioMmio,
     VirtioMmioState,
     VirtioRngState,
-    VirtioStateError,
     Virtqueue,
 )
 from hv.devices.virtio import mmio as regs
@@ -47,6 +46,7 @@ from hv.devices.virtio.blk import (
 )
 from hv.devices.virtio.queue import ring_pending, ring_slot
 from hv.dirty import PAGE_SIZE
+from hv.errors import StateRestoreError
 from hv.hypervisor import Kvm
 from hv.machine import Machine, RunState
 from hv.memory import GuestMemory, MemoryRegion
@@ -567,13 +567,16 @@ def test_restore_validates_first(make_machine, disk: Path, tmp_path: Path) -> No
     machine = make_machine(disk=disk, rng=True)
     blk, rng = machine.devices["virtio-blk0"], machine.devices["virtio-rng0"]
     state = blk.save()
-    with pytest.raises(VirtioStateError):
+    with pytest.raises(StateRestoreError) as err:
         rng.restore(state)
-    with pytest.raises(VirtioStateError):
-        blk.restore(VirtioBlkState(state.transport, type(state.backend)("x", False, 7)))
+    assert (err.value.owner, err.value.field) == ("virtio-mmio-rng", "type")
+    with pytest.raises(StateRestoreError) as err:
+        blk.restore(VirtioBlkState(state.transport, type(state.backend)(False, 7)))
+    assert (err.value.field, err.value.expected, err.value.found) == ("backend.capacity", state.backend.capacity, 7)
     bad_queue = type(state.transport.queues[0])(num=16, ready=True, desc=RAM_END)
-    with pytest.raises(VirtioStateError):
+    with pytest.raises(StateRestoreError) as err:
         blk.restore(VirtioBlkState(VirtioMmioState(2, queues=(bad_queue,)), state.backend))
+    assert err.value.field == "queues[0]"
     assert blk.save() == state
     # an interrupt the driver had not acknowledged at the save is raised again on resume
     pending = VirtioMmioState(2, status=0xF, interrupt_status=1, queues=state.transport.queues)

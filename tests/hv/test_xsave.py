@@ -153,7 +153,7 @@ def test_kvm_round_trip_of_a_blob_with_components_marked_init_is_equivalent(kvm:
     with kvm.create_vm(VmConfig(mem_size=16 << 20)) as vm:
         create_vcpus(kvm, vm)
         vcpu = vm.vcpus[0]
-        state = vcpu.snapshot()
+        state = vcpu.save()
         layout = XsaveLayout.from_cpuid(state.cpuid)
         assert layout.supported >> XFeature.SSE & 1
         init_marked = bytearray(state.xsave)
@@ -163,6 +163,6 @@ def test_kvm_round_trip_of_a_blob_with_components_marked_init_is_equivalent(kvm:
                 in_use &= ~(1 << c.bit)
         init_marked[HEADER_OFFSET:HEADER_OFFSET + 8] = in_use.to_bytes(8, "little")
         vcpu.restore(replace(state, xsave=bytes(init_marked)))
-        again = vcpu.snapshot().xsave
+        again = vcpu.save().xsave
         assert layout.differences(state.xsave, again) == []
         assert layout.differences(bytes(init_marked), again) == []

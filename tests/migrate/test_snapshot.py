@@ -230,7 +230,7 @@ def test_snapshot_and_inspect_through_the_cli(tmp_path) -> None:
                                timeout=60)
         report = json.loads(shown.stdout)
         assert shown.returncode == 0 and report["verified"] and report["digest"] == "verified"
-        assert report["header"]["format_version"] == "1.0" and report["header"]["producer"].startswith("kvmigrate")
+        assert report["header"]["format_version"] == f"{formats.FORMAT_MAJOR}.{formats.FORMAT_MINOR}" and report["header"]["producer"].startswith("kvmigrate")
         assert report["sections"]["vcpu"] == 1 and report["sections"]["pages"] >= 1 and report["sections"]["end"] == 1
         assert [d["id"] for d in report["layout"]] == ["debug-exit", "i8042", "serial0"]
         (tmp_path / "s0").write_bytes((tmp_path / "s0").read_bytes()[:-10])

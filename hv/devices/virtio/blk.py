@@ -12,10 +12,11 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from hv.memory import GuestMemory
+from hv.persist import U64, check_bool, check_equal, check_int, check_type
 
-from .errors import VirtioStateError
 from .mmio import VirtioMmio, VirtioMmioState
 from .queue import DescriptorChain, Virtqueue
 
@@ -40,7 +41,9 @@ _HEADER = struct.Struct("<IIQ")
 
 @dataclass(frozen=True)
 class BlkState:
-    path: str
+    """What the guest has seen of the disk; a restore checks the target's disk has the same.
+    The path is the device's configuration (each host names its own), not part of the state."""
+
     read_only: bool
     capacity: int  # in 512-byte sectors
 
@@ -131,16 +134,15 @@ class BlkBackend:
         pass  # no device-side state besides the queues
 
     def save(self) -> BlkState:
-        return BlkState(str(self.path), self.read_only, self.capacity)
-
-    def check_state(self, state: BlkState) -> None:
-        """The disk must be the same size and mode (the path may differ between hosts)."""
-        for name in ("read_only", "capacity"):
-            if getattr(state, name) != getattr(self, name):
-                raise VirtioStateError("VirtioBlk", name, getattr(self, name), getattr(state, name))
+        return BlkState(self.read_only, self.capacity)
 
     def restore(self, state: BlkState) -> None:
-        pass  # everything in BlkState is checked equal to this backend's
+        """The disk must be the same size and mode; then there is nothing to apply."""
+        check_type(VirtioBlk.KIND, state, BlkState)
+        check_bool(VirtioBlk.KIND, "backend.read_only", state.read_only)
+        check_int(VirtioBlk.KIND, "backend.capacity", state.capacity, 0, U64)
+        check_equal(VirtioBlk.KIND, "backend.read_only", self.read_only, state.read_only)
+        check_equal(VirtioBlk.KIND, "backend.capacity", self.capacity, state.capacity)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -151,7 +153,17 @@ class BlkBackend:
 class VirtioBlk(VirtioMmio):
     """A virtio-blk device on virtio-mmio, backed by the file at `path`."""
 
+    KIND: ClassVar[str] = "virtio-mmio-blk"
     state_type = VirtioBlkState
+    backend: BlkBackend
 
     def __init__(self, memory: GuestMemory, path: Path, *, read_only: bool = False) -> None:
         super().__init__(BlkBackend(path, read_only), memory)
+
+    @property
+    def path(self) -> Path:
+        return self.backend.path
+
+    @property
+    def read_only(self) -> bool:
+        return self.backend.read_only

@@ -10,8 +10,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from hv.memory import GuestMemory
+from hv.persist import check_bytes, check_type
 
 from .mmio import VirtioMmio, VirtioMmioState
 from .queue import Virtqueue
@@ -70,11 +72,10 @@ class ConsoleBackend:
     def save(self) -> ConsoleState:
         return ConsoleState(bytes(self.pending))
 
-    def check_state(self, state: ConsoleState) -> None:
-        pass
-
     def restore(self, state: ConsoleState) -> None:
-        self.pending = bytearray(state.pending_input[:MAX_PENDING_INPUT])
+        check_type(VirtioConsole.KIND, state, ConsoleState)
+        check_bytes(VirtioConsole.KIND, "backend.pending_input", state.pending_input, MAX_PENDING_INPUT)
+        self.pending = bytearray(state.pending_input)
 
     def close(self) -> None:
         pass
@@ -83,6 +84,7 @@ class ConsoleBackend:
 class VirtioConsole(VirtioMmio):
     """A virtio console on virtio-mmio: guest output to `output`, host input through `feed`."""
 
+    KIND: ClassVar[str] = "virtio-mmio-console"
     state_type = VirtioConsoleState
     backend: ConsoleBackend
 

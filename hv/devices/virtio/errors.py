@@ -1,7 +1,8 @@
 """Virtio errors: a guest that breaks the rules gets a device error (NEEDS_RESET), never a crash.
 
-Every error here describes something the *guest* did (or a state that does not fit this device);
-the transport turns a `VirtioQueueError` into the DEVICE_NEEDS_RESET status bit.
+Every error here describes something the *guest* did (or a worker that would not stop); the
+transport turns a `VirtioQueueError` into the DEVICE_NEEDS_RESET status bit. A saved state that
+does not fit a device is `hv.errors.StateRestoreError`, as for every other model.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ class VirtioQueueError(VirtioError):
         super().__init__(f"virtqueue {queue}: {detail}")
 
 
-class VirtioStateError(VirtioError):
-    """A saved state that cannot go into this device; checked before anything is applied."""
+class VirtioWorkerError(VirtioError):
+    """A device's worker thread did not park within the time a pause allows."""
 
-    def __init__(self, device: str, field: str, expected: object, found: object) -> None:
-        self.device, self.field, self.expected, self.found = device, field, expected, found
-        super().__init__(f"{device}: {field}: expected {expected!r}, found {found!r}")
+    def __init__(self, device: str, timeout: float) -> None:
+        self.device, self.timeout = device, timeout
+        super().__init__(f"{device}: the worker did not park within {timeout}s")

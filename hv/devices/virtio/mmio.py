@@ -23,6 +23,9 @@ while the device is not paused. A device starts paused: `Machine.start`/`resume`
 guest memory. On resume every ready queue is looked at again, so a notification that arrived
 (or was consumed) while paused is never lost, and a restored device finishes what the source
 had made available but not processed.
+
+Over 450 lines, as one room on purpose: registers, worker and state share the one lock above,
+and reading them together is how their ordering is checked.
 """
 
 from __future__ import annotations
@@ -31,14 +34,15 @@ import logging
 import os
 import select
 import threading
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from hv.errors import GuestMemoryError, KvmIoctlError
+from hv.errors import GuestMemoryError, KvmIoctlError, StateRestoreError
 from hv.memory import GuestMemory
+from hv.persist import U32, U64, Persist, check_bool, check_equal, check_ints, check_type
 
-from .errors import VirtioQueueError, VirtioStateError
-from .queue import QueueState, Virtqueue
+from .errors import VirtioQueueError, VirtioWorkerError
+from .queue import QUEUE_STATE_BOUNDS, QueueState, Virtqueue
 
 if TYPE_CHECKING:
     from hv.vm import IoEventFdRegistration, Vm
@@ -85,8 +89,9 @@ _ADDRESS_REGS = {
 }
 
 
-class VirtioBackend(Protocol):
-    """What a device type (blk, console, rng) gives the transport."""
+class VirtioBackend(Persist[Any], Protocol):
+    """What a device type (blk, console, rng) gives the transport: its registers' contents and
+    its own part of the state (`restore` validates that part before applying it)."""
 
     device_id: int
     features: int  # device feature bits besides VIRTIO_F_VERSION_1
@@ -118,13 +123,21 @@ class VirtioMmioState:
     queues: tuple[QueueState, ...] = ()
 
 
+# what each register can hold (as the guest may write it: selectors are not range-checked on write)
+_TRANSPORT_BOUNDS = {"status": (0, 0xFF), "device_features_sel": (0, U32), "driver_features_sel": (0, U32),
+                     "driver_features": (0, U64), "queue_sel": (0, U32),
+                     "interrupt_status": (0, INT_USED_BUFFER | INT_CONFIG_CHANGE),
+                     "config_generation": (0, U32)}
+
+
 class VirtioMmio:
     """A virtio-mmio device: the register block over a backend, its queues and worker thread.
 
-    Subclasses (`VirtioBlk`, ...) name the backend and the state type: `save()` returns
-    `state_type(transport, backend_state)`.
+    Subclasses (`VirtioBlk`, ...) name the backend, the state type and the wire kind: `save()`
+    returns `state_type(transport, backend_state)`.
     """
 
+    KIND: ClassVar[str]
     state_type: ClassVar[type]
 
     def __init__(self, backend: VirtioBackend, memory: GuestMemory) -> None:
@@ -365,7 +378,7 @@ class VirtioMmio:
             worker = self._worker
             waits = worker is not None and worker.is_alive() and worker is not threading.current_thread()
             if waits and not self._cond.wait_for(lambda: self._parked or not worker.is_alive(), timeout):
-                raise VirtioStateError(type(self).__name__, "worker", "parked", "still running")
+                raise VirtioWorkerError(self.KIND, timeout)
 
     def resume(self) -> None:
         """Start (or restart) the worker and look at every queue again."""
@@ -430,29 +443,29 @@ class VirtioMmio:
 
     def restore(self, state: Any) -> None:
         """Validate everything first, then apply; a live device then processes what was left."""
-        name = type(self).__name__
-        if not isinstance(state, self.state_type):
-            raise VirtioStateError(name, "type", self.state_type.__name__, type(state).__name__)
+        kind = self.KIND
+        check_type(kind, state, self.state_type)
         t = state.transport
-        if t.device_id != self.backend.device_id:
-            raise VirtioStateError(name, "device_id", self.backend.device_id, t.device_id)
-        if len(t.queues) != len(self.queues):
-            raise VirtioStateError(name, "queues", len(self.queues), len(t.queues))
+        check_type(kind, t, VirtioMmioState)
+        check_equal(kind, "device_id", self.backend.device_id, t.device_id)
+        check_ints(kind, t, _TRANSPORT_BOUNDS)
+        if type(t.queues) is not tuple or len(t.queues) != len(self.queues):
+            found = f"{len(t.queues)} queues" if type(t.queues) is tuple else t.queues
+            raise StateRestoreError(kind, "queues", f"{len(self.queues)} queues", found)
         scratch = [Virtqueue(self.memory, i, q.max_size) for i, q in enumerate(self.queues)]
         for vq, qs in zip(scratch, t.queues, strict=True):
-            for f in fields(QueueState):
-                if not isinstance(getattr(qs, f.name), int):
-                    raise VirtioStateError(name, f"queues[{vq.index}].{f.name}", "an int",
-                                           getattr(qs, f.name))
+            where = f"queues[{vq.index}]"
+            check_type(f"{kind} {where}", qs, QueueState)
+            check_ints(f"{kind} {where}", qs, QUEUE_STATE_BOUNDS)
+            check_bool(f"{kind} {where}", "ready", qs.ready)
             if qs.ready:
                 vq.state = qs
                 try:
                     vq.check()
                 except VirtioQueueError as e:
-                    raise VirtioStateError(name, f"queues[{vq.index}]", "a usable queue", str(e)) from None
-        self.backend.check_state(state.backend)
+                    raise StateRestoreError(kind, where, "a usable queue", str(e)) from None
         with self._cond:
-            self.backend.restore(state.backend)
+            self.backend.restore(state.backend)  # validates its part before applying it
             self._regs = replace(t, queues=())
             for q, qs in zip(self.queues, t.queues, strict=True):
                 q.state = qs

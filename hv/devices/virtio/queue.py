@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 from hv.errors import GuestMemoryError
 from hv.memory import GuestMemory
+from hv.persist import U32, U64
 
 from .errors import VirtioQueueError
 
@@ -63,6 +64,11 @@ class QueueState:
     device: int = 0
     last_avail_idx: int = 0
     used_idx: int = 0
+
+
+# what each QueueState field can hold (a restore checks them; `check` then the ready ones' areas)
+QUEUE_STATE_BOUNDS = {"num": (0, U32), "desc": (0, U64), "driver": (0, U64), "device": (0, U64),
+                      "last_avail_idx": (0, 0xFFFF), "used_idx": (0, 0xFFFF)}
 
 
 @dataclass(frozen=True)

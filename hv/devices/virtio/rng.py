@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 from hv.memory import GuestMemory
+from hv.persist import check_type
 
 from .mmio import VirtioMmio, VirtioMmioState
 from .queue import Virtqueue
@@ -48,11 +50,8 @@ class RngBackend:
     def save(self) -> RngState:
         return RngState()
 
-    def check_state(self, state: RngState) -> None:
-        pass
-
     def restore(self, state: RngState) -> None:
-        pass
+        check_type(VirtioRng.KIND, state, RngState)  # nothing else to check, nothing to apply
 
     def close(self) -> None:
         pass
@@ -61,6 +60,7 @@ class RngBackend:
 class VirtioRng(VirtioMmio):
     """A virtio entropy device on virtio-mmio."""
 
+    KIND: ClassVar[str] = "virtio-mmio-rng"
     state_type = VirtioRngState
 
     def __init__(self, memory: GuestMemory) -> None:
