@@ -2,8 +2,11 @@
 
 After each round the source fetches the dirty log and asks `decide` what next:
 
-- STOP_AND_COPY once what is dirty fits the downtime target at the link's bandwidth (the best of
-  the last three rounds, the compression seen so far applied) - unless the rest is still
+- STOP_AND_COPY once the pause fits the downtime target - the pause as the rounds so far cost:
+  what is dirty at the link's bandwidth (the best of the last three rounds, the compression seen
+  so far applied) or at the rounds' cost per page, whichever is slower (a page that compresses to
+  nothing still costs its gathering, encoding and placing), plus re-hashing each digest block the
+  dirty pages touch, on both sides (`estimate_ms`) - unless the rest is still
   shrinking fast (under half the last round) and would not fit a quarter of the target: a round
   costs the guest nothing, downtime costs it everything;
 - GIVE_UP after `max_rounds` rounds or `max_seconds` (or STOP_AND_COPY then, late, if the options
@@ -29,6 +32,7 @@ from migrate.stats import MigrationStats
 MiB = 1 << 20
 MIN_COMPRESSION = 0.05  # wire bytes per guest byte assumed at best (zero pages cost ~nothing)
 BANDWIDTH_ROUNDS = 3  # the bandwidth estimate is the best of this many last rounds
+MIN_PAGES_TO_COST = 256  # a round this small says little about the cost of a page
 
 
 @dataclass(frozen=True)
@@ -44,17 +48,23 @@ class RoundFigures:
     bandwidth_mib_s: float  # the estimate a stop and copy would go at
     compression: float  # wire bytes per guest byte so far (1.0 before any)
     throttle: float  # the guest's throttle now (0: none)
+    page_ms: float = 0.0  # what one page cost a recent round, all told (the cheapest of them)
+    dirty_blocks: int = 0  # digest blocks holding dirty pages: each side re-hashes them in the pause
+    block_ms: float = 0.0  # what hashing one digest block costs (measured by the block hashes)
 
     @classmethod
-    def after(cls, stats: MigrationStats, dirty_pages: int, seconds: float, throttle: float) -> RoundFigures:
+    def after(cls, stats: MigrationStats, dirty_pages: int, seconds: float, throttle: float,
+              dirty_blocks: int = 0, block_ms: float = 0.0) -> RoundFigures:
         """The figures from a migration's stats so far and the dirty log just fetched."""
         last = stats.rounds[-1]
+        recent = stats.rounds[-BANDWIDTH_ROUNDS:]
+        costs = [r.seconds * 1000 / r.pages for r in recent if r.pages >= MIN_PAGES_TO_COST]
         return cls(
             rounds=len(stats.rounds), seconds=seconds, dirty_pages=dirty_pages, last_pages=last.pages,
             last_dirty_rate_mib_s=last.dirty_rate_mib_s, last_bandwidth_mib_s=last.bandwidth_mib_s,
-            bandwidth_mib_s=max(r.bandwidth_mib_s for r in stats.rounds[-BANDWIDTH_ROUNDS:]),
+            bandwidth_mib_s=max(r.bandwidth_mib_s for r in recent),
             compression=stats.sent_bytes_pages / stats.raw_bytes if stats.raw_bytes else 1.0,
-            throttle=throttle)
+            throttle=throttle, page_ms=min(costs, default=0.0), dirty_blocks=dirty_blocks, block_ms=block_ms)
 
     @property
     def remaining_mib(self) -> float:
@@ -64,9 +74,10 @@ class RoundFigures:
     @property
     def estimate_ms(self) -> float:
         """How long a stop and copy would take now (the downtime it would cost)."""
-        if self.remaining_mib == 0:
+        if self.dirty_pages == 0:
             return 0.0
-        return self.remaining_mib / self.bandwidth_mib_s * 1000 if self.bandwidth_mib_s > 0 else math.inf
+        wire = self.remaining_mib / self.bandwidth_mib_s * 1000 if self.bandwidth_mib_s > 0 else math.inf
+        return max(wire, self.dirty_pages * self.page_ms) + 2 * self.dirty_blocks * self.block_ms
 
 
 class Action(enum.Enum):

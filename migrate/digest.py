@@ -9,6 +9,7 @@ hashes only what the last round changed.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -69,6 +70,11 @@ def verify(end: EndRecord, memory: GuestMemory, touched: Touched | None = None, 
     verify_digest(end, _ranges(memory), known_zero=known_zero_blocks(memory, touched), workers=workers)
 
 
+def dirty_blocks(dirty: Iterable[tuple[MemoryRegion, DirtyBitmap]]) -> int:
+    """How many digest blocks hold a page set in `dirty` (numpy over the bitmaps)."""
+    return sum(int(blocks_with_pages(region, pages).sum()) for region, pages in dirty)
+
+
 class BlockHashes:
     """The memory digest's 2 MiB block hashes, kept current round by round.
 
@@ -85,6 +91,7 @@ class BlockHashes:
 
     def __init__(self, memory: GuestMemory, touched: Touched) -> None:
         self.memory = memory
+        self.block_ms = 0.0  # what hashing one block cost on one thread, as last measured
         self._background: ThreadPoolExecutor | None = None
         self._pass: Future[int] | None = None
         self._lock = threading.Lock()
@@ -115,6 +122,7 @@ class BlockHashes:
                 blocks = np.flatnonzero(self._stale[region.guest_base]).astype(np.uint64)
                 if len(blocks):
                     todo.append((region, blocks, self._generation[region.guest_base][blocks].copy()))
+        started = time.perf_counter()
         for region, blocks, generations in todo:
             parts = np.array_split(blocks, max(1, min(workers, len(blocks) // 4)))
             if len(parts) > 1:
@@ -127,7 +135,10 @@ class BlockHashes:
                 kept = self._generation[base][blocks] == generations  # unchanged while hashed
                 self._hashes[base][blocks[kept]] = values[kept]
                 self._stale[base][blocks[kept]] = False
-        return sum(len(blocks) for _, blocks, _ in todo)
+        hashed = sum(len(blocks) for _, blocks, _ in todo)
+        if hashed >= 4:  # a few blocks say little of the rate
+            self.block_ms = (time.perf_counter() - started) * 1000 * max(1, workers) / hashed
+        return hashed
 
     def refresh_soon(self) -> None:
         """Hash the stale blocks in the background, one pass at a time (a pass already running

@@ -105,7 +105,8 @@ class Source:
             if self.cancel.is_set():
                 raise Cancelled("cancelled by the user")
             dirty, dirty_pages, dirty_rate = self._fetch()
-            figures = RoundFigures.after(self.stats, dirty_pages, time.perf_counter() - t0, self.machine.throttle)
+            figures = RoundFigures.after(self.stats, dirty_pages, time.perf_counter() - t0, self.machine.throttle,
+                                         dirty_blocks=digest.dirty_blocks(dirty), block_ms=self._hashes.block_ms)
             decision = decide(figures, self.options)
             match decision.action:
                 case Action.STOP_AND_COPY:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -22,7 +23,9 @@ def figures(draw: st.DrawFn) -> RoundFigures:
         dirty_pages=draw(st.integers(0, 1 << 20)), last_pages=draw(st.integers(0, 1 << 20)),
         last_dirty_rate_mib_s=draw(rates), last_bandwidth_mib_s=draw(rates), bandwidth_mib_s=draw(rates),
         compression=draw(st.floats(0, 1.2, allow_nan=False)),
-        throttle=draw(st.sampled_from([0.0, 0.2, 0.3, 0.5, 0.9, 0.99])))
+        throttle=draw(st.sampled_from([0.0, 0.2, 0.3, 0.5, 0.9, 0.99])),
+        page_ms=draw(st.floats(0, 0.05, allow_nan=False)), dirty_blocks=draw(st.integers(0, 4096)),
+        block_ms=draw(st.floats(0, 2, allow_nan=False)))
 
 
 @st.composite
@@ -64,7 +67,7 @@ def test_stops_when_the_rest_fits_a_quarter_of_the_target(f, o) -> None:
 def test_another_round_when_it_fits_but_is_still_shrinking_fast(f, o, fraction) -> None:
     assume(f.dirty_pages > 0 and o.downtime_ms > 1 and o.max_rounds > 1)
     # a bandwidth at which the rest takes `fraction` of the target: fits, but not in a quarter
-    f = dataclasses.replace(f, rounds=min(f.rounds, o.max_rounds - 1), seconds=0.0,
+    f = dataclasses.replace(f, rounds=min(f.rounds, o.max_rounds - 1), seconds=0.0, page_ms=0.0, dirty_blocks=0,
                             bandwidth_mib_s=f.remaining_mib * 1000 / (fraction * o.downtime_ms))
     d = decide(f, o)
     shrinking = f.dirty_pages < 0.5 * f.last_pages
@@ -159,5 +162,33 @@ def test_the_figures_come_from_the_last_rounds() -> None:
     assert f.bandwidth_mib_s == 300.0  # the best of the last three, not of all
     assert (f.last_dirty_rate_mib_s, f.last_bandwidth_mib_s, f.compression) == (40.0, 50.0, 0.25)
     assert math.isclose(f.remaining_mib, 7 * 4096 * 0.25 / (1 << 20))
-    assert math.isclose(f.estimate_ms, f.remaining_mib / 300.0 * 1000)
+    assert math.isclose(f.page_ms, 0.1 * 1000 / 300)  # round 2: the only recent one of 256 pages or more
+    assert math.isclose(f.estimate_ms, max(f.remaining_mib / 300.0 * 1000, 7 * f.page_ms))
 
+
+
+@given(figures(), st.floats(0, 1, allow_nan=False), st.integers(0, 512))
+def test_the_estimate_counts_pages_and_digest_blocks_not_only_bytes(f, page_ms, blocks) -> None:
+    slower = dataclasses.replace(f, page_ms=f.page_ms + page_ms, dirty_blocks=f.dirty_blocks + blocks)
+    assert slower.estimate_ms >= f.estimate_ms  # more cost per page or more blocks: never a shorter pause
+    if f.dirty_pages:
+        assert slower.estimate_ms >= f.dirty_pages * slower.page_ms + 2 * slower.dirty_blocks * slower.block_ms
+
+
+def test_pages_that_compress_to_nothing_still_cost_their_handling() -> None:
+    """The classic migration-test guest (zero pages, one changing byte each) compresses ~1000:1, so
+    bytes on the wire promise a short pause; the rounds' cost per page says otherwise."""
+    figures = RoundFigures(rounds=3, seconds=2.0, dirty_pages=65536, last_pages=65536, last_dirty_rate_mib_s=100,
+                           last_bandwidth_mib_s=5000, bandwidth_mib_s=5000, compression=0.001, throttle=0.0,
+                           page_ms=0.005, dirty_blocks=128, block_ms=0.4)
+    assert figures.estimate_ms == pytest.approx(65536 * 0.005 + 2 * 128 * 0.4)  # 430 ms, not 2.6
+    decision = decide(figures, MigrationOptions(downtime_ms=300, max_rounds=30))
+    assert decision.action is not Action.STOP_AND_COPY and decision.reason is Reason.TOO_MUCH
+
+
+def test_page_cost_comes_from_the_cheapest_recent_round_of_some_size() -> None:
+    stats = MigrationStats(rounds=[RoundStats(0, 200_000, 0, 0, 2.0, 0, 100, 0),  # 0.01 ms a page
+                                   RoundStats(1, 100, 0, 0, 1.0, 0, 100, 0),  # too small to say
+                                   RoundStats(2, 10_000, 0, 0, 0.05, 0, 100, 0)])  # 0.005 ms a page
+    figures = RoundFigures.after(stats, 5000, 3.0, 0.0, dirty_blocks=7, block_ms=0.3)
+    assert figures.page_ms == pytest.approx(0.005) and (figures.dirty_blocks, figures.block_ms) == (7, 0.3)
