@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test install bench clean
 
-$(STAMP): pyproject.toml setup.py hv/_kvm_build.py
+$(STAMP): pyproject.toml setup.py hv/binding/build.py
 	@command -v gcc >/dev/null || (apt-get update -qq && apt-get install -y -qq gcc make)
 	@# the peer the tests and benchmarks compare against (boots the same built-in guest)
 	@command -v qemu-system-x86_64 >/dev/null || (apt-get update -qq && \
@@ -28,4 +28,4 @@ bench: $(STAMP)
 	$(PY) tools/bench/bench_hv.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info hv/_kvm*.so tools/guests/build
+	rm -rf $(VENV) build *.egg-info hv/binding/_kvm*.so hv/binding/_kvm.c tools/guests/build

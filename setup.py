@@ -2,4 +2,4 @@
 # against the machine's <linux/kvm.h> (cffi API mode), so struct layouts come from the header.
 from setuptools import setup
 
-setup(cffi_modules=["hv/_kvm_build.py:ffibuilder"])
+setup(cffi_modules=["hv/binding/build.py:ffibuilder"])

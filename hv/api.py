@@ -1,6 +1,6 @@
 """The platform-neutral hypervisor API: what code above hv may rely on, whatever the backend.
 
-`hv.hypervisor.Kvm`, `hv.vm.Vm`, `hv.vcpu.Vcpu` and `hv.memory.GuestMemory` are the KVM backend;
+`hv.kvm.kvm.Kvm`, `hv.kvm.vm.Vm`, `hv.kvm.vcpu.Vcpu` and `hv.kvm.memory.GuestMemory` are the KVM backend;
 tests check that they satisfy these protocols.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
-from hv.dirty import DirtyBitmap
-from hv.exits import VcpuExit
-from hv.state import CpuidEntry, Msr, Regs, Sregs, VcpuState, VmState
+from hv.kvm.dirty import DirtyBitmap
+from hv.kvm.exits import VcpuExit
+from hv.kvm.state import CpuidEntry, Msr, Regs, Sregs, VcpuState, VmState
 
 
 @runtime_checkable

@@ -40,13 +40,13 @@ from formats import (
     VcpuRecord,
     VmStateRecord,
 )
-from hv import state as hv_state
-from hv.builder import blank_machine
-from hv.dirty import PAGE_SIZE, DirtyBitmap
 from hv.errors import HvError
-from hv.hypervisor import Kvm
-from hv.machine import Machine, RunState
-from hv.memory import MemoryRegion, RamBacking
+from hv.kvm import state as hv_state
+from hv.kvm.dirty import PAGE_SIZE, DirtyBitmap
+from hv.kvm.kvm import Kvm
+from hv.kvm.memory import MemoryRegion, RamBacking
+from hv.vmm.builder import blank_machine
+from hv.vmm.machine import Machine, RunState
 from migrate import pages
 from migrate.errors import (
     IncompatibleError,

@@ -30,8 +30,8 @@ from formats import (
     verify_digest,
     zero_block_hash,
 )
-from hv.dirty import PAGE_SIZE, DirtyBitmap
-from hv.memory import GuestMemory, MemoryRegion
+from hv.kvm.dirty import PAGE_SIZE, DirtyBitmap
+from hv.kvm.memory import GuestMemory, MemoryRegion
 
 CHUNK_BYTES = 4 << 20  # one PAGES section's worth of raw memory
 

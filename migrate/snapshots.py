@@ -43,12 +43,12 @@ from formats import (
     VcpuRecord,
     VmStateRecord,
 )
-from hv import state as hv_state
-from hv.builder import blank_machine
-from hv.hypervisor import Kvm
-from hv.machine import Machine, RunState
-from hv.memory import GuestMemory, MemoryRegion, RamBacking
-from hv.vm import VmConfig
+from hv.kvm import state as hv_state
+from hv.kvm.kvm import Kvm
+from hv.kvm.memory import GuestMemory, MemoryRegion, RamBacking
+from hv.kvm.vm import VmConfig
+from hv.vmm.builder import blank_machine
+from hv.vmm.machine import Machine, RunState
 from migrate import pages
 from migrate.errors import IncompatibleError, SnapshotError
 from migrate.state import (

@@ -8,7 +8,7 @@ import pytest
 # test helper modules (tiny guests, etc.) import as top-level names
 sys.path.insert(0, str(Path(__file__).parent / "hv"))
 
-from hv.hypervisor import Kvm  # noqa: E402
+from hv.kvm.kvm import Kvm  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -33,10 +33,10 @@ def test_package_imports_point_one_way(package: str) -> None:
 
 def test_kvm_backend_satisfies_the_platform_neutral_api() -> None:
     from hv.api import GuestMemoryApi, Hypervisor, VirtualCpu, VirtualMachine
-    from hv.hypervisor import Kvm
-    from hv.memory import GuestMemory
-    from hv.vcpu import Vcpu
-    from hv.vm import Vm
+    from hv.kvm.kvm import Kvm
+    from hv.kvm.memory import GuestMemory
+    from hv.kvm.vcpu import Vcpu
+    from hv.kvm.vm import Vm
 
     for impl, proto in ((Kvm, Hypervisor), (Vm, VirtualMachine), (Vcpu, VirtualCpu),
                         (GuestMemory, GuestMemoryApi)):

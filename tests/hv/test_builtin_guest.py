@@ -11,12 +11,12 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from hv import builtin_guest as bg
-from hv.builder import builtin_machine, multiboot_machine
 from hv.errors import ConfigError
-from hv.hypervisor import Kvm
-from hv.machine import Machine, RunState
-from hv.vm import VmConfig
+from hv.guests import builtin as bg
+from hv.kvm.kvm import Kvm
+from hv.kvm.vm import VmConfig
+from hv.vmm.builder import builtin_machine, multiboot_machine
+from hv.vmm.machine import Machine, RunState
 
 MiB = 1 << 20
 CONFIG = VmConfig(mem_size=64 * MiB)

@@ -7,12 +7,12 @@ import time
 import pytest
 from tinyguest import OUT_LOOP, Recorder, multiboot_elf, wait_for
 
-from hv.builder import multiboot_machine
 from hv.errors import DeviceFault, GuestFatalExit, LifecycleError
-from hv.exits import InternalError, Shutdown
-from hv.hypervisor import Kvm
-from hv.machine import Machine, RunState
-from hv.vm import VmConfig
+from hv.kvm.exits import InternalError, Shutdown
+from hv.kvm.kvm import Kvm
+from hv.kvm.vm import VmConfig
+from hv.vmm.builder import multiboot_machine
+from hv.vmm.machine import Machine, RunState
 
 MiB = 1 << 20
 

@@ -72,9 +72,9 @@ def test_host_cpus_from_a_fake_sysfs(tmp_path: Path) -> None:
 
 
 def test_vcpus_start_with_fast_strings_and_write_back_mtrrs(kvm) -> None:
-    from hv.builder import blank_machine
-    from hv.cpuid import MSR_IA32_MISC_ENABLE, MSR_MTRR_DEF_TYPE
-    from hv.vm import VmConfig
+    from hv.kvm.cpuid import MSR_IA32_MISC_ENABLE, MSR_MTRR_DEF_TYPE
+    from hv.kvm.vm import VmConfig
+    from hv.vmm.builder import blank_machine
 
     machine = blank_machine(kvm, VmConfig(mem_size=16 << 20, vcpus=2))
     try:

@@ -9,12 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hv import structconv
-from hv._ffi import ffi
-from hv.builder import create_vcpus
+from hv.binding import structconv
+from hv.binding.ffi import ffi
 from hv.errors import VcpuIdError, VcpuStateError
-from hv.hypervisor import Kvm
-from hv.state import (
+from hv.kvm.kvm import Kvm
+from hv.kvm.state import (
     DebugRegs,
     Fpu,
     Msr,
@@ -27,8 +26,9 @@ from hv.state import (
     VmState,
     lapic_registers,
 )
-from hv.vcpu import RESTORE_ORDER, SAVE_ORDER
-from hv.vm import Vm, VmConfig
+from hv.kvm.vcpu import RESTORE_ORDER, SAVE_ORDER
+from hv.kvm.vm import Vm, VmConfig
+from hv.vmm.builder import create_vcpus
 
 MiB = 1 << 20
 MSR_IA32_TSC = 0x10

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from hv.memory import GuestMemory
+from hv.kvm.memory import GuestMemory
 
 from .errors import VirtioStateError
 from .mmio import VirtioMmio, VirtioMmioState

@@ -11,7 +11,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hv.memory import GuestMemory
+from hv.kvm.memory import GuestMemory
 
 from .mmio import VirtioMmio, VirtioMmioState
 from .queue import Virtqueue

@@ -35,13 +35,13 @@ from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from hv.errors import GuestMemoryError, KvmIoctlError
-from hv.memory import GuestMemory
+from hv.kvm.memory import GuestMemory
 
 from .errors import VirtioQueueError, VirtioStateError
 from .queue import QueueState, Virtqueue
 
 if TYPE_CHECKING:
-    from hv.vm import IoEventFdRegistration, Vm
+    from hv.kvm.vm import IoEventFdRegistration, Vm
 
 log = logging.getLogger(__name__)
 

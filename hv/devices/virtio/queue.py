@@ -21,7 +21,7 @@ import struct
 from dataclasses import dataclass, replace
 
 from hv.errors import GuestMemoryError
-from hv.memory import GuestMemory
+from hv.kvm.memory import GuestMemory
 
 from .errors import VirtioQueueError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from hv.memory import GuestMemory
+from hv.kvm.memory import GuestMemory
 
 from .mmio import VirtioMmio, VirtioMmioState
 from .queue import Virtqueue

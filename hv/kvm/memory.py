@@ -17,9 +17,9 @@ from typing import NewType
 
 import numpy as np
 
-from hv._ffi import ffi, lib
-from hv.dirty import PAGE_SHIFT, PAGE_SIZE, DirtyBitmap
+from hv.binding.ffi import ffi, lib
 from hv.errors import GuestAddressError, SlotOverlapError
+from hv.kvm.dirty import PAGE_SHIFT, PAGE_SIZE, DirtyBitmap
 
 _PAGEMAP_PRESENT = np.uint64(1 << 63)
 _PAGEMAP_SWAPPED = np.uint64(1 << 62)

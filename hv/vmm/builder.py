@@ -6,19 +6,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hv import builtin_guest
 from hv.boot import linux, multiboot
-from hv.cpuid import boot_msrs, vcpu_cpuid
 from hv.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from hv.devices.i8042 import I8042, I8042_PORT, I8042_PORTS
 from hv.devices.serial import COM1_IRQ, COM1_PORT, Serial16550
 from hv.devices.virtio import MMIO_WINDOW, VirtioBlk, VirtioConsole, VirtioRng
 from hv.errors import ConfigError
-from hv.hypervisor import Kvm
-from hv.machine import DevicePlacement, Machine, StopReason
+from hv.guests import builtin as builtin_guest
+from hv.kvm.cpuid import boot_msrs, vcpu_cpuid
+from hv.kvm.kvm import Kvm
+from hv.kvm.vm import MemoryBacking, Vm, VmConfig
 from hv.platform import acpi, mptable
 from hv.platform.allocator import SystemAllocator
-from hv.vm import MemoryBacking, Vm, VmConfig
+from hv.vmm.machine import DevicePlacement, Machine, StopReason
 
 
 def create_vcpus(kvm: Kvm, vm: Vm) -> None:

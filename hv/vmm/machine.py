@@ -22,10 +22,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hv._ffi import lib
-from hv.bus import Bus
+from hv.binding.ffi import lib
 from hv.errors import DeviceFault, GuestFatalExit, HvError, LifecycleError
-from hv.exits import (
+from hv.kvm.exits import (
     FATAL_EXITS,
     Hlt,
     Interrupted,
@@ -36,8 +35,9 @@ from hv.exits import (
     SystemEvent,
     VcpuExit,
 )
-from hv.vcpu import Vcpu
-from hv.vm import Vm
+from hv.kvm.vcpu import Vcpu
+from hv.kvm.vm import Vm
+from hv.vmm.bus import Bus
 
 log = logging.getLogger(__name__)
 

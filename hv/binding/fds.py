@@ -2,7 +2,7 @@
 
 One method per ioctl, named after it; arguments and results are the kernel's structs (cffi cdata)
 or plain ints. No policy lives here: addresses, CPUID fixes and memory layout belong to the
-platform layer (`hv.vm`, `hv.vcpu`). Every fd is owned by its object the moment the ioctl that
+platform layer (`hv.kvm.vm`, `hv.kvm.vcpu`). Every fd is owned by its object the moment the ioctl that
 created it returns, and closed by `close()` or the context manager.
 """
 
@@ -12,7 +12,7 @@ import errno
 import os
 from typing import Any
 
-from hv._ffi import ffi, ioctl, ioctl_int, lib
+from hv.binding.ffi import ffi, ioctl, ioctl_int, lib
 from hv.errors import KvmApiVersionError, KvmIoctlError, KvmUnavailableError
 
 CData = Any  # a cffi struct or pointer; cffi has no static types

@@ -8,14 +8,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hv import structconv
-from hv._ffi import ffi, lib
-from hv.caps import PlatformCapabilities
-from hv.dirty import PAGE_SIZE, DirtyBitmap
+from hv.binding import structconv
+from hv.binding.fds import VmFd
+from hv.binding.ffi import ffi, lib
 from hv.errors import ConfigError, MissingCapabilityError, SlotError, VcpuIdError
-from hv.kvm import VmFd
-from hv.memory import GuestMemory, MemoryRegion, RamBacking
-from hv.state import (
+from hv.kvm.capabilities import PlatformCapabilities
+from hv.kvm.dirty import PAGE_SIZE, DirtyBitmap
+from hv.kvm.memory import GuestMemory, MemoryRegion, RamBacking
+from hv.kvm.state import (
     ClockState,
     IoapicState,
     IrqchipState,
@@ -23,10 +23,10 @@ from hv.state import (
     PitState,
     VmState,
 )
-from hv.vcpu import Vcpu
+from hv.kvm.vcpu import Vcpu
 
 if TYPE_CHECKING:
-    from hv.hypervisor import Kvm
+    from hv.kvm.kvm import Kvm
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -25,7 +25,7 @@ import numpy as np
 
 from hv.errors import HvError
 
-GUEST_DIR = Path(__file__).resolve().parent.parent / "tools" / "guests"
+GUEST_DIR = Path(__file__).resolve().parents[2] / "tools" / "guests"
 IMAGE_NAME = "kvmig-guest.elf"
 
 PAGE_SIZE = 4096

@@ -12,10 +12,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from hv import structconv
-from hv._ffi import ffi, lib
+from hv.binding import structconv
+from hv.binding.fds import VcpuFd, new_flexible
+from hv.binding.ffi import ffi, lib
 from hv.errors import KvmIoctlError, VcpuStateError
-from hv.exits import (
+from hv.kvm.exits import (
     DebugExit,
     FailEntry,
     Hlt,
@@ -30,8 +31,7 @@ from hv.exits import (
     UnknownExit,
     VcpuExit,
 )
-from hv.kvm import VcpuFd, new_flexible
-from hv.state import (
+from hv.kvm.state import (
     CpuidEntry,
     DebugRegs,
     Fpu,
@@ -44,7 +44,7 @@ from hv.state import (
 )
 
 if TYPE_CHECKING:
-    from hv.vm import Vm
+    from hv.kvm.vm import Vm
 
 MSR_IA32_TSC = 0x10
 

@@ -6,14 +6,14 @@ import threading
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from hv import structconv
-from hv.caps import PlatformCapabilities
-from hv.kvm import KvmFd
-from hv.state import CpuidEntry
-from hv.vm import MemoryBacking, Vm, VmConfig
+from hv.binding import structconv
+from hv.binding.fds import KvmFd
+from hv.kvm.capabilities import PlatformCapabilities
+from hv.kvm.state import CpuidEntry
+from hv.kvm.vm import MemoryBacking, Vm, VmConfig
 
 if TYPE_CHECKING:
-    from hv.vcpu import Vcpu
+    from hv.kvm.vcpu import Vcpu
 
 
 class Kvm:
@@ -37,8 +37,8 @@ class Kvm:
         Some hosts report more than KVM_GET_SUPPORTED_CPUID lists (nested PVM reports the host's
         own features), so a guest's saved CPUID is compared with this, measured the same way, on a
         throwaway VM (never the one a restore is about to fill)."""
-        from hv.cpuid import vcpu_cpuid
-        from hv.vm import VmConfig
+        from hv.kvm.cpuid import vcpu_cpuid
+        from hv.kvm.vm import VmConfig
 
         with self.create_vm(VmConfig(mem_size=1 << 20, irqchip=True, pit=False)) as vm:
             vcpu = vm.create_vcpu(0)
