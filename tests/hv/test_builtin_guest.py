@@ -36,6 +36,16 @@ def running(kvm: Kvm) -> Iterator[tuple[Machine, bg.GuestConsole]]:
         machine.vm.close()
 
 
+def test_a_missing_image_is_an_error_naming_the_build_command(monkeypatch, tmp_path) -> None:
+    # hv never builds the guest at run time: the image comes from `make install` / `make test`
+    assert bg.guest_image().is_file()
+    monkeypatch.setattr(bg, "GUEST_DIR", tmp_path)
+    with pytest.raises(bg.GuestImageMissingError) as missing:
+        bg.guest_image()
+    assert missing.value.path == tmp_path / "build" / bg.IMAGE_NAME
+    assert " ".join(bg.BUILD_COMMAND) in str(missing.value)
+
+
 def _ram(machine: Machine) -> np.ndarray:
     (region,) = machine.vm.memory.regions
     return region.pages_array().copy()
