@@ -19,7 +19,8 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from hv.binding.ffi import lib
@@ -397,3 +398,16 @@ class Machine:
             with self._cond:
                 slot.parked = False
                 self._cond.notify_all()
+
+
+@contextmanager
+def discard_on_error(machine: Machine) -> Iterator[Machine]:
+    """Stop and close `machine` if the block raises, then re-raise: the one teardown of a machine
+    that failed while being built (or filled by a restore). `stop()` comes first because a
+    half-built machine may already have device workers (virtio) running on its memory."""
+    try:
+        yield machine
+    except BaseException:
+        machine.stop()
+        machine.vm.close()
+        raise
