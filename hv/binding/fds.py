@@ -108,9 +108,6 @@ class KvmFd(_Fd):
     def get_msr_index_list(self, max_entries: int = 1024) -> list[int]:
         return self._msr_list("KVM_GET_MSR_INDEX_LIST", max_entries)
 
-    def get_msr_feature_index_list(self, max_entries: int = 1024) -> list[int]:
-        return self._msr_list("KVM_GET_MSR_FEATURE_INDEX_LIST", max_entries)
-
     def _msr_list(self, name: str, max_entries: int) -> list[int]:
         msr_list = new_flexible("struct kvm_msr_list *", "indices", max_entries)
         msr_list.nmsrs = max_entries
@@ -236,10 +233,6 @@ class VcpuFd(_Fd):
             raise KvmIoctlError("mmap(kvm_run)", ffi.errno, self.kind)
         self._run = ffi.cast("struct kvm_run *", ptr)
         self._run_size = mmap_size
-        return self._run
-
-    @property
-    def run_area(self) -> CData:
         return self._run
 
     def close(self) -> None:

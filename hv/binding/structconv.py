@@ -24,8 +24,6 @@ from hv.binding.ffi import ffi
 
 T = TypeVar("T")
 
-_SKIP = object()
-
 
 class StructShapeError(ValueError):
     """A state value does not fit the C field it maps to (wrong length or element count)."""

@@ -281,10 +281,6 @@ class GuestMemory:
     def read(self, address: int, length: int) -> bytes:
         return bytes(self.view(address, length))
 
-    def read_into(self, address: int, out: bytearray | memoryview) -> None:
-        n = len(out)
-        out[:] = self.view(address, n)
-
     def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         region, offset = self.find(address, len(data))
         region.view[offset : offset + len(data)] = data
@@ -317,12 +313,6 @@ class GuestMemory:
 
     def read_u64(self, address: int) -> int:
         return int.from_bytes(self.view(address, 8), "little")
-
-    def write_u32(self, address: int, value: int) -> None:
-        self.write(address, value.to_bytes(4, "little"))
-
-    def write_u64(self, address: int, value: int) -> None:
-        self.write(address, value.to_bytes(8, "little"))
 
     def host_address(self, address: int) -> int:
         region, offset = self.find(address)

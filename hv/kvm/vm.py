@@ -6,7 +6,6 @@ import mmap
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from hv.binding import structconv
 from hv.binding.fds import VmFd
@@ -23,10 +22,7 @@ from hv.kvm.state import (
     PitState,
     VmState,
 )
-from hv.kvm.vcpu import Vcpu
-
-if TYPE_CHECKING:
-    from hv.kvm.kvm import Kvm
+from hv.kvm.vcpu import SaveableMsrs, Vcpu
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -82,11 +78,12 @@ class IoEventFdRegistration:
 class Vm:
     """A VM built from a `VmConfig`: memory laid out, irqchip and PIT created, vCPUs on demand."""
 
-    def __init__(self, kvm: Kvm, fd: VmFd, config: VmConfig) -> None:
-        self.kvm = kvm
+    def __init__(self, fd: VmFd, config: VmConfig, capabilities: PlatformCapabilities,
+                 saveable_msrs: SaveableMsrs) -> None:
         self.fd = fd
         self.config = config
-        self.capabilities = kvm.capabilities
+        self.capabilities = capabilities
+        self.saveable_msrs = saveable_msrs  # shared by every VM of one Kvm
         self.memory = GuestMemory()
         self.vcpus: dict[int, Vcpu] = {}
         self._slots_lock = threading.Lock()
@@ -127,9 +124,6 @@ class Vm:
     @property
     def xsave_size(self) -> int:
         return self.capabilities.xsave_size
-
-    def saveable_msrs(self, vcpu: Vcpu) -> tuple[int, ...]:
-        return self.kvm.saveable_msrs(vcpu)
 
     # --- memory slots -------------------------------------------------------------------------
 

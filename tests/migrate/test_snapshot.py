@@ -64,14 +64,14 @@ def _ram(machine: Machine) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("mappable", [False, True], ids=["compressed", "mappable"])
-def test_snapshot_mid_run_continues_in_a_new_process(running, tmp_path, mappable: bool) -> None:
+def test_snapshot_mid_run_continues_in_a_new_process(kvm: Kvm, running, tmp_path, mappable: bool) -> None:
     machine, console = running
     path = tmp_path / "guest.snap"
     info = snapshot(machine, path, mappable=mappable)
     assert machine.state is RunState.RUNNING  # paused for the copy only
     assert info.kind == ("mappable" if mappable else "full") and info.pause_seconds < 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
-    saved_passes = bg.read_status(restore(path, machine.vm.kvm).vm.memory).passes  # also in-process
+    saved_passes = bg.read_status(restore(path, kvm).vm.memory).passes  # also in-process
 
     api = tmp_path / "restored.sock"
     proc = subprocess.Popen([sys.executable, "-m", "migrate.cli", "restore", str(path), "--api", str(api),
