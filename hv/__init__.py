@@ -1,8 +1,10 @@
 """hv: a KVM hypervisor layer for Python.
 
-Layers, lowest first: `hv.binding.build` (cffi, from <linux/kvm.h>) -> `hv.binding.fds` (one method per ioctl)
--> `hv.kvm.vm` / `hv.kvm.vcpu` / `hv.kvm.memory` (the x86 platform) -> `hv.vmm.machine` (vCPU threads, lifecycle)
--> `hv.vmm.builder` (a bootable machine from a kernel image). hv knows nothing of snapshots or migration.
+Layers, lowest first (hv/DESIGN.md has the map of which module owns what): `hv.binding` (cffi
+from <linux/kvm.h>, one method per ioctl) -> `hv.kvm` (`Kvm`, `Vm`, `Vcpu`, guest memory: KVM
+with its x86 set-up) -> `hv.platform` (firmware tables, allocation) -> `hv.boot` (kernel loaders)
+-> `hv.devices` -> `hv.guests` (the built-in guest's host side) -> `hv.vmm` (`Machine`, the
+builder, the control socket, `hv run`). hv knows nothing of snapshots or migration.
 """
 
 from hv.errors import HvError
