@@ -3,4 +3,4 @@
 from setuptools import setup
 
 # The migration data path (migrate/datapath) is a second cffi module, linked with libzstd.
-setup(cffi_modules=["hv/_kvm_build.py:ffibuilder", "migrate/datapath/_build.py:ffibuilder"])
+setup(cffi_modules=["hv/binding/build.py:ffibuilder", "migrate/datapath/_build.py:ffibuilder"])

@@ -33,10 +33,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from formats import FormatError
-from hv.cli import LineConsole, dispatch, parse_size, run_machine
-from hv.control import ControlError, call
+from hv.vmm.cli import LineConsole, dispatch, parse_size, run_machine
+from hv.vmm.control import ControlError, call
 from hv.errors import HvError
-from hv.hypervisor import Kvm
+from hv.kvm.kvm import Kvm
 from migrate.errors import MigrateError
 
 status = Console(stderr=True, highlight=False)
@@ -72,7 +72,7 @@ def _print_json(obj: Any) -> None:
 
 def _guest_console() -> tuple[LineConsole, threading.Event]:
     """The guest's console on stdout; the built-in guest's end lines end the run."""
-    from hv import builtin_guest
+    from hv.guests import builtin as builtin_guest
 
     done = threading.Event()
 
@@ -257,9 +257,9 @@ def _free_port() -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Boot the built-in guest here, migrate it live to a `migrate recv` in a second process on
     loopback, and show that it kept going there."""
-    from hv import builtin_guest
-    from hv.builder import builtin_machine
-    from hv.vm import VmConfig
+    from hv.guests import builtin as builtin_guest
+    from hv.vmm.builder import builtin_machine
+    from hv.kvm.vm import VmConfig
     from migrate.options import MigrationOptions
     from migrate.source import send
     from migrate.stats import MigrationOutcome

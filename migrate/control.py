@@ -10,7 +10,7 @@ import dataclasses
 import threading
 from typing import Any
 
-from hv.control import ControlContext, ControlError, ControlServer, Progress
+from hv.vmm.control import ControlContext, ControlError, ControlServer, Progress
 
 
 def _snapshot(ctx: ControlContext, args: dict[str, Any], progress: Progress) -> dict[str, Any]:

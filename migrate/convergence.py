@@ -25,7 +25,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-from hv.dirty import PAGE_SIZE
+from hv.kvm.dirty import PAGE_SIZE
 from migrate.options import MigrationOptions
 from migrate.stats import MigrationStats
 

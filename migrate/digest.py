@@ -17,8 +17,8 @@ import numpy as np
 
 from formats import (DIGEST_BLOCK, EndRecord, KnownZero, ZeroRanges, block_count,
                      combine_block_hashes, memory_digest, verify_digest, zero_block_hashes)
-from hv.dirty import PAGE_SIZE, DirtyBitmap
-from hv.memory import GuestMemory, MemoryRegion
+from hv.kvm.dirty import PAGE_SIZE, DirtyBitmap
+from hv.kvm.memory import GuestMemory, MemoryRegion
 from migrate.datapath import block_hashes
 from migrate.pages import Touched
 

@@ -16,8 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from formats import PageRun, PageSection, ZeroRanges
-from hv.dirty import PAGE_SIZE, DirtyBitmap
-from hv.memory import GuestMemory, MemoryRegion
+from hv.kvm.dirty import PAGE_SIZE, DirtyBitmap
+from hv.kvm.memory import GuestMemory, MemoryRegion
 from migrate.datapath import PageEncoderC
 
 CHUNK_BYTES = 4 << 20  # one PAGES section's worth of raw memory

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from formats import (ConfigRecord, DeviceEntry, DeviceLayout, DeviceRecord, EndRecord, Header,
                      LayoutRecord, PagesRecord, Record, SectionKind, StreamWriter, VcpuRecord,
                      VmStateRecord)
-from hv import state as hv_state
+from hv.kvm import state as hv_state
 from migrate.errors import MissingSections
 from migrate.pages import MemorySink
 from migrate.state import MachineConfig, MachineState

@@ -32,12 +32,12 @@ from typing import Any
 
 import formats
 from formats import ConfigRecord, StreamReader, StreamWriter
-from hv.builder import blank_machine
-from hv.control import Progress
-from hv.hypervisor import Kvm
-from hv.machine import Machine, RunState
-from hv.memory import GuestMemory, MemoryRegion, RamBacking
-from hv.vm import VmConfig
+from hv.vmm.builder import blank_machine
+from hv.vmm.control import Progress
+from hv.kvm.kvm import Kvm
+from hv.vmm.machine import Machine, RunState
+from hv.kvm.memory import GuestMemory, MemoryRegion, RamBacking
+from hv.kvm.vm import VmConfig
 from migrate import digest, pages
 from migrate.errors import IncompatibleError, MissingSections, SnapshotError
 from migrate.records import EXPECT, Collected, state_sections

@@ -22,10 +22,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from formats import FORMAT_MAJOR, FORMAT_MINOR, StreamWriter
-from hv.control import Progress
-from hv.dirty import PAGE_SIZE, DirtyBitmap
-from hv.machine import Machine, RunState
-from hv.memory import MemoryRegion
+from hv.vmm.control import Progress
+from hv.kvm.dirty import PAGE_SIZE, DirtyBitmap
+from hv.vmm.machine import Machine, RunState
+from hv.kvm.memory import MemoryRegion
 from migrate import digest, pages
 from migrate.convergence import Action, RoundFigures, decide
 from migrate.errors import Cancelled, MigrationFailed, NotConverging, TransportError, error_code

@@ -1,7 +1,7 @@
 """A machine's whole state as plain data, and the one schema registry every stream uses.
 
 `capture` reads a paused machine (vCPUs, in-kernel irqchip/PIT/clock, devices); `apply` writes
-such a state into a machine built by `hv.builder.blank_machine` from the same `MachineConfig`.
+such a state into a machine built by `hv.vmm.builder.blank_machine` from the same `MachineConfig`.
 Memory is not in here: it moves as page sections (`migrate.pages`). Snapshot files and the live
 migration wire both carry exactly these objects, so there is one capture path and one restore path.
 """
@@ -18,8 +18,6 @@ import xxhash
 
 import formats
 from formats import DeviceEntry, DeviceLayout, IoRange, MemoryLayout, SchemaRegistry
-from hv import state as hv_state
-from hv.builder import VirtioConfig, standard_layout
 from hv.devices.debug_exit import DebugExit, DebugExitState
 from hv.devices.i8042 import I8042, I8042State
 from hv.devices.serial import Serial16550, SerialState
@@ -28,8 +26,10 @@ from hv.devices.virtio.console import ConsoleState, VirtioConsole, VirtioConsole
 from hv.devices.virtio.mmio import VirtioMmioState
 from hv.devices.virtio.queue import QueueState
 from hv.devices.virtio.rng import RngState, VirtioRng, VirtioRngState
-from hv.machine import DevicePlacement, Machine, RunState
-from hv.vm import VmConfig
+from hv.kvm import state as hv_state
+from hv.kvm.vm import VmConfig
+from hv.vmm.builder import VirtioConfig, standard_layout
+from hv.vmm.machine import DevicePlacement, Machine, RunState
 from migrate.errors import IncompatibleError, StateError
 
 PRODUCER = "kvmigrate 0.1"

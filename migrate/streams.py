@@ -15,7 +15,7 @@ import threading
 
 import formats
 from formats import StreamReader, StreamWriter
-from hv.machine import Machine
+from hv.vmm.machine import Machine
 from migrate.errors import TransportError
 from migrate.pages import MemorySink
 from migrate.protocol import Channel, Pages

@@ -26,12 +26,12 @@ from typing import Any
 
 import formats
 from formats import StreamReader
-from hv.builder import blank_machine
-from hv.control import Progress
-from hv.dirty import DirtyBitmap
-from hv.hypervisor import Kvm
-from hv.machine import Machine
-from hv.memory import RamBacking
+from hv.vmm.builder import blank_machine
+from hv.vmm.control import Progress
+from hv.kvm.dirty import DirtyBitmap
+from hv.kvm.kvm import Kvm
+from hv.vmm.machine import Machine
+from hv.kvm.memory import RamBacking
 from migrate import digest, pages
 from migrate.errors import IncompatibleError, MigrationFailed, TransportError, error_code
 from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete, Error, Hello, Outcome,

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,14 @@ sys.path.insert(0, str(Path(__file__).parent / "hv"))
 
 from hostfeatures import host_feature_missing  # noqa: E402
 
-from hv.hypervisor import Kvm  # noqa: E402
+from hv.guests import builtin as builtin_guest  # noqa: E402
+from hv.kvm.kvm import Kvm  # noqa: E402
+
+
+def pytest_sessionstart(session):
+    # The built-in guest's image is built at install and test time, never by hv at run time; a
+    # direct `pytest` after editing tools/guests gets a fresh one (make decides whether it is stale).
+    subprocess.run(builtin_guest.BUILD_COMMAND, check=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,5 @@
-"""Imports point one way: formats imports neither hv nor migrate; hv does not import migrate."""
+"""Imports point one way: between the packages (formats imports neither hv nor migrate; hv does not
+import migrate), between hv's layers (`HV_LAYERS`, lowest first), and with no circle in hv."""
 
 from __future__ import annotations
 
@@ -10,16 +11,51 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = {"formats": {"hv", "migrate"}, "hv": {"migrate", "formats"}}
 
+# hv's layers, lowest first; a module may import its own layer and the ones below it. `errors` is
+# the shared root, `persist` (the protocols every stateful object implements) stands on it; the `hv` package itself (its __init__) re-exports from above, so it is the top.
+HV_LAYERS = ("errors", "persist", "binding", "kvm", "platform", "boot", "devices", "guests", "vmm", "__init__")
 
-def _imported_packages(path: Path) -> set[str]:
+
+def _imports(path: Path) -> list[tuple[str, int, bool]]:
+    """(imported module, line, runtime) for every absolute import in `path`; `runtime` is False
+    for imports under `if TYPE_CHECKING:`, which annotations need but executing the module does
+    not. `from pkg import name` counts as importing `pkg.name` when that is a module."""
     tree = ast.parse(path.read_text(), str(path))
-    names = set()
+    type_only = {id(n) for node in ast.walk(tree)
+                 if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+                 for n in ast.walk(node)}
+    found = []
     for node in ast.walk(tree):
+        runtime = id(node) not in type_only
         if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
+            found += [(alias.name, node.lineno, runtime) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.append((sub if _module_path(sub) else node.module, node.lineno, runtime))
+    return found
+
+
+def _module_path(module: str) -> Path | None:
+    base = ROOT.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _layer(module: str) -> int:
+    """hv.kvm.vm -> the index of "kvm"; hv -> the package's own (top) layer."""
+    parts = module.split(".")
+    return HV_LAYERS.index(parts[1] if len(parts) > 1 else "__init__")
+
+
+HV_FILES = sorted((ROOT / "hv").rglob("*.py"))
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -27,19 +63,60 @@ def test_package_imports_point_one_way(package: str) -> None:
     files = sorted((ROOT / package).rglob("*.py"))
     assert files
     for path in files:
-        bad = _imported_packages(path) & FORBIDDEN[package]
+        bad = {m.split(".")[0] for m, _, _ in _imports(path)} & FORBIDDEN[package]
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
-def test_kvm_backend_satisfies_the_platform_neutral_api() -> None:
-    from hv.api import GuestMemoryApi, Hypervisor, VirtualCpu, VirtualMachine
-    from hv.hypervisor import Kvm
-    from hv.memory import GuestMemory
-    from hv.vcpu import Vcpu
-    from hv.vm import Vm
+def test_every_hv_module_is_in_a_declared_layer() -> None:
+    unplaced = [str(p.relative_to(ROOT)) for p in HV_FILES
+                if (p.relative_to(ROOT / "hv").parts[0].removesuffix(".py")) not in HV_LAYERS]
+    assert not unplaced, f"modules outside HV_LAYERS: {unplaced}"
 
-    for impl, proto in ((Kvm, Hypervisor), (Vm, VirtualMachine), (Vcpu, VirtualCpu),
-                        (GuestMemory, GuestMemoryApi)):
-        missing = [m for m in dir(proto) if not m.startswith("_") and not hasattr(impl, m)
-                   and m not in getattr(proto, "__annotations__", {})]
-        assert not missing, f"{impl.__name__} lacks {missing}"
+
+@pytest.mark.parametrize("path", HV_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_hv_imports_point_down_the_layers(path: Path) -> None:
+    here = _module_name(path)
+    upward = [f"line {line}: {module} ({HV_LAYERS[_layer(module)]} is above {HV_LAYERS[_layer(here)]})"
+              for module, line, _ in _imports(path)
+              if module.split(".")[0] == "hv" and _layer(module) > _layer(here)]
+    assert not upward, f"{path.relative_to(ROOT)} imports upward: {upward}"
+
+
+def _runtime_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in HV_FILES:
+        deps = graph.setdefault(_module_name(path), set())
+        for module, _, runtime in _imports(path):
+            if runtime and module.split(".")[0] == "hv" and _module_path(module):
+                deps.add(module)
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    done: set[str] = set()
+
+    def visit(node: str, trail: list[str]) -> list[str] | None:
+        if node in trail:
+            return trail[trail.index(node):] + [node]
+        if node in done:
+            return None
+        for dep in sorted(graph.get(node, ())):
+            if cycle := visit(dep, [*trail, node]):
+                return cycle
+        done.add(node)
+        return None
+
+    return next((c for node in sorted(graph) if (c := visit(node, []))), None)
+
+
+def test_hv_has_no_import_cycle() -> None:
+    # the package's __init__ re-exports, so every submodule "imports" it implicitly: leave it out
+    graph = {m: deps - {"hv"} for m, deps in _runtime_graph().items() if m != "hv"}
+    assert len(graph) > 30  # the walk saw the package
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set()}) is None

@@ -27,7 +27,7 @@ import zstandard
 from hv.boot import elf
 from hv.boot.x86 import EntryState, e820_map, long_mode_entry, protected_mode_entry
 from hv.errors import BootError, GuestAddressError
-from hv.memory import GuestMemory
+from hv.kvm.memory import GuestMemory
 
 # --- bzImage setup header (Documentation/arch/x86/boot.rst), at 0x1f1 ---------------------------
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from hv.boot import elf
 from hv.boot.x86 import FLAT_GDT_ADDRESS, EntryState, e820_map, protected_mode_entry
 from hv.errors import BootError, GuestAddressError
-from hv.memory import GuestMemory
+from hv.kvm.memory import GuestMemory
 
 HEADER_MAGIC = 0x1BADB002
 BOOTLOADER_MAGIC = 0x2BADB002

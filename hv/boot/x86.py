@@ -5,8 +5,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, replace
 
-from hv.memory import GuestMemory
-from hv.state import DescriptorTable, Regs, Segment, Sregs
+from hv.kvm.memory import GuestMemory
+from hv.kvm.state import DescriptorTable, Regs, Segment, Sregs
 
 FLAT_GDT_ADDRESS = 0x500
 CODE32_SELECTOR = 0x10

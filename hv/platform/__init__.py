@@ -1,1 +1,1 @@
-"""The x86 platform: address-space and IRQ allocation, host CPU facts."""
+"""The x86 platform's firmware side: ACPI and MP tables, address-space and IRQ allocation."""

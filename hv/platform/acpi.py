@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hv.errors import HvError
-from hv.memory import GuestMemory
+from hv.kvm.memory import GuestMemory
 
 OEM_ID = b"KVMIG "  # 6 bytes
 OEM_TABLE_PREFIX = b"KVMIG"  # + 3 characters of the table's signature = 8 bytes
@@ -198,7 +198,7 @@ def ioapic_id(vcpus: int) -> int:
 
 def madt(vcpus: int, overrides: Sequence[InterruptOverride] = ()) -> bytes:
     """One enabled Local APIC entry per vCPU (APIC id = vCPU id = ACPI processor UID, as
-    hv.cpuid reports it), x2APIC entries past id 254, the IOAPIC with GSI base 0, `overrides`, and
+    hv.kvm.cpuid reports it), x2APIC entries past id 254, the IOAPIC with GSI base 0, `overrides`, and
     LINT1 of every processor as NMI (as a PC wires it)."""
     if vcpus < 1:
         raise FirmwareTableError("MADT", f"{vcpus} vCPUs")

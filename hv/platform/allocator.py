@@ -96,10 +96,6 @@ class IrqAllocator:
                 return self.reserve(irq, owner)
         raise AllocationError("IRQ", f"a line for {owner}", f"{self.first}-{self.last} all taken")
 
-    @property
-    def owners(self) -> dict[int, str]:
-        return dict(self._owners)
-
 
 # x86 layout the allocator serves: MMIO for devices inside the 32-bit hole, below the IOAPIC.
 DEVICE_MMIO_START = 0xD000_0000

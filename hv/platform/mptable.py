@@ -20,7 +20,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from hv.memory import GuestMemory
+from hv.kvm.memory import GuestMemory
 from hv.platform.acpi import (
     IOAPIC_ADDRESS,
     IOAPIC_PINS,

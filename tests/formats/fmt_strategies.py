@@ -10,7 +10,7 @@ import typing
 import numpy as np
 from hypothesis import strategies as st
 
-import hv.state as hv_state
+import hv.kvm.state as hv_state
 from formats import (
     DeviceEntry,
     DeviceLayout,
@@ -31,7 +31,7 @@ STATE_TYPES = [obj for obj in vars(hv_state).values()
 
 def strategy_for(tp: typing.Any) -> st.SearchStrategy:
     """A strategy for any annotation the schema supports, derived the way the codec derives
-    its encoder (so every hv.state type gets one without hand-written strategies)."""
+    its encoder (so every hv.kvm.state type gets one without hand-written strategies)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is int:
         return U64

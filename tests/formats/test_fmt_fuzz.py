@@ -7,7 +7,7 @@ from fmt_strategies import LAYOUT, build_stream, make_registry
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import hv.state as S
+import hv.kvm.state as S
 from formats import FormatError, StreamLimits, StreamReader
 from formats.pages import PageLimits
 from formats.stream import HEADER

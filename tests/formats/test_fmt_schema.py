@@ -1,4 +1,4 @@
-"""The annotation-driven msgpack codec, against the real hv.state dataclasses and edge types."""
+"""The annotation-driven msgpack codec, against the real hv.kvm.state dataclasses and edge types."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fmt_strategies import STATE_TYPES, make_registry, strategy_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import hv.state as S
+import hv.kvm.state as S
 from formats import (
     FormatError,
     MsgpackLimits,

@@ -17,7 +17,7 @@ from fmt_strategies import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import hv.state as S
+import hv.kvm.state as S
 from formats import (
     FORMAT_MAJOR,
     FORMAT_MINOR,

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from hv.hypervisor import Kvm
-from hv.vm import Vm, VmConfig
+from hv.kvm.kvm import Kvm
+from hv.kvm.vm import Vm, VmConfig
 
 MiB = 1 << 20
 

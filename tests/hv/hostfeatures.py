@@ -7,7 +7,7 @@ say so, naming the feature, rather than read like a bug."""
 from __future__ import annotations
 
 from hv.errors import GuestFatalExit, KvmUnavailableError, MissingCapabilityError
-from hv.exits import InternalError
+from hv.kvm.exits import InternalError
 
 
 def host_feature_missing(error: BaseException) -> str | None:

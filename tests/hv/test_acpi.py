@@ -14,11 +14,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hv.boot.x86 import E820_RESERVED, e820_map
-from hv.builder import VirtioConfig, blank_machine, virtio_layout, write_firmware_tables
-from hv.hypervisor import Kvm
-from hv.memory import GuestMemory, MemoryRegion
+from hv.kvm.kvm import Kvm
+from hv.kvm.memory import GuestMemory, MemoryRegion
+from hv.kvm.vm import VmConfig
 from hv.platform import acpi, mptable
-from hv.vm import VmConfig
+from hv.vmm.builder import VirtioConfig, blank_machine, virtio_layout, write_firmware_tables
 
 MiB = 1 << 20
 VIRTIO = [acpi.MmioDevice(0xD000_0000 + 0x1000 * i, 0x1000, gsi) for i, gsi in enumerate((5, 6, 7, 16))]

@@ -9,7 +9,7 @@ from tinyguest import LOAD_ADDRESS, OUT_LOOP, multiboot_elf
 
 from hv.boot import elf, multiboot
 from hv.errors import BootError
-from hv.memory import GuestMemory, MemoryRegion
+from hv.kvm.memory import GuestMemory, MemoryRegion
 
 MiB = 1 << 20
 

@@ -11,12 +11,12 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from hv import builtin_guest as bg
-from hv.builder import builtin_machine, multiboot_machine
 from hv.errors import ConfigError
-from hv.hypervisor import Kvm
-from hv.machine import Machine, RunState
-from hv.vm import VmConfig
+from hv.guests import builtin as bg
+from hv.kvm.kvm import Kvm
+from hv.kvm.vm import VmConfig
+from hv.vmm.builder import builtin_machine, multiboot_machine
+from hv.vmm.machine import Machine, RunState
 
 MiB = 1 << 20
 CONFIG = VmConfig(mem_size=64 * MiB)
@@ -34,6 +34,16 @@ def running(kvm: Kvm) -> Iterator[tuple[Machine, bg.GuestConsole]]:
     finally:
         machine.stop()
         machine.vm.close()
+
+
+def test_a_missing_image_is_an_error_naming_the_build_command(monkeypatch, tmp_path) -> None:
+    # hv never builds the guest at run time: the image comes from `make install` / `make test`
+    assert bg.guest_image().is_file()
+    monkeypatch.setattr(bg, "GUEST_DIR", tmp_path)
+    with pytest.raises(bg.GuestImageMissingError) as missing:
+        bg.guest_image()
+    assert missing.value.path == tmp_path / "build" / bg.IMAGE_NAME
+    assert " ".join(bg.BUILD_COMMAND) in str(missing.value)
 
 
 def _ram(machine: Machine) -> np.ndarray:

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from hv import builtin_guest as bg
-from hv.builder import builtin_machine
-from hv.control import ControlContext, ControlError, ControlServer, call
-from hv.hypervisor import Kvm
-from hv.vm import VmConfig
+from hv.guests import builtin as bg
+from hv.kvm.kvm import Kvm
+from hv.kvm.vm import VmConfig
+from hv.vmm.builder import builtin_machine
+from hv.vmm.control import ControlContext, ControlError, ControlServer, call
 
 MiB = 1 << 20
 
@@ -55,7 +55,7 @@ def test_pause_resume_status_and_errors_over_the_socket(kvm: Kvm, tmp_path) -> N
 
 def test_hv_run_serves_the_socket_and_stops_on_request(tmp_path) -> None:
     sock = tmp_path / "vm.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "hv.cli", "run", "--mem", "64M", "--ws", "8",
+    proc = subprocess.Popen([sys.executable, "-m", "hv.vmm.cli", "run", "--mem", "64M", "--ws", "8",
                              "--rate", "50", "--api", str(sock)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

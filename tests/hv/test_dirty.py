@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tinyguest import Recorder, multiboot_elf, store_then_report, wait_for
 
-from hv.dirty import DirtyBitmap, words_for
-from hv.hypervisor import Kvm
-from hv.vm import VmConfig
+from hv.kvm.dirty import DirtyBitmap, words_for
+from hv.kvm.kvm import Kvm
+from hv.kvm.vm import VmConfig
 
 MiB = 1 << 20
 
@@ -78,7 +78,7 @@ def test_merge_and_range_errors() -> None:
 
 
 def test_kvm_dirty_log_reports_exactly_the_guest_writes(kvm: Kvm, write_image) -> None:
-    from hv.builder import multiboot_machine
+    from hv.vmm.builder import multiboot_machine
 
     targets = [0x0020_0000, 0x0020_0FFC, 0x0030_5000, 0x01FF_F000]  # pages 512 (twice), 773, 8191
     machine = multiboot_machine(kvm, write_image(multiboot_elf(store_then_report(targets))), "",

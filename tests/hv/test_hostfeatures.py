@@ -5,7 +5,7 @@ from __future__ import annotations
 from hostfeatures import host_feature_missing
 
 from hv.errors import GuestFatalExit, KvmUnavailableError, MissingCapabilityError, VcpuStateError
-from hv.exits import InternalError
+from hv.kvm.exits import InternalError
 
 
 def _cmpxchg16b_failure() -> InternalError:

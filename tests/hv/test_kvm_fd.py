@@ -6,11 +6,11 @@ import os
 
 import pytest
 
-from hv._ffi import ffi, lib
-from hv.caps import PlatformCapabilities
+from hv.binding.fds import KvmFd, VcpuFd, VmFd
+from hv.binding.ffi import ffi, lib
 from hv.errors import KvmIoctlError, KvmUnavailableError
-from hv.hypervisor import Kvm
-from hv.kvm import KvmFd, VcpuFd, VmFd
+from hv.kvm.capabilities import PlatformCapabilities
+from hv.kvm.kvm import Kvm
 
 
 def test_api_version_and_capabilities(kvm: Kvm) -> None:

@@ -20,14 +20,14 @@ import pytest
 from tinyguest import PVH_PRINT_CMDLINE, Recorder, pvh_elf64, wait_for
 
 from hv.boot import linux
-from hv.builder import VirtioConfig, linux_machine
 from hv.errors import BootError, GuestFatalExit
-from hv.exits import InternalError
-from hv.hypervisor import Kvm
-from hv.machine import RunState
-from hv.memory import GuestMemory, MemoryRegion
+from hv.kvm.exits import InternalError
+from hv.kvm.kvm import Kvm
+from hv.kvm.memory import GuestMemory, MemoryRegion
+from hv.kvm.vm import VmConfig
 from hv.platform import acpi
-from hv.vm import VmConfig
+from hv.vmm.builder import VirtioConfig, linux_machine
+from hv.vmm.machine import RunState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from linux import initramfs  # noqa: E402
@@ -188,7 +188,7 @@ def cli_boot(initrd: Path, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("cli-boot")
     with open(out_dir / "stdout", "w+") as stdout, open(out_dir / "stderr", "w+") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hv.cli", "run", "--kernel", str(debian_kernel()), "--initrd", str(initrd),
+            [sys.executable, "-m", "hv.vmm.cli", "run", "--kernel", str(debian_kernel()), "--initrd", str(initrd),
              "--mem", "512M", "--cpus", "2", "--cmdline", CMDLINE, "--timeout", str(BOOT_TIMEOUT)],
             stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, text=True)
         try:

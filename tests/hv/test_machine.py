@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 from tinyguest import OUT_LOOP, Recorder, multiboot_elf, wait_for
 
-from hv.builder import multiboot_machine
-from hv.errors import DeviceFault, GuestFatalExit, LifecycleError
-from hv.exits import InternalError, Shutdown
-from hv.hypervisor import Kvm
-from hv.machine import Machine, RunState
-from hv.vm import VmConfig
+from hv.errors import BootError, DeviceFault, GuestFatalExit, LifecycleError
+from hv.kvm.exits import InternalError, Shutdown
+from hv.kvm.kvm import Kvm
+from hv.kvm.vm import VmConfig
+from hv.vmm.builder import VirtioConfig, multiboot_machine
+from hv.vmm.machine import Machine, RunState
 
 MiB = 1 << 20
 
@@ -228,3 +229,13 @@ def test_bind_pins_the_vcpu_thread(kvm: Kvm, write_image) -> None:
     finally:
         machine.stop()
         machine.vm.close()
+
+
+def test_a_machine_that_fails_while_built_leaves_nothing_open(kvm: Kvm, write_image) -> None:
+    # The builders' one teardown (discard_on_error) stops the half-built machine, so its virtio
+    # device gives back its eventfds, then closes the VM with its vCPUs.
+    before = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(BootError):
+        multiboot_machine(kvm, write_image(b"\x7fELF, but no Multiboot header"), "",
+                          VmConfig(mem_size=16 * MiB), virtio=VirtioConfig(rng=True))
+    assert sorted(os.listdir("/proc/self/fd")) == before

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hv.errors import GuestAddressError, SlotError, SlotOverlapError
-from hv.hypervisor import Kvm
-from hv.vm import MMIO_HOLE_END, MMIO_HOLE_START, Vm, VmConfig
+from hv.kvm.kvm import Kvm
+from hv.kvm.vm import MMIO_HOLE_END, MMIO_HOLE_START, Vm, VmConfig
 
 MiB = 1 << 20
 
@@ -81,7 +81,7 @@ def test_vmm_writes_are_marked_dirty(vm: Vm) -> None:
 def test_readonly_slot_turns_guest_writes_into_mmio_exits(kvm: Kvm, write_image) -> None:
     from tinyguest import Recorder, multiboot_elf, store_then_report, wait_for
 
-    from hv.builder import multiboot_machine
+    from hv.vmm.builder import multiboot_machine
 
     rom_base = 0x0800_0000  # above the 32 MiB of RAM
     image = write_image(multiboot_elf(store_then_report([rom_base + 0x10])))

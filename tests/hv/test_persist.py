@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from hv.builder import VirtioConfig, blank_machine
+from hv.vmm.builder import VirtioConfig, blank_machine
 from hv.devices.debug_exit import DebugExit, DebugExitState
 from hv.devices.i8042 import I8042
 from hv.devices.serial import RX_BUFFER, Serial16550, SerialState
 from hv.devices.virtio.console import MAX_PENDING_INPUT, ConsoleState
 from hv.devices.virtio.queue import QueueState
 from hv.errors import ConfigError, StateRestoreError
-from hv.hypervisor import Kvm
-from hv.machine import Machine
+from hv.kvm.kvm import Kvm
+from hv.vmm.machine import Machine
 from hv.persist import Lifecycle
-from hv.vm import VmConfig
+from hv.kvm.vm import VmConfig
 
 MiB = 1 << 20
 DEVICE_IDS = ("serial0", "i8042", "debug-exit", "virtio-blk0", "virtio-console0", "virtio-rng0")
@@ -214,8 +214,8 @@ def test_a_device_is_found_by_id_as_the_model_asked_for(machines) -> None:
 
 def test_the_vcpu_the_vm_and_every_device_persist_through_one_protocol() -> None:
     from hv.devices.virtio import VirtioBlk, VirtioConsole, VirtioRng
-    from hv.vcpu import Vcpu
-    from hv.vm import Vm
+    from hv.kvm.vcpu import Vcpu
+    from hv.kvm.vm import Vm
 
     models = (Serial16550, I8042, DebugExit, VirtioBlk, VirtioConsole, VirtioRng)
     for cls in (Vcpu, Vm, *models):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from hv import builtin_guest as bg
-from hv.builder import builtin_machine
 from hv.devices.serial import (
     IIR_NO_INTERRUPT,
     IIR_RDA,
@@ -14,8 +12,10 @@ from hv.devices.serial import (
     RX_BUFFER,
     Serial16550,
 )
-from hv.hypervisor import Kvm
-from hv.vm import VmConfig
+from hv.guests import builtin as bg
+from hv.kvm.kvm import Kvm
+from hv.kvm.vm import VmConfig
+from hv.vmm.builder import builtin_machine
 
 MiB = 1 << 20
 
@@ -99,7 +99,7 @@ def test_a_real_guest_takes_com1_interrupts_in_its_ring0_handler(kvm: Kvm) -> No
 
 
 def test_hv_run_forwards_the_terminal_to_com1() -> None:
-    proc = subprocess.run([sys.executable, "-m", "hv.cli", "run", "--mem", "32M", "--ws", "4", "--rate", "20",
+    proc = subprocess.run([sys.executable, "-m", "hv.vmm.cli", "run", "--mem", "32M", "--ws", "4", "--rate", "20",
                            "--timeout", "3"], input="typed on stdin\n", capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "kvmig: uart-rx irqs=1 text=typed on stdin" in proc.stdout
@@ -107,7 +107,7 @@ def test_hv_run_forwards_the_terminal_to_com1() -> None:
 
 def test_hv_run_can_send_the_console_to_a_file(tmp_path) -> None:
     log = tmp_path / "console.log"
-    proc = subprocess.run([sys.executable, "-m", "hv.cli", "run", "--mem", "32M", "--ws", "4", "--passes", "3",
+    proc = subprocess.run([sys.executable, "-m", "hv.vmm.cli", "run", "--mem", "32M", "--ws", "4", "--passes", "3",
                            "--console", str(log)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "kvmig:" not in proc.stdout

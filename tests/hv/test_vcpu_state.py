@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hv import structconv
-from hv._ffi import ffi
-from hv.builder import create_vcpus
+from hv.binding import structconv
+from hv.binding.ffi import ffi
+from hv.vmm.builder import create_vcpus
 from hv.errors import StateRestoreError, VcpuIdError, VcpuStateError
-from hv.hypervisor import Kvm
-from hv.state import (
+from hv.kvm.kvm import Kvm
+from hv.kvm.state import (
     MSR_IA32_TSC,
     MSR_IA32_TSC_DEADLINE,
     DebugRegs,
@@ -29,8 +29,8 @@ from hv.state import (
     VmState,
     vcpu_state_differences,
 )
-from hv.vcpu import RESTORE_ORDER, SAVE_ORDER
-from hv.vm import Vm, VmConfig
+from hv.kvm.vcpu import RESTORE_ORDER, SAVE_ORDER
+from hv.kvm.vm import Vm, VmConfig
 
 MiB = 1 << 20
 

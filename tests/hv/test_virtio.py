@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tinyguest import multiboot_elf, store_then_report, wait_for
 
-from hv.builder import (
+from hv.vmm.builder import (
     VirtioConfig,
     add_virtio_devices,
     blank_machine,
@@ -45,12 +45,12 @@ from hv.devices.virtio.blk import (
     VIRTIO_BLK_S_UNSUPP,
 )
 from hv.devices.virtio.queue import ring_pending, ring_slot
-from hv.dirty import PAGE_SIZE
+from hv.kvm.dirty import PAGE_SIZE
 from hv.errors import StateRestoreError
-from hv.hypervisor import Kvm
-from hv.machine import Machine, RunState
-from hv.memory import GuestMemory, MemoryRegion
-from hv.vm import VmConfig
+from hv.kvm.kvm import Kvm
+from hv.vmm.machine import Machine, RunState
+from hv.kvm.memory import GuestMemory, MemoryRegion
+from hv.kvm.vm import VmConfig
 
 MiB = 1 << 20
 SLOT0 = 0xD000_0000

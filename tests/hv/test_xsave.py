@@ -9,11 +9,11 @@ from dataclasses import replace
 
 import pytest
 
-from hv.builder import create_vcpus
-from hv.hypervisor import Kvm
-from hv.state import CpuidEntry
-from hv.vm import VmConfig
-from hv.xsave import (
+from hv.vmm.builder import create_vcpus
+from hv.kvm.kvm import Kvm
+from hv.kvm.state import CpuidEntry
+from hv.kvm.vm import VmConfig
+from hv.kvm.xsave import (
     FCW_INIT,
     HEADER_OFFSET,
     MXCSR_INIT,

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from hv import builtin_guest as bg
-from hv.builder import VirtioConfig, builtin_machine
-from hv.control import call
-from hv.hypervisor import Kvm
-from hv.machine import Machine, RunState
-from hv.vm import VmConfig
+from hv.guests import builtin as bg
+from hv.vmm.builder import VirtioConfig, builtin_machine
+from hv.vmm.control import call
+from hv.kvm.kvm import Kvm
+from hv.vmm.machine import Machine, RunState
+from hv.kvm.vm import VmConfig
 from migrate import MigrationOptions, listen_and_receive, send
 from migrate.snapshots import snapshot
 from migrate.transport import Listener

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hv.state import CpuidEntry
+from hv.kvm.state import CpuidEntry
 from migrate.state import cpuid_problems
 
 HOST = (CpuidEntry(0x1, 0, 0, 0, 0, ecx=1 << 0, edx=1 << 0), CpuidEntry(0x7, 0, 1, 0, ebx=1 << 5, ecx=0, edx=0))

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from hv.builder import VirtioConfig, blank_machine
+from hv.vmm.builder import VirtioConfig, blank_machine
 from hv.devices.debug_exit import DebugExit
 from hv.devices.i8042 import I8042
 from hv.devices.serial import Serial16550
 from hv.devices.virtio import VirtioBlk, VirtioConsole, VirtioRng
-from hv.hypervisor import Kvm
-from hv.machine import Machine
-from hv.vm import VmConfig
+from hv.kvm.kvm import Kvm
+from hv.vmm.machine import Machine
+from hv.kvm.vm import VmConfig
 from migrate.state import DEVICE_STATES, capture, machine_layout, registry
 
 MiB = 1 << 20

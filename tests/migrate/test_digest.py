@@ -7,8 +7,8 @@ import threading
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hv.dirty import DirtyBitmap
-from hv.memory import GuestMemory, MemoryRegion
+from hv.kvm.dirty import DirtyBitmap
+from hv.kvm.memory import GuestMemory, MemoryRegion
 from migrate import digest, pages
 
 MiB = 1 << 20

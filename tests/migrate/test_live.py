@@ -16,12 +16,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hv import builtin_guest as bg
-from hv.builder import builtin_machine
-from hv.control import call
-from hv.hypervisor import Kvm
-from hv.machine import Machine, RunState
-from hv.vm import VmConfig
+from hv.guests import builtin as bg
+from hv.kvm.kvm import Kvm
+from hv.kvm.vm import VmConfig
+from hv.vmm.builder import builtin_machine
+from hv.vmm.control import call
+from hv.vmm.machine import Machine, RunState
 from migrate.errors import MigrationFailed, TransportError
 from migrate import MigrationOptions, listen_and_receive, receive, send
 from migrate.protocol import Pages, State
@@ -144,7 +144,7 @@ def test_migration_between_processes_through_the_cli(tmp_path: Path) -> None:
     listener = Listener("127.0.0.1:0", b"")
     port = listener.address.rsplit(":", 1)[1]
     listener.close()
-    source = subprocess.Popen([sys.executable, "-m", "hv.cli", "run", "--mem", "64M", "--ws", "8", "--rate",
+    source = subprocess.Popen([sys.executable, "-m", "hv.vmm.cli", "run", "--mem", "64M", "--ws", "8", "--rate",
                                "40", "--api", str(source_api)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     target = subprocess.Popen([sys.executable, "-m", "migrate.cli", "recv", "--listen", f"127.0.0.1:{port}",

@@ -8,11 +8,11 @@ import pytest
 
 import formats
 from formats import StreamReader, StreamWriter
-from hv import builtin_guest as bg
-from hv.builder import builtin_machine
+from hv.guests import builtin as bg
+from hv.vmm.builder import builtin_machine
 from hv.errors import HvError
-from hv.hypervisor import Kvm
-from hv.vm import VmConfig
+from hv.kvm.kvm import Kvm
+from hv.kvm.vm import VmConfig
 from migrate.errors import (Cancelled, IncompatibleError, MigrationFailed, MissingSections, NotConverging,
                             TransportError, error_code)
 from migrate.pages import MemorySink

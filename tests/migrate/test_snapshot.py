@@ -18,14 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import formats
-from hv import builtin_guest as bg
-from hv.builder import builtin_machine
-from hv.control import call
 from hv.devices.serial import Serial16550
-from hv.hypervisor import Kvm
-from hv.machine import Machine, RunState
-from hv.state import vcpu_state_differences
-from hv.vm import VmConfig
+from hv.guests import builtin as bg
+from hv.kvm.kvm import Kvm
+from hv.kvm.state import vcpu_state_differences
+from hv.kvm.vm import VmConfig
+from hv.vmm.builder import builtin_machine
+from hv.vmm.control import call
+from hv.vmm.machine import Machine, RunState
 from migrate.errors import IncompatibleError, SnapshotError
 from migrate.snapshots import inspect, restore, snapshot
 from migrate.state import capture
@@ -64,14 +64,14 @@ def _ram(machine: Machine) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("mappable", [False, True], ids=["compressed", "mappable"])
-def test_snapshot_mid_run_continues_in_a_new_process(running, tmp_path, mappable: bool) -> None:
+def test_snapshot_mid_run_continues_in_a_new_process(kvm: Kvm, running, tmp_path, mappable: bool) -> None:
     machine, console = running
     path = tmp_path / "guest.snap"
     info = snapshot(machine, path, mappable=mappable)
     assert machine.state is RunState.RUNNING  # paused for the copy only
     assert info.kind == ("mappable" if mappable else "full") and info.pause_seconds < 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
-    saved_passes = bg.read_status(restore(path, machine.vm.kvm).vm.memory).passes  # also in-process
+    saved_passes = bg.read_status(restore(path, kvm).vm.memory).passes  # also in-process
 
     api = tmp_path / "restored.sock"
     proc = subprocess.Popen([sys.executable, "-m", "migrate.cli", "restore", str(path), "--api", str(api),
@@ -208,7 +208,7 @@ def test_snapshot_restore_snapshot_gives_identical_state(kvm: Kvm, tmp_path_fact
 
 def test_snapshot_and_inspect_through_the_cli(tmp_path) -> None:
     api = tmp_path / "vm.sock"
-    vm = subprocess.Popen([sys.executable, "-m", "hv.cli", "run", "--mem", "64M", "--ws", "8", "--rate", "40",
+    vm = subprocess.Popen([sys.executable, "-m", "hv.vmm.cli", "run", "--mem", "64M", "--ws", "8", "--rate", "40",
                            "--api", str(api)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30

@@ -4,7 +4,7 @@ for kvmigrate and QEMU 7.2 (numbers, not asserts).
     .venv/bin/python tools/bench/bench_blackout.py [--runs N] [--scenario NAME ...] [--fill random|zero ...]
                                                    [--period-ms 5] [--peer kvmigrate|qemu ...] [--json]
 
-Both peers boot the same image (`hv.builtin_guest.guest_image()`, a Multiboot ELF32) with the same
+Both peers boot the same image (`hv.guests.builtin.guest_image()`, a Multiboot ELF32) with the same
 command line (`GuestParams(...).cmdline()`, the host's TSC rate in it) and migrate it on loopback
 to a second process: kvmigrate as `hv run --kernel IMAGE --cmdline ... --api SOCK` ->
 `migrate send` -> `migrate recv` (command-line tools only, run as subprocesses), QEMU as two
@@ -51,7 +51,7 @@ from echo_observer import Console, Observer, ObserverTimeoutError
 from blackout_report import fmt_ms, print_scenario, ratios, scenario_title, summarise
 from echo_timeline import SOURCE, TARGET, Timeline, TimelineError, analyse, matched_echoes, percentile
 
-from hv import builtin_guest as bg
+from hv.guests import builtin as bg
 
 GUEST_POLL_BYTES = 16 * bg.PAGE_SIZE  # workload.c's CHUNK_PAGES: it looks at COM1 once per chunk
 SETTLE = 0.3  # seconds of pings after `ready` before the steady window opens

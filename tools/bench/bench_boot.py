@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from hv import builtin_guest as bg
-from hv.hypervisor import Kvm
-from hv.vm import VmConfig
+from hv.guests import builtin as bg
+from hv.kvm.kvm import Kvm
+from hv.kvm.vm import VmConfig
 
 TICK = os.sysconf("SC_CLK_TCK")
 CMDLINE = "ws=1 rate=0 idle=1"
@@ -41,7 +41,7 @@ def _tsc_khz() -> int:
 
 def _command(vmm: str, image: Path, tsc_khz: int) -> list[str]:
     if vmm == "hv":
-        return [sys.executable, "-m", "hv.cli", "run", "--mem", "256M", "--ws", "1", "--idle"]
+        return [sys.executable, "-m", "hv.vmm.cli", "run", "--mem", "256M", "--ws", "1", "--idle"]
     return ["qemu-system-x86_64", "-enable-kvm", "-cpu", "max,-arch-capabilities", "-m", "256", "-nodefaults",
             "-display", "none", "-serial", "stdio", "-no-reboot", "-kernel", str(image),
             "-append", f"{CMDLINE} tsc_khz={tsc_khz}"]

@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT / "tests" / "hv"))
 
 from tinyguest import OUT_LOOP, multiboot_elf  # noqa: E402
 
-from hv.builder import builtin_machine, multiboot_machine  # noqa: E402
-from hv.hypervisor import Kvm  # noqa: E402
-from hv.vm import VmConfig  # noqa: E402
+from hv.kvm.kvm import Kvm  # noqa: E402
+from hv.kvm.vm import VmConfig  # noqa: E402
+from hv.vmm.builder import builtin_machine, multiboot_machine  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -69,7 +69,7 @@ def _fetch_all(vm) -> tuple[float, int]:
 
 
 def bench_dirty(kvm: Kvm, mem: int, rounds: int) -> None:
-    from hv import builtin_guest
+    from hv.guests import builtin as builtin_guest
 
     ws_mib = min(mem, 3 * GiB) // MiB - 32  # below the MMIO hole, clear of the guest's own data
     params = builtin_guest.GuestParams(ws_mib=ws_mib, fill="zero")

@@ -21,11 +21,11 @@ import threading
 import time
 from pathlib import Path
 
-from hv import builtin_guest as bg
-from hv.builder import builtin_machine
-from hv.control import call
-from hv.hypervisor import Kvm
-from hv.vm import VmConfig
+from hv.guests import builtin as bg
+from hv.vmm.builder import builtin_machine
+from hv.vmm.control import call
+from hv.kvm.kvm import Kvm
+from hv.kvm.vm import VmConfig
 from migrate import MigrationOptions, send
 from migrate.snapshots import restore, snapshot
 from migrate.transport import Listener

@@ -3,7 +3,7 @@
     .venv/bin/python tools/bench/bench_qemu.py [--quick | --runs N] [--json] [--only migrate|snapshot]
                                                [--scenario NAME ...]
 
-Same guest image as tools/bench/bench_migrate.py (`hv.builtin_guest.guest_image()`, a Multiboot
+Same guest image as tools/bench/bench_migrate.py (`hv.guests.builtin.guest_image()`, a Multiboot
 ELF32 booted with `-kernel`), same command line (`ws=.. rate=.. every=1 tsc_khz=<host> fill=random`),
 same scenario names (../shared/README.md), same result keys, so the two outputs line up.
 
@@ -13,7 +13,7 @@ over QMP. The source migrates once the guest printed `kvmig: pass 2`; `max-bandw
 A run that has not completed after 60 s is cancelled and counted as "no convergence". After
 completion the target's serial log must show a new `kvmig: pass` line (the guest kept going), then
 the target is stopped and its working set read with `pmemsave` and checked bit for bit by
-`hv.builtin_guest.check_working_set` ("memory ok"). Variants: `+auto-converge`, and `@default-cap`
+`hv.guests.builtin.check_working_set` ("memory ok"). Variants: `+auto-converge`, and `@default-cap`
 (QEMU's 128 MiB/s bandwidth cap kept; hot256-max@default-cap runs only when named, as it does not
 converge). "pass ms" columns: the guest's own time per working-set pass, before and during the
 migration (how much the migration slowed it).
@@ -44,9 +44,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from hv import builtin_guest as bg  # noqa: E402
-from hv.hypervisor import Kvm  # noqa: E402
-from hv.vm import VmConfig  # noqa: E402
+from hv.guests import builtin as bg  # noqa: E402
+from hv.kvm.kvm import Kvm  # noqa: E402
+from hv.kvm.vm import VmConfig  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
 QEMU = "qemu-system-x86_64"

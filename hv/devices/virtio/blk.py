@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from hv.memory import GuestMemory
+from hv.kvm.memory import GuestMemory
 from hv.persist import U64, check_bool, check_equal, check_int, check_type
 
 from .mmio import VirtioMmio, VirtioMmioState

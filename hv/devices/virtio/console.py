@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from hv.memory import GuestMemory
+from hv.kvm.memory import GuestMemory
 from hv.persist import check_bytes, check_type
 
 from .mmio import VirtioMmio, VirtioMmioState

@@ -38,14 +38,14 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from hv.errors import GuestMemoryError, KvmIoctlError, StateRestoreError
-from hv.memory import GuestMemory
+from hv.kvm.memory import GuestMemory
 from hv.persist import U32, U64, Persist, check_bool, check_equal, check_ints, check_type
 
 from .errors import VirtioQueueError, VirtioWorkerError
 from .queue import QUEUE_STATE_BOUNDS, QueueState, Virtqueue
 
 if TYPE_CHECKING:
-    from hv.vm import IoEventFdRegistration, Vm
+    from hv.kvm.vm import IoEventFdRegistration, Vm
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import struct
 from dataclasses import dataclass, replace
 
 from hv.errors import GuestMemoryError
-from hv.memory import GuestMemory
+from hv.kvm.memory import GuestMemory
 from hv.persist import U32, U64
 
 from .errors import VirtioQueueError

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar
 
-from hv.memory import GuestMemory
+from hv.kvm.memory import GuestMemory
 from hv.persist import check_type
 
 from .mmio import VirtioMmio, VirtioMmioState

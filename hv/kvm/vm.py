@@ -6,17 +6,16 @@ import mmap
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from hv import structconv
-from hv._ffi import ffi, lib
-from hv.caps import PlatformCapabilities
-from hv.dirty import PAGE_SIZE, DirtyBitmap
+from hv.binding import structconv
+from hv.binding.fds import VmFd
+from hv.binding.ffi import ffi, lib
 from hv.errors import ConfigError, MissingCapabilityError, SlotError, StateRestoreError, VcpuIdError
-from hv.kvm import VmFd
-from hv.memory import GuestMemory, MemoryRegion, RamBacking
+from hv.kvm.capabilities import PlatformCapabilities
+from hv.kvm.dirty import PAGE_SIZE, DirtyBitmap
+from hv.kvm.memory import GuestMemory, MemoryRegion, RamBacking
 from hv.persist import U64, check_equal, check_int, check_type
-from hv.state import (
+from hv.kvm.state import (
     ClockState,
     IoapicState,
     IrqchipState,
@@ -24,10 +23,7 @@ from hv.state import (
     PitState,
     VmState,
 )
-from hv.vcpu import Vcpu
-
-if TYPE_CHECKING:
-    from hv.hypervisor import Kvm
+from hv.kvm.vcpu import SaveableMsrs, Vcpu
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -83,11 +79,12 @@ class IoEventFdRegistration:
 class Vm:
     """A VM built from a `VmConfig`: memory laid out, irqchip and PIT created, vCPUs on demand."""
 
-    def __init__(self, kvm: Kvm, fd: VmFd, config: VmConfig) -> None:
-        self.kvm = kvm
+    def __init__(self, fd: VmFd, config: VmConfig, capabilities: PlatformCapabilities,
+                 saveable_msrs: SaveableMsrs) -> None:
         self.fd = fd
         self.config = config
-        self.capabilities = kvm.capabilities
+        self.capabilities = capabilities
+        self.saveable_msrs = saveable_msrs  # shared by every VM of one Kvm
         self.memory = GuestMemory()
         self.vcpus: dict[int, Vcpu] = {}
         self._slots_lock = threading.Lock()
@@ -128,9 +125,6 @@ class Vm:
     @property
     def xsave_size(self) -> int:
         return self.capabilities.xsave_size
-
-    def saveable_msrs(self, vcpu: Vcpu) -> tuple[int, ...]:
-        return self.kvm.saveable_msrs(vcpu)
 
     # --- memory slots -------------------------------------------------------------------------
 

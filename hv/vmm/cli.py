@@ -4,7 +4,7 @@
     hv run [--kernel ELF|bzImage [--initrd FILE]] [--mem 1G] [--cpus N] [--cmdline ...]
            [--disk FILE[,ro]] [--virtio-console] [--rng] [--console FILE]
            [--ws MiB --rate MiB/s --every N --passes N]     (built-in guest options)
-           [--api SOCK]                       control socket: see hv/control.py
+           [--api SOCK]                       control socket: see hv/vmm/control.py
 
 With no --kernel, `hv run` boots the built-in test guest. The guest's serial console goes to
 stdout; status goes to stderr. Ctrl-C stops the VM cleanly.
@@ -25,13 +25,13 @@ from pathlib import Path
 from rich.console import Console
 
 from hv.boot import multiboot
-from hv.builder import VirtioConfig, builtin_machine, linux_machine, multiboot_machine
-from hv.control import ControlContext, ControlServer
 from hv.devices.serial import Serial16550
 from hv.errors import ConfigError, HvError
-from hv.hypervisor import Kvm
-from hv.machine import Machine, RunState
-from hv.vm import VmConfig
+from hv.kvm.kvm import Kvm
+from hv.kvm.vm import VmConfig
+from hv.vmm.builder import VirtioConfig, builtin_machine, linux_machine, multiboot_machine
+from hv.vmm.control import ControlContext, ControlServer
+from hv.vmm.machine import Machine, RunState
 
 status = Console(stderr=True, highlight=False)
 
@@ -127,7 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                                 virtio=virtio)
                 status.print(f"[bold]hv[/]: Linux by the {booted.protocol} entry, cmdline {booted.cmdline!r}")
         else:
-            from hv import builtin_guest
+            from hv.guests import builtin as builtin_guest
 
             params = builtin_guest.GuestParams(
                 ws_mib=args.ws, rate_mib_s=args.rate, every=args.every, passes=args.passes,

@@ -6,19 +6,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hv import builtin_guest
 from hv.boot import linux, multiboot
-from hv.cpuid import boot_msrs, vcpu_cpuid
 from hv.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from hv.devices.i8042 import I8042, I8042_PORT, I8042_PORTS
 from hv.devices.serial import COM1_IRQ, COM1_PORT, Serial16550
 from hv.devices.virtio import MMIO_WINDOW, VirtioBlk, VirtioConsole, VirtioRng
 from hv.errors import ConfigError
-from hv.hypervisor import Kvm
-from hv.machine import DevicePlacement, Machine, StopReason
+from hv.guests import builtin as builtin_guest
+from hv.kvm.cpuid import boot_msrs, vcpu_cpuid
+from hv.kvm.kvm import Kvm
+from hv.kvm.vm import MemoryBacking, Vm, VmConfig
 from hv.platform import acpi, mptable
 from hv.platform.allocator import SystemAllocator
-from hv.vm import MemoryBacking, Vm, VmConfig
+from hv.vmm.machine import DevicePlacement, Machine, StopReason, discard_on_error
 
 
 def create_vcpus(kvm: Kvm, vm: Vm) -> None:
@@ -193,17 +193,13 @@ def linux_machine(
     `prefer_pvh`, else by the 64-bit boot protocol with a zero page. ACPI and MP tables describe
     its vCPUs and devices (`write_firmware_tables`), and the kernel is given the RSDP's address."""
     machine = blank_machine(kvm, config, console, virtio=virtio)
-    try:
+    with discard_on_error(machine):
         firmware = write_firmware_tables(machine)
         booted = linux.boot(machine.vm.memory, kernel.read_bytes(), cmdline,
                             initrd.read_bytes() if initrd else None, kernel.name, prefer_pvh=prefer_pvh,
                             rsdp=firmware.acpi.rsdp)
         _boot_vcpu_entry(machine.vm, booted.entry)
-        return machine, booted
-    except BaseException:
-        machine.stop()  # stops any virtio devices
-        machine.vm.close()
-        raise
+    return machine, booted
 
 
 def blank_machine(
@@ -221,12 +217,8 @@ def blank_machine(
         vm.close()
         raise
     if virtio is not None:
-        try:
+        with discard_on_error(machine):
             add_virtio_devices(machine, virtio.disk, virtio.disk_readonly, virtio.console_out, virtio.rng)
-        except BaseException:
-            machine.stop()  # stops the virtio devices already added
-            vm.close()
-            raise
     return machine
 
 
@@ -244,14 +236,11 @@ def multiboot_machine(
     As GRUB and QEMU do, the kernel sees its own file name first on the command line.
     """
     machine = blank_machine(kvm, config, console, virtio=virtio)
-    try:
+    with discard_on_error(machine):
         entry = multiboot.boot(machine.vm.memory, image.read_bytes(), f"{image.name} {cmdline}".strip(),
                                image.name)
         _boot_vcpu_entry(machine.vm, entry)
-        return machine
-    except BaseException:
-        machine.vm.close()
-        raise
+    return machine
 
 
 def builtin_machine(
@@ -271,8 +260,9 @@ def builtin_machine(
                           f"least {params.min_mem >> 20} MiB of guest memory")
     image = builtin_guest.guest_image()
     machine = multiboot_machine(kvm, image, "", config, console, virtio=virtio)
-    if not params.tsc_khz:
-        params = replace(params, tsc_khz=machine.vcpus[0].fd.get_tsc_khz())
-    # the command line is written after the vCPU exists, since it carries the vCPU's TSC rate
-    multiboot.write_info(machine.vm.memory, f"{image.name} {params.cmdline()}")
+    with discard_on_error(machine):
+        if not params.tsc_khz:
+            params = replace(params, tsc_khz=machine.vcpus[0].fd.get_tsc_khz())
+        # the command line is written after the vCPU exists, since it carries the vCPU's TSC rate
+        multiboot.write_info(machine.vm.memory, f"{image.name} {params.cmdline()}")
     return machine

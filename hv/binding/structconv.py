@@ -1,4 +1,4 @@
-"""One mapping between kernel structs (cffi cdata) and the plain state dataclasses in `hv.state`.
+"""One mapping between kernel structs (cffi cdata) and the plain state dataclasses in `hv.kvm.state`.
 
 The dataclass is the schema: each field is read from the C field of the same name (or the dotted
 path in the field's ``metadata["c"]``), converted by its annotation:
@@ -20,11 +20,9 @@ import functools
 import typing
 from typing import Any, TypeVar
 
-from hv._ffi import ffi
+from hv.binding.ffi import ffi
 
 T = TypeVar("T")
-
-_SKIP = object()
 
 
 class StructShapeError(ValueError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from hv.state import CpuidEntry, Msr
+from hv.kvm.state import CpuidEntry, Msr
 
 _HYPERVISOR_BIT = 1 << 31  # leaf 1 ECX: "running under a hypervisor"
 

@@ -12,10 +12,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
-from hv import structconv
-from hv._ffi import ffi, lib
+from hv.binding import structconv
+from hv.binding.fds import VcpuFd, new_flexible
+from hv.binding.ffi import ffi, lib
 from hv.errors import KvmIoctlError, VcpuStateError
-from hv.exits import (
+from hv.kvm.exits import (
     DebugExit,
     FailEntry,
     Hlt,
@@ -30,9 +31,8 @@ from hv.exits import (
     UnknownExit,
     VcpuExit,
 )
-from hv.kvm import VcpuFd, new_flexible
 from hv.persist import U32, U64, check_equal, check_int, check_ints, check_type
-from hv.state import (
+from hv.kvm.state import (
     CpuidEntry,
     DebugRegs,
     Fpu,
@@ -45,7 +45,7 @@ from hv.state import (
 )
 
 if TYPE_CHECKING:
-    from hv.vm import Vm
+    from hv.kvm.vm import Vm
 
 # (part, why it is at this position). Restore walks this list top to bottom.
 RESTORE_ORDER: tuple[tuple[str, str], ...] = (
@@ -65,6 +65,36 @@ SAVE_ORDER: tuple[str, ...] = (
     "mp_state", "regs", "sregs", "fpu", "xsave", "xcrs", "debug_regs", "lapic", "msrs",
     "events", "cpuid",
 )
+
+
+def _msr_buffer(indices: Sequence[int]) -> Any:
+    msrs = new_flexible("struct kvm_msrs *", "entries", len(indices))
+    msrs.nmsrs = len(indices)
+    for i, index in enumerate(indices):
+        msrs.entries[i].index = index
+    return msrs
+
+
+class SaveableMsrs:
+    """The MSRs KVM lists as saved state (KVM_GET_MSR_INDEX_LIST) that a vCPU of this host lets
+    us read. KVM_GET_MSRS stops at the first MSR it refuses and returns how many it read; such MSRs
+    are dropped one at a time. Probed once per host, on the first vCPU that asks (the answer depends
+    on the host CPU and the guest CPUID we give every vCPU, which is the same for all VMs we build):
+    `Kvm` makes one and hands it to every VM it creates."""
+
+    def __init__(self, listed: Callable[[], Sequence[int]]) -> None:
+        self._listed = listed
+        self._lock = threading.Lock()
+        self._indices: tuple[int, ...] | None = None
+
+    def indices(self, fd: VcpuFd) -> tuple[int, ...]:
+        with self._lock:
+            if self._indices is None:
+                candidates = list(self._listed())
+                while (n := fd.get_msrs(_msr_buffer(candidates))) != len(candidates):
+                    del candidates[n]
+                self._indices = tuple(candidates)
+            return self._indices
 
 
 class Vcpu:
@@ -184,13 +214,6 @@ class Vcpu:
     def set_sregs(self, sregs: Sregs) -> None:
         self.fd.set_sregs(structconv.to_struct(sregs, ffi.new("struct kvm_sregs *")))
 
-    def set_gpr(self, name: str, value: int) -> None:
-        """Set one general purpose register (or rip/rflags) by its kernel name."""
-        self.set_regs(replace(self.get_regs(), **{name: value}))
-
-    def set_entry(self, rip: int) -> None:
-        self.set_gpr("rip", rip)
-
     def set_cpuid(self, entries: Sequence[CpuidEntry]) -> None:
         cpuid = new_flexible("struct kvm_cpuid2 *", "entries", len(entries))
         cpuid.nent = len(entries)
@@ -227,22 +250,15 @@ class Vcpu:
 
     # --- MSRs ---------------------------------------------------------------------------------
 
-    def _msr_buffer(self, indices: Sequence[int]) -> Any:
-        msrs = new_flexible("struct kvm_msrs *", "entries", len(indices))
-        msrs.nmsrs = len(indices)
-        for i, index in enumerate(indices):
-            msrs.entries[i].index = index
-        return msrs
-
     def get_msrs(self, indices: Sequence[int]) -> tuple[Msr, ...]:
-        msrs = self._msr_buffer(indices)
+        msrs = _msr_buffer(indices)
         n = self.fd.get_msrs(msrs)
         if n != len(indices):
             raise VcpuStateError(self.vcpu_id, "msrs", f"KVM refused to read MSR {indices[n]:#x}")
         return tuple(Msr(msrs.entries[i].index, msrs.entries[i].data) for i in range(n))
 
     def _set_msrs(self, values: Sequence[Msr]) -> None:
-        msrs = self._msr_buffer([m.index for m in values])
+        msrs = _msr_buffer([m.index for m in values])
         for i, m in enumerate(values):
             msrs.entries[i].data = m.data
         n = self.fd.set_msrs(msrs)
@@ -295,7 +311,7 @@ class Vcpu:
             "xcrs": self._get_xcrs if self.vm.capabilities.xcrs else (lambda: ()),
             "debug_regs": lambda: structconv.from_struct(DebugRegs, fd.get_debugregs()),
             "lapic": lambda: bytes(ffi.buffer(fd.get_lapic().regs)),
-            "msrs": lambda: self.get_msrs(self.vm.saveable_msrs(self)),
+            "msrs": lambda: self.get_msrs(self.vm.saveable_msrs.indices(self.fd)),
             "events": lambda: structconv.from_struct(VcpuEvents, fd.get_vcpu_events()),
         }
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hv._ffi import lib
-from hv.kvm import KvmFd
+from hv.binding.fds import KvmFd
+from hv.binding.ffi import lib
 
 
 @dataclass(frozen=True)

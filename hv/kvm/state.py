@@ -1,6 +1,6 @@
 """Plain-data state of vCPUs and of the VM's in-kernel devices.
 
-These frozen dataclasses are the one schema for each state type: `hv.structconv` maps them to and
+These frozen dataclasses are the one schema for each state type: `hv.binding.structconv` maps them to and
 from the kernel structs, and `formats` encodes them from their annotations. Field names follow the
 kernel's (`<asm/kvm.h>`), so the api.rst text applies to them as written.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hv.xsave import XsaveLayout
+from hv.kvm.xsave import XsaveLayout
 
 # --- general purpose and system registers ------------------------------------------------------
 

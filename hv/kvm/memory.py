@@ -17,9 +17,9 @@ from typing import NewType
 
 import numpy as np
 
-from hv._ffi import ffi, lib
-from hv.dirty import PAGE_SHIFT, PAGE_SIZE, DirtyBitmap
+from hv.binding.ffi import ffi, lib
 from hv.errors import GuestAddressError, SlotOverlapError
+from hv.kvm.dirty import PAGE_SHIFT, PAGE_SIZE, DirtyBitmap
 
 _PAGEMAP_PRESENT = np.uint64(1 << 63)
 _PAGEMAP_SWAPPED = np.uint64(1 << 62)
@@ -281,10 +281,6 @@ class GuestMemory:
     def read(self, address: int, length: int) -> bytes:
         return bytes(self.view(address, length))
 
-    def read_into(self, address: int, out: bytearray | memoryview) -> None:
-        n = len(out)
-        out[:] = self.view(address, n)
-
     def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         region, offset = self.find(address, len(data))
         region.view[offset : offset + len(data)] = data
@@ -317,12 +313,6 @@ class GuestMemory:
 
     def read_u64(self, address: int) -> int:
         return int.from_bytes(self.view(address, 8), "little")
-
-    def write_u32(self, address: int, value: int) -> None:
-        self.write(address, value.to_bytes(4, "little"))
-
-    def write_u64(self, address: int, value: int) -> None:
-        self.write(address, value.to_bytes(8, "little"))
 
     def host_address(self, address: int) -> int:
         region, offset = self.find(address)

@@ -19,14 +19,14 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from hv._ffi import lib
-from hv.bus import Bus
+from hv.binding.ffi import lib
 from hv.errors import ConfigError, DeviceFault, GuestFatalExit, HvError, LifecycleError
-from hv.exits import (
+from hv.kvm.exits import (
     FATAL_EXITS,
     Hlt,
     Interrupted,
@@ -37,9 +37,10 @@ from hv.exits import (
     SystemEvent,
     VcpuExit,
 )
+from hv.kvm.vcpu import Vcpu
+from hv.kvm.vm import Vm
 from hv.persist import Device, Lifecycle
-from hv.vcpu import Vcpu
-from hv.vm import Vm
+from hv.vmm.bus import Bus
 
 log = logging.getLogger(__name__)
 
@@ -408,3 +409,16 @@ class Machine:
             with self._cond:
                 slot.parked = False
                 self._cond.notify_all()
+
+
+@contextmanager
+def discard_on_error(machine: Machine) -> Iterator[Machine]:
+    """Stop and close `machine` if the block raises, then re-raise: the one teardown of a machine
+    that failed while being built (or filled by a restore). `stop()` comes first because a
+    half-built machine may already have device workers (virtio) running on its memory."""
+    try:
+        yield machine
+    except BaseException:
+        machine.stop()
+        machine.vm.close()
+        raise

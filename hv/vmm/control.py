@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hv.errors import HvError
-from hv.machine import Machine
+from hv.vmm.machine import Machine
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _resume(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> 
 def _guest_check(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
     """The built-in guest's memory check, on a briefly paused guest (tests and the demo use it
     to look inside a VM running in another process)."""
-    from hv import builtin_guest
+    from hv.guests import builtin as builtin_guest
 
     m = ctx.machine
     was_running = m.state.value == "running"

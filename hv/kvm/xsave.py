@@ -71,7 +71,7 @@ def feature_name(bit: int) -> str:
 
 
 class CpuidLeaf(Protocol):
-    """One CPUID entry (`hv.state.CpuidEntry`, as KVM's struct kvm_cpuid_entry2 names it)."""
+    """One CPUID entry (`hv.kvm.state.CpuidEntry`, as KVM's struct kvm_cpuid_entry2 names it)."""
 
     function: int
     index: int

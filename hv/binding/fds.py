@@ -2,7 +2,7 @@
 
 One method per ioctl, named after it; arguments and results are the kernel's structs (cffi cdata)
 or plain ints. No policy lives here: addresses, CPUID fixes and memory layout belong to the
-platform layer (`hv.vm`, `hv.vcpu`). Every fd is owned by its object the moment the ioctl that
+platform layer (`hv.kvm.vm`, `hv.kvm.vcpu`). Every fd is owned by its object the moment the ioctl that
 created it returns, and closed by `close()` or the context manager.
 """
 
@@ -12,7 +12,7 @@ import errno
 import os
 from typing import Any
 
-from hv._ffi import ffi, ioctl, ioctl_int, lib
+from hv.binding.ffi import ffi, ioctl, ioctl_int, lib
 from hv.errors import KvmApiVersionError, KvmIoctlError, KvmUnavailableError
 
 CData = Any  # a cffi struct or pointer; cffi has no static types
@@ -107,9 +107,6 @@ class KvmFd(_Fd):
 
     def get_msr_index_list(self, max_entries: int = 1024) -> list[int]:
         return self._msr_list("KVM_GET_MSR_INDEX_LIST", max_entries)
-
-    def get_msr_feature_index_list(self, max_entries: int = 1024) -> list[int]:
-        return self._msr_list("KVM_GET_MSR_FEATURE_INDEX_LIST", max_entries)
 
     def _msr_list(self, name: str, max_entries: int) -> list[int]:
         msr_list = new_flexible("struct kvm_msr_list *", "indices", max_entries)
@@ -236,10 +233,6 @@ class VcpuFd(_Fd):
             raise KvmIoctlError("mmap(kvm_run)", ffi.errno, self.kind)
         self._run = ffi.cast("struct kvm_run *", ptr)
         self._run_size = mmap_size
-        return self._run
-
-    @property
-    def run_area(self) -> CData:
         return self._run
 
     def close(self) -> None:

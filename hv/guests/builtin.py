@@ -14,7 +14,6 @@ went through a snapshot or a migration can be verified bit for bit.
 from __future__ import annotations
 
 import re
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -25,8 +24,11 @@ import numpy as np
 
 from hv.errors import HvError
 
-GUEST_DIR = Path(__file__).resolve().parent.parent / "tools" / "guests"
+GUEST_DIR = Path(__file__).resolve().parents[2] / "tools" / "guests"
 IMAGE_NAME = "kvmig-guest.elf"
+# Built at install and test time (`make install`, `make test`, the tests' conftest); `make` decides
+# whether the image is stale. Never at run time: `hv run` finds the image or says how to build it.
+BUILD_COMMAND = ("make", "-s", "-C", str(GUEST_DIR))
 
 PAGE_SIZE = 4096
 STATUS_ADDR = 0x00F0_0000
@@ -37,26 +39,21 @@ GOLDEN = 0x9E3779B97F4A7C15
 MiB = 1 << 20
 
 
-class GuestBuildError(HvError):
-    def __init__(self, command: str, output: str) -> None:
-        super().__init__(f"building the built-in guest failed ({command}):\n{output}")
-        self.command, self.output = command, output
+class GuestImageMissingError(HvError):
+    """The guest's ELF has not been built: it is built at install time, never by `hv run`."""
 
-
-_build_lock = threading.Lock()
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"the built-in guest is not built ({path} is missing): run "
+                         f"`make install`, or `{' '.join(BUILD_COMMAND)}`")
+        self.path = path
 
 
 def guest_image() -> Path:
-    """The guest's ELF, built with the machine's gcc (make decides whether it is stale)."""
-    with _build_lock:
-        cmd = ["make", "-s", "-C", str(GUEST_DIR)]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        except FileNotFoundError as e:
-            raise GuestBuildError(" ".join(cmd), str(e)) from e
-        if done.returncode != 0:
-            raise GuestBuildError(" ".join(cmd), done.stdout + done.stderr)
-    return GUEST_DIR / "build" / IMAGE_NAME
+    """The guest's prebuilt ELF (tools/guests/build/kvmig-guest.elf)."""
+    image = GUEST_DIR / "build" / IMAGE_NAME
+    if not image.is_file():
+        raise GuestImageMissingError(image)
+    return image
 
 
 @dataclass(frozen=True)

@@ -383,7 +383,7 @@ ffibuilder.cdef(
     + _CDEF_STRUCTS
     + _CDEF_HELPERS
 )
-ffibuilder.set_source("hv._kvm", _SOURCE, extra_compile_args=["-O2", "-Wall"])
+ffibuilder.set_source("hv.binding._kvm", _SOURCE, extra_compile_args=["-O2", "-Wall"])
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

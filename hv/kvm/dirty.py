@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hv._ffi import ffi, lib
+from hv.binding.ffi import ffi, lib
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
