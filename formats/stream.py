@@ -7,6 +7,10 @@ file or a socket. Byte layout and versioning rules: SPEC.md.
 Each record's xxh3-64 covers its kind, flags, length and body and is seeded with the previous
 record's checksum (the header's for the first), so flipping, dropping, reordering or inserting
 whole records is caught as well as corrupted bytes.
+
+Over 450 lines, as one room on purpose: the writer and the reader are the two halves of one
+byte layout (SPEC.md sections 1, 2, 6, 7), and keeping them side by side is what lets a reader
+of either check it against the other; the page and schema codecs they call live apart.
 """
 
 from __future__ import annotations
