@@ -33,10 +33,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from formats import FormatError
-from hv.vmm.cli import LineConsole, dispatch, parse_size, run_machine
-from hv.vmm.control import ControlError, call
 from hv.errors import HvError
 from hv.kvm.kvm import Kvm
+from hv.vmm.cli import LineConsole, dispatch, parse_size, run_machine
+from hv.vmm.control import ControlError, call
+from hv.vmm.machine import discard
 from migrate.errors import MigrateError
 
 status = Console(stderr=True, highlight=False)
@@ -302,8 +303,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 stats = send(machine, f"127.0.0.1:{port}", MigrationOptions(downtime_ms=args.downtime_ms),
                              progress=_RoundView(bar))
         finally:
-            machine.stop()
-            machine.vm.close()
+            discard(machine)
     summary = stats.as_dict()
     ok = stats.outcome is MigrationOutcome.COMPLETED
     if ok:

@@ -35,7 +35,7 @@ from formats import ConfigRecord, StreamReader, StreamWriter
 from hv.vmm.builder import blank_machine
 from hv.vmm.control import Progress
 from hv.kvm.kvm import Kvm
-from hv.vmm.machine import Machine, RunState
+from hv.vmm.machine import Machine, RunState, discard_on_error
 from hv.kvm.memory import GuestMemory, MemoryRegion, RamBacking
 from hv.kvm.vm import VmConfig
 from migrate import digest, pages
@@ -351,12 +351,9 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
     virtio = head.virtio.build(virtio_console or console, disk) if head.virtio else None
     machine = blank_machine(kvm, vm_config, console, virtio=virtio, backing=lambda base, size: RamBacking(
         by_base[base].mapping, anonymous=not mappable))
-    try:
+    with discard_on_error(machine):
         apply(machine, state)
         machine.start(paused=True)
-    except BaseException:
-        machine.vm.close()
-        raise
     return machine
 
 

@@ -30,7 +30,7 @@ from hv.vmm.builder import blank_machine
 from hv.vmm.control import Progress
 from hv.kvm.dirty import DirtyBitmap
 from hv.kvm.kvm import Kvm
-from hv.vmm.machine import Machine
+from hv.vmm.machine import Machine, discard
 from hv.kvm.memory import RamBacking
 from migrate import digest, pages
 from migrate.errors import IncompatibleError, MigrationFailed, TransportError, error_code
@@ -210,8 +210,7 @@ class Target:
         """Tear the half-built VM down and, if the exchange is still open, tell the source why."""
         close_streams(self.gate, self.streams)  # before the memory they write into goes away
         if self.machine is not None and self.incoming.machine is None:
-            self.machine.stop()
-            self.machine.vm.close()
+            discard(self.machine)
         if self.proto.outcome() is Outcome.UNDECIDED and not isinstance(error, TransportError):
             try:
                 self.tell(Error(error_code(error), f"{type(error).__name__}: {error}"[:1000]))

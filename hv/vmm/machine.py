@@ -419,6 +419,12 @@ def discard_on_error(machine: Machine) -> Iterator[Machine]:
     try:
         yield machine
     except BaseException:
-        machine.stop()
-        machine.vm.close()
+        discard(machine)
         raise
+
+
+def discard(machine: Machine) -> None:
+    """Stop `machine` and close its VM: a half-built machine's end, however it failed. `stop()`
+    comes first because device workers (virtio) may be running on its memory."""
+    machine.stop()
+    machine.vm.close()
