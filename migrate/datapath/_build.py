@@ -82,7 +82,7 @@ _SOURCE = ("#include <stddef.h>\n#include <stdint.h>\n" + _TYPES
            + (Path(__file__).parent / "pages.c").read_text())
 
 ffibuilder.set_source("migrate.datapath._datapath", _SOURCE, libraries=["zstd"],
-                      extra_compile_args=["-O2", "-Wall"])
+                      extra_compile_args=["-O3", "-march=native", "-Wall"])
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)
