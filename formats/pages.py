@@ -88,11 +88,14 @@ class PageSection:
 
 @dataclass(frozen=True)
 class PageRun:
-    """Pages for the caller to write at `address`; `data` is None for zero pages."""
+    """Pages for the caller to write at `address`; `data` is None for zero pages. `placed`: a
+    decoder that writes into the receiver's memory itself already put them there (checked), and
+    the caller only accounts for them."""
 
     address: int
     count: int
     data: memoryview | None
+    placed: bool = False
 
     @property
     def size(self) -> int:

@@ -314,6 +314,14 @@ class StreamReader:
     def done(self) -> bool:
         return self.end is not None
 
+    def decode_pages_with(self, decoder: Any) -> None:
+        """Decode PAGES bodies with `decoder` from now on: one with `PageDecoder`'s `memory` and
+        `decode(body, offset) -> (runs, totals)`, the same checks and errors (say, one that places
+        the pages in the receiver's memory itself), for the same memory layout as this reader's."""
+        if self._pages is None or decoder.memory != self._pages.memory:
+            raise SequenceError("pages", self._pos, "a page decoder for another memory layout")
+        self._pages = decoder
+
     def feed(self, data: bytes | bytearray | memoryview, *, stable: bool = False) -> list[Record]:
         """Records completed by `data`. When nothing is buffered and `data` is immutable
         (`bytes`, or `stable`: the caller will not change it), records are parsed in place and

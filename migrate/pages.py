@@ -143,13 +143,15 @@ class MemorySink:
         for run in runs:  # per run: a section carries at most a few thousand
             length = run.count * PAGE_SIZE
             region, offset = self.memory.find(run.address, length)
-            if run.data is None:
+            if run.placed:
+                pass  # the decoder wrote them in place (migrate.datapath.PageDecoderC)
+            elif run.data is None:
                 self.memory.zero_pages(run.address, length)
             else:
                 region.prefault(offset, length)
                 region.view[offset: offset + length] = run.data
             with self._lock:
-                if run.data is not None:
+                if run.data is not None or run.placed:
                     self.touched[region.guest_base].set_range(offset // PAGE_SIZE, run.count)
                 self._recent[region.guest_base].set_range(offset // PAGE_SIZE, run.count)
             self.pages += run.count

@@ -16,6 +16,7 @@ import threading
 import formats
 from formats import StreamReader, StreamWriter
 from hv.vmm.machine import Machine
+from migrate.datapath import place_pages
 from migrate.errors import TransportError
 from migrate.pages import MemorySink
 from migrate.protocol import Channel, Pages
@@ -112,6 +113,7 @@ class IncomingStream:
     def __init__(self, conn: Connection, machine: Machine, memory: formats.MemoryLayout, gate: RoundGate) -> None:
         self.conn, self.gate = conn, gate
         self.reader = StreamReader(registry(), memory=memory)
+        place_pages(self.reader, machine.vm.memory)  # checked and written in C, as the main stream's
         self.sink = MemorySink(machine.vm.memory)
         self.thread = threading.Thread(target=self._run, name="page-stream-in", daemon=True)
         self.thread.start()

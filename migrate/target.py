@@ -33,6 +33,7 @@ from hv.kvm.kvm import Kvm
 from hv.vmm.machine import Machine, discard
 from hv.kvm.memory import RamBacking
 from migrate import digest, pages
+from migrate.datapath import place_pages
 from migrate.errors import IncompatibleError, MigrationFailed, TransportError, error_code
 from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete, Error, Hello, Outcome,
                               Pages, Protocol, Ready, Reject, Resumed, Role, RoundDone, State)
@@ -141,6 +142,7 @@ class Target:
                                      virtio=virtio)
         memory = self.machine.vm.memory
         self.collected.sink = pages.MemorySink(memory)
+        place_pages(self.reader, memory)  # checked and written in C; no guest runs here yet
         self.streams = accept_streams(self.listener, hello.streams - 1, self.session, self.machine,
                                       self.collected.layout.memory, self.gate, self.timeout)
         nothing = {r.guest_base: DirtyBitmap(r.npages) for r in memory.regions}

@@ -20,6 +20,7 @@ from formats import (
     MemoryLayout,
     PageLimits,
     PageRangeError,
+    PageRun,
     PageSection,
     PageTotals,
     SectionTooLarge,
@@ -34,6 +35,7 @@ from formats.pages import BODY_HEADER, RUN, RUN_DTYPE
 from migrate.datapath._datapath import ffi, lib  # type: ignore[import-not-found]
 
 _RUN_SIZE, _BODY_HEADER = 28, 8
+_ZERO = 1  # formats.PageEncoding.ZERO
 
 
 class DataPathError(RuntimeError):
@@ -151,6 +153,21 @@ class PageEncoderC:
         return sections
 
 
+def place_pages(reader: object, memory: object) -> None:
+    """Have `reader` (a `formats.StreamReader` whose memory layout is known) write the data runs
+    of every PAGES section straight into the guest RAM `memory` (an `hv` GuestMemory: regions
+    with `guest_base` and a writable `view`), in C. Only for memory no guest runs on yet."""
+    layout = reader._pages.memory  # type: ignore[attr-defined]
+    by_base = {r.guest_base: r for r in memory.regions}  # type: ignore[attr-defined]
+    hosts = []
+    for ram in layout.ranges:
+        region = by_base.get(ram.address)
+        if region is None or region.size != ram.size:
+            raise ValueError(f"no guest RAM region of {ram.size:#x} bytes at {ram.address:#x}")
+        hosts.append(region.view)
+    reader.decode_pages_with(PageDecoderC(layout, hosts))  # type: ignore[attr-defined]
+
+
 def zstd_decompressor():
     """A `decompress(frame, size) -> bytes` over this module's libzstd, for the reference decoder
     (`formats.PageDecoder(decompress=...)`): zstd versions differ in which damaged frames they
@@ -240,6 +257,15 @@ class PageDecoderC:
             raise self._error(body, offset, err)
         table = np.frombuffer(body, dtype=RUN_DTYPE, count=count, offset=BODY_HEADER.size)
         return table, PageTotals(totals.pages, totals.zero_pages, totals.raw_bytes, totals.payload_bytes)
+
+    def decode(self, body: bytes | memoryview, offset: int = 0) -> tuple[list[PageRun], PageTotals]:
+        """As `formats.PageDecoder.decode`, for a `StreamReader` (`decode_pages_with`): the data
+        runs come back `placed` (already in guest memory), the ZERO runs for the caller to apply."""
+        table, totals = self.apply(body, offset)
+        runs = [PageRun(address, pages, None, placed=encoding != _ZERO)
+                for address, pages, encoding in zip(table["address"].tolist(), table["pages"].tolist(),
+                                                    table["encoding"].tolist())]
+        return runs, totals
 
     def _error(self, body: bytes | memoryview, offset: int, err) -> FormatError:
         """The reference decoder's error for the check that refused the body."""

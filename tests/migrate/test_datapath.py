@@ -255,3 +255,44 @@ def test_block_hashes_in_c_are_the_digest_definitions(size, picks, seed) -> None
     mem = np.random.default_rng(seed).bytes(size)
     blocks = np.array([p % -(-size // DIGEST_BLOCK) for p in picks], dtype=np.uint64)
     assert block_hashes(mem, blocks).tolist() == [block_hash(memoryview(mem), int(b)) for b in blocks]
+
+
+class _Region:
+    def __init__(self, guest_base: int, size: int) -> None:
+        self.guest_base, self.size, self.view = guest_base, size, memoryview(bytearray(size))
+
+
+class _Memory:
+    def __init__(self, layout: MemoryLayout) -> None:
+        self.regions = [_Region(r.address, r.size) for r in layout.ranges]
+
+
+def test_a_stream_reader_places_pages_in_c_and_refuses_what_it_refused() -> None:
+    from formats import PagesRecord, StreamReader, StreamWriter
+    from formats.schema import SchemaRegistry
+    from migrate.datapath import place_pages
+
+    mem = _memory([("random", 8, 1), ("zero", 5, 0), ("pattern", 20, 2), ("one-byte", 3, 3), ("zero", 12, 0)])
+    assert len(mem) == 48 * PAGE_SIZE
+    layout = MemoryLayout((RamRange(BASE, 48 * PAGE_SIZE), RamRange(BASE + 64 * PAGE_SIZE, 16 * PAGE_SIZE)))
+    writer = StreamWriter(SchemaRegistry())
+    stream = [writer.header(), *(writer.pages(s) for s in PageEncoderC().encode(BASE, mem[:48 * PAGE_SIZE]))]
+    memory = _Memory(layout)
+    memory.regions[0].view[:] = b"\xee" * (48 * PAGE_SIZE)  # the ZERO runs are the caller's to clear
+    reader = StreamReader(SchemaRegistry(), memory=layout)
+    place_pages(reader, memory)
+    records = reader.feed(b"".join(stream))
+    runs = [run for r in records if isinstance(r, PagesRecord) for run in r.runs]
+    assert {run.placed for run in runs if run.data is None} == {True, False}  # data placed, ZERO not
+    for run in runs:
+        if not run.placed:
+            memory.regions[0].view[run.address - BASE:run.address - BASE + run.size] = bytes(run.size)
+    assert bytes(memory.regions[0].view) == bytes(mem[:48 * PAGE_SIZE])
+    damaged = bytearray(b"".join(stream))
+    damaged[-100] ^= 0x40  # in the last section's payload
+    reader = StreamReader(SchemaRegistry(), memory=layout)
+    place_pages(reader, _Memory(layout))
+    with pytest.raises(FormatError):
+        reader.feed(bytes(damaged))
+    with pytest.raises(ValueError, match="no guest RAM region"):
+        place_pages(StreamReader(SchemaRegistry(), memory=MemoryLayout((RamRange(0, PAGE_SIZE),))), memory)
