@@ -314,11 +314,16 @@ class StreamReader:
     def done(self) -> bool:
         return self.end is not None
 
+    @property
+    def page_memory(self) -> MemoryLayout | None:
+        """The RAM that PAGES sections are checked against, once known."""
+        return self._pages.memory if self._pages is not None else None
+
     def decode_pages_with(self, decoder: Any) -> None:
         """Decode PAGES bodies with `decoder` from now on: one with `PageDecoder`'s `memory` and
         `decode(body, offset) -> (runs, totals)`, the same checks and errors (say, one that places
         the pages in the receiver's memory itself), for the same memory layout as this reader's."""
-        if self._pages is None or decoder.memory != self._pages.memory:
+        if self.page_memory is None or decoder.memory != self.page_memory:
             raise SequenceError("pages", self._pos, "a page decoder for another memory layout")
         self._pages = decoder
 

@@ -2,14 +2,17 @@
 
 `formats` is the specification and the reference; this package does the same work in C, for the
 rounds of a live migration, where a Python-side loop or a library call that keeps the GIL stalls
-the guest (every vCPU exit is handled in Python). `PageEncoderC` makes the same PAGES bodies as
-`formats.PageEncoder`, byte for byte (tests/migrate/test_datapath.py). cffi releases the GIL for
-the whole call: one call per run of memory.
+the guest (every vCPU exit is handled in Python). cffi releases the GIL for each call:
+
+- `PageEncoderC` makes the PAGES bodies `formats.PageEncoder` makes, byte for byte;
+- `PageDecoderC` checks a body as `formats.PageDecoder` does (the same refusals, the same errors)
+  and writes its data runs straight into guest memory; `place_pages` puts it in a stream reader;
+- `block_hashes` computes many of the memory digest's block hashes in one call.
+
+tests/migrate/test_datapath.py proves each against the reference, both given the same libzstd.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,14 +34,13 @@ from formats import (
 )
 from formats.digest import DIGEST_BLOCK
 from formats.layout import PAGE_SHIFT, PAGE_SIZE
-from formats.pages import BODY_HEADER, RUN, RUN_DTYPE
+from formats.pages import BODY_HEADER, RUN, RUN_DTYPE, PageEncoding
 from migrate.datapath._datapath import ffi, lib  # type: ignore[import-not-found]
-
-_RUN_SIZE, _BODY_HEADER = 28, 8
-_ZERO = 1  # formats.PageEncoding.ZERO
+from migrate.errors import MigrateError
 
 
-class DataPathError(RuntimeError):
+
+class DataPathError(MigrateError):
     """The C data path failed; `code` is its KVMIG_E* value."""
 
     _MEANINGS = {lib.KVMIG_ENOSPACE: "output buffers too small", lib.KVMIG_ECOMPRESS: "zstd error",
@@ -58,7 +60,7 @@ class _Zstd:
             raise MemoryError(name)
 
 
-def _Cctx() -> _Zstd:
+def _new_cctx() -> _Zstd:
     return _Zstd(lib.kvmig_zstd_cctx_new, lib.kvmig_zstd_cctx_free, "ZSTD_createCCtx")
 
 
@@ -103,7 +105,7 @@ class PageEncoderC:
         self.zero_ranges = zero_ranges if zero_ranges is not None else ZeroRanges()
         self.sample_bytes = sample_bytes
         self.frames_judged_raw = 0  # frames sent RAW because their sample did not compress
-        self._cctx = _Cctx()
+        self._cctx = _new_cctx()
         self._work = _WorkAreas(self.section_pages)
 
     def encode(self, address: int, pages: object) -> list[PageSection]:
@@ -122,7 +124,7 @@ class PageEncoderC:
         work.fit(npages)
         # what the sections are made of, theirs to keep: heads, and payloads that are not the
         # guest's own bytes (compressed frames; copies of memory that may change)
-        heads = _uninitialised(npages * (_RUN_SIZE + _BODY_HEADER) + _BODY_HEADER)
+        heads = _uninitialised(npages * (RUN.size + BODY_HEADER.size) + BODY_HEADER.size)
         payloads = _uninitialised((npages if not self.stable or self.level > 0 else 0) * PAGE_SIZE)
         params = ffi.new("kvmig_page_params *", {
             "address": address, "npages": npages, "level": self.level, "stable": int(self.stable),
@@ -157,7 +159,9 @@ def place_pages(reader: object, memory: object) -> None:
     """Have `reader` (a `formats.StreamReader` whose memory layout is known) write the data runs
     of every PAGES section straight into the guest RAM `memory` (an `hv` GuestMemory: regions
     with `guest_base` and a writable `view`), in C. Only for memory no guest runs on yet."""
-    layout = reader._pages.memory  # type: ignore[attr-defined]
+    layout = reader.page_memory  # type: ignore[attr-defined]
+    if layout is None:
+        raise ValueError("the reader knows no memory layout yet")
     by_base = {r.guest_base: r for r in memory.regions}  # type: ignore[attr-defined]
     hosts = []
     for ram in layout.ranges:
@@ -201,7 +205,7 @@ def block_hashes(memory: object, blocks: np.ndarray) -> np.ndarray:
 def zstd_compressor(level: int):
     """A `compress(frame) -> bytes` over this module's libzstd, for the reference encoder
     (`formats.PageEncoder(compress=...)`), so both paths compress with the same library."""
-    cctx = _Cctx()
+    cctx = _new_cctx()
 
     def compress(frame: bytes | memoryview) -> bytes:
         src = memoryview(frame).cast("B")
@@ -262,7 +266,7 @@ class PageDecoderC:
         """As `formats.PageDecoder.decode`, for a `StreamReader` (`decode_pages_with`): the data
         runs come back `placed` (already in guest memory), the ZERO runs for the caller to apply."""
         table, totals = self.apply(body, offset)
-        runs = [PageRun(address, pages, None, placed=encoding != _ZERO)
+        runs = [PageRun(address, pages, None, placed=encoding != PageEncoding.ZERO)
                 for address, pages, encoding in zip(table["address"].tolist(), table["pages"].tolist(),
                                                     table["encoding"].tolist())]
         return runs, totals
