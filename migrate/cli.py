@@ -37,6 +37,7 @@ from hv.errors import HvError
 from hv.kvm.kvm import Kvm
 from hv.vmm.cli import LineConsole, dispatch, parse_size, run_machine
 from hv.vmm.control import ControlError, call
+from hv.vmm.control import extensions as control_extensions
 from hv.vmm.machine import discard
 from migrate.errors import MigrateError
 
@@ -142,11 +143,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # --- live migration ---------------------------------------------------------------------------------
 
 
+SETTLE_SECONDS = 0.1  # the guest runs alone this long after it arrives (issue: a quiet switchover)
+
+
 def cmd_recv(args: argparse.Namespace) -> int:
     from migrate.target import listen_and_receive
     from migrate.transport import Listener
 
     listener = Listener(args.listen, _key(args.key_file), _tls(args))
+    control_extensions()  # found and imported now, not beside the guest's first moments here
     status.print(f"[bold]migrate[/]: listening on {listener.address}")
     console, done = _guest_console()
     with Kvm() as kvm:
@@ -159,10 +164,10 @@ def cmd_recv(args: argparse.Namespace) -> int:
         if incoming.machine is None:
             status.print("[bold]migrate[/]: dry run: this host would accept the guest")
             return 0
-        status.print(f"[bold]migrate[/]: received the guest from {incoming.source} "
-                     f"({incoming.pages} pages, {incoming.seconds:.2f} s); it runs here now")
         return run_machine(incoming.machine, done=done, api=args.api, timeout=args.timeout, start=False,
-                           extra={"console": console})
+                           extra={"console": console}, settle=SETTLE_SECONDS,
+                           announce=f"[bold]migrate[/]: received the guest from {incoming.source} "
+                                    f"({incoming.pages} pages, {incoming.seconds:.2f} s); it runs here now")
 
 
 def _send_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -156,9 +156,14 @@ def _stdin_to_serial(serial) -> None:
 
 
 def run_machine(machine: Machine, *, done: threading.Event | None = None, api: str | None = None,
-                timeout: float = 0, start: bool = True, extra: dict | None = None) -> int:
+                timeout: float = 0, start: bool = True, extra: dict | None = None,
+                settle: float = 0.0, announce: str = "") -> int:
     """Run a built machine until the guest ends, Ctrl-C, `--timeout`, a fatal exit, or a control
     command (stop, a completed migration) ends it; then stop it, close it and say why.
+
+    `settle`: seconds the guest runs alone first (a guest that just moved here): the control
+    socket's start-up and the terminal output (`announce`, then the socket's line) wait until then,
+    so nothing the guest's exits wait on runs beside its first moments.
 
     Shared by `hv run`, `migrate restore` and `migrate recv`. Returns the process exit status.
     """
@@ -178,6 +183,10 @@ def run_machine(machine: Machine, *, done: threading.Event | None = None, api: s
     try:
         if start:
             machine.start()
+        if settle:
+            wake.wait(settle)
+        if announce:
+            status.print(announce)
         if server:  # after start: every command then finds a machine that has a lifecycle going
             server.start()
             status.print(f"[bold]hv[/]: control socket {api} ({', '.join(sorted(server.handlers))})")

@@ -11,6 +11,7 @@ through the `kvmigrate.control` entry-point group: each entry point is a callabl
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -102,6 +103,14 @@ def _stop(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> di
     return {"state": "stopped"}
 
 
+@functools.cache
+def extensions() -> tuple[Callable[[ControlServer], None], ...]:
+    """The registrars other packages add through the `kvmigrate.control` entry point, found and
+    imported once. The scan and the imports hold the interpreter lock for tens to hundreds of ms,
+    so a VMM that is about to run a guest (a migration target) calls this first, not after."""
+    return tuple(ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
 class ControlServer:
     """Serves a Machine's control socket on a thread; one thread per connection."""
 
@@ -114,8 +123,8 @@ class ControlServer:
         }
         self._exclusive: set[str] = set()
         if load_extensions:
-            for ep in entry_points(group=ENTRY_POINT_GROUP):
-                ep.load()(self)
+            for register in extensions():
+                register(self)
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._busy = threading.Lock()  # one exclusive command at a time (two snapshots would fight)
