@@ -75,6 +75,7 @@ from .digest import (
 )
 from .pages import (
     PageDecoder,
+    PageDecoding,
     PageEncoder,
     PageEncoding,
     PageLimits,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import xxhash
@@ -237,6 +238,15 @@ class PageEncoder:
             return True
         self.frames_judged_raw += 1
         return False
+
+
+class PageDecoding(Protocol):
+    """What a `StreamReader` needs of a page decoder: the RAM it checks runs against, and
+    `decode` with `PageDecoder`'s checks and errors (`migrate.datapath.PageDecoderC` is another)."""
+
+    memory: MemoryLayout
+
+    def decode(self, body: bytes | memoryview, offset: int = 0) -> tuple[list[PageRun], PageTotals]: ...
 
 
 class PageDecoder:

@@ -44,6 +44,7 @@ from .digest import memory_digest
 from .layout import DeviceEntry, DeviceLayout, MemoryDifference, MemoryLayout, check
 from .pages import (
     PageDecoder,
+    PageDecoding,
     PageLimits,
     PageRun,
     PageSection,
@@ -299,7 +300,8 @@ class StreamReader:
         if memory is None and expected_layout is not None:
             memory = expected_layout.memory
         self._memory_given = memory is not None
-        self._pages = PageDecoder(memory, self.limits.pages) if memory is not None else None
+        self._pages: PageDecoding | None = (PageDecoder(memory, self.limits.pages)
+                                             if memory is not None else None)
         self._buf = bytearray()
         self._pos = 0  # stream offset of _buf[0]
         self._chain: int | None = None
@@ -319,10 +321,9 @@ class StreamReader:
         """The RAM that PAGES sections are checked against, once known."""
         return self._pages.memory if self._pages is not None else None
 
-    def decode_pages_with(self, decoder: Any) -> None:
-        """Decode PAGES bodies with `decoder` from now on: one with `PageDecoder`'s `memory` and
-        `decode(body, offset) -> (runs, totals)`, the same checks and errors (say, one that places
-        the pages in the receiver's memory itself), for the same memory layout as this reader's."""
+    def decode_pages_with(self, decoder: PageDecoding) -> None:
+        """Decode PAGES bodies with `decoder` from now on (say, one that places the pages in the
+        receiver's memory itself), for the same memory layout as this reader's."""
         if self.page_memory is None or decoder.memory != self.page_memory:
             raise SequenceError("pages", self._pos, "a page decoder for another memory layout")
         self._pages = decoder

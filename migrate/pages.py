@@ -1,9 +1,10 @@
 """Guest memory to page sections and back: what snapshots and live migration both move.
 
 The source side picks *which* memory (populated pages for a full copy, a dirty log for a later
-round), splits it into section-sized chunks and encodes them on worker threads (zstd and xxhash
-release the GIL), in order, a bounded number ahead. The sink side writes decoded runs into guest
-memory; zero runs give pages back to the host instead of writing zeros. No per-page Python: runs
+round), splits it into section-sized chunks and encodes them on worker threads (in C,
+`migrate.datapath`, the GIL released per chunk), in order, a bounded number ahead. The sink side
+writes decoded runs into guest memory (or only accounts for runs a C decoder placed itself); zero
+runs give pages back to the host instead of writing zeros. No per-page Python: runs
 come from whole bitmaps, chunks are sliced memoryviews.
 """
 
@@ -122,7 +123,8 @@ def touched_pages(memory: GuestMemory) -> Touched:
 
 
 class MemorySink:
-    """Writes decoded page runs into guest memory (the stream decoder has range-checked them),
+    """Writes decoded page runs into guest memory (the stream decoder has range-checked them; a
+    decoder that placed its runs itself leaves only their accounting to the sink),
     and keeps `touched`: the pages it wrote data to (for the digest, without a page-table read)."""
 
     def __init__(self, memory: GuestMemory) -> None:
@@ -143,13 +145,11 @@ class MemorySink:
         for run in runs:  # per run: a section carries at most a few thousand
             length = run.count * PAGE_SIZE
             region, offset = self.memory.find(run.address, length)
-            if run.placed:
-                pass  # the decoder wrote them in place (migrate.datapath.PageDecoderC)
-            elif run.data is None:
-                self.memory.zero_pages(run.address, length)
-            else:
+            if run.data is not None:
                 region.prefault(offset, length)
                 region.view[offset: offset + length] = run.data
+            elif not run.placed:  # placed runs are in already (migrate.datapath.PageDecoderC)
+                self.memory.zero_pages(run.address, length)
             with self._lock:
                 if run.data is not None or run.placed:
                     self.touched[region.guest_base].set_range(offset // PAGE_SIZE, run.count)

@@ -14,6 +14,8 @@ tests/migrate/test_datapath.py proves each against the reference, both given the
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from formats import (
@@ -32,11 +34,15 @@ from formats import (
     TruncatedError,
     ZeroRanges,
 )
+from formats import StreamReader
 from formats.digest import DIGEST_BLOCK
 from formats.layout import PAGE_SHIFT, PAGE_SIZE
 from formats.pages import BODY_HEADER, RUN, RUN_DTYPE, PageEncoding
 from migrate.datapath._datapath import ffi, lib  # type: ignore[import-not-found]
 from migrate.errors import MigrateError
+
+if TYPE_CHECKING:
+    from hv.kvm.memory import GuestMemory
 
 
 
@@ -155,21 +161,20 @@ class PageEncoderC:
         return sections
 
 
-def place_pages(reader: object, memory: object) -> None:
-    """Have `reader` (a `formats.StreamReader` whose memory layout is known) write the data runs
-    of every PAGES section straight into the guest RAM `memory` (an `hv` GuestMemory: regions
-    with `guest_base` and a writable `view`), in C. Only for memory no guest runs on yet."""
-    layout = reader.page_memory  # type: ignore[attr-defined]
+def place_pages(reader: StreamReader, memory: GuestMemory) -> None:
+    """Have `reader` (its memory layout known) write the data runs of every PAGES section
+    straight into the guest RAM `memory`, in C. Only for memory no guest runs on yet."""
+    layout = reader.page_memory
     if layout is None:
         raise ValueError("the reader knows no memory layout yet")
-    by_base = {r.guest_base: r for r in memory.regions}  # type: ignore[attr-defined]
+    by_base = {r.guest_base: r for r in memory.regions}
     hosts = []
     for ram in layout.ranges:
         region = by_base.get(ram.address)
         if region is None or region.size != ram.size:
             raise ValueError(f"no guest RAM region of {ram.size:#x} bytes at {ram.address:#x}")
         hosts.append(region.view)
-    reader.decode_pages_with(PageDecoderC(layout, hosts))  # type: ignore[attr-defined]
+    reader.decode_pages_with(PageDecoderC(layout, hosts))
 
 
 def zstd_decompressor():
