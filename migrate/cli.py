@@ -83,7 +83,7 @@ def _guest_console() -> tuple[LineConsole, threading.Event]:
                                                        builtin_guest.Fault)):
             done.set()
 
-    return LineConsole(on_line), done
+    return LineConsole(on_line, echo=False), done  # COM1's bytes reach stdout from C (run_machine)
 
 
 # --- snapshot / restore / inspect ------------------------------------------------------------------

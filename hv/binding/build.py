@@ -6,10 +6,13 @@ ones (``...;``) take their layout from the header, and ``#define X ...`` constan
 value. Nothing about the kernel ABI is hand-copied as numbers.
 
 A few tiny C helpers live here too, because they are on hot paths or must run outside Python:
-the vCPU kick signal handler, and dirty-bitmap scans.
+the vCPU kick signal handler, and dirty-bitmap scans; and in uart.c and vcpu_loop.c, the guest's
+console (a 16550 and the KVM_RUN loop that serves its port exits) without the interpreter lock.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import cffi
 
@@ -276,6 +279,51 @@ size_t kvmig_bitmap_runs(const uint64_t *bitmap, size_t nbits, uint64_t *starts,
 size_t kvmig_bitmap_count(const uint64_t *bitmap, size_t nwords);
 """
 
+# The UART and the vCPU loop that serves it (uart.c, vcpu_loop.c beside this file): the guest's
+# console without the interpreter lock. Shared by the declarations cffi checks and the C source.
+_UART_TYPES = """
+typedef struct kvmig_uart kvmig_uart;
+typedef struct {
+    uint8_t ier, lcr, mcr, fcr, scr, dll, dlm;
+    uint8_t thre_pending, irq_level;
+    uint32_t rx_len, tx_len;         /* bytes in the receive buffer / the transmit ring */
+    uint64_t dropped;                /* host input refused: the receive buffer was full */
+    uint64_t tx_overrun;             /* guest bytes written while LSR said the ring was full */
+} kvmig_uart_regs;
+typedef struct {
+    uint32_t n;
+    uint16_t base[4], len[4];
+    kvmig_uart *uart[4];
+} kvmig_fast_pio;
+typedef struct { uint64_t fast_io_exits; } kvmig_run_counts;
+"""
+
+_CDEF_UART = _UART_TYPES + """
+#define KVMIG_UART_RX ...
+#define KVMIG_UART_TX ...
+#define KVMIG_FAST_PIO_MAX ...
+kvmig_uart *kvmig_uart_new(int irq_fd, uint32_t irq);
+void kvmig_uart_free(kvmig_uart *u);
+uint8_t kvmig_uart_read(kvmig_uart *u, uint32_t offset);
+void kvmig_uart_write(kvmig_uart *u, uint32_t offset, uint8_t value);
+size_t kvmig_uart_feed(kvmig_uart *u, const uint8_t *data, size_t n);
+size_t kvmig_uart_take_tx(kvmig_uart *u, uint8_t *buf, size_t n);
+void kvmig_uart_get(kvmig_uart *u, kvmig_uart_regs *regs, uint8_t *rx, uint8_t *tx);
+int kvmig_uart_set(kvmig_uart *u, const kvmig_uart_regs *regs, const uint8_t *rx, const uint8_t *tx);
+int kvmig_uart_start_output(kvmig_uart *u, int out_fd, uint32_t host_size, int notify_fd);
+void kvmig_uart_set_out_fd(kvmig_uart *u, int out_fd);
+size_t kvmig_uart_take_host(kvmig_uart *u, uint8_t *buf, size_t n, uint64_t *dropped);
+int kvmig_uart_start_input(kvmig_uart *u, int in_fd);
+void kvmig_uart_set_running(kvmig_uart *u, int running);
+uint32_t kvmig_uart_flush(kvmig_uart *u, int timeout_ms);
+void kvmig_uart_stop(kvmig_uart *u);
+int kvmig_vcpu_run(int vcpu_fd, struct kvm_run *run, const kvmig_fast_pio *fast, kvmig_run_counts *counts);
+"""
+
+_HERE = Path(__file__).resolve().parent
+_UART_SOURCE = ("#define KVMIG_UART_RX 4096\n#define KVMIG_UART_TX 16384\n#define KVMIG_FAST_PIO_MAX 4\n"
+                + _UART_TYPES + (_HERE / "uart.c").read_text() + (_HERE / "vcpu_loop.c").read_text())
+
 _SOURCE = r"""
 #include <errno.h>
 #include <signal.h>
@@ -382,8 +430,10 @@ ffibuilder.cdef(
     "\n".join(f"#define {name} ..." for name in _IOCTLS + _CONSTANTS)
     + _CDEF_STRUCTS
     + _CDEF_HELPERS
+    + _CDEF_UART
 )
-ffibuilder.set_source("hv.binding._kvm", _SOURCE, extra_compile_args=["-O2", "-Wall"])
+ffibuilder.set_source("hv.binding._kvm", _SOURCE + _UART_SOURCE, extra_compile_args=["-O2", "-Wall", "-pthread"],
+                      extra_link_args=["-pthread"])
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

@@ -241,10 +241,12 @@ class VcpuFd(_Fd):
             self._run = ffi.NULL
         super().close()
 
-    def run(self) -> int:
-        """KVM_RUN. Returns 0, or -EINTR when a signal or immediate_exit interrupted it."""
+    def run(self, fast: CData, counts: CData) -> int:
+        """KVM_RUN, again and again while the exits are port I/O that `fast` (a kvmig_fast_pio
+        table of devices modelled in C) serves, counted in `counts`. Returns 0 at the first other
+        exit, or -EINTR when a signal or immediate_exit interrupted it."""
         while True:
-            ret = lib.kvmig_ioctl_int(self.fd, lib.KVM_RUN, 0)
+            ret = lib.kvmig_vcpu_run(self.fd, self._run, fast, counts)
             if ret >= 0:
                 return ret
             err = ffi.errno

@@ -1,25 +1,40 @@
-"""A 16550A UART: transmit to a host callable, receive from the host, interrupts on an IRQ line.
+"""A 16550A UART: transmit to the host, receive from the host, interrupts on an IRQ line.
 
 The registers a driver programs (divisor, line and modem control, FIFO control, scratch) are
-kept; what is behind them is instantaneous (a byte written to THR is sent at once). Interrupts as
-on a PC: the line is raised while an enabled condition is pending (received data, transmitter
-empty) and OUT2 in MCR is set (the PC's gate between the UART and the interrupt controller), and
-IIR reports the highest-priority one. Loopback (MCR bit 4) routes THR back to RBR, as Linux's
-8250 driver checks when it probes the port.
+kept; the transmitter is instantaneous unless the host falls 16 KiB behind (then LSR says full
+until it catches up). Interrupts as on a PC: the line is raised while an enabled condition is
+pending (received data, transmitter empty) and OUT2 in MCR is set (the PC's gate between the UART
+and the interrupt controller), and IIR reports the highest-priority one. Loopback (MCR bit 4)
+routes THR back to RBR, as Linux's 8250 driver checks when it probes the port.
+
+The model runs in C (hv/binding/uart.c; tests/hv/serial_reference.py is its specification in
+Python), and so does everything the guest waits on: the vCPU loop handles the UART's port exits
+without the interpreter (`native`), the IRQ is raised with KVM_IRQ_LINE, and the bytes the guest
+sends go out on a C thread, raw, to a file descriptor (`attach_terminal`) and then to the Python
+`output` callable on a thread of its own, which may lag without slowing the guest. While the
+device is paused nothing moves: unsent output and unread input stay in the state that a snapshot
+or a migration carries, so each byte is delivered once, by the side that runs the guest.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+from hv.binding.ffi import ffi, lib
 from hv.persist import U64, check_bits, check_bool, check_bytes, check_int, check_type
+
+log = logging.getLogger(__name__)
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
-RX_BUFFER = 4096  # bytes of host input held for the guest; more is dropped (counted)
+RX_BUFFER = lib.KVMIG_UART_RX  # bytes of host input held for the guest; more is dropped (counted)
+TX_RING = lib.KVMIG_UART_TX  # bytes the guest sent that the host has not taken yet
+HOST_RING = 1 << 20  # bytes kept for a lagging Python reader of the output; older ones are dropped
 
 # register offsets
 THR = RBR = DLL = 0
@@ -31,20 +46,9 @@ LSR = 5
 MSR = 6
 SCR = 7
 
-LCR_DLAB = 0x80
-IER_RDA, IER_THRE = 0x01, 0x02
-IIR_NO_INTERRUPT, IIR_THRE, IIR_RDA = 0x01, 0x02, 0x04
-IIR_FIFO_ENABLED = 0xC0
-FCR_ENABLE, FCR_CLEAR_RX = 0x01, 0x02
-MCR_OUT2, MCR_LOOP = 0x08, 0x10
-LSR_DR = 0x01  # data ready
-LSR_THRE = 0x20  # transmit holding register empty
-LSR_TEMT = 0x40  # transmitter empty
-MSR_LOOP_BITS = 0xF0  # CTS, DSR, RI, DCD follow RTS, DTR, OUT1, OUT2 in loopback
-
-# the bits a register can hold after the guest wrote it (the masks `write` applies)
-_REGISTER_BITS = {"ier": 0x0F, "lcr": 0xFF, "mcr": 0x1F, "fcr": 0xC9, "scr": 0xFF, "dll": 0xFF,
-                  "dlm": 0xFF}
+# the bits a register can hold after the guest wrote it (the masks a write applies)
+REGISTER_BITS = {"ier": 0x0F, "lcr": 0xFF, "mcr": 0x1F, "fcr": 0xC9, "scr": 0xFF, "dll": 0xFF,
+                 "dlm": 0xFF}
 
 
 @dataclass(frozen=True)
@@ -60,136 +64,147 @@ class SerialState:
     thre_pending: bool = False  # a THRE interrupt not yet taken by an IIR read or a THR write
     irq_level: bool = False
     dropped: int = 0  # host input bytes dropped because the buffer was full
+    tx: bytes = b""  # sent by the guest, not yet delivered to the host (delivered after restore)
+    tx_overrun: int = 0  # bytes the guest wrote while LSR said the transmitter was full
 
 
 class Serial16550:
-    """COM port model. `output` gets each byte the guest sends; `irq(level)` drives the line."""
+    """COM port model. `output` gets the bytes the guest sends (on the device's own thread);
+    `irq_fd`/`irq`: the VM fd and the line that KVM_IRQ_LINE drives (-1: no interrupt controller).
+
+    A `Lifecycle` device: it moves bytes only between `resume()` and `pause()`."""
 
     KIND: ClassVar[str] = "serial-16550"
 
-    def __init__(self, output: Callable[[bytes], None], irq: Callable[[bool], None] | None = None) -> None:
+    def __init__(self, output: Callable[[bytes], None] | None = None, *, irq_fd: int = -1,
+                 irq: int = COM1_IRQ) -> None:
         self._output = output
-        self._irq = irq or (lambda level: None)
-        self._state = SerialState()
-        self._lock = threading.Lock()  # host input arrives on another thread than the vCPU's
+        self.native: Any = ffi.gc(lib.kvmig_uart_new(irq_fd, irq), lib.kvmig_uart_free)
+        if self.native == ffi.NULL:
+            raise MemoryError("kvmig_uart_new")
+        self._notify = os.eventfd(0, os.EFD_CLOEXEC) if output is not None else -1
+        if lib.kvmig_uart_start_output(self.native, -1, HOST_RING if output else 0, self._notify) != 0:
+            raise OSError("the UART's output thread did not start")
+        self._stopped = False
+        self._running = False
+        self._drain_lock = threading.Lock()
+        self._stop_lock = threading.Lock()
+        self._delivered_dropped = 0
+        self._reader: threading.Thread | None = None
+        if output is not None:
+            self._reader = threading.Thread(target=self._deliver, name="serial-out", daemon=True)
+            self._reader.start()
 
     # --- host side ---
 
+    def attach_terminal(self, out_fd: int | None = None, in_fd: int | None = None) -> None:
+        """Copy every byte the guest sends to `out_fd`, raw, from C (a terminal, a console file:
+        what a client of the guest sees never waits for Python); read `in_fd` (stdin) into the
+        guest's receive buffer, from C as well."""
+        if out_fd is not None:
+            lib.kvmig_uart_set_out_fd(self.native, out_fd)
+        if in_fd is not None and lib.kvmig_uart_start_input(self.native, in_fd) != 0:
+            raise OSError("the UART's input thread did not start")
+
     def feed(self, data: bytes) -> int:
         """Queue host input for the guest; returns how many bytes were taken."""
-        with self._lock:
-            s = self._state
-            room = RX_BUFFER - len(s.rx)
-            taken = data[:max(room, 0)]
-            self._state = replace(s, rx=s.rx + taken, dropped=s.dropped + len(data) - len(taken))
-            self._update_irq()
-        return len(taken)
+        return lib.kvmig_uart_feed(self.native, data, len(data))
 
-    # --- bus side ---
+    def flush(self, timeout: float = 1.0) -> bool:
+        """Wait until every byte the guest sent has been delivered (raw copy and `output`)."""
+        if lib.kvmig_uart_flush(self.native, int(timeout * 1000)) != 0:
+            return False
+        return self._drain()
+
+    def _deliver(self) -> None:
+        while not self._stopped:
+            try:
+                os.eventfd_read(self._notify)
+            except OSError:
+                return
+            self._drain()
+
+    def _drain(self) -> bool:
+        """Hand what the output thread left for Python to `output` (any thread may call it)."""
+        if self._output is None:
+            return True
+        with self._drain_lock:  # `output` sees the bytes in order
+            buf = ffi.new("uint8_t[]", 65536)
+            dropped = ffi.new("uint64_t *")
+            while n := lib.kvmig_uart_take_host(self.native, buf, 65536, dropped):
+                try:
+                    self._output(bytes(ffi.buffer(buf, n)))
+                except Exception:  # the reader's fault, not the guest's: the guest goes on
+                    log.exception("serial: the console reader failed on %d bytes", n)
+            if dropped[0] != self._delivered_dropped:
+                log.warning("serial: %d output bytes dropped: the console reader fell behind",
+                            dropped[0] - self._delivered_dropped)
+                self._delivered_dropped = dropped[0]
+        return True
+
+    # --- bus side (exits the vCPU loop did not handle in C) ---
 
     def read(self, offset: int, size: int) -> int:
-        with self._lock:
-            s = self._state
-            dlab = bool(s.lcr & LCR_DLAB)
-            match offset:
-                case 0 if dlab:
-                    return s.dll
-                case 0:
-                    if not s.rx:
-                        return 0
-                    self._state = replace(s, rx=s.rx[1:])
-                    self._update_irq()
-                    return s.rx[0]
-                case 1:
-                    return s.dlm if dlab else s.ier
-                case 2:
-                    iir = self._iir()
-                    if iir == IIR_THRE:  # reading IIR takes the THRE interrupt
-                        self._state = replace(s, thre_pending=False)
-                        self._update_irq()
-                    return iir | (IIR_FIFO_ENABLED if s.fcr & FCR_ENABLE else 0)
-                case 3:
-                    return s.lcr
-                case 4:
-                    return s.mcr
-                case 5:
-                    return LSR_THRE | LSR_TEMT | (LSR_DR if s.rx else 0)
-                case 6:
-                    if s.mcr & MCR_LOOP:
-                        m = s.mcr
-                        return ((m & 0x02) << 3) | ((m & 0x01) << 5) | ((m & 0x04) << 4) | ((m & 0x08) << 4)
-                    return 0xB0  # CTS, DSR, DCD: a cable with someone on the other end
-                case 7:
-                    return s.scr
-            return 0
+        return lib.kvmig_uart_read(self.native, offset)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        value &= 0xFF
-        s = self._state
-        if offset == THR and s.thre_pending and not (s.lcr & LCR_DLAB or s.mcr & MCR_LOOP):
-            self._output(bytes((value,)))  # the hot path: a byte out, nothing else changes
-            return
-        send = None
-        with self._lock:
-            s = self._state
-            dlab = bool(s.lcr & LCR_DLAB)
-            match offset:
-                case 0 if dlab:
-                    self._state = replace(s, dll=value)
-                case 0:
-                    if s.mcr & MCR_LOOP:
-                        self._state = replace(s, rx=(s.rx + bytes((value,)))[-RX_BUFFER:], thre_pending=True)
-                    else:
-                        send = bytes((value,))
-                        self._state = replace(s, thre_pending=True)  # sent at once: empty again
-                case 1 if dlab:
-                    self._state = replace(s, dlm=value)
-                case 1:
-                    # enabling THRE interrupts with the holding register empty raises one at once
-                    became = bool(value & IER_THRE) and not s.ier & IER_THRE
-                    self._state = replace(s, ier=value & 0x0F, thre_pending=s.thre_pending or became)
-                case 2:
-                    self._state = replace(s, fcr=value & 0xC9, rx=b"" if value & FCR_CLEAR_RX else s.rx)
-                case 3:
-                    self._state = replace(s, lcr=value)
-                case 4:
-                    self._state = replace(s, mcr=value & 0x1F)
-                case 7:
-                    self._state = replace(s, scr=value)
-            self._update_irq()
-        if send is not None:
-            self._output(send)  # outside the lock: the console may be slow
+        lib.kvmig_uart_write(self.native, offset, value & 0xFF)
 
-    def _iir(self) -> int:
-        s = self._state
-        if s.ier & IER_RDA and s.rx:
-            return IIR_RDA
-        if s.ier & IER_THRE and s.thre_pending:
-            return IIR_THRE
-        return IIR_NO_INTERRUPT
+    # --- lifecycle ---
 
-    def _update_irq(self) -> None:
-        s = self._state
-        level = self._iir() != IIR_NO_INTERRUPT and bool(s.mcr & MCR_OUT2)
-        if level != s.irq_level:
-            self._state = replace(s, irq_level=level)
-            self._irq(level)
+    @property
+    def paused(self) -> bool:
+        return not self._running
+
+    def resume(self) -> None:
+        lib.kvmig_uart_set_running(self.native, 1)
+        self._running = True
+
+    def pause(self) -> None:
+        """Returns once nothing is in flight: what the guest sent and the host did not take
+        stays in the state."""
+        lib.kvmig_uart_set_running(self.native, 0)
+        self._running = False
+
+    def stop(self) -> None:
+        """End the device's threads; a running device first delivers what it still holds."""
+        with self._stop_lock:  # a machine may be stopped from two threads at once
+            if self._stopped:
+                return
+            lib.kvmig_uart_stop(self.native)
+            self._drain()
+            self._stopped = True
+            if self._reader is not None:
+                os.eventfd_write(self._notify, 1)
+                if self._reader is not threading.current_thread():
+                    self._reader.join(1.0)
+                os.close(self._notify)
 
     # --- state ---
 
     def save(self) -> SerialState:
-        with self._lock:
-            return self._state
+        regs = ffi.new("kvmig_uart_regs *")
+        rx, tx = ffi.new("uint8_t[]", RX_BUFFER), ffi.new("uint8_t[]", TX_RING)
+        lib.kvmig_uart_get(self.native, regs, rx, tx)
+        return SerialState(
+            ier=regs.ier, lcr=regs.lcr, mcr=regs.mcr, fcr=regs.fcr, scr=regs.scr, dll=regs.dll,
+            dlm=regs.dlm, rx=bytes(ffi.buffer(rx, regs.rx_len)), thre_pending=bool(regs.thre_pending),
+            irq_level=bool(regs.irq_level), dropped=regs.dropped, tx=bytes(ffi.buffer(tx, regs.tx_len)),
+            tx_overrun=regs.tx_overrun)
 
     def restore(self, state: SerialState) -> None:
-        """Check every register and the buffer first; then a raised line is raised again."""
+        """Check every register and both buffers first; then a raised line is raised again."""
         check_type(self.KIND, state, SerialState)
-        check_bits(self.KIND, state, _REGISTER_BITS)
+        check_bits(self.KIND, state, REGISTER_BITS)
         check_bytes(self.KIND, "rx", state.rx, RX_BUFFER)
+        check_bytes(self.KIND, "tx", state.tx, TX_RING)
         check_bool(self.KIND, "thre_pending", state.thre_pending)
         check_bool(self.KIND, "irq_level", state.irq_level)
         check_int(self.KIND, "dropped", state.dropped, 0, U64)
-        with self._lock:
-            self._state = state
-            if state.irq_level:
-                self._irq(True)  # the interrupt controller's own state came with the VM's
+        check_int(self.KIND, "tx_overrun", state.tx_overrun, 0, U64)
+        regs = ffi.new("kvmig_uart_regs *", {
+            "ier": state.ier, "lcr": state.lcr, "mcr": state.mcr, "fcr": state.fcr, "scr": state.scr,
+            "dll": state.dll, "dlm": state.dlm, "thre_pending": state.thre_pending,
+            "irq_level": state.irq_level, "rx_len": len(state.rx), "tx_len": len(state.tx),
+            "dropped": state.dropped, "tx_overrun": state.tx_overrun})
+        lib.kvmig_uart_set(self.native, regs, state.rx, state.tx)

@@ -110,14 +110,33 @@ class Vcpu:
         self.thread_id: int | None = None  # pthread id of the thread in run(), for kicks
         self.native_thread_id: int | None = None  # kernel TID, for sched_setaffinity
         self._affinity: set[int] | None = None
+        self._fast_pio = ffi.new("kvmig_fast_pio *")  # port ranges served in C inside run()
+        self._counts = ffi.new("kvmig_run_counts *")
 
     # --- running ------------------------------------------------------------------------------
 
     def run(self) -> VcpuExit:
-        """Enter the guest until the next exit that userspace must see."""
-        if self.fd.run() < 0:
+        """Enter the guest until the next exit that Python must see (those of the ports claimed by
+        `serve_ports` are handled on the way, in C, without the interpreter lock)."""
+        if self.fd.run(self._fast_pio, self._counts) < 0:
             return Interrupted()
         return self._decode_exit(self._run.exit_reason)
+
+    def serve_ports(self, base: int, length: int, uart: Any) -> None:
+        """Let `run()` handle the port exits of [base, base+length) with the C model `uart` (a
+        kvmig_uart). Only before the vCPU's thread runs: the table is read without a lock."""
+        table = self._fast_pio
+        if self.thread_id is not None:
+            raise RuntimeError(f"vCPU {self.vcpu_id}: ports are claimed before its thread starts")
+        if table.n == lib.KVMIG_FAST_PIO_MAX:
+            raise ValueError(f"vCPU {self.vcpu_id}: at most {lib.KVMIG_FAST_PIO_MAX} port ranges in C")
+        table.base[table.n], table.len[table.n], table.uart[table.n] = base, length, uart
+        table.n += 1
+
+    @property
+    def fast_io_exits(self) -> int:
+        """Port exits `run()` handled in C, since the vCPU was made."""
+        return self._counts.fast_io_exits
 
     def _payload(self, ctype: str) -> Any:
         return ffi.cast(ctype, self._exit_union)

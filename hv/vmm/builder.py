@@ -143,11 +143,8 @@ def _with_console(vm: Vm, console: Callable[[bytes], None]) -> Machine:
     def guest_reset() -> None:
         machine.request_stop(StopReason("guest-reset", "reset through the i8042 controller"))
 
-    def com1_line(level: bool) -> None:
-        if vm.has_irqchip:
-            vm.set_irq_line(COM1_IRQ, level)
-
-    models = {"serial0": Serial16550(console, com1_line), "debug-exit": DebugExit(guest_exit),
+    com1 = Serial16550(console, irq_fd=vm.fd.fd if vm.has_irqchip else -1, irq=COM1_IRQ)
+    models = {"serial0": com1, "debug-exit": DebugExit(guest_exit),
               "i8042": I8042(guest_reset)}
     for d in STANDARD_DEVICES:
         machine.add_device(d.device_id, models[d.device_id], pio=d.pio, irqs=d.irqs)

@@ -64,11 +64,14 @@ class LineConsole:
         self._prefix = prefix.encode()
         self._out = out
 
+    MAX_LINE = 64 * 1024  # a guest that never ends its line: passed on in pieces this long
+
     def __call__(self, data: bytes) -> None:
         self._buf.extend(data)
-        while (nl := self._buf.find(b"\n")) >= 0:
-            raw = bytes(self._buf[: nl + 1])
-            del self._buf[: nl + 1]
+        while (nl := self._buf.find(b"\n")) >= 0 or len(self._buf) >= self.MAX_LINE:
+            end = nl + 1 if nl >= 0 else self.MAX_LINE
+            raw = bytes(self._buf[:end])
+            del self._buf[:end]
             if self._echo:
                 try:
                     with _stdout_lock:
@@ -78,7 +81,7 @@ class LineConsole:
                 except BrokenPipeError:
                     self._echo = False  # the reader went away; keep the guest running
             if self._on_line is not None:
-                self._on_line(raw[:-1].decode(errors="replace").rstrip("\r"))
+                self._on_line(raw.removesuffix(b"\n").decode(errors="replace").rstrip("\r"))
 
 
 def cmd_info(_args: argparse.Namespace) -> int:
@@ -115,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if not image.is_file():
                 status.print(f"[red]hv[/]: no kernel at {image}")
                 return 2
-            console, params = LineConsole(out=out), None
+            console, params = LineConsole(echo=False), None  # COM1's bytes reach `out` from C
             virtio = _virtio(args, LineConsole(out=out))
             if multiboot.is_multiboot(image.read_bytes()[:multiboot.HEADER_SEARCH]):
                 if args.initrd:
@@ -138,28 +141,32 @@ def cmd_run(args: argparse.Namespace) -> int:
                               (builtin_guest.Done, builtin_guest.GuestError, builtin_guest.Fault)):
                     done.set()
 
-            console = LineConsole(on_line, out=out)
+            console = LineConsole(on_line, echo=False)
             machine = builtin_machine(kvm, params, config, console, virtio=_virtio(args, LineConsole(out=out)))
             image = builtin_guest.guest_image()
         status.print(f"[bold]hv[/]: booting {image.name} ({args.mem >> 20} MiB, {args.cpus} vCPU)")
         return run_machine(machine, done=done, api=args.api, timeout=args.timeout,
-                           extra={"console": console, "params": params})
+                           extra={"console": console, "params": params},
+                           console_fd=out.fileno() if out else None)
 
 
-def _stdin_to_serial(serial) -> None:
-    """The terminal's input goes to the guest's COM1 (line by line: the terminal stays cooked)."""
+def _stdin_fd() -> int | None:
+    """Standard input's descriptor, if there is one to read (not for a daemon's closed stdin)."""
     try:
-        while data := sys.stdin.buffer.read1(4096):
-            serial.feed(data)
+        return sys.stdin.fileno() if sys.stdin is not None else None
     except (OSError, ValueError):
-        pass  # no stdin (a daemon, a closed pipe): nothing to forward
+        return None
 
 
 def run_machine(machine: Machine, *, done: threading.Event | None = None, api: str | None = None,
                 timeout: float = 0, start: bool = True, extra: dict | None = None,
-                settle: float = 0.0, announce: str = "") -> int:
+                settle: float = 0.0, announce: str = "", console_fd: int | None = None) -> int:
     """Run a built machine until the guest ends, Ctrl-C, `--timeout`, a fatal exit, or a control
     command (stop, a completed migration) ends it; then stop it, close it and say why.
+
+    COM1 is the terminal: its bytes go raw to `console_fd` (default stdout) and stdin goes to it,
+    both moved by the UART's own C threads (a terminal's echo never waits for Python). Stdin stays
+    cooked: the guest gets it line by line.
 
     `settle`: seconds the guest runs alone first (a guest that just moved here): the control
     socket's start-up and the terminal output (`announce`, then the socket's line) wait until then,
@@ -171,7 +178,8 @@ def run_machine(machine: Machine, *, done: threading.Event | None = None, api: s
     ctx = ControlContext(machine, extra=dict(extra or {}))
     serial = machine.devices.get("serial0")
     if isinstance(serial, Serial16550):
-        threading.Thread(target=_stdin_to_serial, args=(serial,), name="stdin", daemon=True).start()
+        serial.attach_terminal(out_fd=sys.stdout.fileno() if console_fd is None else console_fd,
+                               in_fd=_stdin_fd())
     server = ControlServer(api, ctx) if api else None
     interrupted, wake = threading.Event(), threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: (interrupted.set(), wake.set()))
@@ -199,7 +207,7 @@ def run_machine(machine: Machine, *, done: threading.Event | None = None, api: s
         state = machine.state
         machine.stop()
         elapsed = time.monotonic() - t0
-        exits = sum(s.exits for s in machine.stats)
+        exits = sum(s.exits + s.fast_io_exits for s in machine.stats)
         machine.vm.close()
     if state is RunState.ERROR:
         status.print(f"[red]hv[/]: the VM failed: {machine.error}")

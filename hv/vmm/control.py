@@ -63,7 +63,8 @@ def _status(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> 
         "state": m.state.value,
         "vcpus": len(m.vcpus),
         "memory_bytes": m.vm.memory.total_size,
-        "exits": sum(s.exits for s in m.stats),
+        "exits": sum(s.exits + s.fast_io_exits for s in m.stats),
+        "fast_io_exits": sum(s.fast_io_exits for s in m.stats),  # served in C, in the vCPU loop
         "devices": [d.device_id for d in m.device_layout()],
         "throttle": m.throttle,
     }

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from hv.binding.ffi import lib
 from hv.errors import ConfigError, DeviceFault, GuestFatalExit, HvError, LifecycleError
@@ -74,10 +74,20 @@ class _Control(enum.Enum):
 
 @dataclass
 class VcpuStats:
+    """Exits Python handled; `fast_io_exits`: port exits the vCPU loop handled in C."""
+
     exits: int = 0
     io_exits: int = 0
     mmio_exits: int = 0
     kicks: int = 0
+    fast_io_exits: int = 0
+
+
+@runtime_checkable
+class NativePortDevice(Protocol):
+    """A port device modelled in C as well (a kvmig_uart): the vCPU loop serves its exits."""
+
+    native: Any
 
 
 @dataclass(frozen=True)
@@ -149,6 +159,9 @@ class Machine:
             raise LifecycleError(self._state, f"add a second device with id {device_id!r}")
         if pio:
             self.io_bus.insert(pio[0], pio[1], device, device_id)
+            if isinstance(device, NativePortDevice):
+                for vcpu in self.vcpus:  # its exits handled in C, inside KVM_RUN's loop
+                    vcpu.serve_ports(pio[0], pio[1], device.native)
         if mmio:
             self.mmio_bus.insert(mmio[0], mmio[1], device, device_id)
         placement = DevicePlacement(device_id, device.KIND, (pio,) if pio else (),
@@ -368,6 +381,7 @@ class Machine:
             while True:
                 ex = vcpu.run()
                 stats.exits += 1
+                stats.fast_io_exits = vcpu.fast_io_exits
                 match ex:
                     case IoOut(port=port, size=size, data=data, count=count):
                         stats.io_exits += 1

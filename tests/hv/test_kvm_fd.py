@@ -54,7 +54,7 @@ def _closed_fd() -> int:
         (VcpuFd, lambda c: c.get_regs(), "KVM_GET_REGS"),
         (VcpuFd, lambda c: c.get_sregs(), "KVM_GET_SREGS"),
         (VcpuFd, lambda c: c.get_lapic(), "KVM_GET_LAPIC"),
-        (VcpuFd, lambda c: c.run(), "KVM_RUN"),
+        (VcpuFd, lambda c: c.run(ffi.new("kvmig_fast_pio *"), ffi.new("kvmig_run_counts *")), "KVM_RUN"),
     ],
 )
 def test_bad_fd_raises_named_ioctl_error(make, call, ioctl) -> None:

@@ -47,6 +47,7 @@ def test_pvh_start_info_reaches_the_kernel(kvm: Kvm, write_image) -> None:
         assert booted.protocol == "pvh"
         machine.start()
         wait_for(lambda: done.writes)
+        wait_for(lambda: len(out) >= len(cmdline))  # COM1's output arrives on the UART's thread
         assert out.decode() == cmdline
         assert done.writes == [(0, 1, 3)]  # low RAM, BIOS hole, RAM above 1 MiB
     finally:
