@@ -11,6 +11,7 @@ come from whole bitmaps, chunks are sliced memoryviews.
 from __future__ import annotations
 
 import collections
+import os
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -62,6 +63,21 @@ def dirty_runs(dirty: Iterable[tuple[MemoryRegion, DirtyBitmap]]) -> tuple[list[
     return runs, pages
 
 
+BEHIND_THE_GUEST_NICE = 10  # weight ~1/10 of a vCPU thread's when both want the same core
+
+
+def behind_the_guest() -> None:
+    """Lower the calling thread's CPU priority (its nice value; Linux gives threads their own):
+    for the threads that work while the guest runs (encoding live rounds, hashing blocks in the
+    background). On a host with few cores they share one with a vCPU thread, and the guest should
+    win it: a vCPU preempted for a scheduler slice is an echo that many ms late. Threads that work
+    while the guest is paused keep their priority (nothing competes then but other processes)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BEHIND_THE_GUEST_NICE)
+    except OSError:
+        pass  # a sandbox without setpriority: the thread runs at the usual priority
+
+
 class PageEncoderPool:
     """Encodes runs into PAGES sections on `workers` threads, yielding them in run order."""
 
@@ -75,7 +91,8 @@ class PageEncoderPool:
         self._local = threading.local()
         self._encoders: list[PageEncoderC] = []
         self._encoders_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="page-encoder")
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="page-encoder",
+                                        initializer=None if stable else behind_the_guest)
 
     def _encode(self, run: MemoryRun) -> list[PageSection]:
         encoder = getattr(self._local, "encoder", None)
@@ -87,6 +104,17 @@ class PageEncoderPool:
             with self._encoders_lock:
                 self._encoders.append(encoder)
         return encoder.encode(run.address, run.view)
+
+    def warm(self) -> None:
+        """Start every worker thread and give each its encoder now, so that the first run it
+        encodes (at a pause, say) pays for neither."""
+        ready = threading.Barrier(self.workers)
+        for future in [self._pool.submit(self._warm_one, ready) for _ in range(self.workers)]:
+            future.result()
+
+    def _warm_one(self, ready: threading.Barrier) -> None:
+        self._encode(MemoryRun(0, memoryview(b"")))
+        ready.wait(5.0)  # holds this thread until every worker has taken one task
 
     @property
     def frames_judged_raw(self) -> int:

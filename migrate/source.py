@@ -58,7 +58,12 @@ class Source:
         self.proto = Protocol(Role.SOURCE)
         self.writer = StreamWriter(registry(), producer=PRODUCER)
         self.stats = MigrationStats()
-        self.pool = pages.PageEncoderPool(options.level, max(options.threads, options.streams))
+        workers = max(options.threads, options.streams)
+        # two pools: the live rounds' threads yield the CPU to the guest's vCPUs; the final
+        # round's read the paused guest's memory in place (stable) at full priority, warm already
+        self.live_pool = pages.PageEncoderPool(options.level, workers)
+        self.paused_pool = pages.PageEncoderPool(options.level, workers, stable=True)
+        self.paused_pool.warm()
         self.extra: list[OutgoingStream] = []
         self._sent_at_start = 0.0
         self._fetched_at = 0.0
@@ -180,9 +185,10 @@ class Source:
         self.stats.throttle_max = max(self.stats.throttle_max, throttle)
         self.progress({"stage": "throttle", "throttle": throttle})
 
-    def _round(self, number: int, runs: list[pages.MemoryRun], dirty_rate: float) -> None:
+    def _round(self, number: int, runs: list[pages.MemoryRun], dirty_rate: float,
+               pool: pages.PageEncoderPool | None = None) -> None:
         t = time.perf_counter()
-        npages, raw, wire = self.send_pages(number, runs)
+        npages, raw, wire = self.send_pages(number, runs, pool or self.live_pool)
         seconds = max(time.perf_counter() - t, 1e-6)
         stat = RoundStats(number, npages, raw, wire, seconds, dirty_rate, wire / MiB / seconds,
                           self.machine.throttle)
@@ -201,7 +207,7 @@ class Source:
         for (_, merged), (_, earlier) in zip(final, pending, strict=True):
             merged |= earlier  # fetched while running but not sent yet
         laps.lap("dirty_log")
-        self._round(len(self.stats.rounds), pages.dirty_runs(final)[0], rate)
+        self._round(len(self.stats.rounds), pages.dirty_runs(final)[0], rate, self.paused_pool)
         laps.lap("last_round")
         state = capture(machine, machine_config(machine))
         self.message(State(b"".join(state_sections(self.writer, state))))
@@ -221,7 +227,7 @@ class Source:
         if self.stats.downtime_overrun_ms:
             self.stats.problems.append(f"the guest was paused {self.stats.downtime_ms:.0f} ms, past the "
                                        f"{self.options.downtime_ms:.0f} ms downtime target")
-        self.stats.frames_judged_raw = self.pool.frames_judged_raw
+        self.stats.frames_judged_raw = self.live_pool.frames_judged_raw + self.paused_pool.frames_judged_raw
         self.stats.outcome, self.stats.reason = MigrationOutcome.COMPLETED, "the target runs the guest"
         self.stats.total_seconds = time.perf_counter() - t0
         self.stats.sent_bytes = self.bytes_sent
@@ -248,7 +254,8 @@ class Source:
             raise TransportError(f"page stream {stream}: {extra.error}")
         extra.queue.put((round_number, parts))
 
-    def send_pages(self, round_number: int, runs: Iterable[pages.MemoryRun]) -> tuple[int, int, int]:
+    def send_pages(self, round_number: int, runs: Iterable[pages.MemoryRun],
+                   pool: pages.PageEncoderPool) -> tuple[int, int, int]:
         """Encode and send `runs`, message by message across the streams; returns (pages, raw
         bytes, bytes on the wire) once every stream has sent its share."""
         parts: list[bytes | memoryview] = []
@@ -256,7 +263,7 @@ class Source:
         wire0 = self.bytes_sent
         streams = 1 + len(self.extra)
         stream = round_number % streams
-        for section in self.pool.encode(runs):
+        for section in pool.encode(runs):
             if self.cancel.is_set():
                 raise Cancelled("cancelled by the user")
             parts.extend(self._writer(stream).pages_parts(section))  # framed by the stream that carries it
@@ -296,7 +303,8 @@ class Source:
         return proto.outcome()
 
     def close(self) -> None:
-        self.pool.close()
+        self.live_pool.close()
+        self.paused_pool.close()
         if self._hashes is not None:
             self._hashes.close()
         for extra in self.extra:
