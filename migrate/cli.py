@@ -35,7 +35,8 @@ from rich.table import Table
 from formats import FormatError
 from hv.errors import HvError
 from hv.kvm.kvm import Kvm
-from hv.vmm.cli import LineConsole, dispatch, parse_size, run_machine
+from hv.devices.serial import Serial16550
+from hv.vmm.cli import LineConsole, dispatch, parse_size, run_machine, terminal
 from hv.vmm.control import ControlError, call
 from hv.vmm.control import extensions as control_extensions
 from hv.vmm.machine import discard
@@ -119,6 +120,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         machine = restore(args.file, kvm, console=console, disk=args.disk, virtio_console=LineConsole(),
                           verify_memory=False if args.no_verify else None)
         status.print(f"[bold]migrate[/]: restored {args.file} in {(time.perf_counter() - t0) * 1000:.1f} ms")
+        machine.device("serial0", Serial16550).attach_terminal(terminal())  # before the guest runs
         machine.resume()
         return run_machine(machine, done=done, api=args.api, timeout=args.timeout, start=False,
                            extra={"console": console})
@@ -156,7 +158,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
     console, done = _guest_console()
     with Kvm() as kvm:
         try:
-            incoming = listen_and_receive(listener, kvm, console=console, disk=args.disk,
+            incoming = listen_and_receive(listener, kvm, console=console, terminal=terminal(), disk=args.disk,
                                           virtio_console=LineConsole(),
                                           accept_timeout=args.accept_timeout or None)
         finally:

@@ -149,7 +149,7 @@ class Commit:
 @dataclass(frozen=True)
 class Resumed:
     kind = MessageKind.RESUMED
-    resume_us: int = 0  # from Commit until the target's vCPUs were let run
+    resume_us: int = 0  # from Commit until the target's vCPU threads left for KVM_RUN
 
 
 @dataclass(frozen=True)

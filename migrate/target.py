@@ -26,6 +26,7 @@ from typing import Any
 
 import formats
 from formats import StreamReader
+from hv.devices.serial import Serial16550, Terminal
 from hv.vmm.builder import blank_machine
 from hv.vmm.control import Progress
 from hv.kvm.dirty import DirtyBitmap
@@ -62,8 +63,10 @@ class Target:
 
     def __init__(self, conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None], timeout: float,
                  disk: str | None, virtio_console: Callable[[bytes], None] | None,
-                 progress: Progress | None, listener: Listener | None) -> None:
+                 progress: Progress | None, listener: Listener | None,
+                 terminal: Terminal | None = None) -> None:
         self.conn, self.kvm, self.timeout, self.listener = conn, kvm, timeout, listener
+        self.terminal = terminal
         self.console, self.virtio_console, self.disk = console, virtio_console or console, disk
         self.progress = progress or (lambda p: None)
         self.proto = Protocol(Role.TARGET)
@@ -140,6 +143,8 @@ class Target:
         virtio = config.virtio.build(self.virtio_console, self.disk) if config.virtio else None
         self.machine = blank_machine(self.kvm, config.vm_config(), self.console, backing=RamBacking.host_filled,
                                      virtio=virtio)
+        if self.terminal is not None:  # before the guest resumes here: no byte of it is lost
+            self.machine.device("serial0", Serial16550).attach_terminal(self.terminal)
         memory = self.machine.vm.memory
         self.collected.sink = pages.MemorySink(memory)
         place_pages(self.reader, memory)  # checked and written in C; no guest runs here yet
@@ -193,11 +198,14 @@ class Target:
             raise formats.DigestMismatch(self.collected.end.digest, found)
         t1 = time.perf_counter()
         apply(self.machine, self.collected.state())
+        self.machine.start(paused=True)  # the vCPU threads made and parked now, not at Commit
         self.tell(Ready(digest_us=_us(t1 - t0), apply_us=_us(time.perf_counter() - t1)))
 
     def commit(self) -> None:
         t0 = time.perf_counter()
-        self.machine.start()  # Commit made this side the owner: run, even if Resumed is lost
+        # Commit made this side the owner: run, even if Resumed is lost. Counted until the vCPU
+        # threads are on their way into KVM_RUN: the guest's first instruction here.
+        self.machine.resume(wait_running=True)
         try:
             self.tell(Resumed(resume_us=_us(time.perf_counter() - t0)))
         except TransportError:
@@ -228,13 +236,14 @@ def _us(seconds: float) -> int:
 def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = lambda b: None,
             timeout: float = 60.0, disk: str | None = None,
             virtio_console: Callable[[bytes], None] | None = None, progress: Progress | None = None,
-            listener: Listener | None = None) -> Incoming:
+            listener: Listener | None = None, terminal: Terminal | None = None) -> Incoming:
     """Take one incoming migration on `conn`: check, build, fill, verify, and on Commit run the
     guest. Any failure before Commit tears the half-built VM down and raises. `disk` puts the
     virtio disk at another path than the source's (the default: shared storage). `listener`
-    accepts the extra page streams a source may open."""
+    accepts the extra page streams a source may open; `terminal`, where the guest's COM1 meets
+    this host."""
     return Target(conn, kvm, console=console, timeout=timeout, disk=disk, virtio_console=virtio_console,
-                  progress=progress, listener=listener).run()
+                  progress=progress, listener=listener, terminal=terminal).run()
 
 
 def listen_and_receive(listener: Listener, kvm: Kvm, *, accept_timeout: float | None = None,

@@ -62,7 +62,7 @@ struct kvmig_uart {
     uint32_t host_size, host_head, host_len;
     uint64_t host_dropped;
     int notify_fd;       /* eventfd: the host ring has bytes */
-    int pumping_out;     /* the pump holds bytes it took and has not delivered yet */
+    int pumping_out;     /* the pump is writing bytes it took to out_fd */
     pthread_t out_thread;
     int has_out_thread;
     /* input pump */
@@ -266,15 +266,25 @@ int kvmig_uart_set(kvmig_uart *u, const kvmig_uart_regs *regs, const uint8_t *rx
 
 /* --- the pumps ------------------------------------------------------------------------------ */
 
+/* The raw copy. Never blocks for long: a terminal that stops reading (a full pipe, a paused
+   pager) must not hold the pump (and so a pause or a stop) forever. Each write waits for room
+   first and writes at most PIPE_BUF, which a pipe with room takes whole; a stopping device gives
+   a stuck reader STOP_GRACE_MS, then drops the copy. */
+#define STOP_GRACE_MS 1000
+
 static void write_all(kvmig_uart *u, int fd, const uint8_t *p, size_t n) {
+    int waited_stopping = 0;
     while (n && !u->out_failed) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0 && errno == EINTR) continue;
-        if (w < 0 && errno == EAGAIN) { /* a non-blocking terminal: wait until it takes more */
-            struct pollfd pf = {.fd = fd, .events = POLLOUT};
-            (void)poll(&pf, 1, 100);
+        struct pollfd pf = {.fd = fd, .events = POLLOUT};
+        int ready = poll(&pf, 1, 100);
+        if (ready < 0 && errno != EINTR) { u->out_failed = 1; return; }
+        if (ready <= 0) {
+            if (__atomic_load_n(&u->stopping, __ATOMIC_RELAXED) && (waited_stopping += 100) >= STOP_GRACE_MS)
+                return;
             continue;
         }
+        ssize_t w = write(fd, p, n < 4096 ? n : 4096);
+        if (w < 0 && (errno == EINTR || errno == EAGAIN)) continue;
         if (w <= 0) { u->out_failed = 1; return; } /* the reader went away: keep the guest going */
         p += w;
         n -= (size_t)w;
@@ -305,15 +315,15 @@ static void *out_pump(void *arg) {
         if (u->stopping && !(u->running && u->r.tx_len)) break;
         size_t n = tx_take_locked(u, chunk, sizeof chunk);
         int out_fd = u->out_failed ? -1 : u->out_fd;
-        u->pumping_out = 1;
-        pthread_mutex_unlock(&u->lock);
-        if (out_fd >= 0) write_all(u, out_fd, chunk, n);
-        pthread_mutex_lock(&u->lock);
-        if (u->host) {
+        if (u->host) { /* Python's copy first: a stuck terminal does not hold it back */
             host_append_locked(u, chunk, n);
             uint64_t one = 1;
             (void)!write(u->notify_fd, &one, sizeof one);
         }
+        u->pumping_out = 1;
+        pthread_mutex_unlock(&u->lock);
+        if (out_fd >= 0) write_all(u, out_fd, chunk, n);
+        pthread_mutex_lock(&u->lock);
         u->pumping_out = 0;
         pthread_cond_broadcast(&u->changed);
     }
@@ -408,12 +418,12 @@ static void wake_input(kvmig_uart *u) {
     }
 }
 
-/* Pausing returns once no pump holds a byte it took: the state is then complete. */
+/* Under the lock, so once it returns no pump takes another byte: the state is then complete.
+   (A chunk the output pump took before is the source's own: it goes on to its terminal.) */
 void kvmig_uart_set_running(kvmig_uart *u, int running) {
     pthread_mutex_lock(&u->lock);
     u->running = running;
     pthread_cond_broadcast(&u->changed);
-    while (!running && u->pumping_out) pthread_cond_wait(&u->changed, &u->lock);
     pthread_mutex_unlock(&u->lock);
     wake_input(u);
 }

@@ -68,6 +68,15 @@ class SerialState:
     tx_overrun: int = 0  # bytes the guest wrote while LSR said the transmitter was full
 
 
+@dataclass(frozen=True)
+class Terminal:
+    """Where a COM port meets the host, moved by the UART's C threads: every byte the guest
+    sends, raw, to `out_fd`; `in_fd` read into the guest's receive buffer (None: not connected)."""
+
+    out_fd: int | None = None
+    in_fd: int | None = None
+
+
 class Serial16550:
     """COM port model. `output` gets the bytes the guest sends (on the device's own thread);
     `irq_fd`/`irq`: the VM fd and the line that KVM_IRQ_LINE drives (-1: no interrupt controller).
@@ -87,6 +96,7 @@ class Serial16550:
             raise OSError("the UART's output thread did not start")
         self._stopped = False
         self._running = False
+        self.terminal: Terminal | None = None
         self._drain_lock = threading.Lock()
         self._stop_lock = threading.Lock()
         self._delivered_dropped = 0
@@ -97,13 +107,16 @@ class Serial16550:
 
     # --- host side ---
 
-    def attach_terminal(self, out_fd: int | None = None, in_fd: int | None = None) -> None:
-        """Copy every byte the guest sends to `out_fd`, raw, from C (a terminal, a console file:
-        what a client of the guest sees never waits for Python); read `in_fd` (stdin) into the
-        guest's receive buffer, from C as well."""
-        if out_fd is not None:
-            lib.kvmig_uart_set_out_fd(self.native, out_fd)
-        if in_fd is not None and lib.kvmig_uart_start_input(self.native, in_fd) != 0:
+    def attach_terminal(self, terminal: Terminal) -> None:
+        """Connect the host's side (once, before the guest runs: on a migration target, before
+        the guest resumes there, so the rest of a line it began on the source reaches the same
+        terminal). What a client of the guest sees then never waits for Python."""
+        if self.terminal is not None:
+            raise ValueError(f"the UART is attached to {self.terminal} already")
+        self.terminal = terminal
+        if terminal.out_fd is not None:
+            lib.kvmig_uart_set_out_fd(self.native, terminal.out_fd)
+        if terminal.in_fd is not None and lib.kvmig_uart_start_input(self.native, terminal.in_fd) != 0:
             raise OSError("the UART's input thread did not start")
 
     def feed(self, data: bytes) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 from rich.console import Console
 
 from hv.boot import multiboot
-from hv.devices.serial import Serial16550
+from hv.devices.serial import Serial16550, Terminal
 from hv.errors import ConfigError, HvError
 from hv.kvm.kvm import Kvm
 from hv.kvm.vm import VmConfig
@@ -147,26 +147,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         status.print(f"[bold]hv[/]: booting {image.name} ({args.mem >> 20} MiB, {args.cpus} vCPU)")
         return run_machine(machine, done=done, api=args.api, timeout=args.timeout,
                            extra={"console": console, "params": params},
-                           console_fd=out.fileno() if out else None)
+                           terminal=terminal(out.fileno() if out else None))
 
 
-def _stdin_fd() -> int | None:
-    """Standard input's descriptor, if there is one to read (not for a daemon's closed stdin)."""
+def terminal(out_fd: int | None = None) -> Terminal:
+    """COM1 on this process's terminal: its bytes raw to `out_fd` (default stdout), stdin to
+    it (stays cooked: the guest gets it line by line)."""
     try:
-        return sys.stdin.fileno() if sys.stdin is not None else None
+        in_fd = sys.stdin.fileno() if sys.stdin is not None else None
     except (OSError, ValueError):
-        return None
+        in_fd = None  # a daemon's closed stdin: nothing to forward
+    return Terminal(out_fd=sys.stdout.fileno() if out_fd is None else out_fd, in_fd=in_fd)
 
 
 def run_machine(machine: Machine, *, done: threading.Event | None = None, api: str | None = None,
                 timeout: float = 0, start: bool = True, extra: dict | None = None,
-                settle: float = 0.0, announce: str = "", console_fd: int | None = None) -> int:
+                settle: float = 0.0, announce: str = "", terminal: Terminal | None = None) -> int:
     """Run a built machine until the guest ends, Ctrl-C, `--timeout`, a fatal exit, or a control
     command (stop, a completed migration) ends it; then stop it, close it and say why.
 
-    COM1 is the terminal: its bytes go raw to `console_fd` (default stdout) and stdin goes to it,
-    both moved by the UART's own C threads (a terminal's echo never waits for Python). Stdin stays
-    cooked: the guest gets it line by line.
+    `terminal`: where COM1 meets the host (see `terminal()`), unless it was attached already
+    (a migration target attaches it before the guest resumes there).
 
     `settle`: seconds the guest runs alone first (a guest that just moved here): the control
     socket's start-up and the terminal output (`announce`, then the socket's line) wait until then,
@@ -177,9 +178,8 @@ def run_machine(machine: Machine, *, done: threading.Event | None = None, api: s
     done = done or threading.Event()
     ctx = ControlContext(machine, extra=dict(extra or {}))
     serial = machine.devices.get("serial0")
-    if isinstance(serial, Serial16550):
-        serial.attach_terminal(out_fd=sys.stdout.fileno() if console_fd is None else console_fd,
-                               in_fd=_stdin_fd())
+    if isinstance(serial, Serial16550) and terminal is not None and serial.terminal is None:
+        serial.attach_terminal(terminal)
     server = ControlServer(api, ctx) if api else None
     interrupted, wake = threading.Event(), threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: (interrupted.set(), wake.set()))

@@ -290,8 +290,10 @@ class Machine:
         self.last_pause_seconds = time.perf_counter() - t0
         return self.last_pause_seconds
 
-    def resume(self) -> float:
-        """Let the vCPUs run again; returns how long the hand-off took (seconds)."""
+    def resume(self, *, wait_running: bool = False, timeout: float = 5.0) -> float:
+        """Let the vCPUs run again; returns how long the hand-off took (seconds). With
+        `wait_running`, until every vCPU thread has left its park for KVM_RUN: the time to the
+        guest's first instruction, as a downtime must count it."""
         t0 = time.perf_counter()
         with self._cond:
             self._require("resume", RunState.PAUSED)
@@ -302,6 +304,9 @@ class Machine:
             self._control = _Control.RUN
             self._state = RunState.RUNNING
             self._cond.notify_all()
+            if wait_running:
+                self._cond.wait_for(lambda: self._control is not _Control.RUN
+                                    or not any(s.parked for s in self._slots), timeout)
         return time.perf_counter() - t0
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -350,6 +355,7 @@ class Machine:
             while self._control is _Control.PAUSE:
                 self._cond.wait()
             slot.parked = False
+            self._cond.notify_all()  # resume(wait_running=True) waits for this
             return self._control is _Control.RUN
 
     def request_stop(self, reason: StopReason) -> None:

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hv.binding.ffi import ffi, lib
-from hv.devices.serial import RX_BUFFER, TX_RING, Serial16550, SerialState
+from hv.devices.serial import RX_BUFFER, TX_RING, Serial16550, SerialState, Terminal
 from hv.guests import builtin as bg
 from hv.kvm.kvm import Kvm
 from hv.kvm.vm import VmConfig
@@ -135,7 +135,7 @@ def test_output_goes_raw_to_a_descriptor_and_to_python_only_while_running(tmp_pa
     uart = Serial16550(got.extend)
     r, w = os.pipe()
     try:
-        uart.attach_terminal(out_fd=w)
+        uart.attach_terminal(Terminal(out_fd=w))
         for b in b"no newline":
             uart.write(0, 1, b)
         time.sleep(0.05)
@@ -166,7 +166,7 @@ def test_input_is_read_from_a_descriptor_only_while_running() -> None:
     uart = Serial16550()
     r, w = os.pipe()
     try:
-        uart.attach_terminal(in_fd=r)
+        uart.attach_terminal(Terminal(in_fd=r))
         os.write(w, b"typed\n")
         time.sleep(0.05)
         assert uart.save().rx == b""  # paused: the bytes wait in the pipe
