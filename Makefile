@@ -9,9 +9,10 @@ STAMP  := $(VENV)/.installed
 # Debian packages the build, the tests and the benchmarks need, by the command each provides:
 # gcc builds the cffi binding and the built-in guest, QEMU is the peer the tests and benchmarks
 # compare against (it boots the same guest), iasl (acpica-tools) checks our ACPI tables, and the
-# migration data path is built against the system's zstd and xxhash (by header file).
+# migration data path is built against the system's zstd and xxhash (by header file); iperf3 is the
+# loopback ceiling tools/bench/bench_throughput.py compares round 0 with.
 HOST_TOOLS := gcc:gcc make:make qemu-system-x86_64:qemu-system-x86 iasl:acpica-tools \
-              /usr/include/zstd.h:libzstd-dev /usr/include/xxhash.h:libxxhash-dev
+              /usr/include/zstd.h:libzstd-dev /usr/include/xxhash.h:libxxhash-dev iperf3:iperf3
 
 # checked on every run (cheap), so a checkout whose venv predates a new tool still gets it
 host-tools:

@@ -33,16 +33,34 @@ class StructShapeError(ValueError):
         super().__init__(f"{path}: expected {expected} items/bytes, found {found}")
 
 
+# How a field converts, decided once per dataclass (not per value): these run on every vCPU
+# state capture and restore, inside a migration's downtime.
+_INT, _BYTES, _STRUCT, _INTS, _STRUCTS = range(5)
+
+
+def _kind(tp: Any) -> tuple[int, Any]:
+    if dataclasses.is_dataclass(tp):
+        return _STRUCT, tp
+    if tp is int:
+        return _INT, None
+    if tp is bytes:
+        return _BYTES, None
+    if typing.get_origin(tp) is tuple:
+        (elem, _ellipsis) = typing.get_args(tp)
+        return (_STRUCTS, elem) if dataclasses.is_dataclass(elem) else (_INTS, None)
+    raise TypeError(f"no C mapping for {tp!r}")
+
+
 @functools.cache
-def _plan(cls: type) -> tuple[tuple[str, object, tuple[str, ...]], ...]:
-    """(field name, annotation, C path) for every mapped field of `cls`."""
+def _plan(cls: type) -> tuple[tuple[str, int, Any, tuple[str, ...]], ...]:
+    """(field name, conversion kind, its dataclass if any, C path) for every mapped field."""
     hints = typing.get_type_hints(cls)
     plan = []
     for f in dataclasses.fields(cls):
         c_path = f.metadata.get("c", f.name)
         if c_path is None:
             continue
-        plan.append((f.name, hints[f.name], tuple(c_path.split("."))))
+        plan.append((f.name, *_kind(hints[f.name]), tuple(c_path.split("."))))
     return tuple(plan)
 
 
@@ -52,24 +70,21 @@ def _get(cdata: Any, path: tuple[str, ...]) -> Any:
     return cdata
 
 
-def _from_c(tp: Any, value: Any) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return from_struct(tp, value)
-    if tp is int:
+def _from_c(kind: int, elem: Any, value: Any) -> Any:
+    if kind == _INT:
         return int(value)
-    if tp is bytes:
+    if kind == _STRUCT:
+        return from_struct(elem, value)
+    if kind == _BYTES:
         return bytes(ffi.buffer(value))
-    if typing.get_origin(tp) is tuple:
-        (elem, _ellipsis) = typing.get_args(tp)
-        if dataclasses.is_dataclass(elem):
-            return tuple(from_struct(elem, item) for item in value)
-        return tuple(int(item) for item in value)
-    raise TypeError(f"no C mapping for {tp!r}")
+    if kind == _STRUCTS:
+        return tuple(from_struct(elem, item) for item in value)
+    return tuple(int(item) for item in value)
 
 
 def from_struct(cls: type[T], cdata: Any, **extra: Any) -> T:
     """Build dataclass `cls` from struct `cdata`; `extra` supplies the unmapped fields."""
-    values = {name: _from_c(tp, _get(cdata, path)) for name, tp, path in _plan(cls)}
+    values = {name: _from_c(kind, elem, _get(cdata, path)) for name, kind, elem, path in _plan(cls)}
     values.update(extra)
     return cls(**values)  # type: ignore[call-arg]
 
@@ -77,29 +92,27 @@ def from_struct(cls: type[T], cdata: Any, **extra: Any) -> T:
 def to_struct(obj: Any, cdata: Any, _where: str = "") -> Any:
     """Write dataclass `obj` into struct `cdata` (in place) and return `cdata`."""
     where = _where or type(obj).__name__
-    for name, tp, path in _plan(type(obj)):
+    for name, kind, elem, path in _plan(type(obj)):
         value = getattr(obj, name)
-        parent = _get(cdata, path[:-1])
+        parent = _get(cdata, path[:-1]) if len(path) > 1 else cdata
         field = path[-1]
-        here = f"{where}.{name}"
-        if dataclasses.is_dataclass(tp):
-            to_struct(value, getattr(parent, field), here)
-        elif tp is int:
+        if kind == _INT:
             setattr(parent, field, value)
-        elif tp is bytes:
+        elif kind == _STRUCT:
+            to_struct(value, getattr(parent, field), f"{where}.{name}")
+        elif kind == _BYTES:
             target = getattr(parent, field)
             size = ffi.sizeof(target)
             if len(value) != size:
-                raise StructShapeError(here, size, len(value))
+                raise StructShapeError(f"{where}.{name}", size, len(value))
             ffi.memmove(target, value, size)
         else:
             target = getattr(parent, field)
             if len(value) != len(target):
-                raise StructShapeError(here, len(target), len(value))
-            (elem, _ellipsis) = typing.get_args(tp)
+                raise StructShapeError(f"{where}.{name}", len(target), len(value))
             for i, item in enumerate(value):
-                if dataclasses.is_dataclass(elem):
-                    to_struct(item, target[i], f"{here}[{i}]")
+                if kind == _STRUCTS:
+                    to_struct(item, target[i], f"{where}.{name}[{i}]")
                 else:
                     target[i] = item
     return cdata

@@ -321,7 +321,7 @@ class Vcpu:
     def _getters(self) -> dict[str, Callable[[], Any]]:
         fd = self.fd
         return {
-            "cpuid": self.get_cpuid,
+            "cpuid": lambda: self.cpuid,  # as set (read back then); it cannot change since
             "mp_state": fd.get_mp_state,
             "regs": self.get_regs,
             "sregs": self.get_sregs,
@@ -343,7 +343,8 @@ class Vcpu:
             fd.set_lapic(lapic)
 
         return {
-            "cpuid": self.set_cpuid,
+            # the same CPUID as the vCPU has (a target built like its source) is not set again
+            "cpuid": lambda v: None if tuple(v) == self.cpuid else self.set_cpuid(v),
             "mp_state": fd.set_mp_state,
             "regs": self.set_regs,
             "sregs": self.set_sregs,
