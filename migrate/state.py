@@ -234,9 +234,10 @@ def capture(machine: Machine, config: MachineConfig | None = None) -> MachineSta
 
 
 def apply(machine: Machine, state: MachineState) -> None:
-    """Write `state` into a machine that has not run (memory is loaded separately, before)."""
-    if machine.state is not RunState.CREATED:
-        raise StateError(f"state goes into a machine that has not started, not a {machine.state.value} one")
+    """Write `state` into a machine that has not run (memory is loaded separately, before): a
+    created one, or one started paused whose vCPUs never entered the guest."""
+    if machine.state is not RunState.CREATED and (machine.state is not RunState.PAUSED or machine.ever_ran):
+        raise StateError(f"state goes into a machine that has not run, not a {machine.state.value} one")
     formats.check(state.layout, machine_layout(machine))
     if len(state.vcpus) != len(machine.vcpus):
         raise IncompatibleError([f"{len(state.vcpus)} vCPU states for {len(machine.vcpus)} vCPUs"])

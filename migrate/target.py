@@ -145,6 +145,7 @@ class Target:
                                      virtio=virtio)
         if self.terminal is not None:  # before the guest resumes here: no byte of it is lost
             self.machine.device("serial0", Serial16550).attach_terminal(self.terminal)
+        self.machine.start(paused=True)  # the vCPU threads made and parked now, not in the pause
         memory = self.machine.vm.memory
         self.collected.sink = pages.MemorySink(memory)
         place_pages(self.reader, memory)  # checked and written in C; no guest runs here yet
@@ -198,7 +199,6 @@ class Target:
             raise formats.DigestMismatch(self.collected.end.digest, found)
         t1 = time.perf_counter()
         apply(self.machine, self.collected.state())
-        self.machine.start(paused=True)  # the vCPU threads made and parked now, not at Commit
         self.tell(Ready(digest_us=_us(t1 - t0), apply_us=_us(time.perf_counter() - t1)))
 
     def commit(self) -> None:

@@ -64,6 +64,15 @@ def _plan(cls: type) -> tuple[tuple[str, int, Any, tuple[str, ...]], ...]:
     return tuple(plan)
 
 
+def prepare(*classes: type) -> None:
+    """Plan the conversions of `classes` and of the dataclasses inside them now (at import), not
+    on first use: a source's first use is its migration's pause, a target's its apply."""
+    for cls in classes:
+        for _name, kind, elem, _path in _plan(cls):
+            if kind in (_STRUCT, _STRUCTS):
+                prepare(elem)
+
+
 def _get(cdata: Any, path: tuple[str, ...]) -> Any:
     for part in path:
         cdata = getattr(cdata, part)

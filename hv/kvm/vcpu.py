@@ -47,6 +47,8 @@ from hv.kvm.state import (
 if TYPE_CHECKING:
     from hv.kvm.vm import Vm
 
+structconv.prepare(Regs, Sregs, Fpu, DebugRegs, VcpuEvents, CpuidEntry, Xcr)
+
 # (part, why it is at this position). Restore walks this list top to bottom.
 RESTORE_ORDER: tuple[tuple[str, str], ...] = (
     ("cpuid", "first: KVM checks CR4, XSAVE features and MSRs against the guest CPUID"),

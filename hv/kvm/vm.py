@@ -25,6 +25,8 @@ from hv.kvm.state import (
 )
 from hv.kvm.vcpu import SaveableMsrs, Vcpu
 
+structconv.prepare(ClockState, IoapicState, PicState, PitState)
+
 MiB = 1 << 20
 GiB = 1 << 30
 

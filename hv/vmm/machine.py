@@ -134,6 +134,7 @@ class Machine:
         self._cond = threading.Condition()
         self._control = _Control.RUN
         self._state = RunState.CREATED
+        self._ran = False
         self.error: HvError | None = None
         self.stop_reason: StopReason | None = None
         self.exit_hooks: list[ExitHook] = []
@@ -187,6 +188,14 @@ class Machine:
     @property
     def state(self) -> RunState:
         return self._state
+
+    @property
+    def ever_ran(self) -> bool:
+        """Whether any vCPU was let into the guest. A machine started paused has not: its vCPUs
+        parked after a KVM_RUN that `immediate_exit` ended before any guest instruction, so a
+        state can still go into it as into a created one (KVM counts a vCPU as run only once
+        it entered the guest)."""
+        return self._ran or self._state is RunState.RUNNING
 
     @property
     def vcpus(self) -> list[Vcpu]:
@@ -356,6 +365,8 @@ class Machine:
                 self._cond.wait()
             slot.parked = False
             self._cond.notify_all()  # resume(wait_running=True) waits for this
+            if self._control is _Control.RUN:
+                self._ran = True
             return self._control is _Control.RUN
 
     def request_stop(self, reason: StopReason) -> None:
