@@ -240,3 +240,41 @@ def test_snapshot_and_inspect_through_the_cli(tmp_path) -> None:
         call(api, "stop")
     finally:
         vm.kill()
+
+
+def test_a_state_goes_into_a_machine_started_paused_but_not_into_one_that_ran(running, kvm: Kvm) -> None:
+    """A migration target starts its vCPU threads parked before the state arrives: KVM_RUN with
+    immediate_exit enters no guest code, so the machine still takes a state (and runs it)."""
+    from hv.vmm.builder import blank_machine
+    from migrate.errors import StateError
+    from migrate.state import apply, machine_config
+
+    machine, _console = running
+    parked = blank_machine(kvm, machine_config(machine).vm_config())
+    try:
+        parked.start(paused=True)
+        assert not parked.ever_ran
+        machine.pause()
+        try:
+            state, passes = capture(machine), state_passes(machine)
+            for mine, theirs in zip(parked.vm.memory.regions, machine.vm.memory.regions, strict=True):
+                mine.view[:] = theirs.view
+        finally:
+            machine.resume()
+        apply(parked, state)
+        parked.resume(wait_running=True)
+        assert parked.ever_ran
+        deadline = time.monotonic() + 20
+        while state_passes(parked) <= passes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        parked.pause()
+        assert state_passes(parked) > passes and bg.check_memory(parked.vm.memory).ok
+        with pytest.raises(StateError):
+            apply(parked, state)
+    finally:
+        parked.stop()
+        parked.vm.close()
+
+
+def state_passes(machine: Machine) -> int:
+    return bg.read_status(machine.vm.memory).passes
