@@ -295,7 +295,8 @@ typedef struct {
     uint16_t base[4], len[4];
     kvmig_uart *uart[4];
 } kvmig_fast_pio;
-typedef struct { uint64_t fast_io_exits; } kvmig_run_counts;
+typedef struct { uint64_t fast_io_exits, parks; } kvmig_run_counts;
+typedef struct kvmig_park kvmig_park;
 """
 
 _CDEF_UART = _UART_TYPES + """
@@ -317,7 +318,13 @@ int kvmig_uart_start_input(kvmig_uart *u, int in_fd);
 void kvmig_uart_set_running(kvmig_uart *u, int running);
 uint32_t kvmig_uart_flush(kvmig_uart *u, int timeout_ms);
 void kvmig_uart_stop(kvmig_uart *u);
-int kvmig_vcpu_run(int vcpu_fd, struct kvm_run *run, const kvmig_fast_pio *fast, kvmig_run_counts *counts);
+int kvmig_vcpu_run(int vcpu_fd, struct kvm_run *run, const kvmig_fast_pio *fast, kvmig_run_counts *counts,
+                   kvmig_park *park);
+kvmig_park *kvmig_park_new(void);
+void kvmig_park_free(kvmig_park *p);
+void kvmig_park_hold(kvmig_park *p, int hold);
+void kvmig_park_stop(kvmig_park *p);
+uint32_t kvmig_park_wait(kvmig_park *p, uint32_t parked, int at_least, int timeout_ms);
 """
 
 _HERE = Path(__file__).resolve().parent

@@ -241,12 +241,13 @@ class VcpuFd(_Fd):
             self._run = ffi.NULL
         super().close()
 
-    def run(self, fast: CData, counts: CData) -> int:
+    def run(self, fast: CData, counts: CData, park: CData = ffi.NULL) -> int:
         """KVM_RUN, again and again while the exits are port I/O that `fast` (a kvmig_fast_pio
-        table of devices modelled in C) serves, counted in `counts`. Returns 0 at the first other
-        exit, or -EINTR when a signal or immediate_exit interrupted it."""
+        table of devices modelled in C) serves, counted in `counts`, and while `park` (a
+        kvmig_park) holds the vCPU at an EINTR. Returns 0 at the first other exit, or -EINTR
+        when a signal or immediate_exit interrupted it (and nothing held it)."""
         while True:
-            ret = lib.kvmig_vcpu_run(self.fd, self._run, fast, counts)
+            ret = lib.kvmig_vcpu_run(self.fd, self._run, fast, counts, park)
             if ret >= 0:
                 return ret
             err = ffi.errno

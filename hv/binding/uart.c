@@ -428,8 +428,9 @@ void kvmig_uart_set_running(kvmig_uart *u, int running) {
     wake_input(u);
 }
 
-/* Waits (up to timeout_ms) until the output pump has delivered every byte of the transmit ring;
-   returns the bytes still undelivered. */
+/* Waits (up to timeout_ms) until the output pump has delivered what it took and, while the
+   device runs, every byte of the transmit ring (a paused device's ring is its state); returns
+   the bytes still undelivered of those. */
 uint32_t kvmig_uart_flush(kvmig_uart *u, int timeout_ms) {
     struct timespec deadline;
     clock_gettime(CLOCK_REALTIME, &deadline);
@@ -437,9 +438,9 @@ uint32_t kvmig_uart_flush(kvmig_uart *u, int timeout_ms) {
     deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
     if (deadline.tv_nsec >= 1000000000L) { deadline.tv_sec++; deadline.tv_nsec -= 1000000000L; }
     pthread_mutex_lock(&u->lock);
-    while (u->has_out_thread && u->running && (u->r.tx_len || u->pumping_out))
+    while (u->has_out_thread && ((u->running && u->r.tx_len) || u->pumping_out))
         if (pthread_cond_timedwait(&u->changed, &u->lock, &deadline) == ETIMEDOUT) break;
-    uint32_t left = u->r.tx_len + (uint32_t)u->pumping_out;
+    uint32_t left = (u->running ? u->r.tx_len : 0) + (uint32_t)u->pumping_out;
     pthread_mutex_unlock(&u->lock);
     return left;
 }

@@ -124,7 +124,8 @@ class Serial16550:
         return lib.kvmig_uart_feed(self.native, data, len(data))
 
     def flush(self, timeout: float = 1.0) -> bool:
-        """Wait until every byte the guest sent has been delivered (raw copy and `output`)."""
+        """Wait until the bytes the guest sent have been delivered (raw copy and `output`): all of
+        them while running; those the output thread took before a pause when paused."""
         if lib.kvmig_uart_flush(self.native, int(timeout * 1000)) != 0:
             return False
         return self._drain()

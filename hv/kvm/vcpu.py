@@ -117,10 +117,11 @@ class Vcpu:
 
     # --- running ------------------------------------------------------------------------------
 
-    def run(self) -> VcpuExit:
+    def run(self, park: Any = ffi.NULL) -> VcpuExit:
         """Enter the guest until the next exit that Python must see (those of the ports claimed by
-        `serve_ports` are handled on the way, in C, without the interpreter lock)."""
-        if self.fd.run(self._fast_pio, self._counts) < 0:
+        `serve_ports` are handled on the way, in C, without the interpreter lock; so is a pause
+        that `park`, a kvmig_park, holds the vCPU for)."""
+        if self.fd.run(self._fast_pio, self._counts, park) < 0:
             return Interrupted()
         return self._decode_exit(self._run.exit_reason)
 
@@ -139,6 +140,11 @@ class Vcpu:
     def fast_io_exits(self) -> int:
         """Port exits `run()` handled in C, since the vCPU was made."""
         return self._counts.fast_io_exits
+
+    @property
+    def parks(self) -> int:
+        """Times `run()` parked in C (a pause), since the vCPU was made."""
+        return self._counts.parks
 
     def _payload(self, ctype: str) -> Any:
         return ffi.cast(ctype, self._exit_union)

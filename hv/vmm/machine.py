@@ -9,7 +9,9 @@ the kick signal to its thread: a vCPU inside KVM_RUN returns EINTR at once; one 
 an exit in Python returns EINTR from its next KVM_RUN, which first completes the pending I/O
 (api.rst: re-entering with immediate_exit "completes pending operations without allowing any
 further instructions to be executed"). A vCPU parks only after that EINTR, so a paused VM has no
-half-done I/O and its state can be read and saved.
+half-done I/O and its state can be read and saved. It parks in C, inside the vCPU loop
+(`kvmig_park`), and resumes from there: neither a pause nor a resume waits for the interpreter
+lock, which whatever else runs in the VMM (a migration) may hold.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from hv.binding.ffi import lib
+from hv.binding.ffi import ffi, lib
 from hv.errors import ConfigError, DeviceFault, GuestFatalExit, HvError, LifecycleError
 from hv.kvm.exits import (
     FATAL_EXITS,
@@ -74,13 +76,15 @@ class _Control(enum.Enum):
 
 @dataclass
 class VcpuStats:
-    """Exits Python handled; `fast_io_exits`: port exits the vCPU loop handled in C."""
+    """Exits Python handled; `fast_io_exits`: port exits the vCPU loop handled in C, `parks`:
+    pauses it spent parked in C."""
 
     exits: int = 0
     io_exits: int = 0
     mmio_exits: int = 0
     kicks: int = 0
     fast_io_exits: int = 0
+    parks: int = 0
 
 
 @runtime_checkable
@@ -135,6 +139,7 @@ class Machine:
         self._control = _Control.RUN
         self._state = RunState.CREATED
         self._ran = False
+        self._parking = ffi.gc(lib.kvmig_park_new(), lib.kvmig_park_free)  # where paused vCPUs wait
         self.error: HvError | None = None
         self.stop_reason: StopReason | None = None
         self.exit_hooks: list[ExitHook] = []
@@ -145,7 +150,7 @@ class Machine:
         self._running_devices: list[Lifecycle] = []
         self.last_pause_seconds = 0.0
         self._throttle = 0.0  # fraction of each period the vCPUs sleep (auto-converge)
-        self._throttle_period = 0.01
+        self._throttle_slice = 0.01  # what a throttled vCPU runs between two sleeps
         self._throttle_thread: threading.Thread | None = None
 
     # --- devices ------------------------------------------------------------------------------
@@ -195,7 +200,7 @@ class Machine:
         parked after a KVM_RUN that `immediate_exit` ended before any guest instruction, so a
         state can still go into it as into a created one (KVM counts a vCPU as run only once
         it entered the guest)."""
-        return self._ran or self._state is RunState.RUNNING
+        return self._ran
 
     @property
     def vcpus(self) -> list[Vcpu]:
@@ -203,6 +208,8 @@ class Machine:
 
     @property
     def stats(self) -> list[VcpuStats]:
+        for slot in self._slots:  # what the C loop counted, as of now
+            slot.stats.fast_io_exits, slot.stats.parks = slot.vcpu.fast_io_exits, slot.vcpu.parks
         return [s.stats for s in self._slots]
 
     def _require(self, action: str, *allowed: RunState) -> None:
@@ -219,14 +226,16 @@ class Machine:
             _install_kick_handler()
             self._control = _Control.PAUSE if paused else _Control.RUN
             self._state = RunState.PAUSED if paused else RunState.RUNNING
+            self._ran = not paused
+            lib.kvmig_park_hold(self._parking, 1 if paused else 0)
             for slot in self._slots:
                 slot.vcpu.immediate_exit = paused  # the first KVM_RUN returns at once
                 slot.thread = threading.Thread(
                     target=self._vcpu_thread, args=(slot,), name=f"vcpu{slot.vcpu.vcpu_id}", daemon=True
                 )
                 slot.thread.start()
-            if paused and not self._cond.wait_for(self._all_quiet, 5.0):
-                raise LifecycleError(self._state, "start paused (a vCPU did not park)")
+        if paused and not self._wait_quiet(5.0):
+            raise LifecycleError(self._state, "start paused (a vCPU did not park)")
         if not paused:
             for device in self._running_devices:
                 device.resume()
@@ -235,13 +244,15 @@ class Machine:
     def throttle(self) -> float:
         return self._throttle
 
-    def set_throttle(self, fraction: float, period: float = 0.01) -> None:
-        """Make every vCPU sleep `fraction` of each `period` (0 turns it off): the guest then
-        dirties memory more slowly, as QEMU's auto-converge does."""
+    def set_throttle(self, fraction: float, run_slice: float = 0.01) -> None:
+        """Make every vCPU sleep `fraction` of its time (0 turns it off): the guest then dirties
+        memory more slowly, as QEMU's auto-converge does. As QEMU's throttle, a vCPU runs
+        `run_slice` between sleeps and sleeps `run_slice * fraction / (1 - fraction)`: the run
+        slice stays long against the host's timer jitter even at 99%."""
         if not 0.0 <= fraction < 1.0:
             raise ValueError(f"throttle fraction must be in [0, 1), got {fraction}")
         with self._cond:
-            self._throttle, self._throttle_period = fraction, period
+            self._throttle, self._throttle_slice = fraction, run_slice
             if fraction and self._throttle_thread is None:
                 self._throttle_thread = threading.Thread(target=self._throttle_loop, name="throttle",
                                                          daemon=True)
@@ -254,21 +265,25 @@ class Machine:
                 if not self._throttle or self._control is _Control.STOP:
                     self._throttle_thread = None
                     return
-                run_slice = self._throttle_period * (1 - self._throttle)
+                period = self._throttle_slice / (1 - self._throttle)
                 if self._control is _Control.RUN:
                     self._kick_all()  # each vCPU sleeps on its next Interrupted exit
-            time.sleep(run_slice)
+            # one kick a period: a vCPU sleeps `throttle` of it, then runs the rest until the next
+            time.sleep(period)
 
     def _throttle_sleep(self, slot: _VcpuSlot) -> None:
-        """A kick while running: clear immediate_exit under the lock (pause sets it under the same
-        lock, so it cannot be lost) and sleep the throttle slice, waking early for pause/stop."""
+        """A kick while running: sleep the throttle slice (waking early for pause/stop), then
+        clear immediate_exit under the lock (pause sets it under the same lock, so it cannot be
+        lost). After the sleep, not before: a kick that came during it would otherwise end the
+        next run slice before it began, and the guest would hardly run at all."""
         with self._cond:
             if self._control is not _Control.RUN:
                 return
-            slot.vcpu.immediate_exit = False
-            if self._throttle:
-                self._cond.wait_for(lambda: self._control is not _Control.RUN,
-                                    self._throttle_period * self._throttle)
+            if self._throttle:  # set_throttle(0) and pause/stop end the sleep early
+                self._cond.wait_for(lambda: self._control is not _Control.RUN or not self._throttle,
+                                    self._throttle_slice * self._throttle / (1 - self._throttle))
+            if self._control is _Control.RUN:
+                slot.vcpu.immediate_exit = False
 
     def _kick_all(self) -> None:
         for slot in self._slots:
@@ -280,19 +295,44 @@ class Machine:
                 except ProcessLookupError:
                     pass  # the thread ended between the check and the kill
 
+    def _running_slots(self) -> list[_VcpuSlot]:
+        """vCPUs whose thread lives and is not parked in Python (it may be parked in C)."""
+        return [s for s in self._slots if s.thread is not None and s.thread.is_alive() and not s.parked]
+
     def _all_quiet(self) -> bool:
-        return all(s.parked or s.thread is None or not s.thread.is_alive() for s in self._slots)
+        return len(self._running_slots()) <= lib.kvmig_park_wait(self._parking, 0, 1, 0)
+
+    def _wait_quiet(self, timeout: float) -> bool:
+        """Wait until every vCPU is parked (or its thread ended). Not under the lock: a vCPU on
+        its way to the park may need it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                if self._all_quiet():
+                    return True
+                in_c = len(self._running_slots())
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            # the interpreter lock is released in here; wake often enough to see a thread end
+            lib.kvmig_park_wait(self._parking, in_c, 1, max(1, int(min(left, 0.05) * 1000)))
+
+    def _end_park(self) -> None:
+        """Under the lock, with _control STOP: vCPUs parked in C go back to Python to end."""
+        lib.kvmig_park_stop(self._parking)
 
     def pause(self, timeout: float = 5.0) -> float:
         """Stop guest execution on every vCPU; returns how long that took (seconds)."""
         t0 = time.perf_counter()
         with self._cond:
             self._require("pause", RunState.RUNNING)
+            lib.kvmig_park_hold(self._parking, 1)  # before the kick: its EINTR parks in C
             self._control = _Control.PAUSE
             self._kick_all()
-            if not self._cond.wait_for(self._all_quiet, timeout):
-                raise LifecycleError(self._state, f"pause within {timeout}s (a vCPU did not stop)")
-            if self._state is RunState.RUNNING:
+        if not self._wait_quiet(timeout):
+            raise LifecycleError(self._state, f"pause within {timeout}s (a vCPU did not stop)")
+        with self._cond:
+            if self._state is RunState.RUNNING and self._control is _Control.PAUSE:
                 self._state = RunState.PAUSED
         for device in self._running_devices:  # after the vCPUs: nothing can notify a paused device
             device.pause()
@@ -309,13 +349,17 @@ class Machine:
             for device in self._running_devices:  # before the vCPUs: a notify finds it live
                 device.resume()
             for slot in self._slots:
-                slot.vcpu.immediate_exit = False
+                slot.vcpu.immediate_exit = False  # before the release: they enter the guest again
             self._control = _Control.RUN
             self._state = RunState.RUNNING
+            self._ran = True
             self._cond.notify_all()
+            lib.kvmig_park_hold(self._parking, 0)
             if wait_running:
                 self._cond.wait_for(lambda: self._control is not _Control.RUN
                                     or not any(s.parked for s in self._slots), timeout)
+        if wait_running:  # those parked in C left without the interpreter lock
+            lib.kvmig_park_wait(self._parking, 0, 0, int(timeout * 1000))
         return time.perf_counter() - t0
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -327,6 +371,7 @@ class Machine:
             self._control = _Control.STOP
             if self.stop_reason is None:
                 self.stop_reason = StopReason("host")
+            self._end_park()
             self._kick_all()
             self._cond.notify_all()
         self._join(timeout)
@@ -365,8 +410,6 @@ class Machine:
                 self._cond.wait()
             slot.parked = False
             self._cond.notify_all()  # resume(wait_running=True) waits for this
-            if self._control is _Control.RUN:
-                self._ran = True
             return self._control is _Control.RUN
 
     def request_stop(self, reason: StopReason) -> None:
@@ -375,6 +418,7 @@ class Machine:
             if self.stop_reason is None:
                 self.stop_reason = reason
             self._control = _Control.STOP
+            self._end_park()
             self._kick_all()
             self._cond.notify_all()
 
@@ -385,6 +429,7 @@ class Machine:
             self.stop_reason = StopReason("fatal", str(error))
             self._state = RunState.ERROR
             self._control = _Control.STOP
+            self._end_park()
             self._kick_all()
             self._cond.notify_all()
 
@@ -396,9 +441,8 @@ class Machine:
         ex: VcpuExit | None = None
         try:
             while True:
-                ex = vcpu.run()
+                ex = vcpu.run(self._parking)
                 stats.exits += 1
-                stats.fast_io_exits = vcpu.fast_io_exits
                 match ex:
                     case IoOut(port=port, size=size, data=data, count=count):
                         stats.io_exits += 1
