@@ -45,6 +45,17 @@
 #define U_LSR_THRE 0x20
 #define U_LSR_TEMT 0x40
 
+/* CLOCK_REALTIME `ms` from now, for pthread_cond_timedwait (vcpu_loop.c uses it too: the two
+   files are one translation unit, see build.py). */
+static struct timespec deadline_after(int ms) {
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    t.tv_sec += ms / 1000;
+    t.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (t.tv_nsec >= 1000000000L) { t.tv_sec++; t.tv_nsec -= 1000000000L; }
+    return t;
+}
+
 struct kvmig_uart {
     pthread_mutex_t lock;
     pthread_cond_t changed; /* tx gained bytes, rx gained room, running or stopping changed */
@@ -432,11 +443,7 @@ void kvmig_uart_set_running(kvmig_uart *u, int running) {
    device runs, every byte of the transmit ring (a paused device's ring is its state); returns
    the bytes still undelivered of those. */
 uint32_t kvmig_uart_flush(kvmig_uart *u, int timeout_ms) {
-    struct timespec deadline;
-    clock_gettime(CLOCK_REALTIME, &deadline);
-    deadline.tv_sec += timeout_ms / 1000;
-    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (deadline.tv_nsec >= 1000000000L) { deadline.tv_sec++; deadline.tv_nsec -= 1000000000L; }
+    struct timespec deadline = deadline_after(timeout_ms);
     pthread_mutex_lock(&u->lock);
     while (u->has_out_thread && ((u->running && u->r.tx_len) || u->pumping_out))
         if (pthread_cond_timedwait(&u->changed, &u->lock, &deadline) == ETIMEDOUT) break;

@@ -58,11 +58,7 @@ void kvmig_park_stop(kvmig_park *p) {
 /* Waits up to timeout_ms until `parked` vCPUs are parked (more for a pause, 0 for a resume);
    returns how many are. */
 uint32_t kvmig_park_wait(kvmig_park *p, uint32_t parked, int at_least, int timeout_ms) {
-    struct timespec deadline;
-    clock_gettime(CLOCK_REALTIME, &deadline);
-    deadline.tv_sec += timeout_ms / 1000;
-    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (deadline.tv_nsec >= 1000000000L) { deadline.tv_sec++; deadline.tv_nsec -= 1000000000L; }
+    struct timespec deadline = deadline_after(timeout_ms);
     pthread_mutex_lock(&p->lock);
     while (at_least ? p->parked < parked : p->parked > parked)
         if (pthread_cond_timedwait(&p->cond, &p->lock, &deadline) == ETIMEDOUT) break;
