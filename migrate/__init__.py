@@ -31,11 +31,12 @@ from migrate.options import MigrationOptions
 from migrate.snapshots import SnapshotInfo, SnapshotKind, inspect, restore, snapshot
 from migrate.source import send
 from migrate.stats import MigrationOutcome, MigrationStats
-from migrate.target import listen_and_receive, receive
+from migrate.receiver import Receiver, listen_and_receive
+from migrate.target import receive
 from migrate.transport import Listener, Tls, connect
 
 __all__ = [
-    "Cancelled", "IncompatibleError", "Listener", "MigrateError", "MigrationFailed", "MigrationOptions",
+    "Cancelled", "IncompatibleError", "Listener", "Receiver", "MigrateError", "MigrationFailed", "MigrationOptions",
     "MigrationOutcome", "MigrationStats", "MissingSections", "NotConverging", "SnapshotError", "SnapshotInfo",
     "SnapshotKind", "StateError", "Tls", "TransportError", "connect", "inspect", "listen_and_receive",
     "receive", "restore", "send", "snapshot",
