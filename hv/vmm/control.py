@@ -28,6 +28,7 @@ import functools
 import json
 import logging
 import os
+import resource
 import selectors
 import socket
 import stat
@@ -51,7 +52,8 @@ ENTRY_POINT_GROUP = "kvmigrate.control"
 MAX_REQUEST = 64 * 1024
 REQUEST_TIMEOUT = 10.0  # seconds a connection may take to send its request line
 REPLY_TIMEOUT = 10.0  # seconds a reply (or a progress line) may wait for the client to read it
-MAX_CONNECTIONS = 256  # open at once, idle or busy
+# open at once, idle or busy: well inside the process's file descriptors (the VM needs its own)
+MAX_CONNECTIONS = min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
 
 
 class ControlError(HvError):
@@ -353,8 +355,9 @@ class ControlServer:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:
+            except OSError as e:  # out of file descriptors, say: wait rather than spin on a ready socket
                 log.warning("control socket: accept failed: %s", e)
+                self._closing.wait(0.1)
                 return
             if self.open_connections >= self.max_connections:
                 # refused politely: the reason fits in an empty socket buffer, so this cannot block
