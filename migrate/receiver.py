@@ -7,7 +7,8 @@ by its first message:
 
 - `Hello`: a migration. They run one after the other (`receive`); one that is refused, fails,
   is cancelled or is a dry run is logged, and the receiver listens again (unless `once`). A Hello
-  while another migration runs, or once a guest has arrived, is refused with `Reject`.
+  while another migration runs (past `handshake_timeout`), or once a guest has arrived, is refused
+  with `Reject`.
 - `Channel`: an extra page stream of the migration running now (any other is closed).
 - `Query`: a source in doubt asks about a session; answered from the `SessionLedger`, which
   fences a session still waiting for its Commit (protocol.py, point 6). Answered for as long as
@@ -66,6 +67,7 @@ class Receiver:
         self._hellos: queue.Queue[tuple[Connection, Hello] | BaseException] = queue.Queue()
         self._joins: queue.Queue[tuple[Connection, Channel]] = queue.Queue()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when a migration ends
         self._busy = False  # a migration is queued or running
         self._arrived = ""  # the source a guest came from, once one has
         self._per_host: dict[str, int] = {}
@@ -91,6 +93,7 @@ class Receiver:
             if isinstance(item, BaseException):
                 raise item  # `once`: the first connection ended before any migration
             conn, hello = item
+            incoming = None
             try:
                 incoming = receive(conn, self.kvm, first=hello, joins=self._next_join, ledger=self.ledger,
                                    **self.target_options)
@@ -102,17 +105,18 @@ class Receiver:
                 continue
             finally:
                 conn.close()
-                with self._lock:
-                    self._busy = False
                 self._drain_joins()
+                with self._lock:
+                    if incoming is not None and incoming.machine is not None:
+                        self._arrived = incoming.source  # before another Hello can be let in
+                    self._busy = False
+                    self._idle.notify_all()
             if incoming.machine is None:
                 log.warning("dry run from %s: this host would accept the guest%s", conn.peer,
                             "" if self.once else "; listening for the migration")
                 if self.once:
                     return incoming
                 continue
-            with self._lock:
-                self._arrived = incoming.source
             return incoming
 
     def _next_join(self, timeout: float) -> tuple[Connection, Channel]:
@@ -240,6 +244,8 @@ class Receiver:
         match first:
             case Hello():
                 with self._lock:
+                    # a migration that is ending (a dry run's Cancel being read) is waited for
+                    self._idle.wait_for(lambda: not self._busy or self._arrived, self.handshake_timeout)
                     refusal = (f"this target already runs the guest it received from {self._arrived}"
                                if self._arrived else "this target is taking another migration" if self._busy
                                else "")
