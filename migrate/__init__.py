@@ -6,7 +6,8 @@
 (`migrate.snapshots`). `send(machine, "host:port", options)` / `receive(conn, kvm)`: live migration
 by pre-copy with a two-phase hand-over.
 
-Where things are: `source` and `target` (the two sides of a live migration), `protocol` (the
+Where things are: `source` and `target` (the two sides of a live migration), `receiver` (the
+`migrate recv` server around the target), `resolve` (an in-doubt hand-over settled), `protocol` (the
 sans-IO state machine between them), `transport` (sockets, framing, authentication), `streams`
 (extra page streams and the round gate), `convergence` (when to stop and copy: a pure function),
 `options` and `stats` (what the user asks and what they get back), `snapshots` (files),
