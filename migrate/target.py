@@ -44,7 +44,8 @@ from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete
                               Outcome, Pages, Protocol, Ready, Reject, Resumed, Role, RoundDone, State)
 from migrate.records import EXPECT, Collected
 from migrate.state import GuestCpuid, apply, cpuid_problems, expected_layout, registry
-from migrate.streams import MAX_STREAMS, IncomingStream, Joins, RoundGate, accept_streams, close_streams, listener_joins
+from migrate.streams import (MAX_STREAMS, IncomingStream, Joins, RoundGate, accept_streams, close_streams,
+                             listener_joins)
 from migrate.transport import Connection, Listener
 
 log = logging.getLogger(__name__)
