@@ -3,7 +3,7 @@
     migrate snapshot --api SOCK --out FILE [--incremental-from FILE] [--mappable] [--track-dirty]
     migrate restore FILE [--api SOCK]            run the snapshot's guest, console attached
     migrate inspect FILE [--json]                what a snapshot holds, and whether it checks out
-    migrate recv --listen HOST:PORT [--api SOCK] [--key-file F]
+    migrate recv --listen HOST:PORT [--api SOCK] [--key-file F] [--once]
     migrate send --api SOCK --to HOST:PORT [--downtime-ms N] [--bandwidth MiB/s] [--streams N]
                  [--no-auto-converge] [--dry-run] [--json]
     migrate resolve SOCK [--force-resume-source | --force-stop-source]

@@ -40,8 +40,8 @@ from migrate.transport import Connection, Listener
 
 log = logging.getLogger(__name__)
 
-MAX_HANDSHAKES = 32  # connections being authenticated or read at once
-MAX_PER_HOST = 4  # of those, from one host
+MAX_HANDSHAKES = 64  # connections being authenticated or read at once
+MAX_PER_HOST = 16  # of those, from one host (loopback peers are all one host)
 FREE_FAILURES = 3  # failed authentications in a row a host gets before it must wait
 MAX_BACKOFF = 30.0  # the longest wait before a challenge (seconds)
 HANDSHAKE_TIMEOUT = 10.0  # to authenticate and send a first message
