@@ -15,7 +15,8 @@ by its first message:
   the receiver runs, also after the guest arrived.
 - anything else, or nothing within the timeout: a stray connection, logged and closed.
 
-Authentication attempts are limited per host: after `FREE_FAILURES` failures in a row, each new
+Authentication attempts are limited per host: after `FREE_FAILURES` wrong answers to the
+challenge in a row (guesses at the key; a connection that answers nothing only times out), each new
 connection from that host waits 1, 2, 4 ... up to `MAX_BACKOFF` seconds before its challenge (it
 holds one of the host's few handshake slots meanwhile, so a guessing peer gets a handful of
 tries a minute); a success clears the count. Every refusal is logged (WARNING).
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hv.kvm.kvm import Kvm
-from migrate.errors import TransportError
+from migrate.errors import AuthenticationFailed, TransportError
 from migrate.protocol import Channel, Hello, Query, Reject, Verdict
 from migrate.target import Incoming, SessionLedger, receive
 from migrate.transport import Connection, Listener
@@ -217,10 +218,14 @@ class Receiver:
                     return
             try:
                 conn = self.listener.secure(sock, peer, self.handshake_timeout)
-            except (TransportError, OSError) as e:
+            except AuthenticationFailed as e:  # a wrong answer: a guess at the key, counted
                 count = self._authenticated(host, False)
                 log.warning("refused %s: authentication failed (%s); %d in a row from %s", peer, e, count, host)
                 self._ended_before_migrating(e)
+                return
+            except (TransportError, OSError) as e:  # no answer (a stray, a port scan): its slot is freed
+                log.warning("refused %s: no authentication (%s)", peer, e)
+                self._ended_before_migrating(e if isinstance(e, TransportError) else TransportError(str(e)))
                 return
             self._authenticated(host, True)
             try:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-from migrate.errors import TransportError
+from migrate.errors import AuthenticationFailed, TransportError
 from migrate.protocol import MESSAGE_TYPES, ErrorCode, Message, MessageKind, Pages
 
 FRAME = struct.Struct("<IB")
@@ -268,7 +268,7 @@ class Connection:
         ok = hmac.compare_digest(answer, hmac.new(key, challenge + AUTH_CONTEXT, hashlib.sha256).digest())
         self.sock.sendall(b"\x01" if ok else b"\x00")
         if not ok:
-            raise TransportError(f"{self.peer} failed authentication")
+            raise AuthenticationFailed(f"{self.peer} failed authentication")
 
 
 @dataclass(frozen=True)

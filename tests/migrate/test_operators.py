@@ -424,7 +424,7 @@ def test_recv_survives_strays_a_dry_run_and_a_failure_then_takes_the_migration(k
         machine.stop()
         machine.vm.close()
     logged = " | ".join(r.message for r in caplog.records)
-    for words in ("authentication failed", "stray connection", "opened with Ready", "dry run from",
+    for words in ("no authentication", "stray connection", "opened with Ready", "dry run from",
                   "did not arrive", "asked about session"):
         assert words in logged, words
 
@@ -483,9 +483,56 @@ def test_migrate_recv_keeps_listening_after_a_stray_unless_once(kvm: Kvm, tmp_pa
         target.send_signal(signal.SIGTERM)
         _, err = target.communicate(timeout=30)
         err = " ".join(err.split())
-        assert target.returncode == 0 and "authentication failed" in err and "dry run from" in err, err
+        assert target.returncode == 0 and "no authentication" in err and "dry run from" in err, err
         assert not api.exists()
     finally:
         target.kill()
         machine.stop()
         machine.vm.close()
+
+
+def test_idle_connections_past_the_hosts_share_are_refused_and_time_out(kvm: Kvm, caplog) -> None:
+    from migrate.receiver import MAX_PER_HOST
+
+    machine, console = _source(kvm)
+    listener = Listener("127.0.0.1:0", b"")
+    receiver = Receiver(listener, kvm, handshake_timeout=1.0, timeout=30)
+    idle = [socket.create_connection(listener.sock.getsockname()) for _ in range(MAX_PER_HOST + 1)]
+    try:
+        for s in idle:  # each is refused (closed at once) or, never answering, closed at its timeout
+            s.settimeout(30)
+            while s.recv(64):
+                pass
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(incoming=receiver.receive(60)))
+        thread.start()
+        stats = send(machine, listener.address, MigrationOptions())
+        thread.join(60)
+        assert stats.outcome == "completed", stats.reason
+        moved = result["incoming"].machine
+        moved.stop()
+        moved.vm.close()
+    finally:
+        for s in idle:
+            s.close()
+        receiver.close()
+        listener.close()
+        machine.stop()
+        machine.vm.close()
+    logged = " | ".join(r.message for r in caplog.records)
+    assert "being authenticated" in logged and "no authentication" in logged
+    assert "before its challenge" not in logged  # silence is not a guess: no backoff for the real source
+
+
+def test_recv_and_restore_refuse_a_bad_api_path_before_anything_else(tmp_path: Path) -> None:
+    regular = tmp_path / "notes.txt"
+    regular.write_text("mine")
+    for argv in (["recv", "--listen", "127.0.0.1:0", "--api", str(tmp_path / "missing" / "t.sock")],
+                 ["recv", "--listen", "127.0.0.1:0", "--api", str(regular)],
+                 ["restore", str(tmp_path / "no.snap"), "--api", str(regular)]):
+        proc = subprocess.run([sys.executable, "-m", "migrate.cli", *argv], capture_output=True, text=True,
+                              timeout=60)
+        err = " ".join(proc.stderr.split())
+        assert proc.returncode == 2 and "ControlSocketError" in err and "Traceback" not in err, err
+        assert "listening on" not in err
+    assert regular.read_text() == "mine"
