@@ -24,7 +24,7 @@ from hv.vmm.control import ControlContext, ControlError, ControlServer, call
 from hv.vmm.machine import Machine, RunState
 from migrate import MigrationOptions, Receiver, send
 from migrate.errors import MigrationFailed, TransportError
-from migrate.protocol import Accept, Commit, Complete, Hello, Pages, Query, Ready, Verdict
+from migrate.protocol import Accept, Commit, Complete, Hello, Pages, Query, Ready, State, Verdict
 from migrate.transport import Connection, Listener, connect
 import migrate.receiver
 import migrate.source
@@ -303,6 +303,8 @@ class _SilentTarget:
                 if self.phase == "final-pages" and isinstance(message, Pages) and \
                         self.source.state is RunState.PAUSED:
                     return self._silence()  # the last round's pages stop being read
+                if self.phase == "state" and isinstance(message, State):
+                    return self._silence()  # the devices' and vCPUs' state is never taken in
                 if isinstance(message, Complete):
                     if self.phase == "ready":
                         return self._silence()  # no Ready
@@ -320,7 +322,7 @@ class _SilentTarget:
         self.listener.close()
 
 
-@pytest.mark.parametrize("phase", ["final-pages", "ready"])
+@pytest.mark.parametrize("phase", ["final-pages", "state", "ready"])
 def test_a_target_silent_before_commit_costs_the_guest_the_final_copys_limit_not_the_timeout(
         kvm: Kvm, phase: str) -> None:
     machine, console = _source(kvm, ws=32, rate=0)  # busy: the final round has pages to send
