@@ -6,7 +6,6 @@ thread and are closed, a bound on connections, and the run state's owner refusin
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess

@@ -140,7 +140,6 @@ def test_an_operators_resume_during_the_hand_over_is_refused(kvm: Kvm, tmp_path:
         assert machine.state is RunState.STOPPED
         assert bg.read_status(machine.vm.memory) == frozen  # it never ran again here
         target.join()
-        moved = target.incoming.machine
         target.console.wait_pass(frozen.passes + 1, timeout=20)  # it runs there, from where it stopped
         assert min(target.console.passes) > max(console.passes)  # no pass ran twice
     finally:
