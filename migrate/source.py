@@ -84,14 +84,16 @@ class Source:
     # --- messages ---------------------------------------------------------------------------------
 
     def message(self, message: Any) -> None:
+        limit = self._wait_limit()  # first: a Commit the deadline stops is one that never left
         self.proto.send(message)
-        self.conn.send(message, timeout=self._wait_limit())
+        self.conn.send(message, timeout=limit)
 
     def pages_message(self, round_number: int, parts: list[bytes | memoryview]) -> None:
         if self.conn.has_message():  # the target does not speak during a round unless it gives up
             self.answer()
+        limit = self._wait_limit()
         self.proto.send(Pages(round_number, b""))  # the protocol tracks the kind, not the bytes
-        self.conn.send_pages(round_number, parts, timeout=self._wait_limit())
+        self.conn.send_pages(round_number, parts, timeout=limit)
 
     def answer(self) -> Any:
         left = self._wait_limit()
