@@ -295,6 +295,9 @@ class ControlServer:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._thread is None or not self._thread.is_alive():
+            self._wake_r.close()
+            self._wake_w.close()
         self._remove_path()
         # Commands still being answered (a `stop` that ended the run loop, say) get their reply
         # out before the process goes; a long one (a migration) is not waited for forever.
