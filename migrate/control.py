@@ -1,5 +1,5 @@
 """migrate's commands on a running VM's control socket: `snapshot`, `migrate-send`,
-`migrate-cancel` and `migrate-resolve`.
+`migrate-cancel` (error `InDoubt` once the migration ended in doubt) and `migrate-resolve`.
 
 `snapshot` and `migrate-send` own the VM's run state while they work (`hv.vmm.owner`: the
 lifecycle commands are refused with `Busy` meanwhile). `migrate-resolve` ends an in-doubt
@@ -53,6 +53,10 @@ def _migrate_cancel(ctx: ControlContext, _args: dict[str, Any], _progress: Progr
     cancel = ctx.extra.get("migration_cancel")
     if cancel is None:
         raise ControlError("NotMigrating", "no migration has been started on this VM")
+    hold = owner_of(ctx.machine).current
+    if hold is not None and hold.in_doubt:
+        raise ControlError("InDoubt", f"the {hold.owner} is over, in doubt: nothing to cancel; "
+                                      "`migrate resolve` settles it", hold.facts())
     cancel.set()
     return {"cancelled": True}
 

@@ -187,6 +187,9 @@ def _send_into_doubt(machine: Machine, sock: Path, address: str) -> None:
     with pytest.raises(ControlError) as e:  # nor may it be sent elsewhere: that could make two copies
         call(sock, "migrate-send", timeout=10, to=address)
     assert e.value.kind == "Busy"
+    with pytest.raises(ControlError) as e:  # and there is nothing left to cancel
+        call(sock, "migrate-cancel", timeout=10)
+    assert e.value.kind == "InDoubt" and e.value.facts["state"] == "in-doubt"
 
 
 def test_commit_lost_in_doubt_until_resolve_resumes_the_source(kvm: Kvm, tmp_path: Path, monkeypatch) -> None:
