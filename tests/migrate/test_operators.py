@@ -386,6 +386,24 @@ def test_a_send_to_a_peer_that_never_reads_ends_at_its_timeout() -> None:
         server.close()
 
 
+def test_an_extra_page_stream_to_a_peer_that_never_reads_is_waited_for_with_a_limit() -> None:
+    from migrate.streams import OutgoingStream
+
+    server = socket.create_server(("127.0.0.1", 0))
+    stream = OutgoingStream(Connection(socket.create_connection(server.getsockname()), "silent peer"))
+    peer, _ = server.accept()  # accepted, never read
+    try:
+        stream.queue.put((0, [bytes(48 * MiB)]))
+        assert stream.wait_sent(0.5) is False  # the final copy gives up on it at its deadline ...
+        t0 = time.monotonic()
+        stream.close()  # ... and closing wakes the blocked send instead of waiting out its timeout
+        assert time.monotonic() - t0 < 5 and not stream.thread.is_alive()
+        assert isinstance(stream.error, TransportError)
+    finally:
+        peer.close()
+        server.close()
+
+
 # --- migrate recv survives what it is sent --------------------------------------------------------
 
 
