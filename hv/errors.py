@@ -142,3 +142,34 @@ class BootError(HvError):
     def __init__(self, image: str, field: str, expected: object, found: object) -> None:
         self.image, self.field, self.expected, self.found = image, field, expected, found
         super().__init__(f"{image}: {field}: expected {expected}, found {found}")
+
+
+class Busy(HvError):
+    """A change of a VM's run state (pause, resume, stop, a second snapshot or migration) asked
+    while someone else owns it: a migration or snapshot in progress, or a hand-over in doubt that
+    only `migrate resolve` ends. `facts()` is what the control socket sends with it."""
+
+    def __init__(self, action: str, owner: str, since: float, in_doubt: bool = False) -> None:
+        self.action, self.owner, self.since, self.in_doubt = action, owner, since, in_doubt
+        held = ("in doubt after " + owner + ": only `migrate resolve` ends it" if in_doubt
+                else "held by " + owner)
+        super().__init__(f"{action} refused: the VM's run state is {held} (since {_clock(since)})")
+
+    def facts(self) -> dict[str, object]:
+        return {"action": self.action, "owner": self.owner, "since": self.since,
+                "state": "in-doubt" if self.in_doubt else "held"}
+
+
+def _clock(wall: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(wall))
+
+
+class ControlSocketError(HvError):
+    """A control socket path (`--api PATH`) that cannot be ours: a file that is not a socket, a
+    socket a running VM answers on, or a directory that does not exist."""
+
+    def __init__(self, path: object, detail: str) -> None:
+        self.path, self.detail = path, detail
+        super().__init__(f"--api {path}: {detail}")

@@ -6,7 +6,8 @@
 (`migrate.snapshots`). `send(machine, "host:port", options)` / `receive(conn, kvm)`: live migration
 by pre-copy with a two-phase hand-over.
 
-Where things are: `source` and `target` (the two sides of a live migration), `protocol` (the
+Where things are: `source` and `target` (the two sides of a live migration), `receiver` (the
+`migrate recv` server around the target), `resolve` (an in-doubt hand-over settled), `protocol` (the
 sans-IO state machine between them), `transport` (sockets, framing, authentication), `streams`
 (extra page streams and the round gate), `convergence` (when to stop and copy: a pure function),
 `options` and `stats` (what the user asks and what they get back), `snapshots` (files),
@@ -31,11 +32,12 @@ from migrate.options import MigrationOptions
 from migrate.snapshots import SnapshotInfo, SnapshotKind, inspect, restore, snapshot
 from migrate.source import send
 from migrate.stats import MigrationOutcome, MigrationStats
-from migrate.target import listen_and_receive, receive
+from migrate.receiver import Receiver, listen_and_receive
+from migrate.target import receive
 from migrate.transport import Listener, Tls, connect
 
 __all__ = [
-    "Cancelled", "IncompatibleError", "Listener", "MigrateError", "MigrationFailed", "MigrationOptions",
+    "Cancelled", "IncompatibleError", "Listener", "Receiver", "MigrateError", "MigrationFailed", "MigrationOptions",
     "MigrationOutcome", "MigrationStats", "MissingSections", "NotConverging", "SnapshotError", "SnapshotInfo",
     "SnapshotKind", "StateError", "Tls", "TransportError", "connect", "inspect", "listen_and_receive",
     "receive", "restore", "send", "snapshot",

@@ -3,9 +3,11 @@
     migrate snapshot --api SOCK --out FILE [--incremental-from FILE] [--mappable] [--track-dirty]
     migrate restore FILE [--api SOCK]            run the snapshot's guest, console attached
     migrate inspect FILE [--json]                what a snapshot holds, and whether it checks out
-    migrate recv --listen HOST:PORT [--api SOCK] [--key-file F]
+    migrate recv --listen HOST:PORT [--api SOCK] [--key-file F] [--once]
     migrate send --api SOCK --to HOST:PORT [--downtime-ms N] [--bandwidth MiB/s] [--streams N]
                  [--no-auto-converge] [--dry-run] [--json]
+    migrate resolve SOCK [--force-resume-source | --force-stop-source]
+                                                 end an in-doubt hand-over: ask the target, or force
     migrate demo                                 the built-in guest, migrated live to a second process
 
 The VM to snapshot or send runs in another process (`hv run --api SOCK`, `migrate restore`,
@@ -37,7 +39,7 @@ from hv.errors import HvError
 from hv.kvm.kvm import Kvm
 from hv.devices.serial import Serial16550
 from hv.vmm.cli import LineConsole, dispatch, parse_size, run_machine, terminal
-from hv.vmm.control import ControlError, call
+from hv.vmm.control import ControlError, call, check_socket_path
 from hv.vmm.control import extensions as control_extensions
 from hv.vmm.machine import discard
 from migrate.errors import MigrateError
@@ -114,6 +116,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from migrate.snapshots import restore
 
+    if args.api:
+        check_socket_path(args.api)  # a clear refusal before the restore, not after
     console, done = _guest_console()
     with Kvm() as kvm:
         t0 = time.perf_counter()
@@ -149,27 +153,31 @@ SETTLE_SECONDS = 0.1  # the guest runs alone this long after it arrives (issue: 
 
 
 def cmd_recv(args: argparse.Namespace) -> int:
-    from migrate.target import listen_and_receive
+    from migrate.receiver import Receiver
     from migrate.transport import Listener
 
+    if args.api:
+        check_socket_path(args.api)  # a clear refusal now, not once the guest has arrived
     listener = Listener(args.listen, _key(args.key_file), _tls(args))
     control_extensions()  # found and imported now, not beside the guest's first moments here
     status.print(f"[bold]migrate[/]: listening on {listener.address}")
     console, done = _guest_console()
     with Kvm() as kvm:
+        # Queries from a source in doubt are answered for as long as this process runs
+        receiver = Receiver(listener, kvm, once=args.once, console=console, terminal=terminal(),
+                            disk=args.disk, virtio_console=LineConsole())
         try:
-            incoming = listen_and_receive(listener, kvm, console=console, terminal=terminal(), disk=args.disk,
-                                          virtio_console=LineConsole(),
-                                          accept_timeout=args.accept_timeout or None)
+            incoming = receiver.receive(args.accept_timeout or None)
+            if incoming.machine is None:
+                status.print("[bold]migrate[/]: dry run: this host would accept the guest")
+                return 0
+            return run_machine(incoming.machine, done=done, api=args.api, timeout=args.timeout, start=False,
+                               extra={"console": console}, settle=SETTLE_SECONDS,
+                               announce=f"[bold]migrate[/]: received the guest from {incoming.source} "
+                                        f"({incoming.pages} pages, {incoming.seconds:.2f} s); it runs here now")
         finally:
+            receiver.close()
             listener.close()
-        if incoming.machine is None:
-            status.print("[bold]migrate[/]: dry run: this host would accept the guest")
-            return 0
-        return run_machine(incoming.machine, done=done, api=args.api, timeout=args.timeout, start=False,
-                           extra={"console": console}, settle=SETTLE_SECONDS,
-                           announce=f"[bold]migrate[/]: received the guest from {incoming.source} "
-                                    f"({incoming.pages} pages, {incoming.seconds:.2f} s); it runs here now")
 
 
 def _send_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -177,7 +185,8 @@ def _send_options(args: argparse.Namespace) -> dict[str, Any]:
                                "streams": args.streams, "threads": args.threads,
                                "auto_converge": not args.no_auto_converge,
                                "dry_run": args.dry_run, "max_rounds": args.max_rounds,
-                               "max_seconds": args.max_seconds, "finish_anyway": args.finish_anyway}
+                               "max_seconds": args.max_seconds, "finish_anyway": args.finish_anyway,
+                               "final_copy_margin_ms": args.final_copy_margin_ms}
     key = _key(args.key_file)
     if key:
         options["key"] = key.hex()
@@ -251,6 +260,29 @@ def cmd_send(args: argparse.Namespace) -> int:
     from migrate.stats import MigrationOutcome
 
     return 0 if stats["outcome"] in (MigrationOutcome.COMPLETED, MigrationOutcome.DRY_RUN) else 1
+
+
+EXIT_IN_DOUBT = 6  # the hand-over is still in doubt (the source's copy stays paused)
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    force = "resume-source" if args.force_resume_source else "stop-source" if args.force_stop_source else None
+    try:
+        result = call(args.sock, "migrate-resolve", force=force)
+    except ControlError as e:
+        if e.kind != "StillInDoubt":
+            raise
+        if args.json:
+            _print_json({"error": e.kind, "message": e.message, **e.facts})
+        else:
+            status.print(f"[yellow]migrate[/]: {e.message}", markup=False)
+        return EXIT_IN_DOUBT
+    if args.json:
+        _print_json(result)
+    else:
+        how = f"forced: {result['forced']}" if result["forced"] else result["asked"]
+        status.print(f"migrate: resolved ({how}): the source's copy is {result['action']}", markup=False)
+    return 0
 
 
 # --- demo -------------------------------------------------------------------------------------------
@@ -369,7 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="127.0.0.1:7380", metavar="HOST:PORT")
     p.add_argument("--api", metavar="SOCK")
     p.add_argument("--key-file", help="pre-shared key (also $KVMIGRATE_KEY); required off loopback")
-    p.add_argument("--accept-timeout", type=float, default=0, help="give up waiting after this many s")
+    p.add_argument("--accept-timeout", type=float, default=0,
+                   help="give up if no guest has arrived after this many s (default 0: wait for ever)")
+    p.add_argument("--once", action="store_true",
+                   help="one shot: end after the first connection, whatever it was (by default a refused, "
+                        "failed, stray or dry-run connection is logged and the next one awaited)")
     p.add_argument("--disk", help="the virtio disk's file here (default: the source's path, shared storage)")
     _add_tls_arguments(p)
     p.add_argument("--timeout", type=float, default=0, help="stop the received guest after this many s")
@@ -389,10 +425,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finish-anyway", action="store_true",
                    help="at max rounds/time, stop and copy anyway (longer downtime) instead of giving up")
     p.add_argument("--dry-run", action="store_true", help="only check that the target would accept")
+    p.add_argument("--final-copy-margin-ms", type=float, default=1000,
+                   help="the paused final copy waits for the target at most twice its downtime budget plus "
+                        "this (default 1000 ms); past it the source resumes (or, after Commit, is in doubt)")
     p.add_argument("--key-file")
     _add_tls_arguments(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("resolve", help="end an in-doubt hand-over: ask the target whether it runs the guest, "
+                       "then stop or resume the source's copy")
+    p.add_argument("sock", metavar="SOCK", help="the source VM's control socket")
+    force = p.add_mutually_exclusive_group()
+    force.add_argument("--force-resume-source", action="store_true",
+                       help="if the target cannot say: run the source's copy (RISK: two running copies if "
+                            "the target runs the guest)")
+    force.add_argument("--force-stop-source", action="store_true",
+                       help="if the target cannot say: stop the source's copy (RISK: no running copy if the "
+                            "target does not run the guest)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_resolve)
 
     p = sub.add_parser("demo", help="live-migrate the built-in guest to a second process")
     p.add_argument("--mem", type=parse_size, default=parse_size("1G"))

@@ -43,6 +43,10 @@ class TransportError(MigrateError):
     """The link to the peer failed (closed, timed out, a frame too large, authentication)."""
 
 
+class AuthenticationFailed(TransportError):
+    """The peer answered the challenge, wrongly: it does not hold the key (a guess, counted)."""
+
+
 class MigrationFailed(MigrateError):
     """A live migration ended without handing the guest over; says where the guest runs now."""
 

@@ -26,6 +26,8 @@ class MigrationOptions:
     level: int = 1  # zstd level
     dry_run: bool = False
     timeout: float = 30.0  # longest wait for any one answer from the target
+    # the final copy (guest paused) waits at most twice its budget plus this, in all, for the target
+    final_copy_margin_ms: float = 1000.0
     key: bytes = b""
     tls: Tls | None = None  # mutual TLS (certificates checked against a private CA)
 

@@ -33,6 +33,21 @@ as coordinator:
    the target, settles it. No protocol over an unreliable link can avoid this last window (the
    two generals problem); it is as small as one message's flight, and it loses nothing.
 4. A target that has Commit resumes even if its `Resumed` is lost: Commit made it the owner.
+5. Nobody else moves the guest meanwhile. From Hello until the exchange ends, the source's
+   migration owns its VM's run state (`hv.vmm.owner`): an operator's pause, resume or stop (the
+   control socket) is refused with `Busy`, so no command can run the source's copy while the
+   protocol holds it paused, nor start a second migration or snapshot of it. IN_DOUBT is a state
+   of its own that outlives the migration: the VM stays paused and held, and only
+   `migrate resolve` ends it.
+6. Resolving asks the target, on a new connection to its migration address: `Query(session)`,
+   answered by one `Verdict`. The target answers atomically with respect to Commit: "committed"
+   if it has taken Commit for that session (it runs, or ran, the guest: the source stops its
+   copy), else it *fences* the session (a Commit that arrives later is refused and the half-built
+   copy discarded) and answers "not-committed" (the source resumes: the target can never run it).
+   A target that does not know the session ("unknown": another process, or one that forgot) or
+   does not answer settles nothing: the doubt stays. Only the operator can then force it, and the
+   flag says the risk: `--force-resume-source` (two running copies if the target runs it) or
+   `--force-stop-source` (no running copy if it does not).
 """
 
 from __future__ import annotations
@@ -63,6 +78,8 @@ class MessageKind(enum.IntEnum):
     CANCEL = 11
     ERROR = 12
     CHANNEL = 13  # first message on an extra page stream; not part of the exchange below
+    QUERY = 14  # resolving a doubt: the only message of its own connection (point 6 above)
+    VERDICT = 15  # the target's answer to QUERY
 
 
 class ErrorCode(enum.IntEnum):
@@ -176,11 +193,35 @@ class Error:
     message: str
 
 
+class HandOver(enum.StrEnum):
+    """What a target says of a session it is asked about (`Verdict.hand_over`)."""
+
+    COMMITTED = "committed"  # it took Commit: the guest is the target's
+    NOT_COMMITTED = "not-committed"  # it never took Commit, and now never will (fenced)
+    UNKNOWN = "unknown"  # it has no record of the session
+
+
+@dataclass(frozen=True)
+class Query:
+    """A source in doubt asks whether the target took Commit for `session` (its Accept's)."""
+
+    kind = MessageKind.QUERY
+    session: bytes
+
+
+@dataclass(frozen=True)
+class Verdict:
+    kind = MessageKind.VERDICT
+    session: bytes
+    hand_over: str  # a `HandOver` value; anything else reads as UNKNOWN
+    detail: str = ""
+
+
 Message = Union[Hello, Accept, Reject, Pages, RoundDone, State, Complete, Ready, Commit, Resumed,
-                Cancel, Error, Channel]
+                Cancel, Error, Channel, Query, Verdict]
 MESSAGE_TYPES: dict[MessageKind, type] = {
     m.kind: m for m in (Hello, Accept, Reject, Pages, RoundDone, State, Complete, Ready, Commit,
-                        Resumed, Cancel, Error, Channel)
+                        Resumed, Cancel, Error, Channel, Query, Verdict)
 }
 
 

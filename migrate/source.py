@@ -19,12 +19,14 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from formats import FORMAT_MAJOR, FORMAT_MINOR, StreamWriter
 from hv.vmm.control import Progress
 from hv.kvm.dirty import PAGE_SIZE, DirtyBitmap
 from hv.vmm.machine import Machine, RunState
+from hv.vmm.owner import Lease, owner_of
 from hv.kvm.memory import MemoryRegion
 from migrate import digest, pages
 from migrate.convergence import Action, RoundFigures, decide
@@ -70,21 +72,37 @@ class Source:
         self._bytes_at_start = 0
         self._touched: pages.Touched = {}
         self._hashes: digest.BlockHashes | None = None
+        self.session = b""  # the target's name for this exchange (its Accept), for a Query if in doubt
+        self._deadline: float | None = None  # the final copy's: every wait once the guest is paused
+        self._final_copy_limit_ms = 0.0
+
+    def _wait_limit(self) -> float | None:
+        """How long the next wait may take: the final copy's time left (None before it)."""
+        if self._deadline is None:
+            return None
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TransportError(f"the target did not keep up: the final copy's {self._final_copy_limit_ms:.0f} ms "
+                                 "are spent")
+        return left
 
     # --- messages ---------------------------------------------------------------------------------
 
     def message(self, message: Any) -> None:
+        limit = self._wait_limit()  # first: a Commit the deadline stops is one that never left
         self.proto.send(message)
-        self.conn.send(message)
+        self.conn.send(message, timeout=limit)
 
     def pages_message(self, round_number: int, parts: list[bytes | memoryview]) -> None:
         if self.conn.has_message():  # the target does not speak during a round unless it gives up
             self.answer()
+        limit = self._wait_limit()
         self.proto.send(Pages(round_number, b""))  # the protocol tracks the kind, not the bytes
-        self.conn.send_pages(round_number, parts)
+        self.conn.send_pages(round_number, parts, timeout=limit)
 
     def answer(self) -> Any:
-        message = self.conn.receive(self.options.timeout)
+        left = self._wait_limit()
+        message = self.conn.receive(self.options.timeout if left is None else min(left, self.options.timeout))
         self.proto.receive(message)
         if isinstance(message, Error):  # the target gave up and says why
             raise MigrationFailed(f"the target failed: {message.code.name}: {message.message}",
@@ -115,7 +133,7 @@ class Source:
             decision = decide(figures, self.options)
             match decision.action:
                 case Action.STOP_AND_COPY:
-                    return self._stop_and_copy(dirty, t0)
+                    return self._stop_and_copy(dirty, t0, decision.estimate_ms)
                 case Action.GIVE_UP:
                     raise NotConverging(figures.rounds, figures.seconds, dirty_pages, decision.estimate_ms,
                                         figures.bandwidth_mib_s, self.options.downtime_ms)
@@ -140,6 +158,7 @@ class Source:
             self.message(Cancel("dry run: compatibility checked, nothing sent"))
             self.stats.outcome, self.stats.reason = MigrationOutcome.DRY_RUN, "the target would accept this guest"
             return False
+        self.session = reply.session
         if o.streams > 1:
             self.open_extra_streams(reply.session)
         return True
@@ -198,10 +217,26 @@ class Source:
         self.stats.sent_bytes_pages += wire
         self.progress({"stage": "round", **dataclasses.asdict(stat)})
 
-    def _stop_and_copy(self, pending: Dirty, t0: float) -> MigrationStats:
+    def _stop_and_copy(self, pending: Dirty, t0: float, estimate_ms: float) -> MigrationStats:
+        """The guest paused, the rest sent, the hand-over. Every wait from the pause on shares one
+        deadline, `final_copy_limit_ms`: twice the pause's budget (the downtime target, or the
+        estimate when finishing anyway past it) plus `final_copy_margin_ms`. A target that goes
+        silent before Commit therefore costs the guest that long, not `timeout`: the source
+        resumes and says why; after Commit, the same silence leaves it in doubt as quickly."""
+        budget_ms = max(self.options.downtime_ms, estimate_ms)
+        self._final_copy_limit_ms = 2 * budget_ms + self.options.final_copy_margin_ms
+        self.stats.final_copy_limit_ms = self._final_copy_limit_ms
+        try:
+            return self._final_copy(pending, t0)
+        except TransportError as e:
+            raise TransportError(f"final copy (at most {self._final_copy_limit_ms:.0f} ms, the guest paused): "
+                                 f"{e}") from e
+
+    def _final_copy(self, pending: Dirty, t0: float) -> MigrationStats:
         machine = self.machine
         laps = Laps()
         machine.pause()
+        self._deadline = time.monotonic() + self._final_copy_limit_ms / 1000
         laps.lap("pause")
         final, _, rate = self._fetch()
         for (_, merged), (_, earlier) in zip(final, pending, strict=True):
@@ -279,7 +314,9 @@ class Source:
         if parts:
             self._dispatch(stream, round_number, parts)
         for extra in self.extra:  # the round's bandwidth counts only what has left
-            extra.queue.join()
+            if not extra.wait_sent(self._wait_limit()):
+                raise TransportError(f"page stream to {extra.conn.peer}: not taken within the final copy's "
+                                     f"{self._final_copy_limit_ms:.0f} ms")
             if extra.error is not None:
                 raise TransportError(f"page stream: {extra.error}")
         self.message(RoundDone(round_number, npages))
@@ -312,15 +349,36 @@ class Source:
         self.conn.close()
 
 
+@dataclass(frozen=True)
+class InDoubt:
+    """What a source left in doubt keeps for whoever settles it (`migrate.resolve`): where the
+    target was, the session it named, how to reach it again, and why it is in doubt."""
+
+    target: str | None  # HOST:PORT (None: sent over a connection given to `send`; nobody to ask)
+    session: bytes
+    options: MigrationOptions  # the key, TLS and timeout to ask with
+    reason: str
+    was_running: bool = True  # what resuming the source goes back to
+
+
 def send(machine: Machine, target: str | Connection, options: MigrationOptions | None = None, *,
          progress: Progress | None = None, cancel: threading.Event | None = None) -> MigrationStats:
     """Migrate a running (or paused) machine to `target` (HOST:PORT or a connection).
 
     Returns the stats; `outcome` says where the guest is. Anything that fails before the target
     acknowledged the hand-over leaves the guest running here, as it was (throttle off, dirty
-    logging off); after Commit with no answer the guest is kept paused here (in doubt) and
-    `MigrationFailed` says so."""
+    logging off); after Commit with no answer the guest is kept paused here, in doubt, and
+    `MigrationFailed` says so: the machine's run state stays held (`hv.vmm.owner`) until
+    `migrate.resolve` settles it. Meanwhile, and during the whole migration, nobody else may pause,
+    resume or stop the machine (`Busy`)."""
     o = options or MigrationOptions()
+    where = target if isinstance(target, str) else target.peer
+    with owner_of(machine).hold(f"migration to {where}") as lease:  # Busy if held or in doubt
+        return _send(machine, target, o, progress, cancel, lease)
+
+
+def _send(machine: Machine, target: str | Connection, o: MigrationOptions, progress: Progress | None,
+          cancel: threading.Event | None, lease: Lease) -> MigrationStats:
     t0 = time.perf_counter()
     if machine.state not in (RunState.RUNNING, RunState.PAUSED):
         raise MigrationFailed(f"the machine is {machine.state.value}", "where it was")
@@ -343,11 +401,12 @@ def send(machine: Machine, target: str | Connection, options: MigrationOptions |
                                                  else MigrationOutcome.FAILED),
                          Outcome.SOURCE_HOLD: MigrationOutcome.IN_DOUBT}.get(outcome, MigrationOutcome.FAILED)
         if outcome is Outcome.SOURCE_RESUME:
-            _restore_source(machine, was_running)
+            restore_source(machine, was_running)
         log.warning("migration to %s: %s (%s)", conn.peer, stats.outcome, stats.reason)
         if outcome is Outcome.SOURCE_HOLD:
-            raise MigrationFailed(stats.reason, "paused here: the target may have it (in doubt); "
-                                  "ask the target before resuming") from e
+            lease.leave_in_doubt(InDoubt(source.address, source.session, o, stats.reason, was_running))
+            raise MigrationFailed(stats.reason, "paused here, in doubt: the target may run it; "
+                                  "`migrate resolve` asks the target and settles it") from e
         return stats
     finally:
         source.close()
@@ -369,7 +428,8 @@ def _with_target_phases(phases: dict[str, float], ready: Ready, resumed: Resumed
     return out
 
 
-def _restore_source(machine: Machine, was_running: bool) -> None:
+def restore_source(machine: Machine, was_running: bool) -> None:
+    """The source's guest as it was before the migration: no throttle, no dirty log, running if it was."""
     machine.set_throttle(0)
     if machine.vm.dirty_logging:
         machine.vm.disable_dirty_log()

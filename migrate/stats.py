@@ -70,6 +70,7 @@ class MigrationStats:
     downtime_phases_ms: dict[str, float] = field(default_factory=dict)
     downtime_target_ms: float = 0.0
     frames_judged_raw: int = 0  # page frames sent uncompressed because a sample did not shrink
+    final_copy_limit_ms: float = 0.0  # the longest the final copy could keep the guest paused
 
     @property
     def downtime_overrun_ms(self) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 
 import formats
 from formats import StreamReader, StreamWriter
@@ -54,8 +55,17 @@ class OutgoingStream:
             finally:
                 self.queue.task_done()
 
+    def wait_sent(self, timeout: float | None) -> bool:
+        """Wait until everything queued has been sent (or failed); False if `timeout` passed."""
+        with self.queue.all_tasks_done:
+            return self.queue.all_tasks_done.wait_for(lambda: not self.queue.unfinished_tasks, timeout)
+
     def close(self) -> None:
-        self.queue.put(None)
+        self.conn.interrupt()  # a send blocked on a silent target returns now, not at its timeout
+        try:
+            self.queue.put(None, timeout=10)  # the interrupted thread drains what is queued at once
+        except queue.Full:
+            pass  # it is stuck elsewhere; a daemon, it ends with the process
         self.thread.join(10)
         self.conn.close()
 
@@ -137,23 +147,39 @@ class IncomingStream:
         self.thread.join(10)
 
 
-def accept_streams(listener: Listener | None, count: int, session: bytes, machine: Machine,
+Joins = Callable[[float], tuple[Connection, Channel]]  # the next connection that opened with Channel
+
+
+def listener_joins(listener: Listener) -> Joins:
+    """Joins taken straight from a listener: each connection must open with Channel."""
+
+    def next_join(timeout: float) -> tuple[Connection, Channel]:
+        conn = listener.accept(timeout)
+        try:
+            hello = conn.receive(timeout)
+        except BaseException:
+            conn.close()
+            raise
+        if not isinstance(hello, Channel):
+            conn.close()
+            raise TransportError(f"{conn.peer} is not one of this migration's page streams")
+        return conn, hello
+
+    return next_join
+
+
+def accept_streams(joins: Joins | None, count: int, session: bytes, machine: Machine,
                    memory: formats.MemoryLayout, gate: RoundGate, timeout: float) -> list[IncomingStream]:
     """The source's `count` extra streams, each checked to be one of this migration's."""
-    if count and listener is None:
+    if count and joins is None:
         raise TransportError("the source wants several page streams; this target has no listener for them")
     streams, seen = [], set()
     try:
         for _ in range(count):
-            conn = listener.accept(timeout)
-            try:
-                hello = conn.receive(timeout)
-                if (not isinstance(hello, Channel) or hello.session != session or hello.index in seen
-                        or not 1 <= hello.index <= count):
-                    raise TransportError(f"{conn.peer} is not one of this migration's page streams")
-            except BaseException:
+            conn, hello = joins(timeout)
+            if hello.session != session or hello.index in seen or not 1 <= hello.index <= count:
                 conn.close()
-                raise
+                raise TransportError(f"{conn.peer} is not one of this migration's page streams")
             seen.add(hello.index)
             streams.append(IncomingStream(conn, machine, memory, gate))
     except BaseException:

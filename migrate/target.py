@@ -1,4 +1,6 @@
-"""The receiving side of a live migration: `receive(conn, kvm)`, `listen_and_receive(listener, kvm)`.
+"""The receiving side of a live migration: `receive(conn, kvm)`; `SessionLedger`, what it did with each session.
+
+(`migrate.receiver` is the server around it: many connections, one migration at a time.)
 
 One `Target` takes one migration, stage by stage:
 
@@ -19,8 +21,11 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,14 +41,77 @@ from hv.kvm.memory import RamBacking
 from migrate import digest, pages
 from migrate.datapath import place_pages
 from migrate.errors import IncompatibleError, MigrationFailed, TransportError, error_code
-from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete, Error, Hello, Outcome,
-                              Pages, Protocol, Ready, Reject, Resumed, Role, RoundDone, State)
+from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete, Error, HandOver, Hello,
+                              Outcome, Pages, Protocol, Ready, Reject, Resumed, Role, RoundDone, State)
 from migrate.records import EXPECT, Collected
 from migrate.state import GuestCpuid, apply, cpuid_problems, expected_layout, registry
-from migrate.streams import MAX_STREAMS, IncomingStream, RoundGate, accept_streams, close_streams
+from migrate.streams import (MAX_STREAMS, IncomingStream, Joins, RoundGate, accept_streams, close_streams,
+                             listener_joins)
 from migrate.transport import Connection, Listener
 
 log = logging.getLogger(__name__)
+
+
+class SessionLedger:
+    """What this target did with each session it accepted: the record a source in doubt is
+    answered from (`Query`), and the fence that keeps the answer true (protocol.py, point 6).
+
+    A session is open from Accept until its exchange ends. Commit and a Query exclude each
+    other: `committing` holds the lock while the guest starts, so a Query hears "committed" only
+    once the guest is started here, and "not-committed" only for a session that can never be."""
+
+    KEEP = 256  # sessions remembered (a target takes one guest at a time; this is years of retries)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sessions: OrderedDict[bytes, HandOver | None] = OrderedDict()  # None: open, undecided
+        self._open: dict[bytes, Connection] = {}
+
+    def opened(self, session: bytes, conn: Connection) -> None:
+        with self._lock:
+            self._sessions[session] = None
+            self._open[session] = conn
+            while len(self._sessions) > self.KEEP:
+                self._sessions.popitem(last=False)
+
+    def is_open(self, session: bytes) -> bool:
+        with self._lock:
+            return session in self._open
+
+    @contextmanager
+    def committing(self, session: bytes) -> Iterator[bool]:
+        """Yields whether this session may still commit (False: a Query fenced it); the block
+        starts the guest, under the lock. If it raises, the session did not commit."""
+        with self._lock:
+            if self._sessions.get(session, None) is not None:
+                yield False
+                return
+            try:
+                yield True
+            except BaseException:
+                self._sessions[session] = HandOver.NOT_COMMITTED
+                raise
+            self._sessions[session] = HandOver.COMMITTED
+
+    def closed(self, session: bytes) -> None:
+        """The session's exchange ended; undecided means it never committed."""
+        with self._lock:
+            self._open.pop(session, None)
+            if session in self._sessions and self._sessions[session] is None:
+                self._sessions[session] = HandOver.NOT_COMMITTED
+
+    def query(self, session: bytes) -> HandOver:
+        """The answer to a source in doubt; an open, undecided session is fenced by asking."""
+        with self._lock:
+            if session not in self._sessions:
+                return HandOver.UNKNOWN
+            state = self._sessions[session]
+            if state is None:
+                self._sessions[session] = state = HandOver.NOT_COMMITTED
+                conn = self._open.get(session)
+                if conn is not None:
+                    conn.interrupt()  # its Target stops waiting for a Commit it may no longer take
+            return state
 
 
 
@@ -63,9 +131,11 @@ class Target:
 
     def __init__(self, conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None], timeout: float,
                  disk: str | None, virtio_console: Callable[[bytes], None] | None,
-                 progress: Progress | None, listener: Listener | None,
-                 terminal: Terminal | None = None) -> None:
-        self.conn, self.kvm, self.timeout, self.listener = conn, kvm, timeout, listener
+                 progress: Progress | None, joins: Joins | None, ledger: SessionLedger | None = None,
+                 first: Hello | None = None, terminal: Terminal | None = None) -> None:
+        self.conn, self.kvm, self.timeout, self.joins = conn, kvm, timeout, joins
+        self.ledger = ledger or SessionLedger()
+        self.first = first  # HELLO, when whoever accepted the connection has read it already
         self.terminal = terminal
         self.console, self.virtio_console, self.disk = console, virtio_console or console, disk
         self.progress = progress or (lambda p: None)
@@ -105,11 +175,13 @@ class Target:
             close_streams(self.gate, self.streams)
             if self.hashes is not None:
                 self.hashes.close()
+            if self.session:
+                self.ledger.closed(self.session)
 
     # --- 1. handshake -----------------------------------------------------------------------------
 
     def handshake(self) -> Hello:
-        hello = self.take(self.conn.receive(self.timeout))
+        hello = self.take(self.first if self.first is not None else self.conn.receive(self.timeout))
         if not isinstance(hello, Hello):
             raise TransportError(f"expected HELLO, got {type(hello).__name__}")
         self.collected.take(self.reader.feed(hello.config + hello.layout))  # the header, CONFIG, LAYOUT
@@ -120,6 +192,7 @@ class Target:
             self.tell(Reject(tuple(problems)))
             raise IncompatibleError(problems)
         self.session = secrets.token_bytes(16)
+        self.ledger.opened(self.session, self.conn)  # from now on a source in doubt may ask about it
         self.tell(Accept(self.session))
         return hello
 
@@ -131,7 +204,7 @@ class Target:
         problems += [str(d) for d in formats.diff(expected_layout(self.collected.config), self.collected.layout)]
         cpuid = registry().decode(hello.cpuid, expect=GuestCpuid)
         problems += cpuid_problems(cpuid.entries, self.kvm.guest_cpuid)
-        most = MAX_STREAMS if self.listener is not None else 1
+        most = MAX_STREAMS if self.joins is not None else 1
         if not 1 <= hello.streams <= most:
             problems.append(f"{hello.streams} page streams: this target takes 1 to {most}")
         return problems
@@ -149,7 +222,7 @@ class Target:
         memory = self.machine.vm.memory
         self.collected.sink = pages.MemorySink(memory)
         place_pages(self.reader, memory)  # checked and written in C; no guest runs here yet
-        self.streams = accept_streams(self.listener, hello.streams - 1, self.session, self.machine,
+        self.streams = accept_streams(self.joins, hello.streams - 1, self.session, self.machine,
                                       self.collected.layout.memory, self.gate, self.timeout)
         nothing = {r.guest_base: DirtyBitmap(r.npages) for r in memory.regions}
         self.hashes = digest.BlockHashes(memory, nothing)  # fresh memory: all zero
@@ -203,9 +276,13 @@ class Target:
 
     def commit(self) -> None:
         t0 = time.perf_counter()
-        # Commit made this side the owner: run, even if Resumed is lost. Counted until the vCPU
-        # threads are on their way into KVM_RUN: the guest's first instruction here.
-        self.machine.resume(wait_running=True)
+        with self.ledger.committing(self.session) as allowed:
+            if not allowed:
+                raise MigrationFailed("Commit came after the source, in doubt, asked about this session and "
+                                      "heard 'not committed'; this copy is discarded", "on the source")
+            # Commit made this side the owner: run, even if Resumed is lost. Counted until the
+            # vCPU threads are on their way into KVM_RUN: the guest's first instruction here.
+            self.machine.resume(wait_running=True)
         try:
             self.tell(Resumed(resume_us=_us(time.perf_counter() - t0)))
         except TransportError:
@@ -236,20 +313,16 @@ def _us(seconds: float) -> int:
 def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = lambda b: None,
             timeout: float = 60.0, disk: str | None = None,
             virtio_console: Callable[[bytes], None] | None = None, progress: Progress | None = None,
-            listener: Listener | None = None, terminal: Terminal | None = None) -> Incoming:
+            listener: Listener | None = None, joins: Joins | None = None, ledger: SessionLedger | None = None,
+            first: Hello | None = None, terminal: Terminal | None = None) -> Incoming:
     """Take one incoming migration on `conn`: check, build, fill, verify, and on Commit run the
     guest. Any failure before Commit tears the half-built VM down and raises. `disk` puts the
-    virtio disk at another path than the source's (the default: shared storage). `listener`
-    accepts the extra page streams a source may open; `terminal`, where the guest's COM1 meets
-    this host."""
+    virtio disk at another path than the source's (the default: shared storage). The extra page
+    streams a source may open come from `joins` (or are accepted on `listener`); `ledger`
+    records the session for a source in doubt to ask about (`migrate.receiver` shares one);
+    `first` is HELLO if the caller read it already; `terminal`, where the guest's COM1 meets this
+    host (attached before the guest resumes here)."""
+    if joins is None and listener is not None:
+        joins = listener_joins(listener)
     return Target(conn, kvm, console=console, timeout=timeout, disk=disk, virtio_console=virtio_console,
-                  progress=progress, listener=listener, terminal=terminal).run()
-
-
-def listen_and_receive(listener: Listener, kvm: Kvm, *, accept_timeout: float | None = None,
-                       **kwargs: Any) -> Incoming:
-    conn = listener.accept(accept_timeout)
-    try:
-        return receive(conn, kvm, listener=listener, **kwargs)
-    finally:
-        conn.close()
+                  progress=progress, joins=joins, ledger=ledger, first=first, terminal=terminal).run()

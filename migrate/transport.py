@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-from migrate.errors import TransportError
+from migrate.errors import AuthenticationFailed, TransportError
 from migrate.protocol import MESSAGE_TYPES, ErrorCode, Message, MessageKind, Pages
 
 FRAME = struct.Struct("<IB")
@@ -137,36 +137,54 @@ class Connection:
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def send(self, message: Message) -> int:
+    def send(self, message: Message, timeout: float | None = None) -> int:
+        """Send a whole message; with `timeout`, within that many seconds or a `TransportError`
+        (a peer that stops reading cannot hold us longer)."""
         n = 0
         try:
+            if timeout is not None:
+                self.sock.settimeout(max(timeout, 1e-3))  # sendall: the timeout bounds the whole send
             for part in encode(message):
                 self.sock.sendall(part)
                 n += len(part)
+        except TimeoutError as e:
+            raise TransportError(f"sending {type(message).__name__} to {self.peer}: not taken within "
+                                 f"{timeout:.2f} s") from e
         except OSError as e:
             raise TransportError(f"sending {type(message).__name__} to {self.peer}: {e}") from e
         self.bytes_sent += n
         return n
 
-    def send_pages(self, round_number: int, parts: list[bytes | memoryview]) -> int:
-        """A PAGES message from its pieces, without joining them (vectored send)."""
+    def send_pages(self, round_number: int, parts: list[bytes | memoryview], timeout: float | None = None) -> int:
+        """A PAGES message from its pieces, without joining them (vectored send); with `timeout`,
+        all of it within that many seconds or a `TransportError`."""
         body_len = 4 + sum(len(p) for p in parts)
         if body_len > MAX_FRAME:
             raise TransportError(f"a {body_len}-byte PAGES frame (at most {MAX_FRAME})")
         buffers = [memoryview(FRAME.pack(body_len, MessageKind.PAGES) + struct.pack("<I", round_number)),
                    *(memoryview(p).cast("B") for p in parts)]
         total = sum(len(b) for b in buffers)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             if isinstance(self.sock, ssl.SSLSocket):  # no sendmsg over TLS
+                if timeout is not None:
+                    self.sock.settimeout(max(timeout, 1e-3))
                 self.sock.sendall(b"".join(buffers))
             else:
                 while buffers:
+                    if deadline is not None:  # each sendmsg may wait only what is left
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise TimeoutError
+                        self.sock.settimeout(left)
                     sent = self.sock.sendmsg(buffers[:512])
                     while buffers and sent >= len(buffers[0]):
                         sent -= len(buffers[0])
                         buffers.pop(0)
                     if sent:
                         buffers[0] = buffers[0][sent:]
+        except TimeoutError as e:
+            raise TransportError(f"sending PAGES to {self.peer}: not taken within {timeout:.2f} s") from e
         except OSError as e:
             raise TransportError(f"sending PAGES to {self.peer}: {e}") from e
         self.bytes_sent += total
@@ -218,11 +236,16 @@ class Connection:
             pass
         self.close()
 
-    def close(self) -> None:
+    def interrupt(self) -> None:
+        """Wake whoever is blocked on this connection (from another thread): it sees the link
+        end. The socket stays open until its user closes it."""
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def close(self) -> None:
+        self.interrupt()
         self.sock.close()
 
     # --- authentication (before any message) ---
@@ -245,7 +268,7 @@ class Connection:
         ok = hmac.compare_digest(answer, hmac.new(key, challenge + AUTH_CONTEXT, hashlib.sha256).digest())
         self.sock.sendall(b"\x01" if ok else b"\x00")
         if not ok:
-            raise TransportError(f"{self.peer} failed authentication")
+            raise AuthenticationFailed(f"{self.peer} failed authentication")
 
 
 @dataclass(frozen=True)
@@ -301,21 +324,35 @@ class Listener:
         self.address = f"{host}:{self.sock.getsockname()[1]}"
 
     def accept(self, timeout: float | None = None) -> Connection:
+        """The next connection, authenticated (TLS, then the key's challenge)."""
+        sock, peer = self.accept_raw(timeout)
+        return self.secure(sock, peer)
+
+    def accept_raw(self, timeout: float | None = None) -> tuple[socket.socket, str]:
+        """The next connection as it comes, before TLS or authentication (for a server that
+        authenticates on threads of its own: `secure`)."""
         self.sock.settimeout(timeout)
         try:
             sock, peer = self.sock.accept()
         except TimeoutError as e:
             raise TransportError(f"no source connected to {self.address} within {timeout}s") from e
+        except OSError as e:
+            raise TransportError(f"accepting on {self.address}: {e}") from e
+        return sock, f"{peer[0]}:{peer[1]}"
+
+    def secure(self, sock: socket.socket, peer: str, timeout: float = 10.0) -> Connection:
+        """TLS (if configured) and the key's challenge on an accepted socket; nothing else is
+        read before. Closes it and raises `TransportError` if either fails."""
         if self._tls is not None:
             try:
-                sock.settimeout(10.0)
+                sock.settimeout(timeout)
                 sock = self._tls.wrap_socket(sock, server_side=True)
             except (OSError, ssl.SSLError) as e:
                 sock.close()
-                raise TransportError(f"TLS with {peer[0]}:{peer[1]} failed: {e}") from e
-        conn = Connection(sock, f"{peer[0]}:{peer[1]}")
+                raise TransportError(f"TLS with {peer} failed: {e}") from e
+        conn = Connection(sock, peer)
         try:
-            conn.challenge(self.key)
+            conn.challenge(self.key, timeout)
         except BaseException:
             conn.close()
             raise

@@ -31,8 +31,9 @@ from hv.errors import ConfigError, HvError
 from hv.kvm.kvm import Kvm
 from hv.kvm.vm import VmConfig
 from hv.vmm.builder import VirtioConfig, builtin_machine, linux_machine, multiboot_machine
-from hv.vmm.control import ControlContext, ControlServer
+from hv.vmm.control import ControlContext, ControlServer, check_socket_path
 from hv.vmm.machine import Machine, RunState
+from hv.vmm.owner import owner_of
 
 status = Console(stderr=True, highlight=False)
 
@@ -110,6 +111,8 @@ def _virtio(args: argparse.Namespace, console) -> VirtioConfig | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.api:
+        check_socket_path(args.api)  # a clear refusal before boot, not after
     done = threading.Event()
     out = open(args.console, "ab") if args.console else None  # noqa: SIM115 - for the process's life
     config = VmConfig(mem_size=args.mem, vcpus=args.cpus)
@@ -184,6 +187,8 @@ def run_machine(machine: Machine, *, done: threading.Event | None = None, api: s
     server = ControlServer(api, ctx) if api else None
     interrupted, wake = threading.Event(), threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: (interrupted.set(), wake.set()))
+    terminated = threading.Event()  # SIGTERM ends the run as cleanly as Ctrl-C (the socket file goes)
+    previous_term = signal.signal(signal.SIGTERM, lambda *_: (terminated.set(), wake.set()))
     # Block until something happens, with no polling: timed waits cost real CPU on nested hosts,
     # and an idle guest should cost its host nothing. One small thread per thing that can happen.
     for waits_for in (machine.wait, done.wait, ctx.finished.wait):
@@ -203,8 +208,13 @@ def run_machine(machine: Machine, *, done: threading.Event | None = None, api: s
             status.print(f"[yellow]hv[/]: --timeout {timeout}s reached")
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
         if server:
             server.close()
+        hold = owner_of(machine).current
+        if hold is not None and hold.in_doubt:
+            status.print(f"[yellow]hv[/]: ending while the hand-over ({hold.owner}) is in doubt: this paused "
+                         "copy of the guest is dropped")
         state = machine.state
         if ctx.finished.is_set():
             # ended by a control command; after a completed migration the guest runs elsewhere,
@@ -220,6 +230,8 @@ def run_machine(machine: Machine, *, done: threading.Event | None = None, api: s
         return 1
     if interrupted.is_set():
         why = "Ctrl-C"
+    elif terminated.is_set():
+        why = "SIGTERM"
     elif ctx.finished.is_set():
         why = ctx.finish_reason
     elif done.is_set():

@@ -2,11 +2,24 @@
 
 One request per connection line, as JSON: `{"command": "pause", ...arguments}`. Replies are JSON
 lines: any number of `{"progress": {...}}` while the command works, then exactly one
-`{"ok": true, "result": {...}}` or `{"ok": false, "error": {"type": ..., "message": ...}}`.
+`{"ok": true, "result": {...}}` or `{"ok": false, "error": {"type": ..., "message": ...}}`; an
+error that has facts adds them as `"facts": {...}` (`Busy`: `action`, `owner`, `since` (Unix
+time), `state` "held" or "in-doubt").
 
-hv serves the lifecycle commands itself. Other packages add commands (snapshot, migration)
+hv serves the lifecycle commands itself: `status`, `pause`, `resume`, `stop`, `guest-check`.
+While a migration or snapshot owns the run state (`hv.vmm.owner`), or a hand-over is in doubt,
+`pause`, `resume`, `stop` and `guest-check` are refused with `Busy`; `status` says who holds it
+(`state` is "in-doubt" while a hand-over is). Other packages add commands (snapshot, migration)
 through the `kvmigrate.control` entry-point group: each entry point is a callable that takes the
 `ControlServer` and calls `register` on it. hv thus knows their names only at run time.
+
+The server survives its clients: one thread reads every connection's request (a selector), so an
+idle connection costs a file descriptor and no thread, and is closed after `REQUEST_TIMEOUT`; a
+command runs on a thread of its own; at most `MAX_CONNECTIONS` are open at once (one more is told
+`TooManyConnections` and closed); a client that stops reading its replies is dropped after
+`REPLY_TIMEOUT` without stopping the command. The socket path is claimed safely: a file that is
+not a socket is never replaced, a socket a live VM answers on is never taken over, a stale one
+is (`claim_socket`).
 """
 
 from __future__ import annotations
@@ -15,16 +28,21 @@ import functools
 import json
 import logging
 import os
+import resource
+import selectors
 import socket
+import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from hv.errors import HvError
+from hv.errors import Busy, ControlSocketError, HvError
 from hv.vmm.machine import Machine
+from hv.vmm.owner import owner_of
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +50,19 @@ Progress = Callable[[dict[str, Any]], None]
 Handler = Callable[["ControlContext", dict[str, Any], Progress], dict[str, Any]]
 ENTRY_POINT_GROUP = "kvmigrate.control"
 MAX_REQUEST = 64 * 1024
+REQUEST_TIMEOUT = 10.0  # seconds a connection may take to send its request line
+REPLY_TIMEOUT = 10.0  # seconds a reply (or a progress line) may wait for the client to read it
+# open at once, idle or busy: well inside the process's file descriptors (the VM needs its own)
+MAX_CONNECTIONS = min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
 
 
 class ControlError(HvError):
-    """A control command failed (locally: bad request; remotely: the error the server sent)."""
+    """A control command failed (locally: bad request; remotely: the error the server sent).
+    `facts`: what the server said with it (a `Busy` names the holder and since when)."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, facts: dict[str, Any] | None = None) -> None:
         super().__init__(f"{kind}: {message}")
-        self.kind, self.message = kind, message
+        self.kind, self.message, self.facts = kind, message, dict(facts or {})
 
 
 @dataclass
@@ -59,8 +82,11 @@ class ControlContext:
 
 def _status(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
     m = ctx.machine
+    hold = owner_of(m).current
     return {
-        "state": m.state.value,
+        "state": "in-doubt" if hold is not None and hold.in_doubt else m.state.value,
+        "run_state": m.state.value,
+        "held_by": hold.facts() if hold is not None else None,
         "vcpus": len(m.vcpus),
         "memory_bytes": m.vm.memory.total_size,
         "exits": sum(s.exits + s.fast_io_exits for s in m.stats),
@@ -71,10 +97,12 @@ def _status(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> 
 
 
 def _pause(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
+    owner_of(ctx.machine).check("pause")
     return {"state": "paused", "pause_seconds": ctx.machine.pause()}
 
 
 def _resume(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
+    owner_of(ctx.machine).check("resume")
     return {"state": "running", "resume_seconds": ctx.machine.resume()}
 
 
@@ -84,6 +112,7 @@ def _guest_check(ctx: ControlContext, _args: dict[str, Any], _progress: Progress
     from hv.guests import builtin as builtin_guest
 
     m = ctx.machine
+    owner_of(m).check("guest-check")  # it pauses and resumes: not while someone else owns that
     was_running = m.state.value == "running"
     if was_running:
         m.pause()
@@ -99,6 +128,7 @@ def _guest_check(ctx: ControlContext, _args: dict[str, Any], _progress: Progress
 
 
 def _stop(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
+    owner_of(ctx.machine).check("stop")
     ctx.machine.stop()
     ctx.finish("stopped through the control socket")
     return {"state": "stopped"}
@@ -112,12 +142,106 @@ def extensions() -> tuple[Callable[[ControlServer], None], ...]:
     return tuple(ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP))
 
 
-class ControlServer:
-    """Serves a Machine's control socket on a thread; one thread per connection."""
+# --- the socket path ------------------------------------------------------------------------------
 
-    def __init__(self, path: str | Path, ctx: ControlContext, *, load_extensions: bool = True) -> None:
+
+def _socket_at(path: Path) -> os.stat_result | None:
+    """What is at `path`: None if nothing; the stat of a socket that nobody answers on (stale);
+    `ControlSocketError` for anything else (never ours to remove)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode)
+                else "a regular file" if stat.S_ISREG(st.st_mode) else "not a socket")
+        raise ControlSocketError(path, f"is {kind}, not a socket; refusing to replace it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            return st  # nobody listens: a socket left by a VM that ended without cleaning up
+        except OSError as e:
+            raise ControlSocketError(path, f"cannot tell whether a VM serves this socket ({e}); "
+                                           "refusing to replace it") from e
+    raise ControlSocketError(path, "in use by a running VM (it answers on this socket); "
+                                   "stop that VM or choose another path")
+
+
+def check_socket_path(path: str | Path) -> None:
+    """Can `path` become a control socket? Raises `ControlSocketError` saying why not (missing
+    directory, a non-socket there, a live VM's socket). For commands to ask before they boot."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ControlSocketError(path, f"the directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ControlSocketError(path, f"cannot create a socket in {path.parent} (permission denied)")
+    _socket_at(path)
+
+
+def claim_socket(path: str | Path) -> tuple[socket.socket, os.stat_result]:
+    """A listening socket at `path`, made owner-only and put there atomically (`link`, which
+    never replaces): a stale socket is removed first, anything else refused. Returns the socket
+    and the stat of what is now at `path` (so `close` removes only its own)."""
+    path = Path(path)
+    check_socket_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        try:
+            staging.unlink()
+        except FileNotFoundError:
+            pass
+        sock.bind(str(staging))
+        os.chmod(staging, 0o600)  # the socket can pause, stop and copy out the guest: owner only
+        sock.listen(socket.SOMAXCONN)  # a burst of clients waits in the queue, never EAGAIN
+        for _ in range(3):
+            try:
+                os.link(staging, path)  # the path appears only once it accepts connections
+                break
+            except FileExistsError:
+                stale = _socket_at(path)  # raises for a live socket or a non-socket
+                if stale is not None:
+                    current = os.lstat(path)
+                    if (current.st_dev, current.st_ino) == (stale.st_dev, stale.st_ino):
+                        path.unlink()
+        else:
+            raise ControlSocketError(path, "another process keeps creating this path")
+        return sock, os.lstat(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        try:
+            staging.unlink()
+        except FileNotFoundError:
+            pass
+
+
+# --- the server -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    """A connection whose request line has not all arrived."""
+
+    sock: socket.socket
+    deadline: float
+    data: bytearray = field(default_factory=bytearray)
+
+
+class ControlServer:
+    """Serves a Machine's control socket: one selector thread reads requests, a thread per
+    command being answered."""
+
+    def __init__(self, path: str | Path, ctx: ControlContext, *, load_extensions: bool = True,
+                 max_connections: int = MAX_CONNECTIONS, request_timeout: float = REQUEST_TIMEOUT,
+                 reply_timeout: float = REPLY_TIMEOUT) -> None:
         self.path = Path(path)
         self.ctx = ctx
+        self.max_connections, self.request_timeout, self.reply_timeout = (max_connections, request_timeout,
+                                                                          reply_timeout)
         self.handlers: dict[str, Handler] = {
             "status": _status, "pause": _pause, "resume": _resume, "stop": _stop,
             "guest-check": _guest_check,
@@ -127,8 +251,14 @@ class ControlServer:
             for register in extensions():
                 register(self)
         self._sock: socket.socket | None = None
+        self._claimed: os.stat_result | None = None
         self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._closing = threading.Event()
         self._busy = threading.Lock()  # one exclusive command at a time (two snapshots would fight)
+        self._busy_with: tuple[str, float] = ("", 0.0)
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
         self._connections: set[threading.Thread] = set()
 
     def register(self, name: str, handler: Handler, *, exclusive: bool = False) -> None:
@@ -138,36 +268,57 @@ class ControlServer:
         if exclusive:
             self._exclusive.add(name)
 
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._pending) + len(self._connections)
+
+    @property
+    def threads(self) -> int:
+        """Threads answering commands now (idle connections have none)."""
+        with self._lock:
+            return len(self._connections)
+
     def start(self) -> None:
-        if self.path.exists():
-            self.path.unlink()  # a stale socket from a previous run
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        sock.bind(str(staging))
-        os.chmod(staging, 0o600)  # the socket can pause, stop and copy out the guest: owner only
-        sock.listen(4)
-        os.replace(staging, self.path)  # the path appears only once it accepts connections
-        self._sock = sock
-        self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
+        self._sock, self._claimed = claim_socket(self.path)
+        self._sock.setblocking(False)
+        self._thread = threading.Thread(target=self._select_loop, name="control", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
+        self._closing.set()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
         if self._sock is not None:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             self._sock.close()
             self._sock = None
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        if self._thread is None or not self._thread.is_alive():
+            self._wake_r.close()
+            self._wake_w.close()
+        self._remove_path()
         # Commands still being answered (a `stop` that ended the run loop, say) get their reply
         # out before the process goes; a long one (a migration) is not waited for forever.
-        for thread in list(self._connections):
+        with self._lock:
+            threads = list(self._connections)
+        for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(5.0)
+
+    def _remove_path(self) -> None:
+        """Remove the socket file if it is still the one we put there (never someone else's)."""
+        if self._claimed is None:
+            return
+        try:
+            current = os.lstat(self.path)
+            if (current.st_dev, current.st_ino) == (self._claimed.st_dev, self._claimed.st_ino):
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+        self._claimed = None
 
     def __enter__(self) -> ControlServer:
         self.start()
@@ -176,62 +327,166 @@ class ControlServer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _accept_loop(self) -> None:
-        while self._sock is not None:
+    # --- reading requests: one thread, every connection -------------------------------------------
+
+    def _select_loop(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._sock, selectors.EVENT_READ, "listen")
+        selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        try:
+            while not self._closing.is_set():
+                with self._lock:
+                    deadlines = [p.deadline for p in self._pending.values()]
+                timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+                for key, _ in selector.select(timeout):
+                    if key.data == "listen":
+                        self._accept_all(selector)
+                    elif key.data == "wake":
+                        return
+                    else:
+                        self._read(selector, key.data)
+                self._expire(selector)
+        finally:
+            with self._lock:
+                pending, self._pending = list(self._pending.values()), {}
+            for p in pending:
+                p.sock.close()
+            selector.close()
+
+    def _accept_all(self, selector: selectors.BaseSelector) -> None:
+        while True:
             try:
                 conn, _ = self._sock.accept()
-            except OSError:
+            except (BlockingIOError, InterruptedError):
                 return
-            thread = threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True)
-            self._connections.add(thread)
-            thread.start()
+            except OSError as e:  # out of file descriptors, say: wait rather than spin on a ready socket
+                log.warning("control socket: accept failed: %s", e)
+                self._closing.wait(0.1)
+                return
+            if self.open_connections >= self.max_connections:
+                # refused politely: the reason fits in an empty socket buffer, so this cannot block
+                self._refuse(conn, ControlError("TooManyConnections",
+                                                f"{self.max_connections} connections are open; try again"))
+                continue
+            conn.setblocking(False)
+            pending = _Pending(conn, time.monotonic() + self.request_timeout)
+            with self._lock:
+                self._pending[conn.fileno()] = pending
+            selector.register(conn, selectors.EVENT_READ, pending)
 
-    def _serve(self, conn: socket.socket) -> None:
+    @staticmethod
+    def _refuse(conn: socket.socket, error: ControlError) -> None:
         try:
-            self._answer(conn)
+            conn.setblocking(False)
+            conn.send(json.dumps({"ok": False, "error": {"type": error.kind, "message": error.message}})
+                      .encode() + b"\n")
+        except OSError:
+            pass
+        conn.close()
+
+    def _drop(self, selector: selectors.BaseSelector, pending: _Pending) -> None:
+        selector.unregister(pending.sock)
+        with self._lock:
+            self._pending.pop(pending.sock.fileno(), None)
+
+    def _read(self, selector: selectors.BaseSelector, pending: _Pending) -> None:
+        try:
+            chunk = pending.sock.recv(MAX_REQUEST + 1 - len(pending.data))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._drop(selector, pending)
+            pending.sock.close()
+            return
+        pending.data += chunk
+        newline = pending.data.find(b"\n")
+        if newline < 0 and len(pending.data) <= MAX_REQUEST:
+            return
+        self._drop(selector, pending)
+        if newline < 0:
+            self._refuse(pending.sock, ControlError("BadRequest", f"a request longer than {MAX_REQUEST} bytes"))
+            return
+        line = bytes(pending.data[:newline + 1])
+        pending.sock.setblocking(True)
+        pending.sock.settimeout(self.reply_timeout)
+        thread = threading.Thread(target=self._serve, args=(pending.sock, line), name="control-conn",
+                                  daemon=True)
+        with self._lock:
+            self._connections.add(thread)
+        thread.start()
+
+    def _expire(self, selector: selectors.BaseSelector) -> None:
+        now = time.monotonic()
+        with self._lock:
+            late = [p for p in self._pending.values() if p.deadline <= now]
+        for pending in late:
+            log.debug("control socket: closing a connection that sent no request in %.0f s",
+                      self.request_timeout)
+            self._drop(selector, pending)
+            pending.sock.close()
+
+    # --- answering: a thread per command ----------------------------------------------------------
+
+    def _serve(self, conn: socket.socket, line: bytes) -> None:
+        try:
+            with conn:
+                self._answer(conn, line)
         finally:
-            self._connections.discard(threading.current_thread())
+            with self._lock:
+                self._connections.discard(threading.current_thread())
 
-    def _answer(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rwb") as f:
-            def reply(obj: dict[str, Any]) -> None:
-                f.write(json.dumps(obj).encode() + b"\n")
-                f.flush()
+    def _answer(self, conn: socket.socket, line: bytes) -> None:
+        gone = threading.Event()  # the client stopped reading: the command goes on without it
 
-            line = f.readline(MAX_REQUEST + 1)
+        def reply(obj: dict[str, Any]) -> None:
+            if gone.is_set():
+                return
             try:
-                request = json.loads(line)
-                if not isinstance(request, dict) or not isinstance(request.get("command"), str):
-                    raise ControlError("BadRequest", "expected a JSON object with a 'command' string")
-                name = request.pop("command")
-                handler = self.handlers.get(name)
-                if handler is None:
-                    raise ControlError("UnknownCommand",
-                                       f"{name!r} (this VM serves: {', '.join(sorted(self.handlers))})")
-                if name in self._exclusive:
-                    if not self._busy.acquire(blocking=False):
-                        raise ControlError("Busy", f"another long command is running; {name!r} refused")
-                    try:
-                        result = handler(self.ctx, request, lambda p: reply({"progress": p}))
-                    finally:
-                        self._busy.release()
-                else:
+                conn.sendall(json.dumps(obj).encode() + b"\n")
+            except OSError as e:
+                gone.set()
+                log.info("control client went away (%s); the command goes on", e)
+
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict) or not isinstance(request.get("command"), str):
+                raise ControlError("BadRequest", "expected a JSON object with a 'command' string")
+            name = request.pop("command")
+            handler = self.handlers.get(name)
+            if handler is None:
+                raise ControlError("UnknownCommand",
+                                   f"{name!r} (this VM serves: {', '.join(sorted(self.handlers))})")
+            if name in self._exclusive:
+                if not self._busy.acquire(blocking=False):
+                    running, since = self._busy_with
+                    raise Busy(name, f"the {running!r} command", since)
+                try:
+                    self._busy_with = (name, time.time())
                     result = handler(self.ctx, request, lambda p: reply({"progress": p}))
-                reply({"ok": True, "result": result})
-            except (ValueError, UnicodeDecodeError) as e:
-                self._reply_error(reply, ControlError("BadRequest", f"not JSON: {e}"))
-            except Exception as e:
-                log.info("control command failed: %s", e)
-                self._reply_error(reply, e)
+                finally:
+                    self._busy.release()
+            else:
+                result = handler(self.ctx, request, lambda p: reply({"progress": p}))
+            reply({"ok": True, "result": result})
+        except (ValueError, UnicodeDecodeError) as e:
+            self._reply_error(reply, ControlError("BadRequest", f"not JSON: {e}"))
+        except Exception as e:
+            log.info("control command failed: %s", e)
+            self._reply_error(reply, e)
 
     @staticmethod
     def _reply_error(reply: Callable[[dict[str, Any]], None], error: BaseException) -> None:
         kind = error.kind if isinstance(error, ControlError) else type(error).__name__
         message = error.message if isinstance(error, ControlError) else str(error)
-        try:
-            reply({"ok": False, "error": {"type": kind, "message": message}})
-        except OSError:
-            pass  # the caller went away
+        body: dict[str, Any] = {"type": kind, "message": message}
+        facts = error.facts if isinstance(error, ControlError) else getattr(error, "facts", None)
+        if callable(facts):
+            facts = facts()
+        if facts:
+            body["facts"] = facts
+        reply({"ok": False, "error": body})
 
 
 def call(path: str | Path, command: str, progress: Progress | None = None, timeout: float | None = None,
@@ -256,5 +511,5 @@ def call(path: str | Path, command: str, progress: Progress | None = None, timeo
                 if reply.get("ok"):
                     return reply.get("result", {})
                 err = reply.get("error", {})
-                raise ControlError(err.get("type", "Error"), err.get("message", ""))
+                raise ControlError(err.get("type", "Error"), err.get("message", ""), err.get("facts"))
     raise ControlError("ConnectionError", f"{path} closed the connection before answering {command!r}")

@@ -22,6 +22,7 @@ from migrate.protocol import (
     Outcome,
     Pages,
     Protocol,
+    Query,
     Ready,
     Reject,
     RemoteProtocolError,
@@ -30,6 +31,7 @@ from migrate.protocol import (
     RoundDone,
     S,
     State,
+    Verdict,
 )
 
 SAMPLE = {
@@ -46,6 +48,8 @@ SAMPLE = {
     MessageKind.CANCEL: Cancel("user"),
     MessageKind.ERROR: Error(ErrorCode.INTERNAL, "boom"),
     MessageKind.CHANNEL: Channel(b"session", 1),  # valid only as an extra stream's first message
+    MessageKind.QUERY: Query(b"session"),  # a connection of its own: resolving a doubt
+    MessageKind.VERDICT: Verdict(b"session", "committed"),
 }
 
 # The happy path, as (sender, message).

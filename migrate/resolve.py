@@ -1,0 +1,120 @@
+"""Settling a hand-over left in doubt: `resolve(machine)` (`migrate resolve SOCK`).
+
+A source that sent Commit and heard nothing back keeps its guest paused and held
+(`hv.vmm.owner`): the target may be running it. `resolve` asks the target, on a new connection
+to its migration address, about the session it named (`Query` -> `Verdict`; protocol.py, point
+6): "committed" -> the source stops its copy; "not-committed" (the target fenced the session:
+it can never run it) -> the source resumes. Any other answer, or none, settles nothing; the
+operator may then force it, and the force names what it risks:
+
+- `Force.RESUME_SOURCE`: run the source's copy; if the target runs the guest, two copies run.
+- `Force.STOP_SOURCE`: drop the source's copy; if the target does not run it, no copy runs.
+
+The target is asked even when forcing: a definite answer wins over the force (it is then known
+which copy is the guest), and the `Resolution` says so.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+
+from hv.vmm.machine import Machine
+from hv.vmm.owner import owner_of
+from migrate.errors import MigrateError, TransportError
+from migrate.protocol import HandOver, Query, Verdict
+from migrate.source import InDoubt, restore_source
+from migrate.transport import connect
+
+log = logging.getLogger(__name__)
+
+ASK_TIMEOUT = 10.0  # seconds to reach the target and hear its answer (at most the migration's timeout)
+
+
+class Force(enum.StrEnum):
+    RESUME_SOURCE = "resume-source"  # risks two running copies, if the target runs the guest
+    STOP_SOURCE = "stop-source"  # risks losing the guest, if the target does not run it
+
+
+class StillInDoubt(MigrateError):
+    """The target could not say (unreachable, or no record of the session) and nothing was
+    forced: the source's copy stays paused and held."""
+
+    def __init__(self, target: str | None, session: bytes, asked: str) -> None:
+        self.target, self.session, self.asked = target, session, asked
+        super().__init__(f"still in doubt: {asked}; the source's copy stays paused. If you know where "
+                         "the guest runs, force it: --force-stop-source (if the target runs it; if it does "
+                         "not, no copy runs) or --force-resume-source (if it does not; if it does, two copies "
+                         "run)")
+
+    def facts(self) -> dict[str, object]:
+        return {"target": self.target, "session": self.session.hex(), "asked": self.asked}
+
+
+@dataclass(frozen=True)
+class Resolution:
+    hand_over: HandOver  # what the target said (UNKNOWN: it could not say)
+    action: str  # "stopped" (the target has the guest) or "resumed" (the source has it)
+    asked: str  # how asking went, in words
+    forced: Force | None = None  # the force that decided it (None: the target's answer did)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"hand_over": self.hand_over.value, "action": self.action, "asked": self.asked,
+                "forced": self.forced.value if self.forced else None}
+
+
+def ask_target(doubt: InDoubt) -> tuple[HandOver, str]:
+    """Ask the target about the doubt's session: its answer, and how asking went."""
+    if doubt.target is None:
+        return HandOver.UNKNOWN, "the migration went over a connection, not an address: there is nobody to ask"
+    o = doubt.options
+    timeout = min(ASK_TIMEOUT, o.timeout)
+    try:
+        conn = connect(doubt.target, o.key, timeout, o.tls)
+    except TransportError as e:
+        return HandOver.UNKNOWN, f"could not reach the target: {e}"
+    try:
+        conn.send(Query(doubt.session), timeout=timeout)
+        verdict = conn.receive(timeout)
+    except TransportError as e:
+        return HandOver.UNKNOWN, f"the target did not answer: {e}"
+    finally:
+        conn.close()
+    if not isinstance(verdict, Verdict) or verdict.session != doubt.session:
+        return HandOver.UNKNOWN, f"the target answered with {type(verdict).__name__}, not a verdict on the session"
+    try:
+        answer = HandOver(verdict.hand_over)
+    except ValueError:
+        return HandOver.UNKNOWN, f"the target answered {verdict.hand_over!r}"
+    said = {HandOver.COMMITTED: "the target took Commit: it has the guest",
+            HandOver.NOT_COMMITTED: "the target never took Commit, and now never will",
+            HandOver.UNKNOWN: "the target has no record of this migration (another process there?)"}[answer]
+    return answer, said
+
+
+def resolve(machine: Machine, force: Force | None = None) -> Resolution:
+    """End `machine`'s in-doubt hand-over: ask the target, then stop or resume the source's copy;
+    without an answer, as `force` says, or raise `StillInDoubt` (the doubt stays).
+    `hv.vmm.owner.NotInDoubt` if there is no doubt to end."""
+    with owner_of(machine).settling("resolve") as lease:
+        doubt = lease.hold.record
+        assert isinstance(doubt, InDoubt), doubt
+        hand_over, asked = ask_target(doubt)
+        decided_by = None
+        if hand_over is HandOver.COMMITTED:
+            stop = True
+        elif hand_over is HandOver.NOT_COMMITTED:
+            stop = False
+        elif force is not None:
+            stop, decided_by = force is Force.STOP_SOURCE, force
+        else:
+            raise StillInDoubt(doubt.target, doubt.session, asked)
+        if stop:
+            machine.stop()
+        else:
+            restore_source(machine, doubt.was_running)
+        resolution = Resolution(hand_over, "stopped" if stop else "resumed", asked, decided_by)
+        log.warning("in-doubt migration to %s resolved: %s; the source's copy %s%s", doubt.target, asked,
+                    resolution.action, f" (forced: {force.value})" if decided_by else "")
+        return resolution
