@@ -28,14 +28,15 @@ from hv.vmm.machine import Machine, RunState
 from hv.kvm.memory import MemoryRegion
 from migrate import digest, pages
 from migrate.convergence import Action, RoundFigures, decide
-from migrate.errors import Cancelled, MigrationFailed, NotConverging, TransportError, error_code
+from migrate.errors import (Cancelled, MigrationFailed, MigrationInDoubt, NotConverging, TransportError,
+                            error_code, failure_word)
 from migrate.options import MigrationOptions
 from migrate.protocol import (PROTOCOL_VERSION, Cancel, Channel, Commit, Complete, Error, ErrorCode,
                               Hello, Outcome, Pages, Protocol, Ready, Reject, Resumed, Role, RoundDone,
                               State)
 from migrate.records import state_sections
 from migrate.state import PRODUCER, GuestCpuid, capture, machine_config, machine_layout, registry
-from migrate.stats import Laps, MigrationOutcome, MigrationStats, RoundStats
+from migrate.stats import Laps, MigrationOutcome, MigrationProgress, MigrationStats, RoundStats
 from migrate.streams import OutgoingStream
 from migrate.transport import Connection, connect
 
@@ -58,6 +59,9 @@ class Source:
         self.proto = Protocol(Role.SOURCE)
         self.writer = StreamWriter(registry(), producer=PRODUCER)
         self.stats = MigrationStats()
+        self.live = MigrationProgress()
+        self._t0 = time.perf_counter()
+        self._reported_at = 0.0
         self.pool = pages.PageEncoderPool(options.level, max(options.threads, options.streams))
         self.extra: list[OutgoingStream] = []
         self._sent_at_start = 0.0
@@ -98,6 +102,7 @@ class Source:
             return self.stats
         self.stats.setup_seconds = time.perf_counter() - t0
         self._sent_at_start, self._bytes_at_start = time.perf_counter(), self.bytes_sent
+        self.live.phase = "precopy"
         vm = self.machine.vm
         self._track_dirty_pages()
         self._round(0, pages.populated_runs(vm.memory, self._touched), 0.0)
@@ -129,7 +134,7 @@ class Source:
         reply = self.answer()
         if isinstance(reply, Reject):
             self.stats.outcome, self.stats.problems = MigrationOutcome.REJECTED, list(reply.problems)
-            self.stats.reason = "the target refused the guest"
+            self.stats.reason, self.stats.failure = "the target refused the guest", "rejected"
             return False
         if o.dry_run:
             self.message(Cancel("dry run: compatibility checked, nothing sent"))
@@ -178,10 +183,35 @@ class Source:
     def _throttle(self, throttle: float) -> None:
         self.machine.set_throttle(throttle)
         self.stats.throttle_max = max(self.stats.throttle_max, throttle)
+        self.live.throttle = throttle
         self.progress({"stage": "throttle", "throttle": throttle})
+
+    def report(self, round_started: float | None = None, round_bytes: int = 0, round_wire: int = 0,
+               *, force: bool = False) -> None:
+        """The live figures out as a `pages` progress event (at most every 50 ms, unless `force`)."""
+        now = time.perf_counter()
+        if not force and now - self._reported_at < 0.05:
+            return
+        self._reported_at = now
+        live = self.live
+        live.elapsed_seconds = round(now - self._t0, 3)
+        live.remaining_pages = max(0, live.round_pages_total - live.round_pages_done)
+        live.remaining_bytes = live.remaining_pages * PAGE_SIZE
+        live.wire_bytes = self.bytes_sent
+        live.throttle = self.machine.throttle
+        if round_started is not None and now > round_started:
+            live.bandwidth_mib_s = round(round_wire / MiB / (now - round_started), 1)
+            live.estimate(round_bytes / MiB / (now - round_started) if round_bytes else 0.0)
+        self.progress({"stage": "pages", **live.as_dict()})
 
     def _round(self, number: int, runs: list[pages.MemoryRun], dirty_rate: float) -> None:
         t = time.perf_counter()
+        live = self.live
+        live.round, live.round_pages_done = number, 0
+        live.round_pages_total = sum(len(r.view) for r in runs) // PAGE_SIZE
+        if number:
+            live.dirty_rate_mib_s = round(dirty_rate, 1)
+        self.report(force=True)
         npages, raw, wire = self.send_pages(number, runs)
         seconds = max(time.perf_counter() - t, 1e-6)
         stat = RoundStats(number, npages, raw, wire, seconds, dirty_rate, wire / MiB / seconds,
@@ -194,6 +224,7 @@ class Source:
 
     def _stop_and_copy(self, pending: Dirty, t0: float) -> MigrationStats:
         machine = self.machine
+        self.live.phase = "stop-and-copy"
         laps = Laps()
         machine.pause()
         laps.lap("pause")
@@ -256,9 +287,13 @@ class Source:
         wire0 = self.bytes_sent
         streams = 1 + len(self.extra)
         stream = round_number % streams
+        t0 = time.perf_counter()
         for section in self.pool.encode(runs):
             if self.cancel.is_set():
                 raise Cancelled("cancelled by the user")
+            self.live.round_pages_done += section.totals.pages
+            self.live.pages_done += section.totals.pages
+            self.live.bytes_done += section.totals.raw_bytes
             parts.extend(self._writer(stream).pages_parts(section))  # framed by the stream that carries it
             size += section.length + 24
             npages += section.totals.pages
@@ -269,6 +304,7 @@ class Source:
                 parts, size = [], 0
                 self._pace()
                 stream = (stream + 1) % streams
+                self.report(t0, raw, self.bytes_sent - wire0)
         if parts:
             self._dispatch(stream, round_number, parts)
         for extra in self.extra:  # the round's bandwidth counts only what has left
@@ -328,7 +364,7 @@ def send(machine: Machine, target: str | Connection, options: MigrationOptions |
         stats = source.stats
         stats.total_seconds = time.perf_counter() - t0
         stats.sent_bytes = source.bytes_sent
-        stats.reason = f"{type(e).__name__}: {e}"
+        stats.reason, stats.failure = str(e) or failure_word(e), failure_word(e)
         code = error_code(e)
         outcome = source.fall_back(e, code)
         stats.outcome = {Outcome.SOURCE_RESUME: (MigrationOutcome.CANCELLED if code is ErrorCode.CANCELLED
@@ -338,8 +374,8 @@ def send(machine: Machine, target: str | Connection, options: MigrationOptions |
             _restore_source(machine, was_running)
         log.warning("migration to %s: %s (%s)", conn.peer, stats.outcome, stats.reason)
         if outcome is Outcome.SOURCE_HOLD:
-            raise MigrationFailed(stats.reason, "paused here: the target may have it (in doubt); "
-                                  "ask the target before resuming") from e
+            raise MigrationInDoubt(stats.reason, "paused here: the target may have it (in doubt); "
+                                   "ask the target before resuming") from e
         return stats
     finally:
         source.close()

@@ -170,7 +170,8 @@ def run_machine(machine: Machine, *, watch: builtin_guest.EndWatch | None = None
     command (stop, a completed migration) ends it; then stop it, close it and say why.
 
     `settle`: seconds the guest runs alone first (a guest that just moved here): the control
-    socket's start-up and the terminal output (`announce`, then the socket's line) wait until then,
+    socket's start-up and the terminal output (`announce`, a status line `prog: text`, then the socket's
+    line) wait until then,
     so nothing the guest's exits wait on runs beside its first moments.
 
     Shared by `hv run`, `migrate restore` and `migrate recv`. Returns the process exit status.
@@ -202,7 +203,7 @@ def run_machine(machine: Machine, *, watch: builtin_guest.EndWatch | None = None
         if settle:
             wake.wait(settle)
         if announce:
-            say("hv", announce)
+            say(*announce.split(": ", 1))
         if server:  # after start: every command then finds a machine that has a lifecycle going
             server.start()
             say("hv", f"control socket {api} ({', '.join(sorted(server.handlers))})")

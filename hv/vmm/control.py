@@ -188,6 +188,8 @@ class ControlServer:
     def _serve(self, conn: socket.socket) -> None:
         try:
             self._answer(conn)
+        except OSError as e:  # the client went before its reply was out: the command's work stands
+            log.info("control client gone before the reply: %s", e)
         finally:
             self._connections.discard(threading.current_thread())
 
