@@ -55,7 +55,7 @@ class RamReservationError(GuestMemoryError):
         self.size, self.errno = size, errno
         total = _host_ram()
         have = f"; this host has {total >> 20} MiB of RAM" if total else ""
-        super().__init__(f"cannot reserve {size >> 20} MiB of guest RAM: {os.strerror(errno)}{have}")
+        super().__init__(f"cannot reserve guest RAM (a region of {size >> 20} MiB): {os.strerror(errno)}{have}")
 
 
 def _host_ram() -> int:

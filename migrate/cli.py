@@ -149,11 +149,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
     else:
-        table = Table(title=str(args.file), show_header=False)
-        for key in ("header", "sections", "config", "memory_ranges", "layout", "vcpus", "totals", "digest",
-                    "verified", "error"):
+        table = Table(title=Text(str(args.file)), show_header=False)
+        for key in ("snapshot_id", "kind", "base", "memory_bytes", "pages", "raw_bytes", "file_bytes", "header",
+                    "sections", "config", "memory_ranges", "layout", "vcpus", "totals", "digest", "verified", "error"):
             if key in result:
-                table.add_row(key, json.dumps(result[key], default=str))
+                table.add_row(key, Text(json.dumps(result[key], default=str)))
         results.print(table)
     return ExitStatus.OK if result["verified"] else ExitStatus.REFUSED
 
@@ -294,7 +294,7 @@ def _stats_table(stats: dict[str, Any]) -> Table:
     for problem in stats.get("problems", []):
         rows.append(("problem", problem))
     for k, v in rows:
-        table.add_row(k, v)
+        table.add_row(k, Text(v))  # the peer's words among them: never markup
     return table
 
 

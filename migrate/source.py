@@ -35,7 +35,7 @@ from migrate.protocol import (PROTOCOL_VERSION, Cancel, Channel, Commit, Complet
                               Hello, Outcome, Pages, Protocol, Ready, Reject, Resumed, Role, RoundDone,
                               State)
 from migrate.records import state_sections
-from migrate.state import PRODUCER, GuestCpuid, capture, machine_config, machine_layout, registry
+from migrate.state import PRODUCER, GuestCpuid, MachineConfig, capture, machine_config, machine_layout, registry
 from migrate.stats import Laps, MigrationOutcome, MigrationProgress, MigrationStats, RoundStats
 from migrate.streams import OutgoingStream
 from migrate.transport import Connection, connect
@@ -128,10 +128,12 @@ class Source:
         machine, o = self.machine, self.options
         cpuid = GuestCpuid(machine.vcpus[0].cpuid)
         self.message(Hello(PROTOCOL_VERSION, f"{FORMAT_MAJOR}.{FORMAT_MINOR}", PRODUCER,
-                           self.writer.header() + self.writer.config(machine_config(machine)),
+                           self.writer.header() + self.writer.config(self._config()),
                            self.writer.layout(machine_layout(machine)), registry().encode(cpuid),
                            o.dry_run, o.streams))
         reply = self.answer()
+        log.info("the target %s: %s", "refused the guest" if isinstance(reply, Reject) else "accepts the guest",
+                 "; ".join(getattr(reply, "problems", ())) or "no problems")
         if isinstance(reply, Reject):
             self.stats.outcome, self.stats.problems = MigrationOutcome.REJECTED, list(reply.problems)
             self.stats.reason, self.stats.failure = "the target refused the guest", "rejected"
@@ -143,6 +145,18 @@ class Source:
         if o.streams > 1:
             self.open_extra_streams(reply.session)
         return True
+
+    def _config(self) -> MachineConfig:
+        """CONFIG with the guest's TSC rate, which is read on a paused vCPU: a running guest is
+        paused for that read (well under a millisecond), so the target can check it can give it."""
+        machine = self.machine
+        if machine.state is not RunState.RUNNING:
+            return machine_config(machine)
+        machine.pause()
+        try:
+            return machine_config(machine)
+        finally:
+            machine.resume()
 
     def open_extra_streams(self, session: bytes) -> None:
         """Streams 1..N-1: connect, authenticate, join the exchange, send the stream header."""
@@ -221,6 +235,9 @@ class Source:
         self.stats.raw_bytes += raw
         self.stats.sent_bytes_pages += wire
         self.progress({"stage": "round", **dataclasses.asdict(stat)})
+        log.info("round %d: %d pages, %.1f MiB in %.0f ms (%.0f MiB/s on the wire), dirty rate %.0f MiB/s, "
+                 "throttle %.0f%%", number, npages, raw / MiB, seconds * 1000, stat.bandwidth_mib_s, dirty_rate,
+                 stat.throttle * 100)
 
     def _stop_and_copy(self, pending: Dirty, t0: float) -> MigrationStats:
         machine = self.machine
@@ -242,6 +259,8 @@ class Source:
         self.message(Complete(end))
         ready = self.answer()  # Ready: the target holds a verified copy, built and paused
         waited = laps.lap("target_verify")
+        log.info("the target holds a verified copy (%.1f ms after the pause); committing", laps.phases and
+                 sum(laps.phases.values()))
         self.message(Commit())
         # From here the target may be running the guest: never resume on our own (protocol.py).
         resumed = self.answer()  # Resumed

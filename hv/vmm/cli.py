@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import re
 import select
@@ -37,6 +38,7 @@ from hv.vmm.command import HV_EXITS, ExitStatus, dispatch, parse_size, run_parse
 from hv.vmm.control import ControlContext, ControlServer
 from hv.vmm.machine import Machine, RunState
 
+log = logging.getLogger("hv.vmm.cli")  # by name: run as `python -m hv.vmm.cli`, __name__ is __main__
 _stdout_lock = threading.Lock()
 
 
@@ -200,6 +202,8 @@ def run_machine(machine: Machine, *, watch: builtin_guest.EndWatch | None = None
     try:
         if start:
             machine.start()
+        log.info("running: %d vCPU, %d MiB, devices %s", len(machine.vcpus), machine.vm.memory.total_size >> 20,
+                 ", ".join(sorted(machine.devices)))
         if settle:
             wake.wait(settle)
         if announce:
@@ -215,6 +219,7 @@ def run_machine(machine: Machine, *, watch: builtin_guest.EndWatch | None = None
         if server:
             server.close()
         state = machine.state
+        log.info("stopping the VM (it was %s)", state.value)
         machine.stop()
         if stdin is not None:
             stdin.stop()
@@ -229,12 +234,12 @@ def run_machine(machine: Machine, *, watch: builtin_guest.EndWatch | None = None
     elif ctx.finished.is_set():
         why = ctx.finish_reason
     elif done.is_set():
-        why = "guest finished"
+        why = "the guest failed" if watch is not None and watch.failure else "guest finished"
     else:
         why = str(machine.stop_reason.source) if machine.stop_reason else "stopped"
     say("hv", f"stopped ({why}) after {elapsed:.2f} s, {exits:,} exits")
     if done.is_set() and watch is not None and watch.failure:
-        say("hv", f"the guest failed: {watch.failure}", "red")
+        say("hv", f"the guest's last words: {watch.failure}", "red")
         return ExitStatus.FAILED
     return ExitStatus.OK
 

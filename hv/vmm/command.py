@@ -230,7 +230,6 @@ def run_parser(prog: str, description: str, epilog: str = "") -> tuple[Parser, C
     common = verbosity_options()
     main = Parser(prog=prog, description=description, epilog=(epilog + "\n\n" if epilog else "") + EXIT_STATUS_HELP,
                   parents=[common])
-    main.set_defaults(verbose=0, quiet=False)
     add_version(main)
     sub = main.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
