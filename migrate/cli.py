@@ -52,6 +52,7 @@ from migrate.exits import EXITS, OUTCOMES
 from migrate.transport import parse_address
 
 MiB = 1 << 20
+RUNNING = ("setup", "precopy", "stop-and-copy")  # a migration's phases while it runs (MigrationProgress)
 results = Console(highlight=False, emoji=False, soft_wrap=True)  # stdout: tables and results
 
 
@@ -68,7 +69,7 @@ def address(text: str) -> str:
 
 def _progress_bar(*columns) -> Progress:
     """A transient bar on stderr; none with -q or when stderr is not a terminal."""
-    return Progress(*columns, TimeElapsedColumn(), console=status, transient=True,
+    return Progress(*columns, console=status, transient=True,
                     disable=quiet() or not status.is_terminal)
 
 
@@ -109,7 +110,8 @@ def _guest_console() -> tuple[LineConsole, builtin_guest.EndWatch]:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    with _progress_bar(TextColumn("snapshot"), BarColumn(), TextColumn("{task.fields[mib]:.0f} MiB")) as bar:
+    with _progress_bar(TextColumn("snapshot"), BarColumn(), TextColumn("{task.fields[mib]:.0f} MiB"),
+                       TimeElapsedColumn()) as bar:
         task = bar.add_task("snapshot", total=None, mib=0.0)
 
         def progress(p: dict[str, Any]) -> None:
@@ -231,24 +233,22 @@ def _send_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def describe(live: dict[str, Any]) -> str:
-    """A running migration in one line (the progress bar, `migrate status`): the round, how far
-    it is, the rates, the throttle, the ETA."""
+    """A migration in one line (the progress bar, `migrate status`): the round and how far it
+    is, the rates, the throttle, the ETA."""
     phase = live.get("phase", "setup")
     if phase == "setup":
         return "connecting, checking the target"
     if phase == "none":
         return "no migration has been started on this VM"
+    if phase not in RUNNING:
+        return f"{phase}: {live.get('reason', '')}"
     total, done = live.get("round_pages_total", 0), live.get("round_pages_done", 0)
-    pct = f"{done * 100 // total}%" if total else "-"
+    dirty = f"{live['dirty_rate_mib_s']:.0f}" if live.get("round") else "-"  # measured from round 1 on
     eta = live.get("eta_seconds")
-    text = (f"{phase} round {live.get('round', 0)}: {pct} of {total * 4096 / MiB:.1f} MiB, "
-            f"{live.get('bytes_done', 0) / MiB:.0f} MiB sent in all, "
-            f"dirty {live.get('dirty_rate_mib_s', 0):.0f} MiB/s, link {live.get('bandwidth_mib_s', 0):.0f} MiB/s, "
-            f"throttle {live.get('throttle', 0) * 100:.0f}%, "
-            + (f"ETA {eta:.1f} s" if eta is not None else "ETA unknown (the guest outruns the link)"))
-    if phase not in ("precopy", "stop-and-copy"):
-        text = f"{phase}: {live.get('reason', '')}"
-    return text
+    return (f"{'stop-and-copy, ' if phase == 'stop-and-copy' else ''}round {live.get('round', 0)} "
+            f"{done * 100 // total if total else 0}% {done * 4096 / MiB:.0f}/{total * 4096 / MiB:.0f} MiB, "
+            f"dirty {dirty} link {live.get('bandwidth_mib_s', 0):.0f} MiB/s, throttle {live.get('throttle', 0) * 100:.0f}%, "
+            + (f"ETA {eta:.1f} s" if eta is not None else "ETA -"))
 
 
 class _RoundView:
@@ -270,8 +270,7 @@ class _RoundView:
 
 
 def _round_bar() -> Progress:
-    return _progress_bar(TextColumn("[bold]migrate[/]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                         TextColumn("{task.fields[info]}"))
+    return _progress_bar(TextColumn("[bold]migrate[/]"), BarColumn(bar_width=10), TextColumn("{task.fields[info]}"))
 
 
 def _stats_table(stats: dict[str, Any]) -> Table:
@@ -296,9 +295,6 @@ def _stats_table(stats: dict[str, Any]) -> Table:
     for k, v in rows:
         table.add_row(k, Text(v))  # the peer's words among them: never markup
     return table
-
-
-RUNNING = ("setup", "precopy", "stop-and-copy")
 
 
 def _wait_for_end(api: str, timeout: float = 120.0) -> dict[str, Any]:

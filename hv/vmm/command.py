@@ -38,6 +38,8 @@ class ExitStatus(IntEnum):
     IN_DOUBT = 6  # the link died after the hand-over began: the guest is paused at the source, ask the target
 
 
+INTERRUPTED = 130  # Ctrl-C while waiting (the shell's 128 + SIGINT); a VM's run ends 0 on Ctrl-C
+
 EXIT_STATUS_HELP = "exit status:\n" + "\n".join(
     f"  {s.value}  {line}" for s, line in zip(ExitStatus, (
         "done (the run ended as asked, the migration completed, the check passed)",
@@ -47,7 +49,7 @@ EXIT_STATUS_HELP = "exit status:\n" + "\n".join(
         "transport or authentication (the link, the control socket)",
         "the migration failed or was cancelled; the guest runs on at the source",
         "in doubt: the link died during the hand-over; the guest is paused at the source",
-    ), strict=True))
+    ), strict=True)) + f"\n  {INTERRUPTED}  Ctrl-C while waiting (a VM stopped by Ctrl-C or SIGTERM ends 0)"
 
 # (error types, status): the first row whose types the error is an instance of gives its status.
 ExitRows = Sequence[tuple[type[BaseException] | tuple[type[BaseException], ...], ExitStatus]]
@@ -190,8 +192,9 @@ def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None, rows: Exit
             return int(args.func(args))
         except BrokenPipeError:  # stdout closed early (e.g. piped to head): not an error of ours
             return ExitStatus.OK
-        except KeyboardInterrupt:
-            return _fail(parser.prog, KeyboardInterrupt("interrupted"), ExitStatus.FAILED, wants_json)
+        except KeyboardInterrupt:  # Ctrl-C outside a VM's run (which handles its own): nothing half done
+            say(parser.prog, "interrupted", "yellow")
+            return INTERRUPTED
         except Exception as e:  # noqa: BLE001 - every error becomes a message and a status
             code = exit_status(e, rows)
             logging.getLogger(parser.prog).debug("the error in full", exc_info=True)
