@@ -124,9 +124,9 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
     else:
-        say("migrate", f"{result['kind']} snapshot {result['path']}: "
-                       f"{result['raw_bytes'] / MiB:.1f} MiB of guest memory in {result['file_bytes'] / MiB:.1f} MiB, "
-                       f"guest paused {result['pause_seconds'] * 1000:.0f} ms")
+        results.print(Text(f"{result['kind']} snapshot {result['path']}: "
+                           f"{result['raw_bytes'] / MiB:.1f} MiB of guest memory in {result['file_bytes'] / MiB:.1f} "
+                           f"MiB, guest paused {result['pause_seconds'] * 1000:.0f} ms"))
     return ExitStatus.OK
 
 

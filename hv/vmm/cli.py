@@ -264,7 +264,7 @@ def cmd_control(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         for key, value in result.items():
-            print(f"{key:16} {value}")
+            print(f"{key:16} {', '.join(map(str, value)) if isinstance(value, list) else value}")
     return ExitStatus.OK
 
 
