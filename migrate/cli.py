@@ -351,8 +351,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     live = _wait_for_end(args.socket)
     if args.json:
         _print_json({**result, "status": live})
-    else:
-        say("migrate", f"cancelled in round {result['round']}; now {describe(live)}")
+    if live["phase"] == "completed":  # the cancel came in the hand-over, too late to stop it
+        say("migrate", f"too late: {describe(live)}", "yellow")
+        return ExitStatus.REFUSED
+    if not args.json:
+        say("migrate", f"cancelled in round {result['round']}; {describe(live)}")
     return ExitStatus.OK
 
 

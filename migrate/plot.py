@@ -61,7 +61,9 @@ def plot_rounds(stats: dict[str, Any], out: str | Path) -> Path:
         pages_ax.annotate(str(r["round"]), (x, r["pages"]), fontsize=7, va="bottom")
     pages_ax.set_ylabel("pages sent")
     mids = [s + w / 2 for s, w in zip(starts, widths, strict=True)]
-    rate_ax.plot(mids, [r["dirty_rate_mib_s"] for r in rounds], "o-", color="tab:red", label="guest dirty rate")
+    # the dirty rate is measured from round 1 on (round 0 sends what was there; nothing to compare)
+    rate_ax.plot(mids[1:], [r["dirty_rate_mib_s"] for r in rounds[1:]], "o-", color="tab:red",
+                 label="guest dirty rate")
     rate_ax.plot(mids, [r["bandwidth_mib_s"] for r in rounds], "s-", color="tab:green", label="link bandwidth")
     rate_ax.set_ylabel("MiB/s")
     rate_ax.legend(loc="upper right", fontsize=8)
