@@ -91,9 +91,10 @@ def _tls(args: argparse.Namespace):
 
 
 def _add_tls_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tls-cert", help="our certificate (PEM): TLS, checked both ways")
-    p.add_argument("--tls-key", help="our private key (PEM)")
-    p.add_argument("--tls-ca", help="the CA (PEM) that signed the peer's certificate")
+    p.add_argument("--tls-cert", metavar="FILE", help="our certificate (PEM): mutual TLS, checked both ways; "
+                   "with --tls-key and --tls-ca")
+    p.add_argument("--tls-key", metavar="FILE", help="our private key (PEM)")
+    p.add_argument("--tls-ca", metavar="FILE", help="the CA (PEM) that signed the peer's certificate")
 
 
 def _print_json(obj: Any) -> None:
