@@ -171,11 +171,12 @@ def run_machine(machine: Machine, *, watch: builtin_guest.EndWatch | None = None
     command (stop, a completed migration) ends it; then stop it, close it and say why.
 
     `settle`: seconds the guest runs alone first (a guest that just moved here): the control
-    socket's start-up and the terminal output (`announce`, a status line `prog: text`, then the socket's
-    line) wait until then,
-    so nothing the guest's exits wait on runs beside its first moments.
+    socket's start-up and the terminal output (`announce`, a status line `prog: text`, then the
+    socket's line) wait until then, so nothing the guest's exits wait on runs beside its first
+    moments. `watch`: the built-in guest's last line ends the run (and an error line exits 1).
 
-    Shared by `hv run`, `migrate restore` and `migrate recv`. Returns the process exit status.
+    Shared by `hv run`, `migrate restore` and `migrate recv`. Returns the process exit status
+    (`ExitStatus`); every ending stops the VM, removes the socket and joins the stdin thread.
     """
     done = watch.done if watch is not None else threading.Event()
     ctx = ControlContext(machine, extra=dict(extra or {}))
