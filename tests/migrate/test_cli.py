@@ -46,6 +46,7 @@ class Vmm:
 
     def __init__(self, argv: list[str], api: Path, wait_for_socket: bool = True) -> None:
         self.api = api
+        self.early: list[str] = []
         self.proc = subprocess.Popen(argv + ["--api", str(api)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         if wait_for_socket:
@@ -57,12 +58,20 @@ class Vmm:
             assert self.proc.poll() is None and time.monotonic() < deadline, self.proc.stderr.read()
             time.sleep(0.05)
 
+    def wait_for_line(self, text: str) -> None:
+        """Read its log until a line holds `text` (kept for `finish`)."""
+        for line in self.proc.stderr:
+            self.early.append(line)
+            if text in line:
+                return
+        raise AssertionError(f"no {text!r} in {''.join(self.early)}")
+
     def finish(self, *, terminate: bool = True) -> tuple[int, str]:
         """The exit status and the log: SIGTERM first if `terminate`, else wait for it to end."""
         if terminate and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         status = self.proc.wait(timeout=30)
-        return status, self.proc.stderr.read()
+        return status, "".join(self.early) + self.proc.stderr.read()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -197,7 +206,7 @@ def test_status_and_cancel_from_other_processes_while_a_migration_runs(tmp_path:
     target = Vmm([*MIGRATE, "recv", "--listen", f"127.0.0.1:{port}"], tmp_path / "target.sock", wait_for_socket=False)
     try:
         assert json.loads(run([*MIGRATE, "status", str(source.api), "--json"]).stdout)["phase"] == "none"
-        time.sleep(0.5)  # the target listens well within this
+        target.wait_for_line("listening on")
         # slow enough to watch: 128 MiB of working set at 20 MiB/s is several seconds a round
         sender = subprocess.Popen([*MIGRATE, "send", "--api", str(source.api), "--to", f"127.0.0.1:{port}",
                                    "--bandwidth", "20", "--max-seconds", "600"],
@@ -214,9 +223,12 @@ def test_status_and_cancel_from_other_processes_while_a_migration_runs(tmp_path:
         assert live["remaining_pages"] == live["round_pages_total"] - live["round_pages_done"] > 0
         sender.kill()  # the client goes: the migration does not
         sender.wait()
-        time.sleep(0.5)
-        later = json.loads(run([*MIGRATE, "status", str(source.api), "--json"]).stdout)
-        assert later["phase"] == "precopy" and later["pages_done"] > live["pages_done"], later
+        deadline = time.monotonic() + 60
+        while (later := json.loads(run([*MIGRATE, "status", str(source.api), "--json"]).stdout))[
+                "pages_done"] <= live["pages_done"]:  # it goes on without its client
+            assert later["phase"] == "precopy" and time.monotonic() < deadline, later
+            time.sleep(0.1)
+        assert later["phase"] == "precopy", later
         text = run([*MIGRATE, "status", str(source.api)]).stdout
         assert text.startswith("round ") and "ETA" in text and "MiB/s" in text and "precopy" in text
         cancelled = run([*MIGRATE, "cancel", str(source.api)])
@@ -246,7 +258,7 @@ def test_send_plot_draws_the_rounds_and_migrate_plot_redraws_them(tmp_path: Path
     source = Vmm([*HV, "run", "--mem", "64", "--ws", "16", "--rate", "40"], tmp_path / "source.sock")
     target = Vmm([*MIGRATE, "recv", "--listen", f"127.0.0.1:{port}"], tmp_path / "target.sock", wait_for_socket=False)
     try:
-        time.sleep(0.5)
+        target.wait_for_line("listening on")
         png = tmp_path / "rounds.png"
         sent = run([*MIGRATE, "send", "--api", str(source.api), "--to", f"127.0.0.1:{port}", "--json",
                     "--plot", str(png)], timeout=120)
@@ -279,7 +291,7 @@ def test_a_dry_run_checks_the_disk_memory_and_cpu_the_target_needs(tmp_path: Pat
     target = Vmm([*MIGRATE, "recv", "--listen", f"127.0.0.1:{port}", "--disk", str(tmp_path / "missing.img")],
                  tmp_path / "target.sock", wait_for_socket=False)
     try:
-        time.sleep(0.5)
+        target.wait_for_line("listening on")
         refused = run([*MIGRATE, "send", "--api", str(source.api), "--to", f"127.0.0.1:{port}", "--dry-run",
                        "--json"])
         assert refused.returncode == ExitStatus.REFUSED, refused.stderr
