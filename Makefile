@@ -25,7 +25,7 @@ host-tools:
 $(STAMP): pyproject.toml setup.py hv/binding/build.py hv/binding/uart.c hv/binding/vcpu_loop.c migrate/datapath/_build.py migrate/datapath/pages.c | host-tools
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test,plot]'  # plot: the test of migrate plot runs, never skips
 	@touch $@
 
 install: host-tools $(STAMP) guest

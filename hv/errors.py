@@ -48,6 +48,23 @@ class GuestMemoryError(HvError):
     pass
 
 
+class RamReservationError(GuestMemoryError):
+    """Guest RAM of `size` bytes could not be reserved (mapped) on this host."""
+
+    def __init__(self, size: int, errno: int) -> None:
+        self.size, self.errno = size, errno
+        total = _host_ram()
+        have = f"; this host has {total >> 20} MiB of RAM" if total else ""
+        super().__init__(f"cannot reserve guest RAM (a region of {size >> 20} MiB): {os.strerror(errno)}{have}")
+
+
+def _host_ram() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
 class GuestAddressError(GuestMemoryError):
     """An access [address, address+length) that no single memory region covers."""
 

@@ -3,16 +3,23 @@
     migrate snapshot --api SOCK --out FILE [--incremental-from FILE] [--mappable] [--track-dirty]
     migrate restore FILE [--api SOCK]            run the snapshot's guest, console attached
     migrate inspect FILE [--json]                what a snapshot holds, and whether it checks out
+    migrate verify FILE|SOCK [--json]            the memory digest and the built-in guest's rule
     migrate recv --listen HOST:PORT [--api SOCK] [--key-file F] [--once]
     migrate send --api SOCK --to HOST:PORT [--downtime-ms N] [--bandwidth MiB/s] [--streams N]
-                 [--no-auto-converge] [--dry-run] [--json]
+                 [--no-auto-converge] [--dry-run] [--json] [--plot FILE.png]
+    migrate status SOCK [--json]                 how a migration from that VM goes (phase, round, ETA)
+    migrate cancel SOCK                          stop it; the guest runs on at the source
     migrate resolve SOCK [--force-resume-source | --force-stop-source]
                                                  end an in-doubt hand-over: ask the target, or force
+    migrate plot STATS.json --out FILE.png       draw the rounds of a `migrate send --json`
     migrate demo                                 the built-in guest, migrated live to a second process
 
 The VM to snapshot or send runs in another process (`hv run --api SOCK`, `migrate restore`,
-`migrate recv`); these commands talk to its control socket. Status and progress go to stderr,
-results (and the guest console) to stdout.
+`migrate recv`); these commands talk to its control socket, and a migration runs in that
+process: killing `migrate send` leaves it running (watch it with `migrate status`, stop it with
+`migrate cancel`); Ctrl-C in `migrate send` cancels it. Status, progress and logs go to stderr,
+results (tables, JSON) and the guest console to stdout. `migrate COMMAND --help` for each
+command's options (with their defaults and units) and examples.
 """
 
 from __future__ import annotations
@@ -33,19 +40,38 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from formats import FormatError
-from hv.errors import HvError
+from hv.guests import builtin as builtin_guest
 from hv.kvm.kvm import Kvm
 from hv.devices.serial import Serial16550
-from hv.vmm.cli import LineConsole, dispatch, parse_size, run_machine, terminal
+from hv.vmm.cli import LineConsole, run_machine, terminal
+from hv.vmm.command import ExitStatus, dispatch, parse_size, quiet, run_parser, say, status
 from hv.vmm.control import ControlError, call, check_socket_path
 from hv.vmm.control import extensions as control_extensions
 from hv.vmm.machine import discard
 from migrate.errors import MigrateError
+from migrate.exits import EXITS, OUTCOMES
+from migrate.transport import parse_address
 
-status = Console(stderr=True, highlight=False)
 MiB = 1 << 20
+RUNNING = ("setup", "precopy", "stop-and-copy")  # a migration's phases while it runs (MigrationProgress)
+results = Console(highlight=False, emoji=False, soft_wrap=True)  # stdout: tables and results
+
+
+def address(text: str) -> str:
+    """HOST:PORT, checked on the command line (the transport's own check: a port 0..65535)."""
+    try:
+        parse_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return text
+
+
+def _progress_bar(*columns) -> Progress:
+    """A transient bar on stderr; none with -q or when stderr is not a terminal."""
+    return Progress(*columns, console=status, transient=True,
+                    disable=quiet() or not status.is_terminal)
 
 
 def _key(path: str | None) -> bytes:
@@ -66,35 +92,28 @@ def _tls(args: argparse.Namespace):
 
 
 def _add_tls_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tls-cert", help="our certificate (PEM): TLS, checked both ways")
-    p.add_argument("--tls-key", help="our private key (PEM)")
-    p.add_argument("--tls-ca", help="the CA (PEM) that signed the peer's certificate")
+    p.add_argument("--tls-cert", metavar="FILE", help="our certificate (PEM): mutual TLS, checked both ways; "
+                   "with --tls-key and --tls-ca")
+    p.add_argument("--tls-key", metavar="FILE", help="our private key (PEM)")
+    p.add_argument("--tls-ca", metavar="FILE", help="the CA (PEM) that signed the peer's certificate")
 
 
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def _guest_console() -> tuple[LineConsole, threading.Event]:
+def _guest_console() -> tuple[LineConsole, builtin_guest.EndWatch]:
     """The guest's console on stdout; the built-in guest's end lines end the run."""
-    from hv.guests import builtin as builtin_guest
-
-    done = threading.Event()
-
-    def on_line(line: str) -> None:
-        if isinstance(builtin_guest.parse_line(line), (builtin_guest.Done, builtin_guest.GuestError,
-                                                       builtin_guest.Fault)):
-            done.set()
-
-    return LineConsole(on_line, echo=False), done  # COM1's bytes reach stdout from C (run_machine)
+    watch = builtin_guest.EndWatch()
+    return LineConsole(watch, echo=False), watch  # COM1's bytes reach stdout from C (run_machine)
 
 
 # --- snapshot / restore / inspect ------------------------------------------------------------------
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    with Progress(TextColumn("snapshot"), BarColumn(), TextColumn("{task.fields[mib]:.0f} MiB"),
-                  TimeElapsedColumn(), console=status, transient=True) as bar:
+    with _progress_bar(TextColumn("snapshot"), BarColumn(), TextColumn("{task.fields[mib]:.0f} MiB"),
+                       TimeElapsedColumn()) as bar:
         task = bar.add_task("snapshot", total=None, mib=0.0)
 
         def progress(p: dict[str, Any]) -> None:
@@ -107,10 +126,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
     else:
-        status.print(f"[bold]migrate[/]: {result['kind']} snapshot {result['path']}: "
-                     f"{result['raw_bytes'] / MiB:.1f} MiB of guest memory in {result['file_bytes'] / MiB:.1f} MiB, "
-                     f"guest paused {result['pause_seconds'] * 1000:.0f} ms")
-    return 0
+        results.print(Text(f"{result['kind']} snapshot {result['path']}: "
+                           f"{result['raw_bytes'] / MiB:.1f} MiB of guest memory in {result['file_bytes'] / MiB:.1f} "
+                           f"MiB, guest paused {result['pause_seconds'] * 1000:.0f} ms"))
+    return ExitStatus.OK
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -118,15 +137,15 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     if args.api:
         check_socket_path(args.api)  # a clear refusal before the restore, not after
-    console, done = _guest_console()
+    console, watch = _guest_console()
     with Kvm() as kvm:
         t0 = time.perf_counter()
         machine = restore(args.file, kvm, console=console, disk=args.disk, virtio_console=LineConsole(),
                           verify_memory=False if args.no_verify else None)
-        status.print(f"[bold]migrate[/]: restored {args.file} in {(time.perf_counter() - t0) * 1000:.1f} ms")
+        say("migrate", f"restored {args.file} in {(time.perf_counter() - t0) * 1000:.1f} ms")
         machine.device("serial0", Serial16550).attach_terminal(terminal())  # before the guest runs
         machine.resume()
-        return run_machine(machine, done=done, api=args.api, timeout=args.timeout, start=False,
+        return run_machine(machine, watch=watch, api=args.api, timeout=args.timeout, start=False,
                            extra={"console": console})
 
 
@@ -137,13 +156,41 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
     else:
-        table = Table(title=str(args.file), show_header=False)
-        for key in ("header", "sections", "config", "memory_ranges", "layout", "vcpus", "totals", "digest",
-                    "verified", "error"):
+        table = Table(title=Text(str(args.file)), show_header=False)
+        for key in ("snapshot_id", "kind", "base", "memory_bytes", "pages", "raw_bytes", "file_bytes", "header",
+                    "sections", "config", "memory_ranges", "layout", "vcpus", "totals", "digest", "verified", "error"):
             if key in result:
-                table.add_row(key, json.dumps(result[key], default=str))
-        Console().print(table)
-    return 0 if result["verified"] else 1
+                table.add_row(key, Text(json.dumps(result[key], default=str)))
+        results.print(table)
+    return ExitStatus.OK if result["verified"] else ExitStatus.REFUSED
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """A snapshot file, or a running VM's control socket: the digest and the guest's rule."""
+    from migrate.verify import verify_snapshot
+
+    target = Path(args.target)
+    if target.is_socket():
+        result = call(target, "verify")
+    elif target.is_file():
+        with Kvm() as kvm:
+            result = verify_snapshot(target, kvm)
+    else:
+        raise FileNotFoundError(f"{target}: neither a snapshot file nor a control socket")
+    if args.json:
+        _print_json(result)
+    else:
+        for key in ("path", "digest", "memory_digest"):
+            if key in result:
+                results.print(Text(f"{key:14} {result[key]}"))
+        if "guest" in result:
+            results.print(Text(f"{'guest':14} {result['guest']['summary']}"))
+        if "error" in result:
+            results.print(Text(f"{'error':14} {result['error']['type']}: {result['error']['message']}"))
+        results.print(Text(f"{'ok':14} {result['ok']}"))
+    if result["ok"]:
+        return ExitStatus.OK
+    return ExitStatus.REFUSED if "error" in result else ExitStatus.FAILED
 
 
 # --- live migration ---------------------------------------------------------------------------------
@@ -160,8 +207,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
         check_socket_path(args.api)  # a clear refusal now, not once the guest has arrived
     listener = Listener(args.listen, _key(args.key_file), _tls(args))
     control_extensions()  # found and imported now, not beside the guest's first moments here
-    status.print(f"[bold]migrate[/]: listening on {listener.address}")
-    console, done = _guest_console()
+    say("migrate", f"listening on {listener.address}")
+    console, watch = _guest_console()
     with Kvm() as kvm:
         # Queries from a source in doubt are answered for as long as this process runs
         receiver = Receiver(listener, kvm, once=args.once, console=console, terminal=terminal(),
@@ -169,11 +216,11 @@ def cmd_recv(args: argparse.Namespace) -> int:
         try:
             incoming = receiver.receive(args.accept_timeout or None)
             if incoming.machine is None:
-                status.print("[bold]migrate[/]: dry run: this host would accept the guest")
-                return 0
-            return run_machine(incoming.machine, done=done, api=args.api, timeout=args.timeout, start=False,
+                say("migrate", "dry run: this host would accept the guest")
+                return ExitStatus.OK
+            return run_machine(incoming.machine, watch=watch, api=args.api, timeout=args.timeout, start=False,
                                extra={"console": console}, settle=SETTLE_SECONDS,
-                               announce=f"[bold]migrate[/]: received the guest from {incoming.source} "
+                               announce=f"migrate: received the guest from {incoming.source} "
                                         f"({incoming.pages} pages, {incoming.seconds:.2f} s); it runs here now")
         finally:
             receiver.close()
@@ -195,28 +242,45 @@ def _send_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def describe(live: dict[str, Any]) -> str:
+    """A migration in one line (the progress bar, `migrate status`): the round and how far it
+    is, the rates, the throttle, the ETA."""
+    phase = live.get("phase", "setup")
+    if phase == "setup":
+        return "connecting, checking the target"
+    if phase == "none":
+        return "no migration has been started on this VM"
+    if phase not in RUNNING:
+        return f"{phase}: {live.get('reason', '')}"
+    total, done = live.get("round_pages_total", 0), live.get("round_pages_done", 0)
+    dirty = f"{live['dirty_rate_mib_s']:.0f}" if live.get("round") else "-"  # measured from round 1 on
+    eta = live.get("eta_seconds")
+    return (f"{'stop-and-copy, ' if phase == 'stop-and-copy' else ''}round {live.get('round', 0)} "
+            f"{done * 100 // total if total else 0}% {done * 4096 / MiB:.0f}/{total * 4096 / MiB:.0f} MiB, "
+            f"dirty {dirty} link {live.get('bandwidth_mib_s', 0):.0f} MiB/s, throttle {live.get('throttle', 0) * 100:.0f}%, "
+            + (f"ETA {eta:.1f} s" if eta is not None else "ETA -"))
+
+
 class _RoundView:
-    """Live progress of a migration: round, what is left, dirty rate, bandwidth, ETA."""
+    """Live progress of a migration, from the first page on: the round's share done (the bar),
+    MiB, rates, throttle, ETA."""
 
     def __init__(self, bar: Progress) -> None:
         self.bar = bar
-        self.task = bar.add_task("migrate", total=None, info="connecting")
+        self.task = bar.add_task("migrate", total=None, info="connecting, checking the target")
 
     def __call__(self, p: dict[str, Any]) -> None:
         stage = p.get("stage")
-        if stage == "round":
-            eta = ""
-            if p["bandwidth_mib_s"] and p["dirty_rate_mib_s"]:
-                left = p["dirty_rate_mib_s"] * p["seconds"]
-                eta = f", next round ~{left / p['bandwidth_mib_s'] * 1000:.0f} ms"
-            info = (f"round {p['round']}: {p['raw_bytes'] / MiB:.1f} MiB in {p['seconds'] * 1000:.0f} ms, "
-                    f"dirty {p['dirty_rate_mib_s']:.0f} MiB/s, link {p['bandwidth_mib_s']:.0f} MiB/s, "
-                    f"throttle {p['throttle'] * 100:.0f}%{eta}")
+        if stage == "pages":
+            self.bar.update(self.task, total=max(p["round_pages_total"], 1), completed=p["round_pages_done"],
+                            info=describe(p))
         elif stage == "throttle":
-            info = f"auto-converge: throttling the guest to {(1 - p['throttle']) * 100:.0f}% of its time"
-        else:
-            info = str(stage)
-        self.bar.update(self.task, info=info)
+            self.bar.update(self.task, info=f"auto-converge: throttling the guest to "
+                                            f"{(1 - p['throttle']) * 100:.0f}% of its time")
+
+
+def _round_bar() -> Progress:
+    return _progress_bar(TextColumn("[bold]migrate[/]"), BarColumn(bar_width=10), TextColumn("{task.fields[info]}"))
 
 
 def _stats_table(stats: dict[str, Any]) -> Table:
@@ -239,30 +303,80 @@ def _stats_table(stats: dict[str, Any]) -> Table:
     for problem in stats.get("problems", []):
         rows.append(("problem", problem))
     for k, v in rows:
-        table.add_row(k, v)
+        table.add_row(k, Text(v))  # the peer's words among them: never markup
     return table
 
 
+def _wait_for_end(api: str, timeout: float = 120.0) -> dict[str, Any]:
+    """The migration's status once it is no longer running (after a cancel)."""
+    deadline = time.monotonic() + timeout
+    while (live := call(api, "migrate-status"))["phase"] in RUNNING and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return live
+
+
 def cmd_send(args: argparse.Namespace) -> int:
-    with Progress(TextColumn("[bold]migrate[/]"), BarColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), console=status, transient=True) as bar:
+    if args.plot:
+        from migrate.plot import require_matplotlib
+
+        require_matplotlib()  # before the migration, not after it
+    with _round_bar() as bar:
         view = _RoundView(bar)
         try:
             stats = call(args.api, "migrate-send", progress=view, to=args.to, options=_send_options(args))
         except KeyboardInterrupt:
-            status.print("[yellow]migrate[/]: cancelling (the guest stays on the source)")
+            say("migrate", "cancelling (the guest stays on the source)", "yellow")
             call(args.api, "migrate-cancel")
-            return 130
+            live = _wait_for_end(args.api)
+            if args.json:
+                _print_json(live)
+            say("migrate", describe(live))
+            return OUTCOMES.get(live["phase"], ExitStatus.MIGRATION_FAILED)
     if args.json:
         _print_json(stats)
     else:
-        Console(stderr=True).print(_stats_table(stats))
-    from migrate.stats import MigrationOutcome
+        results.print(_stats_table(stats))
+    if args.plot:
+        from migrate.plot import plot_rounds
 
-    return 0 if stats["outcome"] in (MigrationOutcome.COMPLETED, MigrationOutcome.DRY_RUN) else 1
+        say("migrate", f"rounds drawn in {plot_rounds(stats, args.plot)}")
+    return OUTCOMES.get(stats["outcome"], ExitStatus.MIGRATION_FAILED)
 
 
-EXIT_IN_DOUBT = 6  # the hand-over is still in doubt (the source's copy stays paused)
+def cmd_status(args: argparse.Namespace) -> int:
+    """`migrate status SOCK`: the VM's migration (running, or the last one), as QMP's query-migrate."""
+    live = call(args.socket, "migrate-status")
+    if args.json:
+        _print_json(live)
+    else:
+        results.print(Text(describe(live)))
+        for key, value in live.items():
+            results.print(Text(f"  {key:18} {value}"))
+    return ExitStatus.OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """`migrate cancel SOCK`: stop the VM's running migration; the guest runs on there."""
+    result = call(args.socket, "migrate-cancel")
+    live = _wait_for_end(args.socket)
+    if args.json:
+        _print_json({**result, "status": live})
+    if live["phase"] == "completed":  # the cancel came in the hand-over, too late to stop it
+        say("migrate", f"too late: {describe(live)}", "yellow")
+        return ExitStatus.REFUSED
+    if not args.json:
+        say("migrate", f"cancelled in round {result['round']}; {describe(live)}")
+    return ExitStatus.OK
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from migrate.plot import load_stats, plot_rounds
+
+    out = plot_rounds(load_stats(args.stats), args.out or Path(args.stats).with_suffix(".png"))
+    say("migrate", f"rounds drawn in {out}")
+    return ExitStatus.OK
+
+
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
@@ -275,14 +389,14 @@ def cmd_resolve(args: argparse.Namespace) -> int:
         if args.json:
             _print_json({"error": e.kind, "message": e.message, **e.facts})
         else:
-            status.print(f"[yellow]migrate[/]: {e.message}", markup=False)
-        return EXIT_IN_DOUBT
+            say("migrate", e.message, "yellow")
+        return ExitStatus.IN_DOUBT  # the source's copy stays paused
     if args.json:
         _print_json(result)
     else:
         how = f"forced: {result['forced']}" if result["forced"] else result["asked"]
-        status.print(f"migrate: resolved ({how}): the source's copy is {result['action']}", markup=False)
-    return 0
+        say("migrate", f"resolved ({how}): the source's copy is {result['action']}")
+    return ExitStatus.OK
 
 
 # --- demo -------------------------------------------------------------------------------------------
@@ -308,8 +422,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     target_api, port = tmp / "target.sock", _free_port()
     params = builtin_guest.GuestParams(ws_mib=args.ws, rate_mib_s=args.rate, every=args.every)
     source_console = builtin_guest.GuestConsole(echo=None if args.json else LineConsole(prefix="source | "))
-    status.print(f"[bold]demo[/]: booting the built-in guest ({args.mem >> 20} MiB RAM, {args.ws} MiB working "
-                 f"set dirtied at {args.rate or 'full'} MiB/s) in this process")
+    say("demo", f"booting the built-in guest ({args.mem >> 20} MiB RAM, {args.ws} MiB working "
+                f"set dirtied at {args.rate or 'full'} MiB/s) in this process")
     target = subprocess.Popen([sys.executable, "-m", "migrate.cli", "recv", "--listen", f"127.0.0.1:{port}",
                                "--api", str(target_api), "--accept-timeout", "60"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -333,12 +447,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             machine.start()
             source_console.wait_pass(args.passes_before, timeout=120)
             before = source_console.last_pass()
-            status.print(f"[bold]demo[/]: the guest has done {before} passes here; migrating it to "
-                         f"pid {target.pid} on 127.0.0.1:{port}")
+            say("demo", f"the guest has done {before} passes here; migrating it to "
+                        f"pid {target.pid} on 127.0.0.1:{port}")
             if not listening.wait(30):
                 raise MigrateError(f"the target did not start listening: {''.join(target_log)}")
-            with Progress(TextColumn("[bold]migrate[/]"), BarColumn(), TextColumn("{task.fields[info]}"),
-                          TimeElapsedColumn(), console=status, transient=True) as bar:
+            with _round_bar() as bar:
                 stats = send(machine, f"127.0.0.1:{port}", MigrationOptions(downtime_ms=args.downtime_ms),
                              progress=_RoundView(bar))
         finally:
@@ -355,12 +468,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(summary)
     else:
-        Console(stderr=True).print(_stats_table(summary))
+        results.print(_stats_table(summary))
         if ok:
             g = summary["guest"]
-            status.print(f"[bold green]demo[/]: the guest kept going: pass {g['passes_on_source']} was its "
-                         f"last full report on the source, pass {g['passes_on_target_so_far']} on the target; "
-                         f"{g['target_memory_check']}")
+            say("demo", f"the guest kept going: pass {g['passes_on_source']} was its "
+                        f"last full report on the source, pass {g['passes_on_target_so_far']} on the target; "
+                        f"{g['target_memory_check']}", "bold green")
     return 0 if ok and summary["guest"]["target_memory_check"].startswith("working set consistent") else 1
 
 
@@ -368,73 +481,106 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="migrate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-v", "--verbose", action="store_true")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap, command = run_parser("migrate", __doc__)
 
-    p = sub.add_parser("snapshot", help="snapshot a running VM through its control socket")
-    p.add_argument("--api", required=True, metavar="SOCK")
-    p.add_argument("--out", required=True, metavar="FILE")
-    p.add_argument("--incremental-from", metavar="FILE", help="store only pages changed since FILE")
+    p = command("snapshot", "snapshot a running VM through its control socket", """\
+  migrate snapshot --api /tmp/vm.sock --out vm.snap --track-dirty
+  migrate snapshot --api /tmp/vm.sock --out vm.inc --incremental-from vm.snap
+  migrate snapshot --api /tmp/vm.sock --out vm.snap --mappable --json""")
+    p.add_argument("--api", required=True, metavar="SOCK", help="the VM's control socket (hv run --api SOCK)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the snapshot file to write")
+    p.add_argument("--incremental-from", metavar="FILE", help="store only pages changed since FILE "
+                   "(a snapshot of this VM taken with --track-dirty)")
     p.add_argument("--mappable", action="store_true", help="raw memory in FILE.mem, restored lazily")
     p.add_argument("--track-dirty", action="store_true", help="keep dirty logging on for a later incremental")
-    p.add_argument("--level", type=int, default=3, help="zstd level")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--level", type=int, default=3, metavar="N", help="zstd compression level, 1..22")
+    p.add_argument("--json", action="store_true", help="the result as JSON on stdout")
     p.set_defaults(func=cmd_snapshot)
 
-    p = sub.add_parser("restore", help="restore a snapshot and run it")
-    p.add_argument("file")
-    p.add_argument("--api", metavar="SOCK")
-    p.add_argument("--timeout", type=float, default=0)
+    p = command("restore", "restore a snapshot and run it", """\
+  migrate restore vm.snap                       checked (digest), then run; console on this terminal
+  migrate restore vm.inc --api /tmp/vm2.sock    the whole chain, with a control socket
+  migrate restore vm.snap --timeout 10""")
+    p.add_argument("file", metavar="FILE", help="the snapshot (the last of a chain)")
+    p.add_argument("--api", metavar="SOCK", help="serve a control socket at this path")
+    p.add_argument("--timeout", type=float, default=0, metavar="SECONDS",
+                   help="stop the guest after this many seconds; 0: never")
     p.add_argument("--no-verify", action="store_true", help="skip the memory digest check")
-    p.add_argument("--disk", help="the virtio disk's file here (default: the path the snapshot names)")
+    p.add_argument("--disk", metavar="FILE", help="the virtio disk's file here (default: the path the snapshot names)")
     p.set_defaults(func=cmd_restore)
 
-    p = sub.add_parser("inspect", help="show and verify a snapshot")
-    p.add_argument("file")
-    p.add_argument("--json", action="store_true")
+    p = command("inspect", "show and check a snapshot", """\
+  migrate inspect vm.snap
+  migrate inspect vm.snap --json --no-verify""")
+    p.add_argument("file", metavar="FILE", help="the snapshot")
+    p.add_argument("--json", action="store_true", help="the result as JSON on stdout")
     p.add_argument("--no-verify", action="store_true", help="check framing and checksums only")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("recv", help="wait for a migrating guest and run it")
-    p.add_argument("--listen", default="127.0.0.1:7380", metavar="HOST:PORT")
-    p.add_argument("--api", metavar="SOCK")
-    p.add_argument("--key-file", help="pre-shared key (also $KVMIGRATE_KEY); required off loopback")
-    p.add_argument("--accept-timeout", type=float, default=0,
-                   help="give up if no guest has arrived after this many s (default 0: wait for ever)")
+    p = command("verify", "check a snapshot or a running VM: the memory digest, and the built-in guest's "
+                "working-set rule when it is that guest", """\
+  migrate verify vm.snap                        the END digest against the restored memory, then the rule
+  migrate verify /tmp/vm.sock --json            a running VM, paused for the check""")
+    p.add_argument("target", metavar="FILE|SOCK", help="a snapshot file, or a VM's control socket")
+    p.add_argument("--json", action="store_true", help="the result as JSON on stdout")
+    p.set_defaults(func=cmd_verify)
+
+    p = command("recv", "wait for a migrating guest and run it", """\
+  migrate recv                                  on 127.0.0.1:7380, loopback only
+  migrate recv --listen 0.0.0.0:7380 --key-file key --api /tmp/target.sock
+  migrate recv --listen 10.0.0.2:7380 --tls-cert t.pem --tls-key t.key --tls-ca ca.pem""")
+    p.add_argument("--listen", type=address, default="127.0.0.1:7380", metavar="HOST:PORT",
+                   help="where to listen; off loopback needs --key-file or TLS")
+    p.add_argument("--api", metavar="SOCK", help="serve the received VM's control socket at this path")
+    p.add_argument("--key-file", metavar="FILE", help="pre-shared key (also $KVMIGRATE_KEY); required off loopback")
+    p.add_argument("--accept-timeout", type=float, default=0, metavar="SECONDS",
+                   help="give up if no guest has arrived after this long; 0: wait on")
     p.add_argument("--once", action="store_true",
                    help="one shot: end after the first connection, whatever it was (by default a refused, "
                         "failed, stray or dry-run connection is logged and the next one awaited)")
-    p.add_argument("--disk", help="the virtio disk's file here (default: the source's path, shared storage)")
+    p.add_argument("--disk", metavar="FILE", help="the virtio disk's file here (default: the source's path, "
+                   "shared storage)")
     _add_tls_arguments(p)
-    p.add_argument("--timeout", type=float, default=0, help="stop the received guest after this many s")
+    p.add_argument("--timeout", type=float, default=0, metavar="SECONDS",
+                   help="stop the received guest after this long; 0: never")
     p.set_defaults(func=cmd_recv)
 
-    p = sub.add_parser("send", help="migrate a running VM live to a `migrate recv`")
-    p.add_argument("--api", required=True, metavar="SOCK")
-    p.add_argument("--to", required=True, metavar="HOST:PORT")
-    p.add_argument("--downtime-ms", type=float, default=300)
-    p.add_argument("--bandwidth", type=float, default=0, metavar="MiB/s", help="cap (0: none)")
-    p.add_argument("--streams", type=int, default=1, help="page streams: connections sending in parallel "
-                   "(QEMU's multifd channels)")
-    p.add_argument("--threads", type=int, default=2, help="page-encoding threads")
-    p.add_argument("--no-auto-converge", action="store_true")
-    p.add_argument("--max-rounds", type=int, default=30)
-    p.add_argument("--max-seconds", type=float, default=120)
+    p = command("send", "migrate a running VM live to a `migrate recv`", """\
+  migrate send --api /tmp/vm.sock --to 127.0.0.1:7380
+  migrate send --api /tmp/vm.sock --to 10.0.0.2:7380 --key-file key --bandwidth 1000 --downtime-ms 100
+  migrate send --api /tmp/vm.sock --to 127.0.0.1:7380 --dry-run          only ask the target
+  migrate send --api /tmp/vm.sock --to 127.0.0.1:7380 --json > stats.json --plot rounds.png
+Ctrl-C cancels (the guest runs on at the source). Killing this command does not: the migration
+runs in the VM's process; see migrate status and migrate cancel.""")
+    p.add_argument("--api", required=True, metavar="SOCK", help="the VM's control socket")
+    p.add_argument("--to", required=True, type=address, metavar="HOST:PORT", help="the target (migrate recv)")
+    p.add_argument("--downtime-ms", type=float, default=300, metavar="MS",
+                   help="stop and copy once the rest fits in this pause, ms")
+    p.add_argument("--bandwidth", type=float, default=0, metavar="MiB/s", help="cap what is sent, MiB/s; 0: none")
+    p.add_argument("--streams", type=int, default=1, metavar="N", help="page streams: connections sending in "
+                   "parallel (QEMU's multifd channels)")
+    p.add_argument("--threads", type=int, default=2, metavar="N", help="page-encoding threads")
+    p.add_argument("--no-auto-converge", action="store_true",
+                   help="never throttle the guest (default: throttle one that outruns the link)")
+    p.add_argument("--max-rounds", type=int, default=30, metavar="N", help="give up after this many rounds")
+    p.add_argument("--max-seconds", type=float, default=120, metavar="SECONDS", help="give up after this long")
     p.add_argument("--finish-anyway", action="store_true",
                    help="at max rounds/time, stop and copy anyway (longer downtime) instead of giving up")
-    p.add_argument("--dry-run", action="store_true", help="only check that the target would accept")
-    p.add_argument("--final-copy-margin-ms", type=float, default=1000,
+    p.add_argument("--dry-run", action="store_true", help="only check that the target would accept (memory, "
+                   "disk, CPUID, TSC, layout); nothing is sent")
+    p.add_argument("--final-copy-margin-ms", type=float, default=1000, metavar="MS",
                    help="the paused final copy waits for the target at most twice its downtime budget plus "
-                        "this (default 1000 ms); past it the source resumes (or, after Commit, is in doubt)")
-    p.add_argument("--key-file")
+                        "this; past it the source resumes (or, after Commit, is in doubt)")
+    p.add_argument("--key-file", metavar="FILE", help="pre-shared key (also $KVMIGRATE_KEY)")
     _add_tls_arguments(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the stats as JSON on stdout")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the rounds into this PNG (needs kvmigrate[plot])")
     p.set_defaults(func=cmd_send)
 
-    p = sub.add_parser("resolve", help="end an in-doubt hand-over: ask the target whether it runs the guest, "
-                       "then stop or resume the source's copy")
+    p = command("resolve", "end an in-doubt hand-over: ask the target whether it runs the guest, "
+                "then stop or resume the source's copy", """\
+  migrate resolve /tmp/vm.sock                  ask the target; exit 6 if it cannot say
+  migrate resolve /tmp/vm.sock --force-stop-source""")
     p.add_argument("sock", metavar="SOCK", help="the source VM's control socket")
     force = p.add_mutually_exclusive_group()
     force.add_argument("--force-resume-source", action="store_true",
@@ -443,23 +589,46 @@ def build_parser() -> argparse.ArgumentParser:
     force.add_argument("--force-stop-source", action="store_true",
                        help="if the target cannot say: stop the source's copy (RISK: no running copy if the "
                             "target does not run the guest)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the result as JSON on stdout")
     p.set_defaults(func=cmd_resolve)
 
-    p = sub.add_parser("demo", help="live-migrate the built-in guest to a second process")
-    p.add_argument("--mem", type=parse_size, default=parse_size("1G"))
-    p.add_argument("--ws", type=int, default=256, help="working set, MiB")
-    p.add_argument("--rate", type=int, default=100, help="dirty rate, MiB/s (0 = as fast as it can)")
-    p.add_argument("--every", type=int, default=1)
-    p.add_argument("--passes-before", type=int, default=2, help="passes to wait for before migrating")
-    p.add_argument("--downtime-ms", type=float, default=300)
-    p.add_argument("--json", action="store_true")
+    p = command("status", "how a VM's migration goes: phase, round, pages and bytes done and left, "
+                "rates, throttle, ETA", """\
+  migrate status /tmp/vm.sock
+  migrate status /tmp/vm.sock --json            phase none: no migration started yet""")
+    p.add_argument("socket", metavar="SOCK", help="the migrating VM's control socket")
+    p.add_argument("--json", action="store_true", help="the status as JSON on stdout")
+    p.set_defaults(func=cmd_status)
+
+    p = command("cancel", "cancel a VM's running migration; the guest runs on at the source", """\
+  migrate cancel /tmp/vm.sock""")
+    p.add_argument("socket", metavar="SOCK", help="the migrating VM's control socket")
+    p.add_argument("--json", action="store_true", help="the result as JSON on stdout")
+    p.set_defaults(func=cmd_cancel)
+
+    p = command("plot", "draw a migration's rounds (the stats of migrate send --json) into a PNG", """\
+  migrate send --api /tmp/vm.sock --to 127.0.0.1:7380 --json > stats.json
+  migrate plot stats.json --out rounds.png""")
+    p.add_argument("stats", metavar="STATS.json", help="what migrate send --json printed")
+    p.add_argument("--out", metavar="FILE.png", help="the PNG to write (default: STATS with .png)")
+    p.set_defaults(func=cmd_plot)
+
+    p = command("demo", "live-migrate the built-in guest to a second process", "  migrate demo\n"
+                "  migrate demo --mem 4G --ws 1024 --rate 0")
+    p.add_argument("--mem", type=parse_size, default=parse_size("1G"), metavar="SIZE",
+                   help="guest RAM: MiB, or with a suffix K, M, G, T (default: 1G)")
+    p.add_argument("--ws", type=int, default=256, metavar="MiB", help="working set, MiB")
+    p.add_argument("--rate", type=int, default=100, metavar="MiB/s", help="dirty rate, MiB/s (0: as fast as it can)")
+    p.add_argument("--every", type=int, default=1, metavar="N", help="report every N passes")
+    p.add_argument("--passes-before", type=int, default=2, metavar="N", help="passes to wait for before migrating")
+    p.add_argument("--downtime-ms", type=float, default=300, metavar="MS", help="downtime target, ms")
+    p.add_argument("--json", action="store_true", help="the stats as JSON on stdout")
     p.set_defaults(func=cmd_demo)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    return dispatch(build_parser(), argv, (MigrateError, FormatError, HvError, ControlError, OSError, ValueError))
+    return dispatch(build_parser(), argv, EXITS)
 
 
 if __name__ == "__main__":

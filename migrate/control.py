@@ -1,5 +1,6 @@
 """migrate's commands on a running VM's control socket: `snapshot`, `migrate-send`,
-`migrate-cancel` (error `InDoubt` once the migration ended in doubt) and `migrate-resolve`.
+`migrate-status`, `migrate-cancel` (error `InDoubt` once the migration ended in doubt),
+`migrate-resolve` and `verify`.
 
 `snapshot` and `migrate-send` own the VM's run state while they work (`hv.vmm.owner`: the
 lifecycle commands are refused with `Busy` meanwhile). `migrate-resolve` ends an in-doubt
@@ -9,17 +10,26 @@ hand-over: `{"command": "migrate-resolve", "force": null | "resume-source" | "st
 asked) when the target could not say and nothing was forced, or `NotInDoubt`.
 
 Registered through the `kvmigrate.control` entry point, so `hv run --api SOCK` serves them
-without hv knowing about migration; `migrate snapshot/send --api SOCK` call them.
+without hv knowing about migration; `migrate snapshot/send/status/cancel` call them.
+
+A migration runs in the VM's process, on the thread serving the `migrate-send` that started it,
+and does not depend on that client: if the client goes (killed, its terminal closed), the
+migration goes on and only its progress reports stop, as QEMU's `migrate` goes on when its
+monitor client leaves. `migrate-status` (from any client) says how it goes; `migrate-cancel`
+stops it, and the guest runs on here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from typing import Any
 
 from hv.vmm.control import ControlContext, ControlError, ControlServer, Progress
 from hv.vmm.owner import owner_of
+
+log = logging.getLogger(__name__)
 
 
 def _snapshot(ctx: ControlContext, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
@@ -39,26 +49,83 @@ def _migrate_send(ctx: ControlContext, args: dict[str, Any], progress: Progress)
     from migrate.source import send
     from migrate.stats import MigrationOutcome
 
+    from migrate.errors import MigrationInDoubt
+    from migrate.transport import parse_address
+
     if not isinstance(args.get("to"), str):
         raise ControlError("BadRequest", "migrate-send needs 'to', the target's HOST:PORT")
-    options = MigrationOptions.from_dict(args.get("options", {}))
+    try:
+        parse_address(args["to"])
+        options = MigrationOptions.from_dict(args.get("options", {}))
+    except (ValueError, TypeError) as e:
+        raise ControlError("BadRequest", str(e)) from e
     cancel = ctx.extra["migration_cancel"] = threading.Event()
-    stats = send(ctx.machine, args["to"], options, progress=progress, cancel=cancel)
+    live = ctx.extra["migration_status"] = {"phase": "setup", "to": args["to"]}
+    client = _Client(progress)
+
+    def report(p: dict[str, Any]) -> None:
+        if p.get("stage") == "pages":
+            live.update({k: v for k, v in p.items() if k != "stage"})
+        elif p.get("stage") == "throttle":
+            live["throttle"] = p["throttle"]
+        client(p)
+
+    try:
+        stats = send(ctx.machine, args["to"], options, progress=report, cancel=cancel)
+    except Exception as e:
+        live.update(phase="in-doubt" if isinstance(e, MigrationInDoubt) else "failed", reason=str(e))
+        raise
+    live.update(phase=str(stats.outcome), reason=stats.reason, failure=stats.failure, remaining_pages=0,
+                remaining_bytes=0, eta_seconds=0.0 if stats.outcome is MigrationOutcome.COMPLETED else None)
     if stats.outcome is MigrationOutcome.COMPLETED:
         ctx.finish(f"migrated to {args['to']}")
     return stats.as_dict()
 
 
+class _Client:
+    """Progress to the client that started the migration, for as long as it listens: once it
+    is gone (killed, its terminal closed) the migration goes on without it."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress, self._gone = progress, False
+
+    def __call__(self, p: dict[str, Any]) -> None:
+        if self._gone:
+            return
+        try:
+            self._progress(p)
+        except OSError:
+            self._gone = True
+            log.info("the client of migrate-send went away; the migration goes on")
+
+
+def _migrate_status(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
+    """The migration running (or the last one), as `MigrationProgress` says; phase "none": none yet."""
+    return dict(ctx.extra.get("migration_status") or {"phase": "none"})
+
+
+def _verify(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
+    """`migrate verify SOCK`: the memory digest now, and the built-in guest's rule (paused briefly)."""
+    from migrate.verify import verify_machine
+
+    owner_of(ctx.machine).check("verify")  # it pauses the guest: not a VM someone else holds
+    return verify_machine(ctx.machine)
+
+
+RUNNING = ("setup", "precopy", "stop-and-copy")
+
+
 def _migrate_cancel(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
-    cancel = ctx.extra.get("migration_cancel")
-    if cancel is None:
-        raise ControlError("NotMigrating", "no migration has been started on this VM")
+    cancel, live = ctx.extra.get("migration_cancel"), ctx.extra.get("migration_status") or {}
     hold = owner_of(ctx.machine).current
     if hold is not None and hold.in_doubt:
         raise ControlError("InDoubt", f"the {hold.owner} is over, in doubt: nothing to cancel; "
                                       "`migrate resolve` settles it", hold.facts())
+    if cancel is None or live.get("phase") not in RUNNING:
+        last = f" (the last one: {live['phase']})" if live else ""
+        raise ControlError("NotMigrating", f"no migration is running on this VM{last}")
     cancel.set()
-    return {"cancelled": True}
+    return {"cancelled": True, "phase": live["phase"], "round": live.get("round", 0)}
 
 
 def _migrate_resolve(ctx: ControlContext, args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
@@ -80,3 +147,5 @@ def register(server: ControlServer) -> None:
     server.register("migrate-send", _migrate_send, exclusive=True)
     server.register("migrate-cancel", _migrate_cancel)
     server.register("migrate-resolve", _migrate_resolve)
+    server.register("migrate-status", _migrate_status)
+    server.register("verify", _verify, exclusive=True)  # pauses the guest: not beside a migration

@@ -55,6 +55,11 @@ class MigrationFailed(MigrateError):
         super().__init__(f"migration failed: {reason} (the guest is {guest_on})")
 
 
+class MigrationInDoubt(MigrationFailed):
+    """The link died after Commit with no answer: the guest is paused at the source and the
+    target may be running it. Resume the source only once the target says it has no guest."""
+
+
 class Cancelled(MigrateError):
     """The user (or the source, seen from the target) called the migration off."""
 
@@ -94,3 +99,23 @@ ERROR_CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], 
 def error_code(error: BaseException) -> ErrorCode:
     """The `ErrorCode` that tells the peer why `error` ended the migration here."""
     return next((code for types, code in ERROR_CODES if isinstance(error, types)), ErrorCode.INTERNAL)
+
+
+# Why a migration did not complete, in the public words `MigrationStats.failure` and `migrate
+# send --json` use (documented in the README): the first entry whose type the error is.
+FAILURES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+    ((Cancelled, KeyboardInterrupt), "cancelled"),
+    (NotConverging, "not-converging"),
+    (MigrationInDoubt, "in-doubt"),
+    (MigrationFailed, "peer-failed"),
+    (TransportError, "link-failed"),
+    (DigestMismatch, "digest-mismatch"),
+    ((LayoutMismatch, IncompatibleError), "incompatible"),
+    ((FormatError, MissingSections), "bad-stream"),
+    (HvError, "vm-failed"),
+)  # and "rejected": the target refused the guest in its handshake (no error on this side)
+
+
+def failure_word(error: BaseException) -> str:
+    """The public word for why `error` ended a migration ("internal": a fault of ours)."""
+    return next((word for types, word in FAILURES if isinstance(error, types)), "internal")

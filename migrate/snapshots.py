@@ -365,10 +365,11 @@ def inspect(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     try:
         config = read_config(path)
         vm_config = config.vm_config()
-        result["config"] = {"snapshot_id": config.snapshot_id, "mem_size": config.mem_size,
-                            "vcpus": config.vcpus, "irqchip": config.irqchip, "pit": config.pit,
-                            "kind": SnapshotKind.of(config),
-                            "base": config.base.path if config.base else None}
+        # the names `migrate snapshot --json` (SnapshotInfo) gives the same things
+        result.update(snapshot_id=config.snapshot_id, kind=SnapshotKind.of(config),
+                      base=config.base.path if config.base else None, memory_bytes=config.mem_size)
+        result["config"] = {"vcpus": config.vcpus, "irqchip": config.irqchip, "pit": config.pit,
+                            "tsc_khz": config.tsc_khz}
         scratch = _scratch_memory(vm_config)
         expected = expected_layout(config)
         sink = pages.MemorySink(scratch)
@@ -383,6 +384,7 @@ def inspect(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
         result["vcpus"] = [{"id": v.vcpu_id, "rip": hex(v.regs.rip), "mp_state": v.mp_state}
                            for v in loaded.vcpus]
         t = loaded.end.totals
+        result.update(pages=t.pages, raw_bytes=t.raw_bytes)
         result["totals"] = {"pages": t.pages, "zero_pages": t.zero_pages, "raw_bytes": t.raw_bytes,
                             "payload_bytes": t.payload_bytes, "sections": t.sections}
         if verify and config.base is None and config.memory_file is None:

@@ -30,14 +30,15 @@ from hv.vmm.owner import Lease, owner_of
 from hv.kvm.memory import MemoryRegion
 from migrate import digest, pages
 from migrate.convergence import Action, RoundFigures, decide
-from migrate.errors import Cancelled, MigrationFailed, NotConverging, TransportError, error_code
+from migrate.errors import (Cancelled, MigrationFailed, MigrationInDoubt, NotConverging, TransportError,
+                            error_code, failure_word)
 from migrate.options import MigrationOptions
 from migrate.protocol import (PROTOCOL_VERSION, Cancel, Channel, Commit, Complete, Error, ErrorCode,
                               Hello, Outcome, Pages, Protocol, Ready, Reject, Resumed, Role, RoundDone,
                               State)
 from migrate.records import state_sections
-from migrate.state import PRODUCER, GuestCpuid, capture, machine_config, machine_layout, registry
-from migrate.stats import Laps, MigrationOutcome, MigrationStats, RoundStats
+from migrate.state import PRODUCER, GuestCpuid, MachineConfig, capture, machine_config, machine_layout, registry
+from migrate.stats import Laps, MigrationOutcome, MigrationProgress, MigrationStats, RoundStats
 from migrate.streams import OutgoingStream
 from migrate.transport import Connection, connect
 
@@ -60,6 +61,9 @@ class Source:
         self.proto = Protocol(Role.SOURCE)
         self.writer = StreamWriter(registry(), producer=PRODUCER)
         self.stats = MigrationStats()
+        self.live = MigrationProgress()
+        self._t0 = time.perf_counter()
+        self._reported_at = 0.0
         workers = max(options.threads, options.streams)
         # two pools: the live rounds' threads yield the CPU to the guest's vCPUs; the final
         # round's read the paused guest's memory in place (stable) at full priority, warm already
@@ -121,6 +125,7 @@ class Source:
             return self.stats
         self.stats.setup_seconds = time.perf_counter() - t0
         self._sent_at_start, self._bytes_at_start = time.perf_counter(), self.bytes_sent
+        self.live.phase = "precopy"
         vm = self.machine.vm
         self._track_dirty_pages()
         self._round(0, pages.populated_runs(vm.memory, self._touched), 0.0)
@@ -146,13 +151,15 @@ class Source:
         machine, o = self.machine, self.options
         cpuid = GuestCpuid(machine.vcpus[0].cpuid)
         self.message(Hello(PROTOCOL_VERSION, f"{FORMAT_MAJOR}.{FORMAT_MINOR}", PRODUCER,
-                           self.writer.header() + self.writer.config(machine_config(machine)),
+                           self.writer.header() + self.writer.config(self._config()),
                            self.writer.layout(machine_layout(machine)), registry().encode(cpuid),
                            o.dry_run, o.streams))
         reply = self.answer()
+        log.info("the target %s: %s", "refused the guest" if isinstance(reply, Reject) else "accepts the guest",
+                 "; ".join(getattr(reply, "problems", ())) or "no problems")
         if isinstance(reply, Reject):
             self.stats.outcome, self.stats.problems = MigrationOutcome.REJECTED, list(reply.problems)
-            self.stats.reason = "the target refused the guest"
+            self.stats.reason, self.stats.failure = "the target refused the guest", "rejected"
             return False
         if o.dry_run:
             self.message(Cancel("dry run: compatibility checked, nothing sent"))
@@ -162,6 +169,18 @@ class Source:
         if o.streams > 1:
             self.open_extra_streams(reply.session)
         return True
+
+    def _config(self) -> MachineConfig:
+        """CONFIG with the guest's TSC rate, which is read on a paused vCPU: a running guest is
+        paused for that read (well under a millisecond), so the target can check it can give it."""
+        machine = self.machine
+        if machine.state is not RunState.RUNNING:
+            return machine_config(machine)
+        machine.pause()
+        try:
+            return machine_config(machine)
+        finally:
+            machine.resume()
 
     def open_extra_streams(self, session: bytes) -> None:
         """Streams 1..N-1: connect, authenticate, join the exchange, send the stream header."""
@@ -202,11 +221,39 @@ class Source:
     def _throttle(self, throttle: float) -> None:
         self.machine.set_throttle(throttle)
         self.stats.throttle_max = max(self.stats.throttle_max, throttle)
+        self.live.throttle = throttle
         self.progress({"stage": "throttle", "throttle": throttle})
+
+    def report(self, round_started: float | None = None, round_bytes: int = 0, round_wire: int = 0,
+               *, force: bool = False) -> None:
+        """The live figures out as a `pages` progress event (at most every 50 ms, unless `force`)."""
+        now = time.perf_counter()
+        if not force and now - self._reported_at < 0.05:
+            return
+        self._reported_at = now
+        live = self.live
+        live.elapsed_seconds = round(now - self._t0, 3)
+        live.remaining_pages = max(0, live.round_pages_total - live.round_pages_done)
+        live.remaining_bytes = live.remaining_pages * PAGE_SIZE
+        live.wire_bytes = self.bytes_sent
+        live.throttle = self.machine.throttle
+        if round_started is not None and now > round_started:
+            live.bandwidth_mib_s = round(round_wire / MiB / (now - round_started), 1)
+            live.estimate(round_bytes / MiB / (now - round_started) if round_bytes else 0.0)
+        self.progress({"stage": "pages", **live.as_dict()})
 
     def _round(self, number: int, runs: list[pages.MemoryRun], dirty_rate: float,
                pool: pages.PageEncoderPool | None = None) -> None:
+        """A round of `runs` through `pool` (the live one unless the guest is paused)."""
+        paused = pool is not None
         t = time.perf_counter()
+        live = self.live
+        live.round, live.round_pages_done = number, 0
+        live.round_pages_total = sum(len(r.view) for r in runs) // PAGE_SIZE
+        if number:
+            live.dirty_rate_mib_s = round(dirty_rate, 1)
+        if not paused:  # a progress line is not worth a moment of the guest's downtime
+            self.report(force=True)
         npages, raw, wire = self.send_pages(number, runs, pool or self.live_pool)
         seconds = max(time.perf_counter() - t, 1e-6)
         stat = RoundStats(number, npages, raw, wire, seconds, dirty_rate, wire / MiB / seconds,
@@ -216,6 +263,9 @@ class Source:
         self.stats.raw_bytes += raw
         self.stats.sent_bytes_pages += wire
         self.progress({"stage": "round", **dataclasses.asdict(stat)})
+        log.info("round %d: %d pages, %.1f MiB in %.0f ms (%.0f MiB/s on the wire), dirty rate %.0f MiB/s, "
+                 "throttle %.0f%%", number, npages, raw / MiB, seconds * 1000, stat.bandwidth_mib_s, dirty_rate,
+                 stat.throttle * 100)
 
     def _stop_and_copy(self, pending: Dirty, t0: float, estimate_ms: float) -> MigrationStats:
         """The guest paused, the rest sent, the hand-over. Every wait from the pause on shares one
@@ -234,6 +284,7 @@ class Source:
 
     def _final_copy(self, pending: Dirty, t0: float) -> MigrationStats:
         machine = self.machine
+        self.live.phase = "stop-and-copy"
         laps = Laps()
         machine.pause()
         self._deadline = time.monotonic() + self._final_copy_limit_ms / 1000
@@ -252,6 +303,8 @@ class Source:
         self.message(Complete(end))
         ready = self.answer()  # Ready: the target holds a verified copy, built and paused
         waited = laps.lap("target_verify")
+        log.info("the target holds a verified copy (%.1f ms after the pause); committing", laps.phases and
+                 sum(laps.phases.values()))
         self.message(Commit())
         # From here the target may be running the guest: never resume on our own (protocol.py).
         resumed = self.answer()  # Resumed
@@ -298,9 +351,13 @@ class Source:
         wire0 = self.bytes_sent
         streams = 1 + len(self.extra)
         stream = round_number % streams
+        t0 = time.perf_counter()
         for section in pool.encode(runs):
             if self.cancel.is_set():
                 raise Cancelled("cancelled by the user")
+            self.live.round_pages_done += section.totals.pages
+            self.live.pages_done += section.totals.pages
+            self.live.bytes_done += section.totals.raw_bytes
             parts.extend(self._writer(stream).pages_parts(section))  # framed by the stream that carries it
             size += section.length + 24
             npages += section.totals.pages
@@ -311,6 +368,8 @@ class Source:
                 parts, size = [], 0
                 self._pace()
                 stream = (stream + 1) % streams
+                if pool is not self.paused_pool:  # no progress lines in the downtime
+                    self.report(t0, raw, self.bytes_sent - wire0)
         if parts:
             self._dispatch(stream, round_number, parts)
         for extra in self.extra:  # the round's bandwidth counts only what has left
@@ -394,7 +453,7 @@ def _send(machine: Machine, target: str | Connection, o: MigrationOptions, progr
         stats = source.stats
         stats.total_seconds = time.perf_counter() - t0
         stats.sent_bytes = source.bytes_sent
-        stats.reason = f"{type(e).__name__}: {e}"
+        stats.reason, stats.failure = str(e) or failure_word(e), failure_word(e)
         code = error_code(e)
         outcome = source.fall_back(e, code)
         stats.outcome = {Outcome.SOURCE_RESUME: (MigrationOutcome.CANCELLED if code is ErrorCode.CANCELLED
@@ -405,8 +464,8 @@ def _send(machine: Machine, target: str | Connection, o: MigrationOptions, progr
         log.warning("migration to %s: %s (%s)", conn.peer, stats.outcome, stats.reason)
         if outcome is Outcome.SOURCE_HOLD:
             lease.leave_in_doubt(InDoubt(source.address, source.session, o, stats.reason, was_running))
-            raise MigrationFailed(stats.reason, "paused here, in doubt: the target may run it; "
-                                  "`migrate resolve` asks the target and settles it") from e
+            raise MigrationInDoubt(stats.reason, "paused here, in doubt: the target may run it; "
+                                   "`migrate resolve` asks the target and settles it") from e
         return stats
     finally:
         source.close()

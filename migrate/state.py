@@ -119,6 +119,7 @@ class MachineConfig:
     base: SnapshotRef | None = None  # incremental snapshots only
     memory_file: MemoryFileRef | None = None  # mappable snapshots only
     virtio: VirtioSpec | None = None
+    tsc_khz: int = 0  # the guest's TSC rate (0: not recorded: read from a running machine, or older)
 
     def vm_config(self) -> VmConfig:
         return VmConfig(mem_size=self.mem_size, vcpus=self.vcpus, irqchip=self.irqchip, pit=self.pit)
@@ -211,9 +212,13 @@ def virtio_spec(machine: Machine) -> VirtioSpec | None:
 
 
 def machine_config(machine: Machine, **extra: object) -> MachineConfig:
+    """The machine's CONFIG. Its TSC rate only from a paused (or not started) machine: a vCPU
+    ioctl waits for KVM_RUN to return, which a running guest may not do for long."""
     c = machine.vm.config
+    quiet = machine.state in (RunState.PAUSED, RunState.CREATED)
     return MachineConfig(c.mem_size, c.vcpus, c.irqchip, c.pit, cpuid_digest(machine.vcpus[0].cpuid),
-                         virtio=virtio_spec(machine), **extra)
+                         virtio=virtio_spec(machine), tsc_khz=machine.vcpus[0].fd.get_tsc_khz() if quiet else 0,
+                         **extra)
 
 
 def capture(machine: Machine, config: MachineConfig | None = None) -> MachineState:

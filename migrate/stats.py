@@ -51,9 +51,44 @@ class RoundStats:
 
 
 @dataclass
+class MigrationProgress:
+    """A migration as it goes: what `migrate status` shows and the progress bar draws (the
+    source's `{"stage": "pages", ...}` progress events carry it, from the first page on)."""
+
+    phase: str = "setup"  # setup, precopy, stop-and-copy, then the outcome (completed, failed, ...)
+    round: int = 0
+    round_pages_done: int = 0  # pages of this round sent so far
+    round_pages_total: int = 0  # pages this round sends (round 0: every touched page)
+    pages_done: int = 0  # pages sent in all rounds
+    bytes_done: int = 0  # guest bytes sent in all rounds (before compression)
+    wire_bytes: int = 0  # bytes on the wire, all streams
+    remaining_pages: int = 0  # of this round
+    remaining_bytes: int = 0
+    dirty_rate_mib_s: float = 0.0  # as last measured (the dirty log of the round before)
+    bandwidth_mib_s: float = 0.0  # what the link carries in this round
+    throttle: float = 0.0
+    elapsed_seconds: float = 0.0
+    eta_seconds: float | None = None  # to the end of the migration, if it converges at these rates
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def estimate(self, guest_rate_mib_s: float) -> None:
+        """The ETA at `guest_rate_mib_s` (guest bytes sent per second): what is left of this round,
+        and the rounds after, each carrying what the guest dirtied during the one before (a
+        geometric series: remaining / (rate - dirty rate)); None when the guest outruns the link."""
+        net = guest_rate_mib_s - self.dirty_rate_mib_s * (1 - self.throttle)
+        self.eta_seconds = round(self.remaining_bytes / MiB / net, 3) if net > 0 else None
+
+
+MiB = 1 << 20
+
+
+@dataclass
 class MigrationStats:
     outcome: MigrationOutcome = MigrationOutcome.FAILED
-    reason: str = ""
+    reason: str = ""  # what happened, in words
+    failure: str = ""  # why it did not complete, one public word (migrate.errors.FAILURES); "" if it did
     problems: list[str] = field(default_factory=list)
     total_seconds: float = 0.0
     setup_seconds: float = 0.0

@@ -20,6 +20,7 @@ the source why (`error_code`) and raises.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 import time
@@ -27,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import formats
@@ -37,14 +39,15 @@ from hv.vmm.control import Progress
 from hv.kvm.dirty import DirtyBitmap
 from hv.kvm.kvm import Kvm
 from hv.vmm.machine import Machine, discard
-from hv.kvm.memory import RamBacking
+from hv.errors import RamReservationError
+from hv.kvm.memory import RamBacking, anonymous_ram
 from migrate import digest, pages
 from migrate.datapath import place_pages
 from migrate.errors import IncompatibleError, MigrationFailed, TransportError, error_code
 from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete, Error, HandOver, Hello,
                               Outcome, Pages, Protocol, Ready, Reject, Resumed, Role, RoundDone, State)
 from migrate.records import EXPECT, Collected
-from migrate.state import GuestCpuid, apply, cpuid_problems, expected_layout, registry
+from migrate.state import GuestCpuid, MachineConfig, apply, cpuid_problems, expected_layout, registry
 from migrate.streams import (MAX_STREAMS, IncomingStream, Joins, RoundGate, accept_streams, close_streams,
                              listener_joins)
 from migrate.transport import Connection, Listener
@@ -188,6 +191,8 @@ class Target:
         self.collected.need("CONFIG", "LAYOUT")
         self.incoming.config = self.collected.config
         problems = self.problems(hello)
+        log.info("HELLO from %s (%d MiB, %d page streams%s): %s", self.conn.peer, self.collected.config.mem_size >> 20,
+                 hello.streams, ", a dry run" if hello.dry_run else "", "; ".join(problems) or "accepted")
         if problems:
             self.tell(Reject(tuple(problems)))
             raise IncompatibleError(problems)
@@ -207,7 +212,7 @@ class Target:
         most = MAX_STREAMS if self.joins is not None else 1
         if not 1 <= hello.streams <= most:
             problems.append(f"{hello.streams} page streams: this target takes 1 to {most}")
-        return problems
+        return problems + host_problems(self.collected.config, self.kvm, self.disk)
 
     # --- 2. build ---------------------------------------------------------------------------------
 
@@ -287,6 +292,7 @@ class Target:
             self.tell(Resumed(resume_us=_us(time.perf_counter() - t0)))
         except TransportError:
             log.warning("the source did not hear Resumed; the guest runs here regardless")
+        log.info("Commit: the guest runs here now")  # after Resumed went: not in the downtime
         self.incoming.machine = self.machine
         self.incoming.pages = sum(sink.pages for sink in self._sinks())
         self.incoming.seconds = time.perf_counter() - self._t0
@@ -304,6 +310,48 @@ class Target:
                 self.conn.close_after_telling()  # so the source reads why, rather than a reset link
             except Exception:  # noqa: BLE001 - the link may be gone; the raise after this says why
                 log.debug("could not tell the source why", exc_info=True)
+
+
+TSC_TOLERANCE = 250e-6  # a rate within 250 ppm is the same clock (QEMU's tsc-frequency tolerance)
+
+
+def host_problems(config: MachineConfig, kvm: Kvm, disk: str | None) -> list[str]:
+    """What this host lacks to run the guest CONFIG describes, checked before any page moves
+    (a dry run answers with these too): guest RAM it can reserve, the virtio disk's file, the
+    guest's TSC rate."""
+    problems = []
+    ram = _host_ram_bytes()
+    if ram and config.mem_size > ram:
+        problems.append(f"guest RAM {config.mem_size >> 20} MiB is more than this host's RAM and swap "
+                        f"({ram >> 20} MiB)")
+    else:
+        try:
+            anonymous_ram(config.mem_size, huge_pages=False).close()  # reserved, never touched
+        except RamReservationError as e:
+            problems.append(str(e))
+    spec = config.virtio
+    if spec is not None and spec.disk:
+        path = Path(disk or spec.disk)
+        if not path.is_file():
+            problems.append(f"the virtio disk {path} is not on this host (the same path as the source's, "
+                            "shared storage, or say where with --disk)")
+        elif not os.access(path, os.R_OK if spec.disk_readonly else os.R_OK | os.W_OK):
+            problems.append(f"the virtio disk {path} is not {'readable' if spec.disk_readonly else 'writable'} here")
+    if config.tsc_khz and not kvm.capabilities.tsc_control:
+        here = kvm.vcpu_tsc_khz
+        if here and abs(here - config.tsc_khz) > config.tsc_khz * TSC_TOLERANCE:
+            problems.append(f"the guest's TSC runs at {config.tsc_khz} kHz, this host's at {here} kHz, and its "
+                            "KVM cannot scale the TSC (no KVM_CAP_TSC_CONTROL)")
+    return problems
+
+
+def _host_ram_bytes() -> int:
+    """MemTotal + SwapTotal (/proc/meminfo): the most guest RAM this host could ever back."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return sum(int(fields[k].split()[0]) << 10 for k in ("MemTotal", "SwapTotal"))
+    except (OSError, KeyError, ValueError):
+        return 0
 
 
 def _us(seconds: float) -> int:

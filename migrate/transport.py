@@ -43,6 +43,8 @@ def parse_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"expected HOST:PORT, got {text!r}")
+    if int(port) > 65535:
+        raise ValueError(f"port {port} of {text!r} is not 0..65535")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 

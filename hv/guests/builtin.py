@@ -376,3 +376,22 @@ def check_memory(memory) -> WorkingSetCheck:
         if not region.ok:
             return region
     return main
+
+
+class EndWatch:
+    """A console line callback that notices the guest's last line: `done` is set when it says it
+    finished (`kvmig: done`), failed (`kvmig: error ...`) or faulted; `failure` then says which
+    failure, or stays None when the guest finished well. The VMM ends the run on `done` and exits
+    1 on a failure."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.failure: str | None = None
+
+    def __call__(self, line: str) -> None:
+        event = parse_line(line)
+        if isinstance(event, (GuestError, Fault)):
+            self.failure = line.strip()
+            self.done.set()
+        elif isinstance(event, Done):
+            self.done.set()

@@ -27,17 +27,27 @@ class Kvm:
         cpuid = self.fd.get_supported_cpuid()
         return tuple(structconv.from_struct(CpuidEntry, cpuid.entries[i]) for i in range(cpuid.nent))
 
-    @cached_property
+    @property
     def guest_cpuid(self) -> tuple[CpuidEntry, ...]:
         """The CPUID a vCPU of this host reports once set up (KVM_GET_CPUID2 after our setup).
 
         Some hosts report more than KVM_GET_SUPPORTED_CPUID lists (nested PVM reports the host's
         own features), so a guest's saved CPUID is compared with this, measured the same way, on a
         throwaway VM (never the one a restore is about to fill)."""
+        return self._probed_vcpu[0]
+
+    @property
+    def vcpu_tsc_khz(self) -> int:
+        """The TSC rate a new vCPU of this host runs at (KVM_GET_TSC_KHZ), measured on the same
+        throwaway VM: a guest from elsewhere needs it, or KVM's TSC scaling (`tsc_control`)."""
+        return self._probed_vcpu[1]
+
+    @cached_property
+    def _probed_vcpu(self) -> tuple[tuple[CpuidEntry, ...], int]:
         with self.create_vm(VmConfig(mem_size=1 << 20, irqchip=True, pit=False)) as vm:
             vcpu = vm.create_vcpu(0)
             vcpu.setup(vcpu_cpuid(self.supported_cpuid, 0, 1))
-            return vcpu.cpuid
+            return vcpu.cpuid, vcpu.fd.get_tsc_khz()
 
     @cached_property
     def msr_index_list(self) -> tuple[int, ...]:

@@ -18,7 +18,7 @@ from typing import NewType
 import numpy as np
 
 from hv.binding.ffi import ffi, lib
-from hv.errors import GuestAddressError, SlotOverlapError
+from hv.errors import GuestAddressError, RamReservationError, SlotOverlapError
 from hv.kvm.dirty import PAGE_SHIFT, PAGE_SIZE, DirtyBitmap
 
 _PAGEMAP_PRESENT = np.uint64(1 << 63)
@@ -80,7 +80,10 @@ def anonymous_ram(size: int, *, huge_pages: bool = True) -> mmap.mmap:
     migration) is better without: host-side first writes measured 0.66 s for 256 MiB with huge
     pages, 0.19 s without.
     """
-    ram = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | lib.MAP_NORESERVE)
+    try:
+        ram = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | lib.MAP_NORESERVE)
+    except OSError as e:  # more than the address space or the overcommit policy allows
+        raise RamReservationError(size, e.errno or 0) from e
     advice = "MADV_HUGEPAGE" if huge_pages else "MADV_NOHUGEPAGE"
     if hasattr(mmap, advice):
         ram.madvise(getattr(mmap, advice))

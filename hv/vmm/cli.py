@@ -1,54 +1,43 @@
-"""`hv`: run a VM from the command line.
+"""`hv`: run a VM from the command line, and steer a running one.
 
     hv info                                   what this host's KVM offers
     hv run [--kernel ELF|bzImage [--initrd FILE]] [--mem 1G] [--cpus N] [--cmdline ...]
            [--disk FILE[,ro]] [--virtio-console] [--rng] [--console FILE]
            [--ws MiB --rate MiB/s --every N --passes N]     (built-in guest options)
            [--api SOCK]                       control socket: see hv/vmm/control.py
+    hv status|pause|resume|stop SOCK [--json] a running VM, through its control socket
 
 With no --kernel, `hv run` boots the built-in test guest. The guest's serial console goes to
-stdout; status goes to stderr. Ctrl-C stops the VM cleanly.
-"""
+stdout, status lines and logs to stderr; results (hv info, hv status) to stdout. Ctrl-C or
+SIGTERM stops the VM cleanly. -v/-q go anywhere on the line. `hv COMMAND --help` for each
+command's options (with their defaults and units) and examples."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
-import re
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
-from rich.console import Console
-
 from hv.boot import multiboot
 from hv.devices.serial import Serial16550, Terminal
-from hv.errors import ConfigError, HvError
+from hv.errors import ConfigError
+from hv.guests import builtin as builtin_guest
 from hv.kvm.kvm import Kvm
 from hv.kvm.vm import VmConfig
 from hv.vmm.builder import VirtioConfig, builtin_machine, linux_machine, multiboot_machine
+from hv.vmm.command import HV_EXITS, ExitStatus, dispatch, parse_size, run_parser, say
 from hv.vmm.control import ControlContext, ControlServer, check_socket_path
 from hv.vmm.machine import Machine, RunState
 from hv.vmm.owner import owner_of
 
-status = Console(stderr=True, highlight=False)
-
-_SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'1G', '512M', '4096K', '1073741824' -> bytes (binary units)."""
-    m = _SIZE.match(text.strip())
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 1G)")
-    shift = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
-    return int(m.group(1)) << shift
-
-
+log = logging.getLogger("hv.vmm.cli")  # by name: run as `python -m hv.vmm.cli`, __name__ is __main__
 _stdout_lock = threading.Lock()
 
 
@@ -113,15 +102,14 @@ def _virtio(args: argparse.Namespace, console) -> VirtioConfig | None:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.api:
         check_socket_path(args.api)  # a clear refusal before boot, not after
-    done = threading.Event()
+    watch = None
     out = open(args.console, "ab") if args.console else None  # noqa: SIM115 - for the process's life
     config = VmConfig(mem_size=args.mem, vcpus=args.cpus)
     with Kvm() as kvm:
         if args.kernel:
             image = Path(args.kernel)
             if not image.is_file():
-                status.print(f"[red]hv[/]: no kernel at {image}")
-                return 2
+                raise ConfigError("--kernel", args.kernel, "no such file")
             console, params = LineConsole(echo=False), None  # COM1's bytes reach `out` from C
             virtio = _virtio(args, LineConsole(out=out))
             if multiboot.is_multiboot(image.read_bytes()[:multiboot.HEADER_SEARCH]):
@@ -132,31 +120,27 @@ def cmd_run(args: argparse.Namespace) -> int:
                 initrd = Path(args.initrd) if args.initrd else None
                 machine, booted = linux_machine(kvm, image, args.cmdline or "", initrd, config, console,
                                                 virtio=virtio)
-                status.print(f"[bold]hv[/]: Linux by the {booted.protocol} entry, cmdline {booted.cmdline!r}")
+                say("hv", f"Linux by the {booted.protocol} entry, cmdline {booted.cmdline!r}")
         else:
-            from hv.guests import builtin as builtin_guest
-
             params = builtin_guest.GuestParams(
                 ws_mib=args.ws, rate_mib_s=args.rate, every=args.every, passes=args.passes,
                 idle=args.idle, extra=args.cmdline)
-
-            def on_line(line: str) -> None:
-                if isinstance(builtin_guest.parse_line(line),
-                              (builtin_guest.Done, builtin_guest.GuestError, builtin_guest.Fault)):
-                    done.set()
-
-            console = LineConsole(on_line, echo=False)
+            watch = builtin_guest.EndWatch()
+            console = LineConsole(watch, echo=False)  # COM1's bytes reach `out` from C
             machine = builtin_machine(kvm, params, config, console, virtio=_virtio(args, LineConsole(out=out)))
             image = builtin_guest.guest_image()
-        status.print(f"[bold]hv[/]: booting {image.name} ({args.mem >> 20} MiB, {args.cpus} vCPU)")
-        return run_machine(machine, done=done, api=args.api, timeout=args.timeout,
+        say("hv", f"booting {image.name} ({args.mem >> 20} MiB, {args.cpus} vCPU)")
+        return run_machine(machine, watch=watch, api=args.api, timeout=args.timeout,
                            extra={"console": console, "params": params},
                            terminal=terminal(out.fileno() if out else None))
 
 
 def terminal(out_fd: int | None = None) -> Terminal:
-    """COM1 on this process's terminal: its bytes raw to `out_fd` (default stdout), stdin to
-    it (stays cooked: the guest gets it line by line)."""
+    """COM1 on this process's terminal: its bytes raw to `out_fd` (default stdout), stdin to it
+    (stays cooked: the guest gets it line by line). Both are moved by the UART's C threads, which
+    read the descriptor itself, never sys.stdin's buffered reader: a thread blocked in that reader
+    holds its lock, and an interpreter finalizing with the lock held aborts
+    (`Fatal Python error: _enter_buffered_busy`, exit 134); stopping the UART joins them."""
     try:
         in_fd = sys.stdin.fileno() if sys.stdin is not None else None
     except (OSError, ValueError):
@@ -164,7 +148,7 @@ def terminal(out_fd: int | None = None) -> Terminal:
     return Terminal(out_fd=sys.stdout.fileno() if out_fd is None else out_fd, in_fd=in_fd)
 
 
-def run_machine(machine: Machine, *, done: threading.Event | None = None, api: str | None = None,
+def run_machine(machine: Machine, *, watch: builtin_guest.EndWatch | None = None, api: str | None = None,
                 timeout: float = 0, start: bool = True, extra: dict | None = None,
                 settle: float = 0.0, announce: str = "", terminal: Terminal | None = None) -> int:
     """Run a built machine until the guest ends, Ctrl-C, `--timeout`, a fatal exit, or a control
@@ -174,21 +158,30 @@ def run_machine(machine: Machine, *, done: threading.Event | None = None, api: s
     (a migration target attaches it before the guest resumes there).
 
     `settle`: seconds the guest runs alone first (a guest that just moved here): the control
-    socket's start-up and the terminal output (`announce`, then the socket's line) wait until then,
-    so nothing the guest's exits wait on runs beside its first moments.
+    socket's start-up and the terminal output (`announce`, a status line `prog: text`, then the
+    socket's line) wait until then, so nothing the guest's exits wait on runs beside its first
+    moments. `watch`: the built-in guest's last line ends the run (and an error line exits 1).
 
-    Shared by `hv run`, `migrate restore` and `migrate recv`. Returns the process exit status.
+    Shared by `hv run`, `migrate restore` and `migrate recv`. Returns the process exit status
+    (`ExitStatus`); every ending stops the VM, removes the socket and joins the stdin thread.
     """
-    done = done or threading.Event()
+    done = watch.done if watch is not None else threading.Event()
     ctx = ControlContext(machine, extra=dict(extra or {}))
     serial = machine.devices.get("serial0")
     if isinstance(serial, Serial16550) and terminal is not None and serial.terminal is None:
         serial.attach_terminal(terminal)
     server = ControlServer(api, ctx) if api else None
     interrupted, wake = threading.Event(), threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: (interrupted.set(), wake.set()))
-    terminated = threading.Event()  # SIGTERM ends the run as cleanly as Ctrl-C (the socket file goes)
-    previous_term = signal.signal(signal.SIGTERM, lambda *_: (terminated.set(), wake.set()))
+    # Ctrl-C and SIGTERM (kill, systemd, a container stop) end the run the same orderly way:
+    # the VM stopped, the socket file removed, the threads joined, the output flushed.
+    signalled: list[signal.Signals] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        signalled.append(signal.Signals(signum))
+        interrupted.set()
+        wake.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     # Block until something happens, with no polling: timed waits cost real CPU on nested hosts,
     # and an idle guest should cost its host nothing. One small thread per thing that can happen.
     for waits_for in (machine.wait, done.wait, ctx.finished.wait):
@@ -197,25 +190,28 @@ def run_machine(machine: Machine, *, done: threading.Event | None = None, api: s
     try:
         if start:
             machine.start()
+        log.info("running: %d vCPU, %d MiB, devices %s", len(machine.vcpus), machine.vm.memory.total_size >> 20,
+                 ", ".join(sorted(machine.devices)))
         if settle:
             wake.wait(settle)
         if announce:
-            status.print(announce)
+            say(*announce.split(": ", 1))
         if server:  # after start: every command then finds a machine that has a lifecycle going
             server.start()
-            status.print(f"[bold]hv[/]: control socket {api} ({', '.join(sorted(server.handlers))})")
+            say("hv", f"control socket {api} ({', '.join(sorted(server.handlers))})")
         if not wake.wait(timeout or None):
-            status.print(f"[yellow]hv[/]: --timeout {timeout}s reached")
+            say("hv", f"--timeout {timeout}s reached", "yellow")
     finally:
-        signal.signal(signal.SIGINT, previous)
-        signal.signal(signal.SIGTERM, previous_term)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if server:
             server.close()
         hold = owner_of(machine).current
         if hold is not None and hold.in_doubt:
-            status.print(f"[yellow]hv[/]: ending while the hand-over ({hold.owner}) is in doubt: this paused "
-                         "copy of the guest is dropped")
+            say("hv", f"ending while the hand-over ({hold.owner}) is in doubt: this paused copy of the guest "
+                "is dropped", "yellow")
         state = machine.state
+        log.info("stopping the VM (it was %s)", state.value)
         if ctx.finished.is_set():
             # ended by a control command; after a completed migration the guest runs elsewhere,
             # maybe on this host's other core: this process's teardown (unmapping its RAM, tens
@@ -226,70 +222,86 @@ def run_machine(machine: Machine, *, done: threading.Event | None = None, api: s
         exits = sum(s.exits + s.fast_io_exits for s in machine.stats)
         machine.vm.close()
     if state is RunState.ERROR:
-        status.print(f"[red]hv[/]: the VM failed: {machine.error}")
-        return 1
+        say("hv", f"the VM failed: {machine.error}", "red")
+        return ExitStatus.FAILED
     if interrupted.is_set():
-        why = "Ctrl-C"
-    elif terminated.is_set():
-        why = "SIGTERM"
+        why = "Ctrl-C" if signalled[0] is signal.SIGINT else signalled[0].name
     elif ctx.finished.is_set():
         why = ctx.finish_reason
     elif done.is_set():
-        why = "guest finished"
+        why = "the guest failed" if watch is not None and watch.failure else "guest finished"
     else:
         why = str(machine.stop_reason.source) if machine.stop_reason else "stopped"
-    status.print(f"[bold]hv[/]: stopped ({why}) after {elapsed:.2f} s, {exits:,} exits")
-    return 0
+    say("hv", f"stopped ({why}) after {elapsed:.2f} s, {exits:,} exits")
+    if done.is_set() and watch is not None and watch.failure:
+        say("hv", f"the guest's last words: {watch.failure}", "red")
+        return ExitStatus.FAILED
+    return ExitStatus.OK
+
+
+EXAMPLES_RUN = """\
+  hv run                                        the built-in guest, 256 MiB, console on this terminal
+  hv run --mem 1G --ws 256 --rate 100 --api /tmp/vm.sock
+                                                a 256 MiB working set dirtied at 100 MiB/s, a control socket
+  hv run --kernel vmlinuz --initrd initrd.img --cpus 2 --cmdline console=ttyS0
+  hv run --passes 10 --timeout 30               ends when the guest has done 10 passes, or after 30 s"""
+
+CONTROL_COMMANDS = {"status": "show a running VM's state", "pause": "pause a running VM's vCPUs",
+                    "resume": "resume a paused VM", "stop": "stop a VM (its process then ends)"}
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    """`hv status|pause|resume|stop SOCK`: one command on a running VM's control socket."""
+    from hv.vmm.control import call
+
+    result = call(args.socket, args.command)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            print(f"{key:16} {', '.join(map(str, value)) if isinstance(value, list) else value}")
+    return ExitStatus.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="hv", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-v", "--verbose", action="store_true")
-    sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="show KVM capabilities").set_defaults(func=cmd_info)
-    run = sub.add_parser("run", help="run a VM (the built-in guest by default)")
-    run.add_argument("--kernel", help="a Multiboot v1 ELF32 kernel, or a Linux bzImage/vmlinux "
+    ap, command = run_parser("hv", __doc__)
+    command("info", "show what this host's KVM offers", "  hv info").set_defaults(func=cmd_info)
+    run = command("run", "run a VM (the built-in guest by default)", EXAMPLES_RUN)
+    run.add_argument("--kernel", metavar="FILE", help="a Multiboot v1 ELF32 kernel, or a Linux bzImage/vmlinux "
                      "(default: the built-in guest)")
-    run.add_argument("--initrd", help="with a Linux --kernel: the initramfs")
-    run.add_argument("--mem", type=parse_size, default=parse_size("256M"), help="guest RAM (e.g. 1G)")
-    run.add_argument("--cpus", type=int, default=1)
-    run.add_argument("--cmdline", default="", help="kernel command line (appended for the built-in guest)")
-    run.add_argument("--ws", type=int, default=64, help="built-in guest: working set, MiB")
-    run.add_argument("--rate", type=int, default=0, help="built-in guest: dirty rate, MiB/s (0 = max)")
-    run.add_argument("--every", type=int, default=1, help="built-in guest: report every N passes")
-    run.add_argument("--passes", type=int, default=0, help="built-in guest: stop after N passes (0 = run)")
+    run.add_argument("--initrd", metavar="FILE", help="with a Linux --kernel: the initramfs")
+    run.add_argument("--mem", type=parse_size, default=parse_size("256M"), metavar="SIZE",
+                     help="guest RAM: MiB, or with a suffix K, M, G, T, as QEMU's -m (default: 256M)")
+    run.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs")
+    run.add_argument("--cmdline", default="", metavar="TEXT",
+                     help="kernel command line (appended for the built-in guest)")
+    run.add_argument("--ws", type=int, default=64, metavar="MiB", help="built-in guest: working set, MiB")
+    run.add_argument("--rate", type=int, default=0, metavar="MiB/s",
+                     help="built-in guest: dirty rate, MiB/s; 0: as fast as it can")
+    run.add_argument("--every", type=int, default=1, metavar="N", help="built-in guest: report every N passes")
+    run.add_argument("--passes", type=int, default=0, metavar="N",
+                     help="built-in guest: stop after N passes; 0: run on")
     run.add_argument("--idle", action="store_true", help="built-in guest: halt once ready (no workload)")
-    run.add_argument("--timeout", type=float, default=0, help="stop after this many seconds (0 = never)")
+    run.add_argument("--timeout", type=float, default=0, metavar="SECONDS",
+                     help="stop the VM after this many seconds; 0: never")
     run.add_argument("--console", metavar="FILE", help="guest console output to FILE (appended) "
                      "instead of the terminal; input still comes from the terminal")
     run.add_argument("--disk", metavar="FILE[,ro]", help="virtio-blk backed by FILE (,ro: read-only)")
     run.add_argument("--virtio-console", action="store_true", help="virtio-console, output to the console")
     run.add_argument("--rng", action="store_true", help="virtio-rng")
     run.add_argument("--api", metavar="SOCK", help="serve a control socket (pause, resume, stop, status, "
-                     "snapshot, migration) at this path")
+                     "snapshot, migration) at this path; see hv status|pause|resume|stop")
     run.set_defaults(func=cmd_run)
+    for name, what in CONTROL_COMMANDS.items():
+        p = command(name, what, f"  hv {name} /tmp/vm.sock\n  hv {name} /tmp/vm.sock --json")
+        p.add_argument("socket", metavar="SOCK", help="the VM's control socket (hv run --api SOCK)")
+        p.add_argument("--json", action="store_true", help="the result as JSON on stdout")
+        p.set_defaults(func=cmd_control)
     return ap
 
 
-def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None,
-             expected: tuple[type[BaseException], ...]) -> int:
-    """Parse, set up logging, run the chosen command; an `expected` error is a one-line message
-    and exit status 2, not a traceback. Shared by `hv` and `migrate`."""
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except BrokenPipeError:  # stdout closed early (e.g. piped to head): not an error of ours
-        return 0
-    except expected as e:
-        status.print(f"[red]{parser.prog}: {type(e).__name__}[/]: {e}")
-        return 2
-
-
 def main(argv: list[str] | None = None) -> int:
-    return dispatch(build_parser(), argv, (HvError,))
+    return dispatch(build_parser(), argv, HV_EXITS)
 
 
 if __name__ == "__main__":

@@ -433,6 +433,8 @@ class ControlServer:
         try:
             with conn:
                 self._answer(conn, line)
+        except OSError as e:  # the client went before its reply was out: the command's work stands
+            log.info("control client gone before the reply: %s", e)
         finally:
             with self._lock:
                 self._connections.discard(threading.current_thread())

@@ -209,7 +209,7 @@ def test_link_cut_leaves_the_guest_running_at_the_source(kvm: Kvm, cut: str) -> 
     try:
         stats = send(machine, target.listener.address, MigrationOptions(timeout=10))
         target.join()
-        assert stats.outcome == "failed" and "TransportError" in stats.reason
+        assert stats.outcome == "failed" and stats.failure == "link-failed"
         assert isinstance(target.error, TransportError) and target.incoming is None
         _assert_source_intact(machine, console)
     finally:
@@ -265,6 +265,7 @@ def test_non_converging_guest_fails_back_or_finishes_if_allowed(kvm: Kvm) -> Non
         stats = send(machine, target.listener.address, options)
         target.join()
         assert stats.outcome == "failed" and "not converged" in stats.reason and len(stats.rounds) == 3
+        assert stats.failure == "not-converging"
         _assert_source_intact(machine, console)
 
         target = _Target(kvm)

@@ -236,7 +236,7 @@ def test_snapshot_and_inspect_through_the_cli(tmp_path) -> None:
         (tmp_path / "s0").write_bytes((tmp_path / "s0").read_bytes()[:-10])
         broken = subprocess.run(cli + ["inspect", str(tmp_path / "s0"), "--json"], capture_output=True, text=True,
                                 timeout=60)
-        assert broken.returncode == 1 and json.loads(broken.stdout)["error"]["type"] == "TruncatedError"
+        assert broken.returncode == 3 and json.loads(broken.stdout)["error"]["type"] == "TruncatedError"  # refused
         call(api, "stop")
     finally:
         vm.kill()
