@@ -64,10 +64,10 @@ class ControlFailure(Exception):
 
 
 HV_EXITS: ExitRows = (
-    ((UsageError, errors.ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError),
+    ((UsageError, errors.ConfigError, errors.ControlSocketError, FileNotFoundError, NotADirectoryError, IsADirectoryError),
      ExitStatus.USAGE),
     ((errors.BootError, errors.StateRestoreError, errors.MissingCapabilityError, errors.LifecycleError,
-      errors.RamReservationError, errors.Busy, errors.ControlSocketError),
+      errors.RamReservationError, errors.Busy),
      ExitStatus.REFUSED),
     ((ConnectionError, TimeoutError), ExitStatus.TRANSPORT),
     ((errors.HvError, OSError, MemoryError), ExitStatus.FAILED),

@@ -501,9 +501,11 @@ def call(path: str | Path, command: str, progress: Progress | None = None, timeo
             sock.connect(str(path))
         except OSError as e:
             raise ControlError("ConnectionError", f"cannot reach the control socket {path}: {e}") from e
-        with sock.makefile("rwb") as f:
-            f.write(json.dumps({"command": command, **args}).encode() + b"\n")
-            f.flush()
+        try:
+            sock.sendall(json.dumps({"command": command, **args}).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a server that refused us at once (too many connections) said why: read it
+        with sock.makefile("rb") as f:
             for line in f:
                 reply = json.loads(line)
                 if "progress" in reply:

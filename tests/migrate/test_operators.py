@@ -177,7 +177,7 @@ def _link_dies_at_commit(monkeypatch, *, deliver: bool) -> None:
 def _send_into_doubt(machine: Machine, sock: Path, address: str) -> None:
     with pytest.raises(ControlError) as e:
         call(sock, "migrate-send", timeout=60, to=address, options={"final_copy_margin_ms": 10_000})
-    assert e.value.kind == "MigrationFailed" and "in doubt" in e.value.message
+    assert e.value.kind == "MigrationInDoubt" and "in doubt" in e.value.message
     assert machine.state is RunState.PAUSED
     status = call(sock, "status", timeout=10)
     assert status["state"] == "in-doubt" and status["held_by"]["state"] == "in-doubt"
