@@ -37,7 +37,7 @@ import numpy as np
 from hv.binding.ffi import ffi, lib
 from hv.errors import GuestAddressError, UserfaultClosedError, UserfaultResolveError, UserfaultSetupError
 from hv.kvm.dirty import PAGE_SHIFT, PAGE_SIZE, DirtyBitmap, words_for
-from hv.kvm.memory import MemoryRegion
+from hv.kvm.memory import GuestMemory, MemoryRegion
 
 _OPERATIONS = {
     lib.KVMIG_UFFD_OP_OPEN: "userfaultfd",
@@ -151,7 +151,9 @@ class Userfault:
     The range should be missing (fresh memory, or given back with `GuestMemory.zero_pages`):
     pages already populated never fault, and a copy to one keeps what it holds. The region's
     memory must be private anonymous (this project's guest RAM) or shmem/memfd; the kernel
-    refuses other mappings at UFFDIO_REGISTER. `staging`, if given, is a buffer laid out as the
+    refuses other mappings at UFFDIO_REGISTER. Close it before the region is unmapped, and never
+    resolve from a source inside a registered range (its own fault would wait for the lock the
+    copy holds). `staging`, if given, is a buffer laid out as the
     range that the caller fills and declares with `stage_range`; by default the layer
     allocates one (MAP_NORESERVE: it costs what is staged).
     """
@@ -184,6 +186,12 @@ class Userfault:
         self._take_lock = threading.Lock()
         self._faults = ffi.new("kvmig_uffd_fault[]", 256)
         self._stats = ffi.new("kvmig_uffd_stats *")
+
+    @classmethod
+    def over(cls, memory: GuestMemory, address: int, length: int, *, staging: Any = None) -> Userfault:
+        """A `Userfault` over guest physical [address, address+length) (inside one region)."""
+        region, offset = memory.find(address, length)
+        return cls(region, offset, length, staging=staging)
 
     # --- what the consumer reads -------------------------------------------------------------
 
