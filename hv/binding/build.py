@@ -349,11 +349,18 @@ typedef struct {
     uint64_t queue_len;
     uint64_t lat_count, lat_sum_ns, lat_max_ns;
     uint64_t lat_hist[1024];         /* kvmig_uffd_lat_bucket(ns) -> count */
+    uint64_t threads_untracked;      /* faults of threads past the blocked-time table */
     int32_t last_errno;              /* of the last failed placement by the fault thread */
     int32_t thread_errno;            /* the fault thread stopped on this error */
     int32_t zeropage;                /* the range supports UFFDIO_ZEROPAGE */
     int32_t closed;
 } kvmig_uffd_stats;
+typedef struct {
+    uint32_t tid;
+    uint32_t waiting;                /* waiting for a page now (blocked_ns counts up to now) */
+    uint64_t faults;                 /* faults that made it wait */
+    uint64_t blocked_ns;             /* time spent waiting for pages (QEMU's blocktime) */
+} kvmig_uffd_blocked;
 """
 
 _CDEF_UFFD = _UFFD_TYPES + """
@@ -375,6 +382,7 @@ int kvmig_uffd_notify_fd(kvmig_uffd *h);
 uint64_t kvmig_uffd_features(kvmig_uffd *h);
 void kvmig_uffd_get_stats(kvmig_uffd *h, kvmig_uffd_stats *out);
 void kvmig_uffd_missing(kvmig_uffd *h, uint64_t *bitmap);
+size_t kvmig_uffd_blocktime(kvmig_uffd *h, kvmig_uffd_blocked *out, size_t max);
 uint32_t kvmig_uffd_lat_bucket(uint64_t ns);
 """
 

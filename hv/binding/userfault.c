@@ -44,6 +44,7 @@
 #define UF_PAGE 4096ULL
 #define UF_MSGS 64
 #define UF_EAGAIN_TRIES 10000
+#define UF_THREADS 64 /* threads whose blocked time is kept: vCPUs, device workers */
 
 enum { UF_ABSENT = 0, UF_STAGED = 1, UF_STAGED_ZERO = 2, UF_PLACED = 3 };
 
@@ -58,6 +59,10 @@ struct kvmig_uffd {
     kvmig_uffd_fault *queue;   /* ring of faulted pages, at most one entry per pending page */
     uint64_t q_head, q_len;
     kvmig_uffd_stats st;
+    /* per faulting thread (UFFD_FEATURE_THREAD_ID): a thread waits for one page at a time */
+    kvmig_uffd_blocked threads[UF_THREADS];
+    uint64_t thread_page[UF_THREADS], thread_since[UF_THREADS];
+    uint32_t nthreads;
     pthread_t thread;
     int has_thread, registered;
 };
@@ -78,10 +83,37 @@ uint32_t kvmig_uffd_lat_bucket(uint64_t ns) {
     return (e - 3) * 16 + (uint32_t)((ns >> (e - 4)) & 15);
 }
 
+/* Threads waiting on page p (all pages: p == UINT64_MAX) stop waiting now. */
+static void uf_unblock(kvmig_uffd *h, uint64_t p, uint64_t now) {
+    for (uint32_t i = 0; i < h->nthreads; i++) {
+        kvmig_uffd_blocked *t = &h->threads[i];
+        if (!t->waiting || (p != UINT64_MAX && h->thread_page[i] != p)) continue;
+        t->waiting = 0;
+        t->blocked_ns += now > h->thread_since[i] ? now - h->thread_since[i] : 0;
+    }
+}
+
+static void uf_block(kvmig_uffd *h, uint32_t tid, uint64_t p, uint64_t now) {
+    if (!tid) return;
+    uint32_t i = 0;
+    while (i < h->nthreads && h->threads[i].tid != tid) i++;
+    if (i == h->nthreads) {
+        if (h->nthreads == UF_THREADS) { h->st.threads_untracked++; return; }
+        h->nthreads++;
+        memset(&h->threads[i], 0, sizeof h->threads[i]);
+        h->threads[i].tid = tid;
+    }
+    h->threads[i].waiting = 1;
+    h->threads[i].faults++;
+    h->thread_page[i] = p;
+    h->thread_since[i] = now;
+}
+
 /* Page `p` is in place now: a pending fault on it is resolved. */
 static void uf_placed(kvmig_uffd *h, uint64_t p, uint64_t now) {
     h->state[p] = UF_PLACED;
     if (h->since[p]) {
+        uf_unblock(h, p, now);
         uint64_t lat = now > h->since[p] ? now - h->since[p] : 0;
         h->st.lat_hist[kvmig_uffd_lat_bucket(lat)]++;
         h->st.lat_count++;
@@ -172,6 +204,8 @@ static int uf_fault(kvmig_uffd *h, const struct uffd_msg *m, uint64_t now) {
     h->st.faults++;
     if (addr < h->base || addr >= h->base + h->length) return 0; /* not ours: cannot happen */
     uint64_t p = (addr - h->base) / UF_PAGE;
+    uint32_t tid = (h->features & UFFD_FEATURE_THREAD_ID) ? m->arg.pagefault.feat.ptid : 0;
+    if (h->state[p] != UF_PLACED) uf_block(h, tid, p, now);
     switch (h->state[p]) {
     case UF_PLACED: /* placed after the fault was raised: make sure its thread was woken */
         h->st.late++;
@@ -202,7 +236,7 @@ static int uf_fault(kvmig_uffd *h, const struct uffd_msg *m, uint64_t now) {
     kvmig_uffd_fault *f = &h->queue[(h->q_head + h->q_len) % h->npages];
     f->offset = p * UF_PAGE;
     f->flags = (uint32_t)m->arg.pagefault.flags;
-    f->tid = (h->features & UFFD_FEATURE_THREAD_ID) ? m->arg.pagefault.feat.ptid : 0;
+    f->tid = tid;
     f->t_ns = now;
     h->q_len++;
     h->st.queued++;
@@ -355,6 +389,7 @@ int kvmig_uffd_close(kvmig_uffd *h) {
         close(h->uffd);
         h->uffd = -1;
     }
+    if (!h->st.closed) uf_unblock(h, UINT64_MAX, uf_now()); /* released by the teardown */
     h->st.closed = 1;
     pthread_mutex_unlock(&h->lock);
     uint64_t one = 1; /* a consumer waiting in kvmig_uffd_wait sees the end */
@@ -455,6 +490,19 @@ void kvmig_uffd_get_stats(kvmig_uffd *h, kvmig_uffd_stats *out) {
     *out = h->st;
     out->queue_len = h->q_len;
     pthread_mutex_unlock(&h->lock);
+}
+
+/* Up to `max` threads that faulted on the range (first fault first); returns how many. */
+size_t kvmig_uffd_blocktime(kvmig_uffd *h, kvmig_uffd_blocked *out, size_t max) {
+    pthread_mutex_lock(&h->lock);
+    uint64_t now = uf_now();
+    size_t n = h->nthreads < max ? h->nthreads : max;
+    for (size_t i = 0; i < n; i++) {
+        out[i] = h->threads[i];
+        if (out[i].waiting) out[i].blocked_ns += now > h->thread_since[i] ? now - h->thread_since[i] : 0;
+    }
+    pthread_mutex_unlock(&h->lock);
+    return n;
 }
 
 /* Bit p of `bitmap` ((npages + 63) / 64 words) set: page p is not in place yet. */

@@ -124,8 +124,20 @@ class UserfaultStats:
     eexist: int
     eagain: int
     latency: FaultLatency
+    threads_untracked: int
     thread_errno: int
     closed: bool
+
+
+@dataclass(frozen=True)
+class ThreadBlocktime:
+    """How long one thread (by kernel thread id: `threading.Thread.native_id`) waited for pages
+    of the range, over how many faults; `waiting` says it is waiting now (counted up to now)."""
+
+    tid: int
+    faults: int
+    blocked_ns: int
+    waiting: bool
 
 
 @dataclass(frozen=True)
@@ -232,6 +244,14 @@ class Userfault:
         lib.kvmig_uffd_missing(self._h, ffi.cast("uint64_t *", words.ctypes.data))
         return DirtyBitmap(self.npages, words)
 
+    def blocktime(self) -> dict[int, ThreadBlocktime]:
+        """Time each faulting thread spent waiting (a vCPU's is QEMU's "blocktime"), by tid; the
+        first 64 threads are kept (`stats().threads_untracked` counts faults of any others)."""
+        out = ffi.new("kvmig_uffd_blocked[]", 64)
+        n = lib.kvmig_uffd_blocktime(self._h, out, 64)
+        return {t.tid: ThreadBlocktime(t.tid, t.faults, t.blocked_ns, bool(t.waiting))
+                for t in (out[i] for i in range(n))}
+
     def stats(self) -> UserfaultStats:
         """The counters (still readable after `close`)."""
         s = self._stats
@@ -241,7 +261,7 @@ class Userfault:
             faults=s.faults, fast=s.fast, fast_failed=s.fast_failed, queued=s.queued, joined=s.joined,
             late=s.late, resolved=s.resolved, pending=s.pending, queue_len=s.queue_len,
             pages_copied=s.pages_copied, pages_zeroed=s.pages_zeroed, eexist=s.eexist, eagain=s.eagain,
-            latency=latency, thread_errno=s.thread_errno, closed=bool(s.closed),
+            latency=latency, threads_untracked=s.threads_untracked, thread_errno=s.thread_errno, closed=bool(s.closed),
         )
 
     # --- what the consumer supplies ----------------------------------------------------------

@@ -112,6 +112,8 @@ def test_a_vcpu_blocks_on_a_missing_page_until_it_is_copied_in(kvm: Kvm, write_i
         stats = uf.stats()
         assert (stats.queued, stats.resolved, stats.pages_copied, stats.pending) == (2, 2, 2, 0)
         assert stats.latency.count == 2
+        blocked = uf.blocktime()[machine._slots[0].thread.native_id]
+        assert blocked.faults == 2 and blocked.blocked_ns > 0 and not blocked.waiting
     finally:
         uf.close()
         machine.stop()
@@ -239,6 +241,9 @@ def test_several_threads_faulting_on_one_page_are_queued_once_and_all_woken(regi
             assert r.data == page_of(9)[64 * i : 64 * i + 64]
         stats = uf.stats()
         assert (stats.queued, stats.resolved, stats.pages_copied, stats.latency.count) == (1, 1, 1, 1)
+        blocked = uf.blocktime()
+        assert {r.native_id for r in readers} == set(blocked)
+        assert all(b.faults == 1 and b.blocked_ns > 0 and not b.waiting for b in blocked.values())
 
 
 def test_staging_a_page_someone_waits_for_places_it_at_once(region: MemoryRegion) -> None:
@@ -296,6 +301,7 @@ def test_closing_releases_every_waiting_thread(region: MemoryRegion) -> None:
     assert consumer_got == [[]]  # a consumer waiting for faults sees the end
     stats = uf.stats()
     assert stats.closed and stats.pending == 3 and stats.resolved == 0
+    assert not any(b.waiting for b in uf.blocktime().values())
     with pytest.raises(UserfaultClosedError) as info:
         uf.resolve_copy(region.guest_base + PAGE, page_of(1))
     assert info.value.errno == errno.EBADF
