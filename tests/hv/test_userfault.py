@@ -138,7 +138,7 @@ def test_a_vcpu_waiting_for_a_page_is_released_when_the_layer_closes(kvm: Kvm, w
 
 def test_a_pause_requested_while_a_vcpu_waits_for_a_page_holds_the_guest(kvm: Kvm, write_image) -> None:
     # Post-copy pauses a target whose link dropped. Where the host's KVM lets a kick interrupt
-    # its wait for a userfault (EPT hosts, Linux 6.3+: KVM_RUN returns EINTR) the pause
+    # its wait for a userfault (x86 KVM since Linux 6.2: KVM_RUN returns EINTR) the pause
     # completes at once; where it does not (seen on this project's PVM-style hosts) it completes
     # when the page is placed. Either way the guest does not get past the faulting instruction
     # until it is resumed.
