@@ -27,6 +27,7 @@ Addresses in this API are guest physical addresses of whole pages.
 from __future__ import annotations
 
 import errno as _errno
+import logging
 import math
 import threading
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ _OPERATIONS = {
 }
 
 FAULT_WRITE = 1  # UFFD_PAGEFAULT_FLAG_WRITE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,8 @@ class Userfault:
     def __init__(self, region: MemoryRegion, offset: int = 0, length: int | None = None, *,
                  staging: Any = None) -> None:
         length = region.size - offset if length is None else length
-        if offset % PAGE_SIZE or length % PAGE_SIZE or length <= 0 or offset < 0 or offset + length > region.size:
+        if (offset % PAGE_SIZE or length % PAGE_SIZE or length <= 0 or offset < 0
+                or offset + length > region.size):
             raise GuestAddressError(region.guest_base + offset, max(length, 0),
                                     f"is not a range of whole pages of {region}")
         self.region = region
@@ -185,11 +189,13 @@ class Userfault:
         if staging is not None:
             self._staging_ref = ffi.from_buffer(staging, require_writable=True)
             if len(self._staging_ref) < length:
-                raise GuestAddressError(self.guest_base, length, f"is larger than the staging buffer ({len(self._staging_ref)})")
+                raise GuestAddressError(self.guest_base, length,
+                                        f"is larger than the staging buffer ({len(self._staging_ref)})")
             staging_ptr = self._staging_ref
         out = ffi.new("kvmig_uffd **")
         failed = ffi.new("int *")
-        ret = lib.kvmig_uffd_open(out, ffi.cast("void *", region.host_address + offset), length, staging_ptr, failed)
+        base = ffi.cast("void *", region.host_address + offset)
+        ret = lib.kvmig_uffd_open(out, base, length, staging_ptr, failed)
         if ret < 0:
             raise UserfaultSetupError(_OPERATIONS.get(failed[0], "userfaultfd"), -ret, self.guest_base, length)
         self._h: Any = ffi.gc(out[0], lib.kvmig_uffd_free)
@@ -197,7 +203,7 @@ class Userfault:
         self._closed = False
         self._take_lock = threading.Lock()
         self._faults = ffi.new("kvmig_uffd_fault[]", 256)
-        self._stats = ffi.new("kvmig_uffd_stats *")
+        log.debug("%r registered (features %#x)", self, self.features)
 
     @classmethod
     def over(cls, memory: GuestMemory, address: int, length: int, *, staging: Any = None) -> Userfault:
@@ -254,14 +260,15 @@ class Userfault:
 
     def stats(self) -> UserfaultStats:
         """The counters (still readable after `close`)."""
-        s = self._stats
+        s = ffi.new("kvmig_uffd_stats *")
         lib.kvmig_uffd_get_stats(self._h, s)
         latency = FaultLatency(s.lat_count, s.lat_sum_ns, s.lat_max_ns, tuple(s.lat_hist))
         return UserfaultStats(
             faults=s.faults, fast=s.fast, fast_failed=s.fast_failed, queued=s.queued, joined=s.joined,
             late=s.late, resolved=s.resolved, pending=s.pending, queue_len=s.queue_len,
             pages_copied=s.pages_copied, pages_zeroed=s.pages_zeroed, eexist=s.eexist, eagain=s.eagain,
-            latency=latency, threads_untracked=s.threads_untracked, thread_errno=s.thread_errno, closed=bool(s.closed),
+            latency=latency, threads_untracked=s.threads_untracked, thread_errno=s.thread_errno,
+            closed=bool(s.closed),
         )
 
     # --- what the consumer supplies ----------------------------------------------------------
@@ -270,7 +277,8 @@ class Userfault:
         """Place the pages [address, address+len(data)) still missing with `data` (UFFDIO_COPY),
         waking their waiters; pages in place keep their contents."""
         offset = self._offset(address, len(data))
-        self._check("UFFDIO_COPY", address, len(data), lib.kvmig_uffd_copy(self._live(), offset, ffi.from_buffer(data), len(data)))
+        ret = lib.kvmig_uffd_copy(self._live(), offset, ffi.from_buffer(data), len(data))
+        self._check("UFFDIO_COPY", address, len(data), ret)
 
     def resolve_zero(self, address: int, length: int) -> None:
         """Place zero pages over the pages of the range still missing (UFFDIO_ZEROPAGE)."""
@@ -319,6 +327,7 @@ class Userfault:
                 return
             self._closed = True
         ret = lib.kvmig_uffd_close(self._h)
+        log.debug("%r closed with %d pages still waited for", self, self.stats().pending)
         if ret < 0:
             raise UserfaultResolveError("UFFDIO_UNREGISTER", -ret, self.guest_base, self.length)
 
@@ -333,7 +342,8 @@ class Userfault:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Userfault([{self.guest_base:#x}, {self.guest_base + self.length:#x}){', closed' if self._closed else ''})"
+        closed = ", closed" if self._closed else ""
+        return f"Userfault([{self.guest_base:#x}, {self.guest_base + self.length:#x}){closed})"
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -344,7 +354,8 @@ class Userfault:
 
     def _offset(self, address: int, length: int) -> int:
         offset = address - self.guest_base
-        if address % PAGE_SIZE or length % PAGE_SIZE or length <= 0 or offset < 0 or offset + length > self.length:
+        if (address % PAGE_SIZE or length % PAGE_SIZE or length <= 0 or offset < 0
+                or offset + length > self.length):
             raise GuestAddressError(address, max(length, 0), f"is not a run of whole pages of {self}")
         return offset
 
