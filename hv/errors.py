@@ -88,6 +88,31 @@ class SlotError(GuestMemoryError):
         super().__init__(f"memory slot {slot}: {detail}")
 
 
+class UserfaultError(GuestMemoryError):
+    """A userfaultfd operation over guest RAM failed: which one, its errno, and the guest range."""
+
+    def __init__(self, operation: str, errno: int, address: int, length: int) -> None:
+        self.operation, self.errno, self.address, self.length = operation, errno, address, length
+        name = _errno.errorcode.get(errno, str(errno))
+        super().__init__(f"{operation} on guest range [{address:#x}, {address + length:#x}) failed: "
+                         f"{name} ({os.strerror(errno)})")
+
+
+class UserfaultSetupError(UserfaultError):
+    """The range could not be put under userfaultfd (open, UFFDIO_API, UFFDIO_REGISTER, thread)."""
+
+
+class UserfaultResolveError(UserfaultError):
+    """Pages could not be placed (UFFDIO_COPY, UFFDIO_ZEROPAGE) or the range unregistered."""
+
+
+class UserfaultClosedError(UserfaultError):
+    """The userfaultfd layer of this range was closed."""
+
+    def __init__(self, address: int, length: int) -> None:
+        super().__init__("userfaultfd (closed)", _errno.EBADF, address, length)
+
+
 # --- vCPUs and VM state ------------------------------------------------------------------------
 
 

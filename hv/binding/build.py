@@ -7,7 +7,8 @@ value. Nothing about the kernel ABI is hand-copied as numbers.
 
 A few tiny C helpers live here too, because they are on hot paths or must run outside Python:
 the vCPU kick signal handler, and dirty-bitmap scans; and in uart.c and vcpu_loop.c, the guest's
-console (a 16550 and the KVM_RUN loop that serves its port exits) without the interpreter lock.
+console (a 16550 and the KVM_RUN loop that serves its port exits) without the interpreter lock; and
+in userfault.c, the userfaultfd fault path (hv/kvm/userfault.py), which must not need it either.
 """
 
 from __future__ import annotations
@@ -331,6 +332,71 @@ _HERE = Path(__file__).resolve().parent
 _UART_SOURCE = ("#define KVMIG_UART_RX 4096\n#define KVMIG_UART_TX 16384\n#define KVMIG_FAST_PIO_MAX 4\n"
                 + _UART_TYPES + (_HERE / "uart.c").read_text() + (_HERE / "vcpu_loop.c").read_text())
 
+# The userfaultfd layer (userfault.c beside this file; hv/kvm/userfault.py): its fault thread
+# and its entry points run without the interpreter lock. Shared by cdef and the C source.
+_UFFD_TYPES = """
+typedef struct kvmig_uffd kvmig_uffd;
+typedef struct {
+    uint64_t offset;                 /* of the faulted page in the range */
+    uint32_t tid;                    /* the first faulting thread (UFFD_FEATURE_THREAD_ID), or 0 */
+    uint32_t flags;                  /* UFFD_PAGEFAULT_FLAG_* (WRITE) */
+    uint64_t t_ns;                   /* CLOCK_MONOTONIC when its event was read */
+} kvmig_uffd_fault;
+typedef struct {
+    uint64_t faults;                 /* fault events read */
+    uint64_t fast;                   /* resolved by the fault thread from staged pages */
+    uint64_t fast_failed;            /* staged, but placing it failed (queued instead) */
+    uint64_t queued;                 /* pages handed to the queue */
+    uint64_t joined;                 /* faults on a page already queued by another thread */
+    uint64_t late;                   /* faults on a page placed meanwhile (only woken) */
+    uint64_t resolved;               /* faulted pages placed since */
+    uint64_t pages_copied, pages_zeroed;
+    uint64_t eexist, eagain;
+    uint64_t pending;                /* faulted pages not placed yet */
+    uint64_t queue_len;
+    uint64_t lat_count, lat_sum_ns, lat_max_ns;
+    uint64_t lat_hist[1024];         /* kvmig_uffd_lat_bucket(ns) -> count */
+    uint64_t threads_untracked;      /* faults of threads past the blocked-time table */
+    int32_t last_errno;              /* of the last failed placement by the fault thread */
+    int32_t thread_errno;            /* the fault thread stopped on this error */
+    int32_t zeropage;                /* the range supports UFFDIO_ZEROPAGE */
+    int32_t closed;
+} kvmig_uffd_stats;
+typedef struct {
+    uint32_t tid;
+    uint32_t waiting;                /* waiting for a page now (blocked_ns counts up to now) */
+    uint64_t faults;                 /* faults that made it wait */
+    uint64_t blocked_ns;             /* time spent waiting for pages (QEMU's blocktime) */
+} kvmig_uffd_blocked;
+"""
+
+_CDEF_UFFD = _UFFD_TYPES + """
+#define KVMIG_UFFD_OP_OPEN ...
+#define KVMIG_UFFD_OP_API ...
+#define KVMIG_UFFD_OP_ALLOC ...
+#define KVMIG_UFFD_OP_REGISTER ...
+#define KVMIG_UFFD_OP_THREAD ...
+int kvmig_uffd_open(kvmig_uffd **out, void *base, uint64_t length, void *staging, int *failed_op);
+int kvmig_uffd_close(kvmig_uffd *h);
+void kvmig_uffd_free(kvmig_uffd *h);
+int kvmig_uffd_copy(kvmig_uffd *h, uint64_t off, const void *src, uint64_t len);
+int kvmig_uffd_zero(kvmig_uffd *h, uint64_t off, uint64_t len);
+int kvmig_uffd_stage(kvmig_uffd *h, uint64_t off, const void *src, uint64_t len);
+int kvmig_uffd_stage_zero(kvmig_uffd *h, uint64_t off, uint64_t len);
+size_t kvmig_uffd_take(kvmig_uffd *h, kvmig_uffd_fault *out, size_t max);
+int kvmig_uffd_wait(kvmig_uffd *h, int timeout_ms);
+int kvmig_uffd_notify_fd(kvmig_uffd *h);
+uint64_t kvmig_uffd_features(kvmig_uffd *h);
+void kvmig_uffd_get_stats(kvmig_uffd *h, kvmig_uffd_stats *out);
+void kvmig_uffd_missing(kvmig_uffd *h, uint64_t *bitmap);
+size_t kvmig_uffd_blocktime(kvmig_uffd *h, kvmig_uffd_blocked *out, size_t max);
+uint32_t kvmig_uffd_lat_bucket(uint64_t ns);
+"""
+
+_UFFD_SOURCE = ("#define KVMIG_UFFD_OP_OPEN 1\n#define KVMIG_UFFD_OP_API 2\n"
+                "#define KVMIG_UFFD_OP_ALLOC 3\n#define KVMIG_UFFD_OP_REGISTER 4\n#define KVMIG_UFFD_OP_THREAD 5\n"
+                + _UFFD_TYPES + (_HERE / "userfault.c").read_text())
+
 _SOURCE = r"""
 #include <errno.h>
 #include <signal.h>
@@ -438,8 +504,9 @@ ffibuilder.cdef(
     + _CDEF_STRUCTS
     + _CDEF_HELPERS
     + _CDEF_UART
+    + _CDEF_UFFD
 )
-ffibuilder.set_source("hv.binding._kvm", _SOURCE + _UART_SOURCE, extra_compile_args=["-O2", "-Wall", "-pthread"],
+ffibuilder.set_source("hv.binding._kvm", _SOURCE + _UART_SOURCE + _UFFD_SOURCE, extra_compile_args=["-O2", "-Wall", "-pthread"],
                       extra_link_args=["-pthread"])
 
 if __name__ == "__main__":
