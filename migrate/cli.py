@@ -68,6 +68,14 @@ def _add_tls_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", help="the CA (PEM) that signed the peer's certificate")
 
 
+def _add_disk_arguments(p: argparse.ArgumentParser) -> None:
+    disks = p.add_mutually_exclusive_group()
+    disks.add_argument("--disk", metavar="FILE", help="this host's file for the guest's virtio disk "
+                       "(the stream's disk path is only a name, never opened)")
+    disks.add_argument("--disk-dir", metavar="DIR", help="find the guest's disk here, by the file name the "
+                       "stream gives it (a regular file, no symbolic link)")
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
@@ -116,8 +124,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     console, done = _guest_console()
     with Kvm() as kvm:
         t0 = time.perf_counter()
-        machine = restore(args.file, kvm, console=console, disk=args.disk, virtio_console=LineConsole(),
-                          verify_memory=False if args.no_verify else None)
+        machine = restore(args.file, kvm, console=console, disk=args.disk, disk_dir=args.disk_dir,
+                          share_memory=args.share_mem, virtio_console=LineConsole(), verify_memory=not args.no_verify)
         status.print(f"[bold]migrate[/]: restored {args.file} in {(time.perf_counter() - t0) * 1000:.1f} ms")
         machine.resume()
         return run_machine(machine, done=done, api=args.api, timeout=args.timeout, start=False,
@@ -156,8 +164,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
     console, done = _guest_console()
     with Kvm() as kvm:
         try:
-            incoming = listen_and_receive(listener, kvm, console=console, disk=args.disk,
-                                          virtio_console=LineConsole(),
+            incoming = listen_and_receive(listener, kvm, console=console, disk=args.disk, disk_dir=args.disk_dir,
+                                          max_mem=args.mem, virtio_console=LineConsole(),
                                           accept_timeout=args.accept_timeout or None)
         finally:
             listener.close()
@@ -354,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", metavar="SOCK")
     p.add_argument("--timeout", type=float, default=0)
     p.add_argument("--no-verify", action="store_true", help="skip the memory digest check")
-    p.add_argument("--disk", help="the virtio disk's file here (default: the path the snapshot names)")
+    _add_disk_arguments(p)
+    p.add_argument("--share-mem", action="store_true", help="a mappable snapshot's .mem is mapped, not copied: "
+                   "faster (with --no-verify, milliseconds), but the file must not change while the VM runs")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("inspect", help="show and verify a snapshot")
@@ -368,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", metavar="SOCK")
     p.add_argument("--key-file", help="pre-shared key (also $KVMIGRATE_KEY); required off loopback")
     p.add_argument("--accept-timeout", type=float, default=0, help="give up waiting after this many s")
-    p.add_argument("--disk", help="the virtio disk's file here (default: the source's path, shared storage)")
+    _add_disk_arguments(p)
+    p.add_argument("--mem", type=parse_size, metavar="SIZE",
+                   help="the most guest RAM to take (default: what this host can reserve, MemAvailable)")
     _add_tls_arguments(p)
     p.add_argument("--timeout", type=float, default=0, help="stop the received guest after this many s")
     p.set_defaults(func=cmd_recv)

@@ -2,7 +2,8 @@
 
 One `Target` takes one migration, stage by stage:
 
-1. handshake: HELLO is checked (protocol version, layout, CPUID, page streams; every problem
+1. handshake: HELLO is checked (protocol version, layout, CPUID, page streams, the guest's
+   size against what this host offers, the disk this side will open for it; every problem
    listed) and answered with Accept or Reject;
 2. build: a blank machine of the source's config, and the extra page streams accepted;
 3. transfer: PAGES written into guest memory, RoundDone closing each round across the streams
@@ -11,13 +12,17 @@ One `Target` takes one migration, stage by stage:
 5. commit: on Commit the guest runs here, even if Resumed is lost.
 
 All the bytes go through one `StreamReader`, so every checksum, range check and total of a
-snapshot applies to the wire too. Any failure before Commit tears the half-built VM down, tells
+snapshot applies to the wire too; each message may carry only its own sections (HELLO: the
+header, CONFIG and LAYOUT; PAGES: pages; STATE: vCPU, VM and device state; COMPLETE: END), and
+the state's shape is checked against the layout before any of it is applied. A message out of
+order is a `ProtocolViolation`. Any failure before Commit tears the half-built VM down, tells
 the source why (`error_code`) and raises.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -26,6 +31,7 @@ from typing import Any
 
 import formats
 from formats import StreamReader
+from hv.errors import HvError
 from hv.vmm.builder import blank_machine
 from hv.vmm.control import Progress
 from hv.kvm.dirty import DirtyBitmap
@@ -34,9 +40,12 @@ from hv.vmm.machine import Machine, discard
 from hv.kvm.memory import RamBacking
 from migrate import digest, pages
 from migrate.datapath import place_pages
-from migrate.errors import IncompatibleError, MigrationFailed, TransportError, error_code
+from migrate.disks import DiskPolicy, OpenDisk
+from migrate.errors import (DiskRefused, IncompatibleError, MigrationFailed, ProtocolViolation, TransportError,
+                            error_code)
 from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete, Error, Hello, Outcome,
-                              Pages, Protocol, Ready, Reject, Resumed, Role, RoundDone, State)
+                              Pages, Protocol, Ready, Reject, RemoteProtocolError, Resumed, Role, RoundDone,
+                              State)
 from migrate.records import EXPECT, Collected
 from migrate.state import GuestCpuid, apply, cpuid_problems, expected_layout, registry
 from migrate.streams import MAX_STREAMS, IncomingStream, RoundGate, accept_streams, close_streams
@@ -44,6 +53,24 @@ from migrate.transport import Connection, Listener
 
 log = logging.getLogger(__name__)
 
+# The sections each message may carry, and in HELLO exactly once each.
+HELLO_RECORDS = (formats.Header, formats.ConfigRecord, formats.LayoutRecord)
+PAGES_RECORDS = (formats.PagesRecord,)
+STATE_RECORDS = (formats.VcpuRecord, formats.VmStateRecord, formats.DeviceRecord)
+COMPLETE_RECORDS = (formats.EndRecord,)
+
+
+def host_reservable_memory() -> int:
+    """The memory this host can give a guest now (MemAvailable: what the kernel says it can
+    hand out without swapping); the default most guest RAM a target takes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 @dataclass
@@ -61,10 +88,13 @@ class Target:
     """One incoming migration on `conn`; `run()` takes it from HELLO to a running guest."""
 
     def __init__(self, conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None], timeout: float,
-                 disk: str | None, virtio_console: Callable[[bytes], None] | None,
+                 disks: DiskPolicy, max_mem: int | None, virtio_console: Callable[[bytes], None] | None,
                  progress: Progress | None, listener: Listener | None) -> None:
         self.conn, self.kvm, self.timeout, self.listener = conn, kvm, timeout, listener
-        self.console, self.virtio_console, self.disk = console, virtio_console or console, disk
+        self.console, self.virtio_console = console, virtio_console or console
+        self.disks = disks
+        self.disk: OpenDisk | None = None  # the guest's disk, opened by this side's policy
+        self.max_mem = host_reservable_memory() if max_mem is None else max_mem
         self.progress = progress or (lambda p: None)
         self.proto = Protocol(Role.TARGET)
         self.reader = StreamReader(registry(), expect=EXPECT)
@@ -78,8 +108,19 @@ class Target:
         self._t0 = time.perf_counter()
 
     def take(self, message: Any) -> Any:
-        self.proto.receive(message)
+        try:
+            self.proto.receive(message)
+        except RemoteProtocolError as e:  # out of order: typed, and the source is told why
+            raise ProtocolViolation(str(e)) from None
         return message
+
+    def records(self, what: str, payload: Any, allowed: tuple[type, ...], *, stable: bool = False) -> list[Any]:
+        """The records `payload` (a `what` message's) holds, each of a type that message may carry."""
+        records = self.reader.feed(payload, stable=stable)
+        for record in records:
+            if not isinstance(record, allowed):
+                raise ProtocolViolation(f"{what} carried a {type(record).__name__}")
+        return records
 
     def tell(self, message: Any) -> None:
         self.proto.send(message)
@@ -102,14 +143,18 @@ class Target:
             close_streams(self.gate, self.streams)
             if self.hashes is not None:
                 self.hashes.close()
+            if self.disk is not None:
+                self.disk.close()  # the device has its own descriptor
 
     # --- 1. handshake -----------------------------------------------------------------------------
 
     def handshake(self) -> Hello:
-        hello = self.take(self.conn.receive(self.timeout))
-        if not isinstance(hello, Hello):
-            raise TransportError(f"expected HELLO, got {type(hello).__name__}")
-        self.collected.take(self.reader.feed(hello.config + hello.layout))  # the header, CONFIG, LAYOUT
+        hello = self.take(self.conn.receive(self.timeout))  # the table takes only HELLO first
+        records = self.records("HELLO", hello.config + hello.layout, HELLO_RECORDS)
+        if sorted(type(r).__name__ for r in records) != sorted(t.__name__ for t in HELLO_RECORDS):
+            raise ProtocolViolation(f"HELLO carried {[type(r).__name__ for r in records]}, not the header, "
+                                    f"CONFIG and LAYOUT once each")
+        self.collected.take(records)
         self.collected.need("CONFIG", "LAYOUT")
         self.incoming.config = self.collected.config
         problems = self.problems(hello)
@@ -122,15 +167,30 @@ class Target:
 
     def problems(self, hello: Hello) -> list[str]:
         """Everything that keeps this host from taking the guest HELLO describes (every one)."""
+        config = self.collected.config
         problems = []
         if hello.protocol_version != PROTOCOL_VERSION:
             problems.append(f"protocol version {hello.protocol_version}, this side speaks {PROTOCOL_VERSION}")
-        problems += [str(d) for d in formats.diff(expected_layout(self.collected.config), self.collected.layout)]
+        if config.mem_size > self.max_mem:
+            problems.append(f"the guest has {config.mem_size >> 20} MiB of RAM; this target offers at most "
+                            f"{self.max_mem >> 20} MiB")
+        try:
+            config.vm_config().validate(self.kvm.capabilities)
+        except HvError as e:
+            problems.append(str(e))
+        if problems:
+            return problems  # no layout to compare for a guest this host would not build
+        problems += [str(d) for d in formats.diff(expected_layout(config), self.collected.layout)]
         cpuid = registry().decode(hello.cpuid, expect=GuestCpuid)
         problems += cpuid_problems(cpuid.entries, self.kvm.guest_cpuid)
         most = MAX_STREAMS if self.listener is not None else 1
         if not 1 <= hello.streams <= most:
             problems.append(f"{hello.streams} page streams: this target takes 1 to {most}")
+        if not problems and config.virtio is not None and config.virtio.disk is not None:
+            try:  # opened now, before any VM exists; the stream's path is only a name to match
+                self.disk = self.disks.open(config.virtio.disk, config.virtio.disk_readonly)
+            except DiskRefused as e:
+                problems.append(str(e))
         return problems
 
     # --- 2. build ---------------------------------------------------------------------------------
@@ -154,11 +214,12 @@ class Target:
         """Act on one message of the exchange; True once the guest runs here."""
         match message:
             case Pages(round=number, payload=payload):  # `stable`: a buffer only we hold
-                self.gate.add(number, self.collected.take(self.reader.feed(payload, stable=True)))
+                self.gate.add(number, self.collected.take(self.records("PAGES", payload, PAGES_RECORDS,
+                                                                       stable=True)))
             case RoundDone(round=number, pages=count):
                 self.round_done(number, count)
             case State(payload=payload):
-                self.collected.take(self.reader.feed(payload))
+                self.collected.take(self.records("STATE", payload, STATE_RECORDS))
             case Complete(payload=payload):
                 self.verify(payload)
             case Commit():
@@ -184,15 +245,16 @@ class Target:
         self.progress({"stage": "round", "round": number, "pages": count})
 
     def verify(self, payload: bytes) -> None:
-        self.collected.take(self.reader.feed(payload))
+        self.collected.take(self.records("COMPLETE", payload, COMPLETE_RECORDS))
         self.reader.finish()
+        state = self.collected.state()  # its shape checked against the layout, before any of it is applied
         self._invalidate_written()
         t0 = time.perf_counter()
         found = self.hashes.digest(2)
         if found != self.collected.end.digest:
             raise formats.DigestMismatch(self.collected.end.digest, found)
         t1 = time.perf_counter()
-        apply(self.machine, self.collected.state())
+        apply(self.machine, state)
         self.tell(Ready(digest_us=_us(t1 - t0), apply_us=_us(time.perf_counter() - t1)))
 
     def commit(self) -> None:
@@ -226,15 +288,17 @@ def _us(seconds: float) -> int:
 
 
 def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = lambda b: None,
-            timeout: float = 60.0, disk: str | None = None,
-            virtio_console: Callable[[bytes], None] | None = None, progress: Progress | None = None,
-            listener: Listener | None = None) -> Incoming:
+            timeout: float = 60.0, disk: str | None = None, disk_dir: str | None = None,
+            max_mem: int | None = None, virtio_console: Callable[[bytes], None] | None = None,
+            progress: Progress | None = None, listener: Listener | None = None) -> Incoming:
     """Take one incoming migration on `conn`: check, build, fill, verify, and on Commit run the
-    guest. Any failure before Commit tears the half-built VM down and raises. `disk` puts the
-    virtio disk at another path than the source's (the default: shared storage). `listener`
-    accepts the extra page streams a source may open."""
-    return Target(conn, kvm, console=console, timeout=timeout, disk=disk, virtio_console=virtio_console,
-                  progress=progress, listener=listener).run()
+    guest. Any failure before Commit tears the half-built VM down and raises. A guest with a
+    disk gets `disk` (this host's file for it), or the file of the stream's disk's name in
+    `disk_dir`; with neither it is refused (`migrate.disks`). `max_mem`: the most guest RAM this
+    target takes (default: what the host can reserve now). `listener` accepts the extra page
+    streams a source may open."""
+    return Target(conn, kvm, console=console, timeout=timeout, disks=DiskPolicy.of(disk, disk_dir),
+                  max_mem=max_mem, virtio_console=virtio_console, progress=progress, listener=listener).run()
 
 
 def listen_and_receive(listener: Listener, kvm: Kvm, *, accept_timeout: float | None = None,
