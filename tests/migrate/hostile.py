@@ -165,7 +165,7 @@ class FakeTarget:
             conn = self.listener.accept(20)
             try:
                 self.got.append(conn.receive(20))  # HELLO
-                conn.sock.sendall(self.reply)
+                threading.Thread(target=self._reply, args=(conn,), daemon=True).start()
                 try:
                     while True:  # what the source says back (its Error, say)
                         self.got.append(conn.receive(5))
@@ -175,6 +175,12 @@ class FakeTarget:
                 conn.close()
         finally:
             self.listener.close()
+
+    def _reply(self, conn: Connection) -> None:
+        try:
+            conn.sock.sendall(self.reply)
+        except OSError:
+            pass  # the source stopped reading (as it should, past a frame's cap) and hung up
 
     def join(self) -> None:
         self._thread.join(30)
