@@ -53,7 +53,7 @@ from migrate.transport import Connection, Listener
 
 log = logging.getLogger(__name__)
 
-# The sections each message may carry, and in HELLO exactly once each.
+# The sections each message may carry (HELLO: exactly these, once each, in this order).
 HELLO_RECORDS = (formats.Header, formats.ConfigRecord, formats.LayoutRecord)
 PAGES_RECORDS = (formats.PagesRecord,)
 STATE_RECORDS = (formats.VcpuRecord, formats.VmStateRecord, formats.DeviceRecord)
@@ -151,7 +151,7 @@ class Target:
     def handshake(self) -> Hello:
         hello = self.take(self.conn.receive(self.timeout))  # the table takes only HELLO first
         records = self.records("HELLO", hello.config + hello.layout, HELLO_RECORDS)
-        if sorted(type(r).__name__ for r in records) != sorted(t.__name__ for t in HELLO_RECORDS):
+        if [type(r) for r in records] != list(HELLO_RECORDS):
             raise ProtocolViolation(f"HELLO carried {[type(r).__name__ for r in records]}, not the header, "
                                     f"CONFIG and LAYOUT once each")
         self.collected.take(records)
