@@ -68,7 +68,7 @@ class BudgetExceeded:
 def scan(data: bytes | bytearray | memoryview, budget: Budget) -> BudgetExceeded | None:
     """None if every value of the msgpack blob `data` fits `budget`, else why not. Reads only
     headers: the cost is one step per value, at most `budget.max_items` of them."""
-    buf = data if isinstance(data, (bytes, bytearray)) else bytes(data)
+    buf = data if isinstance(data, (bytes, bytearray)) else memoryview(data).cast("B")  # no copy
     end, at, items = len(buf), 0, 0
     max_items, max_depth, kinds = budget.max_items, budget.max_depth, _KINDS
     pending = [1]  # values still to read at each open level; the top level holds one

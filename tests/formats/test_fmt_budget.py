@@ -48,6 +48,7 @@ def depth_of(value: Any) -> int:
 def test_the_scan_counts_values_and_depth_exactly(value: Any, max_items: int, max_depth: int) -> None:
     blob = msgpack.packb(value, use_bin_type=True)
     over = scan_budget(blob, Budget(max_items, max_depth))
+    assert scan_budget(memoryview(bytearray(blob)), Budget(max_items, max_depth)) == over  # views too
     items, depth = items_of(value), depth_of(value)
     if items <= max_items and depth <= max_depth:
         assert over is None
