@@ -59,9 +59,10 @@ class MsgpackLimits:
     max_depth: int = 32  # nesting of arrays and maps (a tagged object is two levels)
 
 
-def unpack(data: bytes | bytearray | memoryview, limits: MsgpackLimits) -> Any:
+def unpack(data: bytes | bytearray | memoryview, limits: MsgpackLimits, *, raw: bool = False) -> Any:
     """msgpack-decode one whole blob within `limits`; every failure is a `SchemaError`, raised
-    before anything beyond the limits is allocated."""
+    before anything beyond the limits is allocated. `raw`: strings (map keys too) stay bytes, not
+    UTF-8 decoded, for a caller that cuts a peer's text before it decodes it."""
     size = len(data)
     if size > limits.max_blob_len:
         raise SchemaError("<msgpack>", None, f"at most {limits.max_blob_len} bytes", f"{size} bytes")
@@ -69,7 +70,7 @@ def unpack(data: bytes | bytearray | memoryview, limits: MsgpackLimits) -> Any:
     if over is not None:
         raise SchemaError("<msgpack>", None, f"at most {over.limit} {over.what}", str(over))
     unpacker = msgpack.Unpacker(
-        raw=False, use_list=True, strict_map_key=True, max_buffer_size=max(size, 1),
+        raw=raw, use_list=True, strict_map_key=not raw, max_buffer_size=max(size, 1),
         max_str_len=min(limits.max_str_len, size), max_bin_len=min(limits.max_bin_len, size),
         max_array_len=min(limits.max_array_len, size), max_map_len=min(limits.max_map_len, size // 2),
         max_ext_len=0)

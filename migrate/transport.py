@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-from formats import Budget, FormatError, MsgpackLimits, SchemaError, scan_budget, unpack_msgpack
+from formats import FormatError, MsgpackLimits, unpack_msgpack
 from migrate.errors import ProtocolViolation, TransportError
 from migrate.protocol import MESSAGE_TYPES, ErrorCode, Message, MessageKind, Pages
 
@@ -111,7 +111,7 @@ def decode(kind: int, body: bytes | memoryview) -> Message:
         return Pages(struct.unpack_from("<I", body)[0], memoryview(body)[4:])
     text = mkind in _TEXT_KINDS
     try:
-        fields = (_unpack_raw(body) if text else unpack_msgpack(body, BODY_LIMITS))
+        fields = unpack_msgpack(body, BODY_LIMITS, raw=text)  # a peer's texts: decoded once cut
     except FormatError as e:
         raise ProtocolViolation(f"{mkind.name}: undecodable body ({e})") from None
     if not isinstance(fields, dict):
@@ -127,20 +127,6 @@ def decode(kind: int, body: bytes | memoryview) -> Message:
             raise ProtocolViolation(f"{mkind.name}: missing field {f.name!r}")
         values[f.name] = _check(mkind.name, f.name, hints[f.name], fields[f.name])
     return cls(**values)
-
-
-def _unpack_raw(body: bytes | memoryview) -> object:
-    """A text-carrying body with its strings left as bytes (nothing is UTF-8 decoded yet), within
-    the same budget as any body."""
-    over = scan_budget(body, Budget(BODY_LIMITS.max_items, BODY_LIMITS.max_depth))
-    if over is not None:
-        raise SchemaError("<message>", None, f"at most {over.limit} {over.what}", str(over))
-    try:
-        return msgpack.unpackb(body, raw=True, strict_map_key=False, max_str_len=MAX_FIELD,
-                               max_bin_len=MAX_FIELD, max_array_len=BODY_LIMITS.max_array_len,
-                               max_map_len=BODY_LIMITS.max_map_len, max_ext_len=0)
-    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as e:
-        raise SchemaError("<message>", None, "well-formed msgpack", type(e).__name__) from None
 
 
 def _text(raw: object) -> object:
