@@ -13,8 +13,8 @@ from hv.vmm.builder import builtin_machine
 from hv.errors import HvError
 from hv.kvm.kvm import Kvm
 from hv.kvm.vm import VmConfig
-from migrate.errors import (Cancelled, IncompatibleError, MigrationFailed, MissingSections, NotConverging,
-                            TransportError, error_code)
+from migrate.errors import (Cancelled, DiskRefused, IncompatibleError, MigrationFailed, MissingSections,
+                            NotConverging, ProtocolViolation, StateShapeError, TransportError, error_code)
 from migrate.pages import MemorySink
 from migrate.protocol import ErrorCode
 from migrate.records import EXPECT, Collected, state_sections
@@ -71,6 +71,9 @@ def test_a_stream_without_a_section_the_state_needs_names_it() -> None:
     (IncompatibleError(["a CPU flag"]), ErrorCode.INCOMPATIBLE),
     (formats.ChecksumError("pages", 0, 1, 2), ErrorCode.BAD_STREAM),
     (MissingSections(["VCPU"]), ErrorCode.BAD_STREAM),
+    (StateShapeError(["device 'x' of the layout has no state"]), ErrorCode.BAD_STREAM),
+    (ProtocolViolation("Commit before Ready"), ErrorCode.PROTOCOL),
+    (DiskRefused("/etc/passwd", "not given"), ErrorCode.INCOMPATIBLE),
     (HvError("KVM_SET_REGS failed"), ErrorCode.RESTORE_FAILED),
     (MigrationFailed("why", "here"), ErrorCode.INTERNAL),
     (TransportError("cut"), ErrorCode.INTERNAL),
