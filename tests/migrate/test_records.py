@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from hostile import sample_state
 
 import formats
 from formats import StreamReader, StreamWriter
@@ -88,3 +89,15 @@ def test_outcomes_and_kinds_print_as_they_always_did() -> None:
                                                   "dry-run"]
     assert [str(k) for k in SnapshotKind] == ["full", "incremental", "mappable"]
     assert json.loads(json.dumps(MigrationStats().as_dict()))["outcome"] == "failed"
+
+
+def test_a_second_config_or_vm_state_is_refused_not_taken_over(kvm: Kvm) -> None:
+    state = sample_state(kvm)
+    for twice in ("config", "vm_state"):
+        writer = StreamWriter(registry(), producer=PRODUCER)
+        parts = [writer.header(), writer.config(state.config), writer.layout(state.layout)]
+        parts += [writer.config(state.config)] if twice == "config" else [
+            writer.vm_state(state.vm), writer.vm_state(state.vm)]
+        reader = StreamReader(registry(), expect=EXPECT)
+        with pytest.raises(StateShapeError, match="a second"):
+            Collected().take(reader.feed(b"".join(parts)))
