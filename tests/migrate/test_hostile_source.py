@@ -323,3 +323,28 @@ def test_the_receivers_peak_memory_stays_bounded_whatever_it_is_sent(kvm: Kvm, s
     assert end["error"] in ("ProtocolViolation", "SchemaError"), end
     grew_mib = (end["kib"] - start["kib"]) / 1024
     assert grew_mib < 24, f"the receiver's peak RSS grew by {grew_mib:.0f} MiB"
+
+
+def test_migrate_recv_takes_no_more_guest_ram_than_its_mem_option(kvm: Kvm) -> None:
+    from hv.guests import builtin as bg
+    from hv.vmm.builder import builtin_machine
+    from migrate import MigrationOptions, send
+    from migrate.transport import Listener
+
+    probe = Listener("127.0.0.1:0", b"")
+    address = probe.address
+    probe.close()
+    recv = subprocess.Popen([sys.executable, "-m", "migrate.cli", "recv", "--listen", address, "--mem", "32M",
+                             "--accept-timeout", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    machine = builtin_machine(kvm, bg.GuestParams(ws_mib=1), VmConfig(mem_size=64 * MiB))
+    try:
+        assert "listening on" in recv.stderr.readline()
+        machine.start()
+        stats = send(machine, address, MigrationOptions(timeout=10))
+        assert stats.outcome == "rejected"
+        assert stats.problems == ["the guest has 64 MiB of RAM; this target offers at most 32 MiB"]
+        assert machine.state.value == "running"
+    finally:
+        recv.kill()
+        machine.stop()
+        machine.vm.close()
