@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 import formats
 from formats import ConfigRecord, StreamReader, StreamWriter
@@ -225,10 +225,24 @@ def _write_memory_file(path: Path, memory: GuestMemory, runs: list[pages.MemoryR
 # --- reading -----------------------------------------------------------------------------------
 
 
+def _open_snapshot(path: str | Path) -> BinaryIO:
+    """A snapshot file opened for reading, if it is a regular file: a path a snapshot names (its
+    base) may be anything, and a FIFO or a device must neither block nor be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise SnapshotError(path, f"cannot be opened: {e.strerror}") from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SnapshotError(path, "is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def read_config(path: str | Path) -> MachineConfig:
     """A snapshot's CONFIG, reading no further than it (it follows the header)."""
     reader = StreamReader(registry(), expect=EXPECT)
-    with open(path, "rb") as f:
+    with _open_snapshot(path) as f:
         while chunk := f.read(4096):
             for record in reader.feed(chunk):
                 if isinstance(record, ConfigRecord):
@@ -243,7 +257,7 @@ def _read_stream(path: Path, expected: formats.DeviceLayout, sink: pages.MemoryS
     reader = StreamReader(registry(), expected_layout=expected, expect=EXPECT)
     loaded = Collected(sink)
     done = 0
-    with open(path, "rb") as f:
+    with _open_snapshot(path) as f:
         while chunk := f.read(READ_CHUNK):
             done += len(chunk)
             loaded.take(reader.feed(chunk))

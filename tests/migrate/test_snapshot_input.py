@@ -200,3 +200,17 @@ def test_a_device_state_unlike_the_layout_is_refused_before_any_vm(kvm: Kvm, tmp
         restore(tmp_path / "s", kvm, verify_memory=False)
     assert kvm_vm_fds() == before
     assert inspect(tmp_path / "s", verify=False)["error"]["type"] == "StateShapeError"
+
+
+def test_a_base_the_snapshot_names_that_is_not_a_regular_file_is_refused_without_blocking(
+        kvm: Kvm, tmp_path: Path) -> None:
+    from migrate.state import SnapshotRef
+
+    state = sample_state(kvm)
+    os.mkfifo(tmp_path / "fifo")  # opened for reading without O_NONBLOCK, this would wait forever
+    for base in ("fifo", ".", "/dev/zero"):
+        config = replace(state.config, base=SnapshotRef("someone", 0, base))
+        _write_stream(tmp_path / "s", replace(state, config=config),
+                      [registry().encode(formats.DeviceSection(e, s)) for e, s in state.devices])
+        with pytest.raises(SnapshotError, match="not a regular file"):
+            restore(tmp_path / "s", kvm)
