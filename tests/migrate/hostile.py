@@ -6,7 +6,6 @@ a real machine's state, changed only where a test says."""
 from __future__ import annotations
 
 import os
-import socket
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +20,7 @@ from hv.kvm.vm import VmConfig
 from hv.vmm.builder import builtin_machine
 from migrate.protocol import PROTOCOL_VERSION, Error, Hello, Message, MessageKind
 from migrate.records import state_sections
-from migrate.state import PRODUCER, GuestCpuid, MachineState, capture, machine_config, registry
+from migrate.state import PRODUCER, GuestCpuid, MachineState, capture, registry
 from migrate.target import receive
 from migrate.transport import FRAME, Connection, Listener, connect, encode
 
@@ -190,15 +189,9 @@ def frame_of(kind: MessageKind, fields: dict[str, Any]) -> bytes:
     return raw_frame(kind, msgpack.packb(fields, use_bin_type=True))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def with_config(state: MachineState, **changes: Any) -> MachineState:
     return replace(state, config=replace(state.config, **changes))
 
 
 __all__ = ["FakeSource", "FakeTarget", "empty_arrays", "frame_of", "hello_body_with", "hello_fields", "hello_for",
-           "kvm_vm_fds", "machine_config", "raw_frame", "sample_state", "with_config"]
+           "kvm_vm_fds", "raw_frame", "sample_state", "with_config"]
