@@ -41,11 +41,11 @@ MAX_FRAME = 64 << 20
 MAX_FIELD = 16 << 20
 K = MessageKind
 # The largest body each kind may have, checked from the frame header before the body is read:
-# pages and state are bulk data; HELLO holds a config, a layout of at most 1024 devices and a
+# pages are bulk data, state one bin field of at most MAX_FIELD; HELLO holds a config, a layout of at most 1024 devices and a
 # CPUID; the rest are a few fields (a Reject's problems, an error's text: cut to MAX_TEXT).
 FRAME_CAPS: dict[MessageKind, int] = {
     K.HELLO: 4 << 20, K.ACCEPT: 4 << 10, K.REJECT: 1 << 20, K.PAGES: MAX_FRAME, K.ROUND_DONE: 4 << 10,
-    K.STATE: MAX_FRAME, K.COMPLETE: 64 << 10, K.READY: 4 << 10, K.COMMIT: 4 << 10, K.RESUMED: 4 << 10,
+    K.STATE: MAX_FIELD + 64, K.COMPLETE: 64 << 10, K.READY: 4 << 10, K.COMMIT: 4 << 10, K.RESUMED: 4 << 10,
     K.CANCEL: 1 << 20, K.ERROR: 1 << 20, K.CHANNEL: 4 << 10,
 }
 MAX_TEXT = 4096  # bytes of one text from the peer that are kept (and decoded); the rest is cut

@@ -25,6 +25,7 @@ from hv.vmm.builder import standard_layout
 from migrate.errors import IncompatibleError, MissingSections, ProtocolViolation, StateShapeError
 from migrate.protocol import Accept, Commit, Complete, ErrorCode, MessageKind, Ready, Reject, State
 from migrate.state import VirtioSpec, layout_for, registry
+from migrate.transport import encode
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -348,3 +349,26 @@ def test_migrate_recv_takes_no_more_guest_ram_than_its_mem_option(kvm: Kvm) -> N
         recv.kill()
         machine.stop()
         machine.vm.close()
+
+
+def _peak_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def test_a_state_bomb_after_accept_costs_no_more_than_the_stated_bound(kvm: Kvm, state) -> None:
+    """SPEC.md section 8: while it decodes a STATE frame (at most 16 MiB) a target holds at most
+    three copies of it and a budget's worth of objects. 15 MiB of empty arrays decoded would be
+    ~1 GiB."""
+    fake = _accepted(kvm, state)
+    bomb = fake.section(SectionKind.DEVICE, empty_arrays(15 * MiB))
+    frame = b"".join(bytes(p) for p in encode(State(bomb)))  # the fake's own copies made before
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # this process's peak starts again from what is resident now
+    start = _peak_kib()
+    fake.send_raw(frame)
+    del frame
+    told = _refused(fake, formats.SchemaError, ErrorCode.BAD_STREAM)
+    grew_mib = (_peak_kib() - start) / 1024
+    assert "values" in told
+    assert grew_mib < 4 * 16, f"the target's peak RSS grew by {grew_mib:.0f} MiB for a 15 MiB STATE"
