@@ -84,7 +84,8 @@ from .pages import (
     PageTotals,
     page_runs,
 )
-from .schema import MsgpackLimits, SchemaRegistry
+from .budget import Budget, BudgetExceeded, scan as scan_budget
+from .schema import MsgpackLimits, SchemaRegistry, unpack as unpack_msgpack
 from .stream import (
     FLAG_SKIPPABLE,
     FORMAT_MAJOR,

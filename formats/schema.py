@@ -16,8 +16,9 @@ Decoding is strict about what it keeps and lenient about what it may ignore:
   default if there is one, otherwise SchemaError;
 - a per-type version outside [oldest, version] is a `VersionError`. Versions count incompatible
   changes only: adding a field with a default does not need a new version.
-- msgpack runs with explicit size limits (`MsgpackLimits`) so a declared huge container is
-  refused before anything is allocated; ext types are refused.
+- msgpack runs with explicit size limits (`MsgpackLimits`) so a declared huge container, more
+  values than the budget or deeper nesting is refused before anything is allocated; ext types
+  are refused.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 
 import msgpack
 
+from . import budget
 from .errors import SchemaError, VersionError
 
 Encoder = Callable[[Any], Any]
@@ -42,13 +44,46 @@ _MISSING = dataclasses.MISSING
 
 @dataclass(frozen=True)
 class MsgpackLimits:
-    """Caps handed to msgpack's unpacker; anything larger is refused before allocation."""
+    """What one msgpack blob may declare and hold; anything more is refused before msgpack
+    allocates it. Each container and string is also capped by the blob's own length (a value
+    cannot be longer than the bytes that carry it), and `max_items` / `max_depth` are checked by
+    `formats.budget.scan` first, so a blob's decoded objects cost at most its length plus
+    `max_items` small objects (SPEC.md section 8)."""
 
     max_str_len: int = 1 << 20
     max_bin_len: int = 16 << 20
     max_array_len: int = 1 << 16
     max_map_len: int = 1 << 12
     max_blob_len: int = 32 << 20  # a whole encoded object
+    max_items: int = 1 << 16  # values in one blob: scalars, containers and map keys
+    max_depth: int = 32  # nesting of arrays and maps (a tagged object is two levels)
+
+
+def unpack(data: bytes | bytearray | memoryview, limits: MsgpackLimits, *, raw: bool = False) -> Any:
+    """msgpack-decode one whole blob within `limits`; every failure is a `SchemaError`, raised
+    before anything beyond the limits is allocated. `raw`: strings (map keys too) stay bytes, not
+    UTF-8 decoded, for a caller that cuts a peer's text before it decodes it."""
+    size = len(data)
+    if size > limits.max_blob_len:
+        raise SchemaError("<msgpack>", None, f"at most {limits.max_blob_len} bytes", f"{size} bytes")
+    over = budget.scan(data, budget.Budget(limits.max_items, limits.max_depth))
+    if over is not None:
+        raise SchemaError("<msgpack>", None, f"at most {over.limit} {over.what}", str(over))
+    unpacker = msgpack.Unpacker(
+        raw=raw, use_list=True, strict_map_key=not raw, max_buffer_size=max(size, 1),
+        max_str_len=min(limits.max_str_len, size), max_bin_len=min(limits.max_bin_len, size),
+        max_array_len=min(limits.max_array_len, size), max_map_len=min(limits.max_map_len, size // 2),
+        max_ext_len=0)
+    try:
+        unpacker.feed(data)
+        value = unpacker.unpack()
+        if unpacker.tell() != size:
+            raise ValueError(f"{size - unpacker.tell()} bytes after the value")
+        return value
+    except (ValueError, TypeError, OverflowError, msgpack.UnpackException, msgpack.OutOfData) as exc:
+        # ValueError covers msgpack's ExtraData, FormatError, StackError, size limits, bad UTF-8
+        raise SchemaError("<msgpack>", None, "well-formed msgpack within limits",
+                          f"{type(exc).__name__}: {exc}"[:200]) from None
 
 
 def _wire_type(value: Any) -> str:
@@ -143,20 +178,7 @@ class SchemaRegistry:
 
     def unpack(self, data: bytes | memoryview) -> Any:
         """msgpack-decode `data` with the registry's limits; every failure is a SchemaError."""
-        lim = self.limits
-        if len(data) > lim.max_blob_len:
-            raise SchemaError("<msgpack>", None, f"at most {lim.max_blob_len} bytes",
-                              f"{len(data)} bytes")
-        try:
-            return msgpack.unpackb(
-                data, raw=False, use_list=True, strict_map_key=True,
-                max_str_len=lim.max_str_len, max_bin_len=lim.max_bin_len,
-                max_array_len=lim.max_array_len, max_map_len=lim.max_map_len, max_ext_len=0)
-        except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
-            # ValueError covers msgpack's ExtraData, FormatError, StackError, size limits,
-            # truncation and bad UTF-8.
-            raise SchemaError("<msgpack>", None, "well-formed msgpack within limits",
-                              f"{type(exc).__name__}: {exc}"[:200]) from None
+        return unpack(data, self.limits)
 
     # --- compilation ------------------------------------------------------------------------
 

@@ -14,18 +14,21 @@ sans-IO state machine between them), `transport` (sockets, framing, authenticati
 `state` (a machine's state as plain data, and the schema registry), `records` (that state as
 stream sections and back), `pages` (guest memory to page sections and back), `digest` (the
 memory digest, computed the cheap way), `errors`, `cli` and `control` (the `migrate` command and
-the control-socket commands).
+the control-socket commands), `disks` (which file a received or restored guest's disk is).
 """
 
 from migrate.errors import (
     Cancelled,
+    DiskRefused,
     IncompatibleError,
     MigrateError,
     MigrationFailed,
     MissingSections,
     NotConverging,
+    ProtocolViolation,
     SnapshotError,
     StateError,
+    StateShapeError,
     TransportError,
 )
 from migrate.options import MigrationOptions
@@ -37,8 +40,8 @@ from migrate.target import receive
 from migrate.transport import Listener, Tls, connect
 
 __all__ = [
-    "Cancelled", "IncompatibleError", "Listener", "Receiver", "MigrateError", "MigrationFailed", "MigrationOptions",
-    "MigrationOutcome", "MigrationStats", "MissingSections", "NotConverging", "SnapshotError", "SnapshotInfo",
-    "SnapshotKind", "StateError", "Tls", "TransportError", "connect", "inspect", "listen_and_receive",
+    "Cancelled", "DiskRefused", "IncompatibleError", "Listener", "Receiver", "MigrateError", "MigrationFailed", "MigrationOptions",
+    "MigrationOutcome", "MigrationStats", "MissingSections", "NotConverging", "ProtocolViolation", "SnapshotError",
+    "SnapshotInfo", "SnapshotKind", "StateError", "StateShapeError", "Tls", "TransportError", "connect", "inspect", "listen_and_receive",
     "receive", "restore", "send", "snapshot",
 ]

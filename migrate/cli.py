@@ -98,6 +98,14 @@ def _add_tls_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", metavar="FILE", help="the CA (PEM) that signed the peer's certificate")
 
 
+def _add_disk_arguments(p: argparse.ArgumentParser) -> None:
+    disks = p.add_mutually_exclusive_group()
+    disks.add_argument("--disk", metavar="FILE", help="this host's file for the guest's virtio disk "
+                       "(the stream's disk path is only a name, never opened)")
+    disks.add_argument("--disk-dir", metavar="DIR", help="find the guest's disk here, by the file name the "
+                       "stream gives it (a regular file, no symbolic link)")
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
@@ -140,8 +148,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     console, watch = _guest_console()
     with Kvm() as kvm:
         t0 = time.perf_counter()
-        machine = restore(args.file, kvm, console=console, disk=args.disk, virtio_console=LineConsole(),
-                          verify_memory=False if args.no_verify else None)
+        machine = restore(args.file, kvm, console=console, disk=args.disk, disk_dir=args.disk_dir,
+                          share_memory=args.share_mem, virtio_console=LineConsole(), verify_memory=not args.no_verify)
         say("migrate", f"restored {args.file} in {(time.perf_counter() - t0) * 1000:.1f} ms")
         machine.device("serial0", Serial16550).attach_terminal(terminal())  # before the guest runs
         machine.resume()
@@ -212,7 +220,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
     with Kvm() as kvm:
         # Queries from a source in doubt are answered for as long as this process runs
         receiver = Receiver(listener, kvm, once=args.once, console=console, terminal=terminal(),
-                            disk=args.disk, virtio_console=LineConsole())
+                            disk=args.disk, disk_dir=args.disk_dir, max_mem=args.mem, virtio_console=LineConsole())
         try:
             incoming = receiver.receive(args.accept_timeout or None)
             if incoming.machine is None:
@@ -506,7 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=0, metavar="SECONDS",
                    help="stop the guest after this many seconds; 0: never")
     p.add_argument("--no-verify", action="store_true", help="skip the memory digest check")
-    p.add_argument("--disk", metavar="FILE", help="the virtio disk's file here (default: the path the snapshot names)")
+    _add_disk_arguments(p)
+    p.add_argument("--share-mem", action="store_true", help="a mappable snapshot's .mem is mapped, not copied: "
+                   "faster (with --no-verify, milliseconds), but the file must not change while the VM runs")
     p.set_defaults(func=cmd_restore)
 
     p = command("inspect", "show and check a snapshot", """\
@@ -538,8 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true",
                    help="one shot: end after the first connection, whatever it was (by default a refused, "
                         "failed, stray or dry-run connection is logged and the next one awaited)")
-    p.add_argument("--disk", metavar="FILE", help="the virtio disk's file here (default: the source's path, "
-                   "shared storage)")
+    _add_disk_arguments(p)
+    p.add_argument("--mem", type=parse_size, metavar="SIZE",
+                   help="the most guest RAM to take: MiB, or with a suffix K, M, G, T (default: what this host "
+                        "can reserve, MemAvailable)")
     _add_tls_arguments(p)
     p.add_argument("--timeout", type=float, default=0, metavar="SECONDS",
                    help="stop the received guest after this long; 0: never")

@@ -47,6 +47,35 @@ class AuthenticationFailed(TransportError):
     """The peer answered the challenge, wrongly: it does not hold the key (a guess, counted)."""
 
 
+class ProtocolViolation(MigrateError):
+    """The peer sent what the protocol does not allow here: a message out of order, a frame too
+    large for its kind, an undecodable body, a section a message may not carry. The link still
+    works, so the side that sees it tells the peer why (`ErrorCode.PROTOCOL`)."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"the peer broke the protocol: {detail}")
+
+
+class StateShapeError(MigrateError):
+    """A machine state whose structure does not fit its layout (a device missing, unknown or of
+    another type, a vCPU count that differs): refused whole, before any of it is applied."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = tuple(problems)
+        lines = "\n  ".join(self.problems)
+        super().__init__(f"the state does not fit its layout ({len(self.problems)} problems):\n  {lines}")
+
+
+class DiskRefused(MigrateError):
+    """A disk the stream names that this side will not open: no `--disk`/`--disk-dir` for it, a
+    name that is not a plain file name, or a file that is not a regular file of that directory."""
+
+    def __init__(self, name: object, detail: str) -> None:
+        self.name, self.detail = name, detail
+        super().__init__(f"disk {name!s}: {detail}")
+
+
 class MigrationFailed(MigrateError):
     """A live migration ended without handing the guest over; says where the guest runs now."""
 
@@ -90,8 +119,9 @@ ERROR_CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], 
     ((Cancelled, KeyboardInterrupt), ErrorCode.CANCELLED),
     (NotConverging, ErrorCode.TIMEOUT),
     (DigestMismatch, ErrorCode.DIGEST_MISMATCH),
-    ((LayoutMismatch, IncompatibleError), ErrorCode.INCOMPATIBLE),
-    ((FormatError, MissingSections), ErrorCode.BAD_STREAM),
+    ((LayoutMismatch, IncompatibleError, DiskRefused), ErrorCode.INCOMPATIBLE),
+    ((FormatError, MissingSections, StateShapeError), ErrorCode.BAD_STREAM),
+    (ProtocolViolation, ErrorCode.PROTOCOL),
     (HvError, ErrorCode.RESTORE_FAILED),  # KVM refused the state (on the target, the only HvError)
 )
 

@@ -95,6 +95,7 @@ class ErrorCode(enum.IntEnum):
     TIMEOUT = 7
     INTERNAL = 8
     CANCELLED = 9
+    PROTOCOL = 10  # the peer sent what the protocol does not allow (out of order, oversized, malformed)
 
 
 @dataclass(frozen=True)

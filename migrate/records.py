@@ -16,9 +16,9 @@ from formats import (ConfigRecord, DeviceEntry, DeviceLayout, DeviceRecord, EndR
                      LayoutRecord, PagesRecord, Record, SectionKind, StreamWriter, VcpuRecord,
                      VmStateRecord)
 from hv.kvm import state as hv_state
-from migrate.errors import MissingSections
+from migrate.errors import MissingSections, StateShapeError
 from migrate.pages import MemorySink
-from migrate.state import MachineConfig, MachineState
+from migrate.state import MachineConfig, MachineState, check_shape
 
 # The types a reader of a kvmigrate stream decodes these sections into.
 EXPECT = {SectionKind.CONFIG: MachineConfig, SectionKind.VCPU: hv_state.VcpuState,
@@ -58,12 +58,16 @@ class Collected:
                 case Header():
                     self.header = record
                 case ConfigRecord(config=c):
+                    if self.config is not None:
+                        raise StateShapeError(["a second CONFIG section"])
                     self.config = c
                 case LayoutRecord(layout=layout):
                     self.layout = layout
                 case VcpuRecord(state=s):
                     self.vcpus.append(s)
                 case VmStateRecord(state=s):
+                    if self.vm is not None:
+                        raise StateShapeError(["a second VM_STATE section"])
                     self.vm = s
                 case DeviceRecord(entry=entry, state=s):
                     self.devices.append((entry, s))
@@ -83,6 +87,9 @@ class Collected:
             raise MissingSections(missing)
 
     def state(self) -> MachineState:
-        """The machine state the records held; `MissingSections` if one it needs never came."""
+        """The machine state the records held, its shape checked against its layout (`check_shape`:
+        every device present and of its type, no unknown one, one state per vCPU); `MissingSections`
+        if a section it needs never came."""
         self.need("CONFIG", "LAYOUT", "VCPU", "VM_STATE")
-        return MachineState(self.config, self.layout, tuple(self.vcpus), self.vm, tuple(self.devices))
+        return check_shape(MachineState(self.config, self.layout, tuple(self.vcpus), self.vm,
+                                        tuple(self.devices)))

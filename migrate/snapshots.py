@@ -22,13 +22,14 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import stat
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
 
 import formats
 from formats import ConfigRecord, StreamReader, StreamWriter
@@ -39,7 +40,8 @@ from hv.vmm.machine import Machine, RunState, discard_on_error
 from hv.kvm.memory import GuestMemory, MemoryRegion, RamBacking
 from hv.kvm.vm import VmConfig
 from migrate import digest, pages
-from migrate.errors import IncompatibleError, MissingSections, SnapshotError
+from migrate.disks import DiskPolicy
+from migrate.errors import IncompatibleError, MissingSections, SnapshotError, StateShapeError
 from migrate.records import EXPECT, Collected, state_sections
 from migrate.state import (
     PRODUCER,
@@ -223,10 +225,24 @@ def _write_memory_file(path: Path, memory: GuestMemory, runs: list[pages.MemoryR
 # --- reading -----------------------------------------------------------------------------------
 
 
+def _open_snapshot(path: str | Path) -> BinaryIO:
+    """A snapshot file opened for reading, if it is a regular file: a path a snapshot names (its
+    base) may be anything, and a FIFO or a device must neither block nor be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise SnapshotError(path, f"cannot be opened: {e.strerror}") from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SnapshotError(path, "is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def read_config(path: str | Path) -> MachineConfig:
     """A snapshot's CONFIG, reading no further than it (it follows the header)."""
     reader = StreamReader(registry(), expect=EXPECT)
-    with open(path, "rb") as f:
+    with _open_snapshot(path) as f:
         while chunk := f.read(4096):
             for record in reader.feed(chunk):
                 if isinstance(record, ConfigRecord):
@@ -241,7 +257,7 @@ def _read_stream(path: Path, expected: formats.DeviceLayout, sink: pages.MemoryS
     reader = StreamReader(registry(), expected_layout=expected, expect=EXPECT)
     loaded = Collected(sink)
     done = 0
-    with open(path, "rb") as f:
+    with _open_snapshot(path) as f:
         while chunk := f.read(READ_CHUNK):
             done += len(chunk)
             loaded.take(reader.feed(chunk))
@@ -275,6 +291,19 @@ def snapshot_chain(path: Path) -> list[tuple[Path, MachineConfig]]:
     return chain[::-1]
 
 
+def _vm_config(config: MachineConfig, path: Path) -> VmConfig:
+    """The VM a snapshot's CONFIG describes, if it is one at all (memory a positive whole number
+    of pages within the physical address space, 1 to 4096 vCPUs): checked before any memory is
+    shaped after it."""
+    size, vcpus = config.mem_size, config.vcpus
+    if not (0 < size <= formats.layout.MAX_ADDRESS // 2 and size % formats.PAGE_SIZE == 0):
+        raise SnapshotError(path, f"describes {size} bytes of guest RAM, not a whole number of pages "
+                                  f"below {formats.layout.MAX_ADDRESS // 2:#x}")
+    if not 0 < vcpus <= formats.layout.MAX_VCPUS:
+        raise SnapshotError(path, f"describes {vcpus} vCPUs")
+    return config.vm_config()
+
+
 def _config_problems(saved: VmConfig, wanted: VmConfig) -> list[str]:
     return [f"{name}: the snapshot has {getattr(saved, name)!r}, this VM would have {getattr(wanted, name)!r}"
             for name in ("mem_size", "vcpus", "irqchip", "pit") if getattr(saved, name) != getattr(wanted, name)]
@@ -288,69 +317,132 @@ def _scratch_memory(vm_config: VmConfig) -> GuestMemory:
     return memory
 
 
-def _mapped_memory(path: Path, ref: MemoryFileRef, vm_config: VmConfig) -> dict[int, mmap.mmap]:
-    mem_path = path.parent / ref.path
-    try:
-        fd = os.open(mem_path, os.O_RDONLY)
+def _open_memory_file(path: Path, ref: MemoryFileRef) -> int:
+    """The mappable snapshot's `.mem`, opened read-only and checked (a file next to the snapshot,
+    regular, of the size and with the trailer the snapshot names); the caller closes the fd."""
+    name = ref.path
+    if PurePosixPath(name).name != name or name in ("", ".", ".."):
+        raise SnapshotError(path, f"names its memory file {name!r}, which is not a file next to it")
+    mem_path = path.parent / name
+    try:  # not following a link, not blocking on a FIFO: a regular file or nothing
+        fd = os.open(mem_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
         raise SnapshotError(mem_path, f"the memory file cannot be opened: {e.strerror}") from e
     try:
-        size = os.fstat(fd).st_size
-        if size != ref.size:
-            raise SnapshotError(mem_path, f"is {size} bytes, the snapshot says {ref.size}")
-        trailer = os.pread(fd, len(MEM_TRAILER_MAGIC) + 32, size - MEM_TRAILER_SIZE)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SnapshotError(mem_path, "the memory file is not a regular file")
+        if st.st_size != ref.size:
+            raise SnapshotError(mem_path, f"is {st.st_size} bytes, the snapshot says {ref.size}")
+        trailer = os.pread(fd, len(MEM_TRAILER_MAGIC) + 32, st.st_size - MEM_TRAILER_SIZE)
         if trailer != MEM_TRAILER_MAGIC + ref.snapshot_id.encode():
             raise SnapshotError(mem_path, "belongs to another snapshot (trailer mismatch)")
-        maps, at = {}, 0
-        for base, length in vm_config.memory_layout():
-            maps[base] = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE,
-                                   prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=at)
-            at += length
-        return maps
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+def _shared_memory(fd: int, vm_config: VmConfig) -> GuestMemory:
+    """The `.mem` mapped MAP_PRIVATE: pages load on first touch, the guest's writes stay its own,
+    but pages it has not written are the file's: the file must not change while the VM runs."""
+    memory, at = GuestMemory(), 0
+    for base, length in vm_config.memory_layout():
+        mapping = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=at)
+        memory.insert(MemoryRegion(base, length, slot=-1, backing=mapping))
+        at += length
+    return memory
+
+
+def _copied_memory(fd: int, vm_config: VmConfig) -> GuestMemory:
+    """The `.mem` read into fresh anonymous memory, the VM's own: nothing of the file stays mapped,
+    so a change to it (even a truncation) cannot reach the guest. Only the file's data extents are
+    read (it is sparse: untouched guest memory is a hole, and stays untouched here)."""
+    memory, at = _scratch_memory(vm_config), 0
+    for region in memory.regions:
+        _read_extents(fd, at, region.view)
+        at += region.size
+    return memory
+
+
+def _read_extents(fd: int, start: int, into: memoryview) -> None:
+    """Copy the data extents of the file's [start, start + len(into)) into `into` (holes skipped)."""
+    end, pos = start + len(into), start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after pos
+            return
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        while data < hole:
+            n = os.preadv(fd, [into[data - start: min(hole, data + READ_CHUNK * 64) - start]], data)
+            if n <= 0:
+                raise SnapshotError(f"fd {fd}", f"the memory file ended at byte {data} while being read")
+            data += n
+        pos = hole
 
 
 def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
-            console: Callable[[bytes], None] = lambda b: None, verify_memory: bool | None = None,
-            disk: str | Path | None = None, virtio_console: Callable[[bytes], None] | None = None,
+            console: Callable[[bytes], None] = lambda b: None, verify_memory: bool = True,
+            disk: str | Path | None = None, disk_dir: str | Path | None = None, share_memory: bool = False,
+            virtio_console: Callable[[bytes], None] | None = None,
             progress: Progress | None = None) -> Machine:
     """A paused machine holding the snapshot at `path` (and its chain), checked before any VM
-    exists. `config`, when given, is the VM this VMM would build; any difference is refused.
-    `disk` puts the virtio disk at another path than the snapshot's (which is the default);
-    `virtio_console` takes the virtio console's output (default: `console`).
-    `verify_memory` checks the memory digest (default: yes, except for mappable snapshots, whose
-    point is not to read memory up front)."""
+    exists: versions, checksums, layout, the state's shape, totals, CPUID and (`verify_memory`,
+    the default, for every kind) the memory digest. `config`, when given, is the VM this VMM
+    would build; any difference is refused.
+
+    A guest with a disk gets `disk` (this host's file for it) or the file of the snapshot's disk's
+    name in `disk_dir`; the snapshot's own path is never opened (`migrate.disks`). `virtio_console`
+    takes the virtio console's output (default: `console`).
+
+    A mappable snapshot's `.mem` is read into the VM's own memory (only its data extents); with
+    `share_memory` it is mapped instead (MAP_PRIVATE, restored in milliseconds with `verify_memory`
+    off, as Firecracker does), and then the file must not change while the VM runs: a page the
+    guest has not written yet is the file's, and a truncated file is SIGBUS."""
     path = Path(path)
     chain = snapshot_chain(path)
     head = chain[-1][1]
-    vm_config = head.vm_config()
+    vm_config = _vm_config(head, path)
     if config is not None and (problems := _config_problems(vm_config, config)):
         raise IncompatibleError(problems)
     expected = expected_layout(head)
     mappable = head.memory_file is not None
-    verify = (not mappable) if verify_memory is None else verify_memory
+    shared = mappable and share_memory
+    disk_file = None
+    if head.virtio is not None and head.virtio.disk is not None:  # before any VM or memory
+        disk_file = DiskPolicy.of(disk, disk_dir).open(head.virtio.disk, head.virtio.disk_readonly)
+    try:
+        if mappable:
+            fd = _open_memory_file(path, head.memory_file)
+            try:
+                staging = _shared_memory(fd, vm_config) if shared else _copied_memory(fd, vm_config)
+            finally:
+                os.close(fd)
+            if shared:
+                log.warning("%s: guest memory is shared with %s (MAP_PRIVATE): the file must not change or "
+                            "shrink while the VM runs", path, head.memory_file.path)
+        else:
+            staging = _scratch_memory(vm_config)
+        sink = pages.MemorySink(staging)
+        loaded = None
+        for file_path, _ in chain:
+            loaded = _read_stream(file_path, expected, None if mappable else sink, progress)
+            if verify_memory:
+                digest.verify(loaded.end, staging, None if mappable else sink.touched)
+        state = _state(loaded, path)  # its shape checked against the layout
+        if problems := cpuid_problems(state.vcpus[0].cpuid, kvm.guest_cpuid):
+            raise IncompatibleError(problems)
 
-    if mappable:
-        staging = GuestMemory()
-        for base, mapping in _mapped_memory(path, head.memory_file, vm_config).items():
-            staging.insert(MemoryRegion(base, len(mapping), slot=-1, backing=mapping))
-    else:
-        staging = _scratch_memory(vm_config)
-    sink = pages.MemorySink(staging)
-    loaded = None
-    for file_path, _ in chain:
-        loaded = _read_stream(file_path, expected, None if mappable else sink, progress)
-        if verify:
-            digest.verify(loaded.end, staging, None if mappable else sink.touched)
-    state = _state(loaded, path)
-    if problems := cpuid_problems(state.vcpus[0].cpuid, kvm.guest_cpuid):
-        raise IncompatibleError(problems)
-
-    by_base = {r.guest_base: r for r in staging.regions}
-    virtio = head.virtio.build(virtio_console or console, disk) if head.virtio else None
-    machine = blank_machine(kvm, vm_config, console, virtio=virtio, backing=lambda base, size: RamBacking(
-        by_base[base].mapping, anonymous=not mappable))
+        by_base = {r.guest_base: r for r in staging.regions}
+        virtio = head.virtio.build(virtio_console or console, disk_file) if head.virtio else None
+        machine = blank_machine(kvm, vm_config, console, virtio=virtio, backing=lambda base, size: RamBacking(
+            by_base[base].mapping, anonymous=not shared))
+    finally:
+        if disk_file is not None:
+            disk_file.close()  # the device has its own descriptor
     with discard_on_error(machine):
         apply(machine, state)
         machine.start(paused=True)
@@ -358,22 +450,31 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
 
 
 def inspect(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
-    """What a snapshot holds, and whether it checks out (every checksum; with `verify`, the
-    pages applied to scratch memory and the memory digest)."""
+    """What a snapshot holds, and whether it checks out (every checksum and the state's shape;
+    with `verify`, the memory digest over the pages applied to scratch memory, or over the `.mem`
+    of a mappable snapshot, which must be there and be its own)."""
     path = Path(path)
     result: dict[str, Any] = {"path": str(path), "file_bytes": path.stat().st_size}
     try:
         config = read_config(path)
-        vm_config = config.vm_config()
+        vm_config = _vm_config(config, path)
         # the names `migrate snapshot --json` (SnapshotInfo) gives the same things
         result.update(snapshot_id=config.snapshot_id, kind=SnapshotKind.of(config),
                       base=config.base.path if config.base else None, memory_bytes=config.mem_size)
         result["config"] = {"vcpus": config.vcpus, "irqchip": config.irqchip, "pit": config.pit,
                             "tsc_khz": config.tsc_khz}
-        scratch = _scratch_memory(vm_config)
+        mappable = config.memory_file is not None
+        if mappable and verify:  # the .mem it names is part of it: missing or foreign, it is not whole
+            fd = _open_memory_file(path, config.memory_file)
+            try:
+                scratch = _copied_memory(fd, vm_config)
+            finally:
+                os.close(fd)
+        else:
+            scratch = _scratch_memory(vm_config)
         expected = expected_layout(config)
         sink = pages.MemorySink(scratch)
-        loaded = _read_stream(path, expected, sink if verify else None)
+        loaded = _read_stream(path, expected, sink if verify and not mappable else None)
         result["layout"] = [{"id": d.device_id, "kind": d.kind, "pio": [str(r) for r in d.pio],
                              "mmio": [str(r) for r in d.mmio], "irqs": list(d.irqs),
                              "state_version": d.state_version} for d in loaded.layout.devices]
@@ -387,13 +488,16 @@ def inspect(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
         result.update(pages=t.pages, raw_bytes=t.raw_bytes)
         result["totals"] = {"pages": t.pages, "zero_pages": t.zero_pages, "raw_bytes": t.raw_bytes,
                             "payload_bytes": t.payload_bytes, "sections": t.sections}
-        if verify and config.base is None and config.memory_file is None:
-            digest.verify(loaded.end, scratch, sink.touched)
-            result["digest"] = "verified"
+        _state(loaded, path)  # the state's shape, as a restore checks it
+        if verify and config.base is None:
+            digest.verify(loaded.end, scratch, None if mappable else sink.touched)
+            result["digest"] = f"verified (with {config.memory_file.path})" if mappable else "verified"
+        elif verify:
+            result["digest"] = "not checked (incremental: restore checks the chain)"
         else:
-            result["digest"] = "not checked (incremental or mappable: restore checks the chain)"
+            result["digest"] = "not checked (--no-verify)"
         result["verified"] = True
-    except (formats.FormatError, SnapshotError) as e:
+    except (formats.FormatError, SnapshotError, StateShapeError, MissingSections) as e:
         result["verified"] = False
         result["error"] = {"type": type(e).__name__, "message": str(e)}
     return result

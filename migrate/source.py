@@ -30,12 +30,12 @@ from hv.vmm.owner import Lease, owner_of
 from hv.kvm.memory import MemoryRegion
 from migrate import digest, pages
 from migrate.convergence import Action, RoundFigures, decide
-from migrate.errors import (Cancelled, MigrationFailed, MigrationInDoubt, NotConverging, TransportError,
-                            error_code, failure_word)
+from migrate.errors import (Cancelled, MigrationFailed, MigrationInDoubt, NotConverging, ProtocolViolation,
+                            TransportError, error_code, failure_word)
 from migrate.options import MigrationOptions
 from migrate.protocol import (PROTOCOL_VERSION, Cancel, Channel, Commit, Complete, Error, ErrorCode,
-                              Hello, Outcome, Pages, Protocol, Ready, Reject, Resumed, Role, RoundDone,
-                              State)
+                              Hello, Outcome, Pages, Protocol, Ready, Reject, RemoteProtocolError, Resumed,
+                              Role, RoundDone, State)
 from migrate.records import state_sections
 from migrate.state import PRODUCER, GuestCpuid, MachineConfig, capture, machine_config, machine_layout, registry
 from migrate.stats import Laps, MigrationOutcome, MigrationProgress, MigrationStats, RoundStats
@@ -105,9 +105,15 @@ class Source:
         self.conn.send_pages(round_number, parts, timeout=limit)
 
     def answer(self) -> Any:
+        """The target's next message (its frame capped by kind, its body decoded within a budget,
+        its texts cut: `migrate.transport`), which must be one the exchange allows now; waited
+        for no longer than the final copy's deadline allows."""
         left = self._wait_limit()
         message = self.conn.receive(self.options.timeout if left is None else min(left, self.options.timeout))
-        self.proto.receive(message)
+        try:
+            self.proto.receive(message)
+        except RemoteProtocolError as e:  # out of order: typed; the target is told why
+            raise ProtocolViolation(str(e)) from None
         if isinstance(message, Error):  # the target gave up and says why
             raise MigrationFailed(f"the target failed: {message.code.name}: {message.message}",
                                   "here", code=message.code)

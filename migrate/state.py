@@ -30,7 +30,8 @@ from hv.kvm import state as hv_state
 from hv.kvm.vm import VmConfig
 from hv.vmm.builder import VirtioConfig, standard_layout
 from hv.vmm.machine import DevicePlacement, Machine, RunState
-from migrate.errors import IncompatibleError, StateError
+from migrate.disks import OpenDisk
+from migrate.errors import StateError, StateShapeError
 
 PRODUCER = "kvmigrate 0.1"
 
@@ -88,8 +89,9 @@ class MemoryFileRef:
 
 @dataclass(frozen=True)
 class VirtioSpec:
-    """The virtio devices a machine has, as a target must build them. The disk is the same file
-    on both sides unless the target says otherwise (shared storage, as for QEMU's migrations)."""
+    """The virtio devices a machine has, as a target must build them. `disk` is the path the
+    disk had where the stream was written: on the side that reads it, only a name to match
+    (`migrate.disks`); that side opens its own file."""
 
     disk: str | None = None
     disk_readonly: bool = False
@@ -97,13 +99,17 @@ class VirtioSpec:
     rng: bool = False
 
     def device_ids(self) -> tuple[str, ...]:
-        return self.build(lambda b: None).device_ids()
+        return VirtioConfig(Path(self.disk) if self.disk is not None else None, self.disk_readonly,
+                            (lambda b: None) if self.console else None, self.rng).device_ids()
 
-    def build(self, console_out: Callable[[bytes], None], disk: str | Path | None = None) -> VirtioConfig:
-        """The builder's config: console output to `console_out`, the disk at `disk` if given."""
-        path = disk or self.disk
-        return VirtioConfig(Path(path) if path else None, self.disk_readonly,
-                            console_out if self.console else None, self.rng)
+    def build(self, console_out: Callable[[bytes], None], disk: OpenDisk | None) -> VirtioConfig:
+        """The builder's config: console output to `console_out`, the disk this side opened (its
+        own copy of the descriptor goes to the device)."""
+        if (disk is None) != (self.disk is None):
+            raise StateError("a disk goes with a guest that has one, and only with it")
+        return VirtioConfig(disk.path if disk else None, self.disk_readonly,
+                            console_out if self.console else None, self.rng,
+                            disk.dup() if disk else None)
 
 
 @dataclass(frozen=True)
@@ -238,14 +244,60 @@ def capture(machine: Machine, config: MachineConfig | None = None) -> MachineSta
     )
 
 
+def shape_problems(state: MachineState) -> list[str]:
+    """Everything structurally wrong with `state` against its own layout (every one): a vCPU
+    count or id that differs, a device of the layout without a state, a state for a device the
+    layout lacks or for one placed elsewhere, a state of another type than the device's kind
+    takes. Checked in staging, before any VM exists: `apply` then cannot fail on structure."""
+    layout, problems = state.layout, []
+    if state.config.vcpus != layout.vcpus:
+        problems.append(f"the config has {state.config.vcpus} vCPUs, the layout {layout.vcpus}")
+    if len(state.vcpus) != layout.vcpus:
+        problems.append(f"{len(state.vcpus)} vCPU states for {layout.vcpus} vCPUs")
+    for index, vcpu in enumerate(state.vcpus):
+        if type(vcpu) is not hv_state.VcpuState:
+            problems.append(f"vCPU state {index} is a {type(vcpu).__name__}, not a VcpuState")
+        elif vcpu.vcpu_id != index:
+            problems.append(f"vCPU state {index} is for vCPU {vcpu.vcpu_id}")
+    if type(state.vm) is not hv_state.VmState:
+        problems.append(f"the VM state is a {type(state.vm).__name__}, not a VmState")
+    expected = {d.device_id: d for d in layout.devices}
+    seen: set[str] = set()
+    for entry, saved in state.devices:
+        placed = expected.get(entry.device_id)
+        if placed is None:
+            problems.append(f"a state for device {entry.device_id!r}, which the layout does not have")
+            continue
+        if entry.device_id in seen:
+            problems.append(f"two states for device {entry.device_id!r}")
+        seen.add(entry.device_id)
+        if entry != placed:
+            problems.append(f"device {entry.device_id!r}: its state's entry differs from the layout's")
+        kind = DEVICE_STATES.get(placed.kind)
+        if kind is None:
+            problems.append(f"device {entry.device_id!r}: kind {placed.kind!r} is not one this side has")
+        elif type(saved) is not kind[0]:
+            problems.append(f"device {entry.device_id!r} ({placed.kind}): its state is a "
+                            f"{type(saved).__name__}, not a {kind[0].__name__}")
+    problems += [f"device {d!r} of the layout has no state" for d in expected if d not in seen]
+    return problems
+
+
+def check_shape(state: MachineState) -> MachineState:
+    """`state`, or `StateShapeError` listing everything `shape_problems` finds."""
+    if problems := shape_problems(state):
+        raise StateShapeError(problems)
+    return state
+
+
 def apply(machine: Machine, state: MachineState) -> None:
     """Write `state` into a machine that has not run (memory is loaded separately, before): a
-    created one, or one started paused whose vCPUs never entered the guest."""
+    created one, or one started paused whose vCPUs never entered the guest. Its shape was checked
+    in staging (`check_shape`); what is left to fail is KVM's or a device's refusal of a value."""
     if machine.state is not RunState.CREATED and (machine.state is not RunState.PAUSED or machine.ever_ran):
         raise StateError(f"state goes into a machine that has not run, not a {machine.state.value} one")
     formats.check(state.layout, machine_layout(machine))
-    if len(state.vcpus) != len(machine.vcpus):
-        raise IncompatibleError([f"{len(state.vcpus)} vCPU states for {len(machine.vcpus)} vCPUs"])
+    check_shape(state)
     machine.vm.restore(state.vm)
     for vcpu, saved in zip(machine.vcpus, state.vcpus, strict=True):
         vcpu.restore(saved)

@@ -4,7 +4,8 @@
 
 One `Target` takes one migration, stage by stage:
 
-1. handshake: HELLO is checked (protocol version, layout, CPUID, page streams; every problem
+1. handshake: HELLO is checked (protocol version, layout, CPUID, page streams, the guest's
+   size against what this host offers, the disk this side will open for it; every problem
    listed) and answered with Accept or Reject;
 2. build: a blank machine of the source's config, and the extra page streams accepted;
 3. transfer: PAGES written into guest memory, RoundDone closing each round across the streams
@@ -13,7 +14,10 @@ One `Target` takes one migration, stage by stage:
 5. commit: on Commit the guest runs here, even if Resumed is lost.
 
 All the bytes go through one `StreamReader`, so every checksum, range check and total of a
-snapshot applies to the wire too. Any failure before Commit tears the half-built VM down, tells
+snapshot applies to the wire too; each message may carry only its own sections (HELLO: the
+header, CONFIG and LAYOUT; PAGES: pages; STATE: vCPU, VM and device state; COMPLETE: END), and
+the state's shape is checked against the layout before any of it is applied. A message out of
+order is a `ProtocolViolation`. Any failure before Commit tears the half-built VM down, tells
 the source why (`error_code`) and raises.
 """
 
@@ -34,6 +38,7 @@ from typing import Any
 import formats
 from formats import StreamReader
 from hv.devices.serial import Serial16550, Terminal
+from hv.errors import HvError
 from hv.vmm.builder import blank_machine
 from hv.vmm.control import Progress
 from hv.kvm.dirty import DirtyBitmap
@@ -43,9 +48,12 @@ from hv.errors import RamReservationError
 from hv.kvm.memory import RamBacking, anonymous_ram
 from migrate import digest, pages
 from migrate.datapath import place_pages
-from migrate.errors import IncompatibleError, MigrationFailed, TransportError, error_code
+from migrate.disks import DiskPolicy, OpenDisk
+from migrate.errors import (DiskRefused, IncompatibleError, MigrationFailed, ProtocolViolation, TransportError,
+                            error_code)
 from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete, Error, HandOver, Hello,
-                              Outcome, Pages, Protocol, Ready, Reject, Resumed, Role, RoundDone, State)
+                              Outcome, Pages, Protocol, Ready, Reject, RemoteProtocolError, Resumed, Role,
+                              RoundDone, State)
 from migrate.records import EXPECT, Collected
 from migrate.state import GuestCpuid, MachineConfig, apply, cpuid_problems, expected_layout, registry
 from migrate.streams import (MAX_STREAMS, IncomingStream, Joins, RoundGate, accept_streams, close_streams,
@@ -53,6 +61,25 @@ from migrate.streams import (MAX_STREAMS, IncomingStream, Joins, RoundGate, acce
 from migrate.transport import Connection, Listener
 
 log = logging.getLogger(__name__)
+
+# The sections each message may carry (HELLO: exactly these, once each, in this order).
+HELLO_RECORDS = (formats.Header, formats.ConfigRecord, formats.LayoutRecord)
+PAGES_RECORDS = (formats.PagesRecord,)
+STATE_RECORDS = (formats.VcpuRecord, formats.VmStateRecord, formats.DeviceRecord)
+COMPLETE_RECORDS = (formats.EndRecord,)
+
+
+def host_reservable_memory() -> int:
+    """The memory this host can give a guest now (MemAvailable: what the kernel says it can
+    hand out without swapping); the default most guest RAM a target takes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 class SessionLedger:
@@ -133,14 +160,17 @@ class Target:
     """One incoming migration on `conn`; `run()` takes it from HELLO to a running guest."""
 
     def __init__(self, conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None], timeout: float,
-                 disk: str | None, virtio_console: Callable[[bytes], None] | None,
+                 disks: DiskPolicy, max_mem: int | None, virtio_console: Callable[[bytes], None] | None,
                  progress: Progress | None, joins: Joins | None, ledger: SessionLedger | None = None,
                  first: Hello | None = None, terminal: Terminal | None = None) -> None:
         self.conn, self.kvm, self.timeout, self.joins = conn, kvm, timeout, joins
         self.ledger = ledger or SessionLedger()
         self.first = first  # HELLO, when whoever accepted the connection has read it already
         self.terminal = terminal
-        self.console, self.virtio_console, self.disk = console, virtio_console or console, disk
+        self.console, self.virtio_console = console, virtio_console or console
+        self.disks = disks
+        self.disk: OpenDisk | None = None  # the guest's disk, opened by this side's policy
+        self.max_mem = host_reservable_memory() if max_mem is None else max_mem
         self.progress = progress or (lambda p: None)
         self.proto = Protocol(Role.TARGET)
         self.reader = StreamReader(registry(), expect=EXPECT)
@@ -154,8 +184,19 @@ class Target:
         self._t0 = time.perf_counter()
 
     def take(self, message: Any) -> Any:
-        self.proto.receive(message)
+        try:
+            self.proto.receive(message)
+        except RemoteProtocolError as e:  # out of order: typed, and the source is told why
+            raise ProtocolViolation(str(e)) from None
         return message
+
+    def records(self, what: str, payload: Any, allowed: tuple[type, ...], *, stable: bool = False) -> list[Any]:
+        """The records `payload` (a `what` message's) holds, each of a type that message may carry."""
+        records = self.reader.feed(payload, stable=stable)
+        for record in records:
+            if not isinstance(record, allowed):
+                raise ProtocolViolation(f"{what} carried a {type(record).__name__}")
+        return records
 
     def tell(self, message: Any) -> None:
         self.proto.send(message)
@@ -180,14 +221,20 @@ class Target:
                 self.hashes.close()
             if self.session:
                 self.ledger.closed(self.session)
+            if self.disk is not None:
+                self.disk.close()  # the device has its own descriptor
 
     # --- 1. handshake -----------------------------------------------------------------------------
 
     def handshake(self) -> Hello:
         hello = self.take(self.first if self.first is not None else self.conn.receive(self.timeout))
-        if not isinstance(hello, Hello):
-            raise TransportError(f"expected HELLO, got {type(hello).__name__}")
-        self.collected.take(self.reader.feed(hello.config + hello.layout))  # the header, CONFIG, LAYOUT
+        if not isinstance(hello, Hello):  # the table takes only HELLO first; a caller's read too
+            raise ProtocolViolation(f"expected HELLO, got {type(hello).__name__}")
+        records = self.records("HELLO", hello.config + hello.layout, HELLO_RECORDS)
+        if [type(r) for r in records] != list(HELLO_RECORDS):
+            raise ProtocolViolation(f"HELLO carried {[type(r).__name__ for r in records]}, not the header, "
+                                    f"CONFIG and LAYOUT once each")
+        self.collected.take(records)
         self.collected.need("CONFIG", "LAYOUT")
         self.incoming.config = self.collected.config
         problems = self.problems(hello)
@@ -203,16 +250,31 @@ class Target:
 
     def problems(self, hello: Hello) -> list[str]:
         """Everything that keeps this host from taking the guest HELLO describes (every one)."""
+        config = self.collected.config
         problems = []
         if hello.protocol_version != PROTOCOL_VERSION:
             problems.append(f"protocol version {hello.protocol_version}, this side speaks {PROTOCOL_VERSION}")
-        problems += [str(d) for d in formats.diff(expected_layout(self.collected.config), self.collected.layout)]
+        if config.mem_size > self.max_mem:
+            problems.append(f"the guest has {config.mem_size >> 20} MiB of RAM; this target offers at most "
+                            f"{self.max_mem >> 20} MiB")
+        try:
+            config.vm_config().validate(self.kvm.capabilities)
+        except HvError as e:
+            problems.append(str(e))
+        if problems:
+            return problems  # no layout to compare for a guest this host would not build
+        problems += [str(d) for d in formats.diff(expected_layout(config), self.collected.layout)]
         cpuid = registry().decode(hello.cpuid, expect=GuestCpuid)
         problems += cpuid_problems(cpuid.entries, self.kvm.guest_cpuid)
         most = MAX_STREAMS if self.joins is not None else 1
         if not 1 <= hello.streams <= most:
             problems.append(f"{hello.streams} page streams: this target takes 1 to {most}")
-        return problems + host_problems(self.collected.config, self.kvm, self.disk)
+        if not problems and config.virtio is not None and config.virtio.disk is not None:
+            try:  # opened now, before any VM exists; the stream's path is only a name to match
+                self.disk = self.disks.open(config.virtio.disk, config.virtio.disk_readonly)
+            except DiskRefused as e:
+                problems.append(str(e))
+        return problems + host_problems(config, self.kvm)
 
     # --- 2. build ---------------------------------------------------------------------------------
 
@@ -238,11 +300,12 @@ class Target:
         """Act on one message of the exchange; True once the guest runs here."""
         match message:
             case Pages(round=number, payload=payload):  # `stable`: a buffer only we hold
-                self.gate.add(number, self.collected.take(self.reader.feed(payload, stable=True)))
+                self.gate.add(number, self.collected.take(self.records("PAGES", payload, PAGES_RECORDS,
+                                                                       stable=True)))
             case RoundDone(round=number, pages=count):
                 self.round_done(number, count)
             case State(payload=payload):
-                self.collected.take(self.reader.feed(payload))
+                self.collected.take(self.records("STATE", payload, STATE_RECORDS))
             case Complete(payload=payload):
                 self.verify(payload)
             case Commit():
@@ -268,15 +331,16 @@ class Target:
         self.progress({"stage": "round", "round": number, "pages": count})
 
     def verify(self, payload: bytes) -> None:
-        self.collected.take(self.reader.feed(payload))
+        self.collected.take(self.records("COMPLETE", payload, COMPLETE_RECORDS))
         self.reader.finish()
+        state = self.collected.state()  # its shape checked against the layout, before any of it is applied
         self._invalidate_written()
         t0 = time.perf_counter()
         found = self.hashes.digest(2)
         if found != self.collected.end.digest:
             raise formats.DigestMismatch(self.collected.end.digest, found)
         t1 = time.perf_counter()
-        apply(self.machine, self.collected.state())
+        apply(self.machine, state)
         self.tell(Ready(digest_us=_us(t1 - t0), apply_us=_us(time.perf_counter() - t1)))
 
     def commit(self) -> None:
@@ -315,28 +379,15 @@ class Target:
 TSC_TOLERANCE = 250e-6  # a rate within 250 ppm is the same clock (QEMU's tsc-frequency tolerance)
 
 
-def host_problems(config: MachineConfig, kvm: Kvm, disk: str | None) -> list[str]:
+def host_problems(config: MachineConfig, kvm: Kvm) -> list[str]:
     """What this host lacks to run the guest CONFIG describes, checked before any page moves
-    (a dry run answers with these too): guest RAM it can reserve, the virtio disk's file, the
-    guest's TSC rate."""
-    problems = []
-    ram = _host_ram_bytes()
-    if ram and config.mem_size > ram:
-        problems.append(f"guest RAM {config.mem_size >> 20} MiB is more than this host's RAM and swap "
-                        f"({ram >> 20} MiB)")
-    else:
-        try:
-            anonymous_ram(config.mem_size, huge_pages=False).close()  # reserved, never touched
-        except RamReservationError as e:
-            problems.append(str(e))
-    spec = config.virtio
-    if spec is not None and spec.disk:
-        path = Path(disk or spec.disk)
-        if not path.is_file():
-            problems.append(f"the virtio disk {path} is not on this host (the same path as the source's, "
-                            "shared storage, or say where with --disk)")
-        elif not os.access(path, os.R_OK if spec.disk_readonly else os.R_OK | os.W_OK):
-            problems.append(f"the virtio disk {path} is not {'readable' if spec.disk_readonly else 'writable'} here")
+    (a dry run answers with these too): guest RAM it can reserve, the guest's TSC rate. (The
+    disk is the disk policy's: `migrate.disks`.)"""
+    problems = []  # (more RAM than the target offers at all is `Target.problems`' `max_mem`)
+    try:
+        anonymous_ram(config.mem_size, huge_pages=False).close()  # reserved, never touched
+    except RamReservationError as e:
+        problems.append(str(e))
     if config.tsc_khz and not kvm.capabilities.tsc_control:
         here = kvm.vcpu_tsc_khz
         if here and abs(here - config.tsc_khz) > config.tsc_khz * TSC_TOLERANCE:
@@ -345,32 +396,27 @@ def host_problems(config: MachineConfig, kvm: Kvm, disk: str | None) -> list[str
     return problems
 
 
-def _host_ram_bytes() -> int:
-    """MemTotal + SwapTotal (/proc/meminfo): the most guest RAM this host could ever back."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-        return sum(int(fields[k].split()[0]) << 10 for k in ("MemTotal", "SwapTotal"))
-    except (OSError, KeyError, ValueError):
-        return 0
-
-
 def _us(seconds: float) -> int:
     return round(seconds * 1e6)
 
 
 def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = lambda b: None,
-            timeout: float = 60.0, disk: str | None = None,
-            virtio_console: Callable[[bytes], None] | None = None, progress: Progress | None = None,
-            listener: Listener | None = None, joins: Joins | None = None, ledger: SessionLedger | None = None,
-            first: Hello | None = None, terminal: Terminal | None = None) -> Incoming:
+            timeout: float = 60.0, disk: str | None = None, disk_dir: str | None = None,
+            max_mem: int | None = None, virtio_console: Callable[[bytes], None] | None = None,
+            progress: Progress | None = None, listener: Listener | None = None, joins: Joins | None = None,
+            ledger: SessionLedger | None = None, first: Hello | None = None,
+            terminal: Terminal | None = None) -> Incoming:
     """Take one incoming migration on `conn`: check, build, fill, verify, and on Commit run the
-    guest. Any failure before Commit tears the half-built VM down and raises. `disk` puts the
-    virtio disk at another path than the source's (the default: shared storage). The extra page
-    streams a source may open come from `joins` (or are accepted on `listener`); `ledger`
-    records the session for a source in doubt to ask about (`migrate.receiver` shares one);
-    `first` is HELLO if the caller read it already; `terminal`, where the guest's COM1 meets this
-    host (attached before the guest resumes here)."""
+    guest. Any failure before Commit tears the half-built VM down and raises. A guest with a
+    disk gets `disk` (this host's file for it), or the file of the stream's disk's name in
+    `disk_dir`; with neither it is refused (`migrate.disks`). `max_mem`: the most guest RAM this
+    target takes (default: what the host can reserve now). The extra page streams a source may
+    open come from `joins` (or are accepted on `listener`); `ledger` records the session for a
+    source in doubt to ask about (`migrate.receiver` shares one); `first` is HELLO if the caller
+    read it already; `terminal`, where the guest's COM1 meets this host (attached before the
+    guest resumes here)."""
     if joins is None and listener is not None:
         joins = listener_joins(listener)
-    return Target(conn, kvm, console=console, timeout=timeout, disk=disk, virtio_console=virtio_console,
-                  progress=progress, joins=joins, ledger=ledger, first=first, terminal=terminal).run()
+    return Target(conn, kvm, console=console, timeout=timeout, disks=DiskPolicy.of(disk, disk_dir),
+                  max_mem=max_mem, virtio_console=virtio_console, progress=progress, joins=joins,
+                  ledger=ledger, first=first, terminal=terminal).run()

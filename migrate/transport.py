@@ -1,8 +1,12 @@
 """Moving protocol messages over a socket: framing, the message codec, authentication.
 
 A frame is `le32 body length ‖ u8 message kind ‖ body`. Bodies are msgpack maps of the message's
-fields, except PAGES, whose body is `le32 round ‖ payload` so page data is never repacked. Every
-frame is bounded (`MAX_FRAME`), every field type-checked: input from the network is hostile.
+fields, except PAGES, whose body is `le32 round ‖ payload` so page data is never repacked. Input
+from the network is hostile, on both sides: a frame's length is checked against its kind's cap
+(`FRAME_CAPS`) before the body is read, a body is decoded within a budget (`BODY_LIMITS`: a flat
+map of a few fields, checked by `formats` before msgpack allocates), every field is type-checked,
+and the texts a peer sends (an error, a reason, a list of problems) are cut to `MAX_TEXT` bytes
+before they are decoded. What breaks these rules is a `ProtocolViolation`.
 
 Before any message, the target authenticates the source: it sends a random challenge; the source
 answers HMAC-SHA256(key, challenge ‖ "kvmigrate-auth-v1"). The key is pre-shared; on loopback it
@@ -28,12 +32,29 @@ from dataclasses import dataclass
 
 import msgpack
 
-from migrate.errors import AuthenticationFailed, TransportError
+from formats import FormatError, MsgpackLimits, unpack_msgpack
+from migrate.errors import AuthenticationFailed, ProtocolViolation, TransportError
 from migrate.protocol import MESSAGE_TYPES, ErrorCode, Message, MessageKind, Pages
 
 FRAME = struct.Struct("<IB")
 MAX_FRAME = 64 << 20
 MAX_FIELD = 16 << 20
+K = MessageKind
+# The largest body each kind may have, checked from the frame header before the body is read:
+# pages are bulk data, state one bin field of at most MAX_FIELD; HELLO holds a config, a layout of at most 1024 devices and a
+# CPUID; the rest are a few fields (a Reject's problems, an error's text: cut to MAX_TEXT).
+FRAME_CAPS: dict[MessageKind, int] = {
+    K.HELLO: 4 << 20, K.ACCEPT: 4 << 10, K.REJECT: 1 << 20, K.PAGES: MAX_FRAME, K.ROUND_DONE: 4 << 10,
+    K.STATE: MAX_FIELD + 64, K.COMPLETE: 64 << 10, K.READY: 4 << 10, K.COMMIT: 4 << 10, K.RESUMED: 4 << 10,
+    K.CANCEL: 1 << 20, K.ERROR: 1 << 20, K.CHANNEL: 4 << 10,
+}
+MAX_TEXT = 4096  # bytes of one text from the peer that are kept (and decoded); the rest is cut
+MAX_PROBLEMS = 256  # problems of a Reject that are kept
+# A message body: one map of at most 64 fields, each a scalar, bytes or a list of strings.
+BODY_LIMITS = MsgpackLimits(max_str_len=MAX_FIELD, max_bin_len=MAX_FIELD, max_array_len=1 << 16,
+                            max_map_len=64, max_blob_len=MAX_FRAME, max_items=1 << 16, max_depth=2)
+# Messages whose str fields are the peer's own words: decoded raw, then cut, then UTF-8.
+_TEXT_KINDS = frozenset({K.REJECT, K.CANCEL, K.ERROR})
 AUTH_CONTEXT = b"kvmigrate-auth-v1"
 CHALLENGE_BYTES = 32
 DEFAULT_PORT = 7380
@@ -78,32 +99,55 @@ def encode(message: Message) -> list[bytes | memoryview]:
 
 
 def decode(kind: int, body: bytes | memoryview) -> Message:
-    """A frame's message; a `TransportError` for anything malformed."""
+    """A frame's message; a `ProtocolViolation` for anything malformed."""
     try:
         mkind = MessageKind(kind)
         cls = MESSAGE_TYPES[mkind]
     except (ValueError, KeyError):
-        raise TransportError(f"unknown message kind {kind}") from None
+        raise ProtocolViolation(f"unknown message kind {kind}") from None
+    if len(body) > FRAME_CAPS[mkind]:
+        raise ProtocolViolation(f"a {len(body)}-byte {mkind.name} (at most {FRAME_CAPS[mkind]})")
     if cls is Pages:
         if len(body) < 4:
-            raise TransportError("PAGES frame shorter than its round number")
+            raise ProtocolViolation("PAGES frame shorter than its round number")
         return Pages(struct.unpack_from("<I", body)[0], memoryview(body)[4:])
+    text = mkind in _TEXT_KINDS
     try:
-        fields = msgpack.unpackb(body, raw=False, max_bin_len=MAX_FIELD, max_str_len=MAX_FIELD,
-                                 max_array_len=65536, max_map_len=64, strict_map_key=True)
-    except Exception as e:
-        raise TransportError(f"{mkind.name}: undecodable body ({type(e).__name__})") from None
+        fields = unpack_msgpack(body, BODY_LIMITS, raw=text)  # a peer's texts: decoded once cut
+    except FormatError as e:
+        raise ProtocolViolation(f"{mkind.name}: undecodable body ({e})") from None
     if not isinstance(fields, dict):
-        raise TransportError(f"{mkind.name}: body is not a map")
+        raise ProtocolViolation(f"{mkind.name}: body is not a map")
+    if text:
+        fields = _cut_texts(fields)
     hints = _field_types(cls)
     values = {}
     for f in dataclasses.fields(cls):
         if f.name not in fields:
             if f.default is not dataclasses.MISSING:
                 continue
-            raise TransportError(f"{mkind.name}: missing field {f.name!r}")
+            raise ProtocolViolation(f"{mkind.name}: missing field {f.name!r}")
         values[f.name] = _check(mkind.name, f.name, hints[f.name], fields[f.name])
     return cls(**values)
+
+
+def _text(raw: object) -> object:
+    """A peer's text cut to MAX_TEXT bytes, then decoded (a character split by the cut, or bytes
+    that are not UTF-8, become U+FFFD); anything but a string is left for the type check."""
+    if isinstance(raw, bytes):
+        return raw[:MAX_TEXT].decode("utf-8", "replace")
+    return raw
+
+
+def _cut_texts(fields: dict) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in fields.items():
+        if not isinstance(key, bytes) or len(key) > 64:
+            continue  # not a field name of ours: ignored, as unknown fields are
+        if isinstance(value, list):
+            value = [_text(v) for v in value[:MAX_PROBLEMS]]
+        out[key.decode("ascii", "replace")] = _text(value)
+    return out
 
 
 def _check(kind: str, name: str, hint: object, value: object) -> object:
@@ -122,7 +166,7 @@ def _check(kind: str, name: str, hint: object, value: object) -> object:
             return ErrorCode.INVALID
     if typing.get_origin(hint) is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(value)
-    raise TransportError(f"{kind}.{name}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
+    raise ProtocolViolation(f"{kind}.{name}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
 
 
 # --- a connection -------------------------------------------------------------------------------
@@ -211,8 +255,9 @@ class Connection:
     def receive(self, timeout: float | None = None) -> Message:
         self.sock.settimeout(timeout)
         length, kind = FRAME.unpack(self._read_exact(FRAME.size))
-        if length > MAX_FRAME:
-            raise TransportError(f"{self.peer}: a {length}-byte frame (at most {MAX_FRAME})")
+        cap = FRAME_CAPS.get(kind, 0)  # an unknown kind: its (empty) body is refused by decode
+        if length > cap:  # refused before a byte of the body is read or buffered
+            raise ProtocolViolation(f"{self.peer} sent a {length}-byte frame of kind {kind} (at most {cap})")
         return decode(kind, self._read_exact(length))
 
     def has_message(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -99,6 +100,7 @@ class VirtioConfig:
     disk_readonly: bool = False
     console_out: Callable[[bytes], None] | None = None
     rng: bool = False
+    disk_fd: int | None = None  # the disk already open at `disk` (the device takes it over)
 
     def device_ids(self) -> tuple[str, ...]:
         chosen = {"virtio-blk0": self.disk is not None, "virtio-console0": self.console_out is not None,
@@ -108,29 +110,35 @@ class VirtioConfig:
 
 def add_virtio_devices(
     machine: Machine, disk: Path | None = None, disk_readonly: bool = False,
-    console_out: Callable[[bytes], None] | None = None, rng: bool = False,
+    console_out: Callable[[bytes], None] | None = None, rng: bool = False, disk_fd: int | None = None,
 ) -> tuple[DevicePlacement, ...]:
-    """Add virtio-blk (a file), virtio-console (output to `console_out`) and virtio-rng, those
-    asked for, in that order at consecutive slots (`virtio_layout`), wired to KVM."""
+    """Add virtio-blk (a file; `disk_fd`: that file already open, taken over), virtio-console
+    (output to `console_out`) and virtio-rng, those asked for, in that order at consecutive slots
+    (`virtio_layout`), wired to KVM."""
     config = VirtioConfig(disk, disk_readonly, console_out, rng)
     memory = machine.vm.memory
     added = []
-    for placement in virtio_layout(config.device_ids()):
-        match placement.device_id:
-            case "virtio-blk0":
-                device = VirtioBlk(memory, disk, read_only=disk_readonly)
-            case "virtio-console0":
-                device = VirtioConsole(memory, console_out)
-            case _:
-                device = VirtioRng(memory)
-        (base, size), = placement.mmio
-        try:
-            device.connect(machine.vm, base, placement.irqs[0])
-            added.append(machine.add_device(placement.device_id, device, mmio=(base, size),
-                                            irqs=placement.irqs))
-        except BaseException:
-            device.stop()
-            raise
+    try:
+        for placement in virtio_layout(config.device_ids()):
+            match placement.device_id:
+                case "virtio-blk0":
+                    device = VirtioBlk(memory, disk, read_only=disk_readonly, fd=disk_fd)
+                    disk_fd = None  # the device owns it now
+                case "virtio-console0":
+                    device = VirtioConsole(memory, console_out)
+                case _:
+                    device = VirtioRng(memory)
+            (base, size), = placement.mmio
+            try:
+                device.connect(machine.vm, base, placement.irqs[0])
+                added.append(machine.add_device(placement.device_id, device, mmio=(base, size),
+                                                irqs=placement.irqs))
+            except BaseException:
+                device.stop()
+                raise
+    finally:
+        if disk_fd is not None:  # never handed to a device: ours to close
+            os.close(disk_fd)
     return tuple(added)
 
 
@@ -206,16 +214,24 @@ def blank_machine(
     """The machine every front end builds (VM, vCPUs with CPUID, standard devices, the virtio
     devices `virtio` asks for) with nothing loaded: what a restore or an incoming migration fills
     with saved state. `backing` as for `Kvm.create_vm` (a restore maps its memory file there)."""
-    vm = kvm.create_vm(config or VmConfig(), backing=backing)
+    try:
+        vm = kvm.create_vm(config or VmConfig(), backing=backing)
+    except BaseException:
+        if virtio is not None and virtio.disk_fd is not None:
+            os.close(virtio.disk_fd)  # it was handed over to this machine, which never came to be
+        raise
     try:
         create_vcpus(kvm, vm)
         machine = _with_console(vm, console)
     except BaseException:
         vm.close()
+        if virtio is not None and virtio.disk_fd is not None:
+            os.close(virtio.disk_fd)
         raise
     if virtio is not None:
         with discard_on_error(machine):
-            add_virtio_devices(machine, virtio.disk, virtio.disk_readonly, virtio.console_out, virtio.rng)
+            add_virtio_devices(machine, virtio.disk, virtio.disk_readonly, virtio.console_out, virtio.rng,
+                               virtio.disk_fd)
     return machine
 
 

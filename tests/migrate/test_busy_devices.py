@@ -50,7 +50,7 @@ def test_snapshot_mid_operation_restores_in_a_new_process(kvm: Kvm, tmp_path: Pa
         machine.vm.close()
     api = tmp_path / "restored.sock"
     proc = subprocess.Popen([sys.executable, "-m", "migrate.cli", "restore", str(tmp_path / "busy.snap"),
-                             "--api", str(api), "--timeout", "90"], stdout=subprocess.PIPE,
+                             "--disk-dir", str(tmp_path), "--api", str(api), "--timeout", "90"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
@@ -84,7 +84,7 @@ def test_live_migration_with_busy_devices(kvm: Kvm, tmp_path: Path) -> None:
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(
         incoming=listen_and_receive(listener, kvm, console=target_console, virtio_console=target_vcon,
-                                    accept_timeout=20)))
+                                    disk=str(disk), accept_timeout=20)))  # shared storage, named here
     thread.start()
     try:
         moved_from = bg.read_status(machine.vm.memory)

@@ -23,7 +23,7 @@ from hv.kvm.vm import VmConfig
 from hv.vmm.builder import builtin_machine
 from hv.vmm.control import call
 from hv.vmm.machine import Machine, RunState
-from migrate.errors import MigrationFailed, TransportError
+from migrate.errors import MigrationFailed, ProtocolViolation, TransportError
 from migrate import MigrationOptions, listen_and_receive, receive, send
 from migrate.protocol import Pages, State
 from migrate.transport import Connection, Listener, connect, decode
@@ -340,10 +340,10 @@ def test_listening_off_loopback_needs_a_key() -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(kind=st.integers(0, 255), body=st.binary(max_size=512))
-def test_hostile_frames_decode_to_a_message_or_a_transport_error(kind: int, body: bytes) -> None:
+def test_hostile_frames_decode_to_a_message_or_a_protocol_violation(kind: int, body: bytes) -> None:
     try:
         decode(kind, body)
-    except TransportError:
+    except ProtocolViolation:
         pass
 
 

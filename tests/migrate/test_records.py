@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from hostile import sample_state
 
 import formats
 from formats import StreamReader, StreamWriter
@@ -13,8 +14,8 @@ from hv.vmm.builder import builtin_machine
 from hv.errors import HvError
 from hv.kvm.kvm import Kvm
 from hv.kvm.vm import VmConfig
-from migrate.errors import (Cancelled, IncompatibleError, MigrationFailed, MissingSections, NotConverging,
-                            TransportError, error_code)
+from migrate.errors import (Cancelled, DiskRefused, IncompatibleError, MigrationFailed, MissingSections,
+                            NotConverging, ProtocolViolation, StateShapeError, TransportError, error_code)
 from migrate.pages import MemorySink
 from migrate.protocol import ErrorCode
 from migrate.records import EXPECT, Collected, state_sections
@@ -71,6 +72,9 @@ def test_a_stream_without_a_section_the_state_needs_names_it() -> None:
     (IncompatibleError(["a CPU flag"]), ErrorCode.INCOMPATIBLE),
     (formats.ChecksumError("pages", 0, 1, 2), ErrorCode.BAD_STREAM),
     (MissingSections(["VCPU"]), ErrorCode.BAD_STREAM),
+    (StateShapeError(["device 'x' of the layout has no state"]), ErrorCode.BAD_STREAM),
+    (ProtocolViolation("Commit before Ready"), ErrorCode.PROTOCOL),
+    (DiskRefused("/etc/passwd", "not given"), ErrorCode.INCOMPATIBLE),
     (HvError("KVM_SET_REGS failed"), ErrorCode.RESTORE_FAILED),
     (MigrationFailed("why", "here"), ErrorCode.INTERNAL),
     (TransportError("cut"), ErrorCode.INTERNAL),
@@ -85,3 +89,15 @@ def test_outcomes_and_kinds_print_as_they_always_did() -> None:
                                                   "dry-run"]
     assert [str(k) for k in SnapshotKind] == ["full", "incremental", "mappable"]
     assert json.loads(json.dumps(MigrationStats().as_dict()))["outcome"] == "failed"
+
+
+def test_a_second_config_or_vm_state_is_refused_not_taken_over(kvm: Kvm) -> None:
+    state = sample_state(kvm)
+    for twice in ("config", "vm_state"):
+        writer = StreamWriter(registry(), producer=PRODUCER)
+        parts = [writer.header(), writer.config(state.config), writer.layout(state.layout)]
+        parts += [writer.config(state.config)] if twice == "config" else [
+            writer.vm_state(state.vm), writer.vm_state(state.vm)]
+        reader = StreamReader(registry(), expect=EXPECT)
+        with pytest.raises(StateShapeError, match="a second"):
+            Collected().take(reader.feed(b"".join(parts)))

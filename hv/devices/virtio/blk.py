@@ -58,10 +58,13 @@ class BlkBackend:
     device_id = VIRTIO_ID_BLOCK
     queue_sizes = (QUEUE_SIZE,)
 
-    def __init__(self, path: Path, read_only: bool = False) -> None:
+    def __init__(self, path: Path, read_only: bool = False, *, fd: int | None = None) -> None:
+        """The disk at `path`, or, with `fd`, the file already open there (the backend then owns
+        `fd`; a VMM that checked the file before opening it passes it so it is not reopened)."""
         self.path = Path(path)
         self.read_only = read_only
-        self._fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        self._fd = fd if fd is not None else os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR)
+                                                     | os.O_CLOEXEC)
         self.capacity = os.fstat(self._fd).st_size // SECTOR_SIZE
         self.features = VIRTIO_BLK_F_FLUSH | (VIRTIO_BLK_F_RO if read_only else 0)
         self.requests = 0
@@ -157,8 +160,8 @@ class VirtioBlk(VirtioMmio):
     state_type = VirtioBlkState
     backend: BlkBackend
 
-    def __init__(self, memory: GuestMemory, path: Path, *, read_only: bool = False) -> None:
-        super().__init__(BlkBackend(path, read_only), memory)
+    def __init__(self, memory: GuestMemory, path: Path, *, read_only: bool = False, fd: int | None = None) -> None:
+        super().__init__(BlkBackend(path, read_only, fd=fd), memory)
 
     @property
     def path(self) -> Path:
