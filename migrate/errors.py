@@ -138,10 +138,11 @@ FAILURES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str
     (NotConverging, "not-converging"),
     (MigrationInDoubt, "in-doubt"),
     (MigrationFailed, "peer-failed"),
+    (ProtocolViolation, "protocol-violation"),
     (TransportError, "link-failed"),
     (DigestMismatch, "digest-mismatch"),
     ((LayoutMismatch, IncompatibleError), "incompatible"),
-    ((FormatError, MissingSections), "bad-stream"),
+    ((FormatError, MissingSections, StateShapeError), "bad-stream"),
     (HvError, "vm-failed"),
 )  # and "rejected": the target refused the guest in its handshake (no error on this side)
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hv.kvm.kvm import Kvm
-from migrate.errors import AuthenticationFailed, TransportError
-from migrate.protocol import Channel, Hello, Query, Reject, Verdict
+from migrate.errors import AuthenticationFailed, ProtocolViolation, TransportError
+from migrate.protocol import Channel, Error, ErrorCode, Hello, Query, Reject, Verdict
 from migrate.target import Incoming, SessionLedger, receive
 from migrate.transport import Connection, Listener
 
@@ -230,6 +230,15 @@ class Receiver:
             self._authenticated(host, True)
             try:
                 first = conn.receive(self.handshake_timeout)
+            except ProtocolViolation as e:  # an oversized or malformed first frame: the peer is told
+                try:
+                    conn.send(Error(ErrorCode.PROTOCOL, str(e)[:1000]))
+                except (TransportError, OSError):
+                    pass
+                conn.close()
+                log.warning("refused %s: %s", peer, e)
+                self._ended_before_migrating(e)
+                return
             except TransportError as e:
                 conn.close()
                 log.warning("stray connection from %s: %s", peer, e)

@@ -46,7 +46,7 @@ K = MessageKind
 FRAME_CAPS: dict[MessageKind, int] = {
     K.HELLO: 4 << 20, K.ACCEPT: 4 << 10, K.REJECT: 1 << 20, K.PAGES: MAX_FRAME, K.ROUND_DONE: 4 << 10,
     K.STATE: MAX_FIELD + 64, K.COMPLETE: 64 << 10, K.READY: 4 << 10, K.COMMIT: 4 << 10, K.RESUMED: 4 << 10,
-    K.CANCEL: 1 << 20, K.ERROR: 1 << 20, K.CHANNEL: 4 << 10,
+    K.CANCEL: 1 << 20, K.ERROR: 1 << 20, K.CHANNEL: 4 << 10, K.QUERY: 4 << 10, K.VERDICT: 8 << 10,
 }
 MAX_TEXT = 4096  # bytes of one text from the peer that are kept (and decoded); the rest is cut
 MAX_PROBLEMS = 256  # problems of a Reject that are kept
@@ -54,7 +54,7 @@ MAX_PROBLEMS = 256  # problems of a Reject that are kept
 BODY_LIMITS = MsgpackLimits(max_str_len=MAX_FIELD, max_bin_len=MAX_FIELD, max_array_len=1 << 16,
                             max_map_len=64, max_blob_len=MAX_FRAME, max_items=1 << 16, max_depth=2)
 # Messages whose str fields are the peer's own words: decoded raw, then cut, then UTF-8.
-_TEXT_KINDS = frozenset({K.REJECT, K.CANCEL, K.ERROR})
+_TEXT_KINDS = frozenset({K.REJECT, K.CANCEL, K.ERROR, K.VERDICT})
 AUTH_CONTEXT = b"kvmigrate-auth-v1"
 CHALLENGE_BYTES = 32
 DEFAULT_PORT = 7380

@@ -268,7 +268,7 @@ def test_a_disk_dir_entry_that_is_not_a_regular_file_is_refused(kvm: Kvm, tmp_pa
 _TARGET = textwrap.dedent("""
     import json, sys
     from hv.kvm.kvm import Kvm
-    from migrate.target import listen_and_receive
+    from migrate import listen_and_receive
     from migrate.transport import Listener
     from migrate.state import registry
 

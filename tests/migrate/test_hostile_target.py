@@ -53,7 +53,7 @@ def _told_back(target: FakeTarget) -> Error:
 
 def test_an_oversized_reply_is_refused_from_its_frame_header(machine: Machine) -> None:
     stats, target = _send_to(machine, raw_frame(MessageKind.ACCEPT, b"\0" * 24 * MiB))
-    assert "ProtocolViolation" in stats.reason and "frame of kind 2" in stats.reason  # by its length alone
+    assert stats.failure == "protocol-violation" and "frame of kind 2" in stats.reason  # by its length alone
 
 
 @pytest.mark.parametrize("kind", [MessageKind.REJECT, MessageKind.ERROR])
@@ -62,7 +62,7 @@ def test_a_msgpack_bomb_in_a_reply_is_refused_by_the_budget(machine: Machine, ki
     body = b"\x82" + msgpack.packb("problems" if kind is MessageKind.REJECT else "message") + empty_arrays(900 * 1024)
     body += msgpack.packb("code") + msgpack.packb(8)
     stats, target = _send_to(machine, raw_frame(kind, body))
-    assert "ProtocolViolation" in stats.reason and "undecodable" in stats.reason
+    assert stats.failure == "protocol-violation" and "undecodable" in stats.reason
     assert _told_back(target).code is ErrorCode.PROTOCOL
     # ~1 M empty lists decoded would be ~64 MiB; refused, the peak does not move by that
     grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
@@ -79,7 +79,7 @@ def test_a_huge_error_text_is_cut_before_it_is_decoded(machine: Machine) -> None
 
 def test_an_error_text_over_the_frame_cap_is_refused_unread(machine: Machine) -> None:
     stats, _ = _send_to(machine, frame_of(MessageKind.ERROR, {"code": 8, "message": "x" * (8 * MiB)}))
-    assert "ProtocolViolation" in stats.reason and "frame" in stats.reason
+    assert stats.failure == "protocol-violation" and "frame" in stats.reason
 
 
 def test_a_reject_with_endless_problems_keeps_a_bounded_few(machine: Machine) -> None:
@@ -98,5 +98,5 @@ def test_an_out_of_order_reply_is_a_protocol_violation_the_target_is_told(machin
         "protocol_version": 1, "format_version": "2.0", "producer": "x", "config": b"", "layout": b"",
         "cpuid": b""}}[kind]
     stats, target = _send_to(machine, frame_of(kind, fields))
-    assert "ProtocolViolation" in stats.reason and "cannot receive" in stats.reason
+    assert stats.failure == "protocol-violation" and "cannot receive" in stats.reason
     assert _told_back(target).code is ErrorCode.PROTOCOL
