@@ -54,7 +54,7 @@ MAX_PROBLEMS = 256  # problems of a Reject that are kept
 BODY_LIMITS = MsgpackLimits(max_str_len=MAX_FIELD, max_bin_len=MAX_FIELD, max_array_len=1 << 16,
                             max_map_len=64, max_blob_len=MAX_FRAME, max_items=1 << 16, max_depth=2)
 # Messages whose str fields are the peer's own words: decoded raw, then cut, then UTF-8.
-_TEXT_KINDS = frozenset({K.REJECT, K.CANCEL, K.ERROR, K.VERDICT})
+_TEXT_KINDS = frozenset({K.REJECT, K.CANCEL, K.ERROR})  # (VERDICT: bytes too; its 8 KiB cap bounds it)
 AUTH_CONTEXT = b"kvmigrate-auth-v1"
 CHALLENGE_BYTES = 32
 DEFAULT_PORT = 7380

@@ -111,7 +111,9 @@ def test_dirty_log_reports_exactly_what_changed_plus_vmm_writes(running) -> None
     changed = set(np.flatnonzero((before != after).any(axis=1)).tolist())
 
     ws = set(range(bg.WS_ADDR // 4096, bg.WS_ADDR // 4096 + 8 * 256))
-    assert 0 < len(changed & ws) < len(ws)  # the interval caught part of a pass
+    # the interval caught some of the working set: usually part of a pass, but a guest that was
+    # paused (the RAM copies above) is behind its TSC schedule and may catch up a whole pass
+    assert 0 < len(changed & ws)
     assert changed <= dirty
     # Every working-set write changes its page, so the two agree, but for one page: KVM logs a
     # page when the guest's write faults, before the write is done; a pause that lands between
