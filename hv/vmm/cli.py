@@ -103,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.api:
         check_socket_path(args.api)  # a clear refusal before boot, not after
     watch = None
-    out = open(args.console, "ab") if args.console else None  # noqa: SIM115 - for the process's life
+    out = open(args.console, "ab") if args.console not in (None, "-") else None  # noqa: SIM115 - for the process's life
     config = VmConfig(mem_size=args.mem, vcpus=args.cpus)
     with Kvm() as kvm:
         if args.kernel:
@@ -284,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--idle", action="store_true", help="built-in guest: halt once ready (no workload)")
     run.add_argument("--timeout", type=float, default=0, metavar="SECONDS",
                      help="stop the VM after this many seconds; 0: never")
-    run.add_argument("--console", metavar="FILE", help="guest console output to FILE (appended) "
-                     "instead of the terminal; input still comes from the terminal")
+    run.add_argument("--console", metavar="FILE|-", help="COM1's bytes, raw, appended to FILE instead of "
+                     "the terminal (-: the terminal, the default); input still comes from the terminal")
     run.add_argument("--disk", metavar="FILE[,ro]", help="virtio-blk backed by FILE (,ro: read-only)")
     run.add_argument("--virtio-console", action="store_true", help="virtio-console, output to the console")
     run.add_argument("--rng", action="store_true", help="virtio-rng")
