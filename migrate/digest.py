@@ -20,7 +20,7 @@ from formats import (DIGEST_BLOCK, EndRecord, KnownZero, ZeroRanges, block_count
 from hv.kvm.dirty import PAGE_SIZE, DirtyBitmap
 from hv.kvm.memory import GuestMemory, MemoryRegion
 from migrate.datapath import block_hashes
-from migrate.pages import Touched, behind_the_guest
+from migrate.pages import Touched
 
 
 def blocks_with_pages(region: MemoryRegion, pages: DirtyBitmap) -> np.ndarray:
@@ -144,8 +144,7 @@ class BlockHashes:
         """Hash the stale blocks in the background, one pass at a time (a pass already running
         leaves what went stale since for the next one)."""
         if self._background is None:
-            self._background = ThreadPoolExecutor(1, thread_name_prefix="block-hashes",
-                                                  initializer=behind_the_guest)
+            self._background = ThreadPoolExecutor(1, thread_name_prefix="block-hashes")
         if self._pass is None or self._pass.done():
             self._pass = self._background.submit(self.refresh, 1)
 

@@ -63,21 +63,6 @@ def dirty_runs(dirty: Iterable[tuple[MemoryRegion, DirtyBitmap]]) -> tuple[list[
     return runs, pages
 
 
-BEHIND_THE_GUEST_NICE = 10  # weight ~1/10 of a vCPU thread's when both want the same core
-
-
-def behind_the_guest() -> None:
-    """Lower the calling thread's CPU priority (its nice value; Linux gives threads their own):
-    for the threads that work while the guest runs (encoding live rounds, hashing blocks in the
-    background). On a host with few cores they share one with a vCPU thread, and the guest should
-    win it: a vCPU preempted for a scheduler slice is an echo that many ms late. Threads that work
-    while the guest is paused keep their priority (nothing competes then but other processes)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BEHIND_THE_GUEST_NICE)
-    except OSError:
-        pass  # a sandbox without setpriority: the thread runs at the usual priority
-
-
 class PageEncoderPool:
     """Encodes runs into PAGES sections on `workers` threads, yielding them in run order."""
 
@@ -91,8 +76,7 @@ class PageEncoderPool:
         self._local = threading.local()
         self._encoders: list[PageEncoderC] = []
         self._encoders_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="page-encoder",
-                                        initializer=None if stable else behind_the_guest)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="page-encoder")
 
     def _encode(self, run: MemoryRun) -> list[PageSection]:
         encoder = getattr(self._local, "encoder", None)
