@@ -98,6 +98,8 @@ class Serial16550:
         self._running = False
         self.terminal: Terminal | None = None
         self._drain_lock = threading.Lock()
+        # what `_drain` takes the output into, under `_drain_lock` (allocated once, not per wake)
+        self._take_buffer, self._take_dropped = ffi.new("uint8_t[]", 65536), ffi.new("uint64_t *")
         self._stop_lock = threading.Lock()
         self._delivered_dropped = 0
         self._reader: threading.Thread | None = None
@@ -143,9 +145,8 @@ class Serial16550:
         if self._output is None:
             return True
         with self._drain_lock:  # `output` sees the bytes in order
-            buf = ffi.new("uint8_t[]", 65536)
-            dropped = ffi.new("uint64_t *")
-            while n := lib.kvmig_uart_take_host(self.native, buf, 65536, dropped):
+            buf, dropped = self._take_buffer, self._take_dropped
+            while n := lib.kvmig_uart_take_host(self.native, buf, len(buf), dropped):
                 try:
                     self._output(bytes(ffi.buffer(buf, n)))
                 except Exception:  # the reader's fault, not the guest's: the guest goes on

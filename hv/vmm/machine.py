@@ -300,7 +300,10 @@ class Machine:
         return [s for s in self._slots if s.thread is not None and s.thread.is_alive() and not s.parked]
 
     def _all_quiet(self) -> bool:
-        return len(self._running_slots()) <= lib.kvmig_park_wait(self._parking, 0, 1, 0)
+        return len(self._running_slots()) <= self._parked_in_c()
+
+    def _parked_in_c(self) -> int:
+        return lib.kvmig_park_wait(self._parking, 0, 1, 0)  # "at least 0": the count, at once
 
     def _wait_quiet(self, timeout: float) -> bool:
         """Wait until every vCPU is parked (or its thread ended). Not under the lock: a vCPU on

@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from hv.guests import builtin as bg
 from hv.kvm.kvm import Kvm
 from hv.kvm.vm import VmConfig
-from hv.vmm.builder import builtin_machine
 from hv.vmm.control import call
 from hv.vmm.machine import Machine, RunState
 from migrate.errors import MigrationFailed, ProtocolViolation, TransportError
@@ -28,16 +27,8 @@ from migrate import MigrationOptions, listen_and_receive, receive, send
 from migrate.protocol import Pages, State
 from migrate.transport import Connection, Listener, connect, decode
 
-MiB = 1 << 20
-CONFIG = VmConfig(mem_size=64 * MiB)
-
-
-def _source(kvm: Kvm, ws: int = 8, rate: int = 40) -> tuple[Machine, bg.GuestConsole]:
-    console = bg.GuestConsole()
-    machine = builtin_machine(kvm, bg.GuestParams(ws_mib=ws, rate_mib_s=rate), CONFIG, console)
-    machine.start()
-    console.wait_pass(1, timeout=30)
-    return machine, console
+from tests.migrate.running_source import CONFIG, MiB
+from tests.migrate.running_source import running_source as _source
 
 
 class _Target:

@@ -18,8 +18,6 @@ import pytest
 
 from hv.guests import builtin as bg
 from hv.kvm.kvm import Kvm
-from hv.kvm.vm import VmConfig
-from hv.vmm.builder import builtin_machine
 from hv.vmm.control import ControlContext, ControlError, ControlServer, call
 from hv.vmm.machine import Machine, RunState
 from migrate import MigrationOptions, Receiver, send
@@ -29,16 +27,8 @@ from migrate.transport import Connection, Listener, connect
 import migrate.receiver
 import migrate.source
 
-MiB = 1 << 20
-CONFIG = VmConfig(mem_size=64 * MiB)
-
-
-def _source(kvm: Kvm, ws: int = 8, rate: int = 40) -> tuple[Machine, bg.GuestConsole]:
-    console = bg.GuestConsole()
-    machine = builtin_machine(kvm, bg.GuestParams(ws_mib=ws, rate_mib_s=rate), CONFIG, console)
-    machine.start()
-    console.wait_pass(1, timeout=30)
-    return machine, console
+from tests.migrate.running_source import CONFIG, MiB
+from tests.migrate.running_source import running_source as _source
 
 
 def _assert_runs_on(machine: Machine, console: bg.GuestConsole) -> None:
