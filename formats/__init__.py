@@ -64,6 +64,7 @@ from .layout import (
 )
 from .digest import (
     DIGEST_BLOCK,
+    POSTCOPY_DIGEST_BLOCK,
     KnownZero,
     ZeroRanges,
     block_count,

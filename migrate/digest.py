@@ -23,11 +23,13 @@ from migrate.datapath import block_hashes
 from migrate.pages import Touched
 
 
-def blocks_with_pages(region: MemoryRegion, pages: DirtyBitmap) -> np.ndarray:
-    """One bool per digest block of `region`: does it hold any page set in `pages`."""
+def blocks_with_pages(region: MemoryRegion, pages: DirtyBitmap, block: int = DIGEST_BLOCK) -> np.ndarray:
+    """One bool per digest block (of `block` bytes) of `region`: does it hold any page set in `pages`."""
     bits = np.unpackbits(pages.words.view(np.uint8), bitorder="little")[: region.npages]
-    per_block = DIGEST_BLOCK // PAGE_SIZE
-    padded = np.zeros(block_count(region.npages * PAGE_SIZE) * per_block, dtype=bool)
+    per_block = block // PAGE_SIZE
+    if per_block == 1:
+        return bits.astype(bool)
+    padded = np.zeros(block_count(region.npages * PAGE_SIZE, block) * per_block, dtype=bool)
     padded[: region.npages] = bits.astype(bool)
     return padded.reshape(-1, per_block).any(axis=1)
 
@@ -89,8 +91,9 @@ class BlockHashes:
     `refresh_soon` runs a pass on a thread of its own; `close` waits for it and ends the thread.
     """
 
-    def __init__(self, memory: GuestMemory, touched: Touched) -> None:
+    def __init__(self, memory: GuestMemory, touched: Touched, block: int = DIGEST_BLOCK) -> None:
         self.memory = memory
+        self.block = block  # DIGEST_BLOCK; POSTCOPY_DIGEST_BLOCK for the post-copy digest
         self.block_ms = 0.0  # what hashing one block cost on one thread, as last measured
         self._background: ThreadPoolExecutor | None = None
         self._pass: Future[int] | None = None
@@ -99,9 +102,9 @@ class BlockHashes:
         self._stale: dict[int, np.ndarray] = {}
         self._generation: dict[int, np.ndarray] = {}
         for region in memory.regions:
-            n = block_count(region.size)
-            self._hashes[region.guest_base] = zero_block_hashes(region.size)
-            self._stale[region.guest_base] = (blocks_with_pages(region, touched[region.guest_base])
+            n = block_count(region.size, block)
+            self._hashes[region.guest_base] = zero_block_hashes(region.size, block)
+            self._stale[region.guest_base] = (blocks_with_pages(region, touched[region.guest_base], block)
                                               if region.anonymous else np.ones(n, dtype=bool))
             self._generation[region.guest_base] = np.zeros(n, dtype=np.uint64)
 
@@ -109,7 +112,7 @@ class BlockHashes:
         """Pages in `changed` may differ from what their blocks were hashed over."""
         with self._lock:
             for region, pages in changed:
-                blocks = blocks_with_pages(region, pages)
+                blocks = blocks_with_pages(region, pages, self.block)
                 self._stale[region.guest_base] |= blocks
                 self._generation[region.guest_base][blocks] += np.uint64(1)
 
@@ -127,9 +130,10 @@ class BlockHashes:
             parts = np.array_split(blocks, max(1, min(workers, len(blocks) // 4)))
             if len(parts) > 1:
                 with ThreadPoolExecutor(len(parts)) as pool:
-                    values = np.concatenate(list(pool.map(lambda b: block_hashes(region.view, b), parts)))
+                    values = np.concatenate(list(pool.map(lambda b: block_hashes(region.view, b, self.block),
+                                                          parts)))
             else:
-                values = block_hashes(region.view, blocks)
+                values = block_hashes(region.view, blocks, self.block)
             with self._lock:
                 base = region.guest_base
                 kept = self._generation[base][blocks] == generations  # unchanged while hashed
@@ -152,12 +156,17 @@ class BlockHashes:
         if self._background is not None:
             self._background.shutdown(wait=True)
 
-    def digest(self, workers: int = 2) -> int:
-        """The memory digest now (memory must not change meanwhile: a paused guest)."""
+    def current(self, workers: int = 2) -> dict[int, np.ndarray]:
+        """Every block's hash now, by region base (memory must not change meanwhile: a paused
+        guest, or a target whose guest has not run yet)."""
         if self._pass is not None:
             self._pass.result()  # a background pass may still be running: let it finish
         while self.refresh(workers):
             pass  # a block invalidated during a refresh is hashed by the next one
         with self._lock:
-            return combine_block_hashes((r.guest_base, r.size, self._hashes[r.guest_base].copy())
-                                        for r in self.memory.regions)
+            return {base: hashes.copy() for base, hashes in self._hashes.items()}
+
+    def digest(self, workers: int = 2) -> int:
+        """The memory digest now (memory must not change meanwhile: a paused guest)."""
+        hashes = self.current(workers)
+        return combine_block_hashes((r.guest_base, r.size, hashes[r.guest_base]) for r in self.memory.regions)

@@ -89,6 +89,17 @@ class MigrationInDoubt(MigrationFailed):
     target may be running it. Resume the source only once the target says it has no guest."""
 
 
+class PostcopyFailed(MigrationFailed):
+    """Post-copy stopped after the switch: the target's guest is paused with the pages it has
+    (`missing` still at the source) and `machine` is kept, not discarded; the source keeps its
+    copy as it was at the switch."""
+
+    def __init__(self, reason: str, missing: int, machine: object = None) -> None:
+        self.missing, self.machine = missing, machine
+        super().__init__(f"{reason}; {missing} pages are still only at the source",
+                         "paused on the target with what it has")
+
+
 class Cancelled(MigrateError):
     """The user (or the source, seen from the target) called the migration off."""
 
@@ -137,6 +148,7 @@ FAILURES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str
     ((Cancelled, KeyboardInterrupt), "cancelled"),
     (NotConverging, "not-converging"),
     (MigrationInDoubt, "in-doubt"),
+    (PostcopyFailed, "postcopy-failed"),
     (MigrationFailed, "peer-failed"),
     (ProtocolViolation, "protocol-violation"),
     (TransportError, "link-failed"),

@@ -28,6 +28,11 @@ class MigrationOptions:
     timeout: float = 30.0  # longest wait for any one answer from the target
     # the final copy (guest paused) waits at most twice its budget plus this, in all, for the target
     final_copy_margin_ms: float = 1000.0
+    # post-copy (opt-in: after the switch the guest needs both hosts until every page is in)
+    postcopy: bool = False  # switch after `postcopy_after` pre-copy rounds
+    postcopy_after: int = 1
+    postcopy_auto: bool = False  # switch when pre-copy would not converge within downtime_ms
+    postcopy_reconnect_s: float = 30.0  # after a lost link, how long to try to reconnect
     key: bytes = b""
     tls: Tls | None = None  # mutual TLS (certificates checked against a private CA)
 
@@ -43,3 +48,7 @@ class MigrationOptions:
         if isinstance(values.get("tls"), dict):
             values["tls"] = Tls(**values["tls"])
         return cls(**values)
+
+    @property
+    def wants_postcopy(self) -> bool:
+        return self.postcopy or self.postcopy_auto

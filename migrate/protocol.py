@@ -18,6 +18,22 @@ transition table. Sockets, threads, KVM and the byte encoding live elsewhere (`m
       |   source stops its copy                              |
     Either side may send Error(code, message) before Commit; the source may send Cancel.
 
+Post-copy (`Hello.postcopy`; a fetch channel opens beside the page streams) takes another way
+at the pause: the pages the target lacks stay behind and it runs the guest on what it has.
+
+    Source                                              Target
+      |   -- source pauses the guest (downtime starts) --    |
+      | State + Postcopy(bitmap of the pages still missing) -> |   apply state, make those pages missing
+      | <------------------------------------------- Ready  |   (userfaultfd registered; paused)
+      | Commit --------------------------------------------> |
+      | <------------------------------------------ Resumed  |   the guest runs here (downtime ends)
+      | Pages(background push, faulted pages' neighbours first) -> | placed as they come
+      |   fetch channel: <- Fetch(addresses) / Pages(them) -> |   a vCPU's fault, answered at once
+      | Complete(the digest of the memory at the switch) --> |   every page in, digest checked
+      | <----------------------------------------- Finished  |   the source stops its copy
+      |   link lost after Commit: both wait; the source comes back with Reconnect(session) on a
+      |   new connection, the target answers Missing(what it still lacks), the push goes on.
+
 Never two running copies, never a lost guest. The hand-over is a two-phase commit with the source
 as coordinator:
 1. The target resumes the guest only after receiving Commit. The source sends Commit only after
@@ -39,6 +55,23 @@ as coordinator:
    protocol holds it paused, nor start a second migration or snapshot of it. IN_DOUBT is a state
    of its own that outlives the migration: the VM stays paused and held, and only
    `migrate resolve` ends it.
+7. Post-copy. Up to Ready the argument is 1-2 unchanged (Postcopy is one more message before
+   Ready; the source resumes on any failure). From Commit on the guest's memory lives in two
+   places: the target runs the guest but faults on the pages it lacks, which only the source's
+   paused copy holds. So after Commit the source never resumes and never discards its copy until
+   `Finished` says the target holds every page (the digest checked): one running copy (the
+   target's, or none yet if Commit was lost) and never none while both sides live. A link lost
+   after Commit leaves both sides waiting (POSTCOPY_PAUSED): the target's vCPUs that touch a
+   missing page wait in the kernel, the rest run on; the source holds its copy and comes back with
+   `Reconnect(session)`, answered by `Missing` (what the target still lacks: the push resumes
+   from there) or, if the target never took Commit, by a `Verdict` "not-committed" that fences the
+   session: then the source resumes (a target without Commit never ran the guest, point 1), or
+   "committed" once it finished (its Finished was lost: the source stops), or "unknown" (it
+   cannot say: nothing is settled, the source holds on). A target says "committed" of a post-copy
+   session only once it holds every page; until then its live exchange answers `Missing`. An
+   Error after Commit in post-copy (a page that fails its checks, a digest mismatch) ends the
+   exchange BROKEN: the target pauses its guest, the source keeps its copy as it was at the
+   switch, and an operator chooses (the guest may have done I/O on the target since).
 6. Resolving asks the target, on a new connection to its migration address: `Query(session)`,
    answered by one `Verdict`. The target answers atomically with respect to Commit: "committed"
    if it has taken Commit for that session (it runs, or ran, the guest: the source stops its
@@ -80,6 +113,11 @@ class MessageKind(enum.IntEnum):
     CHANNEL = 13  # first message on an extra page stream; not part of the exchange below
     QUERY = 14  # resolving a doubt: the only message of its own connection (point 6 above)
     VERDICT = 15  # the target's answer to QUERY
+    POSTCOPY = 16  # the switch to post-copy: what the target still lacks
+    FETCH = 17  # the fetch channel: pages a vCPU is waiting for
+    FINISHED = 18  # post-copy: every page is in and the digest checked
+    RECONNECT = 19  # post-copy, after a lost link: the first message of the source's new connection
+    MISSING = 20  # the target's answer to RECONNECT: what it still lacks
 
 
 class ErrorCode(enum.IntEnum):
@@ -109,6 +147,7 @@ class Hello:
     cpuid: bytes  # encoded CPUID the guest sees
     dry_run: bool = False
     streams: int = 1  # page streams: this connection and streams - 1 more (`Channel`)
+    postcopy: bool = False  # the source may switch to post-copy: a fetch channel (`Channel` index streams)
 
 
 @dataclass(frozen=True)
@@ -194,6 +233,49 @@ class Error:
     message: str
 
 
+@dataclass(frozen=True)
+class Postcopy:
+    """The switch: the guest is paused on the source, its state went before this; `missing` is
+    the bitmap of the pages the target does not hold yet (`migrate.postcopy.encode_missing`)."""
+
+    kind = MessageKind.POSTCOPY
+    missing: bytes
+    pages: int  # how many bits `missing` has set
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """On the fetch channel: guest physical addresses (le64 each) of pages a thread waits for."""
+
+    kind = MessageKind.FETCH
+    addresses: bytes
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The target holds every page and the memory digest checks; what post-copy cost it."""
+
+    kind = MessageKind.FINISHED
+    fetched: int = 0  # pages fetched on demand (a fault waited for them)
+    background: int = 0  # pages placed from the background push
+    fault_p50_us: int = 0  # fault latency: the fault's event read until its page was placed
+    fault_p99_us: int = 0
+    blocked_us: int = 0  # the time vCPU threads spent waiting for pages, summed
+
+
+@dataclass(frozen=True)
+class Reconnect:
+    kind = MessageKind.RECONNECT
+    session: bytes
+
+
+@dataclass(frozen=True)
+class Missing:
+    kind = MessageKind.MISSING
+    missing: bytes  # as `Postcopy.missing`
+    pages: int
+
+
 class HandOver(enum.StrEnum):
     """What a target says of a session it is asked about (`Verdict.hand_over`)."""
 
@@ -219,10 +301,11 @@ class Verdict:
 
 
 Message = Union[Hello, Accept, Reject, Pages, RoundDone, State, Complete, Ready, Commit, Resumed,
-                Cancel, Error, Channel, Query, Verdict]
+                Cancel, Error, Channel, Query, Verdict, Postcopy, Fetch, Finished, Reconnect, Missing]
 MESSAGE_TYPES: dict[MessageKind, type] = {
     m.kind: m for m in (Hello, Accept, Reject, Pages, RoundDone, State, Complete, Ready, Commit,
-                        Resumed, Cancel, Error, Channel, Query, Verdict)
+                        Resumed, Cancel, Error, Channel, Query, Verdict, Postcopy, Fetch, Finished,
+                        Reconnect, Missing)
 }
 
 
@@ -248,9 +331,18 @@ class S(enum.Enum):
     CANCELLED = "cancelled"
     FAILED = "failed"
     IN_DOUBT = "in-doubt"  # source only: link lost after Commit
+    # post-copy (point 7)
+    SWITCHING = "switching"  # Postcopy sent/received, waiting for/deciding Ready
+    SWITCH_READY = "switch-ready"  # target built, missing pages registered; waiting for Commit
+    SWITCH_COMMITTED = "switch-committed"  # Commit sent/received
+    POSTCOPY = "postcopy"  # the guest runs on the target; pages still flow
+    POSTCOPY_END = "postcopy-end"  # Complete sent/received: the last pages went, waiting for Finished
+    POSTCOPY_PAUSED = "postcopy-paused"  # link lost after Commit: both sides hold on, waiting to reconnect
+    RECONNECTING = "reconnecting"  # Reconnect sent/received
+    BROKEN = "broken"  # an Error after Commit in post-copy: target pauses, source holds; an operator chooses
 
 
-TERMINAL = frozenset({S.DONE, S.REJECTED, S.CANCELLED, S.FAILED, S.IN_DOUBT})
+TERMINAL = frozenset({S.DONE, S.REJECTED, S.CANCELLED, S.FAILED, S.IN_DOUBT, S.BROKEN})
 
 # (role, state, who sends, message kind) -> next state. Anything absent is a protocol error:
 # a LocalProtocolError if we tried to send it, a RemoteProtocolError if the peer did.
@@ -280,8 +372,33 @@ TRANSITIONS: dict[tuple[Role, S, str, MessageKind], S] = {
     (Role.TARGET, S.READY, RECV, K.COMMIT): S.COMMITTED,
     (Role.TARGET, S.COMMITTED, SEND, K.RESUMED): S.DONE,
 }
+# post-copy: the switch in place of Complete, then pages after Resumed, then Finished
+for _role, _mine, _theirs in ((Role.SOURCE, SEND, RECV), (Role.TARGET, RECV, SEND)):
+    TRANSITIONS |= {
+        (_role, S.TRANSFER, _mine, K.POSTCOPY): S.SWITCHING,
+        (_role, S.SWITCHING, _theirs, K.READY): S.SWITCH_READY,
+        (_role, S.SWITCH_READY, _mine, K.COMMIT): S.SWITCH_COMMITTED,
+        (_role, S.SWITCH_COMMITTED, _theirs, K.RESUMED): S.POSTCOPY,
+        (_role, S.POSTCOPY, _mine, K.PAGES): S.POSTCOPY,
+        (_role, S.POSTCOPY, _mine, K.COMPLETE): S.POSTCOPY_END,
+        (_role, S.POSTCOPY_END, _theirs, K.FINISHED): S.DONE,
+        (_role, S.POSTCOPY_PAUSED, _mine, K.RECONNECT): S.RECONNECTING,
+        (_role, S.RECONNECTING, _theirs, K.MISSING): S.POSTCOPY,
+        # a target that is not in post-copy with this session answers a Verdict instead: receive()
+        # reads "not-committed" as FAILED (fenced), "committed" as DONE (it finished), else no change
+        (_role, S.RECONNECTING, _theirs, K.VERDICT): S.POSTCOPY_PAUSED,
+    }
+    for _state in (S.POSTCOPY, S.POSTCOPY_END, S.RECONNECTING):  # either side may give up: BROKEN
+        TRANSITIONS[(_role, _state, SEND, K.ERROR)] = S.BROKEN
+        TRANSITIONS[(_role, _state, RECV, K.ERROR)] = S.BROKEN
+# The one transition that reads a field: a Verdict answering Reconnect (point 7); the table's
+# POSTCOPY_PAUSED stands for any other answer ("unknown").
+RECONNECT_VERDICTS = {
+    HandOver.NOT_COMMITTED: S.FAILED,  # fenced: the target never took Commit, never ran the guest
+    HandOver.COMMITTED: S.DONE,  # it finished: every page is there (its Finished was lost)
+}
 # Cancel (source only) and Error (either side) end the exchange from any live state before Commit.
-_PRE_COMMIT = (S.START, S.HELLO, S.TRANSFER, S.VERIFYING, S.READY)
+_PRE_COMMIT = (S.START, S.HELLO, S.TRANSFER, S.VERIFYING, S.READY, S.SWITCHING, S.SWITCH_READY)
 for _state in _PRE_COMMIT:
     TRANSITIONS[(Role.SOURCE, _state, SEND, K.CANCEL)] = S.CANCELLED
     TRANSITIONS[(Role.TARGET, _state, RECV, K.CANCEL)] = S.CANCELLED
@@ -289,8 +406,12 @@ for _state in _PRE_COMMIT:
         TRANSITIONS[(_role, _state, SEND, K.ERROR)] = S.FAILED
         TRANSITIONS[(_role, _state, RECV, K.ERROR)] = S.FAILED
 # After Commit only the target may still fail, and only by promising the guest never ran there.
-TRANSITIONS[(Role.TARGET, S.COMMITTED, SEND, K.ERROR)] = S.FAILED
-TRANSITIONS[(Role.SOURCE, S.COMMITTED, RECV, K.ERROR)] = S.FAILED
+for _state in (S.COMMITTED, S.SWITCH_COMMITTED):
+    TRANSITIONS[(Role.TARGET, _state, SEND, K.ERROR)] = S.FAILED
+    TRANSITIONS[(Role.SOURCE, _state, RECV, K.ERROR)] = S.FAILED
+# After Commit in post-copy, a lost link holds both sides (point 7): states where that applies.
+_HOLD_ON_LOSS = {Role.SOURCE: (S.SWITCH_COMMITTED, S.POSTCOPY, S.POSTCOPY_END, S.RECONNECTING),
+                 Role.TARGET: (S.SWITCH_COMMITTED, S.POSTCOPY, S.POSTCOPY_END, S.RECONNECTING)}
 
 
 class Outcome(enum.Enum):
@@ -299,6 +420,8 @@ class Outcome(enum.Enum):
     SOURCE_RESUME = "source resumes its guest"  # nothing was handed over
     SOURCE_STOP = "source stops: the target runs the guest"
     SOURCE_HOLD = "source keeps its guest paused: the hand-over is in doubt"
+    SOURCE_SERVE = "source keeps its paused copy: the target runs the guest on pages it still fetches"
+    TARGET_PAUSE = "target pauses its guest: post-copy broke (an operator chooses)"
     TARGET_DISCARD = "target discards its copy"
     TARGET_RUN = "target runs the guest"
     UNDECIDED = "undecided"
@@ -350,7 +473,10 @@ class Protocol:
         return state
 
     def receive(self, message: Message) -> S:
+        was = self.state
         state = self._step(RECV, message)
+        if was is S.RECONNECTING and isinstance(message, Verdict):  # point 7
+            self.state = state = RECONNECT_VERDICTS.get(message.hand_over, state)
         if isinstance(message, Error):
             self.peer_error = message
         elif isinstance(message, Reject):
@@ -362,11 +488,20 @@ class Protocol:
         self._link_lost = True
         if self.state in TERMINAL:
             return self.state
-        if self.role is Role.SOURCE and self.state is S.COMMITTED:
+        if self.state in _HOLD_ON_LOSS[self.role]:
+            self.state = S.POSTCOPY_PAUSED
+        elif self.state is S.POSTCOPY_PAUSED:
+            pass
+        elif self.role is Role.SOURCE and self.state is S.COMMITTED:
             self.state = S.IN_DOUBT
         elif not (self.role is Role.TARGET and self.state is S.COMMITTED):
             self.state = S.FAILED
         return self.state
+
+    def link_back(self) -> None:
+        """A new connection is up after a lost link (post-copy): the exchange may go on from
+        POSTCOPY_PAUSED; the first message on it must be Reconnect / its answer."""
+        self._link_lost = False
 
     @property
     def finished(self) -> bool:
@@ -378,13 +513,19 @@ class Protocol:
         if self.role is Role.SOURCE:
             if self.state is S.DONE:
                 return Outcome.SOURCE_STOP
-            if self.state is S.IN_DOUBT:
+            if self.state in (S.IN_DOUBT, S.BROKEN):
                 return Outcome.SOURCE_HOLD
+            if self.state in (S.SWITCH_COMMITTED, S.POSTCOPY, S.POSTCOPY_END, S.POSTCOPY_PAUSED,
+                              S.RECONNECTING):
+                return Outcome.SOURCE_SERVE
             if self.state in (S.REJECTED, S.CANCELLED, S.FAILED):
                 return Outcome.SOURCE_RESUME  # a post-Commit Error promises the target never ran it
             return Outcome.UNDECIDED
-        if self.state in (S.COMMITTED, S.DONE):
+        if self.state in (S.COMMITTED, S.DONE, S.SWITCH_COMMITTED, S.POSTCOPY, S.POSTCOPY_END,
+                          S.POSTCOPY_PAUSED, S.RECONNECTING):
             return Outcome.TARGET_RUN
+        if self.state is S.BROKEN:
+            return Outcome.TARGET_PAUSE
         if self.state in (S.REJECTED, S.CANCELLED, S.FAILED):
             return Outcome.TARGET_DISCARD
         return Outcome.UNDECIDED

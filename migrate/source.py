@@ -28,17 +28,20 @@ from hv.kvm.dirty import PAGE_SIZE, DirtyBitmap
 from hv.vmm.machine import Machine, RunState
 from hv.vmm.owner import Lease, owner_of
 from hv.kvm.memory import MemoryRegion
+from formats import POSTCOPY_DIGEST_BLOCK, DIGEST_BLOCK
 from migrate import digest, pages
+from migrate.datapath import PageEncoderC
+from migrate.postcopy import PostcopySource, count_missing, encode_missing
 from migrate.convergence import Action, RoundFigures, decide
 from migrate.errors import (Cancelled, MigrationFailed, MigrationInDoubt, NotConverging, ProtocolViolation,
                             TransportError, error_code, failure_word)
 from migrate.options import MigrationOptions
 from migrate.protocol import (PROTOCOL_VERSION, Cancel, Channel, Commit, Complete, Error, ErrorCode,
-                              Hello, Outcome, Pages, Protocol, Ready, Reject, RemoteProtocolError, Resumed,
-                              Role, RoundDone, State)
+                              Finished, Hello, Outcome, Pages, Postcopy, Protocol, Ready, Reject,
+                              RemoteProtocolError, Resumed, Role, RoundDone, State)
 from migrate.records import state_sections
 from migrate.state import PRODUCER, GuestCpuid, MachineConfig, capture, machine_config, machine_layout, registry
-from migrate.stats import Laps, MigrationOutcome, MigrationProgress, MigrationStats, RoundStats
+from migrate.stats import Laps, MigrationOutcome, MigrationProgress, MigrationStats, PostcopyStats, RoundStats
 from migrate.streams import OutgoingStream
 from migrate.transport import Connection, connect
 
@@ -73,6 +76,8 @@ class Source:
         self.paused_pool = pages.PageEncoderPool(options.level, workers, stable=True)
         self.paused_pool.warm()
         self.extra: list[OutgoingStream] = []
+        self.fetch_conn: Connection | None = None  # post-copy's fetch channel (opened at the handshake)
+        self.postcopy: PostcopySource | None = None
         self._sent_at_start = 0.0
         self._fetched_at = 0.0
         self._bytes_at_start = 0
@@ -123,7 +128,8 @@ class Source:
 
     @property
     def bytes_sent(self) -> int:
-        return self.conn.bytes_sent + sum(x.conn.bytes_sent for x in self.extra)
+        fetch = self.fetch_conn.bytes_sent if self.fetch_conn is not None else 0
+        return self.conn.bytes_sent + sum(x.conn.bytes_sent for x in self.extra) + fetch
 
     # --- the stages -------------------------------------------------------------------------------
 
@@ -144,6 +150,8 @@ class Source:
             figures = RoundFigures.after(self.stats, dirty_pages, time.perf_counter() - t0, self.machine.throttle,
                                          dirty_blocks=digest.dirty_blocks(dirty), block_ms=self._hashes.block_ms)
             decision = decide(figures, self.options)
+            if self._switch_now(decision.action):
+                return self._switch_to_postcopy(dirty, t0)
             match decision.action:
                 case Action.STOP_AND_COPY:
                     return self._stop_and_copy(dirty, t0, decision.estimate_ms)
@@ -154,6 +162,15 @@ class Source:
                     self._throttle(decision.throttle)
             self._round(len(self.stats.rounds), pages.dirty_runs(dirty)[0], dirty_rate)
 
+    def _switch_now(self, action: Action) -> bool:
+        """Post-copy instead of what pre-copy would do next: after `postcopy_after` rounds (asked
+        for: as QEMU's migrate-start-postcopy, even when a stop-and-copy would fit), or (auto)
+        only when pre-copy would need the throttle or give up."""
+        o = self.options
+        if o.postcopy and len(self.stats.rounds) >= o.postcopy_after:
+            return True
+        return o.postcopy_auto and action in (Action.THROTTLE, Action.GIVE_UP)
+
     def handshake(self) -> bool:
         """HELLO and the target's answer; False when that is the end of it (refused, dry run)."""
         machine, o = self.machine, self.options
@@ -161,7 +178,7 @@ class Source:
         self.message(Hello(PROTOCOL_VERSION, f"{FORMAT_MAJOR}.{FORMAT_MINOR}", PRODUCER,
                            self.writer.header() + self.writer.config(self._config()),
                            self.writer.layout(machine_layout(machine)), registry().encode(cpuid),
-                           o.dry_run, o.streams))
+                           o.dry_run, o.streams, o.wants_postcopy))
         reply = self.answer()
         log.info("the target %s: %s", "refused the guest" if isinstance(reply, Reject) else "accepts the guest",
                  "; ".join(getattr(reply, "problems", ())) or "no problems")
@@ -176,6 +193,9 @@ class Source:
         self.session = reply.session
         if o.streams > 1:
             self.open_extra_streams(reply.session)
+        if o.wants_postcopy:  # opened now, not at the switch: nothing of it in the downtime
+            self.fetch_conn = connect(self.address, o.key, o.timeout, o.tls)
+            self.fetch_conn.send(Channel(reply.session, o.streams))
         return True
 
     def _config(self) -> MachineConfig:
@@ -209,7 +229,8 @@ class Source:
             pass
         self._fetched_at = time.perf_counter()
         self._touched = pages.touched_pages(vm.memory)  # kept up to date from each dirty log
-        self._hashes = digest.BlockHashes(vm.memory, self._touched)
+        block = POSTCOPY_DIGEST_BLOCK if self.options.wants_postcopy else DIGEST_BLOCK  # the target's too
+        self._hashes = digest.BlockHashes(vm.memory, self._touched, block)
         self._hashes.refresh_soon()  # the digest at the end then hashes only what changed since
 
     def _fetch(self) -> tuple[Dirty, int, float]:
@@ -329,6 +350,69 @@ class Source:
         self.stats.sent_bytes = self.bytes_sent
         return self.stats
 
+    # --- post-copy (migrate.postcopy) ------------------------------------------------------------
+
+    def _switch_to_postcopy(self, pending: Dirty, t0: float) -> MigrationStats:
+        """Pause for good, send the state and what the target still lacks, hand over; then serve
+        the pages until the target has them all. The pause holds the final copy's deadline too."""
+        self._final_copy_limit_ms = 2 * self.options.downtime_ms + self.options.final_copy_margin_ms
+        self.stats.final_copy_limit_ms = self._final_copy_limit_ms
+        machine = self.machine
+        self.live.phase = "postcopy-switch"
+        laps = Laps()
+        machine.pause()
+        self._deadline = time.monotonic() + self._final_copy_limit_ms / 1000
+        laps.lap("pause")
+        final, _, _ = self._fetch()
+        for (_, merged), (_, earlier) in zip(final, pending, strict=True):
+            merged |= earlier
+        missing = {region.guest_base: bits for region, bits in final}
+        laps.lap("dirty_log")
+        state = capture(machine, machine_config(machine))
+        self.message(State(b"".join(state_sections(self.writer, state))))
+        laps.lap("state")
+        count = count_missing(missing)
+        self.message(Postcopy(encode_missing(missing), count))
+        laps.lap("bitmap")
+        ready = self.answer()  # Ready: state applied, the missing pages registered there
+        waited = laps.lap("target_verify")
+        self.message(Commit())
+        # From here the target may be running the guest: never resume on our own (protocol.py, point 7).
+        resumed = self.answer()
+        committed = laps.lap("target_resume")
+        self._deadline = None
+        self.stats.downtime_ms = sum(laps.phases.values())
+        self.stats.downtime_phases_ms = _with_target_phases(laps.phases, ready, resumed, waited, committed)
+        self.stats.downtime_target_ms = self.options.downtime_ms
+        self.stats.postcopy = PostcopyStats(after_rounds=len(self.stats.rounds), missing_pages=count)
+        self.postcopy = PostcopySource(machine.vm.memory, missing, self.options.level)
+        return self._serve_postcopy(t0)
+
+    def _serve_postcopy(self, t0: float) -> MigrationStats:
+        """The paused guest's pages to the target: faulted ones on the fetch channel (a thread),
+        the rest pushed here; then END (the page digest of this memory, which no longer changes)
+        and the target's Finished."""
+        self.live.phase = "postcopy"
+        started = time.perf_counter()
+        server = self.postcopy
+        server.start_fetch_server(self.fetch_conn)
+        number = len(self.stats.rounds)
+        server.push(lambda parts: self.pages_message(number, parts), PageEncoderC(self.options.level), self.writer)
+        self.message(Complete(self.writer.end(self._hashes.digest(self.options.threads))))
+        finished = self.answer()
+        p = self.stats.postcopy
+        p.fetched_pages, p.fetch_requests = finished.fetched, server.figures.fetch_requests
+        p.background_pages, p.push_jumps = finished.background, server.figures.push_jumps
+        p.fault_p50_us, p.fault_p99_us = finished.fault_p50_us, finished.fault_p99_us
+        p.vcpu_blocked_ms = round(finished.blocked_us / 1000, 3)
+        p.seconds = round(time.perf_counter() - started, 3)
+        self.stats.pages_sent += server.figures.pushed + server.figures.fetched
+        self.stats.frames_judged_raw = self.live_pool.frames_judged_raw + self.paused_pool.frames_judged_raw
+        self.stats.outcome, self.stats.reason = MigrationOutcome.COMPLETED, "the target runs the guest (post-copy)"
+        self.stats.total_seconds = time.perf_counter() - t0
+        self.stats.sent_bytes = self.bytes_sent
+        return self.stats
+
     # --- pages across the streams -----------------------------------------------------------------
 
     def _pace(self) -> None:
@@ -413,6 +497,10 @@ class Source:
             self._hashes.close()
         for extra in self.extra:
             extra.close()
+        if self.postcopy is not None:
+            self.postcopy.close()
+        if self.fetch_conn is not None:
+            self.fetch_conn.close()
         self.conn.close()
 
 
@@ -426,6 +514,7 @@ class InDoubt:
     options: MigrationOptions  # the key, TLS and timeout to ask with
     reason: str
     was_running: bool = True  # what resuming the source goes back to
+    postcopy: bool = False  # past the post-copy switch: the target may need this copy's pages
 
 
 def send(machine: Machine, target: str | Connection, options: MigrationOptions | None = None, *,
@@ -451,8 +540,8 @@ def _send(machine: Machine, target: str | Connection, o: MigrationOptions, progr
         raise MigrationFailed(f"the machine is {machine.state.value}", "where it was")
     was_running = machine.state is RunState.RUNNING
     conn = target if isinstance(target, Connection) else connect(target, o.key, o.timeout, o.tls)
-    if o.streams > 1 and isinstance(target, Connection):
-        raise MigrationFailed("several streams need an address to connect to", "where it was")
+    if (o.streams > 1 or o.wants_postcopy) and isinstance(target, Connection):
+        raise MigrationFailed("several streams and post-copy need an address to connect to", "where it was")
     source = Source(machine, conn, o, progress, cancel or threading.Event(),
                     address=None if isinstance(target, Connection) else target)
     try:
@@ -466,7 +555,8 @@ def _send(machine: Machine, target: str | Connection, o: MigrationOptions, progr
         outcome = source.fall_back(e, code)
         stats.outcome = {Outcome.SOURCE_RESUME: (MigrationOutcome.CANCELLED if code is ErrorCode.CANCELLED
                                                  else MigrationOutcome.FAILED),
-                         Outcome.SOURCE_HOLD: MigrationOutcome.IN_DOUBT}.get(outcome, MigrationOutcome.FAILED)
+                         Outcome.SOURCE_HOLD: MigrationOutcome.IN_DOUBT,
+                         Outcome.SOURCE_SERVE: MigrationOutcome.IN_DOUBT}.get(outcome, MigrationOutcome.FAILED)
         if outcome is Outcome.SOURCE_RESUME:
             restore_source(machine, was_running)
         log.warning("migration to %s: %s (%s)", conn.peer, stats.outcome, stats.reason)
@@ -474,6 +564,11 @@ def _send(machine: Machine, target: str | Connection, o: MigrationOptions, progr
             lease.leave_in_doubt(InDoubt(source.address, source.session, o, stats.reason, was_running))
             raise MigrationInDoubt(stats.reason, "paused here, in doubt: the target may run it; "
                                    "`migrate resolve` asks the target and settles it") from e
+        if outcome is Outcome.SOURCE_SERVE:
+            lease.leave_in_doubt(InDoubt(source.address, source.session, o, stats.reason, was_running,
+                                         postcopy=True))
+            raise MigrationInDoubt(stats.reason, "paused here after the post-copy switch: the target runs the "
+                                   "guest and still needs pages only this copy holds") from e
         return stats
     finally:
         source.close()

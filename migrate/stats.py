@@ -85,6 +85,25 @@ MiB = 1 << 20
 
 
 @dataclass
+class PostcopyStats:
+    """What post-copy cost: the pages left behind at the switch, how they came (on demand or in
+    the background), how long faults waited (the target's measure: the fault's event read until
+    its page was placed) and how long vCPU threads were blocked on them (QEMU's "blocktime")."""
+
+    after_rounds: int = 0  # pre-copy rounds before the switch
+    missing_pages: int = 0  # pages the target lacked at the switch
+    fetched_pages: int = 0  # sent because the target faulted on them
+    fetch_requests: int = 0
+    background_pages: int = 0  # sent by the background push
+    push_jumps: int = 0  # times the push moved to just after a fault
+    fault_p50_us: int = 0
+    fault_p99_us: int = 0
+    vcpu_blocked_ms: float = 0.0  # summed over vCPU threads
+    seconds: float = 0.0  # from the target's Resumed until its Finished
+    reconnects: int = 0  # links re-established after a loss
+
+
+@dataclass
 class MigrationStats:
     outcome: MigrationOutcome = MigrationOutcome.FAILED
     reason: str = ""  # what happened, in words
@@ -106,6 +125,7 @@ class MigrationStats:
     downtime_target_ms: float = 0.0
     frames_judged_raw: int = 0  # page frames sent uncompressed because a sample did not shrink
     final_copy_limit_ms: float = 0.0  # the longest the final copy could keep the guest paused
+    postcopy: PostcopyStats | None = None  # set when the migration switched to post-copy
 
     @property
     def downtime_overrun_ms(self) -> float:

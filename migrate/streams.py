@@ -188,6 +188,17 @@ def accept_streams(joins: Joins | None, count: int, session: bytes, machine: Mac
     return streams
 
 
+def accept_fetch_channel(joins: Joins | None, session: bytes, index: int, timeout: float) -> Connection:
+    """Post-copy's fetch channel: the join after the page streams, `Channel(session, index)`."""
+    if joins is None:
+        raise TransportError("post-copy needs a fetch channel; this target has no listener for it")
+    conn, hello = joins(timeout)
+    if hello.session != session or hello.index != index:
+        conn.close()
+        raise TransportError(f"{conn.peer} is not this migration's fetch channel")
+    return conn
+
+
 def close_streams(gate: RoundGate, streams: list[IncomingStream]) -> None:
     gate.close()
     for stream in streams:

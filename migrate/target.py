@@ -49,15 +49,17 @@ from hv.kvm.memory import RamBacking, anonymous_ram
 from migrate import digest, pages
 from migrate.datapath import place_pages
 from migrate.disks import DiskPolicy, OpenDisk
-from migrate.errors import (DiskRefused, IncompatibleError, MigrationFailed, ProtocolViolation, TransportError,
-                            error_code)
-from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete, Error, HandOver, Hello,
-                              Outcome, Pages, Protocol, Ready, Reject, RemoteProtocolError, Resumed, Role,
-                              RoundDone, State)
+from migrate.errors import (DiskRefused, IncompatibleError, MigrationFailed, PostcopyFailed, ProtocolViolation,
+                            TransportError, error_code)
+from formats import POSTCOPY_DIGEST_BLOCK, DIGEST_BLOCK
+from migrate.postcopy import PostcopyTarget, decode_missing, describe_missing
+from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete, Error, Finished, HandOver,
+                              Hello, Outcome, Pages, Postcopy, Protocol, Ready, Reject, RemoteProtocolError,
+                              Resumed, Role, RoundDone, S, State)
 from migrate.records import EXPECT, Collected
 from migrate.state import GuestCpuid, MachineConfig, apply, cpuid_problems, expected_layout, registry
-from migrate.streams import (MAX_STREAMS, IncomingStream, Joins, RoundGate, accept_streams, close_streams,
-                             listener_joins)
+from migrate.streams import (MAX_STREAMS, IncomingStream, Joins, RoundGate, accept_fetch_channel, accept_streams,
+                             close_streams, listener_joins)
 from migrate.transport import Connection, Listener
 
 log = logging.getLogger(__name__)
@@ -181,6 +183,10 @@ class Target:
         self.streams: list[IncomingStream] = []
         self.hashes: digest.BlockHashes | None = None
         self.session = b""  # what the extra page streams present, once accepted
+        self.postcopy_capable = False  # Hello.postcopy: page-granular hashes, a fetch channel
+        self.fetch_conn: Connection | None = None
+        self.postcopy: PostcopyTarget | None = None  # from the switch on
+        self._held: dict | None = None  # each page's hash as placed before the switch
         self._t0 = time.perf_counter()
 
     def take(self, message: Any) -> Any:
@@ -214,9 +220,13 @@ class Target:
             return self.incoming
         except BaseException as e:
             self.fail(e)
+            if self.postcopy is not None and self.incoming.machine is not None:
+                raise self.postcopy_stopped(e) from e
             raise
         finally:
             close_streams(self.gate, self.streams)
+            if self.fetch_conn is not None:
+                self.fetch_conn.close()
             if self.hashes is not None:
                 self.hashes.close()
             if self.session:
@@ -269,6 +279,8 @@ class Target:
         most = MAX_STREAMS if self.joins is not None else 1
         if not 1 <= hello.streams <= most:
             problems.append(f"{hello.streams} page streams: this target takes 1 to {most}")
+        if hello.postcopy and self.joins is None:
+            problems.append("post-copy needs a fetch channel, and this target takes no second connection")
         if not problems and config.virtio is not None and config.virtio.disk is not None:
             try:  # opened now, before any VM exists; the stream's path is only a name to match
                 self.disk = self.disks.open(config.virtio.disk, config.virtio.disk_readonly)
@@ -291,17 +303,31 @@ class Target:
         place_pages(self.reader, memory)  # checked and written in C; no guest runs here yet
         self.streams = accept_streams(self.joins, hello.streams - 1, self.session, self.machine,
                                       self.collected.layout.memory, self.gate, self.timeout)
+        self.postcopy_capable = hello.postcopy
+        if hello.postcopy:
+            self.fetch_conn = accept_fetch_channel(self.joins, self.session, hello.streams, self.timeout)
         nothing = {r.guest_base: DirtyBitmap(r.npages) for r in memory.regions}
-        self.hashes = digest.BlockHashes(memory, nothing)  # fresh memory: all zero
+        block = POSTCOPY_DIGEST_BLOCK if hello.postcopy else DIGEST_BLOCK  # as the source's END
+        self.hashes = digest.BlockHashes(memory, nothing, block)  # fresh memory: all zero
 
     # --- 3. to 5.: one message at a time ----------------------------------------------------------
 
     def on(self, message: Any) -> bool:
         """Act on one message of the exchange; True once the guest runs here."""
         match message:
+            case Pages(payload=payload) if self.postcopy is not None:  # the background push
+                self.postcopy.take(self.records("PAGES", payload, PAGES_RECORDS, stable=True), background=True)
             case Pages(round=number, payload=payload):  # `stable`: a buffer only we hold
                 self.gate.add(number, self.collected.take(self.records("PAGES", payload, PAGES_RECORDS,
                                                                        stable=True)))
+                if self.postcopy_capable:  # hashed as they come: the switch waits for little
+                    self._invalidate_written()
+                    self.hashes.refresh_soon()
+            case Postcopy(missing=missing, pages=count):
+                self.switch(missing, count)
+            case Complete(payload=payload) if self.postcopy is not None:
+                self.finish_postcopy(payload)
+                return True
             case RoundDone(round=number, pages=count):
                 self.round_done(number, count)
             case State(payload=payload):
@@ -310,7 +336,7 @@ class Target:
                 self.verify(payload)
             case Commit():
                 self.commit()
-                return True
+                return self.postcopy is None  # post-copy: the pages still come
             case Cancel(reason=reason):
                 raise MigrationFailed(f"the source cancelled: {reason}", "on the source")
             case Error(code=code, message=text):
@@ -343,6 +369,45 @@ class Target:
         apply(self.machine, state)
         self.tell(Ready(digest_us=_us(t1 - t0), apply_us=_us(time.perf_counter() - t1)))
 
+    def switch(self, missing: bytes, count: int) -> None:
+        """Post-copy's switch: the state applied, every page held so far hashed (the guest has
+        not run here), the missing pages registered; then Ready."""
+        state = self.collected.state()
+        memory = self.machine.vm.memory
+        bits = decode_missing(missing, memory)
+        if sum(b.count() for b in bits.values()) != count:
+            raise ProtocolViolation(f"Postcopy says {count} pages are missing; its bitmap has another count")
+        self._invalidate_written()
+        t0 = time.perf_counter()
+        self._held = self.hashes.current(2)
+        t1 = time.perf_counter()
+        apply(self.machine, state)
+        self.postcopy = PostcopyTarget(memory, self.collected.layout.memory, bits)
+        self.postcopy.decode_into_staging(self.reader)  # from now on the main stream's pages too
+        self.postcopy.start_fetcher(self.fetch_conn)  # waits for the first fault: the guest's resume
+        log.debug("post-copy switch: %s missing", describe_missing(count))
+        self.tell(Ready(digest_us=_us(t1 - t0), apply_us=_us(time.perf_counter() - t1)))
+
+    def finish_postcopy(self, payload: bytes) -> None:
+        """END after the last pushed page: every missing page must be in by now; the page digest
+        checked (migrate.postcopy says why it proves the memory); then Finished."""
+        self.collected.take(self.records("COMPLETE", payload, COMPLETE_RECORDS))
+        pc = self.postcopy
+        left = pc.still_missing()
+        if left:
+            raise MigrationFailed(f"post-copy: the source finished with {describe_missing(left)} never sent",
+                                  "on the source")
+        found = pc.digest(self._held)
+        if found != self.collected.end.digest:
+            raise formats.DigestMismatch(self.collected.end.digest, found)
+        pc.stop_fetcher()
+        p50, p99, blocked = pc.fault_stats()
+        self.tell(Finished(fetched=pc.figures.fetched, background=pc.figures.background, fault_p50_us=p50,
+                           fault_p99_us=p99, blocked_us=blocked))
+        pc.close()
+        log.info("post-copy finished: %d pages fetched on demand, %d in the background", pc.figures.fetched,
+                 pc.figures.background)
+
     def commit(self) -> None:
         t0 = time.perf_counter()
         with self.ledger.committing(self.session) as allowed:
@@ -363,12 +428,28 @@ class Target:
 
     # --- or else ----------------------------------------------------------------------------------
 
+    def postcopy_stopped(self, error: BaseException) -> PostcopyFailed:
+        """Post-copy broke off after Commit: the guest here must not run on with holes. Its vCPUs
+        are paused (one waiting in the kernel for a page that is not coming stays there: it runs
+        no guest instruction either), the pages stay registered, the machine is kept."""
+        pc = self.postcopy
+        pc.stop_fetcher()
+        try:
+            self.machine.pause(timeout=1.0)
+        except HvError as e:
+            log.info("post-copy stopped: %s (vCPUs waiting for a missing page stay blocked)", e)
+        missing = pc.still_missing()
+        log.error("post-copy stopped after the switch: %s; the guest is paused here with %s still at the source",
+                  error, describe_missing(missing))
+        return PostcopyFailed(f"post-copy stopped after the switch: {error}", missing, self.machine)
+
     def fail(self, error: BaseException) -> None:
         """Tear the half-built VM down and, if the exchange is still open, tell the source why."""
         close_streams(self.gate, self.streams)  # before the memory they write into goes away
         if self.machine is not None and self.incoming.machine is None:
             discard(self.machine)
-        if self.proto.outcome() is Outcome.UNDECIDED and not isinstance(error, TransportError):
+        live = self.proto.outcome() is Outcome.UNDECIDED or self.proto.state in (S.POSTCOPY, S.POSTCOPY_END)
+        if live and not isinstance(error, TransportError):
             try:
                 self.tell(Error(error_code(error), f"{type(error).__name__}: {error}"[:1000]))
                 self.conn.close_after_telling()  # so the source reads why, rather than a reset link

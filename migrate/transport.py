@@ -47,6 +47,10 @@ FRAME_CAPS: dict[MessageKind, int] = {
     K.HELLO: 4 << 20, K.ACCEPT: 4 << 10, K.REJECT: 1 << 20, K.PAGES: MAX_FRAME, K.ROUND_DONE: 4 << 10,
     K.STATE: MAX_FIELD + 64, K.COMPLETE: 64 << 10, K.READY: 4 << 10, K.COMMIT: 4 << 10, K.RESUMED: 4 << 10,
     K.CANCEL: 1 << 20, K.ERROR: 1 << 20, K.CHANNEL: 4 << 10, K.QUERY: 4 << 10, K.VERDICT: 8 << 10,
+    # post-copy: a bitmap of the guest's pages (one bit per 4 KiB: 512 GiB in MAX_FIELD), a few
+    # thousand addresses a fetch
+    K.POSTCOPY: MAX_FIELD + 64, K.FETCH: 64 << 10, K.FINISHED: 4 << 10, K.RECONNECT: 4 << 10,
+    K.MISSING: MAX_FIELD + 64,
 }
 MAX_TEXT = 4096  # bytes of one text from the peer that are kept (and decoded); the rest is cut
 MAX_PROBLEMS = 256  # problems of a Reject that are kept

@@ -278,6 +278,7 @@ int kvmig_install_kick_handler(int signo);
 size_t kvmig_bitmap_runs(const uint64_t *bitmap, size_t nbits, uint64_t *starts, uint64_t *counts,
                          size_t max_runs);
 size_t kvmig_bitmap_count(const uint64_t *bitmap, size_t nwords);
+void kvmig_memcopy(void *dst, const void *src, size_t n);
 """
 
 # The UART and the vCPU loop that serves it (uart.c, vcpu_loop.c beside this file): the guest's
@@ -383,6 +384,7 @@ int kvmig_uffd_copy(kvmig_uffd *h, uint64_t off, const void *src, uint64_t len);
 int kvmig_uffd_zero(kvmig_uffd *h, uint64_t off, uint64_t len);
 int kvmig_uffd_stage(kvmig_uffd *h, uint64_t off, const void *src, uint64_t len);
 int kvmig_uffd_stage_zero(kvmig_uffd *h, uint64_t off, uint64_t len);
+long kvmig_uffd_place_staged(kvmig_uffd *h, uint64_t off, uint64_t len);
 size_t kvmig_uffd_take(kvmig_uffd *h, kvmig_uffd_fault *out, size_t max);
 int kvmig_uffd_wait(kvmig_uffd *h, int timeout_ms);
 int kvmig_uffd_notify_fd(kvmig_uffd *h);
@@ -491,6 +493,11 @@ size_t kvmig_bitmap_runs(const uint64_t *bitmap, size_t nbits, uint64_t *starts,
     }
     return n;
 }
+
+/* A copy to or from guest memory called without the interpreter lock: if the guest page is
+   missing (post-copy: userfaultfd), the calling thread waits in the kernel while the page
+   fetcher, which needs the lock, keeps running. */
+void kvmig_memcopy(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
 
 size_t kvmig_bitmap_count(const uint64_t *bitmap, size_t nwords) {
     size_t total = 0;

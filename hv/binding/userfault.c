@@ -451,6 +451,35 @@ int kvmig_uffd_stage_zero(kvmig_uffd *h, uint64_t off, uint64_t len) {
     return uf_stage(h, off, NULL, len, 1);
 }
 
+/* Place the staged pages of [off, off+len) not in place yet (from staging, or zero pages), the
+   lock taken for at most UF_PLACE_CHUNK pages at a time so the fault thread is never held off
+   for long. Returns the pages placed, or -errno. */
+#define UF_PLACE_CHUNK 64
+long kvmig_uffd_place_staged(kvmig_uffd *h, uint64_t off, uint64_t len) {
+    long placed = 0;
+    pthread_mutex_lock(&h->lock);
+    int r = uf_check(h, off, len);
+    pthread_mutex_unlock(&h->lock);
+    if (r) return r;
+    uint64_t first = off / UF_PAGE, end = (off + len) / UF_PAGE;
+    for (uint64_t c = first; c < end; c += UF_PLACE_CHUNK) {
+        uint64_t stop = c + UF_PLACE_CHUNK < end ? c + UF_PLACE_CHUNK : end;
+        pthread_mutex_lock(&h->lock);
+        for (uint64_t p = c; p < stop && !r;) {
+            uint8_t kind = h->state[p];
+            if (kind != UF_STAGED && kind != UF_STAGED_ZERO) { p++; continue; }
+            uint64_t q = p;
+            while (q < stop && h->state[q] == kind) q++;
+            r = uf_place_run(h, p * UF_PAGE, kind == UF_STAGED ? h->staging + p * UF_PAGE : NULL, (q - p) * UF_PAGE);
+            placed += (long)(q - p);
+            p = q;
+        }
+        pthread_mutex_unlock(&h->lock);
+        if (r) return r;
+    }
+    return placed;
+}
+
 /* Take up to `max` queued faults whose page is still not in place (oldest first). */
 size_t kvmig_uffd_take(kvmig_uffd *h, kvmig_uffd_fault *out, size_t max) {
     uint64_t count;

@@ -89,6 +89,10 @@ class DirtyBitmap:
         self._check_same(other)
         return DirtyBitmap(self.npages, self.words | other.words)
 
+    def __and__(self, other: DirtyBitmap) -> DirtyBitmap:
+        self._check_same(other)
+        return DirtyBitmap(self.npages, self.words & other.words)
+
     def __ior__(self, other: DirtyBitmap) -> DirtyBitmap:
         self._check_same(other)
         np.bitwise_or(self.words, other.words, out=self.words)

@@ -281,12 +281,20 @@ class GuestMemory:
         region, offset = self.find(address, length)
         return region.view[offset : offset + length]
 
+    # read and write copy in C without the interpreter lock: a device thread touching a page that
+    # is still missing (post-copy) then waits in the kernel without holding up the page fetcher.
+
     def read(self, address: int, length: int) -> bytes:
-        return bytes(self.view(address, length))
+        region, offset = self.find(address, length)
+        out = bytearray(length)
+        if length:
+            lib.kvmig_memcopy(ffi.from_buffer(out), ffi.cast("void *", region.host_address + offset), length)
+        return bytes(out)
 
     def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         region, offset = self.find(address, len(data))
-        region.view[offset : offset + len(data)] = data
+        if len(data):
+            lib.kvmig_memcopy(ffi.cast("void *", region.host_address + offset), ffi.from_buffer(data), len(data))
         region.mark_dirty(offset, len(data))
 
     def fill(self, address: int, length: int, byte: int = 0) -> None:
@@ -312,10 +320,10 @@ class GuestMemory:
         region.mark_dirty(offset, length)
 
     def read_u32(self, address: int) -> int:
-        return int.from_bytes(self.view(address, 4), "little")
+        return int.from_bytes(self.read(address, 4), "little")
 
     def read_u64(self, address: int) -> int:
-        return int.from_bytes(self.view(address, 8), "little")
+        return int.from_bytes(self.read(address, 8), "little")
 
     def host_address(self, address: int) -> int:
         region, offset = self.find(address)

@@ -303,6 +303,15 @@ class Userfault:
         offset = self._offset(address, length)
         self._check("stage", address, length, lib.kvmig_uffd_stage_zero(self._live(), offset, length))
 
+    def place_staged(self, address: int, length: int) -> int:
+        """Place every staged page of the run not in place yet (a background fill: the lock is
+        held for at most 64 pages at a time, so faults are served in between); returns how many
+        were placed."""
+        offset = self._offset(address, length)
+        ret = lib.kvmig_uffd_place_staged(self._live(), offset, length)
+        self._check("UFFDIO_COPY", address, length, ret)
+        return ret
+
     @property
     def c_api(self) -> UserfaultCApi:
         return UserfaultCApi(

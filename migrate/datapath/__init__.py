@@ -195,14 +195,14 @@ def zstd_decompressor():
     return decompress
 
 
-def block_hashes(memory: object, blocks: np.ndarray) -> np.ndarray:
+def block_hashes(memory: object, blocks: np.ndarray, block: int = DIGEST_BLOCK) -> np.ndarray:
     """`formats.digest.block_hash(memory, i)` for every block index in `blocks`, in one call
     (a pass over many blocks holds the GIL for none of them). Out-of-range blocks hash as empty."""
     mem = memoryview(memory).cast("B")  # type: ignore[arg-type]
     index = np.ascontiguousarray(blocks, dtype=np.uint64)
     out = np.empty(len(index), dtype=np.uint64)
     if len(index):
-        lib.kvmig_block_hashes(ffi.from_buffer("uint8_t[]", mem), mem.nbytes, DIGEST_BLOCK,
+        lib.kvmig_block_hashes(ffi.from_buffer("uint8_t[]", mem), mem.nbytes, block,
                                ffi.from_buffer("uint64_t[]", index), len(index), ffi.from_buffer("uint64_t[]", out))
     return out
 

@@ -129,7 +129,7 @@ class Virtqueue:
 
     def _u16(self, address: int) -> int:
         try:
-            return int.from_bytes(self.memory.view(address, 2), "little")
+            return int.from_bytes(self.memory.read(address, 2), "little")  # in C, GIL released: post-copy
         except GuestMemoryError as e:
             raise VirtioQueueError(self.index, str(e)) from None
 
@@ -170,7 +170,7 @@ class Virtqueue:
             if index >= s.num:
                 self._fail(f"descriptor index {index} beyond the {s.num}-entry table")
             try:
-                raw = self.memory.view(s.desc + DESC_SIZE * index, DESC_SIZE)
+                raw = self.memory.read(s.desc + DESC_SIZE * index, DESC_SIZE)
             except GuestMemoryError as e:
                 raise VirtioQueueError(self.index, str(e)) from None
             address, length, flags, nxt = _DESC.unpack(raw)

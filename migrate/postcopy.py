@@ -1,0 +1,422 @@
+"""Post-copy: the guest runs on the target before all of its memory is there (QEMU's postcopy-ram).
+
+At the switch the source pauses its guest for good and sends the vCPU and device state with the
+bitmap of the pages the target still lacks (`Postcopy`). The target makes those pages missing
+(given back to the host, then registered with userfaultfd: `hv.kvm.userfault`), resumes the guest
+and fills them from two directions:
+
+- **on demand**: a thread that touches a missing page (a vCPU in KVM_RUN, a device thread) waits
+  in the kernel; the target's fetcher sends the page's address on the fetch channel (a connection
+  of its own, so an urgent page never waits behind the background stream) and places the page the
+  source sends back (`PostcopyFetcher`);
+- **in the background**: the source pushes every page still unsent on the main connection, from
+  just after the most recent fault first (a guest that faulted there is likely to go on there),
+  and sequentially from there (`PostcopySource.push`).
+
+A page is placed once (`hv.kvm.userfault`): whichever copy arrives first wins, the other is a
+no-op; both are the same bytes, since the source's memory no longer changes. Pages are decoded by
+the C data path into a staging buffer laid out as guest RAM (never into guest RAM itself, which a
+running guest owns) and placed from there by UFFDIO_COPY, with the stream format's checksums
+checked on the way as for any PAGES.
+
+The end digest (END, by 4 KiB page: `formats.POSTCOPY_DIGEST_BLOCK`) proves the target's memory
+is what the source held at the switch plus what the guest wrote since. How: the digest is one
+hash per page. The target hashes pre-copy pages as they are placed, and has them all hashed
+before the guest runs there (`BlockHashes.current` at the switch); the pages missing at the
+switch it hashes from the staging buffer, which holds exactly the bytes that were placed for
+them and which the guest never writes. The combination is the digest of "every page as the
+target placed it", which the source computes over its paused memory: equal digests mean every
+page the guest started from on the target was the source's page at the switch, and what differs
+in guest memory now is only what the guest wrote since.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import select
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import formats
+from formats import POSTCOPY_DIGEST_BLOCK, StreamReader, StreamWriter
+from hv.kvm.dirty import PAGE_SHIFT, PAGE_SIZE, DirtyBitmap, words_for
+from hv.kvm.memory import GuestMemory, MemoryRegion, anonymous_ram
+from hv.kvm.userfault import Userfault
+from migrate.datapath import PageDecoderC, PageEncoderC, block_hashes
+from migrate.errors import MigrationFailed, ProtocolViolation, TransportError
+from migrate.protocol import Fetch, Pages
+from migrate.state import PRODUCER, registry
+from migrate.transport import Connection
+
+log = logging.getLogger(__name__)
+
+PUSH_CHUNK = 256  # pages per background chunk (1 MiB): a fault jumps the push at this grain
+PUSH_MESSAGE = 1 << 20  # page payload per background PAGES message: small, so a jump takes soon
+FETCH_MAX = 512  # addresses per Fetch
+_REGION = struct.Struct("<QQ")
+
+Missing = dict[int, DirtyBitmap]  # region guest base -> pages the target lacks
+
+
+# --- the bitmap on the wire -------------------------------------------------------------------------
+
+
+def encode_missing(missing: Missing) -> bytes:
+    """`Postcopy.missing`: per RAM region, in address order, `le64 base ‖ le64 pages ‖ the
+    bitmap's le64 words` (bit i: page i of the region)."""
+    return b"".join(_REGION.pack(base, bits.npages) + bits.words.astype("<u8").tobytes()
+                    for base, bits in sorted(missing.items()))
+
+
+def decode_missing(data: bytes, memory: GuestMemory) -> Missing:
+    """The bitmap a peer sent, checked against this side's RAM: every region once, in order,
+    its page count exactly, no bit past its end (a `ProtocolViolation` otherwise)."""
+    view, at, out = memoryview(data), 0, {}
+    for region in memory.regions:
+        if len(view) - at < _REGION.size:
+            raise ProtocolViolation(f"missing-page bitmap: ends before the region at {region.guest_base:#x}")
+        base, npages = _REGION.unpack_from(view, at)
+        at += _REGION.size
+        if base != region.guest_base or npages != region.npages:
+            raise ProtocolViolation(f"missing-page bitmap: a region of {npages} pages at {base:#x}, this guest "
+                                    f"has {region.npages} at {region.guest_base:#x}")
+        nbytes = words_for(npages) * 8
+        if len(view) - at < nbytes:
+            raise ProtocolViolation("missing-page bitmap: truncated")
+        words = np.frombuffer(view[at:at + nbytes], dtype="<u8").astype(np.uint64)
+        at += nbytes
+        if npages % 64 and int(words[-1]) >> (npages % 64):
+            raise ProtocolViolation(f"missing-page bitmap: bits past the {npages} pages of {base:#x}")
+        out[base] = DirtyBitmap(npages, words)
+    if at != len(view):
+        raise ProtocolViolation(f"missing-page bitmap: {len(view) - at} bytes past its regions")
+    return out
+
+
+def count_missing(missing: Missing) -> int:
+    return sum(bits.count() for bits in missing.values())
+
+
+def _bits(bitmap: DirtyBitmap) -> np.ndarray:
+    return np.unpackbits(bitmap.words.view(np.uint8), bitorder="little")[: bitmap.npages].astype(bool)
+
+
+def _runs(bits: np.ndarray) -> list[tuple[int, int]]:
+    """(first page, count) of each run of set bits (numpy, not a per-page loop)."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], bits.astype(np.int8), [0]))))
+    return [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def page_digest(hashes: dict[int, np.ndarray], memory: GuestMemory) -> int:
+    return formats.combine_block_hashes((r.guest_base, r.size, hashes[r.guest_base]) for r in memory.regions)
+
+
+# --- source ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceFigures:
+    fetched: int = 0  # pages sent because the target asked
+    fetch_requests: int = 0
+    pushed: int = 0  # pages sent by the background push
+    push_jumps: int = 0  # times the push moved to just after a fault
+
+
+class PostcopySource:
+    """The source after the switch: its paused guest's memory is served to the target, on demand
+    (`serve_fetches`, on the fetch channel, its own thread) and in the background (`push`)."""
+
+    def __init__(self, memory: GuestMemory, missing: Missing, level: int) -> None:
+        self.memory, self.level = memory, level
+        self.figures = SourceFigures()
+        self._lock = threading.Lock()
+        self._unsent = {r.guest_base: _bits(missing[r.guest_base]) for r in memory.regions}
+        self._cursor = {base: 0 for base in self._unsent}
+        self._jump: tuple[int, int] | None = None  # (region base, page) just after the latest fault
+        self._stop = threading.Event()
+        self._fetch_thread: threading.Thread | None = None
+        self.fetch_error: BaseException | None = None
+
+    def reset_missing(self, missing: Missing) -> None:
+        """After a reconnect: what the target says it still lacks is what is unsent now."""
+        with self._lock:
+            for r in self.memory.regions:
+                self._unsent[r.guest_base] = _bits(missing[r.guest_base])
+                self._cursor[r.guest_base] = 0
+
+    # --- on demand ---
+
+    def start_fetch_server(self, conn: Connection) -> None:
+        self._fetch_thread = threading.Thread(target=self._serve_fetches, args=(conn,), name="postcopy-fetch",
+                                              daemon=True)
+        self._fetch_thread.start()
+
+    def _serve_fetches(self, conn: Connection) -> None:
+        writer = StreamWriter(registry(), producer=PRODUCER)
+        encoder = PageEncoderC(self.level)
+        try:
+            conn.send_pages(0, [writer.header()])
+            while not self._stop.is_set():
+                message = conn.receive(None)
+                if not isinstance(message, Fetch):
+                    raise ProtocolViolation(f"the fetch channel carried {type(message).__name__}")
+                parts = []
+                for address in self._fetched_addresses(message.addresses):
+                    region, offset = self.memory.find(address, PAGE_SIZE)
+                    for section in encoder.encode(address, region.view[offset:offset + PAGE_SIZE]):
+                        parts.extend(writer.pages_parts(section))
+                conn.send_pages(0, parts)
+        except TransportError as e:
+            if not self._stop.is_set():
+                self.fetch_error = e
+                log.info("post-copy fetch channel: %s", e)
+        except BaseException as e:  # noqa: BLE001 - read by the push loop
+            self.fetch_error = e
+            log.warning("post-copy fetch channel failed: %s", e)
+
+    def _fetched_addresses(self, raw: bytes) -> list[int]:
+        if len(raw) % 8 or not raw or len(raw) > FETCH_MAX * 8:
+            raise ProtocolViolation(f"a Fetch of {len(raw)} bytes (1 to {FETCH_MAX} le64 addresses)")
+        addresses = np.frombuffer(raw, dtype="<u8").tolist()
+        with self._lock:
+            for address in addresses:
+                if address % PAGE_SIZE:
+                    raise ProtocolViolation(f"a Fetch of the unaligned address {address:#x}")
+                region, offset = self.memory.find(address, PAGE_SIZE)  # GuestAddressError: outside RAM
+                self._unsent[region.guest_base][offset >> PAGE_SHIFT] = False
+            self._jump = (region.guest_base, (offset >> PAGE_SHIFT) + 1)
+            self.figures.fetched += len(addresses)
+            self.figures.fetch_requests += 1
+        return sorted(set(addresses))
+
+    # --- background ---
+
+    def _next_chunk(self) -> tuple[MemoryRegion, int, int] | None:
+        """The next run of unsent pages (at most PUSH_CHUNK), taken: from just after the latest
+        fault if there was one since, else from the cursor; None once everything went."""
+        with self._lock:
+            regions = list(self.memory.regions)
+            if self._jump is not None:
+                base, page = self._jump
+                self._jump = None
+                self._cursor[base] = page
+                self.figures.push_jumps += 1
+                regions.sort(key=lambda r: r.guest_base != base)  # the faulted region first
+            for region in regions:
+                base = region.guest_base
+                unsent = self._unsent[base]
+                for start in (self._cursor[base], 0):
+                    hits = np.flatnonzero(unsent[start:start + 4 * PUSH_CHUNK])
+                    if not len(hits):
+                        hits = np.flatnonzero(unsent[start:])
+                    if len(hits):
+                        first = start + int(hits[0])
+                        window = unsent[first:min(first + PUSH_CHUNK, region.npages)]
+                        count = len(window) if window.all() else int(np.argmin(window))
+                        unsent[first:first + count] = False
+                        self._cursor[base] = first + count
+                        self.figures.pushed += count
+                        return region, first, count
+        return None
+
+    def push(self, send: Callable[[list[bytes | memoryview]], None], encoder: PageEncoderC, writer: StreamWriter) -> None:
+        """Send every unsent page through `send(parts)` (a PAGES message each ~PUSH_MESSAGE)."""
+        parts: list[bytes | memoryview] = []
+        size = 0
+        while (chunk := self._next_chunk()) is not None:
+            if self.fetch_error is not None and not isinstance(self.fetch_error, TransportError):
+                raise self.fetch_error
+            region, first, count = chunk
+            address = region.guest_base + first * PAGE_SIZE
+            for section in encoder.encode(address, region.view[first * PAGE_SIZE:(first + count) * PAGE_SIZE]):
+                parts.extend(writer.pages_parts(section))
+                size += section.length
+            if size >= PUSH_MESSAGE:
+                send(parts)
+                parts, size = [], 0
+        if parts:
+            send(parts)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+# --- target ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetFigures:
+    fetched: int = 0  # pages asked for because a thread faulted on them
+    fetch_requests: int = 0
+    background: int = 0  # pages placed by the background push
+    duplicates: int = 0  # pages that came both ways (the second was a no-op)
+    first_fault_s: float = 0.0
+    done_s: float = 0.0
+    blocked_ns: dict[int, int] = field(default_factory=dict)  # per vCPU thread id
+
+
+class PostcopyTarget:
+    """The target's side of post-copy over `machine`'s RAM: the missing pages registered with
+    userfaultfd, staged and placed as they come; the fetcher that asks for faulted pages.
+
+    Built at the switch, before Ready (the guest has not run here yet): the missing pages are given
+    back to the host (they hold older copies from pre-copy) and registered; every other page not in
+    place (never written: zero) is staged as zero, so a first touch of it is served by the C fault
+    thread without a round trip."""
+
+    def __init__(self, memory: GuestMemory, layout: formats.MemoryLayout, missing: Missing) -> None:
+        self.memory, self.layout, self.missing = memory, layout, missing
+        self.total = count_missing(missing)
+        self.figures = TargetFigures()
+        self._staging = [anonymous_ram(r.size, huge_pages=False) for r in memory.regions]
+        self._uffd: dict[int, Userfault] = {}
+        self._t0 = time.monotonic()
+        try:
+            for region, staging in zip(memory.regions, self._staging, strict=True):
+                bits = _bits(missing[region.guest_base])
+                runs = _runs(bits)
+                for first, count in runs:
+                    memory.zero_pages(region.guest_base + first * PAGE_SIZE, count * PAGE_SIZE)
+                uffd = Userfault(region, staging=staging)
+                self._uffd[region.guest_base] = uffd
+                for first, count in _runs(~bits):  # placed pages ignore this; holes are zero
+                    uffd.stage_zero(region.guest_base + first * PAGE_SIZE, count * PAGE_SIZE)
+        except BaseException:
+            self.close()
+            raise
+        self._asked: set[int] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.fetch_error: BaseException | None = None
+
+    def reader(self) -> StreamReader:
+        """A stream reader whose pages go to the staging buffer (one per connection)."""
+        reader = StreamReader(registry(), memory=self.layout)
+        self.decode_into_staging(reader)
+        return reader
+
+    def decode_into_staging(self, reader: StreamReader) -> None:
+        reader.decode_pages_with(PageDecoderC(self.layout, self._staging))
+
+    def _region(self, address: int) -> Userfault:
+        region, _ = self.memory.find(address)
+        return self._uffd[region.guest_base]
+
+    def take(self, records: list, *, background: bool) -> int:
+        """Stage the pages of PAGES records decoded into staging (waiters get them now); from the
+        background push, also place them. Returns the pages."""
+        n = 0
+        for record in records:
+            if isinstance(record, formats.Header):  # a fetch channel's first bytes
+                continue
+            if not isinstance(record, formats.PagesRecord):
+                raise ProtocolViolation(f"post-copy PAGES carried a {type(record).__name__}")
+            for run in record.runs:
+                uffd, length = self._region(run.address), run.count * PAGE_SIZE
+                if run.placed:  # its bytes are in staging
+                    uffd.stage_range(run.address, length)
+                else:
+                    uffd.stage_zero(run.address, length)
+                if background:
+                    self.figures.background += uffd.place_staged(run.address, length)
+                n += run.count
+        return n
+
+    # --- the fetcher ---
+
+    def start_fetcher(self, conn: Connection) -> None:
+        self._thread = threading.Thread(target=self._fetch_loop, args=(conn,), name="postcopy-fetcher", daemon=True)
+        self._thread.start()
+
+    def _fetch_loop(self, conn: Connection) -> None:
+        """One thread: faults out as Fetch, pages in as they come back (one reader and one writer
+        of the connection, so TLS is safe too)."""
+        reader = self.reader()
+        notify = {u.notify_fd: u for u in self._uffd.values()}
+        sock = conn.sock
+        try:
+            while not self._stop.is_set():
+                pending = getattr(sock, "pending", lambda: 0)()
+                ready = [sock] if pending else select.select([sock, *notify], [], [], 0.5)[0]
+                for fd in ready:
+                    if fd is sock:
+                        message = conn.receive(None)
+                        if not isinstance(message, Pages):
+                            raise ProtocolViolation(f"the fetch channel carried {type(message).__name__}")
+                        self.take(reader.feed(message.payload, stable=True), background=False)
+                    else:
+                        self._ask(conn, notify[fd])
+        except BaseException as e:  # noqa: BLE001 - read by the main loop
+            if not self._stop.is_set():
+                self.fetch_error = e
+                log.info("post-copy fetcher: %s", e)
+
+    def _ask(self, conn: Connection, uffd: Userfault) -> None:
+        faults = uffd.take_faults(FETCH_MAX)
+        new = [f.address for f in faults if f.address not in self._asked]
+        if not new:
+            return
+        if not self.figures.fetched:
+            self.figures.first_fault_s = time.monotonic() - self._t0
+        self._asked.update(new)
+        self.figures.fetched += len(new)
+        self.figures.fetch_requests += 1
+        conn.send(Fetch(np.array(new, dtype="<u8").tobytes()))
+
+    # --- the end ---
+
+    def still_missing(self) -> int:
+        """Pages of the switch's bitmap not placed yet."""
+        left = 0
+        for region in self.memory.regions:
+            uffd = self._uffd[region.guest_base]
+            left += (self.missing[region.guest_base] & uffd.missing_pages()).count()
+        return left
+
+    def missing_now(self) -> Missing:
+        return {r.guest_base: self.missing[r.guest_base] & self._uffd[r.guest_base].missing_pages()
+                for r in self.memory.regions}
+
+    def digest(self, held: dict[int, np.ndarray]) -> int:
+        """The post-copy digest: `held` (each page's hash as placed before the switch) with the
+        missing pages' hashes taken from the staging buffer they were placed from."""
+        hashes = {}
+        for region, staging in zip(self.memory.regions, self._staging, strict=True):
+            pages = np.flatnonzero(_bits(self.missing[region.guest_base])).astype(np.uint64)
+            hashes[region.guest_base] = held[region.guest_base].copy()
+            hashes[region.guest_base][pages] = block_hashes(staging, pages, POSTCOPY_DIGEST_BLOCK)
+        return page_digest(hashes, self.memory)
+
+    def fault_stats(self) -> tuple[int, int, int]:
+        """(latency p50 µs, p99 µs, vCPU threads' blocked time µs) over every region."""
+        p50 = p99 = blocked = 0
+        for uffd in self._uffd.values():
+            latency = uffd.stats().latency
+            p50, p99 = max(p50, latency.p50_ns // 1000), max(p99, latency.p99_ns // 1000)
+            blocked += sum(t.blocked_ns for t in uffd.blocktime().values()) // 1000
+        return p50, p99, blocked
+
+    def stop_fetcher(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def close(self) -> None:
+        """Unregister (every page is in: nothing reads as a hole) and drop the staging buffers."""
+        self.stop_fetcher()
+        for uffd in self._uffd.values():
+            uffd.close()
+        self._uffd.clear()
+        for staging in self._staging:  # (decoders may still hold views of it: freed, not closed)
+            staging.madvise(mmap.MADV_DONTNEED)
+        self._staging = []
+
+
+def describe_missing(count: int) -> str:
+    return f"{count} pages ({count * PAGE_SIZE / (1 << 20):.1f} MiB)"
