@@ -50,12 +50,12 @@ from hv.vmm.command import ExitStatus, dispatch, parse_size, quiet, run_parser, 
 from hv.vmm.control import ControlError, call, check_socket_path
 from hv.vmm.control import extensions as control_extensions
 from hv.vmm.machine import discard
+from migrate.stats import RUNNING
 from migrate.errors import MigrateError
 from migrate.exits import EXITS, OUTCOMES
 from migrate.transport import parse_address
 
 MiB = 1 << 20
-RUNNING = ("setup", "precopy", "stop-and-copy")  # a migration's phases while it runs (MigrationProgress)
 results = Console(highlight=False, emoji=False, soft_wrap=True)  # stdout: tables and results
 
 
@@ -241,7 +241,10 @@ def _send_options(args: argparse.Namespace) -> dict[str, Any]:
                                "auto_converge": not args.no_auto_converge,
                                "dry_run": args.dry_run, "max_rounds": args.max_rounds,
                                "max_seconds": args.max_seconds, "finish_anyway": args.finish_anyway,
-                               "final_copy_margin_ms": args.final_copy_margin_ms}
+                               "final_copy_margin_ms": args.final_copy_margin_ms,
+                               "postcopy": args.postcopy or args.postcopy_after is not None,
+                               "postcopy_after": args.postcopy_after or 1, "postcopy_auto": args.postcopy_auto,
+                               "postcopy_reconnect_s": args.postcopy_reconnect}
     key = _key(args.key_file)
     if key:
         options["key"] = key.hex()
@@ -263,6 +266,8 @@ def describe(live: dict[str, Any]) -> str:
     total, done = live.get("round_pages_total", 0), live.get("round_pages_done", 0)
     dirty = f"{live['dirty_rate_mib_s']:.0f}" if live.get("round") else "-"  # measured from round 1 on
     eta = live.get("eta_seconds")
+    if phase == "postcopy":
+        return "post-copy: the guest runs on the target, its last pages going"
     return (f"{'stop-and-copy, ' if phase == 'stop-and-copy' else ''}round {live.get('round', 0)} "
             f"{done * 100 // total if total else 0}% {done * 4096 / MiB:.0f}/{total * 4096 / MiB:.0f} MiB, "
             f"dirty {dirty} link {live.get('bandwidth_mib_s', 0):.0f} MiB/s, throttle {live.get('throttle', 0) * 100:.0f}%, "
@@ -306,6 +311,13 @@ def _stats_table(stats: dict[str, Any]) -> Table:
                                   "not shrinking)"),
             ("dirty rate per round", ", ".join(f"{r['dirty_rate_mib_s']:.0f}" for r in stats["rounds"]) + " MiB/s"),
             ("throttle applied", f"{stats['throttle_max'] * 100:.0f}%")]
+    if (pc := stats.get("postcopy")) is not None:
+        rows.append(("post-copy", f"after {pc['after_rounds']} rounds, {pc['missing_pages']} pages left behind: "
+                                  f"{pc['fetched_pages']} fetched on demand, {pc['background_pages']} in the "
+                                  f"background, in {pc['seconds'] * 1000:.0f} ms"))
+        rows.append(("post-copy faults", f"latency p50 {pc['fault_p50_us'] / 1000:.2f} ms, p99 "
+                                         f"{pc['fault_p99_us'] / 1000:.2f} ms; vCPUs blocked "
+                                         f"{pc['vcpu_blocked_ms']:.1f} ms"))
     if stats.get("reason"):
         rows.append(("reason", stats["reason"]))
     for problem in stats.get("problems", []):
@@ -580,6 +592,20 @@ runs in the VM's process; see migrate status and migrate cancel.""")
                    help="at max rounds/time, stop and copy anyway (longer downtime) instead of giving up")
     p.add_argument("--dry-run", action="store_true", help="only check that the target would accept (memory, "
                    "disk, CPUID, TSC, layout); nothing is sent")
+    postcopy = p.add_mutually_exclusive_group()
+    postcopy.add_argument("--postcopy", action="store_true",
+                          help="post-copy after the first pre-copy round: the guest runs on the target at once "
+                               "and fetches the pages it still lacks from here. RISK: from the switch until the "
+                               "last page is in, the guest needs both hosts; if this one dies or the link stays "
+                               "down, the target pauses the guest with what it has (a lost link is reconnected "
+                               "within --postcopy-reconnect SECONDS)")
+    postcopy.add_argument("--postcopy-after", type=int, metavar="N",
+                          help="as --postcopy, after N pre-copy rounds")
+    postcopy.add_argument("--postcopy-auto", action="store_true",
+                          help="as --postcopy, but only when pre-copy would not converge within --downtime-ms "
+                               "(instead of throttling the guest or giving up)")
+    p.add_argument("--postcopy-reconnect", type=float, default=30, metavar="SECONDS",
+                   help="after the post-copy switch, how long to try to reconnect a lost link")
     p.add_argument("--final-copy-margin-ms", type=float, default=1000, metavar="MS",
                    help="the paused final copy waits for the target at most twice its downtime budget plus "
                         "this; past it the source resumes (or, after Commit, is in doubt)")

@@ -28,6 +28,7 @@ from typing import Any
 
 from hv.vmm.control import ControlContext, ControlError, ControlServer, Progress
 from hv.vmm.owner import owner_of
+from migrate.stats import RUNNING
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,6 @@ def _verify(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> 
     return verify_machine(ctx.machine)
 
 
-RUNNING = ("setup", "precopy", "stop-and-copy")
 
 
 def _migrate_cancel(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> dict[str, Any]:

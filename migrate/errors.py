@@ -7,6 +7,8 @@ one table that turns any of them into the `ErrorCode` the other side is told.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from collections.abc import Sequence
 
 from formats import DigestMismatch, FormatError, LayoutMismatch
@@ -94,10 +96,17 @@ class PostcopyFailed(MigrationFailed):
     (`missing` still at the source) and `machine` is kept, not discarded; the source keeps its
     copy as it was at the switch."""
 
-    def __init__(self, reason: str, missing: int, machine: object = None) -> None:
-        self.missing, self.machine = missing, machine
+    def __init__(self, reason: str, missing: int, machine: object = None,
+                 discard: Callable[[], None] | None = None) -> None:
+        self.missing, self.machine, self._discard = missing, machine, discard
         super().__init__(f"{reason}; {missing} pages are still only at the source",
                          "paused on the target with what it has")
+
+    def discard(self) -> None:
+        """Give the guest up: its missing pages released as zeros (a vCPU waiting for one runs
+        no further than into the pause), the VM torn down."""
+        if self._discard is not None:
+            self._discard()
 
 
 class Cancelled(MigrateError):

@@ -194,8 +194,7 @@ class Source:
         if o.streams > 1:
             self.open_extra_streams(reply.session)
         if o.wants_postcopy:  # opened now, not at the switch: nothing of it in the downtime
-            self.fetch_conn = connect(self.address, o.key, o.timeout, o.tls)
-            self.fetch_conn.send(Channel(reply.session, o.streams))
+            self.open_fetch_channel(reply.session)
         return True
 
     def _config(self) -> MachineConfig:
@@ -219,6 +218,12 @@ class Source:
             self.extra.append(stream)
             conn.send(Channel(session, index))
             conn.send_pages(0, [stream.writer.header()])
+
+    def open_fetch_channel(self, session: bytes) -> None:
+        """Post-copy's fetch channel: the join after the page streams (index `streams`)."""
+        o = self.options
+        self.fetch_conn = connect(self.address, o.key, o.timeout, o.tls)
+        self.fetch_conn.send(Channel(session, o.streams))
 
     def _track_dirty_pages(self) -> None:
         """Dirty logging on, counting from now; the touched map and block hashes start from here."""
@@ -393,11 +398,19 @@ class Source:
         the rest pushed here; then END (the page digest of this memory, which no longer changes)
         and the target's Finished."""
         self.live.phase = "postcopy"
+        self.live.round_pages_total, self.live.round_pages_done = self.stats.postcopy.missing_pages, 0
+        self.report(force=True)
         started = time.perf_counter()
         server = self.postcopy
         server.start_fetch_server(self.fetch_conn)
         number = len(self.stats.rounds)
-        server.push(lambda parts: self.pages_message(number, parts), PageEncoderC(self.options.level), self.writer)
+        def send(parts: list[bytes | memoryview]) -> None:
+            self.pages_message(number, parts)
+            self._pace()  # --bandwidth holds for the push too (the fetch channel's pages are not held back)
+            self.live.round_pages_done = server.figures.pushed + server.figures.fetched
+            self.report()
+
+        server.push(send, PageEncoderC(self.options.level), self.writer)
         self.message(Complete(self.writer.end(self._hashes.digest(self.options.threads))))
         finished = self.answer()
         p = self.stats.postcopy

@@ -50,12 +50,16 @@ class RoundStats:
     throttle: float
 
 
+# a migration's phases while it runs (MigrationProgress.phase); then it is its outcome
+RUNNING = ("setup", "precopy", "stop-and-copy", "postcopy-switch", "postcopy")
+
+
 @dataclass
 class MigrationProgress:
     """A migration as it goes: what `migrate status` shows and the progress bar draws (the
     source's `{"stage": "pages", ...}` progress events carry it, from the first page on)."""
 
-    phase: str = "setup"  # setup, precopy, stop-and-copy, then the outcome (completed, failed, ...)
+    phase: str = "setup"  # RUNNING's, then the outcome (completed, failed, ...)
     round: int = 0
     round_pages_done: int = 0  # pages of this round sent so far
     round_pages_total: int = 0  # pages this round sends (round 0: every touched page)

@@ -441,7 +441,13 @@ class Target:
         missing = pc.still_missing()
         log.error("post-copy stopped after the switch: %s; the guest is paused here with %s still at the source",
                   error, describe_missing(missing))
-        return PostcopyFailed(f"post-copy stopped after the switch: {error}", missing, self.machine)
+        machine = self.machine
+
+        def give_up() -> None:
+            pc.close()
+            discard(machine)
+
+        return PostcopyFailed(f"post-copy stopped after the switch: {error}", missing, machine, give_up)
 
     def fail(self, error: BaseException) -> None:
         """Tear the half-built VM down and, if the exchange is still open, tell the source why."""

@@ -1,0 +1,249 @@
+"""Post-copy live migration of the built-in guest on real KVM (userfaultfd): between processes
+through the CLI at the guest's full dirty rate on 2 vCPUs, with busy virtio devices, against a
+stranger on the fetch channel, and with the source killed after the switch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hv.guests import builtin as bg
+from hv.kvm.dirty import DirtyBitmap
+from hv.kvm.kvm import Kvm
+from hv.kvm.memory import GuestMemory
+from hv.kvm.vm import VmConfig
+from hv.vmm.builder import builtin_machine
+from hv.vmm.control import ControlError, call
+from hv.vmm.machine import RunState
+from migrate import MigrationOptions, listen_and_receive, send
+from migrate.errors import PostcopyFailed, ProtocolViolation
+from migrate.postcopy import decode_missing, encode_missing
+from migrate.protocol import Channel
+from migrate.transport import Listener, connect
+
+from tests.migrate.test_busy_devices import _busy_machine, _vcon_rounds
+
+MiB = 1 << 20
+
+
+def _free_port() -> str:
+    listener = Listener("127.0.0.1:0", b"")
+    port = listener.address.rsplit(":", 1)[1]
+    listener.close()
+    return port
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+
+
+def _wait_passes(api: Path, passes: int, timeout: float = 30) -> None:
+    """Until the guest behind `api` has made `passes` passes (its status page is not valid
+    before its first fill: guest-check says so)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if call(api, "guest-check")["passes"] >= passes:
+                return
+        except ControlError:
+            pass
+        assert time.monotonic() < deadline, f"{api}: fewer than {passes} passes in {timeout} s"
+        time.sleep(0.05)
+
+
+def test_postcopy_between_processes_at_full_dirty_rate_on_two_vcpus(tmp_path: Path) -> None:
+    """The guest dirties its 48 MiB working set as fast as it can on CPU 0 (CPU 1 runs its own
+    loop): post-copy after round 0 completes, pages come both ways, the working set is consistent
+    on the target and its passes go on."""
+    source_api, target_api, port = tmp_path / "source.sock", tmp_path / "target.sock", _free_port()
+    source = subprocess.Popen([sys.executable, "-m", "hv.vmm.cli", "run", "--mem", "128M", "--cpus", "2", "--ws",
+                               "48", "--rate", "0", "--api", str(source_api)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    target = subprocess.Popen([sys.executable, "-m", "migrate.cli", "recv", "--listen", f"127.0.0.1:{port}",
+                               "--api", str(target_api), "--accept-timeout", "60"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(source_api, source)
+        _wait_passes(source_api, 2)  # dirtying at full rate
+        deadline = time.monotonic() + 30
+        sent = subprocess.run([sys.executable, "-m", "migrate.cli", "send", "--api", str(source_api),
+                               "--to", f"127.0.0.1:{port}", "--postcopy", "--json"], capture_output=True, text=True,
+                              timeout=120)
+        stats = json.loads(sent.stdout)
+        assert sent.returncode == 0 and stats["outcome"] == "completed", sent.stderr
+        pc = stats["postcopy"]
+        assert pc["after_rounds"] == 1 and pc["missing_pages"] > 0
+        assert pc["background_pages"] > 0 and pc["fetched_pages"] + pc["background_pages"] <= pc["missing_pages"]
+        assert pc["fault_p99_us"] >= pc["fault_p50_us"]
+        assert stats["downtime_ms"] > 0 and "bitmap" in stats["downtime_phases_ms"]
+        assert source.wait(timeout=20) == 0  # the source stops once the target holds every page
+        _wait_for(target_api, target)
+        passes_at = call(target_api, "guest-check")["passes"]
+        while (check := call(target_api, "guest-check"))["passes"] < passes_at + 2:
+            assert time.monotonic() < deadline + 60
+            time.sleep(0.05)
+        assert check["ok"] and check["cpus_up"] == 2, check
+        call(target_api, "stop")
+        assert target.wait(timeout=20) == 0
+    finally:
+        source.kill()
+        target.kill()
+
+
+def test_postcopy_with_busy_virtio_devices_keeps_the_disk_intact(kvm: Kvm, tmp_path: Path) -> None:
+    """virtio-blk requests in flight at the switch: the device threads touch missing pages (rings,
+    buffers) and wait for them without stopping the fetcher; the disk holds what the guest wrote."""
+    disk, console = tmp_path / "disk.img", bg.GuestConsole()
+    machine = _busy_machine(kvm, disk, console, bg.GuestConsole())
+    listener = Listener("127.0.0.1:0", b"")
+    target_console, target_vcon = bg.GuestConsole(), bg.GuestConsole()
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(
+        incoming=listen_and_receive(listener, kvm, console=target_console, virtio_console=target_vcon,
+                                    disk=str(disk), accept_timeout=20)))
+    thread.start()
+    try:
+        moved_from = bg.read_status(machine.vm.memory)
+        stats = send(machine, listener.address, MigrationOptions(postcopy=True))
+        thread.join(60)
+        assert stats.outcome == "completed", stats.reason
+        assert stats.postcopy is not None and stats.postcopy.missing_pages > 0
+        assert machine.state is RunState.STOPPED
+        target = result["incoming"].machine
+        try:
+            at = bg.read_status(target.vm.memory)
+            target_console.wait_pass(at.passes + 2, timeout=30)
+            target_vcon.wait_for(lambda: len(_vcon_rounds(target_vcon.lines)) >= 3, 30, "virtio console")
+            target.pause()
+            status = bg.read_status(target.vm.memory)
+            assert bg.check_memory(target.vm.memory).ok
+            assert status.cpu_work[1] > at.cpu_work[1] >= moved_from.cpu_work[1] > 0
+            assert not bg.check_disk(disk.read_bytes(), status.cpu_work[1])
+            assert target_console.failure() is None and console.failure() is None
+        finally:
+            target.stop()
+            target.vm.close()
+    finally:
+        listener.close()
+        machine.stop()
+        machine.vm.close()
+
+
+def test_a_stranger_cannot_join_the_fetch_channel(kvm: Kvm, caplog) -> None:
+    """A connection claiming to be the fetch channel of another session is dropped as a stray; the
+    real one joins and the migration completes."""
+    from migrate.source import Source
+
+    console = bg.GuestConsole()
+    machine = builtin_machine(kvm, bg.GuestParams(ws_mib=8, rate_mib_s=0), VmConfig(mem_size=64 * MiB), console)
+    machine.start()
+    console.wait_pass(1, timeout=30)
+    listener = Listener("127.0.0.1:0", b"")
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(
+        incoming=listen_and_receive(listener, kvm, console=bg.GuestConsole(), accept_timeout=20, timeout=10)))
+    thread.start()
+    try:
+        open_fetch_channel = Source.open_fetch_channel
+
+        def after_a_stranger(self, session: bytes) -> None:
+            stranger = connect(listener.address, b"")
+            stranger.send(Channel(b"not-the-session", 1))  # index 1: the fetch channel of a 1-stream migration
+            self._stranger = stranger
+            open_fetch_channel(self, session)
+
+        Source.open_fetch_channel = after_a_stranger
+        try:
+            stats = send(machine, listener.address, MigrationOptions(postcopy=True))
+        finally:
+            Source.open_fetch_channel = open_fetch_channel
+        thread.join(30)
+        assert stats.outcome == "completed", stats.reason
+        assert any("stray connection" in r.message and "Channel" in r.message for r in caplog.records)
+        moved = result["incoming"].machine
+        moved.pause()
+        assert bg.check_memory(moved.vm.memory).ok
+        moved.stop()
+        moved.vm.close()
+    finally:
+        listener.close()
+        if machine.state is not RunState.STOPPED:
+            machine.stop()
+        machine.vm.close()
+
+
+def test_source_killed_after_the_switch_leaves_the_target_paused_with_what_it_has(kvm: Kvm, tmp_path: Path) -> None:
+    """The source process dies while the push is under way (held to 8 MiB/s): the target says so,
+    pauses the guest with the pages it has, and does not run on with holes."""
+    source_api, port = tmp_path / "source.sock", _free_port()
+    source = subprocess.Popen([sys.executable, "-m", "hv.vmm.cli", "run", "--mem", "128M", "--ws", "48", "--rate",
+                               "0", "--api", str(source_api)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    listener = Listener(f"127.0.0.1:{port}", b"")
+    console = bg.GuestConsole()
+    result: dict = {}
+
+    def serve() -> None:
+        try:
+            listen_and_receive(listener, kvm, console=console, accept_timeout=60, timeout=20)
+        except BaseException as e:  # noqa: BLE001 - the test reads it
+            result["error"] = e
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    sender = None
+    try:
+        _wait_for(source_api, source)
+        _wait_passes(source_api, 2)
+        sender = subprocess.Popen([sys.executable, "-m", "migrate.cli", "send", "--api", str(source_api), "--to",
+                                   f"127.0.0.1:{port}", "--postcopy", "--bandwidth", "8", "--json"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while call(source_api, "migrate-status")["phase"] != "postcopy":
+            assert time.monotonic() < deadline and sender.poll() is None
+            time.sleep(0.02)
+        time.sleep(0.3)
+        os.kill(source.pid, signal.SIGKILL)
+        source.wait(10)
+        thread.join(60)
+        error = result.get("error")
+        assert isinstance(error, PostcopyFailed), error
+        assert error.missing > 0 and "still only at the source" in str(error)
+        moved = error.machine
+        stuck = bg.read_status(moved.vm.memory).passes
+        time.sleep(0.5)
+        assert bg.read_status(moved.vm.memory).passes == stuck  # it runs no further on holes
+        error.discard()  # the pages it waits for are not coming: released as zeros, the VM torn down
+    finally:
+        listener.close()
+        source.kill()
+        if sender is not None:
+            sender.kill()
+
+
+def test_the_missing_bitmap_round_trips_and_a_hostile_one_is_refused(kvm: Kvm) -> None:
+    with kvm.create_vm(VmConfig(mem_size=16 * MiB)) as vm:
+        memory: GuestMemory = vm.memory
+        region = memory.regions[0]
+        bits = DirtyBitmap(region.npages)
+        bits.set_range(3, 70)
+        bits.set_range(region.npages - 5, 5)
+        missing = {region.guest_base: bits}
+        decoded = decode_missing(encode_missing(missing), memory)
+        assert decoded[region.guest_base] == bits
+        good = encode_missing(missing)
+        for hostile in (good[:-1], good + b"\0", good[:8] + (region.npages + 1).to_bytes(8, "little") + good[16:],
+                        b"", (1 << 40).to_bytes(8, "little") + good[8:]):
+            with pytest.raises(ProtocolViolation):
+                decode_missing(hostile, memory)
