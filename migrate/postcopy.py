@@ -256,6 +256,7 @@ class TargetFigures:
     fetch_requests: int = 0
     background: int = 0  # pages placed by the background push
     duplicates: int = 0  # pages that came both ways (the second was a no-op)
+    reconnects: int = 0
     first_fault_s: float = 0.0
     done_s: float = 0.0
     blocked_ns: dict[int, int] = field(default_factory=dict)  # per vCPU thread id
@@ -331,6 +332,9 @@ class PostcopyTarget:
     # --- the fetcher ---
 
     def start_fetcher(self, conn: Connection) -> None:
+        self._stop.clear()
+        self._asked.clear()  # asked on a channel that may have gone: asked again
+        self.fetch_error = None
         self._thread = threading.Thread(target=self._fetch_loop, args=(conn,), name="postcopy-fetcher", daemon=True)
         self._thread.start()
 

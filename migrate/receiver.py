@@ -9,7 +9,9 @@ by its first message:
   is cancelled or is a dry run is logged, and the receiver listens again (unless `once`). A Hello
   while another migration runs (past `handshake_timeout`), or once a guest has arrived, is refused
   with `Reject`.
-- `Channel`: an extra page stream of the migration running now (any other is closed).
+- `Channel`: an extra page stream, or post-copy's fetch channel, of the migration running now
+  (any other is closed); `Reconnect`: its post-copy source coming back after a lost link (for a
+  session no longer running, answered with a `Verdict` as a Query is).
 - `Query`: a source in doubt asks about a session; answered from the `SessionLedger`, which
   fences a session still waiting for its Commit (protocol.py, point 6). Answered for as long as
   the receiver runs, also after the guest arrived.
@@ -35,7 +37,7 @@ from typing import Any
 
 from hv.kvm.kvm import Kvm
 from migrate.errors import AuthenticationFailed, ProtocolViolation, TransportError
-from migrate.protocol import Channel, Error, ErrorCode, Hello, Query, Reject, Verdict
+from migrate.protocol import Channel, Error, ErrorCode, Hello, Query, Reconnect, Reject, Verdict
 from migrate.target import Incoming, SessionLedger, receive
 from migrate.transport import Connection, Listener
 
@@ -269,8 +271,12 @@ class Receiver:
                         return
                 log.warning("refused a migration from %s: %s", conn.peer, refusal)
                 self._tell_and_close(conn, Reject((refusal,)))
-            case Channel(session=session) if self.ledger.is_open(session):
-                self._joins.put((conn, first))
+            case Channel(session=session) | Reconnect(session=session) if self.ledger.is_open(session):
+                self._joins.put((conn, first))  # a page stream, a fetch channel, a post-copy source back
+            case Reconnect(session=session):  # its exchange is over here: say how it ended
+                answer = self.ledger.query(session)
+                log.warning("%s came back for session %s: %s", conn.peer, session.hex(), answer.value)
+                self._tell_and_close(conn, Verdict(session, answer.value))
             case Query(session=session):
                 answer = self.ledger.query(session)
                 log.warning("%s asked about session %s: %s", conn.peer, session.hex(), answer.value)

@@ -31,14 +31,14 @@ from hv.kvm.memory import MemoryRegion
 from formats import POSTCOPY_DIGEST_BLOCK, DIGEST_BLOCK
 from migrate import digest, pages
 from migrate.datapath import PageEncoderC
-from migrate.postcopy import PostcopySource, count_missing, encode_missing
+from migrate.postcopy import PostcopySource, count_missing, decode_missing, encode_missing
 from migrate.convergence import Action, RoundFigures, decide
 from migrate.errors import (Cancelled, MigrationFailed, MigrationInDoubt, NotConverging, ProtocolViolation,
                             TransportError, error_code, failure_word)
 from migrate.options import MigrationOptions
 from migrate.protocol import (PROTOCOL_VERSION, Cancel, Channel, Commit, Complete, Error, ErrorCode,
-                              Finished, Hello, Outcome, Pages, Postcopy, Protocol, Ready, Reject,
-                              RemoteProtocolError, Resumed, Role, RoundDone, State)
+                              Finished, Hello, Missing, Outcome, Pages, Postcopy, Protocol, Ready, Reconnect,
+                              Reject, RemoteProtocolError, Resumed, Role, RoundDone, S, State)
 from migrate.records import state_sections
 from migrate.state import PRODUCER, GuestCpuid, MachineConfig, capture, machine_config, machine_layout, registry
 from migrate.stats import Laps, MigrationOutcome, MigrationProgress, MigrationStats, PostcopyStats, RoundStats
@@ -394,26 +394,27 @@ class Source:
         return self._serve_postcopy(t0)
 
     def _serve_postcopy(self, t0: float) -> MigrationStats:
-        """The paused guest's pages to the target: faulted ones on the fetch channel (a thread),
-        the rest pushed here; then END (the page digest of this memory, which no longer changes)
-        and the target's Finished."""
+        """The paused guest's pages to the target until it holds them all; a lost link is
+        reconnected (`_reconnect`) and the serving goes on from what the target still lacks."""
         self.live.phase = "postcopy"
         self.live.round_pages_total, self.live.round_pages_done = self.stats.postcopy.missing_pages, 0
         self.report(force=True)
         started = time.perf_counter()
-        server = self.postcopy
-        server.start_fetch_server(self.fetch_conn)
-        number = len(self.stats.rounds)
-        def send(parts: list[bytes | memoryview]) -> None:
-            self.pages_message(number, parts)
-            self._pace()  # --bandwidth holds for the push too (the fetch channel's pages are not held back)
-            self.live.round_pages_done = server.figures.pushed + server.figures.fetched
-            self.report()
-
-        server.push(send, PageEncoderC(self.options.level), self.writer)
-        self.message(Complete(self.writer.end(self._hashes.digest(self.options.threads))))
-        finished = self.answer()
-        p = self.stats.postcopy
+        memory_digest = None
+        while True:
+            try:
+                if memory_digest is None:  # this memory no longer changes: its digest once
+                    memory_digest = self._hashes.digest(self.options.threads)
+                finished = self._serve_pages(memory_digest)
+                break
+            except TransportError as e:
+                self.proto.connection_lost()
+                if self.proto.state is not S.POSTCOPY_PAUSED or not self._reconnect(e):
+                    raise
+                if self.proto.state is S.DONE:  # the target had finished; its Finished was lost
+                    finished = Finished()
+                    break
+        server, p = self.postcopy, self.stats.postcopy
         p.fetched_pages, p.fetch_requests = finished.fetched, server.figures.fetch_requests
         p.background_pages, p.push_jumps = finished.background, server.figures.push_jumps
         p.fault_p50_us, p.fault_p99_us = finished.fault_p50_us, finished.fault_p99_us
@@ -425,6 +426,62 @@ class Source:
         self.stats.total_seconds = time.perf_counter() - t0
         self.stats.sent_bytes = self.bytes_sent
         return self.stats
+
+    def _serve_pages(self, memory_digest: int) -> Finished:
+        """Faulted pages on the fetch channel (a thread), the rest pushed here; then END (the page
+        digest of this memory) and the target's Finished."""
+        server = self.postcopy
+        server.start_fetch_server(self.fetch_conn)
+        number = len(self.stats.rounds)
+
+        def send(parts: list[bytes | memoryview]) -> None:
+            self.pages_message(number, parts)
+            self._pace()  # --bandwidth holds for the push too (the fetch channel's pages are not held back)
+            self.live.round_pages_done = server.figures.pushed + server.figures.fetched
+            self.report()
+
+        server.push(send, PageEncoderC(self.options.level), self.writer)
+        self.message(Complete(self.writer.end(memory_digest)))
+        return self.answer()
+
+    def _reconnect(self, error: TransportError) -> bool:
+        """After a lost link in post-copy: connect again, say `Reconnect(session)`, and carry on
+        from what the target says it lacks (`Missing`), trying for `postcopy_reconnect_s`. False
+        when that passed; the protocol's state says how it ended otherwise (POSTCOPY: serve on;
+        DONE: the target had finished; FAILED: the target never took Commit, so this copy runs on)."""
+        o = self.options
+        deadline = time.monotonic() + o.postcopy_reconnect_s
+        log.warning("post-copy: the link to the target went (%s); reconnecting for up to %.0f s", error,
+                    o.postcopy_reconnect_s)
+        self.conn.close()
+        if self.fetch_conn is not None:
+            self.fetch_conn.close()
+        while time.monotonic() < deadline:
+            try:
+                self.conn = connect(self.address, o.key, min(o.timeout, max(0.1, deadline - time.monotonic())), o.tls)
+                self.proto.link_back()
+                self.message(Reconnect(self.session))
+                answer = self.answer()
+            except TransportError as e:
+                self.proto.connection_lost()
+                log.info("post-copy: reconnecting: %s", e)
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+                continue
+            if isinstance(answer, Missing):
+                self.postcopy.reset_missing(decode_missing(answer.missing, self.machine.vm.memory))
+                self.writer = StreamWriter(registry(), producer=PRODUCER)  # a new stream on the new link
+                self.pages_message(len(self.stats.rounds), [self.writer.header()])
+                self.open_fetch_channel(self.session)
+                self.stats.postcopy.reconnects += 1
+                log.warning("post-copy: reconnected; %d pages still to send", answer.pages)
+                return True
+            if self.proto.state is S.FAILED:
+                raise MigrationFailed("the target never took Commit and has fenced the session", "here") from error
+            if self.proto.state is S.DONE:
+                return True
+            self.conn.close()  # "unknown": not settled; try again
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        return False
 
     # --- pages across the streams -----------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from hv.vmm.machine import Machine
 from migrate.datapath import place_pages
 from migrate.errors import TransportError
 from migrate.pages import MemorySink
-from migrate.protocol import Channel, Pages
+from migrate.protocol import Channel, Pages, Reconnect
 from migrate.records import Collected
 from migrate.state import PRODUCER, registry
 from migrate.transport import Connection, Listener
@@ -147,7 +147,8 @@ class IncomingStream:
         self.thread.join(10)
 
 
-Joins = Callable[[float], tuple[Connection, Channel]]  # the next connection that opened with Channel
+# the next connection that opened with Channel (or, in post-copy, Reconnect) for this migration
+Joins = Callable[[float], tuple[Connection, Channel | Reconnect]]
 
 
 def listener_joins(listener: Listener) -> Joins:
@@ -160,7 +161,7 @@ def listener_joins(listener: Listener) -> Joins:
         except BaseException:
             conn.close()
             raise
-        if not isinstance(hello, Channel):
+        if not isinstance(hello, (Channel, Reconnect)):
             conn.close()
             raise TransportError(f"{conn.peer} is not one of this migration's page streams")
         return conn, hello
@@ -177,7 +178,7 @@ def accept_streams(joins: Joins | None, count: int, session: bytes, machine: Mac
     try:
         for _ in range(count):
             conn, hello = joins(timeout)
-            if hello.session != session or hello.index in seen or not 1 <= hello.index <= count:
+            if not isinstance(hello, Channel) or hello.session != session or hello.index in seen or not 1 <= hello.index <= count:
                 conn.close()
                 raise TransportError(f"{conn.peer} is not one of this migration's page streams")
             seen.add(hello.index)
@@ -193,7 +194,7 @@ def accept_fetch_channel(joins: Joins | None, session: bytes, index: int, timeou
     if joins is None:
         raise TransportError("post-copy needs a fetch channel; this target has no listener for it")
     conn, hello = joins(timeout)
-    if hello.session != session or hello.index != index:
+    if not isinstance(hello, Channel) or hello.session != session or hello.index != index:
         conn.close()
         raise TransportError(f"{conn.peer} is not this migration's fetch channel")
     return conn

@@ -52,10 +52,10 @@ from migrate.disks import DiskPolicy, OpenDisk
 from migrate.errors import (DiskRefused, IncompatibleError, MigrationFailed, PostcopyFailed, ProtocolViolation,
                             TransportError, error_code)
 from formats import POSTCOPY_DIGEST_BLOCK, DIGEST_BLOCK
-from migrate.postcopy import PostcopyTarget, decode_missing, describe_missing
+from migrate.postcopy import PostcopyTarget, decode_missing, describe_missing, encode_missing
 from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete, Error, Finished, HandOver,
-                              Hello, Outcome, Pages, Postcopy, Protocol, Ready, Reject, RemoteProtocolError,
-                              Resumed, Role, RoundDone, S, State)
+                              Hello, Missing, Outcome, Pages, Postcopy, Protocol, Ready, Reconnect, Reject,
+                              RemoteProtocolError, Resumed, Role, RoundDone, S, State)
 from migrate.records import EXPECT, Collected
 from migrate.state import GuestCpuid, MachineConfig, apply, cpuid_problems, expected_layout, registry
 from migrate.streams import (MAX_STREAMS, IncomingStream, Joins, RoundGate, accept_fetch_channel, accept_streams,
@@ -98,6 +98,7 @@ class SessionLedger:
         self._lock = threading.Lock()
         self._sessions: OrderedDict[bytes, HandOver | None] = OrderedDict()  # None: open, undecided
         self._open: dict[bytes, Connection] = {}
+        self._postcopy: set[bytes] = set()  # committed in post-copy, not finished
 
     def opened(self, session: bytes, conn: Connection) -> None:
         with self._lock:
@@ -111,9 +112,10 @@ class SessionLedger:
             return session in self._open
 
     @contextmanager
-    def committing(self, session: bytes) -> Iterator[bool]:
+    def committing(self, session: bytes, *, postcopy: bool = False) -> Iterator[bool]:
         """Yields whether this session may still commit (False: a Query fenced it); the block
-        starts the guest, under the lock. If it raises, the session did not commit."""
+        starts the guest, under the lock. If it raises, the session did not commit. A post-copy
+        commit is pending until `postcopy_pending(session, False)`."""
         with self._lock:
             if self._sessions.get(session, None) is not None:
                 yield False
@@ -124,6 +126,15 @@ class SessionLedger:
                 self._sessions[session] = HandOver.NOT_COMMITTED
                 raise
             self._sessions[session] = HandOver.COMMITTED
+            if postcopy:
+                self._postcopy.add(session)
+
+    def postcopy_finished(self, session: bytes) -> None:
+        """A post-copy session holds every page now. Until then it is not "committed" to a source
+        asking: that source's copy is still the only one of some pages, and must not stop
+        (protocol.py, point 7)."""
+        with self._lock:
+            self._postcopy.discard(session)
 
     def closed(self, session: bytes) -> None:
         """The session's exchange ended; undecided means it never committed."""
@@ -135,7 +146,7 @@ class SessionLedger:
     def query(self, session: bytes) -> HandOver:
         """The answer to a source in doubt; an open, undecided session is fenced by asking."""
         with self._lock:
-            if session not in self._sessions:
+            if session not in self._sessions or session in self._postcopy:
                 return HandOver.UNKNOWN
             state = self._sessions[session]
             if state is None:
@@ -164,8 +175,10 @@ class Target:
     def __init__(self, conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None], timeout: float,
                  disks: DiskPolicy, max_mem: int | None, virtio_console: Callable[[bytes], None] | None,
                  progress: Progress | None, joins: Joins | None, ledger: SessionLedger | None = None,
-                 first: Hello | None = None, terminal: Terminal | None = None) -> None:
+                 first: Hello | None = None, terminal: Terminal | None = None,
+                 postcopy_wait: float | None = 30.0) -> None:
         self.conn, self.kvm, self.timeout, self.joins = conn, kvm, timeout, joins
+        self.postcopy_wait = postcopy_wait  # after a lost link in post-copy: how long the source may take to come back
         self.ledger = ledger or SessionLedger()
         self.first = first  # HELLO, when whoever accepted the connection has read it already
         self.terminal = terminal
@@ -215,9 +228,14 @@ class Target:
                 self.take(self.conn.receive(self.timeout))  # the source's Cancel
                 return self.incoming
             self.build(hello)
-            while not self.on(self.take(self.conn.receive(self.timeout))):
-                pass
-            return self.incoming
+            while True:
+                try:
+                    if self.on(self.take(self.conn.receive(self.timeout))):
+                        return self.incoming
+                except TransportError as e:
+                    if self.postcopy is None or self.incoming.machine is None:
+                        raise
+                    self.wait_for_the_source(e)  # post-copy after Commit: both sides hold on
         except BaseException as e:
             self.fail(e)
             if self.postcopy is not None and self.incoming.machine is not None:
@@ -304,8 +322,9 @@ class Target:
         self.streams = accept_streams(self.joins, hello.streams - 1, self.session, self.machine,
                                       self.collected.layout.memory, self.gate, self.timeout)
         self.postcopy_capable = hello.postcopy
+        self.fetch_index = hello.streams
         if hello.postcopy:
-            self.fetch_conn = accept_fetch_channel(self.joins, self.session, hello.streams, self.timeout)
+            self.fetch_conn = accept_fetch_channel(self.joins, self.session, self.fetch_index, self.timeout)
         nothing = {r.guest_base: DirtyBitmap(r.npages) for r in memory.regions}
         block = POSTCOPY_DIGEST_BLOCK if hello.postcopy else DIGEST_BLOCK  # as the source's END
         self.hashes = digest.BlockHashes(memory, nothing, block)  # fresh memory: all zero
@@ -316,7 +335,8 @@ class Target:
         """Act on one message of the exchange; True once the guest runs here."""
         match message:
             case Pages(payload=payload) if self.postcopy is not None:  # the background push
-                self.postcopy.take(self.records("PAGES", payload, PAGES_RECORDS, stable=True), background=True)
+                records = self.records("PAGES", payload, (formats.Header, *PAGES_RECORDS), stable=True)
+                self.postcopy.take(records, background=True)  # (a Header: the stream of a reconnection)
             case Pages(round=number, payload=payload):  # `stable`: a buffer only we hold
                 self.gate.add(number, self.collected.take(self.records("PAGES", payload, PAGES_RECORDS,
                                                                        stable=True)))
@@ -391,26 +411,65 @@ class Target:
     def finish_postcopy(self, payload: bytes) -> None:
         """END after the last pushed page: every missing page must be in by now; the page digest
         checked (migrate.postcopy says why it proves the memory); then Finished."""
-        self.collected.take(self.records("COMPLETE", payload, COMPLETE_RECORDS))
+        end = self.records("COMPLETE", payload, COMPLETE_RECORDS)[0]  # (again after a reconnection: not collected)
         pc = self.postcopy
         left = pc.still_missing()
         if left:
             raise MigrationFailed(f"post-copy: the source finished with {describe_missing(left)} never sent",
                                   "on the source")
         found = pc.digest(self._held)
-        if found != self.collected.end.digest:
-            raise formats.DigestMismatch(self.collected.end.digest, found)
+        if found != end.digest:
+            raise formats.DigestMismatch(end.digest, found)
         pc.stop_fetcher()
         p50, p99, blocked = pc.fault_stats()
         self.tell(Finished(fetched=pc.figures.fetched, background=pc.figures.background, fault_p50_us=p50,
                            fault_p99_us=p99, blocked_us=blocked))
         pc.close()
+        self.ledger.postcopy_finished(self.session)
         log.info("post-copy finished: %d pages fetched on demand, %d in the background", pc.figures.fetched,
                  pc.figures.background)
 
+    def wait_for_the_source(self, error: TransportError) -> None:
+        """The link went after Commit in post-copy: the guest runs on here (a vCPU touching a
+        missing page waits in the kernel), and the source may come back, on a new connection
+        that opens with Reconnect (migrate.receiver hands it over, as a page stream). Answered
+        with what is still missing; the fetch channel joins again after it. Past `postcopy_wait`
+        the source is taken for gone (a TransportError)."""
+        self.proto.connection_lost()
+        self.postcopy.stop_fetcher()
+        self.conn.close()
+        missing = self.postcopy.still_missing()
+        log.warning("post-copy: the link to the source went (%s) with %s missing; vCPUs that touch one wait; "
+                    "waiting %s for the source to reconnect", error, describe_missing(missing),
+                    "without end" if self.postcopy_wait is None else f"{self.postcopy_wait:.0f} s")
+        deadline = None if self.postcopy_wait is None else time.monotonic() + self.postcopy_wait
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if self.joins is None or (left is not None and left <= 0):
+                raise TransportError(f"the source did not come back within {self.postcopy_wait:.0f} s: {error}")
+            try:
+                conn, first = self.joins(60.0 if left is None else left)
+            except TransportError:
+                continue
+            if isinstance(first, Reconnect) and first.session == self.session:
+                break
+            log.warning("%s: not this migration's source coming back (%s)", conn.peer, type(first).__name__)
+            conn.close()
+        self.conn = conn
+        self.proto.link_back()
+        self.take(first)
+        still = self.postcopy.missing_now()
+        self.tell(Missing(encode_missing(still), sum(b.count() for b in still.values())))
+        self.reader = self.postcopy.reader()  # the source starts a new stream on the new connection
+        self.fetch_conn.close()
+        self.fetch_conn = accept_fetch_channel(self.joins, self.session, self.fetch_index, self.timeout)
+        self.postcopy.start_fetcher(self.fetch_conn)
+        self.postcopy.figures.reconnects += 1
+        log.warning("post-copy: the source is back (%s); %s still to come", conn.peer, describe_missing(missing))
+
     def commit(self) -> None:
         t0 = time.perf_counter()
-        with self.ledger.committing(self.session) as allowed:
+        with self.ledger.committing(self.session, postcopy=self.postcopy is not None) as allowed:
             if not allowed:
                 raise MigrationFailed("Commit came after the source, in doubt, asked about this session and "
                                       "heard 'not committed'; this copy is discarded", "on the source")
@@ -492,7 +551,7 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
             max_mem: int | None = None, virtio_console: Callable[[bytes], None] | None = None,
             progress: Progress | None = None, listener: Listener | None = None, joins: Joins | None = None,
             ledger: SessionLedger | None = None, first: Hello | None = None,
-            terminal: Terminal | None = None) -> Incoming:
+            terminal: Terminal | None = None, postcopy_wait: float | None = 30.0) -> Incoming:
     """Take one incoming migration on `conn`: check, build, fill, verify, and on Commit run the
     guest. Any failure before Commit tears the half-built VM down and raises. A guest with a
     disk gets `disk` (this host's file for it), or the file of the stream's disk's name in
@@ -501,9 +560,10 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
     open come from `joins` (or are accepted on `listener`); `ledger` records the session for a
     source in doubt to ask about (`migrate.receiver` shares one); `first` is HELLO if the caller
     read it already; `terminal`, where the guest's COM1 meets this host (attached before the
-    guest resumes here)."""
+    guest resumes here); `postcopy_wait`, after a lost link in post-copy, how long the source may
+    take to reconnect (None: for as long as it takes) before the guest is paused here for good."""
     if joins is None and listener is not None:
         joins = listener_joins(listener)
     return Target(conn, kvm, console=console, timeout=timeout, disks=DiskPolicy.of(disk, disk_dir),
                   max_mem=max_mem, virtio_console=virtio_console, progress=progress, joins=joins,
-                  ledger=ledger, first=first, terminal=terminal).run()
+                  ledger=ledger, first=first, terminal=terminal, postcopy_wait=postcopy_wait).run()

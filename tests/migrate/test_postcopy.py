@@ -196,7 +196,7 @@ def test_source_killed_after_the_switch_leaves_the_target_paused_with_what_it_ha
 
     def serve() -> None:
         try:
-            listen_and_receive(listener, kvm, console=console, accept_timeout=60, timeout=20)
+            listen_and_receive(listener, kvm, console=console, accept_timeout=60, timeout=20, postcopy_wait=2)
         except BaseException as e:  # noqa: BLE001 - the test reads it
             result["error"] = e
 
@@ -247,3 +247,112 @@ def test_the_missing_bitmap_round_trips_and_a_hostile_one_is_refused(kvm: Kvm) -
                         b"", (1 << 40).to_bytes(8, "little") + good[8:]):
             with pytest.raises(ProtocolViolation):
                 decode_missing(hostile, memory)
+
+
+class _CuttableLink:
+    """A TCP relay to `upstream` whose current connections can be cut at once (both ends see the
+    link end), while new ones are still relayed: a network that drops and comes back."""
+
+    def __init__(self, upstream: str) -> None:
+        import socket
+
+        self.upstream = upstream
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.pairs: list[tuple] = []
+        self.cuts = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            host, port = self.upstream.rsplit(":", 1)
+            server = socket.create_connection((host, int(port)))
+            with self._lock:
+                self.pairs.append((client, server))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b) -> None:
+        try:
+            while data := a.recv(1 << 16):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(2)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        import socket
+
+        with self._lock:
+            pairs, self.pairs = self.pairs, []
+            self.cuts += 1
+        for pair in pairs:
+            for s in pair:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+        self.cut()
+
+
+@pytest.mark.parametrize("cuts", [(0.0,), (0.5,), (0.0, 0.6)], ids=["at-the-switch", "mid-push", "twice"])
+def test_a_link_cut_during_postcopy_is_reconnected_and_completes(kvm: Kvm, cuts: tuple[float, ...]) -> None:
+    """The link is cut (every connection: main and fetch) once the push has sent a share
+    `cuts` of the missing pages; the guest runs on at the target meanwhile, the source comes
+    back, and the migration completes with the memory checked."""
+    console = bg.GuestConsole()
+    machine = builtin_machine(kvm, bg.GuestParams(ws_mib=16, rate_mib_s=0), VmConfig(mem_size=64 * MiB), console)
+    machine.start()
+    console.wait_pass(2, timeout=30)
+    listener = Listener("127.0.0.1:0", b"")
+    link = _CuttableLink(listener.address)
+    target_console = bg.GuestConsole()
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(incoming=listen_and_receive(
+        listener, kvm, console=target_console, accept_timeout=20, timeout=10, postcopy_wait=30)))
+    thread.start()
+    left = list(cuts)
+
+    def cut_on_the_way(p: dict) -> None:
+        if p.get("stage") == "pages" and p.get("phase") == "postcopy" and left:
+            total = max(p["round_pages_total"], 1)
+            if p["round_pages_done"] / total >= left[0]:
+                left.pop(0)
+                link.cut()
+
+    try:
+        stats = send(machine, link.address, MigrationOptions(postcopy=True, bandwidth_mib_s=24,
+                                                             postcopy_reconnect_s=20), progress=cut_on_the_way)
+        thread.join(60)
+        assert stats.outcome == "completed", stats.reason
+        assert link.cuts == len(cuts) and stats.postcopy.reconnects == len(cuts)
+        assert machine.state is RunState.STOPPED
+        moved = result["incoming"].machine
+        try:
+            target_console.wait_pass(bg.read_status(moved.vm.memory).passes + 2, timeout=30)
+            moved.pause()
+            assert bg.check_memory(moved.vm.memory).ok
+        finally:
+            moved.stop()
+            moved.vm.close()
+    finally:
+        link.close()
+        listener.close()
+        if machine.state is not RunState.STOPPED:
+            machine.stop()
+        machine.vm.close()
