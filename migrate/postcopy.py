@@ -113,6 +113,16 @@ def _runs(bits: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
 
+def give_back(memory: GuestMemory, missing: Missing) -> None:
+    """MADV_DONTNEED over the pages of `missing` (their older copies), in C without the GIL: the
+    kernel frees about a page a microsecond here (256 MiB: ~30 ms; a second thread did not help,
+    measured). Nothing may read these pages until they are registered: a read would map the zero
+    page, which userfaultfd then never reports missing."""
+    for region in memory.regions:
+        for first, count in _runs(_bits(missing[region.guest_base])):
+            memory.zero_pages(region.guest_base + first * PAGE_SIZE, count * PAGE_SIZE)
+
+
 def page_digest(hashes: dict[int, np.ndarray], memory: GuestMemory) -> int:
     return formats.combine_block_hashes((r.guest_base, r.size, hashes[r.guest_base]) for r in memory.regions)
 
@@ -267,27 +277,27 @@ class PostcopyTarget:
     userfaultfd, staged and placed as they come; the fetcher that asks for faulted pages.
 
     Built at the switch, before Ready (the guest has not run here yet): the missing pages are given
-    back to the host (they hold older copies from pre-copy) and registered; every other page not in
-    place (never written: zero) is staged as zero, so a first touch of it is served by the C fault
-    thread without a round trip."""
+    back to the host (they hold older copies from pre-copy; `given_back`: those a `Discard` before
+    the pause gave back already) and registered. Every other page not in place (never
+    written: zero) is staged as zero once the fetcher starts, so a first touch of it is served by
+    the C fault thread without a round trip (a touch before that is fetched: the source sends a
+    zero page)."""
 
-    def __init__(self, memory: GuestMemory, layout: formats.MemoryLayout, missing: Missing) -> None:
+    def __init__(self, memory: GuestMemory, layout: formats.MemoryLayout, missing: Missing,
+                 given_back: Missing | None = None) -> None:
         self.memory, self.layout, self.missing = memory, layout, missing
         self.total = count_missing(missing)
         self.figures = TargetFigures()
         self._staging = [anonymous_ram(r.size, huge_pages=False) for r in memory.regions]
         self._uffd: dict[int, Userfault] = {}
+        self._holes: dict[int, np.ndarray] = {}  # pages not missing: in place, or never written (zero)
         self._t0 = time.monotonic()
         try:
+            rest = missing if given_back is None else {b: m.without(given_back[b]) for b, m in missing.items()}
+            give_back(memory, rest)
             for region, staging in zip(memory.regions, self._staging, strict=True):
-                bits = _bits(missing[region.guest_base])
-                runs = _runs(bits)
-                for first, count in runs:
-                    memory.zero_pages(region.guest_base + first * PAGE_SIZE, count * PAGE_SIZE)
-                uffd = Userfault(region, staging=staging)
-                self._uffd[region.guest_base] = uffd
-                for first, count in _runs(~bits):  # placed pages ignore this; holes are zero
-                    uffd.stage_zero(region.guest_base + first * PAGE_SIZE, count * PAGE_SIZE)
+                self._uffd[region.guest_base] = Userfault(region, staging=staging)
+                self._holes[region.guest_base] = ~_bits(missing[region.guest_base])
         except BaseException:
             self.close()
             raise
@@ -341,6 +351,11 @@ class PostcopyTarget:
     def _fetch_loop(self, conn: Connection) -> None:
         """One thread: faults out as Fetch, pages in as they come back (one reader and one writer
         of the connection, so TLS is safe too)."""
+        for base, holes in self._holes.items():  # after the resume: not in the downtime
+            uffd = self._uffd[base]
+            for first, count in _runs(holes):
+                uffd.stage_zero(base + first * PAGE_SIZE, count * PAGE_SIZE)
+        self._holes.clear()
         reader = self.reader()
         notify = {u.notify_fd: u for u in self._uffd.values()}
         sock = conn.sock

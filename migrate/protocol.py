@@ -22,6 +22,8 @@ Post-copy (`Hello.postcopy`; a fetch channel opens beside the page streams) take
 at the pause: the pages the target lacks stay behind and it runs the guest on what it has.
 
     Source                                              Target
+      | Discard(pages dirtied since sent) -----------------> |   hash what it holds, give those back
+      | <---------------------------------------- Discarded  |   (the guest still runs on the source)
       |   -- source pauses the guest (downtime starts) --    |
       | State + Postcopy(bitmap of the pages still missing) -> |   apply state, make those pages missing
       | <------------------------------------------- Ready  |   (userfaultfd registered; paused)
@@ -118,6 +120,8 @@ class MessageKind(enum.IntEnum):
     FINISHED = 18  # post-copy: every page is in and the digest checked
     RECONNECT = 19  # post-copy, after a lost link: the first message of the source's new connection
     MISSING = 20  # the target's answer to RECONNECT: what it still lacks
+    DISCARD = 21  # post-copy, before the pause: pages to give back now, not in the downtime
+    DISCARDED = 22  # the target's answer to DISCARD
 
 
 class ErrorCode(enum.IntEnum):
@@ -244,6 +248,24 @@ class Postcopy:
 
 
 @dataclass(frozen=True)
+class Discard:
+    """Just before the switch, the guest still running on the source: the pages dirtied since
+    they were sent (as `Postcopy.missing`), which the target gives back to the host now rather
+    than in the pause, and answers `Discarded`. Postcopy's bitmap then holds all of them again."""
+
+    kind = MessageKind.DISCARD
+    missing: bytes
+    pages: int
+
+
+@dataclass(frozen=True)
+class Discarded:
+    kind = MessageKind.DISCARDED
+    digest_us: int = 0  # the target hashed every page it holds meanwhile (not in the pause either)
+    discard_us: int = 0
+
+
+@dataclass(frozen=True)
 class Fetch:
     """On the fetch channel: guest physical addresses (le64 each) of pages a thread waits for."""
 
@@ -301,11 +323,12 @@ class Verdict:
 
 
 Message = Union[Hello, Accept, Reject, Pages, RoundDone, State, Complete, Ready, Commit, Resumed,
-                Cancel, Error, Channel, Query, Verdict, Postcopy, Fetch, Finished, Reconnect, Missing]
+                Cancel, Error, Channel, Query, Verdict, Postcopy, Fetch, Finished, Reconnect, Missing,
+                Discard, Discarded]
 MESSAGE_TYPES: dict[MessageKind, type] = {
     m.kind: m for m in (Hello, Accept, Reject, Pages, RoundDone, State, Complete, Ready, Commit,
                         Resumed, Cancel, Error, Channel, Query, Verdict, Postcopy, Fetch, Finished,
-                        Reconnect, Missing)
+                        Reconnect, Missing, Discard, Discarded)
 }
 
 
@@ -375,6 +398,8 @@ TRANSITIONS: dict[tuple[Role, S, str, MessageKind], S] = {
 # post-copy: the switch in place of Complete, then pages after Resumed, then Finished
 for _role, _mine, _theirs in ((Role.SOURCE, SEND, RECV), (Role.TARGET, RECV, SEND)):
     TRANSITIONS |= {
+        (_role, S.TRANSFER, _mine, K.DISCARD): S.TRANSFER,
+        (_role, S.TRANSFER, _theirs, K.DISCARDED): S.TRANSFER,
         (_role, S.TRANSFER, _mine, K.POSTCOPY): S.SWITCHING,
         (_role, S.SWITCHING, _theirs, K.READY): S.SWITCH_READY,
         (_role, S.SWITCH_READY, _mine, K.COMMIT): S.SWITCH_COMMITTED,

@@ -37,7 +37,7 @@ from migrate.errors import (Cancelled, MigrationFailed, MigrationInDoubt, NotCon
                             TransportError, error_code, failure_word)
 from migrate.options import MigrationOptions
 from migrate.protocol import (PROTOCOL_VERSION, Cancel, Channel, Commit, Complete, Error, ErrorCode,
-                              Finished, Hello, Missing, Outcome, Pages, Postcopy, Protocol, Ready, Reconnect,
+                              Discard, Finished, Hello, Missing, Outcome, Pages, Postcopy, Protocol, Ready, Reconnect,
                               Reject, RemoteProtocolError, Resumed, Role, RoundDone, S, State)
 from migrate.records import state_sections
 from migrate.state import PRODUCER, GuestCpuid, MachineConfig, capture, machine_config, machine_layout, registry
@@ -364,13 +364,19 @@ class Source:
         self.stats.final_copy_limit_ms = self._final_copy_limit_ms
         machine = self.machine
         self.live.phase = "postcopy-switch"
+        # What the guest dirtied since it was sent is given back on the target now, while the guest
+        # still runs here: freeing it costs the target's kernel ~30 ms a 256 MiB, not in the pause.
+        discard = {region.guest_base: bits for region, bits in pending}
+        self.message(Discard(encode_missing(discard), count_missing(discard)))
+        discarded = self.answer()
+        self.stats.postcopy_discard_ms = round((discarded.digest_us + discarded.discard_us) / 1000, 3)
         laps = Laps()
         machine.pause()
         self._deadline = time.monotonic() + self._final_copy_limit_ms / 1000
         laps.lap("pause")
         final, _, _ = self._fetch()
         for (_, merged), (_, earlier) in zip(final, pending, strict=True):
-            merged |= earlier
+            merged |= earlier  # given back there: missing too
         missing = {region.guest_base: bits for region, bits in final}
         laps.lap("dirty_log")
         state = capture(machine, machine_config(machine))

@@ -130,6 +130,7 @@ class MigrationStats:
     frames_judged_raw: int = 0  # page frames sent uncompressed because a sample did not shrink
     final_copy_limit_ms: float = 0.0  # the longest the final copy could keep the guest paused
     postcopy: PostcopyStats | None = None  # set when the migration switched to post-copy
+    postcopy_discard_ms: float = 0.0  # the target's hashing and giving back before the pause (not downtime)
 
     @property
     def downtime_overrun_ms(self) -> float:

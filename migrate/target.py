@@ -52,8 +52,9 @@ from migrate.disks import DiskPolicy, OpenDisk
 from migrate.errors import (DiskRefused, IncompatibleError, MigrationFailed, PostcopyFailed, ProtocolViolation,
                             TransportError, error_code)
 from formats import POSTCOPY_DIGEST_BLOCK, DIGEST_BLOCK
-from migrate.postcopy import PostcopyTarget, decode_missing, describe_missing, encode_missing
-from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete, Error, Finished, HandOver,
+from migrate.postcopy import PostcopyTarget, decode_missing, describe_missing, encode_missing, give_back
+from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete, Discard, Discarded, Error,
+                              Finished, HandOver,
                               Hello, Missing, Outcome, Pages, Postcopy, Protocol, Ready, Reconnect, Reject,
                               RemoteProtocolError, Resumed, Role, RoundDone, S, State)
 from migrate.records import EXPECT, Collected
@@ -200,6 +201,7 @@ class Target:
         self.fetch_conn: Connection | None = None
         self.postcopy: PostcopyTarget | None = None  # from the switch on
         self._held: dict | None = None  # each page's hash as placed before the switch
+        self._given_back: dict | None = None  # pages a Discard gave back before the pause
         self._t0 = time.perf_counter()
 
     def take(self, message: Any) -> Any:
@@ -343,6 +345,8 @@ class Target:
                 if self.postcopy_capable:  # hashed as they come: the switch waits for little
                     self._invalidate_written()
                     self.hashes.refresh_soon()
+            case Discard(missing=missing, pages=count):
+                self.discard(missing, count)
             case Postcopy(missing=missing, pages=count):
                 self.switch(missing, count)
             case Complete(payload=payload) if self.postcopy is not None:
@@ -389,20 +393,43 @@ class Target:
         apply(self.machine, state)
         self.tell(Ready(digest_us=_us(t1 - t0), apply_us=_us(time.perf_counter() - t1)))
 
+    def _bitmap(self, what: str, missing: bytes, count: int) -> dict:
+        bits = decode_missing(missing, self.machine.vm.memory)
+        if sum(b.count() for b in bits.values()) != count:
+            raise ProtocolViolation(f"{what} says {count} pages; its bitmap has another count")
+        return bits
+
+    def discard(self, missing: bytes, count: int) -> None:
+        """Before the pause (the guest still runs on the source): every page held so far hashed
+        (no more come before the switch), then the pages the source says changed since given
+        back to the host, so the pause has only the last few to free."""
+        if not self.postcopy_capable or self._given_back is not None:
+            raise ProtocolViolation("Discard without post-copy, or twice")
+        bits = self._bitmap("Discard", missing, count)
+        self._invalidate_written()
+        t0 = time.perf_counter()
+        self._held = self.hashes.current(2)
+        t1 = time.perf_counter()
+        give_back(self.machine.vm.memory, bits)  # nothing reads them from now on (give_back says why)
+        self._given_back = bits
+        self.tell(Discarded(digest_us=_us(t1 - t0), discard_us=_us(time.perf_counter() - t1)))
+
     def switch(self, missing: bytes, count: int) -> None:
         """Post-copy's switch: the state applied, every page held so far hashed (the guest has
         not run here), the missing pages registered; then Ready."""
         state = self.collected.state()
         memory = self.machine.vm.memory
-        bits = decode_missing(missing, memory)
-        if sum(b.count() for b in bits.values()) != count:
-            raise ProtocolViolation(f"Postcopy says {count} pages are missing; its bitmap has another count")
-        self._invalidate_written()
+        bits = self._bitmap("Postcopy", missing, count)
+        given_back = self._given_back
+        if given_back is not None and any(given_back[b].without(bits[b]).count() for b in bits):
+            raise ProtocolViolation("Postcopy leaves out pages its Discard gave back")  # they would read as zero
         t0 = time.perf_counter()
-        self._held = self.hashes.current(2)
+        if self._held is None:  # no Discard before: hashed now, in the pause
+            self._invalidate_written()
+            self._held = self.hashes.current(2)
         t1 = time.perf_counter()
         apply(self.machine, state)
-        self.postcopy = PostcopyTarget(memory, self.collected.layout.memory, bits)
+        self.postcopy = PostcopyTarget(memory, self.collected.layout.memory, bits, given_back)
         self.postcopy.decode_into_staging(self.reader)  # from now on the main stream's pages too
         self.postcopy.start_fetcher(self.fetch_conn)  # waits for the first fault: the guest's resume
         log.debug("post-copy switch: %s missing", describe_missing(count))

@@ -279,6 +279,7 @@ size_t kvmig_bitmap_runs(const uint64_t *bitmap, size_t nbits, uint64_t *starts,
                          size_t max_runs);
 size_t kvmig_bitmap_count(const uint64_t *bitmap, size_t nwords);
 void kvmig_memcopy(void *dst, const void *src, size_t n);
+int kvmig_discard(void *addr, size_t n);
 """
 
 # The UART and the vCPU loop that serves it (uart.c, vcpu_loop.c beside this file): the guest's
@@ -498,6 +499,10 @@ size_t kvmig_bitmap_runs(const uint64_t *bitmap, size_t nbits, uint64_t *starts,
    missing (post-copy: userfaultfd), the calling thread waits in the kernel while the page
    fetcher, which needs the lock, keeps running. */
 void kvmig_memcopy(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
+
+/* MADV_DONTNEED without the interpreter lock: freeing a large range costs the kernel about a
+   microsecond a page, and several threads can free parts of one mapping at once. */
+int kvmig_discard(void *addr, size_t n) { return madvise(addr, n, MADV_DONTNEED) ? -errno : 0; }
 
 size_t kvmig_bitmap_count(const uint64_t *bitmap, size_t nwords) {
     size_t total = 0;

@@ -93,6 +93,11 @@ class DirtyBitmap:
         self._check_same(other)
         return DirtyBitmap(self.npages, self.words & other.words)
 
+    def without(self, other: DirtyBitmap) -> DirtyBitmap:
+        """The pages set here and not in `other`."""
+        self._check_same(other)
+        return DirtyBitmap(self.npages, self.words & ~other.words)
+
     def __ior__(self, other: DirtyBitmap) -> DirtyBitmap:
         self._check_same(other)
         np.bitwise_or(self.words, other.words, out=self.words)

@@ -313,8 +313,10 @@ class GuestMemory:
         if address % PAGE_SIZE or length % PAGE_SIZE:
             raise GuestAddressError(address, length, "is not a whole number of pages")
         region, offset = self.find(address, length)
-        if region.anonymous:
-            region._map.madvise(mmap.MADV_DONTNEED, offset, length)
+        if region.anonymous:  # in C, the GIL released: callers may free parts of a range at once
+            ret = lib.kvmig_discard(ffi.cast("void *", region.host_address + offset), length)
+            if ret < 0:
+                raise OSError(-ret, f"MADV_DONTNEED of {length} bytes at guest {address:#x}")
         else:
             region.view[offset : offset + length] = bytes(length)
         region.mark_dirty(offset, length)

@@ -15,6 +15,8 @@ from migrate.protocol import (
     Channel,
     Commit,
     Complete,
+    Discard,
+    Discarded,
     Error,
     ErrorCode,
     Fetch,
@@ -62,6 +64,8 @@ SAMPLE = {
     MessageKind.FINISHED: Finished(),
     MessageKind.RECONNECT: Reconnect(b"session"),
     MessageKind.MISSING: Missing(b"bitmap", 2),
+    MessageKind.DISCARD: Discard(b"bitmap", 2),
+    MessageKind.DISCARDED: Discarded(),
 }
 
 # The happy path, as (sender, message).
@@ -206,6 +210,8 @@ POSTCOPY_HAPPY = [
     (Role.TARGET, Accept()),
     (Role.SOURCE, Pages(0, b"all")),
     (Role.SOURCE, RoundDone(0, 10)),
+    (Role.SOURCE, Discard(b"bitmap", 3)),
+    (Role.TARGET, Discarded()),
     (Role.SOURCE, State(b"vcpus")),
     (Role.SOURCE, Postcopy(b"bitmap", 4)),
     (Role.TARGET, Ready()),

@@ -97,6 +97,11 @@ class Reported:
     total_ms: float | None = None
     error: str | None = None
     completed_at: float | None = None  # monotonic seconds: when the VMM told us
+    # post-copy, as kvmigrate reports it (QEMU's query-migrate has the page count only)
+    fetched_pages: int | None = None
+    fault_p50_ms: float | None = None
+    fault_p99_ms: float | None = None
+    vcpu_blocked_ms: float | None = None
 
 
 class Peer(Protocol):
@@ -192,7 +197,7 @@ class QemuPeer:
 
 class QemuPostcopyPeer(QemuPeer):
     """QEMU switching to post-copy after its first pass (userfaultfd on the target): optional,
-    not in the ratios."""
+    compared with kvmigrate-postcopy."""
 
     name = "qemu-postcopy"
     postcopy = True
@@ -216,6 +221,7 @@ sys.exit(main(sys.argv[1:]))
 
 class KvmigratePeer:
     name = "kvmigrate"
+    send_options: tuple[str, ...] = ()
 
     def __init__(self, stack: ExitStack, workdir: Path, image: Path, scenario: Scenario, tsc_khz: int) -> None:
         self.api, self.address = workdir / "source.sock", f"127.0.0.1:{bq.free_port()}"
@@ -227,7 +233,7 @@ class KvmigratePeer:
                                                   "--accept-timeout", "300"])
         self.send = self._spawn(stack, "send", [sys.executable, "-c", SEND_WHEN_TOLD, "send", "--api", str(self.api),
                                                 "--to", self.address, "--downtime-ms", str(bq.DOWNTIME_LIMIT_MS),
-                                                "--json"])
+                                                "--json", *self.send_options])
 
     def _spawn(self, stack: ExitStack, role: str, argv: list[str]) -> subprocess.Popen:
         with open(self.workdir / f"{role}.stderr", "wb") as err:
@@ -281,10 +287,24 @@ class KvmigratePeer:
             return Reported("failed", error=(stderr or text.decode(errors="replace")).strip()[-2000:])
         if stats["outcome"] != "completed":
             return Reported(stats["outcome"], error=stats.get("reason"))
-        return Reported("completed", stats["downtime_ms"], stats["total_seconds"] * 1000, completed_at=completed_at)
+        postcopy = {}
+        if (pc := stats.get("postcopy")) is not None:
+            postcopy = {"fetched_pages": pc["fetched_pages"], "fault_p50_ms": pc["fault_p50_us"] / 1000,
+                        "fault_p99_ms": pc["fault_p99_us"] / 1000, "vcpu_blocked_ms": pc["vcpu_blocked_ms"]}
+        return Reported("completed", stats["downtime_ms"], stats["total_seconds"] * 1000, completed_at=completed_at,
+                        **postcopy)
 
 
-PEERS = {"kvmigrate": KvmigratePeer, "qemu": QemuPeer, "qemu-postcopy": QemuPostcopyPeer}
+class KvmigratePostcopyPeer(KvmigratePeer):
+    """kvmigrate switching to post-copy after round 0 (`migrate send --postcopy`), as the
+    qemu-postcopy peer does after its first pass: compared with it."""
+
+    name = "kvmigrate-postcopy"
+    send_options = ("--postcopy",)
+
+
+PEERS = {"kvmigrate": KvmigratePeer, "qemu": QemuPeer, "qemu-postcopy": QemuPostcopyPeer,
+         "kvmigrate-postcopy": KvmigratePostcopyPeer}
 
 
 # --- one run ------------------------------------------------------------------------------------
@@ -377,7 +397,7 @@ def main() -> None:
     ap.add_argument("--fill", action="append", choices=("random", "zero"),
                     help="the guest's fill (repeatable; default random)")
     ap.add_argument("--peer", action="append", choices=list(PEERS),
-                    help="repeatable; default kvmigrate and qemu (qemu-postcopy only when named)")
+                    help="repeatable; default kvmigrate and qemu (the post-copy peers only when named)")
     ap.add_argument("--period-ms", type=float, default=5.0, help="ping period: the figures' resolution")
     ap.add_argument("--json", action="store_true", help="one JSON document instead of the tables")
     args = ap.parse_args()

@@ -13,7 +13,10 @@ SPREAD_COLUMNS = [("blackout ms", "blackout_ms"), ("self downtime ms", "downtime
                   ("steady p50 ms", "steady_p50_ms"), ("steady p99 ms", "steady_p99_ms"),
                   ("total ms", "total_ms")]
 MEDIAN_KEYS = ["gap_ms", "steady_drift_ms", "lost", "carried", "strays", "target_p50_ms", "asked_to_completed_ms",
-               "last_source_echo_ms", "first_target_echo_ms"]
+               "last_source_echo_ms", "first_target_echo_ms",
+               # post-copy (kvmigrate's own figures): pages fetched on demand, fault latency, vCPU blocktime
+               "fetched_pages", "fault_p50_ms", "fault_p99_ms", "vcpu_blocked_ms"]
+PAIRS = [("kvmigrate", "qemu"), ("kvmigrate-postcopy", "qemu-postcopy")]  # the ratios: ours / theirs
 
 
 def spread(values: list) -> dict | None:
@@ -35,14 +38,18 @@ def summarise(runs: list[dict]) -> dict:
     return row
 
 
-def ratios(summary: dict[str, dict]) -> dict:
-    ours, theirs = summary.get("kvmigrate"), summary.get("qemu")
-    if not ours or not theirs:
-        return {}
+def ratios(summary: dict[str, dict]) -> dict[str, dict]:
+    """"ours/theirs" -> the ratio of each column's medians, for each pair of `PAIRS` both run."""
     out = {}
-    for _, key in SPREAD_COLUMNS:
-        a, b = ours.get(key), theirs.get(key)
-        out[key] = a["median"] / b["median"] if a and b and b["median"] else None
+    for ours_name, theirs_name in PAIRS:
+        ours, theirs = summary.get(ours_name), summary.get(theirs_name)
+        if not ours or not theirs:
+            continue
+        pair = {}
+        for _, key in SPREAD_COLUMNS:
+            a, b = ours.get(key), theirs.get(key)
+            pair[key] = a["median"] / b["median"] if a and b and b["median"] else None
+        out[f"{ours_name}/{theirs_name}"] = pair
     return out
 
 
@@ -64,8 +71,8 @@ def print_scenario(title: str, summary: dict[str, dict], ratio: dict) -> None:
         marks = f" ({row['saturated']} saturated)" if row["saturated"] else ""
         table.append([peer] + [_cell(row[k]) for _, k in SPREAD_COLUMNS]
                      + [f"{row['measured']}/{row['runs']}{marks}", "-" if lost is None else f"{lost:.0f}"])
-    if ratio:
-        table.append(["kvmigrate/qemu"] + ["-" if ratio[k] is None else f"{ratio[k]:.2f}x" for _, k in SPREAD_COLUMNS]
+    for label, pair in ratio.items():
+        table.append([label] + ["-" if pair[k] is None else f"{pair[k]:.2f}x" for _, k in SPREAD_COLUMNS]
                      + ["", ""])
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     print(f"\n{title}")
