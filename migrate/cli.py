@@ -220,7 +220,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
     with Kvm() as kvm:
         # Queries from a source in doubt are answered for as long as this process runs
         receiver = Receiver(listener, kvm, once=args.once, console=console, terminal=terminal(),
-                            disk=args.disk, disk_dir=args.disk_dir, max_mem=args.mem, virtio_console=LineConsole())
+                            disk=args.disk, disk_dir=args.disk_dir, max_mem=args.mem, virtio_console=LineConsole(),
+                            postcopy_wait=args.postcopy_wait or None)
         try:
             incoming = receiver.receive(args.accept_timeout or None)
             if incoming.machine is None:
@@ -343,7 +344,12 @@ def cmd_send(args: argparse.Namespace) -> int:
     with _round_bar() as bar:
         view = _RoundView(bar)
         try:
-            stats = call(args.api, "migrate-send", progress=view, to=args.to, options=_send_options(args))
+            if args.resume:
+                stats = call(args.api, "migrate-send", progress=view, resume=True)
+            elif args.to is None:
+                raise MigrateError("migrate send needs --to HOST:PORT (or --resume)")
+            else:
+                stats = call(args.api, "migrate-send", progress=view, to=args.to, options=_send_options(args))
         except KeyboardInterrupt:
             say("migrate", "cancelling (the guest stays on the source)", "yellow")
             call(args.api, "migrate-cancel")
@@ -565,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the most guest RAM to take: MiB, or with a suffix K, M, G, T (default: what this host "
                         "can reserve, MemAvailable)")
     _add_tls_arguments(p)
+    p.add_argument("--postcopy-wait", type=float, default=60, metavar="SECONDS",
+                   help="post-copy: after a lost link, how long the source may take to come back before the "
+                        "guest is paused here for good with the pages it has; 0: wait without end")
     p.add_argument("--timeout", type=float, default=0, metavar="SECONDS",
                    help="stop the received guest after this long; 0: never")
     p.set_defaults(func=cmd_recv)
@@ -577,7 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
 Ctrl-C cancels (the guest runs on at the source). Killing this command does not: the migration
 runs in the VM's process; see migrate status and migrate cancel.""")
     p.add_argument("--api", required=True, metavar="SOCK", help="the VM's control socket")
-    p.add_argument("--to", required=True, type=address, metavar="HOST:PORT", help="the target (migrate recv)")
+    p.add_argument("--to", type=address, metavar="HOST:PORT", help="the target (migrate recv); required unless --resume")
+    p.add_argument("--resume", action="store_true",
+                   help="post-copy whose link stayed down past --postcopy-reconnect (the VM waits, paused, in "
+                        "doubt): reconnect to its target and send it the pages it still lacks")
     p.add_argument("--downtime-ms", type=float, default=300, metavar="MS",
                    help="stop and copy once the rest fits in this pause, ms")
     p.add_argument("--bandwidth", type=float, default=0, metavar="MiB/s", help="cap what is sent, MiB/s; 0: none")

@@ -51,8 +51,13 @@ def _migrate_send(ctx: ControlContext, args: dict[str, Any], progress: Progress)
     from migrate.stats import MigrationOutcome
 
     from migrate.errors import MigrationInDoubt
+    from migrate.source import resume_postcopy
     from migrate.transport import parse_address
 
+    if args.get("resume"):  # post-copy whose link stayed down: reconnect and serve on
+        stats = resume_postcopy(ctx.machine)
+        ctx.finish("migrated (post-copy, resumed)")
+        return stats.as_dict()
     if not isinstance(args.get("to"), str):
         raise ControlError("BadRequest", "migrate-send needs 'to', the target's HOST:PORT")
     try:

@@ -109,6 +109,11 @@ class PostcopyFailed(MigrationFailed):
             self._discard()
 
 
+class SessionFenced(MigrationFailed):
+    """A post-copy source came back and heard that the target never took Commit (it fenced the
+    session): no copy runs there, so this one may run on."""
+
+
 class Cancelled(MigrateError):
     """The user (or the source, seen from the target) called the migration off."""
 

@@ -163,6 +163,8 @@ class PostcopySource:
     # --- on demand ---
 
     def start_fetch_server(self, conn: Connection) -> None:
+        self._stop.clear()
+        self.fetch_error = None
         self._fetch_thread = threading.Thread(target=self._serve_fetches, args=(conn,), name="postcopy-fetch",
                                               daemon=True)
         self._fetch_thread.start()

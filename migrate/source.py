@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ from migrate import digest, pages
 from migrate.datapath import PageEncoderC
 from migrate.postcopy import PostcopySource, count_missing, decode_missing, encode_missing
 from migrate.convergence import Action, RoundFigures, decide
-from migrate.errors import (Cancelled, MigrationFailed, MigrationInDoubt, NotConverging, ProtocolViolation,
+from migrate.errors import (Cancelled, MigrationFailed, MigrationInDoubt, NotConverging, ProtocolViolation, SessionFenced,
                             TransportError, error_code, failure_word)
 from migrate.options import MigrationOptions
 from migrate.protocol import (PROTOCOL_VERSION, Cancel, Channel, Commit, Complete, Error, ErrorCode,
@@ -78,6 +78,7 @@ class Source:
         self.extra: list[OutgoingStream] = []
         self.fetch_conn: Connection | None = None  # post-copy's fetch channel (opened at the handshake)
         self.postcopy: PostcopySource | None = None
+        self._memory_digest: int | None = None  # post-copy: of the paused memory, taken once
         self._sent_at_start = 0.0
         self._fetched_at = 0.0
         self._bytes_at_start = 0
@@ -406,12 +407,11 @@ class Source:
         self.live.round_pages_total, self.live.round_pages_done = self.stats.postcopy.missing_pages, 0
         self.report(force=True)
         started = time.perf_counter()
-        memory_digest = None
         while True:
             try:
-                if memory_digest is None:  # this memory no longer changes: its digest once
-                    memory_digest = self._hashes.digest(self.options.threads)
-                finished = self._serve_pages(memory_digest)
+                if self._memory_digest is None:  # this memory no longer changes: its digest once
+                    self._memory_digest = self._hashes.digest(self.options.threads)
+                finished = self._serve_pages(self._memory_digest)
                 break
             except TransportError as e:
                 self.proto.connection_lost()
@@ -432,6 +432,19 @@ class Source:
         self.stats.total_seconds = time.perf_counter() - t0
         self.stats.sent_bytes = self.bytes_sent
         return self.stats
+
+    def resume_postcopy(self) -> MigrationStats:
+        """`migrate send --resume`: after the reconnect window passed, try again (another
+        `postcopy_reconnect_s`) and serve on."""
+        t0 = time.perf_counter() - self.stats.total_seconds
+        self.proto.connection_lost()
+        if not self._reconnect(TransportError("resumed by the operator")):
+            raise TransportError(f"post-copy: the target could not be reached again within "
+                                 f"{self.options.postcopy_reconnect_s:.0f} s")
+        if self.proto.state is S.DONE:
+            self.stats.outcome, self.stats.reason = MigrationOutcome.COMPLETED, "the target had every page"
+            return self.stats
+        return self._serve_postcopy(t0)
 
     def _serve_pages(self, memory_digest: int) -> Finished:
         """Faulted pages on the fetch channel (a thread), the rest pushed here; then END (the page
@@ -482,7 +495,7 @@ class Source:
                 log.warning("post-copy: reconnected; %d pages still to send", answer.pages)
                 return True
             if self.proto.state is S.FAILED:
-                raise MigrationFailed("the target never took Commit and has fenced the session", "here") from error
+                raise SessionFenced("the target never took Commit and has fenced the session", "here") from error
             if self.proto.state is S.DONE:
                 return True
             self.conn.close()  # "unknown": not settled; try again
@@ -591,6 +604,7 @@ class InDoubt:
     reason: str
     was_running: bool = True  # what resuming the source goes back to
     postcopy: bool = False  # past the post-copy switch: the target may need this copy's pages
+    resume: Callable[[], MigrationStats] | None = None  # post-copy: reconnect and serve on (`resume_postcopy`)
 
 
 def send(machine: Machine, target: str | Connection, options: MigrationOptions | None = None, *,
@@ -641,10 +655,12 @@ def _send(machine: Machine, target: str | Connection, o: MigrationOptions, progr
             raise MigrationInDoubt(stats.reason, "paused here, in doubt: the target may run it; "
                                    "`migrate resolve` asks the target and settles it") from e
         if outcome is Outcome.SOURCE_SERVE:
+            keep = source  # its pages and what it sent are what a resume serves on from
             lease.leave_in_doubt(InDoubt(source.address, source.session, o, stats.reason, was_running,
-                                         postcopy=True))
+                                         postcopy=True, resume=keep.resume_postcopy))
             raise MigrationInDoubt(stats.reason, "paused here after the post-copy switch: the target runs the "
-                                   "guest and still needs pages only this copy holds") from e
+                                   "guest and still needs pages only this copy holds; `migrate send --resume` "
+                                   "reconnects") from e
         return stats
     finally:
         source.close()
@@ -652,6 +668,30 @@ def _send(machine: Machine, target: str | Connection, o: MigrationOptions, progr
     if stats.outcome is MigrationOutcome.COMPLETED:
         machine.stop()  # the target runs the guest now
     return stats
+
+
+def resume_postcopy(machine: Machine) -> MigrationStats:
+    """Reconnect a post-copy migration whose link stayed down past its reconnect window (the
+    machine is held, in doubt, by it) and serve the target on; the machine stops once the target
+    holds every page. `hv.vmm.owner.NotInDoubt` if nothing waits; `MigrationFailed` if the doubt
+    is not a post-copy one (that is `migrate resolve`'s)."""
+    with owner_of(machine).settling("post-copy resume") as lease:
+        doubt = lease.hold.record
+        if not isinstance(doubt, InDoubt) or doubt.resume is None:
+            lease.leave_in_doubt(doubt)
+            raise MigrationFailed("this VM's hand-over is in doubt, but not in post-copy: see migrate resolve",
+                                  "paused here, in doubt")
+        try:
+            stats = doubt.resume()
+        except (Exception, KeyboardInterrupt) as e:
+            if isinstance(e, SessionFenced):
+                restore_source(machine, doubt.was_running)  # the target never took Commit
+                raise
+            lease.leave_in_doubt(doubt)
+            raise MigrationInDoubt(f"post-copy resume: {e}", "paused here after the post-copy switch") from e
+        machine.set_throttle(0)
+        machine.stop()  # the target holds every page now
+        return stats
 
 
 def _with_target_phases(phases: dict[str, float], ready: Ready, resumed: Resumed, waited_ms: float,

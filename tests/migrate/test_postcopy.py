@@ -261,6 +261,7 @@ class _CuttableLink:
         self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.pairs: list[tuple] = []
         self.cuts = 0
+        self.down = False  # while down, a new connection is cut as it comes
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -272,6 +273,9 @@ class _CuttableLink:
                 client, _ = self.sock.accept()
             except OSError:
                 return
+            if self.down:
+                client.close()
+                continue
             host, port = self.upstream.rsplit(":", 1)
             server = socket.create_connection((host, int(port)))
             with self._lock:
@@ -341,6 +345,62 @@ def test_a_link_cut_during_postcopy_is_reconnected_and_completes(kvm: Kvm, cuts:
         thread.join(60)
         assert stats.outcome == "completed", stats.reason
         assert link.cuts == len(cuts) and stats.postcopy.reconnects == len(cuts)
+        assert machine.state is RunState.STOPPED
+        moved = result["incoming"].machine
+        try:
+            target_console.wait_pass(bg.read_status(moved.vm.memory).passes + 2, timeout=30)
+            moved.pause()
+            assert bg.check_memory(moved.vm.memory).ok
+        finally:
+            moved.stop()
+            moved.vm.close()
+    finally:
+        link.close()
+        listener.close()
+        if machine.state is not RunState.STOPPED:
+            machine.stop()
+        machine.vm.close()
+
+
+def test_a_link_down_past_the_reconnect_window_waits_in_doubt_and_resumes_on_demand(kvm: Kvm) -> None:
+    """The link goes down mid-push and stays down past the source's reconnect window: the source
+    is left paused, in doubt, with its pages (a pause or resume of it is refused); the target's
+    guest waits on. Once the link is back, `resume_postcopy` (`migrate send --resume`) completes it."""
+    from hv.errors import Busy
+    from migrate.errors import MigrationInDoubt
+    from migrate.source import resume_postcopy
+
+    console = bg.GuestConsole()
+    machine = builtin_machine(kvm, bg.GuestParams(ws_mib=16, rate_mib_s=0), VmConfig(mem_size=64 * MiB), console)
+    machine.start()
+    console.wait_pass(2, timeout=30)
+    listener = Listener("127.0.0.1:0", b"")
+    link = _CuttableLink(listener.address)
+    target_console = bg.GuestConsole()
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(incoming=listen_and_receive(
+        listener, kvm, console=target_console, accept_timeout=20, timeout=10, postcopy_wait=60)))
+    thread.start()
+
+    def cut_for_good(p: dict) -> None:
+        if p.get("stage") == "pages" and p.get("phase") == "postcopy" and not link.down:
+            if p["round_pages_done"] >= p["round_pages_total"] // 3:
+                link.down = True
+                link.cut()
+
+    try:
+        with pytest.raises(MigrationInDoubt, match="--resume"):
+            send(machine, link.address, MigrationOptions(postcopy=True, bandwidth_mib_s=24, postcopy_reconnect_s=1),
+                 progress=cut_for_good)
+        assert machine.state is RunState.PAUSED
+        with pytest.raises(Busy):
+            from hv.vmm.owner import owner_of
+            owner_of(machine).check("resume")
+        assert thread.is_alive()  # the target waits for its source
+        link.down = False
+        stats = resume_postcopy(machine)
+        thread.join(60)
+        assert stats.outcome == "completed" and stats.postcopy.reconnects >= 1, stats.reason
         assert machine.state is RunState.STOPPED
         moved = result["incoming"].machine
         try:
