@@ -46,6 +46,7 @@ import numpy as np
 import formats
 from formats import POSTCOPY_DIGEST_BLOCK, StreamReader, StreamWriter
 from hv.kvm.dirty import PAGE_SHIFT, PAGE_SIZE, DirtyBitmap, words_for
+from hv.errors import GuestAddressError
 from hv.kvm.memory import GuestMemory, MemoryRegion, anonymous_ram
 from hv.kvm.userfault import Userfault
 from migrate.datapath import PageDecoderC, PageEncoderC, block_hashes
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 PUSH_CHUNK = 256  # pages per background chunk (1 MiB): a fault jumps the push at this grain
 PUSH_MESSAGE = 1 << 20  # page payload per background PAGES message: small, so a jump takes soon
 FETCH_MAX = 512  # addresses per Fetch
+FETCH_AROUND = 16  # pages a fault's answer carries: the faulted one and the unsent ones after it
 _REGION = struct.Struct("<QQ")
 
 Missing = dict[int, DirtyBitmap]  # region guest base -> pages the target lacks
@@ -134,6 +136,7 @@ def page_digest(hashes: dict[int, np.ndarray], memory: GuestMemory) -> int:
 class SourceFigures:
     fetched: int = 0  # pages sent because the target asked
     fetch_requests: int = 0
+    around: int = 0  # pages sent with a faulted one (after it) that the push had not sent
     pushed: int = 0  # pages sent by the background push
     push_jumps: int = 0  # times the push moved to just after a fault
 
@@ -179,9 +182,9 @@ class PostcopySource:
                 if not isinstance(message, Fetch):
                     raise ProtocolViolation(f"the fetch channel carried {type(message).__name__}")
                 parts = []
-                for address in self._fetched_addresses(message.addresses):
-                    region, offset = self.memory.find(address, PAGE_SIZE)
-                    for section in encoder.encode(address, region.view[offset:offset + PAGE_SIZE]):
+                for region, first, count in self._fetched_runs(message.addresses):
+                    address = region.guest_base + first * PAGE_SIZE
+                    for section in encoder.encode(address, region.view[first * PAGE_SIZE:(first + count) * PAGE_SIZE]):
                         parts.extend(writer.pages_parts(section))
                 conn.send_pages(0, parts)
         except TransportError as e:
@@ -192,20 +195,33 @@ class PostcopySource:
             self.fetch_error = e
             log.warning("post-copy fetch channel failed: %s", e)
 
-    def _fetched_addresses(self, raw: bytes) -> list[int]:
+    def _fetched_runs(self, raw: bytes) -> list[tuple[MemoryRegion, int, int]]:
+        """The runs to answer a Fetch with: each page asked for and the pages after it, FETCH_AROUND
+        in all (a guest that faulted on a page is likely to touch the next ones: they come in the
+        same answer rather than a fault each, also when the push has taken them and they are on
+        their way behind other pages; the target places a page once). Taken from the push."""
         if len(raw) % 8 or not raw or len(raw) > FETCH_MAX * 8:
             raise ProtocolViolation(f"a Fetch of {len(raw)} bytes (1 to {FETCH_MAX} le64 addresses)")
-        addresses = np.frombuffer(raw, dtype="<u8").tolist()
+        runs = []
         with self._lock:
-            for address in addresses:
+            for address in sorted(set(np.frombuffer(raw, dtype="<u8").tolist())):
+                try:
+                    region, offset = self.memory.find(address, PAGE_SIZE)
+                except GuestAddressError:
+                    raise ProtocolViolation(f"a Fetch of {address:#x}, outside guest RAM") from None
                 if address % PAGE_SIZE:
                     raise ProtocolViolation(f"a Fetch of the unaligned address {address:#x}")
-                region, offset = self.memory.find(address, PAGE_SIZE)  # GuestAddressError: outside RAM
-                self._unsent[region.guest_base][offset >> PAGE_SHIFT] = False
-            self._jump = (region.guest_base, (offset >> PAGE_SHIFT) + 1)
-            self.figures.fetched += len(addresses)
+                unsent, page = self._unsent[region.guest_base], offset >> PAGE_SHIFT
+                if runs and runs[-1][0] is region and runs[-1][1] + runs[-1][2] > page:
+                    continue  # inside the run the page before it asked for
+                count = min(FETCH_AROUND, region.npages - page)  # sent or not: a pushed page may still
+                self.figures.around += int(unsent[page + 1:page + count].sum())  # be on its way
+                unsent[page:page + count] = False
+                runs.append((region, page, count))
+                self.figures.fetched += 1
+            self._jump = (runs[-1][0].guest_base, runs[-1][1] + runs[-1][2])
             self.figures.fetch_requests += 1
-        return sorted(set(addresses))
+        return runs
 
     # --- background ---
 

@@ -422,11 +422,12 @@ class Source:
                     break
         server, p = self.postcopy, self.stats.postcopy
         p.fetched_pages, p.fetch_requests = finished.fetched, server.figures.fetch_requests
+        p.around_pages = server.figures.around
         p.background_pages, p.push_jumps = finished.background, server.figures.push_jumps
         p.fault_p50_us, p.fault_p99_us = finished.fault_p50_us, finished.fault_p99_us
         p.vcpu_blocked_ms = round(finished.blocked_us / 1000, 3)
         p.seconds = round(time.perf_counter() - started, 3)
-        self.stats.pages_sent += server.figures.pushed + server.figures.fetched
+        self.stats.pages_sent += server.figures.pushed + server.figures.fetched + server.figures.around
         self.stats.frames_judged_raw = self.live_pool.frames_judged_raw + self.paused_pool.frames_judged_raw
         self.stats.outcome, self.stats.reason = MigrationOutcome.COMPLETED, "the target runs the guest (post-copy)"
         self.stats.total_seconds = time.perf_counter() - t0
@@ -456,7 +457,7 @@ class Source:
         def send(parts: list[bytes | memoryview]) -> None:
             self.pages_message(number, parts)
             self._pace()  # --bandwidth holds for the push too (the fetch channel's pages are not held back)
-            self.live.round_pages_done = server.figures.pushed + server.figures.fetched
+            self.live.round_pages_done = server.figures.pushed + server.figures.fetched + server.figures.around
             self.report()
 
         server.push(send, PageEncoderC(self.options.level), self.writer)

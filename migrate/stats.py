@@ -98,7 +98,8 @@ class PostcopyStats:
     missing_pages: int = 0  # pages the target lacked at the switch
     fetched_pages: int = 0  # sent because the target faulted on them
     fetch_requests: int = 0
-    background_pages: int = 0  # sent by the background push
+    around_pages: int = 0  # sent with a faulted page: the unsent ones just after it
+    background_pages: int = 0  # placed from the background push
     push_jumps: int = 0  # times the push moved to just after a fault
     fault_p50_us: int = 0
     fault_p99_us: int = 0

@@ -492,7 +492,8 @@ class Target:
         self.fetch_conn = accept_fetch_channel(self.joins, self.session, self.fetch_index, self.timeout)
         self.postcopy.start_fetcher(self.fetch_conn)
         self.postcopy.figures.reconnects += 1
-        log.warning("post-copy: the source is back (%s); %s still to come", conn.peer, describe_missing(missing))
+        log.warning("post-copy: the source is back (%s); %s still to come", conn.peer,
+                    describe_missing(sum(b.count() for b in still.values())))
 
     def commit(self) -> None:
         t0 = time.perf_counter()
