@@ -37,6 +37,7 @@ import argparse
 import json
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -337,7 +338,8 @@ def run_once(peer_name: str, scenario: Scenario, image: Path, tsc_khz: int, peri
         if reported.outcome == "completed" and observer.wait_echo(TARGET, timeout=30):
             time.sleep(AFTER)
         timeline = Timeline(period, *observer.stop(), steady_from, asked, start, end)
-    row = {"peer": peer_name, "asked_to_completed_ms": (end - asked) * 1000, **asdict(reported)}
+    row = {"peer": peer_name, "asked_to_completed_ms": (end - asked) * 1000, **asdict(reported),
+           **pass_times(observer.lines, asked, end)}
     del row["completed_at"]
     if reported.outcome != "completed":
         return row
@@ -346,6 +348,30 @@ def run_once(peer_name: str, scenario: Scenario, image: Path, tsc_khz: int, peri
     except TimelineError as e:
         return row | {"outcome": "unmeasured", "error": e.what}
     return row | asdict(figures) | {"saturated": figures.saturated}
+
+
+def pass_times(lines: dict[str, list[tuple[float, str]]], asked: float, end: float) -> dict[str, float | None]:
+    """The guest's own pace (its `kvmig: pass N ms=T` lines, T from one TSC on both hosts):
+    the median pass before the migration was asked for (source), while it ran (target passes
+    done before it completed: post-copy's slowdown), the pass the switch fell in, and after."""
+    passes = []  # (arrived, side, number, ms)
+    for side, seen in lines.items():
+        for arrived, line in seen:
+            parts = line.split()
+            if len(parts) == 4 and parts[:2] == ["kvmig:", "pass"] and parts[3].startswith("ms="):
+                passes.append((arrived, side, int(parts[2]), int(parts[3][3:])))
+    passes.sort(key=lambda p: p[2])
+    spans = [(b[0], b[1], b[3] - a[3]) for a, b in zip(passes, passes[1:]) if b[2] == a[2] + 1]
+
+    def median(values: list[int]) -> float | None:
+        return statistics.median(values) if values else None
+
+    first_target = next((i for i, (_, side, _) in enumerate(spans) if side == TARGET), None)
+    return {"pass_ms_before": median([ms for at, side, ms in spans if side == SOURCE and at < asked]),
+            "pass_ms_switch": spans[first_target][2] if first_target is not None else None,
+            "pass_ms_during": median([ms for i, (at, side, ms) in enumerate(spans)
+                                      if side == TARGET and i != first_target and at <= end]),
+            "pass_ms_after": median([ms for at, side, ms in spans if side == TARGET and at > end])}
 
 
 def steady_p99(timeline: Timeline) -> float:

@@ -15,7 +15,9 @@ SPREAD_COLUMNS = [("blackout ms", "blackout_ms"), ("self downtime ms", "downtime
 MEDIAN_KEYS = ["gap_ms", "steady_drift_ms", "lost", "carried", "strays", "target_p50_ms", "asked_to_completed_ms",
                "last_source_echo_ms", "first_target_echo_ms",
                # post-copy (kvmigrate's own figures): pages fetched on demand, fault latency, vCPU blocktime
-               "fetched_pages", "fault_p50_ms", "fault_p99_ms", "vcpu_blocked_ms"]
+               "fetched_pages", "fault_p50_ms", "fault_p99_ms", "vcpu_blocked_ms",
+               # the guest's pass time (ms): before, the pass of the switch, while migrating, after
+               "pass_ms_before", "pass_ms_switch", "pass_ms_during", "pass_ms_after"]
 PAIRS = [("kvmigrate", "qemu"), ("kvmigrate-postcopy", "qemu-postcopy")]  # the ratios: ours / theirs
 
 
@@ -87,6 +89,16 @@ def print_scenario(title: str, summary: dict[str, dict], ratio: dict) -> None:
             print(f"  {peer}: in {row['saturated']} run(s) the steady latency grew while it was measured: the "
                   "pings came faster than the console answered them (a busy host, or a period too short); "
                   "those figures are not the VMM's")
+    print("  the guest's pass time, ms (before / the pass of the switch / while migrating / after); "
+          "post-copy's own figures where the peer reports them:")
+    for peer, row in summary.items():
+        passes = " / ".join(_cell(row.get(k)) for k in ("pass_ms_before", "pass_ms_switch", "pass_ms_during",
+                                                         "pass_ms_after"))
+        faults = ""
+        if row.get("fault_p99_ms"):
+            faults = (f"; faults p50 {_cell(row['fault_p50_ms'])} p99 {_cell(row['fault_p99_ms'])} ms, "
+                      f"{_cell(row['fetched_pages'])} fetched, vCPUs blocked {_cell(row['vcpu_blocked_ms'])} ms")
+        print(f"  {peer}: {passes}{faults}")
 
 
 def scenario_title(name: str, mem_mib: int, ws_mib: int, rate_mib_s: int, poll_ms: float, runs: int,
