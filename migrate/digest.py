@@ -25,12 +25,12 @@ from migrate.pages import Touched
 
 def blocks_with_pages(region: MemoryRegion, pages: DirtyBitmap, block: int = DIGEST_BLOCK) -> np.ndarray:
     """One bool per digest block (of `block` bytes) of `region`: does it hold any page set in `pages`."""
-    bits = np.unpackbits(pages.words.view(np.uint8), bitorder="little")[: region.npages]
+    bits = pages.as_bools()
     per_block = block // PAGE_SIZE
     if per_block == 1:
-        return bits.astype(bool)
+        return bits
     padded = np.zeros(block_count(region.npages * PAGE_SIZE, block) * per_block, dtype=bool)
-    padded[: region.npages] = bits.astype(bool)
+    padded[: region.npages] = bits
     return padded.reshape(-1, per_block).any(axis=1)
 
 

@@ -105,23 +105,13 @@ def count_missing(missing: Missing) -> int:
     return sum(bits.count() for bits in missing.values())
 
 
-def _bits(bitmap: DirtyBitmap) -> np.ndarray:
-    return np.unpackbits(bitmap.words.view(np.uint8), bitorder="little")[: bitmap.npages].astype(bool)
-
-
-def _runs(bits: np.ndarray) -> list[tuple[int, int]]:
-    """(first page, count) of each run of set bits (numpy, not a per-page loop)."""
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], bits.astype(np.int8), [0]))))
-    return [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
-
-
 def give_back(memory: GuestMemory, missing: Missing) -> None:
     """MADV_DONTNEED over the pages of `missing` (their older copies), in C without the GIL: the
     kernel frees about a page a microsecond here (256 MiB: ~30 ms; a second thread did not help,
     measured). Nothing may read these pages until they are registered: a read would map the zero
     page, which userfaultfd then never reports missing."""
     for region in memory.regions:
-        for first, count in _runs(_bits(missing[region.guest_base])):
+        for first, count in missing[region.guest_base].runs().as_tuples():
             memory.zero_pages(region.guest_base + first * PAGE_SIZE, count * PAGE_SIZE)
 
 
@@ -149,7 +139,7 @@ class PostcopySource:
         self.memory, self.level = memory, level
         self.figures = SourceFigures()
         self._lock = threading.Lock()
-        self._unsent = {r.guest_base: _bits(missing[r.guest_base]) for r in memory.regions}
+        self._unsent = {r.guest_base: missing[r.guest_base].as_bools() for r in memory.regions}
         self._cursor = {base: 0 for base in self._unsent}
         self._jump: tuple[int, int] | None = None  # (region base, page) just after the latest fault
         self._stop = threading.Event()
@@ -160,7 +150,7 @@ class PostcopySource:
         """After a reconnect: what the target says it still lacks is what is unsent now."""
         with self._lock:
             for r in self.memory.regions:
-                self._unsent[r.guest_base] = _bits(missing[r.guest_base])
+                self._unsent[r.guest_base] = missing[r.guest_base].as_bools()
                 self._cursor[r.guest_base] = 0
 
     # --- on demand ---
@@ -308,14 +298,14 @@ class PostcopyTarget:
         self.figures = TargetFigures()
         self._staging = [anonymous_ram(r.size, huge_pages=False) for r in memory.regions]
         self._uffd: dict[int, Userfault] = {}
-        self._holes: dict[int, np.ndarray] = {}  # pages not missing: in place, or never written (zero)
+        self._holes: dict[int, DirtyBitmap] = {}  # pages not missing: in place, or never written (zero)
         self._t0 = time.monotonic()
         try:
             rest = missing if given_back is None else {b: m.without(given_back[b]) for b, m in missing.items()}
             give_back(memory, rest)
             for region, staging in zip(memory.regions, self._staging, strict=True):
                 self._uffd[region.guest_base] = Userfault(region, staging=staging)
-                self._holes[region.guest_base] = ~_bits(missing[region.guest_base])
+                self._holes[region.guest_base] = missing[region.guest_base].complement()
         except BaseException:
             self.close()
             raise
@@ -371,7 +361,7 @@ class PostcopyTarget:
         of the connection, so TLS is safe too)."""
         for base, holes in self._holes.items():  # after the resume: not in the downtime
             uffd = self._uffd[base]
-            for first, count in _runs(holes):
+            for first, count in holes.runs().as_tuples():
                 uffd.stage_zero(base + first * PAGE_SIZE, count * PAGE_SIZE)
         self._holes.clear()
         reader = self.reader()
@@ -425,7 +415,7 @@ class PostcopyTarget:
         missing pages' hashes taken from the staging buffer they were placed from."""
         hashes = {}
         for region, staging in zip(self.memory.regions, self._staging, strict=True):
-            pages = np.flatnonzero(_bits(self.missing[region.guest_base])).astype(np.uint64)
+            pages = self.missing[region.guest_base].pages()
             hashes[region.guest_base] = held[region.guest_base].copy()
             hashes[region.guest_base][pages] = block_hashes(staging, pages, POSTCOPY_DIGEST_BLOCK)
         return page_digest(hashes, self.memory)

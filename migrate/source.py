@@ -317,17 +317,24 @@ class Source:
             raise TransportError(f"final copy (at most {self._final_copy_limit_ms:.0f} ms, the guest paused): "
                                  f"{e}") from e
 
-    def _final_copy(self, pending: Dirty, t0: float) -> MigrationStats:
-        machine = self.machine
-        self.live.phase = "stop-and-copy"
+    def _pause_and_take_the_rest(self, pending: Dirty) -> tuple[Laps, Dirty, float]:
+        """Pause the guest (the final copy's deadline runs from here) and fetch the dirty log,
+        with `pending` (fetched while it ran, not sent yet) folded in; the laps started, the
+        pages to send, the dirty rate."""
         laps = Laps()
-        machine.pause()
+        self.machine.pause()
         self._deadline = time.monotonic() + self._final_copy_limit_ms / 1000
         laps.lap("pause")
         final, _, rate = self._fetch()
         for (_, merged), (_, earlier) in zip(final, pending, strict=True):
-            merged |= earlier  # fetched while running but not sent yet
+            merged |= earlier
         laps.lap("dirty_log")
+        return laps, final, rate
+
+    def _final_copy(self, pending: Dirty, t0: float) -> MigrationStats:
+        machine = self.machine
+        self.live.phase = "stop-and-copy"
+        laps, final, rate = self._pause_and_take_the_rest(pending)
         self._round(len(self.stats.rounds), pages.dirty_runs(final)[0], rate, self.paused_pool)
         laps.lap("last_round")
         state = capture(machine, machine_config(machine))
@@ -371,15 +378,8 @@ class Source:
         self.message(Discard(encode_missing(discard), count_missing(discard)))
         discarded = self.answer()
         self.stats.postcopy_discard_ms = round((discarded.digest_us + discarded.discard_us) / 1000, 3)
-        laps = Laps()
-        machine.pause()
-        self._deadline = time.monotonic() + self._final_copy_limit_ms / 1000
-        laps.lap("pause")
-        final, _, _ = self._fetch()
-        for (_, merged), (_, earlier) in zip(final, pending, strict=True):
-            merged |= earlier  # given back there: missing too
+        laps, final, _ = self._pause_and_take_the_rest(pending)  # (what `pending` has was given back there)
         missing = {region.guest_base: bits for region, bits in final}
-        laps.lap("dirty_log")
         state = capture(machine, machine_config(machine))
         self.message(State(b"".join(state_sections(self.writer, state))))
         laps.lap("state")

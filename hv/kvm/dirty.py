@@ -93,6 +93,13 @@ class DirtyBitmap:
         self._check_same(other)
         return DirtyBitmap(self.npages, self.words & other.words)
 
+    def complement(self) -> DirtyBitmap:
+        """The pages not set here."""
+        words = ~self.words
+        if self.npages % 64:
+            words[-1] &= np.uint64((1 << (self.npages % 64)) - 1)
+        return DirtyBitmap(self.npages, words)
+
     def without(self, other: DirtyBitmap) -> DirtyBitmap:
         """The pages set here and not in `other`."""
         self._check_same(other)
@@ -117,10 +124,13 @@ class DirtyBitmap:
     def count(self) -> int:
         return int(lib.kvmig_bitmap_count(self._ptr(), len(self.words)))
 
+    def as_bools(self) -> np.ndarray:
+        """One bool per page (little-endian bit order within each word)."""
+        return np.unpackbits(self.words.view(np.uint8), bitorder="little")[: self.npages].astype(bool)
+
     def pages(self) -> np.ndarray:
-        """Indices of the set bits, ascending (little-endian bit order within each word)."""
-        bits = np.unpackbits(self.words.view(np.uint8), bitorder="little")[: self.npages]
-        return np.flatnonzero(bits).astype(np.uint64)
+        """Indices of the set bits, ascending."""
+        return np.flatnonzero(self.as_bools()).astype(np.uint64)
 
     def runs(self) -> PageRuns:
         """Runs of consecutive dirty pages, found by the C scanner (zero words skipped)."""

@@ -76,7 +76,10 @@ def test_snapshot_mid_operation_restores_in_a_new_process(kvm: Kvm, tmp_path: Pa
     assert "error" not in out
 
 
-def test_live_migration_with_busy_devices(kvm: Kvm, tmp_path: Path) -> None:
+@pytest.mark.parametrize("postcopy", [False, True], ids=["precopy", "postcopy"])
+def test_live_migration_with_busy_devices(kvm: Kvm, tmp_path: Path, postcopy: bool) -> None:
+    """Post-copy too: the device threads then touch missing pages (rings, buffers) and wait for
+    them without holding up the fetcher."""
     disk, console = tmp_path / "disk.img", bg.GuestConsole()
     machine = _busy_machine(kvm, disk, console, bg.GuestConsole())
     listener = Listener("127.0.0.1:0", b"")
@@ -88,9 +91,10 @@ def test_live_migration_with_busy_devices(kvm: Kvm, tmp_path: Path) -> None:
     thread.start()
     try:
         moved_from = bg.read_status(machine.vm.memory)
-        stats = send(machine, listener.address, MigrationOptions())
+        stats = send(machine, listener.address, MigrationOptions(postcopy=postcopy))
         thread.join(60)
         assert stats.outcome == "completed", stats.reason
+        assert (stats.postcopy is not None and stats.postcopy.missing_pages > 0) == postcopy
         assert machine.state is RunState.STOPPED
         target = result["incoming"].machine
         try:
