@@ -288,19 +288,25 @@ class _CuttableLink:
         self.cut()
 
 
+def _target_behind_a_link(kvm: Kvm):
+    """A target (on a thread, waiting up to 60 s for a source that lost its link) and a
+    `_CuttableLink` to it; `result["incoming"]` once the guest arrived."""
+    listener = Listener("127.0.0.1:0", b"")
+    link = _CuttableLink(listener.address)
+    console, result = bg.GuestConsole(), {}
+    thread = threading.Thread(target=lambda: result.update(incoming=listen_and_receive(
+        listener, kvm, console=console, accept_timeout=20, timeout=10, postcopy_wait=60)))
+    thread.start()
+    return listener, link, console, result, thread
+
+
 @pytest.mark.parametrize("cuts", [(0.0,), (0.5,), (0.0, 0.6)], ids=["at-the-switch", "mid-push", "twice"])
 def test_a_link_cut_during_postcopy_is_reconnected_and_completes(kvm: Kvm, cuts: tuple[float, ...]) -> None:
     """The link is cut (every connection: main and fetch) once the push has sent a share
     `cuts` of the missing pages; the guest runs on at the target meanwhile, the source comes
     back, and the migration completes with the memory checked."""
     machine = _running_guest(kvm)
-    listener = Listener("127.0.0.1:0", b"")
-    link = _CuttableLink(listener.address)
-    target_console = bg.GuestConsole()
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(incoming=listen_and_receive(
-        listener, kvm, console=target_console, accept_timeout=20, timeout=10, postcopy_wait=30)))
-    thread.start()
+    listener, link, target_console, result, thread = _target_behind_a_link(kvm)
     left = list(cuts)
 
     def cut_on_the_way(p: dict) -> None:
@@ -332,13 +338,7 @@ def test_a_link_down_past_the_reconnect_window_waits_in_doubt_and_resumes_on_dem
     from migrate.source import resume_postcopy
 
     machine = _running_guest(kvm)
-    listener = Listener("127.0.0.1:0", b"")
-    link = _CuttableLink(listener.address)
-    target_console = bg.GuestConsole()
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(incoming=listen_and_receive(
-        listener, kvm, console=target_console, accept_timeout=20, timeout=10, postcopy_wait=60)))
-    thread.start()
+    listener, link, target_console, result, thread = _target_behind_a_link(kvm)
 
     def cut_for_good(p: dict) -> None:
         if p.get("stage") == "pages" and p.get("phase") == "postcopy" and not link.down:
