@@ -612,7 +612,7 @@ runs in the VM's process; see migrate status and migrate cancel.""")
                                "down, the target pauses the guest with what it has (a lost link is reconnected "
                                "within --postcopy-reconnect SECONDS)")
     postcopy.add_argument("--postcopy-after", type=int, metavar="N",
-                          help="as --postcopy, after N pre-copy rounds")
+                          help="as --postcopy, after N pre-copy rounds (unless pre-copy has finished by then)")
     postcopy.add_argument("--postcopy-auto", action="store_true",
                           help="as --postcopy, but only when pre-copy would not converge within --downtime-ms "
                                "(instead of throttling the guest or giving up)")

@@ -406,6 +406,15 @@ class PostcopyTarget:
             left += (self.missing[region.guest_base] & uffd.missing_pages()).count()
         return left
 
+    def wait_placed(self, timeout: float) -> int:
+        """Wait until every page of the switch's bitmap is in, or `timeout` passed; the pages
+        still missing. (The source ends its push when every page has left on one channel or the
+        other; the fetch channel's last answers may arrive after the main one's END.)"""
+        deadline = time.monotonic() + timeout
+        while (left := self.still_missing()) and time.monotonic() < deadline and self.fetch_error is None:
+            time.sleep(0.002)
+        return left
+
     def missing_now(self) -> Missing:
         return {r.guest_base: self.missing[r.guest_base] & self._uffd[r.guest_base].missing_pages()
                 for r in self.memory.regions}

@@ -493,6 +493,8 @@ class Source:
                 self.pages_message(len(self.stats.rounds), [self.writer.header()])
                 self.open_fetch_channel(self.session)
                 self.stats.postcopy.reconnects += 1
+                self.live.round_pages_done = self.live.round_pages_total - answer.pages
+                self.report(force=True)  # `migrate status` sees it carry on
                 log.warning("post-copy: reconnected; %d pages still to send", answer.pages)
                 return True
             if self.proto.state is S.FAILED:

@@ -440,7 +440,7 @@ class Target:
         checked (migrate.postcopy says why it proves the memory); then Finished."""
         end = self.records("COMPLETE", payload, COMPLETE_RECORDS)[0]  # (again after a reconnection: not collected)
         pc = self.postcopy
-        left = pc.still_missing()
+        left = pc.wait_placed(self.timeout)  # fetched pages may still be on the fetch channel's way
         if left:
             raise MigrationFailed(f"post-copy: the source finished with {describe_missing(left)} never sent",
                                   "on the source")

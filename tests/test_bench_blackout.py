@@ -124,6 +124,9 @@ def test_summaries_give_the_median_the_spread_and_the_ratio() -> None:
     assert summary["kvmigrate"]["errors"] == ["x"]
     assert summary["qemu"]["during_p99_ms"] is None  # not in these runs
     ratio = ratios(summary)
-    assert ratio["blackout_ms"] == pytest.approx(30 / 12)
-    assert ratio["downtime_ms"] == pytest.approx(12 / 3)
-    assert ratio["total_ms"] is None
+    assert list(ratio) == ["kvmigrate/qemu"]  # the post-copy pair only when both of it ran
+    assert ratio["kvmigrate/qemu"]["blackout_ms"] == pytest.approx(30 / 12)
+    assert ratio["kvmigrate/qemu"]["downtime_ms"] == pytest.approx(12 / 3)
+    assert ratio["kvmigrate/qemu"]["total_ms"] is None
+    summary |= {"kvmigrate-postcopy": summarise([run(20, 5)]), "qemu-postcopy": summarise([run(40, 1)])}
+    assert ratios(summary)["kvmigrate-postcopy/qemu-postcopy"]["blackout_ms"] == pytest.approx(0.5)

@@ -25,7 +25,7 @@ from hv.vmm.builder import builtin_machine
 from hv.vmm.control import ControlError, call
 from hv.vmm.machine import RunState
 from migrate import MigrationOptions, listen_and_receive, send
-from migrate.errors import PostcopyFailed, ProtocolViolation
+from migrate.errors import MigrationFailed, PostcopyFailed, ProtocolViolation
 from migrate.postcopy import decode_missing, encode_missing
 from migrate.protocol import Channel
 from migrate.transport import Listener, connect
@@ -300,11 +300,12 @@ def _target_behind_a_link(kvm: Kvm):
     return listener, link, console, result, thread
 
 
-@pytest.mark.parametrize("cuts", [(0.0,), (0.5,), (0.0, 0.6)], ids=["at-the-switch", "mid-push", "twice"])
+@pytest.mark.parametrize("cuts", [(0.0,), (0.5,), (0.0, 0.0)], ids=["at-the-switch", "mid-push", "again-once-back"])
 def test_a_link_cut_during_postcopy_is_reconnected_and_completes(kvm: Kvm, cuts: tuple[float, ...]) -> None:
     """The link is cut (every connection: main and fetch) once the push has sent a share
-    `cuts` of the missing pages; the guest runs on at the target meanwhile, the source comes
-    back, and the migration completes with the memory checked."""
+    `cuts` of the missing pages (the second cut: as soon as the source is back); the guest runs
+    on at the target meanwhile, the source comes back, and the migration completes with the
+    memory checked."""
     machine = _running_guest(kvm)
     listener, link, target_console, result, thread = _target_behind_a_link(kvm)
     left = list(cuts)
@@ -340,8 +341,8 @@ def test_a_link_down_past_the_reconnect_window_waits_in_doubt_and_resumes_on_dem
     machine = _running_guest(kvm)
     listener, link, target_console, result, thread = _target_behind_a_link(kvm)
 
-    def cut_for_good(p: dict) -> None:
-        if p.get("stage") == "pages" and p.get("phase") == "postcopy" and not link.down:
+    def cut_for_good(p: dict) -> None:  # once: the resume reports through it too
+        if p.get("stage") == "pages" and p.get("phase") == "postcopy" and not link.cuts:
             if p["round_pages_done"] >= p["round_pages_total"] // 3:
                 link.down = True
                 link.cut()
@@ -363,4 +364,66 @@ def test_a_link_down_past_the_reconnect_window_waits_in_doubt_and_resumes_on_dem
         _assert_carries_on(result["incoming"].machine, target_console)
     finally:
         link.close()
+        _end(listener, machine)
+
+
+@pytest.mark.parametrize("options, rounds", [
+    # (with a downtime target pre-copy could meet, it would finish before its second round)
+    (MigrationOptions(postcopy=True, postcopy_after=2, downtime_ms=1), 2),
+    # 1 ms of downtime cannot be met and the throttle is off: pre-copy would give up after 3 rounds
+    (MigrationOptions(postcopy_auto=True, downtime_ms=1, auto_converge=False, max_rounds=3), 3),
+], ids=["after-2-rounds", "auto"])
+def test_the_switch_comes_after_n_rounds_or_when_precopy_would_not_converge(kvm: Kvm, options, rounds: int) -> None:
+    machine = _running_guest(kvm)
+    listener = Listener("127.0.0.1:0", b"")
+    console, result = bg.GuestConsole(), {}
+    thread = threading.Thread(target=lambda: result.update(
+        incoming=listen_and_receive(listener, kvm, console=console, accept_timeout=20, timeout=10)))
+    thread.start()
+    try:
+        stats = send(machine, listener.address, options)
+        thread.join(30)
+        assert stats.outcome == "completed", stats.reason
+        assert stats.postcopy is not None and stats.postcopy.after_rounds == len(stats.rounds) == rounds
+        _assert_carries_on(result["incoming"].machine, console)
+    finally:
+        _end(listener, machine)
+
+
+def test_a_failure_at_the_switch_before_commit_leaves_the_guest_running_at_the_source(kvm: Kvm,
+                                                                                      monkeypatch) -> None:
+    """The target fails while it registers the missing pages (before Ready): it discards its copy
+    and says why; the source, which never sent Commit, runs its guest on with its memory intact."""
+    from migrate.target import Target
+
+    def failing_switch(self, missing: bytes, count: int) -> None:
+        raise MigrationFailed("injected: userfaultfd refused", "nowhere yet")
+
+    monkeypatch.setattr(Target, "switch", failing_switch)
+    machine = _running_guest(kvm)
+    listener = Listener("127.0.0.1:0", b"")
+    errors: dict = {}
+
+    def serve() -> None:
+        try:
+            listen_and_receive(listener, kvm, accept_timeout=20, timeout=10)
+        except BaseException as e:  # noqa: BLE001 - the test reads it
+            errors["target"] = e
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        stats = send(machine, listener.address, MigrationOptions(postcopy=True))
+        thread.join(30)
+        assert stats.outcome == "failed" and "injected" in stats.reason, stats.reason
+        assert isinstance(errors.get("target"), MigrationFailed)
+        assert machine.state is RunState.RUNNING and not machine.vm.dirty_logging
+        before = bg.read_status(machine.vm.memory).passes
+        deadline = time.monotonic() + 20
+        while bg.read_status(machine.vm.memory).passes <= before:  # it runs on
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        machine.pause()
+        assert bg.check_memory(machine.vm.memory).ok
+    finally:
         _end(listener, machine)
