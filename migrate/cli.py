@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -51,7 +52,7 @@ from hv.vmm.control import ControlError, call, check_socket_path
 from hv.vmm.control import extensions as control_extensions
 from hv.vmm.machine import discard
 from migrate.stats import RUNNING
-from migrate.errors import MigrateError
+from migrate.errors import MigrateError, PostcopyFailed
 from migrate.exits import EXITS, OUTCOMES
 from migrate.transport import parse_address
 
@@ -223,7 +224,10 @@ def cmd_recv(args: argparse.Namespace) -> int:
                             disk=args.disk, disk_dir=args.disk_dir, max_mem=args.mem, virtio_console=LineConsole(),
                             postcopy_wait=args.postcopy_wait or None)
         try:
-            incoming = receiver.receive(args.accept_timeout or None)
+            try:
+                incoming = receiver.receive(args.accept_timeout or None)
+            except PostcopyFailed as e:
+                return _hold_a_stranded_guest(e, args.timeout)
             if incoming.machine is None:
                 say("migrate", "dry run: this host would accept the guest")
                 return ExitStatus.OK
@@ -234,6 +238,22 @@ def cmd_recv(args: argparse.Namespace) -> int:
         finally:
             receiver.close()
             listener.close()
+
+
+def _hold_a_stranded_guest(error: PostcopyFailed, timeout: float) -> int:
+    """Post-copy broke off past --postcopy-wait: the guest stays paused here with the pages it
+    has (it cannot run without the rest, which only its source held) until Ctrl-C, SIGTERM or
+    --timeout; then it is given up."""
+    ended = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: ended.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    say("migrate", f"{error}. The guest is kept paused here; Ctrl-C or SIGTERM gives it up", "red")
+    try:
+        ended.wait(timeout or None)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        error.discard()
+    return ExitStatus.IN_DOUBT
 
 
 def _send_options(args: argparse.Namespace) -> dict[str, Any]:

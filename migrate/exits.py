@@ -7,11 +7,11 @@ from __future__ import annotations
 from formats import FormatError
 from hv.vmm.command import HV_EXITS, ExitRows, ExitStatus
 from migrate.errors import (Cancelled, IncompatibleError, MigrationFailed, MigrationInDoubt, MissingSections,
-                            NotConverging, SnapshotError, StateError, TransportError)
+                            NotConverging, PostcopyFailed, SnapshotError, StateError, TransportError)
 from migrate.resolve import StillInDoubt
 
 EXITS: ExitRows = (
-    ((MigrationInDoubt, StillInDoubt), ExitStatus.IN_DOUBT),
+    ((MigrationInDoubt, StillInDoubt, PostcopyFailed), ExitStatus.IN_DOUBT),  # (post-copy: paused on the target)
     ((MigrationFailed, Cancelled, NotConverging), ExitStatus.MIGRATION_FAILED),
     (TransportError, ExitStatus.TRANSPORT),
     ((IncompatibleError, SnapshotError, FormatError, MissingSections, StateError), ExitStatus.REFUSED),

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hv.kvm.kvm import Kvm
-from migrate.errors import AuthenticationFailed, ProtocolViolation, TransportError
+from migrate.errors import AuthenticationFailed, PostcopyFailed, ProtocolViolation, TransportError
 from migrate.protocol import Channel, Error, ErrorCode, Hello, Query, Reconnect, Reject, Verdict
 from migrate.target import Incoming, SessionLedger, receive
 from migrate.transport import Connection, Listener
@@ -101,9 +101,10 @@ class Receiver:
                 incoming = receive(conn, self.kvm, first=hello, joins=self._next_join, ledger=self.ledger,
                                    **self.target_options)
             except Exception as e:
+                stranded = isinstance(e, PostcopyFailed)  # half here: the caller holds it, no other comes
                 log.warning("migration from %s did not arrive: %s: %s%s", conn.peer, type(e).__name__, e,
-                            "" if self.once else "; listening for the next")
-                if self.once:
+                            "" if self.once or stranded else "; listening for the next")
+                if self.once or stranded:
                     raise
                 continue
             finally:

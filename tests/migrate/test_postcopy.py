@@ -427,3 +427,39 @@ def test_a_failure_at_the_switch_before_commit_leaves_the_guest_running_at_the_s
         assert bg.check_memory(machine.vm.memory).ok
     finally:
         _end(listener, machine)
+
+
+def test_migrate_recv_keeps_a_stranded_guest_paused_until_told(tmp_path: Path) -> None:
+    """`migrate recv` whose source dies after the switch: past --postcopy-wait it says so, keeps
+    the guest paused with what it has, and gives it up on SIGTERM with the in-doubt status."""
+    source_api, port = tmp_path / "source.sock", _free_port()
+    source = subprocess.Popen([sys.executable, "-m", "hv.vmm.cli", "run", "--mem", "64M", "--ws", "16", "--rate",
+                               "0", "--api", str(source_api)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    target = subprocess.Popen([sys.executable, "-m", "migrate.cli", "recv", "--listen", f"127.0.0.1:{port}",
+                               "--accept-timeout", "60", "--postcopy-wait", "1"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    sender = None
+    try:
+        _wait_for(source_api, source)
+        _wait_passes(source_api, 2)
+        sender = subprocess.Popen([sys.executable, "-m", "migrate.cli", "send", "--api", str(source_api), "--to",
+                                   f"127.0.0.1:{port}", "--postcopy", "--bandwidth", "4", "--json"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while call(source_api, "migrate-status")["phase"] != "postcopy":
+            assert time.monotonic() < deadline and sender.poll() is None
+            time.sleep(0.02)
+        os.kill(source.pid, signal.SIGKILL)
+        said = ""
+        while "kept paused" not in said:  # stderr, line by line
+            line = target.stderr.readline()
+            assert line and time.monotonic() < deadline + 30, said
+            said += line
+        assert "still only at the source" in said and target.poll() is None
+        target.send_signal(signal.SIGTERM)
+        assert target.wait(timeout=20) == 6  # ExitStatus.IN_DOUBT
+    finally:
+        for proc in (source, target, sender):
+            if proc is not None:
+                proc.kill()
