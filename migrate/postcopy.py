@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 import select
 import struct
 import threading
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 PUSH_CHUNK = 256  # pages per background chunk (1 MiB): a fault jumps the push at this grain
 PUSH_MESSAGE = 1 << 20  # page payload per background PAGES message: small, so a jump takes soon
 FETCH_MAX = 512  # addresses per Fetch
+URGENT_NICE = -10  # the fetch threads' (per-thread nice on Linux)
 FETCH_AROUND = 16  # pages a fault's answer carries: the faulted one and the unsent ones after it
 _REGION = struct.Struct("<QQ")
 
@@ -103,6 +105,15 @@ def decode_missing(data: bytes, memory: GuestMemory) -> Missing:
 
 def count_missing(missing: Missing) -> int:
     return sum(bits.count() for bits in missing.values())
+
+
+def _urgent() -> None:
+    """Run this thread ahead of the busy ones (the push, the guest's vCPUs): a fault's round trip
+    is what a vCPU waits for. Best effort (a lower nice value needs CAP_SYS_NICE)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), URGENT_NICE)
+    except OSError:
+        pass
 
 
 def give_back(memory: GuestMemory, missing: Missing) -> None:
@@ -163,8 +174,9 @@ class PostcopySource:
         self._fetch_thread.start()
 
     def _serve_fetches(self, conn: Connection) -> None:
+        _urgent()
         writer = StreamWriter(registry(), producer=PRODUCER)
-        encoder = PageEncoderC(self.level)
+        encoder = PageEncoderC(0, stable=True)  # a fault waits: raw, straight from the paused memory
         try:
             conn.send_pages(0, [writer.header()])
             while not self._stop.is_set():
@@ -359,6 +371,7 @@ class PostcopyTarget:
     def _fetch_loop(self, conn: Connection) -> None:
         """One thread: faults out as Fetch, pages in as they come back (one reader and one writer
         of the connection, so TLS is safe too)."""
+        _urgent()
         for base, holes in self._holes.items():  # after the resume: not in the downtime
             uffd = self._uffd[base]
             for first, count in holes.runs().as_tuples():

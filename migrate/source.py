@@ -460,7 +460,7 @@ class Source:
             self.live.round_pages_done = server.figures.pushed + server.figures.fetched + server.figures.around
             self.report()
 
-        server.push(send, PageEncoderC(self.options.level), self.writer)
+        server.push(send, PageEncoderC(self.options.level, stable=True), self.writer)  # this memory no longer changes
         self.message(Complete(self.writer.end(memory_digest)))
         return self.answer()
 
@@ -482,16 +482,18 @@ class Source:
                 self.proto.link_back()
                 self.message(Reconnect(self.session))
                 answer = self.answer()
-            except TransportError as e:
+                if isinstance(answer, Missing):
+                    self.postcopy.reset_missing(decode_missing(answer.missing, self.machine.vm.memory))
+                    self.writer = StreamWriter(registry(), producer=PRODUCER)  # a new stream on the new link
+                    self.pages_message(len(self.stats.rounds), [self.writer.header()])
+                    self.open_fetch_channel(self.session)
+            except TransportError as e:  # (one that breaks after Missing too: the target waits again)
                 self.proto.connection_lost()
+                self.conn.close()
                 log.info("post-copy: reconnecting: %s", e)
                 time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
                 continue
             if isinstance(answer, Missing):
-                self.postcopy.reset_missing(decode_missing(answer.missing, self.machine.vm.memory))
-                self.writer = StreamWriter(registry(), producer=PRODUCER)  # a new stream on the new link
-                self.pages_message(len(self.stats.rounds), [self.writer.header()])
-                self.open_fetch_channel(self.session)
                 self.stats.postcopy.reconnects += 1
                 self.live.round_pages_done = self.live.round_pages_total - answer.pages
                 self.report(force=True)  # `migrate status` sees it carry on

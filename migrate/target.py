@@ -460,14 +460,14 @@ class Target:
         """The link went after Commit in post-copy: the guest runs on here (a vCPU touching a
         missing page waits in the kernel), and the source may come back, on a new connection
         that opens with Reconnect (migrate.receiver hands it over, as a page stream). Answered
-        with what is still missing; the fetch channel joins again after it. Past `postcopy_wait`
-        the source is taken for gone (a TransportError)."""
+        with what is still missing; the fetch channel joins again after it. A reconnection that
+        breaks on the way is waited past too. Past `postcopy_wait` the source is taken for gone
+        (a TransportError)."""
         self.proto.connection_lost()
         self.postcopy.stop_fetcher()
         self.conn.close()
-        missing = self.postcopy.still_missing()
         log.warning("post-copy: the link to the source went (%s) with %s missing; vCPUs that touch one wait; "
-                    "waiting %s for the source to reconnect", error, describe_missing(missing),
+                    "waiting %s for the source to reconnect", error, describe_missing(self.postcopy.still_missing()),
                     "without end" if self.postcopy_wait is None else f"{self.postcopy_wait:.0f} s")
         deadline = None if self.postcopy_wait is None else time.monotonic() + self.postcopy_wait
         while True:
@@ -478,18 +478,30 @@ class Target:
                 conn, first = self.joins(60.0 if left is None else left)
             except TransportError:
                 continue
-            if isinstance(first, Reconnect) and first.session == self.session:
-                break
-            log.warning("%s: not this migration's source coming back (%s)", conn.peer, type(first).__name__)
-            conn.close()
+            if not (isinstance(first, Reconnect) and first.session == self.session):
+                log.warning("%s: not this migration's source coming back (%s)", conn.peer, type(first).__name__)
+                conn.close()
+                continue
+            try:
+                self._take_the_source_back(conn, first, left)
+                return
+            except TransportError as e:
+                log.warning("post-copy: the source's reconnection broke off (%s); waiting again", e)
+                self.proto.connection_lost()
+                self.postcopy.stop_fetcher()
+                conn.close()
+
+    def _take_the_source_back(self, conn: Connection, first: Reconnect, left: float | None) -> None:
         self.conn = conn
         self.proto.link_back()
         self.take(first)
         still = self.postcopy.missing_now()
         self.tell(Missing(encode_missing(still), sum(b.count() for b in still.values())))
         self.reader = self.postcopy.reader()  # the source starts a new stream on the new connection
-        self.fetch_conn.close()
-        self.fetch_conn = accept_fetch_channel(self.joins, self.session, self.fetch_index, self.timeout)
+        if self.fetch_conn is not None:
+            self.fetch_conn.close()
+        self.fetch_conn = accept_fetch_channel(self.joins, self.session, self.fetch_index,
+                                               self.timeout if left is None else min(self.timeout, max(left, 1.0)))
         self.postcopy.start_fetcher(self.fetch_conn)
         self.postcopy.figures.reconnects += 1
         log.warning("post-copy: the source is back (%s); %s still to come", conn.peer,
