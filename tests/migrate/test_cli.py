@@ -158,6 +158,23 @@ def test_a_guest_error_exits_1(tmp_path: Path) -> None:
     assert "kvmig: error blk status" in done.stdout and "stopped (the guest failed)" in done.stderr
 
 
+def test_a_kernel_that_exits_with_a_code_other_than_0_exits_1_and_says_the_code(tmp_path: Path) -> None:
+    from tinyguest import exit_with, multiboot_elf
+
+    kernels = {}
+    for code in (0, 3, 255):
+        kernels[code] = tmp_path / f"exit-{code}.elf"
+        kernels[code].write_bytes(multiboot_elf(exit_with(code)))
+    done = dict(zip(kernels, run_together(*([*HV, "run", "--kernel", str(k), "--timeout", "30"]
+                                            for k in kernels.values())), strict=True))
+    assert done[0].returncode == ExitStatus.OK, done[0].stderr
+    assert "stopped (the guest exited with code 0)" in done[0].stderr
+    for code in (3, 255):
+        assert done[code].returncode == ExitStatus.FAILED, done[code].stderr
+        assert f"stopped (the guest exited with code {code})" in done[code].stderr
+        _assert_no_traceback(done[code].stderr)
+
+
 def test_the_table_maps_each_kind_of_error_to_its_status() -> None:
     assert exit_status(MigrationInDoubt("link lost after Commit", "paused here"), EXITS) is ExitStatus.IN_DOUBT
     assert exit_status(MigrationFailed("target failed", "here"), EXITS) is ExitStatus.MIGRATION_FAILED
