@@ -26,25 +26,14 @@ from migrate.exits import EXITS
 from migrate.snapshots import snapshot
 from migrate.transport import Listener
 
+from tests.migrate.processes import run_together
+
 HV = [sys.executable, "-m", "hv.vmm.cli"]
 MIGRATE = [sys.executable, "-m", "migrate.cli"]
 
 
 def run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def run_together(*argvs: list[str], timeout: float = 60) -> list[subprocess.CompletedProcess]:
-    """`run` for each command line, all started at once (each is mostly its interpreter's start)."""
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                              text=True) for argv in argvs]
-    try:
-        outputs = [p.communicate(timeout=timeout) for p in procs]
-        return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs, strict=True)]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
 
 
 def _port() -> str:
