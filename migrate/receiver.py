@@ -164,7 +164,7 @@ class Receiver:
         self._closing.set()
         with self._lock:
             for handshake in self._handshakes:
-                handshake.dropped.set()  # a backoff wait ends; a handshake in progress runs its course
+                handshake.dropped.set()  # a backoff wait ends; one that gets through is closed, not sorted
         try:
             self._wake_w.send(b"x")
         except OSError:
