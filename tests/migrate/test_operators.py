@@ -448,6 +448,12 @@ def test_failed_authentications_are_slowed_and_logged_but_the_real_source_gets_i
         for _ in range(4):
             with pytest.raises(TransportError):
                 connect(target.address, b"a guess", timeout=10)
+        # the guesser hears its refusal before the receiver counts it: the real source (whose
+        # success clears the count) comes once the fourth is counted, as a later source would
+        deadline = time.monotonic() + 30
+        while not any("4 in a row" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         stats = send(machine, target.address, MigrationOptions(key=b"the right key"))
         assert stats.outcome == "completed", stats.reason
         target.join()
