@@ -2,8 +2,12 @@
 
 Anyone who can reach the port can connect, so no connection may end the server or keep it from
 the next one. Each connection is authenticated on a thread of its own, with a timeout (at most
-`MAX_HANDSHAKES` at once and `MAX_PER_HOST` from one host; more are closed at once), then sorted
-by its first message:
+`MAX_HANDSHAKES` at once and `MAX_PER_HOST` from one host), then sorted by its first message.
+When a new connection finds its host's slots (or all of them) full, the oldest connection there
+that has not yet authenticated is dropped to make room: a peer that answers its challenge takes
+one round trip, so idle or slow connections cannot hold a real source off for their timeout.
+Only authenticated connections (key holders, reading their first message) are never dropped;
+when they fill the slots, the new connection is closed at once.
 
 - `Hello`: a migration. They run one after the other (`receive`); one that is refused, fails,
   is cancelled or is a dry run is logged, and the receiver listens again (unless `once`). A Hello
@@ -21,7 +25,8 @@ Authentication attempts are limited per host: after `FREE_FAILURES` wrong answer
 challenge in a row (guesses at the key; a connection that answers nothing only times out), each new
 connection from that host waits 1, 2, 4 ... up to `MAX_BACKOFF` seconds before its challenge (it
 holds one of the host's few handshake slots meanwhile, so a guessing peer gets a handful of
-tries a minute); a success clears the count. Every refusal is logged (WARNING).
+tries a minute, and dropping one to make room gives it no try); a success clears the count.
+Every refusal and every drop is logged (WARNING).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import selectors
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hv.kvm.kvm import Kvm
@@ -56,6 +61,26 @@ class _Failures:
     last: float = 0.0
 
 
+@dataclass(eq=False)
+class _Handshake:
+    """A connection holding a handshake slot, from its accept until it is sorted (or ends)."""
+
+    host: str
+    peer: str
+    handle: socket.socket  # a duplicate of its socket: shutting it down wakes the thread's read
+    since: float = field(default_factory=time.monotonic)
+    authenticated: bool = False
+    dropped: threading.Event = field(default_factory=threading.Event)  # to make room, or closing
+
+    def drop(self) -> None:
+        """End it from another thread: its blocked read sees the link end, its backoff wait ends."""
+        self.dropped.set()
+        try:
+            self.handle.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # it ended already
+
+
 class Receiver:
     """Serves `listener` on a thread from construction until `close()`; `receive()` returns the
     first guest that arrives (or, with `once`, the end of the first connection). `target_options`
@@ -73,7 +98,7 @@ class Receiver:
         self._idle = threading.Condition(self._lock)  # notified when a migration ends
         self._busy = False  # a migration is queued or running
         self._arrived = ""  # the source a guest came from, once one has
-        self._per_host: dict[str, int] = {}
+        self._handshakes: list[_Handshake] = []  # in the order they came
         self._failures: dict[str, _Failures] = {}
         self._closing = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -140,6 +165,9 @@ class Receiver:
     def close(self) -> None:
         """Stop accepting (the listener itself is the caller's to close)."""
         self._closing.set()
+        with self._lock:
+            for handshake in self._handshakes:
+                handshake.dropped.set()  # a backoff wait ends; one that gets through is closed, not sorted
         try:
             self._wake_w.send(b"x")
         except OSError:
@@ -180,17 +208,44 @@ class Receiver:
                     log.warning("accepting on %s: %s", self.listener.address, e)
                 return
             host, peer = address[0], f"{address[0]}:{address[1]}"
+            try:
+                handle = sock.dup()
+            except OSError as e:  # out of descriptors: this one is refused, the server goes on
+                log.warning("refused a connection from %s: %s", peer, e)
+                sock.close()
+                continue
+            handshake = _Handshake(host, peer, handle)
             with self._lock:
-                total = sum(self._per_host.values())
-                if total >= MAX_HANDSHAKES or self._per_host.get(host, 0) >= MAX_PER_HOST:
-                    log.warning("refused a connection from %s: %d connections being authenticated (%d from "
-                                "that host)", peer, total, self._per_host.get(host, 0))
+                if not self._make_room(handshake):
                     sock.close()
+                    handle.close()
                     continue
-                self._per_host[host] = self._per_host.get(host, 0) + 1
+                self._handshakes.append(handshake)
             sock.setblocking(True)
-            threading.Thread(target=self._handshake, args=(sock, host, peer), name="recv-handshake",
+            threading.Thread(target=self._handshake, args=(sock, handshake), name="recv-handshake",
                              daemon=True).start()
+
+    def _make_room(self, new: _Handshake) -> bool:
+        """With the lock held: whether `new` may take a slot, after dropping the oldest connection
+        not yet authenticated if its host's slots, or all of them, are full."""
+        from_host = [h for h in self._handshakes if h.host == new.host]
+        if len(from_host) >= MAX_PER_HOST:
+            full = from_host
+        elif len(self._handshakes) >= MAX_HANDSHAKES:
+            full = self._handshakes
+        else:
+            return True
+        oldest = next((h for h in full if not h.authenticated), None)
+        if oldest is None:
+            log.warning("refused a connection from %s: %d authenticated connections (%d from that host) are "
+                        "being read", new.peer, len(self._handshakes), len(from_host))
+            return False
+        log.warning("dropped %s, not authenticated after %.1f s, to make room for %s (%d connections being "
+                    "authenticated, %d from %s)", oldest.peer, time.monotonic() - oldest.since, new.peer,
+                    len(self._handshakes), len(from_host), new.host)
+        self._handshakes.remove(oldest)
+        oldest.drop()
+        return True
 
     def _backoff(self, host: str) -> float:
         with self._lock:
@@ -210,13 +265,14 @@ class Receiver:
             failures.last = time.monotonic()
             return failures.count
 
-    def _handshake(self, sock: socket.socket, host: str, peer: str) -> None:
+    def _handshake(self, sock: socket.socket, handshake: _Handshake) -> None:
+        host, peer = handshake.host, handshake.peer
         try:
             wait = self._backoff(host)
             if wait:
                 log.warning("%s: waiting %.0f s before its challenge (failed authentications from %s)", peer,
                             wait, host)
-                if self._closing.wait(wait):
+                if handshake.dropped.wait(wait):
                     sock.close()
                     return
             try:
@@ -227,8 +283,15 @@ class Receiver:
                 self._ended_before_migrating(e)
                 return
             except (TransportError, OSError) as e:  # no answer (a stray, a port scan): its slot is freed
+                if handshake.dropped.is_set():
+                    return  # dropped to make room (logged then): not the end of a source's attempt
                 log.warning("refused %s: no authentication (%s)", peer, e)
                 self._ended_before_migrating(e if isinstance(e, TransportError) else TransportError(str(e)))
+                return
+            with self._lock:
+                handshake.authenticated = not handshake.dropped.is_set()
+            if not handshake.authenticated:  # dropped as it answered: its link is shut already
+                conn.close()
                 return
             self._authenticated(host, True)
             try:
@@ -253,9 +316,9 @@ class Receiver:
             sock.close()
         finally:
             with self._lock:
-                self._per_host[host] -= 1
-                if not self._per_host[host]:
-                    del self._per_host[host]
+                if handshake in self._handshakes:  # not dropped: its slot is freed here
+                    self._handshakes.remove(handshake)
+                handshake.handle.close()
 
     def _sort(self, conn: Connection, first: object) -> None:
         match first:

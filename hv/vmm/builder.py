@@ -146,7 +146,7 @@ def _with_console(vm: Vm, console: Callable[[bytes], None]) -> Machine:
     machine = Machine(vm)
 
     def guest_exit(code: int) -> None:
-        machine.request_stop(StopReason("guest-exit", f"exit code {code}"))
+        machine.request_stop(StopReason("guest-exit", f"exit code {code}", code))
 
     def guest_reset() -> None:
         machine.request_stop(StopReason("guest-reset", "reset through the i8042 controller"))

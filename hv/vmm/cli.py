@@ -230,11 +230,18 @@ def run_machine(machine: Machine, *, watch: builtin_guest.EndWatch | None = None
         why = ctx.finish_reason
     elif done.is_set():
         why = "the guest failed" if watch is not None and watch.failure else "guest finished"
+    elif machine.stop_reason is not None and machine.stop_reason.exit_code is not None:
+        why = f"the guest exited with code {machine.stop_reason.exit_code}"
     else:
         why = str(machine.stop_reason.source) if machine.stop_reason else "stopped"
     say("hv", f"stopped ({why}) after {elapsed:.2f} s, {exits:,} exits")
     if done.is_set() and watch is not None and watch.failure:
         say("hv", f"the guest's last words: {watch.failure}", "red")
+        return ExitStatus.FAILED
+    if machine.stop_reason is not None and machine.stop_reason.exit_code:
+        # a guest's own verdict on its run, at the debug-exit port (QEMU's isa-debug-exit): any
+        # code but 0 is a failure, whatever ended the run after it
+        say("hv", f"the guest exited with code {machine.stop_reason.exit_code}", "red")
         return ExitStatus.FAILED
     return ExitStatus.OK
 

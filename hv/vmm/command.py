@@ -30,7 +30,7 @@ class ExitStatus(IntEnum):
     """The process exit status of every kvmigrate command (documented in `--help` and the README)."""
 
     OK = 0  # done: the run ended as asked, the migration completed, the check passed
-    FAILED = 1  # the guest or the VM failed (a guest error, a fatal exit, KVM refused)
+    FAILED = 1  # the guest or the VM failed (a guest error, a non-zero exit code, a fatal exit, KVM refused)
     USAGE = 2  # a bad command line: an unknown option, a value out of range, a missing file
     REFUSED = 3  # refused or incompatible: a corrupt snapshot, a target that cannot take the guest, busy
     TRANSPORT = 4  # the link or the control socket failed, or authentication did
@@ -43,7 +43,7 @@ INTERRUPTED = 130  # Ctrl-C while waiting (the shell's 128 + SIGINT); a VM's run
 EXIT_STATUS_HELP = "exit status:\n" + "\n".join(
     f"  {s.value}  {line}" for s, line in zip(ExitStatus, (
         "done (the run ended as asked, the migration completed, the check passed)",
-        "the guest or the VM failed",
+        "the guest or the VM failed (a guest error, an exit code other than 0, a fatal exit)",
         "usage: a bad option or argument",
         "refused or incompatible (a corrupt snapshot, a target that cannot take the guest, busy)",
         "transport or authentication (the link, the control socket)",

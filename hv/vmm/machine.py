@@ -98,8 +98,9 @@ class NativePortDevice(Protocol):
 class StopReason:
     """Why a VM stopped: asked by the host, or decided by the guest (shutdown, reset, halt)."""
 
-    source: str  # "host", "guest-shutdown", "guest-reset", "guest-halt", "fatal"
+    source: str  # "host", "guest-shutdown", "guest-reset", "guest-halt", "guest-exit", "fatal"
     detail: str = ""
+    exit_code: int | None = None  # "guest-exit": the code the guest wrote to the debug-exit port
 
 
 ExitHook = Callable[[Vcpu, VcpuExit], bool]

@@ -4,6 +4,7 @@ its output and input threads, and interrupts a real guest takes."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -250,10 +251,20 @@ def test_the_guest_console_keeps_up_while_another_thread_holds_the_interpreter(k
 
 
 def test_hv_run_forwards_the_terminal_to_com1() -> None:
-    proc = subprocess.run([sys.executable, "-m", "hv.vmm.cli", "run", "--mem", "32M", "--ws", "4", "--rate", "20",
-                           "--timeout", "3"], input="typed on stdin\n", capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert "kvmig: uart-rx irqs=1 text=typed on stdin" in proc.stdout
+    proc = subprocess.Popen([sys.executable, "-m", "hv.vmm.cli", "run", "--mem", "32M", "--ws", "4", "--rate", "20",
+                             "--timeout", "60"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        proc.stdin.write("typed on stdin\n")
+        proc.stdin.flush()
+        echoed = next((line for line in proc.stdout if "uart-rx" in line), "")  # the guest read it: done
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    assert "kvmig: uart-rx irqs=1 text=typed on stdin" in echoed
 
 
 def test_hv_run_can_send_the_console_to_a_file(tmp_path) -> None:

@@ -48,6 +48,12 @@ def multiboot_elf(code: bytes, *, bss: int = 0, flags: int = HEADER_FLAGS) -> by
     return image + bytes(offset - len(image)) + payload
 
 
+def exit_with(code: int, port: int = 0xF4) -> bytes:
+    """Write `code` (dword) to the debug-exit port, as a test kernel under QEMU's isa-debug-exit
+    ends its run, then spin."""
+    return b"\xba" + struct.pack("<I", port) + b"\xb8" + struct.pack("<I", code) + b"\xef" + b"\xeb\xfe"
+
+
 def store_then_report(addresses: list[int], value: int = 0xA5A5A5A5) -> bytes:
     """Store `value` (dword) at each address, write 1 to port 0x501, then spin.
 

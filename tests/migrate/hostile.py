@@ -6,6 +6,7 @@ a real machine's state, changed only where a test says."""
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -107,7 +108,15 @@ class FakeSource:
         return self.writer.section(kind, body)
 
     def finish(self) -> BaseException | None:
-        """Wait for the target to give up (or finish); what it raised."""
+        """Wait for the target to give up (or finish); what it raised. This side stops sending
+        first, as a real source does once it has read the target's refusal: the target, having
+        told why, drains the link until the peer's end (`Connection.close_after_telling`) and
+        would otherwise wait out its 2 s for an end that never comes. What it still sends can be
+        read (`receive`)."""
+        try:
+            self.conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the target already reset the link
         self._thread.join(30)
         assert not self._thread.is_alive(), "the target is still running"
         try:

@@ -26,6 +26,8 @@ from migrate.exits import EXITS
 from migrate.snapshots import snapshot
 from migrate.transport import Listener
 
+from tests.migrate.processes import run_together
+
 HV = [sys.executable, "-m", "hv.vmm.cli"]
 MIGRATE = [sys.executable, "-m", "migrate.cli"]
 
@@ -86,7 +88,7 @@ def _assert_no_traceback(text: str) -> None:
 # --- exit statuses ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv", [
+USAGE_ERRORS = [
     [*HV, "run", "--bogus"],
     [*HV, "run", "--mem", "1x"],
     [*HV, "run", "--mem", "100000000T"],
@@ -95,9 +97,18 @@ def _assert_no_traceback(text: str) -> None:
     [*MIGRATE, "send", "--api", "/tmp/x.sock", "--to", "127.0.0.1:99999"],
     [*MIGRATE, "recv", "--listen", "127.0.0.1:99999"],
     [*MIGRATE],
-])
-def test_usage_errors_exit_2_in_one_line(argv: list[str]) -> None:
-    done = run(argv)
+]
+
+
+@pytest.fixture(scope="module")
+def usage_errors() -> dict[tuple[str, ...], subprocess.CompletedProcess]:
+    """Each of USAGE_ERRORS run, all at once."""
+    return {tuple(argv): done for argv, done in zip(USAGE_ERRORS, run_together(*USAGE_ERRORS), strict=True)}
+
+
+@pytest.mark.parametrize("argv", USAGE_ERRORS)
+def test_usage_errors_exit_2_in_one_line(usage_errors, argv: list[str]) -> None:
+    done = usage_errors[tuple(argv)]
     assert done.returncode == ExitStatus.USAGE, done.stderr
     _assert_no_traceback(done.stderr)
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
@@ -111,10 +122,10 @@ def test_guest_ram_that_cannot_be_reserved_is_a_clear_refusal() -> None:
 
 
 def test_an_unreachable_control_socket_exits_4_with_a_json_error(tmp_path: Path) -> None:
-    for argv in ([*HV, "status", str(tmp_path / "none.sock"), "--json"],
-                 [*MIGRATE, "status", str(tmp_path / "none.sock"), "--json"],
-                 [*MIGRATE, "send", "--api", str(tmp_path / "none.sock"), "--to", "127.0.0.1:1", "--json"]):
-        done = run(argv)
+    for done in run_together([*HV, "status", str(tmp_path / "none.sock"), "--json"],
+                             [*MIGRATE, "status", str(tmp_path / "none.sock"), "--json"],
+                             [*MIGRATE, "send", "--api", str(tmp_path / "none.sock"), "--to", "127.0.0.1:1",
+                              "--json"]):
         assert done.returncode == ExitStatus.TRANSPORT, done.stderr
         error = json.loads(done.stdout)["error"]
         assert error["type"] == "ConnectionError" and error["exit_status"] == 4 and error["meaning"] == "transport"
@@ -134,6 +145,23 @@ def test_a_guest_error_exits_1(tmp_path: Path) -> None:
     done = run([*HV, "run", "--mem", "64", "--ws", "4", "--cpus", "2", "--disk", f"{disk},ro", "--timeout", "30"])
     assert done.returncode == ExitStatus.FAILED, done.stderr
     assert "kvmig: error blk status" in done.stdout and "stopped (the guest failed)" in done.stderr
+
+
+def test_a_kernel_that_exits_with_a_code_other_than_0_exits_1_and_says_the_code(tmp_path: Path) -> None:
+    from tinyguest import exit_with, multiboot_elf
+
+    kernels = {}
+    for code in (0, 3, 255):
+        kernels[code] = tmp_path / f"exit-{code}.elf"
+        kernels[code].write_bytes(multiboot_elf(exit_with(code)))
+    done = dict(zip(kernels, run_together(*([*HV, "run", "--kernel", str(k), "--timeout", "30"]
+                                            for k in kernels.values())), strict=True))
+    assert done[0].returncode == ExitStatus.OK, done[0].stderr
+    assert "stopped (the guest exited with code 0)" in done[0].stderr
+    for code in (3, 255):
+        assert done[code].returncode == ExitStatus.FAILED, done[code].stderr
+        assert f"stopped (the guest exited with code {code})" in done[code].stderr
+        _assert_no_traceback(done[code].stderr)
 
 
 def test_the_table_maps_each_kind_of_error_to_its_status() -> None:
@@ -173,27 +201,43 @@ def test_mem_without_a_unit_is_mib_on_the_command_line() -> None:
 
 
 def test_verbosity_options_go_anywhere_and_mean_something() -> None:
-    quiet = run([*HV, "run", "--mem", "32", "--ws", "4", "--idle", "--timeout", "0.3", "-q"])
+    vm = [*HV, "run", "--mem", "32", "--ws", "4", "--idle", "--timeout", "0.3"]
+    quiet, before, verbose, plain = run_together([*vm, "-q"], [*HV, "-q", *vm[len(HV):]], [*vm, "-v"], vm)
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
-    before = run([*HV, "-q", "run", "--mem", "32", "--ws", "4", "--idle", "--timeout", "0.3"])
     assert before.returncode == 0 and before.stderr == "", before.stderr
-    verbose = run([*HV, "run", "--mem", "32", "--ws", "4", "--idle", "--timeout", "0.3", "-v"])
     assert verbose.returncode == 0 and "INFO hv.vmm.cli: running: 1 vCPU, 32 MiB" in verbose.stderr
-    plain = run([*HV, "run", "--mem", "32", "--ws", "4", "--idle", "--timeout", "0.3"])
     assert "INFO" not in plain.stderr and "hv: stopped" in plain.stderr
 
 
-def test_help_reads_like_a_man_page() -> None:
-    for tool in (HV, MIGRATE):
-        version = run([*tool, "--version"])
-        assert version.returncode == 0 and "(kvmigrate) " in version.stdout
-    for argv in ([*HV, "run"], [*HV, "status"], [*MIGRATE, "send"], [*MIGRATE, "recv"], [*MIGRATE, "status"],
-                 [*MIGRATE, "verify"], [*MIGRATE, "plot"], [*MIGRATE, "snapshot"]):
-        text = run([*argv, "--help"]).stdout
+def _printed(main, argv: list[str]) -> str:
+    """What `--help` or `--version` prints, the command run in this process: argparse prints it
+    and exits 0, as the command does (the parsers, not a VM: no process of its own needed)."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as ended:
+        main(argv)
+    assert ended.value.code in (0, None), argv
+    return out.getvalue()
+
+
+def test_help_reads_like_a_man_page(monkeypatch) -> None:
+    import hv.vmm.cli
+    import migrate.cli
+
+    monkeypatch.setenv("COLUMNS", "80")  # as on a pipe, whatever terminal runs the tests
+    hv_main, migrate_main = hv.vmm.cli.main, migrate.cli.main
+    for main in (hv_main, migrate_main):
+        assert "(kvmigrate) " in _printed(main, ["--version"])
+    for main, argv in ((hv_main, ["run"]), (hv_main, ["status"]), (migrate_main, ["send"]),
+                       (migrate_main, ["recv"]), (migrate_main, ["status"]), (migrate_main, ["verify"]),
+                       (migrate_main, ["plot"]), (migrate_main, ["snapshot"])):
+        text = _printed(main, [*argv, "--help"])
         assert "examples:" in text and "exit status:" in text and "6  in doubt" in text, text
-    send = run([*MIGRATE, "send", "--help"]).stdout
+    send = _printed(migrate_main, ["send", "--help"])
     assert "(default: 300" in send and "MiB/s" in send
-    run_help = run([*HV, "run", "--help"]).stdout
+    run_help = _printed(hv_main, ["run", "--help"])
     assert "(default: 256M)" in run_help and "(default: 64)" in run_help
 
 
@@ -202,8 +246,8 @@ def test_help_reads_like_a_man_page() -> None:
 
 def test_status_and_cancel_from_other_processes_while_a_migration_runs(tmp_path: Path) -> None:
     port = _port()
-    source = Vmm([*HV, "run", "--mem", "256", "--ws", "128", "--rate", "0"], tmp_path / "source.sock")
     target = Vmm([*MIGRATE, "recv", "--listen", f"127.0.0.1:{port}"], tmp_path / "target.sock", wait_for_socket=False)
+    source = Vmm([*HV, "run", "--mem", "256", "--ws", "128", "--rate", "0"], tmp_path / "source.sock")
     try:
         assert json.loads(run([*MIGRATE, "status", str(source.api), "--json"]).stdout)["phase"] == "none"
         target.wait_for_line("listening on")
@@ -211,11 +255,11 @@ def test_status_and_cancel_from_other_processes_while_a_migration_runs(tmp_path:
         sender = subprocess.Popen([*MIGRATE, "send", "--api", str(source.api), "--to", f"127.0.0.1:{port}",
                                    "--bandwidth", "20", "--max-seconds", "600"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while (live := json.loads(run([*MIGRATE, "status", str(source.api), "--json"]).stdout)).get(
-                "round_pages_done", 0) == 0:
+        deadline = time.monotonic() + 60  # watched through the socket `migrate status` reads, then by it
+        while (live := call(source.api, "migrate-status")).get("round_pages_done", 0) == 0:
             assert time.monotonic() < deadline, live
-            time.sleep(0.1)
+            time.sleep(0.05)
+        live = json.loads(run([*MIGRATE, "status", str(source.api), "--json"]).stdout)
         assert live["phase"] == "precopy" and live["round"] == 0
         for key in ("round_pages_total", "pages_done", "bytes_done", "remaining_pages", "remaining_bytes",
                     "dirty_rate_mib_s", "bandwidth_mib_s", "throttle", "eta_seconds", "elapsed_seconds"):
@@ -224,20 +268,21 @@ def test_status_and_cancel_from_other_processes_while_a_migration_runs(tmp_path:
         sender.kill()  # the client goes: the migration does not
         sender.wait()
         deadline = time.monotonic() + 60
-        while (later := json.loads(run([*MIGRATE, "status", str(source.api), "--json"]).stdout))[
-                "pages_done"] <= live["pages_done"]:  # it goes on without its client
-            assert later["phase"] == "precopy" and time.monotonic() < deadline, later
-            time.sleep(0.1)
+        while (later := call(source.api, "migrate-status"))["pages_done"] <= live["pages_done"]:
+            assert later["phase"] == "precopy" and time.monotonic() < deadline, later  # on without its client
+            time.sleep(0.05)
         assert later["phase"] == "precopy", later
         text = run([*MIGRATE, "status", str(source.api)]).stdout
         assert text.startswith("round ") and "ETA" in text and "MiB/s" in text and "precopy" in text
         cancelled = run([*MIGRATE, "cancel", str(source.api)])
         assert cancelled.returncode == 0, cancelled.stderr
-        assert json.loads(run([*MIGRATE, "status", str(source.api), "--json"]).stdout)["phase"] == "cancelled"
-        again = run([*MIGRATE, "cancel", str(source.api), "--json"])
+        after, again, vm = run_together([*MIGRATE, "status", str(source.api), "--json"],  # each only reads
+                                        [*MIGRATE, "cancel", str(source.api), "--json"],
+                                        [*HV, "status", str(source.api), "--json"])
+        assert json.loads(after.stdout)["phase"] == "cancelled"
         assert again.returncode == ExitStatus.REFUSED
         assert json.loads(again.stdout)["error"]["type"] == "NotMigrating"
-        vm = json.loads(run([*HV, "status", str(source.api), "--json"]).stdout)
+        vm = json.loads(vm.stdout)
         assert vm["state"] == "running" and vm["throttle"] == 0
         assert call(source.api, "guest-check")["ok"]
         for verb, state in (("pause", "paused"), ("resume", "running")):
@@ -255,8 +300,8 @@ def test_status_and_cancel_from_other_processes_while_a_migration_runs(tmp_path:
 
 def test_send_plot_draws_the_rounds_and_migrate_plot_redraws_them(tmp_path: Path) -> None:
     port = _port()
-    source = Vmm([*HV, "run", "--mem", "64", "--ws", "16", "--rate", "40"], tmp_path / "source.sock")
     target = Vmm([*MIGRATE, "recv", "--listen", f"127.0.0.1:{port}"], tmp_path / "target.sock", wait_for_socket=False)
+    source = Vmm([*HV, "run", "--mem", "64", "--ws", "16", "--rate", "40"], tmp_path / "source.sock")
     try:
         target.wait_for_line("listening on")
         png = tmp_path / "rounds.png"
@@ -265,15 +310,15 @@ def test_send_plot_draws_the_rounds_and_migrate_plot_redraws_them(tmp_path: Path
         assert sent.returncode == 0, sent.stderr
         stats = json.loads(sent.stdout)
         assert stats["outcome"] == "completed" and stats["failure"] == ""
+        (tmp_path / "stats.json").write_text(sent.stdout)
+        (tmp_path / "bad.json").write_text("[]")
+        drawn, bad = run_together([*MIGRATE, "plot", str(tmp_path / "stats.json")],
+                                  [*MIGRATE, "plot", str(tmp_path / "bad.json")])
+        assert drawn.returncode == 0, drawn.stderr
         for picture in (png, tmp_path / "stats.png"):
-            if picture != png:
-                (tmp_path / "stats.json").write_text(sent.stdout)
-                drawn = run([*MIGRATE, "plot", str(tmp_path / "stats.json")])
-                assert drawn.returncode == 0, drawn.stderr
             data = picture.read_bytes()
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
-        (tmp_path / "bad.json").write_text("[]")
-        assert run([*MIGRATE, "plot", str(tmp_path / "bad.json")]).returncode == ExitStatus.USAGE
+        assert bad.returncode == ExitStatus.USAGE
         target.wait_for_socket()
         assert run([*HV, "stop", str(target.api)]).returncode == 0
         assert target.finish(terminate=False)[0] == 0
@@ -286,10 +331,10 @@ def test_a_dry_run_checks_the_disk_memory_and_cpu_the_target_needs(tmp_path: Pat
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
     port = _port()
-    source = Vmm([*HV, "run", "--mem", "64", "--ws", "8", "--rate", "20", "--disk", str(disk)],
-                 tmp_path / "source.sock")
     target = Vmm([*MIGRATE, "recv", "--listen", f"127.0.0.1:{port}", "--disk", str(tmp_path / "missing.img")],
                  tmp_path / "target.sock", wait_for_socket=False)
+    source = Vmm([*HV, "run", "--mem", "64", "--ws", "8", "--rate", "20", "--disk", str(disk)],
+                 tmp_path / "source.sock")
     try:
         target.wait_for_line("listening on")
         refused = run([*MIGRATE, "send", "--api", str(source.api), "--to", f"127.0.0.1:{port}", "--dry-run",
@@ -324,19 +369,19 @@ def test_verify_checks_digest_and_the_guests_rule(kvm: Kvm, tmp_path: Path) -> N
         snapshot(machine, bad)
     finally:
         discard(machine)
-    ok = run([*MIGRATE, "verify", str(good), "--json"])
-    assert ok.returncode == 0, ok.stderr
-    result = json.loads(ok.stdout)
-    assert result["ok"] and result["digest"].startswith("verified") and result["guest"]["applies"]
-    wrong = run([*MIGRATE, "verify", str(bad), "--json"])
-    result = json.loads(wrong.stdout)
-    assert wrong.returncode == ExitStatus.FAILED and not result["ok"] and result["guest"]["bad_fill"] == [5]
     data = bytearray(good.read_bytes())
     data[len(data) // 2] ^= 0x01
     (tmp_path / "corrupt.snap").write_bytes(data)
-    corrupt = run([*MIGRATE, "verify", str(tmp_path / "corrupt.snap"), "--json"])
+    ok, wrong, corrupt, none = run_together(
+        [*MIGRATE, "verify", str(good), "--json"], [*MIGRATE, "verify", str(bad), "--json"],
+        [*MIGRATE, "verify", str(tmp_path / "corrupt.snap"), "--json"], [*MIGRATE, "verify", str(tmp_path / "none")])
+    assert ok.returncode == 0, ok.stderr
+    result = json.loads(ok.stdout)
+    assert result["ok"] and result["digest"].startswith("verified") and result["guest"]["applies"]
+    result = json.loads(wrong.stdout)
+    assert wrong.returncode == ExitStatus.FAILED and not result["ok"] and result["guest"]["bad_fill"] == [5]
     assert corrupt.returncode == ExitStatus.REFUSED and json.loads(corrupt.stdout)["digest"] == "refused"
-    assert run([*MIGRATE, "verify", str(tmp_path / "none")]).returncode == ExitStatus.USAGE
+    assert none.returncode == ExitStatus.USAGE
 
 
 def test_verify_a_running_vm_through_its_socket(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ it built where it cannot; and its memory stays bounded whatever it is sent."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
@@ -314,6 +315,7 @@ def test_the_receivers_peak_memory_stays_bounded_whatever_it_is_sent(kvm: Kvm, s
             frame = b"".join(bytes(p) for p in encode(replace(hello, cpuid=empty_arrays(3 * MiB + MiB // 2))))
         try:
             conn.sock.sendall(frame)
+            conn.sock.shutdown(socket.SHUT_WR)  # all sent: the target, having told why, need not wait for more
         except OSError:
             pass  # the target may stop reading as soon as it has the frame header
         end = json.loads(proc.stdout.readline())

@@ -448,6 +448,12 @@ def test_failed_authentications_are_slowed_and_logged_but_the_real_source_gets_i
         for _ in range(4):
             with pytest.raises(TransportError):
                 connect(target.address, b"a guess", timeout=10)
+        # the guesser hears its refusal before the receiver counts it: the real source (whose
+        # success clears the count) comes once the fourth is counted, as a later source would
+        deadline = time.monotonic() + 30
+        while not any("4 in a row" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         stats = send(machine, target.address, MigrationOptions(key=b"the right key"))
         assert stats.outcome == "completed", stats.reason
         target.join()
@@ -503,7 +509,7 @@ def test_migrate_recv_keeps_listening_after_a_stray_unless_once(kvm: Kvm, tmp_pa
         machine.vm.close()
 
 
-def test_idle_connections_past_the_hosts_share_are_refused_and_time_out(kvm: Kvm, caplog) -> None:
+def test_idle_connections_past_the_hosts_share_are_dropped_or_time_out(kvm: Kvm, caplog) -> None:
     from migrate.receiver import MAX_PER_HOST
 
     machine, console = _source(kvm)
@@ -511,7 +517,7 @@ def test_idle_connections_past_the_hosts_share_are_refused_and_time_out(kvm: Kvm
     receiver = Receiver(listener, kvm, handshake_timeout=1.0, timeout=30)
     idle = [socket.create_connection(listener.sock.getsockname()) for _ in range(MAX_PER_HOST + 1)]
     try:
-        for s in idle:  # each is refused (closed at once) or, never answering, closed at its timeout
+        for s in idle:  # each is dropped (the oldest, to make room) or, never answering, closed at its timeout
             s.settimeout(30)
             while s.recv(64):
                 pass
@@ -532,8 +538,93 @@ def test_idle_connections_past_the_hosts_share_are_refused_and_time_out(kvm: Kvm
         machine.stop()
         machine.vm.close()
     logged = " | ".join(r.message for r in caplog.records)
-    assert "being authenticated" in logged and "no authentication" in logged
+    assert "to make room for" in logged and "no authentication" in logged
     assert "before its challenge" not in logged  # silence is not a guess: no backoff for the real source
+
+
+def _challenged(address: tuple[str, int]) -> socket.socket:
+    """A connection that holds a handshake slot and never answers: it has its challenge."""
+    from migrate.transport import CHALLENGE_BYTES
+
+    s = socket.create_connection(address)
+    s.settimeout(30)
+    got = b""
+    while len(got) < CHALLENGE_BYTES:
+        part = s.recv(CHALLENGE_BYTES - len(got))
+        assert part, "the receiver closed a connection it had room for"
+        got += part
+    return s
+
+
+def _still_open(s: socket.socket) -> bool:
+    """Nothing to read and no end: the receiver still holds it (it was sent nothing more)."""
+    s.setblocking(False)
+    try:
+        return s.recv(1) != b""  # data would be a surprise too: not an idle connection's end
+    except BlockingIOError:
+        return True
+    finally:
+        s.setblocking(True)
+
+
+def test_a_real_source_gets_in_while_idle_connections_hold_every_slot_of_its_host(kvm: Kvm, caplog) -> None:
+    """A local peer holds all of this host's handshake slots with connections that never answer
+    their challenge (and would hold them for the whole handshake timeout): the real source's
+    connections, main and page stream, each take the slot of the oldest idle one; the rest
+    stay held."""
+    from migrate.receiver import MAX_PER_HOST
+
+    machine, console = _source(kvm)
+    listener = Listener("127.0.0.1:0", b"")
+    receiver = Receiver(listener, kvm, handshake_timeout=120, timeout=30)
+    idle = [_challenged(listener.sock.getsockname()) for _ in range(MAX_PER_HOST)]
+    try:
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(incoming=receiver.receive(60)))
+        thread.start()
+        stats = send(machine, listener.address, MigrationOptions(streams=2))
+        thread.join(60)
+        assert stats.outcome == "completed", stats.reason
+        moved = result["incoming"].machine
+        assert moved.state is RunState.RUNNING
+        moved.stop()
+        moved.vm.close()
+        assert not _still_open(idle[0])  # the oldest made room
+        assert _still_open(idle[-1]) and _still_open(idle[-2])  # the newest are held yet
+    finally:
+        for s in idle:
+            s.close()
+        receiver.close()
+        listener.close()
+        machine.stop()
+        machine.vm.close()
+    logged = " | ".join(r.message for r in caplog.records)
+    assert "to make room for" in logged and "not authenticated after" in logged
+
+
+def test_authenticated_connections_are_never_dropped_to_make_room(kvm: Kvm) -> None:
+    """Slots full of key holders still reading their first message: a new connection is closed at
+    once (before any challenge), and none of theirs is dropped for it."""
+    from migrate.receiver import MAX_PER_HOST
+
+    listener = Listener("127.0.0.1:0", b"")
+    receiver = Receiver(listener, kvm, handshake_timeout=120)
+    held = [connect(listener.address, b"", timeout=30) for _ in range(MAX_PER_HOST)]
+    try:
+        deadline = time.monotonic() + 30  # the receiver marks each authenticated just after it says so
+        while not all(h.authenticated for h in receiver._handshakes) or len(receiver._handshakes) < MAX_PER_HOST:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        late = socket.create_connection(listener.sock.getsockname())
+        late.settimeout(30)
+        assert late.recv(64) == b""  # closed, no challenge
+        late.close()
+        assert all(_still_open(c.sock) for c in held)
+    finally:
+        for c in held:
+            c.close()
+        receiver.close()
+        listener.close()
 
 
 def test_recv_and_restore_refuse_a_bad_api_path_before_anything_else(tmp_path: Path) -> None:

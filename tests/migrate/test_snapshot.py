@@ -30,6 +30,8 @@ from migrate.errors import IncompatibleError, SnapshotError
 from migrate.snapshots import inspect, restore, snapshot
 from migrate.state import capture
 
+from tests.migrate.processes import run_together
+
 MiB = 1 << 20
 CONFIG = VmConfig(mem_size=64 * MiB)
 
@@ -219,23 +221,20 @@ def test_snapshot_and_inspect_through_the_cli(tmp_path) -> None:
         base = subprocess.run(cli + ["snapshot", "--api", str(api), "--out", str(tmp_path / "s0"), "--track-dirty",
                                      "--json"], capture_output=True, text=True, timeout=60)
         assert base.returncode == 0, base.stderr
+        (tmp_path / "s0-cut").write_bytes((tmp_path / "s0").read_bytes()[:-10])
         time.sleep(0.3)
-        inc = subprocess.run(cli + ["snapshot", "--api", str(api), "--out", str(tmp_path / "s1"),
-                                    "--incremental-from", str(tmp_path / "s0"), "--json"],
-                             capture_output=True, text=True, timeout=60)
+        inc, shown, broken = run_together(  # the increment, and the base inspected whole and cut short
+            cli + ["snapshot", "--api", str(api), "--out", str(tmp_path / "s1"), "--incremental-from",
+                   str(tmp_path / "s0"), "--json"],
+            cli + ["inspect", str(tmp_path / "s0"), "--json"], cli + ["inspect", str(tmp_path / "s0-cut"), "--json"])
         assert inc.returncode == 0, inc.stderr
         assert json.loads(inc.stdout)["kind"] == "incremental"
         assert json.loads(inc.stdout)["pages"] < json.loads(base.stdout)["pages"]
-        shown = subprocess.run(cli + ["inspect", str(tmp_path / "s0"), "--json"], capture_output=True, text=True,
-                               timeout=60)
         report = json.loads(shown.stdout)
         assert shown.returncode == 0 and report["verified"] and report["digest"] == "verified"
         assert report["header"]["format_version"] == f"{formats.FORMAT_MAJOR}.{formats.FORMAT_MINOR}" and report["header"]["producer"].startswith("kvmigrate")
         assert report["sections"]["vcpu"] == 1 and report["sections"]["pages"] >= 1 and report["sections"]["end"] == 1
         assert [d["id"] for d in report["layout"]] == ["debug-exit", "i8042", "serial0"]
-        (tmp_path / "s0").write_bytes((tmp_path / "s0").read_bytes()[:-10])
-        broken = subprocess.run(cli + ["inspect", str(tmp_path / "s0"), "--json"], capture_output=True, text=True,
-                                timeout=60)
         assert broken.returncode == 3 and json.loads(broken.stdout)["error"]["type"] == "TruncatedError"  # refused
         call(api, "stop")
     finally:
