@@ -103,7 +103,10 @@ class PostcopyStats:
     push_jumps: int = 0  # times the push moved to just after a fault
     fault_p50_us: int = 0
     fault_p99_us: int = 0
-    vcpu_blocked_ms: float = 0.0  # summed over vCPU threads
+    # the time faults waited for their pages, summed over the threads that took them: vCPUs' faults
+    # (here KVM takes them on its async-page-fault workers, not on the vCPU's thread, so they are not
+    # told apart by vCPU) and device threads'
+    vcpu_blocked_ms: float = 0.0
     seconds: float = 0.0  # from the target's Resumed until its Finished
     reconnects: int = 0  # links re-established after a loss
 
