@@ -4,13 +4,16 @@
 
 `snapshot(machine, path)` / `restore(path, kvm)`: a machine's whole state to a file and back
 (`migrate.snapshots`). `send(machine, "host:port", options)` / `receive(conn, kvm)`: live migration
-by pre-copy with a two-phase hand-over.
+by pre-copy with a two-phase hand-over, or post-copy (`MigrationOptions(postcopy=True)`: the guest
+runs on the target while its last pages follow; `resume_postcopy(machine)` after a link that
+stayed down).
 
 Where things are: `source` and `target` (the two sides of a live migration), `receiver` (the
 `migrate recv` server around the target), `resolve` (an in-doubt hand-over settled), `protocol` (the
 sans-IO state machine between them), `transport` (sockets, framing, authentication), `streams`
 (extra page streams and the round gate), `convergence` (when to stop and copy: a pure function),
-`options` and `stats` (what the user asks and what they get back), `snapshots` (files),
+`postcopy` (post-copy's two halves: pages served, pages placed by userfaultfd), `options` and
+`stats` (what the user asks and what they get back), `snapshots` (files),
 `state` (a machine's state as plain data, and the schema registry), `records` (that state as
 stream sections and back), `pages` (guest memory to page sections and back), `digest` (the
 memory digest, computed the cheap way), `errors`, `cli` and `control` (the `migrate` command and
@@ -25,6 +28,7 @@ from migrate.errors import (
     MigrationFailed,
     MissingSections,
     NotConverging,
+    PostcopyFailed,
     ProtocolViolation,
     SnapshotError,
     StateError,
@@ -33,7 +37,7 @@ from migrate.errors import (
 )
 from migrate.options import MigrationOptions
 from migrate.snapshots import SnapshotInfo, SnapshotKind, inspect, restore, snapshot
-from migrate.source import send
+from migrate.source import resume_postcopy, send
 from migrate.stats import MigrationOutcome, MigrationStats
 from migrate.receiver import Receiver, listen_and_receive
 from migrate.target import receive

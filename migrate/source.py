@@ -10,6 +10,11 @@ the dirty log (KVM's and the VMM's) and sends what changed. After each fetch `co
 says what next: another round, a throttle step first (auto-converge), stop and copy (the guest is
 paused and the rest goes), or give up. Pages are encoded on worker threads while the main thread
 sends, spread over the page streams (`migrate.streams`).
+
+With post-copy asked for, the source switches after `postcopy_after` rounds (or when pre-copy
+would not converge, `postcopy_auto`) instead: `_switch_to_postcopy` hands the guest over with
+the pages the target still lacks, and `_serve_postcopy` serves them (`migrate.postcopy`) until
+the target says it holds every one, reconnecting a lost link on the way.
 """
 
 from __future__ import annotations
@@ -620,8 +625,10 @@ def send(machine: Machine, target: str | Connection, options: MigrationOptions |
     acknowledged the hand-over leaves the guest running here, as it was (throttle off, dirty
     logging off); after Commit with no answer the guest is kept paused here, in doubt, and
     `MigrationFailed` says so: the machine's run state stays held (`hv.vmm.owner`) until
-    `migrate.resolve` settles it. Meanwhile, and during the whole migration, nobody else may pause,
-    resume or stop the machine (`Busy`)."""
+    `migrate.resolve` settles it. After a post-copy switch (`options.postcopy*`) a lost link is
+    reconnected for `postcopy_reconnect_s`, then the guest is kept paused here, in doubt, with
+    the pages the target lacks, until `resume_postcopy`. Meanwhile, and during the whole
+    migration, nobody else may pause, resume or stop the machine (`Busy`)."""
     o = options or MigrationOptions()
     where = target if isinstance(target, str) else target.peer
     with owner_of(machine).hold(f"migration to {where}") as lease:  # Busy if held or in doubt
@@ -659,10 +666,9 @@ def _send(machine: Machine, target: str | Connection, o: MigrationOptions, progr
             lease.leave_in_doubt(InDoubt(source.address, source.session, o, stats.reason, was_running))
             raise MigrationInDoubt(stats.reason, "paused here, in doubt: the target may run it; "
                                    "`migrate resolve` asks the target and settles it") from e
-        if outcome is Outcome.SOURCE_SERVE:
-            keep = source  # its pages and what it sent are what a resume serves on from
+        if outcome is Outcome.SOURCE_SERVE:  # the source is kept: a resume serves on from what it sent
             lease.leave_in_doubt(InDoubt(source.address, source.session, o, stats.reason, was_running,
-                                         postcopy=True, resume=keep.resume_postcopy))
+                                         postcopy=True, resume=source.resume_postcopy))
             raise MigrationInDoubt(stats.reason, "paused here after the post-copy switch: the target runs the "
                                    "guest and still needs pages only this copy holds; `migrate send --resume` "
                                    "reconnects") from e
