@@ -464,6 +464,14 @@ def test_failed_authentications_are_slowed_and_logged_but_the_real_source_gets_i
     logged = " | ".join(r.message for r in caplog.records)
     assert "4 in a row" in logged and "waiting" in logged and "before its challenge" in logged
 
+def _close_all(idle: list, receiver, listener, machine) -> None:
+    for conn in idle:
+        conn.close()
+    receiver.close()
+    listener.close()
+    machine.stop()
+    machine.vm.close()
+
 
 def test_migrate_recv_keeps_listening_after_a_stray_unless_once(kvm: Kvm, tmp_path: Path) -> None:
     listener = Listener("127.0.0.1:0", b"")
@@ -531,12 +539,7 @@ def test_idle_connections_past_the_hosts_share_are_dropped_or_time_out(kvm: Kvm,
         moved.stop()
         moved.vm.close()
     finally:
-        for s in idle:
-            s.close()
-        receiver.close()
-        listener.close()
-        machine.stop()
-        machine.vm.close()
+        _close_all(idle, receiver, listener, machine)
     logged = " | ".join(r.message for r in caplog.records)
     assert "to make room for" in logged and "no authentication" in logged
     assert "before its challenge" not in logged  # silence is not a guess: no backoff for the real source
@@ -567,6 +570,7 @@ def _still_open(s: socket.socket) -> bool:
         s.setblocking(True)
 
 
+
 def test_a_real_source_gets_in_while_idle_connections_hold_every_slot_of_its_host(kvm: Kvm, caplog) -> None:
     """A local peer holds all of this host's handshake slots with connections that never answer
     their challenge (and would hold them for the whole handshake timeout): the real source's
@@ -592,12 +596,7 @@ def test_a_real_source_gets_in_while_idle_connections_hold_every_slot_of_its_hos
         assert not _still_open(idle[0])  # the oldest made room
         assert _still_open(idle[-1]) and _still_open(idle[-2])  # the newest are held yet
     finally:
-        for s in idle:
-            s.close()
-        receiver.close()
-        listener.close()
-        machine.stop()
-        machine.vm.close()
+        _close_all(idle, receiver, listener, machine)
     logged = " | ".join(r.message for r in caplog.records)
     assert "to make room for" in logged and "not authenticated after" in logged
 

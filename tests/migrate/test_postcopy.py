@@ -157,6 +157,21 @@ def test_a_stranger_cannot_join_the_fetch_channel(kvm: Kvm, caplog, monkeypatch)
         _end(listener, machine)
 
 
+def _send_into_postcopy(source: subprocess.Popen, source_api: Path, port: str, bandwidth: float) -> subprocess.Popen:
+    """`migrate send --postcopy` from the `hv run` behind `source_api`, the push held to
+    `bandwidth` MiB/s; returned once the source says it is past the switch."""
+    _wait_for(source_api, source)
+    _wait_passes(source_api, 2)
+    sender = subprocess.Popen([sys.executable, "-m", "migrate.cli", "send", "--api", str(source_api), "--to",
+                               f"127.0.0.1:{port}", "--postcopy", "--bandwidth", str(bandwidth), "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while call(source_api, "migrate-status")["phase"] != "postcopy":
+        assert time.monotonic() < deadline and sender.poll() is None, sender.stderr.read() if sender.poll() else ""
+        time.sleep(0.02)
+    return sender
+
+
 def test_source_killed_after_the_switch_leaves_the_target_paused_with_what_it_has(kvm: Kvm, tmp_path: Path) -> None:
     """The source process dies while the push is under way (held to 8 MiB/s): the target says so,
     pauses the guest with the pages it has, and does not run on with holes."""
@@ -178,15 +193,7 @@ def test_source_killed_after_the_switch_leaves_the_target_paused_with_what_it_ha
     thread.start()
     sender = None
     try:
-        _wait_for(source_api, source)
-        _wait_passes(source_api, 2)
-        sender = subprocess.Popen([sys.executable, "-m", "migrate.cli", "send", "--api", str(source_api), "--to",
-                                   f"127.0.0.1:{port}", "--postcopy", "--bandwidth", "8", "--json"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while call(source_api, "migrate-status")["phase"] != "postcopy":
-            assert time.monotonic() < deadline and sender.poll() is None
-            time.sleep(0.02)
+        sender = _send_into_postcopy(source, source_api, port, bandwidth=8)
         time.sleep(0.3)
         os.kill(source.pid, signal.SIGKILL)
         source.wait(10)
@@ -441,15 +448,8 @@ def test_migrate_recv_keeps_a_stranded_guest_paused_until_told(tmp_path: Path) -
                               stderr=subprocess.PIPE, text=True)
     sender = None
     try:
-        _wait_for(source_api, source)
-        _wait_passes(source_api, 2)
-        sender = subprocess.Popen([sys.executable, "-m", "migrate.cli", "send", "--api", str(source_api), "--to",
-                                   f"127.0.0.1:{port}", "--postcopy", "--bandwidth", "4", "--json"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        sender = _send_into_postcopy(source, source_api, port, bandwidth=4)
         deadline = time.monotonic() + 60
-        while call(source_api, "migrate-status")["phase"] != "postcopy":
-            assert time.monotonic() < deadline and sender.poll() is None
-            time.sleep(0.02)
         os.kill(source.pid, signal.SIGKILL)
         said = ""
         while "kept paused" not in said:  # stderr, line by line
