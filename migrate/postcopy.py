@@ -144,7 +144,7 @@ class SourceFigures:
 
 class PostcopySource:
     """The source after the switch: its paused guest's memory is served to the target, on demand
-    (`serve_fetches`, on the fetch channel, its own thread) and in the background (`push`)."""
+    (`start_fetch_server`: on the fetch channel, a thread of its own) and in the background (`push`)."""
 
     def __init__(self, memory: GuestMemory, missing: Missing, level: int) -> None:
         self.memory, self.level = memory, level
