@@ -27,7 +27,10 @@ switch it hashes from the staging buffer, which holds exactly the bytes that wer
 them and which the guest never writes. The combination is the digest of "every page as the
 target placed it", which the source computes over its paused memory: equal digests mean every
 page the guest started from on the target was the source's page at the switch, and what differs
-in guest memory now is only what the guest wrote since.
+in guest memory now is only what the guest wrote since. That holds if each missing page reached
+guest memory only from staging: a page something populated before registration would keep what
+it had (UFFDIO_COPY finds it in place, EEXIST), so the target also requires that no copy found
+a missing page in place (`placed_elsewhere`), and refuses pages after a `Discard`.
 """
 
 from __future__ import annotations
@@ -418,6 +421,12 @@ class PostcopyTarget:
             uffd = self._uffd[region.guest_base]
             left += (self.missing[region.guest_base] & uffd.missing_pages()).count()
         return left
+
+    def placed_elsewhere(self) -> int:
+        """Missing pages a copy found in place already (EEXIST): populated outside this layer
+        before registration, so the guest sees them as they were, not as staged. The layer
+        never copies over a page it placed itself, so any is a fault of the switch."""
+        return sum(uffd.stats().eexist for uffd in self._uffd.values())
 
     def wait_placed(self, timeout: float) -> int:
         """Wait until every page of the switch's bitmap is in, or `timeout` passed; the pages

@@ -339,6 +339,8 @@ class Target:
             case Pages(payload=payload) if self.postcopy is not None:  # the background push
                 records = self.records("PAGES", payload, (formats.Header, *PAGES_RECORDS), stable=True)
                 self.postcopy.take(records, background=True)  # (a Header: the stream of a reconnection)
+            case Pages() if self._given_back is not None:  # would land on pages given back
+                raise ProtocolViolation("PAGES after Discard (only the switch may follow it)")
             case Pages(round=number, payload=payload):  # `stable`: a buffer only we hold
                 self.gate.add(number, self.collected.take(self.records("PAGES", payload, PAGES_RECORDS,
                                                                        stable=True)))
@@ -447,6 +449,9 @@ class Target:
         found = pc.digest(self._held)
         if found != end.digest:
             raise formats.DigestMismatch(end.digest, found)
+        if (elsewhere := pc.placed_elsewhere()):  # the digest's argument needs every one placed from staging
+            raise MigrationFailed(f"post-copy: {elsewhere} missing pages were found in place, not from what the "
+                                  "source sent (something read them before they were registered)", "on the target")
         pc.stop_fetcher()
         p50, p99, blocked = pc.fault_stats()
         self.tell(Finished(fetched=pc.figures.fetched, background=pc.figures.background, fault_p50_us=p50,
