@@ -30,7 +30,7 @@ page the guest started from on the target was the source's page at the switch, a
 in guest memory now is only what the guest wrote since. That holds if each missing page reached
 guest memory only from staging: a page something populated before registration would keep what
 it had (UFFDIO_COPY finds it in place, EEXIST), so the target also requires that no copy found
-a missing page in place (`placed_elsewhere`), and refuses pages after a `Discard`.
+a missing page in place (`placed_elsewhere`); after a `Discard` the protocol takes no more pages.
 """
 
 from __future__ import annotations
@@ -143,6 +143,10 @@ class SourceFigures:
     around: int = 0  # pages sent with a faulted one (after it) that the push had not sent
     pushed: int = 0  # pages sent by the background push
     push_jumps: int = 0  # times the push moved to just after a fault
+
+    @property
+    def sent(self) -> int:
+        return self.fetched + self.around + self.pushed
 
 
 class PostcopySource:
@@ -416,11 +420,7 @@ class PostcopyTarget:
 
     def still_missing(self) -> int:
         """Pages of the switch's bitmap not placed yet."""
-        left = 0
-        for region in self.memory.regions:
-            uffd = self._uffd[region.guest_base]
-            left += (self.missing[region.guest_base] & uffd.missing_pages()).count()
-        return left
+        return count_missing(self.missing_now())
 
     def placed_elsewhere(self) -> int:
         """Missing pages a copy found in place already (EEXIST): populated outside this layer

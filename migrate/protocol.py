@@ -57,8 +57,9 @@ as coordinator:
    protocol holds it paused, nor start a second migration or snapshot of it. IN_DOUBT is a state
    of its own that outlives the migration: the VM stays paused and held, and only
    `migrate resolve` ends it.
-7. Post-copy. Up to Ready the argument is 1-2 unchanged (Postcopy is one more message before
-   Ready; the source resumes on any failure). From Commit on the guest's memory lives in two
+7. Post-copy. Up to Ready the argument is 1-2 unchanged (Discard and Postcopy are more
+   messages before Ready; the source resumes on any failure; once the target gave pages back
+   after Discard, no PAGES may come: they would land where the switch counts pages missing). From Commit on the guest's memory lives in two
    places: the target runs the guest but faults on the pages it lacks, which only the source's
    paused copy holds. So after Commit the source never resumes and never discards its copy until
    `Finished` says the target holds every page (the digest checked): one running copy (the
@@ -355,6 +356,8 @@ class S(enum.Enum):
     FAILED = "failed"
     IN_DOUBT = "in-doubt"  # source only: link lost after Commit
     # post-copy (point 7)
+    DISCARDING = "discarding"  # Discard sent/received: the target gives pages back
+    SWITCH_PENDING = "switch-pending"  # Discarded: only the state and the switch may follow
     SWITCHING = "switching"  # Postcopy sent/received, waiting for/deciding Ready
     SWITCH_READY = "switch-ready"  # target built, missing pages registered; waiting for Commit
     SWITCH_COMMITTED = "switch-committed"  # Commit sent/received
@@ -398,8 +401,10 @@ TRANSITIONS: dict[tuple[Role, S, str, MessageKind], S] = {
 # post-copy: the switch in place of Complete, then pages after Resumed, then Finished
 for _role, _mine, _theirs in ((Role.SOURCE, SEND, RECV), (Role.TARGET, RECV, SEND)):
     TRANSITIONS |= {
-        (_role, S.TRANSFER, _mine, K.DISCARD): S.TRANSFER,
-        (_role, S.TRANSFER, _theirs, K.DISCARDED): S.TRANSFER,
+        (_role, S.TRANSFER, _mine, K.DISCARD): S.DISCARDING,
+        (_role, S.DISCARDING, _theirs, K.DISCARDED): S.SWITCH_PENDING,  # pages given back: no PAGES now
+        (_role, S.SWITCH_PENDING, _mine, K.STATE): S.SWITCH_PENDING,
+        (_role, S.SWITCH_PENDING, _mine, K.POSTCOPY): S.SWITCHING,
         (_role, S.TRANSFER, _mine, K.POSTCOPY): S.SWITCHING,
         (_role, S.SWITCHING, _theirs, K.READY): S.SWITCH_READY,
         (_role, S.SWITCH_READY, _mine, K.COMMIT): S.SWITCH_COMMITTED,
@@ -423,7 +428,8 @@ RECONNECT_VERDICTS = {
     HandOver.COMMITTED: S.DONE,  # it finished: every page is there (its Finished was lost)
 }
 # Cancel (source only) and Error (either side) end the exchange from any live state before Commit.
-_PRE_COMMIT = (S.START, S.HELLO, S.TRANSFER, S.VERIFYING, S.READY, S.SWITCHING, S.SWITCH_READY)
+_PRE_COMMIT = (S.START, S.HELLO, S.TRANSFER, S.VERIFYING, S.READY, S.DISCARDING, S.SWITCH_PENDING, S.SWITCHING,
+               S.SWITCH_READY)
 for _state in _PRE_COMMIT:
     TRANSITIONS[(Role.SOURCE, _state, SEND, K.CANCEL)] = S.CANCELLED
     TRANSITIONS[(Role.TARGET, _state, RECV, K.CANCEL)] = S.CANCELLED

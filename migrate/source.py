@@ -313,9 +313,7 @@ class Source:
         estimate when finishing anyway past it) plus `final_copy_margin_ms`. A target that goes
         silent before Commit therefore costs the guest that long, not `timeout`: the source
         resumes and says why; after Commit, the same silence leaves it in doubt as quickly."""
-        budget_ms = max(self.options.downtime_ms, estimate_ms)
-        self._final_copy_limit_ms = 2 * budget_ms + self.options.final_copy_margin_ms
-        self.stats.final_copy_limit_ms = self._final_copy_limit_ms
+        self._limit_final_copy(max(self.options.downtime_ms, estimate_ms))
         try:
             return self._final_copy(pending, t0)
         except TransportError as e:
@@ -348,22 +346,35 @@ class Source:
         end = self.writer.end(self._hashes.digest(self.options.threads))
         laps.lap("digest")
         self.message(Complete(end))
-        ready = self.answer()  # Ready: the target holds a verified copy, built and paused
+        self._hand_over(laps)
+        if self.stats.downtime_overrun_ms:
+            self.stats.problems.append(f"the guest was paused {self.stats.downtime_ms:.0f} ms, past the "
+                                       f"{self.options.downtime_ms:.0f} ms downtime target")
+        return self._completed(t0, "the target runs the guest")
+
+    def _limit_final_copy(self, budget_ms: float) -> None:
+        """Every wait from the pause on shares one deadline: twice `budget_ms` plus the margin."""
+        self._final_copy_limit_ms = 2 * budget_ms + self.options.final_copy_margin_ms
+        self.stats.final_copy_limit_ms = self._final_copy_limit_ms
+
+    def _hand_over(self, laps: Laps) -> None:
+        """Ready, Commit, Resumed: the end of the pause, whose phases (the target's own steps
+        taken out of the waits they were in) become the downtime's."""
+        ready = self.answer()  # Ready: the target holds its copy, built and paused
         waited = laps.lap("target_verify")
-        log.info("the target holds a verified copy (%.1f ms after the pause); committing", laps.phases and
-                 sum(laps.phases.values()))
+        log.info("the target holds its copy (%.1f ms after the pause); committing", sum(laps.phases.values()))
         self.message(Commit())
         # From here the target may be running the guest: never resume on our own (protocol.py).
         resumed = self.answer()  # Resumed
         committed = laps.lap("target_resume")
+        self._deadline = None
         self.stats.downtime_ms = sum(laps.phases.values())
         self.stats.downtime_phases_ms = _with_target_phases(laps.phases, ready, resumed, waited, committed)
         self.stats.downtime_target_ms = self.options.downtime_ms
-        if self.stats.downtime_overrun_ms:
-            self.stats.problems.append(f"the guest was paused {self.stats.downtime_ms:.0f} ms, past the "
-                                       f"{self.options.downtime_ms:.0f} ms downtime target")
+
+    def _completed(self, t0: float, reason: str) -> MigrationStats:
         self.stats.frames_judged_raw = self.live_pool.frames_judged_raw + self.paused_pool.frames_judged_raw
-        self.stats.outcome, self.stats.reason = MigrationOutcome.COMPLETED, "the target runs the guest"
+        self.stats.outcome, self.stats.reason = MigrationOutcome.COMPLETED, reason
         self.stats.total_seconds = time.perf_counter() - t0
         self.stats.sent_bytes = self.bytes_sent
         return self.stats
@@ -373,8 +384,7 @@ class Source:
     def _switch_to_postcopy(self, pending: Dirty, t0: float) -> MigrationStats:
         """Pause for good, send the state and what the target still lacks, hand over; then serve
         the pages until the target has them all. The pause holds the final copy's deadline too."""
-        self._final_copy_limit_ms = 2 * self.options.downtime_ms + self.options.final_copy_margin_ms
-        self.stats.final_copy_limit_ms = self._final_copy_limit_ms
+        self._limit_final_copy(self.options.downtime_ms)
         machine = self.machine
         self.live.phase = "postcopy-switch"
         # What the guest dirtied since it was sent is given back on the target now, while the guest
@@ -391,16 +401,7 @@ class Source:
         count = count_missing(missing)
         self.message(Postcopy(encode_missing(missing), count))
         laps.lap("bitmap")
-        ready = self.answer()  # Ready: state applied, the missing pages registered there
-        waited = laps.lap("target_verify")
-        self.message(Commit())
-        # From here the target may be running the guest: never resume on our own (protocol.py, point 7).
-        resumed = self.answer()
-        committed = laps.lap("target_resume")
-        self._deadline = None
-        self.stats.downtime_ms = sum(laps.phases.values())
-        self.stats.downtime_phases_ms = _with_target_phases(laps.phases, ready, resumed, waited, committed)
-        self.stats.downtime_target_ms = self.options.downtime_ms
+        self._hand_over(laps)  # (point 7: from Commit on this copy serves the target, never runs)
         self.stats.postcopy = PostcopyStats(after_rounds=len(self.stats.rounds), missing_pages=count)
         self.postcopy = PostcopySource(machine.vm.memory, missing, self.options.level)
         return self._serve_postcopy(t0)
@@ -432,12 +433,8 @@ class Source:
         p.fault_p50_us, p.fault_p99_us = finished.fault_p50_us, finished.fault_p99_us
         p.vcpu_blocked_ms = round(finished.blocked_us / 1000, 3)
         p.seconds = round(time.perf_counter() - started, 3)
-        self.stats.pages_sent += server.figures.pushed + server.figures.fetched + server.figures.around
-        self.stats.frames_judged_raw = self.live_pool.frames_judged_raw + self.paused_pool.frames_judged_raw
-        self.stats.outcome, self.stats.reason = MigrationOutcome.COMPLETED, "the target runs the guest (post-copy)"
-        self.stats.total_seconds = time.perf_counter() - t0
-        self.stats.sent_bytes = self.bytes_sent
-        return self.stats
+        self.stats.pages_sent += server.figures.sent
+        return self._completed(t0, "the target runs the guest (post-copy)")
 
     def resume_postcopy(self) -> MigrationStats:
         """`migrate send --resume`: after the reconnect window passed, try again (another
@@ -462,7 +459,7 @@ class Source:
         def send(parts: list[bytes | memoryview]) -> None:
             self.pages_message(number, parts)
             self._pace()  # --bandwidth holds for the push too (the fetch channel's pages are not held back)
-            self.live.round_pages_done = server.figures.pushed + server.figures.fetched + server.figures.around
+            self.live.round_pages_done = server.figures.sent
             self.report()
 
         server.push(send, PageEncoderC(self.options.level, stable=True), self.writer)  # this memory no longer changes

@@ -52,7 +52,7 @@ from migrate.disks import DiskPolicy, OpenDisk
 from migrate.errors import (DiskRefused, IncompatibleError, MigrationFailed, PostcopyFailed, ProtocolViolation,
                             TransportError, error_code)
 from formats import POSTCOPY_DIGEST_BLOCK, DIGEST_BLOCK
-from migrate.postcopy import PostcopyTarget, decode_missing, describe_missing, encode_missing, give_back
+from migrate.postcopy import PostcopyTarget, count_missing, decode_missing, describe_missing, encode_missing, give_back
 from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete, Discard, Discarded, Error,
                               Finished, HandOver,
                               Hello, Missing, Outcome, Pages, Postcopy, Protocol, Ready, Reconnect, Reject,
@@ -339,8 +339,6 @@ class Target:
             case Pages(payload=payload) if self.postcopy is not None:  # the background push
                 records = self.records("PAGES", payload, (formats.Header, *PAGES_RECORDS), stable=True)
                 self.postcopy.take(records, background=True)  # (a Header: the stream of a reconnection)
-            case Pages() if self._given_back is not None:  # would land on pages given back
-                raise ProtocolViolation("PAGES after Discard (only the switch may follow it)")
             case Pages(round=number, payload=payload):  # `stable`: a buffer only we hold
                 self.gate.add(number, self.collected.take(self.records("PAGES", payload, PAGES_RECORDS,
                                                                        stable=True)))
@@ -397,7 +395,7 @@ class Target:
 
     def _bitmap(self, what: str, missing: bytes, count: int) -> dict:
         bits = decode_missing(missing, self.machine.vm.memory)
-        if sum(b.count() for b in bits.values()) != count:
+        if count_missing(bits) != count:
             raise ProtocolViolation(f"{what} says {count} pages; its bitmap has another count")
         return bits
 
@@ -405,8 +403,8 @@ class Target:
         """Before the pause (the guest still runs on the source): every page held so far hashed
         (no more come before the switch), then the pages the source says changed since given
         back to the host, so the pause has only the last few to free."""
-        if not self.postcopy_capable or self._given_back is not None:
-            raise ProtocolViolation("Discard without post-copy, or twice")
+        if not self.postcopy_capable:  # (after it, the table takes no PAGES and no second Discard)
+            raise ProtocolViolation("Discard in a migration that did not ask for post-copy")
         bits = self._bitmap("Discard", missing, count)
         self._invalidate_written()
         t0 = time.perf_counter()
@@ -501,7 +499,8 @@ class Target:
         self.proto.link_back()
         self.take(first)
         still = self.postcopy.missing_now()
-        self.tell(Missing(encode_missing(still), sum(b.count() for b in still.values())))
+        left = count_missing(still)
+        self.tell(Missing(encode_missing(still), left))
         self.reader = self.postcopy.reader()  # the source starts a new stream on the new connection
         if self.fetch_conn is not None:
             self.fetch_conn.close()
@@ -510,7 +509,7 @@ class Target:
         self.postcopy.start_fetcher(self.fetch_conn)
         self.postcopy.figures.reconnects += 1
         log.warning("post-copy: the source is back (%s); %s still to come", conn.peer,
-                    describe_missing(sum(b.count() for b in still.values())))
+                    describe_missing(left))
 
     def commit(self) -> None:
         t0 = time.perf_counter()
