@@ -63,6 +63,12 @@ RESTORE_ORDER: tuple[tuple[str, str], ...] = (
     ("msrs", "after the LAPIC; writes IA32_TSC, so the TSC restarts from the saved value"),
     ("events", "last: pending exceptions/interrupts/NMIs/SIPI would be cleared by earlier sets"),
 )
+# x86-64 general-purpose registers by their number in instruction encodings (ModRM/REX: 0 is RAX,
+# 1 RCX, 2 RDX, 3 RBX, 4 RSP, ...), the index axvcpu's set_gpr takes.
+GPR_NAMES: tuple[str, ...] = (
+    "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+)
 SAVE_ORDER: tuple[str, ...] = (
     "mp_state", "regs", "sregs", "fpu", "xsave", "xcrs", "debug_regs", "lapic", "msrs",
     "events", "cpuid",
@@ -75,6 +81,17 @@ def _msr_buffer(indices: Sequence[int]) -> Any:
     for i, index in enumerate(indices):
         msrs.entries[i].index = index
     return msrs
+
+
+def _check_u64(register: str, value: int) -> None:
+    if type(value) is not int or not 0 <= value <= U64:
+        raise ValueError(f"{register} holds 64 bits unsigned, not {value!r}")
+
+
+def _value_bytes(value: int, size: int) -> bytes:
+    if not 0 <= value < 1 << (8 * size):
+        raise ValueError(f"return value {value:#x} does not fit the exit's {size} bytes")
+    return value.to_bytes(size, "little")
 
 
 class SaveableMsrs:
@@ -196,6 +213,26 @@ class Vcpu:
             raise ValueError(f"MMIO result at {mmio.phys_addr:#x} needs {mmio.len} bytes, got {len(data)}")
         ffi.memmove(mmio.data, data, len(data))
 
+    def set_return_value(self, value: int) -> None:
+        """What the exit the VMM just handled returns to the guest (axvcpu's set_return_value).
+
+        For an IoIn (IN/INS) or an MmioRead exit, `value` goes where KVM completes the instruction
+        from on the next KVM_RUN: the run area's data, `size` (or `len`) bytes of it, little-endian,
+        which KVM then stores into AL/AX/EAX or the instruction's destination. After any other
+        exit (an OUT-based hypercall: the guest writes a request to a port and reads the answer
+        from RAX), RAX itself, as axvcpu's x86 vCPU does it."""
+        if self._run.exit_reason == lib.KVM_EXIT_IO:
+            io = self._payload("kvmig_exit_io *")
+            if io.direction != lib.KVM_EXIT_IO_OUT:
+                self.set_io_result(_value_bytes(value, io.size) * io.count)
+                return
+        elif self._run.exit_reason == lib.KVM_EXIT_MMIO:
+            mmio = self._payload("kvmig_exit_mmio *")
+            if not mmio.is_write:
+                self.set_mmio_result(_value_bytes(value, mmio.len))
+                return
+        self.set_gpr(0, value)
+
     @property
     def immediate_exit(self) -> bool:
         return bool(self._run.immediate_exit)
@@ -234,6 +271,21 @@ class Vcpu:
 
     def set_regs(self, regs: Regs) -> None:
         self.fd.set_regs(structconv.to_struct(regs, ffi.new("struct kvm_regs *")))
+
+    def set_gpr(self, index: int, value: int) -> None:
+        """Set general-purpose register `index` (`GPR_NAMES`: 0 RAX ... 15 R15) to `value`, a
+        64-bit unsigned value (axvcpu's set_gpr). Only while the vCPU is not in KVM_RUN."""
+        if not 0 <= index < len(GPR_NAMES):
+            raise ValueError(f"vCPU {self.vcpu_id}: general-purpose register {index} is not 0-15")
+        _check_u64(GPR_NAMES[index], value)
+        self.set_regs(replace(self.get_regs(), **{GPR_NAMES[index]: value}))
+
+    def set_entry(self, address: int) -> None:
+        """Where the vCPU starts executing: RIP (axvcpu's set_entry, a guest address; the
+        builder sets the boot vCPU's through it). The code segment it runs in is the sregs',
+        set before (`boot.x86.EntryState`)."""
+        _check_u64("rip", address)
+        self.set_regs(replace(self.get_regs(), rip=address))
 
     def get_sregs(self) -> Sregs:
         return structconv.from_struct(Sregs, self.fd.get_sregs())

@@ -196,8 +196,19 @@ class Vm:
     def signal_msi(self, address: int, data: int) -> int:
         return self.fd.signal_msi(address, data)
 
-    def register_irqfd(self, eventfd: int, gsi: int) -> None:
-        self.fd.irqfd(eventfd, gsi)
+    def register_irqfd(self, eventfd: int, gsi: int, resample_fd: int | None = None) -> None:
+        """Have KVM raise `gsi` when `eventfd` is signalled (a write of 1), without an exit.
+
+        Without `resample_fd` the line is pulsed: an edge. With it (KVM_IRQFD_FLAG_RESAMPLE, for
+        a level-triggered line: an IOAPIC pin programmed level, as a PCI INTx is) the line stays
+        asserted until the guest EOIs it; KVM then lowers it and signals `resample_fd`, so the
+        device model can raise it again (signal `eventfd`) if its condition still holds."""
+        if resample_fd is None:
+            self.fd.irqfd(eventfd, gsi)
+        else:
+            if not self.has_irqchip:
+                raise MissingCapabilityError("KVM_CAP_IRQCHIP", "a resampled (level-triggered) irqfd")
+            self.fd.irqfd(eventfd, gsi, lib.KVM_IRQFD_FLAG_RESAMPLE, resample_fd)
         self._irqfds.add((eventfd, gsi))
 
     def unregister_irqfd(self, eventfd: int, gsi: int) -> None:
@@ -225,6 +236,16 @@ class Vm:
         self._ioeventfds.discard(reg)
 
     # --- vCPUs --------------------------------------------------------------------------------
+
+    @property
+    def vcpu_count(self) -> int:
+        """The vCPUs this VM is configured for (arcbox VirtualMachine::vcpu_count)."""
+        return self.config.vcpus
+
+    def is_managed_execution(self) -> bool:
+        """False: the caller runs each vCPU on a thread of its own (`Vcpu.run`, as `Machine`
+        does); KVM does not (arcbox VirtualMachine::is_managed_execution, KVM's answer)."""
+        return False
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         if not 0 <= vcpu_id < self.config.vcpus:

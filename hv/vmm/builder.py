@@ -11,28 +11,39 @@ from hv.boot import linux, multiboot
 from hv.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from hv.devices.i8042 import I8042, I8042_PORT, I8042_PORTS
 from hv.devices.serial import COM1_IRQ, COM1_PORT, Serial16550
-from hv.devices.virtio import MMIO_WINDOW, VirtioBlk, VirtioConsole, VirtioRng
+from hv.boot.x86 import EntryState
+from hv.devices.virtio import VirtioBlk, VirtioConsole, VirtioMmio, VirtioRng
 from hv.errors import ConfigError
 from hv.guests import builtin as builtin_guest
 from hv.kvm.cpuid import boot_msrs, vcpu_cpuid
 from hv.kvm.kvm import Kvm
-from hv.kvm.vm import MemoryBacking, Vm, VmConfig
-from hv.platform import acpi, mptable
-from hv.platform.allocator import SystemAllocator
-from hv.vmm.machine import DevicePlacement, Machine, StopReason, discard_on_error
+from hv.kvm.memory import GuestMemory
+from hv.kvm.vcpu import Vcpu
+from hv.kvm.vm import IDENTITY_MAP_ADDRESS, MMIO_HOLE_END, MMIO_HOLE_START, TSS_ADDRESS, MemoryBacking, Vm, VmConfig
+from hv.platform import acpi, hostcpu, mptable
+from hv.platform.allocator import DEVICE_MMIO_END, DEVICE_MMIO_START, SystemAllocator
+from hv.vmm.machine import (
+    DevicePlacement,
+    Machine,
+    StopReason,
+    VirtioDeviceSpec,
+    discard_on_error,
+    place_virtio_device,
+)
 
 
 def create_vcpus(kvm: Kvm, vm: Vm) -> None:
     """Every configured vCPU, with its CPUID; non-boot vCPUs wait for INIT/SIPI as KVM leaves them."""
     for vcpu_id in range(vm.config.vcpus):
-        vcpu = vm.create_vcpu(vcpu_id)
-        vcpu.setup(vcpu_cpuid(kvm.supported_cpuid, vcpu_id, vm.config.vcpus), boot_msrs())
+        X8664Arch.configure_vcpu(kvm, vm.create_vcpu(vcpu_id), vcpu_id, vm.config.vcpus)
 
 
-def _boot_vcpu_entry(vm: Vm, entry) -> None:
+def _boot_vcpu_entry(vm: Vm, entry: EntryState) -> None:
+    """The boot protocol's registers, then the entry point through `Vcpu.set_entry`."""
     boot_vcpu = vm.vcpus[0]
     boot_vcpu.set_sregs(entry.apply(boot_vcpu.get_sregs()))
-    boot_vcpu.set_regs(entry.regs)
+    boot_vcpu.set_regs(replace(entry.regs, rip=0))
+    boot_vcpu.set_entry(entry.regs.rip)
 
 
 @dataclass(frozen=True)
@@ -53,43 +64,93 @@ STANDARD_DEVICES = (
 
 
 @dataclass(frozen=True)
-class VirtioDevice:
-    device_id: str
-    kind: str  # the model's declared KIND
+class VirtioRngSpec:
+    """virtio-rng: entropy from the host's getrandom."""
+
+    device_id: str = "virtio-rng0"
+
+    @property
+    def kind(self) -> str:
+        return VirtioRng.KIND
+
+    def build(self, memory: GuestMemory) -> VirtioMmio:
+        return VirtioRng(memory)
 
 
-# The optional virtio-mmio devices, in slot order: the selected ones take consecutive 4 KiB
-# windows from 0xD0000000 and IRQs from the system allocator, so the guest finds them by scanning
-# 0xD0000000 + i * 0x1000 for the magic value. A selection (device ids) fully determines the layout.
-VIRTIO_DEVICES = (
-    VirtioDevice("virtio-blk0", VirtioBlk.KIND),
-    VirtioDevice("virtio-console0", VirtioConsole.KIND),
-    VirtioDevice("virtio-rng0", VirtioRng.KIND),
+@dataclass(frozen=True)
+class VirtioConsoleSpec:
+    """virtio-console: the guest's output to `output`."""
+
+    output: Callable[[bytes], None]
+    device_id: str = "virtio-console0"
+
+    @property
+    def kind(self) -> str:
+        return VirtioConsole.KIND
+
+    def build(self, memory: GuestMemory) -> VirtioMmio:
+        return VirtioConsole(memory, self.output)
+
+
+@dataclass
+class VirtioBlkSpec:
+    """virtio-blk over the file at `path`; `fd`: that file already open, which the device takes
+    over when it is built (and which is closed if building fails)."""
+
+    path: Path | None
+    read_only: bool = False
+    fd: int | None = None
+    device_id: str = "virtio-blk0"
+    fd_taken: bool = False  # build() ran: the fd is the device's, or closed
+
+    @property
+    def kind(self) -> str:
+        return VirtioBlk.KIND
+
+    def build(self, memory: GuestMemory) -> VirtioMmio:
+        self.fd_taken = True
+        try:
+            return VirtioBlk(memory, self.path, read_only=self.read_only, fd=self.fd)
+        except BaseException:
+            if self.fd is not None:
+                os.close(self.fd)
+            raise
+
+
+# The virtio kinds a machine may have, in slot order: the selected ones take consecutive 4 KiB
+# windows from 0xD0000000 and IRQs from the system allocator (`machine.place_virtio_device`), so
+# the guest finds them by scanning 0xD0000000 + i * 0x1000 for the magic value. A selection
+# (device ids) fully determines the layout. (device id, declared KIND)
+VIRTIO_KINDS: tuple[tuple[str, str], ...] = (
+    ("virtio-blk0", VirtioBlk.KIND),
+    ("virtio-console0", VirtioConsole.KIND),
+    ("virtio-rng0", VirtioRng.KIND),
 )
 
 
-def virtio_layout(selected: Iterable[str]) -> tuple[DevicePlacement, ...]:
-    """Where the selected virtio devices go, in slot order; plain data, no KVM needed."""
+def _legacy_layout() -> tuple[DevicePlacement, ...]:
+    return tuple(DevicePlacement(d.device_id, d.kind, (d.pio,), (), d.irqs) for d in STANDARD_DEVICES)
+
+
+def virtio_layout(selected: Iterable[str], transport: str = "mmio") -> tuple[DevicePlacement, ...]:
+    """Where the selected virtio devices go, in slot order, as `Machine.add_virtio_device` puts
+    them on a machine with the standard devices; plain data, no KVM needed."""
     chosen = set(selected)
-    unknown = chosen - {d.device_id for d in VIRTIO_DEVICES}
-    if unknown:
-        raise ConfigError("virtio", sorted(unknown), f"not one of {[d.device_id for d in VIRTIO_DEVICES]}")
-    alloc = SystemAllocator.x86()
-    alloc.irqs.reserve(COM1_IRQ, "serial0")
-    placements = []
-    for d in VIRTIO_DEVICES:
-        if d.device_id in chosen:
-            window = alloc.mmio.allocate(MMIO_WINDOW, d.device_id, align=MMIO_WINDOW)
-            irq = alloc.irqs.allocate(d.device_id)
-            placements.append(DevicePlacement(d.device_id, d.kind, (), ((window.base, window.size),), (irq,)))
-    return tuple(placements)
+    known = [device_id for device_id, _ in VIRTIO_KINDS]
+    if unknown := chosen - set(known):
+        raise ConfigError("virtio", sorted(unknown), f"not one of {known}")
+    layout = _legacy_layout()
+    placed: list[DevicePlacement] = []
+    for device_id, kind in VIRTIO_KINDS:
+        if device_id in chosen:
+            placed.append(place_virtio_device((*layout, *placed), device_id, kind, transport))
+    return tuple(placed)
 
 
 def standard_layout(virtio: Iterable[str] = ()) -> tuple[DevicePlacement, ...]:
     """The device placements `blank_machine` produces (with the virtio device ids `virtio`),
     sorted by id as `Machine.device_layout`."""
-    legacy = (DevicePlacement(d.device_id, d.kind, (d.pio,), (), d.irqs) for d in STANDARD_DEVICES)
-    return tuple(sorted((*legacy, *virtio_layout(virtio)), key=lambda p: p.device_id))
+    return tuple(sorted((*_legacy_layout(), *virtio_layout(virtio)), key=lambda p: p.device_id))
 
 
 @dataclass(frozen=True)
@@ -102,10 +163,19 @@ class VirtioConfig:
     rng: bool = False
     disk_fd: int | None = None  # the disk already open at `disk` (the device takes it over)
 
+    def specs(self) -> tuple[VirtioDeviceSpec, ...]:
+        """The devices asked for, in slot order."""
+        specs: list[VirtioDeviceSpec] = []
+        if self.disk is not None:
+            specs.append(VirtioBlkSpec(self.disk, self.disk_readonly, self.disk_fd))
+        if self.console_out is not None:
+            specs.append(VirtioConsoleSpec(self.console_out))
+        if self.rng:
+            specs.append(VirtioRngSpec())
+        return tuple(specs)
+
     def device_ids(self) -> tuple[str, ...]:
-        chosen = {"virtio-blk0": self.disk is not None, "virtio-console0": self.console_out is not None,
-                  "virtio-rng0": self.rng}
-        return tuple(d.device_id for d in VIRTIO_DEVICES if chosen[d.device_id])
+        return tuple(spec.device_id for spec in self.specs())
 
 
 def add_virtio_devices(
@@ -113,33 +183,17 @@ def add_virtio_devices(
     console_out: Callable[[bytes], None] | None = None, rng: bool = False, disk_fd: int | None = None,
 ) -> tuple[DevicePlacement, ...]:
     """Add virtio-blk (a file; `disk_fd`: that file already open, taken over), virtio-console
-    (output to `console_out`) and virtio-rng, those asked for, in that order at consecutive slots
-    (`virtio_layout`), wired to KVM."""
-    config = VirtioConfig(disk, disk_readonly, console_out, rng)
-    memory = machine.vm.memory
-    added = []
+    (output to `console_out`) and virtio-rng, those asked for, in that order, each through
+    `Machine.add_virtio_device` (so at the slots `virtio_layout` computes)."""
+    specs = VirtioConfig(disk, disk_readonly, console_out, rng, disk_fd).specs()
+    if disk is None and disk_fd is not None:
+        os.close(disk_fd)  # an fd without a disk to serve: nobody will take it
     try:
-        for placement in virtio_layout(config.device_ids()):
-            match placement.device_id:
-                case "virtio-blk0":
-                    device = VirtioBlk(memory, disk, read_only=disk_readonly, fd=disk_fd)
-                    disk_fd = None  # the device owns it now
-                case "virtio-console0":
-                    device = VirtioConsole(memory, console_out)
-                case _:
-                    device = VirtioRng(memory)
-            (base, size), = placement.mmio
-            try:
-                device.connect(machine.vm, base, placement.irqs[0])
-                added.append(machine.add_device(placement.device_id, device, mmio=(base, size),
-                                                irqs=placement.irqs))
-            except BaseException:
-                device.stop()
-                raise
+        return tuple(machine.add_virtio_device(spec) for spec in specs)
     finally:
-        if disk_fd is not None:  # never handed to a device: ours to close
-            os.close(disk_fd)
-    return tuple(added)
+        for spec in specs:  # a disk fd never handed to a device is ours to close
+            if isinstance(spec, VirtioBlkSpec) and spec.fd is not None and not spec.fd_taken:
+                os.close(spec.fd)
 
 
 def _with_console(vm: Vm, console: Callable[[bytes], None]) -> Machine:
@@ -172,7 +226,7 @@ def write_firmware_tables(machine: Machine) -> FirmwareTables:
     `machine.device_layout()`, in slot order) and an MP table, in the BIOS area below 1 MiB: how a
     stock Linux kernel learns it has more than one CPU, and finds virtio-mmio devices at all."""
     layout = {p.device_id: p for p in machine.device_layout()}
-    virtio_ids = {d.device_id for d in VIRTIO_DEVICES}
+    virtio_ids = {device_id for device_id, _ in VIRTIO_KINDS}
     virtio = sorted((p for p in layout.values() if p.device_id in virtio_ids), key=lambda p: p.mmio[0][0])
     serial = next(d for d in STANDARD_DEVICES if d.device_id == "serial0")
     vcpus = machine.vm.config.vcpus
@@ -279,3 +333,62 @@ def builtin_machine(
         # the command line is written after the vCPU exists, since it carries the vCPU's TSC rate
         multiboot.write_info(machine.vm.memory, f"{image.name} {params.cmdline()}")
     return machine
+
+
+@dataclass(frozen=True)
+class ArchMemoryLayout:
+    """Where x86-64 puts things in the guest's physical address space, whatever the RAM size."""
+
+    mmio_hole: tuple[int, int] = (MMIO_HOLE_START, MMIO_HOLE_END)  # no RAM here: LAPIC, IOAPIC, devices
+    device_mmio: tuple[int, int] = (DEVICE_MMIO_START, DEVICE_MMIO_END)  # what the allocator hands out
+    tss: int = TSS_ADDRESS  # KVM's real-mode TSS (3 pages)
+    identity_map: int = IDENTITY_MAP_ADDRESS
+
+
+class X8664Arch:
+    """crosvm's `LinuxArch` for x86-64 (its `X8664arch`): the memory layout, the allocator, a
+    built machine, each vCPU's configuration, and the host's CPU facts. Stateless; the methods
+    are static as crosvm's are associated functions. (`register_pci_device`: branch `pci`.)"""
+
+    @staticmethod
+    def arch_memory_layout(config: VmConfig) -> ArchMemoryLayout:
+        return ArchMemoryLayout()
+
+    @staticmethod
+    def guest_memory_layout(config: VmConfig, layout: ArchMemoryLayout) -> list[tuple[int, int]]:
+        """(guest base, size) of each RAM region: below the MMIO hole, then above 4 GiB."""
+        return config.memory_layout()  # which leaves out layout.mmio_hole
+
+    @staticmethod
+    def get_system_allocator_config(vm: Vm) -> SystemAllocator:
+        """A fresh allocator of this platform's ports, device MMIO and IRQs."""
+        return SystemAllocator.x86()
+
+    @staticmethod
+    def build_vm(kvm: Kvm, config: VmConfig, console: Callable[[bytes], None] = lambda b: None,
+                 virtio: VirtioConfig | None = None) -> Machine:
+        """The machine every front end builds (`blank_machine`), nothing loaded yet."""
+        return blank_machine(kvm, config, console, virtio=virtio)
+
+    @staticmethod
+    def configure_vcpu(kvm: Kvm, vcpu: Vcpu, vcpu_id: int, num_cpus: int) -> None:
+        """The vCPU's CPUID (its APIC id, the vCPU count) and the MSRs it boots with."""
+        vcpu.setup(vcpu_cpuid(kvm.supported_cpuid, vcpu_id, num_cpus), boot_msrs())
+
+    @staticmethod
+    def get_host_cpu_frequencies_khz() -> dict[int, tuple[int, ...]] | hostcpu.Unknown:
+        cpus = hostcpu.online_cpus()
+        freqs = hostcpu.frequencies_khz(cpus)
+        return freqs if isinstance(freqs, hostcpu.Unknown) else {c: f.all_khz for c, f in freqs.items()}
+
+    @staticmethod
+    def get_host_cpu_max_freq_khz() -> dict[int, int] | hostcpu.Unknown:
+        return hostcpu.host_cpu_facts().max_freq_khz
+
+    @staticmethod
+    def get_host_cpu_capacity() -> dict[int, int] | hostcpu.Unknown:
+        return hostcpu.capacity(hostcpu.online_cpus())
+
+    @staticmethod
+    def get_host_cpu_clusters() -> tuple[tuple[int, ...], ...] | hostcpu.Unknown:
+        return hostcpu.clusters(hostcpu.online_cpus())

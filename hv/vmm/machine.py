@@ -39,9 +39,12 @@ from hv.kvm.exits import (
     SystemEvent,
     VcpuExit,
 )
+from hv.devices.virtio import MMIO_WINDOW, VirtioMmio
+from hv.kvm.memory import GuestMemory
 from hv.kvm.vcpu import Vcpu
 from hv.kvm.vm import Vm
 from hv.persist import Device, Lifecycle
+from hv.platform.allocator import SystemAllocator
 from hv.vmm.bus import Bus
 
 log = logging.getLogger(__name__)
@@ -118,6 +121,39 @@ class DevicePlacement:
     irqs: tuple[int, ...] = ()
 
 
+VIRTIO_TRANSPORTS = ("mmio",)  # how a virtio device meets the guest (branch `pci` adds "pci")
+
+
+class VirtioDeviceSpec(Protocol):
+    """A virtio device of a declared kind, not built yet (arcbox's VirtioDeviceConfig): what
+    `Machine.add_virtio_device` takes. The kinds are `builder.VIRTIO_KINDS`."""
+
+    @property
+    def device_id(self) -> str: ...
+
+    @property
+    def kind(self) -> str: ...  # the model's declared KIND, known before it is built
+
+    def build(self, memory: GuestMemory) -> VirtioMmio: ...
+
+
+def place_virtio_device(layout: tuple[DevicePlacement, ...], device_id: str, kind: str,
+                        transport: str = "mmio") -> DevicePlacement:
+    """Where a virtio device goes on a machine whose devices are `layout`: the next free 4 KiB
+    window from 0xD0000000 and the next free IRQ. Plain data, no KVM: a migration target computes
+    a whole layout with it (`builder.virtio_layout`) before building anything."""
+    if transport not in VIRTIO_TRANSPORTS:
+        raise ConfigError("transport", transport, f"not one of {VIRTIO_TRANSPORTS}")
+    alloc = SystemAllocator.x86()
+    for placed in layout:
+        for irq in placed.irqs:
+            alloc.irqs.reserve(irq, placed.device_id)
+        for base, size in placed.mmio:
+            alloc.mmio.reserve(base, size, placed.device_id)
+    window = alloc.mmio.allocate(MMIO_WINDOW, device_id, align=MMIO_WINDOW)
+    return DevicePlacement(device_id, kind, (), ((window.base, window.size),), (alloc.irqs.allocate(device_id),))
+
+
 @dataclass
 class _VcpuSlot:
     vcpu: Vcpu
@@ -178,6 +214,38 @@ class Machine:
         if isinstance(device, Lifecycle):
             self._running_devices.append(device)
         return placement
+
+    def add_virtio_device(self, spec: VirtioDeviceSpec, transport: str = "mmio") -> DevicePlacement:
+        """Build the virtio device `spec` declares, place it (`place_virtio_device`), wire it to
+        KVM (ioeventfd for its notifications, irqfd for its interrupt) and attach it; only before
+        the machine first starts (arcbox VirtualMachine::add_virtio_device)."""
+        if self._state is not RunState.CREATED or self._ran:
+            raise LifecycleError(self._state, f"add virtio device {spec.device_id!r} (only before it starts)")
+        placement = place_virtio_device(self.device_layout(), spec.device_id, spec.kind, transport)
+        (base, size), = placement.mmio
+        device = spec.build(self.vm.memory)
+        try:
+            device.connect(self.vm, base, placement.irqs[0])
+            return self.add_device(spec.device_id, device, mmio=(base, size), irqs=placement.irqs)
+        except BaseException:
+            device.stop()
+            raise
+
+    def snapshot_devices(self) -> dict[str, Any]:
+        """Every device's state by id (arcbox VirtualMachine::snapshot_devices); the machine
+        paused, or not yet started, so no device moves while it is read."""
+        self._require("snapshot its devices", RunState.CREATED, RunState.PAUSED)
+        return {device_id: device.save() for device_id, device in self.devices.items()}
+
+    def restore_devices(self, states: dict[str, Any]) -> None:
+        """Put `states` (from `snapshot_devices`) back, by id: the ids checked to be this
+        machine's before any is applied, and each device validates its own state first
+        (arcbox VirtualMachine::restore_devices)."""
+        self._require("restore its devices", RunState.CREATED, RunState.PAUSED)
+        if set(states) != set(self.devices):
+            raise ConfigError("devices", sorted(states), f"this machine has {sorted(self.devices)}")
+        for device_id, state in states.items():
+            self.devices[device_id].restore(state)
 
     def device(self, device_id: str, model: type[D]) -> D:
         """The device `device_id`, which must be a `model` (for its own methods, e.g. `feed`)."""
