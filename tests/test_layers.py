@@ -13,7 +13,8 @@ FORBIDDEN = {"formats": {"hv", "migrate"}, "hv": {"migrate", "formats"}}
 
 # hv's layers, lowest first; a module may import its own layer and the ones below it. `errors` is
 # the shared root, `persist` (the protocols every stateful object implements) stands on it; the `hv` package itself (its __init__) re-exports from above, so it is the top.
-HV_LAYERS = ("errors", "persist", "binding", "kvm", "platform", "boot", "devices", "guests", "vmm", "__init__")
+HV_LAYERS = ("errors", "persist", "binding", "kvm", "platform", "boot", "devices", "guests", "vmm", "api",
+             "conformance", "__init__")
 
 
 def _imports(path: Path) -> list[tuple[str, int, bool]]:

@@ -97,7 +97,7 @@ class VirtioBlkSpec:
     """virtio-blk over the file at `path`; `fd`: that file already open, which the device takes
     over when it is built (and which is closed if building fails)."""
 
-    path: Path | None
+    path: Path
     read_only: bool = False
     fd: int | None = None
     device_id: str = "virtio-blk0"
