@@ -46,6 +46,7 @@ from hv.kvm.kvm import Kvm
 from hv.vmm.machine import Machine, discard
 from hv.errors import RamReservationError
 from hv.kvm.memory import RamBacking, anonymous_ram
+from hv.platform.hostcpu import host_cpu_facts
 from migrate import digest, pages
 from migrate.datapath import place_pages
 from migrate.disks import DiskPolicy, OpenDisk
@@ -581,8 +582,9 @@ def host_problems(config: MachineConfig, kvm: Kvm) -> list[str]:
     if config.tsc_khz and not kvm.capabilities.tsc_control:
         here = kvm.vcpu_tsc_khz
         if here and abs(here - config.tsc_khz) > config.tsc_khz * TSC_TOLERANCE:
-            problems.append(f"the guest's TSC runs at {config.tsc_khz} kHz, this host's at {here} kHz, and its "
-                            "KVM cannot scale the TSC (no KVM_CAP_TSC_CONTROL)")
+            cpus = host_cpu_facts().frequency_fact()  # what the operator weighs next: this host's CPUs
+            problems.append(f"the guest's TSC runs at {config.tsc_khz} kHz, this host's at {here} kHz ({cpus}), "
+                            "and its KVM cannot scale the TSC (no KVM_CAP_TSC_CONTROL)")
     return problems
 
 

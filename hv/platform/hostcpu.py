@@ -63,6 +63,15 @@ class HostCpuFacts:
             return self.frequencies
         return {cpu: f.max_khz for cpu, f in self.frequencies.items()}
 
+    def frequency_fact(self) -> str:
+        """The host CPUs' maximum frequency, in words, for a check that reports a clock (a
+        migration's TSC check): the range over the CPUs, or why it is not known."""
+        highest = self.max_freq_khz
+        if isinstance(highest, Unknown):
+            return f"the host CPUs' frequency is {highest}"
+        low, high = min(highest.values()), max(highest.values())
+        return f"the host CPUs run at up to {high} kHz" + (f" ({low} kHz on the slowest)" if low != high else "")
+
     def as_dict(self) -> dict[str, object]:
         """For `hv info --json`: a fact, or {"unknown": reason}."""
 

@@ -1,6 +1,6 @@
 """`hv`: run a VM from the command line, and steer a running one.
 
-    hv info                                   what this host's KVM offers
+    hv info [--json]                          what this host's KVM and CPUs offer
     hv run [--kernel ELF|bzImage [--initrd FILE]] [--mem 1G] [--cpus N] [--cmdline ...]
            [--disk FILE[,ro]] [--virtio-console] [--rng] [--console FILE]
            [--ws MiB --rate MiB/s --every N --passes N]     (built-in guest options)
@@ -75,12 +75,29 @@ class LineConsole:
                 self._on_line(raw.removesuffix(b"\n").decode(errors="replace").rstrip("\r"))
 
 
-def cmd_info(_args: argparse.Namespace) -> int:
+def cmd_info(args: argparse.Namespace) -> int:
+    """What this host's KVM offers, and its CPUs (`hostcpu`: a fact sysfs lacks is shown as
+    not known, with the reason)."""
+    from hv.platform.hostcpu import Unknown, host_cpu_facts
+
+    cpus = host_cpu_facts()
     with Kvm() as kvm:
-        for f in dataclasses.fields(kvm.capabilities):
-            print(f"{f.name:26} {getattr(kvm.capabilities, f.name)}")
-        print(f"{'supported_cpuid_leaves':26} {len(kvm.supported_cpuid)}")
-        print(f"{'msr_index_list':26} {len(kvm.msr_index_list)}")
+        kvm_facts = {f.name: getattr(kvm.capabilities, f.name) for f in dataclasses.fields(kvm.capabilities)}
+        kvm_facts |= {"supported_cpuid_leaves": len(kvm.supported_cpuid), "msr_index_list": len(kvm.msr_index_list),
+                      "vcpu_tsc_khz": kvm.vcpu_tsc_khz}
+    if args.json:
+        print(json.dumps({"kvm": kvm_facts, "host_cpus": cpus.as_dict()}, indent=2))
+        return 0
+    for name, value in kvm_facts.items():
+        print(f"{name:26} {value}")
+    facts = {"host_cpus": ",".join(map(str, cpus.cpus)), "host_cpu_max_freq_khz": cpus.max_freq_khz,
+             "host_cpu_frequencies_khz": cpus.frequencies, "host_cpu_capacity": cpus.capacity,
+             "host_cpu_clusters": cpus.clusters if isinstance(cpus.clusters, Unknown)
+             else " ".join("{" + ",".join(map(str, group)) + "}" for group in cpus.clusters)}
+    for name, value in facts.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"cpu{cpu} {getattr(v, 'all_khz', v)}" for cpu, v in value.items())
+        print(f"{name:26} {value}")
     return 0
 
 
@@ -272,7 +289,9 @@ def cmd_control(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap, command = run_parser("hv", __doc__)
-    command("info", "show what this host's KVM offers", "  hv info").set_defaults(func=cmd_info)
+    info = command("info", "show what this host's KVM and CPUs offer", "  hv info\n  hv info --json")
+    info.add_argument("--json", action="store_true", help="the facts as JSON on stdout")
+    info.set_defaults(func=cmd_info)
     run = command("run", "run a VM (the built-in guest by default)", EXAMPLES_RUN)
     run.add_argument("--kernel", metavar="FILE", help="a Multiboot v1 ELF32 kernel, or a Linux bzImage/vmlinux "
                      "(default: the built-in guest)")
