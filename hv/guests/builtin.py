@@ -275,6 +275,21 @@ def read_status(memory) -> GuestStatus:
     return GuestStatus.from_bytes(memory.read(STATUS_ADDR, STATUS_WORDS * 8))
 
 
+# IOAPIC pins nothing in the machine uses, which a host raises itself (layout.h HOST_*): the guest
+# counts each interrupt it takes on them, per vector, at IRQ_COUNTS_ADDR (a u64 per IDT vector).
+HOST_EDGE_IRQ, HOST_EDGE_VECTOR = 22, 0x28
+HOST_LEVEL_IRQ, HOST_LEVEL_VECTOR = 23, 0x29  # level-triggered: KVM lowers it at the guest's EOI
+IRQ_COUNTS_ADDR = STATUS_ADDR + 0xC00
+IDT_VECTORS = 48
+
+
+def interrupt_count(memory, vector: int) -> int:
+    """How many interrupts the guest has taken on `vector` (HOST_EDGE_VECTOR, HOST_LEVEL_VECTOR)."""
+    if not 0 <= vector < IDT_VECTORS:
+        raise ValueError(f"the guest's IDT has vectors 0-{IDT_VECTORS - 1}, not {vector}")
+    return memory.read_u64(IRQ_COUNTS_ADDR + 8 * vector)
+
+
 def expected_fill(first_page: int, count: int) -> np.ndarray:
     """Words 0..511 of pages [first_page, first_page+count) as fill=random writes them (counter 0)."""
     out = np.empty((count, 512), dtype=np.uint64)

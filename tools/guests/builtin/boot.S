@@ -142,6 +142,35 @@ irq_com1:
     popq %rax
     iretq
 
+/* Interrupts on the host's own pins (layout.h HOST_*): counted per vector, then EOI. */
+.macro COUNTED name, vec
+    .globl \name
+\name:
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    movq $\vec, %rdi
+    call count_interrupt
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rax
+    iretq
+.endm
+COUNTED irq_host_edge, HOST_EDGE_VECTOR
+COUNTED irq_host_level, HOST_LEVEL_VECTOR
+
 /* Ring 3 asked to idle (kernel.c): halt with interrupts on, forever (a COM1 interrupt is served
  * and the CPU halts again). The host sees a sleeping vCPU. */
     .globl idle_forever

@@ -6,6 +6,7 @@ extern u64 gdt[];
 extern u8 idt[];
 extern u64 exception_stubs[32];
 extern u8 irq_com1[], idle_forever[];
+extern u8 irq_host_edge[], irq_host_level[];
 extern u8 boot_stack_top[];
 
 /* 64-bit TSS followed by an all-zero I/O permission bitmap (every port allowed in ring 3) and the
@@ -80,6 +81,22 @@ static void setup_interrupts(void)
     ioapic[4] = COM1_VECTOR;
 }
 
+static void route_pin(int pin, u32 low)
+{
+    volatile u32 *ioapic = (volatile u32 *)IOAPIC_BASE;
+    ioapic[0] = 0x10 + 2 * pin + 1; /* destination APIC 0 */
+    ioapic[4] = 0;
+    ioapic[0] = 0x10 + 2 * pin;
+    ioapic[4] = low;
+}
+
+/* An interrupt on one of the host's pins: counted where the host reads it (IRQ_COUNTS_ADDR). */
+void count_interrupt(u64 vector)
+{
+    ((volatile u64 *)IRQ_COUNTS_ADDR)[vector]++;
+    *(volatile u32 *)(LAPIC_BASE + 0xB0) = 0; /* EOI: KVM lowers a level line here (resample) */
+}
+
 struct uart_rx {
     u64 irqs, head;
     u8 buf[256];
@@ -112,6 +129,10 @@ void kernel_setup(void)
         set_gate(v, exception_stubs[v]);
     set_gate(COM1_VECTOR, (u64)irq_com1);
     setup_interrupts();
+    set_gate(HOST_EDGE_VECTOR, (u64)irq_host_edge);
+    set_gate(HOST_LEVEL_VECTOR, (u64)irq_host_level);
+    route_pin(HOST_EDGE_IRQ, HOST_EDGE_VECTOR);
+    route_pin(HOST_LEVEL_IRQ, HOST_LEVEL_VECTOR | 1 << 15); /* bit 15: level-triggered */
     u32 cpus = cpus_wanted();
     if (cpus > 1)
         start_secondary_cpus(cpus);
