@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from hv.platform.allocator import SystemAllocator
     from hv.platform.hostcpu import Unknown
     from hv.vmm.builder import ArchMemoryLayout, VirtioConfig
-    from hv.vmm.machine import DevicePlacement, RunState, VirtioDeviceSpec
+    from hv.vmm.machine import RunState
+    from hv.vmm.placement import DevicePlacement, VirtioDeviceSpec
 
 
 class GuestMemory(Protocol):

@@ -1,5 +1,8 @@
 """A vCPU: typed exits from KVM_RUN, registers, and the complete architectural state.
 
+Over 450 lines because it is one object's one concern, the vCPU file descriptor: running it and
+answering its exits, its registers, and saving/restoring all of its state in the kernel's order.
+
 State is saved and restored in a fixed order (`SAVE_ORDER`, `RESTORE_ORDER`); the reasons are
 kernel facts, each written beside its step (from api.rst and Firecracker's notes on them).
 """

@@ -22,14 +22,8 @@ from hv.kvm.vcpu import Vcpu
 from hv.kvm.vm import IDENTITY_MAP_ADDRESS, MMIO_HOLE_END, MMIO_HOLE_START, TSS_ADDRESS, MemoryBacking, Vm, VmConfig
 from hv.platform import acpi, hostcpu, mptable
 from hv.platform.allocator import DEVICE_MMIO_END, DEVICE_MMIO_START, SystemAllocator
-from hv.vmm.machine import (
-    DevicePlacement,
-    Machine,
-    StopReason,
-    VirtioDeviceSpec,
-    discard_on_error,
-    place_virtio_device,
-)
+from hv.vmm.machine import Machine, StopReason, discard_on_error
+from hv.vmm.placement import DevicePlacement, VirtioDeviceSpec, place_virtio_device
 
 
 def create_vcpus(kvm: Kvm, vm: Vm) -> None:
@@ -118,7 +112,7 @@ class VirtioBlkSpec:
 
 
 # The virtio kinds a machine may have, in slot order: the selected ones take consecutive 4 KiB
-# windows from 0xD0000000 and IRQs from the system allocator (`machine.place_virtio_device`), so
+# windows from 0xD0000000 and IRQs from the system allocator (`placement.place_virtio_device`), so
 # the guest finds them by scanning 0xD0000000 + i * 0x1000 for the magic value. A selection
 # (device ids) fully determines the layout. (device id, declared KIND)
 VIRTIO_KINDS: tuple[tuple[str, str], ...] = (

@@ -39,13 +39,11 @@ from hv.kvm.exits import (
     SystemEvent,
     VcpuExit,
 )
-from hv.devices.virtio import MMIO_WINDOW, VirtioMmio
-from hv.kvm.memory import GuestMemory
 from hv.kvm.vcpu import Vcpu
 from hv.kvm.vm import Vm
 from hv.persist import Device, Lifecycle
-from hv.platform.allocator import SystemAllocator
 from hv.vmm.bus import Bus
+from hv.vmm.placement import DevicePlacement, VirtioDeviceSpec, place_virtio_device
 
 log = logging.getLogger(__name__)
 
@@ -108,50 +106,6 @@ class StopReason:
 
 ExitHook = Callable[[Vcpu, VcpuExit], bool]
 D = TypeVar("D")
-
-
-@dataclass(frozen=True)
-class DevicePlacement:
-    """Where a device sits: what a migration target must reproduce exactly."""
-
-    device_id: str
-    kind: str  # the device model's declared KIND (its identity on the wire)
-    pio: tuple[tuple[int, int], ...] = ()  # (base port, length)
-    mmio: tuple[tuple[int, int], ...] = ()  # (guest address, length)
-    irqs: tuple[int, ...] = ()
-
-
-VIRTIO_TRANSPORTS = ("mmio",)  # how a virtio device meets the guest (branch `pci` adds "pci")
-
-
-class VirtioDeviceSpec(Protocol):
-    """A virtio device of a declared kind, not built yet (arcbox's VirtioDeviceConfig): what
-    `Machine.add_virtio_device` takes. The kinds are `builder.VIRTIO_KINDS`."""
-
-    @property
-    def device_id(self) -> str: ...
-
-    @property
-    def kind(self) -> str: ...  # the model's declared KIND, known before it is built
-
-    def build(self, memory: GuestMemory) -> VirtioMmio: ...
-
-
-def place_virtio_device(layout: tuple[DevicePlacement, ...], device_id: str, kind: str,
-                        transport: str = "mmio") -> DevicePlacement:
-    """Where a virtio device goes on a machine whose devices are `layout`: the next free 4 KiB
-    window from 0xD0000000 and the next free IRQ. Plain data, no KVM: a migration target computes
-    a whole layout with it (`builder.virtio_layout`) before building anything."""
-    if transport not in VIRTIO_TRANSPORTS:
-        raise ConfigError("transport", transport, f"not one of {VIRTIO_TRANSPORTS}")
-    alloc = SystemAllocator.x86()
-    for placed in layout:
-        for irq in placed.irqs:
-            alloc.irqs.reserve(irq, placed.device_id)
-        for base, size in placed.mmio:
-            alloc.mmio.reserve(base, size, placed.device_id)
-    window = alloc.mmio.allocate(MMIO_WINDOW, device_id, align=MMIO_WINDOW)
-    return DevicePlacement(device_id, kind, (), ((window.base, window.size),), (alloc.irqs.allocate(device_id),))
 
 
 @dataclass
