@@ -118,9 +118,9 @@ EXC 8,1; EXC 9,0; EXC 10,1; EXC 11,1; EXC 12,1; EXC 13,1; EXC 14,1; EXC 15,0
 EXC 16,0; EXC 17,1; EXC 18,0; EXC 19,0; EXC 20,0; EXC 21,1; EXC 22,0; EXC 23,0
 EXC 24,0; EXC 25,0; EXC 26,0; EXC 27,0; EXC 28,0; EXC 29,1; EXC 30,1; EXC 31,0
 
-/* COM1's interrupt (IOAPIC pin 4): the handler reads what arrived; then back where we were. */
-    .globl irq_com1
-irq_com1:
+/* An interrupt handler's C call: the registers the SysV ABI lets the callee clobber, saved
+ * around it (9 pushes after the 5-word frame keep the stack 16-byte aligned at the call). */
+.macro SAVE_CALLER_SAVED
     pushq %rax
     pushq %rcx
     pushq %rdx
@@ -130,7 +130,8 @@ irq_com1:
     pushq %r9
     pushq %r10
     pushq %r11
-    call serial_interrupt
+.endm
+.macro RESTORE_CALLER_SAVED
     popq %r11
     popq %r10
     popq %r9
@@ -140,32 +141,24 @@ irq_com1:
     popq %rdx
     popq %rcx
     popq %rax
+.endm
+
+/* COM1's interrupt (IOAPIC pin 4): the handler reads what arrived; then back where we were. */
+    .globl irq_com1
+irq_com1:
+    SAVE_CALLER_SAVED
+    call serial_interrupt
+    RESTORE_CALLER_SAVED
     iretq
 
 /* Interrupts on the host's own pins (layout.h HOST_*): counted per vector, then EOI. */
 .macro COUNTED name, vec
     .globl \name
 \name:
-    pushq %rax
-    pushq %rcx
-    pushq %rdx
-    pushq %rsi
-    pushq %rdi
-    pushq %r8
-    pushq %r9
-    pushq %r10
-    pushq %r11
+    SAVE_CALLER_SAVED
     movq $\vec, %rdi
     call count_interrupt
-    popq %r11
-    popq %r10
-    popq %r9
-    popq %r8
-    popq %rdi
-    popq %rsi
-    popq %rdx
-    popq %rcx
-    popq %rax
+    RESTORE_CALLER_SAVED
     iretq
 .endm
 COUNTED irq_host_edge, HOST_EDGE_VECTOR
