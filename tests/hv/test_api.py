@@ -137,7 +137,7 @@ def test_vcpu_arcbox_and_axvcpu_on_a_running_guest(kvm: Kvm, write_image) -> Non
         assert vcpu.get_regs().rax == 0x4433_2211
         vcpu.set_return_value(0x600D)
         saved = vcpu.save()
-        vcpu.inject_interrupt(0x30)  # IF is clear: it waits in the LAPIC's IRR, the guest goes on
+        vcpu.inject_interrupt(0x30)  # accepted; this guest runs with interrupts off (delivery: test_interrupts.py)
         exit = _next_exit(vcpu)
         assert isinstance(exit, IoOut) and exit.data == (0x600D).to_bytes(4, "little")
         vcpu.restore(saved)  # back to before the report
