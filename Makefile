@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install guest bench clean host-tools
+.PHONY: demo test typecheck install guest bench clean host-tools
 
 # Debian packages the build, the tests and the benchmarks need, by the command each provides:
 # gcc builds the cffi binding and the built-in guest, QEMU is the peer the tests and benchmarks
@@ -37,12 +37,16 @@ guest:
 demo: install
 	$(VENV)/bin/migrate demo
 
-test: install
+# the type check first: its failure is mypy's own list of file:line errors, not a test's traceback
+typecheck: install
+	$(PY) -m mypy
+
+test: install typecheck
 	$(PY) -m pytest -q --durations=12
 
 bench: install
 	$(PY) tools/bench/bench_hv.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info hv/binding/_kvm*.so hv/binding/_kvm.c migrate/datapath/_datapath*.so \
+	rm -rf $(VENV) .mypy_cache build *.egg-info hv/binding/_kvm*.so hv/binding/_kvm.c migrate/datapath/_datapath*.so \
 	  migrate/datapath/_datapath.c tools/guests/build

@@ -69,7 +69,7 @@ def check_type(owner: str, state: object, cls: type[T]) -> T:
     """`state` itself is a `cls` (never a lookalike: a dataclass of another model)."""
     if type(state) is not cls:
         raise StateRestoreError(owner, "type", cls.__name__, type(state).__name__)
-    return state  # type: ignore[return-value]
+    return state
 
 
 def check_int(owner: str, field: str, value: object, low: int, high: int) -> None:

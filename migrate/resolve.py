@@ -116,5 +116,5 @@ def resolve(machine: Machine, force: Force | None = None) -> Resolution:
             restore_source(machine, doubt.was_running)
         resolution = Resolution(hand_over, "stopped" if stop else "resumed", asked, decided_by)
         log.warning("in-doubt migration to %s resolved: %s; the source's copy %s%s", doubt.target, asked,
-                    resolution.action, f" (forced: {force.value})" if decided_by else "")
+                    resolution.action, f" (forced: {force.value})" if decided_by and force else "")
         return resolution

@@ -409,29 +409,30 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
     if config is not None and (problems := _config_problems(vm_config, config)):
         raise IncompatibleError(problems)
     expected = expected_layout(head)
-    mappable = head.memory_file is not None
+    memory_file = head.memory_file
+    mappable = memory_file is not None
     shared = mappable and share_memory
     disk_file = None
     if head.virtio is not None and head.virtio.disk is not None:  # before any VM or memory
         disk_file = DiskPolicy.of(disk, disk_dir).open(head.virtio.disk, head.virtio.disk_readonly)
     try:
-        if mappable:
-            fd = _open_memory_file(path, head.memory_file)
+        if memory_file is not None:
+            fd = _open_memory_file(path, memory_file)
             try:
                 staging = _shared_memory(fd, vm_config) if shared else _copied_memory(fd, vm_config)
             finally:
                 os.close(fd)
             if shared:
                 log.warning("%s: guest memory is shared with %s (MAP_PRIVATE): the file must not change or "
-                            "shrink while the VM runs", path, head.memory_file.path)
+                            "shrink while the VM runs", path, memory_file.path)
         else:
             staging = _scratch_memory(vm_config)
         sink = pages.MemorySink(staging)
-        loaded = None
-        for file_path, _ in chain:
+        loaded = Collected()
+        for file_path, _ in chain:  # base first; the last is the head
             loaded = _read_stream(file_path, expected, None if mappable else sink, progress)
             if verify_memory:
-                digest.verify(loaded.end, staging, None if mappable else sink.touched)
+                digest.verify(loaded.ended()[2], staging, None if mappable else sink.touched)
         state = _state(loaded, path)  # its shape checked against the layout
         if problems := cpuid_problems(state.vcpus[0].cpuid, kvm.guest_cpuid):
             raise IncompatibleError(problems)
@@ -463,9 +464,10 @@ def inspect(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
                       base=config.base.path if config.base else None, memory_bytes=config.mem_size)
         result["config"] = {"vcpus": config.vcpus, "irqchip": config.irqchip, "pit": config.pit,
                             "tsc_khz": config.tsc_khz}
-        mappable = config.memory_file is not None
-        if mappable and verify:  # the .mem it names is part of it: missing or foreign, it is not whole
-            fd = _open_memory_file(path, config.memory_file)
+        memory_file = config.memory_file
+        mappable = memory_file is not None
+        if memory_file is not None and verify:  # the .mem it names is part of it: missing or foreign, it is not whole
+            fd = _open_memory_file(path, memory_file)
             try:
                 scratch = _copied_memory(fd, vm_config)
             finally:
@@ -475,23 +477,23 @@ def inspect(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
         expected = expected_layout(config)
         sink = pages.MemorySink(scratch)
         loaded = _read_stream(path, expected, sink if verify and not mappable else None)
+        h, layout, end = loaded.ended()
         result["layout"] = [{"id": d.device_id, "kind": d.kind, "pio": [str(r) for r in d.pio],
                              "mmio": [str(r) for r in d.mmio], "irqs": list(d.irqs),
-                             "state_version": d.state_version} for d in loaded.layout.devices]
-        h = loaded.header
+                             "state_version": d.state_version} for d in layout.devices]
         result["header"] = {"format_version": f"{h.major}.{h.minor}", "producer": h.producer, "flags": h.flags}
         result["sections"] = loaded.sections
-        result["memory_ranges"] = [str(r) for r in loaded.layout.memory.ranges]
+        result["memory_ranges"] = [str(r) for r in layout.memory.ranges]
         result["vcpus"] = [{"id": v.vcpu_id, "rip": hex(v.regs.rip), "mp_state": v.mp_state}
                            for v in loaded.vcpus]
-        t = loaded.end.totals
+        t = end.totals
         result.update(pages=t.pages, raw_bytes=t.raw_bytes)
         result["totals"] = {"pages": t.pages, "zero_pages": t.zero_pages, "raw_bytes": t.raw_bytes,
                             "payload_bytes": t.payload_bytes, "sections": t.sections}
         _state(loaded, path)  # the state's shape, as a restore checks it
         if verify and config.base is None:
-            digest.verify(loaded.end, scratch, None if mappable else sink.touched)
-            result["digest"] = f"verified (with {config.memory_file.path})" if mappable else "verified"
+            digest.verify(end, scratch, None if mappable else sink.touched)
+            result["digest"] = f"verified (with {memory_file.path})" if memory_file is not None else "verified"
         elif verify:
             result["digest"] = "not checked (incremental: restore checks the chain)"
         else:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -270,7 +271,16 @@ class GuestStatus:
 STATUS_WORDS = 13
 
 
-def read_status(memory) -> GuestStatus:
+class GuestMemoryReader(Protocol):
+    """What the checks read guest memory with: a `GuestMemory`, or a snapshot's scratch memory
+    (this module needs no KVM, so it names the two methods, not the class)."""
+
+    def read(self, address: int, length: int) -> bytes: ...
+
+    def view(self, address: int, length: int) -> memoryview: ...
+
+
+def read_status(memory: GuestMemoryReader) -> GuestStatus:
     """The status page, from a `GuestMemory` (or anything with `read(address, size)`)."""
     return GuestStatus.from_bytes(memory.read(STATUS_ADDR, STATUS_WORDS * 8))
 
@@ -359,7 +369,7 @@ def check_disk(image: bytes | memoryview, rounds: int) -> list[str]:
     return problems
 
 
-def check_memory(memory) -> WorkingSetCheck:
+def check_memory(memory: GuestMemoryReader) -> WorkingSetCheck:
     """Read the status page and check the working set in `memory` (a paused or stopped guest's),
     and each secondary CPU's region (same rule, its rounds as passes, zero fill): the first
     problem found, or CPU 0's result when all hold."""

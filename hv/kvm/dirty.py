@@ -149,7 +149,7 @@ class DirtyBitmap:
     def clear(self) -> None:
         self.words.fill(0)
 
-    def _ptr(self):
+    def _ptr(self) -> object:  # a cffi uint64_t[] over `words`
         return ffi.from_buffer("uint64_t[]", self.words)
 
     def __repr__(self) -> str:

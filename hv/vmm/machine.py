@@ -289,8 +289,9 @@ class Machine:
     def _kick_all(self) -> None:
         for slot in self._slots:
             slot.vcpu.immediate_exit = True
-            ident = slot.thread.ident if slot.thread else None
-            if ident is not None and slot.thread.is_alive():
+            thread = slot.thread
+            ident = thread.ident if thread else None
+            if thread is not None and ident is not None and thread.is_alive():
                 try:
                     signal.pthread_kill(ident, KICK_SIGNAL)
                 except ProcessLookupError:
