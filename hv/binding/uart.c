@@ -1,6 +1,6 @@
 /* A 16550A UART in C, so that a guest's console I/O never waits for the Python interpreter.
 
-   The model is the one tests/hv/serial_reference.py writes in Python (a property test runs both
+   The model is the one hv/devices/serial_reference.py writes in Python (a property test runs both
    side by side): registers a driver programs, an instant transmitter, interrupts as on a PC (the
    line is raised while an enabled condition is pending and OUT2 is set), loopback.
 
@@ -29,6 +29,8 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 #include <linux/kvm.h>
+
+#include "uart.h"
 
 #define U_LCR_DLAB 0x80
 #define U_IER_RDA 0x01

@@ -41,6 +41,8 @@
 #include <unistd.h>
 #include <linux/userfaultfd.h>
 
+#include "userfault.h"
+
 #define UF_PAGE 4096ULL
 #define UF_MSGS 64
 #define UF_EAGAIN_TRIES 10000
@@ -66,8 +68,6 @@ struct kvmig_uffd {
     pthread_t thread;
     int has_thread, registered;
 };
-
-void kvmig_uffd_free(kvmig_uffd *h);
 
 static uint64_t uf_now(void) {
     struct timespec ts;

@@ -48,7 +48,7 @@ _OPERATIONS = {
     lib.KVMIG_UFFD_OP_THREAD: "starting the fault thread",
 }
 
-FAULT_WRITE = 1  # UFFD_PAGEFAULT_FLAG_WRITE
+FAULT_WRITE = lib.UFFD_PAGEFAULT_FLAG_WRITE
 
 log = logging.getLogger(__name__)
 

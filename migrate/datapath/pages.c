@@ -22,6 +22,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <zstd.h>
+
+#include "pages.h"
 #include <zstd_errors.h>
 #define XXH_INLINE_ALL
 #include <xxhash.h>
@@ -341,7 +343,7 @@ uint64_t kvmig_xxh3(const uint8_t *p, size_t len) { return XXH3_64bits(p, len); 
  */
 #include <sys/mman.h>
 #ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
+#include <linux/mman.h>  /* a C library older than the kernel's header: the kernel's own number */
 #endif
 
 static uint32_t get_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
