@@ -51,12 +51,12 @@ from hv.vmm.command import ExitStatus, dispatch, parse_size, quiet, run_parser, 
 from hv.vmm.control import ControlError, call, check_socket_path
 from hv.vmm.control import extensions as control_extensions
 from hv.vmm.machine import discard
+from hv.kvm.units import MiB
 from migrate.stats import RUNNING
 from migrate.errors import MigrateError, PostcopyFailed
 from migrate.exits import EXITS, OUTCOMES
 from migrate.transport import parse_address
 
-MiB = 1 << 20
 results = Console(highlight=False, emoji=False, soft_wrap=True)  # stdout: tables and results
 
 

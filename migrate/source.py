@@ -33,6 +33,7 @@ from hv.kvm.dirty import PAGE_SIZE, DirtyBitmap
 from hv.vmm.machine import Machine, RunState
 from hv.vmm.owner import Lease, owner_of
 from hv.kvm.memory import MemoryRegion
+from hv.kvm.units import MiB
 from formats import POSTCOPY_DIGEST_BLOCK, DIGEST_BLOCK
 from migrate import digest, pages
 from migrate.datapath import PageEncoderC
@@ -53,7 +54,6 @@ from migrate.transport import Connection, connect
 log = logging.getLogger(__name__)
 
 MESSAGE_BYTES = 8 << 20  # page payload per PAGES message
-MiB = 1 << 20
 Dirty = list[tuple[MemoryRegion, DirtyBitmap]]
 
 

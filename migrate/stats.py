@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from hv.kvm.units import MiB
+
 
 class Laps:
     """Consecutive phases timed one after the other: `lap(name)` ends the phase running now."""
@@ -85,7 +87,6 @@ class MigrationProgress:
         self.eta_seconds = round(self.remaining_bytes / MiB / net, 3) if net > 0 else None
 
 
-MiB = 1 << 20
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from hv.errors import HvError
+from hv.kvm.units import MiB, PAGE_SIZE
 
 GUEST_DIR = Path(__file__).resolve().parents[2] / "tools" / "guests"
 IMAGE_NAME = "kvmig-guest.elf"
@@ -31,13 +32,11 @@ IMAGE_NAME = "kvmig-guest.elf"
 # whether the image is stale. Never at run time: `hv run` finds the image or says how to build it.
 BUILD_COMMAND = ("make", "-s", "-C", str(GUEST_DIR))
 
-PAGE_SIZE = 4096
 STATUS_ADDR = 0x00F0_0000
 WS_ADDR = 0x0100_0000
 CPU_WS_BYTES = 1 * (1 << 20)  # after the working set: 1 MiB each secondary CPU dirties
 STATUS_MAGIC = 0x3154535347494D4B  # "KMIGSST1"
 GOLDEN = 0x9E3779B97F4A7C15
-MiB = 1 << 20
 
 
 class GuestImageMissingError(HvError):

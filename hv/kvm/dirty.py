@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from hv.binding.ffi import ffi, lib
+from hv.kvm.units import PAGE_SHIFT, PAGE_SIZE
 
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
 
 
 @dataclass(frozen=True)
