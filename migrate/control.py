@@ -28,6 +28,7 @@ from typing import Any
 
 from hv.vmm.control import ControlContext, ControlError, ControlServer, Progress
 from hv.vmm.owner import owner_of
+from migrate.events import PagesProgress, ProgressEvent, Throttled, to_lines
 from migrate.stats import RUNNING
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def _snapshot(ctx: ControlContext, args: dict[str, Any], progress: Progress) -> 
     with owner_of(ctx.machine).hold(f"snapshot to {args['out']}"):  # it pauses and resumes the guest
         info = snapshot(ctx.machine, args["out"], base=args.get("incremental_from"),
                         level=int(args.get("level", 3)), mappable=bool(args.get("mappable", False)),
-                        track_dirty=bool(args.get("track_dirty", False)), progress=progress)
+                        track_dirty=bool(args.get("track_dirty", False)), progress=to_lines(progress))
     return dataclasses.asdict(info)
 
 
@@ -69,12 +70,13 @@ def _migrate_send(ctx: ControlContext, args: dict[str, Any], progress: Progress)
     live = ctx.extra["migration_status"] = {"phase": "setup", "to": args["to"]}
     client = _Client(progress)
 
-    def report(p: dict[str, Any]) -> None:
-        if p.get("stage") == "pages":
-            live.update({k: v for k, v in p.items() if k != "stage"})
-        elif p.get("stage") == "throttle":
-            live["throttle"] = p["throttle"]
-        client(p)
+    def report(event: ProgressEvent) -> None:
+        match event:
+            case PagesProgress(figures=figures):
+                live.update(figures.as_dict())
+            case Throttled(throttle=throttle):
+                live["throttle"] = throttle
+        client(event.as_dict())
 
     try:
         stats = send(ctx.machine, args["to"], options, progress=report, cancel=cancel)

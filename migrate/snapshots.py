@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 import formats
 from formats import ConfigRecord, StreamReader, StreamWriter
 from hv.vmm.builder import blank_machine
-from hv.vmm.control import Progress
+from migrate.events import Progress, SnapshotRead, SnapshotWritten
 from hv.kvm.kvm import Kvm
 from hv.vmm.machine import Machine, RunState, discard_on_error
 from hv.kvm.memory import GuestMemory, MemoryRegion, RamBacking
@@ -179,7 +179,7 @@ def _write(machine: Machine, path: Path, *, base: Path | None, level: int, mappa
                         f.writelines(writer.pages_parts(section))
                         raw += section.totals.raw_bytes
                         if progress:
-                            progress({"stage": "memory", "bytes": raw})
+                            progress(SnapshotWritten(raw))
                     zero = pool.zero_ranges
             ram_digest = digest.digest(vm.memory, workers, zero=zero)
             f.write(writer.end(ram_digest))
@@ -262,7 +262,7 @@ def _read_stream(path: Path, expected: formats.DeviceLayout, sink: pages.MemoryS
             done += len(chunk)
             loaded.take(reader.feed(chunk))
             if progress:
-                progress({"stage": "read", "file": str(path), "bytes": done})
+                progress(SnapshotRead(str(path), done))
     reader.finish()
     return loaded
 

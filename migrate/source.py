@@ -25,10 +25,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from formats import FORMAT_MAJOR, FORMAT_MINOR, StreamWriter
-from hv.vmm.control import Progress
 from hv.kvm.dirty import PAGE_SIZE, DirtyBitmap
 from hv.vmm.machine import Machine, RunState
 from hv.vmm.owner import Lease, owner_of
@@ -45,8 +43,10 @@ from migrate.options import MigrationOptions
 from migrate.protocol import (PROTOCOL_VERSION, Cancel, Channel, Commit, Complete, Error, ErrorCode,
                               Discard, Finished, Hello, Missing, Outcome, Pages, Postcopy, Protocol, Ready, Reconnect,
                               Reject, RemoteProtocolError, Resumed, Role, RoundDone, S, State)
+from migrate.protocol import Message
 from migrate.records import state_sections
 from migrate.state import PRODUCER, GuestCpuid, MachineConfig, capture, machine_config, machine_layout, registry
+from migrate.events import PagesProgress, Progress, RoundSent, Throttled
 from migrate.stats import Laps, MigrationOutcome, MigrationProgress, MigrationStats, PostcopyStats, RoundStats
 from migrate.streams import OutgoingStream
 from migrate.transport import Connection, connect
@@ -105,7 +105,7 @@ class Source:
 
     # --- messages ---------------------------------------------------------------------------------
 
-    def message(self, message: Any) -> None:
+    def message(self, message: Message) -> None:
         limit = self._wait_limit()  # first: a Commit the deadline stops is one that never left
         self.proto.send(message)
         self.conn.send(message, timeout=limit)
@@ -117,7 +117,7 @@ class Source:
         self.proto.send(Pages(round_number, b""))  # the protocol tracks the kind, not the bytes
         self.conn.send_pages(round_number, parts, timeout=limit)
 
-    def answer(self) -> Any:
+    def answer(self) -> Message:
         """The target's next message (its frame capped by kind, its body decoded within a budget,
         its texts cut: `migrate.transport`), which must be one the exchange allows now; waited
         for no longer than the final copy's deadline allows."""
@@ -262,7 +262,7 @@ class Source:
         self.machine.set_throttle(throttle)
         self.stats.throttle_max = max(self.stats.throttle_max, throttle)
         self.live.throttle = throttle
-        self.progress({"stage": "throttle", "throttle": throttle})
+        self.progress(Throttled(throttle))  # typed progress events (issue 22)
 
     def report(self, round_started: float | None = None, round_bytes: int = 0, round_wire: int = 0,
                *, force: bool = False) -> None:
@@ -280,7 +280,7 @@ class Source:
         if round_started is not None and now > round_started:
             live.bandwidth_mib_s = round(round_wire / MiB / (now - round_started), 1)
             live.estimate(round_bytes / MiB / (now - round_started) if round_bytes else 0.0)
-        self.progress({"stage": "pages", **live.as_dict()})
+        self.progress(PagesProgress(dataclasses.replace(live)))  # typed progress events (issue 22)
 
     def _round(self, number: int, runs: list[pages.MemoryRun], dirty_rate: float,
                pool: pages.PageEncoderPool | None = None) -> None:
@@ -302,7 +302,7 @@ class Source:
         self.stats.pages_sent += npages
         self.stats.raw_bytes += raw
         self.stats.sent_bytes_pages += wire
-        self.progress({"stage": "round", **dataclasses.asdict(stat)})
+        self.progress(RoundSent(stat))  # typed progress events (issue 22)
         log.info("round %d: %d pages, %.1f MiB in %.0f ms (%.0f MiB/s on the wire), dirty rate %.0f MiB/s, "
                  "throttle %.0f%%", number, npages, raw / MiB, seconds * 1000, stat.bandwidth_mib_s, dirty_rate,
                  stat.throttle * 100)

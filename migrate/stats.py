@@ -59,7 +59,7 @@ RUNNING = ("setup", "precopy", "stop-and-copy", "postcopy-switch", "postcopy")
 @dataclass
 class MigrationProgress:
     """A migration as it goes: what `migrate status` shows and the progress bar draws (the
-    source's `{"stage": "pages", ...}` progress events carry it, from the first page on)."""
+    source's `migrate.events.PagesProgress` events carry a copy, from the first page on)."""
 
     phase: str = "setup"  # RUNNING's, then the outcome (completed, failed, ...)
     round: int = 0

@@ -12,6 +12,10 @@ further instructions to be executed"). A vCPU parks only after that EINTR, so a 
 half-done I/O and its state can be read and saved. It parks in C, inside the vCPU loop
 (`kvmig_park`), and resumes from there: neither a pause nor a resume waits for the interpreter
 lock, which whatever else runs in the VMM (a migration) may hold.
+
+Over 450 lines, as one room on purpose: `Machine` is one state machine (the run states above,
+the vCPU threads, pause/resume/stop and the devices' lifecycle), whose transitions share one lock
+and one condition; what stands alone already lives apart (buses, ownership, the builder).
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@
  * payloads as pieces: views of the guest memory itself (a RAW frame of stable memory: no copy)
  * or of `payloads` (compressed frames, and copies of memory that may change); its body is head
  * then pieces, `digest` is xxh3-64 of that body (what the record framing hashes).
+ *
+ * Over 450 lines, as one file on purpose: the encoder and the decoder are the two halves of one
+ * byte layout (formats/SPEC.md section 3), written step for step after formats/pages.py, which
+ * holds both halves too; side by side, each is read against the other and against the reference.
  */
 #include <stdint.h>
 #include <string.h>

@@ -29,6 +29,10 @@ its interpreter's start-up, which QEMU's already running QMP client has no count
 over by then. Peers alternate run by run (A B, B A, A B, ...); each row gives the
 median and the min-max spread of its runs, then the ratios kvmigrate/QEMU of the medians.
 `--json` adds every run's figures (gap, lost and carried pings, the target's own latency, ...).
+
+A little over 450 lines, on purpose: the two peers (each pre- and post-copy) must start, observe
+and stop the guest the same way for their figures to compare, and that is easiest to check with
+them side by side; the observer and the timeline it produces live apart (echo_*.py).
 """
 
 from __future__ import annotations
