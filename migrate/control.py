@@ -137,13 +137,13 @@ def _migrate_cancel(ctx: ControlContext, _args: dict[str, Any], _progress: Progr
 
 def _migrate_resolve(ctx: ControlContext, args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
     from migrate.protocol import HandOver
-    from migrate.resolve import Force, resolve
+    from migrate.resolve import Force, SourceAction, resolve
 
     force = args.get("force")
     if force is not None and force not in {f.value for f in Force}:
         raise ControlError("BadRequest", f"force is one of {[f.value for f in Force]} or null, not {force!r}")
     resolution = resolve(ctx.machine, Force(force) if force else None)
-    if resolution.action == "stopped":
+    if resolution.action is SourceAction.STOPPED:
         ctx.finish("migrated (resolved: " + ("the target has the guest)" if resolution.hand_over is HandOver.COMMITTED
                                              else "forced to stop the source)"))
     return resolution.as_dict()

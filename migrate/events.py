@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
-from migrate.stats import MigrationProgress, RoundStats
+from migrate.stats import RUNNING, MigrationOutcome, MigrationPhase, MigrationProgress, RoundStats
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class PagesProgress:
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> PagesProgress:
+        phase = str(fields.get("phase", MigrationPhase.SETUP))
+        fields = fields | {"phase": MigrationPhase(phase) if phase in RUNNING else MigrationOutcome(phase)}
         return cls(MigrationProgress(**fields))
 
 

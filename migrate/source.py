@@ -46,7 +46,9 @@ from migrate.protocol import (PROTOCOL_VERSION, Cancel, Channel, Commit, Complet
 from migrate.protocol import Message
 from migrate.records import state_sections
 from migrate.state import PRODUCER, GuestCpuid, MachineConfig, capture, machine_config, machine_layout, registry
+from migrate.errors import Failure
 from migrate.events import PagesProgress, Progress, RoundSent, Throttled
+from migrate.stats import MigrationPhase
 from migrate.stats import Laps, MigrationOutcome, MigrationProgress, MigrationStats, PostcopyStats, RoundStats
 from migrate.streams import OutgoingStream
 from migrate.transport import Connection, connect
@@ -145,7 +147,7 @@ class Source:
             return self.stats
         self.stats.setup_seconds = time.perf_counter() - t0
         self._sent_at_start, self._bytes_at_start = time.perf_counter(), self.bytes_sent
-        self.live.phase = "precopy"
+        self.live.phase = MigrationPhase.PRECOPY
         vm = self.machine.vm
         self._track_dirty_pages()
         self._round(0, pages.populated_runs(vm.memory, self._touched), 0.0)
@@ -190,7 +192,7 @@ class Source:
                  "; ".join(getattr(reply, "problems", ())) or "no problems")
         if isinstance(reply, Reject):
             self.stats.outcome, self.stats.problems = MigrationOutcome.REJECTED, list(reply.problems)
-            self.stats.reason, self.stats.failure = "the target refused the guest", "rejected"
+            self.stats.reason, self.stats.failure = "the target refused the guest", Failure.REJECTED
             return False
         if o.dry_run:
             self.message(Cancel("dry run: compatibility checked, nothing sent"))
@@ -336,7 +338,7 @@ class Source:
 
     def _final_copy(self, pending: Dirty, t0: float) -> MigrationStats:
         machine = self.machine
-        self.live.phase = "stop-and-copy"
+        self.live.phase = MigrationPhase.STOP_AND_COPY
         laps, final, rate = self._pause_and_take_the_rest(pending)
         self._round(len(self.stats.rounds), pages.dirty_runs(final)[0], rate, self.paused_pool)
         laps.lap("last_round")
@@ -386,7 +388,7 @@ class Source:
         the pages until the target has them all. The pause holds the final copy's deadline too."""
         self._limit_final_copy(self.options.downtime_ms)
         machine = self.machine
-        self.live.phase = "postcopy-switch"
+        self.live.phase = MigrationPhase.POSTCOPY_SWITCH
         # What the guest dirtied since it was sent is given back on the target now, while the guest
         # still runs here: freeing it costs the target's kernel ~30 ms a 256 MiB, not in the pause.
         discard = {region.guest_base: bits for region, bits in pending}
@@ -409,7 +411,7 @@ class Source:
     def _serve_postcopy(self, t0: float) -> MigrationStats:
         """The paused guest's pages to the target until it holds them all; a lost link is
         reconnected (`_reconnect`) and the serving goes on from what the target still lacks."""
-        self.live.phase = "postcopy"
+        self.live.phase = MigrationPhase.POSTCOPY
         self.live.round_pages_total, self.live.round_pages_done = self.stats.postcopy.missing_pages, 0
         self.report(force=True)
         started = time.perf_counter()
