@@ -40,7 +40,7 @@ from .errors import (
     UnknownSection,
     VersionError,
 )
-from .digest import memory_digest
+from .digest import KnownZero, memory_digest
 from .layout import DeviceEntry, DeviceLayout, MemoryDifference, MemoryLayout, check
 from .pages import (
     PageDecoder,
@@ -507,9 +507,10 @@ class StreamReader:
         return self.end
 
 
-def verify_digest(end: EndRecord, ranges: Iterable[tuple[int, object]], **digest_options: Any) -> None:
+def verify_digest(end: EndRecord, ranges: Iterable[tuple[int, object]], *, known_zero: KnownZero | None = None,
+                  workers: int = 1) -> None:
     """Compare END's digest with the receiver's own memory (after writing every page);
-    `digest_options` go to `memory_digest` (known_zero, workers)."""
-    found = memory_digest(ranges, **digest_options)
+    `known_zero` and `workers` are `memory_digest`'s."""
+    found = memory_digest(ranges, known_zero=known_zero, workers=workers)
     if found != end.digest:
         raise DigestMismatch(end.digest, found)
