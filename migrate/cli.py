@@ -52,7 +52,7 @@ from hv.vmm.control import ControlError, call, check_socket_path
 from hv.vmm.control import extensions as control_extensions
 from hv.vmm.machine import discard
 from hv.kvm.units import MiB
-from migrate.events import PagesProgress, ProgressEvent, SnapshotWritten, Throttled, from_dict
+from migrate.events import PagesProgress, ProgressEvent, ProgressLine, SnapshotWritten, Throttled, from_dict
 from migrate.stats import RUNNING
 from migrate.errors import MigrateError, PostcopyFailed
 from migrate.exits import EXITS, OUTCOMES
@@ -126,7 +126,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                        TimeElapsedColumn()) as bar:
         task = bar.add_task("snapshot", total=None, mib=0.0)
 
-        def progress(line: dict[str, Any]) -> None:
+        def progress(line: ProgressLine) -> None:
             if isinstance(event := from_dict(line), SnapshotWritten):
                 bar.update(task, mib=event.bytes / MiB)
 
@@ -313,7 +313,7 @@ class _RoundView:
                 self.bar.update(self.task, info=f"auto-converge: throttling the guest to "
                                                 f"{(1 - throttle) * 100:.0f}% of its time")
 
-    def line(self, line: dict[str, Any]) -> None:
+    def line(self, line: ProgressLine) -> None:
         """A progress line from the control socket, as its event."""
         if (event := from_dict(line)) is not None:
             self(event)

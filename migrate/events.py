@@ -17,6 +17,11 @@ from typing import Any, ClassVar, Union
 from migrate.stats import RUNNING, MigrationOutcome, MigrationPhase, MigrationProgress, RoundStats
 
 
+# A progress line: the JSON object a control-socket client reads (`{"stage": ..., ...}`). The one
+# loosely typed form of an event, at the socket edge only; `from_dict` makes it an event again.
+ProgressLine = dict[str, Any]
+
+
 @dataclass(frozen=True)
 class PagesProgress:
     """The source's live figures (at most every 50 ms while pages go out)."""
@@ -24,11 +29,11 @@ class PagesProgress:
     stage: ClassVar[str] = "pages"
     figures: MigrationProgress  # a copy: the source keeps updating its own
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> ProgressLine:
         return {"stage": self.stage, **self.figures.as_dict()}
 
     @classmethod
-    def from_fields(cls, fields: dict[str, Any]) -> PagesProgress:
+    def from_fields(cls, fields: ProgressLine) -> PagesProgress:
         phase = str(fields.get("phase", MigrationPhase.SETUP))
         fields = fields | {"phase": MigrationPhase(phase) if phase in RUNNING else MigrationOutcome(phase)}
         return cls(MigrationProgress(**fields))
@@ -41,11 +46,11 @@ class Throttled:
     stage: ClassVar[str] = "throttle"
     throttle: float
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> ProgressLine:
         return {"stage": self.stage, "throttle": self.throttle}
 
     @classmethod
-    def from_fields(cls, fields: dict[str, Any]) -> Throttled:
+    def from_fields(cls, fields: ProgressLine) -> Throttled:
         return cls(float(fields["throttle"]))
 
 
@@ -56,11 +61,11 @@ class RoundSent:
     stage: ClassVar[str] = "round"
     stats: RoundStats
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> ProgressLine:
         return {"stage": self.stage, **dataclasses.asdict(self.stats)}
 
     @classmethod
-    def from_fields(cls, fields: dict[str, Any]) -> RoundSent:
+    def from_fields(cls, fields: ProgressLine) -> RoundSent:
         return cls(RoundStats(**fields))
 
 
@@ -72,11 +77,11 @@ class RoundReceived:
     round: int
     pages: int
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> ProgressLine:
         return {"stage": self.stage, "round": self.round, "pages": self.pages}
 
     @classmethod
-    def from_fields(cls, fields: dict[str, Any]) -> RoundReceived:
+    def from_fields(cls, fields: ProgressLine) -> RoundReceived:
         return cls(int(fields["round"]), int(fields["pages"]))
 
 
@@ -87,11 +92,11 @@ class SnapshotWritten:
     stage: ClassVar[str] = "memory"
     bytes: int
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> ProgressLine:
         return {"stage": self.stage, "bytes": self.bytes}
 
     @classmethod
-    def from_fields(cls, fields: dict[str, Any]) -> SnapshotWritten:
+    def from_fields(cls, fields: ProgressLine) -> SnapshotWritten:
         return cls(int(fields["bytes"]))
 
 
@@ -103,11 +108,11 @@ class SnapshotRead:
     file: str
     bytes: int
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> ProgressLine:
         return {"stage": self.stage, "file": self.file, "bytes": self.bytes}
 
     @classmethod
-    def from_fields(cls, fields: dict[str, Any]) -> SnapshotRead:
+    def from_fields(cls, fields: ProgressLine) -> SnapshotRead:
         return cls(str(fields["file"]), int(fields["bytes"]))
 
 
@@ -118,7 +123,7 @@ _BY_STAGE: dict[str, type[ProgressEvent]] = {cls.stage: cls for cls in (
     PagesProgress, Throttled, RoundSent, RoundReceived, SnapshotWritten, SnapshotRead)}
 
 
-def from_dict(line: dict[str, Any]) -> ProgressEvent | None:
+def from_dict(line: ProgressLine) -> ProgressEvent | None:
     """The event a progress line (`as_dict()`'s form) carries; None for a stage this side does not
     know (a newer server's), or a line that does not fit its stage."""
     cls = _BY_STAGE.get(str(line.get("stage")))
@@ -130,6 +135,6 @@ def from_dict(line: dict[str, Any]) -> ProgressEvent | None:
         return None
 
 
-def to_lines(send: Callable[[dict[str, Any]], None]) -> Progress:
+def to_lines(send: Callable[[ProgressLine], None]) -> Progress:
     """A `Progress` that sends each event on as its line (a control-socket client's progress)."""
     return lambda event: send(event.as_dict())
