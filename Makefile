@@ -50,5 +50,5 @@ bench: install
 	$(PY) tools/bench/bench_hv.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache build *.egg-info hv/binding/_kvm*.so hv/binding/_kvm.c migrate/datapath/_datapath*.so \
+	rm -rf $(VENV) build *.egg-info hv/binding/_kvm*.so hv/binding/_kvm.c migrate/datapath/_datapath*.so \
 	  migrate/datapath/_datapath.c tools/guests/build

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Self, Union
 
 from migrate.stats import RUNNING, MigrationOutcome, MigrationPhase, MigrationProgress, RoundStats
 
@@ -20,6 +20,24 @@ from migrate.stats import RUNNING, MigrationOutcome, MigrationPhase, MigrationPr
 # A progress line: the JSON object a control-socket client reads (`{"stage": ..., ...}`). The one
 # loosely typed form of an event, at the socket edge only; `from_dict` makes it an event again.
 ProgressLine = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Event:
+    """A flat event: its fields are its progress line's, besides `stage`."""
+
+    stage: ClassVar[str]
+
+    def as_dict(self) -> ProgressLine:
+        return {"stage": self.stage, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_fields(cls, fields: ProgressLine) -> Self:
+        """The event of a line's fields, each made the type its field declares (a line is JSON)."""
+        return cls(**{f.name: _SCALARS[str(f.type)](fields[f.name]) for f in dataclasses.fields(cls)})
+
+
+_SCALARS: dict[str, Callable[[Any], object]] = {"int": int, "float": float, "str": str}
 
 
 @dataclass(frozen=True)
@@ -40,21 +58,6 @@ class PagesProgress:
 
 
 @dataclass(frozen=True)
-class Throttled:
-    """Auto-converge changed the guest's throttle (the share of its time taken away)."""
-
-    stage: ClassVar[str] = "throttle"
-    throttle: float
-
-    def as_dict(self) -> ProgressLine:
-        return {"stage": self.stage, "throttle": self.throttle}
-
-    @classmethod
-    def from_fields(cls, fields: ProgressLine) -> Throttled:
-        return cls(float(fields["throttle"]))
-
-
-@dataclass(frozen=True)
 class RoundSent:
     """The source finished a round."""
 
@@ -70,50 +73,37 @@ class RoundSent:
 
 
 @dataclass(frozen=True)
-class RoundReceived:
+class Throttled(_Event):
+    """Auto-converge changed the guest's throttle (the share of its time taken away)."""
+
+    stage: ClassVar[str] = "throttle"
+    throttle: float
+
+
+@dataclass(frozen=True)
+class RoundReceived(_Event):
     """The target took a round's pages."""
 
     stage: ClassVar[str] = "round-received"
     round: int
     pages: int
 
-    def as_dict(self) -> ProgressLine:
-        return {"stage": self.stage, "round": self.round, "pages": self.pages}
-
-    @classmethod
-    def from_fields(cls, fields: ProgressLine) -> RoundReceived:
-        return cls(int(fields["round"]), int(fields["pages"]))
-
 
 @dataclass(frozen=True)
-class SnapshotWritten:
+class SnapshotWritten(_Event):
     """A snapshot's memory written so far (guest bytes, before compression)."""
 
     stage: ClassVar[str] = "memory"
     bytes: int
 
-    def as_dict(self) -> ProgressLine:
-        return {"stage": self.stage, "bytes": self.bytes}
-
-    @classmethod
-    def from_fields(cls, fields: ProgressLine) -> SnapshotWritten:
-        return cls(int(fields["bytes"]))
-
 
 @dataclass(frozen=True)
-class SnapshotRead:
+class SnapshotRead(_Event):
     """A restore's reading of one snapshot file, so far."""
 
     stage: ClassVar[str] = "read"
     file: str
     bytes: int
-
-    def as_dict(self) -> ProgressLine:
-        return {"stage": self.stage, "file": self.file, "bytes": self.bytes}
-
-    @classmethod
-    def from_fields(cls, fields: ProgressLine) -> SnapshotRead:
-        return cls(str(fields["file"]), int(fields["bytes"]))
 
 
 ProgressEvent = Union[PagesProgress, Throttled, RoundSent, RoundReceived, SnapshotWritten, SnapshotRead]

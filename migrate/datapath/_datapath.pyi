@@ -1,20 +1,10 @@
 """Types of the module cffi generates at install (migrate/datapath/_build.py, declared in pages.h).
 
-`lib`'s functions and constants and the fields of the structs `ffi` makes are declared in C,
-which mypy cannot read: each is `Any` here (types-cffi types a struct as a `_CDataBase` without
-fields, no better), and the thin Python wrappers over them give them their types. This is the
-one place such an `Any` enters.
+Its functions, constants and the structs `ffi` makes are declared in C, which mypy cannot read:
+`Any` here (as in hv/binding/_kvm.pyi), typed by the thin Python wrappers in `__init__.py`.
 """
 
 from typing import Any
 
-class _Ffi:
-    NULL: Any
-    errno: int
-    def __getattr__(self, name: str) -> Any: ...
-
-class _Lib:
-    def __getattr__(self, name: str) -> Any: ...
-
-ffi: _Ffi
-lib: _Lib
+ffi: Any
+lib: Any
