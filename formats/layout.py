@@ -240,6 +240,8 @@ def check(expected: DeviceLayout, found: DeviceLayout) -> None:
 
 def as_bytes_view(memory: object) -> memoryview:
     """`memory` (any contiguous buffer) as a flat view of bytes, without a copy."""
+    # `object`, not `Buffer`: numpy's stubs do not declare ndarray a Buffer, and guest memory
+    # comes as ndarrays, mmaps and cffi buffers alike; memoryview() refuses a non-buffer itself.
     mv = memoryview(memory)  # type: ignore[arg-type]
     if mv.ndim != 1 or mv.itemsize != 1:
         mv = mv.cast("B")

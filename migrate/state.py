@@ -217,14 +217,15 @@ def virtio_spec(machine: Machine) -> VirtioSpec | None:
 # --- capture and apply ----------------------------------------------------------------------------
 
 
-def machine_config(machine: Machine, **extra: object) -> MachineConfig:
+def machine_config(machine: Machine, *, snapshot_id: str = "", base: SnapshotRef | None = None,
+                   memory_file: MemoryFileRef | None = None) -> MachineConfig:
     """The machine's CONFIG. Its TSC rate only from a paused (or not started) machine: a vCPU
     ioctl waits for KVM_RUN to return, which a running guest may not do for long."""
     c = machine.vm.config
     quiet = machine.state in (RunState.PAUSED, RunState.CREATED)
     return MachineConfig(c.mem_size, c.vcpus, c.irqchip, c.pit, cpuid_digest(machine.vcpus[0].cpuid),
                          virtio=virtio_spec(machine), tsc_khz=machine.vcpus[0].fd.get_tsc_khz() if quiet else 0,
-                         **extra)
+                         snapshot_id=snapshot_id, base=base, memory_file=memory_file)
 
 
 def capture(machine: Machine, config: MachineConfig | None = None) -> MachineState:
@@ -301,8 +302,8 @@ def apply(machine: Machine, state: MachineState) -> None:
     machine.vm.restore(state.vm)
     for vcpu, saved in zip(machine.vcpus, state.vcpus, strict=True):
         vcpu.restore(saved)
-    for entry, saved in state.devices:
-        machine.devices[entry.device_id].restore(saved)
+    for entry, device_state in state.devices:
+        machine.devices[entry.device_id].restore(device_state)
 
 
 # CPUID bits KVM sets in a vCPU's CPUID itself, whatever the host's supported list says: leaf 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any
+from typing import Any, Self
 
 from hv.binding.ffi import ffi, ioctl, ioctl_int, lib
 from hv.errors import KvmApiVersionError, KvmIoctlError, KvmUnavailableError
@@ -48,7 +48,7 @@ class _Fd:
             fd, self._fd = self._fd, -1
             os.close(fd)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

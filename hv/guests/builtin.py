@@ -19,10 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from hv.errors import HvError
+from hv.kvm.units import MiB, PAGE_SIZE
 
 GUEST_DIR = Path(__file__).resolve().parents[2] / "tools" / "guests"
 IMAGE_NAME = "kvmig-guest.elf"
@@ -30,13 +32,11 @@ IMAGE_NAME = "kvmig-guest.elf"
 # whether the image is stale. Never at run time: `hv run` finds the image or says how to build it.
 BUILD_COMMAND = ("make", "-s", "-C", str(GUEST_DIR))
 
-PAGE_SIZE = 4096
 STATUS_ADDR = 0x00F0_0000
 WS_ADDR = 0x0100_0000
 CPU_WS_BYTES = 1 * (1 << 20)  # after the working set: 1 MiB each secondary CPU dirties
 STATUS_MAGIC = 0x3154535347494D4B  # "KMIGSST1"
 GOLDEN = 0x9E3779B97F4A7C15
-MiB = 1 << 20
 
 
 class GuestImageMissingError(HvError):
@@ -270,7 +270,16 @@ class GuestStatus:
 STATUS_WORDS = 13
 
 
-def read_status(memory) -> GuestStatus:
+class GuestMemoryReader(Protocol):
+    """What the checks read guest memory with: a `GuestMemory`, or a snapshot's scratch memory
+    (this module needs no KVM, so it names the two methods, not the class)."""
+
+    def read(self, address: int, length: int) -> bytes: ...
+
+    def view(self, address: int, length: int) -> memoryview: ...
+
+
+def read_status(memory: GuestMemoryReader) -> GuestStatus:
     """The status page, from a `GuestMemory` (or anything with `read(address, size)`)."""
     return GuestStatus.from_bytes(memory.read(STATUS_ADDR, STATUS_WORDS * 8))
 
@@ -374,7 +383,7 @@ def check_disk(image: bytes | memoryview, rounds: int) -> list[str]:
     return problems
 
 
-def check_memory(memory) -> WorkingSetCheck:
+def check_memory(memory: GuestMemoryReader) -> WorkingSetCheck:
     """Read the status page and check the working set in `memory` (a paused or stopped guest's),
     and each secondary CPU's region (same rule, its rounds as passes, zero fill): the first
     problem found, or CPU 0's result when all hold."""

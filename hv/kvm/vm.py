@@ -23,12 +23,11 @@ from hv.kvm.state import (
     PitState,
     VmState,
 )
+from hv.kvm.units import GiB, MiB
 from hv.kvm.vcpu import SaveableMsrs, Vcpu
 
 structconv.prepare(ClockState, IoapicState, PicState, PitState)
 
-MiB = 1 << 20
-GiB = 1 << 30
 
 # x86 platform addresses: the top of the 32-bit space below the BIOS area is where QEMU and
 # Firecracker put KVM's real-mode TSS (3 pages) and identity map page, outside guest RAM.

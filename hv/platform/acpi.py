@@ -40,6 +40,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from hv.binding.ffi import lib
 from hv.errors import HvError
 from hv.kvm.memory import GuestMemory
 
@@ -51,7 +52,7 @@ CREATOR_REVISION = 1
 
 LOCAL_APIC_ADDRESS = 0xFEE0_0000
 IOAPIC_ADDRESS = 0xFEC0_0000
-IOAPIC_PINS = 24  # KVM's in-kernel IOAPIC (KVM_IOAPIC_NUM_PINS)
+IOAPIC_PINS = lib.KVM_IOAPIC_NUM_PINS  # KVM's in-kernel IOAPIC
 
 ACPI_TABLES_START = 0xE0000  # RSDP first: ACPICA scans 0xE0000-0xFFFFF on 16-byte boundaries
 ACPI_TABLES_END = 0xF0000  # 0xF0000-0xFFFFF is left to the MP table (hv.platform.mptable)

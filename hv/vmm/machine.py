@@ -12,6 +12,10 @@ further instructions to be executed"). A vCPU parks only after that EINTR, so a 
 half-done I/O and its state can be read and saved. It parks in C, inside the vCPU loop
 (`kvmig_park`), and resumes from there: neither a pause nor a resume waits for the interpreter
 lock, which whatever else runs in the VMM (a migration) may hold.
+
+Over 450 lines, as one room on purpose: `Machine` is one state machine (the run states above,
+the vCPU threads, pause/resume/stop and the devices' lifecycle), whose transitions share one lock
+and one condition; what stands alone already lives apart (buses, ownership, the builder).
 """
 
 from __future__ import annotations
@@ -311,8 +315,9 @@ class Machine:
     def _kick_all(self) -> None:
         for slot in self._slots:
             slot.vcpu.immediate_exit = True
-            ident = slot.thread.ident if slot.thread else None
-            if ident is not None and slot.thread.is_alive():
+            thread = slot.thread
+            ident = thread.ident if thread else None
+            if thread is not None and ident is not None and thread.is_alive():
                 try:
                     signal.pthread_kill(ident, KICK_SIGNAL)
                 except ProcessLookupError:

@@ -56,7 +56,7 @@ class VirtioBlkState:
 
 class BlkBackend:
     device_id = VIRTIO_ID_BLOCK
-    queue_sizes = (QUEUE_SIZE,)
+    queue_sizes: tuple[int, ...] = (QUEUE_SIZE,)
 
     def __init__(self, path: Path, read_only: bool = False, *, fd: int | None = None) -> None:
         """The disk at `path`, or, with `fd`, the file already open there (the backend then owns

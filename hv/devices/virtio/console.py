@@ -40,7 +40,7 @@ class VirtioConsoleState:
 class ConsoleBackend:
     device_id = VIRTIO_ID_CONSOLE
     features = 0
-    queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+    queue_sizes: tuple[int, ...] = (QUEUE_SIZE, QUEUE_SIZE)
 
     def __init__(self, output: Callable[[bytes], None]) -> None:
         self._output = output

@@ -376,9 +376,10 @@ class VirtioMmio:
             self._paused = True
             os.eventfd_write(self._ctl_fd, 1)
             worker = self._worker
-            waits = worker is not None and worker.is_alive() and worker is not threading.current_thread()
-            if waits and not self._cond.wait_for(lambda: self._parked or not worker.is_alive(), timeout):
-                raise VirtioWorkerError(self.KIND, timeout)
+            if worker is not None and worker.is_alive() and worker is not threading.current_thread():
+                alive = worker.is_alive
+                if not self._cond.wait_for(lambda: self._parked or not alive(), timeout):
+                    raise VirtioWorkerError(self.KIND, timeout)
 
     def resume(self) -> None:
         """Start (or restart) the worker and look at every queue again."""
@@ -422,7 +423,7 @@ class VirtioMmio:
             try:
                 for reg in self._ioeventfds:
                     self._vm.unregister_ioeventfd(reg)
-                if self._irq_fd is not None:
+                if self._irq_fd is not None and self._gsi is not None:
                     self._vm.unregister_irqfd(self._irq_fd, self._gsi)
             except KvmIoctlError as e:  # the VM is already closed: its registrations went with it
                 log.debug("virtio: eventfds not unregistered: %s", e)

@@ -31,7 +31,7 @@ class VirtioRngState:
 class RngBackend:
     device_id = VIRTIO_ID_RNG
     features = 0
-    queue_sizes = (QUEUE_SIZE,)
+    queue_sizes: tuple[int, ...] = (QUEUE_SIZE,)
 
     def config(self) -> bytes:
         return b""
