@@ -278,6 +278,8 @@ class GuestMemoryReader(Protocol):
 
     def view(self, address: int, length: int) -> memoryview: ...
 
+    def read_u64(self, address: int) -> int: ...
+
 
 def read_status(memory: GuestMemoryReader) -> GuestStatus:
     """The status page, from a `GuestMemory` (or anything with `read(address, size)`)."""
@@ -292,7 +294,7 @@ IRQ_COUNTS_ADDR = STATUS_ADDR + 0xC00
 IDT_VECTORS = 48
 
 
-def interrupt_count(memory, vector: int) -> int:
+def interrupt_count(memory: GuestMemoryReader, vector: int) -> int:
     """How many interrupts the guest has taken on `vector` (HOST_EDGE_VECTOR, HOST_LEVEL_VECTOR)."""
     if not 0 <= vector < IDT_VECTORS:
         raise ValueError(f"the guest's IDT has vectors 0-{IDT_VECTORS - 1}, not {vector}")
