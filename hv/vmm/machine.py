@@ -108,6 +108,17 @@ D = TypeVar("D")
 
 
 @dataclass(frozen=True)
+class PciPlacement:
+    """A PCI function's place in the topology and identity, and its BARs as firmware placed them."""
+
+    address: tuple[int, int, int]  # bus, device, function
+    vendor_id: int
+    device_id: int
+    class_code: int
+    bars: tuple[tuple[int, str, int, int], ...] = ()  # (index, kind, address, size)
+
+
+@dataclass(frozen=True)
 class DevicePlacement:
     """Where a device sits: what a migration target must reproduce exactly."""
 
@@ -116,6 +127,7 @@ class DevicePlacement:
     pio: tuple[tuple[int, int], ...] = ()  # (base port, length)
     mmio: tuple[tuple[int, int], ...] = ()  # (guest address, length)
     irqs: tuple[int, ...] = ()
+    pci: PciPlacement | None = None
 
 
 @dataclass
@@ -158,7 +170,7 @@ class Machine:
 
     def add_device(
         self, device_id: str, device: Device, *, pio: tuple[int, int] | None = None,
-        mmio: tuple[int, int] | None = None, irqs: tuple[int, ...] = (),
+        mmio: tuple[int, int] | None = None, irqs: tuple[int, ...] = (), pci: PciPlacement | None = None,
     ) -> DevicePlacement:
         """Attach a device model at a port range and/or MMIO range, and record where it is. A
         device that implements `Lifecycle` is paused, resumed and stopped with the vCPUs."""
@@ -172,7 +184,7 @@ class Machine:
         if mmio:
             self.mmio_bus.insert(mmio[0], mmio[1], device, device_id)
         placement = DevicePlacement(device_id, device.KIND, (pio,) if pio else (),
-                                    (mmio,) if mmio else (), tuple(irqs))
+                                    (mmio,) if mmio else (), tuple(irqs), pci)
         self.devices[device_id] = device
         self.placements[device_id] = placement
         if isinstance(device, Lifecycle):
