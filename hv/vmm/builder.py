@@ -20,6 +20,7 @@ from hv.kvm.vm import MemoryBacking, Vm, VmConfig
 from hv.platform import acpi, mptable
 from hv.platform.allocator import SystemAllocator
 from hv.vmm.machine import DevicePlacement, Machine, StopReason, discard_on_error
+from hv.vmm.pci import pci_firmware
 
 
 def create_vcpus(kvm: Kvm, vm: Vm) -> None:
@@ -173,12 +174,15 @@ def write_firmware_tables(machine: Machine) -> FirmwareTables:
     stock Linux kernel learns it has more than one CPU, and finds virtio-mmio devices at all."""
     layout = {p.device_id: p for p in machine.device_layout()}
     virtio_ids = {d.device_id for d in VIRTIO_DEVICES}
-    virtio = sorted((p for p in layout.values() if p.device_id in virtio_ids), key=lambda p: p.mmio[0][0])
+    virtio = sorted((p for p in layout.values() if p.device_id in virtio_ids and p.pci is None),
+                    key=lambda p: p.mmio[0][0])
     serial = next(d for d in STANDARD_DEVICES if d.device_id == "serial0")
     vcpus = machine.vm.config.vcpus
     memory = machine.vm.memory
+    pci_devices, pci_tables = pci_firmware(machine)
     tables = acpi.write_acpi(memory, vcpus, [acpi.MmioDevice(*p.mmio[0], p.irqs[0]) for p in virtio],
-                             [acpi.ComPort(serial.pio[0], serial.irqs[0])] if "serial0" in layout else [])
+                             [acpi.ComPort(serial.pio[0], serial.irqs[0])] if "serial0" in layout else [],
+                             more_devices=pci_devices, more_tables=pci_tables, msi=bool(pci_tables))
     mp = mptable.write_mptable(memory, vcpus) if vcpus <= mptable.MAX_CPUS else None
     return FirmwareTables(tables, mp)
 

@@ -167,3 +167,17 @@ def register_pci_device(machine: Machine, device: PciDevice, device_id: str | No
     if address != PciAddress(*placement.pci.address):
         raise AssertionError(f"{device_id}: the bus gave {address}, the placement says {placement.pci.address}")
     return address
+
+
+def pci_firmware(machine: Machine) -> tuple[bytes, tuple[bytes, ...]]:
+    """(DSDT devices, extra tables) describing the machine's PCI to ACPI: the PCI root and MCFG;
+    nothing for a machine without PCI."""
+    from hv.platform.pci_acpi import PciHostBridge, mcfg, pci_root_device
+
+    host = _hosts.get(machine)
+    if host is None:
+        return b"", ()
+    intx = tuple((address.device, machine.placements[name].irqs[0])
+                 for address, name in sorted(host.root.names.items()) if machine.placements[name].irqs)
+    bridge = PciHostBridge(ECAM_BASE, 0, IO_WINDOW, MMIO_WINDOW, intx)
+    return pci_root_device(bridge), (mcfg(bridge),)
