@@ -20,7 +20,7 @@ from hv.kvm.vm import MemoryBacking, Vm, VmConfig
 from hv.platform import acpi, mptable
 from hv.platform.allocator import SystemAllocator
 from hv.vmm.machine import DevicePlacement, Machine, StopReason, discard_on_error
-from hv.vmm.pci import pci_firmware
+from hv.vmm.pci import VIRTIO_PCI_CLASSES, pci_firmware, register_pci_device, virtio_pci_layout
 
 
 def create_vcpus(kvm: Kvm, vm: Vm) -> None:
@@ -86,11 +86,14 @@ def virtio_layout(selected: Iterable[str]) -> tuple[DevicePlacement, ...]:
     return tuple(placements)
 
 
-def standard_layout(virtio: Iterable[str] = ()) -> tuple[DevicePlacement, ...]:
-    """The device placements `blank_machine` produces (with the virtio device ids `virtio`),
-    sorted by id as `Machine.device_layout`."""
-    legacy = (DevicePlacement(d.device_id, d.kind, (d.pio,), (), d.irqs) for d in STANDARD_DEVICES)
-    return tuple(sorted((*legacy, *virtio_layout(virtio)), key=lambda p: p.device_id))
+def standard_layout(virtio: Iterable[str] = (), pci: Iterable[str] = ()) -> tuple[DevicePlacement, ...]:
+    """The device placements `blank_machine` produces (with the virtio device ids `virtio`, those
+    in `pci` on virtio-pci), sorted by id as `Machine.device_layout`."""
+    virtio, on_pci = tuple(virtio), set(pci)
+    legacy = tuple(DevicePlacement(d.device_id, d.kind, (d.pio,), (), d.irqs) for d in STANDARD_DEVICES)
+    mmio = virtio_layout(d for d in virtio if d not in on_pci)
+    functions = virtio_pci_layout((*legacy, *mmio), [d for d in virtio if d in on_pci])
+    return tuple(sorted((*legacy, *mmio, *functions), key=lambda p: p.device_id))
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class VirtioConfig:
     console_out: Callable[[bytes], None] | None = None
     rng: bool = False
     disk_fd: int | None = None  # the disk already open at `disk` (the device takes it over)
+    pci: tuple[str, ...] = ()  # the device ids put on virtio-pci (the others on virtio-mmio)
 
     def device_ids(self) -> tuple[str, ...]:
         chosen = {"virtio-blk0": self.disk is not None, "virtio-console0": self.console_out is not None,
@@ -112,25 +116,35 @@ class VirtioConfig:
 def add_virtio_devices(
     machine: Machine, disk: Path | None = None, disk_readonly: bool = False,
     console_out: Callable[[bytes], None] | None = None, rng: bool = False, disk_fd: int | None = None,
+    pci: Iterable[str] = (),
 ) -> tuple[DevicePlacement, ...]:
     """Add virtio-blk (a file; `disk_fd`: that file already open, taken over), virtio-console
     (output to `console_out`) and virtio-rng, those asked for, in that order at consecutive slots
-    (`virtio_layout`), wired to KVM."""
+    (`virtio_layout`), wired to KVM; those whose ids are in `pci` on virtio-pci, after the others
+    (`hv.vmm.pci.register_pci_device`)."""
     config = VirtioConfig(disk, disk_readonly, console_out, rng)
+    on_pci = set(pci)
+    mmio = {p.device_id: p for p in virtio_layout(d for d in config.device_ids() if d not in on_pci)}
     memory = machine.vm.memory
     added = []
     try:
-        for placement in virtio_layout(config.device_ids()):
-            match placement.device_id:
+        for device_id in sorted(config.device_ids(), key=lambda d: d in on_pci):  # MMIO first
+            transport = VIRTIO_PCI_CLASSES[device_id] if device_id in on_pci else None
+            match device_id:
                 case "virtio-blk0":
-                    device = VirtioBlk(memory, disk, read_only=disk_readonly, fd=disk_fd)
+                    device = (transport or VirtioBlk)(memory, disk, read_only=disk_readonly, fd=disk_fd)
                     disk_fd = None  # the device owns it now
                 case "virtio-console0":
-                    device = VirtioConsole(memory, console_out)
+                    device = (transport or VirtioConsole)(memory, console_out)
                 case _:
-                    device = VirtioRng(memory)
-            (base, size), = placement.mmio
+                    device = (transport or VirtioRng)(memory)
             try:
+                if transport is not None:
+                    register_pci_device(machine, device, device_id)
+                    added.append(machine.placements[device_id])
+                    continue
+                placement = mmio[device_id]
+                (base, size), = placement.mmio
                 device.connect(machine.vm, base, placement.irqs[0])
                 added.append(machine.add_device(placement.device_id, device, mmio=(base, size),
                                                 irqs=placement.irqs))
@@ -235,7 +249,7 @@ def blank_machine(
     if virtio is not None:
         with discard_on_error(machine):
             add_virtio_devices(machine, virtio.disk, virtio.disk_readonly, virtio.console_out, virtio.rng,
-                               virtio.disk_fd)
+                               virtio.disk_fd, virtio.pci)
     return machine
 
 

@@ -3,8 +3,8 @@ function joins bus 0 (crosvm's `LinuxArch::register_pci_device`: machine and dev
 function's `PciAddress` out).
 
 Placement is policy, and plain data: the ECAM window at a fixed address (1 MiB: bus 0), memory
-BARs from the system allocator's device MMIO space (aligned to their size, after whatever
-virtio-mmio windows the machine has), I/O BARs from the PCI port window 0xC000-0xFFFF, the INTx
+BARs from the system allocator's device MMIO space above it (aligned to their size; the
+virtio-mmio windows below, where the built-in guest scans for them, stay apart), I/O BARs from the PCI port window 0xC000-0xFFFF, the INTx
 line from the allocator's IOAPIC lines (written to Interrupt Line, as firmware does), MSI-X
 vectors on GSIs from 24. Firmware leaves the Command register at 0: a driver enables decoding.
 `pci_layout` computes the same placements without KVM, so a migration target can check a
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from hv.devices.pci.config import INTERRUPT_LINE, Bar, BarKind, PciIdentity
+from hv.devices.pci.virtio_pci import VirtioPci, VirtioPciBlk, VirtioPciConsole, VirtioPciRng
 from hv.devices.pci.root import CONFIG_ADDRESS_PORT, CONFIG_PORTS, ECAM_BUS_SIZE, PciAddress, PciFunction, PciRoot
 from hv.devices.serial import COM1_IRQ
 from hv.kvm.vm import FIRST_MSI_GSI, Vm
@@ -29,7 +30,7 @@ ROOT_ID = "pci-root"
 ECAM_BASE = 0xE000_0000
 ECAM_SIZE = ECAM_BUS_SIZE  # bus 0 only
 IO_WINDOW = (0xC000, 0x1_0000)
-MMIO_WINDOW = (DEVICE_MMIO_START, DEVICE_MMIO_END)
+MMIO_WINDOW = (ECAM_BASE + ECAM_SIZE, DEVICE_MMIO_END)  # above ECAM: apart from virtio-mmio's slots
 
 
 class PciDevice(PciFunction, Protocol):
@@ -79,7 +80,8 @@ class _Placer:
                 rng = self.alloc.pio.allocate(bar.size, f"{device_id} BAR{bar.index}", align=bar.size,
                                               start=IO_WINDOW[0])
             else:
-                rng = self.alloc.mmio.allocate(bar.size, f"{device_id} BAR{bar.index}", align=max(bar.size, 0x1000))
+                rng = self.alloc.mmio.allocate(bar.size, f"{device_id} BAR{bar.index}", align=max(bar.size, 0x1000),
+                                               start=MMIO_WINDOW[0])
             placed.append((bar.index, bar.kind.value, rng.base, bar.size))
         irqs = (self.alloc.irqs.allocate(device_id),) if identity.interrupt_pin else ()
         gsi = self.next_gsi
@@ -104,6 +106,17 @@ def pci_layout(existing: Sequence[DevicePlacement], functions: Sequence[tuple[st
         return ()
     placer = _Placer.after(existing)
     return (root_placement(), *(placer.place(d, cls.KIND, cls.pci_shape())[0] for d, cls in functions))
+
+
+# The virtio devices a builder may put on PCI, by device id (their kinds: virtio-pci-*).
+VIRTIO_PCI_CLASSES: dict[str, type[VirtioPci]] = {
+    "virtio-blk0": VirtioPciBlk, "virtio-console0": VirtioPciConsole, "virtio-rng0": VirtioPciRng,
+}
+
+
+def virtio_pci_layout(existing: Sequence[DevicePlacement], device_ids: Sequence[str]) -> tuple[DevicePlacement, ...]:
+    """`pci_layout` for the builder's virtio devices on PCI, in the builder's order."""
+    return pci_layout(existing, [(d, VIRTIO_PCI_CLASSES[d]) for d in VIRTIO_PCI_CLASSES if d in device_ids])
 
 
 class _MachineBarWindows:

@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tinyguest import LOAD_ADDRESS, Recorder, multiboot_elf, wait_for
+from pcitools import MSI_ADDRESS, READY, REPORT, config_access, config_reader, interrupt_counter
+from tinyguest import Recorder, multiboot_elf, wait_for
 
 from hv.devices.pci import Bar, BarKind, PciConfigSpace, PciIdentity, VirtioPciRng
 from hv.devices.pci.config import COMMAND, COMMAND_MEMORY, STATUS
@@ -26,74 +27,6 @@ from hv.vmm.machine import Machine
 from hv.vmm.pci import ECAM_BASE, pci_root, register_pci_device
 
 MiB = 1 << 20
-REPORT, READY = 0x502, 0x503
-MSI_ADDRESS = 0xFEE0_0000  # LAPIC 0, physical destination, fixed delivery
-
-
-def _cf8(address: PciAddress, register: int) -> int:
-    return 0x8000_0000 | address.bus << 16 | address.device << 11 | address.function << 8 | register & 0xFC
-
-
-def _ecam(address: PciAddress, register: int) -> int:
-    return ECAM_BASE | address.bus << 20 | address.device << 15 | address.function << 12 | register
-
-
-# --- tiny guests (32-bit ring 0, hand-assembled: keep them short, ring 0 is emulated) -------------
-
-
-def _mov_mem(address: int, value: int) -> bytes:
-    return b"\xc7\x05" + struct.pack("<II", address, value)  # mov dword [address], value
-
-
-def interrupt_counter(vectors: list[int], isr_reads: dict[int, int] | None = None,
-                      ioapic: tuple[int, int] | None = None) -> bytes:
-    """A guest whose handler for each of `vectors` writes v to port 0x502 (or, for those in
-    `isr_reads`, the byte it read at `isr_reads[v]`, as an INTx handler reads and so clears its
-    device's ISR), EOIs, and waits with
-    interrupts on again: every interrupt taken is one report, nested ones included. `ioapic`:
-    (pin, vector) is routed level-triggered to LAPIC 0 first. Port 0x503 says ready."""
-    base = LOAD_ADDRESS + 12
-    main = b"\xb0\xff\xe6\x21\xe6\xa1"  # mask both PICs (LINT0 takes ExtINT from the PIC)
-    main += _mov_mem(0xFEE0_00F0, 0x1FF)  # LAPIC SVR: software enable
-    if ioapic:
-        pin, vector = ioapic
-        main += (_mov_mem(0xFEC0_0000, 0x10 + 2 * pin) + _mov_mem(0xFEC0_0010, vector | 0x8000)
-                 + _mov_mem(0xFEC0_0000, 0x11 + 2 * pin) + _mov_mem(0xFEC0_0010, 0))
-    code_size, handler_size = 128, 32
-    handlers_at = base + code_size
-    idtr_at = handlers_at + handler_size * len(vectors)
-    idt_at = idtr_at + 8
-    main = (b"\xbc" + struct.pack("<I", 0x9_0000) + main  # mov esp, 0x90000
-            + b"\x0f\x01\x1d" + struct.pack("<I", idtr_at)  # lidt [idtr]
-            + b"\xba" + struct.pack("<I", READY) + b"\xb0\x01\xee"  # out 0x503, 1
-            + b"\xfb\xf4\xeb\xfd")  # sti; spin: hlt; jmp spin
-    assert len(main) <= code_size
-    idt = bytearray(256 * 8)
-    handlers = b""
-    for i, v in enumerate(vectors):
-        at = handlers_at + i * handler_size
-        h = b"\xba" + struct.pack("<I", REPORT)  # mov edx, 0x502
-        if isr_reads and v in isr_reads:
-            h += b"\xa0" + struct.pack("<I", isr_reads[v])  # mov al, [isr]: reports what it read
-        else:
-            h += b"\xb0" + bytes([v])  # mov al, v
-        h += (b"\xee"  # out dx, al
-              + _mov_mem(0xFEE0_00B0, 0)  # EOI
-              + b"\xfb\xf4\xeb\xfd")  # sti; spin: hlt; jmp spin (iret cannot be emulated here)
-        assert len(h) <= handler_size
-        handlers += h.ljust(handler_size, b"\x90")
-        idt[v * 8 : v * 8 + 8] = struct.pack("<HHBBH", at & 0xFFFF, 0x10, 0, 0x8E, at >> 16)
-    return main.ljust(code_size, b"\x90") + handlers + struct.pack("<HI", len(idt) - 1, idt_at) + b"\0\0" + bytes(idt)
-
-
-def config_reader(address: PciAddress) -> bytes:
-    """Reads the function's first dword through 0xCF8/0xCFC, then through ECAM, writing each
-    to port 0x504."""
-    return (b"\x66\xba\xf8\x0c" + b"\xb8" + struct.pack("<I", _cf8(address, 0)) + b"\xef"  # out 0xCF8
-            + b"\x66\xba\xfc\x0c\xed"  # in eax, 0xCFC
-            + b"\x66\xba\x04\x05\xef"  # out 0x504, eax
-            + b"\xa1" + struct.pack("<I", _ecam(address, 0)) + b"\xef"  # mov eax, [ecam]; out 0x504
-            + b"\xf3\x90\xeb\xfc")
 
 
 @pytest.fixture
@@ -174,31 +107,17 @@ def test_a_guest_reads_configuration_space_through_both_mechanisms(machines) -> 
     assert [v for _, _, v in seen.writes] == [0x5678_1234, 0x5678_1234]
 
 
-def _config(machine: Machine, address: PciAddress, register: int, size: int, value: int | None = None,
-            ecam: bool = False) -> int:
-    """A configuration access as a guest's exit makes it: through the port bus or the MMIO bus."""
-    if ecam:
-        if value is not None:
-            machine.mmio_bus.write(_ecam(address, register), size, value)
-        return machine.mmio_bus.read(_ecam(address, register), size)
-    machine.io_bus.write(0xCF8, 4, _cf8(address, register))
-    port = 0xCFC + (register & 3)
-    if value is not None:
-        machine.io_bus.write(port, size, value)
-    return machine.io_bus.read(port, size)
-
-
 @pytest.mark.parametrize("ecam", [False, True], ids=["cf8", "ecam"])
 def test_configuration_registers_keep_their_rules(machines, ecam: bool) -> None:
     machine = machines(b"\xf3\x90\xeb\xfc")
     probe = ProbeFunction()
     address = register_pci_device(machine, probe, "probe0")
     placement = machine.placements["probe0"]
-    cfg = lambda reg, size, value=None: _config(machine, address, reg, size, value, ecam)  # noqa: E731
+    cfg = lambda reg, size, value=None: config_access(machine, address, reg, size, value, ecam)  # noqa: E731
     # the host bridge, an absent function and another bus
-    assert cfg(0, 4) != 0xFFFF_FFFF and _config(machine, PciAddress(0, 0, 0), 0x0A, 2, ecam=ecam) == 0x0600
-    assert _config(machine, PciAddress(0, 9, 0), 0, 4, ecam=ecam) == 0xFFFF_FFFF
-    assert _config(machine, PciAddress(1, 1, 0), 0, 4, ecam=ecam) == 0xFFFF_FFFF
+    assert cfg(0, 4) != 0xFFFF_FFFF and config_access(machine, PciAddress(0, 0, 0), 0x0A, 2, through_ecam=ecam) == 0x0600
+    assert config_access(machine, PciAddress(0, 9, 0), 0, 4, through_ecam=ecam) == 0xFFFF_FFFF
+    assert config_access(machine, PciAddress(1, 1, 0), 0, 4, through_ecam=ecam) == 0xFFFF_FFFF
     # identity is read-only
     assert cfg(0, 4, 0) == 0x5678_1234 and cfg(0x08, 4, 0) == 0x0B40_0003 and cfg(0x2C, 4, 0) == 0x0007_1AF4
     # firmware's BAR placements, the type bits read-only
@@ -223,25 +142,25 @@ def test_bars_decode_where_the_guest_puts_them(machines) -> None:
     address = register_pci_device(machine, probe, "probe0")
     _, _, mem32, _ = machine.placements["probe0"].pci.bars[2]
     assert machine.mmio_bus.read(mem32, 4) == 0xFFFF_FFFF and probe.mapped == {}  # decoding off
-    _config(machine, address, COMMAND, 2, COMMAND_MEMORY | 1)
+    config_access(machine, address, COMMAND, 2, COMMAND_MEMORY | 1)
     assert machine.mmio_bus.read(mem32 + 8, 4) == 0x5A and ("read", 4, 8, 4) in probe.accesses
-    assert machine.io_bus.read(_config(machine, address, 0x10, 4) & ~3, 1) == 0x5A
-    _config(machine, address, 0x20, 4, 0xFFFF_FFFF)  # sizing: not decoded while all ones
+    assert machine.io_bus.read(config_access(machine, address, 0x10, 4) & ~3, 1) == 0x5A
+    config_access(machine, address, 0x20, 4, 0xFFFF_FFFF)  # sizing: not decoded while all ones
     assert 4 not in probe.mapped and machine.mmio_bus.read(mem32, 4) == 0xFFFF_FFFF
-    _config(machine, address, 0x20, 4, 0xE800_0000)  # moved
+    config_access(machine, address, 0x20, 4, 0xE800_0000)  # moved
     assert probe.mapped[4] == 0xE800_0000 and machine.mmio_bus.read(0xE800_0004, 4) == 0x5A
 
 
 def _enable_msix(machine: Machine, address: PciAddress, device: VirtioPciRng, vectors: list[int]) -> int:
     """As a driver: memory decoding on, each vector's entry written (masked until then), MSI-X
     enabled. Returns the MSI-X BAR's base."""
-    _config(machine, address, COMMAND, 2, COMMAND_MEMORY)
+    config_access(machine, address, COMMAND, 2, COMMAND_MEMORY)
     msix_bar = device.config.bar_address(1)
     for i, v in enumerate(vectors):
         for offset, value in ((0, MSI_ADDRESS), (4, 0), (8, v), (12, 0)):
             machine.mmio_bus.write(msix_bar + 16 * i + offset, 4, value)
     cap = device.msix.capability
-    _config(machine, address, cap, 4, _config(machine, address, cap, 4) | 0x8000 << 16)
+    config_access(machine, address, cap, 4, config_access(machine, address, cap, 4) | 0x8000 << 16)
     return msix_bar
 
 
@@ -270,9 +189,9 @@ def test_msix_vectors_reach_the_guest_and_masked_ones_wait(machines) -> None:
     assert reports.writes[-1][2] == 0x41 and machine.mmio_bus.read(msix_bar + 0x800, 8) == 0
     # the Function Mask holds every vector; clearing it sends what waited
     cap = rng.msix.capability
-    _config(machine, address, cap + 2, 2, 0xC000)
+    config_access(machine, address, cap + 2, 2, 0xC000)
     assert rng.msix.fire(0) and machine.mmio_bus.read(msix_bar + 0x800, 8) == 0b01
-    _config(machine, address, cap + 2, 2, 0x8000)
+    config_access(machine, address, cap + 2, 2, 0x8000)
     wait_for(lambda: len(reports.writes) == 4)
     assert [v for _, _, v in reports.writes] == [0x40, 0x40, 0x41, 0x40]
     assert rng.msix.sent == [3, 1]
@@ -295,7 +214,7 @@ def test_intx_reaches_the_guest_through_the_ioapic(kvm: Kvm, write_image) -> Non
         reports, ready = Recorder(), Recorder()
         machine.io_bus.insert(REPORT, 1, reports, "report")
         machine.io_bus.insert(READY, 1, ready, "ready")
-        _config(machine, address, COMMAND, 2, COMMAND_MEMORY)
+        config_access(machine, address, COMMAND, 2, COMMAND_MEMORY)
         machine.start()
         wait_for(lambda: ready.writes)
         # Each raise reaches the handler, whose ISR read returns the used-buffer bit and lowers
