@@ -94,6 +94,7 @@ class VirtioBackend(Persist[Any], Protocol):
     its own part of the state (`restore` validates that part before applying it)."""
 
     device_id: int
+    owner: str  # the device's KIND, named by the refusals of `restore`
     features: int  # device feature bits besides VIRTIO_F_VERSION_1
     queue_sizes: tuple[int, ...]  # QueueNumMax of each queue
 
@@ -142,6 +143,7 @@ class VirtioMmio:
 
     def __init__(self, backend: VirtioBackend, memory: GuestMemory) -> None:
         self.backend = backend
+        backend.owner = self.KIND  # whose state its refusals name
         self.memory = memory
         self.queues = [Virtqueue(memory, i, n) for i, n in enumerate(backend.queue_sizes)]
         self._regs = VirtioMmioState(backend.device_id, queues=())
