@@ -270,6 +270,17 @@ class GuestStatus:
 STATUS_WORDS = 13
 
 
+MSI_COUNTS_ADDR = STATUS_ADDR + 0xE00  # tools/guests/builtin/pci.h: u64 per MSI-X vector taken
+MSI_FIRST_VECTOR, MSI_VECTORS = 0x28, 8
+
+
+def read_msi_counts(memory) -> tuple[int, ...]:
+    """The interrupts the guest's MSI-X handlers counted, per vector (from MSI_FIRST_VECTOR), as
+    its virtio-pci drivers assign them: a vector per queue, blk's, the console's two, rng's, in
+    the order the devices are found."""
+    return tuple(int(w) for w in np.frombuffer(memory.read(MSI_COUNTS_ADDR, 8 * MSI_VECTORS), dtype="<u8"))
+
+
 def read_status(memory) -> GuestStatus:
     """The status page, from a `GuestMemory` (or anything with `read(address, size)`)."""
     return GuestStatus.from_bytes(memory.read(STATUS_ADDR, STATUS_WORDS * 8))
