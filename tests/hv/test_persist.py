@@ -28,15 +28,13 @@ DEVICE_IDS = ("serial0", "i8042", "debug-exit", "virtio-blk0", "virtio-console0"
 RINGS = 0x20_0000  # queue areas from here, 64 KiB per queue (inside the 64 MiB of RAM)
 
 
-@pytest.fixture
-def machines(kvm: Kvm, tmp_path: Path) -> Iterator[Callable[[], Machine]]:
-    """Machines with every device model (the standard ones and all virtio devices)."""
+def _machine_factory(kvm: Kvm, tmp_path: Path, pci: tuple[str, ...]) -> Iterator[Callable[[], Machine]]:
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(MiB))
     made: list[Machine] = []
 
     def make() -> Machine:
-        virtio = VirtioConfig(disk=disk, console_out=lambda b: None, rng=True)
+        virtio = VirtioConfig(disk=disk, console_out=lambda b: None, rng=True, pci=pci)
         made.append(blank_machine(kvm, VmConfig(mem_size=64 * MiB), virtio=virtio))
         return made[-1]
 
@@ -44,6 +42,12 @@ def machines(kvm: Kvm, tmp_path: Path) -> Iterator[Callable[[], Machine]]:
     for m in made:
         m.stop()
         m.vm.close()
+
+
+@pytest.fixture
+def machines(kvm: Kvm, tmp_path: Path) -> Iterator[Callable[[], Machine]]:
+    """Machines with every device model (the standard ones and all virtio devices)."""
+    yield from _machine_factory(kvm, tmp_path, ())
 
 
 def _busy_state(machine: Machine, device_id: str) -> object:
@@ -240,20 +244,7 @@ MOVED_BAR0 = 0xE800_0000  # inside the bridge's window, away from firmware's pla
 @pytest.fixture
 def pci_machines(kvm: Kvm, tmp_path: Path) -> Iterator[Callable[[], Machine]]:
     """Machines with the three virtio devices on PCI."""
-    disk = tmp_path / "disk.img"
-    disk.write_bytes(bytes(MiB))
-    made: list[Machine] = []
-
-    def make() -> Machine:
-        virtio = VirtioConfig(disk=disk, console_out=lambda b: None, rng=True,
-                              pci=("virtio-blk0", "virtio-console0", "virtio-rng0"))
-        made.append(blank_machine(kvm, VmConfig(mem_size=64 * MiB), virtio=virtio))
-        return made[-1]
-
-    yield make
-    for m in made:
-        m.stop()
-        m.vm.close()
+    yield from _machine_factory(kvm, tmp_path, ("virtio-blk0", "virtio-console0", "virtio-rng0"))
 
 
 def _busy_pci_state(machine: Machine, device_id: str) -> object:

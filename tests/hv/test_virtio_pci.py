@@ -51,6 +51,16 @@ def _address(machine: Machine, device_id: str) -> PciAddress:
     return PciAddress(*machine.placements[device_id].pci.address)
 
 
+def _started(machine: Machine) -> Recorder:
+    """Start the machine's tiny guest (interrupt_counter) and wait for it: its reports."""
+    reports, ready = Recorder(), Recorder()
+    machine.io_bus.insert(REPORT, 1, reports, "report")
+    machine.io_bus.insert(READY, 1, ready, "ready")
+    machine.start()
+    wait_for(lambda: ready.writes)
+    return reports
+
+
 def test_the_builder_puts_the_devices_asked_for_on_pci(machines) -> None:
     machine = machines(b"\xf3\x90\xeb\xfc", disk=machines.disk, console_out=lambda b: None, rng=True,
                        pci=("virtio-blk0", "virtio-rng0"))
@@ -77,11 +87,7 @@ def test_a_guest_notification_reaches_the_worker_and_msix_the_guest(machines) ->
     layout = {p.device_id: p for p in standard_layout(("virtio-rng0",), ("virtio-rng0",))}
     bar0 = layout["virtio-rng0"].pci.bars[0][2]
     machine = machines(interrupt_counter([0x40, 0x41], notify=bar0 + vp.NOTIFY), rng=True, pci=("virtio-rng0",))
-    reports, ready = Recorder(), Recorder()
-    machine.io_bus.insert(REPORT, 1, reports, "report")
-    machine.io_bus.insert(READY, 1, ready, "ready")
-    machine.start()
-    wait_for(lambda: ready.writes)
+    reports = _started(machine)
     drv = PciDriver(machine, _address(machine, "virtio-rng0"))
     drv.start([0x40, 0x41])
     drv.init(1, vectors=[0], config_vector=1)
@@ -103,11 +109,7 @@ def test_a_guest_notification_reaches_the_worker_and_msix_the_guest(machines) ->
 def test_blk_and_console_round_trip_with_a_vector_per_queue(machines) -> None:
     machine = machines(interrupt_counter([0x40, 0x41, 0x42]), disk=machines.disk,
                        console_out=(out := bytearray()).extend, pci=("virtio-blk0", "virtio-console0"))
-    reports, ready = Recorder(), Recorder()
-    machine.io_bus.insert(REPORT, 1, reports, "report")
-    machine.io_bus.insert(READY, 1, ready, "ready")
-    machine.start()
-    wait_for(lambda: ready.writes)
+    reports = _started(machine)
     blk = PciDriver(machine, _address(machine, "virtio-blk0"))
     blk.start([0x40])
     blk.init(1, vectors=[0])
@@ -142,11 +144,7 @@ def test_blk_and_console_round_trip_with_a_vector_per_queue(machines) -> None:
 
 def test_a_bad_queue_is_needs_reset_through_the_config_vector(machines) -> None:
     machine = machines(interrupt_counter([0x40, 0x43]), rng=True, pci=("virtio-rng0",))
-    reports, ready = Recorder(), Recorder()
-    machine.io_bus.insert(REPORT, 1, reports, "report")
-    machine.io_bus.insert(READY, 1, ready, "ready")
-    machine.start()
-    wait_for(lambda: ready.writes)
+    reports = _started(machine)
     drv = PciDriver(machine, _address(machine, "virtio-rng0"))
     drv.start([0x40, 0x43])
     drv.init(1, vectors=[0], config_vector=1)
