@@ -74,6 +74,9 @@ class ProbeFunction:
     def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
         self.accesses.append(("write", index, offset, value))
 
+    def config_read(self, offset: int, size: int) -> int:
+        return self.config.read(offset, size)
+
     def config_written(self, offset: int, size: int) -> None:
         pass
 

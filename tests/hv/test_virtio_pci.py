@@ -75,7 +75,8 @@ def test_the_builder_puts_the_devices_asked_for_on_pci(machines) -> None:
     assert drv.find_capabilities() == {vp.CFG_COMMON: (0, vp.COMMON, vp.COMMON_SIZE),
                                        vp.CFG_NOTIFY: (0, vp.NOTIFY, vp.NOTIFY_SIZE),
                                        vp.CFG_ISR: (0, vp.ISR, vp.ISR_SIZE),
-                                       vp.CFG_DEVICE: (0, vp.DEVICE, vp.DEVICE_SIZE)}
+                                       vp.CFG_DEVICE: (0, vp.DEVICE, vp.DEVICE_SIZE),
+                                       vp.CFG_PCI: (0, 0, 0)}
     drv.start([0x40, 0x41])
     assert drv.r(vp.NUM_QUEUES, 2) == 1 and drv.r(vp.DEVICE_FEATURE, 4) != 0
     assert drv.r(vp.DEVICE, 8) == MiB // 512  # virtio-blk's capacity, in the device configuration
@@ -172,3 +173,21 @@ def test_hv_run_chooses_the_transport_per_device(tmp_path: Path) -> None:
     for bad in (f"{disk},transport=isa", f"{disk},rw"):
         with pytest.raises(ConfigError):
             parse("--disk", bad)
+
+
+def test_the_configuration_access_window_reaches_the_bars(machines) -> None:
+    """VIRTIO_PCI_CAP_PCI_CFG: bar, offset and length written, then pci_cfg_data read or written
+    is that access to the BAR (virtio 1.x, 4.1.4.9), with decoding off even."""
+    machine = machines(b"\xf3\x90\xeb\xfc", rng=True, pci=("virtio-rng0",))
+    drv = PciDriver(machine, _address(machine, "virtio-rng0"))
+    cap = next(at for at in range(0x40, 0x100, 4) if drv.config(at, 1) == vp.CAP_ID_VENDOR and drv.config(at + 3, 1) == vp.CFG_PCI)
+    drv.config(cap + 4, 1, 0)  # BAR 0
+    drv.config(cap + 8, 4, vp.NUM_QUEUES)
+    drv.config(cap + 12, 4, 2)
+    assert drv.config(cap + 16, 2) == 1  # rng has one queue
+    drv.config(cap + 8, 4, vp.DEVICE_STATUS)
+    drv.config(cap + 12, 4, 1)
+    drv.config(cap + 16, 1, 1)  # ACKNOWLEDGE, written through the window
+    assert machine.devices["virtio-rng0"].save().transport.status == 1
+    drv.config(cap + 12, 4, 3)  # not 1, 2 or 4 bytes: the window does nothing
+    assert drv.config(cap + 16, 4) == 1  # what the data field last held

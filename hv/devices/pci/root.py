@@ -57,6 +57,10 @@ class PciFunction(Persist[Any], Protocol):
 
     def bar_write(self, index: int, offset: int, size: int, value: int) -> None: ...
 
+    def config_read(self, offset: int, size: int) -> int:
+        """A configuration read (most functions: `config.read`; a window onto a BAR may differ)."""
+        ...
+
     def config_written(self, offset: int, size: int) -> None: ...
 
     def bars_mapped(self, mapped: dict[int, int]) -> None:
@@ -141,7 +145,8 @@ class PciRoot:
             space = self._space(address)
             if space is None or register + size > EXTENDED_SIZE:
                 return (1 << (8 * size)) - 1
-            return space.read(register, size)
+            function = self.functions.get(address)
+        return function.config_read(register, size) if function is not None else space.read(register, size)
 
     def config_write(self, address: PciAddress, register: int, size: int, value: int) -> None:
         with self._lock:

@@ -9,9 +9,10 @@
     vectors   one per queue and one for configuration changes (the driver chooses which it uses)
 
 The capability list holds the four virtio structures (vendor-specific capabilities, cfg_type 1-4,
-each naming BAR 0 and an offset and length in it) and MSI-X. The PCI configuration access
-capability (cfg_type 5) is not offered: it serves firmware that cannot map BARs, which no guest
-here is.
+each naming BAR 0 and an offset and length in it), the PCI configuration access capability
+(cfg_type 5, which the spec requires: a window onto the BARs through configuration space, for
+drivers that cannot map them: the driver writes bar, offset and length, then reads or writes
+pci_cfg_data) and MSI-X.
 
 Notifications: the driver writes the queue index (16 bits) at its queue's notify address; KVM
 turns it into a signal on the queue's eventfd (an ioeventfd registered wherever BAR 0 is decoded,
@@ -60,7 +61,7 @@ VIRTIO_PCI_VENDOR = 0x1AF4
 VIRTIO_PCI_MODERN_BASE = 0x1040
 VIRTIO_PCI_SUBSYSTEM = 0x1100
 CAP_ID_VENDOR = 0x09
-CFG_COMMON, CFG_NOTIFY, CFG_ISR, CFG_DEVICE = 1, 2, 3, 4
+CFG_COMMON, CFG_NOTIFY, CFG_ISR, CFG_DEVICE, CFG_PCI = 1, 2, 3, 4, 5
 
 BAR_REGISTERS, BAR_MSIX = 0, 1
 REGISTERS_SIZE = 0x4000
@@ -128,6 +129,9 @@ class VirtioPci(VirtioMmio):
                                                               struct.pack("<I", NOTIFY_MULTIPLIER)))
         self.config.add_capability(CAP_ID_VENDOR, _capability(CFG_ISR, ISR, ISR_SIZE))
         self.config.add_capability(CAP_ID_VENDOR, _capability(CFG_DEVICE, DEVICE, DEVICE_SIZE))
+        # bar (+4), offset (+8) and length (+12) are the driver's to write, and pci_cfg_data (+16)
+        writable = bytes(2) + b"\xff" + bytes(3) + b"\xff" * 12
+        self.pci_cfg = self.config.add_capability(CAP_ID_VENDOR, _capability(CFG_PCI, 0, 0, bytes(4)), writable)
         self.msix = MsixVectors(self.config, vectors, BAR_MSIX, MSIX_TABLE, MSIX_PBA)
         self._config_vector = NO_VECTOR
         self._queue_vectors = [NO_VECTOR] * len(self.queues)
@@ -161,7 +165,33 @@ class VirtioPci(VirtioMmio):
             self._ioeventfds = [vm.register_ioeventfd(fd, base + NOTIFY_MULTIPLIER * i, 2)
                                 for i, fd in enumerate(self.queue_fds)]
 
+    def _pci_cfg_window(self, offset: int, size: int) -> tuple[int, int, int] | None:
+        """(bar, offset in it, length) when [offset, offset + size) touches pci_cfg_data and the
+        window the driver set is one the spec allows (a BAR of ours, 1/2/4 bytes, aligned)."""
+        data = self.pci_cfg + 16
+        if offset + size <= data or offset >= data + 4:
+            return None
+        bar, at, length = (self.config.read(self.pci_cfg + 4, 1), self.config.read(self.pci_cfg + 8, 4),
+                           self.config.read(self.pci_cfg + 12, 4))
+        if bar not in self.config.bars or length not in (1, 2, 4) or at % length \
+                or at + length > self.config.bars[bar].size:
+            return None
+        return bar, at, length
+
+    def config_read(self, offset: int, size: int) -> int:
+        window = self._pci_cfg_window(offset, size)
+        if window is not None:  # pci_cfg_data reads the BAR
+            bar, at, length = window
+            value = self.bar_read(bar, at, length).to_bytes(length, "little").ljust(4, b"\0")
+            data = self.pci_cfg + 16
+            self.config.data[data : data + 4] = value
+        return self.config.read(offset, size)
+
     def config_written(self, offset: int, size: int) -> None:
+        window = self._pci_cfg_window(offset, size)
+        if window is not None:  # pci_cfg_data written: to the BAR
+            bar, at, length = window
+            self.bar_write(bar, at, length, self.config.read(self.pci_cfg + 16, length))
         self.msix.control_written()
         if self._intx_raised:  # INTx Disable may have changed
             self._set_intx(True)
