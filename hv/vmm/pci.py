@@ -22,6 +22,7 @@ from hv.devices.pci.config import INTERRUPT_LINE, Bar, BarKind, PciIdentity
 from hv.devices.pci.virtio_pci import VirtioPci, VirtioPciBlk, VirtioPciConsole, VirtioPciRng
 from hv.devices.pci.root import CONFIG_ADDRESS_PORT, CONFIG_PORTS, ECAM_BUS_SIZE, PciAddress, PciFunction, PciRoot
 from hv.devices.serial import COM1_IRQ
+from hv.errors import ConfigError
 from hv.kvm.vm import FIRST_MSI_GSI, Vm
 from hv.platform.allocator import DEVICE_MMIO_END, DEVICE_MMIO_START, SystemAllocator
 from hv.vmm.machine import DevicePlacement, Machine, PciPlacement
@@ -177,8 +178,8 @@ def register_pci_device(machine: Machine, device: PciDevice, device_id: str | No
     machine.add_device(device_id, device)
     machine.placements[device_id] = placement
     address = host.root.add(device, device_id)
-    if address != PciAddress(*placement.pci.address):
-        raise AssertionError(f"{device_id}: the bus gave {address}, the placement says {placement.pci.address}")
+    if address != PciAddress(*placement.pci.address):  # only a root shared outside this module can do that
+        raise ConfigError("pci", device_id, f"the bus gave {address}, its placement says {placement.pci.address}")
     return address
 
 
