@@ -168,10 +168,11 @@ Record = (Header | ConfigRecord | LayoutRecord | VcpuRecord | VmStateRecord | De
 
 def register_format_types(registry: SchemaRegistry) -> SchemaRegistry:
     """Register the types the stream itself encodes (layout, device envelope)."""
-    from .layout import IoRange, RamRange
+    from .layout import IoRange, PciBar, PciEntry, RamRange
 
     for cls, name in ((RamRange, "formats.ram_range"), (MemoryLayout, "formats.memory_layout"),
-                      (IoRange, "formats.io_range"), (DeviceEntry, "formats.device_entry"),
+                      (IoRange, "formats.io_range"), (PciBar, "formats.pci_bar"), (PciEntry, "formats.pci_entry"),
+                      (DeviceEntry, "formats.device_entry"),
                       (DeviceLayout, "formats.device_layout"),
                       (DeviceSection, "formats.device")):
         if cls not in registry.names().values():

@@ -17,7 +17,8 @@ from pathlib import Path
 import xxhash
 
 import formats
-from formats import DeviceEntry, DeviceLayout, IoRange, MemoryLayout, SchemaRegistry
+from formats import DeviceEntry, DeviceLayout, IoRange, MemoryLayout, PciBar, PciEntry, SchemaRegistry
+from hv.devices.pci import MsixState, PciRoot, VirtioPci, PciRootState, VirtioPciBlk, VirtioPciConsole, VirtioPciRng, VirtioPciState
 from hv.devices.debug_exit import DebugExit, DebugExitState
 from hv.devices.i8042 import I8042, I8042State
 from hv.devices.serial import Serial16550, SerialState
@@ -46,6 +47,11 @@ DEVICE_STATES: dict[str, tuple[type, str, int]] = {
     VirtioBlk.KIND: (VirtioBlkState, "hv.device.virtio_blk", 2),
     VirtioConsole.KIND: (VirtioConsoleState, "hv.device.virtio_console", 1),
     VirtioRng.KIND: (VirtioRngState, "hv.device.virtio_rng", 1),
+    PciRoot.KIND: (PciRootState, "hv.device.pci_host_bridge", 1),
+    # the three virtio-pci kinds share one state type (its backend part says which device)
+    VirtioPciBlk.KIND: (VirtioPciState, "hv.device.virtio_pci", 1),
+    VirtioPciConsole.KIND: (VirtioPciState, "hv.device.virtio_pci", 1),
+    VirtioPciRng.KIND: (VirtioPciState, "hv.device.virtio_pci", 1),
 }
 
 # The wire names of the other state types, declared (not derived from class names, so renaming a
@@ -65,7 +71,7 @@ STATE_TYPES: tuple[tuple[type, str], ...] = (
     (hv_state.VmState, "hv.VmState"),
     (VirtioMmioState, "hv.device.VirtioMmioState"), (QueueState, "hv.device.QueueState"),
     (BlkState, "hv.device.BlkState"), (ConsoleState, "hv.device.ConsoleState"),
-    (RngState, "hv.device.RngState"),
+    (RngState, "hv.device.RngState"), (MsixState, "hv.device.MsixState"),
 )
 
 
@@ -97,6 +103,7 @@ class VirtioSpec:
     disk_readonly: bool = False
     console: bool = False
     rng: bool = False
+    pci: tuple[str, ...] = ()  # the device ids on virtio-pci (a field with a default: version kept)
 
     def device_ids(self) -> tuple[str, ...]:
         return VirtioConfig(Path(self.disk) if self.disk is not None else None, self.disk_readonly,
@@ -109,7 +116,7 @@ class VirtioSpec:
             raise StateError("a disk goes with a guest that has one, and only with it")
         return VirtioConfig(disk.path if disk else None, self.disk_readonly,
                             console_out if self.console else None, self.rng,
-                            disk.dup() if disk else None)
+                            disk.dup() if disk else None, self.pci)
 
 
 @dataclass(frozen=True)
@@ -182,8 +189,12 @@ def cpuid_digest(entries: tuple[hv_state.CpuidEntry, ...]) -> int:
 
 def _entry(p: DevicePlacement) -> DeviceEntry:
     version = DEVICE_STATES[p.kind][2] if p.kind in DEVICE_STATES else 0
+    pci = None
+    if p.pci is not None:
+        pci = PciEntry(*p.pci.address, p.pci.vendor_id, p.pci.device_id, p.pci.class_code,
+                       tuple(PciBar(*bar) for bar in p.pci.bars))
     return DeviceEntry(p.device_id, p.kind, tuple(IoRange(b, n) for b, n in p.pio),
-                       tuple(IoRange(b, n) for b, n in p.mmio), p.irqs, version)
+                       tuple(IoRange(b, n) for b, n in p.mmio), p.irqs, version, pci)
 
 
 def memory_layout(config: VmConfig) -> MemoryLayout:
@@ -201,7 +212,8 @@ def machine_layout(machine: Machine) -> DeviceLayout:
 def expected_layout(config: MachineConfig) -> DeviceLayout:
     """The layout `blank_machine` will build for `config`: checked before any VM exists."""
     virtio = config.virtio.device_ids() if config.virtio else ()
-    return layout_for(config.vm_config(), standard_layout(virtio))
+    pci = config.virtio.pci if config.virtio else ()
+    return layout_for(config.vm_config(), standard_layout(virtio, pci))
 
 
 def virtio_spec(machine: Machine) -> VirtioSpec | None:
@@ -210,8 +222,10 @@ def virtio_spec(machine: Machine) -> VirtioSpec | None:
     if blk is None and console is None and rng is None:
         return None
     disk = blk if isinstance(blk, VirtioBlk) else None
+    pci = tuple(d for d in ("virtio-blk0", "virtio-console0", "virtio-rng0")
+                if isinstance(machine.devices.get(d), VirtioPci))
     return VirtioSpec(str(disk.path) if disk else None, bool(disk and disk.read_only), console is not None,
-                      rng is not None)
+                      rng is not None, pci)
 
 
 # --- capture and apply ----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ KVM_CHECK_EXTENSION KVM_GET_VCPU_MMAP_SIZE KVM_GET_SUPPORTED_CPUID
 KVM_CREATE_VCPU KVM_GET_DIRTY_LOG KVM_CLEAR_DIRTY_LOG KVM_SET_USER_MEMORY_REGION KVM_SET_TSS_ADDR
 KVM_SET_IDENTITY_MAP_ADDR KVM_CREATE_IRQCHIP KVM_IRQ_LINE KVM_IRQ_LINE_STATUS KVM_GET_IRQCHIP
 KVM_SET_IRQCHIP KVM_CREATE_PIT2 KVM_GET_PIT2 KVM_SET_PIT2 KVM_IRQFD KVM_IOEVENTFD KVM_SET_CLOCK
-KVM_GET_CLOCK KVM_ENABLE_CAP KVM_SET_BOOT_CPU_ID KVM_SIGNAL_MSI
+KVM_GET_CLOCK KVM_ENABLE_CAP KVM_SET_BOOT_CPU_ID KVM_SIGNAL_MSI KVM_SET_GSI_ROUTING
 KVM_RUN KVM_GET_REGS KVM_SET_REGS KVM_GET_SREGS KVM_SET_SREGS KVM_GET_FPU KVM_SET_FPU
 KVM_GET_MSRS KVM_SET_MSRS KVM_SET_CPUID2 KVM_GET_CPUID2 KVM_GET_LAPIC KVM_SET_LAPIC KVM_GET_MP_STATE
 KVM_SET_MP_STATE KVM_GET_VCPU_EVENTS KVM_SET_VCPU_EVENTS KVM_GET_DEBUGREGS KVM_SET_DEBUGREGS
@@ -48,6 +48,7 @@ KVM_MEM_LOG_DIRTY_PAGES KVM_MEM_READONLY
 KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE KVM_DIRTY_LOG_INITIALLY_SET
 KVM_IRQFD_FLAG_DEASSIGN KVM_IRQFD_FLAG_RESAMPLE KVM_IOEVENTFD_FLAG_DATAMATCH KVM_IOEVENTFD_FLAG_PIO KVM_IOEVENTFD_FLAG_DEASSIGN
 KVM_IRQCHIP_PIC_MASTER KVM_IRQCHIP_PIC_SLAVE KVM_IRQCHIP_IOAPIC KVM_IOAPIC_NUM_PINS
+KVM_IRQ_ROUTING_IRQCHIP KVM_IRQ_ROUTING_MSI
 KVM_PIT_SPEAKER_DUMMY KVM_PIT_FLAGS_HPET_LEGACY
 KVM_CLOCK_TSC_STABLE
 KVM_EXIT_UNKNOWN KVM_EXIT_EXCEPTION KVM_EXIT_IO KVM_EXIT_HYPERCALL KVM_EXIT_DEBUG KVM_EXIT_HLT
@@ -102,6 +103,13 @@ struct kvm_clock_data { __u64 clock; __u32 flags; __u64 realtime; __u64 host_tsc
 struct kvm_enable_cap { __u32 cap; __u32 flags; __u64 args[4]; ...; };
 struct kvm_pit_config { __u32 flags; ...; };
 struct kvm_interrupt { __u32 irq; };
+/* GSI routing: the entry's payload is a union named u; only the members used are declared. */
+struct kvm_irq_routing_irqchip { __u32 irqchip; __u32 pin; };
+struct kvm_irq_routing_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 devid; };
+struct kvm_irq_routing_entry { __u32 gsi; __u32 type; __u32 flags; __u32 pad;
+                               union { struct kvm_irq_routing_irqchip irqchip;
+                                       struct kvm_irq_routing_msi msi; __u32 pad[8]; } u; ...; };
+struct kvm_irq_routing { __u32 nr; __u32 flags; struct kvm_irq_routing_entry entries[]; };
 struct kvm_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 flags; __u32 devid; ...; };
 struct kvm_translation {
     __u64 linear_address;

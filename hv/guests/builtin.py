@@ -281,17 +281,27 @@ class GuestMemoryReader(Protocol):
     def read_u64(self, address: int) -> int: ...
 
 
+# The guest counts each interrupt it takes, per IDT vector, at IRQ_COUNTS_ADDR (a u64 per vector,
+# layout.h): on IOAPIC pins nothing in the machine uses, which a host raises itself (HOST_*), and
+# on virtio-pci's MSI-X vectors (pci.h MSI_*).
+IRQ_COUNTS_ADDR = STATUS_ADDR + 0xC00
+IDT_VECTORS = 64
+HOST_EDGE_IRQ, HOST_EDGE_VECTOR = 22, 0x30
+HOST_LEVEL_IRQ, HOST_LEVEL_VECTOR = 23, 0x31  # level-triggered: KVM lowers it at the guest's EOI
+MSI_FIRST_VECTOR, MSI_VECTORS = 0x28, 8
+MSI_COUNTS_ADDR = IRQ_COUNTS_ADDR + 8 * MSI_FIRST_VECTOR
+
+
+def read_msi_counts(memory: GuestMemoryReader) -> tuple[int, ...]:
+    """The interrupts the guest's MSI-X handlers counted, per vector (from MSI_FIRST_VECTOR), as
+    its virtio-pci drivers assign them: a vector per queue, blk's, the console's two, rng's, in
+    the order the devices are found."""
+    return tuple(int(w) for w in np.frombuffer(memory.read(MSI_COUNTS_ADDR, 8 * MSI_VECTORS), dtype="<u8"))
+
+
 def read_status(memory: GuestMemoryReader) -> GuestStatus:
     """The status page, from a `GuestMemory` (or anything with `read(address, size)`)."""
     return GuestStatus.from_bytes(memory.read(STATUS_ADDR, STATUS_WORDS * 8))
-
-
-# IOAPIC pins nothing in the machine uses, which a host raises itself (layout.h HOST_*): the guest
-# counts each interrupt it takes on them, per vector, at IRQ_COUNTS_ADDR (a u64 per IDT vector).
-HOST_EDGE_IRQ, HOST_EDGE_VECTOR = 22, 0x28
-HOST_LEVEL_IRQ, HOST_LEVEL_VECTOR = 23, 0x29  # level-triggered: KVM lowers it at the guest's EOI
-IRQ_COUNTS_ADDR = STATUS_ADDR + 0xC00
-IDT_VECTORS = 48
 
 
 def interrupt_count(memory: GuestMemoryReader, vector: int) -> int:
