@@ -128,9 +128,33 @@ class DirtyBitmap:
         """One bool per page (little-endian bit order within each word)."""
         return np.unpackbits(self.words.view(np.uint8), bitorder="little")[: self.npages].astype(bool)
 
-    def pages(self) -> np.ndarray:
-        """Indices of the set bits, ascending."""
-        return np.flatnonzero(self.as_bools()).astype(np.uint64)
+    def nonzero_words(self) -> np.ndarray:
+        """Indices of the words with any page set, ascending (~20 us a 16 GiB slot: the one pass
+        over the whole bitmap that sparse work needs)."""
+        return np.flatnonzero(self.words != 0)
+
+    def pages(self, nonzero_words: np.ndarray | None = None) -> np.ndarray:
+        """Indices of the set bits, ascending: only the words with a bit set are unpacked, so the
+        cost is the dirty pages', not the slot's (`nonzero_words` if the caller has them)."""
+        nz = self.nonzero_words() if nonzero_words is None else nonzero_words
+        bits = np.unpackbits(self.words[nz].view(np.uint8), bitorder="little").reshape(-1, 64)
+        rows, cols = np.nonzero(bits)
+        pages = (nz[rows].astype(np.uint64) << np.uint64(6)) + cols.astype(np.uint64)
+        return pages[pages < self.npages]  # a last word's bits past the slot are no pages
+
+    def groups_with_pages(self, pages_per_group: int) -> np.ndarray:
+        """One bool per group of `pages_per_group` consecutive pages (the last one partial): does
+        it hold a set page. Sparse: a pass over the words, then work per dirty word only."""
+        groups = -(-self.npages // pages_per_group)
+        out = np.zeros(groups, dtype=bool)
+        nz = self.nonzero_words()
+        if len(nz) == 0:
+            return out
+        if pages_per_group % 64 == 0:  # a group is whole words
+            out[nz // (pages_per_group // 64)] = True
+        else:
+            out[(self.pages(nz) // np.uint64(pages_per_group)).astype(np.intp)] = True
+        return out
 
     def runs(self) -> PageRuns:
         """Runs of consecutive dirty pages, found by the C scanner (zero words skipped)."""
