@@ -321,7 +321,8 @@ def _stats_table(stats: dict[str, Any]) -> Table:
     table = Table(title=f"migration {stats['outcome']}", show_header=False)
     rows = [("total", f"{stats['total_seconds'] * 1000:.0f} ms"),
             ("setup", f"{stats['setup_seconds'] * 1000:.0f} ms"),
-            ("downtime", f"{stats['downtime_ms']:.1f} ms (target {stats['downtime_target_ms']:.0f} ms)"),
+            ("downtime", f"{stats['downtime_ms']:.1f} ms (forecast {stats.get('downtime_predicted_ms', 0):.1f}, "
+                         f"target {stats['downtime_target_ms']:.0f} ms)"),
             ("downtime by phase", ", ".join(f"{k.replace('_', ' ')} {v:.1f}"
                                             for k, v in stats.get("downtime_phases_ms", {}).items()) + " ms"),
             ("rounds", str(len(stats["rounds"]))),
@@ -386,6 +387,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         from migrate.plot import plot_rounds
 
         say("migrate", f"rounds drawn in {plot_rounds(stats, args.plot)}")
+    if stats["outcome"] == "completed" and stats.get("downtime_overrun_ms"):
+        return ExitStatus.OVERRAN  # it moved, but the promise of the downtime target was broken
     return OUTCOMES.get(stats["outcome"], ExitStatus.MIGRATION_FAILED)
 
 

@@ -12,7 +12,11 @@ from migrate.transport import Tls
 
 @dataclass(frozen=True)
 class MigrationOptions:
-    downtime_ms: float = 300.0  # stop and copy once the rest fits in this
+    downtime_ms: float = 300.0  # the longest pause allowed (a ceiling: the pause is made as short as it gets)
+    downtime_settle_ms: float = 2.0  # a final copy forecast this short is as short as it will get
+    # the pause's fixed part (pausing, the state, the target's apply and resume, the round trips)
+    # counted beside the copy when the forecast is held against the downtime target
+    downtime_fixed_ms: float = 10.0
     bandwidth_mib_s: float = 0.0  # cap on what we send (0: as fast as the link goes)
     streams: int = 1  # page streams (connections), as QEMU's multifd channels
     threads: int = 2  # page-encoding threads (at least `streams`)

@@ -154,12 +154,18 @@ class Source:
                 raise Cancelled("cancelled by the user")
             dirty, dirty_pages, dirty_rate = self._fetch()
             figures = RoundFigures.after(self.stats, dirty_pages, time.perf_counter() - t0, self.machine.throttle,
-                                         dirty_blocks=digest.dirty_blocks(dirty), block_ms=self._hashes.block_ms)
+                                         dirty_blocks=digest.dirty_blocks(dirty), block_ms=self._hashes.block_ms,
+                                         bandwidth_cap_mib_s=self.options.bandwidth_mib_s,
+                                         fixed_ms=self.options.downtime_fixed_ms)
             decision = decide(figures, self.options)
+            log.debug("after round %d: %s (%s), pause forecast %.1f ms", figures.rounds - 1,
+                      decision.action.value, decision.reason.value, decision.estimate_ms)
             if self._switch_now(decision.action):
                 return self._switch_to_postcopy(dirty, t0)
             match decision.action:
                 case Action.STOP_AND_COPY:
+                    self.stats.downtime_predicted_ms = round(decision.estimate_ms, 3)
+                    self.stats.downtime_copy_predicted_ms = round(figures.estimate_ms, 3)
                     return self._stop_and_copy(dirty, t0, decision.estimate_ms)
                 case Action.GIVE_UP:
                     raise NotConverging(figures.rounds, figures.seconds, dirty_pages, decision.estimate_ms,
@@ -327,6 +333,9 @@ class Source:
         laps = Laps()
         self.machine.pause()
         self._deadline = time.monotonic() + self._final_copy_limit_ms / 1000
+        # the final copy paced from here, at the cap the forecast assumed: neither a debt of the
+        # rounds (a sleep in the pause) nor their credit (a burst the forecast did not count)
+        self._sent_at_start, self._bytes_at_start = time.perf_counter(), self.bytes_sent
         laps.lap("pause")
         final, _, rate = self._fetch()
         for (_, merged), (_, earlier) in zip(final, pending, strict=True):
@@ -349,7 +358,9 @@ class Source:
         self._hand_over(laps)
         if self.stats.downtime_overrun_ms:
             self.stats.problems.append(f"the guest was paused {self.stats.downtime_ms:.0f} ms, past the "
-                                       f"{self.options.downtime_ms:.0f} ms downtime target")
+                                       f"{self.options.downtime_ms:.0f} ms downtime target (forecast "
+                                       f"{self.stats.downtime_predicted_ms:.0f} ms)")
+            log.warning("%s", self.stats.problems[-1])
         return self._completed(t0, "the target runs the guest")
 
     def _limit_final_copy(self, budget_ms: float) -> None:
@@ -371,6 +382,8 @@ class Source:
         self.stats.downtime_ms = sum(laps.phases.values())
         self.stats.downtime_phases_ms = _with_target_phases(laps.phases, ready, resumed, waited, committed)
         self.stats.downtime_target_ms = self.options.downtime_ms
+        self.stats.downtime_copy_ms = round(sum(laps.phases.get(k, 0.0) for k in ("dirty_log", "last_round",
+                                                                                  "digest")), 3)
 
     def _completed(self, t0: float, reason: str) -> MigrationStats:
         self.stats.frames_judged_raw = self.live_pool.frames_judged_raw + self.paused_pool.frames_judged_raw
