@@ -66,6 +66,8 @@ def _migrate_send(ctx: ControlContext, args: dict[str, Any], progress: Progress)
     except (ValueError, TypeError) as e:
         raise ControlError("BadRequest", str(e)) from e
     cancel = ctx.extra["migration_cancel"] = threading.Event()
+    switch = ctx.extra["migration_switch"] = threading.Event()
+    ctx.extra["migration_postcopy"] = options.wants_postcopy
     live = ctx.extra["migration_status"] = {"phase": "setup", "to": args["to"]}
     client = _Client(progress)
 
@@ -77,7 +79,7 @@ def _migrate_send(ctx: ControlContext, args: dict[str, Any], progress: Progress)
         client(p)
 
     try:
-        stats = send(ctx.machine, args["to"], options, progress=report, cancel=cancel)
+        stats = send(ctx.machine, args["to"], options, progress=report, cancel=cancel, switch=switch)
     except Exception as e:
         live.update(phase="in-doubt" if isinstance(e, MigrationInDoubt) else "failed", reason=str(e))
         raise
@@ -133,6 +135,19 @@ def _migrate_cancel(ctx: ControlContext, _args: dict[str, Any], _progress: Progr
     return {"cancelled": True, "phase": live["phase"], "round": live.get("round", 0)}
 
 
+def _migrate_start_postcopy(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
+    """QEMU's migrate-start-postcopy: the running pre-copy switches to post-copy at its next
+    message (mid-round too), in a migration whose handshake negotiated post-copy."""
+    switch, live = ctx.extra.get("migration_switch"), ctx.extra.get("migration_status") or {}
+    if switch is None or live.get("phase") not in ("setup", "precopy"):
+        raise ControlError("NotMigrating", "no pre-copy migration is running here")
+    if not ctx.extra.get("migration_postcopy"):
+        raise ControlError("BadRequest", "this migration did not negotiate post-copy: start it with "
+                           "--postcopy-ready (or another --postcopy option)")
+    switch.set()
+    return {"switching": True, "phase": live["phase"], "round": live.get("round", 0)}
+
+
 def _migrate_resolve(ctx: ControlContext, args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
     from migrate.protocol import HandOver
     from migrate.resolve import Force, resolve
@@ -151,6 +166,7 @@ def register(server: ControlServer) -> None:
     server.register("snapshot", _snapshot, exclusive=True)
     server.register("migrate-send", _migrate_send, exclusive=True)
     server.register("migrate-cancel", _migrate_cancel)
+    server.register("migrate-start-postcopy", _migrate_start_postcopy)
     server.register("migrate-resolve", _migrate_resolve)
     server.register("migrate-status", _migrate_status)
     server.register("verify", _verify, exclusive=True)  # pauses the guest: not beside a migration

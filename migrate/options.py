@@ -33,9 +33,11 @@ class MigrationOptions:
     # the final copy (guest paused) waits at most twice its budget plus this, in all, for the target
     final_copy_margin_ms: float = 1000.0
     # post-copy (opt-in: after the switch the guest needs both hosts until every page is in)
-    postcopy: bool = False  # switch after `postcopy_after` pre-copy rounds
+    postcopy: bool = False  # switch after `postcopy_after` pre-copy rounds (0: pure post-copy, no round)
     postcopy_after: int = 1
     postcopy_auto: bool = False  # switch when pre-copy would not converge within downtime_ms
+    postcopy_after_ms: float = 0.0  # switch this long after the pages began, mid-round if need be (0: off)
+    postcopy_ready: bool = False  # post-copy negotiated; switch on `migrate-start-postcopy` (QEMU's)
     postcopy_reconnect_s: float = 30.0  # after a lost link, how long to try to reconnect
     key: bytes = b""
     tls: Tls | None = None  # mutual TLS (certificates checked against a private CA)
@@ -55,4 +57,4 @@ class MigrationOptions:
 
     @property
     def wants_postcopy(self) -> bool:
-        return self.postcopy or self.postcopy_auto
+        return self.postcopy or self.postcopy_auto or self.postcopy_ready or self.postcopy_after_ms > 0

@@ -208,6 +208,12 @@ class MemoryRegion:
         padded[: len(words)] = words
         return DirtyBitmap(self.npages, padded.view(np.uint64))
 
+    def mapped_pages(self, first: int, count: int) -> np.ndarray:
+        """One bool per page of [first, first + count): is anything mapped there (the shared
+        zero page a read maps included). Reads only that part of /proc/self/pagemap."""
+        entries = _read_pagemap(self.host_address + first * PAGE_SIZE, count)
+        return (entries & (_PAGEMAP_PRESENT | _PAGEMAP_SWAPPED)) != 0
+
     def prefault(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) resident and writable in one call before the host fills
         it (MADV_POPULATE_WRITE, Linux 5.14): one kernel walk instead of a fault per page, which

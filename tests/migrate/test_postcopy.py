@@ -463,3 +463,41 @@ def test_migrate_recv_keeps_a_stranded_guest_paused_until_told(tmp_path: Path) -
         for proc in (source, target, sender):
             if proc is not None:
                 proc.kill()
+
+
+def _switch_on_request(kvm: Kvm, options: MigrationOptions, when) -> tuple:
+    """Send with post-copy negotiated, `switch` set by `when(progress event)`; the stats, the
+    pages the source held before it sent any, and the moved guest's console."""
+    machine = _running_guest(kvm)
+    listener = Listener("127.0.0.1:0", b"")
+    console, result, switch = bg.GuestConsole(), {}, threading.Event()
+    thread = threading.Thread(target=lambda: result.update(
+        incoming=listen_and_receive(listener, kvm, console=console, accept_timeout=20, timeout=10)))
+    thread.start()
+    try:
+        touched = sum(r.populated_pages().count() for r in machine.vm.memory.regions)
+        stats = send(machine, listener.address, options, switch=switch,
+                     progress=lambda p: switch.set() if when(p) else None)
+        thread.join(30)
+        assert stats.outcome == "completed", stats.reason
+        _assert_carries_on(result["incoming"].machine, console)  # every page there, checked by the guest
+        return stats, touched
+    finally:
+        _end(listener, machine)
+
+
+def test_pure_postcopy_switches_before_any_page(kvm: Kvm) -> None:
+    stats, touched = _switch_on_request(kvm, MigrationOptions(postcopy=True, postcopy_after=0), lambda p: False)
+    assert stats.rounds == [] and stats.postcopy.after_rounds == 0
+    assert stats.postcopy.missing_pages >= touched  # all the guest had (and what it touched since)
+
+
+def test_a_switch_asked_mid_round_breaks_the_round_off(kvm: Kvm) -> None:
+    """migrate-start-postcopy's path: asked as round 0 begins (its first progress line), the
+    switch comes after round 0's first message; the rest of round 0 is missing on the target."""
+    stats, touched = _switch_on_request(kvm, MigrationOptions(postcopy_ready=True),
+                                        lambda p: p.get("stage") == "pages" and p.get("round") == 0)
+    assert len(stats.rounds) == 1 and stats.postcopy.after_rounds == 1
+    sent = stats.rounds[0].pages
+    assert 0 < sent < touched  # broken off after a message, short of a whole pass
+    assert stats.postcopy.missing_pages >= touched - sent
