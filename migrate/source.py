@@ -278,14 +278,17 @@ class Source:
         self._hashes = digest.BlockHashes(vm.memory, self._touched, block)
         self._hashes.refresh_soon()  # the digest at the end then hashes only what changed since
 
-    def _fetch(self) -> tuple[Dirty, int, float]:
-        """The dirty log since the last fetch, its page count and the rate the guest dirtied at."""
+    def _fetch(self, *, paused: bool = False) -> tuple[Dirty, int, float]:
+        """The dirty log since the last fetch, its page count and the rate the guest dirtied at.
+        `paused`: no background hashing now (the final copy has the CPUs to itself; the digest
+        hashes what is stale once the pages are out)."""
         dirty = list(self.machine.vm.fetch_dirty_logs())
         for region, bitmap in dirty:
             self._touched[region.guest_base] |= bitmap
         if self._hashes is not None:
             self._hashes.invalidate(dirty)
-            self._hashes.refresh_soon()
+            if not paused:
+                self._hashes.refresh_soon()
         now = time.perf_counter()
         count = sum(b.count() for _, b in dirty)
         rate = count * PAGE_SIZE / MiB / max(now - self._fetched_at, 1e-6)
@@ -367,7 +370,7 @@ class Source:
         # rounds (a sleep in the pause) nor their credit (a burst the forecast did not count)
         self._sent_at_start, self._bytes_at_start = time.perf_counter(), self.bytes_sent
         laps.lap("pause")
-        final, _, rate = self._fetch()
+        final, _, rate = self._fetch(paused=True)
         for (_, merged), (_, earlier) in zip(final, pending, strict=True):
             merged |= earlier
         laps.lap("dirty_log")
