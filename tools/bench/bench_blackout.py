@@ -428,6 +428,7 @@ def run_scenario(name: str, scenario: Scenario, peers: list[str], runs: int, ima
 
 
 def main() -> None:
+    global SWITCH_AFTER_MS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5, help="runs per scenario and peer")
     ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), metavar="NAME",
@@ -443,7 +444,6 @@ def main() -> None:
     ap.add_argument("--period-ms", type=float, default=5.0, help="ping period: the figures' resolution")
     ap.add_argument("--json", action="store_true", help="one JSON document instead of the tables")
     args = ap.parse_args()
-    global SWITCH_AFTER_MS
     SWITCH_AFTER_MS = args.switch_after_ms
     image, tsc_khz = bg.guest_image(), bq.host_tsc_khz()
     qemu = subprocess.run([bq.QEMU, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
