@@ -501,3 +501,38 @@ def test_a_switch_asked_mid_round_breaks_the_round_off(kvm: Kvm) -> None:
     sent = stats.rounds[0].pages
     assert 0 < sent < touched  # broken off after a message, short of a whole pass
     assert stats.postcopy.missing_pages >= touched - sent
+
+
+def test_migrate_start_postcopy_on_the_control_socket_switches_a_running_precopy(kvm: Kvm, tmp_path: Path) -> None:
+    """QEMU's migrate-start-postcopy: refused with no migration running; taken by one that
+    negotiated post-copy (--postcopy-ready), which could not end otherwise (a 1 ms target never
+    fits, no throttle, no round limit to speak of)."""
+    from hv.vmm.control import ControlContext, ControlServer
+
+    machine = _running_guest(kvm)
+    listener = Listener("127.0.0.1:0", b"")
+    console, result = bg.GuestConsole(), {}
+    thread = threading.Thread(target=lambda: result.update(
+        incoming=listen_and_receive(listener, kvm, console=console, accept_timeout=20, timeout=10)))
+    thread.start()
+    try:
+        with ControlServer(tmp_path / "source.sock", ControlContext(machine)) as server:
+            with pytest.raises(ControlError) as e:
+                call(server.path, "migrate-start-postcopy", timeout=10)
+            assert e.value.kind == "NotMigrating"
+            options = {"postcopy_ready": True, "downtime_ms": 1, "auto_converge": False, "max_rounds": 10_000}
+            sent = threading.Thread(target=lambda: result.update(
+                stats=call(server.path, "migrate-send", timeout=60, to=listener.address, options=options)))
+            sent.start()
+            deadline = time.monotonic() + 30
+            while call(server.path, "migrate-status", timeout=10).get("round", 0) < 2:  # pre-copy goes round
+                assert time.monotonic() < deadline and sent.is_alive()
+                time.sleep(0.01)
+            assert call(server.path, "migrate-start-postcopy", timeout=10)["switching"] is True
+            sent.join(60)
+        thread.join(30)
+        stats = result["stats"]
+        assert stats["outcome"] == "completed" and stats["postcopy"]["after_rounds"] >= 2
+        _assert_carries_on(result["incoming"].machine, console)
+    finally:
+        _end(listener, machine)
