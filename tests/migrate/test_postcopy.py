@@ -133,11 +133,7 @@ def test_a_stranger_cannot_join_the_fetch_channel(kvm: Kvm, caplog, monkeypatch)
     from migrate.source import Source
 
     machine = _running_guest(kvm, ws_mib=8)
-    listener = Listener("127.0.0.1:0", b"")
-    console, result = bg.GuestConsole(), {}
-    thread = threading.Thread(target=lambda: result.update(
-        incoming=listen_and_receive(listener, kvm, console=console, accept_timeout=20, timeout=10)))
-    thread.start()
+    listener, console, result, thread = _receiving(kvm)
     open_fetch_channel = Source.open_fetch_channel
     strangers = []
 
@@ -382,11 +378,7 @@ def test_a_link_down_past_the_reconnect_window_waits_in_doubt_and_resumes_on_dem
 ], ids=["after-2-rounds", "auto"])
 def test_the_switch_comes_after_n_rounds_or_when_precopy_would_not_converge(kvm: Kvm, options, rounds: int) -> None:
     machine = _running_guest(kvm)
-    listener = Listener("127.0.0.1:0", b"")
-    console, result = bg.GuestConsole(), {}
-    thread = threading.Thread(target=lambda: result.update(
-        incoming=listen_and_receive(listener, kvm, console=console, accept_timeout=20, timeout=10)))
-    thread.start()
+    listener, console, result, thread = _receiving(kvm)
     try:
         stats = send(machine, listener.address, options)
         thread.join(30)
@@ -465,15 +457,23 @@ def test_migrate_recv_keeps_a_stranded_guest_paused_until_told(tmp_path: Path) -
                 proc.kill()
 
 
+def _receiving(kvm: Kvm) -> tuple[Listener, bg.GuestConsole, dict, threading.Thread]:
+    """A target receiving on a thread: its listener, the moved guest's console, the result
+    (`incoming`) and the thread."""
+    listener = Listener("127.0.0.1:0", b"")
+    console, result = bg.GuestConsole(), {}
+    thread = threading.Thread(target=lambda: result.update(
+        incoming=listen_and_receive(listener, kvm, console=console, accept_timeout=20, timeout=10)))
+    thread.start()
+    return listener, console, result, thread
+
+
 def _switch_on_request(kvm: Kvm, options: MigrationOptions, when) -> tuple:
     """Send with post-copy negotiated, `switch` set by `when(progress event)`; the stats, the
     pages the source held before it sent any, and the moved guest's console."""
     machine = _running_guest(kvm)
-    listener = Listener("127.0.0.1:0", b"")
-    console, result, switch = bg.GuestConsole(), {}, threading.Event()
-    thread = threading.Thread(target=lambda: result.update(
-        incoming=listen_and_receive(listener, kvm, console=console, accept_timeout=20, timeout=10)))
-    thread.start()
+    listener, console, result, thread = _receiving(kvm)
+    switch = threading.Event()
     try:
         touched = sum(r.populated_pages().count() for r in machine.vm.memory.regions)
         stats = send(machine, listener.address, options, switch=switch,
@@ -510,11 +510,7 @@ def test_migrate_start_postcopy_on_the_control_socket_switches_a_running_precopy
     from hv.vmm.control import ControlContext, ControlServer
 
     machine = _running_guest(kvm)
-    listener = Listener("127.0.0.1:0", b"")
-    console, result = bg.GuestConsole(), {}
-    thread = threading.Thread(target=lambda: result.update(
-        incoming=listen_and_receive(listener, kvm, console=console, accept_timeout=20, timeout=10)))
-    thread.start()
+    listener, console, result, thread = _receiving(kvm)
     try:
         with ControlServer(tmp_path / "source.sock", ControlContext(machine)) as server:
             with pytest.raises(ControlError) as e:
