@@ -265,7 +265,10 @@ def _send_options(args: argparse.Namespace) -> dict[str, Any]:
                                "max_seconds": args.max_seconds, "finish_anyway": args.finish_anyway,
                                "final_copy_margin_ms": args.final_copy_margin_ms,
                                "postcopy": args.postcopy or args.postcopy_after is not None,
-                               "postcopy_after": args.postcopy_after or 1, "postcopy_auto": args.postcopy_auto,
+                               "postcopy_after": 1 if args.postcopy_after is None else args.postcopy_after,
+                               "postcopy_auto": args.postcopy_auto,
+                               "postcopy_after_ms": args.postcopy_after_ms or 0.0,
+                               "postcopy_ready": args.postcopy_ready,
                                "postcopy_reconnect_s": args.postcopy_reconnect}
     key = _key(args.key_file)
     if key:
@@ -327,7 +330,8 @@ def _stats_table(stats: dict[str, Any]) -> Table:
     table = Table(title=f"migration {stats['outcome']}", show_header=False)
     rows = [("total", f"{stats['total_seconds'] * 1000:.0f} ms"),
             ("setup", f"{stats['setup_seconds'] * 1000:.0f} ms"),
-            ("downtime", f"{stats['downtime_ms']:.1f} ms (target {stats['downtime_target_ms']:.0f} ms)"),
+            ("downtime", f"{stats['downtime_ms']:.1f} ms (forecast {stats.get('downtime_predicted_ms', 0):.1f}, "
+                         f"target {stats['downtime_target_ms']:.0f} ms)"),
             ("downtime by phase", ", ".join(f"{k.replace('_', ' ')} {v:.1f}"
                                             for k, v in stats.get("downtime_phases_ms", {}).items()) + " ms"),
             ("rounds", str(len(stats["rounds"]))),
@@ -392,6 +396,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         from migrate.plot import plot_rounds
 
         say("migrate", f"rounds drawn in {plot_rounds(stats, args.plot)}")
+    if stats["outcome"] == "completed" and stats.get("downtime_overrun_ms"):
+        return ExitStatus.OVERRAN  # it moved, but the promise of the downtime target was broken
     return OUTCOMES.get(stats["outcome"], ExitStatus.MIGRATION_FAILED)
 
 
@@ -418,6 +424,16 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         return ExitStatus.REFUSED
     if not args.json:
         say("migrate", f"cancelled in round {result['round']}; {describe(live)}")
+    return ExitStatus.OK
+
+
+def cmd_start_postcopy(args: argparse.Namespace) -> int:
+    """`migrate start-postcopy SOCK`: QEMU's migrate-start-postcopy for the VM's running migration."""
+    result = call(args.socket, "migrate-start-postcopy")
+    if args.json:
+        _print_json(result)
+    else:
+        say("migrate", f"switching to post-copy (was in round {result['round']})")
     return ExitStatus.OK
 
 
@@ -638,7 +654,14 @@ runs in the VM's process; see migrate status and migrate cancel.""")
                                "down, the target pauses the guest with what it has (a lost link is reconnected "
                                "within --postcopy-reconnect SECONDS)")
     postcopy.add_argument("--postcopy-after", type=int, metavar="N",
-                          help="as --postcopy, after N pre-copy rounds (unless pre-copy has finished by then)")
+                          help="as --postcopy, after N pre-copy rounds (unless pre-copy has finished by then); "
+                               "0: pure post-copy, the switch before any page is sent")
+    postcopy.add_argument("--postcopy-after-ms", type=float, metavar="MS",
+                          help="as --postcopy, MS after the pages began (mid-round if need be), unless pre-copy "
+                               "has finished by then: QEMU's migrate-start-postcopy at a chosen moment")
+    postcopy.add_argument("--postcopy-ready", action="store_true",
+                          help="negotiate post-copy, but switch only when asked: the control socket's "
+                               "migrate-start-postcopy (QEMU's), or `migrate start-postcopy --api SOCK`")
     postcopy.add_argument("--postcopy-auto", action="store_true",
                           help="as --postcopy, but only when pre-copy would not converge within --downtime-ms "
                                "(instead of throttling the guest or giving up)")
@@ -681,6 +704,14 @@ runs in the VM's process; see migrate status and migrate cancel.""")
     p.add_argument("socket", metavar="SOCK", help="the migrating VM's control socket")
     p.add_argument("--json", action="store_true", help="the result as JSON on stdout")
     p.set_defaults(func=cmd_cancel)
+
+    p = command("start-postcopy", "switch a VM's running migration to post-copy now (QEMU's "
+                "migrate-start-postcopy; the migration must have negotiated it, e.g. --postcopy-ready)", """\
+  migrate send --api /tmp/vm.sock --to 10.0.0.2:7380 --postcopy-ready &
+  migrate start-postcopy /tmp/vm.sock""")
+    p.add_argument("socket", metavar="SOCK", help="the migrating VM's control socket")
+    p.add_argument("--json", action="store_true", help="the result as JSON on stdout")
+    p.set_defaults(func=cmd_start_postcopy)
 
     p = command("plot", "draw a migration's rounds (the stats of migrate send --json) into a PNG", """\
   migrate send --api /tmp/vm.sock --to 127.0.0.1:7380 --json > stats.json

@@ -31,7 +31,7 @@ from hv.vmm.control import ControlContext, ControlError, ControlServer, Progress
 from hv.vmm.owner import owner_of
 from migrate.events import PagesProgress, ProgressEvent, Throttled, to_lines
 from migrate.errors import Failure
-from migrate.stats import RUNNING, MigrationOutcome, MigrationProgress, MigrationStats
+from migrate.stats import RUNNING, MigrationOutcome, MigrationPhase, MigrationProgress, MigrationStats
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ def _migrate_send(ctx: ControlContext, args: dict[str, Any], progress: Progress)
         raise ControlError("BadRequest", str(e)) from e
     cancel = ctx.extra["migration_cancel"] = threading.Event()
     status = ctx.extra["migration_status"] = MigrationStatus(args["to"])
+    switch = ctx.extra["migration_switch"] = threading.Event()
+    ctx.extra["migration_postcopy"] = options.wants_postcopy
     client = _Client(progress)
 
     def report(event: ProgressEvent) -> None:
@@ -80,7 +82,7 @@ def _migrate_send(ctx: ControlContext, args: dict[str, Any], progress: Progress)
         client(event.as_dict())
 
     try:
-        stats = send(ctx.machine, args["to"], options, progress=report, cancel=cancel)
+        stats = send(ctx.machine, args["to"], options, progress=report, cancel=cancel, switch=switch)
     except Exception as e:
         status.raised(MigrationOutcome.IN_DOUBT if isinstance(e, MigrationInDoubt) else MigrationOutcome.FAILED, str(e))
         raise
@@ -165,6 +167,20 @@ def _migrate_cancel(ctx: ControlContext, _args: dict[str, Any], _progress: Progr
     return {"cancelled": True, "phase": live["phase"], "round": live.get("round", 0)}
 
 
+def _migrate_start_postcopy(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
+    """QEMU's migrate-start-postcopy: the running pre-copy switches to post-copy at its next
+    message (mid-round too), in a migration whose handshake negotiated post-copy."""
+    switch, status = ctx.extra.get("migration_switch"), ctx.extra.get("migration_status")
+    live = status.as_dict() if isinstance(status, MigrationStatus) else {}
+    if switch is None or live.get("phase") not in (MigrationPhase.SETUP, MigrationPhase.PRECOPY):
+        raise ControlError("NotMigrating", "no pre-copy migration is running here")
+    if not ctx.extra.get("migration_postcopy"):
+        raise ControlError("BadRequest", "this migration did not negotiate post-copy: start it with "
+                           "--postcopy-ready (or another --postcopy option)")
+    switch.set()
+    return {"switching": True, "phase": live["phase"], "round": live.get("round", 0)}
+
+
 def _migrate_resolve(ctx: ControlContext, args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
     from migrate.protocol import HandOver
     from migrate.resolve import Force, SourceAction, resolve
@@ -183,6 +199,7 @@ def register(server: ControlServer) -> None:
     server.register("snapshot", _snapshot, exclusive=True)
     server.register("migrate-send", _migrate_send, exclusive=True)
     server.register("migrate-cancel", _migrate_cancel)
+    server.register("migrate-start-postcopy", _migrate_start_postcopy)
     server.register("migrate-resolve", _migrate_resolve)
     server.register("migrate-status", _migrate_status)
     server.register("verify", _verify, exclusive=True)  # pauses the guest: not beside a migration

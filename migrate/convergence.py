@@ -1,19 +1,24 @@
 """When a pre-copy migration stops and copies: a pure function from round figures to a decision.
 
-After each round the source fetches the dirty log and asks `decide` what next:
+After each round the source fetches the dirty log and asks `decide` what next. The downtime
+target is a ceiling, not the aim: the pause is made as short as it will get, and never, by a
+forecast, longer than the target.
 
-- STOP_AND_COPY once the pause fits the downtime target - the pause as the rounds so far cost:
-  what is dirty at the link's bandwidth (the best of the last three rounds, the compression seen
-  so far applied) or at the rounds' cost per page, whichever is slower (a page that compresses to
-  nothing still costs its gathering, encoding and placing), plus re-hashing each digest block the
-  dirty pages touch, on both sides (`estimate_ms`) - unless the rest is still
-  shrinking fast (under half the last round) and would not fit a quarter of the target: a round
-  costs the guest nothing, downtime costs it everything;
+- The pause is forecast as the rounds so far cost it (`pause_ms`): the copy - what is dirty at
+  the link's bandwidth (the best of the last three rounds, the compression seen so far applied,
+  never above the user's `--bandwidth` cap, which the final copy keeps too) or at the rounds'
+  cost per page, whichever is slower (a page that compresses to nothing still costs its
+  gathering, encoding and placing), plus re-hashing each digest block the dirty pages touch, on
+  both sides (`estimate_ms`) - plus the pause's fixed part (state, hand-over: `fixed_ms`).
+- STOP_AND_COPY once the forecast fits the target and the pause is as short as it will get: the
+  copy is settled (within `downtime_settle_ms`), or the last round did not shrink what is left
+  (`SHRINK`) and no throttle step is left to make it shrink;
 - GIVE_UP after `max_rounds` rounds or `max_seconds` (or STOP_AND_COPY then, late, if the options
-  say `finish_anyway`);
+  say `finish_anyway`: the only pause allowed past the target);
 - otherwise another round: THROTTLE first (auto-converge, QEMU's cpu-throttle-initial and
-  -increment) when, from the third round on, the guest dirtied memory faster than half what the
-  link carried in the last round; ANOTHER_ROUND as it is if not.
+  -increment) when, from the third round on and with the copy not settled, the guest dirtied
+  memory faster than half what the link carried in the last round, or the last round did not
+  shrink what is left; ANOTHER_ROUND as it is if not.
 
 No clock, no I/O, no machine here: `tests/migrate/test_convergence.py` checks the rules above as
 properties.
@@ -33,6 +38,7 @@ from migrate.stats import MigrationStats
 MIN_COMPRESSION = 0.05  # wire bytes per guest byte assumed at best (zero pages cost ~nothing)
 BANDWIDTH_ROUNDS = 3  # the bandwidth estimate is the best of this many last rounds
 MIN_PAGES_TO_COST = 256  # a round this small says little about the cost of a page
+SHRINK = 0.8  # a round shrank what is left if what is dirty after it is under this much of what it sent
 
 
 @dataclass(frozen=True)
@@ -51,20 +57,25 @@ class RoundFigures:
     page_ms: float = 0.0  # what one page cost a recent round, all told (the cheapest of them)
     dirty_blocks: int = 0  # digest blocks holding dirty pages: each side re-hashes them in the pause
     block_ms: float = 0.0  # what hashing one digest block costs (measured by the block hashes)
+    fixed_ms: float = 0.0  # the pause's part no page costs: pausing, the state, the hand-over
 
     @classmethod
     def after(cls, stats: MigrationStats, dirty_pages: int, seconds: float, throttle: float,
-              dirty_blocks: int = 0, block_ms: float = 0.0) -> RoundFigures:
-        """The figures from a migration's stats so far and the dirty log just fetched."""
+              dirty_blocks: int = 0, block_ms: float = 0.0, *, bandwidth_cap_mib_s: float = 0.0,
+              fixed_ms: float = 0.0) -> RoundFigures:
+        """The figures from a migration's stats so far and the dirty log just fetched; a round
+        can measure faster than `bandwidth_cap_mib_s` (a burst after an idle moment) where the
+        final copy, paced, cannot: the bandwidth is never counted above the cap."""
         last = stats.rounds[-1]
         recent = stats.rounds[-BANDWIDTH_ROUNDS:]
         costs = [r.seconds * 1000 / r.pages for r in recent if r.pages >= MIN_PAGES_TO_COST]
         return cls(
             rounds=len(stats.rounds), seconds=seconds, dirty_pages=dirty_pages, last_pages=last.pages,
             last_dirty_rate_mib_s=last.dirty_rate_mib_s, last_bandwidth_mib_s=last.bandwidth_mib_s,
-            bandwidth_mib_s=max(r.bandwidth_mib_s for r in recent),
+            bandwidth_mib_s=min(max(r.bandwidth_mib_s for r in recent), bandwidth_cap_mib_s or math.inf),
             compression=stats.sent_bytes_pages / stats.raw_bytes if stats.raw_bytes else 1.0,
-            throttle=throttle, page_ms=min(costs, default=0.0), dirty_blocks=dirty_blocks, block_ms=block_ms)
+            throttle=throttle, page_ms=min(costs, default=0.0), dirty_blocks=dirty_blocks, block_ms=block_ms,
+            fixed_ms=fixed_ms)
 
     @property
     def remaining_mib(self) -> float:
@@ -79,6 +90,16 @@ class RoundFigures:
         wire = self.remaining_mib / self.bandwidth_mib_s * 1000 if self.bandwidth_mib_s > 0 else math.inf
         return max(wire, self.dirty_pages * self.page_ms) + 2 * self.dirty_blocks * self.block_ms
 
+    @property
+    def pause_ms(self) -> float:
+        """The pause a stop and copy would cost now: the copy and the fixed part."""
+        return self.estimate_ms + self.fixed_ms
+
+    @property
+    def shrinking(self) -> bool:
+        """Did the last round shrink what is left (another like it would shrink it further)."""
+        return self.dirty_pages < SHRINK * self.last_pages
+
 
 class Action(enum.Enum):
     ANOTHER_ROUND = "another round"
@@ -88,8 +109,9 @@ class Action(enum.Enum):
 
 
 class Reason(enum.Enum):
-    FITS = "the rest fits the downtime target"
-    STILL_SHRINKING = "the rest fits, but another round is likely to cut it a lot"
+    FITS = "the rest fits the downtime target, and the pause is as short as it will get"
+    STILL_SHRINKING = "the rest fits, but another round is likely to cut it"
+    NOT_SHRINKING = "the rounds no longer shrink the rest: a throttle step first"
     TOO_MUCH = "the rest does not fit the downtime target yet"
     OUTRUNS_LINK = "the guest dirties memory faster than half the link carries"
     OUT_OF_ROUNDS = "the round limit is reached"
@@ -101,7 +123,7 @@ class Decision:
     action: Action
     reason: Reason
     throttle: float  # the throttle for the next round (THROTTLE: the new, higher one)
-    estimate_ms: float  # what a stop and copy would cost now
+    estimate_ms: float  # the pause a stop and copy would cost now (`RoundFigures.pause_ms`)
 
     @property
     def late(self) -> bool:
@@ -109,11 +131,21 @@ class Decision:
         return self.action is Action.STOP_AND_COPY and self.reason in (Reason.OUT_OF_ROUNDS, Reason.OUT_OF_TIME)
 
 
+def settled(figures: RoundFigures, options: MigrationOptions) -> bool:
+    """The copy is as short as it will get: within `downtime_settle_ms` (more rounds would
+    trade the guest's time for under a millisecond or two of pause)."""
+    return figures.estimate_ms <= options.downtime_settle_ms
+
+
 def next_throttle(figures: RoundFigures, options: MigrationOptions) -> float:
-    """Auto-converge's throttle for the next round: one step up while the guest outruns the link."""
+    """Auto-converge's throttle for the next round: one step up while the guest outruns the link
+    or the rounds no longer shrink an unsettled rest."""
     if not options.auto_converge or figures.rounds < 3:  # the first rounds say little of the rate
         return figures.throttle
-    if figures.last_dirty_rate_mib_s <= 0.5 * figures.last_bandwidth_mib_s:
+    if settled(figures, options):
+        return figures.throttle
+    outruns = figures.last_dirty_rate_mib_s > 0.5 * figures.last_bandwidth_mib_s
+    if not outruns and figures.shrinking:
         return figures.throttle
     if figures.throttle == 0:
         return options.throttle_initial
@@ -122,18 +154,17 @@ def next_throttle(figures: RoundFigures, options: MigrationOptions) -> float:
 
 def decide(figures: RoundFigures, options: MigrationOptions) -> Decision:
     """What the source does next, given where the migration stands."""
-    estimate = figures.estimate_ms
-    target = options.downtime_ms
-    shrinking = figures.dirty_pages < 0.5 * figures.last_pages
-    if estimate <= target and (estimate <= target / 4 or not shrinking):
-        return Decision(Action.STOP_AND_COPY, Reason.FITS, figures.throttle, estimate)
+    pause = figures.pause_ms
+    fits = pause <= options.downtime_ms
+    throttle = next_throttle(figures, options)
+    if fits and (settled(figures, options) or (not figures.shrinking and throttle == figures.throttle)):
+        return Decision(Action.STOP_AND_COPY, Reason.FITS, figures.throttle, pause)
     limit = (Reason.OUT_OF_ROUNDS if figures.rounds >= options.max_rounds else
              Reason.OUT_OF_TIME if figures.seconds >= options.max_seconds else None)
     if limit is not None:
         action = Action.STOP_AND_COPY if options.finish_anyway else Action.GIVE_UP
-        return Decision(action, limit, figures.throttle, estimate)
-    reason = Reason.STILL_SHRINKING if estimate <= target else Reason.TOO_MUCH
-    throttle = next_throttle(figures, options)
+        return Decision(action, limit, figures.throttle, pause)
     if throttle != figures.throttle:
-        return Decision(Action.THROTTLE, Reason.OUTRUNS_LINK, throttle, estimate)
-    return Decision(Action.ANOTHER_ROUND, reason, throttle, estimate)
+        outruns = figures.last_dirty_rate_mib_s > 0.5 * figures.last_bandwidth_mib_s
+        return Decision(Action.THROTTLE, Reason.OUTRUNS_LINK if outruns else Reason.NOT_SHRINKING, throttle, pause)
+    return Decision(Action.ANOTHER_ROUND, Reason.STILL_SHRINKING if fits else Reason.TOO_MUCH, throttle, pause)

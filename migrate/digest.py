@@ -24,14 +24,11 @@ from migrate.pages import Touched
 
 
 def blocks_with_pages(region: MemoryRegion, pages: DirtyBitmap, block: int = DIGEST_BLOCK) -> np.ndarray:
-    """One bool per digest block (of `block` bytes) of `region`: does it hold any page set in `pages`."""
-    bits = pages.as_bools()
-    per_block = block // PAGE_SIZE
-    if per_block == 1:
-        return bits
-    padded = np.zeros(block_count(region.npages * PAGE_SIZE, block) * per_block, dtype=bool)
-    padded[: region.npages] = bits
-    return padded.reshape(-1, per_block).any(axis=1)
+    """One bool per digest block (of `block` bytes) of `region`: does it hold any page set in
+    `pages`. Costs the dirty words, not the region's pages (it runs in the pause, on both sides)."""
+    blocks = pages.groups_with_pages(block // PAGE_SIZE)
+    assert len(blocks) == block_count(region.npages * PAGE_SIZE, block)
+    return blocks
 
 
 def known_zero_blocks(memory: GuestMemory, touched: Touched | None = None,

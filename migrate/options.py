@@ -12,7 +12,11 @@ from migrate.transport import Tls
 
 @dataclass(frozen=True)
 class MigrationOptions:
-    downtime_ms: float = 300.0  # stop and copy once the rest fits in this
+    downtime_ms: float = 300.0  # the longest pause allowed (a ceiling: the pause is made as short as it gets)
+    downtime_settle_ms: float = 2.0  # a final copy forecast this short is as short as it will get
+    # the pause's fixed part (pausing, the state, the target's apply and resume, the round trips)
+    # counted beside the copy when the forecast is held against the downtime target
+    downtime_fixed_ms: float = 10.0
     bandwidth_mib_s: float = 0.0  # cap on what we send (0: as fast as the link goes)
     streams: int = 1  # page streams (connections), as QEMU's multifd channels
     threads: int = 2  # page-encoding threads (at least `streams`)
@@ -29,9 +33,11 @@ class MigrationOptions:
     # the final copy (guest paused) waits at most twice its budget plus this, in all, for the target
     final_copy_margin_ms: float = 1000.0
     # post-copy (opt-in: after the switch the guest needs both hosts until every page is in)
-    postcopy: bool = False  # switch after `postcopy_after` pre-copy rounds
+    postcopy: bool = False  # switch after `postcopy_after` pre-copy rounds (0: pure post-copy, no round)
     postcopy_after: int = 1
     postcopy_auto: bool = False  # switch when pre-copy would not converge within downtime_ms
+    postcopy_after_ms: float = 0.0  # switch this long after the pages began, mid-round if need be (0: off)
+    postcopy_ready: bool = False  # post-copy negotiated; switch on `migrate-start-postcopy` (QEMU's)
     postcopy_reconnect_s: float = 30.0  # after a lost link, how long to try to reconnect
     key: bytes = b""
     tls: Tls | None = None  # mutual TLS (certificates checked against a private CA)
@@ -51,4 +57,4 @@ class MigrationOptions:
 
     @property
     def wants_postcopy(self) -> bool:
-        return self.postcopy or self.postcopy_auto
+        return self.postcopy or self.postcopy_auto or self.postcopy_ready or self.postcopy_after_ms > 0

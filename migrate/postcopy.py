@@ -129,6 +129,23 @@ def give_back(memory: GuestMemory, missing: Missing) -> None:
             memory.zero_pages(region.guest_base + first * PAGE_SIZE, count * PAGE_SIZE)
 
 
+def _read_since(memory: GuestMemory, given_back: Missing) -> Missing:
+    """The pages given back that something mapped again before registration: KVM reads guest
+    memory as the vCPU state is applied (descriptor tables, seen on these hosts), which maps
+    the zero page; registered so, the guest would read zeros there and never fault (a pure
+    post-copy start lost its first pages that way). Costs a read of their pagemap entries."""
+    out = {}
+    for region in memory.regions:
+        bits = given_back[region.guest_base]
+        again = DirtyBitmap(region.npages)
+        for first, count in bits.runs().as_tuples():
+            mapped = np.flatnonzero(region.mapped_pages(first, count))
+            if len(mapped):
+                again.set_pages(mapped + first)
+        out[region.guest_base] = again
+    return out
+
+
 def page_digest(hashes: dict[int, np.ndarray], memory: GuestMemory) -> int:
     return formats.combine_block_hashes((r.guest_base, r.size, hashes[r.guest_base]) for r in memory.regions)
 
@@ -322,6 +339,8 @@ class PostcopyTarget:
         try:
             rest = missing if given_back is None else {b: m.without(given_back[b]) for b, m in missing.items()}
             give_back(memory, rest)
+            if given_back is not None:
+                give_back(memory, _read_since(memory, given_back))
             for region, staging in zip(memory.regions, self._staging, strict=True):
                 self._uffd[region.guest_base] = Userfault(region, staging=staging)
                 self._holes[region.guest_base] = missing[region.guest_base].complement()
@@ -347,8 +366,11 @@ class PostcopyTarget:
         return self._uffd[region.guest_base]
 
     def take(self, records: list, *, background: bool) -> int:
-        """Stage the pages of PAGES records decoded into staging (waiters get them now); from the
-        background push, also place them. Returns the pages."""
+        """Stage the pages of PAGES records decoded into staging (waiters get them now), and
+        place them: a fetch's answer carries pages nobody faulted on yet (those after the fault),
+        which the push then leaves out, so only placing them here gets them in (a pure post-copy
+        start, where the first faults meet nothing sent, ended with them never placed). Returns
+        the pages."""
         n = 0
         for record in records:
             if isinstance(record, formats.Header):  # a fetch channel's first bytes
@@ -363,8 +385,21 @@ class PostcopyTarget:
                     uffd.stage_zero(run.address, length)
                 if background:
                     self.figures.background += uffd.place_staged(run.address, length)
+                else:
+                    self._place_missing(uffd, run.address, run.count)
                 n += run.count
         return n
+
+    def _place_missing(self, uffd: Userfault, address: int, count: int) -> None:
+        """Place the missing pages of a fetch's answer (at most FETCH_AROUND: a loop per answer,
+        not per page of memory); the rest of it are pages held here already, left alone."""
+        region, offset = self.memory.find(address, count * PAGE_SIZE)
+        first = offset // PAGE_SIZE
+        words = self.missing[region.guest_base].words
+        w0, w1 = first >> 6, (first + count - 1) >> 6
+        bits = np.unpackbits(words[w0:w1 + 1].view(np.uint8), bitorder="little")[first - w0 * 64:][:count]
+        for start, n in DirtyBitmap.from_pages(count, np.flatnonzero(bits)).runs().as_tuples():
+            uffd.place_staged(address + start * PAGE_SIZE, n * PAGE_SIZE)
 
     # --- the fetcher ---
 

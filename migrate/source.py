@@ -63,11 +63,14 @@ class Source:
     """One outgoing migration of `machine` over `conn` (and its extra page streams)."""
 
     def __init__(self, machine: Machine, conn: Connection, options: MigrationOptions,
-                 progress: Progress | None, cancel: threading.Event, address: str | None = None) -> None:
+                 progress: Progress | None, cancel: threading.Event, address: str | None = None,
+                 switch: threading.Event | None = None) -> None:
         self.machine, self.conn, self.options = machine, conn, options
         self.address = address
         self.progress = progress or (lambda p: None)
         self.cancel = cancel
+        self.switch = switch or threading.Event()  # "switch to post-copy now" (migrate-start-postcopy)
+        self._unsent: list[pages.MemoryRun] = []  # a round broken off for the switch: what it did not send
         self.proto = Protocol(Role.SOURCE)
         self.writer = StreamWriter(registry(), producer=PRODUCER)
         self.stats = MigrationStats()
@@ -150,18 +153,30 @@ class Source:
         self.live.phase = MigrationPhase.PRECOPY
         vm = self.machine.vm
         self._track_dirty_pages()
-        self._round(0, pages.populated_runs(vm.memory, self._touched), 0.0)
+        everything = pages.populated_runs(vm.memory, self._touched)
+        if self._switch_requested():  # pure post-copy: not a page before the switch
+            self._unsent = everything
+        else:
+            self._round(0, everything, 0.0)
         while True:
             if self.cancel.is_set():
                 raise Cancelled("cancelled by the user")
             dirty, dirty_pages, dirty_rate = self._fetch()
+            if self._switch_requested():
+                return self._switch_to_postcopy(self._with_unsent(dirty), t0)
             figures = RoundFigures.after(self.stats, dirty_pages, time.perf_counter() - t0, self.machine.throttle,
-                                         dirty_blocks=digest.dirty_blocks(dirty), block_ms=self._hashes.block_ms)
+                                         dirty_blocks=digest.dirty_blocks(dirty), block_ms=self._hashes.block_ms,
+                                         bandwidth_cap_mib_s=self.options.bandwidth_mib_s,
+                                         fixed_ms=self.options.downtime_fixed_ms)
             decision = decide(figures, self.options)
+            log.debug("after round %d: %s (%s), pause forecast %.1f ms", figures.rounds - 1,
+                      decision.action.value, decision.reason.value, decision.estimate_ms)
             if self._switch_now(decision.action):
                 return self._switch_to_postcopy(dirty, t0)
             match decision.action:
                 case Action.STOP_AND_COPY:
+                    self.stats.downtime_predicted_ms = round(decision.estimate_ms, 3)
+                    self.stats.downtime_copy_predicted_ms = round(figures.estimate_ms, 3)
                     return self._stop_and_copy(dirty, t0, decision.estimate_ms)
                 case Action.GIVE_UP:
                     raise NotConverging(figures.rounds, figures.seconds, dirty_pages, decision.estimate_ms,
@@ -170,14 +185,33 @@ class Source:
                     self._throttle(decision.throttle)
             self._round(len(self.stats.rounds), pages.dirty_runs(dirty)[0], dirty_rate)
 
-    def _switch_now(self, action: Action) -> bool:
-        """Post-copy instead of what pre-copy would do next: after `postcopy_after` rounds (asked
-        for: as QEMU's migrate-start-postcopy, even when a stop-and-copy would fit), or (auto)
-        only when pre-copy would need the throttle or give up."""
+    def _switch_requested(self) -> bool:
+        """Post-copy asked for now, whatever pre-copy would do next (as QEMU's
+        migrate-start-postcopy, even when a stop-and-copy would fit): after `postcopy_after`
+        rounds (0: before any), `postcopy_after_ms` after the pages began, or on request
+        (`switch`, the control socket's migrate-start-postcopy)."""
         o = self.options
-        if o.postcopy and len(self.stats.rounds) >= o.postcopy_after:
+        if not o.wants_postcopy:
+            return False
+        if self.switch.is_set() or (o.postcopy and len(self.stats.rounds) >= o.postcopy_after):
             return True
-        return o.postcopy_auto and action in (Action.THROTTLE, Action.GIVE_UP)
+        return bool(o.postcopy_after_ms) and (time.perf_counter() - self._sent_at_start) * 1000 >= o.postcopy_after_ms
+
+    def _switch_now(self, action: Action) -> bool:
+        """Post-copy instead of what pre-copy would do next (auto): only when pre-copy would need
+        the throttle or give up."""
+        return self.options.postcopy_auto and action in (Action.THROTTLE, Action.GIVE_UP)
+
+    def _with_unsent(self, dirty: Dirty) -> Dirty:
+        """`dirty` and the pages a round broken off for the switch (or never begun) did not send:
+        the target lacks both."""
+        memory = self.machine.vm.memory
+        for run in self._unsent:
+            region, offset = memory.find(run.address, len(run.view))
+            bits = next(b for r, b in dirty if r is region)
+            bits.set_range(offset // PAGE_SIZE, len(run.view) // PAGE_SIZE)
+        self._unsent = []
+        return dirty
 
     def handshake(self) -> bool:
         """HELLO and the target's answer; False when that is the end of it (refused, dry run)."""
@@ -246,14 +280,17 @@ class Source:
         self._hashes = digest.BlockHashes(vm.memory, self._touched, block)
         self._hashes.refresh_soon()  # the digest at the end then hashes only what changed since
 
-    def _fetch(self) -> tuple[Dirty, int, float]:
-        """The dirty log since the last fetch, its page count and the rate the guest dirtied at."""
+    def _fetch(self, *, paused: bool = False) -> tuple[Dirty, int, float]:
+        """The dirty log since the last fetch, its page count and the rate the guest dirtied at.
+        `paused`: no background hashing now (the final copy has the CPUs to itself; the digest
+        hashes what is stale once the pages are out)."""
         dirty = list(self.machine.vm.fetch_dirty_logs())
         for region, bitmap in dirty:
             self._touched[region.guest_base] |= bitmap
         if self._hashes is not None:
             self._hashes.invalidate(dirty)
-            self._hashes.refresh_soon()
+            if not paused:
+                self._hashes.refresh_soon()
         now = time.perf_counter()
         count = sum(b.count() for _, b in dirty)
         rate = count * PAGE_SIZE / MiB / max(now - self._fetched_at, 1e-6)
@@ -297,6 +334,8 @@ class Source:
         if not paused:  # a progress line is not worth a moment of the guest's downtime
             self.report(force=True)
         npages, raw, wire = self.send_pages(number, runs, pool or self.live_pool)
+        if npages < live.round_pages_total:  # broken off for the post-copy switch
+            self._unsent = _runs_after(runs, npages)
         seconds = max(time.perf_counter() - t, 1e-6)
         stat = RoundStats(number, npages, raw, wire, seconds, dirty_rate, wire / MiB / seconds,
                           self.machine.throttle)
@@ -329,8 +368,11 @@ class Source:
         laps = Laps()
         self.machine.pause()
         self._deadline = time.monotonic() + self._final_copy_limit_ms / 1000
+        # the final copy paced from here, at the cap the forecast assumed: neither a debt of the
+        # rounds (a sleep in the pause) nor their credit (a burst the forecast did not count)
+        self._sent_at_start, self._bytes_at_start = time.perf_counter(), self.bytes_sent
         laps.lap("pause")
-        final, _, rate = self._fetch()
+        final, _, rate = self._fetch(paused=True)
         for (_, merged), (_, earlier) in zip(final, pending, strict=True):
             merged |= earlier
         laps.lap("dirty_log")
@@ -351,7 +393,9 @@ class Source:
         self._hand_over(laps)
         if self.stats.downtime_overrun_ms:
             self.stats.problems.append(f"the guest was paused {self.stats.downtime_ms:.0f} ms, past the "
-                                       f"{self.options.downtime_ms:.0f} ms downtime target")
+                                       f"{self.options.downtime_ms:.0f} ms downtime target (forecast "
+                                       f"{self.stats.downtime_predicted_ms:.0f} ms)")
+            log.warning("%s", self.stats.problems[-1])
         return self._completed(t0, "the target runs the guest")
 
     def _limit_final_copy(self, budget_ms: float) -> None:
@@ -373,6 +417,8 @@ class Source:
         self.stats.downtime_ms = sum(laps.phases.values())
         self.stats.downtime_phases_ms = _with_target_phases(laps.phases, ready, resumed, waited, committed)
         self.stats.downtime_target_ms = self.options.downtime_ms
+        self.stats.downtime_copy_ms = round(sum(laps.phases.get(k, 0.0) for k in ("dirty_log", "last_round",
+                                                                                  "digest")), 3)
 
     def _completed(self, t0: float, reason: str) -> MigrationStats:
         self.stats.frames_judged_raw = self.live_pool.frames_judged_raw + self.paused_pool.frames_judged_raw
@@ -556,6 +602,8 @@ class Source:
             if size >= MESSAGE_BYTES:
                 self._dispatch(stream, round_number, parts)
                 parts, size = [], 0
+                if pool is not self.paused_pool and self._switch_requested():
+                    break  # post-copy now: the rest of this round is missing on the target
                 self._pace()
                 stream = (stream + 1) % streams
                 if pool is not self.paused_pool:  # no progress lines in the downtime
@@ -617,7 +665,8 @@ class InDoubt:
 
 
 def send(machine: Machine, target: str | Connection, options: MigrationOptions | None = None, *,
-         progress: Progress | None = None, cancel: threading.Event | None = None) -> MigrationStats:
+         progress: Progress | None = None, cancel: threading.Event | None = None,
+         switch: threading.Event | None = None) -> MigrationStats:
     """Migrate a running (or paused) machine to `target` (HOST:PORT or a connection).
 
     Returns the stats; `outcome` says where the guest is. Anything that fails before the target
@@ -627,15 +676,16 @@ def send(machine: Machine, target: str | Connection, options: MigrationOptions |
     `migrate.resolve` settles it. After a post-copy switch (`options.postcopy*`) a lost link is
     reconnected for `postcopy_reconnect_s`, then the guest is kept paused here, in doubt, with
     the pages the target lacks, until `resume_postcopy`. Meanwhile, and during the whole
-    migration, nobody else may pause, resume or stop the machine (`Busy`)."""
+    migration, nobody else may pause, resume or stop the machine (`Busy`). `switch`, once set,
+    asks for the post-copy switch at the next message (a migration that negotiated post-copy)."""
     o = options or MigrationOptions()
     where = target if isinstance(target, str) else target.peer
     with owner_of(machine).hold(f"migration to {where}") as lease:  # Busy if held or in doubt
-        return _send(machine, target, o, progress, cancel, lease)
+        return _send(machine, target, o, progress, cancel, lease, switch)
 
 
 def _send(machine: Machine, target: str | Connection, o: MigrationOptions, progress: Progress | None,
-          cancel: threading.Event | None, lease: Lease) -> MigrationStats:
+          cancel: threading.Event | None, lease: Lease, switch: threading.Event | None = None) -> MigrationStats:
     t0 = time.perf_counter()
     if machine.state not in (RunState.RUNNING, RunState.PAUSED):
         raise MigrationFailed(f"the machine is {machine.state.value}", "where it was")
@@ -644,7 +694,7 @@ def _send(machine: Machine, target: str | Connection, o: MigrationOptions, progr
     if (o.streams > 1 or o.wants_postcopy) and isinstance(target, Connection):
         raise MigrationFailed("several streams and post-copy need an address to connect to", "where it was")
     source = Source(machine, conn, o, progress, cancel or threading.Event(),
-                    address=None if isinstance(target, Connection) else target)
+                    address=None if isinstance(target, Connection) else target, switch=switch)
     try:
         stats = source.run()
     except (Exception, KeyboardInterrupt) as e:
@@ -702,6 +752,19 @@ def resume_postcopy(machine: Machine) -> MigrationStats:
         machine.set_throttle(0)
         machine.stop()  # the target holds every page now
         return stats
+
+
+def _runs_after(runs: list[pages.MemoryRun], sent: int) -> list[pages.MemoryRun]:
+    """What of `runs` (in the order sent) lies past its first `sent` pages."""
+    out: list[pages.MemoryRun] = []
+    for run in runs:
+        count = len(run.view) // PAGE_SIZE
+        if sent >= count:
+            sent -= count
+            continue
+        out.append(pages.MemoryRun(run.address + sent * PAGE_SIZE, run.view[sent * PAGE_SIZE:]))
+        sent = 0
+    return out
 
 
 def _with_target_phases(phases: dict[str, float], ready: Ready, resumed: Resumed, waited_ms: float,

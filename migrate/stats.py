@@ -143,6 +143,12 @@ class MigrationStats:
     # is what neither side accounts for: transit and the peer's reading of the messages)
     downtime_phases_ms: dict[str, float] = field(default_factory=dict)
     downtime_target_ms: float = 0.0
+    # the pause the source forecast when it stopped (convergence.RoundFigures.pause_ms: the copy
+    # and the fixed part), and the copy alone against the phases it forecast (dirty_log,
+    # last_round, digest): how far the forecast is to be trusted, per run
+    downtime_predicted_ms: float = 0.0
+    downtime_copy_predicted_ms: float = 0.0
+    downtime_copy_ms: float = 0.0
     frames_judged_raw: int = 0  # page frames sent uncompressed because a sample did not shrink
     final_copy_limit_ms: float = 0.0  # the longest the final copy could keep the guest paused
     postcopy: PostcopyStats | None = None  # set when the migration switched to post-copy

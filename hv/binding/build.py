@@ -294,7 +294,6 @@ int kvmig_install_kick_handler(int signo);
 
 size_t kvmig_bitmap_runs(const uint64_t *bitmap, size_t nbits, uint64_t *starts, uint64_t *counts,
                          size_t max_runs);
-size_t kvmig_bitmap_count(const uint64_t *bitmap, size_t nwords);
 void kvmig_memcopy(void *dst, const void *src, size_t n);
 int kvmig_discard(void *addr, size_t n);
 """
@@ -421,12 +420,6 @@ void kvmig_memcopy(void *dst, const void *src, size_t n) { memcpy(dst, src, n); 
 /* MADV_DONTNEED without the interpreter lock: freeing a large range costs the kernel about a
    microsecond a page, and several threads can free parts of one mapping at once. */
 int kvmig_discard(void *addr, size_t n) { return madvise(addr, n, MADV_DONTNEED) ? -errno : 0; }
-
-size_t kvmig_bitmap_count(const uint64_t *bitmap, size_t nwords) {
-    size_t total = 0;
-    for (size_t w = 0; w < nwords; w++) total += (size_t)__builtin_popcountll(bitmap[w]);
-    return total;
-}
 """
 
 ffibuilder.cdef(

@@ -121,35 +121,67 @@ class DirtyBitmap:
             raise ValueError(f"bitmaps of {self.npages} and {other.npages} pages do not merge")
 
     def count(self) -> int:
-        return int(lib.kvmig_bitmap_count(self._ptr(), len(self.words)))
+        """Set pages: popcounts of the dirty words only (the pass that finds them is the one
+        cost that grows with the slot; a 16 GiB slot's whole-bitmap popcount took twice it)."""
+        nz = self.nonzero_words()
+        return int(np.bitwise_count(self.words[nz]).sum()) if len(nz) else 0
 
     def as_bools(self) -> np.ndarray:
         """One bool per page (little-endian bit order within each word)."""
         return np.unpackbits(self.words.view(np.uint8), bitorder="little")[: self.npages].astype(bool)
 
-    def pages(self) -> np.ndarray:
-        """Indices of the set bits, ascending."""
-        return np.flatnonzero(self.as_bools()).astype(np.uint64)
+    def nonzero_words(self) -> np.ndarray:
+        """Indices of the words with any page set, ascending (~20 us a 16 GiB slot: the one pass
+        over the whole bitmap that sparse work needs)."""
+        return np.flatnonzero(self.words != 0)
+
+    def pages(self, nonzero_words: np.ndarray | None = None) -> np.ndarray:
+        """Indices of the set bits, ascending: only the words with a bit set are unpacked, so the
+        cost is the dirty pages', not the slot's (`nonzero_words` if the caller has them)."""
+        nz = self.nonzero_words() if nonzero_words is None else nonzero_words
+        bits = np.unpackbits(self.words[nz].view(np.uint8), bitorder="little").reshape(-1, 64)
+        rows, cols = np.nonzero(bits)
+        pages = (nz[rows].astype(np.uint64) << np.uint64(6)) + cols.astype(np.uint64)
+        return pages[pages < self.npages]  # a last word's bits past the slot are no pages
+
+    def groups_with_pages(self, pages_per_group: int) -> np.ndarray:
+        """One bool per group of `pages_per_group` consecutive pages (the last one partial): does
+        it hold a set page. Sparse: a pass over the words, then work per dirty word only."""
+        groups = -(-self.npages // pages_per_group)
+        out = np.zeros(groups, dtype=bool)
+        nz = self.nonzero_words()
+        if len(nz) == 0:
+            return out
+        if pages_per_group % 64 == 0:  # a group is whole words
+            out[nz // (pages_per_group // 64)] = True
+        else:
+            out[(self.pages(nz) // np.uint64(pages_per_group)).astype(np.intp)] = True
+        return out
 
     def runs(self) -> PageRuns:
-        """Runs of consecutive dirty pages, found by the C scanner (zero words skipped)."""
-        room = max(16, min(self.npages // 2 + 1, 4096))
+        """Runs of consecutive dirty pages, found by the C scanner (zero words skipped) over
+        the span from the first dirty word to the last only: a few dirty pages in a large slot
+        cost their span, not the slot."""
+        nz = self.nonzero_words()
+        if len(nz) == 0:
+            return PageRuns(np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.uint64))
+        first, last = int(nz[0]), int(nz[-1])
+        span = self.words[first:last + 1]
+        nbits = min(self.npages - first * 64, len(span) * 64)
+        room = max(16, min(nbits // 2 + 1, 4096))
         while True:
             starts = np.empty(room, dtype=np.uint64)
             counts = np.empty(room, dtype=np.uint64)
             n = lib.kvmig_bitmap_runs(
-                self._ptr(), self.npages,
+                ffi.from_buffer("uint64_t[]", span), nbits,
                 ffi.from_buffer("uint64_t[]", starts), ffi.from_buffer("uint64_t[]", counts), room,
             )
             if n < room:
-                return PageRuns(starts[:n].copy(), counts[:n].copy())
+                return PageRuns(starts[:n] + np.uint64(first * 64), counts[:n].copy())
             room *= 4
 
     def clear(self) -> None:
         self.words.fill(0)
-
-    def _ptr(self) -> object:  # a cffi uint64_t[] over `words`
-        return ffi.from_buffer("uint64_t[]", self.words)
 
     def __repr__(self) -> str:
         return f"DirtyBitmap(npages={self.npages}, dirty={self.count()})"

@@ -148,6 +148,7 @@ class MemoryRegion:
         self.view = memoryview(self._map)
         self.vmm_dirty = DirtyBitmap(size >> PAGE_SHIFT)
         self._dirty_lock = threading.Lock()
+        self._vmm_wrote = False
         self.log_dirty = False
         self.anonymous = anonymous
 
@@ -171,12 +172,15 @@ class MemoryRegion:
         last = (offset + length - 1) >> PAGE_SHIFT
         with self._dirty_lock:
             self.vmm_dirty.set_range(first, last - first + 1)
+            self._vmm_wrote = True
 
-    def take_vmm_dirty(self) -> DirtyBitmap:
-        """The VMM dirty bitmap since the last call, cleared atomically."""
-        fresh = DirtyBitmap(self.npages)
+    def take_vmm_dirty(self) -> DirtyBitmap | None:
+        """The VMM dirty bitmap since the last call, cleared atomically; None if the VMM wrote
+        nothing since (so a fetch costs no pass over a whole bitmap for it)."""
         with self._dirty_lock:
-            taken, self.vmm_dirty = self.vmm_dirty, fresh
+            if not self._vmm_wrote:
+                return None
+            taken, self.vmm_dirty, self._vmm_wrote = self.vmm_dirty, DirtyBitmap(self.npages), False
         return taken
 
     def populated_pages(self) -> DirtyBitmap:
@@ -203,6 +207,12 @@ class MemoryRegion:
         padded = np.zeros(((self.npages + 63) // 64) * 8, dtype=np.uint8)
         padded[: len(words)] = words
         return DirtyBitmap(self.npages, padded.view(np.uint64))
+
+    def mapped_pages(self, first: int, count: int) -> np.ndarray:
+        """One bool per page of [first, first + count): is anything mapped there (the shared
+        zero page a read maps included). Reads only that part of /proc/self/pagemap."""
+        entries = _read_pagemap(self.host_address + first * PAGE_SIZE, count)
+        return (entries & (_PAGEMAP_PRESENT | _PAGEMAP_SWAPPED)) != 0
 
     def prefault(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) resident and writable in one call before the host fills

@@ -37,6 +37,7 @@ class ExitStatus(IntEnum):
     TRANSPORT = 4  # the link or the control socket failed, or authentication did
     MIGRATION_FAILED = 5  # the migration failed or was cancelled; the guest runs on at the source
     IN_DOUBT = 6  # the link died after the hand-over began: the guest is paused at the source, ask the target
+    OVERRAN = 7  # the migration completed, but its pause went past the downtime target
 
 
 INTERRUPTED = 130  # Ctrl-C while waiting (the shell's 128 + SIGINT); a VM's run ends 0 on Ctrl-C
@@ -50,6 +51,7 @@ EXIT_STATUS_HELP = "exit status:\n" + "\n".join(
         "transport or authentication (the link, the control socket)",
         "the migration failed or was cancelled; the guest runs on at the source",
         "in doubt: the link died during the hand-over; the guest is paused at the source",
+        "the migration completed, but the guest was paused past the downtime target",
     ), strict=True)) + f"\n  {INTERRUPTED}  Ctrl-C while waiting (a VM stopped by Ctrl-C or SIGTERM ends 0)"
 
 # (error types, status): the first row whose types the error is an instance of gives its status.

@@ -373,6 +373,7 @@ class Machine:
             self._require("pause", RunState.RUNNING)
             lib.kvmig_park_hold(self._parking, 1)  # before the kick: its EINTR parks in C
             self._control = _Control.PAUSE
+            self._cond.notify_all()  # a throttled vCPU asleep in its slice (0.99 s at 99%) stops now
             self._kick_all()
         if not self._wait_quiet(timeout):
             raise LifecycleError(self._state, f"pause within {timeout}s (a vCPU did not stop)")

@@ -59,6 +59,19 @@ def test_bits_beyond_npages_are_ignored() -> None:
     words = np.full(words_for(70), np.uint64(0xFFFF_FFFF_FFFF_FFFF))
     bm = DirtyBitmap(70, words)
     assert bm.runs().as_tuples() == [(0, 70)]
+    assert bm.pages().tolist() == list(range(70))
+    assert bm.groups_with_pages(1).tolist() == [True] * 70
+
+
+@given(bitmaps, st.sampled_from([1, 3, 16, 64, 128, 512]))
+@settings(max_examples=200)
+def test_groups_with_pages_match_the_dense_reference(case, per_group) -> None:
+    # the sparse form (work per dirty word) against the plain one over every page
+    n, bits = case
+    bm = DirtyBitmap.from_pages(n, [i for i, b in enumerate(bits) if b])
+    dense = np.zeros(-(-n // per_group) * per_group, dtype=bool)
+    dense[:n] = bm.as_bools()
+    assert bm.groups_with_pages(per_group).tolist() == dense.reshape(-1, per_group).any(axis=1).tolist()
 
 
 def test_many_runs_grow_the_output_buffer() -> None:

@@ -225,6 +225,26 @@ def test_throttle_slows_the_guest_and_pause_still_works(kvm: Kvm, write_image) -
         machine.vm.close()
 
 
+def test_pause_wakes_a_vcpu_asleep_in_its_throttle_slice(kvm: Kvm, write_image) -> None:
+    """A vCPU throttled with a 10 s sleep per slice: pause (given 5 s) must wake it, not wait
+    the sleep out (a 99% throttle slept 0.99 s and paused a migrating guest ~1 s past its
+    downtime target). Structural: the sleep is twice the pause's timeout."""
+    machine, out = _machine(kvm, write_image, OUT_LOOP)
+    try:
+        machine.start()
+        wait_for(lambda: len(out) > 100)
+        machine.set_throttle(0.5, run_slice=10.0)  # the first kick comes at once: asleep for 10 s
+        exits = machine.vcpus[0].fast_io_exits
+        time.sleep(0.2)
+        assert machine.vcpus[0].fast_io_exits - exits < 100  # it sleeps (the run slice stopped)
+        machine.pause(timeout=5.0)  # LifecycleError if it waited for the sleep to end
+        machine.set_throttle(0)
+        machine.resume()
+    finally:
+        machine.stop()
+        machine.vm.close()
+
+
 def test_inject_interrupt_reaches_the_guest_idt(kvm: Kvm, write_image) -> None:
     from tinyguest import interrupt_reporter
 

@@ -134,11 +134,7 @@ def test_a_stranger_cannot_join_the_fetch_channel(kvm: Kvm, caplog, monkeypatch)
     from migrate.source import Source
 
     machine = _running_guest(kvm, ws_mib=8)
-    listener = Listener("127.0.0.1:0", b"")
-    console, result = bg.GuestConsole(), {}
-    thread = threading.Thread(target=lambda: result.update(
-        incoming=listen_and_receive(listener, kvm, console=console, accept_timeout=20, timeout=10)))
-    thread.start()
+    listener, console, result, thread = _receiving(kvm)
     open_fetch_channel = Source.open_fetch_channel
     strangers = []
 
@@ -383,11 +379,7 @@ def test_a_link_down_past_the_reconnect_window_waits_in_doubt_and_resumes_on_dem
 ], ids=["after-2-rounds", "auto"])
 def test_the_switch_comes_after_n_rounds_or_when_precopy_would_not_converge(kvm: Kvm, options, rounds: int) -> None:
     machine = _running_guest(kvm)
-    listener = Listener("127.0.0.1:0", b"")
-    console, result = bg.GuestConsole(), {}
-    thread = threading.Thread(target=lambda: result.update(
-        incoming=listen_and_receive(listener, kvm, console=console, accept_timeout=20, timeout=10)))
-    thread.start()
+    listener, console, result, thread = _receiving(kvm)
     try:
         stats = send(machine, listener.address, options)
         thread.join(30)
@@ -464,3 +456,80 @@ def test_migrate_recv_keeps_a_stranded_guest_paused_until_told(tmp_path: Path) -
         for proc in (source, target, sender):
             if proc is not None:
                 proc.kill()
+
+
+def _receiving(kvm: Kvm) -> tuple[Listener, bg.GuestConsole, dict, threading.Thread]:
+    """A target receiving on a thread: its listener, the moved guest's console, the result
+    (`incoming`) and the thread."""
+    listener = Listener("127.0.0.1:0", b"")
+    console, result = bg.GuestConsole(), {}
+    thread = threading.Thread(target=lambda: result.update(
+        incoming=listen_and_receive(listener, kvm, console=console, accept_timeout=20, timeout=10)))
+    thread.start()
+    return listener, console, result, thread
+
+
+def _switch_on_request(kvm: Kvm, options: MigrationOptions, when) -> tuple:
+    """Send with post-copy negotiated, `switch` set by `when(progress event)`; the stats, the
+    pages the source held before it sent any, and the moved guest's console."""
+    machine = _running_guest(kvm)
+    listener, console, result, thread = _receiving(kvm)
+    switch = threading.Event()
+    try:
+        touched = sum(r.populated_pages().count() for r in machine.vm.memory.regions)
+        stats = send(machine, listener.address, options, switch=switch,
+                     progress=lambda p: switch.set() if when(p) else None)
+        thread.join(30)
+        assert stats.outcome == "completed", stats.reason
+        _assert_carries_on(result["incoming"].machine, console)  # every page there, checked by the guest
+        return stats, touched
+    finally:
+        _end(listener, machine)
+
+
+def test_pure_postcopy_switches_before_any_page(kvm: Kvm) -> None:
+    stats, touched = _switch_on_request(kvm, MigrationOptions(postcopy=True, postcopy_after=0), lambda p: False)
+    assert stats.rounds == [] and stats.postcopy.after_rounds == 0
+    assert stats.postcopy.missing_pages >= touched  # all the guest had (and what it touched since)
+
+
+def test_a_switch_asked_mid_round_breaks_the_round_off(kvm: Kvm) -> None:
+    """migrate-start-postcopy's path: asked as round 0 begins (its first progress line), the
+    switch comes after round 0's first message; the rest of round 0 is missing on the target."""
+    stats, touched = _switch_on_request(kvm, MigrationOptions(postcopy_ready=True),
+                                        lambda p: p.get("stage") == "pages" and p.get("round") == 0)
+    assert len(stats.rounds) == 1 and stats.postcopy.after_rounds == 1
+    sent = stats.rounds[0].pages
+    assert 0 < sent < touched  # broken off after a message, short of a whole pass
+    assert stats.postcopy.missing_pages >= touched - sent
+
+
+def test_migrate_start_postcopy_on_the_control_socket_switches_a_running_precopy(kvm: Kvm, tmp_path: Path) -> None:
+    """QEMU's migrate-start-postcopy: refused with no migration running; taken by one that
+    negotiated post-copy (--postcopy-ready), which could not end otherwise (a 1 ms target never
+    fits, no throttle, no round limit to speak of)."""
+    from hv.vmm.control import ControlContext, ControlServer
+
+    machine = _running_guest(kvm)
+    listener, console, result, thread = _receiving(kvm)
+    try:
+        with ControlServer(tmp_path / "source.sock", ControlContext(machine)) as server:
+            with pytest.raises(ControlError) as e:
+                call(server.path, "migrate-start-postcopy", timeout=10)
+            assert e.value.kind == "NotMigrating"
+            options = {"postcopy_ready": True, "downtime_ms": 1, "auto_converge": False, "max_rounds": 10_000}
+            sent = threading.Thread(target=lambda: result.update(
+                stats=call(server.path, "migrate-send", timeout=60, to=listener.address, options=options)))
+            sent.start()
+            deadline = time.monotonic() + 30
+            while call(server.path, "migrate-status", timeout=10).get("round", 0) < 2:  # pre-copy goes round
+                assert time.monotonic() < deadline and sent.is_alive()
+                time.sleep(0.01)
+            assert call(server.path, "migrate-start-postcopy", timeout=10)["switching"] is True
+            sent.join(60)
+        thread.join(30)
+        stats = result["stats"]
+        assert stats["outcome"] == "completed" and stats["postcopy"]["after_rounds"] >= 2
+        _assert_carries_on(result["incoming"].machine, console)
+    finally:
+        _end(listener, machine)

@@ -86,13 +86,19 @@ class Scenario:
         return GUEST_POLL_BYTES / (rate * qd.MiB) * 1000 if rate else 0.0
 
 
-SCENARIOS = {  # the shared names (../shared/README.md) and tiny-1g: 1 GiB, ws=1, rate=0
-    "tiny-1g": Scenario(qd.Workload(1024, 1, 0), every=1_000_000),  # ~3 us a pass undisturbed
+SCENARIOS = {  # the shared names (../shared/README.md); tiny-*: a 1 MiB hot set at full rate
     "idle-1g": Scenario(bq.IDLE_1G, every=1),
-    "hot256-max": Scenario(bq.HOT256_MAX, every=1),
+    "tiny-1g": Scenario(qd.Workload(1024, 1, 0), every=1_000_000),  # ~3 us a pass undisturbed
     "hot256-100": Scenario(bq.HOT256_100, every=1),
+    "hot256-max": Scenario(bq.HOT256_MAX, every=1),
+    "tiny-16g": Scenario(qd.Workload(16384, 1, 0), every=1_000_000),  # how the pause grows with RAM
+    "hot1g-max": Scenario(qd.Workload(4096, 1024, 0), every=1),  # what a busy real guest does
     "idle-4g": Scenario(bq.IDLE_4G, every=1),
+    "tiny-4g": Scenario(qd.Workload(4096, 1, 0), every=1_000_000),
 }
+HEADLINE = ["idle-1g", "tiny-1g", "hot256-100", "hot256-max", "tiny-16g", "hot1g-max"]  # the default run
+POSTCOPY_SCENARIOS = ["hot256-max", "hot1g-max"]  # where the post-copy peers run by default
+SWITCH_AFTER_MS = 150.0  # both post-copy peers switch this long after the migration began (--switch-after-ms)
 
 
 @dataclass
@@ -190,15 +196,17 @@ class QemuPeer:
         return Reported("failed", error=info.get("error-desc", status))
 
     def _start_postcopy(self) -> None:
-        """After one full pre-copy pass (so post-copy fetches only what the guest dirtied since)."""
+        """`SWITCH_AFTER_MS` after `migrate` (unless it ended by then): the same moment as the
+        kvmigrate-postcopy peer's `--postcopy-after-ms`, mid-pass if need be."""
+        switch_at = time.monotonic() + SWITCH_AFTER_MS / 1000
         while True:
             info = self.qmp.execute("query-migrate")
             if info.get("status") in ("completed", "failed", "cancelled"):
                 return
-            if info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
+            if time.monotonic() >= switch_at:
                 self.qmp.execute("migrate-start-postcopy")
                 return
-            time.sleep(0.005)
+            time.sleep(0.002)
 
 
 class QemuPostcopyPeer(QemuPeer):
@@ -302,11 +310,15 @@ class KvmigratePeer:
 
 
 class KvmigratePostcopyPeer(KvmigratePeer):
-    """kvmigrate switching to post-copy after round 0 (`migrate send --postcopy`), as the
-    qemu-postcopy peer does after its first pass: compared with it."""
+    """kvmigrate switching to post-copy `SWITCH_AFTER_MS` after the pages began
+    (`migrate send --postcopy-after-ms`), mid-round if need be, as the qemu-postcopy peer does
+    after its `migrate`: compared with it."""
 
     name = "kvmigrate-postcopy"
-    send_options = ("--postcopy",)
+
+    @property
+    def send_options(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("--postcopy-after-ms", str(SWITCH_AFTER_MS))
 
 
 PEERS = {"kvmigrate": KvmigratePeer, "qemu": QemuPeer, "qemu-postcopy": QemuPostcopyPeer,
@@ -421,26 +433,34 @@ def run_scenario(name: str, scenario: Scenario, peers: list[str], runs: int, ima
 
 
 def main() -> None:
+    global SWITCH_AFTER_MS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5, help="runs per scenario and peer")
     ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), metavar="NAME",
-                    help=f"repeatable; default all: {', '.join(SCENARIOS)}")
+                    help=f"repeatable; default the headline set: {', '.join(HEADLINE)} (also: "
+                         f"{', '.join(s for s in SCENARIOS if s not in HEADLINE)})")
+    ap.add_argument("--switch-after-ms", type=float, default=SWITCH_AFTER_MS,
+                    help="when both post-copy peers switch, after the migration began")
     ap.add_argument("--fill", action="append", choices=("random", "zero"),
                     help="the guest's fill (repeatable; default random)")
     ap.add_argument("--peer", action="append", choices=list(PEERS),
-                    help="repeatable; default kvmigrate and qemu (the post-copy peers only when named)")
+                    help="repeatable; default kvmigrate and qemu, and the post-copy peers on "
+                         f"{', '.join(POSTCOPY_SCENARIOS)}")
     ap.add_argument("--period-ms", type=float, default=5.0, help="ping period: the figures' resolution")
     ap.add_argument("--json", action="store_true", help="one JSON document instead of the tables")
     args = ap.parse_args()
-    peers = args.peer or ["kvmigrate", "qemu"]
+    SWITCH_AFTER_MS = args.switch_after_ms
     image, tsc_khz = bg.guest_image(), qd.host_tsc_khz()
     qemu = subprocess.run([qd.QEMU, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
-    result: dict = {"qemu": qemu, "tsc_khz": tsc_khz, "image": str(image), "runs": args.runs, "peers": peers,
+    result: dict = {"qemu": qemu, "tsc_khz": tsc_khz, "image": str(image), "runs": args.runs,
+                    "peers": args.peer or "default",
                     "period_ms": args.period_ms,
                     "settings": {"downtime_limit_ms": bq.DOWNTIME_LIMIT_MS, "qemu_max_bandwidth": bq.LIFTED_BANDWIDTH,
-                                 "settle_s": SETTLE, "steady_s": STEADY},
+                                 "settle_s": SETTLE, "steady_s": STEADY, "switch_after_ms": SWITCH_AFTER_MS},
                     "scenarios": {}}
-    for name in args.scenario or list(SCENARIOS):
+    for name in args.scenario or HEADLINE:
+        peers = args.peer or (["kvmigrate", "qemu", "kvmigrate-postcopy", "qemu-postcopy"]
+                              if name in POSTCOPY_SCENARIOS else ["kvmigrate", "qemu"])
         for fill in args.fill or ["random"]:
             scenario = Scenario(SCENARIOS[name].workload, SCENARIOS[name].every, fill)
             key = f"{name} fill={fill}"
