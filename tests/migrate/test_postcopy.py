@@ -497,7 +497,7 @@ def test_a_switch_asked_mid_round_breaks_the_round_off(kvm: Kvm) -> None:
     """migrate-start-postcopy's path: asked as round 0 begins (its first progress line), the
     switch comes after round 0's first message; the rest of round 0 is missing on the target."""
     stats, touched = _switch_on_request(kvm, MigrationOptions(postcopy_ready=True),
-                                        lambda p: p.get("stage") == "pages" and p.get("round") == 0)
+                                        lambda p: isinstance(p, PagesProgress) and p.figures.round == 0)
     assert len(stats.rounds) == 1 and stats.postcopy.after_rounds == 1
     sent = stats.rounds[0].pages
     assert 0 < sent < touched  # broken off after a message, short of a whole pass
