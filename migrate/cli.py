@@ -537,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="the snapshot file to write")
     p.add_argument("--incremental-from", metavar="FILE", help="store only pages changed since FILE "
                    "(a snapshot of this VM taken with --track-dirty)")
-    p.add_argument("--mappable", action="store_true", help="raw memory in FILE.mem, restored lazily")
+    p.add_argument("--mappable", action="store_true", help="raw memory in FILE.mem: `migrate restore` "
+                   "copies it in (checked), or with --share-mem maps it")
     p.add_argument("--track-dirty", action="store_true", help="keep dirty logging on for a later incremental")
     p.add_argument("--level", type=int, default=3, metavar="N", help="zstd compression level, 1..22")
     p.add_argument("--json", action="store_true", help="the result as JSON on stdout")
