@@ -158,7 +158,11 @@ def test_migration_between_processes_through_the_cli(tmp_path: Path) -> None:
         while not source_api.exists():
             assert source.poll() is None and time.monotonic() < deadline, source.stderr.read()
             time.sleep(0.05)
-        time.sleep(0.5)  # the target process is up and listening well within this
+        said = ""
+        while "listening on" not in said:  # the target says so once it listens
+            line = target.stderr.readline()
+            assert line and time.monotonic() < deadline, said
+            said += line
         sent = subprocess.run([sys.executable, "-m", "migrate.cli", "send", "--api", str(source_api),
                                "--to", f"127.0.0.1:{port}", "--json"], capture_output=True, text=True,
                               timeout=120)
@@ -259,12 +263,30 @@ def test_cancel_mid_migration(kvm: Kvm) -> None:
         machine.vm.close()
 
 
+def _a_pass_per_round(machine: Machine):
+    """A progress callback: at the end of each round (before the source fetches the dirty log)
+    it waits for the guest to finish one more pass, so every round leaves the whole working set
+    dirty, on any host."""
+    def wait(p: dict) -> None:
+        if p.get("stage") == "round" and machine.state is RunState.RUNNING:  # not the paused final copy
+            passes = bg.read_status(machine.vm.memory).passes + 1
+            deadline = time.monotonic() + 30
+            while bg.read_status(machine.vm.memory).passes < passes:
+                assert time.monotonic() < deadline, f"no pass {passes} in 30 s"
+                time.sleep(0.01)  # polling interval only
+    return wait
+
+
 def test_non_converging_guest_fails_back_or_finishes_if_allowed(kvm: Kvm) -> None:
+    """Structural: each round ends with the guest's whole 48 MiB working set dirty (a pass per
+    round), which no stop and copy moves within 1 ms (48 GB/s), so pre-copy cannot converge."""
     machine, console = _source(kvm, ws=48, rate=0)
-    options = MigrationOptions(bandwidth_mib_s=60, auto_converge=False, max_rounds=3, downtime_ms=50)
+    # (a final copy as slow as a loaded host makes it is not this test's subject: a wide margin)
+    options = MigrationOptions(bandwidth_mib_s=60, auto_converge=False, max_rounds=3, downtime_ms=1,
+                               final_copy_margin_ms=60_000)
     try:
         target = _Target(kvm)
-        stats = send(machine, target.listener.address, options)
+        stats = send(machine, target.listener.address, options, progress=_a_pass_per_round(machine))
         target.join()
         assert stats.outcome == "failed" and "not converged" in stats.reason and len(stats.rounds) == 3
         assert stats.failure == "not-converging"
@@ -272,13 +294,13 @@ def test_non_converging_guest_fails_back_or_finishes_if_allowed(kvm: Kvm) -> Non
 
         target = _Target(kvm)
         stats = send(machine, target.listener.address, MigrationOptions(
-            **{**options.__dict__, "finish_anyway": True}))
+            **{**options.__dict__, "finish_anyway": True}), progress=_a_pass_per_round(machine))
         target.join()
         assert stats.outcome == "completed"
-        assert stats.downtime_ms > 50  # the user allowed a longer downtime than the target
+        assert stats.downtime_ms > 1  # the user allowed a longer downtime than the target
         # ... and is told it was longer
-        assert stats.downtime_overrun_ms == pytest.approx(stats.downtime_ms - 50)
-        assert any("past the 50 ms downtime target" in p for p in stats.problems), stats.problems
+        assert stats.downtime_overrun_ms == pytest.approx(stats.downtime_ms - 1)
+        assert any("past the 1 ms downtime target" in p for p in stats.problems), stats.problems
         _assert_target_carries_on(target)
     finally:
         machine.stop()
@@ -286,11 +308,30 @@ def test_non_converging_guest_fails_back_or_finishes_if_allowed(kvm: Kvm) -> Non
 
 
 def test_auto_converge_throttles_a_guest_that_outruns_the_link(kvm: Kvm) -> None:
+    """Structural: until the throttle comes, each round waits at its start for two passes of the
+    guest, so the round lasts at least as long as the guest takes to dirty its whole working set:
+    the guest dirties memory about as fast as the round sends it (the rate auto-converge reacts
+    to: over half the link's), whatever the host's speed. Once throttled, it goes as it will."""
     machine, _ = _source(kvm, ws=48, rate=0)
     target = _Target(kvm)
+    throttled = threading.Event()
+
+    def outrun_the_link(p: dict) -> None:
+        if p.get("stage") == "throttle":
+            throttled.set()
+        elif (p.get("stage") == "pages" and p.get("phase") == "precopy" and p.get("round", 0) >= 1
+              and p.get("round_pages_done") == 0 and not throttled.is_set()):  # (the guest runs)
+            passes = bg.read_status(machine.vm.memory).passes + 2
+            deadline = time.monotonic() + 30
+            while bg.read_status(machine.vm.memory).passes < passes:
+                assert time.monotonic() < deadline, f"no pass {passes} in 30 s"
+                time.sleep(0.01)  # polling interval only
+
     try:
         stats = send(machine, target.listener.address,
-                     MigrationOptions(bandwidth_mib_s=60, downtime_ms=100, max_rounds=20))
+                     MigrationOptions(bandwidth_mib_s=60, downtime_ms=100, max_rounds=30,
+                                      final_copy_margin_ms=60_000),  # (the final copy's speed: not the subject)
+                     progress=outrun_the_link)
         target.join()
         assert stats.outcome == "completed", stats.reason
         assert stats.throttle_max >= 0.2
@@ -365,7 +406,7 @@ def test_hostile_frames_decode_to_a_message_or_a_protocol_violation(kind: int, b
     type its dataclass declares, that encodes back to a frame decoding to the same message; or a
     ProtocolViolation (always, for a kind that is not a message kind)."""
     from migrate.protocol import MessageKind
-    from migrate.transport import encode
+    from migrate.transport import FRAME, encode
 
     known = kind in set(MessageKind) and MessageKind(kind) in MESSAGE_TYPES
     try:
@@ -382,8 +423,8 @@ def test_hostile_frames_decode_to_a_message_or_a_protocol_violation(kind: int, b
         assert isinstance(value, (memoryview, bytes) if expected is bytes else expected), (f.name, value, hint)
         if expected is int:
             assert not isinstance(value, bool), (f.name, value)
-    header, *rest = encode(message)
-    again = decode(kind, b"".join(bytes(p) for p in rest))
+    frame = b"".join(bytes(p) for p in encode(message))
+    again = decode(kind, frame[FRAME.size:])
     assert _comparable(again) == _comparable(message)
 
 

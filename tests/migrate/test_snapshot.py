@@ -232,7 +232,6 @@ def test_snapshot_and_inspect_through_the_cli(tmp_path) -> None:
                                      "--json"], capture_output=True, text=True, timeout=60)
         assert base.returncode == 0, base.stderr
         (tmp_path / "s0-cut").write_bytes((tmp_path / "s0").read_bytes()[:-10])
-        time.sleep(0.3)
         inc, shown, broken = run_together(  # the increment, and the base inspected whole and cut short
             cli + ["snapshot", "--api", str(api), "--out", str(tmp_path / "s1"), "--incremental-from",
                    str(tmp_path / "s0"), "--json"],
