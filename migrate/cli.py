@@ -144,10 +144,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from migrate.snapshots import restore
 
-    if not Path(args.file).is_file():  # the file named is not there: usage (2); a missing base is a refusal (3)
-        raise FileNotFoundError(f"{args.file}: no such snapshot file")
     if args.api:
         check_socket_path(args.api)  # a clear refusal before the restore, not after
+    if not Path(args.file).is_file():  # the file named is not there: usage (2); a missing base is a refusal (3)
+        raise FileNotFoundError(f"{args.file}: no such snapshot file")
     console, watch = _guest_console()
     with Kvm() as kvm:
         t0 = time.perf_counter()
