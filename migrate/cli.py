@@ -147,6 +147,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     if args.api:
         check_socket_path(args.api)  # a clear refusal before the restore, not after
+    if not Path(args.file).is_file():  # the file named is not there: usage (2); a missing base is a refusal (3)
+        raise FileNotFoundError(f"{args.file}: no such snapshot file")
     console, watch = _guest_console()
     with Kvm() as kvm:
         t0 = time.perf_counter()
@@ -559,7 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="the snapshot file to write")
     p.add_argument("--incremental-from", metavar="FILE", help="store only pages changed since FILE "
                    "(a snapshot of this VM taken with --track-dirty)")
-    p.add_argument("--mappable", action="store_true", help="raw memory in FILE.mem, restored lazily")
+    p.add_argument("--mappable", action="store_true", help="raw memory in FILE.mem: `migrate restore` "
+                   "copies it in (checked), or with --share-mem maps it")
     p.add_argument("--track-dirty", action="store_true", help="keep dirty logging on for a later incremental")
     p.add_argument("--level", type=int, default=3, metavar="N", help="zstd compression level, 1..22")
     p.add_argument("--json", action="store_true", help="the result as JSON on stdout")

@@ -18,7 +18,10 @@ forecast, longer than the target.
 - otherwise another round: THROTTLE first (auto-converge, QEMU's cpu-throttle-initial and
   -increment) when, from the third round on and with the copy not settled, the guest dirtied
   memory faster than half what the link carried in the last round, or the last round did not
-  shrink what is left; ANOTHER_ROUND as it is if not.
+  shrink what is left - up to `throttle_max` while the pause does not fit the target, only up
+  to `throttle_settle_max` when it fits (a vCPU throttled past one half sleeps more than it
+  runs: its clients would wait longer while it is migrated than the pause makes them wait);
+  ANOTHER_ROUND as it is if not.
 
 No clock, no I/O, no machine here: `tests/migrate/test_convergence.py` checks the rules above as
 properties.
@@ -139,7 +142,9 @@ def settled(figures: RoundFigures, options: MigrationOptions) -> bool:
 
 def next_throttle(figures: RoundFigures, options: MigrationOptions) -> float:
     """Auto-converge's throttle for the next round: one step up while the guest outruns the link
-    or the rounds no longer shrink an unsettled rest."""
+    or the rounds no longer shrink an unsettled rest; up to `throttle_max` while the pause does
+    not fit the target, only to `throttle_settle_max` to shorten one that already fits (the
+    guest's answers while it is migrated count as much as the pause)."""
     if not options.auto_converge or figures.rounds < 3:  # the first rounds say little of the rate
         return figures.throttle
     if settled(figures, options):
@@ -147,9 +152,11 @@ def next_throttle(figures: RoundFigures, options: MigrationOptions) -> float:
     outruns = figures.last_dirty_rate_mib_s > 0.5 * figures.last_bandwidth_mib_s
     if not outruns and figures.shrinking:
         return figures.throttle
-    if figures.throttle == 0:
-        return options.throttle_initial
-    return min(options.throttle_max, figures.throttle + options.throttle_step)
+    fits = figures.pause_ms <= options.downtime_ms
+    ceiling = min(options.throttle_max, options.throttle_settle_max) if fits else options.throttle_max
+    if figures.throttle >= ceiling:
+        return figures.throttle
+    return min(ceiling, options.throttle_initial if figures.throttle == 0 else figures.throttle + options.throttle_step)
 
 
 def decide(figures: RoundFigures, options: MigrationOptions) -> Decision:

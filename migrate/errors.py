@@ -46,6 +46,15 @@ class TransportError(MigrateError):
     """The link to the peer failed (closed, timed out, a frame too large, authentication)."""
 
 
+class CannotListen(TransportError):
+    """The listening address cannot be bound: in use by another process, or not this host's."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"cannot listen on {address}: {reason}")
+        self.address = address
+        self.reason = reason
+
+
 class AuthenticationFailed(TransportError):
     """The peer answered the challenge, wrongly: it does not hold the key (a guess, counted)."""
 

@@ -24,6 +24,10 @@ class MigrationOptions:
     throttle_initial: float = 0.2  # QEMU's cpu-throttle-initial / -increment, as fractions
     throttle_step: float = 0.1
     throttle_max: float = 0.99
+    # the deepest throttle taken only to shorten a pause that already fits the target: past it a
+    # throttled vCPU sleeps more than it runs, and the guest's clients wait longer for each answer
+    # while it is migrated than the pause would make them wait once
+    throttle_settle_max: float = 0.5
     max_rounds: int = 30
     max_seconds: float = 120.0
     finish_anyway: bool = False  # at max rounds/time: stop and copy regardless (longer downtime)

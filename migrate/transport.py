@@ -18,6 +18,7 @@ encryption); the challenge still runs inside it.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import hmac
 import ipaddress
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 import msgpack
 
 from formats import FormatError, MsgpackLimits, unpack_msgpack
-from migrate.errors import AuthenticationFailed, ProtocolViolation, TransportError
+from migrate.errors import AuthenticationFailed, CannotListen, ProtocolViolation, TransportError
 from migrate.protocol import MESSAGE_TYPES, ErrorCode, Message, MessageKind, Pages
 
 FRAME = struct.Struct("<IB")
@@ -371,7 +372,11 @@ class Listener:
                                  f"can reach it could send a guest")
         self.key = key
         self._tls = tls.context(server=True) if tls else None
-        self.sock = socket.create_server((host, port), reuse_port=False)
+        try:
+            self.sock = socket.create_server((host, port), reuse_port=False)
+        except OSError as e:  # typed, with the facts: exit status 4 (transport), never a raw errno
+            raise CannotListen(address, "the address is in use (another process listens there)"
+                               if e.errno == errno.EADDRINUSE else e.strerror or str(e)) from None
         self.address = f"{host}:{self.sock.getsockname()[1]}"
 
     def accept(self, timeout: float | None = None) -> Connection:

@@ -202,26 +202,48 @@ def test_declared_size_limits_apply_before_allocation() -> None:
         reg.decode(msgpack.packb(["fpu", 1, {"fpr": bytes(17)}], use_bin_type=True))
 
 
+def _assert_a_registered_object_that_round_trips(obj: object, name: str | None = None) -> None:
+    """What a hostile blob may decode to, if anything: an object of a registered type (of `name`'s
+    type, when the blob names one), which encodes to a blob decoding to the same object."""
+    types = REG.names()
+    assert type(obj) in types.values(), obj
+    if name is not None:
+        assert type(obj) is types[name], (name, obj)
+    assert REG.decode(REG.encode(obj), type(obj)) == obj
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_random_bytes_only_ever_raise_format_errors(blob: bytes) -> None:
     try:
-        REG.decode(blob)
+        obj = REG.decode(blob)
     except FormatError:
-        pass
+        return
+    _assert_a_registered_object_that_round_trips(obj)
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=5)
-                    | st.binary(max_size=5) | st.floats(),
+                    | st.binary(max_size=5) | st.floats(allow_nan=False),
                     lambda kids: st.lists(kids, max_size=4)
                     | st.dictionaries(st.text(max_size=8), kids, max_size=4), max_leaves=20),
        st.sampled_from(sorted(REG.names())))
 def test_well_formed_msgpack_of_the_wrong_shape_is_a_schema_error(fields: object, name: str) -> None:
+    """Well-formed msgpack under a registered name: a SchemaError (not a FormatError of another
+    kind, nor a raw exception), unless the fields happen to be a valid shape of that type."""
+    blob = msgpack.packb([name, 1, fields], use_bin_type=True)
     try:
-        REG.decode(msgpack.packb([name, 1, fields], use_bin_type=True))
-    except FormatError:
-        pass
+        obj = REG.decode(blob)
+    except SchemaError:
+        return
+    _assert_a_registered_object_that_round_trips(obj, name)
+
+
+def test_a_wrong_shape_names_the_type_and_the_field() -> None:
+    with pytest.raises(SchemaError, match="hv.Fpu|Fpu"):
+        REG.decode(msgpack.packb(["hv.Fpu", 1, {"fpr": 7}], use_bin_type=True))
+    with pytest.raises(SchemaError):
+        REG.decode(msgpack.packb(["hv.Fpu", 1, [1, 2]], use_bin_type=True))
 
 
 def test_encoding_an_unregistered_or_mistyped_object_is_a_schema_error() -> None:

@@ -35,7 +35,7 @@ def test_pause_stops_the_guest_and_resume_continues(kvm: Kvm, write_image) -> No
         machine.device("serial0", Serial16550).flush()  # what it sent before the pause
         frozen = len(out)
         regs = machine.vcpus[0].get_regs()
-        time.sleep(0.2)
+        time.sleep(0.2)  # a window for a wrong run to show; a right one passes on any host
         assert len(out) == frozen, "the guest ran while paused"
         assert machine.vcpus[0].get_regs() == regs
         machine.resume()
@@ -187,7 +187,7 @@ def test_start_paused_runs_no_guest_code(kvm: Kvm, write_image) -> None:
         rip = machine.vcpus[0].get_regs().rip
         machine.start(paused=True)
         assert machine.state is RunState.PAUSED
-        time.sleep(0.1)
+        time.sleep(0.1)  # a window for a wrong run to show; a right one passes on any host
         assert not out and machine.vcpus[0].get_regs().rip == rip
         machine.resume()
         wait_for(lambda: len(out) > 100)
@@ -202,15 +202,21 @@ def test_throttle_slows_the_guest_and_pause_still_works(kvm: Kvm, write_image) -
         machine.start()
         wait_for(lambda: len(out) > 100)
 
-        def rate() -> float:  # the guest's own progress: its port writes, counted in the vCPU loop
-            n, t = machine.vcpus[0].fast_io_exits, time.perf_counter()
-            time.sleep(0.4)
-            return (machine.vcpus[0].fast_io_exits - n) / (time.perf_counter() - t)
+        thread = machine._slots[0].thread  # the vCPU's thread: its CPU time is the guest's running
+        clock = time.pthread_getcpuclockid(thread.ident)
 
-        free = rate()
+        def cpu_share(window: float = 0.5) -> float:
+            """The vCPU thread's CPU time per wall second over `window`."""
+            cpu, wall = time.clock_gettime(clock), time.monotonic()
+            time.sleep(window)  # a measuring window; the bound below holds on any host
+            return (time.clock_gettime(clock) - cpu) / (time.monotonic() - wall)
+
         machine.set_throttle(0.9)
-        throttled = rate()
-        assert throttled < 0.5 * free, (free, throttled)
+        # Structural, not a rate against another rate (a loaded host slows both): at 90% the vCPU
+        # is held out of KVM_RUN 90 ms of every 100 whatever the host's speed, so its thread can
+        # use at most ~10% of a core (with the kicks' own cost: under 25%).
+        throttled = cpu_share()
+        assert throttled < 0.25, throttled
         for _ in range(10):  # pause is not delayed or lost under throttling kicks
             assert machine.pause() < 1.0
             machine.device("serial0", Serial16550).flush()  # what it sent before the pause
@@ -219,7 +225,8 @@ def test_throttle_slows_the_guest_and_pause_still_works(kvm: Kvm, write_image) -
             assert len(out) == frozen
             machine.resume()
         machine.set_throttle(0)
-        assert rate() > 0.5 * free
+        exits = machine.vcpus[0].fast_io_exits
+        wait_for(lambda: machine.vcpus[0].fast_io_exits > exits + 1000)  # it runs on, unthrottled
     finally:
         machine.stop()
         machine.vm.close()
@@ -253,10 +260,16 @@ def test_inject_interrupt_reaches_the_guest_idt(kvm: Kvm, write_image) -> None:
     machine.io_bus.insert(0x502, 1, seen, "irq-report")
     try:
         machine.start()
-        time.sleep(0.2)  # let it reach sti; hlt (emulated ring 0 is slow)
         assert not seen.writes
-        machine.vcpus[0].inject_interrupt(0x41)
-        wait_for(lambda: seen.writes)
+        # The guest may not have enabled its LAPIC yet (ring 0 is emulated, slowly, and the host
+        # may be loaded): an interrupt sent before that is dropped, so it is sent again until the
+        # handler reports it. The handler then spins with interrupts off: exactly one report.
+        def delivered() -> bool:
+            if not seen.writes:
+                machine.vcpus[0].inject_interrupt(0x41)
+            return bool(seen.writes)
+
+        wait_for(delivered)
         assert seen.writes == [(0, 1, 0x41)]
         assert machine.state is RunState.RUNNING
     finally:

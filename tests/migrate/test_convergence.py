@@ -33,7 +33,8 @@ def options(draw: st.DrawFn) -> MigrationOptions:
     return MigrationOptions(
         downtime_ms=draw(st.floats(0, 2000, allow_nan=False)), auto_converge=draw(st.booleans()),
         max_rounds=draw(st.integers(1, 35)), max_seconds=draw(st.floats(1, 150, allow_nan=False)),
-        finish_anyway=draw(st.booleans()), downtime_settle_ms=draw(st.sampled_from([0.0, 2.0, 10.0])))
+        finish_anyway=draw(st.booleans()), downtime_settle_ms=draw(st.sampled_from([0.0, 2.0, 10.0])),
+        throttle_settle_max=draw(st.sampled_from([0.2, 0.5, 0.99])))
 
 
 def _at_a_limit(f: RoundFigures, o: MigrationOptions) -> bool:
@@ -129,6 +130,8 @@ def test_a_throttle_step_goes_up_by_the_options_steps_and_only_when_allowed(f, o
     d = decide(f, o)
     outruns = f.last_dirty_rate_mib_s > 0.5 * f.last_bandwidth_mib_s
     stepped = o.throttle_initial if f.throttle == 0 else min(o.throttle_max, f.throttle + o.throttle_step)
+    if f.throttle >= o.throttle_max:
+        stepped = f.throttle
     if o.auto_converge and f.rounds >= 3 and (outruns or not f.shrinking) and stepped != f.throttle:
         reason = Reason.OUTRUNS_LINK if outruns else Reason.NOT_SHRINKING
         assert d == Decision(Action.THROTTLE, reason, stepped, math.inf)
@@ -224,3 +227,12 @@ def test_page_cost_comes_from_the_cheapest_recent_round_of_some_size() -> None:
                                    RoundStats(2, 10_000, 0, 0, 0.05, 0, 100, 0)])  # 0.005 ms a page
     figures = RoundFigures.after(stats, 5000, 3.0, 0.0, dirty_blocks=7, block_ms=0.3)
     assert figures.page_ms == pytest.approx(0.005) and (figures.dirty_blocks, figures.block_ms) == (7, 0.3)
+
+
+@given(figures(), options())
+def test_a_pause_that_fits_is_never_shortened_by_a_throttle_past_the_settle_ceiling(f, o) -> None:
+    """Throttling past `throttle_settle_max` only ever happens to a pause that does not fit."""
+    d = decide(f, o)
+    if f.pause_ms <= o.downtime_ms and d.throttle > f.throttle:
+        assert d.throttle <= o.throttle_settle_max
+    assert d.throttle >= f.throttle  # auto-converge never lets go mid-migration

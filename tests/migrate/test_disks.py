@@ -53,8 +53,18 @@ def test_an_explicit_disk_that_is_a_fifo_is_refused_without_blocking(tmp_path: P
 def test_an_explicit_disk_may_be_a_link_the_operator_named(tmp_path: Path) -> None:
     (tmp_path / "real.img").write_bytes(b"x" * 512)
     (tmp_path / "link.img").symlink_to(tmp_path / "real.img")
-    disk = DiskPolicy.of(disk=tmp_path / "link.img").open("whatever", read_only=True)
-    disk.close()
+    for read_only in (True, False):
+        disk = DiskPolicy.of(disk=tmp_path / "link.img").open("whatever", read_only)
+        try:  # the link followed: the fd is the real file, in the mode asked
+            assert disk.read_only is read_only
+            assert os.path.samestat(os.fstat(disk.fd), (tmp_path / "real.img").stat())
+            flags = fcntl.fcntl(disk.fd, fcntl.F_GETFL)
+            assert flags & os.O_ACCMODE == (os.O_RDONLY if read_only else os.O_RDWR)
+            assert os.pread(disk.fd, 512, 0) == b"x" * 512
+        finally:
+            disk.close()
+        with pytest.raises(OSError):  # closed: the fd is given back
+            os.fstat(disk.fd)
 
 
 def test_a_disk_and_a_directory_together_are_refused() -> None:

@@ -75,14 +75,24 @@ def test_snapshot_mid_run_continues_in_a_new_process(kvm: Kvm, running, tmp_path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
     saved_passes = bg.read_status(restore(path, kvm).vm.memory).passes  # also in-process
 
+    # a mappable snapshot is restored by mapping its .mem (--share-mem), checked against the digest
+    mem_files = [p for p in tmp_path.iterdir() if p.suffix == ".mem"]
+    assert len(mem_files) == (1 if mappable else 0), list(tmp_path.iterdir())
     api = tmp_path / "restored.sock"
     proc = subprocess.Popen([sys.executable, "-m", "migrate.cli", "restore", str(path), "--api", str(api),
-                             "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--timeout", "60", *(["--share-mem"] if mappable else [])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
-        while not api.exists():
+        while not api.exists():  # the socket is served once the guest is restored and running
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-            time.sleep(0.05)
+            time.sleep(0.05)  # polling interval only
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        mapped = [line for line in maps.splitlines() if line.endswith(".mem")]
+        if mappable:  # guest RAM is the file, mapped (private): not a copy in anonymous memory
+            assert mapped and all(line.endswith(str(mem_files[0].resolve())) for line in mapped), mapped
+        else:
+            assert not mapped
         # pass N+3 on the status page: the guest finished printing pass N+2's line before it
         while (check := call(api, "guest-check"))["passes"] < saved_passes + 3:
             assert time.monotonic() < deadline
@@ -222,7 +232,6 @@ def test_snapshot_and_inspect_through_the_cli(tmp_path) -> None:
                                      "--json"], capture_output=True, text=True, timeout=60)
         assert base.returncode == 0, base.stderr
         (tmp_path / "s0-cut").write_bytes((tmp_path / "s0").read_bytes()[:-10])
-        time.sleep(0.3)
         inc, shown, broken = run_together(  # the increment, and the base inspected whole and cut short
             cli + ["snapshot", "--api", str(api), "--out", str(tmp_path / "s1"), "--incremental-from",
                    str(tmp_path / "s0"), "--json"],
