@@ -46,9 +46,9 @@ from rich.text import Text
 from hv.guests import builtin as builtin_guest
 from hv.kvm.kvm import Kvm
 from hv.devices.serial import Serial16550
-from hv.vmm.cli import LineConsole, run_machine, terminal
+from hv.vmm.cli import LineConsole, MachineRun, add_answer_timeout, run_machine, terminal
 from hv.vmm.command import ExitStatus, dispatch, parse_size, quiet, run_parser, say, status
-from hv.vmm.control import ControlError, call, check_socket_path
+from hv.vmm.control import CALL_TIMEOUT, ControlError, call, expect
 from hv.vmm.control import extensions as control_extensions
 from hv.vmm.machine import discard
 from migrate.stats import RUNNING
@@ -129,7 +129,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             if p.get("stage") == "memory":
                 bar.update(task, mib=p["bytes"] / MiB)
 
-        result = call(args.api, "snapshot", progress=progress, out=str(Path(args.out).resolve()),
+        result = call(args.api, "snapshot", progress=progress, timeout=None, out=str(Path(args.out).resolve()),
                       incremental_from=str(Path(args.incremental_from).resolve()) if args.incremental_from else None,
                       mappable=args.mappable, track_dirty=args.track_dirty, level=args.level)
     if args.json:
@@ -144,18 +144,16 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from migrate.snapshots import restore
 
-    if args.api:
-        check_socket_path(args.api)  # a clear refusal before the restore, not after
     console, watch = _guest_console()
-    with Kvm() as kvm:
+    with MachineRun(args.api) as run, Kvm() as kvm:  # the control socket claimed before the restore
         t0 = time.perf_counter()
         machine = restore(args.file, kvm, console=console, disk=args.disk, disk_dir=args.disk_dir,
                           share_memory=args.share_mem, virtio_console=LineConsole(), verify_memory=not args.no_verify)
         say("migrate", f"restored {args.file} in {(time.perf_counter() - t0) * 1000:.1f} ms")
         machine.device("serial0", Serial16550).attach_terminal(terminal())  # before the guest runs
+        run.prepare(machine, watch=watch, extra={"console": console})
         machine.resume()
-        return run_machine(machine, watch=watch, api=args.api, timeout=args.timeout, start=False,
-                           extra={"console": console})
+        return run_machine(machine, run, timeout=args.timeout, start=False)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -180,7 +178,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     target = Path(args.target)
     if target.is_socket():
-        result = call(target, "verify")
+        result = call(target, "verify", timeout=VERIFY_TIMEOUT)
     elif target.is_file():
         with Kvm() as kvm:
             result = verify_snapshot(target, kvm)
@@ -209,20 +207,31 @@ SETTLE_SECONDS = 0.1  # the guest runs alone this long after it arrives (issue: 
 
 
 def cmd_recv(args: argparse.Namespace) -> int:
-    from migrate.receiver import Receiver
     from migrate.transport import Listener
 
-    if args.api:
-        check_socket_path(args.api)  # a clear refusal now, not once the guest has arrived
-    listener = Listener(args.listen, _key(args.key_file), _tls(args))
     control_extensions()  # found and imported now, not beside the guest's first moments here
-    say("migrate", f"listening on {listener.address}")
+    # Every resource the guest needs here once it runs is taken before the target says Ready:
+    # the control socket now (a bad --api refuses before anything is accepted), the rest as
+    # each migration builds its machine (`prepare`). After Commit nothing is left that can fail.
+    with MachineRun(args.api, attach_wait=0) as run:
+        listener = Listener(args.listen, _key(args.key_file), _tls(args))
+        say("migrate", f"listening on {listener.address}")
+        return _receive(args, run, listener)
+
+
+def _receive(args: argparse.Namespace, run: MachineRun, listener) -> int:
+    from migrate.receiver import Receiver
+
     console, watch = _guest_console()
+
+    def prepare(machine) -> None:
+        run.prepare(machine, watch=watch, extra={"console": console})
+
     with Kvm() as kvm:
         # Queries from a source in doubt are answered for as long as this process runs
         receiver = Receiver(listener, kvm, once=args.once, console=console, terminal=terminal(),
                             disk=args.disk, disk_dir=args.disk_dir, max_mem=args.mem, virtio_console=LineConsole(),
-                            postcopy_wait=args.postcopy_wait or None)
+                            postcopy_wait=args.postcopy_wait or None, prepare=prepare)
         try:
             try:
                 incoming = receiver.receive(args.accept_timeout or None)
@@ -231,8 +240,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
             if incoming.machine is None:
                 say("migrate", "dry run: this host would accept the guest")
                 return ExitStatus.OK
-            return run_machine(incoming.machine, watch=watch, api=args.api, timeout=args.timeout, start=False,
-                               extra={"console": console}, settle=SETTLE_SECONDS,
+            return run_machine(incoming.machine, run, timeout=args.timeout, start=False, settle=SETTLE_SECONDS,
                                announce=f"migrate: received the guest from {incoming.source} "
                                         f"({incoming.pages} pages, {incoming.seconds:.2f} s); it runs here now")
         finally:
@@ -351,7 +359,7 @@ def _stats_table(stats: dict[str, Any]) -> Table:
 def _wait_for_end(api: str, timeout: float = 120.0) -> dict[str, Any]:
     """The migration's status once it is no longer running (after a cancel)."""
     deadline = time.monotonic() + timeout
-    while (live := call(api, "migrate-status"))["phase"] in RUNNING and time.monotonic() < deadline:
+    while (live := _migrate_status(api))["phase"] in RUNNING and time.monotonic() < deadline:
         time.sleep(0.1)
     return live
 
@@ -365,11 +373,12 @@ def cmd_send(args: argparse.Namespace) -> int:
         view = _RoundView(bar)
         try:
             if args.resume:
-                stats = call(args.api, "migrate-send", progress=view, resume=True)
+                stats = call(args.api, "migrate-send", progress=view, timeout=None, resume=True)
             elif args.to is None:
                 raise MigrateError("migrate send needs --to HOST:PORT (or --resume)")
             else:
-                stats = call(args.api, "migrate-send", progress=view, to=args.to, options=_send_options(args))
+                stats = call(args.api, "migrate-send", progress=view, timeout=None, to=args.to,
+                             options=_send_options(args))
         except KeyboardInterrupt:
             say("migrate", "cancelling (the guest stays on the source)", "yellow")
             call(args.api, "migrate-cancel")
@@ -389,9 +398,23 @@ def cmd_send(args: argparse.Namespace) -> int:
     return OUTCOMES.get(stats["outcome"], ExitStatus.MIGRATION_FAILED)
 
 
+VERIFY_TIMEOUT = 600.0  # seconds: `verify` hashes all of a paused guest's memory
+_NUMBER = (int, float)
+# what `describe` reads of a migration's status, and as what
+STATUS_FIELDS = {"round": int, "round_pages_total": int, "round_pages_done": int, "dirty_rate_mib_s": _NUMBER,
+                 "bandwidth_mib_s": _NUMBER, "throttle": _NUMBER, "eta_seconds": (*_NUMBER, type(None)),
+                 "reason": (str, type(None))}
+
+
+def _migrate_status(api: str, timeout: float = CALL_TIMEOUT) -> dict[str, Any]:
+    """`migrate-status`, its fields of the types `describe` reads."""
+    return expect(call(api, "migrate-status", timeout=timeout), api, "migrate-status", {"phase": str},
+                  STATUS_FIELDS)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """`migrate status SOCK`: the VM's migration (running, or the last one), as QMP's query-migrate."""
-    live = call(args.socket, "migrate-status")
+    live = _migrate_status(args.socket, args.timeout)
     if args.json:
         _print_json(live)
     else:
@@ -403,7 +426,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     """`migrate cancel SOCK`: stop the VM's running migration; the guest runs on there."""
-    result = call(args.socket, "migrate-cancel")
+    result = expect(call(args.socket, "migrate-cancel", timeout=args.timeout), args.socket, "migrate-cancel", {"round": int, "phase": str})
     live = _wait_for_end(args.socket)
     if args.json:
         _print_json({**result, "status": live})
@@ -428,7 +451,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_resolve(args: argparse.Namespace) -> int:
     force = "resume-source" if args.force_resume_source else "stop-source" if args.force_stop_source else None
     try:
-        result = call(args.sock, "migrate-resolve", force=force)
+        result = expect(call(args.sock, "migrate-resolve", force=force, timeout=args.timeout), args.sock, "migrate-resolve",
+                        {"action": str, "asked": str, "forced": (str, type(None))})
     except ControlError as e:
         if e.kind != "StillInDoubt":
             raise
@@ -660,6 +684,7 @@ runs in the VM's process; see migrate status and migrate cancel.""")
                        help="if the target cannot say: stop the source's copy (RISK: no running copy if the "
                             "target does not run the guest)")
     p.add_argument("--json", action="store_true", help="the result as JSON on stdout")
+    add_answer_timeout(p)
     p.set_defaults(func=cmd_resolve)
 
     p = command("status", "how a VM's migration goes: phase, round, pages and bytes done and left, "
@@ -668,12 +693,14 @@ runs in the VM's process; see migrate status and migrate cancel.""")
   migrate status /tmp/vm.sock --json            phase none: no migration started yet""")
     p.add_argument("socket", metavar="SOCK", help="the migrating VM's control socket")
     p.add_argument("--json", action="store_true", help="the status as JSON on stdout")
+    add_answer_timeout(p)
     p.set_defaults(func=cmd_status)
 
     p = command("cancel", "cancel a VM's running migration; the guest runs on at the source", """\
   migrate cancel /tmp/vm.sock""")
     p.add_argument("socket", metavar="SOCK", help="the migrating VM's control socket")
     p.add_argument("--json", action="store_true", help="the result as JSON on stdout")
+    add_answer_timeout(p)
     p.set_defaults(func=cmd_cancel)
 
     p = command("plot", "draw a migration's rounds (the stats of migrate send --json) into a PNG", """\

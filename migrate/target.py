@@ -177,12 +177,13 @@ class Target:
                  disks: DiskPolicy, max_mem: int | None, virtio_console: Callable[[bytes], None] | None,
                  progress: Progress | None, joins: Joins | None, ledger: SessionLedger | None = None,
                  first: Hello | None = None, terminal: Terminal | None = None,
-                 postcopy_wait: float | None = 30.0) -> None:
+                 postcopy_wait: float | None = 30.0, prepare: Callable[[Machine], None] | None = None) -> None:
         self.conn, self.kvm, self.timeout, self.joins = conn, kvm, timeout, joins
         self.postcopy_wait = postcopy_wait  # after a lost link in post-copy: how long the source may take to come back
         self.ledger = ledger or SessionLedger()
         self.first = first  # HELLO, when whoever accepted the connection has read it already
         self.terminal = terminal
+        self.prepare = prepare  # what the guest's run here needs, acquired before Ready (never after Commit)
         self.console, self.virtio_console = console, virtio_console or console
         self.disks = disks
         self.disk: OpenDisk | None = None  # the guest's disk, opened by this side's policy
@@ -318,6 +319,8 @@ class Target:
         if self.terminal is not None:  # before the guest resumes here: no byte of it is lost
             self.machine.device("serial0", Serial16550).attach_terminal(self.terminal)
         self.machine.start(paused=True)  # the vCPU threads made and parked now, not in the pause
+        if self.prepare is not None:  # the run's threads and context: a failure is a refusal, not a lost guest
+            self.prepare(self.machine)
         memory = self.machine.vm.memory
         self.collected.sink = pages.MemorySink(memory)
         place_pages(self.reader, memory)  # checked and written in C; no guest runs here yet
@@ -595,7 +598,8 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
             max_mem: int | None = None, virtio_console: Callable[[bytes], None] | None = None,
             progress: Progress | None = None, listener: Listener | None = None, joins: Joins | None = None,
             ledger: SessionLedger | None = None, first: Hello | None = None,
-            terminal: Terminal | None = None, postcopy_wait: float | None = 30.0) -> Incoming:
+            terminal: Terminal | None = None, postcopy_wait: float | None = 30.0,
+            prepare: Callable[[Machine], None] | None = None) -> Incoming:
     """Take one incoming migration on `conn`: check, build, fill, verify, and on Commit run the
     guest. Any failure before Commit tears the half-built VM down and raises. A guest with a
     disk gets `disk` (this host's file for it), or the file of the stream's disk's name in
@@ -605,9 +609,12 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
     source in doubt to ask about (`migrate.receiver` shares one); `first` is HELLO if the caller
     read it already; `terminal`, where the guest's COM1 meets this host (attached before the
     guest resumes here); `postcopy_wait`, after a lost link in post-copy, how long the source may
-    take to reconnect (None: for as long as it takes) before the guest is paused here for good."""
+    take to reconnect (None: for as long as it takes) before the guest is paused here for good;
+    `prepare(machine)`, whatever the guest's run here will need, acquired as the machine is built
+    (before Ready: its failure is a refusal, and nothing that can fail is left for after Commit)."""
     if joins is None and listener is not None:
         joins = listener_joins(listener)
     return Target(conn, kvm, console=console, timeout=timeout, disks=DiskPolicy.of(disk, disk_dir),
                   max_mem=max_mem, virtio_console=virtio_console, progress=progress, joins=joins,
-                  ledger=ledger, first=first, terminal=terminal, postcopy_wait=postcopy_wait).run()
+                  ledger=ledger, first=first, terminal=terminal, postcopy_wait=postcopy_wait,
+                  prepare=prepare).run()

@@ -78,7 +78,8 @@ CONTROL_KINDS = {"BadRequest": ExitStatus.USAGE, "UnknownCommand": ExitStatus.RE
                  "Busy": ExitStatus.REFUSED, "NotMigrating": ExitStatus.REFUSED,
                  "NotInDoubt": ExitStatus.REFUSED, "InDoubt": ExitStatus.IN_DOUBT,
                  "StillInDoubt": ExitStatus.IN_DOUBT, "TooManyConnections": ExitStatus.TRANSPORT,
-                 "ConnectionError": ExitStatus.TRANSPORT}
+                 "ConnectionError": ExitStatus.TRANSPORT, "BadReply": ExitStatus.TRANSPORT,
+                 "Timeout": ExitStatus.TRANSPORT, "NoMachine": ExitStatus.REFUSED}
 
 
 def exit_status(error: BaseException, rows: ExitRows) -> ExitStatus:

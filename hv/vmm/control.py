@@ -17,18 +17,31 @@ The server survives its clients: one thread reads every connection's request (a 
 idle connection costs a file descriptor and no thread, and is closed after `REQUEST_TIMEOUT`; a
 command runs on a thread of its own; at most `MAX_CONNECTIONS` are open at once (one more is told
 `TooManyConnections` and closed); a client that stops reading its replies is dropped after
-`REPLY_TIMEOUT` without stopping the command. The socket path is claimed safely: a file that is
-not a socket is never replaced, a socket a live VM answers on is never taken over, a stale one
-is (`claim_socket`).
+`REPLY_TIMEOUT` without stopping the command. A request whose client half-closes without a
+newline is answered as if it had one. The socket path is claimed safely: a file that is not a
+socket is never replaced, a socket a live VM answers on is never taken over, a stale one is
+(`claim_socket`), and a path AF_UNIX cannot hold is refused.
+
+A server is claimed before its machine exists (`ControlServer(path)`, `start()`) and serves it
+from `attach(ctx)` on: a command that comes before waits for it up to `ATTACH_WAIT` (a boot),
+then is told `NoMachine` (a `migrate recv` still waiting for its guest). So a VMM claims
+its socket before it boots, restores, or (a migration target) says Ready, and nothing about the
+socket can fail once the guest runs (after Commit nothing may fail that loses the guest).
+
+The client (`call`) trusts nothing: the whole answer within its timeout, every line at most
+`MAX_REPLY` bytes, each of the shape above; anything else is `ControlError` "BadReply" or
+"Timeout" (a transport error, exit 4).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
 import os
 import resource
+import secrets
 import selectors
 import socket
 import stat
@@ -50,6 +63,10 @@ Progress = Callable[[dict[str, Any]], None]
 Handler = Callable[["ControlContext", dict[str, Any], Progress], dict[str, Any]]
 ENTRY_POINT_GROUP = "kvmigrate.control"
 MAX_REQUEST = 64 * 1024
+ATTACH_WAIT = 10.0  # seconds a request that came before the machine waits for it (a boot), then NoMachine
+MAX_REPLY = 1 << 20  # a client reads no reply line longer (a status is a few hundred bytes)
+CALL_TIMEOUT = 30.0  # seconds a client waits for a whole answer, unless its command says otherwise
+SOCKET_PATH_MAX = 107  # bytes of an AF_UNIX path: sun_path's 108 less the terminating NUL
 REQUEST_TIMEOUT = 10.0  # seconds a connection may take to send its request line
 REPLY_TIMEOUT = 10.0  # seconds a reply (or a progress line) may wait for the client to read it
 # open at once, idle or busy: well inside the process's file descriptors (the VM needs its own)
@@ -173,6 +190,9 @@ def check_socket_path(path: str | Path) -> None:
     """Can `path` become a control socket? Raises `ControlSocketError` saying why not (missing
     directory, a non-socket there, a live VM's socket). For commands to ask before they boot."""
     path = Path(path)
+    if len(os.fsencode(path)) > SOCKET_PATH_MAX:
+        raise ControlSocketError(path, f"is {len(os.fsencode(path))} bytes long; a unix socket's path holds at "
+                                       f"most {SOCKET_PATH_MAX}")
     if not path.parent.is_dir():
         raise ControlSocketError(path, f"the directory {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK | os.X_OK):
@@ -180,20 +200,36 @@ def check_socket_path(path: str | Path) -> None:
     _socket_at(path)
 
 
+def _staging(path: Path) -> Path:
+    """A fresh name beside `path` that AF_UNIX can hold whenever `path` fits: as long as the
+    room left allows (a hidden random name; for a path at the very limit, a short random one)."""
+    room = len(os.fsencode(path.name)) + SOCKET_PATH_MAX - len(os.fsencode(path))
+    token = secrets.token_hex(8)
+    return path.with_name(("." + token)[:room] if room >= 8 else token[:room])
+
+
 def claim_socket(path: str | Path) -> tuple[socket.socket, os.stat_result]:
     """A listening socket at `path`, made owner-only and put there atomically (`link`, which
     never replaces): a stale socket is removed first, anything else refused. Returns the socket
-    and the stat of what is now at `path` (so `close` removes only its own)."""
+    and the stat of what is now at `path` (so `close` removes only its own). The socket is bound
+    under a random staging name first, never one that exists (bind does not replace)."""
     path = Path(path)
     check_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    staging: Path | None = None
     try:
-        try:
-            staging.unlink()
-        except FileNotFoundError:
-            pass
-        sock.bind(str(staging))
+        for _ in range(32):
+            candidate = _staging(path)
+            try:
+                sock.bind(str(candidate))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    continue  # someone's file of that name: never ours to remove; another name
+                raise ControlSocketError(path, f"cannot bind a socket beside it ({e})") from e
+            staging = candidate
+            break
+        else:
+            raise ControlSocketError(path, "found no free staging name beside it")
         os.chmod(staging, 0o600)  # the socket can pause, stop and copy out the guest: owner only
         sock.listen(socket.SOMAXCONN)  # a burst of clients waits in the queue, never EAGAIN
         for _ in range(3):
@@ -206,6 +242,8 @@ def claim_socket(path: str | Path) -> tuple[socket.socket, os.stat_result]:
                     current = os.lstat(path)
                     if (current.st_dev, current.st_ino) == (stale.st_dev, stale.st_ino):
                         path.unlink()
+            except OSError as e:
+                raise ControlSocketError(path, f"cannot put the socket there ({e})") from e
         else:
             raise ControlSocketError(path, "another process keeps creating this path")
         return sock, os.lstat(path)
@@ -213,10 +251,11 @@ def claim_socket(path: str | Path) -> tuple[socket.socket, os.stat_result]:
         sock.close()
         raise
     finally:
-        try:
-            staging.unlink()
-        except FileNotFoundError:
-            pass
+        if staging is not None:
+            try:
+                staging.unlink()
+            except FileNotFoundError:
+                pass
 
 
 # --- the server -----------------------------------------------------------------------------------
@@ -233,12 +272,14 @@ class _Pending:
 
 class ControlServer:
     """Serves a Machine's control socket: one selector thread reads requests, a thread per
-    command being answered."""
+    command being answered. Without `ctx` the socket is claimed (`start`) before there is a
+    machine, and commands are told `NoMachine` until `attach`."""
 
-    def __init__(self, path: str | Path, ctx: ControlContext, *, load_extensions: bool = True,
+    def __init__(self, path: str | Path, ctx: ControlContext | None = None, *, load_extensions: bool = True,
                  max_connections: int = MAX_CONNECTIONS, request_timeout: float = REQUEST_TIMEOUT,
-                 reply_timeout: float = REPLY_TIMEOUT) -> None:
+                 reply_timeout: float = REPLY_TIMEOUT, attach_wait: float = ATTACH_WAIT) -> None:
         self.path = Path(path)
+        self.attach_wait = attach_wait
         self.ctx = ctx
         self.max_connections, self.request_timeout, self.reply_timeout = (max_connections, request_timeout,
                                                                           reply_timeout)
@@ -255,6 +296,9 @@ class ControlServer:
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._closing = threading.Event()
+        self._attached = threading.Event()  # a machine is served (or the server closes)
+        if ctx is not None:
+            self._attached.set()
         self._busy = threading.Lock()  # one exclusive command at a time (two snapshots would fight)
         self._busy_with: tuple[str, float] = ("", 0.0)
         self._lock = threading.Lock()
@@ -279,6 +323,11 @@ class ControlServer:
         with self._lock:
             return len(self._connections)
 
+    def attach(self, ctx: ControlContext) -> None:
+        """Serve `ctx`'s machine from now on (nothing here can fail: the socket is claimed)."""
+        self.ctx = ctx
+        self._attached.set()
+
     def start(self) -> None:
         self._sock, self._claimed = claim_socket(self.path)
         self._sock.setblocking(False)
@@ -287,6 +336,7 @@ class ControlServer:
 
     def close(self) -> None:
         self._closing.set()
+        self._attached.set()  # a request waiting for a machine is told there is none
         try:
             self._wake_w.send(b"x")
         except OSError:
@@ -396,19 +446,20 @@ class ControlServer:
             return
         except OSError:
             chunk = b""
-        if not chunk:
+        if not chunk and not pending.data:
             self._drop(selector, pending)
             pending.sock.close()
             return
         pending.data += chunk
         newline = pending.data.find(b"\n")
-        if newline < 0 and len(pending.data) <= MAX_REQUEST:
+        if chunk and newline < 0 and len(pending.data) <= MAX_REQUEST:
             return
         self._drop(selector, pending)
-        if newline < 0:
+        if newline < 0 and len(pending.data) > MAX_REQUEST:
             self._refuse(pending.sock, ControlError("BadRequest", f"a request longer than {MAX_REQUEST} bytes"))
             return
-        line = bytes(pending.data[:newline + 1])
+        # a line, or what came before the client half-closed (its last request: no newline needed)
+        line = bytes(pending.data[:newline + 1] if newline >= 0 else pending.data)
         pending.sock.setblocking(True)
         pending.sock.settimeout(self.reply_timeout)
         thread = threading.Thread(target=self._serve, args=(pending.sock, line), name="control-conn",
@@ -456,6 +507,9 @@ class ControlServer:
             if not isinstance(request, dict) or not isinstance(request.get("command"), str):
                 raise ControlError("BadRequest", "expected a JSON object with a 'command' string")
             name = request.pop("command")
+            self._attached.wait(self.attach_wait)  # a request that came during the boot waits for it
+            if self.ctx is None:
+                raise ControlError("NoMachine", f"no guest runs here yet; {name!r} is served once one does")
             handler = self.handlers.get(name)
             if handler is None:
                 raise ControlError("UnknownCommand",
@@ -491,29 +545,109 @@ class ControlServer:
         reply({"ok": False, "error": body})
 
 
-def call(path: str | Path, command: str, progress: Progress | None = None, timeout: float | None = None,
+def call(path: str | Path, command: str, progress: Progress | None = None, timeout: float | None = CALL_TIMEOUT,
          **args: Any) -> dict[str, Any]:
     """Send one command to a control socket; progress events go to `progress`; returns the result
-    or raises ControlError with the server's error type and message."""
+    or raises ControlError with the server's error type and message. `timeout`: seconds for the
+    whole answer (None: as long as the command takes, for one that reports progress as it
+    works). What the socket says is checked: lines of at most `MAX_REPLY` bytes, JSON objects of
+    the reply's shape; else ControlError "BadReply" (or "Timeout"), a transport error."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(str(path))
+        except TimeoutError as e:
+            raise ControlError("Timeout", f"the control socket {path} did not take the connection within "
+                                          f"{timeout:.0f} s") from e
         except OSError as e:
             raise ControlError("ConnectionError", f"cannot reach the control socket {path}: {e}") from e
         try:
             sock.sendall(json.dumps({"command": command, **args}).encode() + b"\n")
         except (BrokenPipeError, ConnectionResetError):
             pass  # a server that refused us at once (too many connections) said why: read it
-        with sock.makefile("rb") as f:
-            for line in f:
-                reply = json.loads(line)
-                if "progress" in reply:
-                    if progress is not None:
-                        progress(reply["progress"])
-                    continue
-                if reply.get("ok"):
-                    return reply.get("result", {})
-                err = reply.get("error", {})
-                raise ControlError(err.get("type", "Error"), err.get("message", ""), err.get("facts"))
+        except TimeoutError as e:
+            raise ControlError("Timeout", f"the control socket {path} took no request within {timeout:.0f} s") from e
+        lines = _reply_lines(sock, path, command, deadline)
+        for line in lines:
+            reply = _reply(line, path)
+            if "progress" in reply:
+                if progress is not None:
+                    progress(reply["progress"])
+                continue
+            if reply["ok"]:
+                return reply["result"]
+            err = reply["error"]
+            raise ControlError(err["type"], err["message"], err.get("facts"))
     raise ControlError("ConnectionError", f"{path} closed the connection before answering {command!r}")
+
+
+def _reply_lines(sock: socket.socket, path: str | Path, command: str, deadline: float | None):
+    """The reply's lines as they come, each at most `MAX_REPLY` bytes, all before `deadline`."""
+    buf = bytearray()
+    while True:
+        while (newline := buf.find(b"\n")) >= 0:
+            yield bytes(buf[:newline])
+            del buf[:newline + 1]
+        if len(buf) > MAX_REPLY:
+            raise ControlError("BadReply", f"{path} sent a reply line longer than {MAX_REPLY} bytes to {command!r}")
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ControlError("Timeout", f"{path} did not answer {command!r} in time")
+            sock.settimeout(left)
+        try:
+            chunk = sock.recv(MAX_REPLY + 1 - len(buf))
+        except TimeoutError as e:
+            raise ControlError("Timeout", f"{path} did not answer {command!r} in time") from e
+        except OSError as e:
+            raise ControlError("ConnectionError", f"{path}: {e}") from e
+        if not chunk:
+            return  # (a last line without its newline is no answer: it may have been cut)
+        buf += chunk
+
+
+def _reply(line: bytes, path: str | Path) -> dict[str, Any]:
+    """One reply line, checked: `{"progress": {...}}`, `{"ok": true, "result": {...}}` or
+    `{"ok": false, "error": {"type": str, "message": str[, "facts": {...}]}}`."""
+    try:
+        reply = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ControlError("BadReply", f"{path} answered with something that is not JSON ({e})") from None
+    shape = ""
+    if not isinstance(reply, dict):
+        shape = "not a JSON object"
+    elif "progress" in reply:
+        shape = "" if isinstance(reply["progress"], dict) else "a progress that is not an object"
+    elif reply.get("ok") is True:
+        shape = "" if isinstance(reply.get("result"), dict) else "a result that is not an object"
+    elif reply.get("ok") is False:
+        err = reply.get("error")
+        if not (isinstance(err, dict) and isinstance(err.get("type"), str) and isinstance(err.get("message"), str)
+                and isinstance(err.get("facts", {}), dict | None)):
+            shape = "an error without a type and a message"
+    else:
+        shape = "neither progress nor an answer"
+    if shape:
+        raise ControlError("BadReply", f"{path} answered with {shape}: {line[:200]!r}")
+    return reply
+
+
+def expect(result: dict[str, Any], path: str | Path, command: str, required: dict[str, type | tuple[type, ...]],
+           optional: dict[str, type | tuple[type, ...]] | None = None) -> dict[str, Any]:
+    """`result`, if its fields a client reads have the types it reads them as; else ControlError
+    "BadReply" naming the first that does not (a number is an int or a float, never a bool)."""
+    for name, types in [*required.items(), *(optional or {}).items()]:
+        if name not in result:
+            if name in required:
+                raise ControlError("BadReply", f"{path} answered {command!r} without {name!r}")
+            continue
+        value = result[name]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in _flat(types)):
+            raise ControlError("BadReply", f"{path} answered {command!r} with {name!r} = {str(value)[:80]!r}, "
+                                           f"not {' or '.join(t.__name__ for t in _flat(types))}")
+    return result
+
+
+def _flat(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
