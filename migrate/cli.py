@@ -213,7 +213,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
     # Every resource the guest needs here once it runs is taken before the target says Ready:
     # the control socket now (a bad --api refuses before anything is accepted), the rest as
     # each migration builds its machine (`prepare`). After Commit nothing is left that can fail.
-    with MachineRun(args.api, attach_wait=0) as run:
+    with MachineRun(args.api) as run:
         listener = Listener(args.listen, _key(args.key_file), _tls(args))
         say("migrate", f"listening on {listener.address}")
         return _receive(args, run, listener)
@@ -231,7 +231,7 @@ def _receive(args: argparse.Namespace, run: MachineRun, listener) -> int:
         # Queries from a source in doubt are answered for as long as this process runs
         receiver = Receiver(listener, kvm, once=args.once, console=console, terminal=terminal(),
                             disk=args.disk, disk_dir=args.disk_dir, max_mem=args.mem, virtio_console=LineConsole(),
-                            postcopy_wait=args.postcopy_wait or None, prepare=prepare)
+                            postcopy_wait=args.postcopy_wait or None, prepare=prepare, max_vcpus=args.max_vcpus)
         try:
             try:
                 incoming = receiver.receive(args.accept_timeout or None)
@@ -614,6 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem", type=parse_size, metavar="SIZE",
                    help="the most guest RAM to take: MiB, or with a suffix K, M, G, T (default: what this host "
                         "can reserve, MemAvailable)")
+    p.add_argument("--max-vcpus", type=int, metavar="N",
+                   help="the most vCPUs a guest may have to be taken (default: 4 per host CPU, at most what KVM "
+                        "allows)")
     _add_tls_arguments(p)
     p.add_argument("--postcopy-wait", type=float, default=60, metavar="SECONDS",
                    help="post-copy: after a lost link, how long the source may take to come back before the "

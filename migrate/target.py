@@ -177,7 +177,8 @@ class Target:
                  disks: DiskPolicy, max_mem: int | None, virtio_console: Callable[[bytes], None] | None,
                  progress: Progress | None, joins: Joins | None, ledger: SessionLedger | None = None,
                  first: Hello | None = None, terminal: Terminal | None = None,
-                 postcopy_wait: float | None = 30.0, prepare: Callable[[Machine], None] | None = None) -> None:
+                 postcopy_wait: float | None = 30.0, prepare: Callable[[Machine], None] | None = None,
+                 max_vcpus: int | None = None) -> None:
         self.conn, self.kvm, self.timeout, self.joins = conn, kvm, timeout, joins
         self.postcopy_wait = postcopy_wait  # after a lost link in post-copy: how long the source may take to come back
         self.ledger = ledger or SessionLedger()
@@ -188,6 +189,7 @@ class Target:
         self.disks = disks
         self.disk: OpenDisk | None = None  # the guest's disk, opened by this side's policy
         self.max_mem = host_reservable_memory() if max_mem is None else max_mem
+        self.max_vcpus = default_max_vcpus(kvm) if max_vcpus is None else max_vcpus
         self.progress = progress or (lambda p: None)
         self.proto = Protocol(Role.TARGET)
         self.reader = StreamReader(registry(), expect=EXPECT)
@@ -285,6 +287,10 @@ class Target:
         problems = []
         if hello.protocol_version != PROTOCOL_VERSION:
             problems.append(f"protocol version {hello.protocol_version}, this side speaks {PROTOCOL_VERSION}")
+        if (problem := format_version_problem(hello.format_version)):
+            problems.append(problem)
+        if config.vcpus > self.max_vcpus:  # each is a thread here, made before the first page comes
+            problems.append(f"the guest has {config.vcpus} vCPUs; this target takes at most {self.max_vcpus}")
         if config.mem_size > self.max_mem:
             problems.append(f"the guest has {config.mem_size >> 20} MiB of RAM; this target offers at most "
                             f"{self.max_mem >> 20} MiB")
@@ -420,6 +426,8 @@ class Target:
     def switch(self, missing: bytes, count: int) -> None:
         """Post-copy's switch: the state applied, every page held so far hashed (the guest has
         not run here), the missing pages registered; then Ready."""
+        if not self.postcopy_capable or self.fetch_conn is None:  # (the table refuses it first)
+            raise ProtocolViolation("Postcopy in a migration whose HELLO did not ask for post-copy")
         state = self.collected.state()
         memory = self.machine.vm.memory
         bits = self._bitmap("Postcopy", missing, count)
@@ -589,6 +597,29 @@ def host_problems(config: MachineConfig, kvm: Kvm) -> list[str]:
     return problems
 
 
+def format_version_problem(version: object) -> str:
+    """Why a HELLO's `format_version` ("major.minor" of the stream format) is not one this side
+    reads; "" if it is. (The stream's own header says it again, and is checked as it is read.)"""
+    major, dot, minor = str(version).partition(".")
+    if not (dot and major.isdigit() and minor.isdigit() and len(major) < 6 and len(minor) < 6):
+        return f"format version {str(version)[:40]!r} is not MAJOR.MINOR"
+    if int(major) not in formats.SUPPORTED_MAJORS:
+        return (f"format version {int(major)}.{int(minor)}: this side reads "
+                f"{', '.join(f'{m}.x' for m in formats.SUPPORTED_MAJORS)}")
+    return ""
+
+
+OVERCOMMIT = 4  # a target takes at most this many vCPUs per host CPU unless told otherwise
+
+
+def default_max_vcpus(kvm: Kvm) -> int:
+    """The most vCPUs (threads) a stream may make this target create unless `--max-vcpus` says:
+    `OVERCOMMIT` per host CPU (KVM's recommended count, or the CPUs online), never past KVM's
+    own limit (which `VmConfig.validate` also checks)."""
+    caps = kvm.capabilities
+    return min(caps.max_vcpus, OVERCOMMIT * max(caps.recommended_vcpus, os.cpu_count() or 1))
+
+
 def _us(seconds: float) -> int:
     return round(seconds * 1e6)
 
@@ -599,7 +630,7 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
             progress: Progress | None = None, listener: Listener | None = None, joins: Joins | None = None,
             ledger: SessionLedger | None = None, first: Hello | None = None,
             terminal: Terminal | None = None, postcopy_wait: float | None = 30.0,
-            prepare: Callable[[Machine], None] | None = None) -> Incoming:
+            prepare: Callable[[Machine], None] | None = None, max_vcpus: int | None = None) -> Incoming:
     """Take one incoming migration on `conn`: check, build, fill, verify, and on Commit run the
     guest. Any failure before Commit tears the half-built VM down and raises. A guest with a
     disk gets `disk` (this host's file for it), or the file of the stream's disk's name in
@@ -611,10 +642,11 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
     guest resumes here); `postcopy_wait`, after a lost link in post-copy, how long the source may
     take to reconnect (None: for as long as it takes) before the guest is paused here for good;
     `prepare(machine)`, whatever the guest's run here will need, acquired as the machine is built
-    (before Ready: its failure is a refusal, and nothing that can fail is left for after Commit)."""
+    (before Ready: its failure is a refusal, and nothing that can fail is left for after Commit);
+    `max_vcpus`, the most vCPUs a guest may have here (default: `default_max_vcpus`)."""
     if joins is None and listener is not None:
         joins = listener_joins(listener)
     return Target(conn, kvm, console=console, timeout=timeout, disks=DiskPolicy.of(disk, disk_dir),
                   max_mem=max_mem, virtio_console=virtio_console, progress=progress, joins=joins,
                   ledger=ledger, first=first, terminal=terminal, postcopy_wait=postcopy_wait,
-                  prepare=prepare).run()
+                  prepare=prepare, max_vcpus=max_vcpus).run()

@@ -159,8 +159,8 @@ class MachineRun:
     terminal and the threads that wait for the run's end. A migration target prepares as it
     builds the machine, before it says Ready; `run_machine` prepares one that is not yet.
     Close it (or use it as a context manager) to release the socket. `attach_wait`: how long a
-    request that comes before the machine waits for it (a boot: seconds; a migration target,
-    which may wait hours for its guest: 0, it is told `NoMachine` at once)."""
+    request that comes before the machine waits for it (a boot, a guest arriving), then is told
+    `NoMachine`."""
 
     def __init__(self, api: str | None, *, attach_wait: float = ATTACH_WAIT) -> None:
         self.api = api

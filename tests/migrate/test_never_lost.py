@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 from pathlib import Path
 
 from hv.vmm.command import ExitStatus
@@ -80,16 +81,25 @@ def test_a_bad_api_fails_before_anything_boots_restores_or_is_accepted(tmp_path:
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging name left behind
 
 
-def test_requests_before_the_machine_wait_for_it_and_a_waiting_recv_says_no_guest(tmp_path: Path) -> None:
-    port = _port()
+def test_a_request_before_the_machine_waits_for_it_then_is_told_no_machine(tmp_path: Path) -> None:
+    from hv.vmm.control import ControlContext, ControlError, ControlServer, call
+
     api = tmp_path / "t.sock"
-    target = Vmm([*MIGRATE, "recv", "--listen", f"127.0.0.1:{port}"], api)
-    try:
-        asked = run([*HV, "status", str(api), "--json"], timeout=60)
-        assert asked.returncode == ExitStatus.REFUSED, asked.stderr
-        assert json.loads(asked.stdout)["error"]["type"] == "NoMachine"
-    finally:
-        target.kill()
+    with ControlServer(api, load_extensions=False, attach_wait=0.2) as server:  # claimed, no machine yet
+        try:
+            call(api, "status", timeout=10)
+        except ControlError as e:
+            assert e.kind == "NoMachine", e
+        else:
+            raise AssertionError("answered without a machine")
+        server.register("echo", lambda _ctx, args, _p: {"echo": args})
+        server.attach_wait = 30.0  # whether it comes before the attach or after, it is answered
+        asked = threading.Thread(target=lambda: answers.append(call(api, "echo", timeout=10, x=1)))
+        answers: list[dict] = []
+        asked.start()
+        server.attach(ControlContext(machine=None))  # type: ignore[arg-type]
+        asked.join(10)
+        assert answers == [{"echo": {"x": 1}}]
 
 
 def test_the_restore_path_claims_before_it_restores(tmp_path: Path) -> None:
