@@ -44,6 +44,7 @@ from migrate.disks import DiskPolicy
 from migrate.errors import IncompatibleError, MissingSections, SnapshotError, StateShapeError
 from migrate.records import EXPECT, Collected, state_sections
 from migrate.state import (
+    host_features,
     PRODUCER,
     MachineConfig,
     MachineState,
@@ -267,9 +268,11 @@ def _read_stream(path: Path, expected: formats.DeviceLayout, sink: pages.MemoryS
     return loaded
 
 
-def _state(loaded: Collected, path: Path) -> MachineState:
+def _state(loaded: Collected, path: Path, kvm: Kvm | None = None) -> MachineState:
+    """The snapshot's state, its shape and its vCPUs' registers checked (against this host's
+    features when `kvm` is given); a state KVM would refuse is a corrupt snapshot."""
     try:
-        return loaded.state()
+        return loaded.state(host_features(kvm) if kvm is not None else None)
     except MissingSections as e:
         raise SnapshotError(path, f"is missing {', '.join(e.missing)} sections") from e
 
@@ -432,7 +435,7 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
             loaded = _read_stream(file_path, expected, None if mappable else sink, progress)
             if verify_memory:
                 digest.verify(loaded.end, staging, None if mappable else sink.touched)
-        state = _state(loaded, path)  # its shape checked against the layout
+        state = _state(loaded, path, kvm)  # its shape and registers checked, before any VM exists
         if problems := cpuid_problems(state.vcpus[0].cpuid, kvm.guest_cpuid):
             raise IncompatibleError(problems)
 

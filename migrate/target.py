@@ -58,7 +58,8 @@ from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete
                               Hello, Missing, Outcome, Pages, Postcopy, Protocol, Ready, Reconnect, Reject,
                               RemoteProtocolError, Resumed, Role, RoundDone, S, State)
 from migrate.records import EXPECT, Collected
-from migrate.state import GuestCpuid, MachineConfig, apply, cpuid_problems, expected_layout, registry
+from migrate.state import (GuestCpuid, MachineConfig, apply, cpuid_problems, expected_layout, host_features,
+                           registry)
 from migrate.streams import (MAX_STREAMS, IncomingStream, Joins, RoundGate, accept_fetch_channel, accept_streams,
                              close_streams, listener_joins)
 from migrate.transport import Connection, Listener
@@ -205,6 +206,7 @@ class Target:
         self.postcopy: PostcopyTarget | None = None  # from the switch on
         self._held: dict | None = None  # each page's hash as placed before the switch
         self._given_back: dict | None = None  # pages a Discard gave back before the pause
+        self.host_cpuid: tuple | None = None  # this host's CPUID features, read as the machine is built
         self._t0 = time.perf_counter()
 
     def take(self, message: Any) -> Any:
@@ -333,6 +335,7 @@ class Target:
         self.streams = accept_streams(self.joins, hello.streams - 1, self.session, self.machine,
                                       self.collected.layout.memory, self.gate, self.timeout)
         self.postcopy_capable = hello.postcopy
+        self.host_cpuid = host_features(self.kvm)  # for the vCPUs' check in the pause: read now
         self.fetch_index = hello.streams
         if hello.postcopy:
             self.fetch_conn = accept_fetch_channel(self.joins, self.session, self.fetch_index, self.timeout)
@@ -392,7 +395,7 @@ class Target:
     def verify(self, payload: bytes) -> None:
         self.collected.take(self.records("COMPLETE", payload, COMPLETE_RECORDS))
         self.reader.finish()
-        state = self.collected.state()  # its shape checked against the layout, before any of it is applied
+        state = self.collected.state(self.host_cpuid)  # shape and registers checked, before any of it is applied
         self._invalidate_written()
         t0 = time.perf_counter()
         found = self.hashes.digest(2)
@@ -428,7 +431,7 @@ class Target:
         not run here), the missing pages registered; then Ready."""
         if not self.postcopy_capable or self.fetch_conn is None:  # (the table refuses it first)
             raise ProtocolViolation("Postcopy in a migration whose HELLO did not ask for post-copy")
-        state = self.collected.state()
+        state = self.collected.state(self.host_cpuid)
         memory = self.machine.vm.memory
         bits = self._bitmap("Postcopy", missing, count)
         given_back = self._given_back

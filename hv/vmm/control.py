@@ -503,10 +503,7 @@ class ControlServer:
                 log.info("control client went away (%s); the command goes on", e)
 
         try:
-            request = json.loads(line)
-            if not isinstance(request, dict) or not isinstance(request.get("command"), str):
-                raise ControlError("BadRequest", "expected a JSON object with a 'command' string")
-            name = request.pop("command")
+            name, request = parse_request(line)
             self._attached.wait(self.attach_wait)  # a request that came during the boot waits for it
             if self.ctx is None:
                 raise ControlError("NoMachine", f"no guest runs here yet; {name!r} is served once one does")
@@ -526,8 +523,6 @@ class ControlServer:
             else:
                 result = handler(self.ctx, request, lambda p: reply({"progress": p}))
             reply({"ok": True, "result": result})
-        except (ValueError, UnicodeDecodeError) as e:
-            self._reply_error(reply, ControlError("BadRequest", f"not JSON: {e}"))
         except Exception as e:
             log.info("control command failed: %s", e)
             self._reply_error(reply, e)
@@ -543,6 +538,21 @@ class ControlServer:
         if facts:
             body["facts"] = facts
         reply({"ok": False, "error": body})
+
+
+def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
+    """A request line (what a client sent, at most `MAX_REQUEST` bytes) -> the command's name and
+    its arguments; ControlError "BadRequest" for anything else."""
+    try:
+        request = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ControlError("BadRequest", f"not JSON: {e}") from None
+    except RecursionError:
+        raise ControlError("BadRequest", "not JSON: nested too deep") from None
+    if not isinstance(request, dict) or not isinstance(request.get("command"), str):
+        raise ControlError("BadRequest", "expected a JSON object with a 'command' string")
+    name = request.pop("command")
+    return name, request
 
 
 def call(path: str | Path, command: str, progress: Progress | None = None, timeout: float | None = CALL_TIMEOUT,
@@ -570,7 +580,7 @@ def call(path: str | Path, command: str, progress: Progress | None = None, timeo
             raise ControlError("Timeout", f"the control socket {path} took no request within {timeout:.0f} s") from e
         lines = _reply_lines(sock, path, command, deadline)
         for line in lines:
-            reply = _reply(line, path)
+            reply = parse_reply(line, path)
             if "progress" in reply:
                 if progress is not None:
                     progress(reply["progress"])
@@ -607,12 +617,12 @@ def _reply_lines(sock: socket.socket, path: str | Path, command: str, deadline: 
         buf += chunk
 
 
-def _reply(line: bytes, path: str | Path) -> dict[str, Any]:
+def parse_reply(line: bytes, path: str | Path) -> dict[str, Any]:
     """One reply line, checked: `{"progress": {...}}`, `{"ok": true, "result": {...}}` or
     `{"ok": false, "error": {"type": str, "message": str[, "facts": {...}]}}`."""
     try:
         reply = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ControlError("BadReply", f"{path} answered with something that is not JSON ({e})") from None
     shape = ""
     if not isinstance(reply, dict):
