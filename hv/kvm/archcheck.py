@@ -84,24 +84,26 @@ def _index(entries: Iterable[CpuidEntry]) -> dict[tuple[int, int], CpuidEntry]:
     return {(e.function, e.index): e for e in entries}
 
 
+def _offered(guest: Sequence[CpuidEntry], host: Sequence[CpuidEntry] | None,
+             features: dict[tuple[int, int, str, int], int], base: int) -> int:
+    """`base` plus each bit whose feature both the guest's CPUID and the host (if given) have."""
+    g, h = _index(guest), _index(host) if host is not None else None
+    bits = base
+    for feature, bit in features.items():
+        if _has(g, feature) and (h is None or _has(h, feature)):
+            bits |= bit
+    return bits
+
+
 def allowed_cr4(guest: Sequence[CpuidEntry], host: Sequence[CpuidEntry] | None) -> int:
     """The CR4 bits a vCPU with CPUID `guest` may set on a host whose KVM offers `host` (None:
     the guest's CPUID alone decides)."""
-    g, h = _index(guest), _index(host) if host is not None else None
-    bits = CR4_BASE
-    for feature, bit in CR4_FEATURES.items():
-        if _has(g, feature) and (h is None or _has(h, feature)):
-            bits |= bit
-    return bits
+    return _offered(guest, host, CR4_FEATURES, CR4_BASE)
 
 
 def allowed_efer(guest: Sequence[CpuidEntry], host: Sequence[CpuidEntry] | None) -> int:
-    g, h = _index(guest), _index(host) if host is not None else None
-    bits = EFER_SCE
-    for feature, bit in EFER_FEATURES.items():
-        if _has(g, feature) and (h is None or _has(h, feature)):
-            bits |= bit
-    return bits
+    """The EFER bits, likewise."""
+    return _offered(guest, host, EFER_FEATURES, EFER_SCE)
 
 
 def maxphyaddr(guest: Sequence[CpuidEntry]) -> int:
@@ -197,9 +199,7 @@ def vcpu_problems(state: VcpuState, host_cpuid: Sequence[CpuidEntry] | None = No
 
     apic, phys = sregs.apic_base, maxphyaddr(state.cpuid)
     reserved = ~((1 << phys) - 1) & U64 | 0x2FF
-    g, h = _index(state.cpuid), _index(host_cpuid) if host_cpuid is not None else None
-    if not (_has(g, X2APIC) and (h is None or _has(h, X2APIC))):
-        reserved |= APIC_BASE_EXTD
+    reserved |= APIC_BASE_EXTD & ~_offered(state.cpuid, host_cpuid, {X2APIC: APIC_BASE_EXTD}, 0)
     if apic & reserved:
         problems.append(f"{who}: the APIC base {apic:#x} sets reserved bits {apic & reserved:#x}")
     elif apic & APIC_BASE_EXTD and not apic & APIC_BASE_EN:
