@@ -132,6 +132,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         result = call(args.api, "snapshot", progress=progress, timeout=None, out=str(Path(args.out).resolve()),
                       incremental_from=str(Path(args.incremental_from).resolve()) if args.incremental_from else None,
                       mappable=args.mappable, track_dirty=args.track_dirty, level=args.level)
+    expect(result, args.api, "snapshot", {"kind": str, "path": str, "raw_bytes": int, "file_bytes": int,
+                                          "pause_seconds": _NUMBER})
     if args.json:
         _print_json(result)
     else:
@@ -178,7 +180,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     target = Path(args.target)
     if target.is_socket():
-        result = call(target, "verify", timeout=VERIFY_TIMEOUT)
+        result = expect(call(target, "verify", timeout=VERIFY_TIMEOUT), target, "verify", {"ok": bool},
+                        {"guest": dict, "error": dict})
+        for part, fields in (("guest", {"summary": str}), ("error", {"type": str, "message": str})):
+            if part in result:
+                expect(result[part], target, "verify", fields)
     elif target.is_file():
         with Kvm() as kvm:
             result = verify_snapshot(target, kvm)
@@ -387,6 +393,7 @@ def cmd_send(args: argparse.Namespace) -> int:
                 _print_json(live)
             say("migrate", describe(live))
             return OUTCOMES.get(live["phase"], ExitStatus.MIGRATION_FAILED)
+    _check_stats(stats, args.api)
     if args.json:
         _print_json(stats)
     else:
@@ -410,6 +417,25 @@ def _migrate_status(api: str, timeout: float = CALL_TIMEOUT) -> dict[str, Any]:
     """`migrate-status`, its fields of the types `describe` reads."""
     return expect(call(api, "migrate-status", timeout=timeout), api, "migrate-status", {"phase": str},
                   STATUS_FIELDS)
+
+
+STATS_FIELDS = {"total_seconds": _NUMBER, "setup_seconds": _NUMBER, "downtime_ms": _NUMBER,
+                "downtime_target_ms": _NUMBER, "rounds": list, "raw_bytes": int, "pages_sent": int,
+                "zero_pages": int, "sent_bytes": int, "compression_ratio": _NUMBER, "throttle_max": _NUMBER}
+
+
+def _check_stats(stats: dict[str, Any], api: str) -> None:
+    """`migrate-send`'s answer, of the shape `_stats_table` reads (BadReply otherwise)."""
+    expect(stats, api, "migrate-send", {"outcome": str, **STATS_FIELDS},
+           {"downtime_phases_ms": dict, "postcopy": (dict, type(None)), "reason": (str, type(None)), "problems": list})
+    for r in stats["rounds"]:
+        expect(r if isinstance(r, dict) else {}, api, "migrate-send", {"dirty_rate_mib_s": _NUMBER})
+    if not all(isinstance(v, _NUMBER) for v in stats.get("downtime_phases_ms", {}).values()):
+        raise ControlError("BadReply", f"{api} answered 'migrate-send' with downtime phases that are not numbers")
+    if stats.get("postcopy") is not None:
+        expect(stats["postcopy"], api, "migrate-send", {k: _NUMBER for k in (
+            "after_rounds", "missing_pages", "fetched_pages", "background_pages", "seconds", "fault_p50_us",
+            "fault_p99_us", "vcpu_blocked_ms")})
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -126,15 +126,17 @@ def test_the_commands_exit_4_with_a_message_on_a_hostile_socket(tmp_path: Path) 
     answers = {"flood": _floods, "not-object": _says(MALFORMED["result not an object"]),
                "bad-phase": _says(b'{"ok": true, "result": {"phase": 5}}\n'),
                "bad-round": _says(b'{"ok": true, "result": {"round": "x", "phase": "precopy"}}\n'),
-               "silent": _silent}
+               "silent": _silent, "bare": _says(b'{"ok": true, "result": {"outcome": "completed"}}\n')}
     commands = {"flood": [[*HV, "status"]],
                 "not-object": [[*MIGRATE, "resolve"], [*HV, "stop"]],
                 "bad-phase": [[*MIGRATE, "status"]],
                 "bad-round": [[*MIGRATE, "cancel"]],
-                "silent": [[*MIGRATE, "status", "--timeout", "0.5"]]}
+                "silent": [[*MIGRATE, "status", "--timeout", "0.5"]],
+                "bare": [[*MIGRATE, "send", "--to", "127.0.0.1:1", "--api"], [*MIGRATE, "snapshot", "--out", "x", "--api"]]}
     with (hostile(tmp_path / "flood.sock", answers["flood"]), hostile(tmp_path / "not-object.sock", answers["not-object"]),
           hostile(tmp_path / "bad-phase.sock", answers["bad-phase"]),
-          hostile(tmp_path / "bad-round.sock", answers["bad-round"]), hostile(tmp_path / "silent.sock", answers["silent"])):
+          hostile(tmp_path / "bad-round.sock", answers["bad-round"]), hostile(tmp_path / "silent.sock", answers["silent"]),
+          hostile(tmp_path / "bare.sock", answers["bare"])):
         runs = [(name, subprocess.Popen([*argv, str(tmp_path / f"{name}.sock"), "--json"], stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL))
                 for name, argvs in commands.items() for argv in argvs]
