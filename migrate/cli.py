@@ -59,6 +59,13 @@ from migrate.transport import parse_address
 MiB = 1 << 20
 results = Console(highlight=False, emoji=False, soft_wrap=True)  # stdout: tables and results
 
+VERIFY_TIMEOUT = 600.0  # seconds: `verify` hashes all of a paused guest's memory
+_NUMBER = (int, float)
+# what `describe` reads of a migration's status, and as what
+STATUS_FIELDS = {"round": int, "round_pages_total": int, "round_pages_done": int, "dirty_rate_mib_s": _NUMBER,
+                 "bandwidth_mib_s": _NUMBER, "throttle": _NUMBER, "eta_seconds": (*_NUMBER, type(None)),
+                 "reason": (str, type(None))}
+
 
 def address(text: str) -> str:
     """HOST:PORT, checked on the command line (the transport's own check: a port 0..65535)."""
@@ -127,6 +134,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
         def progress(p: dict[str, Any]) -> None:
             if p.get("stage") == "memory":
+                expect(p, args.api, "snapshot", {"bytes": int})
                 bar.update(task, mib=p["bytes"] / MiB)
 
         result = call(args.api, "snapshot", progress=progress, timeout=None, out=str(Path(args.out).resolve()),
@@ -299,7 +307,7 @@ def describe(live: dict[str, Any]) -> str:
     if phase not in RUNNING:
         return f"{phase}: {live.get('reason', '')}"
     total, done = live.get("round_pages_total", 0), live.get("round_pages_done", 0)
-    dirty = f"{live['dirty_rate_mib_s']:.0f}" if live.get("round") else "-"  # measured from round 1 on
+    dirty = f"{live.get('dirty_rate_mib_s', 0):.0f}" if live.get("round") else "-"  # measured from round 1 on
     eta = live.get("eta_seconds")
     if phase == "postcopy":
         return "post-copy: the guest runs on the target, its last pages going"
@@ -313,16 +321,18 @@ class _RoundView:
     """Live progress of a migration, from the first page on: the round's share done (the bar),
     MiB, rates, throttle, ETA."""
 
-    def __init__(self, bar: Progress) -> None:
-        self.bar = bar
+    def __init__(self, bar: Progress, api: str = "") -> None:
+        self.bar, self.api = bar, api
         self.task = bar.add_task("migrate", total=None, info="connecting, checking the target")
 
     def __call__(self, p: dict[str, Any]) -> None:
         stage = p.get("stage")
-        if stage == "pages":
+        if stage == "pages":  # (a progress of another shape is the socket's fault: BadReply)
+            expect(p, self.api, "migrate-send", {"round_pages_total": int, "round_pages_done": int}, STATUS_FIELDS)
             self.bar.update(self.task, total=max(p["round_pages_total"], 1), completed=p["round_pages_done"],
                             info=describe(p))
         elif stage == "throttle":
+            expect(p, self.api, "migrate-send", {"throttle": _NUMBER})
             self.bar.update(self.task, info=f"auto-converge: throttling the guest to "
                                             f"{(1 - p['throttle']) * 100:.0f}% of its time")
 
@@ -376,7 +386,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
         require_matplotlib()  # before the migration, not after it
     with _round_bar() as bar:
-        view = _RoundView(bar)
+        view = _RoundView(bar, args.api)
         try:
             if args.resume:
                 stats = call(args.api, "migrate-send", progress=view, timeout=None, resume=True)
@@ -403,14 +413,6 @@ def cmd_send(args: argparse.Namespace) -> int:
 
         say("migrate", f"rounds drawn in {plot_rounds(stats, args.plot)}")
     return OUTCOMES.get(stats["outcome"], ExitStatus.MIGRATION_FAILED)
-
-
-VERIFY_TIMEOUT = 600.0  # seconds: `verify` hashes all of a paused guest's memory
-_NUMBER = (int, float)
-# what `describe` reads of a migration's status, and as what
-STATUS_FIELDS = {"round": int, "round_pages_total": int, "round_pages_done": int, "dirty_rate_mib_s": _NUMBER,
-                 "bandwidth_mib_s": _NUMBER, "throttle": _NUMBER, "eta_seconds": (*_NUMBER, type(None)),
-                 "reason": (str, type(None))}
 
 
 def _migrate_status(api: str, timeout: float = CALL_TIMEOUT) -> dict[str, Any]:

@@ -12,7 +12,7 @@ Targets (each: real seed inputs, the decoder as the peer meets it, the errors it
   kind, then `transport.decode`): a message or a `ProtocolViolation`;
 - `control-request`: a control socket's request line (`parse_request`): a command or `BadRequest`;
 - `control-answer`: a control socket's reply line as a client reads it (`parse_reply`, and
-  `expect` over `migrate status`'s fields): a reply or `BadReply`.
+  `migrate status`'s `expect` and `describe`): a reply, its line, or `BadReply`.
 
 Anything else a decoder raises is a finding: its type, where, and the input (saved with --save).
 Each input is a seed mutated 1-8 times (bytes set, flipped, inserted, deleted, a slice repeated or
@@ -212,7 +212,7 @@ def control_request_target() -> Target:
 
 def control_answer_target() -> Target:
     from hv.vmm.control import MAX_REPLY, ControlError, expect, parse_reply
-    from migrate.cli import STATUS_FIELDS
+    from migrate.cli import STATUS_FIELDS, describe
 
     seeds = [b'{"progress": {"stage": "pages", "round": 1}}',
              b'{"ok": true, "result": {"phase": "precopy", "round": 2, "round_pages_total": 100, '
@@ -221,8 +221,8 @@ def control_answer_target() -> Target:
 
     def run(data: bytes) -> None:
         reply = parse_reply(data[:MAX_REPLY], "fuzz")
-        if reply.get("ok"):
-            expect(reply["result"], "fuzz", "migrate-status", {}, STATUS_FIELDS)
+        if reply.get("ok"):  # as `migrate status` reads it, to its one line
+            describe(expect(reply["result"], "fuzz", "migrate-status", {"phase": str}, STATUS_FIELDS))
 
     return Target("control-answer", seeds, run, (ControlError,))
 
