@@ -169,23 +169,35 @@ class MachineRun:
             self.server.start()  # the path is ours from now on; requests wait for `attach`
         self.machine: Machine | None = None
         self.ctx: ControlContext | None = None
-        self.done = self.wake = threading.Event()
+        self.wake = threading.Event()  # the current machine's run has something to end it
+        self._no_watch = threading.Event()  # `done` for a run without a guest watch: never set
+        self.done = self._no_watch
         self.watch: builtin_guest.EndWatch | None = None
+        self._done_waited: set[int] = set()  # `done` events a thread already waits on
 
     def prepare(self, machine: Machine, *, watch: builtin_guest.EndWatch | None = None, extra: dict | None = None,
                 terminal: Terminal | None = None) -> None:
-        """Everything `machine`'s run will use, made now (again for another machine: a migration
-        that failed after its target prepared leaves nothing behind here)."""
+        """Everything `machine`'s run will use, made now (again for another machine: what a
+        migration that failed after its target prepared left is released here, so a peer that
+        fails migration after migration costs no thread more than one)."""
         ctx = ControlContext(machine, extra=dict(extra or {}))
         serial = machine.devices.get("serial0")
         if isinstance(serial, Serial16550) and terminal is not None and serial.terminal is None:
             serial.attach_terminal(terminal)
-        done = watch.done if watch is not None else threading.Event()
+        done = watch.done if watch is not None else self._no_watch
         wake = threading.Event()
         # Block until something happens, with no polling: timed waits cost real CPU on nested hosts,
-        # and an idle guest should cost its host nothing. One small thread per thing that can happen.
-        for waits_for in (machine.wait, done.wait, ctx.finished.wait):
+        # and an idle guest should cost its host nothing. One small thread per thing that can happen:
+        # the machine's end (that thread ends with a discarded machine), a control command's (the
+        # previous context's is set free below), the guest's last line (one thread for the watch,
+        # waking whichever run is current).
+        for waits_for in (machine.wait, ctx.finished.wait):
             threading.Thread(target=lambda w=waits_for, wake=wake: (w(), wake.set()), daemon=True).start()
+        if id(done) not in self._done_waited:
+            threading.Thread(target=lambda: (done.wait(), self.wake.set()), daemon=True).start()
+            self._done_waited.add(id(done))
+        if self.ctx is not None:
+            self.ctx.finished.set()  # a machine that never ran here: its waiter ends (its wake is no one's)
         self.machine, self.ctx, self.done, self.wake, self.watch = machine, ctx, done, wake, watch
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 from hv.vmm.command import ExitStatus
@@ -111,3 +112,29 @@ def test_the_restore_path_claims_before_it_restores(tmp_path: Path) -> None:
     assert done.returncode == ExitStatus.REFUSED, done.stderr
     assert not api.exists()
     _assert_no_traceback(done.stderr)
+
+
+def test_a_run_prepared_for_migration_after_failed_migration_holds_no_more_threads(kvm) -> None:
+    """A target prepares each machine's run before Ready; machines whose migration then failed
+    (discarded) leave no waiting thread behind, so a peer failing migration after migration
+    costs no thread more than the one run it may have."""
+    from hv.guests import builtin as bg
+    from hv.kvm.vm import VmConfig
+    from hv.vmm.builder import builtin_machine
+    from hv.vmm.cli import MachineRun
+    from hv.vmm.machine import discard
+
+    watch = bg.EndWatch()
+    counts = []
+    with MachineRun(None) as prepared:
+        for _ in range(4):
+            machine = builtin_machine(kvm, bg.GuestParams(ws_mib=1), VmConfig(mem_size=32 << 20))
+            machine.start(paused=True)
+            prepared.prepare(machine, watch=watch)
+            discard(machine)  # its migration failed after the target prepared
+            counts.append(threading.active_count())
+    # (each discarded machine's waiters end; the last context's one ends with the next prepare)
+    deadline = time.monotonic() + 10
+    while threading.active_count() > counts[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() <= counts[0], counts
