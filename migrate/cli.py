@@ -415,7 +415,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     return OUTCOMES.get(stats["outcome"], ExitStatus.MIGRATION_FAILED)
 
 
-def _migrate_status(api: str, timeout: float = CALL_TIMEOUT) -> dict[str, Any]:
+def _migrate_status(api: str, timeout: float | None = CALL_TIMEOUT) -> dict[str, Any]:
     """`migrate-status`, its fields of the types `describe` reads."""
     return expect(call(api, "migrate-status", timeout=timeout), api, "migrate-status", {"phase": str},
                   STATUS_FIELDS)
@@ -442,7 +442,7 @@ def _check_stats(stats: dict[str, Any], api: str) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """`migrate status SOCK`: the VM's migration (running, or the last one), as QMP's query-migrate."""
-    live = _migrate_status(args.socket, args.timeout)
+    live = _migrate_status(args.socket, args.timeout or None)
     if args.json:
         _print_json(live)
     else:
@@ -454,7 +454,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     """`migrate cancel SOCK`: stop the VM's running migration; the guest runs on there."""
-    result = expect(call(args.socket, "migrate-cancel", timeout=args.timeout), args.socket, "migrate-cancel", {"round": int, "phase": str})
+    result = expect(call(args.socket, "migrate-cancel", timeout=args.timeout or None), args.socket, "migrate-cancel", {"round": int, "phase": str})
     live = _wait_for_end(args.socket)
     if args.json:
         _print_json({**result, "status": live})
@@ -479,7 +479,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_resolve(args: argparse.Namespace) -> int:
     force = "resume-source" if args.force_resume_source else "stop-source" if args.force_stop_source else None
     try:
-        result = expect(call(args.sock, "migrate-resolve", force=force, timeout=args.timeout), args.sock, "migrate-resolve",
+        result = expect(call(args.sock, "migrate-resolve", force=force, timeout=args.timeout or None), args.sock, "migrate-resolve",
                         {"action": str, "asked": str, "forced": (str, type(None))})
     except ControlError as e:
         if e.kind != "StillInDoubt":

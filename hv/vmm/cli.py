@@ -321,7 +321,7 @@ def cmd_control(args: argparse.Namespace) -> int:
     """`hv status|pause|resume|stop SOCK`: one command on a running VM's control socket."""
     from hv.vmm.control import call
 
-    result = call(args.socket, args.command, timeout=args.timeout)
+    result = call(args.socket, args.command, timeout=args.timeout or None)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -333,7 +333,7 @@ def cmd_control(args: argparse.Namespace) -> int:
 def add_answer_timeout(p: argparse.ArgumentParser) -> None:
     """--timeout for a command that asks a control socket: how long its whole answer may take."""
     p.add_argument("--timeout", type=float, default=CALL_TIMEOUT, metavar="SECONDS",
-                   help="give up (exit 4) if the VM's process has not answered in full by then")
+                   help="give up (exit 4) if the VM's process has not answered in full by then; 0: wait on")
 
 
 def build_parser() -> argparse.ArgumentParser:
