@@ -20,7 +20,8 @@ snapshot exits 3, not 1), and a value cffi cannot even convert (a register past 
   segment and descriptor-table bases, and the MSRs KVM checks (LSTAR, CSTAR, SYSENTER_ESP/EIP,
   FS/GS/KERNEL_GS base);
 - RFLAGS: bit 1 set, reserved bits clear; CR8 at most 15; a segment type fits 4 bits, DPL 2,
-  CS not both L and D; APIC base: reserved bits clear, x2APIC only when enabled and offered.
+  CS not both L and D; APIC base: reserved bits clear, x2APIC only when enabled and offered;
+- XCR0: x87 on, AVX with SSE, feature groups whole, only what CPUID leaf 0xD offers.
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ def vcpu_problems(state: VcpuState, host_cpuid: Sequence[CpuidEntry] | None = No
     problems: list[str] = []
     regs, sregs = state.regs, state.sregs
     _fits(problems, f"{who} regs", regs, {f.name: U64 for f in dataclasses.fields(regs)})
+    for i, xcr in enumerate(state.xcrs):
+        _fits(problems, f"{who} xcrs[{i}]", xcr, {"xcr": U32, "value": U64})
     _fits(problems, f"{who} sregs", sregs, {"cr0": U64, "cr2": U64, "cr3": U64, "cr4": U64, "cr8": U64,
                                             "efer": U64, "apic_base": U64})
     segments = {name: getattr(sregs, name) for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")}
@@ -197,6 +200,9 @@ def vcpu_problems(state: VcpuState, host_cpuid: Sequence[CpuidEntry] | None = No
         if msr.index in MSR_CANONICAL and not canonical(msr.data, width):
             problems.append(f"{who}: MSR {MSR_CANONICAL[msr.index]} {msr.data:#x} is not canonical")
 
+    for xcr in state.xcrs:
+        problems += [f"{who}: {p}" for p in xcr_problems(xcr.xcr, xcr.value, state.cpuid, host_cpuid)]
+
     apic, phys = sregs.apic_base, maxphyaddr(state.cpuid)
     reserved = ~((1 << phys) - 1) & U64 | 0x2FF
     reserved |= APIC_BASE_EXTD & ~_offered(state.cpuid, host_cpuid, {X2APIC: APIC_BASE_EXTD}, 0)
@@ -205,6 +211,33 @@ def vcpu_problems(state: VcpuState, host_cpuid: Sequence[CpuidEntry] | None = No
     elif apic & APIC_BASE_EXTD and not apic & APIC_BASE_EN:
         problems.append(f"{who}: the APIC base {apic:#x} selects x2APIC with the APIC disabled")
     return problems
+
+
+XCR0_X87, XCR0_SSE, XCR0_AVX = 1 << 0, 1 << 1, 1 << 2
+XCR0_BND = (1 << 3) | (1 << 4)  # BNDREGS, BNDCSR: both or neither
+XCR0_AVX512 = (1 << 5) | (1 << 6) | (1 << 7)  # opmask, ZMM_Hi256, Hi16_ZMM: all or none, with AVX
+XCR0_XTILE = (1 << 17) | (1 << 18)  # XTILECFG, XTILEDATA: both or neither
+
+
+def _xcr0_offered(cpuid: Sequence[CpuidEntry]) -> int:
+    entry = _index(cpuid).get((0xD, 0))
+    return (entry.eax | entry.edx << 32) if entry is not None else XCR0_X87 | XCR0_SSE
+
+
+def xcr_problems(index: int, value: int, guest: Sequence[CpuidEntry], host: Sequence[CpuidEntry] | None) -> list[str]:
+    """What KVM_SET_XCRS refuses of one XCR (KVM's `__kvm_set_xcr`): only XCR0; x87 always on;
+    AVX needs SSE; the MPX pair, the AVX-512 triple (with AVX) and the AMX pair whole; no bit
+    the guest's CPUID leaf 0xD (and the host) does not offer."""
+    if index != 0:
+        return [f"XCR{index} is not XCR0, the one KVM sets"]
+    offered = _xcr0_offered(guest) & (_xcr0_offered(host) if host is not None else ~0) | XCR0_X87
+    rules = [(not value & XCR0_X87, "clears x87"), (value & XCR0_AVX and not value & XCR0_SSE, "sets AVX without SSE"),
+             (value & XCR0_BND not in (0, XCR0_BND), "sets half of MPX"),
+             (value & XCR0_AVX512 not in (0, XCR0_AVX512), "sets part of AVX-512"),
+             (value & XCR0_AVX512 and not value & XCR0_AVX, "sets AVX-512 without AVX"),
+             (value & XCR0_XTILE not in (0, XCR0_XTILE), "sets half of AMX"),
+             (value & ~offered, f"sets {value & ~offered:#x}, which CPUID leaf 0xD does not offer")]
+    return [f"XCR0 {value:#x} {why}" for broken, why in rules if broken]
 
 
 def check_vcpu(state: VcpuState, host_cpuid: Sequence[CpuidEntry] | None = None) -> VcpuState:

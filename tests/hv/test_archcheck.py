@@ -75,6 +75,8 @@ def test_cr4_bits_follow_the_cpuid_not_a_list(states, host) -> None:
     ({"lstar": 1 << 47}, "LSTAR"),
     ({"rip": 1 << 64}, "does not fit"),
     ({"gdt": 1 << 60}, "GDT base"),
+    ({"xcr0": 0}, "clears x87"),
+    ({"xcr0": 0b101}, "AVX without SSE"),
 ])
 def test_the_issues_registers_are_refused(states, host, change, says) -> None:
     state = _changed(states["running"], **change)
@@ -83,8 +85,10 @@ def test_the_issues_registers_are_refused(states, host, change, says) -> None:
 
 
 def _changed(state: VcpuState, *, rip=None, cr0=None, cr4=None, efer=None, lstar=None, gdt=None, rflags=None,
-             cs_l=None, cs_db=None, fs_base=None, apic_base=None, cr3=None, cr8=None) -> VcpuState:
-    regs, sregs, msrs = state.regs, state.sregs, state.msrs
+             cs_l=None, cs_db=None, fs_base=None, apic_base=None, cr3=None, cr8=None, xcr0=None) -> VcpuState:
+    regs, sregs, msrs, xcrs = state.regs, state.sregs, state.msrs, state.xcrs
+    if xcr0 is not None and xcrs:
+        xcrs = (replace(xcrs[0], value=xcr0), *xcrs[1:])
     if rip is not None:
         regs = replace(regs, rip=rip)
     if rflags is not None:
@@ -100,7 +104,7 @@ def _changed(state: VcpuState, *, rip=None, cr0=None, cr4=None, efer=None, lstar
     sregs = replace(sregs, **s)
     if lstar is not None:
         msrs = tuple(m for m in msrs if m.index != 0xC0000082) + (Msr(0xC0000082, lstar),)
-    return replace(state, regs=regs, sregs=sregs, msrs=msrs)
+    return replace(state, regs=regs, sregs=sregs, msrs=msrs, xcrs=xcrs)
 
 
 ADDRESSES = st.sampled_from([0, 0x1000, (1 << 32) - 1, 1 << 32, (1 << 47) - 1, 1 << 47, 0xFFFF800000000000,
@@ -125,7 +129,8 @@ def mutants(draw, base: VcpuState) -> VcpuState:
                            ("gdt", ADDRESSES), ("rflags", _bits(base.regs.rflags, 23)), ("cs_l", st.integers(0, 1)),
                            ("cs_db", st.integers(0, 1)), ("fs_base", ADDRESSES),
                            ("apic_base", _bits(sregs.apic_base, 40)), ("cr3", _bits(sregs.cr3, 53)),
-                           ("cr8", st.integers(0, 16))):
+                           ("cr8", st.integers(0, 16)),
+                           ("xcr0", _bits(base.xcrs[0].value if base.xcrs else 3, 20))):
         if draw(st.booleans()):
             change[name] = draw(strategy)
     return _changed(base, **change)
