@@ -604,7 +604,7 @@ def format_version_problem(version: object) -> str:
     """Why a HELLO's `format_version` ("major.minor" of the stream format) is not one this side
     reads; "" if it is. (The stream's own header says it again, and is checked as it is read.)"""
     major, dot, minor = str(version).partition(".")
-    if not (dot and major.isdigit() and minor.isdigit() and len(major) < 6 and len(minor) < 6):
+    if not all(part.isascii() and part.isdigit() and len(part) < 6 for part in (major, minor)) or not dot:
         return f"format version {str(version)[:40]!r} is not MAJOR.MINOR"
     if int(major) not in formats.SUPPORTED_MAJORS:
         return (f"format version {int(major)}.{int(minor)}: this side reads "

@@ -83,3 +83,11 @@ def test_more_vcpus_than_this_target_takes_are_rejected_before_any_vm(kvm: Kvm, 
     assert isinstance(fake.finish(), IncompatibleError)
     assert kvm_vm_fds() == fake.vms_before
     assert threading.active_count() <= threads
+
+
+@pytest.mark.parametrize("version, ok", [("2.0", True), ("2.7", True), ("9.0", False), ("\u00b2.0", False),
+                                         ("2", False), ("", False), ("2.0.1", False), ("1" * 10 + ".0", False)])
+def test_a_format_version_is_read_as_ascii_major_minor(version: str, ok: bool) -> None:
+    from migrate.target import format_version_problem
+
+    assert (format_version_problem(version) == "") is ok  # never a ValueError ("²" is a digit to isdigit)
