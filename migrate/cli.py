@@ -46,9 +46,9 @@ from rich.text import Text
 from hv.guests import builtin as builtin_guest
 from hv.kvm.kvm import Kvm
 from hv.devices.serial import Serial16550
-from hv.vmm.cli import LineConsole, run_machine, terminal
+from hv.vmm.cli import LineConsole, MachineRun, add_answer_timeout, run_machine, terminal
 from hv.vmm.command import ExitStatus, dispatch, parse_size, quiet, run_parser, say, status
-from hv.vmm.control import ControlError, call, check_socket_path
+from hv.vmm.control import CALL_TIMEOUT, ControlError, call, expect
 from hv.vmm.control import extensions as control_extensions
 from hv.vmm.machine import discard
 from hv.kvm.units import MiB
@@ -59,6 +59,14 @@ from migrate.exits import EXITS, OUTCOMES
 from migrate.transport import parse_address
 
 results = Console(highlight=False, emoji=False, soft_wrap=True)  # stdout: tables and results
+
+VERIFY_TIMEOUT = 600.0  # seconds: `verify` hashes all of a paused guest's memory
+_NUMBER: tuple[type, ...] = (int, float)
+FieldTypes = dict[str, type | tuple[type, ...]]  # what `expect` checks a reply's fields against
+# what `describe` reads of a migration's status, and as what
+STATUS_FIELDS: FieldTypes = {"round": int, "round_pages_total": int, "round_pages_done": int, "dirty_rate_mib_s": _NUMBER,
+                 "bandwidth_mib_s": _NUMBER, "throttle": _NUMBER, "eta_seconds": (*_NUMBER, type(None)),
+                 "reason": (str, type(None))}
 
 
 def address(text: str) -> str:
@@ -127,12 +135,16 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         task = bar.add_task("snapshot", total=None, mib=0.0)
 
         def progress(line: ProgressLine) -> None:
+            if line.get("stage") == SnapshotWritten.stage:  # (another shape is the socket's fault: BadReply)
+                expect(line, args.api, "snapshot", {"bytes": int})
             if isinstance(event := from_dict(line), SnapshotWritten):
                 bar.update(task, mib=event.bytes / MiB)
 
-        result = call(args.api, "snapshot", progress=progress, out=str(Path(args.out).resolve()),
+        result = call(args.api, "snapshot", progress=progress, timeout=None, out=str(Path(args.out).resolve()),
                       incremental_from=str(Path(args.incremental_from).resolve()) if args.incremental_from else None,
                       mappable=args.mappable, track_dirty=args.track_dirty, level=args.level)
+    expect(result, args.api, "snapshot", {"kind": str, "path": str, "raw_bytes": int, "file_bytes": int,
+                                          "pause_seconds": _NUMBER})
     if args.json:
         _print_json(result)
     else:
@@ -145,20 +157,18 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from migrate.snapshots import restore
 
-    if args.api:
-        check_socket_path(args.api)  # a clear refusal before the restore, not after
-    if not Path(args.file).is_file():  # the file named is not there: usage (2); a missing base is a refusal (3)
-        raise FileNotFoundError(f"{args.file}: no such snapshot file")
     console, watch = _guest_console()
-    with Kvm() as kvm:
+    with MachineRun(args.api) as run, Kvm() as kvm:  # the control socket claimed before the restore
+        if not Path(args.file).is_file():  # the file named is not there: usage (2); a missing base is a refusal (3)
+            raise FileNotFoundError(f"{args.file}: no such snapshot file")
         t0 = time.perf_counter()
         machine = restore(args.file, kvm, console=console, disk=args.disk, disk_dir=args.disk_dir,
                           share_memory=args.share_mem, virtio_console=LineConsole(), verify_memory=not args.no_verify)
         say("migrate", f"restored {args.file} in {(time.perf_counter() - t0) * 1000:.1f} ms")
         machine.device("serial0", Serial16550).attach_terminal(terminal())  # before the guest runs
+        run.prepare(machine, watch=watch, extra={"console": console})
         machine.resume()
-        return run_machine(machine, watch=watch, api=args.api, timeout=args.timeout, start=False,
-                           extra={"console": console})
+        return run_machine(machine, run, timeout=args.timeout, start=False)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -183,7 +193,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     target = Path(args.target)
     if target.is_socket():
-        result = call(target, "verify")
+        result = expect(call(target, "verify", timeout=VERIFY_TIMEOUT), target, "verify", {"ok": bool},
+                        {"guest": dict, "error": dict})
+        for part, fields in (("guest", {"summary": str}), ("error", {"type": str, "message": str})):
+            if part in result:
+                expect(result[part], target, "verify", fields)
     elif target.is_file():
         with Kvm() as kvm:
             result = verify_snapshot(target, kvm)
@@ -212,20 +226,31 @@ SETTLE_SECONDS = 0.1  # the guest runs alone this long after it arrives (issue: 
 
 
 def cmd_recv(args: argparse.Namespace) -> int:
-    from migrate.receiver import Receiver
     from migrate.transport import Listener
 
-    if args.api:
-        check_socket_path(args.api)  # a clear refusal now, not once the guest has arrived
-    listener = Listener(args.listen, _key(args.key_file), _tls(args))
     control_extensions()  # found and imported now, not beside the guest's first moments here
-    say("migrate", f"listening on {listener.address}")
+    # Every resource the guest needs here once it runs is taken before the target says Ready:
+    # the control socket now (a bad --api refuses before anything is accepted), the rest as
+    # each migration builds its machine (`prepare`). After Commit nothing is left that can fail.
+    with MachineRun(args.api) as run:
+        listener = Listener(args.listen, _key(args.key_file), _tls(args))
+        say("migrate", f"listening on {listener.address}")
+        return _receive(args, run, listener)
+
+
+def _receive(args: argparse.Namespace, run: MachineRun, listener) -> int:
+    from migrate.receiver import Receiver
+
     console, watch = _guest_console()
+
+    def prepare(machine) -> None:
+        run.prepare(machine, watch=watch, extra={"console": console})
+
     with Kvm() as kvm:
         # Queries from a source in doubt are answered for as long as this process runs
         receiver = Receiver(listener, kvm, once=args.once, console=console, terminal=terminal(),
                             disk=args.disk, disk_dir=args.disk_dir, max_mem=args.mem, virtio_console=LineConsole(),
-                            postcopy_wait=args.postcopy_wait or None)
+                            postcopy_wait=args.postcopy_wait or None, prepare=prepare, max_vcpus=args.max_vcpus)
         try:
             try:
                 incoming = receiver.receive(args.accept_timeout or None)
@@ -234,8 +259,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
             if incoming.machine is None:
                 say("migrate", "dry run: this host would accept the guest")
                 return ExitStatus.OK
-            return run_machine(incoming.machine, watch=watch, api=args.api, timeout=args.timeout, start=False,
-                               extra={"console": console}, settle=SETTLE_SECONDS,
+            return run_machine(incoming.machine, run, timeout=args.timeout, start=False, settle=SETTLE_SECONDS,
                                announce=f"migrate: received the guest from {incoming.source} "
                                         f"({incoming.pages} pages, {incoming.seconds:.2f} s); it runs here now")
         finally:
@@ -291,7 +315,7 @@ def describe(live: dict[str, Any]) -> str:
     if phase not in RUNNING:
         return f"{phase}: {live.get('reason', '')}"
     total, done = live.get("round_pages_total", 0), live.get("round_pages_done", 0)
-    dirty = f"{live['dirty_rate_mib_s']:.0f}" if live.get("round") else "-"  # measured from round 1 on
+    dirty = f"{live.get('dirty_rate_mib_s', 0):.0f}" if live.get("round") else "-"  # measured from round 1 on
     eta = live.get("eta_seconds")
     if phase == "postcopy":
         return "post-copy: the guest runs on the target, its last pages going"
@@ -305,8 +329,8 @@ class _RoundView:
     """Live progress of a migration, from the first page on: the round's share done (the bar),
     MiB, rates, throttle, ETA."""
 
-    def __init__(self, bar: Progress) -> None:
-        self.bar = bar
+    def __init__(self, bar: Progress, api: str = "") -> None:
+        self.bar, self.api = bar, api
         self.task = bar.add_task("migrate", total=None, info="connecting, checking the target")
 
     def __call__(self, event: ProgressEvent) -> None:
@@ -319,7 +343,13 @@ class _RoundView:
                                                 f"{(1 - throttle) * 100:.0f}% of its time")
 
     def line(self, line: ProgressLine) -> None:
-        """A progress line from the control socket, as its event."""
+        """A progress line from the control socket, its shape checked (another shape is the
+        socket's fault: BadReply), as its event."""
+        stage = line.get("stage")
+        if stage == PagesProgress.stage:
+            expect(line, self.api, "migrate-send", {"round_pages_total": int, "round_pages_done": int}, STATUS_FIELDS)
+        elif stage == Throttled.stage:
+            expect(line, self.api, "migrate-send", {"throttle": _NUMBER})
         if (event := from_dict(line)) is not None:
             self(event)
 
@@ -363,7 +393,7 @@ def _stats_table(stats: dict[str, Any]) -> Table:
 def _wait_for_end(api: str, timeout: float = 120.0) -> dict[str, Any]:
     """The migration's status once it is no longer running (after a cancel)."""
     deadline = time.monotonic() + timeout
-    while (live := call(api, "migrate-status"))["phase"] in RUNNING and time.monotonic() < deadline:
+    while (live := _migrate_status(api))["phase"] in RUNNING and time.monotonic() < deadline:
         time.sleep(0.1)
     return live
 
@@ -374,14 +404,15 @@ def cmd_send(args: argparse.Namespace) -> int:
 
         require_matplotlib()  # before the migration, not after it
     with _round_bar() as bar:
-        view = _RoundView(bar)
+        view = _RoundView(bar, args.api)
         try:
             if args.resume:
-                stats = call(args.api, "migrate-send", progress=view.line, resume=True)
+                stats = call(args.api, "migrate-send", progress=view.line, timeout=None, resume=True)
             elif args.to is None:
                 raise MigrateError("migrate send needs --to HOST:PORT (or --resume)")
             else:
-                stats = call(args.api, "migrate-send", progress=view.line, to=args.to, options=_send_options(args))
+                stats = call(args.api, "migrate-send", progress=view.line, timeout=None, to=args.to,
+                             options=_send_options(args))
         except KeyboardInterrupt:
             say("migrate", "cancelling (the guest stays on the source)", "yellow")
             call(args.api, "migrate-cancel")
@@ -390,6 +421,7 @@ def cmd_send(args: argparse.Namespace) -> int:
                 _print_json(live)
             say("migrate", describe(live))
             return OUTCOMES.get(live["phase"], ExitStatus.MIGRATION_FAILED)
+    _check_stats(stats, args.api)
     if args.json:
         _print_json(stats)
     else:
@@ -403,9 +435,34 @@ def cmd_send(args: argparse.Namespace) -> int:
     return OUTCOMES.get(stats["outcome"], ExitStatus.MIGRATION_FAILED)
 
 
+def _migrate_status(api: str, timeout: float | None = CALL_TIMEOUT) -> dict[str, Any]:
+    """`migrate-status`, its fields of the types `describe` reads."""
+    return expect(call(api, "migrate-status", timeout=timeout), api, "migrate-status", {"phase": str},
+                  STATUS_FIELDS)
+
+
+STATS_FIELDS: FieldTypes = {"total_seconds": _NUMBER, "setup_seconds": _NUMBER, "downtime_ms": _NUMBER,
+                "downtime_target_ms": _NUMBER, "rounds": list, "raw_bytes": int, "pages_sent": int,
+                "zero_pages": int, "sent_bytes": int, "compression_ratio": _NUMBER, "throttle_max": _NUMBER}
+
+
+def _check_stats(stats: dict[str, Any], api: str) -> None:
+    """`migrate-send`'s answer, of the shape `_stats_table` reads (BadReply otherwise)."""
+    expect(stats, api, "migrate-send", {"outcome": str, **STATS_FIELDS},
+           {"downtime_phases_ms": dict, "postcopy": (dict, type(None)), "reason": (str, type(None)), "problems": list})
+    for r in stats["rounds"]:
+        expect(r if isinstance(r, dict) else {}, api, "migrate-send", {"dirty_rate_mib_s": _NUMBER})
+    if not all(isinstance(v, _NUMBER) for v in stats.get("downtime_phases_ms", {}).values()):
+        raise ControlError("BadReply", f"{api} answered 'migrate-send' with downtime phases that are not numbers")
+    if stats.get("postcopy") is not None:
+        expect(stats["postcopy"], api, "migrate-send", {k: _NUMBER for k in (
+            "after_rounds", "missing_pages", "fetched_pages", "background_pages", "seconds", "fault_p50_us",
+            "fault_p99_us", "vcpu_blocked_ms")})
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """`migrate status SOCK`: the VM's migration (running, or the last one), as QMP's query-migrate."""
-    live = call(args.socket, "migrate-status")
+    live = _migrate_status(args.socket, args.timeout or None)
     if args.json:
         _print_json(live)
     else:
@@ -417,7 +474,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     """`migrate cancel SOCK`: stop the VM's running migration; the guest runs on there."""
-    result = call(args.socket, "migrate-cancel")
+    result = expect(call(args.socket, "migrate-cancel", timeout=args.timeout or None), args.socket, "migrate-cancel", {"round": int, "phase": str})
     live = _wait_for_end(args.socket)
     if args.json:
         _print_json({**result, "status": live})
@@ -452,7 +509,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_resolve(args: argparse.Namespace) -> int:
     force = "resume-source" if args.force_resume_source else "stop-source" if args.force_stop_source else None
     try:
-        result = call(args.sock, "migrate-resolve", force=force)
+        result = expect(call(args.sock, "migrate-resolve", force=force, timeout=args.timeout or None), args.sock, "migrate-resolve",
+                        {"action": str, "asked": str, "forced": (str, type(None))})
     except ControlError as e:
         if e.kind != "StillInDoubt":
             raise
@@ -615,6 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem", type=parse_size, metavar="SIZE",
                    help="the most guest RAM to take: MiB, or with a suffix K, M, G, T (default: what this host "
                         "can reserve, MemAvailable)")
+    p.add_argument("--max-vcpus", type=int, metavar="N",
+                   help="the most vCPUs a guest may have to be taken (default: 4 per host CPU, at most what KVM "
+                        "allows)")
     _add_tls_arguments(p)
     p.add_argument("--postcopy-wait", type=float, default=60, metavar="SECONDS",
                    help="post-copy: after a lost link, how long the source may take to come back before the "
@@ -692,6 +753,7 @@ runs in the VM's process; see migrate status and migrate cancel.""")
                        help="if the target cannot say: stop the source's copy (RISK: no running copy if the "
                             "target does not run the guest)")
     p.add_argument("--json", action="store_true", help="the result as JSON on stdout")
+    add_answer_timeout(p)
     p.set_defaults(func=cmd_resolve)
 
     p = command("status", "how a VM's migration goes: phase, round, pages and bytes done and left, "
@@ -700,12 +762,14 @@ runs in the VM's process; see migrate status and migrate cancel.""")
   migrate status /tmp/vm.sock --json            phase none: no migration started yet""")
     p.add_argument("socket", metavar="SOCK", help="the migrating VM's control socket")
     p.add_argument("--json", action="store_true", help="the status as JSON on stdout")
+    add_answer_timeout(p)
     p.set_defaults(func=cmd_status)
 
     p = command("cancel", "cancel a VM's running migration; the guest runs on at the source", """\
   migrate cancel /tmp/vm.sock""")
     p.add_argument("socket", metavar="SOCK", help="the migrating VM's control socket")
     p.add_argument("--json", action="store_true", help="the result as JSON on stdout")
+    add_answer_timeout(p)
     p.set_defaults(func=cmd_cancel)
 
     p = command("start-postcopy", "switch a VM's running migration to post-copy now (QEMU's "

@@ -7,14 +7,16 @@ from __future__ import annotations
 from formats import FormatError
 from hv.vmm.command import HV_EXITS, ExitRows, ExitStatus
 from migrate.errors import (Cancelled, DiskRefused, IncompatibleError, MigrationFailed, MigrationInDoubt,
-                            MissingSections, NotConverging, PostcopyFailed, SnapshotError, StateError, TransportError)
+                            MissingSections, NotConverging, PostcopyFailed, SnapshotError, StateError, StateShapeError,
+                            TransportError)
 from migrate.resolve import StillInDoubt
 
 EXITS: ExitRows = (
     ((MigrationInDoubt, StillInDoubt, PostcopyFailed), ExitStatus.IN_DOUBT),  # (post-copy: paused on the target)
     ((MigrationFailed, Cancelled, NotConverging), ExitStatus.MIGRATION_FAILED),
     (TransportError, ExitStatus.TRANSPORT),
-    ((IncompatibleError, DiskRefused, SnapshotError, FormatError, MissingSections, StateError), ExitStatus.REFUSED),
+    ((IncompatibleError, DiskRefused, SnapshotError, FormatError, MissingSections, StateError,
+      StateShapeError), ExitStatus.REFUSED),
     (ValueError, ExitStatus.USAGE),  # an option's value refused where it is used (a TLS half-given)
     *HV_EXITS,
 )

@@ -403,7 +403,9 @@ class PostcopyTarget:
 
     # --- the fetcher ---
 
-    def start_fetcher(self, conn: Connection) -> None:
+    def start_fetcher(self, conn: Connection | None) -> None:
+        if conn is None:  # (the table admits no switch unless HELLO asked for post-copy: its channel)
+            raise ProtocolViolation("post-copy without a fetch channel")
         self._stop.clear()
         self._asked.clear()  # asked on a channel that may have gone: asked again
         self.fetch_error = None
@@ -412,17 +414,18 @@ class PostcopyTarget:
 
     def _fetch_loop(self, conn: Connection) -> None:
         """One thread: faults out as Fetch, pages in as they come back (one reader and one writer
-        of the connection, so TLS is safe too)."""
-        _urgent()
-        for base, holes in self._holes.items():  # after the resume: not in the downtime
-            uffd = self._uffd[base]
-            for first, count in holes.runs().as_tuples():
-                uffd.stage_zero(base + first * PAGE_SIZE, count * PAGE_SIZE)
-        self._holes.clear()
-        reader = self.reader()
-        notify = {u.notify_fd: u for u in self._uffd.values()}
-        sock = conn.sock
+        of the connection, so TLS is safe too). Whatever ends it is kept for the main loop
+        (`fetch_error`): no exception leaves this thread."""
         try:
+            _urgent()
+            for base, holes in self._holes.items():  # after the resume: not in the downtime
+                uffd = self._uffd[base]
+                for first, count in holes.runs().as_tuples():
+                    uffd.stage_zero(base + first * PAGE_SIZE, count * PAGE_SIZE)
+            self._holes.clear()
+            reader = self.reader()
+            notify = {u.notify_fd: u for u in self._uffd.values()}
+            sock = conn.sock
             while not self._stop.is_set():
                 pending = getattr(sock, "pending", lambda: 0)()
                 ready = [sock] if pending else select.select([sock, *notify], [], [], 0.5)[0]

@@ -421,6 +421,13 @@ for _role, _mine, _theirs in ((Role.SOURCE, SEND, RECV), (Role.TARGET, RECV, SEN
     for _state in (S.POSTCOPY, S.POSTCOPY_END, S.RECONNECTING):  # either side may give up: BROKEN
         TRANSITIONS[(_role, _state, SEND, K.ERROR)] = S.BROKEN
         TRANSITIONS[(_role, _state, RECV, K.ERROR)] = S.BROKEN
+# Guarded transitions: taken only in a session whose handshake negotiated what they need (the
+# Hello's field named), else refused as any pair absent from the table. Post-copy is entered only
+# through Discard or Postcopy, so every later post-copy state is out of reach of a session whose
+# HELLO said `postcopy: false` (a source that switched anyway would find a target with no fetch
+# channel, and a guest with holes nobody fills).
+GUARDED: dict[tuple[Role, S, str, MessageKind], str] = {
+    key: "postcopy" for key in TRANSITIONS if key[3] in (K.DISCARD, K.POSTCOPY)}
 # The one transition that reads a field: a Verdict answering Reconnect (point 7); the table's
 # POSTCOPY_PAUSED stands for any other answer ("unknown").
 RECONNECT_VERDICTS: dict[str, S] = {  # keyed by `Verdict.hand_over`, a HandOver value
@@ -486,14 +493,19 @@ class Protocol:
     error: Error | None = None
     peer_error: Error | None = None
     problems: tuple[str, ...] = ()
+    postcopy: bool = False  # negotiated: the HELLO said the source may switch to post-copy
     _link_lost: bool = False
 
     def _step(self, direction: str, message: Message) -> S:
         kind = getattr(message, "kind", MessageKind.INVALID)
         key = (self.role, self.state, direction, kind)
+        err = LocalProtocolError if direction == SEND else RemoteProtocolError
         if key not in TRANSITIONS:
-            err = LocalProtocolError if direction == SEND else RemoteProtocolError
             raise err(self.role, self.state, message)
+        if key in GUARDED and not getattr(self, GUARDED[key]):
+            raise err(self.role, self.state, message, f"{GUARDED[key]} was not negotiated in HELLO")
+        if isinstance(message, Hello):
+            self.postcopy = message.postcopy
         self.state = TRANSITIONS[key]
         self.history.append((direction, kind))
         return self.state

@@ -9,13 +9,14 @@ the records a `StreamReader` yields, from a file or from protocol messages, appl
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from formats import (ConfigRecord, DeviceEntry, DeviceLayout, DeviceRecord, EndRecord, Header,
                      LayoutRecord, PagesRecord, Record, SectionKind, StreamWriter, VcpuRecord,
                      VmStateRecord)
 from hv.kvm import state as hv_state
+from hv.kvm.state import CpuidEntry
 from migrate.errors import MissingSections, StateShapeError
 from migrate.pages import MemorySink
 from migrate.state import MachineConfig, MachineState, check_shape
@@ -94,11 +95,12 @@ class Collected:
                                                             ("END", self.end)) if value is None])
         return self.header, self.layout, self.end
 
-    def state(self) -> MachineState:
+    def state(self, host_cpuid: Sequence[CpuidEntry] | None = None) -> MachineState:
         """The machine state the records held, its shape checked against its layout (`check_shape`:
         every device present and of its type, no unknown one, one state per vCPU); `MissingSections`
-        if a section it needs never came."""
+        if a section it needs never came. `host_cpuid`: this host's features, for the vCPUs'
+        architectural check (`migrate.state.host_features`)."""
         self.need("CONFIG", "LAYOUT", "VCPU", "VM_STATE")
         assert self.config is not None and self.layout is not None and self.vm is not None  # need() said so
         return check_shape(MachineState(self.config, self.layout, tuple(self.vcpus), self.vm,
-                                        tuple(self.devices)))
+                                        tuple(self.devices)), host_cpuid)

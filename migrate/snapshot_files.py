@@ -15,13 +15,14 @@ from typing import BinaryIO
 
 import formats
 from formats import ConfigRecord, StreamReader
+from hv.kvm.kvm import Kvm
 from hv.kvm.memory import GuestMemory, MemoryRegion, RamBacking
 from hv.kvm.vm import VmConfig
 from migrate import pages
 from migrate.errors import MissingSections, SnapshotError
 from migrate.events import Progress, SnapshotRead
 from migrate.records import EXPECT, Collected
-from migrate.state import MachineConfig, MachineState, MemoryFileRef, registry
+from migrate.state import MachineConfig, MachineState, MemoryFileRef, host_features, registry
 
 READ_CHUNK = 1 << 20
 MEM_TRAILER_MAGIC = b"KVMIGMEM"
@@ -85,9 +86,11 @@ def read_stream(path: Path, expected: formats.DeviceLayout, sink: pages.MemorySi
     return loaded
 
 
-def state_of(loaded: Collected, path: Path) -> MachineState:
+def state_of(loaded: Collected, path: Path, kvm: Kvm | None = None) -> MachineState:
+    """The snapshot's state, its shape and its vCPUs' registers checked (against this host's
+    features when `kvm` is given); a state KVM would refuse is a corrupt snapshot."""
     try:
-        return loaded.state()
+        return loaded.state(host_features(kvm) if kvm is not None else None)
     except MissingSections as e:
         raise SnapshotError(path, f"is missing {', '.join(e.missing)} sections") from e
 

@@ -265,7 +265,7 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
             loaded = read_stream(file_path, expected, None if mappable else sink, progress)
             if verify_memory:
                 digest.verify(loaded.ended()[2], staging, None if mappable else sink.touched)
-        state = state_of(loaded, path)  # its shape checked against the layout
+        state = state_of(loaded, path, kvm)  # its shape and registers checked, before any VM exists
         if problems := cpuid_problems(state.vcpus[0].cpuid, kvm.guest_cpuid):
             raise IncompatibleError(problems)
 

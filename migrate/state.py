@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from hv.devices.virtio.mmio import VirtioMmioState
 from hv.devices.virtio.queue import QueueState
 from hv.devices.virtio.rng import RngState, VirtioRng, VirtioRngState
 from hv.kvm import state as hv_state
+from hv.kvm.archcheck import host_features, vcpu_problems
 from hv.kvm.vm import VmConfig
 from hv.vmm.builder import VirtioConfig, standard_layout
 from hv.vmm.machine import DevicePlacement, Machine, RunState
@@ -259,11 +260,13 @@ def capture(machine: Machine, config: MachineConfig | None = None) -> MachineSta
     )
 
 
-def shape_problems(state: MachineState) -> list[str]:
+def shape_problems(state: MachineState, host_cpuid: Sequence[hv_state.CpuidEntry] | None = None) -> list[str]:
     """Everything structurally wrong with `state` against its own layout (every one): a vCPU
     count or id that differs, a device of the layout without a state, a state for a device the
     layout lacks or for one placed elsewhere, a state of another type than the device's kind
-    takes. Checked in staging, before any VM exists: `apply` then cannot fail on structure."""
+    takes; and each vCPU's registers against the architecture's rules as KVM enforces them
+    (`hv.kvm.archcheck`; `host_cpuid`: what this host offers, `host_features`). Checked in
+    staging, before any VM exists: `apply` then cannot fail on structure."""
     layout, problems = state.layout, []
     if state.config.vcpus != layout.vcpus:
         problems.append(f"the config has {state.config.vcpus} vCPUs, the layout {layout.vcpus}")
@@ -274,6 +277,8 @@ def shape_problems(state: MachineState) -> list[str]:
             problems.append(f"vCPU state {index} is a {type(vcpu).__name__}, not a VcpuState")
         elif vcpu.vcpu_id != index:
             problems.append(f"vCPU state {index} is for vCPU {vcpu.vcpu_id}")
+        else:
+            problems += vcpu_problems(vcpu, host_cpuid)
     if type(state.vm) is not hv_state.VmState:
         problems.append(f"the VM state is a {type(state.vm).__name__}, not a VmState")
     expected = {d.device_id: d for d in layout.devices}
@@ -298,9 +303,9 @@ def shape_problems(state: MachineState) -> list[str]:
     return problems
 
 
-def check_shape(state: MachineState) -> MachineState:
+def check_shape(state: MachineState, host_cpuid: Sequence[hv_state.CpuidEntry] | None = None) -> MachineState:
     """`state`, or `StateShapeError` listing everything `shape_problems` finds."""
-    if problems := shape_problems(state):
+    if problems := shape_problems(state, host_cpuid):
         raise StateShapeError(problems)
     return state
 
@@ -348,3 +353,4 @@ def cpuid_problems(saved: tuple[hv_state.CpuidEntry, ...],
                 problems.append(f"CPUID leaf {e.function:#x}.{e.index} {reg}: the guest uses "
                                 f"{missing:#x} which this host cannot offer")
     return problems
+

@@ -59,7 +59,8 @@ from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete
                               RemoteProtocolError, Resumed, Role, RoundDone, S, State)
 from migrate.protocol import Message
 from migrate.records import EXPECT, Collected
-from migrate.state import GuestCpuid, MachineConfig, apply, cpuid_problems, expected_layout, registry
+from migrate.state import (GuestCpuid, MachineConfig, apply, cpuid_problems, expected_layout, host_features,
+                           registry)
 from migrate.streams import (MAX_STREAMS, IncomingStream, Joins, RoundGate, accept_fetch_channel, accept_streams,
                              close_streams, listener_joins)
 from migrate.transport import Connection, Listener
@@ -178,16 +179,19 @@ class Target:
                  disks: DiskPolicy, max_mem: int | None, virtio_console: Callable[[bytes], None] | None,
                  progress: Progress | None, joins: Joins | None, ledger: SessionLedger | None = None,
                  first: Hello | None = None, terminal: Terminal | None = None,
-                 postcopy_wait: float | None = 30.0) -> None:
+                 postcopy_wait: float | None = 30.0, prepare: Callable[[Machine], None] | None = None,
+                 max_vcpus: int | None = None) -> None:
         self.conn, self.kvm, self.timeout, self.joins = conn, kvm, timeout, joins
         self.postcopy_wait = postcopy_wait  # after a lost link in post-copy: how long the source may take to come back
         self.ledger = ledger or SessionLedger()
         self.first = first  # HELLO, when whoever accepted the connection has read it already
         self.terminal = terminal
+        self.prepare = prepare  # what the guest's run here needs, acquired before Ready (never after Commit)
         self.console, self.virtio_console = console, virtio_console or console
         self.disks = disks
         self.disk: OpenDisk | None = None  # the guest's disk, opened by this side's policy
         self.max_mem = host_reservable_memory() if max_mem is None else max_mem
+        self.max_vcpus = default_max_vcpus(kvm) if max_vcpus is None else max_vcpus
         self.progress = progress or (lambda p: None)
         self.proto = Protocol(Role.TARGET)
         self.reader = StreamReader(registry(), expect=EXPECT)
@@ -203,6 +207,7 @@ class Target:
         self.postcopy: PostcopyTarget | None = None  # from the switch on
         self._held: dict | None = None  # each page's hash as placed before the switch
         self._given_back: dict | None = None  # pages a Discard gave back before the pause
+        self.host_cpuid: tuple | None = None  # this host's CPUID features, read as the machine is built
         self._t0 = time.perf_counter()
 
     def take(self, message: Message) -> Message:
@@ -286,6 +291,10 @@ class Target:
         problems = []
         if hello.protocol_version != PROTOCOL_VERSION:
             problems.append(f"protocol version {hello.protocol_version}, this side speaks {PROTOCOL_VERSION}")
+        if (problem := format_version_problem(hello.format_version)):
+            problems.append(problem)
+        if config.vcpus > self.max_vcpus:  # each is a thread here, made before the first page comes
+            problems.append(f"the guest has {config.vcpus} vCPUs; this target takes at most {self.max_vcpus}")
         if config.mem_size > self.max_mem:
             problems.append(f"the guest has {config.mem_size >> 20} MiB of RAM; this target offers at most "
                             f"{self.max_mem >> 20} MiB")
@@ -320,12 +329,15 @@ class Target:
         if self.terminal is not None:  # before the guest resumes here: no byte of it is lost
             self.machine.device("serial0", Serial16550).attach_terminal(self.terminal)
         self.machine.start(paused=True)  # the vCPU threads made and parked now, not in the pause
+        if self.prepare is not None:  # the run's threads and context: a failure is a refusal, not a lost guest
+            self.prepare(self.machine)
         memory = self.machine.vm.memory
         self.collected.sink = pages.MemorySink(memory)
         place_pages(self.reader, memory)  # checked and written in C; no guest runs here yet
         self.streams = accept_streams(self.joins, hello.streams - 1, self.session, self.machine,
                                       self.collected.layout.memory, self.gate, self.timeout)
         self.postcopy_capable = hello.postcopy
+        self.host_cpuid = host_features(self.kvm)  # for the vCPUs' check in the pause: read now
         self.fetch_index = hello.streams
         if hello.postcopy:
             self.fetch_conn = accept_fetch_channel(self.joins, self.session, self.fetch_index, self.timeout)
@@ -385,7 +397,7 @@ class Target:
     def verify(self, payload: bytes) -> None:
         self.collected.take(self.records("COMPLETE", payload, COMPLETE_RECORDS))
         self.reader.finish()
-        state = self.collected.state()  # its shape checked against the layout, before any of it is applied
+        state = self.collected.state(self.host_cpuid)  # shape and registers checked, before any of it is applied
         self._invalidate_written()
         t0 = time.perf_counter()
         found = self.hashes.digest(2)
@@ -419,7 +431,9 @@ class Target:
     def switch(self, missing: bytes, count: int) -> None:
         """Post-copy's switch: the state applied, every page held so far hashed (the guest has
         not run here), the missing pages registered; then Ready."""
-        state = self.collected.state()
+        if not self.postcopy_capable or self.fetch_conn is None:  # (the table refuses it first)
+            raise ProtocolViolation("Postcopy in a migration whose HELLO did not ask for post-copy")
+        state = self.collected.state(self.host_cpuid)
         memory = self.machine.vm.memory
         bits = self._bitmap("Postcopy", missing, count)
         given_back = self._given_back
@@ -589,6 +603,29 @@ def host_problems(config: MachineConfig, kvm: Kvm) -> list[str]:
     return problems
 
 
+def format_version_problem(version: object) -> str:
+    """Why a HELLO's `format_version` ("major.minor" of the stream format) is not one this side
+    reads; "" if it is. (The stream's own header says it again, and is checked as it is read.)"""
+    major, dot, minor = str(version).partition(".")
+    if not all(part.isascii() and part.isdigit() and len(part) < 6 for part in (major, minor)) or not dot:
+        return f"format version {str(version)[:40]!r} is not MAJOR.MINOR"
+    if int(major) not in formats.SUPPORTED_MAJORS:
+        return (f"format version {int(major)}.{int(minor)}: this side reads "
+                f"{', '.join(f'{m}.x' for m in formats.SUPPORTED_MAJORS)}")
+    return ""
+
+
+OVERCOMMIT = 4  # a target takes at most this many vCPUs per host CPU unless told otherwise
+
+
+def default_max_vcpus(kvm: Kvm) -> int:
+    """The most vCPUs (threads) a stream may make this target create unless `--max-vcpus` says:
+    `OVERCOMMIT` per host CPU (KVM's recommended count, or the CPUs online), never past KVM's
+    own limit (which `VmConfig.validate` also checks)."""
+    caps = kvm.capabilities
+    return min(caps.max_vcpus, OVERCOMMIT * max(caps.recommended_vcpus, os.cpu_count() or 1))
+
+
 def _us(seconds: float) -> int:
     return round(seconds * 1e6)
 
@@ -598,7 +635,8 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
             max_mem: int | None = None, virtio_console: Callable[[bytes], None] | None = None,
             progress: Progress | None = None, listener: Listener | None = None, joins: Joins | None = None,
             ledger: SessionLedger | None = None, first: Hello | None = None,
-            terminal: Terminal | None = None, postcopy_wait: float | None = 30.0) -> Incoming:
+            terminal: Terminal | None = None, postcopy_wait: float | None = 30.0,
+            prepare: Callable[[Machine], None] | None = None, max_vcpus: int | None = None) -> Incoming:
     """Take one incoming migration on `conn`: check, build, fill, verify, and on Commit run the
     guest. Any failure before Commit tears the half-built VM down and raises. A guest with a
     disk gets `disk` (this host's file for it), or the file of the stream's disk's name in
@@ -608,9 +646,13 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
     source in doubt to ask about (`migrate.receiver` shares one); `first` is HELLO if the caller
     read it already; `terminal`, where the guest's COM1 meets this host (attached before the
     guest resumes here); `postcopy_wait`, after a lost link in post-copy, how long the source may
-    take to reconnect (None: for as long as it takes) before the guest is paused here for good."""
+    take to reconnect (None: for as long as it takes) before the guest is paused here for good;
+    `prepare(machine)`, whatever the guest's run here will need, acquired as the machine is built
+    (before Ready: its failure is a refusal, and nothing that can fail is left for after Commit);
+    `max_vcpus`, the most vCPUs a guest may have here (default: `default_max_vcpus`)."""
     if joins is None and listener is not None:
         joins = listener_joins(listener)
     return Target(conn, kvm, console=console, timeout=timeout, disks=DiskPolicy.of(disk, disk_dir),
                   max_mem=max_mem, virtio_console=virtio_console, progress=progress, joins=joins,
-                  ledger=ledger, first=first, terminal=terminal, postcopy_wait=postcopy_wait).run()
+                  ledger=ledger, first=first, terminal=terminal, postcopy_wait=postcopy_wait,
+                  prepare=prepare, max_vcpus=max_vcpus).run()

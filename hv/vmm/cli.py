@@ -33,7 +33,7 @@ from hv.kvm.kvm import Kvm
 from hv.kvm.vm import VmConfig
 from hv.vmm.builder import VirtioConfig, builtin_machine, linux_machine, multiboot_machine
 from hv.vmm.command import HV_EXITS, ExitStatus, dispatch, parse_size, run_parser, say
-from hv.vmm.control import ControlContext, ControlServer, check_socket_path
+from hv.vmm.control import ATTACH_WAIT, CALL_TIMEOUT, ControlContext, ControlServer
 from hv.vmm.machine import Machine, RunState
 from hv.vmm.owner import owner_of
 
@@ -129,8 +129,11 @@ def _virtio(args: argparse.Namespace, console) -> VirtioConfig | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.api:
-        check_socket_path(args.api)  # a clear refusal before boot, not after
+    with MachineRun(args.api) as run:  # the control socket claimed before anything boots
+        return _run(args, run)
+
+
+def _run(args: argparse.Namespace, run: MachineRun) -> int:
     watch = None
     out = open(args.console, "ab") if args.console not in (None, "-") else None  # noqa: SIM115 - for the process's life
     config = VmConfig(mem_size=args.mem, vcpus=args.cpus)
@@ -159,7 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             machine = builtin_machine(kvm, params, config, console, virtio=_virtio(args, LineConsole(out=out)))
             image = builtin_guest.guest_image()
         say("hv", f"booting {image.name} ({args.mem >> 20} MiB, {args.cpus} vCPU)")
-        return run_machine(machine, watch=watch, api=args.api, timeout=args.timeout,
+        return run_machine(machine, run, watch=watch, timeout=args.timeout,
                            extra={"console": console, "params": params},
                            terminal=terminal(out.fileno() if out else None))
 
@@ -177,30 +180,91 @@ def terminal(out_fd: int | None = None) -> Terminal:
     return Terminal(out_fd=sys.stdout.fileno() if out_fd is None else out_fd, in_fd=in_fd)
 
 
-def run_machine(machine: Machine, *, watch: builtin_guest.EndWatch | None = None, api: str | None = None,
+class MachineRun:
+    """What a machine's run needs besides the machine, acquired before the guest may run, so
+    that nothing of it can fail once it does (after a migration's Commit nothing may fail that
+    loses the guest): the control socket, claimed as this is made (before anything boots,
+    restores or is accepted); then, per machine (`prepare`), its control context, COM1 on the
+    terminal and the threads that wait for the run's end. A migration target prepares as it
+    builds the machine, before it says Ready; `run_machine` prepares one that is not yet.
+    Close it (or use it as a context manager) to release the socket. `attach_wait`: how long a
+    request that comes before the machine waits for it (a boot, a guest arriving), then is told
+    `NoMachine`."""
+
+    def __init__(self, api: str | None, *, attach_wait: float = ATTACH_WAIT) -> None:
+        self.api = api
+        self.server = ControlServer(api, attach_wait=attach_wait) if api else None
+        if self.server is not None:
+            self.server.start()  # the path is ours from now on; requests wait for `attach`
+        self.machine: Machine | None = None
+        self.ctx: ControlContext | None = None
+        self.wake = threading.Event()  # the current machine's run has something to end it
+        self._no_watch = threading.Event()  # `done` for a run without a guest watch: never set
+        self.done = self._no_watch
+        self.watch: builtin_guest.EndWatch | None = None
+        self._done_waited: set[int] = set()  # `done` events a thread already waits on
+
+    def prepare(self, machine: Machine, *, watch: builtin_guest.EndWatch | None = None, extra: dict | None = None,
+                terminal: Terminal | None = None) -> None:
+        """Everything `machine`'s run will use, made now (again for another machine: what a
+        migration that failed after its target prepared left is released here, so a peer that
+        fails migration after migration costs no thread more than one)."""
+        ctx = ControlContext(machine, extra=dict(extra or {}))
+        serial = machine.devices.get("serial0")
+        if isinstance(serial, Serial16550) and terminal is not None and serial.terminal is None:
+            serial.attach_terminal(terminal)
+        done = watch.done if watch is not None else self._no_watch
+        wake = threading.Event()
+        # Block until something happens, with no polling: timed waits cost real CPU on nested hosts,
+        # and an idle guest should cost its host nothing. One small thread per thing that can happen:
+        # the machine's end (that thread ends with a discarded machine), a control command's (the
+        # previous context's is set free below), the guest's last line (one thread for the watch,
+        # waking whichever run is current).
+        for waits_for in (machine.wait, ctx.finished.wait):
+            threading.Thread(target=lambda w=waits_for, wake=wake: (w(), wake.set()), daemon=True).start()
+        if id(done) not in self._done_waited:
+            threading.Thread(target=lambda: (done.wait(), self.wake.set()), daemon=True).start()
+            self._done_waited.add(id(done))
+        if self.ctx is not None:
+            self.ctx.finished.set()  # a machine that never ran here: its waiter ends (its wake is no one's)
+        self.machine, self.ctx, self.done, self.wake, self.watch = machine, ctx, done, wake, watch
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    def __enter__(self) -> MachineRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_machine(machine: Machine, run: MachineRun, *, watch: builtin_guest.EndWatch | None = None,
                 timeout: float = 0, start: bool = True, extra: dict | None = None,
                 settle: float = 0.0, announce: str = "", terminal: Terminal | None = None) -> int:
     """Run a built machine until the guest ends, Ctrl-C, `--timeout`, a fatal exit, or a control
     command (stop, a completed migration) ends it; then stop it, close it and say why.
 
-    `terminal`: where COM1 meets the host (see `terminal()`), unless it was attached already
-    (a migration target attaches it before the guest resumes there).
+    `run`: its control socket and the rest (`MachineRun`), prepared here with `watch`, `extra`
+    and `terminal` unless it was for this machine already. `terminal`: where COM1 meets the host
+    (see `terminal()`), unless it was attached already (a migration target attaches it before
+    the guest resumes there).
 
     `settle`: seconds the guest runs alone first (a guest that just moved here): the control
-    socket's start-up and the terminal output (`announce`, a status line `prog: text`, then the
+    socket's serving and the terminal output (`announce`, a status line `prog: text`, then the
     socket's line) wait until then, so nothing the guest's exits wait on runs beside its first
     moments. `watch`: the built-in guest's last line ends the run (and an error line exits 1).
 
     Shared by `hv run`, `migrate restore` and `migrate recv`. Returns the process exit status
-    (`ExitStatus`); every ending stops the VM, removes the socket and joins the stdin thread.
+    (`ExitStatus`); every ending stops the VM and joins the stdin thread (the socket is
+    `run`'s to remove).
     """
-    done = watch.done if watch is not None else threading.Event()
-    ctx = ControlContext(machine, extra=dict(extra or {}))
-    serial = machine.devices.get("serial0")
-    if isinstance(serial, Serial16550) and terminal is not None and serial.terminal is None:
-        serial.attach_terminal(terminal)
-    server = ControlServer(api, ctx) if api else None
-    interrupted, wake = threading.Event(), threading.Event()
+    if run.machine is not machine:
+        run.prepare(machine, watch=watch, extra=extra, terminal=terminal)
+    ctx, done, wake, watch = run.ctx, run.done, run.wake, run.watch
+    server = run.server
+    interrupted = threading.Event()
     # Ctrl-C and SIGTERM (kill, systemd, a container stop) end the run the same orderly way:
     # the VM stopped, the socket file removed, the threads joined, the output flushed.
     signalled: list[signal.Signals] = []
@@ -211,10 +275,6 @@ def run_machine(machine: Machine, *, watch: builtin_guest.EndWatch | None = None
         wake.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    # Block until something happens, with no polling: timed waits cost real CPU on nested hosts,
-    # and an idle guest should cost its host nothing. One small thread per thing that can happen.
-    for waits_for in (machine.wait, done.wait, ctx.finished.wait):
-        threading.Thread(target=lambda w=waits_for: (w(), wake.set()), daemon=True).start()
     t0 = time.monotonic()
     try:
         if start:
@@ -226,8 +286,8 @@ def run_machine(machine: Machine, *, watch: builtin_guest.EndWatch | None = None
         if announce:
             say(*announce.split(": ", 1))
         if server:  # after start: every command then finds a machine that has a lifecycle going
-            server.start()
-            say("hv", f"control socket {api} ({', '.join(sorted(server.handlers))})")
+            server.attach(ctx)
+            say("hv", f"control socket {run.api} ({', '.join(sorted(server.handlers))})")
         if not wake.wait(timeout or None):
             say("hv", f"--timeout {timeout}s reached", "yellow")
     finally:
@@ -290,13 +350,19 @@ def cmd_control(args: argparse.Namespace) -> int:
     """`hv status|pause|resume|stop SOCK`: one command on a running VM's control socket."""
     from hv.vmm.control import call
 
-    result = call(args.socket, args.command)
+    result = call(args.socket, args.command, timeout=args.timeout or None)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         for key, value in result.items():
             print(f"{key:16} {', '.join(map(str, value)) if isinstance(value, list) else value}")
     return ExitStatus.OK
+
+
+def add_answer_timeout(p: argparse.ArgumentParser) -> None:
+    """--timeout for a command that asks a control socket: how long its whole answer may take."""
+    p.add_argument("--timeout", type=float, default=CALL_TIMEOUT, metavar="SECONDS",
+                   help="give up (exit 4) if the VM's process has not answered in full by then; 0: wait on")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -337,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = command(name, what, f"  hv {name} /tmp/vm.sock\n  hv {name} /tmp/vm.sock --json")
         p.add_argument("socket", metavar="SOCK", help="the VM's control socket (hv run --api SOCK)")
         p.add_argument("--json", action="store_true", help="the result as JSON on stdout")
+        add_answer_timeout(p)
         p.set_defaults(func=cmd_control)
     return ap
 

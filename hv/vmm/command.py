@@ -81,7 +81,8 @@ CONTROL_KINDS = {"BadRequest": ExitStatus.USAGE, "UnknownCommand": ExitStatus.RE
                  "Busy": ExitStatus.REFUSED, "NotMigrating": ExitStatus.REFUSED,
                  "NotInDoubt": ExitStatus.REFUSED, "InDoubt": ExitStatus.IN_DOUBT,
                  "StillInDoubt": ExitStatus.IN_DOUBT, "TooManyConnections": ExitStatus.TRANSPORT,
-                 "ConnectionError": ExitStatus.TRANSPORT}
+                 "ConnectionError": ExitStatus.TRANSPORT, "BadReply": ExitStatus.TRANSPORT,
+                 "Timeout": ExitStatus.TRANSPORT, "NoMachine": ExitStatus.REFUSED}
 
 
 def exit_status(error: BaseException, rows: ExitRows) -> ExitStatus:
@@ -110,7 +111,10 @@ def _subclasses(root: type) -> Iterable[type]:
 def say(prog: str, message: str, style: str = "bold") -> None:
     """One status line on stderr, `prog: message`, the message printed literally; -q silences it."""
     if not _quiet:
-        status.print(Text.assemble((prog, style), ": ", message))
+        try:
+            status.print(Text.assemble((prog, style), ": ", message))
+        except OSError:
+            pass  # stderr gone (its reader died): a status line is not worth a running guest
 
 
 MAX_GUEST_RAM = 1 << 48  # 256 TiB: what a 4-level x86-64 guest can address, and far more than any host has

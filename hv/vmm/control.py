@@ -17,18 +17,31 @@ The server survives its clients: one thread reads every connection's request (a 
 idle connection costs a file descriptor and no thread, and is closed after `REQUEST_TIMEOUT`; a
 command runs on a thread of its own; at most `MAX_CONNECTIONS` are open at once (one more is told
 `TooManyConnections` and closed); a client that stops reading its replies is dropped after
-`REPLY_TIMEOUT` without stopping the command. The socket path is claimed safely: a file that is
-not a socket is never replaced, a socket a live VM answers on is never taken over, a stale one
-is (`claim_socket`).
+`REPLY_TIMEOUT` without stopping the command. A request whose client half-closes without a
+newline is answered as if it had one. The socket path is claimed safely: a file that is not a
+socket is never replaced, a socket a live VM answers on is never taken over, a stale one is
+(`claim_socket`), and a path AF_UNIX cannot hold is refused.
+
+A server is claimed before its machine exists (`ControlServer(path)`, `start()`) and serves it
+from `attach(ctx)` on: a command that comes before waits for it up to `ATTACH_WAIT` (a boot),
+then is told `NoMachine` (a `migrate recv` still waiting for its guest). So a VMM claims
+its socket before it boots, restores, or (a migration target) says Ready, and nothing about the
+socket can fail once the guest runs (after Commit nothing may fail that loses the guest).
+
+The client is `hv.vmm.control_client` (`call`, re-exported here). This module passes 450 lines
+because its parts are one concern that only works whole: the path claimed, the one selector
+thread reading requests, a thread per command, and the built-in lifecycle commands.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
 import os
 import resource
+import secrets
 import selectors
 import socket
 import stat
@@ -40,29 +53,24 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from hv.errors import Busy, ControlSocketError, HvError
+from hv.errors import Busy, ControlSocketError
+# the client's side (`call`), where callers have always found it; the server's answers are its input
+from hv.vmm.control_client import (CALL_TIMEOUT, MAX_REPLY, ControlError, Progress, call,  # noqa: F401
+                                   expect, parse_reply)
 from hv.vmm.machine import Machine
 from hv.vmm.owner import owner_of
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[dict[str, Any]], None]
 Handler = Callable[["ControlContext", dict[str, Any], Progress], dict[str, Any]]
 ENTRY_POINT_GROUP = "kvmigrate.control"
 MAX_REQUEST = 64 * 1024
+ATTACH_WAIT = 30.0  # seconds a request that came before the machine waits for it (a boot), then NoMachine
+SOCKET_PATH_MAX = 107  # bytes of an AF_UNIX path: sun_path's 108 less the terminating NUL
 REQUEST_TIMEOUT = 10.0  # seconds a connection may take to send its request line
 REPLY_TIMEOUT = 10.0  # seconds a reply (or a progress line) may wait for the client to read it
 # open at once, idle or busy: well inside the process's file descriptors (the VM needs its own)
 MAX_CONNECTIONS = min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
-
-
-class ControlError(HvError):
-    """A control command failed (locally: bad request; remotely: the error the server sent).
-    `facts`: what the server said with it (a `Busy` names the holder and since when)."""
-
-    def __init__(self, kind: str, message: str, facts: dict[str, Any] | None = None) -> None:
-        super().__init__(f"{kind}: {message}")
-        self.kind, self.message, self.facts = kind, message, dict(facts or {})
 
 
 @dataclass
@@ -173,6 +181,9 @@ def check_socket_path(path: str | Path) -> None:
     """Can `path` become a control socket? Raises `ControlSocketError` saying why not (missing
     directory, a non-socket there, a live VM's socket). For commands to ask before they boot."""
     path = Path(path)
+    if len(os.fsencode(path)) > SOCKET_PATH_MAX:
+        raise ControlSocketError(path, f"is {len(os.fsencode(path))} bytes long; a unix socket's path holds at "
+                                       f"most {SOCKET_PATH_MAX}")
     if not path.parent.is_dir():
         raise ControlSocketError(path, f"the directory {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK | os.X_OK):
@@ -180,20 +191,36 @@ def check_socket_path(path: str | Path) -> None:
     _socket_at(path)
 
 
+def _staging(path: Path) -> Path:
+    """A fresh name beside `path` that AF_UNIX can hold whenever `path` fits: as long as the
+    room left allows (a hidden random name; for a path at the very limit, a short random one)."""
+    room = len(os.fsencode(path.name)) + SOCKET_PATH_MAX - len(os.fsencode(path))
+    token = secrets.token_hex(8)
+    return path.with_name(("." + token)[:room] if room >= 8 else token[:room])
+
+
 def claim_socket(path: str | Path) -> tuple[socket.socket, os.stat_result]:
     """A listening socket at `path`, made owner-only and put there atomically (`link`, which
     never replaces): a stale socket is removed first, anything else refused. Returns the socket
-    and the stat of what is now at `path` (so `close` removes only its own)."""
+    and the stat of what is now at `path` (so `close` removes only its own). The socket is bound
+    under a random staging name first, never one that exists (bind does not replace)."""
     path = Path(path)
     check_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    staging: Path | None = None
     try:
-        try:
-            staging.unlink()
-        except FileNotFoundError:
-            pass
-        sock.bind(str(staging))
+        for _ in range(32):
+            candidate = _staging(path)
+            try:
+                sock.bind(str(candidate))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    continue  # someone's file of that name: never ours to remove; another name
+                raise ControlSocketError(path, f"cannot bind a socket beside it ({e})") from e
+            staging = candidate
+            break
+        else:
+            raise ControlSocketError(path, "found no free staging name beside it")
         os.chmod(staging, 0o600)  # the socket can pause, stop and copy out the guest: owner only
         sock.listen(socket.SOMAXCONN)  # a burst of clients waits in the queue, never EAGAIN
         for _ in range(3):
@@ -206,6 +233,8 @@ def claim_socket(path: str | Path) -> tuple[socket.socket, os.stat_result]:
                     current = os.lstat(path)
                     if (current.st_dev, current.st_ino) == (stale.st_dev, stale.st_ino):
                         path.unlink()
+            except OSError as e:
+                raise ControlSocketError(path, f"cannot put the socket there ({e})") from e
         else:
             raise ControlSocketError(path, "another process keeps creating this path")
         return sock, os.lstat(path)
@@ -213,10 +242,11 @@ def claim_socket(path: str | Path) -> tuple[socket.socket, os.stat_result]:
         sock.close()
         raise
     finally:
-        try:
-            staging.unlink()
-        except FileNotFoundError:
-            pass
+        if staging is not None:
+            try:
+                staging.unlink()
+            except FileNotFoundError:
+                pass
 
 
 # --- the server -----------------------------------------------------------------------------------
@@ -233,12 +263,14 @@ class _Pending:
 
 class ControlServer:
     """Serves a Machine's control socket: one selector thread reads requests, a thread per
-    command being answered."""
+    command being answered. Without `ctx` the socket is claimed (`start`) before there is a
+    machine, and commands are told `NoMachine` until `attach`."""
 
-    def __init__(self, path: str | Path, ctx: ControlContext, *, load_extensions: bool = True,
+    def __init__(self, path: str | Path, ctx: ControlContext | None = None, *, load_extensions: bool = True,
                  max_connections: int = MAX_CONNECTIONS, request_timeout: float = REQUEST_TIMEOUT,
-                 reply_timeout: float = REPLY_TIMEOUT) -> None:
+                 reply_timeout: float = REPLY_TIMEOUT, attach_wait: float = ATTACH_WAIT) -> None:
         self.path = Path(path)
+        self.attach_wait = attach_wait
         self.ctx = ctx
         self.max_connections, self.request_timeout, self.reply_timeout = (max_connections, request_timeout,
                                                                           reply_timeout)
@@ -255,6 +287,9 @@ class ControlServer:
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._closing = threading.Event()
+        self._attached = threading.Event()  # a machine is served (or the server closes)
+        if ctx is not None:
+            self._attached.set()
         self._busy = threading.Lock()  # one exclusive command at a time (two snapshots would fight)
         self._busy_with: tuple[str, float] = ("", 0.0)
         self._lock = threading.Lock()
@@ -279,6 +314,11 @@ class ControlServer:
         with self._lock:
             return len(self._connections)
 
+    def attach(self, ctx: ControlContext) -> None:
+        """Serve `ctx`'s machine from now on (nothing here can fail: the socket is claimed)."""
+        self.ctx = ctx
+        self._attached.set()
+
     def start(self) -> None:
         self._sock, self._claimed = claim_socket(self.path)
         self._sock.setblocking(False)
@@ -287,6 +327,7 @@ class ControlServer:
 
     def close(self) -> None:
         self._closing.set()
+        self._attached.set()  # a request waiting for a machine is told there is none
         try:
             self._wake_w.send(b"x")
         except OSError:
@@ -396,19 +437,20 @@ class ControlServer:
             return
         except OSError:
             chunk = b""
-        if not chunk:
+        if not chunk and not pending.data:
             self._drop(selector, pending)
             pending.sock.close()
             return
         pending.data += chunk
         newline = pending.data.find(b"\n")
-        if newline < 0 and len(pending.data) <= MAX_REQUEST:
+        if chunk and newline < 0 and len(pending.data) <= MAX_REQUEST:
             return
         self._drop(selector, pending)
-        if newline < 0:
+        if newline < 0 and len(pending.data) > MAX_REQUEST:
             self._refuse(pending.sock, ControlError("BadRequest", f"a request longer than {MAX_REQUEST} bytes"))
             return
-        line = bytes(pending.data[:newline + 1])
+        # a line, or what came before the client half-closed (its last request: no newline needed)
+        line = bytes(pending.data[:newline + 1] if newline >= 0 else pending.data)
         pending.sock.setblocking(True)
         pending.sock.settimeout(self.reply_timeout)
         thread = threading.Thread(target=self._serve, args=(pending.sock, line), name="control-conn",
@@ -452,10 +494,10 @@ class ControlServer:
                 log.info("control client went away (%s); the command goes on", e)
 
         try:
-            request = json.loads(line)
-            if not isinstance(request, dict) or not isinstance(request.get("command"), str):
-                raise ControlError("BadRequest", "expected a JSON object with a 'command' string")
-            name = request.pop("command")
+            name, request = parse_request(line)
+            self._attached.wait(self.attach_wait)  # a request that came during the boot waits for it
+            if self.ctx is None:
+                raise ControlError("NoMachine", f"no guest runs here yet; {name!r} is served once one does")
             handler = self.handlers.get(name)
             if handler is None:
                 raise ControlError("UnknownCommand",
@@ -472,8 +514,6 @@ class ControlServer:
             else:
                 result = handler(self.ctx, request, lambda p: reply({"progress": p}))
             reply({"ok": True, "result": result})
-        except (ValueError, UnicodeDecodeError) as e:
-            self._reply_error(reply, ControlError("BadRequest", f"not JSON: {e}"))
         except Exception as e:
             log.info("control command failed: %s", e)
             self._reply_error(reply, e)
@@ -491,29 +531,16 @@ class ControlServer:
         reply({"ok": False, "error": body})
 
 
-def call(path: str | Path, command: str, progress: Progress | None = None, timeout: float | None = None,
-         **args: Any) -> dict[str, Any]:
-    """Send one command to a control socket; progress events go to `progress`; returns the result
-    or raises ControlError with the server's error type and message."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-        except OSError as e:
-            raise ControlError("ConnectionError", f"cannot reach the control socket {path}: {e}") from e
-        try:
-            sock.sendall(json.dumps({"command": command, **args}).encode() + b"\n")
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # a server that refused us at once (too many connections) said why: read it
-        with sock.makefile("rb") as f:
-            for line in f:
-                reply = json.loads(line)
-                if "progress" in reply:
-                    if progress is not None:
-                        progress(reply["progress"])
-                    continue
-                if reply.get("ok"):
-                    return reply.get("result", {})
-                err = reply.get("error", {})
-                raise ControlError(err.get("type", "Error"), err.get("message", ""), err.get("facts"))
-    raise ControlError("ConnectionError", f"{path} closed the connection before answering {command!r}")
+def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
+    """A request line (what a client sent, at most `MAX_REQUEST` bytes) -> the command's name and
+    its arguments; ControlError "BadRequest" for anything else."""
+    try:
+        request = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ControlError("BadRequest", f"not JSON: {e}") from None
+    except RecursionError:
+        raise ControlError("BadRequest", "not JSON: nested too deep") from None
+    if not isinstance(request, dict) or not isinstance(request.get("command"), str):
+        raise ControlError("BadRequest", "expected a JSON object with a 'command' string")
+    name = request.pop("command")
+    return name, request

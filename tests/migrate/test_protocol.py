@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from migrate.protocol import (
     MESSAGE_TYPES,
     RECONNECT_VERDICTS,
+    GUARDED,
     TRANSITIONS,
     Accept,
     Cancel,
@@ -110,11 +111,13 @@ def test_happy_path_ends_with_the_target_owning_the_guest() -> None:
 @pytest.mark.parametrize("state", list(S))
 @pytest.mark.parametrize("direction", ["send", "recv"])
 @pytest.mark.parametrize("kind", [k for k in MessageKind if k])
-def test_every_state_input_pair_is_either_in_the_table_or_refused(role, state, direction, kind) -> None:
-    proto = Protocol(role, state=state)
+@pytest.mark.parametrize("postcopy", [False, True], ids=["plain", "postcopy-negotiated"])
+def test_every_state_input_pair_is_either_in_the_table_or_refused(role, state, direction, kind, postcopy) -> None:
+    proto = Protocol(role, state=state, postcopy=postcopy)
     msg = SAMPLE[kind]
     act = proto.send if direction == "send" else proto.receive
-    if (role, state, direction, kind) in TRANSITIONS:
+    key = (role, state, direction, kind)
+    if key in TRANSITIONS and (key not in GUARDED or postcopy):  # a guarded one: only if HELLO negotiated it
         expected = TRANSITIONS[(role, state, direction, kind)]
         if state is S.RECONNECTING and direction == "recv" and kind is MessageKind.VERDICT:
             expected = RECONNECT_VERDICTS.get(msg.hand_over, expected)  # the one guarded transition
@@ -352,3 +355,13 @@ def test_any_walk_of_deliveries_losses_and_reconnects_keeps_one_copy(events: lis
                 verdict = {Outcome.TARGET_DISCARD: HandOver.NOT_COMMITTED, Outcome.TARGET_RUN: HandOver.COMMITTED}
                 src.receive(Verdict(b"s", verdict.get(tgt.outcome(), HandOver.UNKNOWN)))
         _one_copy_and_none_lost(sides)
+
+
+@pytest.mark.parametrize("switch", [Postcopy(b"bitmap", 3), Discard(b"bitmap", 3)])
+def test_a_session_whose_hello_did_not_negotiate_postcopy_cannot_switch(switch) -> None:
+    sides = _walk(HAPPY[:3])  # Hello (postcopy false), Accept, Pages
+    for role, act, error in ((Role.SOURCE, "send", LocalProtocolError), (Role.TARGET, "receive", RemoteProtocolError)):
+        with pytest.raises(error, match="postcopy was not negotiated"):
+            getattr(sides[role], act)(switch)
+        assert sides[role].state is S.TRANSFER
+    assert _walk(POSTCOPY_HAPPY)[Role.TARGET].state is S.DONE  # negotiated: the same switch is taken

@@ -101,6 +101,7 @@ def test_a_mem_truncated_under_the_restored_vm_does_not_kill_it(running: Machine
         while not api.exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.05)
+        call(api, "status", timeout=60)  # answered once the restored guest runs (the socket comes first)
         os.truncate(tmp_path / "s.mem", 0)  # every page the file had is gone
         passes = call(api, "guest-check")["passes"]
         while (check := call(api, "guest-check"))["passes"] < passes + 2:  # the guest reads all its set
