@@ -22,7 +22,7 @@ host-tools:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(STAMP): pyproject.toml setup.py hv/binding/build.py hv/binding/uart.c hv/binding/vcpu_loop.c hv/binding/userfault.c migrate/datapath/_build.py migrate/datapath/pages.c | host-tools
+$(STAMP): pyproject.toml setup.py hv/binding/build.py hv/binding/uart.c hv/binding/vcpu_loop.c hv/binding/userfault.c hv/binding/net.c hv/binding/net.h migrate/datapath/_build.py migrate/datapath/pages.c | host-tools
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test,plot]'  # plot: the test of migrate plot runs, never skips

@@ -24,6 +24,7 @@ from hv.devices.serial import Serial16550, SerialState
 from hv.devices.virtio.blk import BlkState, VirtioBlk, VirtioBlkState
 from hv.devices.virtio.console import ConsoleState, VirtioConsole, VirtioConsoleState
 from hv.devices.virtio.mmio import VirtioMmioState
+from hv.devices.virtio.net import NetState, VirtioNet, VirtioNetState
 from hv.devices.virtio.queue import QueueState
 from hv.devices.virtio.rng import RngState, VirtioRng, VirtioRngState
 from hv.kvm import state as hv_state
@@ -46,6 +47,7 @@ DEVICE_STATES: dict[str, tuple[type, str, int]] = {
     VirtioBlk.KIND: (VirtioBlkState, "hv.device.virtio_blk", 2),
     VirtioConsole.KIND: (VirtioConsoleState, "hv.device.virtio_console", 1),
     VirtioRng.KIND: (VirtioRngState, "hv.device.virtio_rng", 1),
+    VirtioNet.KIND: (VirtioNetState, "hv.device.virtio_net", 1),
 }
 
 # The wire names of the other state types, declared (not derived from class names, so renaming a
@@ -65,7 +67,7 @@ STATE_TYPES: tuple[tuple[type, str], ...] = (
     (hv_state.VmState, "hv.VmState"),
     (VirtioMmioState, "hv.device.VirtioMmioState"), (QueueState, "hv.device.QueueState"),
     (BlkState, "hv.device.BlkState"), (ConsoleState, "hv.device.ConsoleState"),
-    (RngState, "hv.device.RngState"),
+    (RngState, "hv.device.RngState"), (NetState, "hv.device.NetState"),
 )
 
 

@@ -334,6 +334,31 @@ _HERE = Path(__file__).resolve().parent
 _UART_SOURCE = ("#define KVMIG_UART_RX 4096\n#define KVMIG_UART_TX 16384\n#define KVMIG_FAST_PIO_MAX 4\n"
                 + _UART_TYPES + (_HERE / "uart.c").read_text() + (_HERE / "vcpu_loop.c").read_text())
 
+# virtio-net's packet engine (net.c, its types in net.h beside this file): rx and tx between the
+# tap and the guest's rings on a C thread, without the interpreter lock.
+_NET_TYPES = (_HERE / "net.h").read_text()
+_CDEF_NET = "\n".join(line for line in _NET_TYPES.splitlines() if not line.startswith("#define")) + """
+#define KVMIG_NET_PENDING ...
+#define KVMIG_NET_FRAME_MAX ...
+#define KVMIG_NET_HDR ...
+kvmig_net *kvmig_net_new(int tap_fd, const kvmig_net_region *regions, uint32_t nregions, int rx_kick_fd,
+                         int tx_kick_fd, int err_fd, int wake_fd);
+void kvmig_net_run(kvmig_net *n, const kvmig_net_queue *rx, const kvmig_net_queue *tx, int irq_fd);
+void kvmig_net_halt(kvmig_net *n, kvmig_net_queue *rx, kvmig_net_queue *tx);
+uint32_t kvmig_net_isr(kvmig_net *n, uint32_t ack);
+int kvmig_net_take_error(kvmig_net *n, char *buf, size_t cap);
+uint32_t kvmig_net_drain(kvmig_net *n);
+uint32_t kvmig_net_pending_count(kvmig_net *n);
+int64_t kvmig_net_pending_get(kvmig_net *n, uint32_t i, uint8_t *buf, uint32_t cap);
+void kvmig_net_pending_clear(kvmig_net *n);
+int kvmig_net_pending_add(kvmig_net *n, const uint8_t *frame, uint32_t len);
+void kvmig_net_announce(kvmig_net *n, const uint8_t *frame, uint32_t len, uint32_t rounds);
+void kvmig_net_stats_get(kvmig_net *n, kvmig_net_stats *s);
+void kvmig_net_free(kvmig_net *n);
+void kvmig_bitmap_take_or(uint64_t *dst, uint64_t *src, size_t nwords);
+"""
+_NET_SOURCE = _NET_TYPES + (_HERE / "net.c").read_text()
+
 # The userfaultfd layer (userfault.c beside this file; hv/kvm/userfault.py): its fault thread
 # and its entry points run without the interpreter lock. Shared by cdef and the C source.
 _UFFD_TYPES = """
@@ -517,8 +542,9 @@ ffibuilder.cdef(
     + _CDEF_HELPERS
     + _CDEF_UART
     + _CDEF_UFFD
+    + _CDEF_NET
 )
-ffibuilder.set_source("hv.binding._kvm", _SOURCE + _UART_SOURCE + _UFFD_SOURCE, extra_compile_args=["-O2", "-Wall", "-pthread"],
+ffibuilder.set_source("hv.binding._kvm", _SOURCE + _UART_SOURCE + _UFFD_SOURCE + _NET_SOURCE, extra_compile_args=["-O2", "-Wall", "-pthread"],
                       extra_link_args=["-pthread"])
 
 if __name__ == "__main__":

@@ -147,6 +147,8 @@ class MemoryRegion:
         self.host_address = int(ffi.cast("uintptr_t", self._cbuf))
         self.view = memoryview(self._map)
         self.vmm_dirty = DirtyBitmap(size >> PAGE_SHIFT)
+        # bitmaps C threads set atomically (virtio-net's engine), ORed into every take
+        self.native_dirty: list[np.ndarray] = []
         self._dirty_lock = threading.Lock()
         self.log_dirty = False
         self.anonymous = anonymous
@@ -177,6 +179,9 @@ class MemoryRegion:
         fresh = DirtyBitmap(self.npages)
         with self._dirty_lock:
             taken, self.vmm_dirty = self.vmm_dirty, fresh
+            for words in self.native_dirty:
+                lib.kvmig_bitmap_take_or(ffi.from_buffer("uint64_t[]", taken.words),
+                                         ffi.from_buffer("uint64_t[]", words), len(words))
         return taken
 
     def populated_pages(self) -> DirtyBitmap:

@@ -13,6 +13,7 @@ from hv.devices.i8042 import I8042, I8042_PORT, I8042_PORTS
 from hv.devices.serial import COM1_IRQ, COM1_PORT, Serial16550
 from hv.boot.x86 import EntryState
 from hv.devices.virtio import VirtioBlk, VirtioConsole, VirtioMmio, VirtioRng
+from hv.devices.virtio.net import DEFAULT_MAC, VirtioNet
 from hv.errors import ConfigError
 from hv.guests import builtin as builtin_guest
 from hv.kvm.cpuid import boot_msrs, vcpu_cpuid
@@ -111,6 +112,24 @@ class VirtioBlkSpec:
             raise
 
 
+@dataclass(frozen=True)
+class VirtioNetSpec:
+    """virtio-net on the tap named `tap` (created if absent, in this process's network
+    namespace), the card's address `mac`; `transport` is where `hv run --net` asked for it."""
+
+    tap: str
+    mac: bytes = DEFAULT_MAC
+    transport: str = "mmio"
+    device_id: str = "virtio-net0"
+
+    @property
+    def kind(self) -> str:
+        return VirtioNet.KIND
+
+    def build(self, memory: GuestMemory) -> VirtioMmio:
+        return VirtioNet(memory, self.tap, mac=self.mac)
+
+
 # The virtio kinds a machine may have, in slot order: the selected ones take consecutive 4 KiB
 # windows from 0xD0000000 and IRQs from the system allocator (`placement.place_virtio_device`), so
 # the guest finds them by scanning 0xD0000000 + i * 0x1000 for the magic value. A selection
@@ -119,6 +138,7 @@ VIRTIO_KINDS: tuple[tuple[str, str], ...] = (
     ("virtio-blk0", VirtioBlk.KIND),
     ("virtio-console0", VirtioConsole.KIND),
     ("virtio-rng0", VirtioRng.KIND),
+    ("virtio-net0", VirtioNet.KIND),
 )
 
 
@@ -156,6 +176,7 @@ class VirtioConfig:
     console_out: Callable[[bytes], None] | None = None
     rng: bool = False
     disk_fd: int | None = None  # the disk already open at `disk` (the device takes it over)
+    net: VirtioNetSpec | None = None
 
     def specs(self) -> tuple[VirtioDeviceSpec, ...]:
         """The devices asked for, in slot order."""
@@ -166,6 +187,8 @@ class VirtioConfig:
             specs.append(VirtioConsoleSpec(self.console_out))
         if self.rng:
             specs.append(VirtioRngSpec())
+        if self.net is not None:
+            specs.append(self.net)
         return tuple(specs)
 
     def device_ids(self) -> tuple[str, ...]:
@@ -280,6 +303,8 @@ def blank_machine(
         with discard_on_error(machine):
             add_virtio_devices(machine, virtio.disk, virtio.disk_readonly, virtio.console_out, virtio.rng,
                                virtio.disk_fd)
+            if virtio.net is not None:
+                machine.add_virtio_device(virtio.net, transport=virtio.net.transport)
     return machine
 
 

@@ -8,13 +8,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import os
+
 import pytest
 
-from hv.vmm.builder import VirtioConfig, blank_machine
+from hv.vmm.builder import VirtioConfig, VirtioNetSpec, blank_machine
 from hv.devices.debug_exit import DebugExit, DebugExitState
 from hv.devices.i8042 import I8042
 from hv.devices.serial import RX_BUFFER, Serial16550, SerialState
 from hv.devices.virtio.console import MAX_PENDING_INPUT, ConsoleState
+from hv.devices.virtio.net import NetState
 from hv.devices.virtio.queue import QueueState
 from hv.errors import ConfigError, StateRestoreError
 from hv.kvm.kvm import Kvm
@@ -23,7 +26,7 @@ from hv.persist import Lifecycle
 from hv.kvm.vm import VmConfig
 
 MiB = 1 << 20
-DEVICE_IDS = ("serial0", "i8042", "debug-exit", "virtio-blk0", "virtio-console0", "virtio-rng0")
+DEVICE_IDS = ("serial0", "i8042", "debug-exit", "virtio-blk0", "virtio-console0", "virtio-rng0", "virtio-net0")
 RINGS = 0x20_0000  # queue areas from here, 64 KiB per queue (inside the 64 MiB of RAM)
 
 
@@ -34,8 +37,9 @@ def machines(kvm: Kvm, tmp_path: Path) -> Iterator[Callable[[], Machine]]:
     disk.write_bytes(bytes(MiB))
     made: list[Machine] = []
 
-    def make() -> Machine:
-        virtio = VirtioConfig(disk=disk, console_out=lambda b: None, rng=True)
+    def make() -> Machine:  # the card's tap (no address, never up) lives as long as the machine
+        net = VirtioNetSpec(f"kvp{os.getpid() % 100000}n{len(made)}")
+        virtio = VirtioConfig(disk=disk, console_out=lambda b: None, rng=True, net=net)
         made.append(blank_machine(kvm, VmConfig(mem_size=64 * MiB), virtio=virtio))
         return made[-1]
 
@@ -67,7 +71,8 @@ def _busy_state(machine: Machine, device_id: str) -> object:
                        for i in range(len(state.transport.queues)))
         transport = replace(state.transport, status=0x0F, driver_features=1 << 32, config_generation=2,
                             queues=queues)
-        backend = ConsoleState(b"typed") if device_id == "virtio-console0" else state.backend
+        backend = {"virtio-console0": ConsoleState(b"typed"),  # input and frames not delivered yet
+                   "virtio-net0": NetState(pending_rx=(b"\xff" * 60, b"frame" * 12))}.get(device_id, state.backend)
         state = type(state)(transport, backend)
     return state
 
@@ -149,6 +154,11 @@ OUT_OF_RANGE = [
     ("virtio-console0", _transport(status=0x100), "virtio-mmio-console", "status"),
     ("virtio-rng0", _backend(lambda b: ConsoleState()), "virtio-mmio-rng", "type"),
     ("virtio-rng0", _queue0(ready=1), "virtio-mmio-rng queues[0]", "ready"),
+    ("virtio-net0", _backend(lambda b: replace(b, mac=bytes(6))), "virtio-mmio-net", "backend.mac"),
+    ("virtio-net0", _backend(lambda b: replace(b, pending_rx=[b"x"])), "virtio-mmio-net", "backend.pending_rx"),
+    ("virtio-net0", _backend(lambda b: replace(b, pending_rx=(bytes(1 << 17),))), "virtio-mmio-net",
+     "backend.pending_rx[0]"),
+    ("virtio-net0", _transport(queues=()), "virtio-mmio-net", "queues"),
 ]
 
 
@@ -199,7 +209,7 @@ def test_the_vcpu_refuses_a_state_that_does_not_fit(machines) -> None:
 def test_only_devices_with_a_lifecycle_are_driven_by_the_machine(machines) -> None:
     machine = machines()
     driven = {i for i, d in machine.devices.items() if isinstance(d, Lifecycle)}
-    assert driven == {"serial0", "virtio-blk0", "virtio-console0", "virtio-rng0"}
+    assert driven == {"serial0", "virtio-blk0", "virtio-console0", "virtio-rng0", "virtio-net0"}
     machine.start(paused=True)
     assert all(machine.devices[i].paused for i in driven)
     machine.resume()
@@ -217,10 +227,11 @@ def test_a_device_is_found_by_id_as_the_model_asked_for(machines) -> None:
 
 def test_the_vcpu_the_vm_and_every_device_persist_through_one_protocol() -> None:
     from hv.devices.virtio import VirtioBlk, VirtioConsole, VirtioRng
+    from hv.devices.virtio.net import VirtioNet
     from hv.kvm.vcpu import Vcpu
     from hv.kvm.vm import Vm
 
-    models = (Serial16550, I8042, DebugExit, VirtioBlk, VirtioConsole, VirtioRng)
+    models = (Serial16550, I8042, DebugExit, VirtioBlk, VirtioConsole, VirtioRng, VirtioNet)
     for cls in (Vcpu, Vm, *models):
         assert callable(getattr(cls, "save", None)) and callable(getattr(cls, "restore", None)), cls
         assert not hasattr(cls, "snapshot") and not hasattr(cls, "save_state"), cls
