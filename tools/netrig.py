@@ -137,6 +137,9 @@ class NetRig:
                 raise RigError(quiet, done.stderr.strip())
             _ip("link", "set", "lo", "up", netns=ns)
             _ip("link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0", netns=ns)
+            # a fixed address: a bridge otherwise takes its lowest port's, so a tap joining it would
+            # change the host's MAC under its neighbours' ARP caches
+            _ip("link", "set", "br0", "address", f"02:6b:76:00:00:{0x0a + 'abn'.index(ns[-1]):02x}", netns=ns)
             _ip("link", "set", "br0", "up", netns=ns)
         _ip("addr", "add", f"{NETWORK_ADDRESS}/24", "dev", "br0", netns=self.network)
         for side in ("a", "b"):

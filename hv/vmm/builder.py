@@ -115,11 +115,13 @@ class VirtioBlkSpec:
 @dataclass(frozen=True)
 class VirtioNetSpec:
     """virtio-net on the tap named `tap` (created if absent, in this process's network
-    namespace), the card's address `mac`; `transport` is where `hv run --net` asked for it."""
+    namespace; made a port of `bridge` if given), the card's address `mac`; `transport` is where
+    `hv run --net` asked for it."""
 
     tap: str
     mac: bytes = DEFAULT_MAC
     transport: str = "mmio"
+    bridge: str | None = None  # the tap joins this bridge when opened
     device_id: str = "virtio-net0"
 
     @property
@@ -127,7 +129,7 @@ class VirtioNetSpec:
         return VirtioNet.KIND
 
     def build(self, memory: GuestMemory) -> VirtioMmio:
-        return VirtioNet(memory, self.tap, mac=self.mac)
+        return VirtioNet(memory, self.tap, mac=self.mac, bridge=self.bridge)
 
 
 # The virtio kinds a machine may have, in slot order: the selected ones take consecutive 4 KiB

@@ -271,17 +271,20 @@ class NetBackend:
 
 class VirtioNet(VirtioMmio):
     """A virtio network card on virtio-mmio whose host end is the tap `tap` (a name: opened, and
-    created if absent; or `tap_fd`, an open tap this device takes)."""
+    created if absent, and made a port of `bridge` if given; or `tap_fd`, an open tap this
+    device takes)."""
 
     KIND: ClassVar[str] = "virtio-mmio-net"
     state_type = VirtioNetState
     backend: NetBackend
 
     def __init__(self, memory: GuestMemory, tap: str | None = None, *, mac: bytes = DEFAULT_MAC,
-                 tap_fd: int | None = None) -> None:
+                 bridge: str | None = None, tap_fd: int | None = None) -> None:
         if (tap is None) == (tap_fd is None):
             raise ConfigError("net", tap, "give a tap name or an open tap descriptor, not both")
-        fd = open_tap(tap) if tap_fd is None else tap_fd
+        self.tap, self.bridge = tap, bridge  # configuration (a migration target opens its own)
+        fd = open_tap(tap, bridge) if tap is not None else tap_fd
+        assert fd is not None
         kicks = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC), os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
         try:
             backend = NetBackend(memory, fd, mac, kicks)
