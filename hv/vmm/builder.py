@@ -13,7 +13,7 @@ from hv.devices.i8042 import I8042, I8042_PORT, I8042_PORTS
 from hv.devices.serial import COM1_IRQ, COM1_PORT, Serial16550
 from hv.boot.x86 import EntryState
 from hv.devices.virtio import VirtioBlk, VirtioConsole, VirtioMmio, VirtioRng
-from hv.devices.virtio.net import DEFAULT_MAC, VirtioNet
+from hv.devices.virtio.net import DEFAULT_MAC, VirtioNet, parse_mac
 from hv.errors import ConfigError
 from hv.guests import builtin as builtin_guest
 from hv.kvm.cpuid import boot_msrs, vcpu_cpuid
@@ -24,7 +24,7 @@ from hv.kvm.vm import IDENTITY_MAP_ADDRESS, MMIO_HOLE_END, MMIO_HOLE_START, TSS_
 from hv.platform import acpi, hostcpu, mptable
 from hv.platform.allocator import DEVICE_MMIO_END, DEVICE_MMIO_START, SystemAllocator
 from hv.vmm.machine import Machine, StopReason, discard_on_error
-from hv.vmm.placement import DevicePlacement, VirtioDeviceSpec, place_virtio_device
+from hv.vmm.placement import VIRTIO_TRANSPORTS, DevicePlacement, VirtioDeviceSpec, place_virtio_device
 
 
 def create_vcpus(kvm: Kvm, vm: Vm) -> None:
@@ -123,6 +123,23 @@ class VirtioNetSpec:
     transport: str = "mmio"
     bridge: str | None = None  # the tap joins this bridge when opened
     device_id: str = "virtio-net0"
+
+    @classmethod
+    def parse(cls, text: str) -> VirtioNetSpec:
+        """`hv run --net tap=NAME[,mac=52:54:..][,bridge=BR][,transport=mmio]`."""
+        fields: dict[str, str] = {}
+        for part in text.split(","):
+            key, eq, value = part.partition("=")
+            if not eq or key not in ("tap", "mac", "bridge", "transport") or key in fields:
+                raise ConfigError("--net", text, "expected tap=NAME[,mac=..][,bridge=..][,transport=mmio]")
+            fields[key] = value
+        if "tap" not in fields:
+            raise ConfigError("--net", text, "needs tap=NAME")
+        transport = fields.get("transport", "mmio")
+        if transport not in VIRTIO_TRANSPORTS:
+            raise ConfigError("--net", text, f"transport is one of {VIRTIO_TRANSPORTS}")
+        mac = parse_mac(fields["mac"]) if "mac" in fields else DEFAULT_MAC
+        return cls(fields["tap"], mac, transport, fields.get("bridge"))
 
     @property
     def kind(self) -> str:

@@ -2,7 +2,7 @@
 
     hv info [--json]                          what this host's KVM and CPUs offer
     hv run [--kernel ELF|bzImage [--initrd FILE]] [--mem 1G] [--cpus N] [--cmdline ...]
-           [--disk FILE[,ro]] [--virtio-console] [--rng] [--console FILE]
+           [--disk FILE[,ro]] [--virtio-console] [--rng] [--net tap=NAME[,mac=..][,bridge=..]] [--console FILE]
            [--ws MiB --rate MiB/s --every N --passes N]     (built-in guest options)
            [--api SOCK]                       control socket: see hv/vmm/control.py
     hv status|pause|resume|stop SOCK [--json] a running VM, through its control socket
@@ -31,7 +31,7 @@ from hv.errors import ConfigError
 from hv.guests import builtin as builtin_guest
 from hv.kvm.kvm import Kvm
 from hv.kvm.vm import VmConfig
-from hv.vmm.builder import VirtioConfig, builtin_machine, linux_machine, multiboot_machine
+from hv.vmm.builder import VirtioConfig, VirtioNetSpec, builtin_machine, linux_machine, multiboot_machine
 from hv.vmm.command import HV_EXITS, ExitStatus, dispatch, parse_size, run_parser, say
 from hv.vmm.control import ControlContext, ControlServer, check_socket_path
 from hv.vmm.machine import Machine, RunState
@@ -111,9 +111,10 @@ def _virtio(args: argparse.Namespace, console) -> VirtioConfig | None:
         disk, readonly = Path(name), flag == "ro"
         if not disk.is_file():
             raise ConfigError("--disk", args.disk, "no such file")
-    if disk is None and not args.virtio_console and not args.rng:
+    net = VirtioNetSpec.parse(args.net) if args.net else None
+    if disk is None and not args.virtio_console and not args.rng and net is None:
         return None
-    return VirtioConfig(disk, readonly, console if args.virtio_console else None, args.rng)
+    return VirtioConfig(disk, readonly, console if args.virtio_console else None, args.rng, net=net)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -315,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--disk", metavar="FILE[,ro]", help="virtio-blk backed by FILE (,ro: read-only)")
     run.add_argument("--virtio-console", action="store_true", help="virtio-console, output to the console")
     run.add_argument("--rng", action="store_true", help="virtio-rng")
+    run.add_argument("--net", metavar="tap=NAME[,mac=M][,bridge=BR][,transport=mmio]",
+                     help="virtio-net on tap NAME (created if absent; joined to bridge BR)")
     run.add_argument("--api", metavar="SOCK", help="serve a control socket (pause, resume, stop, status, "
                      "snapshot, migration) at this path; see hv status|pause|resume|stop")
     run.set_defaults(func=cmd_run)

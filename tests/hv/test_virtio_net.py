@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -298,3 +299,40 @@ def test_the_rig_removes_everything_even_when_the_body_fails() -> None:
     dead = f"kvr{2**22 + 7}x0-a"
     os.system(f"ip netns add {dead}")
     assert dead in cleanup_leftovers() and dead not in namespaces()
+
+
+def test_the_net_option_reads_as_qemus_netdev() -> None:
+    spec = VirtioNetSpec.parse("tap=tap7,mac=52:54:00:00:00:07,bridge=br0")
+    assert (spec.tap, spec.mac, spec.bridge, spec.transport) == ("tap7", bytes.fromhex("525400000007"), "br0", "mmio")
+    assert VirtioNetSpec.parse("tap=t").mac == DEFAULT_MAC
+    for bad in ("mac=52:54:00:00:00:07", "tap=t,colour=red", "tap=t,transport=isa", "tap=t,tap=u", "tap"):
+        with pytest.raises(ConfigError):
+            VirtioNetSpec.parse(bad)
+
+
+def test_hv_run_net_answers_a_client_on_the_rig(rig) -> None:
+    """`hv run --net tap=..,bridge=br0` in host A's namespace: the built-in guest answers ARP and
+    UDP from the network (the process is ended once it has answered)."""
+    import signal
+
+    process = subprocess.Popen(
+        ["ip", "netns", "exec", rig.host("a"), sys.executable, "-m", "hv.vmm.cli", "run", "--mem", "64M",
+         "--cpus", "2", "--ws", "4", "--net", f"tap={tap_name()},bridge=br0",
+         "--cmdline", f"net_ip={GUEST_ADDRESS} net_port={PORT}", "--timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = in_namespace(rig.network, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    client.settimeout(0.1)
+    try:
+        answer = None
+        for seq in range(600):  # until the guest is up (an event: its first answer), at most a minute
+            client.sendto(struct.pack("<QQ", seq, 0), (GUEST_ADDRESS, PORT))
+            try:
+                answer = client.recv(64)
+                break
+            except OSError:
+                assert process.poll() is None, process.communicate()[0]
+        assert answer is not None and len(answer) == 24
+    finally:
+        client.close()
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=30)
