@@ -38,6 +38,15 @@ class Observation:
     sent: dict[int, int] = field(default_factory=dict)  # seq -> send time (ns)
     answers: list[Answer] = field(default_factory=list)
 
+    @classmethod
+    def from_json(cls, data: dict) -> Observation:
+        return cls(dict((int(s), int(t)) for s, t in data["sent"]), [Answer(*map(int, a)) for a in data["answers"]])
+
+    def window(self, start_ns: int, end_ns: int) -> Observation:
+        """The requests sent in [start, end] and their answers (the move, not the boot)."""
+        sent = {s: t for s, t in self.sent.items() if start_ns <= t <= end_ns}
+        return Observation(sent, [a for a in self.answers if a.seq in sent])
+
     def duplicates(self) -> list[int]:
         seen: set[int] = set()
         dups = []
@@ -155,3 +164,33 @@ class UdpObserver:
                 t.join(2)
         self._sock.close()
         return self.observation
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tools.net_observer --ns NS --to ADDR:PORT`: observe until SIGINT/SIGTERM, then
+    print the observation as JSON (`Observation.from_json` reads it back): a process of its own,
+    so no interpreter lock is shared with a VMM."""
+    import argparse
+    import json
+    import signal
+
+    p = argparse.ArgumentParser(prog="net_observer")
+    p.add_argument("--ns", required=True)
+    p.add_argument("--to", required=True, metavar="ADDR:PORT")
+    p.add_argument("--period", type=float, default=0.001)
+    args = p.parse_args(argv)
+    host, _, port = args.to.rpartition(":")
+    done = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    with UdpObserver(args.ns, host, int(port), args.period) as observer:
+        print("ready", flush=True)
+        done.wait()
+        seen = observer.stop()
+    print(json.dumps({"sent": sorted(seen.sent.items()),
+                      "answers": [[a.seq, a.sent_ns, a.received_ns, a.passes] for a in seen.answers]}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
