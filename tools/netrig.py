@@ -136,7 +136,8 @@ class NetRig:
             if (done := subprocess.run(quiet, capture_output=True, text=True)).returncode:
                 raise RigError(quiet, done.stderr.strip())
             _ip("link", "set", "lo", "up", netns=ns)
-            _ip("link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0", netns=ns)
+            _ip("link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0",
+                "mcast_snooping", "0", netns=ns)  # no multicast router discovery frames
             # a fixed address: a bridge otherwise takes its lowest port's, so a tap joining it would
             # change the host's MAC under its neighbours' ARP caches
             _ip("link", "set", "br0", "address", f"02:6b:76:00:00:{0x0a + 'abn'.index(ns[-1]):02x}", netns=ns)

@@ -18,7 +18,7 @@ from hv.kvm.kvm import Kvm
 from hv.kvm.vm import VmConfig
 from hv.vmm.builder import VirtioConfig, VirtioNetSpec, builtin_machine
 from hv.vmm.machine import Machine, RunState
-from migrate import MigrationOptions, receive, send
+from migrate import MigrationOptions, receive, restore, send, snapshot
 from migrate.errors import TransportError
 from migrate.protocol import State
 from migrate.transport import Listener
@@ -149,3 +149,37 @@ def test_a_failure_before_commit_leaves_the_guest_answering_from_host_a(kvm: Kvm
     finally:
         machine.stop()
         machine.vm.close()
+
+
+def test_a_snapshot_with_traffic_flowing_loses_no_answer_and_restores_on_host_b(
+        kvm: Kvm, rig: NetRig, tmp_path) -> None:
+    """Snapshot while the observer talks to the guest: paused for the write and resumed, it
+    answers every request once (those that came during the pause waited in its tap or its state).
+    The snapshot restored on host B runs there: announced, the bridge learns it, it answers."""
+    machine, console = _guest(kvm, rig, _tap())
+    path = tmp_path / "guest.kvs"
+    restored = None
+    try:
+        with UdpObserver(rig.network, GUEST_ADDRESS, PORT) as observer:
+            observer.wait_answers(50)
+            info = snapshot(machine, path)
+            assert info.pause_seconds > 0 and machine.state is RunState.RUNNING
+            observer.wait_answers(50)
+            seen = observer.stop()
+        assert seen.duplicates() == [] and seen.lost() == []
+        machine.stop()
+        restored = in_namespace(rig.host("b"), lambda: restore(path, kvm))  # its tap on B's bridge
+        snapshot_passes = bg.read_status(restored.vm.memory).passes
+        restored.resume()
+        with UdpObserver(rig.network, GUEST_ADDRESS, PORT) as observer:
+            observer.wait_answers(50)
+            after = observer.stop()
+        assert rig.bridge_port_of(format_mac(DEFAULT_MAC)) == "pb"
+        assert restored.device("virtio-net0", VirtioNet).stats().announces >= 1
+        assert after.duplicates() == [] and min(a.passes for a in after.answers) >= snapshot_passes
+    finally:
+        machine.stop()
+        machine.vm.close()
+        if restored is not None:
+            restored.stop()
+            restored.vm.close()
