@@ -123,7 +123,7 @@ static int net_walk(kvmig_net *n, int qi, net_seg *segs, uint16_t *head_out) {
     uint16_t head, index;
     if (net_u16(n, qi, q->driver + 4 + 2 * (q->last_avail_idx & (q->num - 1)), &head)) return -1;
     index = head;
-    int nsegs = 0;
+    int nsegs = 0, seen_writable = 0;
     uint64_t total = 0;
     for (uint32_t step = 0; step < q->num; step++) {
         if (index >= q->num) { net_fail(n, qi, "descriptor index beyond the table", index); return -1; }
@@ -134,10 +134,14 @@ static int net_walk(kvmig_net *n, int qi, net_seg *segs, uint16_t *head_out) {
         if (flags & DESC_F_INDIRECT) { net_fail(n, qi, "indirect descriptor (not offered)", index); return -1; }
         total += len;
         if (total > (1ull << 32)) { net_fail(n, qi, "chain longer than 4 GiB", head); return -1; }
+        /* the rules queue.py's Virtqueue._walk applies (the reference): every buffer inside RAM,
+           device-readable ones before device-writable ones */
+        uint8_t *p = len ? net_host(n, addr, len) : NULL;
+        if (len && !p) { net_fail(n, qi, "buffer outside guest RAM", addr); return -1; }
+        if (flags & DESC_F_WRITE) seen_writable = 1;
+        else if (seen_writable) { net_fail(n, qi, "device-readable descriptor after a device-writable one", index); return -1; }
         int wanted = qi == 0 ? (flags & DESC_F_WRITE) != 0 : (flags & DESC_F_WRITE) == 0;
         if (len && wanted) {
-            uint8_t *p = net_host(n, addr, len);
-            if (!p) { net_fail(n, qi, "buffer outside guest RAM", addr); return -1; }
             if (nsegs == NET_SEGS) { net_fail(n, qi, "chain of more buffers than the engine follows", head); return -1; }
             segs[nsegs++] = (net_seg){p, addr, len};
         }
