@@ -8,11 +8,12 @@ from __future__ import annotations
 import os
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from hv.devices.virtio.net import DEFAULT_MAC, VirtioNet, format_mac
+from hv.devices.virtio.net import DEFAULT_MAC, VIRTIO_NET_S_ANNOUNCE, VirtioNet, format_mac
 from hv.guests import builtin as bg
 from hv.kvm.kvm import Kvm
 from hv.kvm.vm import VmConfig
@@ -23,6 +24,7 @@ from migrate.errors import TransportError
 from migrate.protocol import State
 from migrate.transport import Listener
 from tests.migrate.test_live import _cut_after
+from tests.hv.tinyguest import wait_for
 from tools.net_observer import UdpObserver
 from tools.netrig import GUEST_ADDRESS, HOST_ADDRESSES, NetRig, cleanup_leftovers, in_namespace
 
@@ -110,6 +112,8 @@ def test_the_guest_keeps_answering_its_clients_across_a_live_migration(kvm: Kvm,
         card = moved.device("virtio-net0", VirtioNet)
         assert card.stats().announces >= 1 and card.stats().tx_packets > 0
         assert rig.bridge_port_of(mac) == "pb"
+        # the guest negotiated GUEST_ANNOUNCE: it saw the ANNOUNCE status, announced itself, acked
+        wait_for(lambda: not card.backend.status & VIRTIO_NET_S_ANNOUNCE, 10.0, "the guest's announce ack")
         assert seen.duplicates() == []
         assert len(seen.lost_runs()) <= 1, seen.lost_runs()  # only at the switch-over, if at all
         first = min(a.passes for a in seen.answers)
@@ -162,11 +166,15 @@ def test_a_snapshot_with_traffic_flowing_loses_no_answer_and_restores_on_host_b(
     try:
         with UdpObserver(rig.network, GUEST_ADDRESS, PORT) as observer:
             observer.wait_answers(50)
+            t_snap = time.monotonic_ns()
             info = snapshot(machine, path)
             assert info.pause_seconds > 0 and machine.state is RunState.RUNNING
             observer.wait_answers(50)
             seen = observer.stop()
-        assert seen.duplicates() == [] and seen.lost() == []
+        lost = seen.lost()
+        assert seen.duplicates() == [] and lost == [], (  # the facts to read a failure by
+            info.pause_seconds, [(x, (seen.sent[x] - t_snap) / 1e6) for x in lost[:3]], len(lost),
+            machine.device("virtio-net0", VirtioNet).stats())
         machine.stop()
         restored = in_namespace(rig.host("b"), lambda: restore(path, kvm))  # its tap on B's bridge
         snapshot_passes = bg.read_status(restored.vm.memory).passes
