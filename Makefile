@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install guest bench clean host-tools
+.PHONY: demo test typecheck install guest bench clean host-tools
 
 # Debian packages the build, the tests and the benchmarks need, by the command each provides:
 # gcc builds the cffi binding and the built-in guest, QEMU is the peer the tests and benchmarks
@@ -22,7 +22,9 @@ host-tools:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(STAMP): pyproject.toml setup.py hv/binding/build.py hv/binding/uart.c hv/binding/vcpu_loop.c hv/binding/userfault.c hv/binding/net.c hv/binding/net.h migrate/datapath/_build.py migrate/datapath/pages.c | host-tools
+$(STAMP): pyproject.toml setup.py hv/binding/build.py hv/binding/uart.c hv/binding/vcpu_loop.c hv/binding/userfault.c \
+          hv/binding/uart.h hv/binding/vcpu_loop.h hv/binding/userfault.h hv/binding/net.c hv/binding/net.h \
+          migrate/datapath/_build.py migrate/datapath/pages.c migrate/datapath/pages.h | host-tools
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test,plot]'  # plot: the test of migrate plot runs, never skips
@@ -37,7 +39,11 @@ guest:
 demo: install
 	$(VENV)/bin/migrate demo
 
-test: install
+# the type check first: its failure is mypy's own list of file:line errors, not a test's traceback
+typecheck: install
+	$(PY) -m mypy
+
+test: install typecheck
 	$(PY) -m pytest -q --durations=12
 
 bench: install

@@ -57,6 +57,8 @@ from .layout import (
     MemoryDifference,
     MemoryLayout,
     MissingDevice,
+    PciBar,
+    PciEntry,
     RamRange,
     VcpuCountDifference,
     check,

@@ -9,7 +9,6 @@ None when the check is not about a position (totals, layouts).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 
 class FormatError(Exception):
@@ -37,7 +36,7 @@ class BadMagic(FormatError):
 class VersionError(FormatError):
     """A format (or per-type schema) version this reader does not read."""
 
-    def __init__(self, found: Any, supported: Any, *, section: str = "header",
+    def __init__(self, found: object, supported: object, *, section: str = "header",
                  offset: int | None = 0) -> None:
         self.found, self.supported = found, supported
         super().__init__(f"version {found} is not readable; this reader supports {supported}",

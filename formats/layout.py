@@ -105,9 +105,56 @@ class IoRange:
         return f"{self.base:#x}+{self.size:#x}"
 
 
+BAR_KINDS = ("io", "mem32", "mem64")
+
+
+@dataclass(frozen=True)
+class PciBar:
+    index: int
+    kind: str  # one of BAR_KINDS
+    address: int  # where firmware placed it
+    size: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < 6 or self.kind not in BAR_KINDS:
+            raise ValueError(f"BAR {self.index} of kind {self.kind!r}")
+        if self.size <= 0 or self.size & (self.size - 1) or self.address % self.size or self.address >= MAX_ADDRESS:
+            raise ValueError(f"BAR {self.index}: {self.size:#x} bytes at {self.address:#x}")
+
+    def __str__(self) -> str:
+        return f"BAR{self.index} {self.kind} {self.address:#x}+{self.size:#x}"
+
+
+@dataclass(frozen=True)
+class PciEntry:
+    """A PCI function's place in the topology, its identity and its BARs."""
+
+    bus: int
+    device: int
+    function: int
+    vendor_id: int
+    device_id: int
+    class_code: int
+    bars: tuple[PciBar, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.bus < 256 and 0 <= self.device < 32 and 0 <= self.function < 8):
+            raise ValueError(f"PCI address {self.bus}:{self.device}.{self.function}")
+        if not (0 <= self.vendor_id <= 0xFFFF and 0 <= self.device_id <= 0xFFFF and 0 <= self.class_code < 1 << 24):
+            raise ValueError(f"PCI ids {self.vendor_id:#x}:{self.device_id:#x} class {self.class_code:#x}")
+        if len({b.index for b in self.bars}) != len(self.bars):
+            raise ValueError("a BAR listed twice")
+
+    def __str__(self) -> str:
+        bars = ", ".join(map(str, self.bars))
+        return (f"{self.bus:02x}:{self.device:02x}.{self.function} {self.vendor_id:04x}:{self.device_id:04x} "
+                f"class {self.class_code:06x} [{bars}]")
+
+
 @dataclass(frozen=True)
 class DeviceEntry:
-    """One device's identity and placement, and the version of its saved state."""
+    """One device's identity and placement, and the version of its saved state; a PCI
+    function's topology too (`pci`)."""
 
     device_id: str
     kind: str
@@ -115,6 +162,7 @@ class DeviceEntry:
     mmio: tuple[IoRange, ...] = ()
     irqs: tuple[int, ...] = ()
     state_version: int = 1
+    pci: PciEntry | None = None
 
 
 @dataclass(frozen=True)
@@ -177,7 +225,7 @@ class ExtraDevice:
 @dataclass(frozen=True)
 class DeviceChanged:
     device_id: str
-    field: str  # kind, pio, mmio, irqs, state_version
+    field: str  # kind, pio, mmio, irqs, state_version, pci
     expected: object
     found: object
 
@@ -202,7 +250,7 @@ class DeviceOrderDifference:
 Difference = (MemoryDifference | VcpuCountDifference | MissingDevice | ExtraDevice
               | DeviceChanged | DeviceOrderDifference)
 
-_COMPARED = ("kind", "pio", "mmio", "irqs", "state_version")
+_COMPARED = ("kind", "pio", "mmio", "irqs", "state_version", "pci")
 
 
 def diff(expected: DeviceLayout, found: DeviceLayout) -> list[Difference]:
@@ -240,6 +288,8 @@ def check(expected: DeviceLayout, found: DeviceLayout) -> None:
 
 def as_bytes_view(memory: object) -> memoryview:
     """`memory` (any contiguous buffer) as a flat view of bytes, without a copy."""
+    # `object`, not `Buffer`: numpy's stubs do not declare ndarray a Buffer, and guest memory
+    # comes as ndarrays, mmaps and cffi buffers alike; memoryview() refuses a non-buffer itself.
     mv = memoryview(memory)  # type: ignore[arg-type]
     if mv.ndim != 1 or mv.itemsize != 1:
         mv = mv.cast("B")

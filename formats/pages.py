@@ -18,9 +18,11 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, cast
 
 import numpy as np
+import numpy.typing as npt
 import xxhash
 import zstandard
 
@@ -119,7 +121,8 @@ def page_runs(mv: memoryview, min_zero_pages: int = 1) -> tuple[np.ndarray, np.n
     if n == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, np.zeros(0, dtype=bool)
-    nonzero = np.frombuffer(mv, dtype=np.uint64).reshape(n, PAGE_SIZE // 8).any(axis=1)
+    # (numpy's stubs say `any` may give a scalar; with an axis it is an array)
+    nonzero = cast("npt.NDArray[np.bool_]", np.frombuffer(mv, dtype=np.uint64).reshape(n, PAGE_SIZE // 8).any(axis=1))
     edges = np.flatnonzero(nonzero[1:] != nonzero[:-1]) + 1
     starts = np.concatenate(([0], edges))
     ends = np.concatenate((edges, [n]))
@@ -211,7 +214,7 @@ class PageEncoder:
                 b = min(a + step, end)
                 if raw_pages + (b - a) > step or len(runs) >= self.max_runs:
                     flush()
-                raw = mv[a << PAGE_SHIFT:b << PAGE_SHIFT]
+                raw: bytes | memoryview = mv[a << PAGE_SHIFT:b << PAGE_SHIFT]
                 if not self.stable:
                     raw = bytes(raw)
                 packed = compress(raw) if compress and self._worth_compressing(compress, raw) else raw
@@ -265,7 +268,7 @@ class PageDecoder:
                 return dctx.decompress(frame, max_output_size=size, allow_extra_data=False)
         self._decompress_frame = decompress
 
-    def decode(self, body: bytes, offset: int = 0) -> tuple[list[PageRun], PageTotals]:
+    def decode(self, body: bytes | memoryview, offset: int = 0) -> tuple[list[PageRun], PageTotals]:
         """All runs of one section, every check done before returning any. `offset` is the
         body's position in the stream, for error reports."""
         lim = self.limits
@@ -355,7 +358,7 @@ class PageDecoder:
         return runs, totals
 
     @staticmethod
-    def _decompress(decompress: object, payload: memoryview, size: int, offset: int) -> bytes:
+    def _decompress(decompress: Callable[[memoryview, int], bytes], payload: memoryview, size: int, offset: int) -> bytes:
         try:
             # The frame's declared size is checked before decompressing: python-zstandard
             # allocates what the frame header declares, whatever max_output_size says.
@@ -363,7 +366,7 @@ class PageDecoder:
             if declared != size:
                 raise SizeMismatch("pages", offset, size, declared,
                                    "zstd frame content size")
-            out = decompress(payload, size)  # type: ignore[operator]
+            out = decompress(payload, size)
         except (zstandard.ZstdError, ValueError) as exc:
             raise DecompressionError("pages", offset, str(exc)[:200]) from None
         if len(out) != size:

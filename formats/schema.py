@@ -29,7 +29,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -351,7 +351,8 @@ def _compile_scalar(tp: type) -> tuple[Encoder, Callable[[Any, str, str], Any]]:
             # bool is an int subclass: an int field must not silently carry a bool, and back
             if type(obj) is not tp and not (tp is float and type(obj) is int):
                 raise SchemaError("<value>", None, name, _wire_type(obj))
-            return float(obj) if tp is float else obj
+            # (the check above narrows `obj` to `tp`, a bare `type` to mypy: object)
+            return float(cast(float, obj)) if tp is float else obj
 
     def dec(value: Any, path: str, owner: str) -> Any:
         if type(value) is not tp:

@@ -40,7 +40,7 @@ from .errors import (
     UnknownSection,
     VersionError,
 )
-from .digest import memory_digest
+from .digest import KnownZero, memory_digest
 from .layout import DeviceEntry, DeviceLayout, MemoryDifference, MemoryLayout, check
 from .pages import (
     PageDecoder,
@@ -168,10 +168,11 @@ Record = (Header | ConfigRecord | LayoutRecord | VcpuRecord | VmStateRecord | De
 
 def register_format_types(registry: SchemaRegistry) -> SchemaRegistry:
     """Register the types the stream itself encodes (layout, device envelope)."""
-    from .layout import IoRange, RamRange
+    from .layout import IoRange, PciBar, PciEntry, RamRange
 
     for cls, name in ((RamRange, "formats.ram_range"), (MemoryLayout, "formats.memory_layout"),
-                      (IoRange, "formats.io_range"), (DeviceEntry, "formats.device_entry"),
+                      (IoRange, "formats.io_range"), (PciBar, "formats.pci_bar"), (PciEntry, "formats.pci_entry"),
+                      (DeviceEntry, "formats.device_entry"),
                       (DeviceLayout, "formats.device_layout"),
                       (DeviceSection, "formats.device")):
         if cls not in registry.names().values():
@@ -389,11 +390,11 @@ class StreamReader:
         if len(buf) < FRAME.size + length:
             return 0
         with memoryview(buf) as view:
-            body = view[FRAME.size:FRAME.size + length]
+            body: bytes | memoryview = view[FRAME.size:FRAME.size + length]
             if copy:
                 body = bytes(body)
-            found = _record_digest(view[:8], xxhash.xxh3_64_intdigest(body),
-                                   self._chain)  # type: ignore[arg-type]
+            assert self._chain is not None  # set with the header, read above
+            found = _record_digest(view[:8], xxhash.xxh3_64_intdigest(body), self._chain)
         if found != digest:
             raise ChecksumError(name, self._pos, digest, found)
         offset = self._pos + FRAME.size
@@ -434,14 +435,14 @@ class StreamReader:
         self.header = Header(major, minor, flags, text)
         return self.header
 
-    def _decode(self, kind: SectionKind, body: bytes, offset: int, expect: type | None) -> Any:
+    def _decode(self, kind: SectionKind, body: bytes | memoryview, offset: int, expect: type | None) -> Any:
         try:
             return self.registry.decode(body, expect)
         except SchemaError as exc:
             raise SchemaError(exc.type, exc.field, exc.expected, exc.found,
                               section=kind.name.lower(), offset=offset) from None
 
-    def _dispatch(self, kind: int, flags: int, body: bytes, offset: int) -> Record | None:
+    def _dispatch(self, kind: int, flags: int, body: bytes | memoryview, offset: int) -> Record | None:
         name = _section_name(kind)
         try:
             skind = SectionKind(kind)
@@ -478,7 +479,7 @@ class StreamReader:
             return VcpuRecord(value)
         return VmStateRecord(value)
 
-    def _read_layout(self, body: bytes, offset: int) -> LayoutRecord:
+    def _read_layout(self, body: bytes | memoryview, offset: int) -> LayoutRecord:
         if self.layout is not None:
             raise SequenceError("layout", offset, "a second LAYOUT section")
         layout = self._decode(SectionKind.LAYOUT, body, offset, DeviceLayout)
@@ -492,7 +493,7 @@ class StreamReader:
         self.layout = layout
         return LayoutRecord(layout)
 
-    def _read_end(self, body: bytes, offset: int) -> EndRecord:
+    def _read_end(self, body: bytes | memoryview, offset: int) -> EndRecord:
         if len(body) != END_BODY.size:
             raise SizeMismatch("end", offset, END_BODY.size, len(body), "END body length")
         pages, zero, raw, payload, sections, digest = END_BODY.unpack(body)
@@ -507,9 +508,10 @@ class StreamReader:
         return self.end
 
 
-def verify_digest(end: EndRecord, ranges: Iterable[tuple[int, object]], **digest_options: Any) -> None:
+def verify_digest(end: EndRecord, ranges: Iterable[tuple[int, object]], *, known_zero: KnownZero | None = None,
+                  workers: int = 1) -> None:
     """Compare END's digest with the receiver's own memory (after writing every page);
-    `digest_options` go to `memory_digest` (known_zero, workers)."""
-    found = memory_digest(ranges, **digest_options)
+    `known_zero` and `workers` are `memory_digest`'s."""
+    found = memory_digest(ranges, known_zero=known_zero, workers=workers)
     if found != end.digest:
         raise DigestMismatch(end.digest, found)

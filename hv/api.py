@@ -302,6 +302,11 @@ class LinuxArch(Protocol):
         """LinuxArch::configure_vcpu: a vCPU's CPUID and boot MSRs."""
         ...
 
+    def register_pci_device(self, machine: Any, device: Any) -> Any:
+        """LinuxArch::register_pci_device: a PCI device configured (BARs, INTx, MSI-X) and added
+        to the machine's bus; its address returned."""
+        ...
+
     def get_host_cpu_frequencies_khz(self) -> dict[int, tuple[int, ...]] | Unknown:
         """LinuxArch::get_host_cpu_frequencies_khz: each host CPU's frequencies."""
         ...
@@ -316,14 +321,4 @@ class LinuxArch(Protocol):
 
     def get_host_cpu_clusters(self) -> tuple[tuple[int, ...], ...] | Unknown:
         """LinuxArch::get_host_cpu_clusters: the host CPUs grouped by cluster."""
-        ...
-
-
-class LinuxArchPci(LinuxArch, Protocol):
-    """crosvm `LinuxArch` with its PCI method, which branch `pci` implements (there
-    `hv.conformance` holds `X8664Arch` to this rather than to `LinuxArch`)."""
-
-    def register_pci_device(self, machine: Any, device: Any) -> Any:
-        """LinuxArch::register_pci_device: a PCI device configured (BARs, INTx) and added; its
-        address returned."""
         ...

@@ -51,12 +51,13 @@ from hv.vmm.command import ExitStatus, dispatch, parse_size, quiet, run_parser, 
 from hv.vmm.control import ControlError, call, check_socket_path
 from hv.vmm.control import extensions as control_extensions
 from hv.vmm.machine import discard
+from hv.kvm.units import MiB
+from migrate.events import PagesProgress, ProgressEvent, ProgressLine, SnapshotWritten, Throttled, from_dict
 from migrate.stats import RUNNING
 from migrate.errors import MigrateError, PostcopyFailed
 from migrate.exits import EXITS, OUTCOMES
 from migrate.transport import parse_address
 
-MiB = 1 << 20
 results = Console(highlight=False, emoji=False, soft_wrap=True)  # stdout: tables and results
 
 
@@ -125,9 +126,9 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                        TimeElapsedColumn()) as bar:
         task = bar.add_task("snapshot", total=None, mib=0.0)
 
-        def progress(p: dict[str, Any]) -> None:
-            if p.get("stage") == "memory":
-                bar.update(task, mib=p["bytes"] / MiB)
+        def progress(line: ProgressLine) -> None:
+            if isinstance(event := from_dict(line), SnapshotWritten):
+                bar.update(task, mib=event.bytes / MiB)
 
         result = call(args.api, "snapshot", progress=progress, out=str(Path(args.out).resolve()),
                       incremental_from=str(Path(args.incremental_from).resolve()) if args.incremental_from else None,
@@ -303,14 +304,19 @@ class _RoundView:
         self.bar = bar
         self.task = bar.add_task("migrate", total=None, info="connecting, checking the target")
 
-    def __call__(self, p: dict[str, Any]) -> None:
-        stage = p.get("stage")
-        if stage == "pages":
-            self.bar.update(self.task, total=max(p["round_pages_total"], 1), completed=p["round_pages_done"],
-                            info=describe(p))
-        elif stage == "throttle":
-            self.bar.update(self.task, info=f"auto-converge: throttling the guest to "
-                                            f"{(1 - p['throttle']) * 100:.0f}% of its time")
+    def __call__(self, event: ProgressEvent) -> None:
+        match event:
+            case PagesProgress(figures=live):
+                self.bar.update(self.task, total=max(live.round_pages_total, 1), completed=live.round_pages_done,
+                                info=describe(live.as_dict()))
+            case Throttled(throttle=throttle):
+                self.bar.update(self.task, info=f"auto-converge: throttling the guest to "
+                                                f"{(1 - throttle) * 100:.0f}% of its time")
+
+    def line(self, line: ProgressLine) -> None:
+        """A progress line from the control socket, as its event."""
+        if (event := from_dict(line)) is not None:
+            self(event)
 
 
 def _round_bar() -> Progress:
@@ -365,11 +371,11 @@ def cmd_send(args: argparse.Namespace) -> int:
         view = _RoundView(bar)
         try:
             if args.resume:
-                stats = call(args.api, "migrate-send", progress=view, resume=True)
+                stats = call(args.api, "migrate-send", progress=view.line, resume=True)
             elif args.to is None:
                 raise MigrateError("migrate send needs --to HOST:PORT (or --resume)")
             else:
-                stats = call(args.api, "migrate-send", progress=view, to=args.to, options=_send_options(args))
+                stats = call(args.api, "migrate-send", progress=view.line, to=args.to, options=_send_options(args))
         except KeyboardInterrupt:
             say("migrate", "cancelling (the guest stays on the source)", "yellow")
             call(args.api, "migrate-cancel")

@@ -24,11 +24,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from hv.vmm.control import ControlContext, ControlError, ControlServer, Progress
 from hv.vmm.owner import owner_of
-from migrate.stats import RUNNING
+from migrate.events import PagesProgress, ProgressEvent, Throttled, to_lines
+from migrate.errors import Failure
+from migrate.stats import RUNNING, MigrationOutcome, MigrationProgress, MigrationStats
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +44,13 @@ def _snapshot(ctx: ControlContext, args: dict[str, Any], progress: Progress) -> 
     with owner_of(ctx.machine).hold(f"snapshot to {args['out']}"):  # it pauses and resumes the guest
         info = snapshot(ctx.machine, args["out"], base=args.get("incremental_from"),
                         level=int(args.get("level", 3)), mappable=bool(args.get("mappable", False)),
-                        track_dirty=bool(args.get("track_dirty", False)), progress=progress)
+                        track_dirty=bool(args.get("track_dirty", False)), progress=to_lines(progress))
     return dataclasses.asdict(info)
 
 
 def _migrate_send(ctx: ControlContext, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
     from migrate.options import MigrationOptions
     from migrate.source import send
-    from migrate.stats import MigrationOutcome
 
     from migrate.errors import MigrationInDoubt
     from migrate.source import resume_postcopy
@@ -66,26 +68,54 @@ def _migrate_send(ctx: ControlContext, args: dict[str, Any], progress: Progress)
     except (ValueError, TypeError) as e:
         raise ControlError("BadRequest", str(e)) from e
     cancel = ctx.extra["migration_cancel"] = threading.Event()
-    live = ctx.extra["migration_status"] = {"phase": "setup", "to": args["to"]}
+    status = ctx.extra["migration_status"] = MigrationStatus(args["to"])
     client = _Client(progress)
 
-    def report(p: dict[str, Any]) -> None:
-        if p.get("stage") == "pages":
-            live.update({k: v for k, v in p.items() if k != "stage"})
-        elif p.get("stage") == "throttle":
-            live["throttle"] = p["throttle"]
-        client(p)
+    def report(event: ProgressEvent) -> None:
+        match event:
+            case PagesProgress(figures=figures):
+                status.live = figures
+            case Throttled(throttle=throttle):
+                status.live = dataclasses.replace(status.live, throttle=throttle)
+        client(event.as_dict())
 
     try:
         stats = send(ctx.machine, args["to"], options, progress=report, cancel=cancel)
     except Exception as e:
-        live.update(phase="in-doubt" if isinstance(e, MigrationInDoubt) else "failed", reason=str(e))
+        status.raised(MigrationOutcome.IN_DOUBT if isinstance(e, MigrationInDoubt) else MigrationOutcome.FAILED, str(e))
         raise
-    live.update(phase=str(stats.outcome), reason=stats.reason, failure=stats.failure, remaining_pages=0,
-                remaining_bytes=0, eta_seconds=0.0 if stats.outcome is MigrationOutcome.COMPLETED else None)
+    status.ended(stats)
     if stats.outcome is MigrationOutcome.COMPLETED:
         ctx.finish(f"migrated to {args['to']}")
     return stats.as_dict()
+
+
+@dataclass
+class MigrationStatus:
+    """What `migrate-status` says of the migration running (or the last one): the source's live
+    figures as its last `PagesProgress` gave them, then how it ended."""
+
+    to: str
+    live: MigrationProgress = field(default_factory=MigrationProgress)
+    reason: str = ""  # set when it ended
+    failure: Failure | None = None  # set when it ended (NONE: it completed)
+
+    def raised(self, outcome: MigrationOutcome, reason: str) -> None:
+        """`send` raised: the figures stay as they were."""
+        self.live = dataclasses.replace(self.live, phase=outcome)
+        self.reason = reason
+
+    def ended(self, stats: MigrationStats) -> None:
+        """`send` returned: nothing is left to send, either way."""
+        self.live = dataclasses.replace(
+            self.live, phase=stats.outcome, remaining_pages=0, remaining_bytes=0,
+            eta_seconds=0.0 if stats.outcome is MigrationOutcome.COMPLETED else None)
+        self.reason, self.failure = stats.reason, stats.failure
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON `migrate status --json` prints (and `describe` reads)."""
+        ended = {"reason": self.reason} | ({"failure": self.failure} if self.failure is not None else {})
+        return {"to": self.to, **self.live.as_dict(), **(ended if self.reason or self.failure is not None else {})}
 
 
 class _Client:
@@ -107,7 +137,8 @@ class _Client:
 
 def _migrate_status(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
     """The migration running (or the last one), as `MigrationProgress` says; phase "none": none yet."""
-    return dict(ctx.extra.get("migration_status") or {"phase": "none"})
+    status = ctx.extra.get("migration_status")
+    return status.as_dict() if isinstance(status, MigrationStatus) else {"phase": "none"}
 
 
 def _verify(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
@@ -121,7 +152,8 @@ def _verify(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> 
 
 
 def _migrate_cancel(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
-    cancel, live = ctx.extra.get("migration_cancel"), ctx.extra.get("migration_status") or {}
+    cancel, status = ctx.extra.get("migration_cancel"), ctx.extra.get("migration_status")
+    live = status.as_dict() if isinstance(status, MigrationStatus) else {}
     hold = owner_of(ctx.machine).current
     if hold is not None and hold.in_doubt:
         raise ControlError("InDoubt", f"the {hold.owner} is over, in doubt: nothing to cancel; "
@@ -135,13 +167,13 @@ def _migrate_cancel(ctx: ControlContext, _args: dict[str, Any], _progress: Progr
 
 def _migrate_resolve(ctx: ControlContext, args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
     from migrate.protocol import HandOver
-    from migrate.resolve import Force, resolve
+    from migrate.resolve import Force, SourceAction, resolve
 
     force = args.get("force")
     if force is not None and force not in {f.value for f in Force}:
         raise ControlError("BadRequest", f"force is one of {[f.value for f in Force]} or null, not {force!r}")
     resolution = resolve(ctx.machine, Force(force) if force else None)
-    if resolution.action == "stopped":
+    if resolution.action is SourceAction.STOPPED:
         ctx.finish("migrated (resolved: " + ("the target has the guest)" if resolution.hand_over is HandOver.COMMITTED
                                              else "forced to stop the source)"))
     return resolution.as_dict()

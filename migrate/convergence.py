@@ -26,10 +26,10 @@ import math
 from dataclasses import dataclass
 
 from hv.kvm.dirty import PAGE_SIZE
+from hv.kvm.units import MiB
 from migrate.options import MigrationOptions
 from migrate.stats import MigrationStats
 
-MiB = 1 << 20
 MIN_COMPRESSION = 0.05  # wire bytes per guest byte assumed at best (zero pages cost ~nothing)
 BANDWIDTH_ROUNDS = 3  # the bandwidth estimate is the best of this many last rounds
 MIN_PAGES_TO_COST = 256  # a round this small says little about the cost of a page

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from collections.abc import Sequence
+from enum import StrEnum
 
 from formats import DigestMismatch, FormatError, LayoutMismatch
 from hv.errors import HvError
@@ -156,23 +157,42 @@ def error_code(error: BaseException) -> ErrorCode:
     return next((code for types, code in ERROR_CODES if isinstance(error, types)), ErrorCode.INTERNAL)
 
 
-# Why a migration did not complete, in the public words `MigrationStats.failure` and `migrate
-# send --json` use (documented in the README): the first entry whose type the error is.
-FAILURES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
-    ((Cancelled, KeyboardInterrupt), "cancelled"),
-    (NotConverging, "not-converging"),
-    (MigrationInDoubt, "in-doubt"),
-    (PostcopyFailed, "postcopy-failed"),
-    (MigrationFailed, "peer-failed"),
-    (ProtocolViolation, "protocol-violation"),
-    (TransportError, "link-failed"),
-    (DigestMismatch, "digest-mismatch"),
-    ((LayoutMismatch, IncompatibleError), "incompatible"),
-    ((FormatError, MissingSections, StateShapeError), "bad-stream"),
-    (HvError, "vm-failed"),
-)  # and "rejected": the target refused the guest in its handshake (no error on this side)
+class Failure(StrEnum):
+    """Why a migration did not complete, in the public words `MigrationStats.failure` and `migrate
+    send --json` use (documented in the README)."""
+
+    NONE = ""  # it completed (or was a dry run)
+    CANCELLED = "cancelled"
+    NOT_CONVERGING = "not-converging"
+    IN_DOUBT = "in-doubt"
+    POSTCOPY_FAILED = "postcopy-failed"
+    PEER_FAILED = "peer-failed"
+    PROTOCOL_VIOLATION = "protocol-violation"
+    LINK_FAILED = "link-failed"
+    DIGEST_MISMATCH = "digest-mismatch"
+    INCOMPATIBLE = "incompatible"
+    BAD_STREAM = "bad-stream"
+    VM_FAILED = "vm-failed"
+    REJECTED = "rejected"  # the target refused the guest in its handshake (no error on this side)
+    INTERNAL = "internal"  # a fault of ours
 
 
-def failure_word(error: BaseException) -> str:
-    """The public word for why `error` ended a migration ("internal": a fault of ours)."""
-    return next((word for types, word in FAILURES if isinstance(error, types)), "internal")
+# The failure an error means: the first entry whose type the error is.
+FAILURES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], Failure], ...] = (
+    ((Cancelled, KeyboardInterrupt), Failure.CANCELLED),
+    (NotConverging, Failure.NOT_CONVERGING),
+    (MigrationInDoubt, Failure.IN_DOUBT),
+    (PostcopyFailed, Failure.POSTCOPY_FAILED),
+    (MigrationFailed, Failure.PEER_FAILED),
+    (ProtocolViolation, Failure.PROTOCOL_VIOLATION),
+    (TransportError, Failure.LINK_FAILED),
+    (DigestMismatch, Failure.DIGEST_MISMATCH),
+    ((LayoutMismatch, IncompatibleError), Failure.INCOMPATIBLE),
+    ((FormatError, MissingSections, StateShapeError), Failure.BAD_STREAM),
+    (HvError, Failure.VM_FAILED),
+)
+
+
+def failure_word(error: BaseException) -> Failure:
+    """The public word for why `error` ended a migration (INTERNAL: a fault of ours)."""
+    return next((word for types, word in FAILURES if isinstance(error, types)), Failure.INTERNAL)

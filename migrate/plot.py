@@ -9,6 +9,7 @@ phases. matplotlib is an optional extra (`pip install kvmigrate[plot]`), drawn h
 from __future__ import annotations
 
 import json
+from types import ModuleType
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ def load_stats(path: str | Path) -> dict[str, Any]:
     return stats
 
 
-def require_matplotlib():
+def require_matplotlib() -> ModuleType:
     """matplotlib, set to draw headless; PlotUnavailable (saying how to install it) without it."""
     try:
         import matplotlib

@@ -90,7 +90,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Union
+from typing import ClassVar, Union
 
 PROTOCOL_VERSION = 1
 
@@ -171,7 +171,7 @@ class Reject:
 class Pages:
     kind = MessageKind.PAGES
     round: int
-    payload: bytes  # encoded page sections
+    payload: bytes | memoryview  # encoded page sections
 
 
 @dataclass(frozen=True)
@@ -423,7 +423,7 @@ for _role, _mine, _theirs in ((Role.SOURCE, SEND, RECV), (Role.TARGET, RECV, SEN
         TRANSITIONS[(_role, _state, RECV, K.ERROR)] = S.BROKEN
 # The one transition that reads a field: a Verdict answering Reconnect (point 7); the table's
 # POSTCOPY_PAUSED stands for any other answer ("unknown").
-RECONNECT_VERDICTS = {
+RECONNECT_VERDICTS: dict[str, S] = {  # keyed by `Verdict.hand_over`, a HandOver value
     HandOver.NOT_COMMITTED: S.FAILED,  # fenced: the target never took Commit, never ran the guest
     HandOver.COMMITTED: S.DONE,  # it finished: every page is there (its Finished was lost)
 }
@@ -459,6 +459,7 @@ class Outcome(enum.Enum):
 
 
 class ProtocolError(Exception):
+    verb: ClassVar[str]  # "send" or "receive": the subclass says
     def __init__(self, role: Role, state: S, message: object, detail: str = "") -> None:
         self.role, self.state, self.message = role, state, message
         name = type(message).__name__

@@ -93,7 +93,7 @@ class Receiver:
         self.target_options = target_options
         self.ledger = SessionLedger()
         self._hellos: queue.Queue[tuple[Connection, Hello] | BaseException] = queue.Queue()
-        self._joins: queue.Queue[tuple[Connection, Channel]] = queue.Queue()
+        self._joins: queue.Queue[tuple[Connection, Channel | Reconnect]] = queue.Queue()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when a migration ends
         self._busy = False  # a migration is queued or running
@@ -148,7 +148,7 @@ class Receiver:
                 continue
             return incoming
 
-    def _next_join(self, timeout: float) -> tuple[Connection, Channel]:
+    def _next_join(self, timeout: float) -> tuple[Connection, Channel | Reconnect]:
         try:
             return self._joins.get(timeout=timeout)
         except queue.Empty:

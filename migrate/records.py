@@ -86,10 +86,19 @@ class Collected:
         if missing := [name for name in sections if not seen[name]]:
             raise MissingSections(missing)
 
+    def ended(self) -> tuple[Header, DeviceLayout, EndRecord]:
+        """The header, layout and END of a stream read to its end (`StreamReader.finish`);
+        `MissingSections` if one of them never came."""
+        if self.header is None or self.layout is None or self.end is None:
+            raise MissingSections([name for name, value in (("HEADER", self.header), ("LAYOUT", self.layout),
+                                                            ("END", self.end)) if value is None])
+        return self.header, self.layout, self.end
+
     def state(self) -> MachineState:
         """The machine state the records held, its shape checked against its layout (`check_shape`:
         every device present and of its type, no unknown one, one state per vCPU); `MissingSections`
         if a section it needs never came."""
         self.need("CONFIG", "LAYOUT", "VCPU", "VM_STATE")
+        assert self.config is not None and self.layout is not None and self.vm is not None  # need() said so
         return check_shape(MachineState(self.config, self.layout, tuple(self.vcpus), self.vm,
                                         tuple(self.devices)))

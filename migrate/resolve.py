@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 ASK_TIMEOUT = 10.0  # seconds to reach the target and hear its answer (at most the migration's timeout)
 
 
+class SourceAction(enum.StrEnum):
+    """What resolving did with the source's copy (the values are what the JSON says)."""
+
+    STOPPED = "stopped"  # the target has the guest
+    RESUMED = "resumed"  # the source has it
+
+
 class Force(enum.StrEnum):
     RESUME_SOURCE = "resume-source"  # risks two running copies, if the target runs the guest
     STOP_SOURCE = "stop-source"  # risks losing the guest, if the target does not run it
@@ -55,12 +62,12 @@ class StillInDoubt(MigrateError):
 @dataclass(frozen=True)
 class Resolution:
     hand_over: HandOver  # what the target said (UNKNOWN: it could not say)
-    action: str  # "stopped" (the target has the guest) or "resumed" (the source has it)
+    action: SourceAction
     asked: str  # how asking went, in words
     forced: Force | None = None  # the force that decided it (None: the target's answer did)
 
     def as_dict(self) -> dict[str, object]:
-        return {"hand_over": self.hand_over.value, "action": self.action, "asked": self.asked,
+        return {"hand_over": self.hand_over.value, "action": self.action.value, "asked": self.asked,
                 "forced": self.forced.value if self.forced else None}
 
 
@@ -114,7 +121,7 @@ def resolve(machine: Machine, force: Force | None = None) -> Resolution:
             machine.stop()
         else:
             restore_source(machine, doubt.was_running)
-        resolution = Resolution(hand_over, "stopped" if stop else "resumed", asked, decided_by)
+        resolution = Resolution(hand_over, SourceAction.STOPPED if stop else SourceAction.RESUMED, asked, decided_by)
         log.warning("in-doubt migration to %s resolved: %s; the source's copy %s%s", doubt.target, asked,
-                    resolution.action, f" (forced: {force.value})" if decided_by else "")
+                    resolution.action, f" (forced: {force.value})" if decided_by and force else "")
         return resolution

@@ -25,14 +25,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from formats import FORMAT_MAJOR, FORMAT_MINOR, StreamWriter
-from hv.vmm.control import Progress
 from hv.kvm.dirty import PAGE_SIZE, DirtyBitmap
 from hv.vmm.machine import Machine, RunState
 from hv.vmm.owner import Lease, owner_of
 from hv.kvm.memory import MemoryRegion
+from hv.kvm.units import MiB
 from formats import POSTCOPY_DIGEST_BLOCK, DIGEST_BLOCK
 from migrate import digest, pages
 from migrate.datapath import PageEncoderC
@@ -44,8 +43,12 @@ from migrate.options import MigrationOptions
 from migrate.protocol import (PROTOCOL_VERSION, Cancel, Channel, Commit, Complete, Error, ErrorCode,
                               Discard, Finished, Hello, Missing, Outcome, Pages, Postcopy, Protocol, Ready, Reconnect,
                               Reject, RemoteProtocolError, Resumed, Role, RoundDone, S, State)
+from migrate.protocol import Message
 from migrate.records import state_sections
 from migrate.state import PRODUCER, GuestCpuid, MachineConfig, capture, machine_config, machine_layout, registry
+from migrate.errors import Failure
+from migrate.events import PagesProgress, Progress, RoundSent, Throttled
+from migrate.stats import MigrationPhase
 from migrate.stats import Laps, MigrationOutcome, MigrationProgress, MigrationStats, PostcopyStats, RoundStats
 from migrate.streams import OutgoingStream
 from migrate.transport import Connection, connect
@@ -53,7 +56,6 @@ from migrate.transport import Connection, connect
 log = logging.getLogger(__name__)
 
 MESSAGE_BYTES = 8 << 20  # page payload per PAGES message
-MiB = 1 << 20
 Dirty = list[tuple[MemoryRegion, DirtyBitmap]]
 
 
@@ -105,7 +107,7 @@ class Source:
 
     # --- messages ---------------------------------------------------------------------------------
 
-    def message(self, message: Any) -> None:
+    def message(self, message: Message) -> None:
         limit = self._wait_limit()  # first: a Commit the deadline stops is one that never left
         self.proto.send(message)
         self.conn.send(message, timeout=limit)
@@ -117,7 +119,7 @@ class Source:
         self.proto.send(Pages(round_number, b""))  # the protocol tracks the kind, not the bytes
         self.conn.send_pages(round_number, parts, timeout=limit)
 
-    def answer(self) -> Any:
+    def answer(self) -> Message:
         """The target's next message (its frame capped by kind, its body decoded within a budget,
         its texts cut: `migrate.transport`), which must be one the exchange allows now; waited
         for no longer than the final copy's deadline allows."""
@@ -145,7 +147,7 @@ class Source:
             return self.stats
         self.stats.setup_seconds = time.perf_counter() - t0
         self._sent_at_start, self._bytes_at_start = time.perf_counter(), self.bytes_sent
-        self.live.phase = "precopy"
+        self.live.phase = MigrationPhase.PRECOPY
         vm = self.machine.vm
         self._track_dirty_pages()
         self._round(0, pages.populated_runs(vm.memory, self._touched), 0.0)
@@ -190,7 +192,7 @@ class Source:
                  "; ".join(getattr(reply, "problems", ())) or "no problems")
         if isinstance(reply, Reject):
             self.stats.outcome, self.stats.problems = MigrationOutcome.REJECTED, list(reply.problems)
-            self.stats.reason, self.stats.failure = "the target refused the guest", "rejected"
+            self.stats.reason, self.stats.failure = "the target refused the guest", Failure.REJECTED
             return False
         if o.dry_run:
             self.message(Cancel("dry run: compatibility checked, nothing sent"))
@@ -262,7 +264,7 @@ class Source:
         self.machine.set_throttle(throttle)
         self.stats.throttle_max = max(self.stats.throttle_max, throttle)
         self.live.throttle = throttle
-        self.progress({"stage": "throttle", "throttle": throttle})
+        self.progress(Throttled(throttle))  # typed progress events (issue 22)
 
     def report(self, round_started: float | None = None, round_bytes: int = 0, round_wire: int = 0,
                *, force: bool = False) -> None:
@@ -280,7 +282,7 @@ class Source:
         if round_started is not None and now > round_started:
             live.bandwidth_mib_s = round(round_wire / MiB / (now - round_started), 1)
             live.estimate(round_bytes / MiB / (now - round_started) if round_bytes else 0.0)
-        self.progress({"stage": "pages", **live.as_dict()})
+        self.progress(PagesProgress(dataclasses.replace(live)))  # typed progress events (issue 22)
 
     def _round(self, number: int, runs: list[pages.MemoryRun], dirty_rate: float,
                pool: pages.PageEncoderPool | None = None) -> None:
@@ -302,7 +304,7 @@ class Source:
         self.stats.pages_sent += npages
         self.stats.raw_bytes += raw
         self.stats.sent_bytes_pages += wire
-        self.progress({"stage": "round", **dataclasses.asdict(stat)})
+        self.progress(RoundSent(stat))  # typed progress events (issue 22)
         log.info("round %d: %d pages, %.1f MiB in %.0f ms (%.0f MiB/s on the wire), dirty rate %.0f MiB/s, "
                  "throttle %.0f%%", number, npages, raw / MiB, seconds * 1000, stat.bandwidth_mib_s, dirty_rate,
                  stat.throttle * 100)
@@ -336,7 +338,7 @@ class Source:
 
     def _final_copy(self, pending: Dirty, t0: float) -> MigrationStats:
         machine = self.machine
-        self.live.phase = "stop-and-copy"
+        self.live.phase = MigrationPhase.STOP_AND_COPY
         laps, final, rate = self._pause_and_take_the_rest(pending)
         self._round(len(self.stats.rounds), pages.dirty_runs(final)[0], rate, self.paused_pool)
         laps.lap("last_round")
@@ -386,7 +388,7 @@ class Source:
         the pages until the target has them all. The pause holds the final copy's deadline too."""
         self._limit_final_copy(self.options.downtime_ms)
         machine = self.machine
-        self.live.phase = "postcopy-switch"
+        self.live.phase = MigrationPhase.POSTCOPY_SWITCH
         # What the guest dirtied since it was sent is given back on the target now, while the guest
         # still runs here: freeing it costs the target's kernel ~30 ms a 256 MiB, not in the pause.
         discard = {region.guest_base: bits for region, bits in pending}
@@ -409,7 +411,7 @@ class Source:
     def _serve_postcopy(self, t0: float) -> MigrationStats:
         """The paused guest's pages to the target until it holds them all; a lost link is
         reconnected (`_reconnect`) and the serving goes on from what the target still lacks."""
-        self.live.phase = "postcopy"
+        self.live.phase = MigrationPhase.POSTCOPY
         self.live.round_pages_total, self.live.round_pages_done = self.stats.postcopy.missing_pages, 0
         self.report(force=True)
         started = time.perf_counter()

@@ -17,7 +17,8 @@ from pathlib import Path
 import xxhash
 
 import formats
-from formats import DeviceEntry, DeviceLayout, IoRange, MemoryLayout, SchemaRegistry
+from formats import DeviceEntry, DeviceLayout, IoRange, MemoryLayout, PciBar, PciEntry, SchemaRegistry
+from hv.devices.pci import MsixState, PciRoot, VirtioPci, PciRootState, VirtioPciBlk, VirtioPciConsole, VirtioPciRng, VirtioPciState
 from hv.devices.debug_exit import DebugExit, DebugExitState
 from hv.devices.i8042 import I8042, I8042State
 from hv.devices.serial import Serial16550, SerialState
@@ -48,6 +49,11 @@ DEVICE_STATES: dict[str, tuple[type, str, int]] = {
     VirtioConsole.KIND: (VirtioConsoleState, "hv.device.virtio_console", 1),
     VirtioRng.KIND: (VirtioRngState, "hv.device.virtio_rng", 1),
     VirtioNet.KIND: (VirtioNetState, "hv.device.virtio_net", 1),
+    PciRoot.KIND: (PciRootState, "hv.device.pci_host_bridge", 1),
+    # the three virtio-pci kinds share one state type (its backend part says which device)
+    VirtioPciBlk.KIND: (VirtioPciState, "hv.device.virtio_pci", 1),
+    VirtioPciConsole.KIND: (VirtioPciState, "hv.device.virtio_pci", 1),
+    VirtioPciRng.KIND: (VirtioPciState, "hv.device.virtio_pci", 1),
 }
 
 # The wire names of the other state types, declared (not derived from class names, so renaming a
@@ -67,7 +73,7 @@ STATE_TYPES: tuple[tuple[type, str], ...] = (
     (hv_state.VmState, "hv.VmState"),
     (VirtioMmioState, "hv.device.VirtioMmioState"), (QueueState, "hv.device.QueueState"),
     (BlkState, "hv.device.BlkState"), (ConsoleState, "hv.device.ConsoleState"),
-    (RngState, "hv.device.RngState"), (NetState, "hv.device.NetState"),
+    (RngState, "hv.device.RngState"), (MsixState, "hv.device.MsixState"), (NetState, "hv.device.NetState"),
 )
 
 
@@ -99,6 +105,7 @@ class VirtioSpec:
     disk_readonly: bool = False
     console: bool = False
     rng: bool = False
+    pci: tuple[str, ...] = ()  # the device ids on virtio-pci (a field with a default: version kept)
     # virtio-net: the card's MAC (the guest's identity), and the tap and bridge it had there,
     # which a target opens by the same names in its own network namespace (as QEMU's -netdev)
     net_mac: bytes | None = None
@@ -122,7 +129,7 @@ class VirtioSpec:
             raise StateError("a disk goes with a guest that has one, and only with it")
         return VirtioConfig(disk.path if disk else None, self.disk_readonly,
                             console_out if self.console else None, self.rng,
-                            disk.dup() if disk else None, net=self.net_spec())
+                            disk.dup() if disk else None, self.pci, net=self.net_spec())
 
 
 @dataclass(frozen=True)
@@ -195,8 +202,12 @@ def cpuid_digest(entries: tuple[hv_state.CpuidEntry, ...]) -> int:
 
 def _entry(p: DevicePlacement) -> DeviceEntry:
     version = DEVICE_STATES[p.kind][2] if p.kind in DEVICE_STATES else 0
+    pci = None
+    if p.pci is not None:
+        pci = PciEntry(*p.pci.address, p.pci.vendor_id, p.pci.device_id, p.pci.class_code,
+                       tuple(PciBar(*bar) for bar in p.pci.bars))
     return DeviceEntry(p.device_id, p.kind, tuple(IoRange(b, n) for b, n in p.pio),
-                       tuple(IoRange(b, n) for b, n in p.mmio), p.irqs, version)
+                       tuple(IoRange(b, n) for b, n in p.mmio), p.irqs, version, pci)
 
 
 def memory_layout(config: VmConfig) -> MemoryLayout:
@@ -214,7 +225,8 @@ def machine_layout(machine: Machine) -> DeviceLayout:
 def expected_layout(config: MachineConfig) -> DeviceLayout:
     """The layout `blank_machine` will build for `config`: checked before any VM exists."""
     virtio = config.virtio.device_ids() if config.virtio else ()
-    return layout_for(config.vm_config(), standard_layout(virtio))
+    pci = config.virtio.pci if config.virtio else ()
+    return layout_for(config.vm_config(), standard_layout(virtio, pci))
 
 
 def virtio_spec(machine: Machine) -> VirtioSpec | None:
@@ -225,22 +237,25 @@ def virtio_spec(machine: Machine) -> VirtioSpec | None:
         return None
     disk = blk if isinstance(blk, VirtioBlk) else None
     card = net if isinstance(net, VirtioNet) else None
+    pci = tuple(d for d in ("virtio-blk0", "virtio-console0", "virtio-rng0")
+                if isinstance(machine.devices.get(d), VirtioPci))
     return VirtioSpec(str(disk.path) if disk else None, bool(disk and disk.read_only), console is not None,
-                      rng is not None, card.backend.mac if card else None, card.tap if card else None,
+                      rng is not None, pci, card.backend.mac if card else None, card.tap if card else None,
                       card.bridge if card else None)
 
 
 # --- capture and apply ----------------------------------------------------------------------------
 
 
-def machine_config(machine: Machine, **extra: object) -> MachineConfig:
+def machine_config(machine: Machine, *, snapshot_id: str = "", base: SnapshotRef | None = None,
+                   memory_file: MemoryFileRef | None = None) -> MachineConfig:
     """The machine's CONFIG. Its TSC rate only from a paused (or not started) machine: a vCPU
     ioctl waits for KVM_RUN to return, which a running guest may not do for long."""
     c = machine.vm.config
     quiet = machine.state in (RunState.PAUSED, RunState.CREATED)
     return MachineConfig(c.mem_size, c.vcpus, c.irqchip, c.pit, cpuid_digest(machine.vcpus[0].cpuid),
                          virtio=virtio_spec(machine), tsc_khz=machine.vcpus[0].fd.get_tsc_khz() if quiet else 0,
-                         **extra)
+                         snapshot_id=snapshot_id, base=base, memory_file=memory_file)
 
 
 def capture(machine: Machine, config: MachineConfig | None = None) -> MachineState:
@@ -317,8 +332,8 @@ def apply(machine: Machine, state: MachineState) -> None:
     machine.vm.restore(state.vm)
     for vcpu, saved in zip(machine.vcpus, state.vcpus, strict=True):
         vcpu.restore(saved)
-    for entry, saved in state.devices:
-        machine.devices[entry.device_id].restore(saved)
+    for entry, device_state in state.devices:
+        machine.devices[entry.device_id].restore(device_state)
 
 
 # CPUID bits KVM sets in a vCPU's CPUID itself, whatever the host's supported list says: leaf 1

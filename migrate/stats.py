@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from hv.kvm.units import MiB
+from migrate.errors import Failure
+
 
 class Laps:
     """Consecutive phases timed one after the other: `lap(name)` ends the phase running now."""
@@ -50,16 +53,26 @@ class RoundStats:
     throttle: float
 
 
-# a migration's phases while it runs (MigrationProgress.phase); then it is its outcome
-RUNNING = ("setup", "precopy", "stop-and-copy", "postcopy-switch", "postcopy")
+class MigrationPhase(StrEnum):
+    """Where a running migration is (`MigrationProgress.phase`; then it is its outcome). The
+    values are what `migrate status` and the JSON always said."""
+
+    SETUP = "setup"  # connecting, the handshake, the target building the VM
+    PRECOPY = "precopy"  # rounds while the guest runs here
+    STOP_AND_COPY = "stop-and-copy"  # the guest paused here: the last pages, the state, the hand-over
+    POSTCOPY_SWITCH = "postcopy-switch"  # paused here: the state and what is missing go
+    POSTCOPY = "postcopy"  # the guest runs on the target; the pages it lacks still go
+
+
+RUNNING = tuple(MigrationPhase)  # (the phases compare equal to their values: `"setup" in RUNNING`)
 
 
 @dataclass
 class MigrationProgress:
     """A migration as it goes: what `migrate status` shows and the progress bar draws (the
-    source's `{"stage": "pages", ...}` progress events carry it, from the first page on)."""
+    source's `migrate.events.PagesProgress` events carry a copy, from the first page on)."""
 
-    phase: str = "setup"  # RUNNING's, then the outcome (completed, failed, ...)
+    phase: MigrationPhase | MigrationOutcome = MigrationPhase.SETUP  # then the outcome (completed, ...)
     round: int = 0
     round_pages_done: int = 0  # pages of this round sent so far
     round_pages_total: int = 0  # pages this round sends (round 0: every touched page)
@@ -85,7 +98,6 @@ class MigrationProgress:
         self.eta_seconds = round(self.remaining_bytes / MiB / net, 3) if net > 0 else None
 
 
-MiB = 1 << 20
 
 
 @dataclass
@@ -115,7 +127,7 @@ class PostcopyStats:
 class MigrationStats:
     outcome: MigrationOutcome = MigrationOutcome.FAILED
     reason: str = ""  # what happened, in words
-    failure: str = ""  # why it did not complete, one public word (migrate.errors.FAILURES); "" if it did
+    failure: Failure = Failure.NONE  # why it did not complete, one public word (migrate.errors.FAILURES)
     problems: list[str] = field(default_factory=list)
     total_seconds: float = 0.0
     setup_seconds: float = 0.0

@@ -154,7 +154,7 @@ Joins = Callable[[float], tuple[Connection, Channel | Reconnect]]
 def listener_joins(listener: Listener) -> Joins:
     """Joins taken straight from a listener: each connection must open with Channel."""
 
-    def next_join(timeout: float) -> tuple[Connection, Channel]:
+    def next_join(timeout: float) -> tuple[Connection, Channel | Reconnect]:
         conn = listener.accept(timeout)
         try:
             hello = conn.receive(timeout)
@@ -172,9 +172,12 @@ def listener_joins(listener: Listener) -> Joins:
 def accept_streams(joins: Joins | None, count: int, session: bytes, machine: Machine,
                    memory: formats.MemoryLayout, gate: RoundGate, timeout: float) -> list[IncomingStream]:
     """The source's `count` extra streams, each checked to be one of this migration's."""
-    if count and joins is None:
-        raise TransportError("the source wants several page streams; this target has no listener for them")
-    streams, seen = [], set()
+    if joins is None:
+        if count:
+            raise TransportError("the source wants several page streams; this target has no listener for them")
+        return []
+    streams: list[IncomingStream] = []
+    seen: set[int] = set()
     try:
         for _ in range(count):
             conn, hello = joins(timeout)

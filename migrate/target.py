@@ -33,14 +33,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import formats
-from formats import StreamReader
+from formats import Record, StreamReader
 from hv.devices.serial import Serial16550, Terminal
 from hv.errors import HvError
 from hv.vmm.builder import blank_machine
-from hv.vmm.control import Progress
 from hv.kvm.dirty import DirtyBitmap
 from hv.kvm.kvm import Kvm
 from hv.vmm.machine import Machine, discard
@@ -50,6 +48,7 @@ from hv.platform.hostcpu import host_cpu_facts
 from migrate import digest, pages
 from migrate.datapath import place_pages
 from migrate.disks import DiskPolicy, OpenDisk
+from migrate.events import Progress, RoundReceived
 from migrate.errors import (DiskRefused, IncompatibleError, MigrationFailed, PostcopyFailed, ProtocolViolation,
                             TransportError, error_code)
 from formats import POSTCOPY_DIGEST_BLOCK, DIGEST_BLOCK
@@ -58,6 +57,7 @@ from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete
                               Finished, HandOver,
                               Hello, Missing, Outcome, Pages, Postcopy, Protocol, Ready, Reconnect, Reject,
                               RemoteProtocolError, Resumed, Role, RoundDone, S, State)
+from migrate.protocol import Message
 from migrate.records import EXPECT, Collected
 from migrate.state import GuestCpuid, MachineConfig, apply, cpuid_problems, expected_layout, registry
 from migrate.streams import (MAX_STREAMS, IncomingStream, Joins, RoundGate, accept_fetch_channel, accept_streams,
@@ -165,7 +165,7 @@ class Incoming:
     """What the target learned and built; `machine` runs the guest once `receive` returns."""
 
     machine: Machine | None = None
-    config: Any = None
+    config: MachineConfig | None = None
     pages: int = 0
     seconds: float = 0.0
     source: str = ""
@@ -205,14 +205,15 @@ class Target:
         self._given_back: dict | None = None  # pages a Discard gave back before the pause
         self._t0 = time.perf_counter()
 
-    def take(self, message: Any) -> Any:
+    def take(self, message: Message) -> Message:
         try:
             self.proto.receive(message)
         except RemoteProtocolError as e:  # out of order: typed, and the source is told why
             raise ProtocolViolation(str(e)) from None
         return message
 
-    def records(self, what: str, payload: Any, allowed: tuple[type, ...], *, stable: bool = False) -> list[Any]:
+    def records(self, what: str, payload: bytes | memoryview, allowed: tuple[type, ...], *,
+                stable: bool = False) -> list[Record]:
         """The records `payload` (a `what` message's) holds, each of a type that message may carry."""
         records = self.reader.feed(payload, stable=stable)
         for record in records:
@@ -220,7 +221,7 @@ class Target:
                 raise ProtocolViolation(f"{what} carried a {type(record).__name__}")
         return records
 
-    def tell(self, message: Any) -> None:
+    def tell(self, message: Message) -> None:
         self.proto.send(message)
         self.conn.send(message)
 
@@ -334,7 +335,7 @@ class Target:
 
     # --- 3. to 5.: one message at a time ----------------------------------------------------------
 
-    def on(self, message: Any) -> bool:
+    def on(self, message: Message) -> bool:
         """Act on one message of the exchange; True once the guest runs here."""
         match message:
             case Pages(payload=payload) if self.postcopy is not None:  # the background push
@@ -379,7 +380,7 @@ class Target:
         self.gate.round_done(number, count, self.timeout)
         self._invalidate_written()
         self.hashes.refresh_soon()  # hash what this round wrote while the next one arrives
-        self.progress({"stage": "round", "round": number, "pages": count})
+        self.progress(RoundReceived(number, count))  # typed progress events (issue 22)
 
     def verify(self, payload: bytes) -> None:
         self.collected.take(self.records("COMPLETE", payload, COMPLETE_RECORDS))

@@ -102,7 +102,7 @@ def encode(message: Message) -> list[bytes | memoryview]:
     return [FRAME.pack(len(body), message.kind), body]
 
 
-def decode(kind: int, body: bytes | memoryview) -> Message:
+def decode(kind: int, body: bytes | bytearray | memoryview) -> Message:
     """A frame's message; a `ProtocolViolation` for anything malformed."""
     try:
         mkind = MessageKind(kind)

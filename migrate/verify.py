@@ -42,7 +42,7 @@ def verify_machine(machine: Machine) -> dict[str, Any]:
     if was_running:
         machine.pause()
     try:
-        result = {"memory_digest": f"{digest.digest(machine.vm.memory):#018x}",
+        result: dict[str, Any] = {"memory_digest": f"{digest.digest(machine.vm.memory):#018x}",
                   "guest": guest_rule(machine.vm.memory)}
     finally:
         if was_running:

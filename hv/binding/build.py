@@ -9,6 +9,8 @@ A few tiny C helpers live here too, because they are on hot paths or must run ou
 the vCPU kick signal handler, and dirty-bitmap scans; and in uart.c and vcpu_loop.c, the guest's
 console (a 16550 and the KVM_RUN loop that serves its port exits) without the interpreter lock; and
 in userfault.c, the userfaultfd fault path (hv/kvm/userfault.py), which must not need it either.
+Each of those declares what Python may call in its header (uart.h, vcpu_loop.h, userfault.h),
+which this build reads for cdef, so the declarations exist once, in C, checked by the compiler.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ KVM_CHECK_EXTENSION KVM_GET_VCPU_MMAP_SIZE KVM_GET_SUPPORTED_CPUID
 KVM_CREATE_VCPU KVM_GET_DIRTY_LOG KVM_CLEAR_DIRTY_LOG KVM_SET_USER_MEMORY_REGION KVM_SET_TSS_ADDR
 KVM_SET_IDENTITY_MAP_ADDR KVM_CREATE_IRQCHIP KVM_IRQ_LINE KVM_IRQ_LINE_STATUS KVM_GET_IRQCHIP
 KVM_SET_IRQCHIP KVM_CREATE_PIT2 KVM_GET_PIT2 KVM_SET_PIT2 KVM_IRQFD KVM_IOEVENTFD KVM_SET_CLOCK
-KVM_GET_CLOCK KVM_ENABLE_CAP KVM_SET_BOOT_CPU_ID KVM_SIGNAL_MSI
+KVM_GET_CLOCK KVM_ENABLE_CAP KVM_SET_BOOT_CPU_ID KVM_SIGNAL_MSI KVM_SET_GSI_ROUTING
 KVM_RUN KVM_GET_REGS KVM_SET_REGS KVM_GET_SREGS KVM_SET_SREGS KVM_GET_FPU KVM_SET_FPU
 KVM_GET_MSRS KVM_SET_MSRS KVM_SET_CPUID2 KVM_GET_CPUID2 KVM_GET_LAPIC KVM_SET_LAPIC KVM_GET_MP_STATE
 KVM_SET_MP_STATE KVM_GET_VCPU_EVENTS KVM_SET_VCPU_EVENTS KVM_GET_DEBUGREGS KVM_SET_DEBUGREGS
@@ -46,6 +48,7 @@ KVM_MEM_LOG_DIRTY_PAGES KVM_MEM_READONLY
 KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE KVM_DIRTY_LOG_INITIALLY_SET
 KVM_IRQFD_FLAG_DEASSIGN KVM_IRQFD_FLAG_RESAMPLE KVM_IOEVENTFD_FLAG_DATAMATCH KVM_IOEVENTFD_FLAG_PIO KVM_IOEVENTFD_FLAG_DEASSIGN
 KVM_IRQCHIP_PIC_MASTER KVM_IRQCHIP_PIC_SLAVE KVM_IRQCHIP_IOAPIC KVM_IOAPIC_NUM_PINS
+KVM_IRQ_ROUTING_IRQCHIP KVM_IRQ_ROUTING_MSI
 KVM_PIT_SPEAKER_DUMMY KVM_PIT_FLAGS_HPET_LEGACY
 KVM_CLOCK_TSC_STABLE
 KVM_EXIT_UNKNOWN KVM_EXIT_EXCEPTION KVM_EXIT_IO KVM_EXIT_HYPERCALL KVM_EXIT_DEBUG KVM_EXIT_HLT
@@ -61,6 +64,13 @@ KVM_VCPUEVENT_VALID_NMI_PENDING KVM_VCPUEVENT_VALID_SIPI_VECTOR KVM_VCPUEVENT_VA
 KVM_VCPUEVENT_VALID_SMM KVM_VCPUEVENT_VALID_PAYLOAD KVM_VCPUEVENT_VALID_TRIPLE_FAULT
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX KVM_MAX_XCRS KVM_APIC_REG_SIZE
 KVM_NR_INTERRUPTS
+""".split()
+
+# Kernel numbers the layers above use that are not KVM ioctls or capabilities: from <linux/kvm.h>,
+# <linux/userfaultfd.h>, <sys/mman.h> (or <linux/mman.h>) and <asm/kvm_para.h>.
+_OTHER_KERNEL_CONSTANTS = """
+KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES UFFD_PAGEFAULT_FLAG_WRITE MADV_POPULATE_WRITE
+MSR_KVM_WALL_CLOCK MSR_KVM_SYSTEM_TIME MSR_KVM_WALL_CLOCK_NEW MSR_KVM_SYSTEM_TIME_NEW
 """.split()
 
 _CDEF_STRUCTS = """
@@ -93,6 +103,13 @@ struct kvm_clock_data { __u64 clock; __u32 flags; __u64 realtime; __u64 host_tsc
 struct kvm_enable_cap { __u32 cap; __u32 flags; __u64 args[4]; ...; };
 struct kvm_pit_config { __u32 flags; ...; };
 struct kvm_interrupt { __u32 irq; };
+/* GSI routing: the entry's payload is a union named u; only the members used are declared. */
+struct kvm_irq_routing_irqchip { __u32 irqchip; __u32 pin; };
+struct kvm_irq_routing_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 devid; };
+struct kvm_irq_routing_entry { __u32 gsi; __u32 type; __u32 flags; __u32 pad;
+                               union { struct kvm_irq_routing_irqchip irqchip;
+                                       struct kvm_irq_routing_msi msi; __u32 pad[8]; } u; ...; };
+struct kvm_irq_routing { __u32 nr; __u32 flags; struct kvm_irq_routing_entry entries[]; };
 struct kvm_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 flags; __u32 devid; ...; };
 struct kvm_translation {
     __u64 linear_address;
@@ -282,148 +299,19 @@ void kvmig_memcopy(void *dst, const void *src, size_t n);
 int kvmig_discard(void *addr, size_t n);
 """
 
-# The UART and the vCPU loop that serves it (uart.c, vcpu_loop.c beside this file): the guest's
-# console without the interpreter lock. Shared by the declarations cffi checks and the C source.
-_UART_TYPES = """
-typedef struct kvmig_uart kvmig_uart;
-typedef struct {
-    uint8_t ier, lcr, mcr, fcr, scr, dll, dlm;
-    uint8_t thre_pending, irq_level;
-    uint32_t rx_len, tx_len;         /* bytes in the receive buffer / the transmit ring */
-    uint64_t dropped;                /* host input refused: the receive buffer was full */
-    uint64_t tx_overrun;             /* guest bytes written while LSR said the ring was full */
-} kvmig_uart_regs;
-typedef struct {
-    uint32_t n;
-    uint16_t base[4], len[4];
-    kvmig_uart *uart[4];
-} kvmig_fast_pio;
-typedef struct { uint64_t fast_io_exits, parks; } kvmig_run_counts;
-typedef struct kvmig_park kvmig_park;
-"""
-
-_CDEF_UART = _UART_TYPES + """
-#define KVMIG_UART_RX ...
-#define KVMIG_UART_TX ...
-#define KVMIG_FAST_PIO_MAX ...
-kvmig_uart *kvmig_uart_new(int irq_fd, uint32_t irq);
-void kvmig_uart_free(kvmig_uart *u);
-uint8_t kvmig_uart_read(kvmig_uart *u, uint32_t offset);
-void kvmig_uart_write(kvmig_uart *u, uint32_t offset, uint8_t value);
-size_t kvmig_uart_feed(kvmig_uart *u, const uint8_t *data, size_t n);
-size_t kvmig_uart_take_tx(kvmig_uart *u, uint8_t *buf, size_t n);
-void kvmig_uart_get(kvmig_uart *u, kvmig_uart_regs *regs, uint8_t *rx, uint8_t *tx);
-int kvmig_uart_set(kvmig_uart *u, const kvmig_uart_regs *regs, const uint8_t *rx, const uint8_t *tx);
-int kvmig_uart_start_output(kvmig_uart *u, int out_fd, uint32_t host_size, int notify_fd);
-void kvmig_uart_set_out_fd(kvmig_uart *u, int out_fd);
-size_t kvmig_uart_take_host(kvmig_uart *u, uint8_t *buf, size_t n, uint64_t *dropped);
-int kvmig_uart_start_input(kvmig_uart *u, int in_fd);
-void kvmig_uart_set_running(kvmig_uart *u, int running);
-uint32_t kvmig_uart_flush(kvmig_uart *u, int timeout_ms);
-void kvmig_uart_stop(kvmig_uart *u);
-int kvmig_vcpu_run(int vcpu_fd, struct kvm_run *run, const kvmig_fast_pio *fast, kvmig_run_counts *counts,
-                   kvmig_park *park);
-kvmig_park *kvmig_park_new(void);
-void kvmig_park_free(kvmig_park *p);
-void kvmig_park_hold(kvmig_park *p, int hold);
-void kvmig_park_stop(kvmig_park *p);
-uint32_t kvmig_park_wait(kvmig_park *p, uint32_t parked, int at_least, int timeout_ms);
-"""
-
 _HERE = Path(__file__).resolve().parent
-_UART_SOURCE = ("#define KVMIG_UART_RX 4096\n#define KVMIG_UART_TX 16384\n#define KVMIG_FAST_PIO_MAX 4\n"
-                + _UART_TYPES + (_HERE / "uart.c").read_text() + (_HERE / "vcpu_loop.c").read_text())
+# The C parts beside this file, one translation unit with the helpers below (uart.c and
+# vcpu_loop.c share a static helper); each declares what Python may call in its header.
+_C_PARTS = ("uart", "vcpu_loop", "userfault", "net")  # net: virtio-net's packet engine
 
-# virtio-net's packet engine (net.c, its types in net.h beside this file): rx and tx between the
-# tap and the guest's rings on a C thread, without the interpreter lock.
-_NET_TYPES = (_HERE / "net.h").read_text()
-_CDEF_NET = "\n".join(line for line in _NET_TYPES.splitlines() if not line.startswith("#define")) + """
-#define KVMIG_NET_PENDING ...
-#define KVMIG_NET_FRAME_MAX ...
-#define KVMIG_NET_HDR ...
-kvmig_net *kvmig_net_new(int tap_fd, const kvmig_net_region *regions, uint32_t nregions, int rx_kick_fd,
-                         int tx_kick_fd, int err_fd, int wake_fd);
-void kvmig_net_run(kvmig_net *n, const kvmig_net_queue *rx, const kvmig_net_queue *tx, int irq_fd);
-void kvmig_net_halt(kvmig_net *n, kvmig_net_queue *rx, kvmig_net_queue *tx);
-uint32_t kvmig_net_isr(kvmig_net *n, uint32_t ack);
-int kvmig_net_take_error(kvmig_net *n, char *buf, size_t cap);
-uint32_t kvmig_net_drain(kvmig_net *n);
-uint32_t kvmig_net_pending_count(kvmig_net *n);
-int64_t kvmig_net_pending_get(kvmig_net *n, uint32_t i, uint8_t *buf, uint32_t cap);
-void kvmig_net_pending_clear(kvmig_net *n);
-int kvmig_net_pending_add(kvmig_net *n, const uint8_t *frame, uint32_t len);
-void kvmig_net_announce(kvmig_net *n, const uint8_t *frame, uint32_t len, uint32_t rounds);
-void kvmig_net_stats_get(kvmig_net *n, kvmig_net_stats *s);
-void kvmig_net_free(kvmig_net *n);
-void kvmig_bitmap_take_or(uint64_t *dst, uint64_t *src, size_t nwords);
-"""
-_NET_SOURCE = _NET_TYPES + (_HERE / "net.c").read_text()
 
-# The userfaultfd layer (userfault.c beside this file; hv/kvm/userfault.py): its fault thread
-# and its entry points run without the interpreter lock. Shared by cdef and the C source.
-_UFFD_TYPES = """
-typedef struct kvmig_uffd kvmig_uffd;
-typedef struct {
-    uint64_t offset;                 /* of the faulted page in the range */
-    uint32_t tid;                    /* the first faulting thread (UFFD_FEATURE_THREAD_ID), or 0 */
-    uint32_t flags;                  /* UFFD_PAGEFAULT_FLAG_* (WRITE) */
-    uint64_t t_ns;                   /* CLOCK_MONOTONIC when its event was read */
-} kvmig_uffd_fault;
-typedef struct {
-    uint64_t faults;                 /* fault events read */
-    uint64_t fast;                   /* resolved by the fault thread from staged pages */
-    uint64_t fast_failed;            /* staged, but placing it failed (queued instead) */
-    uint64_t queued;                 /* pages handed to the queue */
-    uint64_t joined;                 /* faults on a page already queued by another thread */
-    uint64_t late;                   /* faults on a page placed meanwhile (only woken) */
-    uint64_t resolved;               /* faulted pages placed since */
-    uint64_t pages_copied, pages_zeroed;
-    uint64_t eexist, eagain;
-    uint64_t pending;                /* faulted pages not placed yet */
-    uint64_t queue_len;
-    uint64_t lat_count, lat_sum_ns, lat_max_ns;
-    uint64_t lat_hist[1024];         /* kvmig_uffd_lat_bucket(ns) -> count */
-    uint64_t threads_untracked;      /* faults of threads past the blocked-time table */
-    int32_t last_errno;              /* of the last failed placement by the fault thread */
-    int32_t thread_errno;            /* the fault thread stopped on this error */
-    int32_t zeropage;                /* the range supports UFFDIO_ZEROPAGE */
-    int32_t closed;
-} kvmig_uffd_stats;
-typedef struct {
-    uint32_t tid;
-    uint32_t waiting;                /* waiting for a page now (blocked_ns counts up to now) */
-    uint64_t faults;                 /* faults that made it wait */
-    uint64_t blocked_ns;             /* time spent waiting for pages (QEMU's blocktime) */
-} kvmig_uffd_blocked;
-"""
+def header_declarations(header: Path) -> str:
+    """The part of `header` between its `/* cffi: begin */` and `/* cffi: end */` markers: the
+    declarations cffi's cdef reads (types, prototypes, integer #defines), written once, in C."""
+    text = header.read_text()
+    begin, end = text.index("/* cffi: begin */"), text.index("/* cffi: end */")
+    return text[begin + len("/* cffi: begin */"):end]
 
-_CDEF_UFFD = _UFFD_TYPES + """
-#define KVMIG_UFFD_OP_OPEN ...
-#define KVMIG_UFFD_OP_API ...
-#define KVMIG_UFFD_OP_ALLOC ...
-#define KVMIG_UFFD_OP_REGISTER ...
-#define KVMIG_UFFD_OP_THREAD ...
-int kvmig_uffd_open(kvmig_uffd **out, void *base, uint64_t length, void *staging, int *failed_op);
-int kvmig_uffd_close(kvmig_uffd *h);
-void kvmig_uffd_free(kvmig_uffd *h);
-int kvmig_uffd_copy(kvmig_uffd *h, uint64_t off, const void *src, uint64_t len);
-int kvmig_uffd_zero(kvmig_uffd *h, uint64_t off, uint64_t len);
-int kvmig_uffd_stage(kvmig_uffd *h, uint64_t off, const void *src, uint64_t len);
-int kvmig_uffd_stage_zero(kvmig_uffd *h, uint64_t off, uint64_t len);
-long kvmig_uffd_place_staged(kvmig_uffd *h, uint64_t off, uint64_t len);
-size_t kvmig_uffd_take(kvmig_uffd *h, kvmig_uffd_fault *out, size_t max);
-int kvmig_uffd_wait(kvmig_uffd *h, int timeout_ms);
-int kvmig_uffd_notify_fd(kvmig_uffd *h);
-uint64_t kvmig_uffd_features(kvmig_uffd *h);
-void kvmig_uffd_get_stats(kvmig_uffd *h, kvmig_uffd_stats *out);
-void kvmig_uffd_missing(kvmig_uffd *h, uint64_t *bitmap);
-size_t kvmig_uffd_blocktime(kvmig_uffd *h, kvmig_uffd_blocked *out, size_t max);
-uint32_t kvmig_uffd_lat_bucket(uint64_t ns);
-"""
-
-_UFFD_SOURCE = ("#define KVMIG_UFFD_OP_OPEN 1\n#define KVMIG_UFFD_OP_API 2\n"
-                "#define KVMIG_UFFD_OP_ALLOC 3\n#define KVMIG_UFFD_OP_REGISTER 4\n#define KVMIG_UFFD_OP_THREAD 5\n"
-                + _UFFD_TYPES + (_HERE / "userfault.c").read_text())
 
 _SOURCE = r"""
 #include <errno.h>
@@ -434,6 +322,11 @@ _SOURCE = r"""
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <linux/kvm.h>
+#include <linux/userfaultfd.h>
+#include <asm/kvm_para.h>
+#ifndef MADV_POPULATE_WRITE
+#include <linux/mman.h>  /* a C library older than the kernel's header: the kernel's own number */
+#endif
 
 typedef __typeof__(((struct kvm_run *)0)->hw) kvmig_exit_hw;
 typedef __typeof__(((struct kvm_run *)0)->fail_entry) kvmig_exit_fail_entry;
@@ -537,14 +430,13 @@ size_t kvmig_bitmap_count(const uint64_t *bitmap, size_t nwords) {
 """
 
 ffibuilder.cdef(
-    "\n".join(f"#define {name} ..." for name in _IOCTLS + _CONSTANTS)
+    "\n".join(f"#define {name} ..." for name in _IOCTLS + _CONSTANTS + _OTHER_KERNEL_CONSTANTS)
     + _CDEF_STRUCTS
     + _CDEF_HELPERS
-    + _CDEF_UART
-    + _CDEF_UFFD
-    + _CDEF_NET
+    + "".join(header_declarations(_HERE / f"{part}.h") for part in _C_PARTS)
 )
-ffibuilder.set_source("hv.binding._kvm", _SOURCE + _UART_SOURCE + _UFFD_SOURCE + _NET_SOURCE, extra_compile_args=["-O2", "-Wall", "-pthread"],
+ffibuilder.set_source("hv.binding._kvm", _SOURCE + "".join(f'#include "{part}.c"\n' for part in _C_PARTS),
+                      include_dirs=[str(_HERE)], extra_compile_args=["-O2", "-Wall", "-pthread"],
                       extra_link_args=["-pthread"])
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any
+from typing import Any, Self
 
 from hv.binding.ffi import ffi, ioctl, ioctl_int, lib
 from hv.errors import KvmApiVersionError, KvmIoctlError, KvmUnavailableError
@@ -48,7 +48,7 @@ class _Fd:
             fd, self._fd = self._fd, -1
             os.close(fd)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -175,6 +175,20 @@ class VmFd(_Fd):
         msi = ffi.new("struct kvm_msi *")
         msi.address_lo, msi.address_hi, msi.data = address & 0xFFFF_FFFF, address >> 32, data
         return self._ioctl("KVM_SIGNAL_MSI", msi)
+
+    def set_gsi_routing(self, irqchip: list[tuple[int, int, int]], msi: list[tuple[int, int, int]]) -> None:
+        """Replace the whole GSI routing table: `irqchip` entries (gsi, chip, pin) and `msi`
+        entries (gsi, address, data)."""
+        table = new_flexible("struct kvm_irq_routing *", "entries", len(irqchip) + len(msi))
+        table.nr = len(irqchip) + len(msi)
+        for i, (gsi, chip, pin) in enumerate(irqchip):
+            e = table.entries[i]
+            e.gsi, e.type, e.u.irqchip.irqchip, e.u.irqchip.pin = gsi, lib.KVM_IRQ_ROUTING_IRQCHIP, chip, pin
+        for i, (gsi, address, data) in enumerate(msi, len(irqchip)):
+            e = table.entries[i]
+            e.gsi, e.type = gsi, lib.KVM_IRQ_ROUTING_MSI
+            e.u.msi.address_lo, e.u.msi.address_hi, e.u.msi.data = address & 0xFFFF_FFFF, address >> 32, data
+        self._ioctl("KVM_SET_GSI_ROUTING", table)
 
     def get_dirty_log(self, slot: int, bitmap: CData) -> None:
         log = ffi.new("struct kvm_dirty_log *")

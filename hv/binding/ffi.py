@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hv.binding._kvm import ffi, lib  # type: ignore[import-not-found]
+from hv.binding._kvm import ffi, lib
 from hv.errors import KvmIoctlError
 
 __all__ = ["ffi", "lib", "ioctl", "ioctl_int"]

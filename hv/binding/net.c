@@ -22,6 +22,8 @@
    by the side that runs the guest. All fields are guarded by `lock`; the thread holds it while it
    works and drops it to poll, so a halt waits for at most one batch. */
 
+#include "net.h"
+
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>

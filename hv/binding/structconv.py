@@ -16,7 +16,6 @@ checks sizes, so a state of the wrong shape is refused instead of silently trunc
 from __future__ import annotations
 
 import dataclasses
-import functools
 import typing
 from typing import Any, TypeVar
 
@@ -51,8 +50,20 @@ def _kind(tp: Any) -> tuple[int, Any]:
     raise TypeError(f"no C mapping for {tp!r}")
 
 
-@functools.cache
-def _plan(cls: type) -> tuple[tuple[str, int, Any, tuple[str, ...]], ...]:
+_Plan = tuple[tuple[str, int, Any, tuple[str, ...]], ...]
+_PLANS: dict[type, _Plan] = {}
+
+
+def _plan(cls: type) -> _Plan:
+    """`_make_plan(cls)`, made once per class (a dict, not functools.cache: mypy's view of the
+    cache wrapper takes no `type[T]`)."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = _make_plan(cls)
+    return plan
+
+
+def _make_plan(cls: type) -> _Plan:
     """(field name, conversion kind, its dataclass if any, C path) for every mapped field."""
     hints = typing.get_type_hints(cls)
     plan = []
@@ -95,7 +106,7 @@ def from_struct(cls: type[T], cdata: Any, **extra: Any) -> T:
     """Build dataclass `cls` from struct `cdata`; `extra` supplies the unmapped fields."""
     values = {name: _from_c(kind, elem, _get(cdata, path)) for name, kind, elem, path in _plan(cls)}
     values.update(extra)
-    return cls(**values)  # type: ignore[call-arg]
+    return cls(**values)
 
 
 def to_struct(obj: Any, cdata: Any, _where: str = "") -> Any:

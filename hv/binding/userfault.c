@@ -22,7 +22,11 @@
 
    Every per-page table and counter is guarded by `lock`, and the placing ioctls run under it, so
    the fault thread and the suppliers agree on what is in place. Faults are timed from the read
-   of their event to the end of the ioctl that placed their page (a log-linear histogram). */
+   of their event to the end of the ioctl that placed their page (a log-linear histogram).
+
+   Over 450 lines, as one file on purpose: the fault thread, the placing entry points and the
+   counters share the per-page table under one lock, and "a page is placed at most once" is an
+   argument over all of them together; the Python side (hv/kvm/userfault.py) is apart. */
 
 #include <errno.h>
 #include <fcntl.h>
@@ -40,6 +44,8 @@
 #include <time.h>
 #include <unistd.h>
 #include <linux/userfaultfd.h>
+
+#include "userfault.h"
 
 #define UF_PAGE 4096ULL
 #define UF_MSGS 64
@@ -66,8 +72,6 @@ struct kvmig_uffd {
     pthread_t thread;
     int has_thread, registered;
 };
-
-void kvmig_uffd_free(kvmig_uffd *h);
 
 static uint64_t uf_now(void) {
     struct timespec ts;

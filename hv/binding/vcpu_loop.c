@@ -15,6 +15,8 @@
 #include <time.h>
 #include <linux/kvm.h>
 
+#include "vcpu_loop.h"
+
 /* Where a machine's vCPUs park while it is paused: here, in C, so that neither pausing nor
    resuming waits for the interpreter lock (both are in a migration's downtime). A vCPU whose
    KVM_RUN returns EINTR while `hold` is set waits on `cond` until it is cleared, then enters the

@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 
 from hv.boot import elf
-from hv.boot.x86 import FLAT_GDT_ADDRESS, EntryState, e820_map, protected_mode_entry
+from hv.boot.x86 import LOW_MEMORY_END, FLAT_GDT_ADDRESS, EntryState, e820_map, protected_mode_entry
 from hv.errors import BootError, GuestAddressError
 from hv.kvm.memory import GuestMemory
 
@@ -39,7 +39,6 @@ MMAP_ADDRESS = 0x9100
 LOADER_NAME_ADDRESS = 0x9300
 CMDLINE_ADDRESS = 0x9400
 CMDLINE_MAX = 0x9F000 - CMDLINE_ADDRESS
-LOW_MEMORY_END = 0x9FC00  # top of conventional memory (mem_lower)
 IMAGE_MIN_ADDRESS = 0x100000
 
 

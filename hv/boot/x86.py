@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 from hv.kvm.memory import GuestMemory
 from hv.kvm.state import DescriptorTable, Regs, Segment, Sregs
@@ -49,7 +50,8 @@ class EntryState:
     efer: int = 0
 
     def apply(self, sregs: Sregs) -> Sregs:
-        return replace(sregs, **self.segments, gdt=self.gdt, cr0=self.cr0, cr3=self.cr3, cr4=self.cr4,
+        # (each of `segments` is a segment field: mypy cannot match a ** to each field's type)
+        return replace(sregs, **cast(dict[str, Any], self.segments), gdt=self.gdt, cr0=self.cr0, cr3=self.cr3, cr4=self.cr4,
                        efer=self.efer)
 
 

@@ -7,7 +7,7 @@ pending (received data, transmitter empty) and OUT2 in MCR is set (the PC's gate
 and the interrupt controller), and IIR reports the highest-priority one. Loopback (MCR bit 4)
 routes THR back to RBR, as Linux's 8250 driver checks when it probes the port.
 
-The model runs in C (hv/binding/uart.c; tests/hv/serial_reference.py is its specification in
+The model runs in C (hv/binding/uart.c; hv/devices/serial_reference.py is its specification in
 Python), and so does everything the guest waits on: the vCPU loop handles the UART's port exits
 without the interpreter (`native`), the IRQ is raised with KVM_IRQ_LINE, and the bytes the guest
 sends go out on a C thread, raw, to a file descriptor (`attach_terminal`) and then to the Python

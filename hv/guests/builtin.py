@@ -19,10 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from hv.errors import HvError
+from hv.kvm.units import MiB, PAGE_SIZE
 
 GUEST_DIR = Path(__file__).resolve().parents[2] / "tools" / "guests"
 IMAGE_NAME = "kvmig-guest.elf"
@@ -30,13 +32,11 @@ IMAGE_NAME = "kvmig-guest.elf"
 # whether the image is stale. Never at run time: `hv run` finds the image or says how to build it.
 BUILD_COMMAND = ("make", "-s", "-C", str(GUEST_DIR))
 
-PAGE_SIZE = 4096
 STATUS_ADDR = 0x00F0_0000
 WS_ADDR = 0x0100_0000
 CPU_WS_BYTES = 1 * (1 << 20)  # after the working set: 1 MiB each secondary CPU dirties
 STATUS_MAGIC = 0x3154535347494D4B  # "KMIGSST1"
 GOLDEN = 0x9E3779B97F4A7C15
-MiB = 1 << 20
 
 
 class GuestImageMissingError(HvError):
@@ -270,20 +270,41 @@ class GuestStatus:
 STATUS_WORDS = 13
 
 
-def read_status(memory) -> GuestStatus:
+class GuestMemoryReader(Protocol):
+    """What the checks read guest memory with: a `GuestMemory`, or a snapshot's scratch memory
+    (this module needs no KVM, so it names the two methods, not the class)."""
+
+    def read(self, address: int, length: int) -> bytes: ...
+
+    def view(self, address: int, length: int) -> memoryview: ...
+
+    def read_u64(self, address: int) -> int: ...
+
+
+# The guest counts each interrupt it takes, per IDT vector, at IRQ_COUNTS_ADDR (a u64 per vector,
+# layout.h): on IOAPIC pins nothing in the machine uses, which a host raises itself (HOST_*), and
+# on virtio-pci's MSI-X vectors (pci.h MSI_*).
+IRQ_COUNTS_ADDR = STATUS_ADDR + 0xC00
+IDT_VECTORS = 64
+HOST_EDGE_IRQ, HOST_EDGE_VECTOR = 22, 0x30
+HOST_LEVEL_IRQ, HOST_LEVEL_VECTOR = 23, 0x31  # level-triggered: KVM lowers it at the guest's EOI
+MSI_FIRST_VECTOR, MSI_VECTORS = 0x28, 8
+MSI_COUNTS_ADDR = IRQ_COUNTS_ADDR + 8 * MSI_FIRST_VECTOR
+
+
+def read_msi_counts(memory: GuestMemoryReader) -> tuple[int, ...]:
+    """The interrupts the guest's MSI-X handlers counted, per vector (from MSI_FIRST_VECTOR), as
+    its virtio-pci drivers assign them: a vector per queue, blk's, the console's two, rng's, in
+    the order the devices are found."""
+    return tuple(int(w) for w in np.frombuffer(memory.read(MSI_COUNTS_ADDR, 8 * MSI_VECTORS), dtype="<u8"))
+
+
+def read_status(memory: GuestMemoryReader) -> GuestStatus:
     """The status page, from a `GuestMemory` (or anything with `read(address, size)`)."""
     return GuestStatus.from_bytes(memory.read(STATUS_ADDR, STATUS_WORDS * 8))
 
 
-# IOAPIC pins nothing in the machine uses, which a host raises itself (layout.h HOST_*): the guest
-# counts each interrupt it takes on them, per vector, at IRQ_COUNTS_ADDR (a u64 per IDT vector).
-HOST_EDGE_IRQ, HOST_EDGE_VECTOR = 22, 0x28
-HOST_LEVEL_IRQ, HOST_LEVEL_VECTOR = 23, 0x29  # level-triggered: KVM lowers it at the guest's EOI
-IRQ_COUNTS_ADDR = STATUS_ADDR + 0xC00
-IDT_VECTORS = 48
-
-
-def interrupt_count(memory, vector: int) -> int:
+def interrupt_count(memory: GuestMemoryReader, vector: int) -> int:
     """How many interrupts the guest has taken on `vector` (HOST_EDGE_VECTOR, HOST_LEVEL_VECTOR)."""
     if not 0 <= vector < IDT_VECTORS:
         raise ValueError(f"the guest's IDT has vectors 0-{IDT_VECTORS - 1}, not {vector}")
@@ -374,7 +395,7 @@ def check_disk(image: bytes | memoryview, rounds: int) -> list[str]:
     return problems
 
 
-def check_memory(memory) -> WorkingSetCheck:
+def check_memory(memory: GuestMemoryReader) -> WorkingSetCheck:
     """Read the status page and check the working set in `memory` (a paused or stopped guest's),
     and each secondary CPU's region (same rule, its rounds as passes, zero fill): the first
     problem found, or CPU 0's result when all hold."""

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from hv.binding.ffi import ffi, lib
+from hv.kvm.units import PAGE_SHIFT, PAGE_SIZE
 
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
 
 
 @dataclass(frozen=True)
@@ -149,7 +148,7 @@ class DirtyBitmap:
     def clear(self) -> None:
         self.words.fill(0)
 
-    def _ptr(self):
+    def _ptr(self) -> object:  # a cffi uint64_t[] over `words`
         return ffi.from_buffer("uint64_t[]", self.words)
 
     def __repr__(self) -> str:

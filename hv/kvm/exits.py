@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
+from hv.binding.ffi import lib
+
 
 @dataclass(frozen=True)
 class IoIn:
@@ -60,7 +62,7 @@ class InternalError:
     data: tuple[int, ...]
 
     EMULATION = 1
-    _FLAG_INSTRUCTION_BYTES = 1  # KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+    _FLAG_INSTRUCTION_BYTES = lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
 
     @property
     def instruction_bytes(self) -> bytes:

@@ -37,7 +37,7 @@ def _read_pagemap(host_address: int, npages: int) -> np.ndarray:
 
 
 HUGE_PAGE_SIZE = 2 << 20
-MADV_POPULATE_WRITE = 23  # <linux/mman.h>; Python's mmap module does not name it
+MADV_POPULATE_WRITE = lib.MADV_POPULATE_WRITE  # Python's mmap module does not name it
 _POPULATE_WRITE_WORKS = [True]
 
 

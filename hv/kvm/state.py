@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hv.binding.ffi import lib
 from hv.kvm.xsave import XsaveLayout
 
 # --- general purpose and system registers ------------------------------------------------------
@@ -289,8 +290,8 @@ class VmState:
 # MSRs whose value moves with time between a save and a later read: the TSC and what counts or
 # fires by it, and kvmclock's registrations (KVM rewrites them as it updates the guest's clock).
 MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, MSR_IA32_MPERF, MSR_IA32_APERF = 0x10, 0x6E0, 0xE7, 0xE8
-MSR_KVM_WALL_CLOCK, MSR_KVM_SYSTEM_TIME = 0x11, 0x12
-MSR_KVM_WALL_CLOCK_NEW, MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D00, 0x4B564D01
+MSR_KVM_WALL_CLOCK, MSR_KVM_SYSTEM_TIME = lib.MSR_KVM_WALL_CLOCK, lib.MSR_KVM_SYSTEM_TIME
+MSR_KVM_WALL_CLOCK_NEW, MSR_KVM_SYSTEM_TIME_NEW = lib.MSR_KVM_WALL_CLOCK_NEW, lib.MSR_KVM_SYSTEM_TIME_NEW
 TIME_MSRS = frozenset({MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, MSR_IA32_MPERF, MSR_IA32_APERF,
                        MSR_KVM_WALL_CLOCK, MSR_KVM_SYSTEM_TIME, MSR_KVM_WALL_CLOCK_NEW,
                        MSR_KVM_SYSTEM_TIME_NEW})

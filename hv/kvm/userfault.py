@@ -48,7 +48,7 @@ _OPERATIONS = {
     lib.KVMIG_UFFD_OP_THREAD: "starting the fault thread",
 }
 
-FAULT_WRITE = 1  # UFFD_PAGEFAULT_FLAG_WRITE
+FAULT_WRITE = lib.UFFD_PAGEFAULT_FLAG_WRITE
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class Userfault:
     """
 
     def __init__(self, region: MemoryRegion, offset: int = 0, length: int | None = None, *,
-                 staging: Any = None) -> None:
+                 staging: object | None = None) -> None:
         length = region.size - offset if length is None else length
         if (offset % PAGE_SIZE or length % PAGE_SIZE or length <= 0 or offset < 0
                 or offset + length > region.size):
@@ -206,7 +206,7 @@ class Userfault:
         log.debug("%r registered (features %#x)", self, self.features)
 
     @classmethod
-    def over(cls, memory: GuestMemory, address: int, length: int, *, staging: Any = None) -> Userfault:
+    def over(cls, memory: GuestMemory, address: int, length: int, *, staging: object | None = None) -> Userfault:
         """A `Userfault` over guest physical [address, address+length) (inside one region)."""
         region, offset = memory.find(address, length)
         return cls(region, offset, length, staging=staging)

@@ -23,12 +23,11 @@ from hv.kvm.state import (
     PitState,
     VmState,
 )
+from hv.kvm.units import GiB, MiB
 from hv.kvm.vcpu import SaveableMsrs, Vcpu
 
 structconv.prepare(ClockState, IoapicState, PicState, PitState)
 
-MiB = 1 << 20
-GiB = 1 << 30
 
 # x86 platform addresses: the top of the 32-bit space below the BIOS area is where QEMU and
 # Firecracker put KVM's real-mode TSS (3 pages) and identity map page, outside guest RAM.
@@ -37,6 +36,24 @@ IDENTITY_MAP_ADDRESS = 0xFFFB_C000
 # RAM below 4 GiB stops here; [3 GiB, 4 GiB) is left for MMIO (LAPIC, IOAPIC, devices).
 MMIO_HOLE_START = 3 * GiB
 MMIO_HOLE_END = 4 * GiB
+
+
+# GSI routing (KVM_SET_GSI_ROUTING replaces the table whole): the in-kernel irqchip's default
+# routes are KVM's own (irq_comm.c): GSIs 0-15 to both PICs and the IOAPIC pin of the same
+# number, 16-23 to IOAPIC pins only. MSI routes (PCI MSI-X vectors) take GSIs from 24 on.
+IOAPIC_PINS = 24
+FIRST_MSI_GSI = IOAPIC_PINS
+
+
+def default_irqchip_routes() -> list[tuple[int, int, int]]:
+    """(gsi, chip, pin) of the routes KVM_CREATE_IRQCHIP sets up."""
+    routes = []
+    for gsi in range(IOAPIC_PINS):
+        if gsi < 16:
+            pic = lib.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else lib.KVM_IRQCHIP_PIC_SLAVE
+            routes.append((gsi, pic, gsi % 8))
+        routes.append((gsi, lib.KVM_IRQCHIP_IOAPIC, gsi))
+    return routes
 
 
 MemoryBacking = Callable[[int, int], "mmap.mmap | RamBacking"]
@@ -96,6 +113,8 @@ class Vm:
         self._dirty_generation = 0
         self._manual_protect = False
         self._irqfds: set[tuple[int, int]] = set()
+        self._msi_routes: dict[int, tuple[int, int]] = {}  # gsi -> (address, data)
+        self._routes_lock = threading.Lock()
         self._ioeventfds: set[IoEventFdRegistration] = set()
 
     # --- setup --------------------------------------------------------------------------------
@@ -195,6 +214,25 @@ class Vm:
 
     def signal_msi(self, address: int, data: int) -> int:
         return self.fd.signal_msi(address, data)
+
+    def set_msi_route(self, gsi: int, address: int, data: int) -> None:
+        """Route `gsi` (at least `FIRST_MSI_GSI`) to an MSI message: an irqfd on it then
+        delivers that message. The table KVM holds is replaced whole (KVM_SET_GSI_ROUTING), so
+        it is rebuilt from the in-kernel irqchip's default routes and every MSI route set."""
+        if gsi < FIRST_MSI_GSI:
+            raise ValueError(f"GSI {gsi} is an irqchip pin; MSI routes start at {FIRST_MSI_GSI}")
+        with self._routes_lock:
+            self._msi_routes[gsi] = (address, data)
+            self._apply_routes()
+
+    def clear_msi_route(self, gsi: int) -> None:
+        with self._routes_lock:
+            if self._msi_routes.pop(gsi, None) is not None:
+                self._apply_routes()
+
+    def _apply_routes(self) -> None:
+        msi = [(gsi, a, d) for gsi, (a, d) in sorted(self._msi_routes.items())]
+        self.fd.set_gsi_routing(default_irqchip_routes(), msi)
 
     def register_irqfd(self, eventfd: int, gsi: int, resample_fd: int | None = None) -> None:
         """Have KVM raise `gsi` when `eventfd` is signalled (a write of 1), without an exit.

@@ -73,12 +73,19 @@ def feature_name(bit: int) -> str:
 class CpuidLeaf(Protocol):
     """One CPUID entry (`hv.kvm.state.CpuidEntry`, as KVM's struct kvm_cpuid_entry2 names it)."""
 
-    function: int
-    index: int
-    eax: int
-    ebx: int
-    ecx: int
-    edx: int
+    # read-only (properties): a frozen dataclass's fields satisfy them
+    @property
+    def function(self) -> int: ...
+    @property
+    def index(self) -> int: ...
+    @property
+    def eax(self) -> int: ...
+    @property
+    def ebx(self) -> int: ...
+    @property
+    def ecx(self) -> int: ...
+    @property
+    def edx(self) -> int: ...
 
 
 class XsaveFormatError(HvError):

@@ -40,6 +40,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from hv.binding.ffi import lib
 from hv.errors import HvError
 from hv.kvm.memory import GuestMemory
 
@@ -51,7 +52,7 @@ CREATOR_REVISION = 1
 
 LOCAL_APIC_ADDRESS = 0xFEE0_0000
 IOAPIC_ADDRESS = 0xFEC0_0000
-IOAPIC_PINS = 24  # KVM's in-kernel IOAPIC (KVM_IOAPIC_NUM_PINS)
+IOAPIC_PINS = lib.KVM_IOAPIC_NUM_PINS  # KVM's in-kernel IOAPIC
 
 ACPI_TABLES_START = 0xE0000  # RSDP first: ACPICA scans 0xE0000-0xFFFFF on 16-byte boundaries
 ACPI_TABLES_END = 0xF0000  # 0xF0000-0xFFFFF is left to the MP table (hv.platform.mptable)
@@ -147,7 +148,7 @@ FADT_FLAG_HW_REDUCED_ACPI = 1 << 20  # Table 5.10
 # IA-PC Boot Architecture Flags (5.2.9.3, Table 5.11)
 IAPC_BOOT_ARCH_8042 = 1 << 1  # hv's i8042 controller is there (a reset request stops the VM)
 IAPC_BOOT_ARCH_VGA_NOT_PRESENT = 1 << 2
-IAPC_BOOT_ARCH_MSI_NOT_SUPPORTED = 1 << 3  # no PCI
+IAPC_BOOT_ARCH_MSI_NOT_SUPPORTED = 1 << 3  # set unless the machine has PCI (MSI-X)
 IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT = 1 << 5  # hv has no RTC model
 # field offsets inside the FADT (Table 5.9)
 _FADT_DSDT = 40  # u32
@@ -159,9 +160,10 @@ _FADT_HYPERVISOR_VENDOR = 268  # u64
 HYPERVISOR_VENDOR = b"KVMIGRAT"
 
 
-def fadt(dsdt_address: int) -> bytes:
+def fadt(dsdt_address: int, msi: bool = False) -> bytes:
     """A hardware-reduced FADT: only the DSDT pointer (both the 32- and 64-bit fields, equal, as
-    ACPICA wants when both are set), flags and boot architecture flags are non-zero."""
+    ACPICA wants when both are set), flags and boot architecture flags are non-zero. `msi`: the
+    machine has PCI with MSI-X (else the boot flags say MSI is not supported)."""
     body = bytearray(FADT_SIZE - SDT_HEADER_SIZE)
 
     def put(fmt: str, offset: int, value: int | bytes) -> None:
@@ -169,7 +171,7 @@ def fadt(dsdt_address: int) -> bytes:
 
     put("<I", _FADT_DSDT, dsdt_address)
     put("<H", _FADT_IAPC_BOOT_ARCH, IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT
-        | IAPC_BOOT_ARCH_MSI_NOT_SUPPORTED | IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT)
+        | (0 if msi else IAPC_BOOT_ARCH_MSI_NOT_SUPPORTED) | IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT)
     put("<I", _FADT_FLAGS, FADT_FLAG_HW_REDUCED_ACPI)
     put("<B", _FADT_MINOR_VERSION, FADT_MINOR_REVISION)
     put("<Q", _FADT_X_DSDT, dsdt_address)
@@ -348,9 +350,10 @@ def virtio_device_name(index: int) -> str:
     return f"VR{index:02X}"
 
 
-def dsdt(virtio: Sequence[MmioDevice], com_ports: Sequence[ComPort] = ()) -> bytes:
+def dsdt(virtio: Sequence[MmioDevice], com_ports: Sequence[ComPort] = (), more_devices: bytes = b"") -> bytes:
     """`\\_SB` holding one `LNRO0005` device per virtio-mmio transport (_UID = its index, _CRS =
-    its window and GSI) and one `PNP0501` per COM port."""
+    its window and GSI), one `PNP0501` per COM port, and `more_devices` (AML: the PCI root of
+    `hv.platform.pci_acpi`)."""
     if len(virtio) > 0x100:
         raise FirmwareTableError("DSDT", f"{len(virtio)} virtio devices (names VR00-VRFF)")
     devices = []
@@ -364,7 +367,7 @@ def dsdt(virtio: Sequence[MmioDevice], com_ports: Sequence[ComPort] = ()) -> byt
         devices.append(aml_device(virtio_device_name(i), aml_name("_HID", aml_string(VIRTIO_MMIO_HID))
                                   + aml_name("_UID", aml_integer(i))
                                   + aml_name("_CRS", aml_buffer(crs))))
-    return sdt(b"DSDT", DSDT_REVISION, aml_scope("\\_SB", b"".join(devices)))
+    return sdt(b"DSDT", DSDT_REVISION, aml_scope("\\_SB", b"".join(devices) + more_devices))
 
 
 # --- placing them ---------------------------------------------------------------------------------
@@ -388,29 +391,37 @@ def _align(value: int, to: int) -> int:
 
 def layout_acpi(vcpus: int, virtio: Sequence[MmioDevice], com_ports: Sequence[ComPort] = (),
                 overrides: Sequence[InterruptOverride] = (),
-                start: int = ACPI_TABLES_START) -> tuple[AcpiTables, bytes]:
-    """Every table laid out from `start` (RSDP, XSDT, FADT, MADT, DSDT, each 16-byte aligned):
-    the addresses and one image of [start, end). Pure: no guest memory involved."""
-    dsdt_raw, madt_raw = dsdt(virtio, com_ports), madt(vcpus, overrides)
+                start: int = ACPI_TABLES_START, *, more_devices: bytes = b"",
+                more_tables: Sequence[bytes] = (), msi: bool = False) -> tuple[AcpiTables, bytes]:
+    """Every table laid out from `start` (RSDP, XSDT, FADT, MADT, DSDT, then `more_tables` such
+    as MCFG, each 16-byte aligned): the addresses and one image of [start, end). `msi`: as
+    `fadt`'s. Pure: no guest memory involved."""
+    dsdt_raw, madt_raw = dsdt(virtio, com_ports, more_devices), madt(vcpus, overrides)
     a_rsdp = start
     a_xsdt = _align(a_rsdp + RSDP_SIZE, 16)
-    a_fadt = _align(a_xsdt + SDT_HEADER_SIZE + 2 * 8, 16)
+    a_fadt = _align(a_xsdt + SDT_HEADER_SIZE + (2 + len(more_tables)) * 8, 16)
     a_madt = _align(a_fadt + FADT_SIZE, 16)
     a_dsdt = _align(a_madt + len(madt_raw), 16)
     end = a_dsdt + len(dsdt_raw)
+    placed = []
+    for raw in more_tables:
+        placed.append((_align(end, 16), raw))
+        end = placed[-1][0] + len(raw)
     image = bytearray(end - start)
     # The XSDT lists every table but the DSDT, which only the FADT points at (5.2.8, 5.2.9).
-    for address, raw in ((a_rsdp, rsdp(a_xsdt)), (a_xsdt, xsdt((a_fadt, a_madt))),
-                         (a_fadt, fadt(a_dsdt)), (a_madt, madt_raw), (a_dsdt, dsdt_raw)):
+    for address, raw in ((a_rsdp, rsdp(a_xsdt)), (a_xsdt, xsdt((a_fadt, a_madt, *(a for a, _ in placed)))),
+                         (a_fadt, fadt(a_dsdt, msi)), (a_madt, madt_raw), (a_dsdt, dsdt_raw), *placed):
         image[address - start : address - start + len(raw)] = raw
     return AcpiTables(a_rsdp, a_xsdt, a_fadt, a_madt, a_dsdt, end), bytes(image)
 
 
 def write_acpi(mem: GuestMemory, vcpus: int, virtio: Sequence[MmioDevice], com_ports: Sequence[ComPort] = (),
-               overrides: Sequence[InterruptOverride] = ()) -> AcpiTables:
+               overrides: Sequence[InterruptOverride] = (), *, more_devices: bytes = b"",
+               more_tables: Sequence[bytes] = (), msi: bool = False) -> AcpiTables:
     """Write the tables to 0xE0000-0xEFFFF of guest RAM (reserved in hv's e820 map) and return
     where they are; `.rsdp` is what the boot protocols pass to the kernel."""
-    tables, image = layout_acpi(vcpus, virtio, com_ports, overrides)
+    tables, image = layout_acpi(vcpus, virtio, com_ports, overrides, more_devices=more_devices,
+                                more_tables=more_tables, msi=msi)
     if tables.end > ACPI_TABLES_END:
         raise FirmwareTableError("ACPI", f"tables end at {tables.end:#x}, past {ACPI_TABLES_END:#x}")
     mem.write(ACPI_TABLES_START, image)

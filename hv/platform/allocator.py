@@ -56,11 +56,12 @@ class AddressAllocator:
                                   f"outside [{self.start:#x}, {self.end:#x})")
         return self._place(Range(base, size, owner))
 
-    def allocate(self, size: int, owner: str, align: int = 1) -> Range:
-        """The lowest free, `align`-aligned range of `size`."""
+    def allocate(self, size: int, owner: str, align: int = 1, start: int | None = None) -> Range:
+        """The lowest free, `align`-aligned range of `size` (at or above `start`, if given: a
+        window inside the space, as PCI's I/O ports from 0xC000)."""
         if size <= 0 or align <= 0 or align & (align - 1):
             raise AllocationError(self.space, f"{size:#x} bytes for {owner}", "bad size or alignment")
-        candidate = _align_up(self.start, align)
+        candidate = _align_up(max(self.start, start or 0), align)
         for other in self._ranges:
             if candidate + size <= other.base:
                 break

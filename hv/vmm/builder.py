@@ -12,6 +12,7 @@ from hv.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from hv.devices.i8042 import I8042, I8042_PORT, I8042_PORTS
 from hv.devices.serial import COM1_IRQ, COM1_PORT, Serial16550
 from hv.boot.x86 import EntryState
+from hv.devices.pci.virtio_pci import VirtioPciBlk, VirtioPciConsole, VirtioPciRng
 from hv.devices.virtio import VirtioBlk, VirtioConsole, VirtioMmio, VirtioRng
 from hv.devices.virtio.net import DEFAULT_MAC, VirtioNet, parse_mac
 from hv.errors import ConfigError
@@ -25,6 +26,8 @@ from hv.platform import acpi, hostcpu, mptable
 from hv.platform.allocator import DEVICE_MMIO_END, DEVICE_MMIO_START, SystemAllocator
 from hv.vmm.machine import Machine, StopReason, discard_on_error
 from hv.vmm.placement import VIRTIO_TRANSPORTS, DevicePlacement, VirtioDeviceSpec, place_virtio_device
+from hv.devices.pci.root import PciAddress
+from hv.vmm.pci import PciDevice, pci_firmware, register_pci_device, virtio_pci_layout
 
 
 def create_vcpus(kvm: Kvm, vm: Vm) -> None:
@@ -68,8 +71,8 @@ class VirtioRngSpec:
     def kind(self) -> str:
         return VirtioRng.KIND
 
-    def build(self, memory: GuestMemory) -> VirtioMmio:
-        return VirtioRng(memory)
+    def build(self, memory: GuestMemory, transport: str = "mmio") -> VirtioMmio:
+        return (VirtioPciRng if transport == "pci" else VirtioRng)(memory)
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,8 @@ class VirtioConsoleSpec:
     def kind(self) -> str:
         return VirtioConsole.KIND
 
-    def build(self, memory: GuestMemory) -> VirtioMmio:
-        return VirtioConsole(memory, self.output)
+    def build(self, memory: GuestMemory, transport: str = "mmio") -> VirtioMmio:
+        return (VirtioPciConsole if transport == "pci" else VirtioConsole)(memory, self.output)
 
 
 @dataclass
@@ -102,10 +105,11 @@ class VirtioBlkSpec:
     def kind(self) -> str:
         return VirtioBlk.KIND
 
-    def build(self, memory: GuestMemory) -> VirtioMmio:
+    def build(self, memory: GuestMemory, transport: str = "mmio") -> VirtioMmio:
         self.fd_taken = True
         try:
-            return VirtioBlk(memory, self.path, read_only=self.read_only, fd=self.fd)
+            model = VirtioPciBlk if transport == "pci" else VirtioBlk
+            return model(memory, self.path, read_only=self.read_only, fd=self.fd)
         except BaseException:
             if self.fd is not None:
                 os.close(self.fd)
@@ -167,12 +171,17 @@ def _legacy_layout() -> tuple[DevicePlacement, ...]:
 
 def virtio_layout(selected: Iterable[str], transport: str = "mmio") -> tuple[DevicePlacement, ...]:
     """Where the selected virtio devices go, in slot order, as `Machine.add_virtio_device` puts
-    them on a machine with the standard devices; plain data, no KVM needed."""
+    them on a machine with the standard devices (on `transport`: "pci", the host bridge first,
+    then the functions); plain data, no KVM needed."""
     chosen = set(selected)
     known = [device_id for device_id, _ in VIRTIO_KINDS]
     if unknown := chosen - set(known):
         raise ConfigError("virtio", sorted(unknown), f"not one of {known}")
+    if transport not in VIRTIO_TRANSPORTS:
+        raise ConfigError("transport", transport, f"not one of {VIRTIO_TRANSPORTS}")
     layout = _legacy_layout()
+    if transport == "pci":
+        return virtio_pci_layout(layout, [device_id for device_id, _ in VIRTIO_KINDS if device_id in chosen])
     placed: list[DevicePlacement] = []
     for device_id, kind in VIRTIO_KINDS:
         if device_id in chosen:
@@ -180,10 +189,14 @@ def virtio_layout(selected: Iterable[str], transport: str = "mmio") -> tuple[Dev
     return tuple(placed)
 
 
-def standard_layout(virtio: Iterable[str] = ()) -> tuple[DevicePlacement, ...]:
-    """The device placements `blank_machine` produces (with the virtio device ids `virtio`),
-    sorted by id as `Machine.device_layout`."""
-    return tuple(sorted((*_legacy_layout(), *virtio_layout(virtio)), key=lambda p: p.device_id))
+def standard_layout(virtio: Iterable[str] = (), pci: Iterable[str] = ()) -> tuple[DevicePlacement, ...]:
+    """The device placements `blank_machine` produces (with the virtio device ids `virtio`, those
+    in `pci` on virtio-pci, after the others), sorted by id as `Machine.device_layout`."""
+    virtio, on_pci = tuple(virtio), set(pci)
+    legacy = _legacy_layout()
+    mmio = virtio_layout(d for d in virtio if d not in on_pci)
+    functions = virtio_pci_layout((*legacy, *mmio), [d for d in virtio if d in on_pci])
+    return tuple(sorted((*legacy, *mmio, *functions), key=lambda p: p.device_id))
 
 
 @dataclass(frozen=True)
@@ -195,6 +208,7 @@ class VirtioConfig:
     console_out: Callable[[bytes], None] | None = None
     rng: bool = False
     disk_fd: int | None = None  # the disk already open at `disk` (the device takes it over)
+    pci: tuple[str, ...] = ()  # the device ids put on virtio-pci (the others on virtio-mmio)
     net: VirtioNetSpec | None = None
 
     def specs(self) -> tuple[VirtioDeviceSpec, ...]:
@@ -217,15 +231,20 @@ class VirtioConfig:
 def add_virtio_devices(
     machine: Machine, disk: Path | None = None, disk_readonly: bool = False,
     console_out: Callable[[bytes], None] | None = None, rng: bool = False, disk_fd: int | None = None,
+    pci: Iterable[str] = (),
 ) -> tuple[DevicePlacement, ...]:
     """Add virtio-blk (a file; `disk_fd`: that file already open, taken over), virtio-console
     (output to `console_out`) and virtio-rng, those asked for, in that order, each through
-    `Machine.add_virtio_device` (so at the slots `virtio_layout` computes)."""
+    `Machine.add_virtio_device` (so at the slots `virtio_layout` computes); those whose ids are in
+    `pci` on virtio-pci, after the others (`virtio_pci_layout`)."""
     specs = VirtioConfig(disk, disk_readonly, console_out, rng, disk_fd).specs()
     if disk is None and disk_fd is not None:
         os.close(disk_fd)  # an fd without a disk to serve: nobody will take it
+    on_pci = set(pci)
     try:
-        return tuple(machine.add_virtio_device(spec) for spec in specs)
+        ordered = sorted(specs, key=lambda spec: spec.device_id in on_pci)  # MMIO first
+        return tuple(machine.add_virtio_device(spec, "pci" if spec.device_id in on_pci else "mmio")
+                     for spec in ordered)
     finally:
         for spec in specs:  # a disk fd never handed to a device is ours to close
             if isinstance(spec, VirtioBlkSpec) and spec.fd is not None and not spec.fd_taken:
@@ -263,12 +282,15 @@ def write_firmware_tables(machine: Machine) -> FirmwareTables:
     stock Linux kernel learns it has more than one CPU, and finds virtio-mmio devices at all."""
     layout = {p.device_id: p for p in machine.device_layout()}
     virtio_ids = {device_id for device_id, _ in VIRTIO_KINDS}
-    virtio = sorted((p for p in layout.values() if p.device_id in virtio_ids), key=lambda p: p.mmio[0][0])
+    virtio = sorted((p for p in layout.values() if p.device_id in virtio_ids and p.pci is None),
+                    key=lambda p: p.mmio[0][0])
     serial = next(d for d in STANDARD_DEVICES if d.device_id == "serial0")
     vcpus = machine.vm.config.vcpus
     memory = machine.vm.memory
+    pci_devices, pci_tables = pci_firmware(machine)
     tables = acpi.write_acpi(memory, vcpus, [acpi.MmioDevice(*p.mmio[0], p.irqs[0]) for p in virtio],
-                             [acpi.ComPort(serial.pio[0], serial.irqs[0])] if "serial0" in layout else [])
+                             [acpi.ComPort(serial.pio[0], serial.irqs[0])] if "serial0" in layout else [],
+                             more_devices=pci_devices, more_tables=pci_tables, msi=bool(pci_tables))
     mp = mptable.write_mptable(memory, vcpus) if vcpus <= mptable.MAX_CPUS else None
     return FirmwareTables(tables, mp)
 
@@ -321,7 +343,7 @@ def blank_machine(
     if virtio is not None:
         with discard_on_error(machine):
             add_virtio_devices(machine, virtio.disk, virtio.disk_readonly, virtio.console_out, virtio.rng,
-                               virtio.disk_fd)
+                               virtio.disk_fd, virtio.pci)
             if virtio.net is not None:
                 machine.add_virtio_device(virtio.net, transport=virtio.net.transport)
     return machine
@@ -386,7 +408,7 @@ class ArchMemoryLayout:
 class X8664Arch:
     """crosvm's `LinuxArch` for x86-64 (its `X8664arch`): the memory layout, the allocator, a
     built machine, each vCPU's configuration, and the host's CPU facts. Stateless; the methods
-    are static as crosvm's are associated functions. (`register_pci_device`: branch `pci`.)"""
+    are static as crosvm's are associated functions."""
 
     @staticmethod
     def arch_memory_layout(config: VmConfig) -> ArchMemoryLayout:
@@ -396,6 +418,12 @@ class X8664Arch:
     def guest_memory_layout(config: VmConfig, layout: ArchMemoryLayout) -> list[tuple[int, int]]:
         """(guest base, size) of each RAM region: below the MMIO hole, then above 4 GiB."""
         return config.memory_layout()  # which leaves out layout.mmio_hole
+
+    @staticmethod
+    def register_pci_device(machine: Machine, device: PciDevice) -> PciAddress:
+        """A PCI function on the machine's bus 0: BARs, INTx line and MSI-X vectors placed and
+        wired (`hv.vmm.pci.register_pci_device`); its address."""
+        return register_pci_device(machine, device)
 
     @staticmethod
     def get_system_allocator_config(vm: Vm) -> SystemAllocator:

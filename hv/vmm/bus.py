@@ -59,6 +59,16 @@ class Bus:
             self._entries.insert(i, (rng, device))
         return rng
 
+    def remove(self, base: int) -> BusRange:
+        """Take the range at `base` off the bus (a PCI BAR the guest moved or stopped decoding)."""
+        with self._lock:
+            i = bisect.bisect_left(self._bases, base)
+            if i == len(self._bases) or self._bases[i] != base:
+                raise KeyError(f"{self.name}: no range at {base:#x}")
+            del self._bases[i]
+            rng, _ = self._entries.pop(i)
+        return rng
+
     def ranges(self) -> list[BusRange]:
         return [r for r, _ in self._entries]
 

@@ -2,7 +2,8 @@
 
     hv info [--json]                          what this host's KVM and CPUs offer
     hv run [--kernel ELF|bzImage [--initrd FILE]] [--mem 1G] [--cpus N] [--cmdline ...]
-           [--disk FILE[,ro]] [--virtio-console] [--rng] [--net tap=NAME[,mac=..][,bridge=..]] [--console FILE]
+           [--disk FILE[,ro][,transport=pci]] [--virtio-console [pci]] [--rng [pci]] [--console FILE]
+           [--net tap=NAME[,mac=..][,bridge=BR]]
            [--ws MiB --rate MiB/s --every N --passes N]     (built-in guest options)
            [--api SOCK]                       control socket: see hv/vmm/control.py
     hv status|pause|resume|stop SOCK [--json] a running VM, through its control socket
@@ -101,20 +102,33 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+TRANSPORTS = ("mmio", "pci")
+
+
 def _virtio(args: argparse.Namespace, console) -> VirtioConfig | None:
-    """--disk FILE[,ro], --virtio-console, --rng -> the virtio devices (None: none)."""
-    disk, readonly = None, False
+    """--disk FILE[,ro][,transport=pci], --virtio-console [pci], --rng [pci] -> the virtio
+    devices (None: none). The transport is chosen per device, as QEMU's -device virtio-blk-pci
+    or virtio-blk-device is: one machine can have both (and compare them); MMIO by default."""
+    disk, readonly, pci = None, False, []
     if args.disk:
-        name, _, flag = args.disk.partition(",")
-        if flag not in ("", "ro"):
-            raise ConfigError("--disk", args.disk, "expected FILE or FILE,ro")
-        disk, readonly = Path(name), flag == "ro"
+        name, *flags = args.disk.split(",")
+        transports = [f.removeprefix("transport=") for f in flags if f.startswith("transport=")]
+        if any(f not in ("ro",) and not f.startswith("transport=") for f in flags) \
+                or len(transports) > 1 or any(t not in TRANSPORTS for t in transports):
+            raise ConfigError("--disk", args.disk, "expected FILE[,ro][,transport=mmio|pci]")
+        disk, readonly = Path(name), "ro" in flags
+        if transports == ["pci"]:
+            pci.append("virtio-blk0")
         if not disk.is_file():
             raise ConfigError("--disk", args.disk, "no such file")
+    for device_id, transport in (("virtio-console0", args.virtio_console), ("virtio-rng0", args.rng)):
+        if transport == "pci":
+            pci.append(device_id)
     net = VirtioNetSpec.parse(args.net) if args.net else None
     if disk is None and not args.virtio_console and not args.rng and net is None:
         return None
-    return VirtioConfig(disk, readonly, console if args.virtio_console else None, args.rng, net=net)
+    return VirtioConfig(disk, readonly, console if args.virtio_console else None, bool(args.rng), pci=tuple(pci),
+                        net=net)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -313,9 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop the VM after this many seconds; 0: never")
     run.add_argument("--console", metavar="FILE|-", help="COM1's bytes, raw, appended to FILE instead of "
                      "the terminal (-: the terminal, the default); input still comes from the terminal")
-    run.add_argument("--disk", metavar="FILE[,ro]", help="virtio-blk backed by FILE (,ro: read-only)")
-    run.add_argument("--virtio-console", action="store_true", help="virtio-console, output to the console")
-    run.add_argument("--rng", action="store_true", help="virtio-rng")
+    run.add_argument("--disk", metavar="FILE[,ro][,transport=pci]",
+                     help="virtio-blk backed by FILE (,ro: read-only; ,transport=pci: on virtio-pci, else virtio-mmio)")
+    run.add_argument("--virtio-console", nargs="?", const="mmio", choices=TRANSPORTS, metavar="pci",
+                     help="virtio-console, output to the console (pci: on virtio-pci)")
+    run.add_argument("--rng", nargs="?", const="mmio", choices=TRANSPORTS, metavar="pci",
+                     help="virtio-rng (pci: on virtio-pci)")
     run.add_argument("--net", metavar="tap=NAME[,mac=M][,bridge=BR][,transport=mmio]",
                      help="virtio-net on tap NAME (created if absent; joined to bridge BR)")
     run.add_argument("--api", metavar="SOCK", help="serve a control socket (pause, resume, stop, status, "

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from enum import IntEnum
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.text import Text
@@ -99,8 +100,9 @@ def exit_status(error: BaseException, rows: ExitRows) -> ExitStatus:
 
 def _subclasses(root: type) -> Iterable[type]:
     yield root
-    for sub in root.__subclasses__():
-        yield from _subclasses(sub)
+    subclasses: list[type] = root.__subclasses__()
+    for subclass in subclasses:
+        yield from _subclasses(subclass)
 
 
 def say(prog: str, message: str, style: str = "bold") -> None:
@@ -132,11 +134,11 @@ class Parser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of exiting, and shows defaults and the epilog as
     written. Subcommand parsers are of this class too."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # argparse's own, passed on
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
@@ -151,10 +153,10 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def verbosity_options() -> argparse.ArgumentParser:
+def verbosity_options() -> Parser:
     """-v/-q as a parent parser: given to the main parser and every subcommand, so they work
     before or after the subcommand's name."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = Parser(add_help=False)
     p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                    help="log more to stderr: -v what the VMM does (info), -vv everything (debug)")
     p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
@@ -236,7 +238,7 @@ def run_parser(prog: str, description: str, epilog: str = "") -> tuple[Parser, C
     main = Parser(prog=prog, description=description, epilog=(epilog + "\n\n" if epilog else "") + EXIT_STATUS_HELP,
                   parents=[common])
     add_version(main)
-    sub = main.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    sub: argparse._SubParsersAction[Parser] = main.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     def command(name: str, help: str, examples: str = "") -> Parser:
         epilog = (f"examples:\n{examples.rstrip()}\n\n" if examples else "") + EXIT_STATUS_HELP

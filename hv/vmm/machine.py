@@ -12,6 +12,10 @@ further instructions to be executed"). A vCPU parks only after that EINTR, so a 
 half-done I/O and its state can be read and saved. It parks in C, inside the vCPU loop
 (`kvmig_park`), and resumes from there: neither a pause nor a resume waits for the interpreter
 lock, which whatever else runs in the VMM (a migration) may hold.
+
+Over 450 lines, as one room on purpose: `Machine` is one state machine (the run states above,
+the vCPU threads, pause/resume/stop and the devices' lifecycle), whose transitions share one lock
+and one condition; what stands alone already lives apart (buses, ownership, the builder).
 """
 
 from __future__ import annotations
@@ -42,8 +46,10 @@ from hv.kvm.exits import (
 from hv.kvm.vcpu import Vcpu
 from hv.kvm.vm import Vm
 from hv.persist import Device, Lifecycle
+from hv.devices.pci.virtio_pci import VirtioPci
 from hv.vmm.bus import Bus
-from hv.vmm.placement import DevicePlacement, VirtioDeviceSpec, place_virtio_device
+from hv.vmm.pci import register_pci_device
+from hv.vmm.placement import VIRTIO_TRANSPORTS, DevicePlacement, PciPlacement, VirtioDeviceSpec, place_virtio_device
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +154,7 @@ class Machine:
 
     def add_device(
         self, device_id: str, device: Device, *, pio: tuple[int, int] | None = None,
-        mmio: tuple[int, int] | None = None, irqs: tuple[int, ...] = (),
+        mmio: tuple[int, int] | None = None, irqs: tuple[int, ...] = (), pci: PciPlacement | None = None,
     ) -> DevicePlacement:
         """Attach a device model at a port range and/or MMIO range, and record where it is. A
         device that implements `Lifecycle` is paused, resumed and stopped with the vCPUs."""
@@ -162,7 +168,7 @@ class Machine:
         if mmio:
             self.mmio_bus.insert(mmio[0], mmio[1], device, device_id)
         placement = DevicePlacement(device_id, device.KIND, (pio,) if pio else (),
-                                    (mmio,) if mmio else (), tuple(irqs))
+                                    (mmio,) if mmio else (), tuple(irqs), pci)
         self.devices[device_id] = device
         self.placements[device_id] = placement
         if isinstance(device, Lifecycle):
@@ -175,6 +181,18 @@ class Machine:
         the machine first starts (arcbox VirtualMachine::add_virtio_device)."""
         if self._state is not RunState.CREATED or self._ran:
             raise LifecycleError(self._state, f"add virtio device {spec.device_id!r} (only before it starts)")
+        if transport not in VIRTIO_TRANSPORTS:
+            raise ConfigError("transport", transport, f"not one of {VIRTIO_TRANSPORTS}")
+        if transport == "pci":
+            device = spec.build(self.vm.memory, transport)
+            try:
+                if not isinstance(device, VirtioPci):
+                    raise ConfigError("transport", transport, f"{type(device).__name__} is not a virtio-pci function")
+                register_pci_device(self, device, spec.device_id)
+            except BaseException:
+                device.stop()
+                raise
+            return self.placements[spec.device_id]
         placement = place_virtio_device(self.device_layout(), spec.device_id, spec.kind, transport)
         (base, size), = placement.mmio
         device = spec.build(self.vm.memory)
@@ -311,8 +329,9 @@ class Machine:
     def _kick_all(self) -> None:
         for slot in self._slots:
             slot.vcpu.immediate_exit = True
-            ident = slot.thread.ident if slot.thread else None
-            if ident is not None and slot.thread.is_alive():
+            thread = slot.thread
+            ident = thread.ident if thread else None
+            if thread is not None and ident is not None and thread.is_alive():
                 try:
                     signal.pthread_kill(ident, KICK_SIGNAL)
                 except ProcessLookupError:

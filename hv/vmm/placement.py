@@ -13,6 +13,17 @@ from hv.platform.allocator import SystemAllocator
 
 
 @dataclass(frozen=True)
+class PciPlacement:
+    """A PCI function's place in the topology and identity, and its BARs as firmware placed them."""
+
+    address: tuple[int, int, int]  # bus, device, function
+    vendor_id: int
+    device_id: int
+    class_code: int
+    bars: tuple[tuple[int, str, int, int], ...] = ()  # (index, kind, address, size)
+
+
+@dataclass(frozen=True)
 class DevicePlacement:
     """Where a device sits: what a migration target must reproduce exactly."""
 
@@ -21,10 +32,12 @@ class DevicePlacement:
     pio: tuple[tuple[int, int], ...] = ()  # (base port, length)
     mmio: tuple[tuple[int, int], ...] = ()  # (guest address, length)
     irqs: tuple[int, ...] = ()
+    pci: PciPlacement | None = None  # a PCI function's topology (hv.vmm.pci places those)
 
 
-
-VIRTIO_TRANSPORTS = ("mmio",)  # how a virtio device meets the guest (branch `pci` adds "pci")
+# how a virtio device meets the guest: a virtio-mmio window (placed here), or a PCI function
+# (placed by `hv.vmm.pci.register_pci_device`)
+VIRTIO_TRANSPORTS = ("mmio", "pci")
 
 
 class VirtioDeviceSpec(Protocol):
@@ -37,7 +50,7 @@ class VirtioDeviceSpec(Protocol):
     @property
     def kind(self) -> str: ...  # the model's declared KIND, known before it is built
 
-    def build(self, memory: GuestMemory) -> VirtioMmio: ...
+    def build(self, memory: GuestMemory, transport: str = "mmio") -> VirtioMmio: ...
 
 
 def place_virtio_device(layout: tuple[DevicePlacement, ...], device_id: str, kind: str,
@@ -45,8 +58,8 @@ def place_virtio_device(layout: tuple[DevicePlacement, ...], device_id: str, kin
     """Where a virtio device goes on a machine whose devices are `layout`: the next free 4 KiB
     window from 0xD0000000 and the next free IRQ. Plain data, no KVM: a migration target computes
     a whole layout with it (`builder.virtio_layout`) before building anything."""
-    if transport not in VIRTIO_TRANSPORTS:
-        raise ConfigError("transport", transport, f"not one of {VIRTIO_TRANSPORTS}")
+    if transport != "mmio":
+        raise ConfigError("transport", transport, "placed here: mmio (a PCI function is placed by hv.vmm.pci)")
     alloc = SystemAllocator.x86()
     for placed in layout:
         for irq in placed.irqs:

@@ -14,7 +14,8 @@ tests/migrate/test_datapath.py proves each against the reference, both given the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,10 +37,12 @@ from formats import (
 )
 from formats import StreamReader
 from formats.digest import DIGEST_BLOCK
-from formats.layout import PAGE_SHIFT, PAGE_SIZE
+from formats.layout import PAGE_SHIFT, PAGE_SIZE, as_bytes_view
 from formats.pages import BODY_HEADER, RUN, RUN_DTYPE, PageEncoding
-from migrate.datapath._datapath import ffi, lib  # type: ignore[import-not-found]
+from migrate.datapath._datapath import ffi, lib
 from migrate.errors import MigrateError
+
+CData = Any  # a cffi struct, array or pointer: its fields are declared in C (pages.h), not here
 
 if TYPE_CHECKING:
     from hv.kvm.memory import GuestMemory
@@ -60,7 +63,7 @@ class DataPathError(MigrateError):
 class _Zstd:
     """A zstd context (not thread-safe: one per encoder or decoder)."""
 
-    def __init__(self, new, free, name: str) -> None:
+    def __init__(self, new: Callable[[], CData], free: Callable[[CData], None], name: str) -> None:
         self.ptr = ffi.gc(new(), free)
         if self.ptr == ffi.NULL:
             raise MemoryError(name)
@@ -82,7 +85,8 @@ class _WorkAreas:
     def __init__(self, section_pages: int) -> None:
         self.scratch = _uninitialised(section_pages * PAGE_SIZE)
         self.capacity = 0
-        self.sections = self.pieces = None
+        self.sections: CData = ffi.NULL  # kvmig_page_section[capacity]
+        self.pieces: CData = ffi.NULL  # kvmig_payload_piece[capacity]
         self.zero_runs = np.empty(0, dtype=np.uint64)
 
     def fit(self, npages: int) -> None:
@@ -117,9 +121,7 @@ class PageEncoderC:
     def encode(self, address: int, pages: object) -> list[PageSection]:
         """Sections for the memory `pages` (a contiguous, page-multiple buffer) at `address`.
         Each section's parts are its head and its payloads, views of buffers this call made."""
-        mem = memoryview(pages)  # type: ignore[arg-type]
-        if not mem.contiguous:
-            raise ValueError("pages must be a contiguous buffer")
+        mem = as_bytes_view(pages)
         size = mem.nbytes
         if address % PAGE_SIZE or size % PAGE_SIZE:
             raise ValueError("address and length must be page aligned")
@@ -149,8 +151,8 @@ class PageEncoderC:
         self.frames_judged_raw += judged_raw[0]
         for zero_address, zero_size in work.zero_runs[:2 * nzero[0]].reshape(-1, 2).tolist():
             self.zero_ranges.add(zero_address, zero_size)
-        sources = (memoryview(payloads), mem.cast("B") if mem.format != "B" or mem.ndim != 1 else mem)
-        head_view = memoryview(heads)
+        sources = (payloads.data, mem.cast("B") if mem.format != "B" or mem.ndim != 1 else mem)
+        head_view = heads.data
         sections = []
         for s in work.sections[0:count]:
             pieces = work.pieces[s.first_piece:s.first_piece + s.pieces]
@@ -177,7 +179,7 @@ def place_pages(reader: StreamReader, memory: GuestMemory) -> None:
     reader.decode_pages_with(PageDecoderC(layout, hosts))
 
 
-def zstd_decompressor():
+def zstd_decompressor() -> Callable[[memoryview, int], bytes]:
     """A `decompress(frame, size) -> bytes` over this module's libzstd, for the reference decoder
     (`formats.PageDecoder(decompress=...)`): zstd versions differ in which damaged frames they
     call corrupt, so only one library can show the two decoders judge every body alike."""
@@ -198,7 +200,7 @@ def zstd_decompressor():
 def block_hashes(memory: object, blocks: np.ndarray, block: int = DIGEST_BLOCK) -> np.ndarray:
     """`formats.digest.block_hash(memory, i)` for every block index in `blocks`, in one call
     (a pass over many blocks holds the GIL for none of them). Out-of-range blocks hash as empty."""
-    mem = memoryview(memory).cast("B")  # type: ignore[arg-type]
+    mem = as_bytes_view(memory)
     index = np.ascontiguousarray(blocks, dtype=np.uint64)
     out = np.empty(len(index), dtype=np.uint64)
     if len(index):
@@ -207,7 +209,7 @@ def block_hashes(memory: object, blocks: np.ndarray, block: int = DIGEST_BLOCK) 
     return out
 
 
-def zstd_compressor(level: int):
+def zstd_compressor(level: int) -> Callable[[bytes | memoryview], bytes]:
     """A `compress(frame) -> bytes` over this module's libzstd, for the reference encoder
     (`formats.PageEncoder(compress=...)`), so both paths compress with the same library."""
     cctx = _new_cctx()
@@ -234,12 +236,12 @@ class PageDecoderC:
     migration target's before it starts, a restore's staging RAM). ZERO runs are not written:
     the caller gives those pages back to the host, from the run table `apply` returns."""
 
-    def __init__(self, memory: MemoryLayout, hosts: list[object], limits: PageLimits | None = None, *,
+    def __init__(self, memory: MemoryLayout, hosts: Sequence[object], limits: PageLimits | None = None, *,
                  populate: bool = True) -> None:
         if len(hosts) != len(memory.ranges):
             raise ValueError(f"{len(hosts)} host buffers for {len(memory.ranges)} RAM ranges")
         self.memory, self.limits = memory, limits or PageLimits()
-        views = [memoryview(h).cast("B") for h in hosts]  # type: ignore[arg-type]
+        views = [as_bytes_view(h) for h in hosts]
         for r, v in zip(memory.ranges, views, strict=True):
             if v.readonly or v.nbytes != r.size:
                 raise ValueError(f"host buffer for {r.address:#x}: {v.nbytes} bytes, writable {not v.readonly}; "
@@ -276,7 +278,7 @@ class PageDecoderC:
                                                     table["encoding"].tolist())]
         return runs, totals
 
-    def _error(self, body: bytes | memoryview, offset: int, err) -> FormatError:
+    def _error(self, body: bytes | memoryview, offset: int, err: CData) -> FormatError:
         """The reference decoder's error for the check that refused the body."""
         at = offset + err.offset
         run_at = offset + BODY_HEADER.size + err.run * RUN.size

@@ -3,7 +3,8 @@
 cffi releases the interpreter lock around every call into this module, so the vCPU threads of
 the VMM (which handle each exit in Python) keep running while a round is encoded. It links the
 system's libzstd and inlines the system's xxhash (Debian: libzstd-dev, libxxhash-dev; the
-Makefile installs them). The C source is `pages.c` beside this file.
+Makefile installs them). The C source is `pages.c` beside this file; what Python may call
+is declared in `pages.h`.
 """
 
 from __future__ import annotations
@@ -14,75 +15,21 @@ import cffi
 
 ffibuilder = cffi.FFI()
 
-# Shared by the declarations cffi checks and the C source.
-_TYPES = """
-typedef struct {
-    uint64_t address;        /* guest-physical address of the first page */
-    uint64_t npages;
-    int level;               /* zstd level; 0: every data frame is sent RAW */
-    int stable;              /* 1: memory does not change while it is read (a paused guest) */
-    uint32_t section_pages;  /* most data pages in one section, and in one frame */
-    uint32_t min_zero_pages; /* shorter zero holes between data travel as data */
-    uint32_t max_runs;       /* most descriptors in one section */
-    uint32_t sample_bytes;   /* > 0: frames judged by a sample first (formats/SPEC.md 3) */
-} kvmig_page_params;
+_HERE = Path(__file__).resolve().parent
 
-typedef struct {
-    size_t head_offset, head_length;  /* in `heads` */
-    size_t first_piece, pieces;       /* its payloads, in order */
-    uint64_t digest;                  /* xxh3-64 of head + payloads: the body's */
-    uint64_t pages, zero_pages, raw_bytes, payload_bytes;
-} kvmig_page_section;
 
-typedef struct {
-    int in_guest;                     /* 1: bytes of the guest memory given; 0: of `payloads` */
-    size_t offset, length;
-} kvmig_payload_piece;
+def header_declarations(header: Path) -> str:
+    """The part of `header` between its `/* cffi: begin */` and `/* cffi: end */` markers: the
+    declarations cffi's cdef reads, written once, in C (as hv/binding/build.py reads its own
+    headers; a build script cannot import the package it builds, so the four lines are twice)."""
+    text = header.read_text()
+    begin, end = text.index("/* cffi: begin */"), text.index("/* cffi: end */")
+    return text[begin + len("/* cffi: begin */"):end]
 
-typedef struct { uint64_t address, size; uint8_t *host; } kvmig_ram_range;  /* host: its bytes */
-typedef struct { uint32_t max_runs; uint64_t max_run_bytes, max_section_raw; } kvmig_page_limits;
-typedef struct { uint64_t pages, zero_pages, raw_bytes, payload_bytes; } kvmig_page_totals;
-typedef struct {
-    int code;           /* KVMIG_DEC_*: which of the reference decoder's checks refused the body */
-    int64_t run;        /* the run it concerns, or -1 */
-    uint64_t offset;    /* in the body */
-    uint64_t expected, found;
-} kvmig_decode_error;
-"""
 
-_ERRORS = {"KVMIG_ENOSPACE": -1, "KVMIG_ECOMPRESS": -2, "KVMIG_EINVAL": -3}
-# kvmig_decode_error.code, one per check of formats.pages.PageDecoder.decode (0 is no error)
-_DECODE_ERRORS = ["TRUNCATED", "RESERVED", "TOO_MANY_RUNS", "ENCODING", "OUTSIDE", "OVERLAP",
-                  "ZERO_PAYLOAD", "RAW_LENGTH", "RUN_TOO_LARGE", "SECTION_TOO_LARGE", "TRAILING",
-                  "ZSTD", "FRAME_SIZE", "DECOMPRESSED_SIZE", "CHECKSUM"]
-_ERRORS |= {f"KVMIG_DEC_{name}": code for code, name in enumerate(_DECODE_ERRORS, start=1)}
-
-ffibuilder.cdef(_TYPES + "".join(f"#define {name} {value}\n" for name, value in _ERRORS.items()) + """
-long kvmig_encode_pages(void *cctx, const uint8_t *mem, const kvmig_page_params *prm,
-                        uint8_t *heads, size_t heads_cap, uint8_t *payloads, size_t payloads_cap,
-                        uint8_t *scratch, kvmig_page_section *sections, size_t sections_cap,
-                        kvmig_payload_piece *pieces, size_t pieces_cap,
-                        uint64_t *zero_runs, size_t zero_cap, size_t *nzero, uint64_t *judged_raw);
-void *kvmig_zstd_cctx_new(void);
-void kvmig_zstd_cctx_free(void *cctx);
-long kvmig_zstd_compress(void *cctx, int level, const uint8_t *src, size_t len, uint8_t *dst, size_t dst_cap);
-uint64_t kvmig_xxh3(const uint8_t *p, size_t len);
-long kvmig_decode_pages(void *dctx, const uint8_t *body, size_t len, const kvmig_ram_range *ranges,
-                        size_t nranges, const kvmig_page_limits *lim, int populate,
-                        kvmig_page_totals *totals, kvmig_decode_error *err);
-void *kvmig_zstd_dctx_new(void);
-void kvmig_zstd_dctx_free(void *dctx);
-long kvmig_zstd_decompress(void *dctx, const uint8_t *src, size_t len, uint8_t *dst, size_t cap);
-void kvmig_block_hashes(const uint8_t *mem, uint64_t len, uint64_t block_size, const uint64_t *blocks,
-                        size_t n, uint64_t *out);
-""")
-
-_SOURCE = ("#include <stddef.h>\n#include <stdint.h>\n" + _TYPES
-           + "".join(f"#define {name} ({value})\n" for name, value in _ERRORS.items())
-           + (Path(__file__).parent / "pages.c").read_text())
-
-ffibuilder.set_source("migrate.datapath._datapath", _SOURCE, libraries=["zstd"],
-                      extra_compile_args=["-O3", "-march=native", "-Wall"])
+ffibuilder.cdef(header_declarations(_HERE / "pages.h"))
+ffibuilder.set_source("migrate.datapath._datapath", '#include "pages.c"\n', include_dirs=[str(_HERE)],
+                      libraries=["zstd"], extra_compile_args=["-O3", "-march=native", "-Wall"])
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

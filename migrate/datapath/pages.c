@@ -18,10 +18,16 @@
  * payloads as pieces: views of the guest memory itself (a RAW frame of stable memory: no copy)
  * or of `payloads` (compressed frames, and copies of memory that may change); its body is head
  * then pieces, `digest` is xxh3-64 of that body (what the record framing hashes).
+ *
+ * Over 450 lines, as one file on purpose: the encoder and the decoder are the two halves of one
+ * byte layout (formats/SPEC.md section 3), written step for step after formats/pages.py, which
+ * holds both halves too; side by side, each is read against the other and against the reference.
  */
 #include <stdint.h>
 #include <string.h>
 #include <zstd.h>
+
+#include "pages.h"
 #include <zstd_errors.h>
 #define XXH_INLINE_ALL
 #include <xxhash.h>
@@ -341,7 +347,7 @@ uint64_t kvmig_xxh3(const uint8_t *p, size_t len) { return XXH3_64bits(p, len); 
  */
 #include <sys/mman.h>
 #ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
+#include <linux/mman.h>  /* a C library older than the kernel's header: the kernel's own number */
 #endif
 
 static uint32_t get_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }

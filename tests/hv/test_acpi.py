@@ -376,3 +376,31 @@ def test_firmware_tables_in_guest_ram_where_e820_says_reserved(kvm: Kvm) -> None
     finally:
         machine.stop()
         machine.vm.close()
+
+
+def test_pci_root_and_mcfg_disassemble_with_iasl(tmp_path: Path) -> None:
+    """A machine with PCI: MCFG gives the ECAM window for bus 0, the DSDT's PNP0A08 root its bus
+    range, 0xCF8 ports, I/O and memory windows (the ECAM window left out, claimed by PNP0C02)
+    and each device's INTA line; the FADT no longer says MSI is unsupported."""
+    from hv.platform import pci_acpi
+
+    bridge = pci_acpi.PciHostBridge(0xE000_0000, 0, (0xC000, 0x1_0000), (0xD000_0000, 0xFEC0_0000), ((1, 5), (2, 6)))
+    layout, image = acpi.layout_acpi(2, [], [COM1], more_devices=pci_acpi.pci_root_device(bridge),
+                                     more_tables=[pci_acpi.mcfg(bridge)], msi=True)
+    tables = read_all(image, layout.rsdp)
+    assert sorted(tables) == [b"APIC", b"DSDT", b"FACP", b"MCFG", b"XSDT"]
+    base, segment, start, end = struct.unpack_from("<QHBB", tables[b"MCFG"].body, 8)
+    assert (base, segment, start, end) == (0xE000_0000, 0, 0, 0)
+    boot_arch, = struct.unpack_from("<H", tables[b"FACP"].raw, 109)
+    assert not boot_arch & acpi.IAPC_BOOT_ARCH_MSI_NOT_SUPPORTED
+    mcfg = _iasl_disassemble(tmp_path, "mcfg", tables[b"MCFG"].raw)
+    assert "Base Address : 00000000E0000000" in mcfg and "End Bus Number : 00" in mcfg
+    dsl = _iasl_disassemble(tmp_path, "dsdt", tables[b"DSDT"].raw)
+    assert 'Name (_HID, EisaId ("PNP0A08")' in dsl and 'Name (_CID, EisaId ("PNP0A03")' in dsl
+    assert 'Name (_HID, EisaId ("PNP0C02")' in dsl
+    assert "WordBusNumber (ResourceProducer" in dsl and "0x0CF8,             // Range Minimum" in dsl
+    assert "0xC000,             // Range Minimum" in dsl
+    for low, high in ((0xD000_0000, 0xDFFF_FFFF), (0xE010_0000, 0xFEBF_FFFF)):
+        assert f"0x{low:08X},         // Range Minimum" in dsl and f"0x{high:08X},         // Range Maximum" in dsl
+    assert "0x0001FFFF," in dsl and "0x0002FFFF," in dsl
+    assert "**** " not in dsl and "Invalid" not in dsl

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from hv.devices.serial import Serial16550
 from hv.errors import ConfigError
 from hv.guests import builtin as bg
 from hv.kvm.kvm import Kvm
@@ -188,6 +189,9 @@ def test_state_moves_to_a_second_vm_which_carries_on_identically(kvm: Kvm, vcpus
         source.start()
         source_console.wait_pass(2, timeout=20)
         source.pause()
+        # bytes the UART's output thread took before the pause reach the console first (it may
+        # lag on a loaded host); what the guest sent after them is in the UART's state
+        assert source.device("serial0", Serial16550).flush(timeout=10)
         cut = len(source_console.events)
         target_console(source_console.pending)  # the console line in flight moves too
         # the whole machine: RAM, in-kernel irqchip/PIT/clock, every vCPU, every device

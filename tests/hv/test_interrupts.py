@@ -72,7 +72,7 @@ def test_an_irqfd_a_line_and_an_injection_each_reach_the_guests_handler(guest: M
 def test_a_resampled_irqfd_is_a_level_line_lowered_at_the_guests_eoi(guest: Machine) -> None:
     """KVM_IRQFD_FLAG_RESAMPLE: the level line stays up until the guest's EOI, then KVM lowers it
     and signals the resample fd. Were it left up, the IOAPIC would deliver it again at once, and
-    at a higher priority (vector 0x29) than the edge interrupt (0x28) sent after it, which would
+    at a higher priority (HOST_LEVEL_VECTOR, 0x31) than the edge interrupt (0x30) sent after it, which would
     then never be taken; so the edge one being counted proves the line came down."""
     vm, level = guest.vm, bg.HOST_LEVEL_VECTOR
     irq, resample = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)

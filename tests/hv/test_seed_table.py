@@ -20,10 +20,9 @@ from hv.vmm.builder import multiboot_machine
 from hv.vmm.machine import discard
 
 ROOT = Path(__file__).resolve().parents[2]
-PENDING = "branch pci"  # rows another branch implements
 ROW = re.compile(r"^\| (?P<seed>[^|]+) \| `(?P<method>[^`]+)`[^|]* \| (?P<impl>[^|]+) \| (?P<test>[^|]+) \|$")
 PROTOCOLS = (api.Hypervisor, api.VirtualMachine, api.RunnableVirtualMachine, api.Vcpu, api.AxArchVCpu,
-             api.GuestMemory, api.LinuxArch, api.LinuxArchPci)
+             api.GuestMemory, api.LinuxArch)
 
 
 def seed_rows() -> list[dict[str, str]]:
@@ -74,18 +73,12 @@ def test_the_table_is_there_and_covers_the_seeds() -> None:
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r['seed']}::{r['method']}")
 def test_each_row_names_an_implementation_and_a_test_that_exist(row: dict[str, str]) -> None:
-    if row["impl"] == PENDING:
-        assert row["test"] == PENDING
-        method = row["method"]
-        assert any(method in vars(p) for p in PROTOCOLS), f"{method}: no Protocol method waits for it"
-        return
     assert _exists(row["impl"]), f"{row['impl']} is gone"
     assert _test_exists(row["test"]), f"{row['test']} is gone"
 
 
 def test_every_protocol_member_has_a_row() -> None:
-    implemented = {row["impl"].rsplit(".", 1)[-1] for row in ROWS if row["impl"] != PENDING}
-    implemented |= {row["method"] for row in ROWS if row["impl"] == PENDING}
+    implemented = {row["impl"].rsplit(".", 1)[-1] for row in ROWS}
     for protocol in PROTOCOLS:
         missing = {m for m in vars(protocol) if not m.startswith("_")} - implemented
         assert not missing, f"{protocol.__name__}: {sorted(missing)} have no row in the seed table"

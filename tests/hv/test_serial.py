@@ -19,7 +19,7 @@ from hv.guests import builtin as bg
 from hv.kvm.kvm import Kvm
 from hv.kvm.vm import VmConfig
 from hv.vmm.builder import builtin_machine
-from tests.hv.serial_reference import IIR_NO_INTERRUPT, IIR_RDA, IIR_THRE, ReferenceSerial16550
+from hv.devices.serial_reference import IIR_NO_INTERRUPT, IIR_RDA, IIR_THRE, ReferenceSerial16550
 
 MiB = 1 << 20
 

@@ -26,10 +26,15 @@ from migrate.transport import Listener
 MiB = 1 << 20
 
 
-def _busy_machine(kvm: Kvm, disk: Path, console: bg.GuestConsole, vcon: bg.GuestConsole) -> Machine:
+ON_PCI = ("virtio-blk0", "virtio-console0", "virtio-rng0")
+
+
+def _busy_machine(kvm: Kvm, disk: Path, console: bg.GuestConsole, vcon: bg.GuestConsole,
+                  pci: tuple[str, ...] = ()) -> Machine:
+    """`pci`: those devices on virtio-pci, which the guest drives with a MSI-X vector per queue."""
     disk.write_bytes(bytes(1 * MiB))
     machine = builtin_machine(kvm, bg.GuestParams(ws_mib=16, rate_mib_s=40), VmConfig(mem_size=64 * MiB, vcpus=2),
-                              console, virtio=VirtioConfig(disk, False, vcon, True))
+                              console, virtio=VirtioConfig(disk, False, vcon, True, pci=pci))
     machine.start()
     console.wait_for(lambda: any(isinstance(e, bg.DeviceRound) for _, e in console.events), 30, "device rounds")
     console.wait_pass(2, timeout=30)
@@ -40,9 +45,10 @@ def _vcon_rounds(lines: list[str]) -> list[int]:
     return [int(line.split()[-1]) for line in lines if line.startswith("kvmig-vcon: round ")]
 
 
-def test_snapshot_mid_operation_restores_in_a_new_process(kvm: Kvm, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pci", [(), ON_PCI], ids=["mmio", "pci"])
+def test_snapshot_mid_operation_restores_in_a_new_process(kvm: Kvm, tmp_path: Path, pci: tuple[str, ...]) -> None:
     disk, console = tmp_path / "disk.img", bg.GuestConsole()
-    machine = _busy_machine(kvm, disk, console, bg.GuestConsole())
+    machine = _busy_machine(kvm, disk, console, bg.GuestConsole(), pci)
     try:
         snapshot(machine, tmp_path / "busy.snap")  # taken while the drivers are mid-request
     finally:
@@ -76,12 +82,14 @@ def test_snapshot_mid_operation_restores_in_a_new_process(kvm: Kvm, tmp_path: Pa
     assert "error" not in out
 
 
-@pytest.mark.parametrize("postcopy", [False, True], ids=["precopy", "postcopy"])
-def test_live_migration_with_busy_devices(kvm: Kvm, tmp_path: Path, postcopy: bool) -> None:
+@pytest.mark.parametrize(("postcopy", "pci"), [(False, ()), (True, ()), (False, ON_PCI)],
+                         ids=["precopy", "postcopy", "precopy-pci"])
+def test_live_migration_with_busy_devices(kvm: Kvm, tmp_path: Path, postcopy: bool, pci: tuple[str, ...]) -> None:
     """Post-copy too: the device threads then touch missing pages (rings, buffers) and wait for
-    them without holding up the fetcher."""
+    them without holding up the fetcher. On PCI, MSI-X interrupts are in flight as it moves: the
+    guest waits for each used buffer's, so a lost one would stop it (its error, exit code 4)."""
     disk, console = tmp_path / "disk.img", bg.GuestConsole()
-    machine = _busy_machine(kvm, disk, console, bg.GuestConsole())
+    machine = _busy_machine(kvm, disk, console, bg.GuestConsole(), pci)
     listener = Listener("127.0.0.1:0", b"")
     target_console, target_vcon = bg.GuestConsole(), bg.GuestConsole()
     result: dict = {}
@@ -107,6 +115,9 @@ def test_live_migration_with_busy_devices(kvm: Kvm, tmp_path: Path, postcopy: bo
             assert status.cpu_work[1] > at.cpu_work[1] >= moved_from.cpu_work[1] > 0  # CPU 1 carried on
             assert not bg.check_disk(disk.read_bytes(), status.cpu_work[1])
             assert target_console.failure() is None and console.failure() is None
+            if pci:  # the guest kept taking its MSI-X interrupts on the target
+                counts = bg.read_msi_counts(target.vm.memory)
+                assert counts[0] >= 2 * status.cpu_work[1] - 2, (counts, status.cpu_work)
         finally:
             target.stop()
             target.vm.close()

@@ -30,6 +30,10 @@ WIRE_KINDS = {
     "virtio-mmio-console": ("hv.device.virtio_console", 1),
     "virtio-mmio-rng": ("hv.device.virtio_rng", 1),
     "virtio-mmio-net": ("hv.device.virtio_net", 1),
+    "pci-host-bridge": ("hv.device.pci_host_bridge", 1),
+    "virtio-pci-blk": ("hv.device.virtio_pci", 1),
+    "virtio-pci-console": ("hv.device.virtio_pci", 1),
+    "virtio-pci-rng": ("hv.device.virtio_pci", 1),
 }
 
 
@@ -45,7 +49,10 @@ def machine(kvm: Kvm, tmp_path: Path) -> Iterator[Machine]:
 
 
 def test_the_kind_table_is_declared_and_pinned() -> None:
-    models = (Serial16550, I8042, DebugExit, VirtioBlk, VirtioConsole, VirtioRng, VirtioNet)
+    from hv.devices.pci import PciRoot, VirtioPciBlk, VirtioPciConsole, VirtioPciRng
+
+    models = (Serial16550, I8042, DebugExit, VirtioBlk, VirtioConsole, VirtioRng, PciRoot, VirtioPciBlk,
+              VirtioPciConsole, VirtioPciRng, VirtioNet)
     assert {m.KIND for m in models} == set(WIRE_KINDS) == set(DEVICE_STATES)
     assert all(m.KIND != m.__name__ for m in models)
     reg = registry()

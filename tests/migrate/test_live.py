@@ -24,6 +24,7 @@ from hv.vmm.control import call
 from hv.vmm.machine import Machine, RunState
 from migrate.errors import MigrationFailed, ProtocolViolation, TransportError
 from migrate import MigrationOptions, listen_and_receive, receive, send
+from migrate.events import PagesProgress, ProgressEvent
 from migrate.protocol import Pages, State
 from migrate.transport import Connection, Listener, connect, decode
 
@@ -103,8 +104,8 @@ def test_ping_pong_ten_times(kvm: Kvm) -> None:
         for hop in range(10):
             target = _Target(kvm)
 
-            def carry_the_line(p: dict, source=consoles[-1], target=target) -> None:
-                if p["stage"] == "stop-and-copy":  # paused: the line in flight moves with the guest
+            def carry_the_line(p: ProgressEvent, source=consoles[-1], target=target) -> None:
+                if isinstance(p, PagesProgress) and p.figures.phase == "stop-and-copy":  # paused: the line in flight moves with the guest
                     target.console(source.pending)
 
             stats = send(machine, target.listener.address, MigrationOptions(downtime_ms=300),
@@ -238,7 +239,8 @@ def test_cancel_mid_migration(kvm: Kvm) -> None:
     try:
         stats = send(machine, target.listener.address,
                      MigrationOptions(bandwidth_mib_s=64, auto_converge=False, max_rounds=50),
-                     progress=lambda p: cancel.set() if p.get("round") == 1 else None, cancel=cancel)
+                     progress=lambda p: cancel.set() if isinstance(p, PagesProgress) and p.figures.round == 1 else None,
+                     cancel=cancel)
         target.join()
         assert stats.outcome == "cancelled"
         assert isinstance(target.error, MigrationFailed) and "cancelled" in str(target.error)

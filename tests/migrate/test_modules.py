@@ -16,6 +16,6 @@ def test_the_policy_and_the_two_sides_keep_to_their_rooms() -> None:
         found = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         return found | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
 
-    assert imports("convergence") <= {"__future__", "enum", "math", "dataclasses", "hv.kvm.dirty", "migrate.options",
+    assert imports("convergence") <= {"__future__", "enum", "math", "dataclasses", "hv.kvm.dirty", "hv.kvm.units", "migrate.options",
                                       "migrate.stats"}
     assert "migrate.target" not in imports("source") and "migrate.source" not in imports("target")

@@ -22,6 +22,7 @@ from hv.vmm.control import ControlContext, ControlError, ControlServer, call
 from hv.vmm.machine import Machine, RunState
 from migrate import MigrationOptions, Receiver, send
 from migrate.errors import MigrationFailed, TransportError
+from migrate.events import RoundSent
 from migrate.protocol import Accept, Commit, Complete, Hello, Pages, Query, Ready, State, Verdict
 from migrate.transport import Connection, Listener, connect
 import migrate.receiver
@@ -415,7 +416,7 @@ def test_recv_survives_strays_a_dry_run_and_a_failure_then_takes_the_migration(k
         assert send(machine, target.address, MigrationOptions(dry_run=True)).outcome == "dry-run"
         cancel = threading.Event()
         stats = send(machine, target.address, MigrationOptions(bandwidth_mib_s=64),
-                     progress=lambda p: cancel.set() if p.get("stage") == "round" else None, cancel=cancel)
+                     progress=lambda p: cancel.set() if isinstance(p, RoundSent) else None, cancel=cancel)
         assert stats.outcome == "cancelled"
         assert target.incoming is None and target.error is None  # none of them ended it
         stats = send(machine, target.address, MigrationOptions())

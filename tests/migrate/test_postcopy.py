@@ -26,6 +26,7 @@ from hv.vmm.control import ControlError, call
 from hv.vmm.machine import RunState
 from migrate import MigrationOptions, listen_and_receive, send
 from migrate.errors import MigrationFailed, PostcopyFailed, ProtocolViolation
+from migrate.events import PagesProgress, ProgressEvent
 from migrate.postcopy import decode_missing, encode_missing
 from migrate.protocol import Channel
 from migrate.transport import Listener, connect
@@ -317,10 +318,10 @@ def test_a_link_cut_during_postcopy_is_reconnected_and_completes(kvm: Kvm, cuts:
     listener, link, target_console, result, thread = _target_behind_a_link(kvm)
     left = list(cuts)
 
-    def cut_on_the_way(p: dict) -> None:
-        if p.get("stage") == "pages" and p.get("phase") == "postcopy" and left:
-            total = max(p["round_pages_total"], 1)
-            if p["round_pages_done"] / total >= left[0]:
+    def cut_on_the_way(p: ProgressEvent) -> None:
+        if isinstance(p, PagesProgress) and p.figures.phase == "postcopy" and left:
+            total = max(p.figures.round_pages_total, 1)
+            if p.figures.round_pages_done / total >= left[0]:
                 left.pop(0)
                 link.cut()
 
@@ -348,9 +349,9 @@ def test_a_link_down_past_the_reconnect_window_waits_in_doubt_and_resumes_on_dem
     machine = _running_guest(kvm)
     listener, link, target_console, result, thread = _target_behind_a_link(kvm)
 
-    def cut_for_good(p: dict) -> None:  # once: the resume reports through it too
-        if p.get("stage") == "pages" and p.get("phase") == "postcopy" and not link.cuts:
-            if p["round_pages_done"] >= p["round_pages_total"] // 3:
+    def cut_for_good(p: ProgressEvent) -> None:  # once: the resume reports through it too
+        if isinstance(p, PagesProgress) and p.figures.phase == "postcopy" and not link.cuts:
+            if p.figures.round_pages_done >= p.figures.round_pages_total // 3:
                 link.down = True
                 link.cut()
 

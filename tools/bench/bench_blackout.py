@@ -8,7 +8,7 @@ Both peers boot the same image (`hv.guests.builtin.guest_image()`, a Multiboot E
 command line (`GuestParams(...).cmdline()`, the host's TSC rate in it) and migrate it on loopback
 to a second process: kvmigrate as `hv run --kernel IMAGE --cmdline ... --api SOCK` ->
 `migrate send` -> `migrate recv` (command-line tools only, run as subprocesses), QEMU as two
-`qemu-system-x86_64` (tools/bench/bench_qemu.py's `Qemu`, `-incoming tcp:...`, QMP `migrate`,
+`qemu-system-x86_64` (tools/bench/qemu_driver.py's `Qemu`, `-incoming tcp:...`, QMP `migrate`,
 max-bandwidth lifted, downtime-limit 300 ms). Each VMM keeps its other defaults (kvmigrate's
 auto-converge is on, QEMU's is off).
 
@@ -29,6 +29,10 @@ its interpreter's start-up, which QEMU's already running QMP client has no count
 over by then. Peers alternate run by run (A B, B A, A B, ...); each row gives the
 median and the min-max spread of its runs, then the ratios kvmigrate/QEMU of the medians.
 `--json` adds every run's figures (gap, lost and carried pings, the target's own latency, ...).
+
+A little over 450 lines, on purpose: the two peers (each pre- and post-copy) must start, observe
+and stop the guest the same way for their figures to compare, and that is easiest to check with
+them side by side; the observer and the timeline it produces live apart (echo_*.py).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from pathlib import Path
 from typing import Protocol
 
 import bench_qemu as bq
+import qemu_driver as qd
 from echo_observer import Console, Observer, ObserverTimeoutError
 from blackout_report import fmt_ms, print_scenario, ratios, scenario_title, summarise
 from echo_timeline import SOURCE, TARGET, Timeline, TimelineError, analyse, matched_echoes, percentile
@@ -63,7 +68,7 @@ BIN = Path(sys.executable).parent  # .venv/bin: hv and migrate
 
 @dataclass(frozen=True)
 class Scenario:
-    workload: bq.Workload
+    workload: qd.Workload
     every: int  # a pass line every N passes: a few a second at most, the console is for the pings
     fill: str = "random"
 
@@ -78,11 +83,11 @@ class Scenario:
     @property
     def poll_ms(self) -> float:
         rate = self.workload.rate_mib_s
-        return GUEST_POLL_BYTES / (rate * bq.MiB) * 1000 if rate else 0.0
+        return GUEST_POLL_BYTES / (rate * qd.MiB) * 1000 if rate else 0.0
 
 
 SCENARIOS = {  # the shared names (../shared/README.md) and tiny-1g: 1 GiB, ws=1, rate=0
-    "tiny-1g": Scenario(bq.Workload(1024, 1, 0), every=1_000_000),  # ~3 us a pass undisturbed
+    "tiny-1g": Scenario(qd.Workload(1024, 1, 0), every=1_000_000),  # ~3 us a pass undisturbed
     "idle-1g": Scenario(bq.IDLE_1G, every=1),
     "hot256-max": Scenario(bq.HOT256_MAX, every=1),
     "hot256-100": Scenario(bq.HOT256_100, every=1),
@@ -115,7 +120,7 @@ class Peer(Protocol):
 # --- QEMU ---------------------------------------------------------------------------------------
 
 
-class ObservedQemu(bq.Qemu):
+class ObservedQemu(qd.Qemu):
     """bench_qemu's Qemu with COM1 on a unix socket the observer connects to (the serial log file
     is kept as the chardev's logfile)."""
 
@@ -140,7 +145,7 @@ class ObservedQemu(bq.Qemu):
             except (FileNotFoundError, ConnectionRefusedError):
                 sock.close()
                 if time.monotonic() > deadline:
-                    raise bq.WaitTimeoutError(f"{self.role} COM1 socket", timeout) from None
+                    raise qd.WaitTimeoutError(f"{self.role} COM1 socket", timeout) from None
                 time.sleep(0.005)
 
     def __exit__(self, *exc) -> None:
@@ -154,7 +159,7 @@ class QemuPeer:
     postcopy = False
 
     def __init__(self, stack: ExitStack, workdir: Path, image: Path, scenario: Scenario, tsc_khz: int) -> None:
-        self.uri = f"tcp:127.0.0.1:{bq.free_port()}"
+        self.uri = f"tcp:127.0.0.1:{qd.free_port()}"
         self.source = stack.enter_context(ObservedQemu(SOURCE, workdir, image, scenario, tsc_khz))
         self.target = stack.enter_context(ObservedQemu(TARGET, workdir, image, scenario, tsc_khz,
                                                        incoming="defer" if self.postcopy else self.uri))
@@ -174,7 +179,7 @@ class QemuPeer:
         self.qmp.execute("migrate", uri=self.uri)
         if self.postcopy:
             self._start_postcopy()
-        info, _ = bq.wait_migration(self.qmp, bq.CONVERGENCE_TIMEOUT)
+        info, _ = qd.wait_migration(self.qmp, bq.CONVERGENCE_TIMEOUT)
         completed_at = time.monotonic()
         status = info.get("status")
         if status == "completed":
@@ -225,7 +230,7 @@ class KvmigratePeer:
     send_options: tuple[str, ...] = ()
 
     def __init__(self, stack: ExitStack, workdir: Path, image: Path, scenario: Scenario, tsc_khz: int) -> None:
-        self.api, self.address = workdir / "source.sock", f"127.0.0.1:{bq.free_port()}"
+        self.api, self.address = workdir / "source.sock", f"127.0.0.1:{qd.free_port()}"
         self.workdir = workdir
         self.source = self._spawn(stack, SOURCE, [str(BIN / "hv"), "run", "--kernel", str(image), "--mem",
                                                   f"{scenario.mem_mib}M", "--cmdline", scenario.cmdline(tsc_khz),
@@ -263,10 +268,10 @@ class KvmigratePeer:
         while not ready():
             for role, proc in ((SOURCE, self.source), (TARGET, self.target)):
                 if proc.poll() is not None:
-                    raise bq.BenchError(f"{role} exited with {proc.returncode}: "
+                    raise qd.BenchError(f"{role} exited with {proc.returncode}: "
                                         f"{(self.workdir / f'{role}.stderr').read_text(errors='replace')[-2000:]}")
             if time.monotonic() > deadline:
-                raise bq.WaitTimeoutError(what, timeout)
+                raise qd.WaitTimeoutError(what, timeout)
             time.sleep(0.01)
 
     def migrate(self) -> Reported:
@@ -400,7 +405,7 @@ def run_scenario(name: str, scenario: Scenario, peers: list[str], runs: int, ima
         for peer in peers if i % 2 == 0 else reversed(peers):  # A B, B A, A B, ...
             try:
                 run = run_once(peer, scenario, image, tsc_khz, period)
-            except (bq.BenchError, ObserverTimeoutError) as e:
+            except (qd.BenchError, ObserverTimeoutError) as e:
                 run = {"peer": peer, "outcome": "failed", "error": str(e)}
             order.append(peer)
             done[peer].append(run)
@@ -428,8 +433,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="one JSON document instead of the tables")
     args = ap.parse_args()
     peers = args.peer or ["kvmigrate", "qemu"]
-    image, tsc_khz = bg.guest_image(), bq.host_tsc_khz()
-    qemu = subprocess.run([bq.QEMU, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    image, tsc_khz = bg.guest_image(), qd.host_tsc_khz()
+    qemu = subprocess.run([qd.QEMU, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
     result: dict = {"qemu": qemu, "tsc_khz": tsc_khz, "image": str(image), "runs": args.runs, "peers": peers,
                     "period_ms": args.period_ms,
                     "settings": {"downtime_limit_ms": bq.DOWNTIME_LIMIT_MS, "qemu_max_bandwidth": bq.LIFTED_BANDWIDTH,

@@ -55,8 +55,9 @@ class VirtioBlkState:
 
 
 class BlkBackend:
+    owner = "virtio"  # the device's KIND, set by the transport that owns this backend
     device_id = VIRTIO_ID_BLOCK
-    queue_sizes = (QUEUE_SIZE,)
+    queue_sizes: tuple[int, ...] = (QUEUE_SIZE,)
 
     def __init__(self, path: Path, read_only: bool = False, *, fd: int | None = None) -> None:
         """The disk at `path`, or, with `fd`, the file already open there (the backend then owns
@@ -141,11 +142,11 @@ class BlkBackend:
 
     def restore(self, state: BlkState) -> None:
         """The disk must be the same size and mode; then there is nothing to apply."""
-        check_type(VirtioBlk.KIND, state, BlkState)
-        check_bool(VirtioBlk.KIND, "backend.read_only", state.read_only)
-        check_int(VirtioBlk.KIND, "backend.capacity", state.capacity, 0, U64)
-        check_equal(VirtioBlk.KIND, "backend.read_only", self.read_only, state.read_only)
-        check_equal(VirtioBlk.KIND, "backend.capacity", self.capacity, state.capacity)
+        check_type(self.owner, state, BlkState)
+        check_bool(self.owner, "backend.read_only", state.read_only)
+        check_int(self.owner, "backend.capacity", state.capacity, 0, U64)
+        check_equal(self.owner, "backend.read_only", self.read_only, state.read_only)
+        check_equal(self.owner, "backend.capacity", self.capacity, state.capacity)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -157,7 +158,7 @@ class VirtioBlk(VirtioMmio):
     """A virtio-blk device on virtio-mmio, backed by the file at `path`."""
 
     KIND: ClassVar[str] = "virtio-mmio-blk"
-    state_type = VirtioBlkState
+    state_type: ClassVar[type] = VirtioBlkState
     backend: BlkBackend
 
     def __init__(self, memory: GuestMemory, path: Path, *, read_only: bool = False, fd: int | None = None) -> None:

@@ -38,9 +38,10 @@ class VirtioConsoleState:
 
 
 class ConsoleBackend:
+    owner = "virtio"  # the device's KIND, set by the transport that owns this backend
     device_id = VIRTIO_ID_CONSOLE
     features = 0
-    queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+    queue_sizes: tuple[int, ...] = (QUEUE_SIZE, QUEUE_SIZE)
 
     def __init__(self, output: Callable[[bytes], None]) -> None:
         self._output = output
@@ -73,8 +74,8 @@ class ConsoleBackend:
         return ConsoleState(bytes(self.pending))
 
     def restore(self, state: ConsoleState) -> None:
-        check_type(VirtioConsole.KIND, state, ConsoleState)
-        check_bytes(VirtioConsole.KIND, "backend.pending_input", state.pending_input, MAX_PENDING_INPUT)
+        check_type(self.owner, state, ConsoleState)
+        check_bytes(self.owner, "backend.pending_input", state.pending_input, MAX_PENDING_INPUT)
         self.pending = bytearray(state.pending_input)
 
     def close(self) -> None:
@@ -85,7 +86,7 @@ class VirtioConsole(VirtioMmio):
     """A virtio console on virtio-mmio: guest output to `output`, host input through `feed`."""
 
     KIND: ClassVar[str] = "virtio-mmio-console"
-    state_type = VirtioConsoleState
+    state_type: ClassVar[type] = VirtioConsoleState
     backend: ConsoleBackend
 
     def __init__(self, memory: GuestMemory, output: Callable[[bytes], None]) -> None:

@@ -94,6 +94,7 @@ class VirtioBackend(Persist[Any], Protocol):
     its own part of the state (`restore` validates that part before applying it)."""
 
     device_id: int
+    owner: str  # the device's KIND, named by the refusals of `restore`
     features: int  # device feature bits besides VIRTIO_F_VERSION_1
     queue_sizes: tuple[int, ...]  # QueueNumMax of each queue
 
@@ -164,6 +165,7 @@ class VirtioMmio:
 
     def __init__(self, backend: VirtioBackend, memory: GuestMemory, *, queue_fds: tuple[int, ...] = ()) -> None:
         self.backend = backend
+        backend.owner = self.KIND  # whose state its refusals name
         self._native = backend if isinstance(backend, NativeQueues) else None
         self._native_live = False
         self.memory = memory
@@ -200,7 +202,9 @@ class VirtioMmio:
         self._irq_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         vm.register_irqfd(self._irq_fd, gsi)
 
-    def _interrupt(self, bits: int) -> None:
+    def _interrupt(self, bits: int, queues: tuple[int, ...] = ()) -> None:
+        """Raise `bits` in InterruptStatus (`queues`: those whose used ring moved; a transport
+        with a vector per queue, virtio-pci's MSI-X, signals each)."""
         self._set(interrupt_status=self._regs.interrupt_status | bits)
         self.interrupts += 1
         if self._irq_fd is not None:
@@ -368,21 +372,17 @@ class VirtioMmio:
         with self._cond:
             if not self._live():
                 return
-            used = 0
-            suppressed = True
+            signalled = []  # queues that used buffers and whose driver wants to hear of it
             try:
                 for i in queues:
                     q = self.queues[i]
-                    if q.state.ready:
-                        n = self.backend.process(q)
-                        if n:
-                            used += n
-                            suppressed = suppressed and q.interrupt_suppressed()
+                    if q.state.ready and self.backend.process(q) and not q.interrupt_suppressed():
+                        signalled.append(i)
             except (VirtioQueueError, GuestMemoryError) as e:
                 self._needs_reset(e)
                 return
-            if used and not suppressed:
-                self._interrupt(INT_USED_BUFFER)
+            if signalled:
+                self._interrupt(INT_USED_BUFFER, tuple(signalled))
 
     def kick(self, queue: int) -> None:
         """Have the worker look at `queue` (from a host thread, e.g. console input arriving)."""
@@ -435,9 +435,10 @@ class VirtioMmio:
             self._halt_native()
             os.eventfd_write(self._ctl_fd, 1)
             worker = self._worker
-            waits = worker is not None and worker.is_alive() and worker is not threading.current_thread()
-            if waits and not self._cond.wait_for(lambda: self._parked or not worker.is_alive(), timeout):
-                raise VirtioWorkerError(self.KIND, timeout)
+            if worker is not None and worker.is_alive() and worker is not threading.current_thread():
+                alive = worker.is_alive
+                if not self._cond.wait_for(lambda: self._parked or not alive(), timeout):
+                    raise VirtioWorkerError(self.KIND, timeout)
 
     def resume(self) -> None:
         """Start (or restart) the worker and look at every queue again."""
@@ -483,7 +484,7 @@ class VirtioMmio:
             try:
                 for reg in self._ioeventfds:
                     self._vm.unregister_ioeventfd(reg)
-                if self._irq_fd is not None:
+                if self._irq_fd is not None and self._gsi is not None:
                     self._vm.unregister_irqfd(self._irq_fd, self._gsi)
             except KvmIoctlError as e:  # the VM is already closed: its registrations went with it
                 log.debug("virtio: eventfds not unregistered: %s", e)
@@ -504,9 +505,14 @@ class VirtioMmio:
 
     def restore(self, state: Any) -> None:
         """Validate everything first, then apply; a live device then processes what was left."""
+        check_type(self.KIND, state, self.state_type)
+        self.check_transport(state.transport)
+        self.apply_transport(state.transport, state.backend)
+
+    def check_transport(self, t: VirtioMmioState) -> None:
+        """The transport registers and queues of a saved state fit this device (the backend's
+        part is checked by its own `restore`)."""
         kind = self.KIND
-        check_type(kind, state, self.state_type)
-        t = state.transport
         check_type(kind, t, VirtioMmioState)
         check_equal(kind, "device_id", self.backend.device_id, t.device_id)
         check_ints(kind, t, _TRANSPORT_BOUNDS)
@@ -525,8 +531,11 @@ class VirtioMmio:
                     vq.check()
                 except VirtioQueueError as e:
                     raise StateRestoreError(kind, where, "a usable queue", str(e)) from None
+
+    def apply_transport(self, t: VirtioMmioState, backend: Any) -> None:
+        """Apply a checked transport state and the backend's (which validates its own first)."""
         with self._cond:
-            self.backend.restore(state.backend)  # validates its part before applying it
+            self.backend.restore(backend)  # validates its part before applying it
             self._halt_native()
             self._regs = replace(t, queues=())
             for q, qs in zip(self.queues, t.queues, strict=True):

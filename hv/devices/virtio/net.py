@@ -35,7 +35,7 @@ import numpy as np
 
 from hv.binding.ffi import ffi, lib
 from hv.errors import ConfigError, StateRestoreError
-from hv.kvm.memory import GuestMemory
+from hv.kvm.memory import GuestMemory, MemoryRegion
 from hv.persist import check_bytes, check_int, check_type
 
 from .mmio import VirtioMmio, VirtioMmioState
@@ -129,8 +129,9 @@ class NetBackend:
 
     device_id = VIRTIO_ID_NET
     features = FEATURES
-    queue_sizes = (QUEUE_SIZE, QUEUE_SIZE, CONTROL_QUEUE_SIZE)
-    native_queues = (RECEIVEQ, TRANSMITQ)  # served by the engine: the transport leaves them alone
+    queue_sizes: tuple[int, ...] = (QUEUE_SIZE, QUEUE_SIZE, CONTROL_QUEUE_SIZE)
+    native_queues: tuple[int, ...] = (RECEIVEQ, TRANSMITQ)  # the engine's: the transport leaves them alone
+    owner = "virtio-mmio-net"  # whose state a refusal names (the transport sets its KIND)
 
     def __init__(self, memory: GuestMemory, tap_fd: int, mac: bytes, kick_fds: tuple[int, int]) -> None:
         self.tap_fd = tap_fd
@@ -140,7 +141,7 @@ class NetBackend:
         self.error_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._memory = memory
-        self._dirty: list[tuple[object, np.ndarray]] = []
+        self._dirty: list[tuple[MemoryRegion, np.ndarray]] = []
         regions = ffi.new("kvmig_net_region[]", max(len(memory.regions), 1))
         for i, region in enumerate(memory.regions):
             words = np.zeros_like(region.vmm_dirty.words)
@@ -236,7 +237,7 @@ class NetBackend:
         return NetState(self.mac, self.status, self.pending_rx())
 
     def restore(self, state: NetState) -> None:
-        kind = VirtioNet.KIND
+        kind = self.owner
         check_type(kind, state, NetState)
         check_bytes(kind, "backend.mac", state.mac, 6)
         if len(state.mac) != 6:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 from hv.errors import GuestMemoryError
 from hv.kvm.memory import GuestMemory
@@ -100,7 +101,8 @@ class Virtqueue:
     # --- configuration (transport registers) --------------------------------------------------
 
     def configure(self, **changes: int | bool) -> None:
-        self.state = replace(self.state, **changes)
+        # (the fields are ints and bools: mypy cannot match a ** of either to each field's type)
+        self.state = replace(self.state, **cast(dict[str, Any], changes))
 
     def reset(self) -> None:
         self.state = QueueState()
@@ -219,7 +221,7 @@ class Virtqueue:
             left -= n
         return b"".join(parts)
 
-    def write_chain(self, chain: DescriptorChain, data: bytes | memoryview, offset: int = 0) -> int:
+    def write_chain(self, chain: DescriptorChain, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
         """Copy `data` into the chain's device-writable buffers from byte `offset` of that space;
         returns how many bytes fitted. Marks the pages dirty."""
         data = memoryview(data)

@@ -29,9 +29,10 @@ class VirtioRngState:
 
 
 class RngBackend:
+    owner = "virtio"  # the device's KIND, set by the transport that owns this backend
     device_id = VIRTIO_ID_RNG
     features = 0
-    queue_sizes = (QUEUE_SIZE,)
+    queue_sizes: tuple[int, ...] = (QUEUE_SIZE,)
 
     def config(self) -> bytes:
         return b""
@@ -51,7 +52,7 @@ class RngBackend:
         return RngState()
 
     def restore(self, state: RngState) -> None:
-        check_type(VirtioRng.KIND, state, RngState)  # nothing else to check, nothing to apply
+        check_type(self.owner, state, RngState)  # nothing else to check, nothing to apply
 
     def close(self) -> None:
         pass
@@ -61,7 +62,7 @@ class VirtioRng(VirtioMmio):
     """A virtio entropy device on virtio-mmio."""
 
     KIND: ClassVar[str] = "virtio-mmio-rng"
-    state_type = VirtioRngState
+    state_type: ClassVar[type] = VirtioRngState
 
     def __init__(self, memory: GuestMemory) -> None:
         super().__init__(RngBackend(), memory)

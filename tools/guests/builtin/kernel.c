@@ -1,5 +1,6 @@
 /* Ring-0 part: finish the descriptor tables, and report exceptions. Kept tiny: it may be emulated. */
 #include "layout.h"
+#include "pci.h"
 #include "lib.h"
 
 extern u64 gdt[];
@@ -7,6 +8,7 @@ extern u8 idt[];
 extern u64 exception_stubs[32];
 extern u8 irq_com1[], idle_forever[];
 extern u8 irq_host_edge[], irq_host_level[];
+extern u64 msi_stubs[MSI_VECTORS];
 extern u8 boot_stack_top[];
 
 /* 64-bit TSS followed by an all-zero I/O permission bitmap (every port allowed in ring 3) and the
@@ -128,6 +130,8 @@ void kernel_setup(void)
     for (int v = 0; v < 32; v++)
         set_gate(v, exception_stubs[v]);
     set_gate(COM1_VECTOR, (u64)irq_com1);
+    for (int v = 0; v < MSI_VECTORS; v++) /* virtio-pci's MSI-X vectors (pci_irq.S) */
+        set_gate(MSI_FIRST_VECTOR + v, msi_stubs[v]);
     setup_interrupts();
     set_gate(HOST_EDGE_VECTOR, (u64)irq_host_edge);
     set_gate(HOST_LEVEL_VECTOR, (u64)irq_host_level);

@@ -27,15 +27,15 @@
 
 #define COM1_IRQ       4
 #define COM1_VECTOR    0x24 /* the IDT vector the IOAPIC sends COM1's interrupts to */
-#define IDT_VECTORS    48
+#define IDT_VECTORS    64
 #define UART_RX_ADDR   (STATUS_ADDR + 0x800) /* struct uart_rx: what the COM1 interrupt received */
 
 /* IOAPIC pins nothing in the machine uses, which the host raises itself (irqfd, KVM_IRQ_LINE):
  * each interrupt the guest takes on them is counted per vector, where the host reads it. */
 #define HOST_EDGE_IRQ     22   /* edge-triggered, active high */
 #define HOST_LEVEL_IRQ    23   /* level-triggered, active high: KVM lowers it at the EOI */
-#define HOST_EDGE_VECTOR  0x28
-#define HOST_LEVEL_VECTOR 0x29
-#define IRQ_COUNTS_ADDR   (STATUS_ADDR + 0xC00) /* u64 per IDT vector: interrupts counted */
+#define HOST_EDGE_VECTOR  0x30 /* above virtio-pci's MSI-X vectors (pci.h) */
+#define HOST_LEVEL_VECTOR 0x31
+#define IRQ_COUNTS_ADDR   (STATUS_ADDR + 0xC00) /* u64 per IDT vector (to 0xE00): interrupts counted, MSI-X's too */
 
 #endif

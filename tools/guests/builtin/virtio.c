@@ -10,6 +10,7 @@
 #include "virtio.h"
 #include "layout.h"
 #include "net.h"
+#include "pci.h"
 
 enum {
     REG_MAGIC = 0x000, REG_VERSION = 0x004, REG_DEVICE_ID = 0x008, REG_DEVICE_FEATURES = 0x010,
@@ -26,44 +27,6 @@ enum { DESC_NEXT = 1, DESC_WRITE = 2 };
 enum { BLK_IN = 0, BLK_OUT = 1, BLK_FLUSH = 4 };
 
 #define MAGIC 0x74726976u /* "virt" */
-#define QUEUE_SIZE 16
-
-struct desc {
-    u64 addr;
-    u32 len;
-    u16 flags, next;
-};
-struct avail {
-    u16 flags, idx, ring[QUEUE_SIZE], used_event;
-};
-struct used_elem {
-    u32 id, len;
-};
-struct used {
-    u16 flags, idx;
-    struct used_elem ring[QUEUE_SIZE];
-    u16 avail_event;
-};
-
-/* one 4 KiB page per queue: descriptors at 0, available ring at 512, used ring at 1024 */
-struct queue_page {
-    struct desc desc[QUEUE_SIZE];
-    u8 pad0[512 - QUEUE_SIZE * sizeof(struct desc)];
-    struct avail avail;
-    u8 pad1[512 - sizeof(struct avail)];
-    struct used used;
-} __attribute__((aligned(4096)));
-
-struct queue {
-    volatile struct queue_page *page;
-    volatile u32 *regs;
-    u16 index, num, last_used;
-};
-
-struct device {
-    volatile u32 *regs;
-    u32 id;
-};
 
 static struct queue_page queue_pages[4];
 static u8 blk_data[4096] __attribute__((aligned(4096)));
@@ -75,6 +38,8 @@ static struct {
 static volatile u8 blk_status;
 static u8 rng_data[64];
 static char console_text[64];
+static u64 irq_wait_cycles = 20000000000ULL; /* how long a used buffer's interrupt may take */
+static struct pci_virtio pci_found[4];
 
 static inline u32 rd(volatile u32 *regs, u32 off) { return regs[off / 4]; }
 static inline void wr(volatile u32 *regs, u32 off, u32 v) { regs[off / 4] = v; }
@@ -95,6 +60,10 @@ static void die(const char *why, u64 a, u64 b)
 /* Reset, negotiate VIRTIO_F_VERSION_1 only, set up `nqueues` queues, DRIVER_OK. */
 static int device_init(struct device *dev, struct queue *queues, u32 nqueues, u32 *next_page)
 {
+    static u32 next_vector;
+    if (dev->pci)
+        return virtio_pci_init(dev, queues, nqueues, queue_pages, next_page,
+                               sizeof(queue_pages) / sizeof(queue_pages[0]), &next_vector, 1);
     volatile u32 *r = dev->regs;
     wr(r, REG_STATUS, 0);
     wr(r, REG_STATUS, S_ACKNOWLEDGE);
@@ -149,12 +118,23 @@ static u32 transact(struct queue *vq, const u64 *addr, const u32 *len, const u16
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     p->avail.idx = (u16)(idx + 1);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    wr(vq->regs, REG_QUEUE_NOTIFY, vq->index);
+    if (vq->notify)
+        *vq->notify = vq->index;
+    else
+        wr(vq->regs, REG_QUEUE_NOTIFY, vq->index);
     while (p->used.idx == vq->last_used)
         cpu_relax();
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     u32 written = p->used.ring[vq->last_used % vq->num].len;
     vq->last_used++;
+    if (vq->irqs) { /* virtio-pci: the used buffer comes with its queue's MSI-X interrupt */
+        u64 until = rdtsc() + irq_wait_cycles;
+        while (*vq->irqs == vq->irqs_seen)
+            if (rdtsc() > until)
+                die("msi-x interrupt missing for queue", vq->index, vq->irqs_seen);
+        vq->irqs_seen = *vq->irqs;
+        return written;
+    }
     u32 isr = rd(vq->regs, REG_INTERRUPT_STATUS);
     if (isr)
         wr(vq->regs, REG_INTERRUPT_ACK, isr);
@@ -240,7 +220,21 @@ void device_workload(u64 cpu, volatile u64 *work, u64 tsc_khz, volatile u8 *regi
             d->id = id;
         }
     }
-    struct queue blkq[1], conq[2], rngq[1];
+    u32 on_pci = cpu == 1 ? pci_find_virtio(pci_found, 4) : 0;
+    for (u32 i = 0; i < on_pci; i++) { /* and on PCI */
+        u32 id = pci_found[i].virtio_id;
+        struct device *d = id == ID_BLK ? &blk : id == ID_CONSOLE ? &con : id == ID_RNG ? &rng : 0;
+        if (d && !d->regs) {
+            d->regs = (volatile u32 *)pci_found[i].common;
+            d->id = id;
+            d->pci = &pci_found[i];
+        }
+    }
+    if (tsc_khz)
+        irq_wait_cycles = tsc_khz * 5000; /* 5 s */
+    if (on_pci)
+        *(volatile u32 *)(LAPIC_BASE + 0xF0) = 0x1FF; /* this CPU's LAPIC on: MSI-X vectors come here */
+    struct queue blkq[1] = {0}, conq[2] = {0}, rngq[1] = {0};
     u32 next_page = 0;
     if (blk.regs && device_init(&blk, blkq, 1, &next_page))
         die("blk init", cpu, 0);

@@ -1,5 +1,5 @@
 """The 16550A model in Python: the specification hv/binding/uart.c implements (the property test
-in test_serial.py runs both side by side on random register traffic). Its transmitter has no
+in tests/hv/test_serial.py runs both side by side on random register traffic). Its transmitter has no
 ring: every byte goes to `output` at once, which the C model matches while its ring is drained.
 
 A 16550A UART: transmit to a host callable, receive from the host, interrupts on an IRQ line.
