@@ -116,6 +116,11 @@ class VirtioBlkSpec:
             raise
 
 
+# virtio-net's rx/tx engine raises one irqfd (virtio-mmio's); on virtio-pci it would need each
+# queue's MSI-X vector, masked and pending as the table says, which the engine does not know yet.
+NET_PCI_MISSING = "virtio-net is on virtio-mmio only so far (its C engine does not drive MSI-X vectors)"
+
+
 @dataclass(frozen=True)
 class VirtioNetSpec:
     """virtio-net on the tap named `tap` (created if absent, in this process's network
@@ -142,6 +147,8 @@ class VirtioNetSpec:
         transport = fields.get("transport", "mmio")
         if transport not in VIRTIO_TRANSPORTS:
             raise ConfigError("--net", text, f"transport is one of {VIRTIO_TRANSPORTS}")
+        if transport != "mmio":
+            raise ConfigError("--net", text, NET_PCI_MISSING)
         mac = parse_mac(fields["mac"]) if "mac" in fields else DEFAULT_MAC
         return cls(fields["tap"], mac, transport, fields.get("bridge"))
 
@@ -149,7 +156,9 @@ class VirtioNetSpec:
     def kind(self) -> str:
         return VirtioNet.KIND
 
-    def build(self, memory: GuestMemory) -> VirtioMmio:
+    def build(self, memory: GuestMemory, transport: str = "mmio") -> VirtioMmio:
+        if transport != "mmio":
+            raise ConfigError("transport", transport, NET_PCI_MISSING)
         return VirtioNet(memory, self.tap, mac=self.mac, bridge=self.bridge)
 
 
