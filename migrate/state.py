@@ -25,12 +25,13 @@ from hv.devices.serial import Serial16550, SerialState
 from hv.devices.virtio.blk import BlkState, VirtioBlk, VirtioBlkState
 from hv.devices.virtio.console import ConsoleState, VirtioConsole, VirtioConsoleState
 from hv.devices.virtio.mmio import VirtioMmioState
+from hv.devices.virtio.net import NetState, VirtioNet, VirtioNetState
 from hv.devices.virtio.queue import QueueState
 from hv.devices.virtio.rng import RngState, VirtioRng, VirtioRngState
 from hv.kvm import state as hv_state
 from hv.kvm.archcheck import host_features, vcpu_problems
 from hv.kvm.vm import VmConfig
-from hv.vmm.builder import VirtioConfig, standard_layout
+from hv.vmm.builder import VirtioConfig, VirtioNetSpec, standard_layout
 from hv.vmm.machine import DevicePlacement, Machine, RunState
 from migrate.disks import OpenDisk
 from migrate.errors import StateError, StateShapeError
@@ -48,6 +49,7 @@ DEVICE_STATES: dict[str, tuple[type, str, int]] = {
     VirtioBlk.KIND: (VirtioBlkState, "hv.device.virtio_blk", 2),
     VirtioConsole.KIND: (VirtioConsoleState, "hv.device.virtio_console", 1),
     VirtioRng.KIND: (VirtioRngState, "hv.device.virtio_rng", 1),
+    VirtioNet.KIND: (VirtioNetState, "hv.device.virtio_net", 1),
     PciRoot.KIND: (PciRootState, "hv.device.pci_host_bridge", 1),
     # the three virtio-pci kinds share one state type (its backend part says which device)
     VirtioPciBlk.KIND: (VirtioPciState, "hv.device.virtio_pci", 1),
@@ -72,7 +74,7 @@ STATE_TYPES: tuple[tuple[type, str], ...] = (
     (hv_state.VmState, "hv.VmState"),
     (VirtioMmioState, "hv.device.VirtioMmioState"), (QueueState, "hv.device.QueueState"),
     (BlkState, "hv.device.BlkState"), (ConsoleState, "hv.device.ConsoleState"),
-    (RngState, "hv.device.RngState"), (MsixState, "hv.device.MsixState"),
+    (RngState, "hv.device.RngState"), (MsixState, "hv.device.MsixState"), (NetState, "hv.device.NetState"),
 )
 
 
@@ -105,10 +107,21 @@ class VirtioSpec:
     console: bool = False
     rng: bool = False
     pci: tuple[str, ...] = ()  # the device ids on virtio-pci (a field with a default: version kept)
+    # virtio-net: the card's MAC (the guest's identity), and the tap and bridge it had there,
+    # which a target opens by the same names in its own network namespace (as QEMU's -netdev)
+    net_mac: bytes | None = None
+    net_tap: str | None = None
+    net_bridge: str | None = None
+
+    def net_spec(self) -> VirtioNetSpec | None:
+        if self.net_mac is None or self.net_tap is None:
+            return None
+        return VirtioNetSpec(self.net_tap, self.net_mac, bridge=self.net_bridge)
 
     def device_ids(self) -> tuple[str, ...]:
         return VirtioConfig(Path(self.disk) if self.disk is not None else None, self.disk_readonly,
-                            (lambda b: None) if self.console else None, self.rng).device_ids()
+                            (lambda b: None) if self.console else None, self.rng,
+                            net=self.net_spec()).device_ids()
 
     def build(self, console_out: Callable[[bytes], None], disk: OpenDisk | None) -> VirtioConfig:
         """The builder's config: console output to `console_out`, the disk this side opened (its
@@ -117,7 +130,7 @@ class VirtioSpec:
             raise StateError("a disk goes with a guest that has one, and only with it")
         return VirtioConfig(disk.path if disk else None, self.disk_readonly,
                             console_out if self.console else None, self.rng,
-                            disk.dup() if disk else None, self.pci)
+                            disk.dup() if disk else None, self.pci, net=self.net_spec())
 
 
 @dataclass(frozen=True)
@@ -219,14 +232,17 @@ def expected_layout(config: MachineConfig) -> DeviceLayout:
 
 def virtio_spec(machine: Machine) -> VirtioSpec | None:
     """The virtio devices `machine` has, as plain data; the disk from the device's configuration."""
-    blk, console, rng = (machine.devices.get(i) for i in ("virtio-blk0", "virtio-console0", "virtio-rng0"))
-    if blk is None and console is None and rng is None:
+    blk, console, rng, net = (machine.devices.get(i) for i in ("virtio-blk0", "virtio-console0", "virtio-rng0",
+                                                               "virtio-net0"))
+    if blk is None and console is None and rng is None and net is None:
         return None
     disk = blk if isinstance(blk, VirtioBlk) else None
+    card = net if isinstance(net, VirtioNet) else None
     pci = tuple(d for d in ("virtio-blk0", "virtio-console0", "virtio-rng0")
                 if isinstance(machine.devices.get(d), VirtioPci))
     return VirtioSpec(str(disk.path) if disk else None, bool(disk and disk.read_only), console is not None,
-                      rng is not None, pci)
+                      rng is not None, pci, card.backend.mac if card else None, card.tap if card else None,
+                      card.bridge if card else None)
 
 
 # --- capture and apply ----------------------------------------------------------------------------

@@ -301,7 +301,7 @@ int kvmig_discard(void *addr, size_t n);
 _HERE = Path(__file__).resolve().parent
 # The C parts beside this file, one translation unit with the helpers below (uart.c and
 # vcpu_loop.c share a static helper); each declares what Python may call in its header.
-_C_PARTS = ("uart", "vcpu_loop", "userfault")
+_C_PARTS = ("uart", "vcpu_loop", "userfault", "net")  # net: virtio-net's packet engine
 
 
 def header_declarations(header: Path) -> str:

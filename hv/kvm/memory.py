@@ -147,6 +147,8 @@ class MemoryRegion:
         self.host_address = int(ffi.cast("uintptr_t", self._cbuf))
         self.view = memoryview(self._map)
         self.vmm_dirty = DirtyBitmap(size >> PAGE_SHIFT)
+        # bitmaps C threads set atomically (virtio-net's engine), ORed into every take
+        self.native_dirty: list[np.ndarray] = []
         self._dirty_lock = threading.Lock()
         self._vmm_wrote = False
         self.log_dirty = False
@@ -178,9 +180,14 @@ class MemoryRegion:
         """The VMM dirty bitmap since the last call, cleared atomically; None if the VMM wrote
         nothing since (so a fetch costs no pass over a whole bitmap for it)."""
         with self._dirty_lock:
-            if not self._vmm_wrote:
+            if not self._vmm_wrote and not self.native_dirty:
                 return None
             taken, self.vmm_dirty, self._vmm_wrote = self.vmm_dirty, DirtyBitmap(self.npages), False
+            # a C engine's bitmap (virtio-net) is taken whole at every fetch: it says nothing of
+            # whether it wrote, so a machine with one pays a pass over its bitmap per fetch
+            for words in self.native_dirty:
+                lib.kvmig_bitmap_take_or(ffi.from_buffer("uint64_t[]", taken.words),
+                                         ffi.from_buffer("uint64_t[]", words), len(words))
         return taken
 
     def populated_pages(self) -> DirtyBitmap:

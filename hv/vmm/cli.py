@@ -3,6 +3,7 @@
     hv info [--json]                          what this host's KVM and CPUs offer
     hv run [--kernel ELF|bzImage [--initrd FILE]] [--mem 1G] [--cpus N] [--cmdline ...]
            [--disk FILE[,ro][,transport=pci]] [--virtio-console [pci]] [--rng [pci]] [--console FILE]
+           [--net tap=NAME[,mac=..][,bridge=BR]]
            [--ws MiB --rate MiB/s --every N --passes N]     (built-in guest options)
            [--api SOCK]                       control socket: see hv/vmm/control.py
     hv status|pause|resume|stop SOCK [--json] a running VM, through its control socket
@@ -31,7 +32,7 @@ from hv.errors import ConfigError
 from hv.guests import builtin as builtin_guest
 from hv.kvm.kvm import Kvm
 from hv.kvm.vm import VmConfig
-from hv.vmm.builder import VirtioConfig, builtin_machine, linux_machine, multiboot_machine
+from hv.vmm.builder import VirtioConfig, VirtioNetSpec, builtin_machine, linux_machine, multiboot_machine
 from hv.vmm.command import HV_EXITS, ExitStatus, dispatch, parse_size, run_parser, say
 from hv.vmm.control import ATTACH_WAIT, CALL_TIMEOUT, ControlContext, ControlServer
 from hv.vmm.machine import Machine, RunState
@@ -123,9 +124,11 @@ def _virtio(args: argparse.Namespace, console) -> VirtioConfig | None:
     for device_id, transport in (("virtio-console0", args.virtio_console), ("virtio-rng0", args.rng)):
         if transport == "pci":
             pci.append(device_id)
-    if disk is None and not args.virtio_console and not args.rng:
+    net = VirtioNetSpec.parse(args.net) if args.net else None
+    if disk is None and not args.virtio_console and not args.rng and net is None:
         return None
-    return VirtioConfig(disk, readonly, console if args.virtio_console else None, bool(args.rng), pci=tuple(pci))
+    return VirtioConfig(disk, readonly, console if args.virtio_console else None, bool(args.rng), pci=tuple(pci),
+                        net=net)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -396,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="virtio-console, output to the console (pci: on virtio-pci)")
     run.add_argument("--rng", nargs="?", const="mmio", choices=TRANSPORTS, metavar="pci",
                      help="virtio-rng (pci: on virtio-pci)")
+    run.add_argument("--net", metavar="tap=NAME[,mac=M][,bridge=BR][,transport=mmio]",
+                     help="virtio-net on tap NAME (created if absent; joined to bridge BR)")
     run.add_argument("--api", metavar="SOCK", help="serve a control socket (pause, resume, stop, status, "
                      "snapshot, migration) at this path; see hv status|pause|resume|stop")
     run.set_defaults(func=cmd_run)

@@ -10,6 +10,7 @@ from hv.devices.debug_exit import DebugExit, DebugExitState
 from hv.devices.i8042 import I8042, I8042State
 from hv.devices.serial import Serial16550, SerialState
 from hv.devices.virtio import VirtioBlk, VirtioConsole, VirtioRng
+from hv.devices.virtio.net import VirtioNet
 from hv.kvm.state import VcpuState, VmState
 from hv.kvm.vcpu import Vcpu
 from hv.kvm.vm import Vm
@@ -21,4 +22,5 @@ SERIAL: type[Persist[SerialState]] = Serial16550
 I8042_MODEL: type[Persist[I8042State]] = I8042
 DEBUG_EXIT: type[Persist[DebugExitState]] = DebugExit
 # each device model the builder can place, as the machine takes it (a bus device that persists)
-DEVICE_MODELS: tuple[type[Device], ...] = (Serial16550, I8042, DebugExit, VirtioBlk, VirtioConsole, VirtioRng)
+DEVICE_MODELS: tuple[type[Device], ...] = (Serial16550, I8042, DebugExit, VirtioBlk, VirtioConsole, VirtioRng,
+                                           VirtioNet)

@@ -9,13 +9,17 @@ import struct
 from dataclasses import replace
 from pathlib import Path
 
+import itertools
+import os
+
 import pytest
 
-from hv.vmm.builder import VirtioConfig, blank_machine
+from hv.vmm.builder import VirtioConfig, VirtioNetSpec, blank_machine
 from hv.devices.debug_exit import DebugExit, DebugExitState
 from hv.devices.i8042 import I8042
 from hv.devices.serial import RX_BUFFER, Serial16550, SerialState
 from hv.devices.virtio.console import MAX_PENDING_INPUT, ConsoleState
+from hv.devices.virtio.net import NetState
 from hv.devices.virtio.queue import QueueState
 from hv.errors import ConfigError, StateRestoreError
 from hv.kvm.kvm import Kvm
@@ -24,7 +28,8 @@ from hv.persist import Lifecycle
 from hv.kvm.vm import VmConfig
 
 MiB = 1 << 20
-DEVICE_IDS = ("serial0", "i8042", "debug-exit", "virtio-blk0", "virtio-console0", "virtio-rng0")
+_TAPS = itertools.count()  # tap names unique in this process
+DEVICE_IDS = ("serial0", "i8042", "debug-exit", "virtio-blk0", "virtio-console0", "virtio-rng0", "virtio-net0")
 RINGS = 0x20_0000  # queue areas from here, 64 KiB per queue (inside the 64 MiB of RAM)
 
 
@@ -33,8 +38,9 @@ def _machine_factory(kvm: Kvm, tmp_path: Path, pci: tuple[str, ...]) -> Iterator
     disk.write_bytes(bytes(MiB))
     made: list[Machine] = []
 
-    def make() -> Machine:
-        virtio = VirtioConfig(disk=disk, console_out=lambda b: None, rng=True, pci=pci)
+    def make() -> Machine:  # the card's tap (no address, never up) lives as long as the machine
+        net = None if pci else VirtioNetSpec(f"kvp{os.getpid() % 100000}n{next(_TAPS)}")  # mmio only, so far
+        virtio = VirtioConfig(disk=disk, console_out=lambda b: None, rng=True, pci=pci, net=net)
         made.append(blank_machine(kvm, VmConfig(mem_size=64 * MiB), virtio=virtio))
         return made[-1]
 
@@ -72,7 +78,8 @@ def _busy_state(machine: Machine, device_id: str) -> object:
                        for i in range(len(state.transport.queues)))
         transport = replace(state.transport, status=0x0F, driver_features=1 << 32, config_generation=2,
                             queues=queues)
-        backend = ConsoleState(b"typed") if device_id == "virtio-console0" else state.backend
+        backend = {"virtio-console0": ConsoleState(b"typed"),  # input and frames not delivered yet
+                   "virtio-net0": NetState(pending_rx=(b"\xff" * 60, b"frame" * 12))}.get(device_id, state.backend)
         state = type(state)(transport, backend)
     return state
 
@@ -154,6 +161,11 @@ OUT_OF_RANGE = [
     ("virtio-console0", _transport(status=0x100), "virtio-mmio-console", "status"),
     ("virtio-rng0", _backend(lambda b: ConsoleState()), "virtio-mmio-rng", "type"),
     ("virtio-rng0", _queue0(ready=1), "virtio-mmio-rng queues[0]", "ready"),
+    ("virtio-net0", _backend(lambda b: replace(b, mac=bytes(6))), "virtio-mmio-net", "backend.mac"),
+    ("virtio-net0", _backend(lambda b: replace(b, pending_rx=[b"x"])), "virtio-mmio-net", "backend.pending_rx"),
+    ("virtio-net0", _backend(lambda b: replace(b, pending_rx=(bytes(1 << 17),))), "virtio-mmio-net",
+     "backend.pending_rx[0]"),
+    ("virtio-net0", _transport(queues=()), "virtio-mmio-net", "queues"),
 ]
 
 
@@ -204,7 +216,7 @@ def test_the_vcpu_refuses_a_state_that_does_not_fit(machines) -> None:
 def test_only_devices_with_a_lifecycle_are_driven_by_the_machine(machines) -> None:
     machine = machines()
     driven = {i for i, d in machine.devices.items() if isinstance(d, Lifecycle)}
-    assert driven == {"serial0", "virtio-blk0", "virtio-console0", "virtio-rng0"}
+    assert driven == {"serial0", "virtio-blk0", "virtio-console0", "virtio-rng0", "virtio-net0"}
     machine.start(paused=True)
     assert all(machine.devices[i].paused for i in driven)
     machine.resume()

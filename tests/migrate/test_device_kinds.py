@@ -13,6 +13,7 @@ from hv.devices.debug_exit import DebugExit
 from hv.devices.i8042 import I8042
 from hv.devices.serial import Serial16550
 from hv.devices.virtio import VirtioBlk, VirtioConsole, VirtioRng
+from hv.devices.virtio.net import VirtioNet
 from hv.kvm.kvm import Kvm
 from hv.vmm.machine import Machine
 from hv.kvm.vm import VmConfig
@@ -28,6 +29,7 @@ WIRE_KINDS = {
     "virtio-mmio-blk": ("hv.device.virtio_blk", 2),
     "virtio-mmio-console": ("hv.device.virtio_console", 1),
     "virtio-mmio-rng": ("hv.device.virtio_rng", 1),
+    "virtio-mmio-net": ("hv.device.virtio_net", 1),
     "pci-host-bridge": ("hv.device.pci_host_bridge", 1),
     "virtio-pci-blk": ("hv.device.virtio_pci", 1),
     "virtio-pci-console": ("hv.device.virtio_pci", 1),
@@ -50,7 +52,7 @@ def test_the_kind_table_is_declared_and_pinned() -> None:
     from hv.devices.pci import PciRoot, VirtioPciBlk, VirtioPciConsole, VirtioPciRng
 
     models = (Serial16550, I8042, DebugExit, VirtioBlk, VirtioConsole, VirtioRng, PciRoot, VirtioPciBlk,
-              VirtioPciConsole, VirtioPciRng)
+              VirtioPciConsole, VirtioPciRng, VirtioNet)
     assert {m.KIND for m in models} == set(WIRE_KINDS) == set(DEVICE_STATES)
     assert all(m.KIND != m.__name__ for m in models)
     reg = registry()

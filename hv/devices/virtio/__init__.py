@@ -3,6 +3,7 @@
     VirtioBlk(memory, path, read_only=)   device ID 2   kind virtio-mmio-blk       VirtioBlkState
     VirtioConsole(memory, output)         device ID 3   kind virtio-mmio-console   VirtioConsoleState
     VirtioRng(memory)                     device ID 4   kind virtio-mmio-rng       VirtioRngState
+    VirtioNet(memory, tap, mac=)          device ID 1   kind virtio-mmio-net       VirtioNetState (net.py)
 
 Each is a bus device (read/write on its 4 KiB window) implementing `hv.persist.Persist` (the
 state type above) and `hv.persist.Lifecycle` (pause()/resume()/stop(), which `Machine` drives);

@@ -35,7 +35,7 @@ import os
 import select
 import threading
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from hv.errors import GuestMemoryError, KvmIoctlError, StateRestoreError
 from hv.kvm.memory import GuestMemory
@@ -109,6 +109,28 @@ class VirtioBackend(Persist[Any], Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class NativeQueues(Protocol):
+    """A backend that serves some of its queues in C on a thread of its own (virtio-net's rx
+    and tx): the worker leaves those queues' eventfds to it, and the transport hands the queues
+    over while the device is live (`go_live`) and takes them back when it is not (`halt`)."""
+
+    native_queues: tuple[int, ...]
+    error_fd: int  # readable when the engine stopped on a bad ring (`take_error` says why)
+
+    def go_live(self, queues: list[Virtqueue], irq_fd: int | None, driver_features: int) -> bool:
+        """True when the configuration changed on the way (a config interrupt is due)."""
+        ...
+
+    def halt(self, queues: list[Virtqueue]) -> int:
+        """Positions back into `queues`; returns the InterruptStatus bits raised meanwhile."""
+        ...
+
+    def native_isr(self, ack: int) -> int: ...
+
+    def take_error(self) -> str | None: ...
+
+
 @dataclass(frozen=True)
 class VirtioMmioState:
     """The transport registers and every queue's configuration and position."""
@@ -141,9 +163,11 @@ class VirtioMmio:
     KIND: ClassVar[str]
     state_type: ClassVar[type]
 
-    def __init__(self, backend: VirtioBackend, memory: GuestMemory) -> None:
+    def __init__(self, backend: VirtioBackend, memory: GuestMemory, *, queue_fds: tuple[int, ...] = ()) -> None:
         self.backend = backend
         backend.owner = self.KIND  # whose state its refusals name
+        self._native = backend if isinstance(backend, NativeQueues) else None
+        self._native_live = False
         self.memory = memory
         self.queues = [Virtqueue(memory, i, n) for i, n in enumerate(backend.queue_sizes)]
         self._regs = VirtioMmioState(backend.device_id, queues=())
@@ -153,7 +177,9 @@ class VirtioMmio:
         self._stopping = False
         self._worker: threading.Thread | None = None
         self._ctl_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.queue_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in self.queues]
+        # the first queues' eventfds may come from the backend, which polls them itself
+        self.queue_fds = [*queue_fds, *(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                                        for _ in self.queues[len(queue_fds):])]
         self._irq_fd: int | None = None
         self._vm: Vm | None = None
         self._gsi: int | None = None
@@ -225,7 +251,7 @@ class VirtioMmio:
             case 0x044:
                 return int(q.state.ready) if q else 0
             case 0x060:
-                return r.interrupt_status
+                return r.interrupt_status | (self._native.native_isr(0) if self._native else 0)
             case 0x070:
                 return r.status
             case 0x0FC:
@@ -260,6 +286,8 @@ class VirtioMmio:
                 self._set_ready(q, bool(value & 1))
             case 0x064:
                 self._set(interrupt_status=r.interrupt_status & ~value)
+                if self._native:
+                    self._native.native_isr(value)
             case 0x070:
                 self._write_status(value)
             case _ if offset in _ADDRESS_REGS and q and not q.state.ready:
@@ -288,10 +316,12 @@ class VirtioMmio:
             if r.driver_features & ~offered or not r.driver_features & VIRTIO_F_VERSION_1:
                 value &= ~STATUS_FEATURES_OK  # the driver reads Status back and gives up
         self._set(status=value | (r.status & STATUS_NEEDS_RESET))
+        self._update_native()
         if value & STATUS_DRIVER_OK:
             self._kick_all()
 
     def _reset(self) -> None:
+        self._halt_native()
         for q in self.queues:
             q.reset()
         self.backend.reset()
@@ -302,7 +332,28 @@ class VirtioMmio:
         log.warning("virtio device %d needs reset: %s", self.backend.device_id, error)
         self.last_error = str(error)
         self._set(status=self._regs.status | STATUS_NEEDS_RESET)
+        self._halt_native()
         self._interrupt(INT_CONFIG_CHANGE)
+
+    # --- queues served natively (NativeQueues) --------------------------------------------------
+
+    def _update_native(self) -> None:
+        """Under the lock, whenever `_live()` may have changed: hand the native queues over, or
+        take them back."""
+        if self._native is None:
+            return
+        if not self._live():
+            self._halt_native()
+        elif not self._native_live:
+            self._native_live = True
+            if self._native.go_live(self.queues, self._irq_fd, self._regs.driver_features):
+                self._set(config_generation=(self._regs.config_generation + 1) & 0xFFFF_FFFF)
+                self._interrupt(INT_CONFIG_CHANGE)
+
+    def _halt_native(self) -> None:
+        if self._native is not None and self._native_live:
+            self._native_live = False
+            self._set(interrupt_status=self._regs.interrupt_status | self._native.halt(self.queues))
 
     # --- queue processing ---------------------------------------------------------------------
 
@@ -342,7 +393,10 @@ class VirtioMmio:
             os.eventfd_write(fd, 1)
 
     def _worker_loop(self) -> None:
-        fds = [self._ctl_fd, *self.queue_fds]
+        native = self._native.native_queues if self._native else ()
+        fds = [self._ctl_fd, *(fd for i, fd in enumerate(self.queue_fds) if i not in native)]
+        if self._native:
+            fds.append(self._native.error_fd)
         while True:
             with self._cond:
                 while self._paused and not self._stopping:
@@ -359,7 +413,11 @@ class VirtioMmio:
                     os.eventfd_read(fd)
                 except BlockingIOError:
                     continue  # another reader (a racing sweep) took it
-                if fd != self._ctl_fd:
+                if self._native and fd == self._native.error_fd:
+                    with self._cond:
+                        if (why := self._native.take_error()) is not None:
+                            self._needs_reset(VirtioQueueError(-1, why))
+                elif fd != self._ctl_fd:
                     kicked.append(self.queue_fds.index(fd))
             if kicked:
                 try:
@@ -374,6 +432,7 @@ class VirtioMmio:
         """Stop processing: when this returns no queue work is running nor will start."""
         with self._cond:
             self._paused = True
+            self._halt_native()
             os.eventfd_write(self._ctl_fd, 1)
             worker = self._worker
             if worker is not None and worker.is_alive() and worker is not threading.current_thread():
@@ -392,6 +451,7 @@ class VirtioMmio:
                                                 name=f"virtio-{self.backend.device_id}")
                 self._worker.start()
             self._cond.notify_all()
+            self._update_native()
             if self._reraise:
                 # the source's irqfd pulse may not have reached the guest before the save; a
                 # spurious one is harmless (the driver reads InterruptStatus)
@@ -415,6 +475,7 @@ class VirtioMmio:
                 return
             self._stopping = True
             self._paused = True
+            self._halt_native()
             self._cond.notify_all()
             os.eventfd_write(self._ctl_fd, 1)
         if self._worker is not None and self._worker is not threading.current_thread():
@@ -475,9 +536,11 @@ class VirtioMmio:
         """Apply a checked transport state and the backend's (which validates its own first)."""
         with self._cond:
             self.backend.restore(backend)  # validates its part before applying it
+            self._halt_native()
             self._regs = replace(t, queues=())
             for q, qs in zip(self.queues, t.queues, strict=True):
                 q.state = qs
             self._reraise = bool(t.interrupt_status)
+            self._update_native()
         if not self._paused:
             self._kick_all()

@@ -9,6 +9,7 @@
  */
 #include "virtio.h"
 #include "layout.h"
+#include "net.h"
 #include "pci.h"
 
 enum {
@@ -21,7 +22,7 @@ enum {
     REG_QUEUE_DEVICE_HIGH = 0x0a4,
 };
 enum { S_ACKNOWLEDGE = 1, S_DRIVER = 2, S_DRIVER_OK = 4, S_FEATURES_OK = 8 };
-enum { ID_BLK = 2, ID_CONSOLE = 3, ID_RNG = 4 };
+enum { ID_NET = 1, ID_BLK = 2, ID_CONSOLE = 3, ID_RNG = 4 };
 enum { DESC_NEXT = 1, DESC_WRITE = 2 };
 enum { BLK_IN = 0, BLK_OUT = 1, BLK_FLUSH = 4 };
 
@@ -211,6 +212,8 @@ void device_workload(u64 cpu, volatile u64 *work, u64 tsc_khz, volatile u8 *regi
         if (rd(regs, REG_MAGIC) != MAGIC || rd(regs, REG_VERSION) != 2)
             continue;
         u32 id = rd(regs, REG_DEVICE_ID);
+        if (id == ID_NET && net_init(regs)) /* net.c: its own queues and features */
+            die("net init", i, 0);
         struct device *d = id == ID_BLK ? &blk : id == ID_CONSOLE ? &con : id == ID_RNG ? &rng : 0;
         if (d && !d->regs) {
             d->regs = regs;
@@ -254,6 +257,7 @@ void device_workload(u64 cpu, volatile u64 *work, u64 tsc_khz, volatile u8 *regi
     for (u64 round = 1;; round++) {
         for (u64 page = 0; page < CPU_WS_BYTES / 4096; page++)
             region[page * 4096]++;
+        net_poll(tsc_khz);
         if (blk.regs) {
             blk_round(blkq, round);
             if (round % 64 == 0)
@@ -266,7 +270,8 @@ void device_workload(u64 cpu, volatile u64 *work, u64 tsc_khz, volatile u8 *regi
         if (!blk.regs && !rng.regs && !con.regs) {
             u64 until = rdtsc() + (tsc_khz ? tsc_khz : 1000000); /* about 1 ms a round */
             while (rdtsc() < until)
-                cpu_relax();
+                if (!net_poll(tsc_khz))
+                    cpu_relax();
         }
         *work = round;
         if (round % 256 == 0) {

@@ -10,6 +10,7 @@
 #include "layout.h"
 #include "lib.h"
 #include "virtio.h"
+#include "net.h"
 
 #define PAGE 4096ULL
 #define CHUNK_PAGES 16ULL /* rate pacing granularity: 64 KiB */
@@ -174,6 +175,7 @@ void user_main(u32 mbi_addr)
 
     volatile struct status *st = (volatile struct status *)STATUS_ADDR;
     boot_params = p;
+    boot_cmdline = cmdline; /* net.c reads its address and port there */
     __atomic_store_n(&params_ready, 1, __ATOMIC_RELEASE);
     u64 pages = p.ws_mib * 256;
     __atomic_fetch_add(&st->cpus_up, 1, __ATOMIC_RELAXED);

@@ -1,0 +1,249 @@
+/*
+ * A polling virtio-net driver in ring 3 (virtio-mmio v2), for the network tests and benchmarks:
+ * - answers ARP requests for its address (`net_ip=a.b.c.d` on the command line, 10.77.0.10 if
+ *   absent) with its MAC (the device's configuration);
+ * - echoes UDP datagrams to its port (`net_port=`, 7777), the payload followed by the workload's
+ *   pass counter (u64, little endian: status->passes), so a client sees what the guest was doing;
+ * - sends a gratuitous ARP once its card is up, as any OS does on link up;
+ * - negotiates GUEST_ANNOUNCE: when the device sets VIRTIO_NET_S_ANNOUNCE (after a migration) it
+ *   sends a gratuitous ARP and acknowledges on the control queue (VIRTIO_NET_CTRL_ANNOUNCE_ACK).
+ * Receive buffers are 16 single descriptors of 2 KiB (no MRG_RXBUF: every frame fits one); an
+ * answer is one descriptor holding the 12-byte header and the frame. No interrupts: the used rings
+ * are read in memory, so an idle poll costs no exit.
+ */
+#include "net.h"
+#include "layout.h"
+
+enum {
+    R_MAGIC = 0x000, R_DEVICE_FEATURES = 0x010, R_DEVICE_FEATURES_SEL = 0x014, R_DRIVER_FEATURES = 0x020,
+    R_DRIVER_FEATURES_SEL = 0x024, R_QUEUE_SEL = 0x030, R_QUEUE_NUM_MAX = 0x034, R_QUEUE_NUM = 0x038,
+    R_QUEUE_READY = 0x044, R_QUEUE_NOTIFY = 0x050, R_INTERRUPT_STATUS = 0x060, R_INTERRUPT_ACK = 0x064,
+    R_STATUS = 0x070, R_QUEUE_DESC = 0x080, R_QUEUE_DRIVER = 0x090, R_QUEUE_DEVICE = 0x0a0, R_CONFIG = 0x100,
+};
+enum { S_ACK = 1, S_DRIVER = 2, S_DRIVER_OK = 4, S_FEATURES_OK = 8 };
+enum { F_MAC = 1u << 5, F_STATUS = 1u << 16, F_CTRL_VQ = 1u << 17, F_GUEST_ANNOUNCE = 1u << 21 };
+enum { NET_S_ANNOUNCE = 2, RXQ = 0, TXQ = 1, CTRLQ = 2, QN = 16, BUF = 2048, HDR = 12 };
+enum { DESC_NEXT = 1, DESC_WRITE = 2 };
+
+struct desc { u64 addr; u32 len; u16 flags, next; };
+struct qpage { /* descriptors at 0, available ring at 512, used ring at 1024 */
+    struct desc desc[QN];
+    u8 pad0[512 - QN * sizeof(struct desc)];
+    u16 avail_flags, avail_idx, avail_ring[QN], used_event;
+    u8 pad1[512 - (4 + 2 * QN + 2)];
+    u16 used_flags, used_idx;
+    struct { u32 id, len; } used_ring[QN];
+} __attribute__((aligned(4096)));
+
+static struct qpage qp[3];
+static u8 rx_buf[QN][BUF] __attribute__((aligned(4096)));
+static u8 tx_buf[QN][BUF] __attribute__((aligned(4096)));
+static u8 ctrl_buf[16] __attribute__((aligned(16)));
+static volatile u32 *nregs;
+static u16 rx_seen, tx_avail, tx_seen, ctrl_seen;
+static u8 mac[6], ip[4];
+static u16 port = NET_DEFAULT_PORT;
+static u64 next_config_check, answers;
+const char *boot_cmdline;
+
+static inline u32 rd(u32 off) { return nregs[off / 4]; }
+static inline void wr(u32 off, u32 v) { nregs[off / 4] = v; }
+static inline u16 be16(const u8 *p) { return (u16)(p[0] << 8 | p[1]); }
+static inline void put16(u8 *p, u16 v) { p[0] = (u8)(v >> 8); p[1] = (u8)v; }
+static void copy(u8 *d, const u8 *s, u32 n) { for (u32 i = 0; i < n; i++) d[i] = s[i]; }
+static int same(const u8 *a, const u8 *b, u32 n) { for (u32 i = 0; i < n; i++) if (a[i] != b[i]) return 0; return 1; }
+
+static void publish(int q, u16 head)
+{
+    struct qpage *p = &qp[q];
+    p->avail_ring[p->avail_idx % QN] = head;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    p->avail_idx++;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+static void arp_send(u16 op, const u8 *to, const u8 *tha, const u8 *tpa);
+
+static void parse_ip(const char *v)
+{
+    for (int i = 0; i < 4 && v; i++) {
+        const char *end;
+        ip[i] = (u8)parse_u64(v, &end);
+        v = *end == '.' ? end + 1 : 0;
+    }
+}
+
+int net_init(volatile u32 *regs)
+{
+    nregs = regs;
+    const char *v = boot_cmdline ? find_arg(boot_cmdline, "net_ip") : 0;
+    ip[0] = 10, ip[1] = 77, ip[2] = 0, ip[3] = 10;
+    if (v)
+        parse_ip(v);
+    v = boot_cmdline ? find_arg(boot_cmdline, "net_port") : 0;
+    if (v)
+        port = (u16)parse_u64(v, 0);
+    wr(R_STATUS, 0);
+    wr(R_STATUS, S_ACK | S_DRIVER);
+    wr(R_DEVICE_FEATURES_SEL, 0);
+    u32 offered = rd(R_DEVICE_FEATURES);
+    wr(R_DEVICE_FEATURES_SEL, 1);
+    if (!(rd(R_DEVICE_FEATURES) & 1))
+        return -1;
+    u32 want = offered & (F_MAC | F_STATUS | F_CTRL_VQ | F_GUEST_ANNOUNCE);
+    wr(R_DRIVER_FEATURES_SEL, 0);
+    wr(R_DRIVER_FEATURES, want);
+    wr(R_DRIVER_FEATURES_SEL, 1);
+    wr(R_DRIVER_FEATURES, 1);
+    wr(R_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+    if (!(rd(R_STATUS) & S_FEATURES_OK) || !(want & F_MAC))
+        return -2;
+    for (int i = 0; i < 6; i++)
+        mac[i] = ((volatile u8 *)regs)[R_CONFIG + i];
+    u32 nq = want & F_CTRL_VQ ? 3 : 2;
+    for (u32 q = 0; q < nq; q++) {
+        wr(R_QUEUE_SEL, q);
+        if (rd(R_QUEUE_NUM_MAX) < QN)
+            return -3;
+        wr(R_QUEUE_NUM, QN);
+        u64 areas[3] = {(u64)qp[q].desc, (u64)&qp[q].avail_flags, (u64)&qp[q].used_flags};
+        for (u32 a = 0; a < 3; a++) {
+            wr(R_QUEUE_DESC + 0x10 * a, (u32)areas[a]);
+            wr(R_QUEUE_DESC + 0x10 * a + 4, (u32)(areas[a] >> 32));
+        }
+        wr(R_QUEUE_READY, 1);
+    }
+    for (u16 i = 0; i < QN; i++) { /* every receive buffer posted; transmit descriptors fixed */
+        qp[RXQ].desc[i] = (struct desc){(u64)rx_buf[i], BUF, DESC_WRITE, 0};
+        qp[TXQ].desc[i] = (struct desc){(u64)tx_buf[i], 0, 0, 0};
+        publish(RXQ, i);
+    }
+    wr(R_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    wr(R_QUEUE_NOTIFY, RXQ);
+    static const u8 zero[6];
+    arp_send(1, 0, zero, ip); /* gratuitous, as any OS on link up: switches learn our port */
+    return 0;
+}
+
+/* A transmit buffer whose previous frame the device has used (waits if all 16 are in flight). */
+static u8 *tx_slot(void)
+{
+    while ((u16)(tx_avail - qp[TXQ].used_idx) >= QN)
+        cpu_relax();
+    u8 *b = tx_buf[tx_avail % QN];
+    for (int i = 0; i < HDR; i++)
+        b[i] = 0;
+    return b + HDR;
+}
+
+static void tx_send(u32 frame_len)
+{
+    u16 slot = tx_avail % QN;
+    qp[TXQ].desc[slot].len = HDR + frame_len;
+    publish(TXQ, slot);
+    tx_avail++;
+    wr(R_QUEUE_NOTIFY, TXQ);
+}
+
+/* An ARP packet from us (op 1 request / 2 reply) to `tha`/`tpa`, broadcast if `to` is 0. */
+static void arp_send(u16 op, const u8 *to, const u8 *tha, const u8 *tpa)
+{
+    static const u8 bcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+    u8 *f = tx_slot();
+    copy(f, to ? to : bcast, 6);
+    copy(f + 6, mac, 6);
+    put16(f + 12, 0x0806);
+    put16(f + 14, 1), put16(f + 16, 0x0800), f[18] = 6, f[19] = 4, put16(f + 20, op);
+    copy(f + 22, mac, 6), copy(f + 28, ip, 4), copy(f + 32, tha, 6), copy(f + 38, tpa, 4);
+    for (int i = 42; i < 60; i++)
+        f[i] = 0;
+    tx_send(60);
+}
+
+static u16 ip_checksum(const u8 *h)
+{
+    u32 sum = 0;
+    for (int i = 0; i < 20; i += 2)
+        sum += be16(h + i);
+    while (sum >> 16)
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    return (u16)~sum;
+}
+
+static void handle(const u8 *f, u32 len)
+{
+    if (len < 42)
+        return;
+    u16 type = be16(f + 12);
+    if (type == 0x0806 && be16(f + 20) == 1 && same(f + 38, ip, 4)) {
+        arp_send(2, f + 6, f + 22, f + 28);
+        answers++;
+        return;
+    }
+    if (type != 0x0800 || (f[14] & 0xF) != 5 || f[23] != 17 || !same(f + 30, ip, 4) || be16(f + 36) != port)
+        return;
+    u32 udp_len = be16(f + 38);
+    if (udp_len < 8 || 34 + udp_len > len || udp_len + 8 > BUF - HDR - 42)
+        return;
+    u64 passes = ((volatile u64 *)STATUS_ADDR)[1];
+    u8 *o = tx_slot();
+    copy(o, f + 6, 6), copy(o + 6, mac, 6), put16(o + 12, 0x0800);
+    copy(o + 14, f + 14, 20); /* IPv4 header: addresses swapped, length and checksum redone */
+    copy(o + 26, f + 30, 4), copy(o + 30, f + 26, 4);
+    put16(o + 16, (u16)(20 + udp_len + 8));
+    o[22] = 64;
+    put16(o + 24, 0);
+    put16(o + 24, ip_checksum(o + 14));
+    put16(o + 34, be16(f + 36)), put16(o + 36, be16(f + 34)); /* ports swapped */
+    put16(o + 38, (u16)(udp_len + 8));
+    put16(o + 40, 0); /* no UDP checksum (allowed over IPv4) */
+    copy(o + 42, f + 42, udp_len - 8);
+    for (int i = 0; i < 8; i++)
+        o[42 + udp_len - 8 + i] = (u8)(passes >> (8 * i));
+    tx_send(42 + udp_len);
+    answers++;
+}
+
+static void announce_if_asked(u64 tsc_khz)
+{
+    u64 now = rdtsc();
+    if (now < next_config_check)
+        return;
+    next_config_check = now + (tsc_khz ? tsc_khz * 10 : 10000000); /* ~10 ms */
+    u32 isr = rd(R_INTERRUPT_STATUS);
+    if (isr)
+        wr(R_INTERRUPT_ACK, isr);
+    if (!(((volatile u8 *)nregs)[R_CONFIG + 6] & NET_S_ANNOUNCE))
+        return;
+    static const u8 zero[6];
+    arp_send(1, 0, zero, ip); /* gratuitous: who-has our own address, from us */
+    ctrl_buf[0] = 3, ctrl_buf[1] = 0, ctrl_buf[2] = 0xFF; /* VIRTIO_NET_CTRL_ANNOUNCE_ACK */
+    qp[CTRLQ].desc[0] = (struct desc){(u64)ctrl_buf, 2, DESC_NEXT, 1};
+    qp[CTRLQ].desc[1] = (struct desc){(u64)ctrl_buf + 2, 1, DESC_WRITE, 0};
+    publish(CTRLQ, 0);
+    wr(R_QUEUE_NOTIFY, CTRLQ);
+    while (qp[CTRLQ].used_idx == ctrl_seen)
+        cpu_relax();
+    ctrl_seen++;
+}
+
+u32 net_poll(u64 tsc_khz)
+{
+    if (!nregs)
+        return 0;
+    u32 handled = 0;
+    while (rx_seen != qp[RXQ].used_idx) {
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        u32 id = qp[RXQ].used_ring[rx_seen % QN].id, len = qp[RXQ].used_ring[rx_seen % QN].len;
+        rx_seen++;
+        if (id < QN && len > HDR)
+            handle(rx_buf[id] + HDR, len - HDR);
+        publish(RXQ, (u16)(id % QN));
+        handled++;
+    }
+    if (handled)
+        wr(R_QUEUE_NOTIFY, RXQ);
+    tx_seen = qp[TXQ].used_idx;
+    announce_if_asked(tsc_khz);
+    return handled;
+}
