@@ -234,7 +234,6 @@ def cmd_recv(args: argparse.Namespace) -> int:
     # each migration builds its machine (`prepare`). After Commit nothing is left that can fail.
     with MachineRun(args.api) as run:
         listener = Listener(args.listen, _key(args.key_file), _tls(args))
-        say("migrate", f"listening on {listener.address}")
         return _receive(args, run, listener)
 
 
@@ -252,6 +251,7 @@ def _receive(args: argparse.Namespace, run: MachineRun, listener) -> int:
                             disk=args.disk, disk_dir=args.disk_dir, max_mem=args.mem, virtio_console=LineConsole(),
                             postcopy_wait=args.postcopy_wait or None, prepare=prepare, max_vcpus=args.max_vcpus)
         try:
+            say("migrate", f"listening on {listener.address}")  # once connections are taken
             try:
                 incoming = receiver.receive(args.accept_timeout or None)
             except PostcopyFailed as e:
