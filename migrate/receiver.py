@@ -46,6 +46,7 @@ from migrate.protocol import Channel, Error, ErrorCode, Hello, Query, Reconnect,
 from migrate.target import Incoming, SessionLedger, receive
 from migrate.transport import Connection, Listener
 
+SIGNAL_SLICE = 0.5  # seconds the main thread waits at a time for a connection (see `receive`)
 log = logging.getLogger(__name__)
 
 MAX_HANDSHAKES = 64  # connections being authenticated or read at once
@@ -114,10 +115,15 @@ class Receiver:
         `timeout`: seconds to wait for a guest in all (TransportError after)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            # in slices: a Ctrl-C the kernel hands to another thread (the accept thread, say) only
+            # sets Python's flag, and a main thread blocked in a lock never wakes to raise it
+            left = SIGNAL_SLICE if deadline is None else min(SIGNAL_SLICE, max(0.0, deadline - time.monotonic()))
             try:
-                item = self._hellos.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                item = self._hellos.get(timeout=left)
             except queue.Empty:
-                raise TransportError(f"no source connected to {self.listener.address} within {timeout}s") from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TransportError(f"no source connected to {self.listener.address} within {timeout}s") from None
+                continue
             if isinstance(item, BaseException):
                 raise item  # `once`: the first connection ended before any migration
             conn, hello = item

@@ -69,6 +69,7 @@ class MsixVectors:
         self._lock = threading.Lock()
         self._vm: Vm | None = None
         self._fds: list[int] = []
+        self._close_lock = threading.Lock()
         self._gsi_base = 0
         self._routed: dict[int, tuple[int, int]] = {}
         self.sent = [0] * vectors  # messages sent, per vector (stats and tests)
@@ -95,8 +96,12 @@ class MsixVectors:
             vm.register_irqfd(fd, gsi_base + v)
 
     def close(self) -> None:
-        vm, self._vm = self._vm, None
-        for v, fd in enumerate(self._fds):
+        """Idempotent, and safe from two threads at once (a machine stopped by a control command
+        and by its run's end together): each fd is taken by one caller and closed once."""
+        with self._close_lock:
+            vm, self._vm = self._vm, None
+            fds, self._fds = self._fds, []
+        for v, fd in enumerate(fds):
             if vm is not None:
                 try:
                     vm.unregister_irqfd(fd, self._gsi_base + v)
@@ -104,7 +109,6 @@ class MsixVectors:
                 except KvmIoctlError as e:  # the VM is closed already: its routes went with it
                     log.debug("msix: irqfd not unregistered: %s", e)
             os.close(fd)
-        self._fds = []
 
     # --- Message Control (in configuration space) ------------------------------------------------
 
