@@ -137,9 +137,13 @@ def test_blk_and_console_round_trip_with_a_vector_per_queue(machines) -> None:
     rx = console.queues[0].add([(BUFFERS + 0x3_0000, 64, True)])
     kick(machine.devices["virtio-console0"], 0)
     assert wait_used(console.queues[0], 1) == [(rx, 5)] and mem.read(BUFFERS + 0x3_0000, 5) == b"typed"
-    wait_for(lambda: len(reports.writes) == 4)
     # each queue's buffers signalled its own vector: blk's two requests, the console's tx then rx
-    assert sorted(v for _, _, v in reports.writes) == [0x40, 0x40, 0x41, 0x42]
+    # (two messages on one vector that arrive before the guest takes the first are one interrupt,
+    # as on any LAPIC: blk's may be counted once)
+    wait_for(lambda: {v for _, _, v in reports.writes} == {0x40, 0x41, 0x42})
+    seen = sorted(v for _, _, v in reports.writes)
+    assert seen in ([0x40, 0x41, 0x42], [0x40, 0x40, 0x41, 0x42]), seen
+    assert machine.devices["virtio-blk0"].msix.sent == [2, 0]  # both requests sent their message
     assert machine.devices["virtio-console0"].msix.sent == [1, 1, 0]
 
 
