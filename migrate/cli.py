@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from hv.vmm.command import ExitStatus, dispatch, parse_size, quiet, run_parser, 
 from hv.vmm.control import CALL_TIMEOUT, ControlError, call, expect
 from hv.vmm.control import extensions as control_extensions
 from hv.vmm.machine import discard
+from hv.vmm.signals import CaughtSignals
 from hv.kvm.units import MiB
 from migrate.events import PagesProgress, ProgressEvent, ProgressLine, SnapshotWritten, Throttled, from_dict
 from migrate.stats import RUNNING
@@ -272,13 +272,11 @@ def _hold_a_stranded_guest(error: PostcopyFailed, timeout: float) -> int:
     has (it cannot run without the rest, which only its source held) until Ctrl-C, SIGTERM or
     --timeout; then it is given up."""
     ended = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: ended.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    say("migrate", f"{error}. The guest is kept paused here; Ctrl-C or SIGTERM gives it up", "red")
     try:
-        ended.wait(timeout or None)
+        with CaughtSignals(lambda _signum: ended.set()):
+            say("migrate", f"{error}. The guest is kept paused here; Ctrl-C or SIGTERM gives it up", "red")
+            ended.wait(timeout or None)
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
         error.discard()
     return ExitStatus.IN_DOUBT
 

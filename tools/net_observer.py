@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from hv.vmm.signals import CaughtSignals
 from tools.netrig import in_namespace
 
 _REQUEST = struct.Struct("<QQ")
@@ -172,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
     so no interpreter lock is shared with a VMM."""
     import argparse
     import json
-    import signal
 
     p = argparse.ArgumentParser(prog="net_observer")
     p.add_argument("--ns", required=True)
@@ -181,9 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     host, _, port = args.to.rpartition(":")
     done = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    with UdpObserver(args.ns, host, int(port), args.period) as observer:
+    with CaughtSignals(lambda _signum: done.set()), UdpObserver(args.ns, host, int(port), args.period) as observer:
         print("ready", flush=True)
         done.wait()
         seen = observer.stop()

@@ -37,6 +37,7 @@ from hv.vmm.command import HV_EXITS, ExitStatus, dispatch, parse_size, run_parse
 from hv.vmm.control import ATTACH_WAIT, CALL_TIMEOUT, ControlContext, ControlServer
 from hv.vmm.machine import Machine, RunState
 from hv.vmm.owner import owner_of
+from hv.vmm.signals import CaughtSignals
 
 log = logging.getLogger("hv.vmm.cli")  # by name: run as `python -m hv.vmm.cli`, __name__ is __main__
 _stdout_lock = threading.Lock()
@@ -267,35 +268,26 @@ def run_machine(machine: Machine, run: MachineRun, *, watch: builtin_guest.EndWa
         run.prepare(machine, watch=watch, extra=extra, terminal=terminal)
     ctx, done, wake, watch = run.ctx, run.done, run.wake, run.watch
     server = run.server
-    interrupted = threading.Event()
     # Ctrl-C and SIGTERM (kill, systemd, a container stop) end the run the same orderly way:
     # the VM stopped, the socket file removed, the threads joined, the output flushed.
-    signalled: list[signal.Signals] = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        signalled.append(signal.Signals(signum))
-        interrupted.set()
-        wake.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals = CaughtSignals(lambda _signum: wake.set())
     t0 = time.monotonic()
     try:
-        if start:
-            machine.start()
-        log.info("running: %d vCPU, %d MiB, devices %s", len(machine.vcpus), machine.vm.memory.total_size >> 20,
-                 ", ".join(sorted(machine.devices)))
-        if settle:
-            wake.wait(settle)
-        if announce:
-            say(*announce.split(": ", 1))
-        if server:  # after start: every command then finds a machine that has a lifecycle going
-            server.attach(ctx)
-            say("hv", f"control socket {run.api} ({', '.join(sorted(server.handlers))})")
-        if not wake.wait(timeout or None):
-            say("hv", f"--timeout {timeout}s reached", "yellow")
+        with signals:  # restored before the stop: a second Ctrl-C there is Python's again
+            if start:
+                machine.start()
+            log.info("running: %d vCPU, %d MiB, devices %s", len(machine.vcpus), machine.vm.memory.total_size >> 20,
+                     ", ".join(sorted(machine.devices)))
+            if settle:
+                wake.wait(settle)
+            if announce:
+                say(*announce.split(": ", 1))
+            if server:  # after start: every command then finds a machine that has a lifecycle going
+                server.attach(ctx)
+                say("hv", f"control socket {run.api} ({', '.join(sorted(server.handlers))})")
+            if not wake.wait(timeout or None):
+                say("hv", f"--timeout {timeout}s reached", "yellow")
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
         if server:
             server.close()
         hold = owner_of(machine).current
@@ -316,8 +308,8 @@ def run_machine(machine: Machine, run: MachineRun, *, watch: builtin_guest.EndWa
     if state is RunState.ERROR:
         say("hv", f"the VM failed: {machine.error}", "red")
         return ExitStatus.FAILED
-    if interrupted.is_set():
-        why = "Ctrl-C" if signalled[0] is signal.SIGINT else signalled[0].name
+    if signals.first is not None:
+        why = "Ctrl-C" if signals.first is signal.SIGINT else signals.first.name
     elif ctx.finished.is_set():
         why = ctx.finish_reason
     elif done.is_set():
