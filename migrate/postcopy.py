@@ -359,7 +359,7 @@ class PostcopyTarget:
         return reader
 
     def decode_into_staging(self, reader: StreamReader) -> None:
-        reader.decode_pages_with(PageDecoderC(self.layout, self._staging))
+        reader.decode_pages_with(PageDecoderC(self.layout, self._staging, shared=True))  # push and fetches at once
 
     def _region(self, address: int) -> Userfault:
         region, _ = self.memory.find(address)

@@ -234,10 +234,15 @@ class PageDecoderC:
     run table checked before any payload is read; a run failing its checksum after earlier runs
     were written leaves those written, so only memory no guest runs on yet may be given (a
     migration target's before it starts, a restore's staging RAM). ZERO runs are not written:
-    the caller gives those pages back to the host, from the run table `apply` returns."""
+    the caller gives those pages back to the host, from the run table `apply` returns.
+
+    `shared`: other decoders write the same hosts at the same time (post-copy's staging, filled
+    by the push and the fetch channel, which may both carry a page): each compressed run is
+    then decompressed and checked in this decoder's own buffer and copied in whole, so no
+    decoder reads bytes another is half-way through writing (pages.c says why that matters)."""
 
     def __init__(self, memory: MemoryLayout, hosts: Sequence[object], limits: PageLimits | None = None, *,
-                 populate: bool = True) -> None:
+                 populate: bool = True, shared: bool = False) -> None:
         if len(hosts) != len(memory.ranges):
             raise ValueError(f"{len(hosts)} host buffers for {len(memory.ranges)} RAM ranges")
         self.memory, self.limits = memory, limits or PageLimits()
@@ -254,6 +259,9 @@ class PageDecoderC:
             "max_runs": self.limits.max_runs, "max_run_bytes": self.limits.max_run_bytes,
             "max_section_raw": self.limits.max_section_raw})
         self._populate = int(populate)
+        # a run's size at most; untouched pages of it cost nothing
+        self._scratch = _uninitialised(self.limits.max_run_bytes) if shared else None
+        self._scratch_ptr = ffi.from_buffer("uint8_t[]", self._scratch) if shared else ffi.NULL
         self._dctx = _Zstd(lib.kvmig_zstd_dctx_new, lib.kvmig_zstd_dctx_free, "ZSTD_createDCtx")
 
     def apply(self, body: bytes | memoryview, offset: int = 0) -> tuple[np.ndarray, PageTotals]:
@@ -263,7 +271,8 @@ class PageDecoderC:
         err = ffi.new("kvmig_decode_error *")
         count = lib.kvmig_decode_pages(self._dctx.ptr, ffi.from_buffer("uint8_t[]", body), len(body),
                                        self._ranges, len(self.memory.ranges), self._limits,
-                                       self._populate, totals, err)
+                                       self._populate, self._scratch_ptr,
+                                       0 if self._scratch is None else self._scratch.nbytes, totals, err)
         if count < 0:
             raise self._error(body, offset, err)
         table = np.frombuffer(body, dtype=RUN_DTYPE, count=count, offset=BODY_HEADER.size)

@@ -373,6 +373,7 @@ static long range_of(const kvmig_ram_range *ranges, size_t n, uint64_t address, 
 
 long kvmig_decode_pages(void *dctx, const uint8_t *body, size_t len, const kvmig_ram_range *ranges,
                         size_t nranges, const kvmig_page_limits *lim, int populate,
+                        uint8_t *scratch, size_t scratch_cap,
                         kvmig_page_totals *totals, kvmig_decode_error *err)
 {
     memset(totals, 0, sizeof *totals);
@@ -454,14 +455,22 @@ long kvmig_decode_pages(void *dctx, const uint8_t *body, size_t len, const kvmig
                             declared == ZSTD_CONTENTSIZE_UNKNOWN ? (uint64_t)-1 : declared);
             if (ZSTD_findFrameCompressedSize(payload, plen) != plen)  /* bytes after the frame */
                 return fail(err, KVMIG_DEC_ZSTD, i, pos, 0, 0);
-            size_t out = ZSTD_decompressDCtx(dctx, dst, size, payload, plen);
+            /* with `scratch` (hosts other decoders write at the same time): decompressed and
+             * checked in this decoder's own buffer, then copied. zstd writes past its output
+             * position and corrects it later, and reads back what it wrote as its window: in a
+             * shared buffer another decoder of the same page would see, or cause, bytes that
+             * were never the page's. */
+            uint8_t *out_to = scratch && size <= scratch_cap ? scratch : dst;
+            size_t out = ZSTD_decompressDCtx(dctx, out_to, size, payload, plen);
             if (ZSTD_isError(out))
                 return fail(err, KVMIG_DEC_ZSTD, i, pos, 0, 0);
             if (out != size)
                 return fail(err, KVMIG_DEC_DECOMPRESSED_SIZE, i, pos, size, out);
-            uint64_t found = XXH3_64bits(dst, size);
+            uint64_t found = XXH3_64bits(out_to, size);
             if (found != RUN_DIGEST(i))
                 return fail(err, KVMIG_DEC_CHECKSUM, i, pos, RUN_DIGEST(i), found);
+            if (out_to != dst)
+                memcpy(dst, out_to, size);
         } else {
             uint64_t found = XXH3_64bits(payload, size);
             if (found != RUN_DIGEST(i))

@@ -66,6 +66,7 @@ long kvmig_zstd_compress(void *cctx, int level, const uint8_t *src, size_t len, 
 uint64_t kvmig_xxh3(const uint8_t *p, size_t len);
 long kvmig_decode_pages(void *dctx, const uint8_t *body, size_t len, const kvmig_ram_range *ranges,
                         size_t nranges, const kvmig_page_limits *lim, int populate,
+                        uint8_t *scratch, size_t scratch_cap,
                         kvmig_page_totals *totals, kvmig_decode_error *err);
 void *kvmig_zstd_dctx_new(void);
 void kvmig_zstd_dctx_free(void *dctx);
