@@ -283,10 +283,17 @@ class SchemaRegistry:
                 raise SchemaError("<value>", None, label, _wire_type(obj))
             return [ienc(v) for v in obj]
 
+        scalar = _SCALAR_TYPES.get(idec)
+
         def dec(value: Any, path: str, owner: str) -> Any:
             if type(value) is not list:
                 raise _fail(owner, path, label, value)
-            return kind(idec(v, f"{path}[{i}]", owner) for i, v in enumerate(value))
+            if scalar is not None and all(type(v) is scalar for v in value):
+                return kind(value)  # a list of the scalar it must hold: nothing to convert
+            try:  # an element's path is only worth making for the error that names it
+                return kind(idec(v, path, owner) for v in value)
+            except SchemaError:
+                return kind(idec(v, f"{path}[{i}]", owner) for i, v in enumerate(value))
 
         return enc, dec
 
@@ -359,7 +366,12 @@ def _compile_scalar(tp: type) -> tuple[Encoder, Callable[[Any, str, str], Any]]:
             raise _fail(owner, path, name, value)
         return value
 
+    _SCALAR_TYPES[dec] = tp
     return enc, dec
+
+
+# a scalar's decoder -> its type: a sequence of them is checked in one pass (`_compile_seq`)
+_SCALAR_TYPES: dict[Callable[[Any, str, str], Any], type] = {}
 
 
 def _compile_none() -> tuple[Encoder, Callable[[Any, str, str], Any]]:

@@ -151,6 +151,15 @@ def test_bad_fields_name_type_and_field(field_: str, value: object, expected: st
     assert err.value.expected == expected
 
 
+@pytest.mark.parametrize("items", [[1, "x", 3], [1, 2, True]])
+def test_a_wrong_element_is_named_by_its_index(items: list) -> None:
+    """A list of scalars is checked in one pass, its elements' paths made only for the error:
+    the error still names the element."""
+    with pytest.raises(SchemaError) as err:
+        _registry().decode(_wire(items=items))
+    assert (err.value.type, err.value.field, err.value.expected) == ("Everything", f"items[{len(items) - 1 if items[-1] is True else 1}]", "int")
+
+
 def test_nested_errors_name_the_nested_type_and_path() -> None:
     with pytest.raises(SchemaError) as err:
         _registry().decode(_wire(seq=[{"x": 1}, {"x": "no"}]))
