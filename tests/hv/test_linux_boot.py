@@ -10,14 +10,11 @@ from __future__ import annotations
 import lzma
 import re
 import struct
-import subprocess
-import sys
-import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from debian_boots import BACKGROUND_BOOTS, CMDLINE, E820_LINES, BackgroundBoots, DebianBoot, acpi_table_lines
+from linux import initramfs  # tools/linux (debian_boots puts tools/ on the path)
 from tinyguest import PVH_PRINT_CMDLINE, Recorder, pvh_elf64, wait_for
 
 from hv.boot import linux
@@ -27,10 +24,6 @@ from hv.kvm.memory import GuestMemory, MemoryRegion
 from hv.kvm.vm import VmConfig
 from hv.platform import acpi
 from hv.vmm.builder import VirtioConfig, linux_machine
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-from linux import initramfs  # noqa: E402
-from linux.debian import debian_kernel  # noqa: E402
 
 MiB = 1 << 20
 
@@ -102,83 +95,6 @@ def test_initrd_goes_high_and_is_announced() -> None:
     assert struct.unpack("<QQ", mem.read(modlist, 16)) == (base, size)
 
 
-@pytest.fixture(scope="module")
-def vmlinux(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("linux") / "vmlinux"
-    bz = linux.parse_bzimage(debian_kernel().read_bytes())
-    path.write_bytes(linux.decompress_payload(bz.payload))
-    return path
-
-
-# Each boot of Debian's kernel here is ~60 s of emulated ring 0 to the emulator's stop, nearly all
-# of it fixed work (clearing the kernel's BSS a byte at a time, sorting the jump labels, the ORC
-# unwinder's lookup table), little of it the guest's RAM. So there are two boots, side by side on
-# the two cores: `hv run` by PVH to the emulator's stop, which every PVH test reads, and the
-# 64-bit protocol in this process, stopped at the last line its tests read. The bound only ends
-# a boot that has gone wrong, and is wide because a loaded host is several times slower.
-BOOT_TIMEOUT = 480
-MEM = 128 * MiB
-CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 kvmigrate.test=1"
-E820_LINES = [
-    "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable",
-    "BIOS-e820: [mem 0x000000000009fc00-0x00000000000fffff] reserved",
-    f"BIOS-e820: [mem 0x0000000000100000-{MEM - 1:#018x}] usable",
-]
-# setup_arch prints the ACPI tables, the MP table and the MADT's entries, then (prefill_possible_map)
-# this: the last line the 64-bit tests read
-LAST_64BIT_LINE = b"smpboot: Allowing"
-
-
-@dataclass(frozen=True)
-class DebianBoot:
-    """What one boot of Debian's kernel showed: 2 vCPUs, virtio-console and virtio-rng, our ACPI/MP
-    tables. By PVH it is `hv run`'s boot: its exit status and status lines too."""
-
-    protocol: str
-    text: str  # the kernel's console
-    acpi_lines: list[str]  # the table lines the kernel should print, read back from guest RAM
-    initrd_range: tuple[int, int] | None
-    seconds: float
-    returncode: int | None = None  # hv run's
-    status: str = ""  # hv run's stderr
-
-
-class _Console:
-    """The kernel's console bytes; `seen` is set once a whole line holding `marker` has come."""
-
-    def __init__(self, marker: bytes) -> None:
-        self.out, self.marker, self.seen = bytearray(), marker, threading.Event()
-
-    def __call__(self, data: bytes) -> None:
-        self.out.extend(data)
-        at = self.out.find(self.marker)
-        if at >= 0 and self.out.find(b"\n", at) >= 0:
-            self.seen.set()
-
-
-def _debian_machine(kvm: Kvm, kernel: Path, initrd: Path | None, console=lambda b: None, prefer_pvh: bool = True):
-    """The machine `hv run --kernel K --initrd I --mem MEM --cpus 2 --virtio-console --rng` builds."""
-    return linux_machine(kvm, kernel, CMDLINE, initrd, config=VmConfig(mem_size=MEM, vcpus=2), console=console,
-                         prefer_pvh=prefer_pvh, virtio=VirtioConfig(console_out=lambda b: None, rng=True))
-
-
-def _boot_64bit(kvm: Kvm, vmlinux: Path) -> DebianBoot:
-    """By the 64-bit protocol, in this process, until setup_arch's last line the tests read."""
-    console = _Console(LAST_64BIT_LINE)
-    machine, booted = _debian_machine(kvm, vmlinux, None, console, prefer_pvh=False)
-    try:
-        t0 = time.monotonic()
-        machine.start()
-        threading.Thread(target=lambda: (machine.wait(), console.seen.set()), daemon=True).start()
-        assert console.seen.wait(BOOT_TIMEOUT), "timed out waiting for setup_arch on the early console"
-        return DebianBoot(booted.protocol, console.out.decode(errors="replace"),
-                          _acpi_table_lines(machine.vm.memory, acpi.ACPI_TABLES_START), None,
-                          time.monotonic() - t0)
-    finally:
-        machine.stop()
-        machine.vm.close()
-
-
 def _read_cpio(data: bytes) -> dict[str, bytes]:
     files, pos = {}, 0
     while True:
@@ -202,37 +118,13 @@ def initrd(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def debian_boots(kvm: Kvm, vmlinux: Path, initrd: Path, tmp_path_factory) -> dict[str, DebianBoot]:
-    """`hv run` on the bzImage by PVH (its default), started first; the 64-bit boot beside it."""
-    out_dir = tmp_path_factory.mktemp("cli-boot")
-    with open(out_dir / "stdout", "w+") as stdout, open(out_dir / "stderr", "w+") as stderr:
-        t0 = time.monotonic()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hv.vmm.cli", "run", "--kernel", str(debian_kernel()), "--initrd", str(initrd),
-             "--mem", f"{MEM >> 20}M", "--cpus", "2", "--virtio-console", "--rng", "--cmdline", CMDLINE,
-             "--timeout", str(BOOT_TIMEOUT)],
-            stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, text=True)
-        try:
-            boot_64bit = _boot_64bit(kvm, vmlinux)
-            returncode = proc.wait(timeout=BOOT_TIMEOUT + 60)
-        finally:
-            proc.kill()
-            proc.wait()
-        seconds = time.monotonic() - t0
-        stdout.seek(0)
-        stderr.seek(0)
-        text, status = stdout.read(), stderr.read()
-    # what hv run's machine held, read from its twin built the same way (never run): the tables
-    # and the initrd's place are fixed when the machine is built
-    twin, booted = _debian_machine(kvm, debian_kernel(), initrd)
-    try:
-        acpi_lines = _acpi_table_lines(twin.vm.memory, acpi.ACPI_TABLES_START)
-    finally:
-        twin.vm.close()
-    protocol = re.search(r"Linux by the (\S+) entry", status)
-    pvh = DebianBoot(protocol.group(1) if protocol else f"none: {status[-2000:]}", text, acpi_lines,
-                     booted.initrd_range, seconds, returncode, status)
-    return {"pvh": pvh, "64-bit": boot_64bit}
+def debian_boots(request, kvm: Kvm) -> dict[str, DebianBoot]:
+    """Both boots of Debian's kernel (debian_boots.py): started in the background as the session
+    was collected (tests/conftest.py), or here if this module is run some other way."""
+    boots = request.config.stash.get(BACKGROUND_BOOTS, None)
+    if boots is None:
+        boots = request.config.stash[BACKGROUND_BOOTS] = BackgroundBoots()
+    return boots.results(kvm)
 
 
 @pytest.fixture
@@ -288,21 +180,6 @@ def test_debian_kernel_by_pvh_boots_to_the_emulator_limit(pvh_boot: DebianBoot) 
                      " ".join(pvh_boot.status.split())), pvh_boot.status[-2000:]
 
 
-def _acpi_table_lines(mem: GuestMemory, rsdp: int) -> list[str]:
-    """The lines ACPICA's acpi_tb_print_table_header prints for our tables, read back from guest
-    RAM: RSDP, XSDT, then each table the XSDT lists (FACP, APIC) and the FADT's DSDT."""
-    lines = [f"ACPI: RSDP 0x{rsdp:016X} 000024 (v02 KVMIG )"]
-    xsdt = mem.read_u64(rsdp + 24)
-    count = (mem.read_u32(xsdt + 4) - 36) // 8
-    fadt = next(a for a in (mem.read_u64(xsdt + 36 + 8 * i) for i in range(count)) if mem.read(a, 4) == b"FACP")
-    dsdt = mem.read_u64(fadt + 140)
-    for address in (xsdt, *(mem.read_u64(xsdt + 36 + 8 * i) for i in range(count)), dsdt):
-        signature, length, revision = mem.read(address, 4).decode(), mem.read_u32(address + 4), mem.read(address + 8, 1)[0]
-        lines.append(f"ACPI: {signature} 0x{address:016X} {length:06X} (v{revision:02d} KVMIG  KVMIG{signature[:3]} "
-                     f"00000001 KVMG 00000001)")
-    return lines
-
-
 def test_linux_machine_points_the_kernel_at_its_acpi_tables(kvm: Kvm, write_image) -> None:
     """Both protocols carry the RSDP address; the tables describe every vCPU and virtio device."""
     image = write_image(pvh_elf64(PVH_PRINT_CMDLINE), "pvh.elf")
@@ -316,7 +193,7 @@ def test_linux_machine_points_the_kernel_at_its_acpi_tables(kvm: Kvm, write_imag
             else:
                 rsdp = mem.read_u64(linux.ZERO_PAGE_ADDRESS + linux.BP_ACPI_RSDP_ADDR)
             assert rsdp == acpi.ACPI_TABLES_START and mem.read(rsdp, 8) == b"RSD PTR "
-            assert [line.split()[1] for line in _acpi_table_lines(mem, rsdp)] == ["RSDP", "XSDT", "FACP", "APIC", "DSDT"]
+            assert [line.split()[1] for line in acpi_table_lines(mem, rsdp)] == ["RSDP", "XSDT", "FACP", "APIC", "DSDT"]
             (rng,) = [p for p in machine.device_layout() if p.device_id == "virtio-rng0"]
             area = mem.read(acpi.ACPI_TABLES_START, acpi.ACPI_TABLES_END - acpi.ACPI_TABLES_START)
             assert acpi.resource_template(acpi.res_memory32_fixed(*rng.mmio[0]), acpi.res_interrupt(rng.irqs[0])) in area
@@ -328,11 +205,12 @@ def test_linux_machine_points_the_kernel_at_its_acpi_tables(kvm: Kvm, write_imag
 
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["pvh", "64-bit"])
-def test_debian_kernel_reads_our_acpi_tables_and_allows_two_cpus(request, protocol: str) -> None:
+def test_debian_kernel_reads_our_acpi_tables_and_allows_two_cpus(debian_boots: dict[str, DebianBoot],
+                                                                 protocol: str) -> None:
     """Debian's kernel, 2 vCPUs and two virtio devices: setup_arch prints our table list (given as
     start_info.rsdp_paddr or boot_params.acpi_rsdp_addr), parses the MADT and sizes the
     possible-CPU map from it."""
-    boot: DebianBoot = request.getfixturevalue("pvh_boot" if protocol == "pvh" else "boot_64bit")
+    boot = debian_boots["pvh" if protocol == "pvh" else "64-bit"]
     assert boot.protocol == protocol
     text = boot.text
     for line in boot.acpi_lines:
