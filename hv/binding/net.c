@@ -8,7 +8,8 @@
    - tx: each chain the driver made available is written to the tap with one writev (its 12-byte
      virtio_net_hdr skipped: no offloads are offered, so the header says nothing), then used;
    - rx: frames held in `pending` (from a saved state) go first, then the tap is read with one
-     readv straight into the guest's buffer, after the header this engine writes (num_buffers 1).
+     read into the engine's buffer and copied, after the header this engine writes (num_buffers 1),
+     in the chain's order.
      A chain is consumed only once a frame filled it, so an empty tap costs the guest nothing;
      with no buffer available the tap is not read at all: frames wait in the kernel's queue.
    Every guest address is checked against the RAM regions (a hostile driver reaches nothing
@@ -206,44 +207,37 @@ static int net_tx(kvmig_net *n) {
    is empty, -1: failed. */
 static int net_rx_one(kvmig_net *n, const uint8_t *frame, uint32_t frame_len) {
     net_seg segs[NET_SEGS];
-    struct iovec iov[NET_SEGS + 1];
     uint16_t head;
     int nsegs = net_walk(n, 0, segs, &head);
     if (nsegs < 0) return -1;
     uint64_t room = 0;
     for (int i = 0; i < nsegs; i++) room += segs[i].len;
     if (room < KVMIG_NET_HDR) { net_fail(n, 0, "receive buffer smaller than the header", room); return -1; }
-    uint32_t skip = KVMIG_NET_HDR, niov = 0;
-    for (int i = 0; i < nsegs; i++) {
-        if (skip >= segs[i].len) { skip -= segs[i].len; continue; }
-        iov[niov].iov_base = segs[i].host + skip;
-        iov[niov++].iov_len = segs[i].len - skip;
-        skip = 0;
+    /* A frame from the tap is read whole into `scratch` first (so an empty tap writes nothing),
+       then the header and the frame are copied in the order they have in the chain, as one
+       sequential write puts them: a chain whose buffers overlap ends as the reference leaves
+       it (writing the frame straight from the tap and the header after it did not). */
+    if (!frame) {
+        ssize_t r = read(n->tap_fd, n->scratch, sizeof n->scratch);
+        if (r < 0) return 0; /* EAGAIN (or the tap went away: nothing to deliver) */
+        frame = n->scratch;
+        frame_len = (uint32_t)r;
     }
     uint64_t space = room - KVMIG_NET_HDR;
-    ssize_t got;
-    if (frame) {
-        got = frame_len;
-        uint64_t left = frame_len < space ? frame_len : space, off = 0;
-        for (uint32_t i = 0; i < niov && left; i++) {
-            size_t c = iov[i].iov_len < left ? iov[i].iov_len : left;
-            memcpy(iov[i].iov_base, frame + off, c);
-            off += c; left -= c;
-        }
-    } else {
-        iov[niov].iov_base = n->scratch;
-        iov[niov].iov_len = sizeof n->scratch;
-        got = readv(n->tap_fd, iov, (int)niov + 1);
-        if (got < 0) return 0; /* EAGAIN (or the tap went away: nothing to deliver) */
-    }
+    ssize_t got = frame_len;
     if ((uint64_t)got > space) { n->stats.rx_truncated++; got = (ssize_t)space; }
     uint8_t hdr[KVMIG_NET_HDR] = {0};
     hdr[10] = 1; /* num_buffers */
-    uint32_t left = KVMIG_NET_HDR;
-    for (int i = 0; i < nsegs && left; i++) {
-        uint32_t c = segs[i].len < left ? segs[i].len : left;
-        memcpy(segs[i].host, hdr + (KVMIG_NET_HDR - left), c);
-        left -= c;
+    uint64_t off = 0, total = KVMIG_NET_HDR + (uint64_t)got;
+    for (int i = 0; i < nsegs && off < total; i++) {
+        uint64_t c = segs[i].len < total - off ? segs[i].len : total - off, done = 0;
+        if (off < KVMIG_NET_HDR) { /* the header's part of this segment */
+            done = c < KVMIG_NET_HDR - off ? c : KVMIG_NET_HDR - off;
+            memcpy(segs[i].host, hdr + off, done);
+        }
+        if (c > done) /* the frame's part */
+            memcpy(segs[i].host + done, frame + (off + done - KVMIG_NET_HDR), c - done);
+        off += c;
     }
     uint64_t dirty = KVMIG_NET_HDR + (uint64_t)got;
     for (int i = 0; i < nsegs && dirty; i++) {

@@ -12,6 +12,7 @@ import socket
 import struct
 import time
 
+import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -141,3 +142,17 @@ def test_the_engine_does_to_every_chain_what_the_reference_does(data, queue, fra
         assert c_memory == initial  # a refused chain is left as it was: nothing written
     else:
         assert c_memory == py_memory
+
+
+@pytest.mark.parametrize("descriptors", [
+    [(65536, 7, 3, 1), (65536, 6, 2, 0)],  # hypothesis found it: the second buffer is the first
+    [(65536, 4, 3, 1), (65538, 64, 2, 0)],  # overlapping by a part, the frame over the header
+])
+def test_a_receive_chain_whose_buffers_overlap_ends_as_one_sequential_write_leaves_it(descriptors) -> None:
+    """The header and the frame go into the chain in their order (the engine once wrote the frame
+    first and the header over it)."""
+    memory, initial = _setup(descriptors)
+    c_memory, _, c_refused = _engine(memory, RECEIVEQ, b"\x01\x02\x03")
+    py_memory, _, py_refused = _reference(memory, initial, RECEIVEQ, b"\x01\x02\x03")
+    assert not c_refused and not py_refused
+    assert c_memory == py_memory
