@@ -23,7 +23,7 @@ STORM = textwrap.dedent("""
     from hv.vmm.signals import CaughtSignals
     ev = threading.Event()
     main = threading.get_ident()
-    SENT = 300
+    SENT = 120
     def storm():
         for _ in range(SENT):
             signal.pthread_kill(main, signal.SIGUSR1)
