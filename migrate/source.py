@@ -382,11 +382,13 @@ class Source:
         machine = self.machine
         self.live.phase = MigrationPhase.STOP_AND_COPY
         laps, final, rate = self._pause_and_take_the_rest(pending)
-        self._round(len(self.stats.rounds), pages.dirty_runs(final)[0], rate, self.paused_pool)
-        laps.lap("last_round")
+        # the state first: the target reads it (its slowest message to decode) while the last
+        # pages are encoded and sent, not after them (the protocol takes State anywhere in TRANSFER)
         state = capture(machine, machine_config(machine))
         self.message(State(b"".join(state_sections(self.writer, state))))
         laps.lap("state")
+        self._round(len(self.stats.rounds), pages.dirty_runs(final)[0], rate, self.paused_pool)
+        laps.lap("last_round")
         end = self.writer.end(self._hashes.digest(self.options.threads))
         laps.lap("digest")
         self.message(Complete(end))

@@ -92,7 +92,7 @@ def _assert_target_carries_on(target: _Target) -> None:
 def _assert_downtime_accounted(stats) -> None:
     """Every step of the pause is named, none negative, and together they are the downtime."""
     phases = stats.downtime_phases_ms
-    assert list(phases) == ["pause", "dirty_log", "last_round", "state", "digest", "target_digest",
+    assert list(phases) == ["pause", "dirty_log", "state", "last_round", "digest", "target_digest",
                             "target_apply", "target_resume", "link"]
     assert all(v >= 0 for v in phases.values()), phases
     assert phases["target_apply"] > 0 and phases["target_resume"] > 0  # the target reported its steps
