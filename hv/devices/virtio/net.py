@@ -177,11 +177,12 @@ class NetBackend:
             used += 1
         return used
 
-    def go_live(self, queues: list[Virtqueue], irq_fd: int | None, driver_features: int) -> bool:
-        """Hand the rx and tx queues to the engine (the device went live). True when the
-        configuration changed (an announce the guest should make): the transport interrupts."""
-        lib.kvmig_net_run(self._engine, _queue_c(queues[RECEIVEQ]), _queue_c(queues[TRANSMITQ]),
-                          -1 if irq_fd is None else irq_fd)
+    def go_live(self, queues: list[Virtqueue], irq_fds: tuple[int, ...], driver_features: int) -> bool:
+        """Hand the rx and tx queues to the engine (the device went live), their interrupts to
+        `irq_fds` (rx's, tx's). True when the configuration changed (an announce the guest
+        should make): the transport interrupts."""
+        rx_fd, tx_fd = irq_fds
+        lib.kvmig_net_run(self._engine, _queue_c(queues[RECEIVEQ]), _queue_c(queues[TRANSMITQ]), rx_fd, tx_fd)
         self._live = True
         if not self.announce_pending:
             return False
@@ -192,6 +193,9 @@ class NetBackend:
             self.status |= VIRTIO_NET_S_ANNOUNCE
             return True
         return False
+
+    def set_irq(self, irq_fds: tuple[int, ...]) -> None:
+        lib.kvmig_net_set_irq(self._engine, *irq_fds)
 
     def halt(self, queues: list[Virtqueue]) -> int:
         """Take the queues back (their positions into `queues`); returns the InterruptStatus
