@@ -333,19 +333,26 @@ def test_hv_run_net_answers_a_client_on_the_rig(rig, transport) -> None:
          "--cpus", "2", "--ws", "4", "--net", f"tap={tap_name()},bridge=br0,transport={transport}",
          "--cmdline", f"net_ip={GUEST_ADDRESS} net_port={PORT}", "--timeout", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert len(first_answer(rig, lambda: process.poll() is None or process.communicate()[0])) == 24
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=30)
+
+
+def first_answer(rig: NetRig, alive) -> bytes:
+    """The built-in guest's first UDP echo, asked for every 0.1 s from the network until it
+    comes (an event: the guest is up), at most a minute; `alive()` is checked between tries
+    (true, or what to say about the guest that died)."""
     client = in_namespace(rig.network, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
     client.settimeout(0.1)
     try:
-        answer = None
-        for seq in range(600):  # until the guest is up (an event: its first answer), at most a minute
+        for seq in range(600):
             client.sendto(struct.pack("<QQ", seq, 0), (GUEST_ADDRESS, PORT))
             try:
-                answer = client.recv(64)
-                break
+                return client.recv(64)
             except OSError:
-                assert process.poll() is None, process.communicate()[0]
-        assert answer is not None and len(answer) == 24
+                assert (why := alive()) is True, why
+        raise AssertionError("the guest never answered")
     finally:
         client.close()
-        process.send_signal(signal.SIGINT)
-        process.communicate(timeout=30)

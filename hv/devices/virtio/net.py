@@ -280,7 +280,7 @@ class VirtioNet(VirtioMmio):
     device takes)."""
 
     KIND: ClassVar[str] = "virtio-mmio-net"
-    state_type = VirtioNetState
+    state_type: ClassVar[type] = VirtioNetState
     backend: NetBackend
 
     def __init__(self, memory: GuestMemory, tap: str | None = None, *, mac: bytes = DEFAULT_MAC,
