@@ -247,6 +247,9 @@ void device_workload(u64 cpu, volatile u64 *work, u64 tsc_khz, volatile u8 *regi
         die("rng init", cpu, 0);
     if (net_pci && net_init_pci(net_pci, &next_vector, 1)) /* net.c: its own queues and vectors */
         die("net init pci", net_pci->bdf, 0);
+    const char *bench = boot_cmdline ? find_arg(boot_cmdline, "irq_bench") : 0;
+    if (bench)
+        net_irq_bench((u32)parse_u64(bench, 0), tsc_khz);
     struct line l = {0};
     line_str(&l, "kvmig: devices cpu=");
     line_dec(&l, cpu);
