@@ -6,6 +6,7 @@ Every wait here is on an event (a used-ring index, a datagram, a bridge entry), 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import socket
@@ -214,12 +215,7 @@ def test_frames_waiting_while_paused_travel_with_the_state_once(rig, machines) -
     assert rig.bridge_port_of(format_mac(DEFAULT_MAC)) == "pa"
 
     source.devices["virtio-net0"].pause()
-    for i in range(3):
-        client.sendto(b"in flight %d" % i, (GUEST_ADDRESS, PORT))
-    saved: list[dict] = []
-    wait_for(lambda: saved.append(source.snapshot_devices()) or len(udp(saved[-1]["virtio-net0"].backend.pending_rx)) == 3,
-             5.0, "three datagrams drained into the state")
-    state = saved[-1]
+    state = in_flight_state(client, source)
     assert udp(state["virtio-net0"].backend.pending_rx) == [b"in flight %d" % i for i in range(3)]
 
     target = machines(tap_b)
@@ -229,12 +225,7 @@ def test_frames_waiting_while_paused_travel_with_the_state_once(rig, machines) -
     target.restore_devices({k: v for k, v in state.items()})
     source.stop()
     target.devices["virtio-net0"].resume()
-    moved = NetDriver.__new__(NetDriver)
-    moved.machine, moved.mem, moved.d, moved.sent = target, target.vm.memory, driver.d, driver.sent
-    moved.d.machine = target
-    moved.rx, moved.tx, moved.ctrl = driver.rx, driver.tx, driver.ctrl
-    for q in (moved.rx, moved.tx, moved.ctrl):
-        q.mem = target.vm.memory
+    moved = moved_to(driver, target)
     frames = []
     wait_for(lambda: frames.extend(moved.receive(1)) or len(udp(f[HEADER_LEN:] for f in frames)) >= 3, 5.0,
              "the three datagrams")
@@ -258,6 +249,28 @@ def test_frames_waiting_while_paused_travel_with_the_state_once(rig, machines) -
     echo(moved, 1)
     assert client.recvfrom(2048)[0] == b"after"
     client.close()
+
+
+def moved_to(driver, target: Machine):
+    """The test's driver (NetDriver, or test_virtio_net_pci's) carried on with the same rings
+    and positions on `target`, whose memory holds the source's."""
+    moved = copy.copy(driver)
+    moved.machine, moved.mem = target, target.vm.memory
+    moved.d.machine = target
+    for q in (moved.rx, moved.tx, moved.ctrl):
+        q.mem = target.vm.memory
+    return moved
+
+
+def in_flight_state(client: socket.socket, paused: Machine) -> dict:
+    """Three datagrams sent to the guest of a machine whose card is paused: its devices' state
+    once the three are drained into the card's (an event: they are in `pending_rx`)."""
+    for i in range(3):
+        client.sendto(b"in flight %d" % i, (GUEST_ADDRESS, PORT))
+    saved: list[dict] = []
+    wait_for(lambda: saved.append(paused.snapshot_devices()) or len(udp(saved[-1]["virtio-net0"].backend.pending_rx)) == 3,
+             5.0, "three datagrams drained into the state")
+    return saved[-1]
 
 
 def test_the_announce_frame_is_qemus_rarp() -> None:

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pcitools import READY, REPORT, PciDriver, interrupt_counter
+from pcitools import PciDriver, interrupt_counter, start_counting
 from test_virtio import wait_used
 from test_virtio_net import (  # noqa: F401 (rig: the module's fixture)
-    PORT, RX_BUFFERS, TX_BUFFERS, first_answer, rig, tap_name, udp, udp_client, udp_reply,
+    PORT, RX_BUFFERS, TX_BUFFERS, first_answer, in_flight_state, moved_to, rig, tap_name, udp, udp_client, udp_reply,
 )
 from tinyguest import Recorder, multiboot_elf, wait_for
 
@@ -55,14 +55,12 @@ def machines(kvm: Kvm, write_image) -> Iterator:
         m.vm.close()
 
 
-def started(machine: Machine) -> Recorder:
-    """Start the tiny guest and wait until its IDT and LAPIC are set: its reports."""
-    reports, ready = Recorder(), Recorder()
-    machine.io_bus.insert(REPORT, 1, reports, "report")
-    machine.io_bus.insert(READY, 1, ready, "ready")
-    machine.start()
-    wait_for(lambda: ready.writes)
-    return reports
+def card_on_rig(rig: NetRig, machines, side: str = "a") -> tuple[Machine, Recorder]:
+    """A machine whose card's tap is on host `side`'s bridge, its tiny guest started."""
+    tap = tap_name()
+    machine = machines(tap)
+    rig.attach_tap(side, tap)
+    return machine, start_counting(machine)
 
 
 def frames(machine: Machine, used: list[tuple[int, int]]) -> list[bytes]:
@@ -113,10 +111,7 @@ class PciNetDriver:
 
 
 def test_udp_round_trips_on_pci_with_rx_and_tx_on_their_own_vectors(rig: NetRig, machines) -> None:
-    tap = tap_name()
-    machine = machines(tap)
-    rig.attach_tap("a", tap)
-    reports = started(machine)
+    machine, reports = card_on_rig(rig, machines)
     driver = PciNetDriver(machine)
     card = machine.device("virtio-net0", VirtioPciNet)
     assert driver.d.config(0, 4) == 0x1041_1AF4 and driver.d.config(0x0B, 1) == 0x02  # net, a network controller
@@ -135,10 +130,7 @@ def test_udp_round_trips_on_pci_with_rx_and_tx_on_their_own_vectors(rig: NetRig,
 
 
 def test_a_masked_rx_vector_is_held_pending_and_sent_on_unmask(rig: NetRig, machines) -> None:
-    tap = tap_name()
-    machine = machines(tap)
-    rig.attach_tap("a", tap)
-    reports = started(machine)
+    machine, reports = card_on_rig(rig, machines)
     driver = PciNetDriver(machine)
     driver.entry_masked(0, True)
     client = udp_client(rig)
@@ -154,10 +146,7 @@ def test_a_masked_rx_vector_is_held_pending_and_sent_on_unmask(rig: NetRig, mach
 
 
 def test_frames_in_flight_travel_with_the_pci_state_and_the_target_announces(rig: NetRig, machines) -> None:
-    tap_a, tap_b = tap_name(), tap_name()
-    source = machines(tap_a)
-    rig.attach_tap("a", tap_a)
-    started(source)
+    source, _ = card_on_rig(rig, machines)
     driver = PciNetDriver(source)
     client = udp_client(rig)
     client.sendto(b"before", (GUEST_ADDRESS, PORT))
@@ -165,29 +154,17 @@ def test_frames_in_flight_travel_with_the_pci_state_and_the_target_announces(rig
     assert client.recvfrom(2048)[0] == b"before"
 
     source.pause()
-    for i in range(3):
-        client.sendto(b"in flight %d" % i, (GUEST_ADDRESS, PORT))
-    saved: list[dict] = []
-    wait_for(lambda: saved.append(source.snapshot_devices()) or len(udp(saved[-1]["virtio-net0"].backend.pending_rx)) == 3,
-             5.0, "three datagrams drained into the state")
-    state = saved[-1]
+    state = in_flight_state(client, source)
     assert isinstance(state["virtio-net0"], vp.VirtioPciState)
 
-    target = machines(tap_b)
-    rig.attach_tap("b", tap_b)
-    reports = started(target)  # a fresh guest whose IDT and LAPIC take the same vectors
+    target, reports = card_on_rig(rig, machines, "b")  # a fresh guest whose IDT and LAPIC take the same vectors
     target.pause()
     for region, copy in zip(source.vm.memory.regions, target.vm.memory.regions, strict=True):
         copy.view[RINGS:] = region.view[RINGS:]  # the rings and buffers, not the tiny guest
     target.restore_devices(state)
     source.stop()
     target.resume()
-    moved = PciNetDriver.__new__(PciNetDriver)
-    moved.machine, moved.mem, moved.sent, moved.d = target, target.vm.memory, driver.sent, driver.d
-    moved.d.machine = target
-    moved.rx, moved.tx, moved.ctrl = driver.rx, driver.tx, driver.ctrl
-    for q in (moved.rx, moved.tx, moved.ctrl):
-        q.mem = target.vm.memory
+    moved = moved_to(driver, target)
     used: list[tuple[int, int]] = []
     wait_for(lambda: used.extend(moved.rx.take_used()) or len(udp(frames(target, used))) >= 3, 5.0,
              "the three datagrams")
