@@ -321,8 +321,11 @@ static void *net_thread(void *arg) {
         if (n->stopping) break;
         int want_tap = 0;
         int used_tx = net_tx(n);
+        int tx_told = used_tx && n->irq_fd[1] != n->irq_fd[0]; /* a vector of its own: at once, */
+        if (tx_told)                                             /* not after the tap's read */
+            net_interrupt(n, 0, used_tx);
         int used_rx = net_rx(n, &want_tap);
-        net_interrupt(n, used_rx, used_tx);
+        net_interrupt(n, used_rx, tx_told ? 0 : used_tx);
         net_announce_due(n);
         int busy = used_tx == NET_BATCH || used_rx == NET_BATCH;
         int timeout = busy ? 0 : -1;
