@@ -1,8 +1,10 @@
 """virtio-net (device ID 1, virtio 1.x section 5.1): receiveq (0), transmitq (1), controlq (2).
 
-The backend of a transport (virtio-mmio today; a PCI transport takes the same backend), with a
-tap as its host end. rx and tx run in C (`binding/net.c`) on a thread of their own, so packets
-never wait for the interpreter lock; the control queue, the configuration and the state are here.
+The backend of a transport (virtio-mmio: `VirtioNet`; virtio-pci: `hv.devices.pci.VirtioPciNet`,
+the same backend), with a tap as its host end. rx and tx run in C (`binding/net.c`) on a thread
+of their own, so packets never wait for the interpreter lock, and each signals the fd the
+transport gives it (virtio-mmio's one irqfd; on PCI its queue's MSI-X vector); the control
+queue, the configuration and the state are here.
 
 Features offered: MAC (the address in the configuration), STATUS (link up, and ANNOUNCE),
 CTRL_VQ and GUEST_ANNOUNCE. Not offered: checksum and segmentation offloads (a frame is at most
