@@ -329,6 +329,9 @@ def test_the_net_option_reads_as_qemus_netdev() -> None:
     assert (spec.tap, spec.mac, spec.bridge, spec.transport) == ("tap7", bytes.fromhex("525400000007"), "br0", "mmio")
     assert VirtioNetSpec.parse("tap=t").mac == DEFAULT_MAC
     assert VirtioNetSpec.parse("tap=t,transport=pci").transport == "pci"
+    from hv.vmm import cli
+    on_pci = cli._virtio(cli.build_parser().parse_args(["run", "--net", "tap=t,transport=pci"]), print)
+    assert on_pci is not None and on_pci.pci == ("virtio-net0",)  # the layout a target checks has it on PCI
     for bad in ("mac=52:54:00:00:00:07", "tap=t,colour=red", "tap=t,transport=isa", "tap=t,tap=u", "tap"):
         with pytest.raises(ConfigError):
             VirtioNetSpec.parse(bad)
