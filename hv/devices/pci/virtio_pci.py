@@ -396,6 +396,7 @@ class VirtioPci(VirtioMmio):
             self.msix.apply(state.msix)
             self._config_vector, self._queue_vectors = state.config_vector, list(state.queue_vectors)
             self._intx_raised = False
+            self._rewire_native()  # a live engine's fds follow the table just applied
         self._remap()
 
 
