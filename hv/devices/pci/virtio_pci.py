@@ -42,9 +42,7 @@ from hv.devices.virtio.net import DEFAULT_MAC, VirtioNet
 from hv.devices.virtio.mmio import (
     INT_CONFIG_CHANGE,
     INT_USED_BUFFER,
-    STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
-    STATUS_NEEDS_RESET,
     VirtioMmio,
     VirtioMmioState,
 )
@@ -334,8 +332,7 @@ class VirtioPci(VirtioMmio):
                 os.eventfd_read(fd)
             except BlockingIOError:
                 continue
-            s = self._regs.status
-            if s & STATUS_DRIVER_OK and not s & STATUS_NEEDS_RESET:
+            if self._driver_ok():
                 self._interrupt(INT_USED_BUFFER, (q,))
 
     def _read_isr(self) -> int:

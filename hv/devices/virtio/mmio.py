@@ -378,9 +378,12 @@ class VirtioMmio:
             return
         self._process((queue,))
 
-    def _live(self) -> bool:
+    def _driver_ok(self) -> bool:
         s = self._regs.status
-        return not self._paused and bool(s & STATUS_DRIVER_OK) and not s & (STATUS_NEEDS_RESET | STATUS_FAILED)
+        return bool(s & STATUS_DRIVER_OK) and not s & (STATUS_NEEDS_RESET | STATUS_FAILED)
+
+    def _live(self) -> bool:
+        return not self._paused and self._driver_ok()
 
     def _process(self, queues: tuple[int, ...] | list[int]) -> None:
         with self._cond:
@@ -433,8 +436,8 @@ class VirtioMmio:
                         if (why := self._native.take_error()) is not None:
                             self._needs_reset(VirtioQueueError(-1, why))
                 elif fd in self._interrupt_requests:
-                    with self._cond:
-                        if self._live():
+                    with self._cond:  # raised even if a pause came meanwhile: the ring moved before it
+                        if self._driver_ok():
                             self._interrupt(INT_USED_BUFFER, (self._interrupt_requests[fd],))
                 elif fd != self._ctl_fd:
                     kicked.append(self.queue_fds.index(fd))
