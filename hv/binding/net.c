@@ -52,7 +52,7 @@ struct kvmig_net {
     pthread_cond_t changed;
     pthread_t thread;
     int has_thread, running, stopping, failed;
-    int tap_fd, irq_fd, err_fd, wake_fd, kick_fd[2];
+    int tap_fd, irq_fd[2], err_fd, wake_fd, kick_fd[2]; /* irq_fd per queue: one vector each (MSI-X), or one fd twice */
     kvmig_net_region regions[KVMIG_NET_REGIONS];
     uint32_t nregions;
     kvmig_net_queue q[2];      /* 0 rx, 1 tx */
@@ -280,17 +280,21 @@ static int net_rx(kvmig_net *n, int *want_tap) {
 }
 
 static void net_interrupt(kvmig_net *n, int used_rx, int used_tx) {
-    int raise = 0;
+    int raise[2] = {0, 0};
     for (int qi = 0; qi < 2; qi++) {
         uint16_t flags = 0;
         if ((qi ? used_tx : used_rx) && !net_u16(n, qi, n->q[qi].driver, &flags) && !(flags & AVAIL_F_NO_INTERRUPT))
-            raise = 1;
+            raise[qi] = 1;
     }
-    if (!raise) return;
+    if (!raise[0] && !raise[1]) return;
     __atomic_fetch_or(&n->isr, 1u, __ATOMIC_SEQ_CST);
-    n->stats.interrupts++;
     uint64_t one = 1;
-    if (n->irq_fd >= 0 && write(n->irq_fd, &one, 8) < 0) { /* polled drivers read InterruptStatus */ }
+    for (int qi = 0; qi < 2; qi++) { /* one write per fd: virtio-mmio gives both queues the same */
+        int fd = n->irq_fd[qi];
+        if (!raise[qi] || (qi == 1 && raise[0] && fd == n->irq_fd[0])) continue;
+        n->stats.interrupts++;
+        if (fd >= 0 && write(fd, &one, 8) < 0) { /* polled drivers read InterruptStatus */ }
+    }
 }
 
 static void net_announce_due(kvmig_net *n) {
@@ -311,8 +315,11 @@ static void *net_thread(void *arg) {
         if (n->stopping) break;
         int want_tap = 0;
         int used_tx = net_tx(n);
+        int tx_told = used_tx && n->irq_fd[1] != n->irq_fd[0]; /* a vector of its own: at once, */
+        if (tx_told)                                             /* not after the tap's read */
+            net_interrupt(n, 0, used_tx);
         int used_rx = net_rx(n, &want_tap);
-        net_interrupt(n, used_rx, used_tx);
+        net_interrupt(n, used_rx, tx_told ? 0 : used_tx);
         net_announce_due(n);
         int busy = used_tx == NET_BATCH || used_rx == NET_BATCH;
         int timeout = busy ? 0 : -1;
@@ -347,7 +354,7 @@ kvmig_net *kvmig_net_new(int tap_fd, const kvmig_net_region *regions, uint32_t n
     if (!n) return NULL;
     pthread_mutex_init(&n->lock, NULL);
     pthread_cond_init(&n->changed, NULL);
-    n->tap_fd = tap_fd; n->irq_fd = -1; n->err_fd = err_fd; n->wake_fd = wake_fd;
+    n->tap_fd = tap_fd; n->irq_fd[0] = n->irq_fd[1] = -1; n->err_fd = err_fd; n->wake_fd = wake_fd;
     n->kick_fd[0] = rx_kick_fd; n->kick_fd[1] = tx_kick_fd;
     memcpy(n->regions, regions, nregions * sizeof *regions);
     n->nregions = nregions;
@@ -356,13 +363,24 @@ kvmig_net *kvmig_net_new(int tap_fd, const kvmig_net_region *regions, uint32_t n
     return n;
 }
 
-/* Go live with these queue positions (num 0: that queue is not ready). */
-void kvmig_net_run(kvmig_net *n, const kvmig_net_queue *rx, const kvmig_net_queue *tx, int irq_fd) {
+/* Go live with these queue positions (num 0: that queue is not ready); each queue's used
+   buffers are signalled on its own eventfd (-1: none; the same fd for both is one signal). */
+void kvmig_net_run(kvmig_net *n, const kvmig_net_queue *rx, const kvmig_net_queue *tx, int rx_irq_fd,
+                   int tx_irq_fd) {
     pthread_mutex_lock(&n->lock);
     n->q[0] = *rx; n->q[1] = *tx;
-    n->irq_fd = irq_fd;
+    n->irq_fd[0] = rx_irq_fd; n->irq_fd[1] = tx_irq_fd;
     n->running = 1;
     net_wake(n);
+    pthread_mutex_unlock(&n->lock);
+}
+
+/* Where each queue's interrupts go from now on (virtio-pci: a vector's irqfd while it is routed
+   and unmasked, else the transport's own eventfd, which holds it pending). Under the lock, so a
+   signal is never sent to an fd the caller has stopped handing out once this returns. */
+void kvmig_net_set_irq(kvmig_net *n, int rx_irq_fd, int tx_irq_fd) {
+    pthread_mutex_lock(&n->lock);
+    n->irq_fd[0] = rx_irq_fd; n->irq_fd[1] = tx_irq_fd;
     pthread_mutex_unlock(&n->lock);
 }
 

@@ -34,7 +34,9 @@ typedef struct {
 
 kvmig_net *kvmig_net_new(int tap_fd, const kvmig_net_region *regions, uint32_t nregions, int rx_kick_fd,
                          int tx_kick_fd, int err_fd, int wake_fd);
-void kvmig_net_run(kvmig_net *n, const kvmig_net_queue *rx, const kvmig_net_queue *tx, int irq_fd);
+void kvmig_net_run(kvmig_net *n, const kvmig_net_queue *rx, const kvmig_net_queue *tx, int rx_irq_fd,
+                   int tx_irq_fd);
+void kvmig_net_set_irq(kvmig_net *n, int rx_irq_fd, int tx_irq_fd);
 void kvmig_net_halt(kvmig_net *n, kvmig_net_queue *rx, kvmig_net_queue *tx);
 uint32_t kvmig_net_isr(kvmig_net *n, uint32_t ack);
 int kvmig_net_take_error(kvmig_net *n, char *buf, size_t cap);

@@ -138,7 +138,19 @@ class Fault:
     cr2: int
 
 
-GuestEvent = Boot | Ready | Pass | Done | CpuUp | Devices | DeviceRound | GuestError | Fault
+@dataclass(frozen=True)
+class IrqLatency:
+    """`irq_bench=N`: N tx frames on a virtio-pci net card, each timed by the guest's TSC from its
+    notification to tx's MSI-X handler, as percentiles in ns."""
+
+    n: int
+    p50_ns: int
+    p99_ns: int
+    min_ns: int
+    max_ns: int
+
+
+GuestEvent = Boot | Ready | Pass | Done | CpuUp | Devices | DeviceRound | GuestError | Fault | IrqLatency
 
 _KV = re.compile(r"(\w+)=(0x[0-9a-f]+|\d+)")
 
@@ -166,6 +178,8 @@ def parse_line(line: str) -> GuestEvent | None:
                 return Devices(kv["cpu"], kv["blk"], kv["console"], kv["rng"])
             case "dev":
                 return DeviceRound(kv["cpu"], kv["round"], kv["ms"])
+            case "irqlat":
+                return IrqLatency(kv["n"], kv["p50_ns"], kv["p99_ns"], kv["min_ns"], kv["max_ns"])
             case "error":
                 return GuestError(rest)
             case "fault":

@@ -12,7 +12,7 @@ from hv.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from hv.devices.i8042 import I8042, I8042_PORT, I8042_PORTS
 from hv.devices.serial import COM1_IRQ, COM1_PORT, Serial16550
 from hv.boot.x86 import EntryState
-from hv.devices.pci.virtio_pci import VirtioPciBlk, VirtioPciConsole, VirtioPciRng
+from hv.devices.pci.virtio_pci import VirtioPciBlk, VirtioPciConsole, VirtioPciNet, VirtioPciRng
 from hv.devices.virtio import VirtioBlk, VirtioConsole, VirtioMmio, VirtioRng
 from hv.devices.virtio.net import DEFAULT_MAC, VirtioNet, parse_mac
 from hv.errors import ConfigError
@@ -116,11 +116,6 @@ class VirtioBlkSpec:
             raise
 
 
-# virtio-net's rx/tx engine raises one irqfd (virtio-mmio's); on virtio-pci it would need each
-# queue's MSI-X vector, masked and pending as the table says, which the engine does not know yet.
-NET_PCI_MISSING = "virtio-net is on virtio-mmio only so far (its C engine does not drive MSI-X vectors)"
-
-
 @dataclass(frozen=True)
 class VirtioNetSpec:
     """virtio-net on the tap named `tap` (created if absent, in this process's network
@@ -135,20 +130,18 @@ class VirtioNetSpec:
 
     @classmethod
     def parse(cls, text: str) -> VirtioNetSpec:
-        """`hv run --net tap=NAME[,mac=52:54:..][,bridge=BR][,transport=mmio]`."""
+        """`hv run --net tap=NAME[,mac=52:54:..][,bridge=BR][,transport=mmio|pci]`."""
         fields: dict[str, str] = {}
         for part in text.split(","):
             key, eq, value = part.partition("=")
             if not eq or key not in ("tap", "mac", "bridge", "transport") or key in fields:
-                raise ConfigError("--net", text, "expected tap=NAME[,mac=..][,bridge=..][,transport=mmio]")
+                raise ConfigError("--net", text, "expected tap=NAME[,mac=..][,bridge=..][,transport=mmio|pci]")
             fields[key] = value
         if "tap" not in fields:
             raise ConfigError("--net", text, "needs tap=NAME")
         transport = fields.get("transport", "mmio")
         if transport not in VIRTIO_TRANSPORTS:
             raise ConfigError("--net", text, f"transport is one of {VIRTIO_TRANSPORTS}")
-        if transport != "mmio":
-            raise ConfigError("--net", text, NET_PCI_MISSING)
         mac = parse_mac(fields["mac"]) if "mac" in fields else DEFAULT_MAC
         return cls(fields["tap"], mac, transport, fields.get("bridge"))
 
@@ -157,9 +150,8 @@ class VirtioNetSpec:
         return VirtioNet.KIND
 
     def build(self, memory: GuestMemory, transport: str = "mmio") -> VirtioMmio:
-        if transport != "mmio":
-            raise ConfigError("transport", transport, NET_PCI_MISSING)
-        return VirtioNet(memory, self.tap, mac=self.mac, bridge=self.bridge)
+        model = VirtioPciNet if transport == "pci" else VirtioNet
+        return model(memory, self.tap, mac=self.mac, bridge=self.bridge)
 
 
 # The virtio kinds a machine may have, in slot order: the selected ones take consecutive 4 KiB
@@ -353,8 +345,9 @@ def blank_machine(
         with discard_on_error(machine):
             add_virtio_devices(machine, virtio.disk, virtio.disk_readonly, virtio.console_out, virtio.rng,
                                virtio.disk_fd, virtio.pci)
-            if virtio.net is not None:
-                machine.add_virtio_device(virtio.net, transport=virtio.net.transport)
+            if virtio.net is not None:  # on PCI when its spec or the config's `pci` says so
+                on_pci = virtio.net.transport == "pci" or virtio.net.device_id in virtio.pci
+                machine.add_virtio_device(virtio.net, transport="pci" if on_pci else "mmio")
     return machine
 
 

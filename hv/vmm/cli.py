@@ -3,7 +3,7 @@
     hv info [--json]                          what this host's KVM and CPUs offer
     hv run [--kernel ELF|bzImage [--initrd FILE]] [--mem 1G] [--cpus N] [--cmdline ...]
            [--disk FILE[,ro][,transport=pci]] [--virtio-console [pci]] [--rng [pci]] [--console FILE]
-           [--net tap=NAME[,mac=..][,bridge=BR]]
+           [--net tap=NAME[,mac=..][,bridge=BR][,transport=pci]]
            [--ws MiB --rate MiB/s --every N --passes N]     (built-in guest options)
            [--api SOCK]                       control socket: see hv/vmm/control.py
     hv status|pause|resume|stop SOCK [--json] a running VM, through its control socket
@@ -126,6 +126,8 @@ def _virtio(args: argparse.Namespace, console) -> VirtioConfig | None:
         if transport == "pci":
             pci.append(device_id)
     net = VirtioNetSpec.parse(args.net) if args.net else None
+    if net is not None and net.transport == "pci":
+        pci.append(net.device_id)
     if disk is None and not args.virtio_console and not args.rng and net is None:
         return None
     return VirtioConfig(disk, readonly, console if args.virtio_console else None, bool(args.rng), pci=tuple(pci),
@@ -391,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="virtio-console, output to the console (pci: on virtio-pci)")
     run.add_argument("--rng", nargs="?", const="mmio", choices=TRANSPORTS, metavar="pci",
                      help="virtio-rng (pci: on virtio-pci)")
-    run.add_argument("--net", metavar="tap=NAME[,mac=M][,bridge=BR][,transport=mmio]",
+    run.add_argument("--net", metavar="tap=NAME[,mac=M][,bridge=BR][,transport=mmio|pci]",
                      help="virtio-net on tap NAME (created if absent; joined to bridge BR)")
     run.add_argument("--api", metavar="SOCK", help="serve a control socket (pause, resume, stop, status, "
                      "snapshot, migration) at this path; see hv status|pause|resume|stop")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from hv.devices.pci.config import INTERRUPT_LINE, Bar, BarKind, PciIdentity
-from hv.devices.pci.virtio_pci import VirtioPci, VirtioPciBlk, VirtioPciConsole, VirtioPciRng
+from hv.devices.pci.virtio_pci import VirtioPci, VirtioPciBlk, VirtioPciConsole, VirtioPciNet, VirtioPciRng
 from hv.devices.pci.root import CONFIG_ADDRESS_PORT, CONFIG_PORTS, ECAM_BUS_SIZE, PciAddress, PciFunction, PciRoot
 from hv.devices.serial import COM1_IRQ
 from hv.errors import ConfigError
@@ -117,6 +117,7 @@ def pci_layout(existing: Sequence[DevicePlacement], functions: Sequence[tuple[st
 # The virtio devices a builder may put on PCI, by device id (their kinds: virtio-pci-*).
 VIRTIO_PCI_CLASSES: dict[str, type[VirtioPci]] = {
     "virtio-blk0": VirtioPciBlk, "virtio-console0": VirtioPciConsole, "virtio-rng0": VirtioPciRng,
+    "virtio-net0": VirtioPciNet,
 }
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from tinyguest import LOAD_ADDRESS
+from tinyguest import LOAD_ADDRESS, Recorder, wait_for
 
 from hv.devices.pci.config import COMMAND, COMMAND_MASTER, COMMAND_MEMORY
 from hv.devices.pci.root import PciAddress
@@ -180,3 +180,14 @@ class PciDriver:
 
     def notify_address(self, queue: int) -> int:
         return self.bar0 + vp.NOTIFY + vp.NOTIFY_MULTIPLIER * queue
+
+
+def start_counting(machine: Machine) -> Recorder:
+    """Start the machine's `interrupt_counter` guest and wait until its IDT and LAPIC are set
+    (it says so on READY): the recorder of its reports, one per interrupt it takes."""
+    reports, ready = Recorder(), Recorder()
+    machine.io_bus.insert(REPORT, 1, reports, "report")
+    machine.io_bus.insert(READY, 1, ready, "ready")
+    machine.start()
+    wait_for(lambda: ready.writes)
+    return reports

@@ -93,7 +93,7 @@ def _engine(memory: GuestMemory, queue: int, frame: bytes | None) -> tuple[bytes
         queues[TRANSMITQ].state = QueueState()
         host.send(frame or b"")
     try:
-        backend.go_live(queues, None, 0)
+        backend.go_live(queues, (-1, -1), 0)
         deadline = time.monotonic() + 5
         refused = None
         while refused is None and memory.read(USED + 2, 2) == b"\0\0":  # an event: used or refused

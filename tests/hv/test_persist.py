@@ -362,10 +362,10 @@ def test_each_pci_device_refuses_a_state_of_the_wrong_type(pci_machines, device_
 
 
 def test_pci_devices_persist_through_the_one_protocol(pci_machines) -> None:
-    from hv.devices.pci import VirtioPciBlk, VirtioPciConsole, VirtioPciRng
+    from hv.devices.pci import VirtioPciBlk, VirtioPciConsole, VirtioPciNet, VirtioPciRng
 
     machine = pci_machines()
-    models = (PciRoot, VirtioPciBlk, VirtioPciConsole, VirtioPciRng)
+    models = (PciRoot, VirtioPciBlk, VirtioPciConsole, VirtioPciRng, VirtioPciNet)
     for cls in models:
         assert callable(getattr(cls, "save", None)) and callable(getattr(cls, "restore", None)), cls
     kinds = {m.KIND for m in models} | {m.KIND for m in (Serial16550, I8042, DebugExit)}

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pcitools import FLAG, READY, REPORT, PciDriver, interrupt_counter
+from pcitools import FLAG, PciDriver, interrupt_counter, start_counting
 from test_virtio import BUFFERS, blk_request, kick, wait_used
-from tinyguest import Recorder, multiboot_elf, wait_for
+from tinyguest import multiboot_elf, wait_for
 
 from hv.devices.pci import VirtioPciBlk, VirtioPciConsole, VirtioPciRng
 from hv.devices.pci import virtio_pci as vp
@@ -51,16 +51,6 @@ def _address(machine: Machine, device_id: str) -> PciAddress:
     return PciAddress(*machine.placements[device_id].pci.address)
 
 
-def _started(machine: Machine) -> Recorder:
-    """Start the machine's tiny guest (interrupt_counter) and wait for it: its reports."""
-    reports, ready = Recorder(), Recorder()
-    machine.io_bus.insert(REPORT, 1, reports, "report")
-    machine.io_bus.insert(READY, 1, ready, "ready")
-    machine.start()
-    wait_for(lambda: ready.writes)
-    return reports
-
-
 def test_the_builder_puts_the_devices_asked_for_on_pci(machines) -> None:
     machine = machines(b"\xf3\x90\xeb\xfc", disk=machines.disk, console_out=lambda b: None, rng=True,
                        pci=("virtio-blk0", "virtio-rng0"))
@@ -88,7 +78,7 @@ def test_a_guest_notification_reaches_the_worker_and_msix_the_guest(machines) ->
     layout = {p.device_id: p for p in standard_layout(("virtio-rng0",), ("virtio-rng0",))}
     bar0 = layout["virtio-rng0"].pci.bars[0][2]
     machine = machines(interrupt_counter([0x40, 0x41], notify=bar0 + vp.NOTIFY), rng=True, pci=("virtio-rng0",))
-    reports = _started(machine)
+    reports = start_counting(machine)
     drv = PciDriver(machine, _address(machine, "virtio-rng0"))
     drv.start([0x40, 0x41])
     drv.init(1, vectors=[0], config_vector=1)
@@ -110,7 +100,7 @@ def test_a_guest_notification_reaches_the_worker_and_msix_the_guest(machines) ->
 def test_blk_and_console_round_trip_with_a_vector_per_queue(machines) -> None:
     machine = machines(interrupt_counter([0x40, 0x41, 0x42]), disk=machines.disk,
                        console_out=(out := bytearray()).extend, pci=("virtio-blk0", "virtio-console0"))
-    reports = _started(machine)
+    reports = start_counting(machine)
     blk = PciDriver(machine, _address(machine, "virtio-blk0"))
     blk.start([0x40])
     blk.init(1, vectors=[0])
@@ -149,7 +139,7 @@ def test_blk_and_console_round_trip_with_a_vector_per_queue(machines) -> None:
 
 def test_a_bad_queue_is_needs_reset_through_the_config_vector(machines) -> None:
     machine = machines(interrupt_counter([0x40, 0x43]), rng=True, pci=("virtio-rng0",))
-    reports = _started(machine)
+    reports = start_counting(machine)
     drv = PciDriver(machine, _address(machine, "virtio-rng0"))
     drv.start([0x40, 0x43])
     drv.init(1, vectors=[0], config_vector=1)

@@ -4,7 +4,7 @@ spaces with BARs and capabilities, MSI-X through KVM GSI routing and irqfd, and 
     PciRoot(windows, mmio_window, io_window)  bus 0, ports 0xCF8-0xCFF, `ecam` for the window
     PciConfigSpace(identity, bars)            a type 0 header's registers and their rules
     MsixVectors(config, n, bar, table, pba)   the capability, the table and the pending bits
-    VirtioPciBlk / VirtioPciConsole / VirtioPciRng   virtio 1.x modern devices on PCI
+    VirtioPciBlk / VirtioPciConsole / VirtioPciRng / VirtioPciNet   virtio 1.x modern devices on PCI
 
 A machine gets its bus and functions through `hv.vmm.pci.register_pci_device`.
 """
@@ -12,9 +12,9 @@ A machine gets its bus and functions through `hv.vmm.pci.register_pci_device`.
 from .config import Bar, BarKind, PciConfigSpace, PciIdentity
 from .msix import MsixState, MsixVectors
 from .root import PciAddress, PciFunction, PciRoot, PciRootState
-from .virtio_pci import VirtioPci, VirtioPciBlk, VirtioPciConsole, VirtioPciRng, VirtioPciState
+from .virtio_pci import VirtioPci, VirtioPciBlk, VirtioPciConsole, VirtioPciNet, VirtioPciRng, VirtioPciState
 
 __all__ = [
     "Bar", "BarKind", "MsixState", "MsixVectors", "PciAddress", "PciConfigSpace", "PciFunction", "PciIdentity",
-    "PciRoot", "PciRootState", "VirtioPci", "VirtioPciBlk", "VirtioPciConsole", "VirtioPciRng", "VirtioPciState",
+    "PciRoot", "PciRootState", "VirtioPci", "VirtioPciBlk", "VirtioPciConsole", "VirtioPciNet", "VirtioPciRng", "VirtioPciState",
 ]

@@ -175,6 +175,19 @@ class MsixVectors:
                 self._send(v)
         return True
 
+    def direct_fd(self, v: int) -> int | None:
+        """Vector v's irqfd, its route current, for a device thread to signal itself (without
+        this class: a C engine), or None while a message could not go straight to the guest
+        (MSI-X off, the function or the vector masked, no such vector, no VM): then the
+        device signals through `fire`, which keeps the pending bit. The caller asks again
+        whenever the table or Message Control changed."""
+        with self._lock:
+            if v >= self.vectors or not self.enabled or self.masked(v) or self._vm is None or not self._fds:
+                return None
+            address, data, _ = self._entry(v)
+            self._route(v, address, data)
+            return self._fds[v]
+
     def _send_pending(self) -> None:
         if not self.enabled or not self._pending:
             return
@@ -189,10 +202,15 @@ class MsixVectors:
         if self._vm is None:
             log.debug("msix: vector %d has no VM to go to", v)
             return
+        self._route(v, address, data)
+        os.eventfd_write(self._fds[v], 1)
+
+    def _route(self, v: int, address: int, data: int) -> None:
+        """GSI gsi_base + v to the entry's message, if it changed since the last route."""
+        assert self._vm is not None
         if self._routed.get(v) != (address, data):
             self._vm.set_msi_route(self._gsi_base + v, address, data)
             self._routed[v] = (address, data)
-        os.eventfd_write(self._fds[v], 1)
 
     # --- state -----------------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ lifecycle, the transport part of the state) and replaces its register decoding a
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,8 +38,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from hv.devices.virtio.blk import VirtioBlk
 from hv.devices.virtio.console import VirtioConsole
+from hv.devices.virtio.net import DEFAULT_MAC, VirtioNet
 from hv.devices.virtio.mmio import (
     INT_CONFIG_CHANGE,
+    INT_USED_BUFFER,
     STATUS_FEATURES_OK,
     VirtioMmio,
     VirtioMmioState,
@@ -79,7 +82,7 @@ _COMMON_LAYOUT = struct.Struct("<IIIIHHBBHHHHHQQQ")
 _QUEUE_ADDRESSES = {QUEUE_DESC: "desc", QUEUE_DRIVER: "driver", QUEUE_DEVICE: "device"}
 
 # PCI class codes (base, sub, interface) by virtio device id, as QEMU gives them
-CLASS_CODES = {2: 0x010000, 3: 0x078000, 4: 0x00FF00}
+CLASS_CODES = {1: 0x020000, 2: 0x010000, 3: 0x078000, 4: 0x00FF00}
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,9 @@ class VirtioPci(VirtioMmio):
         self._intx_line: int | None = None
         self._intx_raised = False
         self._remap: Callable[[], None] = lambda: None
+        if self._native is not None:  # queues served in C: their interrupts when not direct
+            self._interrupt_requests = {os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC): q
+                                        for q in self._native.native_queues}
 
     # --- KVM and bus wiring ----------------------------------------------------------------------
 
@@ -193,6 +199,8 @@ class VirtioPci(VirtioMmio):
             bar, at, length = window
             self.bar_write(bar, at, length, self.config.read(self.pci_cfg + 16, length))
         self.msix.control_written()
+        with self._cond:
+            self._rewire_native()
         if self._intx_raised:  # INTx Disable may have changed
             self._set_intx(True)
 
@@ -218,6 +226,8 @@ class VirtioPci(VirtioMmio):
         if index == BAR_MSIX:
             if offset < MSIX_PBA:
                 self.msix.write_table(offset - MSIX_TABLE, size, value)
+                with self._cond:
+                    self._rewire_native()
             return  # the PBA is read-only
         if NOTIFY <= offset < NOTIFY + NOTIFY_SIZE:
             queue = (offset - NOTIFY) // NOTIFY_MULTIPLIER  # an exit: no ioeventfd (or another width)
@@ -266,6 +276,7 @@ class VirtioPci(VirtioMmio):
                 q.configure(num=value & 0xFFFF)
             case 0x1A if q:
                 self._queue_vectors[q.index] = self._vector(value & 0xFFFF)
+                self._rewire_native()
             case 0x1C if q and value & 1 and not q.state.ready:
                 if not q.state.num:
                     q.configure(num=q.max_size)
@@ -289,8 +300,45 @@ class VirtioPci(VirtioMmio):
         self._set(interrupt_status=self._regs.interrupt_status | bits)
         self._set_intx(bool(self._regs.interrupt_status))
 
+    # --- queues served in C (virtio-net's rx and tx) ----------------------------------------------
+
+    def _native_irq_fds(self) -> tuple[int, ...]:
+        """Each native queue's interrupt: its vector's irqfd while MSI-X would send it at once
+        (the engine signals KVM itself, no Python on the way); else the worker's request fd,
+        whose `_interrupt` sets the pending bit (masked) or raises INTx; -1 for NO_VECTOR."""
+        fds = []
+        for fd, q in self._interrupt_requests.items():
+            vector = self._queue_vectors[q]
+            if not self.msix.enabled:
+                fds.append(fd)
+            elif vector == NO_VECTOR:
+                fds.append(-1)
+            else:
+                direct = self.msix.direct_fd(vector)
+                fds.append(fd if direct is None else direct)
+        return tuple(fds)
+
+    def _rewire_native(self) -> None:
+        """Under the lock, after the table, Message Control or a queue's vector changed."""
+        if self._native is not None and self._native_live:
+            self._native.set_irq(self._native_irq_fds())
+
+    def _halt_native(self) -> None:
+        """The engine stopped: an interrupt it asked for and the worker has not raised yet is
+        raised now (sent, or pending in the PBA, which the state carries), not left in an fd."""
+        super()._halt_native()
+        for fd, q in self._interrupt_requests.items():
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                continue
+            if self._driver_ok():
+                self._interrupt(INT_USED_BUFFER, (q,))
+
     def _read_isr(self) -> int:
         status = self._regs.interrupt_status
+        if self._native is not None:
+            self._native.native_isr(0xFFFF_FFFF)  # the engine's bits: raised through our ISR already
         self._set(interrupt_status=0)
         self._set_intx(False)
         return status
@@ -345,6 +393,7 @@ class VirtioPci(VirtioMmio):
             self.msix.apply(state.msix)
             self._config_vector, self._queue_vectors = state.config_vector, list(state.queue_vectors)
             self._intx_raised = False
+            self._rewire_native()  # a live engine's fds follow the table just applied
         self._remap()
 
 
@@ -378,3 +427,15 @@ class VirtioPciRng(VirtioPci, VirtioRng):
         super().__init__(memory)
 
 
+
+
+class VirtioPciNet(VirtioPci, VirtioNet):
+    """virtio-net on PCI over the tap `tap` (as `VirtioNet`): rx and tx each on the MSI-X vector
+    the driver gave it, signalled by the C engine straight into KVM while unmasked."""
+
+    KIND: ClassVar[str] = "virtio-pci-net"
+    VIRTIO_DEVICE_ID, QUEUES = 1, 3
+
+    def __init__(self, memory: GuestMemory, tap: str | None = None, *, mac: bytes = DEFAULT_MAC,
+                 bridge: str | None = None, tap_fd: int | None = None) -> None:
+        super().__init__(memory, tap, mac=mac, bridge=bridge, tap_fd=tap_fd)

@@ -118,8 +118,14 @@ class NativeQueues(Protocol):
     native_queues: tuple[int, ...]
     error_fd: int  # readable when the engine stopped on a bad ring (`take_error` says why)
 
-    def go_live(self, queues: list[Virtqueue], irq_fd: int | None, driver_features: int) -> bool:
-        """True when the configuration changed on the way (a config interrupt is due)."""
+    def go_live(self, queues: list[Virtqueue], irq_fds: tuple[int, ...], driver_features: int) -> bool:
+        """`irq_fds`: where each native queue's used buffers are signalled (-1: nowhere). True
+        when the configuration changed on the way (a config interrupt is due)."""
+        ...
+
+    def set_irq(self, irq_fds: tuple[int, ...]) -> None:
+        """Signal the native queues on these fds from now on (an MSI-X vector masked, unmasked
+        or moved)."""
         ...
 
     def halt(self, queues: list[Virtqueue]) -> int:
@@ -181,6 +187,9 @@ class VirtioMmio:
         self.queue_fds = [*queue_fds, *(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                                         for _ in self.queues[len(queue_fds):])]
         self._irq_fd: int | None = None
+        # eventfd -> native queue: a native queue's interrupt the worker raises through
+        # `_interrupt` (virtio-pci: while its MSI-X vector is masked, or INTx); empty on MMIO
+        self._interrupt_requests: dict[int, int] = {}
         self._vm: Vm | None = None
         self._gsi: int | None = None
         self._ioeventfds: list[IoEventFdRegistration] = []
@@ -346,9 +355,14 @@ class VirtioMmio:
             self._halt_native()
         elif not self._native_live:
             self._native_live = True
-            if self._native.go_live(self.queues, self._irq_fd, self._regs.driver_features):
+            if self._native.go_live(self.queues, self._native_irq_fds(), self._regs.driver_features):
                 self._set(config_generation=(self._regs.config_generation + 1) & 0xFFFF_FFFF)
                 self._interrupt(INT_CONFIG_CHANGE)
+
+    def _native_irq_fds(self) -> tuple[int, ...]:
+        """Where each native queue's interrupts go: virtio-mmio's one irqfd for all."""
+        fd = -1 if self._irq_fd is None else self._irq_fd
+        return tuple(fd for _ in self._native.native_queues) if self._native else ()
 
     def _halt_native(self) -> None:
         if self._native is not None and self._native_live:
@@ -364,9 +378,12 @@ class VirtioMmio:
             return
         self._process((queue,))
 
-    def _live(self) -> bool:
+    def _driver_ok(self) -> bool:
         s = self._regs.status
-        return not self._paused and bool(s & STATUS_DRIVER_OK) and not s & (STATUS_NEEDS_RESET | STATUS_FAILED)
+        return bool(s & STATUS_DRIVER_OK) and not s & (STATUS_NEEDS_RESET | STATUS_FAILED)
+
+    def _live(self) -> bool:
+        return not self._paused and self._driver_ok()
 
     def _process(self, queues: tuple[int, ...] | list[int]) -> None:
         with self._cond:
@@ -397,6 +414,7 @@ class VirtioMmio:
         fds = [self._ctl_fd, *(fd for i, fd in enumerate(self.queue_fds) if i not in native)]
         if self._native:
             fds.append(self._native.error_fd)
+        fds.extend(self._interrupt_requests)
         while True:
             with self._cond:
                 while self._paused and not self._stopping:
@@ -417,6 +435,10 @@ class VirtioMmio:
                     with self._cond:
                         if (why := self._native.take_error()) is not None:
                             self._needs_reset(VirtioQueueError(-1, why))
+                elif fd in self._interrupt_requests:
+                    with self._cond:  # raised even if a pause came meanwhile: the ring moved before it
+                        if self._driver_ok():
+                            self._interrupt(INT_USED_BUFFER, (self._interrupt_requests[fd],))
                 elif fd != self._ctl_fd:
                     kicked.append(self.queue_fds.index(fd))
             if kicked:
@@ -488,9 +510,10 @@ class VirtioMmio:
                     self._vm.unregister_irqfd(self._irq_fd, self._gsi)
             except KvmIoctlError as e:  # the VM is already closed: its registrations went with it
                 log.debug("virtio: eventfds not unregistered: %s", e)
-        for fd in (self._ctl_fd, *self.queue_fds, *((self._irq_fd,) if self._irq_fd is not None else ())):
+        for fd in (self._ctl_fd, *self.queue_fds, *((self._irq_fd,) if self._irq_fd is not None else ()),
+                   *self._interrupt_requests):
             os.close(fd)
-        self._ioeventfds, self._irq_fd = [], None
+        self._ioeventfds, self._irq_fd, self._interrupt_requests = [], None, {}
         self.backend.close()
 
     # --- state --------------------------------------------------------------------------------

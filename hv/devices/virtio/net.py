@@ -1,8 +1,10 @@
 """virtio-net (device ID 1, virtio 1.x section 5.1): receiveq (0), transmitq (1), controlq (2).
 
-The backend of a transport (virtio-mmio today; a PCI transport takes the same backend), with a
-tap as its host end. rx and tx run in C (`binding/net.c`) on a thread of their own, so packets
-never wait for the interpreter lock; the control queue, the configuration and the state are here.
+The backend of a transport (virtio-mmio: `VirtioNet`; virtio-pci: `hv.devices.pci.VirtioPciNet`,
+the same backend), with a tap as its host end. rx and tx run in C (`binding/net.c`) on a thread
+of their own, so packets never wait for the interpreter lock, and each signals the fd the
+transport gives it (virtio-mmio's one irqfd; on PCI its queue's MSI-X vector); the control
+queue, the configuration and the state are here.
 
 Features offered: MAC (the address in the configuration), STATUS (link up, and ANNOUNCE),
 CTRL_VQ and GUEST_ANNOUNCE. Not offered: checksum and segmentation offloads (a frame is at most
@@ -177,11 +179,12 @@ class NetBackend:
             used += 1
         return used
 
-    def go_live(self, queues: list[Virtqueue], irq_fd: int | None, driver_features: int) -> bool:
-        """Hand the rx and tx queues to the engine (the device went live). True when the
-        configuration changed (an announce the guest should make): the transport interrupts."""
-        lib.kvmig_net_run(self._engine, _queue_c(queues[RECEIVEQ]), _queue_c(queues[TRANSMITQ]),
-                          -1 if irq_fd is None else irq_fd)
+    def go_live(self, queues: list[Virtqueue], irq_fds: tuple[int, ...], driver_features: int) -> bool:
+        """Hand the rx and tx queues to the engine (the device went live), their interrupts to
+        `irq_fds` (rx's, tx's). True when the configuration changed (an announce the guest
+        should make): the transport interrupts."""
+        rx_fd, tx_fd = irq_fds
+        lib.kvmig_net_run(self._engine, _queue_c(queues[RECEIVEQ]), _queue_c(queues[TRANSMITQ]), rx_fd, tx_fd)
         self._live = True
         if not self.announce_pending:
             return False
@@ -192,6 +195,9 @@ class NetBackend:
             self.status |= VIRTIO_NET_S_ANNOUNCE
             return True
         return False
+
+    def set_irq(self, irq_fds: tuple[int, ...]) -> None:
+        lib.kvmig_net_set_irq(self._engine, *irq_fds)
 
     def halt(self, queues: list[Virtqueue]) -> int:
         """Take the queues back (their positions into `queues`); returns the InterruptStatus
@@ -276,7 +282,7 @@ class VirtioNet(VirtioMmio):
     device takes)."""
 
     KIND: ClassVar[str] = "virtio-mmio-net"
-    state_type = VirtioNetState
+    state_type: ClassVar[type] = VirtioNetState
     backend: NetBackend
 
     def __init__(self, memory: GuestMemory, tap: str | None = None, *, mac: bytes = DEFAULT_MAC,

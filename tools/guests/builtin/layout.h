@@ -37,5 +37,6 @@
 #define HOST_EDGE_VECTOR  0x30 /* above virtio-pci's MSI-X vectors (pci.h) */
 #define HOST_LEVEL_VECTOR 0x31
 #define IRQ_COUNTS_ADDR   (STATUS_ADDR + 0xC00) /* u64 per IDT vector (to 0xE00): interrupts counted, MSI-X's too */
+#define IRQ_TSC_ADDR      (STATUS_ADDR + 0xE00) /* u64 per MSI vector (pci.h): the TSC as its handler began, last time */
 
 #endif

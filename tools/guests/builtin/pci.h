@@ -10,6 +10,7 @@
 #define MSI_FIRST_VECTOR 0x28 /* IDT vectors 0x28-0x2F (inside IDT_VECTORS) */
 #define MSI_VECTORS      8
 #define MSI_COUNTS_ADDR  (IRQ_COUNTS_ADDR + 8 * MSI_FIRST_VECTOR) /* the per-vector counts, from the first MSI-X vector */
+#define MSI_TSC_ADDR     IRQ_TSC_ADDR /* per vector from the first: the TSC its handler last began at */
 
 #ifndef __ASSEMBLER__
 #include "lib.h"

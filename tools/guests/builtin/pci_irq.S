@@ -1,14 +1,21 @@
 /* The MSI-X vectors' handlers (ring 0, kept to a handful of instructions: it may be emulated):
- * count the interrupt in the status page, EOI, back to where the CPU was. */
+ * the TSC at entry kept per vector (the interrupt-latency benchmark's guest-side timestamp),
+ * the interrupt counted in the status page, EOI, back to where the CPU was. */
 #include "pci.h"
 
 .macro MSI n
 msi_\n:
     pushq %rax
+    pushq %rdx
+    rdtsc
+    shlq $32, %rdx
+    orq %rdx, %rax
+    movq %rax, (MSI_TSC_ADDR + 8 * \n)
     movq $(MSI_COUNTS_ADDR + 8 * \n), %rax
     lock incq (%rax)
     movq $(LAPIC_BASE + 0xB0), %rax
     movl $0, (%rax)
+    popq %rdx
     popq %rax
     iretq
 .endm

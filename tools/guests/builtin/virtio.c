@@ -40,6 +40,7 @@ static u8 rng_data[64];
 static char console_text[64];
 static u64 irq_wait_cycles = 20000000000ULL; /* how long a used buffer's interrupt may take */
 static struct pci_virtio pci_found[4];
+static u32 next_vector; /* the guest's MSI vectors (pci.h) given out so far, one per queue */
 
 static inline u32 rd(volatile u32 *regs, u32 off) { return regs[off / 4]; }
 static inline void wr(volatile u32 *regs, u32 off, u32 v) { regs[off / 4] = v; }
@@ -60,7 +61,6 @@ static void die(const char *why, u64 a, u64 b)
 /* Reset, negotiate VIRTIO_F_VERSION_1 only, set up `nqueues` queues, DRIVER_OK. */
 static int device_init(struct device *dev, struct queue *queues, u32 nqueues, u32 *next_page)
 {
-    static u32 next_vector;
     if (dev->pci)
         return virtio_pci_init(dev, queues, nqueues, queue_pages, next_page,
                                sizeof(queue_pages) / sizeof(queue_pages[0]), &next_vector, 1);
@@ -221,8 +221,13 @@ void device_workload(u64 cpu, volatile u64 *work, u64 tsc_khz, volatile u8 *regi
         }
     }
     u32 on_pci = cpu == 1 ? pci_find_virtio(pci_found, 4) : 0;
+    struct pci_virtio *net_pci = 0; /* brought up after the others: its vectors follow theirs */
+    if (on_pci)
+        *(volatile u32 *)(LAPIC_BASE + 0xF0) = 0x1FF; /* this CPU's LAPIC on: MSI-X vectors come here */
     for (u32 i = 0; i < on_pci; i++) { /* and on PCI */
         u32 id = pci_found[i].virtio_id;
+        if (id == ID_NET && !net_pci)
+            net_pci = &pci_found[i];
         struct device *d = id == ID_BLK ? &blk : id == ID_CONSOLE ? &con : id == ID_RNG ? &rng : 0;
         if (d && !d->regs) {
             d->regs = (volatile u32 *)pci_found[i].common;
@@ -232,8 +237,6 @@ void device_workload(u64 cpu, volatile u64 *work, u64 tsc_khz, volatile u8 *regi
     }
     if (tsc_khz)
         irq_wait_cycles = tsc_khz * 5000; /* 5 s */
-    if (on_pci)
-        *(volatile u32 *)(LAPIC_BASE + 0xF0) = 0x1FF; /* this CPU's LAPIC on: MSI-X vectors come here */
     struct queue blkq[1] = {0}, conq[2] = {0}, rngq[1] = {0};
     u32 next_page = 0;
     if (blk.regs && device_init(&blk, blkq, 1, &next_page))
@@ -242,6 +245,11 @@ void device_workload(u64 cpu, volatile u64 *work, u64 tsc_khz, volatile u8 *regi
         die("console init", cpu, 0);
     if (rng.regs && device_init(&rng, rngq, 1, &next_page))
         die("rng init", cpu, 0);
+    if (net_pci && net_init_pci(net_pci, &next_vector, 1)) /* net.c: its own queues and vectors */
+        die("net init pci", net_pci->bdf, 0);
+    const char *bench = boot_cmdline ? find_arg(boot_cmdline, "irq_bench") : 0;
+    if (bench)
+        net_irq_bench((u32)parse_u64(bench, 0), tsc_khz);
     struct line l = {0};
     line_str(&l, "kvmig: devices cpu=");
     line_dec(&l, cpu);
