@@ -18,7 +18,7 @@ import xxhash
 
 import formats
 from formats import DeviceEntry, DeviceLayout, IoRange, MemoryLayout, PciBar, PciEntry, SchemaRegistry
-from hv.devices.pci import MsixState, PciRoot, VirtioPci, PciRootState, VirtioPciBlk, VirtioPciConsole, VirtioPciRng, VirtioPciState
+from hv.devices.pci import MsixState, PciRoot, VirtioPci, PciRootState, VirtioPciBlk, VirtioPciConsole, VirtioPciNet, VirtioPciRng, VirtioPciState
 from hv.devices.debug_exit import DebugExit, DebugExitState
 from hv.devices.i8042 import I8042, I8042State
 from hv.devices.serial import Serial16550, SerialState
@@ -55,6 +55,7 @@ DEVICE_STATES: dict[str, tuple[type, str, int]] = {
     VirtioPciBlk.KIND: (VirtioPciState, "hv.device.virtio_pci", 1),
     VirtioPciConsole.KIND: (VirtioPciState, "hv.device.virtio_pci", 1),
     VirtioPciRng.KIND: (VirtioPciState, "hv.device.virtio_pci", 1),
+    VirtioPciNet.KIND: (VirtioPciState, "hv.device.virtio_pci", 1),
 }
 
 # The wire names of the other state types, declared (not derived from class names, so renaming a
@@ -238,7 +239,7 @@ def virtio_spec(machine: Machine) -> VirtioSpec | None:
         return None
     disk = blk if isinstance(blk, VirtioBlk) else None
     card = net if isinstance(net, VirtioNet) else None
-    pci = tuple(d for d in ("virtio-blk0", "virtio-console0", "virtio-rng0")
+    pci = tuple(d for d in ("virtio-blk0", "virtio-console0", "virtio-rng0", "virtio-net0")
                 if isinstance(machine.devices.get(d), VirtioPci))
     return VirtioSpec(str(disk.path) if disk else None, bool(disk and disk.read_only), console is not None,
                       rng is not None, pci, card.backend.mac if card else None, card.tap if card else None,

@@ -34,6 +34,7 @@ WIRE_KINDS = {
     "virtio-pci-blk": ("hv.device.virtio_pci", 1),
     "virtio-pci-console": ("hv.device.virtio_pci", 1),
     "virtio-pci-rng": ("hv.device.virtio_pci", 1),
+    "virtio-pci-net": ("hv.device.virtio_pci", 1),
 }
 
 
@@ -49,10 +50,10 @@ def machine(kvm: Kvm, tmp_path: Path) -> Iterator[Machine]:
 
 
 def test_the_kind_table_is_declared_and_pinned() -> None:
-    from hv.devices.pci import PciRoot, VirtioPciBlk, VirtioPciConsole, VirtioPciRng
+    from hv.devices.pci import PciRoot, VirtioPciBlk, VirtioPciConsole, VirtioPciNet, VirtioPciRng
 
     models = (Serial16550, I8042, DebugExit, VirtioBlk, VirtioConsole, VirtioRng, PciRoot, VirtioPciBlk,
-              VirtioPciConsole, VirtioPciRng, VirtioNet)
+              VirtioPciConsole, VirtioPciRng, VirtioPciNet, VirtioNet)
     assert {m.KIND for m in models} == set(WIRE_KINDS) == set(DEVICE_STATES)
     assert all(m.KIND != m.__name__ for m in models)
     reg = registry()

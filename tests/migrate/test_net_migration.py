@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from hv.devices.pci import VirtioPci
 from hv.devices.virtio.net import DEFAULT_MAC, VIRTIO_NET_S_ANNOUNCE, VirtioNet, format_mac
 from hv.guests import builtin as bg
 from hv.kvm.kvm import Kvm
@@ -40,13 +41,14 @@ def rig() -> Iterator[NetRig]:
         yield r
 
 
-def _guest(kvm: Kvm, rig: NetRig, tap: str) -> tuple[Machine, bg.GuestConsole]:
-    """The built-in guest on host A, its card's tap on A's bridge, past its first pass."""
+def _guest(kvm: Kvm, rig: NetRig, tap: str, transport: str = "mmio") -> tuple[Machine, bg.GuestConsole]:
+    """The built-in guest on host A, its card (on `transport`)'s tap on A's bridge, past its first pass."""
     console = bg.GuestConsole()
     params = bg.GuestParams(ws_mib=8, rate_mib_s=40, extra=f"net_ip={GUEST_ADDRESS} net_port={PORT}")
     spec = VirtioNetSpec(tap, DEFAULT_MAC, bridge="br0")
+    pci = ("virtio-net0",) if transport == "pci" else ()
     machine = in_namespace(rig.host("a"), lambda: builtin_machine(kvm, params, CONFIG, console,
-                                                                  virtio=VirtioConfig(net=spec)))
+                                                                  virtio=VirtioConfig(net=spec, pci=pci)))
     machine.start()
     console.wait_pass(1, timeout=30)
     return machine, console
@@ -89,8 +91,9 @@ def _tap() -> str:
     return f"kvm{os.getpid() % 100000}g{secrets.token_hex(2)}"
 
 
-def test_the_guest_keeps_answering_its_clients_across_a_live_migration(kvm: Kvm, rig: NetRig) -> None:
-    machine, console = _guest(kvm, rig, _tap())
+@pytest.mark.parametrize("transport", ["mmio", "pci"])
+def test_the_guest_keeps_answering_its_clients_across_a_live_migration(kvm: Kvm, rig: NetRig, transport: str) -> None:
+    machine, console = _guest(kvm, rig, _tap(), transport)
     key = secrets.token_bytes(32)
     target = _TargetOnB(kvm, rig, key)
     mac = format_mac(DEFAULT_MAC)
@@ -110,6 +113,7 @@ def test_the_guest_keeps_answering_its_clients_across_a_live_migration(kvm: Kvm,
         moved = target.incoming.machine
         # the bridge in the middle learned the new port (the announce; the guest's answers too)
         card = moved.device("virtio-net0", VirtioNet)
+        assert (transport == "pci") == isinstance(card, VirtioPci)  # rebuilt on the same transport
         assert card.stats().announces >= 1 and card.stats().tx_packets > 0
         assert rig.bridge_port_of(mac) == "pb"
         # the guest negotiated GUEST_ANNOUNCE: it saw the ANNOUNCE status, announced itself, acked

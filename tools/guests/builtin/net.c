@@ -189,6 +189,11 @@ static int bring_up(const u16 *vectors)
         return -2;
     for (int i = 0; i < 6; i++)
         mac[i] = config_byte((u32)i);
+    if (npci) { /* after the reset, which forgets it (as QEMU's does): configuration changes on entry 0 */
+        C16(C_CONFIG_MSIX_VECTOR) = 0;
+        if (C16(C_CONFIG_MSIX_VECTOR) != 0)
+            return -4;
+    }
     u32 nq = want & F_CTRL_VQ ? 3 : 2;
     for (u32 q = 0; q < nq; q++) {
         int err = queue_setup(q, vectors ? vectors[q] : 0);
@@ -230,9 +235,6 @@ int net_init_pci(struct pci_virtio *dev, u32 *next_vector, u32 apic_id)
     irq_seen[IRQ_RX] = *irq_count[IRQ_RX];
     irq_seen[IRQ_CONFIG] = *irq_count[IRQ_CONFIG];
     static const u16 vectors[3] = {1, 2, 0xFFFF}; /* the control queue: none */
-    C16(C_CONFIG_MSIX_VECTOR) = 0;
-    if (C16(C_CONFIG_MSIX_VECTOR) != 0)
-        return -4;
     return bring_up(vectors);
 }
 
