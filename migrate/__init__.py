@@ -3,7 +3,7 @@
     from migrate import snapshot, restore, send, receive, MigrationOptions
 
 `snapshot(machine, path)` / `restore(path, kvm)`: a machine's whole state to a file and back
-(`migrate.snapshots`). `send(machine, "host:port", options)` / `receive(conn, kvm)`: live migration
+(`migrate.snapshot.snapshots`). `send(machine, "host:port", options)` / `receive(conn, kvm)`: live migration
 by pre-copy with a two-phase hand-over, or post-copy (`MigrationOptions(postcopy=True)`: the guest
 runs on the target while its last pages follow; `resume_postcopy(machine)` after a link that
 stayed down).
@@ -36,12 +36,14 @@ from migrate.errors import (
     TransportError,
 )
 from migrate.options import MigrationOptions
-from migrate.snapshots import SnapshotInfo, SnapshotKind, inspect, restore, snapshot
-from migrate.source import resume_postcopy, send
+from migrate.snapshot.snapshots import SnapshotInfo, SnapshotKind, inspect, restore, snapshot
+from migrate.live.source import resume_postcopy, send
 from migrate.stats import MigrationOutcome, MigrationStats
-from migrate.receiver import Receiver, listen_and_receive
-from migrate.target import receive
-from migrate.transport import Listener, Tls, connect
+from migrate.live.receiver import Receiver, listen_and_receive
+from migrate.live.target import receive
+from migrate.transport.connection import connect
+from migrate.transport.listener import Listener
+from migrate.transport.tls import Tls
 
 __all__ = [
     "Cancelled", "DiskRefused", "IncompatibleError", "Listener", "Receiver", "MigrateError", "MigrationFailed", "MigrationOptions",

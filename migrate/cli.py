@@ -55,8 +55,8 @@ from hv.kvm.units import MiB
 from migrate.events import PagesProgress, ProgressEvent, ProgressLine, SnapshotWritten, Throttled, from_dict
 from migrate.stats import RUNNING
 from migrate.errors import MigrateError, PostcopyFailed
-from migrate.exits import EXITS, OUTCOMES
-from migrate.transport import parse_address
+from migrate.commands.exits import EXITS, OUTCOMES
+from migrate.transport.framing import parse_address
 
 results = Console(highlight=False, emoji=False, soft_wrap=True)  # stdout: tables and results
 
@@ -91,7 +91,7 @@ def _key(path: str | None) -> bytes:
 
 
 def _tls(args: argparse.Namespace):
-    from migrate.transport import Tls
+    from migrate.transport.tls import Tls
 
     given = [args.tls_cert, args.tls_key, args.tls_ca]
     if not any(given):
@@ -155,7 +155,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from migrate.snapshots import restore
+    from migrate.snapshot.snapshots import restore
 
     console, watch = _guest_console()
     with MachineRun(args.api) as run, Kvm() as kvm:  # the control socket claimed before the restore
@@ -172,7 +172,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from migrate.snapshots import inspect
+    from migrate.snapshot.snapshots import inspect
 
     result = inspect(args.file, verify=not args.no_verify)
     if args.json:
@@ -189,7 +189,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """A snapshot file, or a running VM's control socket: the digest and the guest's rule."""
-    from migrate.verify import verify_snapshot
+    from migrate.snapshot.verify import verify_snapshot
 
     target = Path(args.target)
     if target.is_socket():
@@ -226,7 +226,7 @@ SETTLE_SECONDS = 0.1  # the guest runs alone this long after it arrives (issue: 
 
 
 def cmd_recv(args: argparse.Namespace) -> int:
-    from migrate.transport import Listener
+    from migrate.transport.listener import Listener
 
     control_extensions()  # found and imported now, not beside the guest's first moments here
     # Every resource the guest needs here once it runs is taken before the target says Ready:
@@ -238,7 +238,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
 
 
 def _receive(args: argparse.Namespace, run: MachineRun, listener) -> int:
-    from migrate.receiver import Receiver
+    from migrate.live.receiver import Receiver
 
     console, watch = _guest_console()
 
@@ -398,7 +398,7 @@ def _wait_for_end(api: str, timeout: float = 120.0) -> dict[str, Any]:
 
 def cmd_send(args: argparse.Namespace) -> int:
     if args.plot:
-        from migrate.plot import require_matplotlib
+        from migrate.commands.plot import require_matplotlib
 
         require_matplotlib()  # before the migration, not after it
     with _round_bar() as bar:
@@ -425,7 +425,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     else:
         results.print(_stats_table(stats))
     if args.plot:
-        from migrate.plot import plot_rounds
+        from migrate.commands.plot import plot_rounds
 
         say("migrate", f"rounds drawn in {plot_rounds(stats, args.plot)}")
     if stats["outcome"] == "completed" and stats.get("downtime_overrun_ms"):
@@ -495,7 +495,7 @@ def cmd_start_postcopy(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from migrate.plot import load_stats, plot_rounds
+    from migrate.commands.plot import load_stats, plot_rounds
 
     out = plot_rounds(load_stats(args.stats), args.out or Path(args.stats).with_suffix(".png"))
     say("migrate", f"rounds drawn in {out}")
@@ -541,7 +541,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from hv.vmm.builder import builtin_machine
     from hv.kvm.vm import VmConfig
     from migrate.options import MigrationOptions
-    from migrate.source import send
+    from migrate.live.source import send
     from migrate.stats import MigrationOutcome
 
     tmp = Path(tempfile.mkdtemp(prefix="kvmigrate-demo-"))

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from migrate.transport import Tls
+from migrate.transport.tls import Tls
 
 
 @dataclass(frozen=True)

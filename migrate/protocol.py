@@ -2,7 +2,7 @@
 
 Everything that affects the protocol's state lives in this file: the messages, the states, and one
 transition table. Sockets, threads, KVM and the byte encoding live elsewhere (`migrate.transport`,
-`migrate.source`, `migrate.target`); they feed messages in and act on what comes out.
+`migrate.live.source`, `migrate.live.target`); they feed messages in and act on what comes out.
 
     Source                                              Target
       | Hello(versions, config, layout, cpuid) ------------> |   check everything, list every mismatch
@@ -241,7 +241,7 @@ class Error:
 @dataclass(frozen=True)
 class Postcopy:
     """The switch: the guest is paused on the source, its state went before this; `missing` is
-    the bitmap of the pages the target does not hold yet (`migrate.postcopy.encode_missing`)."""
+    the bitmap of the pages the target does not hold yet (`migrate.live.postcopy.encode_missing`)."""
 
     kind = MessageKind.POSTCOPY
     missing: bytes

@@ -22,8 +22,10 @@ from hv.vmm.builder import builtin_machine
 from migrate.protocol import PROTOCOL_VERSION, Error, Hello, Message, MessageKind
 from migrate.records import state_sections
 from migrate.state import PRODUCER, GuestCpuid, MachineState, capture, registry
-from migrate.target import receive
-from migrate.transport import FRAME, Connection, Listener, connect, encode
+from migrate.live.target import receive
+from migrate.transport.connection import Connection, connect
+from migrate.transport.framing import FRAME, encode
+from migrate.transport.listener import Listener
 
 MiB = 1 << 20
 

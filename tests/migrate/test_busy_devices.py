@@ -20,8 +20,8 @@ from hv.kvm.kvm import Kvm
 from hv.vmm.machine import Machine, RunState
 from hv.kvm.vm import VmConfig
 from migrate import MigrationOptions, listen_and_receive, send
-from migrate.snapshots import snapshot
-from migrate.transport import Listener
+from migrate.snapshot.snapshots import snapshot
+from migrate.transport.listener import Listener
 
 MiB = 1 << 20
 

@@ -22,9 +22,9 @@ from hv.vmm.command import ExitStatus, exit_status, parse_size
 from hv.vmm.control import ControlError, call
 from hv.vmm.machine import discard
 from migrate.errors import IncompatibleError, MigrationFailed, MigrationInDoubt, NotConverging, TransportError
-from migrate.exits import EXITS
-from migrate.snapshots import snapshot
-from migrate.transport import Listener
+from migrate.commands.exits import EXITS
+from migrate.snapshot.snapshots import snapshot
+from migrate.transport.listener import Listener
 
 from tests.migrate.processes import run_together
 

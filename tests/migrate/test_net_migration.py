@@ -22,7 +22,7 @@ from hv.vmm.machine import Machine, RunState
 from migrate import MigrationOptions, receive, restore, send, snapshot
 from migrate.errors import TransportError
 from migrate.protocol import State
-from migrate.transport import Listener
+from migrate.transport.listener import Listener
 from tests.migrate.test_live import _cut_after
 from tests.hv.tinyguest import wait_for
 from tools.net_observer import UdpObserver

@@ -28,9 +28,9 @@ from hv.vmm.builder import VirtioConfig, builtin_machine
 from hv.vmm.machine import Machine
 from hv.vmm.pci import register_pci_device
 from migrate import MigrationOptions, listen_and_receive, send
-from migrate.snapshots import restore, snapshot
+from migrate.snapshot.snapshots import restore, snapshot
 from migrate.state import registry
-from migrate.transport import Listener
+from migrate.transport.listener import Listener
 
 MiB = 1 << 20
 ON_PCI = ("virtio-blk0", "virtio-rng0")

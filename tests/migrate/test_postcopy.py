@@ -27,9 +27,10 @@ from hv.vmm.machine import RunState
 from migrate import MigrationOptions, listen_and_receive, send
 from migrate.errors import MigrationFailed, PostcopyFailed, ProtocolViolation
 from migrate.events import PagesProgress, ProgressEvent
-from migrate.postcopy import decode_missing, encode_missing
+from migrate.live.postcopy import decode_missing, encode_missing
 from migrate.protocol import Channel
-from migrate.transport import Listener, connect
+from migrate.transport.connection import connect
+from migrate.transport.listener import Listener
 
 from tests.migrate.running_source import a_pass_per_round
 
@@ -138,7 +139,7 @@ def test_postcopy_between_processes_at_full_dirty_rate_on_two_vcpus(tmp_path: Pa
 def test_a_stranger_cannot_join_the_fetch_channel(kvm: Kvm, caplog, monkeypatch) -> None:
     """A connection claiming to be the fetch channel of another session is dropped as a stray; the
     real one joins and the migration completes."""
-    from migrate.source import Source
+    from migrate.live.source import Source
 
     machine = _running_guest(kvm, ws_mib=8)
     listener, console, result, thread = _receiving(kvm)
@@ -347,7 +348,7 @@ def test_a_link_down_past_the_reconnect_window_waits_in_doubt_and_resumes_on_dem
     guest waits on. Once the link is back, `resume_postcopy` (`migrate send --resume`) completes it."""
     from hv.errors import Busy
     from migrate.errors import MigrationInDoubt
-    from migrate.source import resume_postcopy
+    from migrate.live.source import resume_postcopy
 
     machine = _running_guest(kvm)
     listener, link, target_console, result, thread = _target_behind_a_link(kvm)
@@ -407,7 +408,7 @@ def test_a_failure_at_the_switch_before_commit_leaves_the_guest_running_at_the_s
                                                                                       monkeypatch) -> None:
     """The target fails while it registers the missing pages (before Ready): it discards its copy
     and says why; the source, which never sent Commit, runs its guest on with its memory intact."""
-    from migrate.target import Target
+    from migrate.live.target import Target
 
     def failing_switch(self, missing: bytes, count: int) -> None:
         raise MigrationFailed("injected: userfaultfd refused", "nowhere yet")

@@ -43,8 +43,9 @@ from typing import Any
 from hv.kvm.kvm import Kvm
 from migrate.errors import AuthenticationFailed, PostcopyFailed, ProtocolViolation, TransportError
 from migrate.protocol import Channel, Error, ErrorCode, Hello, Query, Reconnect, Reject, Verdict
-from migrate.target import Incoming, SessionLedger, receive
-from migrate.transport import Connection, Listener
+from migrate.live.target import Incoming, SessionLedger, receive
+from migrate.transport.connection import Connection
+from migrate.transport.listener import Listener
 
 SIGNAL_SLICE = 0.5  # seconds the main thread waits at a time for a connection (see `receive`)
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class _Handshake:
 class Receiver:
     """Serves `listener` on a thread from construction until `close()`; `receive()` returns the
     first guest that arrives (or, with `once`, the end of the first connection). `target_options`
-    are `migrate.target.receive`'s (console, timeout, disk, virtio_console, progress)."""
+    are `migrate.live.target.receive`'s (console, timeout, disk, virtio_console, progress)."""
 
     def __init__(self, listener: Listener, kvm: Kvm, *, once: bool = False,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, **target_options: Any) -> None:

@@ -57,7 +57,7 @@ from migrate.datapath import PageDecoderC, PageEncoderC, block_hashes
 from migrate.errors import MigrationFailed, ProtocolViolation, TransportError
 from migrate.protocol import Fetch, Pages
 from migrate.state import PRODUCER, registry
-from migrate.transport import Connection
+from migrate.transport.connection import Connection
 
 log = logging.getLogger(__name__)
 

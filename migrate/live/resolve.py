@@ -24,8 +24,8 @@ from hv.vmm.machine import Machine
 from hv.vmm.owner import owner_of
 from migrate.errors import MigrateError, TransportError
 from migrate.protocol import HandOver, Query, Verdict
-from migrate.source import InDoubt, restore_source
-from migrate.transport import connect
+from migrate.live.source import InDoubt, restore_source
+from migrate.transport.connection import connect
 
 log = logging.getLogger(__name__)
 

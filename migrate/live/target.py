@@ -1,6 +1,6 @@
 """The receiving side of a live migration: `receive(conn, kvm)`; `SessionLedger`, what it did with each session.
 
-(`migrate.receiver` is the server around it: many connections, one migration at a time.)
+(`migrate.live.receiver` is the server around it: many connections, one migration at a time.)
 
 One `Target` takes one migration, stage by stage:
 
@@ -52,7 +52,7 @@ from migrate.events import Progress, RoundReceived
 from migrate.errors import (DiskRefused, IncompatibleError, MigrationFailed, PostcopyFailed, ProtocolViolation,
                             TransportError, error_code)
 from formats import POSTCOPY_DIGEST_BLOCK, DIGEST_BLOCK
-from migrate.postcopy import PostcopyTarget, count_missing, decode_missing, describe_missing, encode_missing, give_back
+from migrate.live.postcopy import PostcopyTarget, count_missing, decode_missing, describe_missing, encode_missing, give_back
 from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete, Discard, Discarded, Error,
                               Finished, HandOver,
                               Hello, Missing, Outcome, Pages, Postcopy, Protocol, Ready, Reconnect, Reject,
@@ -61,9 +61,10 @@ from migrate.protocol import Message
 from migrate.records import EXPECT, Collected
 from migrate.state import (GuestCpuid, MachineConfig, apply, cpuid_problems, expected_layout, host_features,
                            registry)
-from migrate.streams import (MAX_STREAMS, IncomingStream, Joins, RoundGate, accept_fetch_channel, accept_streams,
+from migrate.live.streams import (MAX_STREAMS, IncomingStream, Joins, RoundGate, accept_fetch_channel, accept_streams,
                              close_streams, listener_joins)
-from migrate.transport import Connection, Listener
+from migrate.transport.connection import Connection
+from migrate.transport.listener import Listener
 
 log = logging.getLogger(__name__)
 
@@ -453,7 +454,7 @@ class Target:
 
     def finish_postcopy(self, payload: bytes) -> None:
         """END after the last pushed page: every missing page must be in by now; the page digest
-        checked (migrate.postcopy says why it proves the memory); then Finished."""
+        checked (migrate.live.postcopy says why it proves the memory); then Finished."""
         end = self.records("COMPLETE", payload, COMPLETE_RECORDS)[0]  # (again after a reconnection: not collected)
         pc = self.postcopy
         left = pc.wait_placed(self.timeout)  # fetched pages may still be on the fetch channel's way
@@ -478,7 +479,7 @@ class Target:
     def wait_for_the_source(self, error: TransportError) -> None:
         """The link went after Commit in post-copy: the guest runs on here (a vCPU touching a
         missing page waits in the kernel), and the source may come back, on a new connection
-        that opens with Reconnect (migrate.receiver hands it over, as a page stream). Answered
+        that opens with Reconnect (migrate.live.receiver hands it over, as a page stream). Answered
         with what is still missing; the fetch channel joins again after it. A reconnection that
         breaks on the way is waited past too. Past `postcopy_wait` the source is taken for gone
         (a TransportError)."""
@@ -643,7 +644,7 @@ def receive(conn: Connection, kvm: Kvm, *, console: Callable[[bytes], None] = la
     `disk_dir`; with neither it is refused (`migrate.disks`). `max_mem`: the most guest RAM this
     target takes (default: what the host can reserve now). The extra page streams a source may
     open come from `joins` (or are accepted on `listener`); `ledger` records the session for a
-    source in doubt to ask about (`migrate.receiver` shares one); `first` is HELLO if the caller
+    source in doubt to ask about (`migrate.live.receiver` shares one); `first` is HELLO if the caller
     read it already; `terminal`, where the guest's COM1 meets this host (attached before the
     guest resumes here); `postcopy_wait`, after a lost link in post-copy, how long the source may
     take to reconnect (None: for as long as it takes) before the guest is paused here for good;

@@ -9,11 +9,11 @@ Round by round while the guest runs: round 0 sends every touched page; each late
 the dirty log (KVM's and the VMM's) and sends what changed. After each fetch `convergence.decide`
 says what next: another round, a throttle step first (auto-converge), stop and copy (the guest is
 paused and the rest goes), or give up. Pages are encoded on worker threads while the main thread
-sends, spread over the page streams (`migrate.streams`).
+sends, spread over the page streams (`migrate.live.streams`).
 
 With post-copy asked for, the source switches after `postcopy_after` rounds (or when pre-copy
 would not converge, `postcopy_auto`) instead: `_switch_to_postcopy` hands the guest over with
-the pages the target still lacks, and `_serve_postcopy` serves them (`migrate.postcopy`) until
+the pages the target still lacks, and `_serve_postcopy` serves them (`migrate.live.postcopy`) until
 the target says it holds every one, reconnecting a lost link on the way.
 """
 
@@ -35,8 +35,8 @@ from hv.kvm.units import MiB
 from formats import POSTCOPY_DIGEST_BLOCK, DIGEST_BLOCK
 from migrate import digest, pages
 from migrate.datapath import PageEncoderC
-from migrate.postcopy import PostcopySource, count_missing, decode_missing, encode_missing
-from migrate.convergence import Action, RoundFigures, decide
+from migrate.live.postcopy import PostcopySource, count_missing, decode_missing, encode_missing
+from migrate.live.convergence import Action, RoundFigures, decide
 from migrate.errors import (Cancelled, MigrationFailed, MigrationInDoubt, NotConverging, ProtocolViolation, SessionFenced,
                             TransportError, error_code, failure_word)
 from migrate.options import MigrationOptions
@@ -50,8 +50,8 @@ from migrate.errors import Failure
 from migrate.events import PagesProgress, Progress, RoundSent, Throttled
 from migrate.stats import MigrationPhase
 from migrate.stats import Laps, MigrationOutcome, MigrationProgress, MigrationStats, PostcopyStats, RoundStats
-from migrate.streams import OutgoingStream
-from migrate.transport import Connection, connect
+from migrate.live.streams import OutgoingStream
+from migrate.transport.connection import Connection, connect
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +427,7 @@ class Source:
         self.stats.sent_bytes = self.bytes_sent
         return self.stats
 
-    # --- post-copy (migrate.postcopy) ------------------------------------------------------------
+    # --- post-copy (migrate.live.postcopy) ------------------------------------------------------------
 
     def _switch_to_postcopy(self, pending: Dirty, t0: float) -> MigrationStats:
         """Pause for good, send the state and what the target still lacks, hand over; then serve
@@ -652,7 +652,7 @@ class Source:
 
 @dataclass(frozen=True)
 class InDoubt:
-    """What a source left in doubt keeps for whoever settles it (`migrate.resolve`): where the
+    """What a source left in doubt keeps for whoever settles it (`migrate.live.resolve`): where the
     target was, the session it named, how to reach it again, and why it is in doubt."""
 
     target: str | None  # HOST:PORT (None: sent over a connection given to `send`; nobody to ask)
@@ -673,7 +673,7 @@ def send(machine: Machine, target: str | Connection, options: MigrationOptions |
     acknowledged the hand-over leaves the guest running here, as it was (throttle off, dirty
     logging off); after Commit with no answer the guest is kept paused here, in doubt, and
     `MigrationFailed` says so: the machine's run state stays held (`hv.vmm.owner`) until
-    `migrate.resolve` settles it. After a post-copy switch (`options.postcopy*`) a lost link is
+    `migrate.live.resolve` settles it. After a post-copy switch (`options.postcopy*`) a lost link is
     reconnected for `postcopy_reconnect_s`, then the guest is kept paused here, in doubt, with
     the pages the target lacks, until `resume_postcopy`. Meanwhile, and during the whole
     migration, nobody else may pause, resume or stop the machine (`Busy`). `switch`, once set,
