@@ -239,6 +239,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
 
 def _receive(args: argparse.Namespace, run: MachineRun, listener) -> int:
     from migrate.live.receiver import Receiver
+    from migrate.options import ReceiveOptions
 
     console, watch = _guest_console()
 
@@ -247,9 +248,10 @@ def _receive(args: argparse.Namespace, run: MachineRun, listener) -> int:
 
     with Kvm() as kvm:
         # Queries from a source in doubt are answered for as long as this process runs
-        receiver = Receiver(listener, kvm, once=args.once, console=console, terminal=terminal(),
-                            disk=args.disk, disk_dir=args.disk_dir, max_mem=args.mem, virtio_console=LineConsole(),
-                            postcopy_wait=args.postcopy_wait or None, prepare=prepare, max_vcpus=args.max_vcpus)
+        options = ReceiveOptions(console=console, terminal=terminal(), disk=args.disk, disk_dir=args.disk_dir,
+                                 max_mem=args.mem, virtio_console=LineConsole(),
+                                 postcopy_wait=args.postcopy_wait or None, prepare=prepare, max_vcpus=args.max_vcpus)
+        receiver = Receiver(listener, kvm, options, once=args.once)
         try:
             say("migrate", f"listening on {listener.address}")  # once connections are taken
             try:

@@ -53,7 +53,7 @@ def _migrate_send(ctx: ControlContext, args: dict[str, Any], progress: Progress)
     from migrate.live.source import send
 
     from migrate.errors import MigrationInDoubt
-    from migrate.live.source import resume_postcopy
+    from migrate.live.resolve import resume_postcopy
     from migrate.transport.framing import parse_address
 
     if args.get("resume"):  # post-copy whose link stayed down: reconnect and serve on

@@ -19,6 +19,7 @@ from hv.guests import builtin as bg
 from hv.kvm.kvm import Kvm
 from hv.kvm.vm import VmConfig
 from hv.vmm.builder import builtin_machine
+from migrate.options import ReceiveOptions
 from migrate.protocol import PROTOCOL_VERSION, Error, Hello, Message, MessageKind
 from migrate.records import state_sections
 from migrate.state import PRODUCER, GuestCpuid, MachineState, capture, registry
@@ -82,7 +83,7 @@ class FakeSource:
         try:
             conn = self.listener.accept(20)
             try:
-                self.incoming = receive(conn, kvm, timeout=20, **options)
+                self.incoming = receive(conn, kvm, ReceiveOptions(**{"timeout": 20, **options}))
             finally:
                 conn.close()
         except BaseException as e:  # noqa: BLE001 - the test looks at it

@@ -62,7 +62,7 @@ def test_a_guest_larger_than_the_target_offers_is_rejected_before_any_vm(kvm: Kv
 
 
 def test_by_default_the_target_offers_what_the_host_can_reserve(kvm: Kvm, state) -> None:
-    from migrate.live.target import host_reservable_memory
+    from migrate.live.admission import host_reservable_memory
 
     huge = 1 << 50  # a petabyte: more than any host here has
     assert host_reservable_memory() < huge
@@ -269,7 +269,7 @@ def test_a_disk_dir_entry_that_is_not_a_regular_file_is_refused(kvm: Kvm, tmp_pa
 _TARGET = textwrap.dedent("""
     import json, sys
     from hv.kvm.kvm import Kvm
-    from migrate import listen_and_receive
+    from migrate import ReceiveOptions, listen_and_receive
     from migrate.transport.listener import Listener
     from migrate.state import registry
 
@@ -284,7 +284,7 @@ _TARGET = textwrap.dedent("""
         f.write("5")  # the peak starts again from what is resident now
     print(json.dumps({"address": listener.address, "kib": peak_kib()}), flush=True)
     try:
-        listen_and_receive(listener, kvm, accept_timeout=30, timeout=30)
+        listen_and_receive(listener, kvm, ReceiveOptions(timeout=30), accept_timeout=30)
         error = None
     except BaseException as e:
         error = type(e).__name__

@@ -20,7 +20,7 @@ from hv.guests import builtin as bg
 from hv.kvm.kvm import Kvm
 from hv.vmm.control import ControlContext, ControlError, ControlServer, call
 from hv.vmm.machine import Machine, RunState
-from migrate import MigrationOptions, Receiver, send
+from migrate import MigrationOptions, ReceiveOptions, Receiver, send
 from migrate.errors import MigrationFailed, TransportError
 from migrate.events import RoundSent
 from migrate.protocol import Accept, Commit, Complete, Hello, Pages, Query, Ready, State, Verdict
@@ -49,7 +49,7 @@ class _Recv:
         self.listener = Listener("127.0.0.1:0", key)
         self.address = self.listener.address
         self.console = bg.GuestConsole()
-        self.receiver = Receiver(self.listener, kvm, console=self.console, timeout=30)
+        self.receiver = Receiver(self.listener, kvm, ReceiveOptions(console=self.console, timeout=30))
         self.incoming = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -524,7 +524,7 @@ def test_idle_connections_past_the_hosts_share_are_dropped_or_time_out(kvm: Kvm,
 
     machine, console = _source(kvm)
     listener = Listener("127.0.0.1:0", b"")
-    receiver = Receiver(listener, kvm, handshake_timeout=1.0, timeout=30)
+    receiver = Receiver(listener, kvm, ReceiveOptions(timeout=30), handshake_timeout=1.0)
     idle = [socket.create_connection(listener.sock.getsockname()) for _ in range(MAX_PER_HOST + 1)]
     try:
         for s in idle:  # each is dropped (the oldest, to make room) or, never answering, closed at its timeout
@@ -582,7 +582,7 @@ def test_a_real_source_gets_in_while_idle_connections_hold_every_slot_of_its_hos
 
     machine, console = _source(kvm)
     listener = Listener("127.0.0.1:0", b"")
-    receiver = Receiver(listener, kvm, handshake_timeout=120, timeout=30)
+    receiver = Receiver(listener, kvm, ReceiveOptions(timeout=30), handshake_timeout=120)
     idle = [_challenged(listener.sock.getsockname()) for _ in range(MAX_PER_HOST)]
     try:
         result: dict = {}
