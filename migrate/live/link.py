@@ -26,7 +26,7 @@ from migrate.protocol import (Cancel, Channel, Commit, Error, ErrorCode, Message
                               RemoteProtocolError, Resumed, Role, RoundDone, S)
 from migrate.records import EXPECT
 from migrate.state import PRODUCER, registry
-from migrate.stats import Laps, MigrationProgress, MigrationStats
+from migrate.stats import Laps, MigrationProgress, MigrationStats, Pause
 from migrate.transport.connection import Connection, connect
 
 log = logging.getLogger(__name__)
@@ -226,18 +226,18 @@ class SourceLink:
         """Ready, Commit, Resumed: the end of the pause, whose phases (the target's own steps
         taken out of the waits they were in) become the downtime's."""
         ready = self.answer_of(Ready)  # the target holds its copy, built and paused
-        waited = laps.lap("target_verify")
+        waited = laps.lap(Pause.TARGET_VERIFY)
         log.info("the target holds its copy (%.1f ms after the pause); committing", sum(laps.phases.values()))
         self.message(Commit())
         # From here the target may be running the guest: never resume on our own (protocol.py).
         resumed = self.answer_of(Resumed)
-        committed = laps.lap("target_resume")
+        committed = laps.lap(Pause.TARGET_RESUME)
         self.deadline = None
         self.stats.downtime_ms = sum(laps.phases.values())
         self.stats.downtime_phases_ms = with_target_phases(laps.phases, ready, resumed, waited, committed)
         self.stats.downtime_target_ms = self.options.downtime_ms
-        self.stats.downtime_copy_ms = round(sum(laps.phases.get(k, 0.0) for k in ("dirty_log", "last_round",
-                                                                                  "digest")), 3)
+        self.stats.downtime_copy_ms = round(sum(laps.phases.get(k, 0.0) for k in (Pause.DIRTY_LOG, Pause.LAST_ROUND,
+                                                                                  Pause.DIGEST)), 3)
 
     # --- the end, either way ----------------------------------------------------------------------
 
@@ -270,11 +270,11 @@ def with_target_phases(phases: dict[str, float], ready: Ready, resumed: Resumed,
                        committed_ms: float) -> dict[str, float]:
     """The source's laps with the target's own steps (from Ready and Resumed) taken out of the
     waits they happened in; what is left of a wait is the link's ("link")."""
-    target = {"target_digest": ready.digest_us / 1000, "target_apply": ready.apply_us / 1000,
-              "target_resume": resumed.resume_us / 1000}
-    out = {k: round(v, 3) for k, v in phases.items() if k not in ("target_verify", "target_resume")}
+    target = {Pause.TARGET_DIGEST: ready.digest_us / 1000, Pause.TARGET_APPLY: ready.apply_us / 1000,
+              Pause.TARGET_RESUME: resumed.resume_us / 1000}
+    out = {k: round(v, 3) for k, v in phases.items() if k not in (Pause.TARGET_VERIFY, Pause.TARGET_RESUME)}
     out |= {k: round(v, 3) for k, v in target.items()}
-    out["link"] = round(max(0.0, waited_ms + committed_ms - sum(target.values())), 3)
+    out[Pause.LINK] = round(max(0.0, waited_ms + committed_ms - sum(target.values())), 3)
     return out
 
 

@@ -42,7 +42,7 @@ from migrate.options import MigrationOptions
 from migrate.protocol import PROTOCOL_VERSION, Accept, Cancel, ErrorCode, Hello, Outcome, Reject, State, Complete
 from migrate.records import state_sections
 from migrate.state import PRODUCER, GuestCpuid, MachineConfig, capture, machine_config, machine_layout, registry
-from migrate.stats import MigrationOutcome, MigrationPhase, MigrationProgress, MigrationStats, RoundStats
+from migrate.stats import MigrationOutcome, MigrationPhase, MigrationProgress, MigrationStats, Pause, RoundStats
 from migrate.transport.connection import Connection, connect
 
 log = logging.getLogger(__name__)
@@ -229,12 +229,12 @@ class Source:
         self.live.phase = MigrationPhase.STOP_AND_COPY
         laps, final, rate = tracker.pause_and_take_the_rest(pending, link.paused)
         self._round(len(self.stats.rounds), pages.dirty_runs(final)[0], rate, self.paused_pool)
-        laps.lap("last_round")
+        laps.lap(Pause.LAST_ROUND)
         state = capture(machine, machine_config(machine))
         link.message(State(b"".join(state_sections(link.writer, state))))
-        laps.lap("state")
+        laps.lap(Pause.STATE)
         end = link.writer.end(tracker.hashes.digest(self.options.threads))
-        laps.lap("digest")
+        laps.lap(Pause.DIGEST)
         link.message(Complete(end))
         link.hand_over(laps)
         if self.stats.downtime_overrun_ms:

@@ -13,7 +13,7 @@ from hv.kvm.memory import MemoryRegion
 from hv.kvm.units import MiB
 from hv.vmm.machine import Machine
 from migrate import digest, pages
-from migrate.stats import Laps
+from migrate.stats import Laps, Pause
 
 Dirty = list[tuple[MemoryRegion, DirtyBitmap]]
 
@@ -58,11 +58,11 @@ class DirtyTracker:
         laps = Laps()
         self.machine.pause()
         paused()
-        laps.lap("pause")
+        laps.lap(Pause.PAUSE)
         final, _, rate = self.fetch(paused=True)
         for (_, merged), (_, earlier) in zip(final, pending, strict=True):
             merged |= earlier
-        laps.lap("dirty_log")
+        laps.lap(Pause.DIRTY_LOG)
         return laps, final, rate
 
     def add_unsent(self, dirty: Dirty, unsent: list[pages.MemoryRun]) -> Dirty:

@@ -22,7 +22,7 @@ from migrate.options import MigrationOptions
 from migrate.protocol import Complete, Discard, Discarded, Finished, Missing, Postcopy, Reconnect, S, State
 from migrate.records import state_sections
 from migrate.state import capture, machine_config
-from migrate.stats import MigrationPhase, MigrationProgress, MigrationStats, PostcopyStats
+from migrate.stats import MigrationPhase, MigrationProgress, MigrationStats, Pause, PostcopyStats
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,10 @@ class SourcePostcopy:
         missing = {region.guest_base: bits for region, bits in final}
         state = capture(machine, machine_config(machine))
         link.message(State(b"".join(state_sections(link.writer, state))))
-        laps.lap("state")
+        laps.lap(Pause.STATE)
         count = count_missing(missing)
         link.message(Postcopy(encode_missing(missing), count))
-        laps.lap("bitmap")
+        laps.lap(Pause.BITMAP)
         link.hand_over(laps)  # (point 7: from Commit on this copy serves the target, never runs)
         self.stats.postcopy = PostcopyStats(after_rounds=len(self.stats.rounds), missing_pages=count)
         self.server = PostcopySource(machine.vm.memory, missing, self.options.level)
