@@ -212,7 +212,8 @@ def control_request_target() -> Target:
 
 def control_answer_target() -> Target:
     from hv.vmm.control import MAX_REPLY, ControlError, expect, parse_reply
-    from migrate.cli import STATUS_FIELDS, describe
+    from migrate.commands.common import STATUS_FIELDS
+    from migrate.commands.sending import describe
 
     seeds = [b'{"progress": {"stage": "pages", "round": 1}}',
              b'{"ok": true, "result": {"phase": "precopy", "round": 2, "round_pages_total": 100, '
