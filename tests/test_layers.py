@@ -20,12 +20,13 @@ HV_LAYERS = ("errors", "persist", "binding", "kvm", "platform", "boot", "devices
 
 # migrate's layers, lowest first, each the folders or top-level modules in it; a module may import
 # its own layer and the ones below. `protocol` (the messages and the exchange's table, sans-IO) is
-# the root: errors carry its ErrorCode and the transport its messages. The transport (frames,
-# connections, TLS, the listener) needs nothing else; the model (what a migration is made of:
+# the root: errors carry its ErrorCode and the transport its messages. `datapath` (the C page
+# path) needs only the errors, the transport (frames, connections, TLS, the listener) only the
+# protocol and the errors; the model (what a migration is made of:
 # a machine's state, its pages, digests, records, options, stats, progress events, disks) stands
-# on it (options name a Tls); snapshots and the live engine use the model and never each other
-# (what joins them, live snapshots or a local hand-over, goes above both, in `live`); the
-# commands behind the CLI and the control socket, then the CLI, then the package's re-exports.
+# on it (options name a Tls); snapshots use the model, and the live engine stands above them (it
+# uses none today; a live snapshot or a local hand-over, built there, may); the commands behind
+# the CLI and the control socket, then the CLI, then the package's re-exports.
 MIGRATE_LAYERS: tuple[tuple[str, ...], ...] = (
     ("protocol",), ("errors",), ("datapath",), ("transport",),
     ("stats", "events", "options", "disks", "state", "pages", "digest", "records"),
