@@ -91,7 +91,7 @@ class DiskRefused(MigrateError):
 class MigrationFailed(MigrateError):
     """A live migration ended without handing the guest over; says where the guest runs now."""
 
-    def __init__(self, reason: str, guest_on: str, *, code: object = None) -> None:
+    def __init__(self, reason: str, guest_on: str, *, code: ErrorCode | None = None) -> None:
         self.reason, self.guest_on, self.code = reason, guest_on, code
         super().__init__(f"migration failed: {reason} (the guest is {guest_on})")
 

@@ -1,13 +1,20 @@
 """What the user may ask of a live migration: `MigrationOptions` (the `migrate send` flags, the
-control socket's `options`, `send(..., options)`)."""
+control socket's `options`, `send(..., options)`) on the source, `ReceiveOptions` (the `migrate
+recv` flags, `receive(..., options)`) on the target."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from migrate.transport import Tls
+from migrate.events import Progress
+from migrate.transport.tls import Tls
+
+if TYPE_CHECKING:
+    from hv.devices.serial import Terminal
+    from hv.vmm.machine import Machine
 
 
 @dataclass(frozen=True)
@@ -62,3 +69,29 @@ class MigrationOptions:
     @property
     def wants_postcopy(self) -> bool:
         return self.postcopy or self.postcopy_auto or self.postcopy_ready or self.postcopy_after_ms > 0
+
+
+def _no_console(data: bytes) -> None:
+    """A guest console nobody reads."""
+
+
+@dataclass(frozen=True)
+class ReceiveOptions:
+    """What the user may ask of a migration target: `receive(conn, kvm, options)`, `Receiver`,
+    `listen_and_receive` (the `migrate recv` flags)."""
+
+    console: Callable[[bytes], None] = _no_console  # the guest's COM1 output
+    virtio_console: Callable[[bytes], None] | None = None  # its virtio console's (default: `console`)
+    terminal: Terminal | None = None  # where COM1 meets this host (attached before the guest resumes here)
+    timeout: float = 60.0  # longest wait for any one message from the source
+    disk: str | None = None  # this host's file for the guest's disk ...
+    disk_dir: str | None = None  # ... or the folder where the file of the stream's disk's name is
+    max_mem: int | None = None  # the most guest RAM taken (default: what the host can reserve now)
+    max_vcpus: int | None = None  # the most vCPUs a guest may have here (default: `default_max_vcpus`)
+    progress: Progress | None = None  # typed progress events (`migrate.events`)
+    # after a lost link in post-copy, how long the source may take to reconnect (None: for as long
+    # as it takes) before the guest is paused here for good
+    postcopy_wait: float | None = 30.0
+    # whatever the guest's run here needs, acquired as the machine is built (before Ready: its
+    # failure is a refusal, and nothing that can fail is left for after Commit)
+    prepare: Callable[[Machine], None] | None = None

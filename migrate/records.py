@@ -87,6 +87,13 @@ class Collected:
         if missing := [name for name in sections if not seen[name]]:
             raise MissingSections(missing)
 
+    def described(self) -> tuple[MachineConfig, DeviceLayout]:
+        """The CONFIG and LAYOUT a stream opened with; `MissingSections` if one never came."""
+        if self.config is None or self.layout is None:
+            raise MissingSections([name for name, value in (("CONFIG", self.config), ("LAYOUT", self.layout))
+                                   if value is None])
+        return self.config, self.layout
+
     def ended(self) -> tuple[Header, DeviceLayout, EndRecord]:
         """The header, layout and END of a stream read to its end (`StreamReader.finish`);
         `MissingSections` if one of them never came."""

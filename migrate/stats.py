@@ -13,6 +13,23 @@ from hv.kvm.units import MiB
 from migrate.errors import Failure
 
 
+class Pause(StrEnum):
+    """Where a live migration's pause went (`MigrationStats.downtime_phases_ms`; the values are
+    what the JSON says), in the order they come."""
+
+    PAUSE = "pause"  # the vCPUs stopped
+    DIRTY_LOG = "dirty_log"  # the last dirty log fetched
+    STATE = "state"  # the vCPU, VM and device state captured and sent
+    LAST_ROUND = "last_round"  # its pages sent (stop and copy)
+    DIGEST = "digest"  # the memory digest (stop and copy)
+    BITMAP = "bitmap"  # the missing pages' bitmap (post-copy)
+    TARGET_VERIFY = "target_verify"  # waiting for Ready (replaced by the target's own steps and the link's)
+    TARGET_RESUME = "target_resume"  # waiting for Resumed (likewise)
+    TARGET_DIGEST = "target_digest"  # the target's digest check (from Ready)
+    TARGET_APPLY = "target_apply"  # the target's applying the state (from Ready)
+    LINK = "link"  # what is left of the waits: the link's
+
+
 class Laps:
     """Consecutive phases timed one after the other: `lap(name)` ends the phase running now."""
 

@@ -108,7 +108,7 @@ def test_the_dry_run_tsc_check_names_the_host_cpus(kvm: Kvm) -> None:
     """A guest whose TSC ran 1% faster than this host's, on a host that cannot scale the TSC:
     the target's answer gives both rates and this host's CPU frequency fact."""
     from migrate.state import MachineConfig
-    from migrate.target import host_problems
+    from migrate.live.admission import host_problems
 
     here = kvm.vcpu_tsc_khz
     config = MachineConfig(mem_size=16 << 20, vcpus=1, irqchip=True, pit=True, cpuid_digest=0,

@@ -19,11 +19,14 @@ from hv.guests import builtin as bg
 from hv.kvm.kvm import Kvm
 from hv.kvm.vm import VmConfig
 from hv.vmm.builder import builtin_machine
+from migrate.options import ReceiveOptions
 from migrate.protocol import PROTOCOL_VERSION, Error, Hello, Message, MessageKind
 from migrate.records import state_sections
 from migrate.state import PRODUCER, GuestCpuid, MachineState, capture, registry
-from migrate.target import receive
-from migrate.transport import FRAME, Connection, Listener, connect, encode
+from migrate.live.target import receive
+from migrate.transport.connection import Connection, connect
+from migrate.transport.framing import FRAME, encode
+from migrate.transport.listener import Listener
 
 MiB = 1 << 20
 
@@ -80,7 +83,7 @@ class FakeSource:
         try:
             conn = self.listener.accept(20)
             try:
-                self.incoming = receive(conn, kvm, timeout=20, **options)
+                self.incoming = receive(conn, kvm, ReceiveOptions(**{"timeout": 20, **options}))
             finally:
                 conn.close()
         except BaseException as e:  # noqa: BLE001 - the test looks at it

@@ -19,9 +19,9 @@ from hv.vmm.control import call
 from hv.kvm.kvm import Kvm
 from hv.vmm.machine import Machine, RunState
 from hv.kvm.vm import VmConfig
-from migrate import MigrationOptions, listen_and_receive, send
-from migrate.snapshots import snapshot
-from migrate.transport import Listener
+from migrate import MigrationOptions, ReceiveOptions, listen_and_receive, send
+from migrate.snapshot.snapshots import snapshot
+from migrate.transport.listener import Listener
 
 MiB = 1 << 20
 
@@ -94,8 +94,8 @@ def test_live_migration_with_busy_devices(kvm: Kvm, tmp_path: Path, postcopy: bo
     target_console, target_vcon = bg.GuestConsole(), bg.GuestConsole()
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(
-        incoming=listen_and_receive(listener, kvm, console=target_console, virtio_console=target_vcon,
-                                    disk=str(disk), accept_timeout=20)))  # shared storage, named here
+        incoming=listen_and_receive(listener, kvm, ReceiveOptions(console=target_console, virtio_console=target_vcon,
+                                                                   disk=str(disk)), accept_timeout=20)))  # shared storage, named here
     thread.start()
     try:
         moved_from = bg.read_status(machine.vm.memory)

@@ -22,9 +22,9 @@ from hv.vmm.command import ExitStatus, exit_status, parse_size
 from hv.vmm.control import ControlError, call
 from hv.vmm.machine import discard
 from migrate.errors import IncompatibleError, MigrationFailed, MigrationInDoubt, NotConverging, TransportError
-from migrate.exits import EXITS
-from migrate.snapshots import snapshot
-from migrate.transport import Listener
+from migrate.commands.exits import EXITS
+from migrate.snapshot.snapshots import snapshot
+from migrate.transport.listener import Listener
 
 from tests.migrate.processes import run_together
 
@@ -370,7 +370,7 @@ def test_a_dry_run_checks_the_disk_memory_cpu_and_tsc_the_target_needs(tmp_path:
     cannot give; the source runs on after each."""
     import threading
 
-    from migrate import listen_and_receive
+    from migrate import ReceiveOptions, listen_and_receive
 
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
@@ -383,7 +383,8 @@ def test_a_dry_run_checks_the_disk_memory_cpu_and_tsc_the_target_needs(tmp_path:
                 tmp_path / "t2.sock", wait_for_socket=False)
     listener, kvm = Listener("127.0.0.1:0", b""), _a_host_without_sse2_and_with_another_tsc()
     thread = threading.Thread(target=lambda: pytest.raises(IncompatibleError, listen_and_receive, listener, kvm,
-                                                           accept_timeout=120, disk=str(disk)), daemon=True)
+                                                           ReceiveOptions(disk=str(disk)), accept_timeout=120),
+                              daemon=True)
     try:
         no_disk.wait_for_line("listening on")
         problems = _dry_run(source.api, disk_port)["problems"]

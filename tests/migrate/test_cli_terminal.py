@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from hv.vmm.control import call
-from migrate.transport import Listener
+from migrate.transport.listener import Listener
 
 HV = [sys.executable, "-m", "hv.vmm.cli"]
 MIGRATE = [sys.executable, "-m", "migrate.cli"]

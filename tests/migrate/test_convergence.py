@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from migrate.convergence import SHRINK, Action, Decision, Reason, RoundFigures, decide, next_throttle
+from migrate.live.convergence import SHRINK, Action, Decision, Reason, RoundFigures, decide, next_throttle
 from migrate.options import MigrationOptions
 from migrate.stats import MigrationStats, RoundStats
 

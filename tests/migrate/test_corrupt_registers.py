@@ -18,7 +18,7 @@ from hv.kvm.kvm import Kvm
 from hv.vmm.command import ExitStatus
 from migrate.errors import StateShapeError
 from migrate.protocol import Accept, Complete, ErrorCode, State
-from migrate.snapshots import inspect, restore
+from migrate.snapshot.snapshots import inspect, restore
 from migrate.state import PRODUCER, registry
 
 U64 = (1 << 64) - 1

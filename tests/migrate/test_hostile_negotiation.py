@@ -14,7 +14,7 @@ from hostile import FakeSource, kvm_vm_fds, sample_state
 from hv.kvm.dirty import DirtyBitmap
 from hv.kvm.kvm import Kvm
 from migrate.errors import IncompatibleError, ProtocolViolation
-from migrate.postcopy import encode_missing
+from migrate.live.postcopy.missing import encode_missing
 from migrate.protocol import Accept, Discard, ErrorCode, Postcopy, Reject, State
 
 
@@ -88,6 +88,6 @@ def test_more_vcpus_than_this_target_takes_are_rejected_before_any_vm(kvm: Kvm, 
 @pytest.mark.parametrize("version, ok", [("2.0", True), ("2.7", True), ("9.0", False), ("\u00b2.0", False),
                                          ("2", False), ("", False), ("2.0.1", False), ("1" * 10 + ".0", False)])
 def test_a_format_version_is_read_as_ascii_major_minor(version: str, ok: bool) -> None:
-    from migrate.target import format_version_problem
+    from migrate.live.admission import format_version_problem
 
     assert (format_version_problem(version) == "") is ok  # never a ValueError ("²" is a digit to isdigit)

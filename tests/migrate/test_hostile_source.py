@@ -26,7 +26,7 @@ from hv.vmm.builder import standard_layout
 from migrate.errors import IncompatibleError, MissingSections, ProtocolViolation, StateShapeError
 from migrate.protocol import Accept, Commit, Complete, ErrorCode, MessageKind, Ready, Reject, State
 from migrate.state import VirtioSpec, layout_for, registry
-from migrate.transport import encode
+from migrate.transport.framing import encode
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -62,7 +62,7 @@ def test_a_guest_larger_than_the_target_offers_is_rejected_before_any_vm(kvm: Kv
 
 
 def test_by_default_the_target_offers_what_the_host_can_reserve(kvm: Kvm, state) -> None:
-    from migrate.target import host_reservable_memory
+    from migrate.live.admission import host_reservable_memory
 
     huge = 1 << 50  # a petabyte: more than any host here has
     assert host_reservable_memory() < huge
@@ -269,8 +269,8 @@ def test_a_disk_dir_entry_that_is_not_a_regular_file_is_refused(kvm: Kvm, tmp_pa
 _TARGET = textwrap.dedent("""
     import json, sys
     from hv.kvm.kvm import Kvm
-    from migrate import listen_and_receive
-    from migrate.transport import Listener
+    from migrate import ReceiveOptions, listen_and_receive
+    from migrate.transport.listener import Listener
     from migrate.state import registry
 
     def peak_kib():
@@ -284,7 +284,7 @@ _TARGET = textwrap.dedent("""
         f.write("5")  # the peak starts again from what is resident now
     print(json.dumps({"address": listener.address, "kib": peak_kib()}), flush=True)
     try:
-        listen_and_receive(listener, kvm, accept_timeout=30, timeout=30)
+        listen_and_receive(listener, kvm, ReceiveOptions(timeout=30), accept_timeout=30)
         error = None
     except BaseException as e:
         error = type(e).__name__
@@ -297,7 +297,7 @@ def test_the_receivers_peak_memory_stays_bounded_whatever_it_is_sent(kvm: Kvm, s
     """SPEC.md section 8: before any VM exists a receiver holds at most one frame of its kind's
     cap (4 MiB for HELLO), its copy, and a budget's worth of objects. Unbounded, these cost
     1.5 GiB (a 24 MiB HELLO of empty arrays) or ~200 MiB (a 3 MiB bomb)."""
-    from migrate.transport import connect
+    from migrate.transport.connection import connect
 
     proc = subprocess.Popen([sys.executable, "-c", _TARGET], stdout=subprocess.PIPE, text=True)
     try:
@@ -311,7 +311,7 @@ def test_the_receivers_peak_memory_stays_bounded_whatever_it_is_sent(kvm: Kvm, s
             frame = raw_frame(MessageKind.HELLO, hello_body_with(hello_fields(hello), "padding",
                                                                  empty_arrays(3 * MiB + MiB // 2)))
         else:
-            from migrate.transport import encode
+            from migrate.transport.framing import encode
             frame = b"".join(bytes(p) for p in encode(replace(hello, cpuid=empty_arrays(3 * MiB + MiB // 2))))
         try:
             conn.sock.sendall(frame)
@@ -332,7 +332,7 @@ def test_migrate_recv_takes_no_more_guest_ram_than_its_mem_option(kvm: Kvm) -> N
     from hv.guests import builtin as bg
     from hv.vmm.builder import builtin_machine
     from migrate import MigrationOptions, send
-    from migrate.transport import Listener
+    from migrate.transport.listener import Listener
 
     probe = Listener("127.0.0.1:0", b"")
     address = probe.address

@@ -18,7 +18,7 @@ from hv.vmm.builder import builtin_machine
 from hv.vmm.machine import Machine, RunState
 from migrate import MigrationOptions, send
 from migrate.protocol import Error, ErrorCode, MessageKind
-from migrate.transport import MAX_TEXT
+from migrate.transport.framing import MAX_TEXT
 
 MiB = 1 << 20
 

@@ -26,11 +26,13 @@ from hv.kvm.vm import VmConfig
 from hv.vmm.control import call
 from hv.vmm.machine import Machine, RunState
 from migrate.errors import MigrationFailed, ProtocolViolation, TransportError
-from migrate import MigrationOptions, listen_and_receive, receive, send
+from migrate import MigrationOptions, ReceiveOptions, listen_and_receive, receive, send
 from migrate.events import PagesProgress, ProgressEvent, Throttled
 from migrate.stats import MigrationPhase
 from migrate.protocol import MESSAGE_TYPES, Pages, State
-from migrate.transport import Connection, Listener, connect, decode
+from migrate.transport.connection import Connection, connect
+from migrate.transport.framing import decode
+from migrate.transport.listener import Listener
 
 from tests.migrate.running_source import CONFIG, MiB, a_pass_per_round, wait_guest_pass
 from tests.migrate.running_source import running_source as _source
@@ -54,7 +56,7 @@ class _Target:
             if self._wrap:
                 conn = self._wrap(conn)
             try:
-                self.incoming = receive(conn, kvm, console=self.console, timeout=30, listener=self.listener)
+                self.incoming = receive(conn, kvm, ReceiveOptions(console=self.console, timeout=30), listener=self.listener)
             finally:
                 conn.close()
         except BaseException as e:  # noqa: BLE001 - the test inspects it
@@ -419,7 +421,7 @@ def test_hostile_frames_decode_to_a_message_or_a_protocol_violation(kind: int, b
     type its dataclass declares, that encodes back to a frame decoding to the same message; or a
     ProtocolViolation (always, for a kind that is not a message kind)."""
     from migrate.protocol import MessageKind
-    from migrate.transport import FRAME, encode
+    from migrate.transport.framing import FRAME, encode
 
     known = kind in set(MessageKind) and MessageKind(kind) in MESSAGE_TYPES
     try:
@@ -471,7 +473,7 @@ def pki(tmp_path_factory) -> dict[str, Path]:
 
 
 def _tls(pki: dict[str, Path], name: str):
-    from migrate.transport import Tls
+    from migrate.transport.tls import Tls
 
     return Tls(str(pki[f"{name}.pem"]), str(pki[f"{name}.key"]), str(pki["ca.pem"]))
 
@@ -574,7 +576,7 @@ def test_a_stranger_cannot_join_as_a_page_stream(kvm: Kvm, caplog) -> None:
 
     def serve() -> None:
         try:
-            listen_and_receive(listener, kvm, accept_timeout=20, timeout=3)
+            listen_and_receive(listener, kvm, ReceiveOptions(timeout=3), accept_timeout=20)
         except BaseException as e:  # noqa: BLE001
             errors["target"] = e
 
@@ -583,10 +585,10 @@ def test_a_stranger_cannot_join_as_a_page_stream(kvm: Kvm, caplog) -> None:
     try:
         # a source that asks for 2 streams, but the second connection is someone else's
         conn = connect(listener.address, b"")
-        from migrate.source import Source
+        from migrate.live.source import Source
 
         sender = Source(machine, conn, MigrationOptions(streams=2), None, threading.Event(), listener.address)
-        sender.open_extra_streams = lambda session: (lambda c: c.send(Channel(b"wrong", 1)))(
+        sender.link.open_extra_streams = lambda session: (lambda c: c.send(Channel(b"wrong", 1)))(
             connect(listener.address, b""))
         with pytest.raises((TransportError, MigrationFailed)):  # the link dies, or the target says why
             sender.run()
@@ -628,7 +630,7 @@ def test_a_console_without_newlines_crosses_a_migration_with_no_byte_lost_or_dou
     def serve() -> None:
         conn = listener.accept(30)
         try:
-            incoming.append(receive(conn, kvm, console=after.extend, timeout=30, listener=listener))
+            incoming.append(receive(conn, kvm, ReceiveOptions(console=after.extend, timeout=30), listener=listener))
         finally:
             conn.close()
 

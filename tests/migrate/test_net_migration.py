@@ -20,10 +20,10 @@ from hv.kvm.kvm import Kvm
 from hv.kvm.vm import VmConfig
 from hv.vmm.builder import VirtioConfig, VirtioNetSpec, builtin_machine
 from hv.vmm.machine import Machine, RunState
-from migrate import MigrationOptions, receive, restore, send, snapshot
+from migrate import MigrationOptions, ReceiveOptions, receive, restore, send, snapshot
 from migrate.errors import TransportError
 from migrate.protocol import State
-from migrate.transport import Listener
+from migrate.transport.listener import Listener
 from tests.migrate.test_live import _cut_after
 from tests.hv.tinyguest import wait_for
 from tools.net_observer import UdpObserver
@@ -67,7 +67,7 @@ class _TargetOnB:
             conn = self.listener.accept(30)
             conn = wrap(conn) if wrap else conn
             try:
-                self.incoming = receive(conn, kvm, console=self.console, timeout=30, listener=self.listener)
+                self.incoming = receive(conn, kvm, ReceiveOptions(console=self.console, timeout=30), listener=self.listener)
             finally:
                 conn.close()
 

@@ -20,13 +20,14 @@ from hv.guests import builtin as bg
 from hv.kvm.kvm import Kvm
 from hv.vmm.control import ControlContext, ControlError, ControlServer, call
 from hv.vmm.machine import Machine, RunState
-from migrate import MigrationOptions, Receiver, send
+from migrate import MigrationOptions, ReceiveOptions, Receiver, send
 from migrate.errors import MigrationFailed, TransportError
 from migrate.events import RoundSent
 from migrate.protocol import Accept, Commit, Complete, Hello, Pages, Query, Ready, State, Verdict
-from migrate.transport import Connection, Listener, connect
-import migrate.receiver
-import migrate.source
+from migrate.transport.connection import Connection, connect
+from migrate.transport.listener import Listener
+import migrate.live.receiver
+import migrate.live.source
 
 from tests.migrate.running_source import CONFIG, MiB
 from tests.migrate.running_source import running_source as _source
@@ -48,7 +49,7 @@ class _Recv:
         self.listener = Listener("127.0.0.1:0", key)
         self.address = self.listener.address
         self.console = bg.GuestConsole()
-        self.receiver = Receiver(self.listener, kvm, console=self.console, timeout=30)
+        self.receiver = Receiver(self.listener, kvm, ReceiveOptions(console=self.console, timeout=30))
         self.incoming = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -105,8 +106,8 @@ def test_an_operators_resume_during_the_hand_over_is_refused(kvm: Kvm, tmp_path:
         conn.receive = receive
         return conn
 
-    monkeypatch.setattr(migrate.receiver, "receive",
-                        lambda conn, *a, real=migrate.receiver.receive, **k: real(hold_at_complete(conn), *a, **k))
+    monkeypatch.setattr(migrate.live.receiver, "receive",
+                        lambda conn, *a, real=migrate.live.receiver.receive, **k: real(hold_at_complete(conn), *a, **k))
     target = _Recv(kvm)
     result: dict = {}
     try:
@@ -145,7 +146,7 @@ def test_an_operators_resume_during_the_hand_over_is_refused(kvm: Kvm, tmp_path:
 
 def _link_dies_at_commit(monkeypatch, *, deliver: bool) -> None:
     """The source's link to the target dies as it sends Commit: delivered or not, no answer."""
-    real_connect = migrate.source.connect
+    real_connect = migrate.live.source.connect
 
     def connect_then_cut(*args, **kwargs):
         conn = real_connect(*args, **kwargs)
@@ -162,7 +163,7 @@ def _link_dies_at_commit(monkeypatch, *, deliver: bool) -> None:
         conn.send = send_
         return conn
 
-    monkeypatch.setattr(migrate.source, "connect", connect_then_cut)
+    monkeypatch.setattr(migrate.live.source, "connect", connect_then_cut)
 
 
 def _send_into_doubt(machine: Machine, sock: Path, address: str) -> None:
@@ -378,7 +379,7 @@ def test_a_send_to_a_peer_that_never_reads_ends_at_its_timeout() -> None:
 
 
 def test_an_extra_page_stream_to_a_peer_that_never_reads_is_waited_for_with_a_limit() -> None:
-    from migrate.streams import OutgoingStream
+    from migrate.live.streams import OutgoingStream
 
     server = socket.create_server(("127.0.0.1", 0))
     stream = OutgoingStream(Connection(socket.create_connection(server.getsockname()), "silent peer"))
@@ -519,11 +520,11 @@ def test_migrate_recv_keeps_listening_after_a_stray_unless_once(kvm: Kvm, tmp_pa
 
 
 def test_idle_connections_past_the_hosts_share_are_dropped_or_time_out(kvm: Kvm, caplog) -> None:
-    from migrate.receiver import MAX_PER_HOST
+    from migrate.live.receiver import MAX_PER_HOST
 
     machine, console = _source(kvm)
     listener = Listener("127.0.0.1:0", b"")
-    receiver = Receiver(listener, kvm, handshake_timeout=1.0, timeout=30)
+    receiver = Receiver(listener, kvm, ReceiveOptions(timeout=30), handshake_timeout=1.0)
     idle = [socket.create_connection(listener.sock.getsockname()) for _ in range(MAX_PER_HOST + 1)]
     try:
         for s in idle:  # each is dropped (the oldest, to make room) or, never answering, closed at its timeout
@@ -548,7 +549,7 @@ def test_idle_connections_past_the_hosts_share_are_dropped_or_time_out(kvm: Kvm,
 
 def _challenged(address: tuple[str, int]) -> socket.socket:
     """A connection that holds a handshake slot and never answers: it has its challenge."""
-    from migrate.transport import CHALLENGE_BYTES
+    from migrate.transport.connection import CHALLENGE_BYTES
 
     s = socket.create_connection(address)
     s.settimeout(30)
@@ -577,11 +578,11 @@ def test_a_real_source_gets_in_while_idle_connections_hold_every_slot_of_its_hos
     their challenge (and would hold them for the whole handshake timeout): the real source's
     connections, main and page stream, each take the slot of the oldest idle one; the rest
     stay held."""
-    from migrate.receiver import MAX_PER_HOST
+    from migrate.live.receiver import MAX_PER_HOST
 
     machine, console = _source(kvm)
     listener = Listener("127.0.0.1:0", b"")
-    receiver = Receiver(listener, kvm, handshake_timeout=120, timeout=30)
+    receiver = Receiver(listener, kvm, ReceiveOptions(timeout=30), handshake_timeout=120)
     idle = [_challenged(listener.sock.getsockname()) for _ in range(MAX_PER_HOST)]
     try:
         result: dict = {}
@@ -605,7 +606,7 @@ def test_a_real_source_gets_in_while_idle_connections_hold_every_slot_of_its_hos
 def test_authenticated_connections_are_never_dropped_to_make_room(kvm: Kvm) -> None:
     """Slots full of key holders still reading their first message: a new connection is closed at
     once (before any challenge), and none of theirs is dropped for it."""
-    from migrate.receiver import MAX_PER_HOST
+    from migrate.live.receiver import MAX_PER_HOST
 
     listener = Listener("127.0.0.1:0", b"")
     receiver = Receiver(listener, kvm, handshake_timeout=120)

@@ -27,10 +27,10 @@ from hv.kvm.vm import VmConfig
 from hv.vmm.builder import VirtioConfig, builtin_machine
 from hv.vmm.machine import Machine
 from hv.vmm.pci import register_pci_device
-from migrate import MigrationOptions, listen_and_receive, send
-from migrate.snapshots import restore, snapshot
+from migrate import MigrationOptions, ReceiveOptions, listen_and_receive, send
+from migrate.snapshot.snapshots import restore, snapshot
 from migrate.state import registry
-from migrate.transport import Listener
+from migrate.transport.listener import Listener
 
 MiB = 1 << 20
 ON_PCI = ("virtio-blk0", "virtio-rng0")
@@ -105,7 +105,8 @@ def test_a_live_migration_carries_the_pci_state(kvm: Kvm, tmp_path: Path) -> Non
     listener = Listener("127.0.0.1:0", b"")
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(
-        incoming=listen_and_receive(listener, kvm, console=bg.GuestConsole(), disk=str(disk), accept_timeout=20)))
+        incoming=listen_and_receive(listener, kvm, ReceiveOptions(console=bg.GuestConsole(), disk=str(disk)),
+                                    accept_timeout=20)))
     try:
         machine.start()
         console.wait_pass(1, timeout=30)

@@ -24,12 +24,13 @@ from hv.kvm.vm import VmConfig
 from hv.vmm.builder import builtin_machine
 from hv.vmm.control import ControlError, call
 from hv.vmm.machine import RunState
-from migrate import MigrationOptions, listen_and_receive, send
+from migrate import MigrationOptions, ReceiveOptions, listen_and_receive, send
 from migrate.errors import MigrationFailed, PostcopyFailed, ProtocolViolation
 from migrate.events import PagesProgress, ProgressEvent
-from migrate.postcopy import decode_missing, encode_missing
+from migrate.live.postcopy.missing import decode_missing, encode_missing
 from migrate.protocol import Channel
-from migrate.transport import Listener, connect
+from migrate.transport.connection import connect
+from migrate.transport.listener import Listener
 
 from tests.migrate.running_source import a_pass_per_round
 
@@ -138,11 +139,11 @@ def test_postcopy_between_processes_at_full_dirty_rate_on_two_vcpus(tmp_path: Pa
 def test_a_stranger_cannot_join_the_fetch_channel(kvm: Kvm, caplog, monkeypatch) -> None:
     """A connection claiming to be the fetch channel of another session is dropped as a stray; the
     real one joins and the migration completes."""
-    from migrate.source import Source
+    from migrate.live.link import SourceLink
 
     machine = _running_guest(kvm, ws_mib=8)
     listener, console, result, thread = _receiving(kvm)
-    open_fetch_channel = Source.open_fetch_channel
+    open_fetch_channel = SourceLink.open_fetch_channel
     strangers = []
 
     def after_a_stranger(self, session: bytes) -> None:
@@ -150,7 +151,7 @@ def test_a_stranger_cannot_join_the_fetch_channel(kvm: Kvm, caplog, monkeypatch)
         strangers[-1].send(Channel(b"not-the-session", 1))  # index 1: a 1-stream migration's fetch channel
         open_fetch_channel(self, session)
 
-    monkeypatch.setattr(Source, "open_fetch_channel", after_a_stranger)
+    monkeypatch.setattr(SourceLink, "open_fetch_channel", after_a_stranger)
     try:
         stats = send(machine, listener.address, MigrationOptions(postcopy=True))
         thread.join(30)
@@ -189,7 +190,8 @@ def test_source_killed_after_the_switch_leaves_the_target_paused_with_what_it_ha
 
     def serve() -> None:
         try:
-            listen_and_receive(listener, kvm, console=console, accept_timeout=60, timeout=20, postcopy_wait=2)
+            listen_and_receive(listener, kvm, ReceiveOptions(console=console, timeout=20, postcopy_wait=2),
+                               accept_timeout=60)
         except BaseException as e:  # noqa: BLE001 - the test reads it
             result["error"] = e
 
@@ -306,7 +308,7 @@ def _target_behind_a_link(kvm: Kvm):
     link = _CuttableLink(listener.address)
     console, result = bg.GuestConsole(), {}
     thread = threading.Thread(target=lambda: result.update(incoming=listen_and_receive(
-        listener, kvm, console=console, accept_timeout=20, timeout=10, postcopy_wait=60)))
+        listener, kvm, ReceiveOptions(console=console, timeout=10, postcopy_wait=60), accept_timeout=20)))
     thread.start()
     return listener, link, console, result, thread
 
@@ -347,7 +349,7 @@ def test_a_link_down_past_the_reconnect_window_waits_in_doubt_and_resumes_on_dem
     guest waits on. Once the link is back, `resume_postcopy` (`migrate send --resume`) completes it."""
     from hv.errors import Busy
     from migrate.errors import MigrationInDoubt
-    from migrate.source import resume_postcopy
+    from migrate.live.resolve import resume_postcopy
 
     machine = _running_guest(kvm)
     listener, link, target_console, result, thread = _target_behind_a_link(kvm)
@@ -407,19 +409,19 @@ def test_a_failure_at_the_switch_before_commit_leaves_the_guest_running_at_the_s
                                                                                       monkeypatch) -> None:
     """The target fails while it registers the missing pages (before Ready): it discards its copy
     and says why; the source, which never sent Commit, runs its guest on with its memory intact."""
-    from migrate.target import Target
+    from migrate.live.postcopy.target import TargetPostcopy
 
     def failing_switch(self, missing: bytes, count: int) -> None:
         raise MigrationFailed("injected: userfaultfd refused", "nowhere yet")
 
-    monkeypatch.setattr(Target, "switch", failing_switch)
+    monkeypatch.setattr(TargetPostcopy, "switch", failing_switch)
     machine = _running_guest(kvm)
     listener = Listener("127.0.0.1:0", b"")
     errors: dict = {}
 
     def serve() -> None:
         try:
-            listen_and_receive(listener, kvm, accept_timeout=20, timeout=10)
+            listen_and_receive(listener, kvm, ReceiveOptions(timeout=10), accept_timeout=20)
         except BaseException as e:  # noqa: BLE001 - the test reads it
             errors["target"] = e
 
@@ -477,7 +479,7 @@ def _receiving(kvm: Kvm) -> tuple[Listener, bg.GuestConsole, dict, threading.Thr
     listener = Listener("127.0.0.1:0", b"")
     console, result = bg.GuestConsole(), {}
     thread = threading.Thread(target=lambda: result.update(
-        incoming=listen_and_receive(listener, kvm, console=console, accept_timeout=20, timeout=10)))
+        incoming=listen_and_receive(listener, kvm, ReceiveOptions(console=console, timeout=10), accept_timeout=20)))
     thread.start()
     return listener, console, result, thread
 

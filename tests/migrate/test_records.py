@@ -19,7 +19,7 @@ from migrate.errors import (Cancelled, DiskRefused, IncompatibleError, Migration
 from migrate.pages import MemorySink
 from migrate.protocol import ErrorCode
 from migrate.records import EXPECT, Collected, state_sections
-from migrate.snapshots import SnapshotKind
+from migrate.snapshot.snapshots import SnapshotKind
 from migrate.state import PRODUCER, capture, registry
 from migrate.stats import MigrationOutcome, MigrationStats
 

@@ -27,7 +27,7 @@ from hv.vmm.builder import builtin_machine
 from hv.vmm.control import call
 from hv.vmm.machine import Machine, RunState
 from migrate.errors import IncompatibleError, SnapshotError
-from migrate.snapshots import inspect, restore, snapshot
+from migrate.snapshot.snapshots import inspect, restore, snapshot
 from migrate.state import capture
 
 from tests.migrate.processes import run_together

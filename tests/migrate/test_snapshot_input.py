@@ -25,7 +25,7 @@ from hv.vmm.builder import VirtioConfig, builtin_machine
 from hv.vmm.control import call
 from hv.vmm.machine import Machine
 from migrate.errors import DiskRefused, SnapshotError, StateShapeError
-from migrate.snapshots import inspect, restore, snapshot
+from migrate.snapshot.snapshots import inspect, restore, snapshot
 from migrate.state import PRODUCER, registry
 
 MiB = 1 << 20

@@ -27,8 +27,8 @@ from hv.vmm.control import call
 from hv.kvm.kvm import Kvm
 from hv.kvm.vm import VmConfig
 from migrate import MigrationOptions, send
-from migrate.snapshots import restore, snapshot
-from migrate.transport import Listener
+from migrate.snapshot.snapshots import restore, snapshot
+from migrate.transport.listener import Listener
 
 MiB, GiB = 1 << 20, 1 << 30
 SCENARIOS = {  # name: (memory, working set MiB, rate MiB/s)

@@ -32,7 +32,7 @@ from hv.kvm.kvm import Kvm  # noqa: E402
 from hv.kvm.vm import VmConfig  # noqa: E402
 from hv.vmm.builder import builtin_machine  # noqa: E402
 from migrate import MigrationOptions, send  # noqa: E402
-from migrate.transport import Listener  # noqa: E402
+from migrate.transport.listener import Listener  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
 

@@ -84,7 +84,7 @@ def _snapshot_bytes() -> bytes:
     from hv.kvm.vm import VmConfig
     from hv.vmm.builder import builtin_machine
     from hv.vmm.machine import discard
-    from migrate.snapshots import snapshot
+    from migrate.snapshot.snapshots import snapshot
 
     with Kvm() as kvm, tempfile.TemporaryDirectory() as tmp:
         machine = builtin_machine(kvm, bg.GuestParams(ws_mib=1), VmConfig(mem_size=32 << 20))
@@ -175,7 +175,7 @@ def message_target(snap: bytes) -> Target:
     from migrate.protocol import (Accept, Cancel, Channel, Commit, Complete, Discard, Error, ErrorCode, Fetch,
                                   Finished, Hello, Missing, Pages, Postcopy, Query, Ready, Reconnect, Reject,
                                   Resumed, RoundDone, State, Verdict)
-    from migrate.transport import FRAME, FRAME_CAPS, decode, encode
+    from migrate.transport.framing import FRAME, FRAME_CAPS, decode, encode
 
     samples = [Hello(1, "2.0", "kvmigrate", snap[:200], snap[200:300], b"\x90", streams=2, postcopy=True),
                Accept(b"s" * 16), Reject(("too big", "no disk")), Pages(3, snap[:512]), RoundDone(2, 100),
@@ -212,7 +212,8 @@ def control_request_target() -> Target:
 
 def control_answer_target() -> Target:
     from hv.vmm.control import MAX_REPLY, ControlError, expect, parse_reply
-    from migrate.cli import STATUS_FIELDS, describe
+    from migrate.commands.common import STATUS_FIELDS
+    from migrate.commands.sending import describe
 
     seeds = [b'{"progress": {"stage": "pages", "round": 1}}',
              b'{"ok": true, "result": {"phase": "precopy", "round": 2, "round_pages_total": 100, '

@@ -1,6 +1,6 @@
 """What a snapshot file is, and reading one: its kinds, the raw `.mem` file beside a mappable one
 (its trailer names the snapshot), a file's CONFIG, the chain of an incremental one (base first),
-and a whole stream checked into staging memory. `migrate.snapshots` takes, restores and inspects
+and a whole stream checked into staging memory. `migrate.snapshot.snapshots` takes, restores and inspects
 snapshots with these; nothing here creates a VM.
 """
 

@@ -38,13 +38,15 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from hv.kvm.kvm import Kvm
 from migrate.errors import AuthenticationFailed, PostcopyFailed, ProtocolViolation, TransportError
-from migrate.protocol import Channel, Error, ErrorCode, Hello, Query, Reconnect, Reject, Verdict
-from migrate.target import Incoming, SessionLedger, receive
-from migrate.transport import Connection, Listener
+from migrate.protocol import Channel, Error, ErrorCode, Hello, Message, Query, Reconnect, Reject, Verdict
+from migrate.live.ledger import SessionLedger
+from migrate.live.target import Incoming, receive
+from migrate.options import ReceiveOptions
+from migrate.transport.connection import Connection
+from migrate.transport.listener import Listener
 
 SIGNAL_SLICE = 0.5  # seconds the main thread waits at a time for a connection (see `receive`)
 log = logging.getLogger(__name__)
@@ -84,14 +86,14 @@ class _Handshake:
 
 class Receiver:
     """Serves `listener` on a thread from construction until `close()`; `receive()` returns the
-    first guest that arrives (or, with `once`, the end of the first connection). `target_options`
-    are `migrate.target.receive`'s (console, timeout, disk, virtio_console, progress)."""
+    first guest that arrives (or, with `once`, the end of the first connection), each taken as
+    `options` say (`ReceiveOptions`: console, timeout, disk, ...)."""
 
-    def __init__(self, listener: Listener, kvm: Kvm, *, once: bool = False,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT, **target_options: Any) -> None:
+    def __init__(self, listener: Listener, kvm: Kvm, options: ReceiveOptions | None = None, *, once: bool = False,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         self.listener, self.kvm, self.once = listener, kvm, once
         self.handshake_timeout = handshake_timeout
-        self.target_options = target_options
+        self.options = options or ReceiveOptions()
         self.ledger = SessionLedger()
         self._hellos: queue.Queue[tuple[Connection, Hello] | BaseException] = queue.Queue()
         self._joins: queue.Queue[tuple[Connection, Channel | Reconnect]] = queue.Queue()
@@ -129,8 +131,8 @@ class Receiver:
             conn, hello = item
             incoming = None
             try:
-                incoming = receive(conn, self.kvm, first=hello, joins=self._next_join, ledger=self.ledger,
-                                   **self.target_options)
+                incoming = receive(conn, self.kvm, self.options, first=hello, joins=self._next_join,
+                                   ledger=self.ledger)
             except Exception as e:
                 stranded = isinstance(e, PostcopyFailed)  # half here: the caller holds it, no other comes
                 log.warning("migration from %s did not arrive: %s: %s%s", conn.peer, type(e).__name__, e,
@@ -358,7 +360,7 @@ class Receiver:
                     f"{conn.peer} opened with {type(first).__name__}, not a migration"))
 
     @staticmethod
-    def _tell_and_close(conn: Connection, message: Any) -> None:
+    def _tell_and_close(conn: Connection, message: Message) -> None:
         try:
             conn.send(message, timeout=HANDSHAKE_TIMEOUT)
             conn.close_after_telling()
@@ -375,11 +377,11 @@ class Receiver:
             self._hellos.put(error)
 
 
-def listen_and_receive(listener: Listener, kvm: Kvm, *, accept_timeout: float | None = None,
-                       **kwargs: Any) -> Incoming:
+def listen_and_receive(listener: Listener, kvm: Kvm, options: ReceiveOptions | None = None, *,
+                       accept_timeout: float | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT) -> Incoming:
     """One shot: the first connection on `listener` is the migration (any failure of it raises).
     A `Receiver` without `once` is the server that keeps listening."""
-    receiver = Receiver(listener, kvm, once=True, **kwargs)
+    receiver = Receiver(listener, kvm, options, once=True, handshake_timeout=handshake_timeout)
     try:
         return receiver.receive(accept_timeout)
     finally:

@@ -1,4 +1,5 @@
-"""Settling a hand-over left in doubt: `resolve(machine)` (`migrate resolve SOCK`).
+"""Settling a hand-over left in doubt: `resolve(machine)` (`migrate resolve SOCK`); what a source
+in doubt keeps (`InDoubt`), and, past the post-copy switch, `resume_postcopy(machine)`.
 
 A source that sent Commit and heard nothing back keeps its guest paused and held
 (`hv.vmm.owner`): the target may be running it. `resolve` asks the target, on a new connection
@@ -18,18 +19,68 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from hv.vmm.machine import Machine
+from hv.vmm.machine import Machine, RunState
 from hv.vmm.owner import owner_of
-from migrate.errors import MigrateError, TransportError
+from migrate.errors import MigrateError, MigrationFailed, MigrationInDoubt, SessionFenced, TransportError
+from migrate.options import MigrationOptions
+from migrate.stats import MigrationStats
 from migrate.protocol import HandOver, Query, Verdict
-from migrate.source import InDoubt, restore_source
-from migrate.transport import connect
+from migrate.transport.connection import connect
 
 log = logging.getLogger(__name__)
 
 ASK_TIMEOUT = 10.0  # seconds to reach the target and hear its answer (at most the migration's timeout)
+
+
+@dataclass(frozen=True)
+class InDoubt:
+    """What a source left in doubt keeps for whoever settles it (`migrate.live.resolve`): where the
+    target was, the session it named, how to reach it again, and why it is in doubt."""
+
+    target: str | None  # HOST:PORT (None: sent over a connection given to `send`; nobody to ask)
+    session: bytes
+    options: MigrationOptions  # the key, TLS and timeout to ask with
+    reason: str
+    was_running: bool = True  # what resuming the source goes back to
+    postcopy: bool = False  # past the post-copy switch: the target may need this copy's pages
+    resume: Callable[[], MigrationStats] | None = None  # post-copy: reconnect and serve on (`resume_postcopy`)
+
+
+def resume_postcopy(machine: Machine) -> MigrationStats:
+    """Reconnect a post-copy migration whose link stayed down past its reconnect window (the
+    machine is held, in doubt, by it) and serve the target on; the machine stops once the target
+    holds every page. `hv.vmm.owner.NotInDoubt` if nothing waits; `MigrationFailed` if the doubt
+    is not a post-copy one (that is `migrate resolve`'s)."""
+    with owner_of(machine).settling("post-copy resume") as lease:
+        doubt = lease.hold.record
+        if not isinstance(doubt, InDoubt) or doubt.resume is None:
+            lease.leave_in_doubt(doubt)
+            raise MigrationFailed("this VM's hand-over is in doubt, but not in post-copy: see migrate resolve",
+                                  "paused here, in doubt")
+        try:
+            stats = doubt.resume()
+        except (Exception, KeyboardInterrupt) as e:
+            if isinstance(e, SessionFenced):
+                restore_source(machine, doubt.was_running)  # the target never took Commit
+                raise
+            lease.leave_in_doubt(doubt)
+            raise MigrationInDoubt(f"post-copy resume: {e}", "paused here after the post-copy switch") from e
+        machine.set_throttle(0)
+        machine.stop()  # the target holds every page now
+        return stats
+
+
+def restore_source(machine: Machine, was_running: bool) -> None:
+    """The source's guest as it was before the migration: no throttle, no dirty log, running if it was."""
+    machine.set_throttle(0)
+    if machine.vm.dirty_logging:
+        machine.vm.disable_dirty_log()
+    if was_running and machine.state is RunState.PAUSED:
+        machine.resume()
+
 
 
 class SourceAction(enum.StrEnum):

@@ -23,7 +23,8 @@ from migrate.pages import MemorySink
 from migrate.protocol import Channel, Pages, Reconnect
 from migrate.records import Collected
 from migrate.state import PRODUCER, registry
-from migrate.transport import Connection, Listener
+from migrate.transport.connection import Connection
+from migrate.transport.listener import Listener
 
 MAX_STREAMS = 16  # page streams a target takes at the most (the main connection included)
 

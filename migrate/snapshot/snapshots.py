@@ -13,7 +13,7 @@ digest). Three kinds:
 
 Files are written to a temporary name and renamed when complete: a failed snapshot leaves no
 file that looks whole. What a file is and how one is read and checked (its kinds, the `.mem`
-trailer, the chain, staging memory) is `migrate.snapshot_files`; this module takes, restores and
+trailer, the chain, staging memory) is `migrate.snapshot.files`; this module takes, restores and
 inspects snapshots with it. A restore reads and checks everything (versions, checksums, layout,
 totals, memory digest, CPUID) into staging memory before it creates the VM, so a corrupt or
 foreign snapshot never reaches a VM.
@@ -42,7 +42,7 @@ from migrate import digest, pages
 from migrate.disks import DiskPolicy
 from migrate.errors import IncompatibleError, MissingSections, SnapshotError, StateShapeError
 from migrate.records import Collected, state_sections
-from migrate.snapshot_files import (
+from migrate.snapshot.files import (
     MEM_TRAILER_MAGIC,
     MEM_TRAILER_SIZE,
     SnapshotKind,

@@ -9,7 +9,7 @@ from hv.vmm.command import HV_EXITS, ExitRows, ExitStatus
 from migrate.errors import (Cancelled, DiskRefused, IncompatibleError, MigrationFailed, MigrationInDoubt,
                             MissingSections, NotConverging, PostcopyFailed, SnapshotError, StateError, StateShapeError,
                             TransportError)
-from migrate.resolve import StillInDoubt
+from migrate.live.resolve import StillInDoubt
 
 EXITS: ExitRows = (
     ((MigrationInDoubt, StillInDoubt, PostcopyFailed), ExitStatus.IN_DOUBT),  # (post-copy: paused on the target)

@@ -54,7 +54,7 @@ def verify_machine(machine: Machine) -> dict[str, Any]:
 def verify_snapshot(path: str | Path, kvm: Kvm) -> dict[str, Any]:
     """A snapshot (and its chain) restored and checked: the END digest against the memory, then
     the guest's rule. `ok` is False, with `error`, if either fails."""
-    from migrate.snapshots import restore
+    from migrate.snapshot.snapshots import restore
 
     result: dict[str, Any] = {"path": str(path)}
     try:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def _snapshot(ctx: ControlContext, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    from migrate.snapshots import snapshot
+    from migrate.snapshot.snapshots import snapshot
 
     if not isinstance(args.get("out"), str):
         raise ControlError("BadRequest", "snapshot needs 'out', the file to write")
@@ -50,11 +50,11 @@ def _snapshot(ctx: ControlContext, args: dict[str, Any], progress: Progress) -> 
 
 def _migrate_send(ctx: ControlContext, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
     from migrate.options import MigrationOptions
-    from migrate.source import send
+    from migrate.live.source import send
 
     from migrate.errors import MigrationInDoubt
-    from migrate.source import resume_postcopy
-    from migrate.transport import parse_address
+    from migrate.live.resolve import resume_postcopy
+    from migrate.transport.framing import parse_address
 
     if args.get("resume"):  # post-copy whose link stayed down: reconnect and serve on
         stats = resume_postcopy(ctx.machine)
@@ -145,7 +145,7 @@ def _migrate_status(ctx: ControlContext, _args: dict[str, Any], _progress: Progr
 
 def _verify(ctx: ControlContext, _args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
     """`migrate verify SOCK`: the memory digest now, and the built-in guest's rule (paused briefly)."""
-    from migrate.verify import verify_machine
+    from migrate.snapshot.verify import verify_machine
 
     owner_of(ctx.machine).check("verify")  # it pauses the guest: not a VM someone else holds
     return verify_machine(ctx.machine)
@@ -183,7 +183,7 @@ def _migrate_start_postcopy(ctx: ControlContext, _args: dict[str, Any], _progres
 
 def _migrate_resolve(ctx: ControlContext, args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
     from migrate.protocol import HandOver
-    from migrate.resolve import Force, SourceAction, resolve
+    from migrate.live.resolve import Force, SourceAction, resolve
 
     force = args.get("force")
     if force is not None and force not in {f.value for f in Force}:
