@@ -84,9 +84,10 @@ def test_snapshot_mid_run_continues_in_a_new_process(kvm: Kvm, running, tmp_path
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
-        while not api.exists():  # the socket is served once the guest is restored and running
+        while not api.exists():  # the socket is claimed before the restore begins
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.05)  # polling interval only
+        call(api, "status")  # answered once the restored machine is attached: its RAM is mapped
         maps = Path(f"/proc/{proc.pid}/maps").read_text()
         mapped = [line for line in maps.splitlines() if line.endswith(".mem")]
         if mappable:  # guest RAM is the file, mapped (private): not a copy in anonymous memory

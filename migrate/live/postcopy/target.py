@@ -176,10 +176,9 @@ class TargetPostcopy:
         link.tell(Missing(encode_missing(still), count))
         link.reader = pc.reader()  # the source starts a new stream on the new connection
         self.fetch_conn.close()
-        # (at most the page count in seconds, at least 1: as it was; the time left of `wait` may
-        # have been meant, but the restructure keeps the behaviour)
-        self.fetch_conn = accept_fetch_channel(self.joins, self.session, self.fetch_index,
-                                               min(link.timeout, max(count, 1.0)))
+        # the source opens it right after Missing: as long as any message may take (a shadowed
+        # name once made this the missing page count in seconds: 1 s with one page left)
+        self.fetch_conn = accept_fetch_channel(self.joins, self.session, self.fetch_index, link.timeout)
         pc.start_fetcher(self.fetch_conn)
         pc.figures.reconnects += 1
         log.warning("post-copy: the source is back (%s); %s still to come", conn.peer, describe_missing(count))
