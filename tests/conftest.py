@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +17,12 @@ from hv.kvm.kvm import Kvm  # noqa: E402
 
 
 def pytest_sessionstart(session):
+    # A suite started in the background by a shell without job control (`nohup make test &`, some
+    # CI runners) inherits SIGINT ignored, and so would every process it starts: the tests that
+    # press Ctrl-C on `migrate recv`/`send` would find it ignored. Python's own handler here makes
+    # the processes they start begin with the default again (exec resets a handled signal).
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     # The built-in guest's image is built at install and test time, never by hv at run time; a
     # direct `pytest` after editing tools/guests gets a fresh one (make decides whether it is stale).
     subprocess.run(builtin_guest.BUILD_COMMAND, check=True)
