@@ -84,3 +84,29 @@ def test_hv_run_serves_the_socket_and_stops_on_request(tmp_path) -> None:
         assert "kvmig: ready" in out and "stopped through the control socket" in err
     finally:
         proc.kill()
+
+
+def test_a_machine_ended_by_a_command_is_closed_at_low_priority_by_another_thread(kvm: Kvm, monkeypatch) -> None:
+    """After a completed migration `hv run` closes the VM at nice 19 so that the guest's new home
+    on this host gets the CPU, but only in the thread that closes it: the process's own end at
+    nice 19 waited behind any busy process (6-15 s beside two busy cores)."""
+    import threading
+
+    from hv.vmm.cli import _close_yielding
+
+    machine = builtin_machine(kvm, bg.GuestParams(ws_mib=1, rate_mib_s=1), VmConfig(mem_size=32 * MiB),
+                              bg.GuestConsole())
+    closing_nice: list[int] = []
+    close = machine.vm.close
+
+    def watched_close() -> None:
+        closing_nice.append(os.getpriority(os.PRIO_PROCESS, 0))
+        closing_nice.append(threading.get_native_id())
+        close()
+
+    monkeypatch.setattr(machine.vm, "close", watched_close)
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    _close_yielding(machine)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # this thread's priority is untouched
+    assert closing_nice == [19, closing_nice[1]] and closing_nice[1] != threading.get_native_id()
+    assert not machine.vm.memory.regions  # closed: its RAM unmapped

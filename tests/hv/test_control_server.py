@@ -26,6 +26,8 @@ from hv.vmm.control import ControlContext, ControlError, ControlServer, call
 from hv.vmm.machine import Machine
 from hv.vmm.owner import owner_of
 
+from tests.console_log import console_log
+
 MiB = 1 << 20
 
 
@@ -87,16 +89,18 @@ def test_close_removes_only_its_own_socket_file(machine: Machine, tmp_path: Path
     assert path.read_text() == "theirs"
 
 
-def _hv_run(*args: str) -> subprocess.Popen:
+def _hv_run(console_dir: Path, *args: str) -> subprocess.Popen:
+    """`hv run` of the built-in guest at full rate (its console to a file in `console_dir`)."""
     return subprocess.Popen([sys.executable, "-m", "hv.vmm.cli", "run", "--mem", "32M", "--ws", "4", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=console_log(console_dir, f"hv-run-{time.monotonic_ns()}"), stderr=subprocess.PIPE,
+                            text=True)
 
 
 def test_hv_run_refuses_a_bad_api_path_before_booting(tmp_path: Path) -> None:
     regular = tmp_path / "file"
     regular.write_text("keep me")
     for path, words in ((tmp_path / "missing" / "vm.sock", "does not exist"), (regular, "regular file")):
-        proc = _hv_run("--api", str(path))
+        proc = _hv_run(tmp_path, "--api", str(path))
         _, err = proc.communicate(timeout=60)
         err = " ".join(err.split())  # the terminal's line wrapping, undone
         assert proc.returncode == 2, err
@@ -107,13 +111,13 @@ def test_hv_run_refuses_a_bad_api_path_before_booting(tmp_path: Path) -> None:
 
 def test_a_second_hv_run_cannot_steal_a_running_vms_socket_and_sigterm_cleans_up(tmp_path: Path) -> None:
     path = tmp_path / "vm.sock"
-    first = _hv_run("--api", str(path))
+    first = _hv_run(tmp_path, "--api", str(path))
     try:
         deadline = time.monotonic() + 30
         while not path.exists():
             assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
             time.sleep(0.05)
-        second = _hv_run("--api", str(path))
+        second = _hv_run(tmp_path, "--api", str(path))
         _, err = second.communicate(timeout=60)
         err = " ".join(err.split())
         assert second.returncode == 2 and "in use by a running VM" in err, err

@@ -23,6 +23,8 @@ from migrate import MigrationOptions, ReceiveOptions, listen_and_receive, send
 from migrate.snapshot.snapshots import snapshot
 from migrate.transport.listener import Listener
 
+from tests.console_log import console_log, console_text
+
 MiB = 1 << 20
 
 
@@ -56,8 +58,8 @@ def test_snapshot_mid_operation_restores_in_a_new_process(kvm: Kvm, tmp_path: Pa
         machine.vm.close()
     api = tmp_path / "restored.sock"
     proc = subprocess.Popen([sys.executable, "-m", "migrate.cli", "restore", str(tmp_path / "busy.snap"),
-                             "--disk-dir", str(tmp_path), "--api", str(api), "--timeout", "90"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             "--disk-dir", str(tmp_path), "--api", str(api), "--timeout", "90"],
+                            stdout=console_log(tmp_path, "restored"), stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
         while not api.exists():
@@ -73,10 +75,11 @@ def test_snapshot_mid_operation_restores_in_a_new_process(kvm: Kvm, tmp_path: Pa
         rounds = call(api, "guest-check")["cpu_work"][1]
         problems = bg.check_disk(disk.read_bytes(), rounds)
         call(api, "stop")
-        out, err = proc.communicate(timeout=20)
+        proc.communicate(timeout=20)
     finally:
         proc.kill()
     assert not problems, problems
+    out = console_text(tmp_path, "restored")
     vcon = _vcon_rounds(out.splitlines())
     assert vcon and vcon[0] > first["cpu_work"][1] - 64  # virtio-console output carries on
     assert "error" not in out

@@ -32,6 +32,7 @@ from migrate.protocol import Channel
 from migrate.transport.connection import connect
 from migrate.transport.listener import Listener
 
+from tests.console_log import console_log
 from tests.migrate.running_source import a_pass_per_round
 
 MiB = 1 << 20
@@ -98,11 +99,11 @@ def test_postcopy_between_processes_at_full_dirty_rate_on_two_vcpus(tmp_path: Pa
     on the target and its passes go on."""
     source_api, target_api, port = tmp_path / "source.sock", tmp_path / "target.sock", _free_port()
     source = subprocess.Popen([sys.executable, "-m", "hv.vmm.cli", "run", "--mem", "128M", "--cpus", "2", "--ws",
-                               "48", "--rate", "0", "--api", str(source_api)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+                               "48", "--rate", "0", "--api", str(source_api)],
+                              stdout=console_log(tmp_path, "source"), stderr=subprocess.PIPE, text=True)
     target = subprocess.Popen([sys.executable, "-m", "migrate.cli", "recv", "--listen", f"127.0.0.1:{port}",
                                "--api", str(target_api), "--accept-timeout", "60"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=console_log(tmp_path, "target"), stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(source_api, source)
         _wait_passes(source_api, 2)  # dirtying at full rate
@@ -182,8 +183,8 @@ def test_source_killed_after_the_switch_leaves_the_target_paused_with_what_it_ha
     pauses the guest with the pages it has, and does not run on with holes."""
     source_api, port = tmp_path / "source.sock", _free_port()
     source = subprocess.Popen([sys.executable, "-m", "hv.vmm.cli", "run", "--mem", "128M", "--ws", "48", "--rate",
-                               "0", "--api", str(source_api)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+                               "0", "--api", str(source_api)], stdout=console_log(tmp_path, "source"),
+                              stderr=subprocess.PIPE, text=True)
     listener = Listener(f"127.0.0.1:{port}", b"")
     console = bg.GuestConsole()
     result: dict = {}
@@ -452,11 +453,11 @@ def test_migrate_recv_keeps_a_stranded_guest_paused_until_told(tmp_path: Path) -
     the guest paused with what it has, and gives it up on SIGTERM with the in-doubt status."""
     source_api, port = tmp_path / "source.sock", _free_port()
     source = subprocess.Popen([sys.executable, "-m", "hv.vmm.cli", "run", "--mem", "64M", "--ws", "16", "--rate",
-                               "0", "--api", str(source_api)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-    target = subprocess.Popen([sys.executable, "-m", "migrate.cli", "recv", "--listen", f"127.0.0.1:{port}",
-                               "--accept-timeout", "60", "--postcopy-wait", "1"], stdout=subprocess.PIPE,
+                               "0", "--api", str(source_api)], stdout=console_log(tmp_path, "source"),
                               stderr=subprocess.PIPE, text=True)
+    target = subprocess.Popen([sys.executable, "-m", "migrate.cli", "recv", "--listen", f"127.0.0.1:{port}",
+                               "--accept-timeout", "60", "--postcopy-wait", "1"],
+                              stdout=console_log(tmp_path, "target"), stderr=subprocess.PIPE, text=True)
     sender = None
     try:
         sender = _send_into_postcopy(source, source_api, port, bandwidth=4)

@@ -30,6 +30,7 @@ from migrate.errors import IncompatibleError, SnapshotError
 from migrate.snapshot.snapshots import inspect, restore, snapshot
 from migrate.state import capture
 
+from tests.console_log import console_log, console_text
 from tests.migrate.processes import run_together
 
 MiB = 1 << 20
@@ -81,7 +82,7 @@ def test_snapshot_mid_run_continues_in_a_new_process(kvm: Kvm, running, tmp_path
     api = tmp_path / "restored.sock"
     proc = subprocess.Popen([sys.executable, "-m", "migrate.cli", "restore", str(path), "--api", str(api),
                              "--timeout", "60", *(["--share-mem"] if mappable else [])],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=console_log(tmp_path, "restored"), stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
         while not api.exists():  # the socket is claimed before the restore begins
@@ -100,9 +101,10 @@ def test_snapshot_mid_run_continues_in_a_new_process(kvm: Kvm, running, tmp_path
             time.sleep(0.05)
         assert check["ok"], check
         call(api, "stop")
-        out, err = proc.communicate(timeout=20)
+        _, err = proc.communicate(timeout=20)
     finally:
         proc.kill()
+    out = console_text(tmp_path, "restored")
     passes = [e.number for e in map(bg.parse_line, out.splitlines()) if isinstance(e, bg.Pass)]
     assert passes[:2] == [saved_passes + 1, saved_passes + 2], out  # the counter continues
     assert "restored" in err
