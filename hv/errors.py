@@ -167,9 +167,13 @@ class StateRestoreError(HvError):
 
 
 class LifecycleError(HvError):
-    def __init__(self, current: object, requested: str) -> None:
-        self.current, self.requested = current, requested
-        super().__init__(f"cannot {requested} a VM that is {getattr(current, 'value', current)}")
+    """`requested` is not possible in state `current`; `why`: what put it there, when the state
+    alone would mislead (a running VM whose guest has just asked to stop)."""
+
+    def __init__(self, current: object, requested: str, why: str = "") -> None:
+        self.current, self.requested, self.why = current, requested, why
+        super().__init__(f"cannot {requested} a VM that is {getattr(current, 'value', current)}"
+                         + (f": {why}" if why else ""))
 
 
 class ConfigError(HvError):

@@ -257,6 +257,15 @@ class Machine:
         if self._state not in allowed:
             raise LifecycleError(self._state, action)
 
+    def _refuse_if_stopping(self, action: str) -> None:
+        """Under the lock: a VM whose stop is under way (the guest asked, a vCPU failed) is still
+        RUNNING until `stop()` finishes it; `action` is refused with the reason, not done."""
+        if self._control is _Control.STOP:
+            reason = self.stop_reason
+            facts = [] if reason is None else [reason.source, reason.detail] + \
+                ([f"exit code {reason.exit_code}"] if reason.exit_code is not None else [])
+            raise LifecycleError(self._state, action, "it is stopping (" + ", ".join(filter(None, facts)) + ")")
+
     # --- transitions --------------------------------------------------------------------------
 
     def start(self, *, paused: bool = False) -> None:
@@ -371,6 +380,7 @@ class Machine:
         t0 = time.perf_counter()
         with self._cond:
             self._require("pause", RunState.RUNNING)
+            self._refuse_if_stopping("pause")  # a pause must not overwrite the guest's request to stop
             lib.kvmig_park_hold(self._parking, 1)  # before the kick: its EINTR parks in C
             self._control = _Control.PAUSE
             self._cond.notify_all()  # a throttled vCPU asleep in its slice (0.99 s at 99%) stops now
@@ -378,7 +388,8 @@ class Machine:
         if not self._wait_quiet(timeout):
             raise LifecycleError(self._state, f"pause within {timeout}s (a vCPU did not stop)")
         with self._cond:
-            if self._state is RunState.RUNNING and self._control is _Control.PAUSE:
+            self._refuse_if_stopping("pause")  # the guest asked to stop (or a vCPU failed) meanwhile
+            if self._state is RunState.RUNNING:
                 self._state = RunState.PAUSED
         for device in self._running_devices:  # after the vCPUs: nothing can notify a paused device
             device.pause()

@@ -14,7 +14,7 @@ from hv.kvm.exits import InternalError, Shutdown
 from hv.kvm.kvm import Kvm
 from hv.kvm.vm import VmConfig
 from hv.vmm.builder import VirtioConfig, multiboot_machine
-from hv.vmm.machine import Machine, RunState
+from hv.vmm.machine import Machine, RunState, StopReason
 
 MiB = 1 << 20
 
@@ -50,6 +50,26 @@ def test_pause_stops_the_guest_and_resume_continues(kvm: Kvm, write_image) -> No
     assert machine.state is RunState.STOPPED
     assert machine.stop_reason.source == "host"
     assert machine.stats[0].fast_io_exits >= 2000  # COM1's exits are served in C
+
+
+def test_a_pause_after_the_guest_asked_to_stop_is_refused_with_the_reason(kvm: Kvm, write_image) -> None:
+    """The guest's stop request (here its debug-exit port's, as its vCPU thread makes it) leaves
+    the VM RUNNING until stop() finishes it: a pause in between is refused with the reason, and
+    the stop still happens. (It used to take the pause over the stop and report a paused VM that
+    the next resume called running.)"""
+    machine, out = _machine(kvm, write_image, OUT_LOOP)
+    try:
+        machine.start()
+        wait_for(lambda: len(out) > 100)
+        machine.request_stop(StopReason("guest-exit", "debug-exit port", exit_code=3))
+        with pytest.raises(LifecycleError) as e:
+            machine.pause()
+        assert "guest-exit" in str(e.value) and "exit code 3" in str(e.value) and e.value.requested == "pause"
+        assert machine.wait(5) is RunState.STOPPED  # the guest's stop went ahead
+        assert machine.stop_reason.exit_code == 3
+    finally:
+        machine.stop()
+        machine.vm.close()
 
 
 def test_invalid_transitions_are_refused(kvm: Kvm, write_image) -> None:
