@@ -7,7 +7,7 @@ transition table. Sockets, threads, KVM and the byte encoding live elsewhere (`m
 Why it is over 450 lines: the never-two-copies argument below is made of the messages' fields, the
 states and the table's rows, and is checked by reading them side by side; split, a reviewer of a
 change to one would have to hold the other two in mind across files. About a sixth of it is the
-argument itself, the rest declarations (22 message types, 21 states, the table) and `Protocol`,
+argument itself, the rest declarations (23 message types, 21 states, the table) and `Protocol`,
 whose few short methods step the table.
 
     Source                                              Target
@@ -15,6 +15,7 @@ whose few short methods step the table.
       | <------------------------ Accept  |  Reject(problems) |
       | Pages(round 0: all memory) ------------------------> |   written into the target's RAM
       | RoundDone(0) ...  Pages(round n: dirty) ... -------> |   (guest keeps running on the source)
+      | <---------------------------- Applied(n) (acks)     |   round n is in the target's RAM
       |   -- source pauses the guest (downtime starts) --    |
       | Pages(final dirty) + State(vcpus, vm, devices) ----> |
       | Complete(memory digest, totals) -------------------> |   verify digest, totals, layout; build VM
@@ -23,6 +24,12 @@ whose few short methods step the table.
       | <------------------------------------------ Resumed  |   target runs the guest (downtime ends)
       |   source stops its copy                              |
     Either side may send Error(code, message) before Commit; the source may send Cancel.
+
+With `Hello.round_acks` (and the Accept's consent) the target answers a live round's
+RoundDone(ack) with Applied once the round is in its RAM, and the source waits for the last one
+before it pauses: on a shared host the target may lag a round behind the sender, and whatever it
+has not read yet it would read in the downtime. Applied changes no state (point 1 is unchanged:
+it says nothing of a verified copy); a late one is read past.
 
 Post-copy (`Hello.postcopy`; a fetch channel opens beside the page streams) takes another way
 at the pause: the pages the target lacks stay behind and it runs the guest on what it has.
@@ -129,6 +136,7 @@ class MessageKind(enum.IntEnum):
     MISSING = 20  # the target's answer to RECONNECT: what it still lacks
     DISCARD = 21  # post-copy, before the pause: pages to give back now, not in the downtime
     DISCARDED = 22  # the target's answer to DISCARD
+    APPLIED = 23  # the target's answer to ROUND_DONE(ack): that round is in its RAM
 
 
 class ErrorCode(enum.IntEnum):
@@ -159,12 +167,14 @@ class Hello:
     dry_run: bool = False
     streams: int = 1  # page streams: this connection and streams - 1 more (`Channel`)
     postcopy: bool = False  # the source may switch to post-copy: a fetch channel (`Channel` index streams)
+    round_acks: bool = False  # the source asks for Applied after a RoundDone(ack)
 
 
 @dataclass(frozen=True)
 class Accept:
     kind = MessageKind.ACCEPT
     session: bytes = b""  # what each extra page stream presents to join this exchange
+    round_acks: bool = False  # the target will answer RoundDone(ack) with Applied (a Hello asked)
 
 
 @dataclass(frozen=True)
@@ -185,6 +195,16 @@ class RoundDone:
     kind = MessageKind.ROUND_DONE
     round: int
     pages: int
+    ack: bool = False  # answer with Applied once the round is in RAM (a session with round_acks)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """Every page of round `round` (from every stream) is in the target's RAM: the answer to a
+    RoundDone(ack) in a session that negotiated `round_acks`."""
+
+    kind = MessageKind.APPLIED
+    round: int
 
 
 @dataclass(frozen=True)
@@ -331,11 +351,11 @@ class Verdict:
 
 Message = Union[Hello, Accept, Reject, Pages, RoundDone, State, Complete, Ready, Commit, Resumed,
                 Cancel, Error, Channel, Query, Verdict, Postcopy, Fetch, Finished, Reconnect, Missing,
-                Discard, Discarded]
+                Discard, Discarded, Applied]
 MESSAGE_TYPES: dict[MessageKind, type] = {
     m.kind: m for m in (Hello, Accept, Reject, Pages, RoundDone, State, Complete, Ready, Commit,
                         Resumed, Cancel, Error, Channel, Query, Verdict, Postcopy, Fetch, Finished,
-                        Reconnect, Missing, Discard, Discarded)
+                        Reconnect, Missing, Discard, Discarded, Applied)
 }
 
 
@@ -434,6 +454,12 @@ for _role, _mine, _theirs in ((Role.SOURCE, SEND, RECV), (Role.TARGET, RECV, SEN
 # channel, and a guest with holes nobody fills).
 GUARDED: dict[tuple[Role, S, str, MessageKind], str] = {
     key: "postcopy" for key in TRANSITIONS if key[3] in (K.DISCARD, K.POSTCOPY)}
+# Applied: the target sends it in TRANSFER (answering a live round); the source reads it there or,
+# late, in any state before Ready (it may have paused without waiting for it). It moves nothing.
+TRANSITIONS[(Role.TARGET, S.TRANSFER, SEND, K.APPLIED)] = S.TRANSFER
+for _state in (S.TRANSFER, S.DISCARDING, S.SWITCH_PENDING, S.VERIFYING, S.SWITCHING):
+    TRANSITIONS[(Role.SOURCE, _state, RECV, K.APPLIED)] = _state
+GUARDED |= {key: "round_acks" for key in TRANSITIONS if key[3] is K.APPLIED}
 # The one transition that reads a field: a Verdict answering Reconnect (point 7); the table's
 # POSTCOPY_PAUSED stands for any other answer ("unknown").
 RECONNECT_VERDICTS: dict[str, S] = {  # keyed by `Verdict.hand_over`, a HandOver value
@@ -500,6 +526,7 @@ class Protocol:
     peer_error: Error | None = None
     problems: tuple[str, ...] = ()
     postcopy: bool = False  # negotiated: the HELLO said the source may switch to post-copy
+    round_acks: bool = False  # the HELLO asked for Applied (a target that did not agree sends none)
     _link_lost: bool = False
 
     def _step(self, direction: str, message: Message) -> S:
@@ -511,7 +538,7 @@ class Protocol:
         if key in GUARDED and not getattr(self, GUARDED[key]):
             raise err(self.role, self.state, message, f"{GUARDED[key]} was not negotiated in HELLO")
         if isinstance(message, Hello):
-            self.postcopy = message.postcopy
+            self.postcopy, self.round_acks = message.postcopy, message.round_acks
         self.state = TRANSITIONS[key]
         self.history.append((direction, kind))
         return self.state

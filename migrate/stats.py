@@ -170,6 +170,10 @@ class MigrationStats:
     final_copy_limit_ms: float = 0.0  # the longest the final copy could keep the guest paused
     postcopy: PostcopyStats | None = None  # set when the migration switched to post-copy
     postcopy_discard_ms: float = 0.0  # the target's hashing and giving back before the pause (not downtime)
+    # before the pause, the guest running: how long the target took to say the last live round is
+    # in its RAM (Applied), and whether it did within the wait's bound (not downtime)
+    target_catch_up_ms: float = 0.0
+    target_caught_up: bool = False
 
     @property
     def downtime_overrun_ms(self) -> float:

@@ -22,8 +22,8 @@ from migrate import pages
 from migrate.errors import Cancelled, MigrationFailed, ProtocolViolation, TransportError, error_code
 from migrate.live.streams import OutgoingStream
 from migrate.options import MigrationOptions
-from migrate.protocol import (Cancel, Channel, Commit, Error, ErrorCode, Message, Outcome, Pages, Protocol, Ready,
-                              RemoteProtocolError, Resumed, Role, RoundDone, S)
+from migrate.protocol import (Applied, Cancel, Channel, Commit, Error, ErrorCode, Message, Outcome, Pages, Protocol,
+                              Ready, RemoteProtocolError, Resumed, Role, RoundDone, S)
 from migrate.records import EXPECT
 from migrate.state import PRODUCER, registry
 from migrate.stats import Laps, MigrationProgress, MigrationStats, Pause
@@ -52,6 +52,8 @@ class SourceLink:
         self.final_copy_limit_ms = 0.0
         self.sent_at_start = 0.0  # pacing (`pace`) counts from here ...
         self.bytes_at_start = 0  # ... and from this many bytes sent
+        self.round_acks = False  # the target agreed to answer a live round's RoundDone with Applied
+        self.applied = -1  # the last round the target said is in its RAM
 
     def wait_limit(self) -> float | None:
         """How long the next wait may take: the final copy's time left (None before it)."""
@@ -90,12 +92,16 @@ class SourceLink:
         if isinstance(message, Error):  # the target gave up and says why
             raise MigrationFailed(f"the target failed: {message.code.name}: {message.message}",
                                   "here", code=message.code)
+        if isinstance(message, Applied):
+            self.applied = max(self.applied, message.round)
         return message
 
     def answer_of(self, kind: type[M]) -> M:
         """`answer()` where the protocol's table admits one kind of message only (it has refused
         any other already: this says so to the type checker, and holds if the table changes)."""
         message = self.answer()
+        while isinstance(message, Applied) and kind is not Applied:  # a late one: read past it
+            message = self.answer()
         if not isinstance(message, kind):
             raise ProtocolViolation(f"expected {kind.__name__}, got {type(message).__name__}")
         return message
@@ -206,8 +212,24 @@ class SourceLink:
                                      f"{self.final_copy_limit_ms:.0f} ms")
             if extra.error is not None:
                 raise TransportError(f"page stream: {extra.error}")
-        self.message(RoundDone(round_number, npages))
+        # a live round asks to be acknowledged (`caught_up`); the final one does not: the pause
+        # waits for Ready, which says more
+        self.message(RoundDone(round_number, npages, ack=self.round_acks and self.deadline is None))
         return npages, raw, self.bytes_sent - wire0
+
+    def caught_up(self, round_number: int, within_s: float) -> bool:
+        """Wait (the guest still running) until the target says round `round_number` is in its
+        RAM, for at most `within_s`; False if it did not say so in time, or cannot (no
+        round_acks). The pause that follows then holds only the target's work for the pause."""
+        if not self.round_acks:
+            return False
+        until = time.monotonic() + within_s
+        while self.applied < round_number:
+            left = until - time.monotonic()
+            if left <= 0 or not self.conn.wait_readable(left):
+                return False
+            self.answer()
+        return True
 
     # --- the pause and the hand-over --------------------------------------------------------------
 

@@ -52,8 +52,8 @@ from migrate.live.postcopy.target import COMPLETE_RECORDS, PAGES_RECORDS, Target
 from migrate.live.streams import (MAX_STREAMS, IncomingStream, Joins, RoundGate, accept_streams, close_streams,
                                   listener_joins)
 from migrate.options import ReceiveOptions
-from migrate.protocol import (PROTOCOL_VERSION, Accept, Cancel, Commit, Complete, Discard, Error, Hello, Message,
-                              Pages, Postcopy, Ready, Reject, Resumed, RoundDone, State)
+from migrate.protocol import (PROTOCOL_VERSION, Accept, Applied, Cancel, Commit, Complete, Discard, Error, Hello,
+                              Message, Pages, Postcopy, Ready, Reject, Resumed, RoundDone, State)
 from migrate.records import Collected
 from migrate.state import GuestCpuid, MachineConfig, apply, cpuid_problems, expected_layout, host_features, registry
 from migrate.transport.connection import Connection
@@ -163,7 +163,7 @@ class Target:
             raise IncompatibleError(problems)
         self.session = secrets.token_bytes(16)
         self.ledger.opened(self.session, link.conn)  # from now on a source in doubt may ask about it
-        link.tell(Accept(self.session))
+        link.tell(Accept(self.session, round_acks=hello.round_acks))  # a Hello that asks gets them
         return hello
 
     def problems(self, hello: Hello, config: MachineConfig, layout: DeviceLayout) -> list[str]:
@@ -252,8 +252,10 @@ class Target:
                 pc.finish(payload)
                 self.ledger.postcopy_finished(self.session)
                 return True
-            case RoundDone(round=number, pages=count):
+            case RoundDone(round=number, pages=count, ack=ack):
                 self.round_done(number, count)
+                if ack and link.proto.round_acks:  # (RoundDone comes only in TRANSFER, where Applied may go)
+                    link.tell(Applied(number))
             case State(payload=payload):
                 self.collected.take(link.records("STATE", payload, STATE_RECORDS))
             case Complete(payload=payload):

@@ -118,10 +118,14 @@ class Connection:
 
     def has_message(self) -> bool:
         """Something arrived that we have not read (the peer may be telling us it gave up)."""
+        return self.wait_readable(0)
+
+    def wait_readable(self, timeout: float) -> bool:
+        """Whether something arrives to be read within `timeout` seconds (0: already there)."""
         if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
             return True
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
+            readable, _, _ = select.select([self.sock], [], [], timeout)
         except (OSError, ValueError):
             return False
         return bool(readable)

@@ -37,7 +37,7 @@ FRAME_CAPS: dict[MessageKind, int] = {
     # post-copy: a bitmap of the guest's pages (one bit per 4 KiB: 512 GiB in MAX_FIELD), a few
     # thousand addresses a fetch
     K.POSTCOPY: MAX_FIELD + 64, K.FETCH: 64 << 10, K.FINISHED: 4 << 10, K.RECONNECT: 4 << 10,
-    K.MISSING: MAX_FIELD + 64, K.DISCARD: MAX_FIELD + 64, K.DISCARDED: 4 << 10,
+    K.MISSING: MAX_FIELD + 64, K.DISCARD: MAX_FIELD + 64, K.DISCARDED: 4 << 10, K.APPLIED: 4 << 10,
 }
 MAX_TEXT = 4096  # bytes of one text from the peer that are kept (and decoded); the rest is cut
 MAX_PROBLEMS = 256  # problems of a Reject that are kept

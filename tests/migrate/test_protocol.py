@@ -12,6 +12,7 @@ from migrate.protocol import (
     GUARDED,
     TRANSITIONS,
     Accept,
+    Applied,
     Cancel,
     Channel,
     Commit,
@@ -67,6 +68,7 @@ SAMPLE = {
     MessageKind.MISSING: Missing(b"bitmap", 2),
     MessageKind.DISCARD: Discard(b"bitmap", 2),
     MessageKind.DISCARDED: Discarded(),
+    MessageKind.APPLIED: Applied(0),
 }
 
 # The happy path, as (sender, message).
@@ -111,13 +113,13 @@ def test_happy_path_ends_with_the_target_owning_the_guest() -> None:
 @pytest.mark.parametrize("state", list(S))
 @pytest.mark.parametrize("direction", ["send", "recv"])
 @pytest.mark.parametrize("kind", [k for k in MessageKind if k])
-@pytest.mark.parametrize("postcopy", [False, True], ids=["plain", "postcopy-negotiated"])
-def test_every_state_input_pair_is_either_in_the_table_or_refused(role, state, direction, kind, postcopy) -> None:
-    proto = Protocol(role, state=state, postcopy=postcopy)
+@pytest.mark.parametrize("negotiated", [False, True], ids=["plain", "postcopy-and-acks-negotiated"])
+def test_every_state_input_pair_is_either_in_the_table_or_refused(role, state, direction, kind, negotiated) -> None:
+    proto = Protocol(role, state=state, postcopy=negotiated, round_acks=negotiated)
     msg = SAMPLE[kind]
     act = proto.send if direction == "send" else proto.receive
     key = (role, state, direction, kind)
-    if key in TRANSITIONS and (key not in GUARDED or postcopy):  # a guarded one: only if HELLO negotiated it
+    if key in TRANSITIONS and (key not in GUARDED or negotiated):  # a guarded one: only if HELLO negotiated it
         expected = TRANSITIONS[(role, state, direction, kind)]
         if state is S.RECONNECTING and direction == "recv" and kind is MessageKind.VERDICT:
             expected = RECONNECT_VERDICTS.get(msg.hand_over, expected)  # the one guarded transition
@@ -365,3 +367,27 @@ def test_a_session_whose_hello_did_not_negotiate_postcopy_cannot_switch(switch) 
             getattr(sides[role], act)(switch)
         assert sides[role].state is S.TRANSFER
     assert _walk(POSTCOPY_HAPPY)[Role.TARGET].state is S.DONE  # negotiated: the same switch is taken
+
+
+def test_round_acks_only_when_the_hello_asked_and_a_late_one_moves_nothing() -> None:
+    """Applied answers a live round only in a session whose Hello asked for it; the source reads
+    one in TRANSFER or, late (it paused without waiting), up to Ready, and its state stays."""
+    hello = Hello(1, "1.0", "test", b"c", b"l", b"u", round_acks=True)
+    plain = _walk(HAPPY[:4])  # Hello without round_acks, Accept, Pages, RoundDone
+    with pytest.raises(LocalProtocolError, match="round_acks was not negotiated"):
+        plain[Role.TARGET].send(Applied(0))
+    with pytest.raises(RemoteProtocolError, match="round_acks was not negotiated"):
+        plain[Role.SOURCE].receive(Applied(0))
+    sides = _walk([(Role.SOURCE, hello), *HAPPY[1:4]])
+    assert sides[Role.TARGET].send(Applied(0)) is S.TRANSFER
+    assert sides[Role.SOURCE].receive(Applied(0)) is S.TRANSFER
+    for sender, msg in HAPPY[4:7]:  # Pages, State, Complete: the source waits for Ready
+        sides[sender].send(msg)
+        sides[_other(sender)].receive(msg)
+    assert sides[Role.SOURCE].receive(Applied(1)) is S.VERIFYING  # a late one
+    with pytest.raises(LocalProtocolError):
+        sides[Role.TARGET].send(Applied(1))  # past TRANSFER the target has none to send
+    for sender, msg in HAPPY[7:]:
+        sides[sender].send(msg)
+        sides[_other(sender)].receive(msg)
+    assert sides[Role.SOURCE].outcome() is Outcome.SOURCE_STOP and sides[Role.TARGET].outcome() is Outcome.TARGET_RUN
