@@ -226,7 +226,7 @@ class Ready:
 
     kind = MessageKind.READY
     digest_us: int = 0  # the memory digest checked against END
-    apply_us: int = 0  # vCPU, VM and device state applied
+    apply_us: int = 0  # vCPU, VM and device state applied after Complete (pre-copy: 0, applied as it came)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ class Pause(StrEnum):
     TARGET_VERIFY = "target_verify"  # waiting for Ready (replaced by the target's own steps and the link's)
     TARGET_RESUME = "target_resume"  # waiting for Resumed (likewise)
     TARGET_DIGEST = "target_digest"  # the target's digest check (from Ready)
-    TARGET_APPLY = "target_apply"  # the target's applying the state (from Ready)
+    TARGET_APPLY = "target_apply"  # the target applying the state after Complete (from Ready; pre-copy: 0)
     LINK = "link"  # what is left of the waits: the link's
 
 

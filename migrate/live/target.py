@@ -103,6 +103,7 @@ class Target:
         self.session = b""  # what the extra page streams present, once accepted
         self.postcopy: TargetPostcopy | None = None  # Hello.postcopy: page-granular hashes, a fetch channel
         self.host_cpuid: tuple | None = None  # this host's CPUID features, read as the machine is built
+        self.state_applied = False  # pre-copy: the state went in as it came (`apply_state`)
         self._t0 = time.perf_counter()
 
     @property
@@ -258,6 +259,8 @@ class Target:
                     link.tell(Applied(number))
             case State(payload=payload):
                 self.collected.take(link.records("STATE", payload, STATE_RECORDS))
+                if pc is None:  # (post-copy applies it at the switch, with the missing pages)
+                    self.apply_state()
             case Complete(payload=payload):
                 self.verify(payload)
             case Commit():
@@ -294,10 +297,18 @@ class Target:
         self._hashes().refresh_soon()  # hash what this round wrote while the next one arrives
         self.progress(RoundReceived(number, count))
 
+    def apply_state(self) -> None:
+        """The state checked (shape and registers) and applied as it arrives: the source sends
+        it first in the pause, so this overlaps the last pages rather than following Complete.
+        Nothing here runs before Commit and the digest is still checked before Ready; a failure
+        discards the copy as any before Commit does."""
+        apply(self._machine(), self.collected.state(self.host_cpuid))
+        self.state_applied = True
+
     def verify(self, payload: bytes) -> None:
         self.collected.take(self.link.records("COMPLETE", payload, COMPLETE_RECORDS))
         self.link.reader.finish()
-        state = self.collected.state(self.host_cpuid)  # shape and registers checked, before any of it is applied
+        state = None if self.state_applied else self.collected.state(self.host_cpuid)  # checked before applied
         self._invalidate_written()
         t0 = time.perf_counter()
         found = self._hashes().digest(2)
@@ -305,8 +316,11 @@ class Target:
         if found != end.digest:
             raise formats.DigestMismatch(end.digest, found)
         t1 = time.perf_counter()
-        apply(self._machine(), state)
-        self.link.tell(Ready(digest_us=us(t1 - t0), apply_us=us(time.perf_counter() - t1)))
+        if state is not None:  # a post-copy session that finished without the switch applies it here
+            apply(self._machine(), state)
+        # apply_us: what applying took after Complete, in the wait for Ready (0 when it was done
+        # as the state came, beside the last pages)
+        self.link.tell(Ready(digest_us=us(t1 - t0), apply_us=us(time.perf_counter() - t1) if state else 0))
 
     def commit(self) -> None:
         t0 = time.perf_counter()
