@@ -7,7 +7,7 @@ clock for every process).
 
     .venv/bin/python tools/bench/bench_net_blackout.py [--runs N] [--scenario tiny-1g hot256-100]
                                                        [--rate-mbit 10000 1000] [--peer kvmigrate qemu]
-                                                       [--transport pci|mmio] [--json]
+                                                       [--transport mmio pci] [--json]
 
 kvmigrate runs as its command-line tools, each in its host's namespace: `hv run --net
 tap=..,bridge=br0[,transport=pci] --api SOCK` in A, `migrate recv --listen B:PORT --key-file K
@@ -23,9 +23,8 @@ that name already a port of its host's bridge (as kvmigrate's `bridge=br0` makes
 QEMU announces the guest itself when it runs on B (its announce-self rounds, and
 VIRTIO_NET_S_ANNOUNCE, which the guest's driver answers). The guest's card is on PCI there
 (QEMU's microvm, which has virtio-mmio, does not boot a Multiboot image). kvmigrate's is on
-virtio-mmio by default: `--transport pci` runs it on PCI as QEMU's, once migrate/state.py
-carries a PCI card (its DEVICE_STATES row for `virtio-pci-net` and `virtio_spec` naming
-`virtio-net0` among the PCI devices; until then such a migration is refused at the layout check).
+virtio-mmio by default: `--transport pci` runs it on PCI as QEMU's, and `--transport mmio pci`
+runs both as cases of their own, interleaved with QEMU run by run (issue 24 compares the two).
 
 The peers alternate run by run (kvmigrate, QEMU, kvmigrate, ...), each run on a fresh rig.
 Figures per run: the observer's blackout (longest wait between two answers), the requests lost
@@ -214,8 +213,9 @@ def main() -> int:
     p.add_argument("--scenario", nargs="+", default=["tiny-1g", "hot256-100"], choices=sorted(SCENARIOS))
     p.add_argument("--rate-mbit", nargs="+", type=float, default=[10000, 1000])
     p.add_argument("--peer", nargs="+", default=["kvmigrate", "qemu"], choices=["kvmigrate", "qemu"])
-    p.add_argument("--transport", default="mmio", choices=["mmio", "pci"],
-                   help="kvmigrate's card (QEMU's is on PCI); pci needs migrate/state.py to carry it (see above)")
+    p.add_argument("--transport", nargs="+", default=["mmio"], choices=["mmio", "pci"],
+                   help="kvmigrate's card (QEMU's is on PCI); both: each a case of its own, interleaved with "
+                        "the others run by run (issue 24: the blackout on PCI against MMIO, same run)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     cleanup_leftovers()
@@ -224,15 +224,19 @@ def main() -> int:
     med = (lambda xs: statistics.median([x for x in xs if x is not None] or [float("nan")]))
     for scenario in args.scenario:
         for rate in args.rate_mbit:
-            runs: dict[str, list[dict]] = {peer: [] for peer in args.peer}
+            # a case per peer, and per transport for kvmigrate (QEMU's card is on PCI)
+            cases = [(peer, t) for peer in args.peer for t in (args.transport if peer == "kvmigrate" else ["pci"])]
+            label = {(peer, t): peer if len(args.transport) == 1 or peer != "kvmigrate" else f"{peer}-{t}"
+                     for peer, t in cases}
+            runs: dict[str, list[dict]] = {label[case]: [] for case in cases}
             for i in range(args.runs):
-                for peer in args.peer:  # interleaved: the host's drift hits every peer alike
-                    runs[peer].append(one_run(peer, scenario, rate, i, args.transport, tsc_khz))
+                for peer, transport in cases:  # interleaved: the host's drift hits every case alike
+                    runs[label[peer, transport]].append(one_run(peer, scenario, rate, i, transport, tsc_khz))
             rows.append(runs)
             for peer, done in runs.items():
                 ok = [r for r in done if r["outcome"] == "completed"]
                 blackouts = [r["observer"]["blackout_ms"] for r in ok]
-                print(f"{scenario:11} {rate:7.0f} Mbit/s  {peer:9}  runs {len(ok)}/{len(done)}  "
+                print(f"{scenario:11} {rate:7.0f} Mbit/s  {peer:13}  runs {len(ok)}/{len(done)}  "
                       f"blackout {med(blackouts):7.1f} ms [{min(blackouts, default=float('nan')):.1f}-"
                       f"{max(blackouts, default=float('nan')):.1f}]  "
                       f"own downtime {med([r['downtime_ms'] for r in ok]):6.1f} ms  "
