@@ -256,7 +256,7 @@ class Target:
             case RoundDone(round=number, pages=count, ack=ack):
                 self.round_done(number, count)
                 if ack and link.proto.round_acks:  # (RoundDone comes only in TRANSFER, where Applied may go)
-                    link.tell(Applied(number))
+                    self.acknowledge(number)
             case State(payload=payload):
                 self.collected.take(link.records("STATE", payload, STATE_RECORDS))
                 if pc is None:  # (post-copy applies it at the switch, with the missing pages)
@@ -296,6 +296,15 @@ class Target:
         self._invalidate_written()
         self._hashes().refresh_soon()  # hash what this round wrote while the next one arrives
         self.progress(RoundReceived(number, count))
+
+    def acknowledge(self, number: int) -> None:
+        """Applied for a live round. It is advisory (the source pauses sooner for it, nothing
+        more), so a link that fails as it goes is left to the next read, which says why: a source
+        that cancelled has closed its end after its Cancel, and the Cancel is still there to read."""
+        try:
+            self.link.tell(Applied(number))
+        except TransportError as e:
+            log.debug("Applied(%d) not sent: %s", number, e)
 
     def apply_state(self) -> None:
         """The state checked (shape and registers) and applied as it arrives: the source sends

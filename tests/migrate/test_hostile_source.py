@@ -374,3 +374,30 @@ def test_a_state_bomb_after_accept_costs_no_more_than_the_stated_bound(kvm: Kvm,
     grew_mib = (_peak_kib() - start) / 1024
     assert "values" in told
     assert grew_mib < 4 * 16, f"the target's peak RSS grew by {grew_mib:.0f} MiB for a 15 MiB STATE"
+
+
+def test_an_applied_the_link_refuses_leaves_the_sources_cancel_to_be_read(kvm: Kvm, state, monkeypatch) -> None:
+    """Applied is advisory: a target whose Applied cannot go (the source cancelled and closed its
+    end meanwhile: one suite run in four met it) reads on, and ends on the source's Cancel, not on
+    a broken pipe."""
+    from migrate.errors import MigrationFailed, TransportError
+    from migrate.live.link import TargetLink
+    from migrate.protocol import Applied, Cancel, RoundDone
+
+    tell = TargetLink.tell
+
+    def refusing(self, message) -> None:
+        if isinstance(message, Applied):
+            raise TransportError("sending Applied: [Errno 32] Broken pipe")
+        tell(self, message)
+
+    monkeypatch.setattr(TargetLink, "tell", refusing)
+    fake = FakeSource(kvm)
+    fake.send(fake.hello(state, round_acks=True))
+    accept = fake.receive()
+    assert isinstance(accept, Accept) and accept.round_acks
+    fake.send(RoundDone(0, 0, ack=True))
+    fake.send(Cancel("the user"))
+    error = fake.finish()
+    assert isinstance(error, MigrationFailed) and "cancelled" in str(error), repr(error)
+    assert kvm_vm_fds() == fake.vms_before
