@@ -378,7 +378,7 @@ def test_a_state_bomb_after_accept_costs_no_more_than_the_stated_bound(kvm: Kvm,
 
 def test_an_applied_the_link_refuses_leaves_the_sources_cancel_to_be_read(kvm: Kvm, state, monkeypatch) -> None:
     """Applied is advisory: a target whose Applied cannot go (the source cancelled and closed its
-    end meanwhile: one suite run in four met it) reads on, and ends on the source's Cancel, not on
+    end meanwhile: a suite run met it) reads on, and ends on the source's Cancel, not on
     a broken pipe."""
     from migrate.errors import MigrationFailed, TransportError
     from migrate.live.link import TargetLink
