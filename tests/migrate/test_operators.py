@@ -300,7 +300,10 @@ class _SilentTarget:
                 if self.phase == "state" and isinstance(message, State):
                     return self._silence()  # the devices' and vCPUs' state is never taken in
                 if isinstance(message, Complete):
-                    if self.phase == "ready":
+                    # (final-pages: a guest starved of CPU on a busy host may dirty nothing between
+                    # the last fetch and the pause, and its final round sends no page; the
+                    # silence then starts here, still before Commit)
+                    if self.phase in ("ready", "final-pages"):
                         return self._silence()  # no Ready
                     conn.send(Ready())
                 if isinstance(message, Commit):
