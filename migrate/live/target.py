@@ -329,7 +329,7 @@ class Target:
             apply(self._machine(), state)
         # apply_us: what applying took after Complete, in the wait for Ready (0 when it was done
         # as the state came, beside the last pages)
-        self.link.tell(Ready(digest_us=us(t1 - t0), apply_us=us(time.perf_counter() - t1) if state else 0))
+        self.link.tell(Ready(digest_us=us(t1 - t0), apply_us=us(time.perf_counter() - t1) if state is not None else 0))
 
     def commit(self) -> None:
         t0 = time.perf_counter()
