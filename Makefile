@@ -22,8 +22,8 @@ host-tools:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(STAMP): pyproject.toml setup.py hv/binding/build.py hv/binding/uart.c hv/binding/vcpu_loop.c hv/binding/userfault.c \
-          hv/binding/uart.h hv/binding/vcpu_loop.h hv/binding/userfault.h hv/binding/net.c hv/binding/net.h \
+$(STAMP): pyproject.toml setup.py hv/binding/build.py hv/binding/uart.c hv/binding/vcpu_loop.c hv/binding/userfault.c hv/binding/write_protect.c \
+          hv/binding/write_protect.h hv/binding/uart.h hv/binding/vcpu_loop.h hv/binding/userfault.h hv/binding/net.c hv/binding/net.h \
           migrate/datapath/_build.py migrate/datapath/pages.c migrate/datapath/pages.h | host-tools
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip

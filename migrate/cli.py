@@ -1,6 +1,6 @@
 """`migrate`: snapshots and live migration from the command line.
 
-    migrate snapshot --api SOCK --out FILE [--incremental-from FILE] [--mappable] [--track-dirty]
+    migrate snapshot --api SOCK --out FILE [--live] [--incremental-from FILE] [--mappable] [--track-dirty]
     migrate restore FILE [--api SOCK]            run the snapshot's guest, console attached
     migrate inspect FILE [--json]                what a snapshot holds, and whether it checks out
     migrate verify FILE|SOCK [--json]            the memory digest and the built-in guest's rule
@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("snapshot", "snapshot a running VM through its control socket", """\
   migrate snapshot --api /tmp/vm.sock --out vm.snap --track-dirty
   migrate snapshot --api /tmp/vm.sock --out vm.inc --incremental-from vm.snap
-  migrate snapshot --api /tmp/vm.sock --out vm.snap --mappable --json""")
+  migrate snapshot --api /tmp/vm.sock --out vm.snap --mappable --json
+  migrate snapshot --api /tmp/vm.sock --out vm.snap --live      the guest runs while it is written""")
     p.add_argument("--api", required=True, metavar="SOCK", help="the VM's control socket (hv run --api SOCK)")
     p.add_argument("--out", required=True, metavar="FILE", help="the snapshot file to write")
     p.add_argument("--incremental-from", metavar="FILE", help="store only pages changed since FILE "
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mappable", action="store_true", help="raw memory in FILE.mem: `migrate restore` "
                    "copies it in (checked), or with --share-mem maps it")
     p.add_argument("--track-dirty", action="store_true", help="keep dirty logging on for a later incremental")
+    p.add_argument("--live", action="store_true", help="pause the guest only to capture its state and "
+                   "write-protect its RAM, then write while it runs (the file is the instant of the pause)")
     p.add_argument("--level", type=int, default=3, metavar="N", help="zstd compression level, 1..22")
     p.add_argument("--json", action="store_true", help="the result as JSON on stdout")
     p.set_defaults(func=cmd_snapshot)

@@ -8,7 +8,8 @@ value. Nothing about the kernel ABI is hand-copied as numbers.
 A few tiny C helpers live here too, because they are on hot paths or must run outside Python:
 the vCPU kick signal handler, and dirty-bitmap scans; and in uart.c and vcpu_loop.c, the guest's
 console (a 16550 and the KVM_RUN loop that serves its port exits) without the interpreter lock; and
-in userfault.c, the userfaultfd fault path (hv/kvm/userfault.py), which must not need it either.
+in userfault.c, the userfaultfd fault path (hv/kvm/userfault.py), which must not need it either,
+and its write-protect counterpart for live snapshots in write_protect.c (hv/kvm/write_protect.py).
 Each of those declares what Python may call in its header (uart.h, vcpu_loop.h, userfault.h),
 which this build reads for cdef, so the declarations exist once, in C, checked by the compiler.
 """
@@ -301,7 +302,8 @@ int kvmig_discard(void *addr, size_t n);
 _HERE = Path(__file__).resolve().parent
 # The C parts beside this file, one translation unit with the helpers below (uart.c and
 # vcpu_loop.c share a static helper); each declares what Python may call in its header.
-_C_PARTS = ("uart", "vcpu_loop", "userfault", "net")  # net: virtio-net's packet engine
+# net: virtio-net's packet engine; write_protect: live snapshots (after userfault, whose opening it shares)
+_C_PARTS = ("uart", "vcpu_loop", "userfault", "write_protect", "net")
 
 
 def header_declarations(header: Path) -> str:

@@ -40,7 +40,7 @@ from hv.errors import GuestAddressError, UserfaultClosedError, UserfaultResolveE
 from hv.kvm.dirty import PAGE_SHIFT, PAGE_SIZE, DirtyBitmap, words_for
 from hv.kvm.memory import GuestMemory, MemoryRegion
 
-_OPERATIONS = {
+OPERATIONS = {
     lib.KVMIG_UFFD_OP_OPEN: "userfaultfd",
     lib.KVMIG_UFFD_OP_API: "UFFDIO_API",
     lib.KVMIG_UFFD_OP_ALLOC: "allocating the page tables",
@@ -197,7 +197,7 @@ class Userfault:
         base = ffi.cast("void *", region.host_address + offset)
         ret = lib.kvmig_uffd_open(out, base, length, staging_ptr, failed)
         if ret < 0:
-            raise UserfaultSetupError(_OPERATIONS.get(failed[0], "userfaultfd"), -ret, self.guest_base, length)
+            raise UserfaultSetupError(OPERATIONS.get(failed[0], "userfaultfd"), -ret, self.guest_base, length)
         self._h: Any = ffi.gc(out[0], lib.kvmig_uffd_free)
         self._close_lock = threading.Lock()
         self._closed = False

@@ -44,7 +44,8 @@ def _snapshot(ctx: ControlContext, args: dict[str, Any], progress: Progress) -> 
     with owner_of(ctx.machine).hold(f"snapshot to {args['out']}"):  # it pauses and resumes the guest
         info = snapshot(ctx.machine, args["out"], base=args.get("incremental_from"),
                         level=int(args.get("level", 3)), mappable=bool(args.get("mappable", False)),
-                        track_dirty=bool(args.get("track_dirty", False)), progress=to_lines(progress))
+                        track_dirty=bool(args.get("track_dirty", False)), live=bool(args.get("live", False)),
+                        progress=to_lines(progress))
     return dataclasses.asdict(info)
 
 

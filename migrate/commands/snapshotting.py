@@ -35,7 +35,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
         result = call(args.api, "snapshot", progress=progress, timeout=None, out=str(Path(args.out).resolve()),
                       incremental_from=str(Path(args.incremental_from).resolve()) if args.incremental_from else None,
-                      mappable=args.mappable, track_dirty=args.track_dirty, level=args.level)
+                      mappable=args.mappable, track_dirty=args.track_dirty, live=args.live, level=args.level)
     expect(result, args.api, "snapshot", {"kind": str, "path": str, "raw_bytes": int, "file_bytes": int,
                                           "pause_seconds": NUMBER})
     if args.json:
@@ -43,8 +43,17 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     else:
         results.print(Text(f"{result['kind']} snapshot {result['path']}: "
                            f"{result['raw_bytes'] / MiB:.1f} MiB of guest memory in {result['file_bytes'] / MiB:.1f} "
-                           f"MiB, guest paused {result['pause_seconds'] * 1000:.0f} ms"))
+                           f"MiB, guest paused {result['pause_seconds'] * 1000:.1f} ms"
+                           + _held_for(result.get("live"))))
     return ExitStatus.OK
+
+
+def _held_for(live: object) -> str:
+    """What a live snapshot's instant cost the guest after the pause, for the line above."""
+    if not isinstance(live, dict):
+        return ""
+    return (f" (live: {live.get('saved', 0)} pages the guest wrote first were saved aside, "
+            f"{live.get('saved_peak_bytes', 0) / MiB:.1f} MiB at most)")
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

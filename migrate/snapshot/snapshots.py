@@ -21,17 +21,18 @@ foreign snapshot never reaches a VM.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import formats
-from formats import StreamWriter
+from formats import StreamWriter, ZeroRanges
 from hv.vmm.builder import blank_machine
 from migrate.events import Progress, SnapshotWritten
 from hv.kvm.kvm import Kvm
@@ -42,6 +43,7 @@ from migrate import digest, pages
 from migrate.disks import DiskPolicy
 from migrate.errors import IncompatibleError, MissingSections, SnapshotError, StateShapeError
 from migrate.records import Collected, state_sections
+from migrate.snapshot.live import HeldMemory, LiveStats, cut_at_groups
 from migrate.snapshot.files import (
     MEM_TRAILER_MAGIC,
     MEM_TRAILER_SIZE,
@@ -59,6 +61,8 @@ from migrate.snapshot.files import (
 )
 from migrate.state import (
     PRODUCER,
+    MachineConfig,
+    MachineState,
     MemoryFileRef,
     SnapshotRef,
     apply,
@@ -85,6 +89,7 @@ class SnapshotInfo:
     memory_bytes: int  # the guest's RAM
     pause_seconds: float  # how long the guest was paused for it
     seconds: float
+    live: LiveStats | None = None  # what holding the instant cost (a live snapshot)
 
 
 @dataclass
@@ -100,35 +105,97 @@ _tracked: weakref.WeakKeyDictionary[Machine, _LastSnapshot] = weakref.WeakKeyDic
 
 
 def snapshot(machine: Machine, path: str | Path, *, base: str | Path | None = None, level: int = 3,
-             mappable: bool = False, track_dirty: bool = False, workers: int = 2,
+             mappable: bool = False, track_dirty: bool = False, workers: int = 2, live: bool = False,
              progress: Progress | None = None) -> SnapshotInfo:
     """Write `machine`'s state to `path`. A running machine is paused for the copy and resumed
     after; a paused one stays paused. `track_dirty` keeps dirty logging on afterwards so that a
-    later `snapshot(..., base=path)` can store only what changed (incremental ones always do)."""
+    later `snapshot(..., base=path)` can store only what changed (incremental ones always do).
+
+    `live`: the guest is paused only to capture its vCPU and device state and write-protect its
+    RAM, then runs while the pages are written (`migrate.snapshot.live`); the file is the same
+    as a paused snapshot's, of the instant of that pause."""
     path = Path(path)
     t0 = time.perf_counter()
     was_running = machine.state is RunState.RUNNING
-    paused_at = time.perf_counter()
-    if was_running:
-        machine.pause()
-    try:
-        info = _write(machine, path, base=Path(base) if base else None, level=level,
-                      mappable=mappable, track=track_dirty or base is not None, workers=workers,
-                      progress=progress)
-    finally:
-        if was_running and machine.state is RunState.PAUSED:
-            machine.resume()
-    pause = time.perf_counter() - paused_at if was_running else 0.0
+    base_path = Path(base) if base else None
+    track = track_dirty or base is not None
+    with contextlib.ExitStack() as stack:
+        # registered before the pause: nothing in it can fail for want of a descriptor or a thread
+        held = stack.enter_context(HeldMemory(machine.vm.memory, path)) if live else None
+        paused_at = time.perf_counter()
+        resumed_at: float | None = None
+        if was_running:
+            machine.pause()
+        try:
+            plan = _plan(machine, path, base=base_path, mappable=mappable, track=track, live=live)
+            source: PageSource = PausedPages(machine.vm.memory, plan.runs, workers)
+            if held is not None:
+                held.protect(plan.touched)
+                source = held.pages(cut_at_groups(plan.runs, machine.vm.memory), plan.touched)
+                if was_running:
+                    machine.resume()
+                    resumed_at = time.perf_counter()
+            info = _store(machine, plan, source, path, level=level, workers=workers, progress=progress)
+        finally:
+            if was_running and machine.state is RunState.PAUSED:
+                machine.resume()
+            resumed_at = resumed_at or time.perf_counter()
+        if held is not None:
+            info["live"] = held.stats()
+    pause = resumed_at - paused_at if was_running else 0.0
     return SnapshotInfo(**{**info, "pause_seconds": pause, "seconds": time.perf_counter() - t0})
 
 
-def _write(machine: Machine, path: Path, *, base: Path | None, level: int, mappable: bool, track: bool,
-           workers: int, progress: Progress | None) -> dict[str, Any]:
+@dataclass
+class _Plan:
+    """What a snapshot holds, decided in the pause: its identity, CONFIG and state, and the pages
+    to store (`runs`, views of guest RAM) out of those that may be non-zero (`touched`)."""
+
+    snapshot_id: str
+    config: MachineConfig
+    state: MachineState
+    runs: list[pages.MemoryRun]
+    touched: pages.Touched
+    base: Path | None
+    mappable: bool
+    track: bool
+
+
+class PageSource(Protocol):
+    """Where a snapshot's pages come from: the paused guest's RAM, or copies of the instant."""
+
+    stable: bool
+
+    def runs(self) -> Iterable[pages.MemoryRun]: ...
+
+    def digest(self, zero: ZeroRanges | None) -> int: ...
+
+
+@dataclass
+class PausedPages:
+    """The pages of a guest paused while they are written: its own memory, read in place."""
+
+    memory: GuestMemory
+    page_runs: list[pages.MemoryRun]
+    workers: int
+    stable = True
+
+    def runs(self) -> list[pages.MemoryRun]:
+        return self.page_runs
+
+    def digest(self, zero: ZeroRanges | None) -> int:
+        return digest.digest(self.memory, self.workers, zero=zero)
+
+
+def _plan(machine: Machine, path: Path, *, base: Path | None, mappable: bool, track: bool, live: bool) -> _Plan:
+    """In the pause: what the snapshot holds (a live snapshot needs the touched pages too, for
+    its digest: it cannot read the pages the kernel says are untouched after the guest ran on)."""
     if machine.state not in (RunState.PAUSED, RunState.CREATED):
         raise SnapshotError(path, f"the machine is {machine.state.value}; a snapshot needs it paused")
     vm = machine.vm
     snapshot_id = new_snapshot_id()
     base_ref = None
+    touched = pages.touched_pages(vm.memory) if live or base is None else {}
     if base is not None:
         if mappable:
             raise SnapshotError(path, "an incremental snapshot stores its pages in the stream; "
@@ -148,14 +215,23 @@ def _write(machine: Machine, path: Path, *, base: Path | None, level: int, mappa
                 vm.enable_dirty_log()
             for _ in vm.fetch_dirty_logs():  # from now on the log counts changes since this one
                 pass
-        runs = pages.populated_runs(vm.memory)
-
+        runs = pages.populated_runs(vm.memory, touched)
     mem_ref = None
-    mem_path = path.with_name(path.name + ".mem")
     if mappable:
-        mem_ref = MemoryFileRef(mem_path.name, vm.memory.total_size + MEM_TRAILER_SIZE, snapshot_id)
+        mem_ref = MemoryFileRef(_memory_file(path).name, vm.memory.total_size + MEM_TRAILER_SIZE, snapshot_id)
     config = machine_config(machine, snapshot_id=snapshot_id, base=base_ref, memory_file=mem_ref)
-    state = capture(machine, config)
+    return _Plan(snapshot_id, config, capture(machine, config), runs, touched, base, mappable, track)
+
+
+def _memory_file(path: Path) -> Path:
+    return path.with_name(path.name + ".mem")
+
+
+def _store(machine: Machine, plan: _Plan, source: PageSource, path: Path, *, level: int, workers: int,
+           progress: Progress | None) -> dict[str, Any]:
+    vm = machine.vm
+    snapshot_id, state, mappable = plan.snapshot_id, plan.state, plan.mappable
+    mem_path = _memory_file(path)
     tmp = path.with_name(f".{path.name}.{snapshot_id[:8]}.tmp")
     tmp_mem = mem_path.with_name(f".{mem_path.name}.{snapshot_id[:8]}.tmp")
     writer = StreamWriter(registry(), producer=PRODUCER)
@@ -166,16 +242,16 @@ def _write(machine: Machine, path: Path, *, base: Path | None, level: int, mappa
             f.writelines(state_sections(writer, state))
             zero = None
             if mappable:
-                raw = _write_memory_file(tmp_mem, vm.memory, runs, snapshot_id)
+                raw = _write_memory_file(tmp_mem, vm.memory, source.runs(), snapshot_id)
             else:
-                with pages.PageEncoderPool(level, workers, stable=True) as pool:  # the guest is paused
-                    for section in pool.encode(runs):
+                with pages.PageEncoderPool(level, workers, stable=source.stable) as pool:
+                    for section in pool.encode(source.runs()):
                         f.writelines(writer.pages_parts(section))
                         raw += section.totals.raw_bytes
                         if progress:
                             progress(SnapshotWritten(raw))
                     zero = pool.zero_ranges
-            ram_digest = digest.digest(vm.memory, workers, zero=zero)
+            ram_digest = source.digest(zero)
             f.write(writer.end(ram_digest))
             f.flush()
             os.fsync(f.fileno())
@@ -186,18 +262,18 @@ def _write(machine: Machine, path: Path, *, base: Path | None, level: int, mappa
         for leftover in (tmp, tmp_mem):
             leftover.unlink(missing_ok=True)
         raise
-    if track:
+    if plan.track:
         _tracked[machine] = _LastSnapshot(snapshot_id, ram_digest, vm.dirty_log_generation)
     totals = writer.totals
     file_bytes = path.stat().st_size + (mem_path.stat().st_blocks * 512 if mappable else 0)
     log.info("snapshot %s: %s, %d pages, %d bytes", path, snapshot_id, totals.pages, file_bytes)
     return dict(path=str(path), snapshot_id=snapshot_id,
-                kind=SnapshotKind.of(config),
-                base=str(base) if base else None, pages=totals.pages, raw_bytes=raw,
+                kind=SnapshotKind.of(plan.config),
+                base=str(plan.base) if plan.base else None, pages=totals.pages, raw_bytes=raw,
                 file_bytes=file_bytes, memory_bytes=vm.memory.total_size)
 
 
-def _write_memory_file(path: Path, memory: GuestMemory, runs: list[pages.MemoryRun], snapshot_id: str) -> int:
+def _write_memory_file(path: Path, memory: GuestMemory, runs: Iterable[pages.MemoryRun], snapshot_id: str) -> int:
     """RAM ranges back to back (sparse: only touched pages are written), then the trailer."""
     offsets, at = {}, 0
     for region in memory.regions:
