@@ -66,12 +66,14 @@ def dirty_runs(dirty: Iterable[tuple[MemoryRegion, DirtyBitmap]]) -> tuple[list[
 class PageEncoderPool:
     """Encodes runs into PAGES sections on `workers` threads, yielding them in run order."""
 
-    def __init__(self, level: int = 1, workers: int = 2, ahead: int = 4, *, stable: bool = False) -> None:
+    def __init__(self, level: int = 1, workers: int = 2, ahead: int = 4, *, stable: bool = False,
+                 nice: int = 0) -> None:
         """`stable`: the memory does not change while encoded (a paused guest); otherwise each
         run is copied first so its checksum, payload and bytes sent agree. `zero_ranges`
-        collects the zero runs every encoder found (only meaningful for stable memory)."""
+        collects the zero runs every encoder found (only meaningful for stable memory). `nice`:
+        the workers' priority, when the guest runs meanwhile and must come first."""
         self.level, self.workers, self.ahead = level, max(1, workers), max(1, ahead)
-        self.stable = stable
+        self.stable, self.nice = stable, nice
         self.zero_ranges = ZeroRanges()
         self._local = threading.local()
         self._encoders: list[PageEncoderC] = []
@@ -81,6 +83,8 @@ class PageEncoderPool:
     def _encode(self, run: MemoryRun) -> list[PageSection]:
         encoder = getattr(self._local, "encoder", None)
         if encoder is None:
+            if self.nice:
+                os.setpriority(os.PRIO_PROCESS, 0, self.nice)  # 0: this worker thread only (Linux)
             # in C, the GIL released for the whole run: the guest's exits are handled meanwhile
             encoder = self._local.encoder = PageEncoderC(
                 level=self.level, section_bytes=CHUNK_BYTES, stable=self.stable,

@@ -52,6 +52,14 @@ class DirtyBitmap:
         self.words = words
 
     @classmethod
+    def from_bools(cls, pages: np.ndarray) -> DirtyBitmap:
+        """A bitmap with page i set where `pages[i]` is true."""
+        words = np.packbits(pages, bitorder="little")
+        padded = np.zeros(words_for(len(pages)) * 8, dtype=np.uint8)
+        padded[: len(words)] = words
+        return cls(len(pages), padded.view(np.uint64))
+
+    @classmethod
     def from_pages(cls, npages: int, pages: np.ndarray | list[int]) -> DirtyBitmap:
         bitmap = cls(npages)
         bitmap.set_pages(np.asarray(pages, dtype=np.int64))

@@ -24,6 +24,7 @@ from hv.kvm.dirty import PAGE_SHIFT, PAGE_SIZE, DirtyBitmap
 _PAGEMAP_PRESENT = np.uint64(1 << 63)
 _PAGEMAP_SWAPPED = np.uint64(1 << 62)
 _PAGEMAP_PFN = np.uint64((1 << 55) - 1)
+_PAGEMAP_UFFD_WP = np.uint64(1 << 57)  # the page is write-protected by userfaultfd (Linux 5.13)
 
 
 def _read_pagemap(host_address: int, npages: int) -> np.ndarray:
@@ -210,10 +211,14 @@ class MemoryRegion:
             touched &= pfns != np.uint64(small_zero)
         if huge_zero:  # ... or, in a huge-page region, one of the huge zero page's 512 frames
             touched &= (pfns - np.uint64(huge_zero)) >= np.uint64(HUGE_PAGE_SIZE // PAGE_SIZE)
-        words = np.packbits(touched, bitorder="little")
-        padded = np.zeros(((self.npages + 63) // 64) * 8, dtype=np.uint8)
-        padded[: len(words)] = words
-        return DirtyBitmap(self.npages, padded.view(np.uint64))
+        return DirtyBitmap.from_bools(touched)
+
+    def write_protected_pages(self) -> DirtyBitmap:
+        """Pages userfaultfd write-protects now (resident or swapped out), from
+        /proc/self/pagemap (`hv.kvm.write_protect`)."""
+        entries = _read_pagemap(self.host_address, self.npages)
+        protected = (entries & _PAGEMAP_UFFD_WP) != 0
+        return DirtyBitmap.from_bools(protected)
 
     def mapped_pages(self, first: int, count: int) -> np.ndarray:
         """One bool per page of [first, first + count): is anything mapped there (the shared

@@ -17,14 +17,15 @@ not registered with another userfaultfd (post-copy's `Userfault`): that is EBUSY
 from __future__ import annotations
 
 import errno as _errno
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from hv.binding.ffi import ffi, lib
 from hv.errors import UserfaultClosedError, UserfaultResolveError, UserfaultSetupError
-from hv.kvm.dirty import DirtyBitmap
-from hv.kvm.memory import MemoryRegion
+from hv.kvm.dirty import PAGE_SIZE, DirtyBitmap
+from hv.kvm.memory import MemoryRegion, RamBacking
 from hv.kvm.userfault import OPERATIONS
 
 
@@ -32,7 +33,8 @@ from hv.kvm.userfault import OPERATIONS
 class WriteProtectStats:
     """`faults`: writes that waited; `saved`: pages copied aside for them; `taken`: pages read
     by `take`; `protected`: pages still protected; `saved_peak_bytes`: the most held aside at
-    once (what a live snapshot costs in memory); fault latency from the event's read to the
+    once (what a live snapshot costs in memory), in 2 MiB buffers, `blocks_beyond_pool` of them
+    allocated when the pool ran out; fault latency from the event's read to the
     page's release (ns)."""
 
     faults: int
@@ -40,6 +42,7 @@ class WriteProtectStats:
     taken: int
     protected: int
     saved_peak_bytes: int
+    blocks_beyond_pool: int
     latency_count: int
     latency_sum_ns: int
     latency_max_ns: int
@@ -51,27 +54,51 @@ class WriteProtectStats:
         return self.latency_sum_ns / self.latency_count if self.latency_count else 0.0
 
 
+@functools.cache
+def pagemap_shows_protection() -> bool:
+    """Whether /proc/self/pagemap marks the pages userfaultfd write-protects (Linux 5.13): then
+    what was populated at the instant need not be read at the instant (one page, tried once)."""
+    region = MemoryRegion(0, PAGE_SIZE, slot=-1, backing=RamBacking.host_filled(0, PAGE_SIZE))
+    region.view[0] = 1
+    with WriteProtect(region) as held:
+        held.protect(None)
+        return bool(region.write_protected_pages().words[0] & 1)
+
+
 class WriteProtect:
     """One write-protect registration over a whole `MemoryRegion` (see the module's text)."""
 
-    def __init__(self, region: MemoryRegion) -> None:
+    def __init__(self, region: MemoryRegion, pool_bytes: int = 0) -> None:
+        """`pool_bytes`: memory faulted in now for pages the guest writes before they are
+        read (a write then waits for a copy, not for page faults); more is taken as needed."""
         self.region = region
         out = ffi.new("kvmig_wp **")
         failed = ffi.new("int *")
-        ret = lib.kvmig_wp_open(out, ffi.cast("void *", region.host_address), region.size, failed)
+        ret = lib.kvmig_wp_open(out, ffi.cast("void *", region.host_address), region.size, pool_bytes, failed)
         if ret < 0:
             raise UserfaultSetupError(OPERATIONS.get(failed[0], "userfaultfd"), -ret, region.guest_base, region.size)
         self._h: Any = ffi.gc(out[0], lib.kvmig_wp_free)
         self._lock = threading.Lock()
         self._closed = False
 
-    def protect(self, pages: DirtyBitmap) -> None:
+    def protect(self, pages: DirtyBitmap | None) -> None:
         """The instant: write-protect the region; `pages` (one bit per page of the region) are
-        the ones `take` will read. Once."""
+        the ones `take` will read; None: any, until `narrow` says which. Only populated pages
+        are protected (a page unpopulated now is zero now, and a write to it does not wait).
+        Once."""
+        self._check("UFFDIO_WRITEPROTECT", 0, self.region.size,
+                    lib.kvmig_wp_protect(self._live(), self._words(pages) if pages is not None else ffi.NULL))
+
+    def narrow(self, pages: DirtyBitmap) -> None:
+        """After the instant: of the pages not kept aside, `take` reads only these (those
+        `region.write_protected_pages()` still finds protected: the others were unpopulated at
+        the instant, and what a write put there since is not of it); the rest read as zeros."""
+        self._check("narrow", 0, self.region.size, lib.kvmig_wp_narrow(self._live(), self._words(pages)))
+
+    def _words(self, pages: DirtyBitmap) -> Any:
         if pages.npages != self.region.npages:
             raise ValueError(f"a bitmap of {pages.npages} pages for a region of {self.region.npages}")
-        words = ffi.from_buffer("uint64_t[]", pages.words)
-        self._check("UFFDIO_WRITEPROTECT", 0, self.region.size, lib.kvmig_wp_protect(self._live(), words))
+        return ffi.from_buffer("uint64_t[]", pages.words)
 
     def take(self, offset: int, into: bytearray | memoryview) -> None:
         """Copy the region's [offset, offset + len(into)) as it was at the instant into `into`
@@ -79,12 +106,18 @@ class WriteProtect:
         self._check("take", offset, len(into),
                     lib.kvmig_wp_take(self._live(), offset, len(into), ffi.from_buffer(into, require_writable=True)))
 
+    def kept_aside(self) -> DirtyBitmap:
+        """The pages written since the instant and kept aside, not taken yet."""
+        bitmap = DirtyBitmap(self.region.npages)
+        lib.kvmig_wp_kept(self._live(), ffi.from_buffer("uint64_t[]", bitmap.words))
+        return bitmap
+
     def stats(self) -> WriteProtectStats:
         s = ffi.new("kvmig_wp_stats *")
         lib.kvmig_wp_get_stats(self._h, s)
         return WriteProtectStats(
             faults=s.faults, saved=s.saved, taken=s.taken, protected=s.protected_pages,
-            saved_peak_bytes=s.saved_bytes_peak, latency_count=s.lat_count, latency_sum_ns=s.lat_sum_ns,
+            saved_peak_bytes=s.saved_bytes_peak, blocks_beyond_pool=s.blocks_beyond_pool, latency_count=s.lat_count, latency_sum_ns=s.lat_sum_ns,
             latency_max_ns=s.lat_max_ns, thread_errno=s.thread_errno, last_errno=s.last_errno)
 
     def close(self) -> None:

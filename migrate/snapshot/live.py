@@ -2,24 +2,33 @@
 guest runs on.
 
 Before the pause every RAM region is registered for userfaultfd write-protect
-(`hv.kvm.write_protect`: a descriptor and a C fault thread each; nothing of that can fail in the
-pause). In the pause, with the vCPU and device state captured, `HeldMemory.protect` write-protects
-every region in one call each and the guest resumes. From then on the guest's first write to a
-page waits while the fault thread copies the page aside; a reader thread here takes memory in
-blocks of `GROUP` bytes, in address order, as fast as it copies (the pages it takes are released
-at once, so the guest stops faulting there), hashing each block for the memory digest, and hands
-the blocks on to be encoded, at most `buffer_bytes` ahead of the encoders. The file written from
-them is byte for byte the snapshot a paused guest would have given, END's digest included: it is
-the memory of the instant, and a restore checks it as it checks any snapshot.
+(`hv.kvm.write_protect`: a descriptor, a C fault thread and a pool of buffers faulted in, each;
+nothing of that can fail or cost much in the pause). In the pause, with the vCPU and device state
+captured, `HeldMemory.protect` write-protects every region in one call each and the guest
+resumes. What costs time in proportion to RAM stays out of the pause: the pages populated at the
+instant are found after it, as those the kernel's pagemap still shows protected or that were
+kept aside since (a page populated only after the instant was zero at it: a write there did not
+wait, and is not read). Where the pagemap does not show protection (before Linux 5.13) they are
+read in the pause instead.
 
-Only pages the snapshot holds are read (the populated ones, for the digest, of which the encoded
-ones are the populated pages or, incremental, the dirty ones): untouched memory is never read or
-populated. A failure anywhere closes the registrations, which releases every page still protected:
-the guest runs on as if no snapshot had been taken.
+From then on the guest's first write to a 2 MiB block waits while the fault thread copies the
+block aside and releases it; a reader thread here takes memory in groups of `GROUP` bytes, in
+address order, as fast as it copies (the blocks it takes are released at once, so the guest stops
+faulting there), hashing each block for the memory digest, and hands the groups on to be encoded,
+at most `buffer_bytes` ahead of the encoders. The reader and the encoders run at a lower priority
+than the vCPUs. The file written from them is the one a paused guest would have given, END's
+digest included: the memory of the instant, which a restore checks as it checks any snapshot.
+
+Only pages the snapshot holds are read (of those, the encoded ones are all of them or,
+incremental, the dirty ones): untouched memory is never read or populated. Nothing may discard
+guest RAM (MADV_DONTNEED) while a live snapshot runs: a page given back loses its protection and
+its contents at once. A failure anywhere closes the registrations, which releases every page still
+protected: the guest runs on as if no snapshot had been taken.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -31,13 +40,17 @@ from formats import DIGEST_BLOCK, ZeroRanges, block_count, combine_block_hashes,
 from hv.errors import UserfaultError
 from hv.kvm.dirty import PAGE_SIZE, DirtyBitmap
 from hv.kvm.memory import GuestMemory, MemoryRegion
-from hv.kvm.write_protect import WriteProtect, WriteProtectStats
+from hv.kvm.write_protect import WriteProtect, WriteProtectStats, pagemap_shows_protection
 from migrate.datapath import block_hashes
 from migrate.errors import SnapshotError
 from migrate.pages import CHUNK_BYTES, MemoryRun, Touched
 
 GROUP = CHUNK_BYTES  # bytes taken at a time: whole digest blocks, one PAGES section's worth
 BUFFER_BYTES = 256 << 20  # taken but not yet encoded, at most (the guest is released that far ahead)
+POOL_BYTES = 256 << 20  # at most, per region: buffers faulted in before the pause for blocks written first
+# The reader's and the encoders' priority: below the vCPUs' (the guest runs first; a snapshot takes
+# the CPU the guest leaves). Not the fault thread's: a guest waiting on it waits for nothing else.
+BACKGROUND_NICE = 10
 assert GROUP % DIGEST_BLOCK == 0
 
 
@@ -75,22 +88,29 @@ class HeldMemory:
         self._held: dict[int, WriteProtect] = {}
         self._reader: LivePages | None = None
         try:
-            for region in memory.regions:
-                self._held[region.guest_base] = WriteProtect(region)
+            for region in memory.regions:  # a pool for what may be written before it is read
+                pool = min(POOL_BYTES, region.populated_pages().count() * PAGE_SIZE)
+                self._held[region.guest_base] = WriteProtect(region, pool)
         except UserfaultError as e:
             self.close()
             raise SnapshotError(path, f"guest RAM cannot be write-protected for a live snapshot: {e}") from e
 
-    def protect(self, read: Touched) -> None:
-        """The instant (the guest paused): every region protected; `read` says which pages
-        will be taken (the ones that may be non-zero)."""
-        for region in self.memory.regions:
-            self._held[region.guest_base].protect(read[region.guest_base])
+    @property
+    def reads_touched_after(self) -> bool:
+        """The pages populated at the instant can be found after it, as those still protected
+        or kept aside (the kernel's pagemap shows protection): not read in the pause."""
+        return pagemap_shows_protection()
 
-    def pages(self, runs: list[MemoryRun], read: Touched, buffer_bytes: int = BUFFER_BYTES) -> LivePages:
-        """The instant's copy of `runs` (views of guest RAM, cut where groups end), read in a
-        thread of its own; `read` as given to `protect`."""
-        self._reader = LivePages(self.memory, self._held, runs, read, buffer_bytes)
+    def protect(self, read: Touched | None) -> None:
+        """The instant (the guest paused): every region protected; `read` says which pages
+        will be taken (the ones that may be non-zero), None: found after the pause."""
+        for region in self.memory.regions:
+            self._held[region.guest_base].protect(read[region.guest_base] if read is not None else None)
+
+    def pages(self, encode: Touched | None, read: Touched | None, buffer_bytes: int = BUFFER_BYTES) -> LivePages:
+        """The instant's copy of the pages to store, `encode` of them (None: every one read),
+        read in a thread of its own; `read` as given to `protect`."""
+        self._reader = LivePages(self.memory, self._held, encode, read, buffer_bytes)
         return self._reader
 
     def stats(self) -> LiveStats:
@@ -121,19 +141,14 @@ class LivePages:
     address order); `digest()` then is the instant's memory digest."""
 
     stable = True  # what it yields never changes: encoders need not copy it
+    nice = BACKGROUND_NICE
 
-    def __init__(self, memory: GuestMemory, held: dict[int, WriteProtect], runs: list[MemoryRun],
-                 read: Touched, buffer_bytes: int) -> None:
+    def __init__(self, memory: GuestMemory, held: dict[int, WriteProtect], encode: Touched | None,
+                 read: Touched | None, buffer_bytes: int) -> None:
         self.memory = memory
         self._held = held
-        self._read = read
+        self._encode, self._read = encode, read
         self._hashes = {r.guest_base: zero_block_hashes(r.size) for r in memory.regions}
-        self._runs_by_group: dict[tuple[int, int], list[MemoryRun]] = {}
-        for run in runs:
-            region, offset = memory.find(run.address, len(run.view))
-            key = (region.guest_base, offset // GROUP)
-            assert (offset + len(run.view) - 1) // GROUP == key[1], "a run crosses a group: cut_at_groups first"
-            self._runs_by_group.setdefault(key, []).append(run)
         # a group's runs (views of its copy, which they keep alive), an error, or None: the end
         self._ready: queue.Queue[list[MemoryRun] | BaseException | None] = queue.Queue(max(1, buffer_bytes // GROUP))
         self._stop = threading.Event()
@@ -164,37 +179,42 @@ class LivePages:
         return combine_block_hashes((r.guest_base, r.size, self._hashes[r.guest_base]) for r in self.memory.regions)
 
     def _take_all(self) -> None:
+        os.setpriority(os.PRIO_PROCESS, 0, BACKGROUND_NICE)  # 0: this thread (Linux)
         try:
+            read = self._read
+            if read is None:  # populated at the instant: still protected, or kept aside since
+                read = {r.guest_base: r.write_protected_pages() for r in self.memory.regions}
+                for region in self.memory.regions:
+                    self._held[region.guest_base].narrow(read[region.guest_base])
+                    read[region.guest_base] |= self._held[region.guest_base].kept_aside()  # after: none missed
+            encode = self._encode if self._encode is not None else read
             for region in self.memory.regions:
-                for group in np.flatnonzero(self._read[region.guest_base].groups_with_pages(GROUP // PAGE_SIZE)):
+                base = region.guest_base
+                for group in np.flatnonzero(read[base].groups_with_pages(GROUP // PAGE_SIZE)):
                     if self._stop.is_set():
                         return
-                    self._ready.put(self._take(region, int(group) * GROUP))
+                    self._ready.put(self._take(region, int(group) * GROUP, encode[base]))
             self._ready.put(None)
         except BaseException as e:  # handed to the consumer, which raises it
             self._ready.put(e)
 
-    def _take(self, region: MemoryRegion, offset: int) -> list[MemoryRun]:
+    def _take(self, region: MemoryRegion, offset: int, encode: DirtyBitmap) -> list[MemoryRun]:
+        """One group as it was at the instant, hashed; its pages to store as views of the copy."""
         data = bytearray(min(GROUP, region.size - offset))
         self._held[region.guest_base].take(offset, data)  # in C, the GIL released
         first = offset // DIGEST_BLOCK
         blocks = np.arange(block_count(len(data)), dtype=np.uint64)
         self._hashes[region.guest_base][first: first + len(blocks)] = block_hashes(data, blocks)
-        view = memoryview(data)
-        start = region.guest_base + offset
-        return [MemoryRun(run.address, view[run.address - start: run.address - start + len(run.view)])
-                for run in self._runs_by_group.get((region.guest_base, offset // GROUP), [])]
+        view, start = memoryview(data), region.guest_base + offset
+        return [MemoryRun(start + page * PAGE_SIZE, view[page * PAGE_SIZE: (page + count) * PAGE_SIZE])
+                for page, count in _page_runs(encode, offset // PAGE_SIZE, len(data) // PAGE_SIZE)]
 
 
-def cut_at_groups(runs: list[MemoryRun], memory: GuestMemory) -> list[MemoryRun]:
-    """`runs` with each one cut where a `GROUP` of its region ends (a run's chunks, from
-    `pages.bitmap_runs`, are at most GROUP long but start anywhere)."""
-    out = []
-    for run in runs:
-        region, offset = memory.find(run.address, len(run.view))
-        at, end = offset, offset + len(run.view)
-        while at < end:
-            stop = min(end, (at // GROUP + 1) * GROUP)
-            out.append(MemoryRun(region.guest_base + at, run.view[at - offset: stop - offset]))
-            at = stop
-    return out
+def _page_runs(bitmap: DirtyBitmap, first: int, count: int) -> list[tuple[int, int]]:
+    """Runs (offset from `first`, length) of the pages set in [first, first + count) of
+    `bitmap`; `first` a multiple of 64 (a group's first page)."""
+    words = bitmap.words[first // 64: (first + count + 63) // 64]
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:count].astype(np.int8)
+    edges = np.diff(np.concatenate(([0], bits, [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return list(zip(starts.tolist(), (ends - starts).tolist()))

@@ -43,7 +43,7 @@ from migrate import digest, pages
 from migrate.disks import DiskPolicy
 from migrate.errors import IncompatibleError, MissingSections, SnapshotError, StateShapeError
 from migrate.records import Collected, state_sections
-from migrate.snapshot.live import HeldMemory, LiveStats, cut_at_groups
+from migrate.snapshot.live import HeldMemory, LiveStats
 from migrate.snapshot.files import (
     MEM_TRAILER_MAGIC,
     MEM_TRAILER_SIZE,
@@ -127,11 +127,16 @@ def snapshot(machine: Machine, path: str | Path, *, base: str | Path | None = No
         if was_running:
             machine.pause()
         try:
-            plan = _plan(machine, path, base=base_path, mappable=mappable, track=track, live=live)
-            source: PageSource = PausedPages(machine.vm.memory, plan.runs, workers)
-            if held is not None:
+            # the pages ever touched, read in the pause: a full snapshot's pages, and a live one's
+            # unless they can be found after it (as the pages still protected or kept aside)
+            read_touched = base_path is None if held is None else not held.reads_touched_after
+            plan = _plan(machine, path, base=base_path, mappable=mappable, track=track, read_touched=read_touched)
+            source: PageSource
+            if held is None:
+                source = PausedPages(machine.vm.memory, plan.runs(machine.vm.memory), workers)
+            else:
                 held.protect(plan.touched)
-                source = held.pages(cut_at_groups(plan.runs, machine.vm.memory), plan.touched)
+                source = held.pages(plan.dirty, plan.touched)
                 if was_running:
                     machine.resume()
                     resumed_at = time.perf_counter()
@@ -148,23 +153,31 @@ def snapshot(machine: Machine, path: str | Path, *, base: str | Path | None = No
 
 @dataclass
 class _Plan:
-    """What a snapshot holds, decided in the pause: its identity, CONFIG and state, and the pages
-    to store (`runs`, views of guest RAM) out of those that may be non-zero (`touched`)."""
+    """What a snapshot holds, decided in the pause: its identity, CONFIG and state, and which
+    pages: those `dirty` since its base (incremental), of those ever `touched` (None when not
+    read in the pause: a live snapshot protecting unpopulated memory reads it after)."""
 
     snapshot_id: str
     config: MachineConfig
     state: MachineState
-    runs: list[pages.MemoryRun]
-    touched: pages.Touched
+    dirty: pages.Touched | None
+    touched: pages.Touched | None
     base: Path | None
     mappable: bool
     track: bool
+
+    def runs(self, memory: GuestMemory) -> list[pages.MemoryRun]:
+        """The pages to store, as views of guest RAM (the guest paused)."""
+        if self.dirty is not None:
+            return pages.dirty_runs((r, self.dirty[r.guest_base]) for r in memory.regions)[0]
+        return pages.populated_runs(memory, self.touched)
 
 
 class PageSource(Protocol):
     """Where a snapshot's pages come from: the paused guest's RAM, or copies of the instant."""
 
-    stable: bool
+    stable: bool  # what `runs` yields does not change while it is encoded
+    nice: int  # the priority of the work on it: a running guest comes first
 
     def runs(self) -> Iterable[pages.MemoryRun]: ...
 
@@ -179,6 +192,7 @@ class PausedPages:
     page_runs: list[pages.MemoryRun]
     workers: int
     stable = True
+    nice = 0  # the guest waits for it
 
     def runs(self) -> list[pages.MemoryRun]:
         return self.page_runs
@@ -187,15 +201,16 @@ class PausedPages:
         return digest.digest(self.memory, self.workers, zero=zero)
 
 
-def _plan(machine: Machine, path: Path, *, base: Path | None, mappable: bool, track: bool, live: bool) -> _Plan:
-    """In the pause: what the snapshot holds (a live snapshot needs the touched pages too, for
-    its digest: it cannot read the pages the kernel says are untouched after the guest ran on)."""
+def _plan(machine: Machine, path: Path, *, base: Path | None, mappable: bool, track: bool,
+          read_touched: bool) -> _Plan:
+    """In the pause: what the snapshot holds. `read_touched`: read the page tables for the pages
+    ever touched now."""
     if machine.state not in (RunState.PAUSED, RunState.CREATED):
         raise SnapshotError(path, f"the machine is {machine.state.value}; a snapshot needs it paused")
     vm = machine.vm
     snapshot_id = new_snapshot_id()
     base_ref = None
-    touched = pages.touched_pages(vm.memory) if live or base is None else {}
+    dirty = None
     if base is not None:
         if mappable:
             raise SnapshotError(path, "an incremental snapshot stores its pages in the stream; "
@@ -207,20 +222,19 @@ def _plan(machine: Machine, path: Path, *, base: Path | None, mappable: bool, tr
         if last.dirty_generation != vm.dirty_log_generation:
             raise SnapshotError(base, "the dirty log was read by someone else since (a migration?); "
                                       "take a full snapshot")
-        runs, _ = pages.dirty_runs(vm.fetch_dirty_logs())
+        dirty = {region.guest_base: bitmap for region, bitmap in vm.fetch_dirty_logs()}
         base_ref = SnapshotRef(base_config.snapshot_id, last.digest, os.path.relpath(base, path.parent))
-    else:
-        if track:
-            if not vm.dirty_logging:
-                vm.enable_dirty_log()
-            for _ in vm.fetch_dirty_logs():  # from now on the log counts changes since this one
-                pass
-        runs = pages.populated_runs(vm.memory, touched)
+    elif track:
+        if not vm.dirty_logging:
+            vm.enable_dirty_log()
+        for _ in vm.fetch_dirty_logs():  # from now on the log counts changes since this one
+            pass
+    touched = pages.touched_pages(vm.memory) if read_touched else None
     mem_ref = None
     if mappable:
         mem_ref = MemoryFileRef(_memory_file(path).name, vm.memory.total_size + MEM_TRAILER_SIZE, snapshot_id)
     config = machine_config(machine, snapshot_id=snapshot_id, base=base_ref, memory_file=mem_ref)
-    return _Plan(snapshot_id, config, capture(machine, config), runs, touched, base, mappable, track)
+    return _Plan(snapshot_id, config, capture(machine, config), dirty, touched, base, mappable, track)
 
 
 def _memory_file(path: Path) -> Path:
@@ -244,7 +258,7 @@ def _store(machine: Machine, plan: _Plan, source: PageSource, path: Path, *, lev
             if mappable:
                 raw = _write_memory_file(tmp_mem, vm.memory, source.runs(), snapshot_id)
             else:
-                with pages.PageEncoderPool(level, workers, stable=source.stable) as pool:
+                with pages.PageEncoderPool(level, workers, stable=source.stable, nice=source.nice) as pool:
                     for section in pool.encode(source.runs()):
                         f.writelines(writer.pages_parts(section))
                         raw += section.totals.raw_bytes

@@ -28,6 +28,7 @@ from migrate.state import capture
 from tests.console_log import console_log
 
 MiB = 1 << 20
+UNTOUCHED = 64 * MiB - 4096  # the last page of the guest's RAM: the guest never touches it
 
 
 @pytest.fixture(params=[1, 2], ids=["1vcpu", "2vcpus"])
@@ -53,10 +54,11 @@ def _ram(machine: Machine) -> list[np.ndarray]:
 @pytest.fixture
 def instant(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, object]]:
     """Records the guest's RAM and vCPU registers at the instant a live snapshot protects it (the
-    guest is paused then), and holds the snapshot's first read until the guest has made two more
-    passes, so that it writes pages before they are read: the pages saved aside are exercised."""
+    guest is paused then), and holds the snapshot's reader until the guest has made two more
+    passes, so that it writes pages before they are read (the pages saved aside are exercised),
+    and the test has written a page untouched at the instant."""
     seen: dict[str, object] = {}
-    protect, take = live.HeldMemory.protect, live.LivePages._take
+    protect, take_all = live.HeldMemory.protect, live.LivePages._take_all
 
     def recording_protect(self: live.HeldMemory, read: dict) -> None:
         protect(self, read)
@@ -64,16 +66,17 @@ def instant(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, object]]:
         assert isinstance(machine, Machine) and machine.state is RunState.PAUSED
         seen["ram"], seen["regs"] = _ram(machine), [v.regs for v in capture(machine).vcpus]
 
-    def late_take(self: live.LivePages, region, offset: int):  # type: ignore[no-untyped-def]
-        if "waited" not in seen:
-            console = seen["console"]
-            assert isinstance(console, bg.GuestConsole)
-            console.wait_pass(console.last_pass() + 2, timeout=30)  # the guest runs, protected
-            seen["waited"] = True
-        return take(self, region, offset)
+    def late_reader(self: live.LivePages) -> None:
+        console, machine = seen["console"], seen["machine"]
+        assert isinstance(console, bg.GuestConsole) and isinstance(machine, Machine)
+        console.wait_pass(console.last_pass() + 2, timeout=30)  # the guest runs, protected
+        # a page untouched at the instant, written since: a write that did not wait (nothing was
+        # there to protect), which the snapshot must not hold
+        machine.vm.memory.write(UNTOUCHED, b"\xa5" * 4096)
+        take_all(self)
 
     monkeypatch.setattr(live.HeldMemory, "protect", recording_protect)
-    monkeypatch.setattr(live.LivePages, "_take", late_take)
+    monkeypatch.setattr(live.LivePages, "_take_all", late_reader)
     yield seen
 
 
@@ -88,8 +91,10 @@ def test_a_live_snapshot_holds_the_instant_of_its_pause_while_the_guest_writes_o
     assert info.live is not None and info.live.saved > 0, info.live  # the guest wrote before the reader came
     assert info.live.taken > 0 and info.pause_seconds < info.seconds
 
+    assert machine.vm.memory.read(UNTOUCHED, 4096) == b"\xa5" * 4096
     restored = restore(tmp_path / "live.snap", kvm)  # the digest checked too
     try:
+        assert restored.vm.memory.read(UNTOUCHED, 4096) == bytes(4096)  # as it was at the instant
         for want, got in zip(instant["ram"], _ram(restored), strict=True):  # type: ignore[call-overload]
             assert np.array_equal(want, got)
         assert [v.regs for v in capture(restored).vcpus] == instant["regs"]
@@ -120,11 +125,11 @@ def test_a_live_snapshot_that_fails_half_way_leaves_the_guest_running_unprotecte
     machine, console = busy
     take, taken = live.LivePages._take, []
 
-    def failing_take(self: live.LivePages, region, offset: int):  # type: ignore[no-untyped-def]
+    def failing_take(self: live.LivePages, *args):  # type: ignore[no-untyped-def]
         if taken:
             raise OSError(28, "No space left on device")
-        taken.append(offset)
-        return take(self, region, offset)
+        taken.append(args)
+        return take(self, *args)
 
     monkeypatch.setattr(live.LivePages, "_take", failing_take)
     with pytest.raises(OSError, match="No space"):
