@@ -43,6 +43,7 @@ struct kvmig_wp {
     uint64_t nblocks;
     uint8_t **aside;          /* per block: where its pages written before they were taken are kept */
     uint32_t *kept;           /* per block: pages kept aside there and not taken yet */
+    uint8_t *open_block;      /* per block: released whole (no page of it protected any more) */
     uint8_t **spare;          /* blocks' buffers free for use: the pre-faulted pool, then returned ones */
     uint64_t nspare;
     uint8_t *pool;            /* the pool, faulted in at open (before the pause) */
@@ -67,6 +68,14 @@ static int wp_set(kvmig_wp *h, uint64_t off, uint64_t len, uint64_t mode) {
 }
 
 #define WP_BLOCK_BYTES (WP_BLOCK * UF_PAGE)
+
+/* Under the lock: release [first, end) (pages), and note the blocks released whole. */
+static int wp_release(kvmig_wp *h, uint64_t first, uint64_t end) {
+    int r = wp_set(h, first * UF_PAGE, (end - first) * UF_PAGE, 0);
+    for (uint64_t b = (first + WP_BLOCK - 1) / WP_BLOCK; !r && b < h->nblocks && b * WP_BLOCK < end; b++)
+        if ((b + 1) * WP_BLOCK <= end || end == h->npages) h->open_block[b] = 1;
+    return r;
+}
 
 /* Under the lock: the buffer block b's pages are kept in, NULL if there is no memory for it. A
    spare one (faulted in already: copying into it costs a copy, not 512 page faults), else a new
@@ -127,9 +136,15 @@ static void wp_fault(kvmig_wp *h, const struct uffd_msg *m, uint64_t read_ns) {
     uint64_t first = p / WP_BLOCK * WP_BLOCK, end = first + WP_BLOCK < h->npages ? first + WP_BLOCK : h->npages;
     int r = 0;
     for (uint64_t q = first; q < end && !r; q++) r = wp_keep(h, q);
-    /* released (which also wakes a fault raised after its release), unless it could not be kept:
-       then the writer waits for the reader to take the block */
-    if (!r) r = wp_set(h, first * UF_PAGE, (end - first) * UF_PAGE, 0);
+    /* released, unless it could not be kept (then the writer waits for the reader to take the
+       block); a block released already (the fault raced its release) only needs its writer woken:
+       a release that changes nothing still costs KVM an invalidation */
+    if (!r && !h->open_block[p / WP_BLOCK]) {
+        r = wp_release(h, first, end);
+    } else if (!r) {
+        struct uffdio_range w = {.start = h->base + first * UF_PAGE, .len = (end - first) * UF_PAGE};
+        if (ioctl(h->uffd, UFFDIO_WAKE, &w) < 0) r = -errno;
+    }
     if (r) h->st.last_errno = -r;
     uint64_t lat = uf_now() - read_ns;
     h->st.lat_count++;
@@ -195,8 +210,9 @@ int kvmig_wp_open(kvmig_wp **out, void *base, uint64_t length, uint64_t pool_byt
     if (!h->state || !h->read) { err = ENOMEM; goto fail; }
     h->aside = calloc(h->nblocks, sizeof *h->aside);
     h->kept = calloc(h->nblocks, sizeof *h->kept);
+    h->open_block = calloc(h->nblocks, 1);
     h->spare = calloc(h->nblocks, sizeof *h->spare);
-    if (!h->aside || !h->kept || !h->spare) { err = ENOMEM; goto fail; }
+    if (!h->aside || !h->kept || !h->spare || !h->open_block) { err = ENOMEM; goto fail; }
     uint64_t pool_blocks = pool_bytes / WP_BLOCK_BYTES < h->nblocks ? pool_bytes / WP_BLOCK_BYTES : h->nblocks;
     if (pool_blocks) {
         void *pool = mmap(NULL, pool_blocks * WP_BLOCK_BYTES, PROT_READ | PROT_WRITE,
@@ -254,15 +270,56 @@ int kvmig_wp_protect(kvmig_wp *h, const uint64_t *read_bitmap) {
     return r;
 }
 
-/* After the instant: of the pages not kept aside, read only these (those still protected: the
-   others were unpopulated at the instant, and what a write put there since is not of it). A page
-   kept aside is read from there whatever this says. */
-int kvmig_wp_narrow(kvmig_wp *h, const uint64_t *read_bitmap) {
+/* After the instant: of the pages [first, first + count) not kept aside, read only those set in
+   `words` (bit i: page first + i; `first` a multiple of 64): the pages still protected (the others
+   were unpopulated at the instant, and what a write put there since is not of it). A page kept
+   aside is read from there whatever this says. */
+int kvmig_wp_narrow(kvmig_wp *h, uint64_t first, uint64_t count, const uint64_t *words) {
+    if (first % 64 || first > h->npages || count > h->npages - first) return -EINVAL;
     pthread_mutex_lock(&h->lock);
     int r = h->uffd < 0 ? -EBADF : 0;
-    if (!r) memcpy(h->read, read_bitmap, (h->npages + 63) / 64 * sizeof *h->read);
+    if (!r) {
+        memcpy(h->read + first / 64, words, count / 64 * sizeof *words);
+        if (count % 64) { /* the last word: only its first count % 64 bits are this range's */
+            uint64_t mask = (1ULL << (count % 64)) - 1, *w = &h->read[(first + count) / 64];
+            *w = (*w & ~mask) | (words[count / 64] & mask);
+        }
+    }
     pthread_mutex_unlock(&h->lock);
     return r;
+}
+
+/* Keep aside every page of [first, first + count) still protected and release it, a block at a
+   time, in address order, while at most `budget` bytes are held aside: what the guest will
+   write is then released before it gets there, and so is what it writes in ways that do not
+   wait for the fault thread (seen on nested PVM: a write by the guest's emulated ring 0 to a
+   protected page spins in KVM until the page is released). Returns the pages kept, or -errno. */
+long kvmig_wp_sweep(kvmig_wp *h, uint64_t first, uint64_t count, uint64_t budget) {
+    if (first > h->npages || count > h->npages - first) return -EINVAL;
+    long kept = 0;
+    int r = 0;
+    uint64_t p = first;
+    while (p < first + count && !r) { /* kept a block at a time (the fault thread waits no longer) */
+        uint64_t stop = (p / WP_BLOCK + 1) * WP_BLOCK < first + count ? (p / WP_BLOCK + 1) * WP_BLOCK : first + count;
+        pthread_mutex_lock(&h->lock);
+        r = h->uffd < 0 ? -EBADF : h->aside_now >= budget ? -ENOBUFS : 0;
+        for (uint64_t q = p; q < stop && !r; q++) {
+            if (h->state[q] == WP_PROTECTED && wp_reads(h, q)) kept++;
+            r = wp_keep(h, q);
+        }
+        pthread_mutex_unlock(&h->lock);
+        if (!r) p = stop;
+    }
+    /* released in one call: each release is an invalidation of KVM's mappings, whose cost on
+       nested PVM the guest pays again (it slowed a guest taking interrupts to a standstill when
+       released a block at a time) */
+    if (p > first) {
+        pthread_mutex_lock(&h->lock);
+        int w = h->uffd < 0 ? -EBADF : wp_release(h, first, p);
+        pthread_mutex_unlock(&h->lock);
+        if (w) return w;
+    }
+    return r && r != -ENOBUFS ? r : kept; /* out of budget: the rest is released as it is written or taken */
 }
 
 /* Copy [off, off+len) as it was at the instant into dst (pages not to be read: zeros) and
@@ -272,7 +329,7 @@ int kvmig_wp_take(kvmig_wp *h, uint64_t off, uint64_t len, void *dst) {
     if (off % UF_PAGE || len % UF_PAGE || off > h->length || len > h->length - off) return -EINVAL;
     uint8_t *out = dst;
     uint64_t first = off / UF_PAGE, end = (off + len) / UF_PAGE;
-    int r = 0;
+    int r = 0, released = 0; /* a page of the current block was protected until now */
     for (uint64_t c = first; c < end && !r; c += WP_CHUNK) {
         uint64_t stop = c + WP_CHUNK < end ? c + WP_CHUNK : end;
         pthread_mutex_lock(&h->lock);
@@ -284,6 +341,7 @@ int kvmig_wp_take(kvmig_wp *h, uint64_t off, uint64_t len, void *dst) {
                 if (wp_reads(h, p)) memcpy(to, (const void *)(uintptr_t)(h->base + p * UF_PAGE), UF_PAGE);
                 else memset(to, 0, UF_PAGE);
                 h->st.protected_pages--;
+                released = 1;
                 break;
             case WP_SAVED:
                 memcpy(to, wp_aside_page(h, p), UF_PAGE);
@@ -303,7 +361,8 @@ int kvmig_wp_take(kvmig_wp *h, uint64_t off, uint64_t len, void *dst) {
            block the run covers only in part stays protected) */
         int block_done = stop % WP_BLOCK == 0 || stop == end;
         uint64_t from = c / WP_BLOCK * WP_BLOCK > first ? c / WP_BLOCK * WP_BLOCK : first;
-        if (!r && block_done) r = wp_set(h, from * UF_PAGE, (stop - from) * UF_PAGE, 0);
+        if (!r && block_done && released && !h->open_block[from / WP_BLOCK]) r = wp_release(h, from, stop);
+        if (block_done) released = 0;
         pthread_mutex_unlock(&h->lock);
     }
     return r;
@@ -355,6 +414,7 @@ void kvmig_wp_free(kvmig_wp *h) {
     if (h->pool) munmap(h->pool, h->pool_bytes);
     free(h->aside);
     free(h->kept);
+    free(h->open_block);
     free(h->spare);
     free(h->state);
     free(h->read);

@@ -24,7 +24,8 @@ typedef struct {
 
 int kvmig_wp_open(kvmig_wp **out, void *base, uint64_t length, uint64_t pool_bytes, int *failed_op);
 int kvmig_wp_protect(kvmig_wp *h, const uint64_t *read_bitmap);
-int kvmig_wp_narrow(kvmig_wp *h, const uint64_t *read_bitmap);
+int kvmig_wp_narrow(kvmig_wp *h, uint64_t first, uint64_t count, const uint64_t *words);
+long kvmig_wp_sweep(kvmig_wp *h, uint64_t first, uint64_t count, uint64_t budget);
 int kvmig_wp_take(kvmig_wp *h, uint64_t off, uint64_t len, void *dst);
 int kvmig_wp_close(kvmig_wp *h);
 void kvmig_wp_free(kvmig_wp *h);

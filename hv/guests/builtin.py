@@ -161,7 +161,8 @@ def parse_line(line: str) -> GuestEvent | None:
     if not line.startswith("kvmig: "):
         return None
     verb, _, rest = line[7:].partition(" ")
-    kv = {k: int(v, 0) for k, v in _KV.findall(rest)}
+    # decimal or 0x-hex; a line garbled by interleaved output may carry "019": still a number
+    kv = {k: int(v, 16) if v.startswith("0x") else int(v) for k, v in _KV.findall(rest)}
     try:
         match verb:
             case "boot":

@@ -213,12 +213,11 @@ class MemoryRegion:
             touched &= (pfns - np.uint64(huge_zero)) >= np.uint64(HUGE_PAGE_SIZE // PAGE_SIZE)
         return DirtyBitmap.from_bools(touched)
 
-    def write_protected_pages(self) -> DirtyBitmap:
-        """Pages userfaultfd write-protects now (resident or swapped out), from
-        /proc/self/pagemap (`hv.kvm.write_protect`)."""
-        entries = _read_pagemap(self.host_address, self.npages)
-        protected = (entries & _PAGEMAP_UFFD_WP) != 0
-        return DirtyBitmap.from_bools(protected)
+    def write_protected_pages(self, first: int, count: int) -> np.ndarray:
+        """One bool per page of [first, first + count): does userfaultfd write-protect it now
+        (`hv.kvm.write_protect`). Reads only that part of /proc/self/pagemap."""
+        entries = _read_pagemap(self.host_address + first * PAGE_SIZE, count)
+        return (entries & _PAGEMAP_UFFD_WP) != 0
 
     def mapped_pages(self, first: int, count: int) -> np.ndarray:
         """One bool per page of [first, first + count): is anything mapped there (the shared

@@ -22,6 +22,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from hv.binding.ffi import ffi, lib
 from hv.errors import UserfaultClosedError, UserfaultResolveError, UserfaultSetupError
 from hv.kvm.dirty import PAGE_SIZE, DirtyBitmap
@@ -62,7 +64,7 @@ def pagemap_shows_protection() -> bool:
     region.view[0] = 1
     with WriteProtect(region) as held:
         held.protect(None)
-        return bool(region.write_protected_pages().words[0] & 1)
+        return bool(region.write_protected_pages(0, 1)[0])
 
 
 class WriteProtect:
@@ -89,11 +91,21 @@ class WriteProtect:
         self._check("UFFDIO_WRITEPROTECT", 0, self.region.size,
                     lib.kvmig_wp_protect(self._live(), self._words(pages) if pages is not None else ffi.NULL))
 
-    def narrow(self, pages: DirtyBitmap) -> None:
-        """After the instant: of the pages not kept aside, `take` reads only these (those
-        `region.write_protected_pages()` still finds protected: the others were unpopulated at
-        the instant, and what a write put there since is not of it); the rest read as zeros."""
-        self._check("narrow", 0, self.region.size, lib.kvmig_wp_narrow(self._live(), self._words(pages)))
+    def narrow(self, first: int, pages: np.ndarray) -> None:
+        """After the instant: of the pages [first, first + len(pages)) not kept aside, `take`
+        reads only those `pages` marks (those `region.write_protected_pages` still finds
+        protected: the others were unpopulated at the instant, and what a write put there since
+        is not of it); the rest read as zeros. `first` a multiple of 64."""
+        words = DirtyBitmap.from_bools(pages).words
+        self._check("narrow", first * PAGE_SIZE, len(pages) * PAGE_SIZE,
+                    lib.kvmig_wp_narrow(self._live(), first, len(pages), ffi.from_buffer("uint64_t[]", words)))
+
+    def sweep(self, first: int, count: int, budget: int) -> int:
+        """Keep aside and release every page of [first, first + count) still protected, in
+        address order, while at most `budget` bytes are held aside; returns the pages kept."""
+        ret = lib.kvmig_wp_sweep(self._live(), first, count, budget)
+        self._check("sweep", first * PAGE_SIZE, count * PAGE_SIZE, ret)
+        return ret
 
     def _words(self, pages: DirtyBitmap) -> Any:
         if pages.npages != self.region.npages:
@@ -143,6 +155,7 @@ class WriteProtect:
         return self._h
 
     def _check(self, operation: str, offset: int, length: int, ret: int) -> None:
+        """`ret` from C: 0 or more is success, -errno an error naming the operation and range."""
         if ret < 0:
             if -ret == _errno.EBADF:
                 raise UserfaultClosedError(self.region.guest_base, self.region.size)

@@ -48,6 +48,8 @@ from migrate.pages import CHUNK_BYTES, MemoryRun, Touched
 GROUP = CHUNK_BYTES  # bytes taken at a time: whole digest blocks, one PAGES section's worth
 BUFFER_BYTES = 256 << 20  # taken but not yet encoded, at most (the guest is released that far ahead)
 POOL_BYTES = 256 << 20  # at most, per region: buffers faulted in before the pause for blocks written first
+SWEEP_PAGES = (16 << 20) // PAGE_SIZE  # found and released at a time, right after the pause
+SWEEP_BYTES = 4 << 30  # kept aside by the sweep at most; the rest is kept as it is written
 # The reader's and the encoders' priority: below the vCPUs' (the guest runs first; a snapshot takes
 # the CPU the guest leaves). Not the fault thread's: a guest waiting on it waits for nothing else.
 BACKGROUND_NICE = 10
@@ -152,10 +154,12 @@ class LivePages:
         # a group's runs (views of its copy, which they keep alive), an error, or None: the end
         self._ready: queue.Queue[list[MemoryRun] | BaseException | None] = queue.Queue(max(1, buffer_bytes // GROUP))
         self._stop = threading.Event()
+        # started now, in the pause: what the guest writes in ways that do not wait for the fault
+        # thread must be released as soon as it runs again (see kvmig_wp_sweep)
         self._thread = threading.Thread(target=self._take_all, name="live-snapshot-reader", daemon=True)
+        self._thread.start()
 
     def runs(self) -> Iterator[MemoryRun]:
-        self._thread.start()
         try:
             while (item := self._ready.get()) is not None:
                 if isinstance(item, BaseException):
@@ -179,14 +183,9 @@ class LivePages:
         return combine_block_hashes((r.guest_base, r.size, self._hashes[r.guest_base]) for r in self.memory.regions)
 
     def _take_all(self) -> None:
-        os.setpriority(os.PRIO_PROCESS, 0, BACKGROUND_NICE)  # 0: this thread (Linux)
         try:
-            read = self._read
-            if read is None:  # populated at the instant: still protected, or kept aside since
-                read = {r.guest_base: r.write_protected_pages() for r in self.memory.regions}
-                for region in self.memory.regions:
-                    self._held[region.guest_base].narrow(read[region.guest_base])
-                    read[region.guest_base] |= self._held[region.guest_base].kept_aside()  # after: none missed
+            read = self._read if self._read is not None else self._find_and_sweep()
+            os.setpriority(os.PRIO_PROCESS, 0, BACKGROUND_NICE)  # 0: this thread (Linux)
             encode = self._encode if self._encode is not None else read
             for region in self.memory.regions:
                 base = region.guest_base
@@ -197,6 +196,22 @@ class LivePages:
             self._ready.put(None)
         except BaseException as e:  # handed to the consumer, which raises it
             self._ready.put(e)
+
+    def _find_and_sweep(self) -> Touched:
+        """At the vCPUs' priority, right after the pause, `SWEEP_PAGES` at a time: the pages
+        populated at the instant (still protected, or kept aside since), each part then kept
+        aside and released at once, as far as `SWEEP_BYTES` allows. Returns those pages."""
+        read = {}
+        for region in self.memory.regions:
+            held, protected = self._held[region.guest_base], np.zeros(region.npages, dtype=bool)
+            for first in range(0, region.npages, SWEEP_PAGES):
+                part = region.write_protected_pages(first, min(SWEEP_PAGES, region.npages - first))
+                protected[first: first + len(part)] = part
+                held.narrow(first, part)
+                held.sweep(first, len(part), SWEEP_BYTES)
+            read[region.guest_base] = DirtyBitmap.from_bools(protected)
+            read[region.guest_base] |= held.kept_aside()  # read after the narrowing: none missed
+        return read
 
     def _take(self, region: MemoryRegion, offset: int, encode: DirtyBitmap) -> list[MemoryRun]:
         """One group as it was at the instant, hashed; its pages to store as views of the copy."""

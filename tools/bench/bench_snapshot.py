@@ -54,10 +54,12 @@ class Run:
     peer: str
     outcome: str
     unreachable_ms: float | None = None  # longest echo latency while snapshotting, less the steady median
+    unreachable_at_ms: float | None = None  # when the ping that waited longest was sent, from "go"
     steady_p50_ms: float | None = None
     pass_rate_share: float | None = None  # passes/s while snapshotting over passes/s before
     passes_before: int = 0
     passes_during: int = 0
+    guest_stall_ms: float | None = None  # the longest pass while snapshotting, by the guest's clock
     own_pause_ms: float | None = None  # what the VMM says the guest was paused
     total_ms: float | None = None  # the command, from "go" to its result
     file_mib: float | None = None
@@ -72,8 +74,14 @@ def _is_pass(line: str) -> bool:
         return False
 
 
-def _pass_times(observer: Observer) -> list[float]:
-    return [t for t, line in observer.lines[SOURCE] if _is_pass(line)]
+def _passes(observer: Observer) -> list[tuple[float, bg.Pass]]:
+    out = []
+    for t, line in observer.lines[SOURCE]:
+        if _is_pass(line):
+            event = bg.parse_line(line)
+            assert isinstance(event, bg.Pass)
+            out.append((t, event))
+    return out
 
 
 def _figures(run: Run, observer: Observer, start: float, end: float) -> None:
@@ -83,13 +91,19 @@ def _figures(run: Run, observer: Observer, start: float, end: float) -> None:
         latency.setdefault(echo.seq, echo.received)
     sent = {p.seq: p.sent for p in pings}
     steady = [latency[s] - t for s, t in sent.items() if start - STEADY <= t < start and s in latency]
-    during = [(latency.get(s, end + AFTER) - t) for s, t in sent.items() if start - observer.period <= t < end]
+    during = [(latency.get(s, end + AFTER) - t, t) for s, t in sent.items() if start - observer.period <= t < end]
     run.steady_p50_ms = statistics.median(steady) * 1000 if steady else None
     if steady and during:
-        run.unreachable_ms = max(0.0, (max(during) - statistics.median(steady)) * 1000)
-    passes = _pass_times(observer)
+        longest, sent_at = max(during)
+        run.unreachable_ms = max(0.0, (longest - statistics.median(steady)) * 1000)
+        run.unreachable_at_ms = (sent_at - start) * 1000
+    seen = _passes(observer)
+    passes = [t for t, _ in seen]
     run.passes_before = sum(start - STEADY <= t < start for t in passes)
     run.passes_during = sum(start <= t < end for t in passes)
+    near = [p for t, p in seen if start - 0.1 <= t <= end + AFTER]
+    steps = [b.ms - a.ms for a, b in zip(near, near[1:]) if b.number == a.number + 1]
+    run.guest_stall_ms = float(max(steps)) if steps else None
     if run.passes_before and end > start:
         run.pass_rate_share = (run.passes_during / (end - start)) / (run.passes_before / STEADY)
 
@@ -220,7 +234,8 @@ def main() -> None:
             for peer in order:
                 run = once(peer, image, scenario, tsc_khz, args.period_ms / 1000)
                 done[peer].append(run)
-                print(f"{name} run {i + 1}/{args.runs} {peer}: {run.outcome} unreachable {run.unreachable_ms} ms, "
+                print(f"{name} run {i + 1}/{args.runs} {peer}: {run.outcome} unreachable {run.unreachable_ms} ms "
+                      f"(at {run.unreachable_at_ms} ms), guest's longest pass {run.guest_stall_ms} ms, "
                       f"pass rate {run.pass_rate_share}, own pause {run.own_pause_ms} ms, total {run.total_ms} ms"
                       + (f" ({run.error})" if run.error else ""), file=sys.stderr, flush=True)
         summary = {p: summarise(done[p]) for p in peers}
