@@ -295,6 +295,25 @@ static int uf_open_fd(void) {
     return fd;
 }
 
+/* A fault thread (this layer's, or write_protect.c's): it takes no signal, since the VMM's
+   kicks are for vCPUs. Returns 0 or an errno. */
+static int uf_start_thread(pthread_t *thread, void *(*run)(void *), void *arg) {
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int err = pthread_create(thread, NULL, run, arg);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return err;
+}
+
+/* Tell a fault thread polling `stop_fd` to end, and wait for it. */
+static void uf_stop_thread(pthread_t thread, int stop_fd) {
+    uint64_t one = 1;
+    ssize_t w = write(stop_fd, &one, sizeof one);
+    (void)w;
+    pthread_join(thread, NULL);
+}
+
 /* Features this layer uses where the kernel has them. */
 #define UF_WANTED (UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MISSING_HUGETLBFS)
 
@@ -354,11 +373,7 @@ int kvmig_uffd_open(kvmig_uffd **out, void *base, uint64_t length, void *staging
     h->st.zeropage = (reg.ioctls & (1ULL << _UFFDIO_ZEROPAGE)) != 0;
 
     *failed_op = KVMIG_UFFD_OP_THREAD;
-    sigset_t all, old;
-    sigfillset(&all); /* the fault thread takes no signal: the VMM's kicks are for vCPUs */
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    err = pthread_create(&h->thread, NULL, uf_thread, h);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    err = uf_start_thread(&h->thread, uf_thread, h);
     if (err) goto fail;
     h->has_thread = 1;
     *failed_op = 0;
@@ -377,10 +392,7 @@ fail:
 int kvmig_uffd_close(kvmig_uffd *h) {
     int err = 0;
     if (h->has_thread) {
-        uint64_t one = 1;
-        ssize_t w = write(h->stop_fd, &one, sizeof one);
-        (void)w;
-        pthread_join(h->thread, NULL);
+        uf_stop_thread(h->thread, h->stop_fd);
         h->has_thread = 0;
     }
     pthread_mutex_lock(&h->lock);

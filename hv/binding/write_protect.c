@@ -18,7 +18,8 @@
    Per-page state and the un-protecting ioctls are under one lock, so a page is copied at most
    once and never after it was released. `kvmig_wp_close` un-protects everything left (a snapshot
    that failed half way leaves no page protected), stops the thread and unregisters. Compiled in
-   one translation unit after userfault.c, whose descriptor opening it shares (uf_open_fd). */
+   one translation unit after userfault.c, whose descriptor opening and fault-thread start and
+   stop it shares (uf_open_fd, uf_start_thread, uf_stop_thread). */
 
 #include "write_protect.h"
 
@@ -232,11 +233,7 @@ int kvmig_wp_open(kvmig_wp **out, void *base, uint64_t length, uint64_t pool_byt
     if (!(reg.ioctls & (1ULL << _UFFDIO_WRITEPROTECT))) { err = ENOTSUP; goto fail; }
 
     *failed_op = KVMIG_UFFD_OP_THREAD;
-    sigset_t all, old;
-    sigfillset(&all); /* the fault thread takes no signal: the VMM's kicks are for vCPUs */
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    err = pthread_create(&h->thread, NULL, wp_thread, h);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    err = uf_start_thread(&h->thread, wp_thread, h);
     if (err) goto fail;
     h->has_thread = 1;
     *failed_op = 0;
@@ -381,10 +378,7 @@ int kvmig_wp_close(kvmig_wp *h) {
     }
     pthread_mutex_unlock(&h->lock);
     if (h->has_thread) {
-        uint64_t one = 1;
-        ssize_t w = write(h->stop_fd, &one, sizeof one);
-        (void)w;
-        pthread_join(h->thread, NULL);
+        uf_stop_thread(h->thread, h->stop_fd);
         h->has_thread = 0;
     }
     pthread_mutex_lock(&h->lock);
