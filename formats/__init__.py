@@ -66,15 +66,20 @@ from .layout import (
 )
 from .digest import (
     DIGEST_BLOCK,
+    DISK_DIGEST_BLOCK,
+    DISK_DIGEST_SIZE,
     POSTCOPY_DIGEST_BLOCK,
     KnownZero,
     ZeroRanges,
     block_count,
     block_hash,
     combine_block_hashes,
+    combine_disk_digest,
+    disk_block_digests,
     memory_digest,
     zero_block_hash,
     zero_block_hashes,
+    zero_disk_block_digest,
 )
 from .pages import (
     PageDecoder,

@@ -6,6 +6,11 @@ a side may skip reading blocks it knows are zero, and so that a side which keeps
 current as memory changes (`migrate.digest.BlockHashes`) can combine them without re-reading
 everything: `block_hash`, `zero_block_hashes` and `combine_block_hashes` are the pieces, and
 `memory_digest` is them put together.
+
+The disk digest a snapshot's disk record carries (SPEC.md, "Disk digest") is built the same way
+over a disk file's bytes, 128 bits wide (a disk's identity, compared across hosts and time):
+xxh3-128 of `le64(size) ‖ xxh3-128 of each 1 MiB block`, so a hole in a sparse file costs
+nothing to hash (`disk_block_digests`, `combine_disk_digest`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import functools
 import struct
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -26,6 +31,9 @@ DIGEST_BLOCK = 2 << 20  # bytes per block hash in the memory digest
 # that runs the guest before every page is in can hash each page as it is placed, and no longer
 # holds whole 2 MiB blocks as they were at the switch.
 POSTCOPY_DIGEST_BLOCK = 4096
+
+DISK_DIGEST_BLOCK = 1 << 20  # bytes per block digest in the disk digest
+DISK_DIGEST_SIZE = 16  # xxh3-128, canonical (big-endian) bytes
 
 KnownZero = Callable[[int, int], np.ndarray]  # (address, length) -> one bool per block
 
@@ -119,3 +127,49 @@ class ZeroRanges:
         for a, z in ranges:  # per zero run, vectorized over blocks
             known |= (starts >= a) & (ends <= a + z)
         return known
+
+
+@functools.cache
+def zero_disk_block_digest(size: int = DISK_DIGEST_BLOCK) -> bytes:
+    """The block digest of `size` zero bytes (a hole in the file reads as that)."""
+    return xxhash.xxh3_128_digest(bytes(size))
+
+
+def disk_block_digests(size: int, blocks: Iterable[tuple[int, bytes | bytearray | memoryview]]
+                       ) -> Iterator[tuple[int, bytes]]:
+    """(index, 16-byte digest) of each block given as (index, its bytes) of a disk of `size`
+    bytes: in increasing index order, each whole (DISK_DIGEST_BLOCK bytes, the last one what is
+    left). A block not given is zeros; `combine_disk_digest` fills it in without reading it."""
+    count, after = block_count(size, DISK_DIGEST_BLOCK), 0
+    for index, data in blocks:  # per MiB, not per byte or page: 1,024 blocks a GiB
+        if not after <= index < count or len(data) != min(DISK_DIGEST_BLOCK, size - index * DISK_DIGEST_BLOCK):
+            raise ValueError(f"block {index} of {len(data)} bytes is not the next block of a {size}-byte disk")
+        after = index + 1
+        yield index, xxhash.xxh3_128_digest(data)
+
+
+def combine_disk_digest(size: int, block_digests: Iterable[tuple[int, bytes]]) -> bytes:
+    """The disk digest of a `size`-byte disk from the (index, digest) of its blocks that hold
+    data (`disk_block_digests`, increasing); every other block is zeros. Streams: its memory does
+    not grow with the disk, whatever size a hostile record names."""
+    h = xxhash.xxh3_128()
+    h.update(struct.pack("<Q", size))
+    count, after = block_count(size, DISK_DIGEST_BLOCK), 0
+
+    def zeros(upto: int) -> None:  # the digests of the zero blocks [after, upto), fed in bulk
+        whole = min(upto, size // DISK_DIGEST_BLOCK) - after
+        while whole > 0:
+            n = min(whole, 1 << 16)
+            h.update(zero_disk_block_digest() * n)
+            whole -= n
+        if upto == count and size % DISK_DIGEST_BLOCK and after < count:
+            h.update(zero_disk_block_digest(size % DISK_DIGEST_BLOCK))
+
+    for index, digest in block_digests:
+        if not after <= index < count:
+            raise ValueError(f"block {index} is not the next block of a {size}-byte disk")
+        zeros(index)
+        h.update(digest)
+        after = index + 1
+    zeros(count)
+    return h.digest()

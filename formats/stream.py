@@ -54,7 +54,7 @@ from .schema import SchemaRegistry
 
 MAGIC = b"KVMIGSNP"
 FORMAT_MAJOR = 2  # 2.0: device kinds are declared ids, no longer class names (SPEC.md section 6)
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1  # 2.1: a snapshot's CONFIG records its disk's copy (SPEC.md section 6.2)
 SUPPORTED_MAJORS = (2,)  # a 1.x stream names its devices by class: refused, not guessed at
 
 # magic, major, minor, flags, producer (UTF-8, NUL padded), reserved, xxh3-64 of bytes 0..55

@@ -1,7 +1,8 @@
 """`migrate`: snapshots and live migration from the command line.
 
     migrate snapshot --api SOCK --out FILE [--live] [--incremental-from FILE] [--mappable] [--track-dirty]
-    migrate restore FILE [--api SOCK]            run the snapshot's guest, console attached
+    migrate restore FILE [--api SOCK]            run the snapshot's guest, console attached, on the
+                 [--disk F|--disk-dir D [--disk-from-snapshot]]   disk as it was at the snapshot
     migrate inspect FILE [--json]                what a snapshot holds, and whether it checks out
     migrate verify FILE|SOCK [--json]            the memory digest and the built-in guest's rule
     migrate recv --listen HOST:PORT [--api SOCK] [--key-file F] [--once]
@@ -79,13 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("restore", "restore a snapshot and run it", """\
   migrate restore vm.snap                       checked (digest), then run; console on this terminal
   migrate restore vm.inc --api /tmp/vm2.sock    the whole chain, with a control socket
-  migrate restore vm.snap --timeout 10""")
+  migrate restore vm.snap --timeout 10
+  migrate restore vm.snap --disk disk.img       the guest on disk.img, if it holds the snapshot's disk
+  migrate restore vm.snap --disk disk.img --disk-from-snapshot   disk.img becomes the snapshot's disk""")
     p.add_argument("file", metavar="FILE", help="the snapshot (the last of a chain)")
     p.add_argument("--api", metavar="SOCK", help="serve a control socket at this path")
     p.add_argument("--timeout", type=float, default=0, metavar="SECONDS",
                    help="stop the guest after this many seconds; 0: never")
     p.add_argument("--no-verify", action="store_true", help="skip the memory digest check")
     _add_disk_arguments(p)
+    p.add_argument("--disk-from-snapshot", action="store_true", help="write the snapshot's disk (FILE.disk) "
+                   "to --disk FILE or to its name in --disk-dir, replacing what is there once the restore is "
+                   "checked; without it a disk given must hold the snapshot's disk, and with no disk given "
+                   "the guest runs on a private copy of FILE.disk, gone when it ends")
     p.add_argument("--share-mem", action="store_true", help="a mappable snapshot's .mem is mapped, not copied: "
                    "faster (with --no-verify, milliseconds), but the file must not change while the VM runs")
     p.set_defaults(func=cmd_restore)

@@ -12,6 +12,7 @@ import functools
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import xxhash
@@ -97,6 +98,31 @@ class MemoryFileRef:
     snapshot_id: str  # also in the file's trailer: the pair belongs together
 
 
+class DiskCopyKind(StrEnum):
+    """How a snapshot's disk copy was made; both are a plain raw image of the disk. An enum, so
+    that a reader refuses a kind it does not know (a later kind may not be a whole image)."""
+
+    REFLINK = "reflink"  # FICLONE: the filesystem shares the extents, copy-on-write
+    SPARSE = "sparse"  # the data extents copied (copy_file_range), holes left holes
+
+
+@dataclass(frozen=True)
+class DiskFileRef:
+    """A snapshot's copy of its guest's disk at the snapshot's instant (format 2.1): a raw image
+    next to the snapshot file, its size and its disk digest (`formats.combine_disk_digest`)."""
+
+    path: str  # a file name next to the snapshot file, nothing else (checked where it is opened)
+    size: int
+    digest: bytes  # DISK_DIGEST_SIZE bytes
+    copy: DiskCopyKind
+
+    def __post_init__(self) -> None:
+        if len(self.digest) != formats.DISK_DIGEST_SIZE:
+            raise ValueError(f"a disk digest has {formats.DISK_DIGEST_SIZE} bytes, not {len(self.digest)}")
+        if not 0 <= self.size < 1 << 62:
+            raise ValueError(f"a disk of {self.size} bytes")
+
+
 @dataclass(frozen=True)
 class VirtioSpec:
     """The virtio devices a machine has, as a target must build them. `disk` is the path the
@@ -148,6 +174,7 @@ class MachineConfig:
     memory_file: MemoryFileRef | None = None  # mappable snapshots only
     virtio: VirtioSpec | None = None
     tsc_khz: int = 0  # the guest's TSC rate (0: not recorded: read from a running machine, or older)
+    disk_file: DiskFileRef | None = None  # a snapshot of a guest with a disk, from format 2.1
 
     def vm_config(self) -> VmConfig:
         return VmConfig(mem_size=self.mem_size, vcpus=self.vcpus, irqchip=self.irqchip, pit=self.pit)
@@ -181,8 +208,8 @@ def registry() -> SchemaRegistry:
     for cls, name, version in DEVICE_STATES.values():
         reg.register(cls, name, version=version)
     for cls, name in ((SnapshotRef, "migrate.SnapshotRef"), (MemoryFileRef, "migrate.MemoryFileRef"),
-                      (VirtioSpec, "migrate.VirtioSpec"), (MachineConfig, "migrate.MachineConfig"),
-                      (GuestCpuid, "migrate.GuestCpuid")):
+                      (DiskFileRef, "migrate.DiskFileRef"), (VirtioSpec, "migrate.VirtioSpec"),
+                      (MachineConfig, "migrate.MachineConfig"), (GuestCpuid, "migrate.GuestCpuid")):
         reg.register(cls, name, version=1)
     formats.register_format_types(reg)
     return reg

@@ -80,7 +80,7 @@ EXIT_STATUS_TESTS = {
 }
 HERE = {0: "test_the_readme_shell_session_runs_as_written",  # `migrate restore --timeout` among others
         2: "test_exit_2_restore_of_a_file_that_is_not_there",
-        3: "test_exit_3_restore_without_the_guests_disk",
+        3: "test_exit_3_restore_onto_a_disk_that_changed_since",
         4: "test_exit_4_recv_on_a_port_in_use",
         5: "test_exit_5_and_130_ctrl_c_in_send_cancels_and_while_recv_waits",
         7: "test_exit_7_a_completed_migration_past_its_downtime_target"}
@@ -107,7 +107,7 @@ def test_exit_2_restore_of_a_file_that_is_not_there(tmp_path: Path) -> None:
     assert "nosuch.snap: no such snapshot file" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_exit_3_restore_without_the_guests_disk(kvm: Kvm, tmp_path: Path) -> None:
+def test_exit_3_restore_onto_a_disk_that_changed_since(kvm: Kvm, tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
     machine = builtin_machine(kvm, GuestParams(ws_mib=2), VmConfig(mem_size=32 << 20, vcpus=2),
@@ -117,10 +117,12 @@ def test_exit_3_restore_without_the_guests_disk(kvm: Kvm, tmp_path: Path) -> Non
         snapshot(machine, tmp_path / "vm.snap")
     finally:
         discard(machine)
-    done = subprocess.run([*MIGRATE, "restore", str(tmp_path / "vm.snap")], capture_output=True, text=True,
-                          timeout=60)
+    disk.write_bytes(b"changed!" * (1 << 17))  # the snapshot holds the disk as it was
+    done = subprocess.run([*MIGRATE, "restore", str(tmp_path / "vm.snap"), "--disk", str(disk)],
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == ExitStatus.REFUSED == 3, done.stderr
-    assert "DiskRefused" in done.stderr and "Traceback" not in done.stderr
+    assert "DiskRefused" in done.stderr and "changed since the snapshot" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_exit_4_recv_on_a_port_in_use() -> None:

@@ -37,7 +37,11 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                       incremental_from=str(Path(args.incremental_from).resolve()) if args.incremental_from else None,
                       mappable=args.mappable, track_dirty=args.track_dirty, live=args.live, level=args.level)
     expect(result, args.api, "snapshot", {"kind": str, "path": str, "raw_bytes": int, "file_bytes": int,
-                                          "pause_seconds": NUMBER})
+                                          "pause_seconds": NUMBER}, {"disk": (dict, type(None))})
+    disk = result.get("disk")
+    if disk is not None:
+        expect(disk, args.api, "snapshot", {"name": str, "guest_disk": str, "bytes": int, "copied": int, "copy": str,
+                                            "copy_seconds": NUMBER})
     if args.json:
         print_json(result)
     else:
@@ -45,6 +49,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                            f"{result['raw_bytes'] / MiB:.1f} MiB of guest memory in {result['file_bytes'] / MiB:.1f} "
                            f"MiB, guest paused {result['pause_seconds'] * 1000:.1f} ms"
                            + _held_for(result.get("live"))))
+        if disk is not None:
+            results.print(Text(f"  with its disk {Path(disk['guest_disk']).name} as it was then: {disk['name']}, "
+                               f"{disk['bytes'] / MiB:.1f} MiB ({disk['copy']} copy, {disk['copied'] / MiB:.1f} MiB "
+                               f"of data copied in {disk['copy_seconds'] * 1000:.1f} ms)"))
     return ExitStatus.OK
 
 
@@ -65,7 +73,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{args.file}: no such snapshot file")
         t0 = time.perf_counter()
         machine = restore(args.file, kvm, console=console, disk=args.disk, disk_dir=args.disk_dir,
-                          share_memory=args.share_mem, virtio_console=LineConsole(), verify_memory=not args.no_verify)
+                          share_memory=args.share_mem, virtio_console=LineConsole(), verify_memory=not args.no_verify,
+                          disk_from_snapshot=args.disk_from_snapshot, say_disk=lambda text: say("migrate", text))
         say("migrate", f"restored {args.file} in {(time.perf_counter() - t0) * 1000:.1f} ms")
         machine.device("serial0", Serial16550).attach_terminal(terminal())  # before the guest runs
         run.prepare(machine, watch=watch, extra={"console": console})
@@ -82,7 +91,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         table = Table(title=Text(str(args.file)), show_header=False)
         for key in ("snapshot_id", "kind", "base", "memory_bytes", "pages", "raw_bytes", "file_bytes", "header",
-                    "sections", "config", "memory_ranges", "layout", "vcpus", "totals", "digest", "verified", "error"):
+                    "sections", "config", "disk", "memory_ranges", "layout", "vcpus", "totals", "digest", "verified",
+                    "error"):
             if key in result:
                 table.add_row(key, Text(json.dumps(result[key], default=str)))
         results.print(table)

@@ -1,7 +1,9 @@
-"""What a snapshot file is, and reading one: its kinds, the raw `.mem` file beside a mappable one
-(its trailer names the snapshot), a file's CONFIG, the chain of an incremental one (base first),
-and a whole stream checked into staging memory. `migrate.snapshot.snapshots` takes, restores and inspects
-snapshots with these; nothing here creates a VM.
+"""What a snapshot file is, and reading one: its kinds, the files beside it (written at a temporary
+name and renamed with it; opened only as plain names next to it: the raw `.mem` of a mappable one,
+whose trailer names the snapshot, and the `.disk` copy of its guest's disk), a file's CONFIG, the
+chain of an incremental one (base first), and a whole stream checked into staging memory.
+`migrate.snapshot.snapshots` takes, restores and inspects snapshots with these; nothing here
+creates a VM.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import mmap
 import os
 import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -138,26 +142,61 @@ def scratch_memory(vm_config: VmConfig) -> GuestMemory:
     return memory
 
 
-def open_memory_file(path: Path, ref: MemoryFileRef) -> int:
-    """The mappable snapshot's `.mem`, opened read-only and checked (a file next to the snapshot,
-    regular, of the size and with the trailer the snapshot names); the caller closes the fd."""
-    name = ref.path
+@dataclass(frozen=True)
+class Companion:
+    """A file beside a snapshot (its `.mem`, its `.disk`, or the snapshot file itself), written at
+    a hidden temporary name in the same directory and renamed to its own when the snapshot is
+    whole, so a failed snapshot leaves nothing that looks like part of one."""
+
+    final: Path
+    tmp: Path
+
+    @classmethod
+    def of(cls, snapshot: Path, suffix: str, snapshot_id: str) -> Companion:
+        final = snapshot.with_name(snapshot.name + suffix)
+        return cls(final, final.with_name(f".{final.name}.{snapshot_id[:8]}.tmp"))
+
+    def commit(self) -> None:
+        os.replace(self.tmp, self.final)
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
+def open_beside(path: Path, name: str, size: int, what: str) -> int:
+    """The file `name` the snapshot at `path` names as its `what` (memory file, disk copy),
+    opened read-only and checked: a plain name next to the snapshot (never a path elsewhere), a
+    regular file (not following a link, not blocking on a FIFO) of the size the snapshot says.
+    The caller closes the fd."""
     if PurePosixPath(name).name != name or name in ("", ".", ".."):
-        raise SnapshotError(path, f"names its memory file {name!r}, which is not a file next to it")
-    mem_path = path.parent / name
-    try:  # not following a link, not blocking on a FIFO: a regular file or nothing
-        fd = os.open(mem_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        raise SnapshotError(path, f"names its {what} {name!r}, which is not a file next to it")
+    beside = path.parent / name
+    try:
+        fd = os.open(beside, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
-        raise SnapshotError(mem_path, f"the memory file cannot be opened: {e.strerror}") from e
+        raise SnapshotError(beside, f"the {what} cannot be opened: {e.strerror}") from e
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise SnapshotError(mem_path, "the memory file is not a regular file")
-        if st.st_size != ref.size:
-            raise SnapshotError(mem_path, f"is {st.st_size} bytes, the snapshot says {ref.size}")
-        trailer = os.pread(fd, len(MEM_TRAILER_MAGIC) + 32, st.st_size - MEM_TRAILER_SIZE)
+            raise SnapshotError(beside, f"the {what} is not a regular file")
+        if st.st_size != size:
+            raise SnapshotError(beside, f"is {st.st_size} bytes, the snapshot says {size}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_memory_file(path: Path, ref: MemoryFileRef) -> int:
+    """The mappable snapshot's `.mem`, opened read-only and checked (`open_beside`, and the
+    trailer naming the snapshot); the caller closes the fd."""
+    if ref.size < MEM_TRAILER_SIZE:
+        raise SnapshotError(path, f"names a memory file of {ref.size} bytes, shorter than its trailer")
+    fd = open_beside(path, ref.path, ref.size, "memory file")
+    try:
+        trailer = os.pread(fd, len(MEM_TRAILER_MAGIC) + 32, ref.size - MEM_TRAILER_SIZE)
         if trailer != MEM_TRAILER_MAGIC + ref.snapshot_id.encode():
-            raise SnapshotError(mem_path, "belongs to another snapshot (trailer mismatch)")
+            raise SnapshotError(path.parent / ref.path, "belongs to another snapshot (trailer mismatch)")
     except BaseException:
         os.close(fd)
         raise
@@ -186,9 +225,10 @@ def copied_memory(fd: int, vm_config: VmConfig) -> GuestMemory:
     return memory
 
 
-def read_extents(fd: int, start: int, into: memoryview) -> None:
-    """Copy the data extents of the file's [start, start + len(into)) into `into` (holes skipped)."""
-    end, pos = start + len(into), start
+def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The [data, hole) extents of the file's [start, end), by SEEK_DATA / SEEK_HOLE: what a
+    sparse file holds, its holes (never written, read as zeros) left out."""
+    pos = start
     while pos < end:
         try:
             data = os.lseek(fd, pos, os.SEEK_DATA)
@@ -196,12 +236,15 @@ def read_extents(fd: int, start: int, into: memoryview) -> None:
             return
         if data >= end:
             return
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        pos = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, pos
+
+
+def read_extents(fd: int, start: int, into: memoryview) -> None:
+    """Copy the data extents of the file's [start, start + len(into)) into `into` (holes skipped)."""
+    for data, hole in data_extents(fd, start, start + len(into)):
         while data < hole:
             n = os.preadv(fd, [into[data - start: min(hole, data + READ_CHUNK * 64) - start]], data)
             if n <= 0:
                 raise SnapshotError(f"fd {fd}", f"the memory file ended at byte {data} while being read")
             data += n
-        pos = hole
-
-

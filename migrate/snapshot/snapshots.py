@@ -11,12 +11,17 @@ digest). Three kinds:
   naming the snapshot), which a restore maps MAP_PRIVATE, so pages load on first touch and
   restore time does not depend on memory size (as Firecracker's snapshots do).
 
-Files are written to a temporary name and renamed when complete: a failed snapshot leaves no
-file that looks whole. What a file is and how one is read and checked (its kinds, the `.mem`
-trailer, the chain, staging memory) is `migrate.snapshot.files`; this module takes, restores and
-inspects snapshots with it. A restore reads and checks everything (versions, checksums, layout,
-totals, memory digest, CPUID) into staging memory before it creates the VM, so a corrupt or
-foreign snapshot never reaches a VM.
+A snapshot of a guest with a disk also holds the disk as it was at its instant: `FILE.disk`,
+copied in the pause and recorded in CONFIG (`migrate.snapshot.disk_copy`); a restore gives the
+guest that disk, never one that changed since (`migrate.snapshot.disk_restore`, `migrate.disks`).
+
+Files are written to a temporary name and renamed when complete (after the guest resumed: the
+disk copy's fsync needs no pause): a failed snapshot leaves no file that looks whole. What a
+file is and how one is read and checked (its kinds, the `.mem` trailer, the chain, staging
+memory) is `migrate.snapshot.files`; this module takes, restores and inspects snapshots with it.
+A restore reads and checks everything (versions, checksums, layout, totals, memory digest, CPUID,
+the disk) into staging memory before it creates the VM, so a corrupt or foreign snapshot never
+reaches a VM.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import os
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,10 +48,13 @@ from migrate import digest, pages
 from migrate.disks import DiskPolicy
 from migrate.errors import IncompatibleError, MissingSections, SnapshotError, StateShapeError
 from migrate.records import Collected, state_sections
+from migrate.snapshot.disk_copy import DiskCapture, DiskSummary, capture_machine_disk, disk_held
+from migrate.snapshot.disk_restore import disk_for_restore
 from migrate.snapshot.live import HeldMemory, LiveStats
 from migrate.snapshot.files import (
     MEM_TRAILER_MAGIC,
     MEM_TRAILER_SIZE,
+    Companion,
     SnapshotKind,
     config_problems,
     copied_memory,
@@ -90,6 +98,7 @@ class SnapshotInfo:
     pause_seconds: float  # how long the guest was paused for it
     seconds: float
     live: LiveStats | None = None  # what holding the instant cost (a live snapshot)
+    disk: DiskSummary | None = None  # its guest's disk as it was then, copied beside it (None: no disk)
 
 
 @dataclass
@@ -131,6 +140,8 @@ def snapshot(machine: Machine, path: str | Path, *, base: str | Path | None = No
             # unless they can be found after it (as the pages still protected or kept aside)
             read_touched = base_path is None if held is None else not held.reads_touched_after
             plan = _plan(machine, path, base=base_path, mappable=mappable, track=track, read_touched=read_touched)
+            if plan.disk is not None:  # its temporary file, removed unless the snapshot got it
+                stack.callback(plan.disk.discard)
             source: PageSource
             if held is None:
                 source = PausedPages(machine.vm.memory, plan.runs(machine.vm.memory), workers)
@@ -140,11 +151,12 @@ def snapshot(machine: Machine, path: str | Path, *, base: str | Path | None = No
                 if was_running:
                     machine.resume()
                     resumed_at = time.perf_counter()
-            info = _store(machine, plan, source, path, level=level, workers=workers, progress=progress)
+            publish = _store(machine, plan, source, path, level=level, workers=workers, progress=progress)
         finally:
             if was_running and machine.state is RunState.PAUSED:
                 machine.resume()
             resumed_at = resumed_at or time.perf_counter()
+        info = publish()  # the guest runs meanwhile
         if held is not None:
             info["live"] = held.stats()
     pause = resumed_at - paused_at if was_running else 0.0
@@ -165,6 +177,7 @@ class _Plan:
     base: Path | None
     mappable: bool
     track: bool
+    disk: DiskCapture | None  # its guest's disk copied at the instant (not yet its record: `_store`)
 
     def runs(self, memory: GuestMemory) -> list[pages.MemoryRun]:
         """The pages to store, as views of guest RAM (the guest paused)."""
@@ -234,7 +247,9 @@ def _plan(machine: Machine, path: Path, *, base: Path | None, mappable: bool, tr
     if mappable:
         mem_ref = MemoryFileRef(_memory_file(path).name, vm.memory.total_size + MEM_TRAILER_SIZE, snapshot_id)
     config = machine_config(machine, snapshot_id=snapshot_id, base=base_ref, memory_file=mem_ref)
-    return _Plan(snapshot_id, config, capture(machine, config), dirty, touched, base, mappable, track)
+    state = capture(machine, config)
+    disk = capture_machine_disk(machine, path, snapshot_id)  # last: nothing after it here can fail
+    return _Plan(snapshot_id, config, state, dirty, touched, base, mappable, track, disk)
 
 
 def _memory_file(path: Path) -> Path:
@@ -242,21 +257,25 @@ def _memory_file(path: Path) -> Path:
 
 
 def _store(machine: Machine, plan: _Plan, source: PageSource, path: Path, *, level: int, workers: int,
-           progress: Progress | None) -> dict[str, Any]:
+           progress: Progress | None) -> Callable[[], dict[str, Any]]:
+    """Write the snapshot's files at their temporary names; returns what renames them into place
+    once the disk copy is on stable storage, which needs no pause (the caller runs it after)."""
     vm = machine.vm
-    snapshot_id, state, mappable = plan.snapshot_id, plan.state, plan.mappable
-    mem_path = _memory_file(path)
-    tmp = path.with_name(f".{path.name}.{snapshot_id[:8]}.tmp")
-    tmp_mem = mem_path.with_name(f".{mem_path.name}.{snapshot_id[:8]}.tmp")
+    snapshot_id, mappable = plan.snapshot_id, plan.mappable
+    # the disk copy's record (its digest) is made here, not in the pause, where a live snapshot is
+    paused = machine.state is not RunState.RUNNING
+    config = replace(plan.config, disk_file=plan.disk.record(guest_paused=paused)) if plan.disk else plan.config
+    state = replace(plan.state, config=config)
+    stream, mem = Companion.of(path, "", snapshot_id), Companion.of(path, ".mem", snapshot_id)
     writer = StreamWriter(registry(), producer=PRODUCER)
     raw = 0
     try:
-        with open(tmp, "wb") as f:
+        with open(stream.tmp, "wb") as f:
             f.writelines([writer.header(), writer.config(state.config), writer.layout(state.layout)])
             f.writelines(state_sections(writer, state))
             zero = None
             if mappable:
-                raw = _write_memory_file(tmp_mem, vm.memory, source.runs(), snapshot_id)
+                raw = _write_memory_file(mem.tmp, vm.memory, source.runs(), snapshot_id)
             else:
                 with pages.PageEncoderPool(level, workers, stable=source.stable, nice=source.nice) as pool:
                     for section in pool.encode(source.runs()):
@@ -269,22 +288,42 @@ def _store(machine: Machine, plan: _Plan, source: PageSource, path: Path, *, lev
             f.write(writer.end(ram_digest))
             f.flush()
             os.fsync(f.fileno())
-        if mappable:
-            os.replace(tmp_mem, mem_path)
-        os.replace(tmp, path)  # the snapshot exists from here on, whole
     except BaseException:
-        for leftover in (tmp, tmp_mem):
-            leftover.unlink(missing_ok=True)
+        _discard(stream, mem, plan.disk)
         raise
-    if plan.track:
-        _tracked[machine] = _LastSnapshot(snapshot_id, ram_digest, vm.dirty_log_generation)
+    tracked_as = _LastSnapshot(snapshot_id, ram_digest, vm.dirty_log_generation) if plan.track else None
     totals = writer.totals
-    file_bytes = path.stat().st_size + (mem_path.stat().st_blocks * 512 if mappable else 0)
-    log.info("snapshot %s: %s, %d pages, %d bytes", path, snapshot_id, totals.pages, file_bytes)
-    return dict(path=str(path), snapshot_id=snapshot_id,
-                kind=SnapshotKind.of(plan.config),
-                base=str(plan.base) if plan.base else None, pages=totals.pages, raw_bytes=raw,
-                file_bytes=file_bytes, memory_bytes=vm.memory.total_size)
+
+    def publish() -> dict[str, Any]:
+        try:
+            if plan.disk:
+                plan.disk.sync()
+                plan.disk.file.commit()
+            if mappable:
+                mem.commit()
+            stream.commit()  # the snapshot exists from here on, whole
+        except BaseException:
+            _discard(stream, mem, plan.disk)
+            raise
+        if tracked_as is not None:
+            _tracked[machine] = tracked_as
+        file_bytes = path.stat().st_size + (mem.final.stat().st_blocks * 512 if mappable else 0)
+        log.info("snapshot %s: %s, %d pages, %d bytes", path, snapshot_id, totals.pages, file_bytes)
+        return dict(path=str(path), snapshot_id=snapshot_id,
+                    kind=SnapshotKind.of(config),
+                    base=str(plan.base) if plan.base else None, pages=totals.pages, raw_bytes=raw,
+                    file_bytes=file_bytes, memory_bytes=vm.memory.total_size,
+                    disk=plan.disk.summary() if plan.disk else None)
+
+    return publish
+
+
+def _discard(stream: Companion, mem: Companion, disk: DiskCapture | None) -> None:
+    """A failed snapshot's files, at their temporary names, removed: nothing that looks whole."""
+    for leftover in (stream, mem):
+        leftover.discard()
+    if disk:
+        disk.discard()
 
 
 def _write_memory_file(path: Path, memory: GuestMemory, runs: Iterable[pages.MemoryRun], snapshot_id: str) -> int:
@@ -310,15 +349,18 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
             console: Callable[[bytes], None] = lambda b: None, verify_memory: bool = True,
             disk: str | Path | None = None, disk_dir: str | Path | None = None, share_memory: bool = False,
             virtio_console: Callable[[bytes], None] | None = None,
-            progress: Progress | None = None) -> Machine:
+            progress: Progress | None = None, disk_from_snapshot: bool = False,
+            say_disk: Callable[[str], None] = log.info) -> Machine:
     """A paused machine holding the snapshot at `path` (and its chain), checked before any VM
     exists: versions, checksums, layout, the state's shape, totals, CPUID and (`verify_memory`,
     the default, for every kind) the memory digest. `config`, when given, is the VM this VMM
     would build; any difference is refused.
 
-    A guest with a disk gets `disk` (this host's file for it) or the file of the snapshot's disk's
-    name in `disk_dir`; the snapshot's own path is never opened (`migrate.disks`). `virtio_console`
-    takes the virtio console's output (default: `console`).
+    A guest with a disk gets the snapshot's disk as it was at its instant (`migrate.disks`): a
+    private copy of the snapshot's `.disk`, or `disk` (this host's file for it) or the file of the
+    disk's name in `disk_dir` if it holds the same, or (`disk_from_snapshot`) that file replaced by
+    the `.disk`'s contents; the path the snapshot names is never opened. `say_disk` is told which.
+    `virtio_console` takes the virtio console's output (default: `console`).
 
     A mappable snapshot's `.mem` is read into the VM's own memory (only its data extents); with
     `share_memory` it is mapped instead (MAP_PRIVATE, restored in milliseconds with `verify_memory`
@@ -334,9 +376,8 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
     memory_file = head.memory_file
     mappable = memory_file is not None
     shared = mappable and share_memory
-    disk_file = None
-    if head.virtio is not None and head.virtio.disk is not None:  # before any VM or memory
-        disk_file = DiskPolicy.of(disk, disk_dir).open(head.virtio.disk, head.virtio.disk_readonly)
+    guest_disk = disk_for_restore(path, head, DiskPolicy.of(disk, disk_dir),  # before any VM or memory
+                                  from_snapshot=disk_from_snapshot)
     try:
         if memory_file is not None:
             fd = open_memory_file(path, memory_file)
@@ -360,15 +401,20 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
             raise IncompatibleError(problems)
 
         by_base = {r.guest_base: r for r in staging.regions}
-        virtio = head.virtio.build(virtio_console or console, disk_file) if head.virtio else None
+        virtio = head.virtio.build(virtio_console or console, guest_disk.disk if guest_disk else None) \
+            if head.virtio else None
         machine = blank_machine(kvm, vm_config, console, virtio=virtio, backing=lambda base, size: RamBacking(
             by_base[base].mapping, anonymous=not shared))
+        with discard_on_error(machine):
+            apply(machine, state)
+            machine.start(paused=True)
+            if guest_disk:
+                guest_disk.publish()  # a disk written from the snapshot replaces this side's only now
     finally:
-        if disk_file is not None:
-            disk_file.close()  # the device has its own descriptor
-    with discard_on_error(machine):
-        apply(machine, state)
-        machine.start(paused=True)
+        if guest_disk:
+            guest_disk.close()  # the device has its own descriptor
+    if guest_disk:
+        say_disk(f"disk: {guest_disk.says}")
     return machine
 
 
@@ -386,6 +432,7 @@ def inspect(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
                       base=config.base.path if config.base else None, memory_bytes=config.mem_size)
         result["config"] = {"vcpus": config.vcpus, "irqchip": config.irqchip, "pit": config.pit,
                             "tsc_khz": config.tsc_khz}
+        result["disk"] = disk_held(path, config, verify)
         memory_file = config.memory_file
         mappable = memory_file is not None
         if memory_file is not None and verify:  # the .mem it names is part of it: missing or foreign, it is not whole

@@ -54,11 +54,12 @@ def test_snapshot_mid_operation_restores_in_a_new_process(kvm: Kvm, tmp_path: Pa
     try:
         snapshot(machine, tmp_path / "busy.snap")  # taken while the drivers are mid-request
     finally:
-        machine.stop()  # one writer to the disk at a time: the source is gone from here
+        machine.stop()  # it wrote its disk on after the snapshot: disk.img is not the snapshot's now
         machine.vm.close()
     api = tmp_path / "restored.sock"
     proc = subprocess.Popen([sys.executable, "-m", "migrate.cli", "restore", str(tmp_path / "busy.snap"),
-                             "--disk-dir", str(tmp_path), "--api", str(api), "--timeout", "90"],
+                             "--disk-dir", str(tmp_path), "--disk-from-snapshot", "--api", str(api),
+                             "--timeout", "90"],
                             stdout=console_log(tmp_path, "restored"), stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30

@@ -131,14 +131,20 @@ def test_a_restore_never_opens_the_disk_path_the_snapshot_names(kvm: Kvm, tmp_pa
     victim = tmp_path / "victim.img"
     _snapshot_with_disk(kvm, victim, tmp_path / "s")
     stamp = victim.stat().st_mtime_ns
-    before = kvm_vm_fds()
-    with pytest.raises(DiskRefused, match="never opened"):
-        restore(tmp_path / "s", kvm)
-    assert kvm_vm_fds() == before and victim.stat().st_mtime_ns == stamp
+    machine = restore(tmp_path / "s", kvm)  # nothing named: a private copy of s.disk, not the path
+    try:
+        device = machine.devices["virtio-blk0"]
+        assert device.path == Path("victim.img")  # only a name (the guest's disk id)
+        assert not os.path.samestat(os.fstat(device.backend.fileno()), victim.stat())
+        assert os.fstat(device.backend.fileno()).st_nlink == 0  # unlinked: gone with the guest
+    finally:
+        machine.stop()
+        machine.vm.close()
+    assert victim.stat().st_mtime_ns == stamp
 
     disks = tmp_path / "here"
     disks.mkdir()
-    (disks / "victim.img").write_bytes(bytes(MiB))  # this host's disk of that name
+    (disks / "victim.img").write_bytes(victim.read_bytes())  # this host's disk of that name, the same
     machine = restore(tmp_path / "s", kvm, disk_dir=disks)
     try:
         assert machine.devices["virtio-blk0"].path == disks / "victim.img"
@@ -147,16 +153,17 @@ def test_a_restore_never_opens_the_disk_path_the_snapshot_names(kvm: Kvm, tmp_pa
         machine.vm.close()
     with pytest.raises(DiskRefused, match="No such file"):
         restore(tmp_path / "s", kvm, disk_dir=tmp_path / "nowhere")
+    assert victim.stat().st_mtime_ns == stamp
 
 
-def test_a_disk_of_another_size_is_refused_by_the_device(kvm: Kvm, tmp_path: Path) -> None:
-    from hv.errors import HvError
-
+def test_a_disk_of_another_size_is_refused_before_any_vm(kvm: Kvm, tmp_path: Path) -> None:
     _snapshot_with_disk(kvm, tmp_path / "d.img", tmp_path / "s")
     other = tmp_path / "other.img"
     other.write_bytes(bytes(2 * MiB))
-    with pytest.raises(HvError):  # the disk the guest saw had 1 MiB: a restore checks the size
+    before = kvm_vm_fds()
+    with pytest.raises(DiskRefused, match=f"other.img: is {2 * MiB} bytes, the snapshot's disk {MiB}"):
         restore(tmp_path / "s", kvm, disk=other)
+    assert kvm_vm_fds() == before
 
 
 # --- state the file holds -------------------------------------------------------------------------

@@ -70,6 +70,11 @@ class BlkBackend:
         self.features = VIRTIO_BLK_F_FLUSH | (VIRTIO_BLK_F_RO if read_only else 0)
         self.requests = 0
 
+    def fileno(self) -> int:
+        """The disk file's descriptor, still the backend's: for a caller that reads the file while
+        the device is paused (a snapshot copying the disk), never to close."""
+        return self._fd
+
     def config(self) -> bytes:
         # struct virtio_blk_config: capacity u64, size_max u32, seg_max u32, geometry (4 bytes),
         # blk_size u32; only capacity is meaningful without the features that enable the rest.
