@@ -47,12 +47,19 @@ def _vcon_rounds(lines: list[str]) -> list[int]:
     return [int(line.split()[-1]) for line in lines if line.startswith("kvmig-vcon: round ")]
 
 
-@pytest.mark.parametrize("pci", [(), ON_PCI], ids=["mmio", "pci"])
-def test_snapshot_mid_operation_restores_in_a_new_process(kvm: Kvm, tmp_path: Path, pci: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(("pci", "live"), [((), False), (ON_PCI, False), ((), True)], ids=["mmio", "pci", "mmio-live"])
+def test_snapshot_mid_operation_restores_in_a_new_process(kvm: Kvm, tmp_path: Path, pci: tuple[str, ...],
+                                                           live: bool) -> None:
+    """`live`: the guest runs on while the snapshot is written, both vCPUs and the devices busy
+    (their writes to memory and to the disk after the pause are not the snapshot's)."""
     disk, console = tmp_path / "disk.img", bg.GuestConsole()
     machine = _busy_machine(kvm, disk, console, bg.GuestConsole(), pci)
     try:
-        snapshot(machine, tmp_path / "busy.snap")  # taken while the drivers are mid-request
+        passes = console.last_pass()
+        info = snapshot(machine, tmp_path / "busy.snap", live=live)  # taken while the drivers are mid-request
+        if live:
+            assert info.live is not None and info.live.taken > 0
+            console.wait_pass(passes + 2, timeout=30)  # it ran on, and wrote on
     finally:
         machine.stop()  # it wrote its disk on after the snapshot: disk.img is not the snapshot's now
         machine.vm.close()
