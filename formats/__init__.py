@@ -72,6 +72,7 @@ from .digest import (
     block_count,
     block_hash,
     combine_block_hashes,
+    memory_block_hashes,
     memory_digest,
     zero_block_hash,
     zero_block_hashes,
@@ -87,6 +88,17 @@ from .pages import (
     PageTotals,
     page_runs,
 )
+from .index import (
+    INDEX_RUN_DTYPE,
+    INDEX_TAIL,
+    IndexLocation,
+    MemoryIndex,
+    check_tail,
+    decode_memory_index,
+    encode_memory_index,
+    index_location,
+    previous_record,
+)
 from .budget import Budget, BudgetExceeded, scan as scan_budget
 from .schema import MsgpackLimits, SchemaRegistry, unpack as unpack_msgpack
 from .stream import (
@@ -101,6 +113,7 @@ from .stream import (
     EndRecord,
     Header,
     LayoutRecord,
+    MemoryIndexRecord,
     PagesRecord,
     Record,
     SectionKind,

@@ -57,6 +57,7 @@ def _held_for(live: object) -> str:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from migrate.snapshot.lazy import lazy_restore_of, report_when_resident
     from migrate.snapshot.snapshots import restore
 
     console, watch = guest_console()
@@ -65,12 +66,31 @@ def cmd_restore(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{args.file}: no such snapshot file")
         t0 = time.perf_counter()
         machine = restore(args.file, kvm, console=console, disk=args.disk, disk_dir=args.disk_dir,
-                          share_memory=args.share_mem, virtio_console=LineConsole(), verify_memory=not args.no_verify)
-        say("migrate", f"restored {args.file} in {(time.perf_counter() - t0) * 1000:.1f} ms")
+                          share_memory=args.share_mem, virtio_console=LineConsole(), verify_memory=not args.no_verify,
+                          lazy=args.lazy)
+        restore_ms = (time.perf_counter() - t0) * 1000
+        say("migrate", f"restored {args.file} in {restore_ms:.1f} ms" + (" (lazily: no page read yet)" if args.lazy else ""))
         machine.device("serial0", Serial16550).attach_terminal(terminal())  # before the guest runs
         run.prepare(machine, watch=watch, extra={"console": console})
-        machine.resume()
-        return run_machine(machine, run, timeout=args.timeout, start=False)
+        lazy = lazy_restore_of(machine)
+        if lazy is None:
+            machine.resume()
+        else:
+            lazy.resume()
+            report_when_resident(lazy, lambda line, failed: say("migrate", line, "red" if failed else "bold"))
+        try:
+            status = run_machine(machine, run, timeout=args.timeout, start=False)
+        finally:
+            if lazy is not None:
+                lazy.close()
+        result: dict[str, object] = {"path": args.file, "restore_ms": round(restore_ms, 3)}
+        if lazy is not None:
+            result["lazy"] = lazy.stats().as_dict()
+            if lazy.error is not None:
+                status = ExitStatus.FAILED
+        if args.json:
+            print_json(result)
+        return status
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

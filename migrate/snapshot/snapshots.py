@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 import formats
 from formats import StreamWriter, ZeroRanges
 from hv.vmm.builder import blank_machine
@@ -43,7 +45,9 @@ from migrate import digest, pages
 from migrate.disks import DiskPolicy
 from migrate.errors import IncompatibleError, MissingSections, SnapshotError, StateShapeError
 from migrate.records import Collected, state_sections
+from migrate.snapshot.lazy import LazyRestore, lazy_restore_of
 from migrate.snapshot.live import HeldMemory, LiveStats
+from migrate.snapshot.pagetable import build_table
 from migrate.snapshot.files import (
     MEM_TRAILER_MAGIC,
     MEM_TRAILER_SIZE,
@@ -106,15 +110,20 @@ _tracked: weakref.WeakKeyDictionary[Machine, _LastSnapshot] = weakref.WeakKeyDic
 
 def snapshot(machine: Machine, path: str | Path, *, base: str | Path | None = None, level: int = 3,
              mappable: bool = False, track_dirty: bool = False, workers: int = 2, live: bool = False,
-             progress: Progress | None = None) -> SnapshotInfo:
+             progress: Progress | None = None, index: bool = True) -> SnapshotInfo:
     """Write `machine`'s state to `path`. A running machine is paused for the copy and resumed
     after; a paused one stays paused. `track_dirty` keeps dirty logging on afterwards so that a
     later `snapshot(..., base=path)` can store only what changed (incremental ones always do).
 
     `live`: the guest is paused only to capture its vCPU and device state and write-protect its
     RAM, then runs while the pages are written (`migrate.snapshot.live`); the file is the same
-    as a paused snapshot's, of the instant of that pause."""
+    as a paused snapshot's, of the instant of that pause.
+
+    `index` writes a MEMORY_INDEX before END (format 2.1), which a lazy restore reads instead of
+    the whole file; without it the file is as format 2.0 wrote it."""
     path = Path(path)
+    if (pager := lazy_restore_of(machine)) is not None and not pager.resident:  # its unloaded pages look untouched
+        raise SnapshotError(path, "the machine's memory is still being loaded (a lazy restore): snapshot it once resident")
     t0 = time.perf_counter()
     was_running = machine.state is RunState.RUNNING
     base_path = Path(base) if base else None
@@ -140,7 +149,7 @@ def snapshot(machine: Machine, path: str | Path, *, base: str | Path | None = No
                 if was_running:
                     machine.resume()
                     resumed_at = time.perf_counter()
-            info = _store(machine, plan, source, path, level=level, workers=workers, progress=progress)
+            info = _store(machine, plan, source, path, level=level, workers=workers, progress=progress, index=index)
         finally:
             if was_running and machine.state is RunState.PAUSED:
                 machine.resume()
@@ -181,7 +190,10 @@ class PageSource(Protocol):
 
     def runs(self) -> Iterable[pages.MemoryRun]: ...
 
-    def digest(self, zero: ZeroRanges | None) -> int: ...
+    def block_hashes(self, zero: ZeroRanges | None) -> list[tuple[int, int, np.ndarray]]:
+        """The memory digest's block hashes of what was stored, per RAM region (address, size,
+        hashes): the digest is their combination, a MEMORY_INDEX carries them."""
+        ...
 
 
 @dataclass
@@ -197,8 +209,8 @@ class PausedPages:
     def runs(self) -> list[pages.MemoryRun]:
         return self.page_runs
 
-    def digest(self, zero: ZeroRanges | None) -> int:
-        return digest.digest(self.memory, self.workers, zero=zero)
+    def block_hashes(self, zero: ZeroRanges | None) -> list[tuple[int, int, np.ndarray]]:
+        return digest.block_hashes_of(self.memory, self.workers, zero=zero)
 
 
 def _plan(machine: Machine, path: Path, *, base: Path | None, mappable: bool, track: bool,
@@ -242,13 +254,13 @@ def _memory_file(path: Path) -> Path:
 
 
 def _store(machine: Machine, plan: _Plan, source: PageSource, path: Path, *, level: int, workers: int,
-           progress: Progress | None) -> dict[str, Any]:
+           progress: Progress | None, index: bool) -> dict[str, Any]:
     vm = machine.vm
     snapshot_id, state, mappable = plan.snapshot_id, plan.state, plan.mappable
     mem_path = _memory_file(path)
     tmp = path.with_name(f".{path.name}.{snapshot_id[:8]}.tmp")
     tmp_mem = mem_path.with_name(f".{mem_path.name}.{snapshot_id[:8]}.tmp")
-    writer = StreamWriter(registry(), producer=PRODUCER)
+    writer = StreamWriter(registry(), producer=PRODUCER, index=index)
     raw = 0
     try:
         with open(tmp, "wb") as f:
@@ -265,7 +277,10 @@ def _store(machine: Machine, plan: _Plan, source: PageSource, path: Path, *, lev
                         if progress:
                             progress(SnapshotWritten(raw))
                     zero = pool.zero_ranges
-            ram_digest = source.digest(zero)
+            blocks = source.block_hashes(zero)
+            ram_digest = formats.combine_block_hashes(blocks)
+            if index:  # where every page is, for a lazy restore (migrate.snapshot.lazy)
+                f.write(writer.memory_index(state.layout.memory, [hashes for _, _, hashes in blocks]))
             f.write(writer.end(ram_digest))
             f.flush()
             os.fsync(f.fileno())
@@ -310,7 +325,7 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
             console: Callable[[bytes], None] = lambda b: None, verify_memory: bool = True,
             disk: str | Path | None = None, disk_dir: str | Path | None = None, share_memory: bool = False,
             virtio_console: Callable[[bytes], None] | None = None,
-            progress: Progress | None = None) -> Machine:
+            progress: Progress | None = None, lazy: bool = False) -> Machine:
     """A paused machine holding the snapshot at `path` (and its chain), checked before any VM
     exists: versions, checksums, layout, the state's shape, totals, CPUID and (`verify_memory`,
     the default, for every kind) the memory digest. `config`, when given, is the VM this VMM
@@ -323,7 +338,13 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
     A mappable snapshot's `.mem` is read into the VM's own memory (only its data extents); with
     `share_memory` it is mapped instead (MAP_PRIVATE, restored in milliseconds with `verify_memory`
     off, as Firecracker does), and then the file must not change while the VM runs: a page the
-    guest has not written yet is the file's, and a truncated file is SIGBUS."""
+    guest has not written yet is the file's, and a truncated file is SIGBUS.
+
+    `lazy`: no page is read before the guest runs; the machine comes back paused with its RAM
+    empty and registered, `lazy_restore_of(machine).resume()` runs it and pages come in on
+    fault and in the background (`migrate.snapshot.lazy` says what is checked when; the memory
+    digest is checked block by block as blocks come in, `verify_memory` False skips that)."""
+    started = time.perf_counter()
     path = Path(path)
     chain = snapshot_chain(path)
     head = chain[-1][1]
@@ -337,8 +358,12 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
     disk_file = None
     if head.virtio is not None and head.virtio.disk is not None:  # before any VM or memory
         disk_file = DiskPolicy.of(disk, disk_dir).open(head.virtio.disk, head.virtio.disk_readonly)
+    table = None
     try:
-        if memory_file is not None:
+        if lazy:  # each file's head and index read and checked; no page
+            table = build_table(chain, expected)
+            loaded = table.head.collected
+        elif memory_file is not None:
             fd = open_memory_file(path, memory_file)
             try:
                 staging = shared_memory(fd, vm_config) if shared else copied_memory(fd, vm_config)
@@ -349,26 +374,40 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
                             "shrink while the VM runs", path, memory_file.path)
         else:
             staging = scratch_memory(vm_config)
-        sink = pages.MemorySink(staging)
-        loaded = Collected()
-        for file_path, _ in chain:  # base first; the last is the head
-            loaded = read_stream(file_path, expected, None if mappable else sink, progress)
-            if verify_memory:
-                digest.verify(loaded.ended()[2], staging, None if mappable else sink.touched)
+        if not lazy:
+            sink = pages.MemorySink(staging)
+            loaded = Collected()
+            for file_path, _ in chain:  # base first; the last is the head
+                loaded = read_stream(file_path, expected, None if mappable else sink, progress)
+                if verify_memory:
+                    digest.verify(loaded.ended()[2], staging, None if mappable else sink.touched)
         state = state_of(loaded, path, kvm)  # its shape and registers checked, before any VM exists
         if problems := cpuid_problems(state.vcpus[0].cpuid, kvm.guest_cpuid):
             raise IncompatibleError(problems)
 
-        by_base = {r.guest_base: r for r in staging.regions}
         virtio = head.virtio.build(virtio_console or console, disk_file) if head.virtio else None
-        machine = blank_machine(kvm, vm_config, console, virtio=virtio, backing=lambda base, size: RamBacking(
-            by_base[base].mapping, anonymous=not shared))
+        if lazy:
+            machine = blank_machine(kvm, vm_config, console, virtio=virtio, backing=RamBacking.host_filled)
+        else:
+            by_base = {r.guest_base: r for r in staging.regions}
+            machine = blank_machine(kvm, vm_config, console, virtio=virtio, backing=lambda base, size: RamBacking(
+                by_base[base].mapping, anonymous=not shared))
+    except BaseException:
+        if table is not None:
+            table.close()
+        raise
     finally:
         if disk_file is not None:
             disk_file.close()  # the device has its own descriptor
     with discard_on_error(machine):
-        apply(machine, state)
-        machine.start(paused=True)
+        pager = None if table is None else LazyRestore(machine, table, started=started, verify=verify_memory)  # owns it
+        try:  # (the pages KVM reads as the state goes in are served by the pager)
+            apply(machine, state)
+            machine.start(paused=True)
+        except BaseException:
+            if pager is not None:
+                pager.close()
+            raise
     return machine
 
 

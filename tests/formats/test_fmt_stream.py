@@ -185,7 +185,7 @@ def test_newer_minor_is_read_and_newer_major_refused_naming_both() -> None:
     assert records == [Header(FORMAT_MAJOR, 7, 0, "future")]
     with pytest.raises(VersionError) as err:
         StreamReader(REG).feed(_header(FORMAT_MAJOR + 1, 0))
-    assert err.value.found == (FORMAT_MAJOR + 1, 0) and err.value.supported == (FORMAT_MAJOR, 0)
+    assert err.value.found == (FORMAT_MAJOR + 1, 0) and err.value.supported == (FORMAT_MAJOR, FORMAT_MINOR)
     with pytest.raises(BadMagic):
         StreamReader(REG).feed(b"KVMIGX")  # refused as soon as the prefix differs
 

@@ -1,0 +1,556 @@
+"""Lazy restore: the guest runs before any of its memory is read; pages come in when touched.
+
+`restore(..., lazy=True)` builds the machine with fresh, empty RAM, registers it with the
+userfaultfd layer post-copy uses (`hv.kvm.userfault`: MISSING mode, its C fault thread), and
+hands back the machine paused; `LazyRestore.resume()` runs it. From then on:
+
+- **on demand**: a thread that touches a page not in place (a vCPU in KVM_RUN, a device thread)
+  waits in the kernel; the fault server (a thread of its own, ahead of the others) loads that
+  page's 2 MiB block: it reads the runs the page table (`migrate.snapshot.pagetable`) names for
+  it from their files (decompressing a ZSTD run, reading a RAW run or a `.mem` block; through an
+  incremental chain, each page from the newest file that has it), checks them, places the
+  faulted page first and then the rest of the block (UFFDIO_COPY, 64 pages per call, so the C
+  thread serves other faults in between);
+- **in the background**: the loader walks the blocks with data in file order and loads each the
+  same way, in bulk (a run is read whole, with one pread), until every block is in; then the
+  RAM is unregistered and is ordinary memory again. Blocks with no data in any file are zero:
+  the C fault thread places zero pages for them at once, without Python (`stage_zero`).
+
+What is checked, and when:
+
+- before the guest runs (as an eager restore does): every file's header, CONFIG, LAYOUT (against
+  the VM this builds), vCPU, VM and device state (their records' checksums and the record chain
+  from the header; the state's shape, the vCPUs' registers and CPUID against this host); the
+  page table: each file's MEMORY_INDEX (its record checked against the record before it, END's
+  against it; END's page totals and digest against its runs and block hashes; every run inside
+  the RAM, its payload inside the file after the one before it), or, for a file without one,
+  its whole record chain and its run tables (reading the file, decompressing nothing); that
+  every block with no data in any file hashes as zeros by the head's block hashes;
+- as each block comes in (by fault or by the loader): each run's xxh3 checksum over its bytes
+  (a ZSTD frame must also decompress to exactly its size); the block's hash against the head's
+  index, so the memory the guest runs on is, block by block, the memory END's digest was taken
+  of (for a mappable snapshot the block hash is the only checksum its `.mem` has);
+- not checked: the whole-memory digest as such (it is the combination of the block hashes,
+  checked before the run against END); for a head file without an index (format 2.0), the
+  block hashes are unknown, so only the run checksums are checked: a page the writer failed to
+  store would not be noticed there.
+
+A check that fails is a `CorruptPage` naming the page (the one faulted on, or the block's first
+when the loader found it) and the file; that block is never placed, the guest is stopped (its
+vCPUs kicked, then the range released: a vCPU waiting on the page leaves KVM_RUN on its pending
+kick before it runs another instruction) and the error is kept (`error`, `wait_resident`).
+
+While memory is still loading the machine's run state is held (`hv.vmm.owner`): the control
+socket's pause, resume, stop, guest-check, snapshot and migration are refused with `Busy`,
+since each reads guest memory with the interpreter lock held (which the fault server needs) or
+would see unloaded pages as never touched.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import select
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import formats
+from formats import DIGEST_BLOCK, PageEncoding
+from hv.errors import HvError
+from hv.kvm.dirty import PAGE_SIZE
+from hv.kvm.memory import GuestMemory
+from hv.kvm.userfault import Fault, Userfault
+from hv.vmm.machine import Machine, RunState, StopReason
+from hv.vmm.owner import owner_of
+from migrate.datapath import RunDecoder
+from migrate.errors import CorruptPage
+from migrate.snapshot.pagetable import PAGES_PER_BLOCK, PageTable
+
+log = logging.getLogger(__name__)
+
+PLACE_PAGES = 64  # pages per UFFDIO_COPY: the C fault thread waits for the lock at most this long
+ZERO_STAGE_BYTES = 64 << 20  # per stage_zero call, for the same reason
+URGENT_NICE = -10
+
+
+class Block(enum.IntEnum):
+    PENDING = 0
+    BUSY = 1  # a thread is loading it
+    DONE = 2  # every page of it in place
+    ZERO = 3  # no data in any file: the C fault thread places zero pages
+    FAILED = 4  # a check failed: never placed
+
+
+@dataclass(frozen=True)
+class LazyStats:
+    """What a lazy restore did, times from the `restore` call (ms; None: not yet)."""
+
+    faults: int  # fault events the userfaultfd layer read (zero pages the C thread placed included)
+    fault_blocks: int  # blocks loaded because a thread faulted on them
+    pages_on_demand: int  # data pages those blocks held
+    pages_by_loader: int  # data pages the background loader placed
+    zero_pages_faulted: int  # zero pages placed at a fault by the C thread, without Python
+    first_run_ms: float | None  # the guest's first run: its vCPUs left for KVM_RUN
+    first_fault_ms: float | None  # the first fault the fault server took
+    resident_ms: float | None  # every block in place, the RAM unregistered
+    table_ms: float  # building the page table (within the time to the first run)
+    table: str  # how each file's runs were found: "index", "read", "mem", "mem-hashed"
+    fault_p50_us: int
+    fault_p99_us: int
+    loader_done: bool
+    error: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        def ms(value: float | None) -> str:
+            return "-" if value is None else f"{value:.1f} ms"
+        return (f"first run {ms(self.first_run_ms)}, resident {ms(self.resident_ms)}; {self.faults} faults, "
+                f"{self.fault_blocks} blocks on demand ({self.pages_on_demand} pages), {self.pages_by_loader} pages "
+                f"by the loader; page table by {self.table} in {self.table_ms:.1f} ms; fault p50/p99 "
+                f"{self.fault_p50_us}/{self.fault_p99_us} us")
+
+
+_restores: weakref.WeakKeyDictionary[Machine, LazyRestore] = weakref.WeakKeyDictionary()
+
+
+def lazy_restore_of(machine: Machine) -> LazyRestore | None:
+    """The lazy restore `machine` came from, if it did."""
+    return _restores.get(machine)
+
+
+class _Worker:
+    """One thread's means to load blocks: a zstd context, buffers for a run's payload and bytes,
+    and the two runs it decoded last (a 4 MiB run spans up to three blocks)."""
+
+    def __init__(self, table: PageTable) -> None:
+        runs = table.runs
+        data = runs["encoding"] != PageEncoding.ZERO
+        largest = int(runs["pages"][data].max()) * PAGE_SIZE if data.any() else PAGE_SIZE
+        self.decoder = RunDecoder()
+        self.payload = np.empty(max(int(runs["length"].max()) if len(runs) else 0, 1), dtype=np.uint8)
+        self.decoded = [np.empty(largest, dtype=np.uint8), np.empty(largest, dtype=np.uint8)]
+        self.held = [-1, -1]  # the run each of `decoded` holds
+        self.recent = 1  # the one used last
+        self.image = np.empty(DIGEST_BLOCK, dtype=np.uint8)
+
+    def warm(self) -> None:
+        """Touch the buffers once, so a fault does not pay their first touch (dear on nested hosts)."""
+        for buffer in (self.payload, *self.decoded, self.image):
+            buffer.fill(0)
+
+
+class _BadRun(Exception):
+    """A run failed its check: which one, and why."""
+
+    def __init__(self, run: int, error: formats.FormatError) -> None:
+        super().__init__(str(error))
+        self.run, self.error = run, error
+
+
+class LazyRestore:
+    """The pages of a lazily restored `machine` (built by `restore(..., lazy=True)`): its RAM
+    registered, the fault server running (a restore's own reads of guest memory, as KVM applies
+    the vCPU state, are served too), the loader waiting for `resume` (or a fault once the guest
+    ran). `verify` False skips the run and block checksums (`migrate restore --no-verify`)."""
+
+    def __init__(self, machine: Machine, table: PageTable, *, started: float, verify: bool = True) -> None:
+        self.machine, self.table, self.started, self.verify = machine, table, started, verify
+        self.error: CorruptPage | None = None
+        self._state = np.where(table.has_data, Block.PENDING, Block.ZERO).astype(np.uint8)
+        self._lock = threading.Condition()
+        self._stop = threading.Event()
+        self._go = threading.Event()  # the loader may begin
+        self._autostart = True  # a fault after the guest ran sets `_go`
+        self._resident = threading.Event()  # every block in, or given up on
+        self._stop_r, self._stop_w = os.pipe()
+        self._first_run: float | None = None
+        self._first_fault: float | None = None
+        self._resident_at: float | None = None
+        self._counts = {"fault_blocks": 0, "pages_on_demand": 0, "pages_by_loader": 0}
+        self._wanted: dict[int, list[int]] = {}  # block being loaded -> pages a thread faulted on since
+        self._uffd: list[Userfault] = []
+        self._hold: AbstractContextManager[object] | None = None
+        self._closed = False
+        self._last_stats = (0, 0, 0, 0)
+        self._memory: GuestMemory = machine.vm.memory
+        try:
+            for region in self._memory.regions:
+                self._uffd.append(Userfault(region))
+            self._hold = owner_of(machine).hold(f"lazy restore of {table.head.path} (memory loading)")
+            self._hold.__enter__()
+        except BaseException:
+            self._release_range()
+            os.close(self._stop_r)
+            os.close(self._stop_w)
+            table.close()
+            raise
+        self._server = threading.Thread(target=self._serve, name="lazy-faults", daemon=True)
+        self._loader = threading.Thread(target=self._load_all, name="lazy-loader", daemon=True)
+        self._server.start()
+        self._loader.start()
+        _restores[machine] = self
+
+    # --- the caller's ---
+
+    def resume(self, *, load: bool = True) -> float:
+        """Run the guest (`Machine.resume`, until its vCPUs left for KVM_RUN: the first run);
+        then the loader begins, unless `load` is False (only faults bring pages in then, until
+        `start_loader`). Returns the time from the `restore` call to the first run (s)."""
+        self._autostart = load
+        self.machine.resume(wait_running=True)
+        self._first_run = time.perf_counter() - self.started
+        if load:
+            self._go.set()
+        return self._first_run
+
+    def start_loader(self) -> None:
+        self._go.set()
+
+    @property
+    def resident(self) -> bool:
+        return self._resident.is_set() and self.error is None
+
+    def wait_resident(self, timeout: float | None = None) -> LazyStats:
+        """Wait until every page is in (or a check failed): the stats; `CorruptPage` if one did,
+        `TimeoutError` if `timeout` passed first."""
+        if not self._resident.wait(timeout):
+            raise TimeoutError(f"lazy restore of {self.table.head.path}: memory not resident after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.stats()
+
+    def stats(self) -> LazyStats:
+        faults, zero, p50, p99 = self._uffd_stats()
+
+        def ms(value: float | None) -> float | None:
+            return None if value is None else round(value * 1000, 3)
+        with self._lock:
+            counts = dict(self._counts)
+        return LazyStats(faults=faults, zero_pages_faulted=zero, first_run_ms=ms(self._first_run),
+                         first_fault_ms=ms(self._first_fault), resident_ms=ms(self._resident_at),
+                         table_ms=round(self.table.seconds * 1000, 3),
+                         table="+".join(sorted({s.found for s in self.table.sources})),
+                         fault_p50_us=p50, fault_p99_us=p99, loader_done=self.resident,
+                         error=None if self.error is None else str(self.error), **counts)
+
+    def _uffd_stats(self) -> tuple[int, int, int, int]:
+        """(faults, zero pages the C thread placed, latency p50 us, p99 us); once the range is
+        unregistered, as they were then."""
+        with self._lock:
+            return self._uffd_stats_of(self._uffd) if self._uffd else self._last_stats
+
+    @staticmethod
+    def _uffd_stats_of(uffds: list[Userfault]) -> tuple[int, int, int, int]:
+        faults = zero = p50 = p99 = 0
+        for uffd in uffds:
+            s = uffd.stats()
+            faults, zero = faults + s.faults, zero + s.fast
+            p50, p99 = max(p50, s.latency.p50_ns // 1000), max(p99, s.latency.p99_ns // 1000)
+        return faults, zero, p50, p99
+
+    def close(self) -> None:
+        """Stop loading, unregister the RAM, close the files. For a machine that is stopped, or
+        whose memory is all in: a page never loaded reads as zero from then on."""
+        self._stop.set()
+        self._go.set()
+        self._wake_server()
+        for thread in (self._server, self._loader):
+            if thread is not threading.current_thread():
+                thread.join(10)
+        self._release_range()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.table.close()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+    # --- the two threads ---
+
+    def _serve(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), URGENT_NICE)  # a vCPU waits on it
+        except OSError:
+            pass
+        worker = _Worker(self.table)
+        worker.warm()
+        by_fd = {u.notify_fd: u for u in self._uffd}
+        try:
+            while not self._stop.is_set():
+                ready, _, _ = select.select([*by_fd, self._stop_r], [], [])
+                for fd in ready:
+                    if fd in by_fd and not self._stop.is_set():
+                        for fault in by_fd[fd].take_faults(512):
+                            self._fault(fault, worker)
+        except (HvError, OSError) as e:
+            if not self._ending():
+                log.error("lazy restore: the fault server stopped: %s", e)
+                self._stop_guest(f"the fault server stopped: {e}")
+
+    def _fault(self, fault: Fault, worker: _Worker) -> None:
+        if self._first_fault is None:
+            self._first_fault = time.perf_counter() - self.started
+        if self._autostart and self.machine.ever_ran:
+            self._go.set()
+        block = self.table.block_of(fault.address)
+        with self._lock:
+            state = Block(self._state[block])
+            if state is Block.PENDING:
+                self._state[block] = Block.BUSY
+            elif state is Block.BUSY:  # the loader has it: it places this page next
+                self._wanted.setdefault(block, []).append(fault.address)
+        if state is Block.PENDING:
+            self._load(block, worker, fault.address)
+        elif state in (Block.ZERO, Block.DONE):  # (a zero block before its staging: placed now)
+            self._region(fault.address).resolve_zero(fault.address, PAGE_SIZE)
+        # FAILED: it is never placed (the guest is being stopped)
+
+    def _load_all(self) -> None:
+        self._go.wait()
+        try:
+            if self._ending():
+                return
+            self._stage_zero_blocks()
+            worker = _Worker(self.table)
+            for block in self.table.load_order().tolist():
+                if self._ending():
+                    return
+                with self._lock:
+                    if self._state[block] != Block.PENDING:
+                        continue
+                    self._state[block] = Block.BUSY
+                self._load(block, worker, None)
+            with self._lock:  # blocks a fault is loading still
+                self._lock.wait_for(lambda: self._ending() or not (self._state == Block.BUSY).any())
+            if not self._ending():
+                self._finish()
+        except (HvError, OSError) as e:
+            if not self._ending():
+                log.error("lazy restore: the loader stopped: %s", e)
+                self._stop_guest(f"the loader stopped: {e}")
+
+    def _stage_zero_blocks(self) -> None:
+        """Blocks with no data: zero pages, placed by the C fault thread when touched."""
+        zero = np.flatnonzero(self._state == Block.ZERO)
+        if not len(zero):
+            return
+        cuts = np.flatnonzero((np.diff(zero) != 1) | np.isin(zero[1:], self.table.first_block)) + 1
+        for group in np.split(zero, cuts):  # consecutive blocks of one RAM range
+            start, _, _ = self.table.block_span(int(group[0]))
+            last, _, pages = self.table.block_span(int(group[-1]))
+            end = last + pages * PAGE_SIZE
+            for at in range(start, end, ZERO_STAGE_BYTES):
+                self._region(at).stage_zero(at, min(end - at, ZERO_STAGE_BYTES))
+
+    def _finish(self) -> None:
+        """Every block in: the RAM back to ordinary memory, the run state free again, the files
+        closed."""
+        self._resident_at = time.perf_counter() - self.started
+        self._stop.set()
+        self._wake_server()
+        self._server.join(10)
+        self._release_range()
+        self._resident.set()
+        log.info("lazy restore of %s: resident after %.1f ms", self.table.head.path, self._resident_at * 1000)
+
+    def _ending(self) -> bool:
+        return self._stop.is_set() or self.error is not None or self.machine.state in (RunState.STOPPED,
+                                                                                       RunState.ERROR)
+
+    def _wake_server(self) -> None:
+        try:
+            os.write(self._stop_w, b"x")
+        except OSError:  # closed already
+            pass
+
+    # --- one block ---
+
+    def _load(self, block: int, worker: _Worker, faulted: int | None) -> None:
+        """Load `block` (claimed BUSY by this thread): its bytes checked, then placed, the page
+        `faulted` (a thread waits for it) first."""
+        address, first_page, pages = self.table.block_span(block)
+        try:
+            image = self._assemble(block, worker, address, first_page, pages)
+        except (_BadRun, formats.FormatError) as e:
+            self._corrupt(block, address if faulted is None else faulted, e)
+            return
+        owners = self.table.owner[first_page:first_page + pages]
+        data = owners >= 0
+        data[data] = self.table.runs["encoding"][owners[data]] != PageEncoding.ZERO
+        uffd = self._region(address)
+        wanted = [] if faulted is None else [faulted]
+        kinds = data.astype(np.int8)
+        cuts = np.flatnonzero(np.diff(kinds)) + 1
+        for a, b in zip(np.concatenate(([0], cuts)).tolist(), np.concatenate((cuts, [pages])).tolist(), strict=True):
+            for c in range(a, b, PLACE_PAGES):
+                with self._lock:  # pages faulted on while this block loads go first
+                    wanted += self._wanted.pop(block, [])
+                for page in wanted:
+                    i = (page - address) // PAGE_SIZE
+                    _place(uffd, address, image, bool(data[i]), i, i + 1)
+                wanted = []
+                _place(uffd, address, image, bool(data[c]), c, min(b, c + PLACE_PAGES))
+        with self._lock:
+            self._wanted.pop(block, None)  # (all placed by now)
+            self._state[block] = Block.DONE
+            self._counts["pages_by_loader" if faulted is None else "pages_on_demand"] += int(data.sum())
+            self._counts["fault_blocks"] += faulted is not None
+            self._lock.notify_all()
+
+    def _assemble(self, block: int, worker: _Worker, address: int, first_page: int, pages: int) -> memoryview:
+        """The block's bytes as the snapshot holds them: each page from its run (read and
+        checked), zero where no run has data; then its hash checked against the head's index."""
+        table, runs = self.table, self.table.runs
+        owners = table.owner[first_page:first_page + pages]
+        ids = np.unique(owners[owners >= 0])
+        ids = ids[runs["encoding"][ids] != PageEncoding.ZERO]
+        expected = None if table.block_hashes is None or not self.verify else int(table.block_hashes[block])
+        if len(ids) == 1 and int(runs["address"][ids[0]]) == address and int(runs["pages"][ids[0]]) == pages \
+                and bool((owners == ids[0]).all()):  # one run that is exactly this block: no copy
+            rid = int(ids[0])
+            image = self._decoded(rid, worker)
+            if expected is not None and bool(runs["checked"][rid]) and int(runs["digest"][rid]) == expected:
+                return image  # its run check was this very check (a mappable snapshot's block)
+        else:
+            out = worker.image[:pages * PAGE_SIZE]
+            out.fill(0)
+            for rid in ids.tolist():
+                decoded = np.frombuffer(self._decoded(rid, worker), dtype=np.uint8)
+                mine = np.flatnonzero(owners == rid)
+                skip = (address - int(runs["address"][rid])) // PAGE_SIZE  # the run's page at the block's start
+                for part in np.split(mine, np.flatnonzero(np.diff(mine) != 1) + 1):
+                    a, b = int(part[0]), int(part[-1]) + 1
+                    out[a * PAGE_SIZE:b * PAGE_SIZE] = decoded[(a + skip) * PAGE_SIZE:(b + skip) * PAGE_SIZE]
+            image = out.data
+        if expected is not None and (found := RunDecoder.digest(image)) != expected:
+            raise formats.ChecksumError(f"memory block @{address:#x}", block * DIGEST_BLOCK, expected, found)
+        return image
+
+    def _decoded(self, rid: int, worker: _Worker) -> memoryview:
+        """Run `rid`'s bytes, read (and decompressed) into one of the worker's two buffers, the
+        one used less recently, its checksum checked; kept for the next block."""
+        run = self.table.runs[rid]
+        size = int(run["pages"]) * PAGE_SIZE
+        if rid in worker.held:
+            worker.recent = worker.held.index(rid)
+            return worker.decoded[worker.recent].data[:size]
+        slot = 1 - worker.recent
+        worker.held[slot] = -1
+        source = self.table.sources[int(run["source"])]
+        offset, length = int(run["offset"]), int(run["length"])
+        out = worker.decoded[slot].data[:size]
+        try:
+            if run["encoding"] == PageEncoding.ZSTD:
+                frame = worker.payload.data[:length]
+                _read(source.fd, frame, offset)
+                worker.decoder.decompress(frame, out, offset)
+            else:
+                _read(source.fd, out, offset)
+            # (--no-verify skips the memory digest's checks: the block hashes a `.mem` is checked by)
+            check = run["checked"] and (self.verify or not source.found.startswith("mem"))
+            if check and (found := RunDecoder.digest(out)) != int(run["digest"]):
+                raise formats.ChecksumError(f"pages run @{int(run['address']):#x}", offset, int(run["digest"]), found)
+        except formats.FormatError as e:
+            raise _BadRun(rid, e) from e
+        worker.held[slot], worker.recent = rid, slot
+        return out
+
+    def _region(self, address: int) -> Userfault:
+        for uffd in self._uffd:
+            if uffd.guest_base <= address < uffd.guest_base + uffd.length:
+                return uffd
+        raise formats.PageRangeError(address, 1, "outside the guest's RAM")
+
+    # --- failure and teardown ---
+
+    def _corrupt(self, block: int, address: int, error: _BadRun | formats.FormatError) -> None:
+        """A check failed for `block` (at `address`, the page faulted on or the block's first):
+        the block is never placed, the error kept, the guest stopped."""
+        block_address, _, pages = self.table.block_span(block)
+        if isinstance(error, _BadRun):  # the run's file; else the block hash, the head's
+            run = self.table.runs[error.run]
+            path = self.table.sources[int(run["source"])].path
+            first, count, cause = int(run["address"]), int(run["pages"]), error.error
+        else:
+            path, first, count, cause = self.table.head.path, block_address, pages, error
+        corrupt = CorruptPage(path, address, first, count, cause)
+        with self._lock:
+            self._state[block] = Block.FAILED
+            if self.error is None:
+                self.error = corrupt
+            self._lock.notify_all()
+        log.error("lazy restore: %s", corrupt)
+        self._stop_guest(str(corrupt))
+
+    def _stop_guest(self, why: str) -> None:
+        """Stop the guest without letting it run on a page that is not right: its vCPUs kicked
+        first (a stop requested), then the range released (a vCPU waiting on a page leaves
+        KVM_RUN on the pending kick, before any guest instruction). On a thread of its own: the
+        one that found it may be the fault server, which the stop may need."""
+        def stop() -> None:
+            self.machine.request_stop(StopReason("fatal", why))
+            self._stop.set()
+            self._go.set()
+            self._wake_server()
+            self._release_range()
+            self._resident.set()  # (wait_resident wakes, and raises the error)
+        threading.Thread(target=stop, name="lazy-stop", daemon=True).start()
+
+    def _release_range(self) -> None:
+        """Unregister the RAM (once) and give the run state back."""
+        with self._lock:
+            if self._uffd:
+                self._last_stats = self._uffd_stats_of(self._uffd)
+            uffds, self._uffd = self._uffd, []
+            hold, self._hold = self._hold, None
+        for uffd in uffds:
+            try:
+                uffd.close()
+            except HvError as e:  # (the VM's memory may be gone already)
+                log.info("lazy restore: closing %r: %s", uffd, e)
+        if hold is not None:
+            hold.__exit__(None, None, None)
+
+
+def _place(uffd: Userfault, address: int, image: memoryview, data: bool, first: int, end: int) -> None:
+    """Pages [first, end) of the block at `address`, all data (from `image`) or all zero pages;
+    those in place already stay as they are."""
+    if data:
+        uffd.resolve_copy(address + first * PAGE_SIZE, image[first * PAGE_SIZE:end * PAGE_SIZE])
+    else:
+        uffd.resolve_zero(address + first * PAGE_SIZE, (end - first) * PAGE_SIZE)
+
+
+def _read(fd: int, into: memoryview, offset: int) -> None:
+    """Fill `into` from the file at `offset` (a file that ends first is a `TruncatedError`)."""
+    done = 0
+    while done < len(into):
+        n = os.preadv(fd, [into[done:]], offset + done)
+        if n <= 0:
+            raise formats.TruncatedError("pages", offset, len(into), done)
+        done += n
+
+
+def report_when_resident(restore: LazyRestore, say: Callable[[str, bool], None]) -> None:
+    """Call `say(line, failed)` once, from a thread of its own, when `restore`'s memory is all in
+    (its figures) or a check failed (the error)."""
+    def wait() -> None:
+        try:
+            stats = restore.wait_resident()
+        except CorruptPage as e:
+            say(f"lazy restore stopped the guest: {e}", True)
+            return
+        say(f"lazy restore: memory resident; {stats.summary()}", False)
+    threading.Thread(target=wait, name="lazy-report", daemon=True).start()
