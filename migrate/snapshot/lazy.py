@@ -410,24 +410,24 @@ class LazyRestore:
             self._lock.notify_all()
 
     def _assemble(self, block: int, worker: _Worker, address: int, first_page: int, pages: int) -> memoryview:
-        """The block's bytes as the snapshot holds them: each page from its run (read and
-        checked), zero where no run has data; then its hash checked against the head's index."""
+        """The block's bytes as the snapshot holds them: each page from its run, zero where no
+        run has data; checked by the block's hash from the head's index when there is one (a run
+        is then checked by its own checksum only if the block fails, to name the file at fault:
+        a damaged page that a newer file overrides harms nothing), else by each run's checksum."""
         table, runs = self.table, self.table.runs
         owners = table.owner[first_page:first_page + pages]
         ids = np.unique(owners[owners >= 0])
         ids = ids[runs["encoding"][ids] != PageEncoding.ZERO]
         expected = None if table.block_hashes is None or not self.verify else int(table.block_hashes[block])
-        if len(ids) == 1 and int(runs["address"][ids[0]]) == address and int(runs["pages"][ids[0]]) == pages \
-                and bool((owners == ids[0]).all()):  # one run that is exactly this block: no copy
-            rid = int(ids[0])
-            image = self._decoded(rid, worker)
-            if expected is not None and bool(runs["checked"][rid]) and int(runs["digest"][rid]) == expected:
-                return image  # its run check was this very check (a mappable snapshot's block)
+        check_runs = expected is None  # (and --no-verify: the runs' checksums still)
+        if len(ids) == 1 and bool((owners == ids[0]).all()):  # every page from one run: a slice of it, no copy
+            skip = (address - int(runs["address"][ids[0]])) // PAGE_SIZE
+            image = self._decoded(int(ids[0]), worker, check_runs)[skip * PAGE_SIZE:(skip + pages) * PAGE_SIZE]
         else:
             out = worker.image[:pages * PAGE_SIZE]
             out.fill(0)
             for rid in ids.tolist():
-                decoded = np.frombuffer(self._decoded(rid, worker), dtype=np.uint8)
+                decoded = np.frombuffer(self._decoded(rid, worker, check_runs), dtype=np.uint8)
                 mine = np.flatnonzero(owners == rid)
                 skip = (address - int(runs["address"][rid])) // PAGE_SIZE  # the run's page at the block's start
                 for part in np.split(mine, np.flatnonzero(np.diff(mine) != 1) + 1):
@@ -435,36 +435,40 @@ class LazyRestore:
                     out[a * PAGE_SIZE:b * PAGE_SIZE] = decoded[(a + skip) * PAGE_SIZE:(b + skip) * PAGE_SIZE]
             image = out.data
         if expected is not None and (found := RunDecoder.digest(image)) != expected:
+            for rid in ids.tolist():  # which file: the first run that fails its own check
+                self._decoded(rid, worker, True)
             raise formats.ChecksumError(f"memory block @{address:#x}", block * DIGEST_BLOCK, expected, found)
         return image
 
-    def _decoded(self, rid: int, worker: _Worker) -> memoryview:
+    def _decoded(self, rid: int, worker: _Worker, check: bool) -> memoryview:
         """Run `rid`'s bytes, read (and decompressed) into one of the worker's two buffers, the
-        one used less recently, its checksum checked; kept for the next block."""
+        one used less recently, kept for the next block; with `check`, its checksum checked
+        (`_BadRun` if it fails: its file is the one at fault)."""
         run = self.table.runs[rid]
-        size = int(run["pages"]) * PAGE_SIZE
-        if rid in worker.held:
-            worker.recent = worker.held.index(rid)
-            return worker.decoded[worker.recent].data[:size]
-        slot = 1 - worker.recent
-        worker.held[slot] = -1
-        source = self.table.sources[int(run["source"])]
-        offset, length = int(run["offset"]), int(run["length"])
-        out = worker.decoded[slot].data[:size]
+        size, offset = int(run["pages"]) * PAGE_SIZE, int(run["offset"])
         try:
-            if run["encoding"] == PageEncoding.ZSTD:
-                frame = worker.payload.data[:length]
-                _read(source.fd, frame, offset)
-                worker.decoder.decompress(frame, out, offset)
+            if rid in worker.held:
+                worker.recent = worker.held.index(rid)
+                out = worker.decoded[worker.recent].data[:size]
             else:
-                _read(source.fd, out, offset)
-            # (--no-verify skips the memory digest's checks: the block hashes a `.mem` is checked by)
-            check = run["checked"] and (self.verify or not source.found.startswith("mem"))
-            if check and (found := RunDecoder.digest(out)) != int(run["digest"]):
+                slot = 1 - worker.recent
+                worker.held[slot] = -1
+                source = self.table.sources[int(run["source"])]
+                out = worker.decoded[slot].data[:size]
+                if run["encoding"] == PageEncoding.ZSTD:
+                    frame = worker.payload.data[:int(run["length"])]
+                    _read(source.fd, frame, offset)
+                    worker.decoder.decompress(frame, out, offset)
+                else:
+                    _read(source.fd, out, offset)
+                worker.held[slot], worker.recent = rid, slot
+            # (--no-verify skips the memory digest's checks, the block hashes a `.mem` is checked by;
+            # a PAGES run's checksum is the format's own, which every reader checks)
+            mem_block = self.table.sources[int(run["source"])].found.startswith("mem")
+            if check and run["checked"] and (self.verify or not mem_block) and (found := RunDecoder.digest(out)) != int(run["digest"]):
                 raise formats.ChecksumError(f"pages run @{int(run['address']):#x}", offset, int(run["digest"]), found)
         except formats.FormatError as e:
             raise _BadRun(rid, e) from e
-        worker.held[slot], worker.recent = rid, slot
         return out
 
     def _region(self, address: int) -> Userfault:

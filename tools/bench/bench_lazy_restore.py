@@ -1,0 +1,134 @@
+"""Restore to the guest's first instruction, lazy against eager (numbers, not asserts).
+
+    .venv/bin/python tools/bench/bench_lazy_restore.py [--runs 5] [--json] [--scenario hot256-max]
+
+One snapshot of the built-in guest per kind (compressed, zstd level 1; mappable), taken while it
+runs the scenario (../shared/README.md names: hot256-max is a 1 GiB guest dirtying a 256 MiB
+working set at full rate), then restored in this process `--runs` times per way, the ways
+interleaved run by run so that a busy moment of the host falls on all of them:
+
+- eager: `restore()` reads and checks every page (and the memory digest) before the VM exists;
+- eager-shared (mappable only): the `.mem` mapped MAP_PRIVATE, unchecked (`--share-mem
+  --no-verify`): the restore that was lazy before this;
+- lazy: `restore(lazy=True)`: no page read before the guest runs, each block checked as it
+  comes in, by fault or by the background loader.
+
+Figures per way (median and [min-max] over the runs): `first_run_ms`, from the `restore` call
+until the guest's vCPU left for KVM_RUN (`Machine.resume(wait_running=True)` returned: what
+the guest waits for before its first instruction); for lazy also `resident_ms` (every block in,
+the RAM unregistered), the faults, the pages loaded on demand, the fault latency p50/p99 of the
+userfaultfd layer, and whether the guest's working-set check held after its next pass. Snapshot
+files go to tmpfs by default: this measures the restore, not the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from hv.guests import builtin as bg
+from hv.kvm.kvm import Kvm
+from hv.kvm.vm import VmConfig
+from hv.vmm.builder import builtin_machine
+from hv.vmm.machine import Machine
+from migrate.snapshot.lazy import lazy_restore_of
+from migrate.snapshot.snapshots import restore, snapshot
+
+MiB, GiB = 1 << 20, 1 << 30
+SCENARIOS = {"hot256-max": (1 * GiB, 256, 0), "hot256-100": (1 * GiB, 256, 100), "tiny-1g": (1 * GiB, 1, 0),
+             "idle-4g": (4 * GiB, 1, 1)}
+WAYS = {"zstd": ("eager", "lazy"), "mappable": ("eager", "eager-shared", "lazy")}
+
+
+def restore_once(kvm: Kvm, path: Path, way: str, check: bool) -> dict:
+    console = bg.GuestConsole()
+    t0 = time.perf_counter()
+    machine: Machine = restore(path, kvm, console=console, lazy=way == "lazy", share_memory=way == "eager-shared",
+                               verify_memory=way != "eager-shared")
+    pager = lazy_restore_of(machine)
+    row: dict = {}
+    try:
+        if pager is None:
+            machine.resume(wait_running=True)
+            row["first_run_ms"] = (time.perf_counter() - t0) * 1000
+        else:
+            row["first_run_ms"] = pager.resume() * 1000
+            stats = pager.wait_resident(120)
+            row.update(resident_ms=stats.resident_ms, faults=stats.faults, fault_blocks=stats.fault_blocks,
+                       pages_on_demand=stats.pages_on_demand, pages_by_loader=stats.pages_by_loader,
+                       fault_p50_us=stats.fault_p50_us, fault_p99_us=stats.fault_p99_us, table_ms=stats.table_ms)
+        if check:  # its next pass done, the working set as the guest's own rule wants it
+            console.wait_pass(console.last_pass() + 2 if console.passes else 2, timeout=120)
+            machine.pause()
+            row["working_set_ok"] = bg.check_memory(machine.vm.memory).ok
+    finally:
+        machine.stop()
+        if pager is not None:
+            pager.close()
+        machine.vm.close()
+    return row
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):8.1f} [{min(values):.1f}-{max(values):.1f}]"
+
+
+def bench(scenario: str, runs: int, directory: str | None, as_json: bool) -> dict:
+    mem, ws, rate = SCENARIOS[scenario]
+    kvm = Kvm()
+    tmp = Path(tempfile.mkdtemp(prefix="kvmigrate-lazy-", dir=directory))
+    console = bg.GuestConsole()
+    source = builtin_machine(kvm, bg.GuestParams(ws_mib=ws, rate_mib_s=rate), VmConfig(mem_size=mem), console)
+    source.start()
+    try:
+        console.wait_pass(2, timeout=300)
+        for kind in WAYS:
+            snapshot(source, tmp / kind, mappable=kind == "mappable", level=1)
+    finally:
+        source.stop()
+        source.vm.close()
+    out: dict = {}
+    for kind, ways in WAYS.items():
+        rows: dict[str, list[dict]] = {way: [] for way in ways}
+        for i in range(runs):
+            for way in ways:
+                rows[way].append(restore_once(kvm, tmp / kind, way, check=i == 0))
+        for way, results in rows.items():
+            name = f"{scenario} {kind} {way}"
+            figures = {key: [r[key] for r in results] for key in results[0] if key != "working_set_ok"}
+            out[name] = {"runs": results, **{key: statistics.median(v) for key, v in figures.items()},
+                         "working_set_ok": results[0].get("working_set_ok")}
+            if not as_json:
+                print(f"{name:32} first run ms {spread(figures['first_run_ms'])}" + (
+                    f"  resident ms {spread(figures['resident_ms'])}  faults {statistics.median(figures['faults']):.0f}"
+                    f", blocks on demand {statistics.median(figures['fault_blocks']):.0f}, fault p50/p99 us "
+                    f"{statistics.median(figures['fault_p50_us']):.0f}/{statistics.median(figures['fault_p99_us']):.0f}"
+                    f", page table {statistics.median(figures['table_ms']):.1f} ms" if way == "lazy" else "")
+                    + f"  working set {'ok' if results[0].get('working_set_ok') else 'BROKEN'}", flush=True)
+    for path in tmp.iterdir():
+        path.unlink()
+    tmp.rmdir()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="default: hot256-max")
+    ap.add_argument("--dir", default="/dev/shm" if Path("/dev/shm").is_dir() else None,
+                    help="where snapshot files go (default: tmpfs)")
+    args = ap.parse_args()
+    result = {}
+    for scenario in args.scenario or ["hot256-max"]:
+        result.update(bench(scenario, args.runs, args.dir, args.json))
+    if args.json:
+        print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
