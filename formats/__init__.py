@@ -99,6 +99,7 @@ from .index import (
     index_location,
     previous_record,
 )
+from .workingset import WorkingSet, check_working_set, decode_working_set, encode_working_set, page_addresses
 from .budget import Budget, BudgetExceeded, scan as scan_budget
 from .schema import MsgpackLimits, SchemaRegistry, unpack as unpack_msgpack
 from .stream import (
@@ -115,6 +116,7 @@ from .stream import (
     LayoutRecord,
     MemoryIndexRecord,
     PagesRecord,
+    WorkingSetRecord,
     Record,
     SectionKind,
     SkippedRecord,

@@ -162,9 +162,9 @@ def decode_memory_index(body: bytes | memoryview, offset: int, limits: PageLimit
 def _check_payloads(runs: np.ndarray, sections: int, data_start: int, previous: int, index_offset: int,
                     run_at: int) -> None:
     """Every data run's payload after `data_start`, before the index, after the one before it;
-    ZERO runs name no payload offset; the record before the index is the last PAGES section
-    (or, with none, the last record before the index, which is then where data starts)."""
-    ordered = previous < index_offset and (data_start <= previous if sections else data_start == index_offset)
+    ZERO runs name no payload offset; the record before the index is after where data starts
+    (the last PAGES section, or a working set after it) when there are PAGES sections."""
+    ordered = data_start <= index_offset and previous < index_offset and (data_start <= previous or not sections)
     if not ordered or (len(runs) and not sections):
         raise SequenceError(SECTION, run_at, f"{sections} PAGES sections from {data_start}, the record before at "
                             f"{previous}, the index at {index_offset}: out of order")
@@ -239,41 +239,58 @@ def previous_record(index_record: bytes | memoryview) -> int:
     return int(INDEX_HEAD.unpack_from(index_record, 16)[-1])
 
 
+def chained(previous_frame: bytes, record: bytes | memoryview, *, offset: int, kind: int, flags: int,
+            section: str) -> tuple[int, tuple[int, int, int]]:
+    """`record` (frame and body, at stream offset `offset`) checked as the record after the one
+    whose frame is `previous_frame` (its check seeds this one's), and of `kind` and `flags`:
+    its check, and the previous frame's (kind, flags, length) for the caller to place it."""
+    frame = bytes(record[:16])
+    found_kind, found_flags, length, check = struct.unpack("<HHIQ", frame)
+    if found_kind != kind or length != len(record) - 16:
+        raise SequenceError(section, offset, f"a record of kind {found_kind}, {length} bytes, where it should be")
+    if found_flags != flags:
+        raise FlagsError(section, offset + 2, found_flags)
+    prev_kind, prev_flags, prev_length, prev_check = struct.unpack("<HHIQ", previous_frame)
+    found = record_check(frame, memoryview(record)[16:], prev_check)
+    if found != check:
+        raise ChecksumError(section, offset, check, found)
+    return check, (prev_kind, prev_flags, prev_length)
+
+
+def check_before(previous: int, frame: tuple[int, int, int], offset: int, allowed: tuple[tuple[int, int], ...],
+                 section: str) -> None:
+    """The record at `previous` (its frame's kind, flags, length) ends at `offset`, and is one of
+    `allowed` (kind, flags)."""
+    kind, flags, length = frame
+    if previous + 16 + length != offset or (kind, flags) not in allowed:
+        raise SequenceError(section, offset, f"the record before it, at {previous}, of kind {kind}, {length} bytes, "
+                            f"does not end where it begins or is not of a kind that may be there")
+
+
 def check_tail(previous_frame: bytes, index_record: bytes | memoryview, end_record: bytes, *, index_offset: int,
-               index_kind: int, end_kind: int, pages_kind: int, skippable: int) -> tuple[MemoryIndex, tuple[int, ...]]:
+               index_kind: int, end_kind: int, skippable: int,
+               after: tuple[tuple[int, int], ...]) -> tuple[MemoryIndex, tuple[int, ...]]:
     """The index record (frame and body) at `index_offset`, checked against the frame of the
     record before it (`previous_frame`: its check seeds the index's) and END's record against
     the index's check, without reading anything else of the stream; then the index decoded.
-    The record before must be a PAGES record (`pages_kind`) when the index has any.
-    Returns it and END's six fields (pages, zero pages, raw bytes, payload bytes, sections,
-    digest). A flipped byte in any of the three frames, the index or END is a `ChecksumError`."""
-    frame = bytes(index_record[:16])
-    kind, flags, length, check = struct.unpack("<HHIQ", frame)
-    if kind != index_kind or length != len(index_record) - 16:
-        raise SequenceError(SECTION, index_offset, f"a record of kind {kind}, {length} bytes, where the index is")
-    if flags != skippable:
-        raise FlagsError(SECTION, index_offset + 2, flags)
-    prev_kind, prev_flags, prev_length, prev_check = struct.unpack("<HHIQ", previous_frame)
-    body = memoryview(index_record)[16:]
-    found = record_check(frame, body, prev_check)
-    if found != check:
-        raise ChecksumError(SECTION, index_offset, check, found)
-    ekind, eflags, elength, echeck = struct.unpack_from("<HHIQ", end_record)
-    if ekind != end_kind or eflags or elength != END_RECORD_SIZE - 16:
-        raise SequenceError("end", index_offset + len(index_record), f"a record of kind {ekind} where END is")
-    found = record_check(end_record[:16], end_record[16:], check)
-    if found != echeck:
-        raise ChecksumError("end", index_offset + len(index_record), echeck, found)
-    index = decode_memory_index(body, index_offset)
-    if index.previous + 16 + prev_length != index_offset or index.pages_sections and (prev_kind, prev_flags) != (
-            pages_kind, 0):
-        raise SequenceError(SECTION, index_offset, f"the record before it, at {index.previous}, of kind {prev_kind}, "
-                            f"{prev_length} bytes, is not the last PAGES section ending where the index begins")
+    The record before must be one of `after` ((kind, flags)) and end where the index begins.
+    Returns the index and END's six
+    fields (pages, zero pages, raw bytes, payload bytes, sections, digest), END's page totals
+    and digest checked against the index's runs and block hashes. A flipped byte in any of the
+    three frames, the index or END is a `ChecksumError`."""
+    _, before = chained(previous_frame, index_record, offset=index_offset, kind=index_kind, flags=skippable,
+                        section=SECTION)
+    end_at = index_offset + len(index_record)
+    if len(end_record) != END_RECORD_SIZE:
+        raise TruncatedError("end", end_at, END_RECORD_SIZE, len(end_record))
+    chained(bytes(index_record[:16]), end_record, offset=end_at, kind=end_kind, flags=0, section="end")
+    index = decode_memory_index(memoryview(index_record)[16:], index_offset)
+    check_before(index.previous, before, index_offset, after, SECTION)
     end = struct.unpack("<QQQQQQ", end_record[16:])
     for name, declared, counted in zip(("pages", "zero_pages", "raw_bytes", "payload_bytes"), end, index.totals(),
                                        strict=False):
         if declared != counted:
-            raise TotalsMismatch(name, declared, counted, offset=index_offset + len(index_record) + 16)
+            raise TotalsMismatch(name, declared, counted, offset=end_at + 16)
     if index.digest() != end[5]:
         raise DigestMismatch(end[5], index.digest())
     return index, end

@@ -44,6 +44,7 @@ from .errors import (
 from .digest import KnownZero, memory_digest
 from .index import (INDEX_RUN_DTYPE, MemoryIndex, decode_memory_index, encode_memory_index,
                     section_runs)
+from .workingset import WorkingSet, decode_working_set
 from .layout import DeviceEntry, DeviceLayout, MemoryDifference, MemoryLayout, check
 from .pages import (
     PageDecoder,
@@ -81,6 +82,7 @@ class SectionKind(enum.IntEnum):
     PAGES = 6
     END = 7
     MEMORY_INDEX = 8  # 2.1, always SKIPPABLE: where every page is, and the digest's block hashes
+    WORKING_SET = 9  # 2.1, always SKIPPABLE: the pages a restored guest touched first, in order
 
 
 def _section_name(kind: int) -> str:
@@ -150,6 +152,13 @@ class MemoryIndexRecord:
 
 
 @dataclass(frozen=True)
+class WorkingSetRecord:
+    """WORKING_SET, its place in the stream checked (right after the record it names)."""
+
+    working_set: WorkingSet
+
+
+@dataclass(frozen=True)
 class SkippedRecord:
     """A skippable section of a kind this reader does not know (newer minor version)."""
 
@@ -174,7 +183,7 @@ class EndRecord:
 
 
 Record = (Header | ConfigRecord | LayoutRecord | VcpuRecord | VmStateRecord | DeviceRecord
-          | PagesRecord | MemoryIndexRecord | SkippedRecord | EndRecord)
+          | PagesRecord | MemoryIndexRecord | WorkingSetRecord | SkippedRecord | EndRecord)
 
 
 def register_format_types(registry: SchemaRegistry) -> SchemaRegistry:
@@ -222,6 +231,15 @@ class StreamWriter:
         self._index: list[np.ndarray] | None = [] if index else None
         self._data_start: int | None = None  # of the first PAGES record
         self._previous = 0  # offset of the last record made
+
+    @classmethod
+    def continuing(cls, check: int, position: int) -> StreamWriter:
+        """A writer that goes on with a stream after the record whose check is `check`, at stream
+        offset `position` (a file's tail written anew: its sections framed by `section`, END's
+        body given whole)."""
+        writer = cls(SchemaRegistry())
+        writer._chain, writer.position = check, position
+        return writer
 
     def header(self) -> bytes:
         if self._chain is not None:
@@ -493,8 +511,8 @@ class StreamReader:
             skind = SectionKind(kind)
         except ValueError:
             skind = SectionKind.INVALID
-        if skind is SectionKind.MEMORY_INDEX and self._index_runs is None:
-            skind = SectionKind.INVALID  # read as a 2.0 reader reads it
+        if skind in (SectionKind.MEMORY_INDEX, SectionKind.WORKING_SET) and self._index_runs is None:
+            skind = SectionKind.INVALID  # read as a 2.0 reader reads them
         if skind is SectionKind.INVALID:
             if not flags & FLAG_SKIPPABLE:
                 raise UnknownSection(kind, offset - FRAME.size)
@@ -520,6 +538,8 @@ class StreamReader:
             return PagesRecord(tuple(runs), totals)
         if skind is SectionKind.MEMORY_INDEX:
             return self._read_index(body, offset)
+        if skind is SectionKind.WORKING_SET:
+            return self._read_working_set(body, offset)
         if skind is SectionKind.LAYOUT:
             return self._read_layout(body, offset)
         if skind is SectionKind.DEVICE:
@@ -566,6 +586,20 @@ class StreamReader:
                                 f"(runs hash, sections, data start, previous record: {found} != {expected})")
         self.index = index
         return MemoryIndexRecord(index)
+
+    def _read_working_set(self, body: bytes | memoryview, offset: int) -> WorkingSetRecord | SkippedRecord:
+        at = offset - FRAME.size
+        if self.page_memory is None:
+            raise SequenceError("working_set", at, "a working set before any memory layout is known")
+        try:
+            ws = decode_working_set(body, at, self.page_memory)
+        except VersionError:
+            return SkippedRecord(SectionKind.WORKING_SET, len(body), at)
+        if ws.previous != self._previous or self.index is not None:
+            raise SequenceError("working_set", at, f"names the record at {ws.previous} as the one before it "
+                                f"(it is at {self._previous}), or comes after the index")
+        self._data_start = at if self._data_start is None else self._data_start
+        return WorkingSetRecord(ws)
 
     def _read_end(self, body: bytes | memoryview, offset: int) -> EndRecord:
         if len(body) != END_BODY.size:

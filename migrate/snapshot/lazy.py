@@ -67,13 +67,14 @@ import formats
 from formats import DIGEST_BLOCK, PageEncoding
 from hv.errors import HvError
 from hv.kvm.dirty import PAGE_SIZE
-from hv.kvm.memory import GuestMemory
+from hv.kvm.memory import GuestMemory, anonymous_ram
 from hv.kvm.userfault import Fault, Userfault
 from hv.vmm.machine import Machine, RunState, StopReason
 from hv.vmm.owner import owner_of
 from migrate.datapath import RunDecoder
-from migrate.errors import CorruptPage
-from migrate.snapshot.pagetable import PAGES_PER_BLOCK, PageTable
+from migrate.errors import CorruptPage, SnapshotError
+from migrate.snapshot.pagetable import PageTable
+from migrate.snapshot.workingset import store_working_set
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,10 @@ class LazyStats:
     fault_p99_us: int
     loader_done: bool
     error: str | None
+    preloaded_blocks: int = 0  # blocks of the snapshot's recorded working set loaded first
+    working_set_ms: float | None = None  # ... all of them in (by the loader or by faults)
+    recorded_pages: int = 0  # pages this restore recorded (`record_ms`)
+    working_set_stored: bool = False  # ... and wrote into the snapshot
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,16 +143,23 @@ class _Worker:
         data = runs["encoding"] != PageEncoding.ZERO
         largest = int(runs["pages"][data].max()) * PAGE_SIZE if data.any() else PAGE_SIZE
         self.decoder = RunDecoder()
-        self.payload = np.empty(max(int(runs["length"].max()) if len(runs) else 0, 1), dtype=np.uint8)
-        self.decoded = [np.empty(largest, dtype=np.uint8), np.empty(largest, dtype=np.uint8)]
+        zstd = runs["encoding"] == PageEncoding.ZSTD
+        self.payload = _buffer(int(runs["length"][zstd].max()) if zstd.any() else 1)
+        self.decoded = [_buffer(largest), _buffer(largest)]
         self.held = [-1, -1]  # the run each of `decoded` holds
         self.recent = 1  # the one used last
-        self.image = np.empty(DIGEST_BLOCK, dtype=np.uint8)
+        self.image = _buffer(DIGEST_BLOCK)
 
     def warm(self) -> None:
         """Touch the buffers once, so a fault does not pay their first touch (dear on nested hosts)."""
         for buffer in (self.payload, *self.decoded, self.image):
             buffer.fill(0)
+
+
+def _buffer(size: int) -> np.ndarray:
+    """Bytes for a worker, in huge pages where the host has them: a first touch of 2 MiB at once
+    costs what one of a 4 KiB page does, which is most of what a buffer costs on nested hosts."""
+    return np.frombuffer(anonymous_ram(-(-size // PAGE_SIZE) * PAGE_SIZE, huge_pages=True), dtype=np.uint8)
 
 
 class _BadRun(Exception):
@@ -164,8 +176,12 @@ class LazyRestore:
     the vCPU state, are served too), the loader waiting for `resume` (or a fault once the guest
     ran). `verify` False skips the run and block checksums (`migrate restore --no-verify`)."""
 
-    def __init__(self, machine: Machine, table: PageTable, *, started: float, verify: bool = True) -> None:
+    def __init__(self, machine: Machine, table: PageTable, *, started: float, verify: bool = True,
+                 record_ms: int = 0) -> None:
         self.machine, self.table, self.started, self.verify = machine, table, started, verify
+        self.record_ms = record_ms
+        self._recorded: list[int] | None = [] if record_ms > 0 else None  # faulted pages, first first
+        self._record_until: float | None = None  # (perf_counter) the recording's window ends
         self.error: CorruptPage | None = None
         self._state = np.where(table.has_data, Block.PENDING, Block.ZERO).astype(np.uint8)
         self._lock = threading.Condition()
@@ -177,7 +193,9 @@ class LazyRestore:
         self._first_run: float | None = None
         self._first_fault: float | None = None
         self._resident_at: float | None = None
-        self._counts = {"fault_blocks": 0, "pages_on_demand": 0, "pages_by_loader": 0}
+        self._counts = {"fault_blocks": 0, "pages_on_demand": 0, "pages_by_loader": 0, "preloaded_blocks": 0}
+        self._stored = False
+        self._working_set_at: float | None = None
         self._wanted: dict[int, list[int]] = {}  # block being loaded -> pages a thread faulted on since
         self._uffd: list[Userfault] = []
         self._hold: AbstractContextManager[object] | None = None
@@ -207,10 +225,16 @@ class LazyRestore:
         """Run the guest (`Machine.resume`, until its vCPUs left for KVM_RUN: the first run);
         then the loader begins, unless `load` is False (only faults bring pages in then, until
         `start_loader`). Returns the time from the `restore` call to the first run (s)."""
-        self._autostart = load
+        self._autostart = load and self._recorded is None
         self.machine.resume(wait_running=True)
-        self._first_run = time.perf_counter() - self.started
-        if load:
+        now = time.perf_counter()
+        self._first_run = now - self.started
+        if self._recorded is not None:  # the loader waits out the window: every first touch is a fault
+            self._record_until = now + self.record_ms / 1000
+            timer = threading.Timer(self.record_ms / 1000, self._go.set if load else lambda: None)
+            timer.daemon = True
+            timer.start()
+        elif load:
             self._go.set()
         return self._first_run
 
@@ -238,6 +262,8 @@ class LazyRestore:
         with self._lock:
             counts = dict(self._counts)
         return LazyStats(faults=faults, zero_pages_faulted=zero, first_run_ms=ms(self._first_run),
+                         recorded_pages=len(self._recorded or ()), working_set_stored=self._stored,
+                         working_set_ms=ms(self._working_set_at),
                          first_fault_ms=ms(self._first_fault), resident_ms=ms(self._resident_at),
                          table_ms=round(self.table.seconds * 1000, 3),
                          table="+".join(sorted({s.found for s in self.table.sources})),
@@ -300,8 +326,11 @@ class LazyRestore:
                 self._stop_guest(f"the fault server stopped: {e}")
 
     def _fault(self, fault: Fault, worker: _Worker) -> None:
+        now = time.perf_counter()
         if self._first_fault is None:
-            self._first_fault = time.perf_counter() - self.started
+            self._first_fault = now - self.started
+        if self._recorded is not None and (self._record_until is None or now < self._record_until):
+            self._recorded.append(fault.address)
         if self._autostart and self.machine.ever_ran:
             self._go.set()
         block = self.table.block_of(fault.address)
@@ -318,28 +347,57 @@ class LazyRestore:
         # FAILED: it is never placed (the guest is being stopped)
 
     def _load_all(self) -> None:
-        self._go.wait()
+        """The snapshot's recorded working set first, at once (before and while the guest
+        runs; not when this restore records its own); then, from `_go` on, the rest."""
         try:
+            worker = _Worker(self.table)
+            recorded = self.table.recorded_blocks() if self._recorded is None else np.zeros(0, dtype=np.int64)
+            if len(recorded):
+                self._stage_zero_blocks()
+                self._counts["preloaded_blocks"] = self._load_blocks(recorded, worker)
+                with self._lock:  # (those a fault is loading)
+                    self._lock.wait_for(lambda: self._ending() or (self._state[recorded] != Block.BUSY).all())
+                self._working_set_at = time.perf_counter() - self.started
+            self._go.wait()
             if self._ending():
                 return
-            self._stage_zero_blocks()
-            worker = _Worker(self.table)
-            for block in self.table.load_order().tolist():
-                if self._ending():
-                    return
-                with self._lock:
-                    if self._state[block] != Block.PENDING:
-                        continue
-                    self._state[block] = Block.BUSY
-                self._load(block, worker, None)
+            if not len(recorded):
+                self._stage_zero_blocks()
+            self._load_blocks(self.table.load_order(), worker)
             with self._lock:  # blocks a fault is loading still
                 self._lock.wait_for(lambda: self._ending() or not (self._state == Block.BUSY).any())
             if not self._ending():
                 self._finish()
+                self._store_recorded()
         except (HvError, OSError) as e:
             if not self._ending():
                 log.error("lazy restore: the loader stopped: %s", e)
                 self._stop_guest(f"the loader stopped: {e}")
+
+    def _load_blocks(self, blocks: np.ndarray, worker: _Worker) -> int:
+        """Load those of `blocks` nobody has yet, in order; how many this did."""
+        done = 0
+        for block in blocks.tolist():
+            if self._ending():
+                break
+            with self._lock:
+                if self._state[block] != Block.PENDING:
+                    continue
+                self._state[block] = Block.BUSY
+            self._load(block, worker, None)
+            done += 1
+        return done
+
+    def _store_recorded(self) -> None:
+        """What this restore recorded, into its snapshot for the next (a failure only logged:
+        the guest has what it needs)."""
+        if self._recorded is None:
+            return
+        try:
+            store_working_set(self.table.head.path, np.array(self._recorded, dtype=np.uint64), self.record_ms)
+            self._stored = True
+        except (SnapshotError, formats.FormatError, OSError) as e:
+            log.warning("lazy restore: the recorded working set was not stored: %s", e)
 
     def _stage_zero_blocks(self) -> None:
         """Blocks with no data: zero pages, placed by the C fault thread when touched."""
@@ -390,18 +448,24 @@ class LazyRestore:
         data = owners >= 0
         data[data] = self.table.runs["encoding"][owners[data]] != PageEncoding.ZERO
         uffd = self._region(address)
+        # pieces of one kind (data, zero) and at most PLACE_PAGES; a page a thread waits for goes
+        # first, and the pieces from it on next (a guest touching a page goes on to the next)
+        cuts = np.union1d(np.flatnonzero(np.diff(data.astype(np.int8))) + 1, np.arange(PLACE_PAGES, pages, PLACE_PAGES))
+        pieces = list(zip(np.concatenate(([0], cuts)).tolist(), np.concatenate((cuts, [pages])).tolist(), strict=True))
         wanted = [] if faulted is None else [faulted]
-        kinds = data.astype(np.int8)
-        cuts = np.flatnonzero(np.diff(kinds)) + 1
-        for a, b in zip(np.concatenate(([0], cuts)).tolist(), np.concatenate((cuts, [pages])).tolist(), strict=True):
-            for c in range(a, b, PLACE_PAGES):
-                with self._lock:  # pages faulted on while this block loads go first
-                    wanted += self._wanted.pop(block, [])
+        while pieces:
+            with self._lock:  # pages faulted on while this block loads
+                wanted += self._wanted.pop(block, [])
+            if wanted:
                 for page in wanted:
                     i = (page - address) // PAGE_SIZE
                     _place(uffd, address, image, bool(data[i]), i, i + 1)
+                i = (wanted[-1] - address) // PAGE_SIZE
+                at = next((n for n, (a, b) in enumerate(pieces) if b > i), 0)
+                pieces = pieces[at:] + pieces[:at]
                 wanted = []
-                _place(uffd, address, image, bool(data[c]), c, min(b, c + PLACE_PAGES))
+            a, b = pieces.pop(0)
+            _place(uffd, address, image, bool(data[a]), a, b)
         with self._lock:
             self._wanted.pop(block, None)  # (all placed by now)
             self._state[block] = Block.DONE

@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 
 import formats
-from formats import (DIGEST_BLOCK, FLAG_SKIPPABLE, INDEX_TAIL, MemoryIndex, MemoryLayout, PageDecoder,
-                     PageEncoding, PageRun, PageTotals, SectionKind, StreamReader, check_tail, index_location,
-                     previous_record, zero_block_hashes)
+from formats import (DIGEST_BLOCK, MemoryLayout, PageDecoder, PageEncoding, PageRun, PageTotals, SectionKind,
+                     StreamReader, WorkingSet, zero_block_hashes)
 from formats.index import section_runs
 from formats.stream import FRAME, HEADER, StreamLimits
+from formats.tail import Tail, read_tail
 from hv.kvm.dirty import PAGE_SIZE
 from migrate.datapath import block_hashes
 from migrate.errors import SnapshotError
@@ -82,6 +82,7 @@ class PageTable:
     owner: np.ndarray  # int32 per page of `memory` (ranges back to back): its run, -1 (zero)
     block_hashes: np.ndarray | None  # uint64 per block (ranges back to back), the head's; None: unknown
     head: FileHead
+    tail: Tail | None  # the head's index, working set and END; None: it has no index
     seconds: float  # to build it
     first_page: np.ndarray = field(init=False)  # of each range, in `owner`
     first_block: np.ndarray = field(init=False)  # of each range
@@ -115,8 +116,27 @@ class PageTable:
         return ram.address + i * DIGEST_BLOCK, int(self.first_page[r]) + i * PAGES_PER_BLOCK, pages
 
     def block_of(self, address: int) -> int:
-        r = next(i for i, ram in enumerate(self.memory.ranges) if ram.address <= address < ram.end)
-        return int(self.first_block[r]) + (address - self.memory.ranges[r].address) // DIGEST_BLOCK
+        return int(self.blocks_of(np.array([address], dtype=np.uint64))[0])
+
+    def blocks_of(self, addresses: np.ndarray) -> np.ndarray:
+        """The block of each guest address (all inside the RAM)."""
+        starts = np.array([r.address for r in self.memory.ranges], dtype=np.uint64)
+        r = np.searchsorted(starts, addresses, side="right") - 1
+        return self.first_block[r] + ((addresses - starts[r]) // np.uint64(DIGEST_BLOCK)).astype(np.int64)
+
+    @property
+    def working_set(self) -> WorkingSet | None:
+        return None if self.tail is None else self.tail.working_set
+
+    def recorded_blocks(self) -> np.ndarray:
+        """The blocks of the head's working set that hold data, in the order it names them."""
+        ws = self.working_set
+        if ws is None or not len(ws.pages):
+            return np.zeros(0, dtype=np.int64)
+        blocks = self.blocks_of(ws.pages)
+        _, first = np.unique(blocks, return_index=True)
+        ordered = blocks[np.sort(first)]
+        return ordered[self.has_data[ordered]]
 
     def load_order(self) -> np.ndarray:
         """The blocks with data, in file order: by the first payload (file of the chain, then
@@ -150,11 +170,11 @@ def _pad_blocks(per_page: np.ndarray, fill: object = False) -> np.ndarray:
 
 def read_head(path: Path, config: MachineConfig, expected: formats.DeviceLayout) -> FileHead:
     """`path`'s records before its page data, fed to a checking reader one by one (the chain,
-    versions, schemas, the layout against `expected`); stops at the first PAGES, MEMORY_INDEX
-    or END record, unread."""
+    versions, schemas, the layout against `expected`); stops at the first PAGES, WORKING_SET,
+    MEMORY_INDEX or END record, unread."""
     reader = StreamReader(registry(), expected_layout=expected, expect=EXPECT, index=True)
     collected = Collected()
-    stop = (SectionKind.PAGES, SectionKind.MEMORY_INDEX, SectionKind.END)
+    stop = (SectionKind.PAGES, SectionKind.WORKING_SET, SectionKind.MEMORY_INDEX, SectionKind.END)
     with open_snapshot(path) as f:
         size = os.fstat(f.fileno()).st_size
         collected.take(reader.feed(f.read(HEADER.size)))
@@ -181,32 +201,22 @@ def read_head(path: Path, config: MachineConfig, expected: formats.DeviceLayout)
     return FileHead(path, config, collected, at, sections, size)
 
 
-def read_index(f: int, head: FileHead) -> tuple[MemoryIndex, tuple[int, ...]] | None:
-    """The file's MEMORY_INDEX and END, checked (`formats.check_tail`) and matched with its head
-    (where its data starts, how many records it has, its RAM); None if the file has none."""
-    size, limit = head.size, StreamLimits().max_section
-    if size < head.data_start + INDEX_TAIL:
+def read_index(f: int, head: FileHead) -> Tail | None:
+    """The file's tail (MEMORY_INDEX, WORKING_SET, END), checked (`formats.read_tail`) and
+    matched with its head (where its data starts, how many records it has, its RAM); None if
+    the file has no index."""
+    tail = read_tail(lambda offset, length: os.pread(f, length, offset), head.size, StreamLimits().max_section)
+    if tail is None or tail.cut < head.data_start:
         return None
-    tail = os.pread(f, INDEX_TAIL, size - INDEX_TAIL)
-    where = index_location(tail, size, limit)
-    if where is None or where.offset < head.data_start:
-        return None
-    record = os.pread(f, FRAME.size + where.length, where.offset)
-    previous = previous_record(record)
-    if not HEADER.size <= previous <= where.offset - FRAME.size:
-        previous = HEADER.size  # (a damaged offset: the check below fails on whatever is there)
-    index, end = check_tail(os.pread(f, FRAME.size, previous), record, tail[INDEX_TAIL - 64:],
-                            index_offset=where.offset, index_kind=SectionKind.MEMORY_INDEX,
-                            end_kind=SectionKind.END, pages_kind=SectionKind.PAGES,
-                            skippable=FLAG_SKIPPABLE)
-    expected = head.sections + index.pages_sections + 1
+    index, end = tail.index, tail.end
+    expected = head.sections + index.pages_sections + tail.records
     if index.data_start != head.data_start or end[4] != expected:
-        raise formats.SequenceError("memory_index", where.offset, f"the index says data starts at {index.data_start} "
-                                    f"and END {end[4]} records; the file's data starts at {head.data_start} and it "
-                                    f"has {expected}")
+        raise formats.SequenceError("memory_index", tail.index_offset, f"the index says data starts at "
+                                    f"{index.data_start} and END {end[4]} records; the file's data starts at "
+                                    f"{head.data_start} and it has {expected}")
     if index.memory != head.collected.described()[1].memory:
         raise formats.LayoutMismatch([formats.MemoryDifference(head.collected.described()[1].memory, index.memory)])
-    return index, end
+    return tail
 
 
 class _TablesOnly(PageDecoder):
@@ -314,9 +324,9 @@ def build_table(chain: list[tuple[Path, MachineConfig]], expected: formats.Devic
             hashes = None
             f = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             sources.append(PageSource(path, f, "read"))
-            found = read_index(f, head)
-            if found is not None:
-                index, _ = found
+            tail = read_index(f, head)
+            if tail is not None:
+                index = tail.index
                 hashes = np.concatenate(index.block_hashes)
                 sources[-1].found = "index"
                 runs.append(_runs(index.runs, len(sources) - 1))
@@ -332,7 +342,7 @@ def build_table(chain: list[tuple[Path, MachineConfig]], expected: formats.Devic
                     if declared != (digest := formats.combine_block_hashes(_per_range(memory, hashes))):
                         raise formats.DigestMismatch(declared, digest)
                 runs.append(memory_file_runs(memory, hashes, len(sources) - 1))
-        table = PageTable(memory, sources, np.concatenate(runs), _owners(memory, runs), hashes, head,
+        table = PageTable(memory, sources, np.concatenate(runs), _owners(memory, runs), hashes, head, tail,
                           time.perf_counter() - t0)
         _check_zero_blocks(table)
     except BaseException:

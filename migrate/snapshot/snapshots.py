@@ -48,6 +48,7 @@ from migrate.records import Collected, state_sections
 from migrate.snapshot.lazy import LazyRestore, lazy_restore_of
 from migrate.snapshot.live import HeldMemory, LiveStats
 from migrate.snapshot.pagetable import build_table
+from migrate.snapshot.workingset import describe_tail
 from migrate.snapshot.files import (
     MEM_TRAILER_MAGIC,
     MEM_TRAILER_SIZE,
@@ -325,7 +326,7 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
             console: Callable[[bytes], None] = lambda b: None, verify_memory: bool = True,
             disk: str | Path | None = None, disk_dir: str | Path | None = None, share_memory: bool = False,
             virtio_console: Callable[[bytes], None] | None = None,
-            progress: Progress | None = None, lazy: bool = False) -> Machine:
+            progress: Progress | None = None, lazy: bool = False, record_ms: int = 0) -> Machine:
     """A paused machine holding the snapshot at `path` (and its chain), checked before any VM
     exists: versions, checksums, layout, the state's shape, totals, CPUID and (`verify_memory`,
     the default, for every kind) the memory digest. `config`, when given, is the VM this VMM
@@ -343,7 +344,10 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
     `lazy`: no page is read before the guest runs; the machine comes back paused with its RAM
     empty and registered, `lazy_restore_of(machine).resume()` runs it and pages come in on
     fault and in the background (`migrate.snapshot.lazy` says what is checked when; the memory
-    digest is checked block by block as blocks come in, `verify_memory` False skips that)."""
+    digest is checked block by block as blocks come in, `verify_memory` False skips that). A
+    snapshot's recorded working set is loaded first; `record_ms` records this run's instead: the
+    pages the guest touches in its first `record_ms` ms, in order, stored into the snapshot
+    file once the memory is in (`migrate.snapshot.workingset`)."""
     started = time.perf_counter()
     path = Path(path)
     chain = snapshot_chain(path)
@@ -400,7 +404,8 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
         if disk_file is not None:
             disk_file.close()  # the device has its own descriptor
     with discard_on_error(machine):
-        pager = None if table is None else LazyRestore(machine, table, started=started, verify=verify_memory)  # owns it
+        pager = None if table is None else LazyRestore(machine, table, started=started, verify=verify_memory,
+                                                       record_ms=record_ms)  # (it owns the table)
         try:  # (the pages KVM reads as the state goes in are served by the pager)
             apply(machine, state)
             machine.start(paused=True)
@@ -451,6 +456,7 @@ def inspect(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
         result.update(pages=t.pages, raw_bytes=t.raw_bytes)
         result["totals"] = {"pages": t.pages, "zero_pages": t.zero_pages, "raw_bytes": t.raw_bytes,
                             "payload_bytes": t.payload_bytes, "sections": t.sections}
+        result.update(describe_tail(loaded))  # the index and working set, for a lazy restore
         state_of(loaded, path)  # the state's shape, as a restore checks it
         if verify and config.base is None:
             digest.verify(end, scratch, None if mappable else sink.touched)

@@ -1,9 +1,12 @@
-"""MEMORY_INDEX (format 2.1): it round-trips, it describes exactly the PAGES sections before it
-(every payload where it says), it is found and checked from the end of a file alone, and any
-damage to it, to END or to the frame before it is refused; a 2.0 reader skips it."""
+"""MEMORY_INDEX and WORKING_SET (format 2.1): the index round-trips, it describes exactly the
+PAGES sections before it (every payload where it says), it is found and checked from the end of
+a file alone, and any damage to it, to END or to the frame before it is refused; a 2.0 reader
+skips it. A working set written into a file's tail is read back by both readers, replaced by a
+second one, and refused when damaged."""
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import numpy as np
@@ -27,14 +30,18 @@ from formats import (
     SkippedRecord,
     StreamReader,
     StreamWriter,
-    check_tail,
+    WorkingSet,
+    WorkingSetRecord,
     combine_block_hashes,
     decode_memory_index,
+    decode_working_set,
     encode_memory_index,
+    encode_working_set,
     index_location,
     memory_block_hashes,
-    previous_record,
+    page_addresses,
 )
+from formats.tail import read_tail
 
 REG = make_registry()
 MAX_SECTION = 64 << 20
@@ -69,16 +76,8 @@ def indexed_stream(mem: bytes | bytearray, *, section_bytes: int = 16 << 10,
 
 def from_tail(data: bytes) -> MemoryIndex | None:
     """What a lazy reader does: the index from the end of the file alone (None: none found)."""
-    where = index_location(data[-INDEX_TAIL:], len(data), MAX_SECTION)
-    if where is None:
-        return None
-    record = data[where.offset:where.offset + 16 + where.length]
-    previous = previous_record(record)
-    previous = previous if 64 <= previous <= where.offset - 16 else 64
-    index, _ = check_tail(data[previous:previous + 16], record, data[-64:], index_offset=where.offset,
-                          index_kind=SectionKind.MEMORY_INDEX, end_kind=SectionKind.END, pages_kind=SectionKind.PAGES,
-                            skippable=FLAG_SKIPPABLE)
-    return index
+    tail = read_tail(lambda offset, length: data[offset:offset + length], len(data), MAX_SECTION)
+    return None if tail is None else tail.index
 
 
 @settings(max_examples=60, deadline=None)
@@ -166,3 +165,54 @@ def test_a_hostile_index_body_is_only_ever_a_format_error(data: st.DataObject) -
     assert RAM.first_outside(index.runs["address"], index.runs["pages"]) == -1
     ends = data_runs["payload_offset"] + data_runs["payload_len"]
     assert np.all(data_runs["payload_offset"][1:] >= ends[:-1]) and (not len(ends) or ends[-1] <= where.offset)
+
+
+def with_working_set(stream: bytes, pages: np.ndarray, window_ms: int = 100) -> bytes:
+    """`stream` with its tail written anew around a WORKING_SET, as a recording restore does."""
+    tail = read_tail(lambda offset, length: stream[offset:offset + length], len(stream), MAX_SECTION)
+    assert tail is not None
+    seed = struct.unpack_from("<Q", stream, tail.before + 8)[0]
+    w = StreamWriter.continuing(seed, tail.cut)
+    end = tail.end
+    return stream[:tail.cut] + b"".join([
+        w.section(SectionKind.WORKING_SET, encode_working_set(WorkingSet(pages, window_ms, tail.before)),
+                  skippable=True),
+        w.section(SectionKind.MEMORY_INDEX, encode_memory_index(dataclasses.replace(tail.index, previous=tail.cut)),
+                  skippable=True),
+        w.section(SectionKind.END, struct.pack("<QQQQQQ", *end[:4], end[4] - tail.records + 2, end[5]))])
+
+
+@settings(max_examples=60, deadline=None)
+@given(page_images(max_pages=32), st.lists(st.integers(0, 255), max_size=40, unique=True), st.data())
+def test_a_working_set_rides_in_the_tail_and_any_damage_to_it_is_refused(mem: bytearray, pages: list[int],
+                                                                        data: st.DataObject) -> None:
+    stream, _ = indexed_stream(mem)
+    addresses = page_addresses(np.array([p * 4096 for p in pages], dtype=np.uint64))
+    once = with_working_set(stream, addresses)
+    twice = with_working_set(once, addresses[::-1])  # a second recording replaces the first
+    for written, expected in ((once, addresses), (twice, addresses[::-1])):
+        reader = StreamReader(REG, memory=RAM, index=True)
+        records = reader.feed(written)
+        reader.finish()
+        found = [r.working_set for r in records if isinstance(r, WorkingSetRecord)]
+        tail = read_tail(lambda offset, length, b=written: b[offset:offset + length], len(written), MAX_SECTION)
+        assert tail is not None and tail.working_set == found[0] and np.array_equal(found[0].pages, expected)
+        original = from_tail(stream)
+        assert original is not None and dataclasses.replace(tail.index, previous=original.previous) == original
+    ws_at = len(stream) - 64 - 16 - len(encode_memory_index(original))  # where the original index was
+    at = data.draw(st.integers(ws_at, ws_at + 16 + 24 + 8 * len(addresses) - 1))
+    damaged = bytearray(once)
+    damaged[at] ^= 1 << data.draw(st.integers(0, 7))
+    with pytest.raises(FormatError):
+        read_tail(lambda offset, length: bytes(damaged[offset:offset + length]), len(damaged), MAX_SECTION)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 1 << 20))
+def test_a_hostile_working_set_body_is_only_ever_a_format_error(body: bytes, offset: int) -> None:
+    try:
+        ws = decode_working_set(body, offset, RAM)
+    except FormatError:
+        return
+    assert RAM.first_outside(ws.pages, np.ones(len(ws.pages), dtype=np.uint64)) == -1
+    assert len(np.unique(ws.pages)) == len(ws.pages) and ws.previous < offset

@@ -11,7 +11,10 @@ interleaved run by run so that a busy moment of the host falls on all of them:
 - eager-shared (mappable only): the `.mem` mapped MAP_PRIVATE, unchecked (`--share-mem
   --no-verify`): the restore that was lazy before this;
 - lazy: `restore(lazy=True)`: no page read before the guest runs, each block checked as it
-  comes in, by fault or by the background loader.
+  comes in, by fault or by the background loader;
+- lazy-recorded: the same from a copy of the snapshot into which one recording lazy restore
+  (`record_ms`, `--record-ms`) stored the pages the guest touched first: those load first,
+  from before the guest runs (`working_set_ms`: until they are all in).
 
 Figures per way (median and [min-max] over the runs): `first_run_ms`, from the `restore` call
 until the guest's vCPU left for KVM_RUN (`Machine.resume(wait_running=True)` returned: what
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -41,14 +45,17 @@ from migrate.snapshot.snapshots import restore, snapshot
 MiB, GiB = 1 << 20, 1 << 30
 SCENARIOS = {"hot256-max": (1 * GiB, 256, 0), "hot256-100": (1 * GiB, 256, 100), "tiny-1g": (1 * GiB, 1, 0),
              "idle-4g": (4 * GiB, 1, 1)}
-WAYS = {"zstd": ("eager", "lazy"), "mappable": ("eager", "eager-shared", "lazy")}
+WAYS = {"zstd": ("eager", "lazy", "lazy-recorded"), "mappable": ("eager", "eager-shared", "lazy", "lazy-recorded")}
+LAZY_FIGURES = ("resident_ms", "working_set_ms", "faults", "fault_blocks", "pages_on_demand", "pages_by_loader",
+                "preloaded_blocks", "fault_p50_us", "fault_p99_us", "table_ms", "recorded_pages")
 
 
-def restore_once(kvm: Kvm, path: Path, way: str, check: bool) -> dict:
+def restore_once(kvm: Kvm, path: Path, way: str, check: bool, record_ms: int = 0) -> dict:
     console = bg.GuestConsole()
     t0 = time.perf_counter()
-    machine: Machine = restore(path, kvm, console=console, lazy=way == "lazy", share_memory=way == "eager-shared",
-                               verify_memory=way != "eager-shared")
+    machine: Machine = restore(path, kvm, console=console, lazy=way.startswith("lazy"),
+                               share_memory=way == "eager-shared", verify_memory=way != "eager-shared",
+                               record_ms=record_ms)
     pager = lazy_restore_of(machine)
     row: dict = {}
     try:
@@ -57,10 +64,8 @@ def restore_once(kvm: Kvm, path: Path, way: str, check: bool) -> dict:
             row["first_run_ms"] = (time.perf_counter() - t0) * 1000
         else:
             row["first_run_ms"] = pager.resume() * 1000
-            stats = pager.wait_resident(120)
-            row.update(resident_ms=stats.resident_ms, faults=stats.faults, fault_blocks=stats.fault_blocks,
-                       pages_on_demand=stats.pages_on_demand, pages_by_loader=stats.pages_by_loader,
-                       fault_p50_us=stats.fault_p50_us, fault_p99_us=stats.fault_p99_us, table_ms=stats.table_ms)
+            stats = pager.wait_resident(120).as_dict()
+            row.update({key: stats[key] for key in LAZY_FIGURES if stats[key] is not None})
         if check:  # its next pass done, the working set as the guest's own rule wants it
             console.wait_pass(console.last_pass() + 2 if console.passes else 2, timeout=120)
             machine.pause()
@@ -68,7 +73,8 @@ def restore_once(kvm: Kvm, path: Path, way: str, check: bool) -> dict:
     finally:
         machine.stop()
         if pager is not None:
-            pager.close()
+            pager.close()  # (a recording restore stores its set here, if it has not yet)
+            row["working_set_stored"] = pager.stats().working_set_stored
         machine.vm.close()
     return row
 
@@ -77,7 +83,7 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):8.1f} [{min(values):.1f}-{max(values):.1f}]"
 
 
-def bench(scenario: str, runs: int, directory: str | None, as_json: bool) -> dict:
+def bench(scenario: str, runs: int, directory: str | None, as_json: bool, record_ms: int) -> dict:
     mem, ws, rate = SCENARIOS[scenario]
     kvm = Kvm()
     tmp = Path(tempfile.mkdtemp(prefix="kvmigrate-lazy-", dir=directory))
@@ -93,21 +99,32 @@ def bench(scenario: str, runs: int, directory: str | None, as_json: bool) -> dic
         source.vm.close()
     out: dict = {}
     for kind, ways in WAYS.items():
+        recorded = tmp / f"{kind}-recorded"  # (a mappable copy names the same .mem)
+        shutil.copyfile(tmp / kind, recorded)
+        recording = restore_once(kvm, recorded, "lazy", check=False, record_ms=record_ms)
+        out[f"{scenario} {kind} recording"] = recording
+        if not as_json:
+            print(f"{scenario} {kind} recording {record_ms} ms: {recording['faults']} faults, "
+                  f"{recording['recorded_pages']} pages recorded, stored {recording['working_set_stored']}", flush=True)
+        paths = {way: recorded if way == "lazy-recorded" else tmp / kind for way in ways}
         rows: dict[str, list[dict]] = {way: [] for way in ways}
         for i in range(runs):
             for way in ways:
-                rows[way].append(restore_once(kvm, tmp / kind, way, check=i == 0))
+                rows[way].append(restore_once(kvm, paths[way], way, check=i == 0))
         for way, results in rows.items():
             name = f"{scenario} {kind} {way}"
-            figures = {key: [r[key] for r in results] for key in results[0] if key != "working_set_ok"}
+            figures = {key: [r[key] for r in results] for key in results[0] if key not in ("working_set_ok",
+                                                                                          "working_set_stored")}
             out[name] = {"runs": results, **{key: statistics.median(v) for key, v in figures.items()},
                          "working_set_ok": results[0].get("working_set_ok")}
             if not as_json:
-                print(f"{name:32} first run ms {spread(figures['first_run_ms'])}" + (
-                    f"  resident ms {spread(figures['resident_ms'])}  faults {statistics.median(figures['faults']):.0f}"
-                    f", blocks on demand {statistics.median(figures['fault_blocks']):.0f}, fault p50/p99 us "
+                print(f"{name:35} first run ms {spread(figures['first_run_ms'])}" + (
+                    f"  resident ms {spread(figures['resident_ms'])}" + (
+                        f"  working set in ms {spread(figures['working_set_ms'])}" if "working_set_ms" in figures
+                        else "") + f"  faults {spread(figures['faults'])}, blocks on demand "
+                    f"{statistics.median(figures['fault_blocks']):.0f}, fault p50/p99 us "
                     f"{statistics.median(figures['fault_p50_us']):.0f}/{statistics.median(figures['fault_p99_us']):.0f}"
-                    f", page table {statistics.median(figures['table_ms']):.1f} ms" if way == "lazy" else "")
+                    f", page table {statistics.median(figures['table_ms']):.1f} ms" if way.startswith("lazy") else "")
                     + f"  working set {'ok' if results[0].get('working_set_ok') else 'BROKEN'}", flush=True)
     for path in tmp.iterdir():
         path.unlink()
@@ -120,12 +137,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="default: hot256-max")
+    ap.add_argument("--record-ms", type=int, default=1000, help="the recording restore's window")
     ap.add_argument("--dir", default="/dev/shm" if Path("/dev/shm").is_dir() else None,
                     help="where snapshot files go (default: tmpfs)")
     args = ap.parse_args()
     result = {}
     for scenario in args.scenario or ["hot256-max"]:
-        result.update(bench(scenario, args.runs, args.dir, args.json))
+        result.update(bench(scenario, args.runs, args.dir, args.json, args.record_ms))
     if args.json:
         print(json.dumps(result, indent=2))
 
