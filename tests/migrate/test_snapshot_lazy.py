@@ -1,5 +1,5 @@
-"""Lazy restores of the built-in guest on real KVM: compressed, mappable and incremental snapshots
-(and one written without an index) run before any page is read, fault their pages in while the
+"""Lazy restores of the built-in guest on real KVM: compressed, mappable, incremental and live
+snapshots (and one written without an index) run before any page is read, fault their pages in while the
 loader brings the rest, and the guest's working-set check holds; a flipped byte in one page's
 data is reported when the guest faults on it, naming the page and the file; a damaged index is
 refused before any VM exists; a recorded working set is stored, shown, and cuts the next
@@ -37,12 +37,19 @@ from tests.migrate.test_snapshot import kvm_vm_fds, running  # noqa: F401 - the 
 MiB = 1 << 20
 
 
-def _take(machine: Machine, console: bg.GuestConsole, tmp: Path, kind: str) -> tuple[Path, int]:
+def _take(machine: Machine, console: bg.GuestConsole, tmp: Path, kind: str, kvm: Kvm) -> tuple[Path, int]:
     """A snapshot of the running guest of `kind` (an incremental one on a full base), and the
     guest's pass count in it."""
     if kind == "incremental":
         snapshot(machine, tmp / "base", track_dirty=True)
         console.wait_pass(console.last_pass() + 1, timeout=10)
+    if kind == "live":  # written while the guest runs: its pass count is the file's
+        snapshot(machine, tmp / "guest.snap", live=True)
+        saved = restore(tmp / "guest.snap", kvm)
+        try:
+            return tmp / "guest.snap", bg.read_status(saved.vm.memory).passes
+        finally:
+            saved.vm.close()
     machine.pause()
     try:
         if kind == "incremental":
@@ -74,10 +81,10 @@ def _index(path: Path) -> formats.MemoryIndex:
     return found.index
 
 
-@pytest.mark.parametrize("kind", ["compressed", "mappable", "incremental", "compressed-2.0"])
+@pytest.mark.parametrize("kind", ["compressed", "mappable", "incremental", "live", "compressed-2.0"])
 def test_lazy_restore_runs_at_once_and_the_working_set_holds(running, kvm: Kvm, tmp_path, kind: str) -> None:
     machine, console = running
-    path, saved = _take(machine, console, tmp_path, kind)
+    path, saved = _take(machine, console, tmp_path, kind, kvm)
     restored, pager, restored_console = _lazily(path, kvm)
     try:
         assert restored.vm.memory.regions[0].populated_pages().count() == 0  # nothing read up front
@@ -122,7 +129,7 @@ def _flip_in_working_set(path: Path, kind: str) -> tuple[Path, int, int]:
 @pytest.mark.parametrize("kind", ["compressed", "mappable"])
 def test_a_flipped_byte_is_reported_when_its_page_is_faulted(running, kvm: Kvm, tmp_path, kind: str) -> None:
     machine, console = running
-    path, _ = _take(machine, console, tmp_path, kind)
+    path, _ = _take(machine, console, tmp_path, kind, kvm)
     damaged, first, pages = _flip_in_working_set(path, kind)
     restored, pager, _ = _lazily(path, kvm)  # nothing of the page data is read before the run
     try:
