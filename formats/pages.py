@@ -136,7 +136,6 @@ def page_runs(mv: memoryview, min_zero_pages: int = 1) -> tuple[np.ndarray, np.n
     return starts, ends, kinds
 
 
-
 def check_runs(table: np.ndarray, memory: MemoryLayout, limits: PageLimits, at: Callable[[int], int], *,
                section: str = "pages", ordered: bool = True) -> np.ndarray:
     """The checks every run descriptor gets wherever it is read (a PAGES run table, a memory

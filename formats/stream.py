@@ -58,7 +58,7 @@ from .schema import SchemaRegistry
 
 MAGIC = b"KVMIGSNP"
 FORMAT_MAJOR = 2  # 2.0: device kinds are declared ids, no longer class names (SPEC.md section 6)
-FORMAT_MINOR = 1  # 2.1: MEMORY_INDEX (skippable, SPEC.md section 10)
+FORMAT_MINOR = 1  # 2.1: MEMORY_INDEX and WORKING_SET, both skippable (SPEC.md sections 10, 11)
 SUPPORTED_MAJORS = (2,)  # a 1.x stream names its devices by class: refused, not guessed at
 
 # magic, major, minor, flags, producer (UTF-8, NUL padded), reserved, xxh3-64 of bytes 0..55
@@ -307,7 +307,7 @@ class StreamWriter:
         must be the one they combine into (`MemoryIndex.digest`)."""
         if self._index is None:
             raise SequenceError("memory_index", self.position, "a writer made without index=True")
-        runs = np.concatenate(self._index) if self._index else np.zeros(0, dtype=INDEX_RUN_DTYPE)  # (encoded clean)
+        runs = np.concatenate(self._index) if self._index else np.zeros(0, dtype=INDEX_RUN_DTYPE)
         index = MemoryIndex(memory, runs, tuple(block_hashes), len(self._index),
                             self.position if self._data_start is None else self._data_start, self._previous)
         return self.section(SectionKind.MEMORY_INDEX, encode_memory_index(index), skippable=True)

@@ -87,8 +87,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 lazy.close()
         result: dict[str, object] = {"path": args.file, "restore_ms": round(restore_ms, 3)}
         if lazy is not None:
-            result["lazy"] = lazy.stats().as_dict()
-            if lazy.error is not None:
+            stats = lazy.stats()
+            result["lazy"] = stats.as_dict()
+            if stats.error is not None:  # a corrupt page (named on stderr as it was found)
                 status = ExitStatus.FAILED
         if args.json:
             print_json(result)

@@ -6,15 +6,16 @@ hands back the machine paused; `LazyRestore.resume()` runs it. From then on:
 
 - **on demand**: a thread that touches a page not in place (a vCPU in KVM_RUN, a device thread)
   waits in the kernel; the fault server (a thread of its own, ahead of the others) loads that
-  page's 2 MiB block: it reads the runs the page table (`migrate.snapshot.pagetable`) names for
-  it from their files (decompressing a ZSTD run, reading a RAW run or a `.mem` block; through an
-  incremental chain, each page from the newest file that has it), checks them, places the
-  faulted page first and then the rest of the block (UFFDIO_COPY, 64 pages per call, so the C
-  thread serves other faults in between);
-- **in the background**: the loader walks the blocks with data in file order and loads each the
-  same way, in bulk (a run is read whole, with one pread), until every block is in; then the
-  RAM is unregistered and is ordinary memory again. Blocks with no data in any file are zero:
-  the C fault thread places zero pages for them at once, without Python (`stage_zero`).
+  page's 2 MiB block (`migrate.snapshot.blocks`: from the runs the page table names, each page
+  from the newest file of the chain that has it; a ZSTD run decompressed, a RAW run or a `.mem`
+  block read), places the faulted page first and then the rest of the block from there
+  (UFFDIO_COPY, 64 pages a call, so the C thread serves other faults in between);
+- **in the background**: the loader walks the blocks with data in file order (the snapshot's
+  recorded working set first, from before the guest runs) and loads each the same way, in bulk
+  (a run is read whole, with one pread), until every block is in; then the RAM is unregistered
+  and is ordinary memory again. A fault on a block the loader is placing has its page placed
+  next. Blocks with no data in any file are zero: the C fault thread places zero pages for them
+  at once, without Python (`stage_zero`).
 
 What is checked, and when:
 
@@ -26,14 +27,16 @@ What is checked, and when:
   the RAM, its payload inside the file after the one before it), or, for a file without one,
   its whole record chain and its run tables (reading the file, decompressing nothing); that
   every block with no data in any file hashes as zeros by the head's block hashes;
-- as each block comes in (by fault or by the loader): each run's xxh3 checksum over its bytes
-  (a ZSTD frame must also decompress to exactly its size); the block's hash against the head's
-  index, so the memory the guest runs on is, block by block, the memory END's digest was taken
-  of (for a mappable snapshot the block hash is the only checksum its `.mem` has);
+- as each block comes in (by fault or by the loader), before any page of it is placed: a ZSTD
+  frame decompresses to exactly its run's size; the block's bytes hash to the head index's block
+  hash, so the memory the guest runs on is, block by block, the memory END's digest was taken
+  of (for a mappable snapshot that is the only checksum its `.mem` has); when a block fails, its
+  runs' own xxh3 checksums, to name the file at fault. A file without an index (format 2.0) has
+  no block hashes: each run's checksum is checked instead;
 - not checked: the whole-memory digest as such (it is the combination of the block hashes,
-  checked before the run against END); for a head file without an index (format 2.0), the
-  block hashes are unknown, so only the run checksums are checked: a page the writer failed to
-  store would not be noticed there.
+  checked against END before the run); with a head file of format 2.0, that the writer stored
+  every page it should have (only the block hashes would show a page missing from every run).
+  `verify` False (`--no-verify`) skips the block hashes; a PAGES run's checksum is still checked.
 
 A check that fails is a `CorruptPage` naming the page (the one faulted on, or the block's first
 when the loader found it) and the file; that block is never placed, the guest is stopped (its
@@ -44,6 +47,14 @@ While memory is still loading the machine's run state is held (`hv.vmm.owner`): 
 socket's pause, resume, stop, guest-check, snapshot and migration are refused with `Busy`,
 since each reads guest memory with the interpreter lock held (which the fault server needs) or
 would see unloaded pages as never touched.
+
+A restore with `record_ms` records the pages the guest faults on in its first `record_ms` ms (the
+loader held off meanwhile, so every first touch is a fault) and, once every page is in, stores
+them in the snapshot as its working set (`migrate.snapshot.workingset`).
+
+Over 450 lines, as one module on purpose: the fault server, the loader, the recording and the
+failure path share the blocks' states under one lock, and "a block is placed once, whole, and
+only checked" is an argument over all of them together; reading a block is `blocks`.
 """
 
 from __future__ import annotations
@@ -64,15 +75,14 @@ from typing import Any
 import numpy as np
 
 import formats
-from formats import DIGEST_BLOCK, PageEncoding
 from hv.errors import HvError
 from hv.kvm.dirty import PAGE_SIZE
-from hv.kvm.memory import GuestMemory, anonymous_ram
+from hv.kvm.memory import GuestMemory
 from hv.kvm.userfault import Fault, Userfault
 from hv.vmm.machine import Machine, RunState, StopReason
 from hv.vmm.owner import owner_of
-from migrate.datapath import RunDecoder
 from migrate.errors import CorruptPage, SnapshotError
+from migrate.snapshot.blocks import BadRun, BlockReader
 from migrate.snapshot.pagetable import PageTable
 from migrate.snapshot.workingset import store_working_set
 
@@ -134,47 +144,12 @@ def lazy_restore_of(machine: Machine) -> LazyRestore | None:
     return _restores.get(machine)
 
 
-class _Worker:
-    """One thread's means to load blocks: a zstd context, buffers for a run's payload and bytes,
-    and the two runs it decoded last (a 4 MiB run spans up to three blocks)."""
-
-    def __init__(self, table: PageTable) -> None:
-        runs = table.runs
-        data = runs["encoding"] != PageEncoding.ZERO
-        largest = int(runs["pages"][data].max()) * PAGE_SIZE if data.any() else PAGE_SIZE
-        self.decoder = RunDecoder()
-        zstd = runs["encoding"] == PageEncoding.ZSTD
-        self.payload = _buffer(int(runs["length"][zstd].max()) if zstd.any() else 1)
-        self.decoded = [_buffer(largest), _buffer(largest)]
-        self.held = [-1, -1]  # the run each of `decoded` holds
-        self.recent = 1  # the one used last
-        self.image = _buffer(DIGEST_BLOCK)
-
-    def warm(self) -> None:
-        """Touch the buffers once, so a fault does not pay their first touch (dear on nested hosts)."""
-        for buffer in (self.payload, *self.decoded, self.image):
-            buffer.fill(0)
-
-
-def _buffer(size: int) -> np.ndarray:
-    """Bytes for a worker, in huge pages where the host has them: a first touch of 2 MiB at once
-    costs what one of a 4 KiB page does, which is most of what a buffer costs on nested hosts."""
-    return np.frombuffer(anonymous_ram(-(-size // PAGE_SIZE) * PAGE_SIZE, huge_pages=True), dtype=np.uint8)
-
-
-class _BadRun(Exception):
-    """A run failed its check: which one, and why."""
-
-    def __init__(self, run: int, error: formats.FormatError) -> None:
-        super().__init__(str(error))
-        self.run, self.error = run, error
-
-
 class LazyRestore:
     """The pages of a lazily restored `machine` (built by `restore(..., lazy=True)`): its RAM
     registered, the fault server running (a restore's own reads of guest memory, as KVM applies
     the vCPU state, are served too), the loader waiting for `resume` (or a fault once the guest
-    ran). `verify` False skips the run and block checksums (`migrate restore --no-verify`)."""
+    ran). `verify` False skips the block hashes (the memory digest's checks: `migrate restore
+    --no-verify`); a PAGES run's own checksum is still checked, as every reader of one does."""
 
     def __init__(self, machine: Machine, table: PageTable, *, started: float, verify: bool = True,
                  record_ms: int = 0) -> None:
@@ -183,6 +158,7 @@ class LazyRestore:
         self._recorded: list[int] | None = [] if record_ms > 0 else None  # faulted pages, first first
         self._record_until: float | None = None  # (perf_counter) the recording's window ends
         self.error: CorruptPage | None = None
+        self._failure: str | None = None  # why the loading stopped, if it did before the end
         self._state = np.where(table.has_data, Block.PENDING, Block.ZERO).astype(np.uint8)
         self._lock = threading.Condition()
         self._stop = threading.Event()
@@ -243,15 +219,18 @@ class LazyRestore:
 
     @property
     def resident(self) -> bool:
-        return self._resident.is_set() and self.error is None
+        return self._resident.is_set() and self._failure is None
 
     def wait_resident(self, timeout: float | None = None) -> LazyStats:
-        """Wait until every page is in (or a check failed): the stats; `CorruptPage` if one did,
-        `TimeoutError` if `timeout` passed first."""
+        """Wait until every page is in (or the loading stopped): the stats; `CorruptPage` if a
+        check failed, `SnapshotError` if the loading stopped otherwise, `TimeoutError` if
+        `timeout` passed first."""
         if not self._resident.wait(timeout):
             raise TimeoutError(f"lazy restore of {self.table.head.path}: memory not resident after {timeout} s")
         if self.error is not None:
             raise self.error
+        if self._failure is not None:
+            raise SnapshotError(self.table.head.path, f"the lazy restore stopped: {self._failure}")
         return self.stats()
 
     def stats(self) -> LazyStats:
@@ -268,7 +247,7 @@ class LazyRestore:
                          table_ms=round(self.table.seconds * 1000, 3),
                          table="+".join(sorted({s.found for s in self.table.sources})),
                          fault_p50_us=p50, fault_p99_us=p99, loader_done=self.resident,
-                         error=None if self.error is None else str(self.error), **counts)
+                         error=str(self.error) if self.error is not None else self._failure, **counts)
 
     def _uffd_stats(self) -> tuple[int, int, int, int]:
         """(faults, zero pages the C thread placed, latency p50 us, p99 us); once the range is
@@ -310,8 +289,8 @@ class LazyRestore:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), URGENT_NICE)  # a vCPU waits on it
         except OSError:
             pass
-        worker = _Worker(self.table)
-        worker.warm()
+        reader = BlockReader(self.table, self.verify)
+        reader.warm()
         by_fd = {u.notify_fd: u for u in self._uffd}
         try:
             while not self._stop.is_set():
@@ -319,13 +298,13 @@ class LazyRestore:
                 for fd in ready:
                     if fd in by_fd and not self._stop.is_set():
                         for fault in by_fd[fd].take_faults(512):
-                            self._fault(fault, worker)
+                            self._fault(fault, reader)
         except (HvError, OSError) as e:
             if not self._ending():
                 log.error("lazy restore: the fault server stopped: %s", e)
                 self._stop_guest(f"the fault server stopped: {e}")
 
-    def _fault(self, fault: Fault, worker: _Worker) -> None:
+    def _fault(self, fault: Fault, reader: BlockReader) -> None:
         now = time.perf_counter()
         if self._first_fault is None:
             self._first_fault = now - self.started
@@ -341,7 +320,7 @@ class LazyRestore:
             elif state is Block.BUSY:  # the loader has it: it places this page next
                 self._wanted.setdefault(block, []).append(fault.address)
         if state is Block.PENDING:
-            self._load(block, worker, fault.address)
+            self._load(block, reader, fault.address)
         elif state in (Block.ZERO, Block.DONE):  # (a zero block before its staging: placed now)
             self._region(fault.address).resolve_zero(fault.address, PAGE_SIZE)
         # FAILED: it is never placed (the guest is being stopped)
@@ -350,11 +329,11 @@ class LazyRestore:
         """The snapshot's recorded working set first, at once (before and while the guest
         runs; not when this restore records its own); then, from `_go` on, the rest."""
         try:
-            worker = _Worker(self.table)
+            reader = BlockReader(self.table, self.verify)
             recorded = self.table.recorded_blocks() if self._recorded is None else np.zeros(0, dtype=np.int64)
             if len(recorded):
                 self._stage_zero_blocks()
-                self._counts["preloaded_blocks"] = self._load_blocks(recorded, worker)
+                self._counts["preloaded_blocks"] = self._load_blocks(recorded, reader)
                 with self._lock:  # (those a fault is loading)
                     self._lock.wait_for(lambda: self._ending() or (self._state[recorded] != Block.BUSY).all())
                 self._working_set_at = time.perf_counter() - self.started
@@ -363,7 +342,7 @@ class LazyRestore:
                 return
             if not len(recorded):
                 self._stage_zero_blocks()
-            self._load_blocks(self.table.load_order(), worker)
+            self._load_blocks(self.table.load_order(), reader)
             with self._lock:  # blocks a fault is loading still
                 self._lock.wait_for(lambda: self._ending() or not (self._state == Block.BUSY).any())
             if not self._ending():
@@ -374,7 +353,7 @@ class LazyRestore:
                 log.error("lazy restore: the loader stopped: %s", e)
                 self._stop_guest(f"the loader stopped: {e}")
 
-    def _load_blocks(self, blocks: np.ndarray, worker: _Worker) -> int:
+    def _load_blocks(self, blocks: np.ndarray, reader: BlockReader) -> int:
         """Load those of `blocks` nobody has yet, in order; how many this did."""
         done = 0
         for block in blocks.tolist():
@@ -384,7 +363,7 @@ class LazyRestore:
                 if self._state[block] != Block.PENDING:
                     continue
                 self._state[block] = Block.BUSY
-            self._load(block, worker, None)
+            self._load(block, reader, None)
             done += 1
         return done
 
@@ -435,18 +414,16 @@ class LazyRestore:
 
     # --- one block ---
 
-    def _load(self, block: int, worker: _Worker, faulted: int | None) -> None:
+    def _load(self, block: int, reader: BlockReader, faulted: int | None) -> None:
         """Load `block` (claimed BUSY by this thread): its bytes checked, then placed, the page
         `faulted` (a thread waits for it) first."""
         address, first_page, pages = self.table.block_span(block)
         try:
-            image = self._assemble(block, worker, address, first_page, pages)
-        except (_BadRun, formats.FormatError) as e:
+            image = reader.assemble(block)
+        except (BadRun, formats.FormatError) as e:
             self._corrupt(block, address if faulted is None else faulted, e)
             return
-        owners = self.table.owner[first_page:first_page + pages]
-        data = owners >= 0
-        data[data] = self.table.runs["encoding"][owners[data]] != PageEncoding.ZERO
+        data = reader.data_pages(first_page, pages)
         uffd = self._region(address)
         # pieces of one kind (data, zero) and at most PLACE_PAGES; a page a thread waits for goes
         # first, and the pieces from it on next (a guest touching a page goes on to the next)
@@ -473,68 +450,6 @@ class LazyRestore:
             self._counts["fault_blocks"] += faulted is not None
             self._lock.notify_all()
 
-    def _assemble(self, block: int, worker: _Worker, address: int, first_page: int, pages: int) -> memoryview:
-        """The block's bytes as the snapshot holds them: each page from its run, zero where no
-        run has data; checked by the block's hash from the head's index when there is one (a run
-        is then checked by its own checksum only if the block fails, to name the file at fault:
-        a damaged page that a newer file overrides harms nothing), else by each run's checksum."""
-        table, runs = self.table, self.table.runs
-        owners = table.owner[first_page:first_page + pages]
-        ids = np.unique(owners[owners >= 0])
-        ids = ids[runs["encoding"][ids] != PageEncoding.ZERO]
-        expected = None if table.block_hashes is None or not self.verify else int(table.block_hashes[block])
-        check_runs = expected is None  # (and --no-verify: the runs' checksums still)
-        if len(ids) == 1 and bool((owners == ids[0]).all()):  # every page from one run: a slice of it, no copy
-            skip = (address - int(runs["address"][ids[0]])) // PAGE_SIZE
-            image = self._decoded(int(ids[0]), worker, check_runs)[skip * PAGE_SIZE:(skip + pages) * PAGE_SIZE]
-        else:
-            out = worker.image[:pages * PAGE_SIZE]
-            out.fill(0)
-            for rid in ids.tolist():
-                decoded = np.frombuffer(self._decoded(rid, worker, check_runs), dtype=np.uint8)
-                mine = np.flatnonzero(owners == rid)
-                skip = (address - int(runs["address"][rid])) // PAGE_SIZE  # the run's page at the block's start
-                for part in np.split(mine, np.flatnonzero(np.diff(mine) != 1) + 1):
-                    a, b = int(part[0]), int(part[-1]) + 1
-                    out[a * PAGE_SIZE:b * PAGE_SIZE] = decoded[(a + skip) * PAGE_SIZE:(b + skip) * PAGE_SIZE]
-            image = out.data
-        if expected is not None and (found := RunDecoder.digest(image)) != expected:
-            for rid in ids.tolist():  # which file: the first run that fails its own check
-                self._decoded(rid, worker, True)
-            raise formats.ChecksumError(f"memory block @{address:#x}", block * DIGEST_BLOCK, expected, found)
-        return image
-
-    def _decoded(self, rid: int, worker: _Worker, check: bool) -> memoryview:
-        """Run `rid`'s bytes, read (and decompressed) into one of the worker's two buffers, the
-        one used less recently, kept for the next block; with `check`, its checksum checked
-        (`_BadRun` if it fails: its file is the one at fault)."""
-        run = self.table.runs[rid]
-        size, offset = int(run["pages"]) * PAGE_SIZE, int(run["offset"])
-        try:
-            if rid in worker.held:
-                worker.recent = worker.held.index(rid)
-                out = worker.decoded[worker.recent].data[:size]
-            else:
-                slot = 1 - worker.recent
-                worker.held[slot] = -1
-                source = self.table.sources[int(run["source"])]
-                out = worker.decoded[slot].data[:size]
-                if run["encoding"] == PageEncoding.ZSTD:
-                    frame = worker.payload.data[:int(run["length"])]
-                    _read(source.fd, frame, offset)
-                    worker.decoder.decompress(frame, out, offset)
-                else:
-                    _read(source.fd, out, offset)
-                worker.held[slot], worker.recent = rid, slot
-            # (--no-verify skips the memory digest's checks, the block hashes a `.mem` is checked by;
-            # a PAGES run's checksum is the format's own, which every reader checks)
-            mem_block = self.table.sources[int(run["source"])].found.startswith("mem")
-            if check and run["checked"] and (self.verify or not mem_block) and (found := RunDecoder.digest(out)) != int(run["digest"]):
-                raise formats.ChecksumError(f"pages run @{int(run['address']):#x}", offset, int(run["digest"]), found)
-        except formats.FormatError as e:
-            raise _BadRun(rid, e) from e
-        return out
-
     def _region(self, address: int) -> Userfault:
         for uffd in self._uffd:
             if uffd.guest_base <= address < uffd.guest_base + uffd.length:
@@ -543,11 +458,11 @@ class LazyRestore:
 
     # --- failure and teardown ---
 
-    def _corrupt(self, block: int, address: int, error: _BadRun | formats.FormatError) -> None:
+    def _corrupt(self, block: int, address: int, error: BadRun | formats.FormatError) -> None:
         """A check failed for `block` (at `address`, the page faulted on or the block's first):
         the block is never placed, the error kept, the guest stopped."""
         block_address, _, pages = self.table.block_span(block)
-        if isinstance(error, _BadRun):  # the run's file; else the block hash, the head's
+        if isinstance(error, BadRun):  # the run's file; else the block hash, the head's
             run = self.table.runs[error.run]
             path = self.table.sources[int(run["source"])].path
             first, count, cause = int(run["address"]), int(run["pages"]), error.error
@@ -567,6 +482,8 @@ class LazyRestore:
         first (a stop requested), then the range released (a vCPU waiting on a page leaves
         KVM_RUN on the pending kick, before any guest instruction). On a thread of its own: the
         one that found it may be the fault server, which the stop may need."""
+        self._failure = self._failure or why
+
         def stop() -> None:
             self.machine.request_stop(StopReason("fatal", why))
             self._stop.set()
@@ -601,23 +518,13 @@ def _place(uffd: Userfault, address: int, image: memoryview, data: bool, first: 
         uffd.resolve_zero(address + first * PAGE_SIZE, (end - first) * PAGE_SIZE)
 
 
-def _read(fd: int, into: memoryview, offset: int) -> None:
-    """Fill `into` from the file at `offset` (a file that ends first is a `TruncatedError`)."""
-    done = 0
-    while done < len(into):
-        n = os.preadv(fd, [into[done:]], offset + done)
-        if n <= 0:
-            raise formats.TruncatedError("pages", offset, len(into), done)
-        done += n
-
-
 def report_when_resident(restore: LazyRestore, say: Callable[[str, bool], None]) -> None:
     """Call `say(line, failed)` once, from a thread of its own, when `restore`'s memory is all in
     (its figures) or a check failed (the error)."""
     def wait() -> None:
         try:
             stats = restore.wait_resident()
-        except CorruptPage as e:
+        except SnapshotError as e:  # (CorruptPage among them)
             say(f"lazy restore stopped the guest: {e}", True)
             return
         say(f"lazy restore: memory resident; {stats.summary()}", False)

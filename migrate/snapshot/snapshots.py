@@ -1,8 +1,9 @@
 """Snapshots: a paused machine's whole state to a file, and back into a fresh VM.
 
 A snapshot file is one kvmigrate stream (formats/SPEC.md): header, CONFIG (`MachineConfig`),
-LAYOUT, one VCPU per vCPU, VM_STATE, one DEVICE per device, PAGES, END (totals and the memory
-digest). Three kinds:
+LAYOUT, one VCPU per vCPU, VM_STATE, one DEVICE per device, PAGES, a MEMORY_INDEX (where each
+page is, and the digest's block hashes: for a lazy restore), END (totals and the memory digest).
+Three kinds:
 
 - full: every page the guest ever touched (untouched memory is zero and is not stored);
 - incremental (`base=`): only pages dirtied since `base`, which must be the last snapshot of the
@@ -16,7 +17,12 @@ file that looks whole. What a file is and how one is read and checked (its kinds
 trailer, the chain, staging memory) is `migrate.snapshot.files`; this module takes, restores and
 inspects snapshots with it. A restore reads and checks everything (versions, checksums, layout,
 totals, memory digest, CPUID) into staging memory before it creates the VM, so a corrupt or
-foreign snapshot never reaches a VM.
+foreign snapshot never reaches a VM; a lazy one (`migrate.snapshot.lazy`) checks the state and
+the page table before, and each block of memory as it comes in.
+
+Over 450 lines, as one module on purpose: taking, restoring and inspecting are the three uses of
+one file and share its kinds and checks; what has a concern of its own lives beside it (`files`,
+`live`, `pagetable`, `lazy`, `workingset`).
 """
 
 from __future__ import annotations

@@ -257,3 +257,17 @@ def test_a_recorded_working_set_loads_first_and_cuts_the_faults(running, kvm: Kv
     assert later.fault_blocks <= recording.fault_blocks // 2, (recording, later)
     assert later.pages_on_demand < recording.pages_on_demand
 
+
+
+def test_the_cli_stops_at_a_corrupt_page_and_says_which(running, kvm: Kvm, tmp_path) -> None:
+    machine, console = running
+    path, _ = _take(machine, console, tmp_path, "compressed", kvm)
+    damaged, first, _ = _flip_in_working_set(path, "compressed")
+    proc = subprocess.run([sys.executable, "-m", "migrate.cli", "restore", str(path), "--lazy", "--json",
+                           "--timeout", "30"], stdout=console_log(tmp_path, "corrupt"), stderr=subprocess.PIPE,
+                          text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr  # the guest was stopped: a failed run, not a refusal
+    assert "is corrupt" in proc.stderr and str(damaged) in proc.stderr and f"{first:#x}" in proc.stderr
+    out = console_text(tmp_path, "corrupt")
+    lazy = json.loads(out[out.rindex("{\n  \"path\""):])["lazy"]
+    assert lazy["error"] is not None and not lazy["loader_done"]
