@@ -71,7 +71,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
                           share_memory=args.share_mem, virtio_console=LineConsole(), verify_memory=not args.no_verify,
                           lazy=args.lazy, record_ms=args.record_ms)
         restore_ms = (time.perf_counter() - t0) * 1000
-        say("migrate", f"restored {args.file} in {restore_ms:.1f} ms" + (" (lazily: no page read yet)" if args.lazy else ""))
+        lazily = " (lazily: no page read yet)" if args.lazy else ""
+        say("migrate", f"restored {args.file} in {restore_ms:.1f} ms{lazily}")
         machine.device("serial0", Serial16550).attach_terminal(terminal())  # before the guest runs
         run.prepare(machine, watch=watch, extra={"console": console})
         lazy = lazy_restore_of(machine)

@@ -399,6 +399,7 @@ class LazyRestore:
         self._wake_server()
         self._server.join(10)
         self._release_range()
+        self.table.close()  # (nobody reads them any more: the server is gone, this is the loader)
         self._resident.set()
         log.info("lazy restore of %s: resident after %.1f ms", self.table.head.path, self._resident_at * 1000)
 

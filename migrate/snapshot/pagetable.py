@@ -59,7 +59,9 @@ class PageSource:
 
     path: Path
     fd: int
-    found: str  # how its runs were found: "index", "read" (run tables), "mem" (.mem by the index's block hashes), "mem-hashed"
+    # how its runs were found: "index", "read" (its run tables), "mem" (a .mem, by the index's block
+    # hashes), "mem-hashed" (a .mem hashed here)
+    found: str
 
 
 @dataclass
@@ -69,7 +71,7 @@ class FileHead:
     path: Path
     config: MachineConfig
     collected: Collected
-    data_start: int  # offset of the first record after the state (PAGES, MEMORY_INDEX or END)
+    data_start: int  # offset of the first record after the state (PAGES, WORKING_SET, MEMORY_INDEX or END)
     sections: int  # records before it
     size: int
 

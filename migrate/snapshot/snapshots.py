@@ -130,7 +130,8 @@ def snapshot(machine: Machine, path: str | Path, *, base: str | Path | None = No
     the whole file; without it the file is as format 2.0 wrote it."""
     path = Path(path)
     if (pager := lazy_restore_of(machine)) is not None and not pager.resident:  # its unloaded pages look untouched
-        raise SnapshotError(path, "the machine's memory is still being loaded (a lazy restore): snapshot it once resident")
+        raise SnapshotError(path, "the machine's memory is still being loaded (a lazy restore): snapshot it once "
+                                  "resident")
     t0 = time.perf_counter()
     was_running = machine.state is RunState.RUNNING
     base_path = Path(base) if base else None
