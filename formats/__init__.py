@@ -76,6 +76,7 @@ from .digest import (
     combine_block_hashes,
     combine_disk_digest,
     disk_block_digests,
+    memory_block_hashes,
     memory_digest,
     zero_block_hash,
     zero_block_hashes,
@@ -92,6 +93,18 @@ from .pages import (
     PageTotals,
     page_runs,
 )
+from .index import (
+    INDEX_RUN_DTYPE,
+    INDEX_TAIL,
+    IndexLocation,
+    MemoryIndex,
+    check_tail,
+    decode_memory_index,
+    encode_memory_index,
+    index_location,
+    previous_record,
+)
+from .workingset import WorkingSet, check_working_set, decode_working_set, encode_working_set, page_addresses
 from .budget import Budget, BudgetExceeded, scan as scan_budget
 from .schema import MsgpackLimits, SchemaRegistry, unpack as unpack_msgpack
 from .stream import (
@@ -106,7 +119,9 @@ from .stream import (
     EndRecord,
     Header,
     LayoutRecord,
+    MemoryIndexRecord,
     PagesRecord,
+    WorkingSetRecord,
     Record,
     SectionKind,
     SkippedRecord,

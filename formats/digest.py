@@ -87,6 +87,13 @@ def memory_digest(ranges: Iterable[tuple[int, object]], *, known_zero: KnownZero
     `known_zero(address, length)` returns one bool per block (say, memory the guest never
     touched): those contribute the hash of zeros without being read. Blocks are hashed on
     `workers` threads (xxhash releases the GIL)."""
+    return combine_block_hashes(memory_block_hashes(ranges, known_zero=known_zero, workers=workers))
+
+
+def memory_block_hashes(ranges: Iterable[tuple[int, object]], *, known_zero: KnownZero | None = None,
+                        workers: int = 1) -> list[tuple[int, int, np.ndarray]]:
+    """`memory_digest`'s pieces: (address, length, block hashes) of each range, in address order
+    (what a MEMORY_INDEX carries)."""
     items = [(address, as_bytes_view(mem)) for address, mem in sorted(ranges, key=lambda r: r[0])]
 
     def hashes(address: int, mv: memoryview) -> np.ndarray:
@@ -101,7 +108,7 @@ def memory_digest(ranges: Iterable[tuple[int, object]], *, known_zero: KnownZero
                 None if zero is None else zero[a:a + step]), range(0, n, step))
             return np.concatenate(list(parts))
 
-    return combine_block_hashes((address, len(mv), hashes(address, mv)) for address, mv in items)
+    return [(address, len(mv), hashes(address, mv)) for address, mv in items]
 
 
 class ZeroRanges:

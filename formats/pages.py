@@ -136,6 +136,51 @@ def page_runs(mv: memoryview, min_zero_pages: int = 1) -> tuple[np.ndarray, np.n
     return starts, ends, kinds
 
 
+def check_runs(table: np.ndarray, memory: MemoryLayout, limits: PageLimits, at: Callable[[int], int], *,
+               section: str = "pages", ordered: bool = True) -> np.ndarray:
+    """The checks every run descriptor gets wherever it is read (a PAGES run table, a memory
+    index), in this order: a valid encoding; wholly inside one RAM range of `memory`, aligned,
+    not empty; (`ordered`) after the end of the run before it; a ZERO run without payload or
+    digest; a RAW payload of exactly its pages; at most `limits.max_run_bytes` of data. `table`
+    has the fields address, pages, encoding, payload_len, digest; `at(i)` is run i's offset for
+    the error. Returns each run's data bytes (0 for ZERO runs)."""
+    addresses = table["address"].astype(np.uint64)
+    counts = table["pages"].astype(np.uint64)
+    encodings = table["encoding"]
+    lengths = table["payload_len"].astype(np.uint64)
+    digests = table["digest"]
+
+    def run_error(i: int, detail: str) -> PageRangeError:
+        return PageRangeError(int(addresses[i]), int(counts[i]), detail, section=section, offset=at(i))
+
+    bad = np.flatnonzero((encodings < PageEncoding.ZERO) | (encodings > PageEncoding.ZSTD))
+    if len(bad):
+        raise run_error(int(bad[0]), f"invalid encoding {int(encodings[bad[0]])}")
+    # Addresses first: nothing is decompressed for a section that points outside RAM.
+    outside = memory.first_outside(addresses, counts)
+    if outside >= 0:
+        raise run_error(outside, "outside the memory layout, unaligned or empty")
+    sizes = counts << np.uint64(PAGE_SHIFT)
+    if ordered and len(table) > 1:
+        overlap = np.flatnonzero(addresses[1:] < addresses[:-1] + sizes[:-1])
+        if len(overlap):
+            raise run_error(int(overlap[0]) + 1, "overlaps or precedes the previous run")
+    zero = encodings == PageEncoding.ZERO
+    bad = np.flatnonzero(zero & ((lengths != 0) | (digests != 0)))
+    if len(bad):
+        raise run_error(int(bad[0]), "ZERO run with a payload or digest")
+    bad = np.flatnonzero((encodings == PageEncoding.RAW) & (lengths != sizes))
+    if len(bad):
+        i = int(bad[0])
+        raise SizeMismatch(section, at(i), int(sizes[i]), int(lengths[i]), "RAW payload length")
+    data_sizes = np.where(zero, np.uint64(0), sizes)
+    bad = np.flatnonzero(data_sizes > np.uint64(limits.max_run_bytes))
+    if len(bad):
+        i = int(bad[0])
+        raise SectionTooLarge(section, at(i), int(data_sizes[i]), limits.max_run_bytes)
+    return data_sizes
+
+
 class PageEncoder:
     """Encodes guest memory into PAGES section bodies. Not thread-safe (one zstd context):
     use one encoder per thread."""
@@ -268,9 +313,10 @@ class PageDecoder:
                 return dctx.decompress(frame, max_output_size=size, allow_extra_data=False)
         self._decompress_frame = decompress
 
-    def decode(self, body: bytes | memoryview, offset: int = 0) -> tuple[list[PageRun], PageTotals]:
-        """All runs of one section, every check done before returning any. `offset` is the
-        body's position in the stream, for error reports."""
+    def check_table(self, body: bytes | memoryview, offset: int = 0) -> tuple[np.ndarray, PageTotals]:
+        """Every check of `decode` that needs no payload read: the header, the run table
+        (`check_runs`), the section's data and payload sizes. Returns the run table (RUN_DTYPE)
+        and the section's totals."""
         lim = self.limits
         if len(body) < BODY_HEADER.size:
             raise TruncatedError("pages", offset, BODY_HEADER.size, len(body))
@@ -283,53 +329,31 @@ class PageDecoder:
         if table_end > len(body):
             raise TruncatedError("pages", offset, table_end, len(body))
         table = np.frombuffer(body, dtype=RUN_DTYPE, count=count, offset=BODY_HEADER.size)
-        addresses = table["address"]
-        counts = table["pages"].astype(np.uint64)
-        encodings = table["encoding"]
-        lengths = table["payload_len"].astype(np.int64)
-        digests = table["digest"]
-
-        def run_error(i: int, detail: str) -> PageRangeError:
-            return PageRangeError(int(addresses[i]), int(counts[i]), detail, section="pages",
-                                  offset=offset + BODY_HEADER.size + i * RUN.size)
-
-        bad = np.flatnonzero((encodings < PageEncoding.ZERO) | (encodings > PageEncoding.ZSTD))
-        if len(bad):
-            raise run_error(int(bad[0]), f"invalid encoding {int(encodings[bad[0]])}")
-        # Addresses first: nothing is decompressed for a section that points outside RAM.
-        outside = self.memory.first_outside(addresses, counts)
-        if outside >= 0:
-            raise run_error(outside, "outside the memory layout, unaligned or empty")
-        sizes = counts << np.uint64(PAGE_SHIFT)
-        if count > 1:
-            overlap = np.flatnonzero(addresses[1:] < addresses[:-1] + sizes[:-1])
-            if len(overlap):
-                raise run_error(int(overlap[0]) + 1, "overlaps or precedes the previous run")
-        zero = encodings == PageEncoding.ZERO
-        raw = encodings == PageEncoding.RAW
-        bad = np.flatnonzero(zero & ((lengths != 0) | (digests != 0)))
-        if len(bad):
-            raise run_error(int(bad[0]), "ZERO run with a payload or digest")
-        bad = np.flatnonzero(raw & (lengths.astype(np.uint64) != sizes))
-        if len(bad):
-            i = int(bad[0])
-            raise SizeMismatch("pages", offset + BODY_HEADER.size + i * RUN.size,
-                               int(sizes[i]), int(lengths[i]), "RAW payload length")
-        data_sizes = np.where(zero, np.uint64(0), sizes)
-        bad = np.flatnonzero(data_sizes > np.uint64(lim.max_run_bytes))
-        if len(bad):
-            i = int(bad[0])
-            raise SectionTooLarge("pages", offset + BODY_HEADER.size + i * RUN.size,
-                                  int(data_sizes[i]), lim.max_run_bytes)
+        data_sizes = check_runs(table, self.memory, lim, lambda i: offset + BODY_HEADER.size + i * RUN.size)
         raw_total = int(data_sizes.sum()) if count else 0
         if raw_total > lim.max_section_raw:
             raise SectionTooLarge("pages", offset, raw_total, lim.max_section_raw)
-        payload_total = int(lengths.sum()) if count else 0
+        counts = table["pages"].astype(np.uint64)
+        zero = table["encoding"] == PageEncoding.ZERO
+        payload_total = int(table["payload_len"].astype(np.int64).sum()) if count else 0
         if table_end + payload_total > len(body):
             raise TruncatedError("pages", offset, table_end + payload_total, len(body))
         if table_end + payload_total < len(body):
             raise TrailingDataError("pages", offset + table_end + payload_total,
                                     len(body) - table_end - payload_total)
+        zero_pages = int(counts[zero].sum()) if count else 0
+        return table, PageTotals(int(counts.sum()) if count else 0, zero_pages, raw_total, payload_total)
+
+    def decode(self, body: bytes | memoryview, offset: int = 0) -> tuple[list[PageRun], PageTotals]:
+        """All runs of one section, every check done before returning any. `offset` is the
+        body's position in the stream, for error reports."""
+        table, totals = self.check_table(body, offset)
+        addresses = table["address"]
+        counts = table["pages"].astype(np.uint64)
+        encodings = table["encoding"]
+        lengths = table["payload_len"].astype(np.int64)
+        digests = table["digest"]
+        table_end = BODY_HEADER.size + len(table) * RUN.size
 
         view = memoryview(body)
         runs: list[PageRun] = []
@@ -352,9 +376,6 @@ class PageDecoder:
                 raise ChecksumError(f"pages run {i} @{addr:#x}", offset + pos, digest, found)
             runs.append(PageRun(addr, n, data))
             pos += length
-        zero_pages = int(counts[zero].sum()) if count else 0
-        totals = PageTotals(int(counts.sum()) if count else 0, zero_pages, raw_total,
-                            payload_total)
         return runs, totals
 
     @staticmethod

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import xxhash
 
 from .errors import (
@@ -41,6 +42,9 @@ from .errors import (
     VersionError,
 )
 from .digest import KnownZero, memory_digest
+from .index import (INDEX_RUN_DTYPE, MemoryIndex, decode_memory_index, encode_memory_index,
+                    section_runs)
+from .workingset import WorkingSet, decode_working_set
 from .layout import DeviceEntry, DeviceLayout, MemoryDifference, MemoryLayout, check
 from .pages import (
     PageDecoder,
@@ -54,7 +58,8 @@ from .schema import SchemaRegistry
 
 MAGIC = b"KVMIGSNP"
 FORMAT_MAJOR = 2  # 2.0: device kinds are declared ids, no longer class names (SPEC.md section 6)
-FORMAT_MINOR = 1  # 2.1: a snapshot's CONFIG records its disk's copy (SPEC.md section 6.2)
+FORMAT_MINOR = 1  # 2.1: a snapshot's CONFIG records its disk's copy (SPEC.md section 6.2); MEMORY_INDEX
+                 # and WORKING_SET, both skippable (sections 10, 11)
 SUPPORTED_MAJORS = (2,)  # a 1.x stream names its devices by class: refused, not guessed at
 
 # magic, major, minor, flags, producer (UTF-8, NUL padded), reserved, xxh3-64 of bytes 0..55
@@ -77,6 +82,8 @@ class SectionKind(enum.IntEnum):
     DEVICE = 5
     PAGES = 6
     END = 7
+    MEMORY_INDEX = 8  # 2.1, always SKIPPABLE: where every page is, and the digest's block hashes
+    WORKING_SET = 9  # 2.1, always SKIPPABLE: the pages a restored guest touched first, in order
 
 
 def _section_name(kind: int) -> str:
@@ -139,6 +146,20 @@ class PagesRecord:
 
 
 @dataclass(frozen=True)
+class MemoryIndexRecord:
+    """MEMORY_INDEX, checked against the PAGES sections before it (and END's digest after it)."""
+
+    index: MemoryIndex
+
+
+@dataclass(frozen=True)
+class WorkingSetRecord:
+    """WORKING_SET, its place in the stream checked (right after the record it names)."""
+
+    working_set: WorkingSet
+
+
+@dataclass(frozen=True)
 class SkippedRecord:
     """A skippable section of a kind this reader does not know (newer minor version)."""
 
@@ -163,7 +184,7 @@ class EndRecord:
 
 
 Record = (Header | ConfigRecord | LayoutRecord | VcpuRecord | VmStateRecord | DeviceRecord
-          | PagesRecord | SkippedRecord | EndRecord)
+          | PagesRecord | MemoryIndexRecord | WorkingSetRecord | SkippedRecord | EndRecord)
 
 
 def register_format_types(registry: SchemaRegistry) -> SchemaRegistry:
@@ -197,20 +218,36 @@ class StreamWriter:
     """Produces a stream: `header()`, any sections, `end(digest)`. Each call returns bytes."""
 
     def __init__(self, registry: SchemaRegistry, producer: str = "kvmigrate",
-                 max_section: int = 64 << 20) -> None:
+                 max_section: int = 64 << 20, *, index: bool = False) -> None:
+        """`index`: keep where each PAGES run's payload lands (`position` counts every byte this
+        writer made), for `memory_index` before END; a file's writer does, a stream's need not."""
         self.registry = register_format_types(registry)
         self.producer = producer.encode()[:32]
         self.max_section = max_section
+        self.position = 0  # bytes made so far: the stream offset of the next record
         self._chain: int | None = None
         self._ended = False
         self._sections = 0
         self._pages = PageTotals()
+        self._index: list[np.ndarray] | None = [] if index else None
+        self._data_start: int | None = None  # of the first PAGES record
+        self._previous = 0  # offset of the last record made
+
+    @classmethod
+    def continuing(cls, check: int, position: int) -> StreamWriter:
+        """A writer that goes on with a stream after the record whose check is `check`, at stream
+        offset `position` (a file's tail written anew: its sections framed by `section`, END's
+        body given whole)."""
+        writer = cls(SchemaRegistry())
+        writer._chain, writer.position = check, position
+        return writer
 
     def header(self) -> bytes:
         if self._chain is not None:
             raise SequenceError("header", None, "header already written")
         head = HEADER.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0, self.producer, 0)
         self._chain = _seed_of(head)
+        self.position = HEADER.size
         return head[:-8] + struct.pack("<Q", self._chain)
 
     def section(self, kind: int, body: bytes, *, skippable: bool = False) -> bytes:
@@ -227,6 +264,8 @@ class StreamWriter:
         prefix = struct.pack("<HHI", kind, FLAG_SKIPPABLE if skippable else 0, length)
         digest = _record_digest(prefix, body_digest, self._chain)
         self._chain = digest
+        self._previous = self.position
+        self.position += FRAME.size + length
         if kind == SectionKind.END:
             self._ended = True
         else:
@@ -255,9 +294,24 @@ class StreamWriter:
         """`pages` without joining: the record header, then the body's pieces (payloads may be
         views of guest memory), for a vectored write. Only the 16-byte header is computed here:
         the body was hashed by the encoder."""
+        at = self.position
         head = self._frame(SectionKind.PAGES, section.length, section.digest, False)
         self._pages = self._pages + section.totals
+        if self._index is not None:  # the run table is the body's first part (PageSection)
+            self._index.append(section_runs(section.parts[0], at))
+            self._data_start = at if self._data_start is None else self._data_start
         return [head, *section.parts]
+
+    def memory_index(self, memory: MemoryLayout, block_hashes: Iterable[np.ndarray]) -> bytes:
+        """The MEMORY_INDEX record (skippable) of the PAGES sections made so far, with the memory
+        digest's `block_hashes` per RAM range of `memory`; written right before END, whose digest
+        must be the one they combine into (`MemoryIndex.digest`)."""
+        if self._index is None:
+            raise SequenceError("memory_index", self.position, "a writer made without index=True")
+        runs = np.concatenate(self._index) if self._index else np.zeros(0, dtype=INDEX_RUN_DTYPE)
+        index = MemoryIndex(memory, runs, tuple(block_hashes), len(self._index),
+                            self.position if self._data_start is None else self._data_start, self._previous)
+        return self.section(SectionKind.MEMORY_INDEX, encode_memory_index(index), skippable=True)
 
     @property
     def totals(self) -> StreamTotals:
@@ -293,7 +347,7 @@ class StreamReader:
     def __init__(self, registry: SchemaRegistry, *, memory: MemoryLayout | None = None,
                  expected_layout: DeviceLayout | None = None,
                  expect: Mapping[SectionKind, type] | None = None,
-                 limits: StreamLimits | None = None) -> None:
+                 limits: StreamLimits | None = None, index: bool = False) -> None:
         self.registry = register_format_types(registry)
         self.limits = limits or StreamLimits()
         self.expected_layout = expected_layout
@@ -312,6 +366,15 @@ class StreamReader:
         self._sections = 0
         self._seen = PageTotals()
         self._failed: FormatError | None = None
+        # `index`: a MEMORY_INDEX is checked against the PAGES sections read (a running hash of
+        # the entries they make, their count, where they began) and END's digest; without it, it
+        # is skipped as a reader of 2.0 skips it
+        self._index_runs = xxhash.xxh3_64() if index else None
+        self._index_sections = 0
+        self._data_start: int | None = None
+        self._previous = 0
+        self._record_at = 0
+        self.index: MemoryIndex | None = None
 
     @property
     def done(self) -> bool:
@@ -399,6 +462,7 @@ class StreamReader:
             raise ChecksumError(name, self._pos, digest, found)
         offset = self._pos + FRAME.size
         self._chain = digest
+        self._previous, self._record_at = self._record_at, self._pos
         record = self._dispatch(kind, flags, body, offset)
         if record is not None:
             out.append(record)
@@ -448,6 +512,8 @@ class StreamReader:
             skind = SectionKind(kind)
         except ValueError:
             skind = SectionKind.INVALID
+        if skind in (SectionKind.MEMORY_INDEX, SectionKind.WORKING_SET) and self._index_runs is None:
+            skind = SectionKind.INVALID  # read as a 2.0 reader reads them
         if skind is SectionKind.INVALID:
             if not flags & FLAG_SKIPPABLE:
                 raise UnknownSection(kind, offset - FRAME.size)
@@ -466,7 +532,15 @@ class StreamReader:
                 raise SequenceError(name, offset, "PAGES before the LAYOUT section")
             runs, totals = self._pages.decode(body, offset)
             self._seen = self._seen + totals
+            if self._index_runs is not None:
+                self._index_runs.update(section_runs(body, offset - FRAME.size).tobytes())
+                self._index_sections += 1
+                self._data_start = offset - FRAME.size if self._data_start is None else self._data_start
             return PagesRecord(tuple(runs), totals)
+        if skind is SectionKind.MEMORY_INDEX:
+            return self._read_index(body, offset)
+        if skind is SectionKind.WORKING_SET:
+            return self._read_working_set(body, offset)
         if skind is SectionKind.LAYOUT:
             return self._read_layout(body, offset)
         if skind is SectionKind.DEVICE:
@@ -493,6 +567,41 @@ class StreamReader:
         self.layout = layout
         return LayoutRecord(layout)
 
+    def _read_index(self, body: bytes | memoryview, offset: int) -> MemoryIndexRecord | SkippedRecord:
+        """A MEMORY_INDEX of a version this reader knows, its runs the ones of the PAGES sections
+        read, its positions theirs; a newer version is skipped (the section is skippable)."""
+        at = offset - FRAME.size
+        try:
+            index = decode_memory_index(body, at, self.limits.pages)
+        except VersionError:
+            return SkippedRecord(SectionKind.MEMORY_INDEX, len(body), at)
+        assert self._index_runs is not None  # (_dispatch reads it only then)
+        data_start = at if self._data_start is None else self._data_start
+        if self.index is not None or self.page_memory is None or index.memory != self.page_memory:
+            raise SequenceError("memory_index", at, "a second index, or one for another memory layout")
+        found = (xxhash.xxh3_64_intdigest(index.runs.tobytes()), index.pages_sections, index.data_start,
+                 index.previous)
+        expected = (self._index_runs.intdigest(), self._index_sections, data_start, self._previous)
+        if found != expected:
+            raise SequenceError("memory_index", at, f"does not describe the PAGES sections before it "
+                                f"(runs hash, sections, data start, previous record: {found} != {expected})")
+        self.index = index
+        return MemoryIndexRecord(index)
+
+    def _read_working_set(self, body: bytes | memoryview, offset: int) -> WorkingSetRecord | SkippedRecord:
+        at = offset - FRAME.size
+        if self.page_memory is None:
+            raise SequenceError("working_set", at, "a working set before any memory layout is known")
+        try:
+            ws = decode_working_set(body, at, self.page_memory)
+        except VersionError:
+            return SkippedRecord(SectionKind.WORKING_SET, len(body), at)
+        if ws.previous != self._previous or self.index is not None:
+            raise SequenceError("working_set", at, f"names the record at {ws.previous} as the one before it "
+                                f"(it is at {self._previous}), or comes after the index")
+        self._data_start = at if self._data_start is None else self._data_start
+        return WorkingSetRecord(ws)
+
     def _read_end(self, body: bytes | memoryview, offset: int) -> EndRecord:
         if len(body) != END_BODY.size:
             raise SizeMismatch("end", offset, END_BODY.size, len(body), "END body length")
@@ -504,6 +613,8 @@ class StreamReader:
             if getattr(declared, field) != getattr(seen, field):
                 raise TotalsMismatch(field, getattr(declared, field), getattr(seen, field),
                                      offset=offset)
+        if self.index is not None and self.index.digest() != digest:
+            raise DigestMismatch(digest, self.index.digest())  # the index's block hashes are not END's
         self.end = EndRecord(declared, digest)
         return self.end
 

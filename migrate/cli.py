@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
   migrate restore vm.inc --api /tmp/vm2.sock    the whole chain, with a control socket
   migrate restore vm.snap --timeout 10
   migrate restore vm.snap --disk disk.img       the guest on disk.img, if it holds the snapshot's disk
-  migrate restore vm.snap --disk disk.img --disk-from-snapshot   disk.img becomes the snapshot's disk""")
+  migrate restore vm.snap --disk disk.img --disk-from-snapshot   disk.img becomes the snapshot's disk
+  migrate restore vm.snap --lazy --json         runs at once, memory loaded on fault and in the background
+  migrate restore vm.snap --lazy --record-ms 500
+                                                ... and its first 500 ms of pages stored for the next restore""")
     p.add_argument("file", metavar="FILE", help="the snapshot (the last of a chain)")
     p.add_argument("--api", metavar="SOCK", help="serve a control socket at this path")
     p.add_argument("--timeout", type=float, default=0, metavar="SECONDS",
@@ -95,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "the guest runs on a private copy of FILE.disk, gone when it ends")
     p.add_argument("--share-mem", action="store_true", help="a mappable snapshot's .mem is mapped, not copied: "
                    "faster (with --no-verify, milliseconds), but the file must not change while the VM runs")
+    p.add_argument("--lazy", action="store_true", help="run the guest before reading its memory: pages come in "
+                   "on fault and in the background, each block checked on its way in (any kind of snapshot)")
+    p.add_argument("--record-ms", type=int, default=0, metavar="MS", help="with --lazy: record the pages the "
+                   "guest touches in its first MS ms and store them in the snapshot, for later restores to load first")
+    p.add_argument("--json", action="store_true", help="the restore's figures as JSON on stdout when the run ends")
     p.set_defaults(func=cmd_restore)
 
     p = command("inspect", "show and check a snapshot", """\

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from formats import (DIGEST_BLOCK, EndRecord, KnownZero, ZeroRanges, block_count,
-                     combine_block_hashes, memory_digest, verify_digest, zero_block_hashes)
+                     combine_block_hashes, memory_block_hashes, memory_digest, verify_digest, zero_block_hashes)
 from hv.kvm.dirty import PAGE_SIZE, DirtyBitmap
 from hv.kvm.memory import GuestMemory, MemoryRegion
 from migrate.datapath import block_hashes
@@ -62,6 +62,13 @@ def digest(memory: GuestMemory, workers: int = 2, touched: Touched | None = None
     """`formats.memory_digest` of all RAM, not reading blocks known to be untouched or zero."""
     return memory_digest(_ranges(memory), known_zero=known_zero_blocks(memory, touched, zero),
                          workers=workers)
+
+
+def block_hashes_of(memory: GuestMemory, workers: int = 2,
+                    zero: ZeroRanges | None = None) -> list[tuple[int, int, np.ndarray]]:
+    """`digest`'s pieces: (address, length, block hashes) per RAM region, what a snapshot's
+    MEMORY_INDEX carries; `formats.combine_block_hashes` of them is the digest."""
+    return memory_block_hashes(_ranges(memory), known_zero=known_zero_blocks(memory, None, zero), workers=workers)
 
 
 def verify(end: EndRecord, memory: GuestMemory, touched: Touched | None = None, workers: int = 2) -> None:

@@ -42,6 +42,19 @@ class SnapshotError(MigrateError):
         super().__init__(f"{path}: {detail}")
 
 
+class CorruptPage(SnapshotError):
+    """A page of a lazily restored snapshot failed its check on its way in (a run's checksum, a
+    zstd frame, a block's hash, the file ending early): `address` is the page (the one a thread
+    faulted on, or the first of its block when the background loader found it), `first` and
+    `pages` the run or block the failed check covers, `path` the file it was read from, `cause`
+    the format error. The page is never placed."""
+
+    def __init__(self, path: object, address: int, first: int, pages: int, cause: Exception) -> None:
+        self.address, self.first, self.pages, self.cause = address, first, pages, cause
+        super().__init__(path, f"page {address:#x} is corrupt (the check of the {pages} pages at {first:#x} failed: "
+                               f"{cause})")
+
+
 class TransportError(MigrateError):
     """The link to the peer failed (closed, timed out, a frame too large, authentication)."""
 

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from formats import (ConfigRecord, DeviceEntry, DeviceLayout, DeviceRecord, EndRecord, Header,
-                     LayoutRecord, PagesRecord, Record, SectionKind, StreamWriter, VcpuRecord,
-                     VmStateRecord)
+                     LayoutRecord, MemoryIndex, MemoryIndexRecord, PagesRecord, Record, SectionKind, StreamWriter,
+                     VcpuRecord, VmStateRecord, WorkingSet, WorkingSetRecord)
 from hv.kvm import state as hv_state
 from hv.kvm.state import CpuidEntry
 from migrate.errors import MissingSections, StateShapeError
@@ -46,6 +46,8 @@ class Collected:
     vm: hv_state.VmState | None = None
     devices: list[tuple[DeviceEntry, object]] = field(default_factory=list)
     end: EndRecord | None = None
+    index: MemoryIndex | None = None  # a snapshot file's (format 2.1)
+    working_set: WorkingSet | None = None  # ... and the pages a restore recorded
     pages: int = 0
     sections: dict[str, int] = field(default_factory=dict)  # section kind -> how many
 
@@ -78,6 +80,10 @@ class Collected:
                     pages += totals.pages
                 case EndRecord():
                     self.end = record
+                case MemoryIndexRecord(index=index):
+                    self.index = index
+                case WorkingSetRecord(working_set=ws):
+                    self.working_set = ws
         self.pages += pages
         return pages
 

@@ -322,3 +322,26 @@ class PageDecoderC:
         if code == lib.KVMIG_DEC_CHECKSUM:
             return ChecksumError(f"pages run {err.run} @{address:#x}", at, err.expected, err.found)
         raise DataPathError("kvmig_decode_pages", code)
+
+
+class RunDecoder:
+    """One page run's payload to its bytes, checked (a lazy restore fetches runs one by one, by
+    their MEMORY_INDEX entry): a ZSTD frame decompressed into `out`, which must come out exactly
+    `out`'s size; the xxh3-64 of the bytes returned for the caller to compare with the run's
+    digest. In C, the GIL released per call. One zstd context: one decoder per thread."""
+
+    def __init__(self) -> None:
+        self._dctx = _Zstd(lib.kvmig_zstd_dctx_new, lib.kvmig_zstd_dctx_free, "ZSTD_createDCtx")
+
+    def decompress(self, frame: memoryview, out: memoryview, offset: int) -> None:
+        """`frame` (one zstd frame, at stream offset `offset`) into `out`, filling it exactly."""
+        n = lib.kvmig_zstd_decompress(self._dctx.ptr, ffi.from_buffer("uint8_t[]", frame), len(frame),
+                                      ffi.from_buffer("uint8_t[]", out, require_writable=True), len(out))
+        if n < 0:
+            raise DecompressionError("pages", offset, "not one valid zstd frame of the run's size")
+        if n != len(out):
+            raise SizeMismatch("pages", offset, len(out), n, "decompressed size")
+
+    @staticmethod
+    def digest(data: memoryview) -> int:
+        return int(lib.kvmig_xxh3(ffi.from_buffer("uint8_t[]", data), len(data)))

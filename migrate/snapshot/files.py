@@ -77,7 +77,7 @@ def read_config(path: str | Path) -> MachineConfig:
 def read_stream(path: Path, expected: formats.DeviceLayout, sink: pages.MemorySink | None,
                  progress: Progress | None = None) -> Collected:
     """Read one snapshot file, checking everything; pages go to `sink` (None: checked, dropped)."""
-    reader = StreamReader(registry(), expected_layout=expected, expect=EXPECT)
+    reader = StreamReader(registry(), expected_layout=expected, expect=EXPECT, index=True)
     loaded = Collected(sink)
     done = 0
     with open_snapshot(path) as f:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from formats import DIGEST_BLOCK, ZeroRanges, block_count, combine_block_hashes, zero_block_hashes
+from formats import DIGEST_BLOCK, ZeroRanges, block_count, zero_block_hashes
 from hv.errors import UserfaultError
 from hv.kvm.dirty import PAGE_SIZE, DirtyBitmap
 from hv.kvm.memory import GuestMemory, MemoryRegion
@@ -178,9 +178,10 @@ class LivePages:
             except queue.Empty:
                 pass
 
-    def digest(self, zero: ZeroRanges | None = None) -> int:
-        """The memory digest of the instant (after `runs` was consumed)."""
-        return combine_block_hashes((r.guest_base, r.size, self._hashes[r.guest_base]) for r in self.memory.regions)
+    def block_hashes(self, zero: ZeroRanges | None = None) -> list[tuple[int, int, np.ndarray]]:
+        """The memory digest's block hashes of the instant, per region (after `runs` was consumed):
+        the digest is their combination, a MEMORY_INDEX carries them."""
+        return [(r.guest_base, r.size, self._hashes[r.guest_base]) for r in self.memory.regions]
 
     def _take_all(self) -> None:
         try:

@@ -1,8 +1,9 @@
 """Snapshots: a paused machine's whole state to a file, and back into a fresh VM.
 
 A snapshot file is one kvmigrate stream (formats/SPEC.md): header, CONFIG (`MachineConfig`),
-LAYOUT, one VCPU per vCPU, VM_STATE, one DEVICE per device, PAGES, END (totals and the memory
-digest). Three kinds:
+LAYOUT, one VCPU per vCPU, VM_STATE, one DEVICE per device, PAGES, a MEMORY_INDEX (where each
+page is, and the digest's block hashes: for a lazy restore), END (totals and the memory digest).
+Three kinds:
 
 - full: every page the guest ever touched (untouched memory is zero and is not stored);
 - incremental (`base=`): only pages dirtied since `base`, which must be the last snapshot of the
@@ -21,7 +22,12 @@ file is and how one is read and checked (its kinds, the `.mem` trailer, the chai
 memory) is `migrate.snapshot.files`; this module takes, restores and inspects snapshots with it.
 A restore reads and checks everything (versions, checksums, layout, totals, memory digest, CPUID,
 the disk) into staging memory before it creates the VM, so a corrupt or foreign snapshot never
-reaches a VM.
+reaches a VM; a lazy one (`migrate.snapshot.lazy`) checks the state and the page table before,
+and each block of memory as it comes in.
+
+Over 450 lines, as one module on purpose: taking, restoring and inspecting are the three uses of
+one file and share its kinds and checks; what has a concern of its own lives beside it (`files`,
+`live`, `disk_copy`, `disk_restore`, `pagetable`, `lazy`, `workingset`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
+
+import numpy as np
 
 import formats
 from formats import StreamWriter, ZeroRanges
@@ -50,7 +58,10 @@ from migrate.errors import IncompatibleError, MissingSections, SnapshotError, St
 from migrate.records import Collected, state_sections
 from migrate.snapshot.disk_copy import DiskCapture, DiskSummary, capture_machine_disk, disk_held
 from migrate.snapshot.disk_restore import disk_for_restore
+from migrate.snapshot.lazy import LazyRestore, lazy_restore_of
 from migrate.snapshot.live import HeldMemory, LiveStats
+from migrate.snapshot.pagetable import build_table
+from migrate.snapshot.workingset import describe_tail
 from migrate.snapshot.files import (
     MEM_TRAILER_MAGIC,
     MEM_TRAILER_SIZE,
@@ -115,15 +126,21 @@ _tracked: weakref.WeakKeyDictionary[Machine, _LastSnapshot] = weakref.WeakKeyDic
 
 def snapshot(machine: Machine, path: str | Path, *, base: str | Path | None = None, level: int = 3,
              mappable: bool = False, track_dirty: bool = False, workers: int = 2, live: bool = False,
-             progress: Progress | None = None) -> SnapshotInfo:
+             progress: Progress | None = None, index: bool = True) -> SnapshotInfo:
     """Write `machine`'s state to `path`. A running machine is paused for the copy and resumed
     after; a paused one stays paused. `track_dirty` keeps dirty logging on afterwards so that a
     later `snapshot(..., base=path)` can store only what changed (incremental ones always do).
 
     `live`: the guest is paused only to capture its vCPU and device state and write-protect its
     RAM, then runs while the pages are written (`migrate.snapshot.live`); the file is the same
-    as a paused snapshot's, of the instant of that pause."""
+    as a paused snapshot's, of the instant of that pause.
+
+    `index` writes a MEMORY_INDEX before END (format 2.1), which a lazy restore reads instead of
+    the whole file; without it the file is as format 2.0 wrote it."""
     path = Path(path)
+    if (pager := lazy_restore_of(machine)) is not None and not pager.resident:  # its unloaded pages look untouched
+        raise SnapshotError(path, "the machine's memory is still being loaded (a lazy restore): snapshot it once "
+                                  "resident")
     t0 = time.perf_counter()
     was_running = machine.state is RunState.RUNNING
     base_path = Path(base) if base else None
@@ -151,7 +168,8 @@ def snapshot(machine: Machine, path: str | Path, *, base: str | Path | None = No
                 if was_running:
                     machine.resume()
                     resumed_at = time.perf_counter()
-            publish = _store(machine, plan, source, path, level=level, workers=workers, progress=progress)
+            publish = _store(machine, plan, source, path, level=level, workers=workers, progress=progress,
+                             index=index)
         finally:
             if was_running and machine.state is RunState.PAUSED:
                 machine.resume()
@@ -194,7 +212,10 @@ class PageSource(Protocol):
 
     def runs(self) -> Iterable[pages.MemoryRun]: ...
 
-    def digest(self, zero: ZeroRanges | None) -> int: ...
+    def block_hashes(self, zero: ZeroRanges | None) -> list[tuple[int, int, np.ndarray]]:
+        """The memory digest's block hashes of what was stored, per RAM region (address, size,
+        hashes): the digest is their combination, a MEMORY_INDEX carries them."""
+        ...
 
 
 @dataclass
@@ -210,8 +231,8 @@ class PausedPages:
     def runs(self) -> list[pages.MemoryRun]:
         return self.page_runs
 
-    def digest(self, zero: ZeroRanges | None) -> int:
-        return digest.digest(self.memory, self.workers, zero=zero)
+    def block_hashes(self, zero: ZeroRanges | None) -> list[tuple[int, int, np.ndarray]]:
+        return digest.block_hashes_of(self.memory, self.workers, zero=zero)
 
 
 def _plan(machine: Machine, path: Path, *, base: Path | None, mappable: bool, track: bool,
@@ -257,7 +278,7 @@ def _memory_file(path: Path) -> Path:
 
 
 def _store(machine: Machine, plan: _Plan, source: PageSource, path: Path, *, level: int, workers: int,
-           progress: Progress | None) -> Callable[[], dict[str, Any]]:
+           progress: Progress | None, index: bool) -> Callable[[], dict[str, Any]]:
     """Write the snapshot's files at their temporary names; returns what renames them into place
     once the disk copy is on stable storage, which needs no pause (the caller runs it after)."""
     vm = machine.vm
@@ -267,7 +288,7 @@ def _store(machine: Machine, plan: _Plan, source: PageSource, path: Path, *, lev
     config = replace(plan.config, disk_file=plan.disk.record(guest_paused=paused)) if plan.disk else plan.config
     state = replace(plan.state, config=config)
     stream, mem = Companion.of(path, "", snapshot_id), Companion.of(path, ".mem", snapshot_id)
-    writer = StreamWriter(registry(), producer=PRODUCER)
+    writer = StreamWriter(registry(), producer=PRODUCER, index=index)
     raw = 0
     try:
         with open(stream.tmp, "wb") as f:
@@ -284,7 +305,10 @@ def _store(machine: Machine, plan: _Plan, source: PageSource, path: Path, *, lev
                         if progress:
                             progress(SnapshotWritten(raw))
                     zero = pool.zero_ranges
-            ram_digest = source.digest(zero)
+            blocks = source.block_hashes(zero)
+            ram_digest = formats.combine_block_hashes(blocks)
+            if index:  # where every page is, for a lazy restore (migrate.snapshot.lazy)
+                f.write(writer.memory_index(state.layout.memory, [hashes for _, _, hashes in blocks]))
             f.write(writer.end(ram_digest))
             f.flush()
             os.fsync(f.fileno())
@@ -350,7 +374,7 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
             disk: str | Path | None = None, disk_dir: str | Path | None = None, share_memory: bool = False,
             virtio_console: Callable[[bytes], None] | None = None,
             progress: Progress | None = None, disk_from_snapshot: bool = False,
-            say_disk: Callable[[str], None] = log.info) -> Machine:
+            say_disk: Callable[[str], None] = log.info, lazy: bool = False, record_ms: int = 0) -> Machine:
     """A paused machine holding the snapshot at `path` (and its chain), checked before any VM
     exists: versions, checksums, layout, the state's shape, totals, CPUID and (`verify_memory`,
     the default, for every kind) the memory digest. `config`, when given, is the VM this VMM
@@ -365,7 +389,16 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
     A mappable snapshot's `.mem` is read into the VM's own memory (only its data extents); with
     `share_memory` it is mapped instead (MAP_PRIVATE, restored in milliseconds with `verify_memory`
     off, as Firecracker does), and then the file must not change while the VM runs: a page the
-    guest has not written yet is the file's, and a truncated file is SIGBUS."""
+    guest has not written yet is the file's, and a truncated file is SIGBUS.
+
+    `lazy`: no page is read before the guest runs; the machine comes back paused with its RAM
+    empty and registered, `lazy_restore_of(machine).resume()` runs it and pages come in on
+    fault and in the background (`migrate.snapshot.lazy` says what is checked when; the memory
+    digest is checked block by block as blocks come in, `verify_memory` False skips that). A
+    snapshot's recorded working set is loaded first; `record_ms` records this run's instead: the
+    pages the guest touches in its first `record_ms` ms, in order, stored into the snapshot
+    file once the memory is in (`migrate.snapshot.workingset`)."""
+    started = time.perf_counter()
     path = Path(path)
     chain = snapshot_chain(path)
     head = chain[-1][1]
@@ -378,8 +411,12 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
     shared = mappable and share_memory
     guest_disk = disk_for_restore(path, head, DiskPolicy.of(disk, disk_dir),  # before any VM or memory
                                   from_snapshot=disk_from_snapshot)
+    table = None
     try:
-        if memory_file is not None:
+        if lazy:  # each file's head and index read and checked; no page
+            table = build_table(chain, expected)
+            loaded = table.head.collected
+        elif memory_file is not None:
             fd = open_memory_file(path, memory_file)
             try:
                 staging = shared_memory(fd, vm_config) if shared else copied_memory(fd, vm_config)
@@ -390,27 +427,41 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
                             "shrink while the VM runs", path, memory_file.path)
         else:
             staging = scratch_memory(vm_config)
-        sink = pages.MemorySink(staging)
-        loaded = Collected()
-        for file_path, _ in chain:  # base first; the last is the head
-            loaded = read_stream(file_path, expected, None if mappable else sink, progress)
-            if verify_memory:
-                digest.verify(loaded.ended()[2], staging, None if mappable else sink.touched)
+        if not lazy:
+            sink = pages.MemorySink(staging)
+            loaded = Collected()
+            for file_path, _ in chain:  # base first; the last is the head
+                loaded = read_stream(file_path, expected, None if mappable else sink, progress)
+                if verify_memory:
+                    digest.verify(loaded.ended()[2], staging, None if mappable else sink.touched)
         state = state_of(loaded, path, kvm)  # its shape and registers checked, before any VM exists
         if problems := cpuid_problems(state.vcpus[0].cpuid, kvm.guest_cpuid):
             raise IncompatibleError(problems)
 
-        by_base = {r.guest_base: r for r in staging.regions}
         virtio = head.virtio.build(virtio_console or console, guest_disk.disk if guest_disk else None) \
             if head.virtio else None
-        machine = blank_machine(kvm, vm_config, console, virtio=virtio, backing=lambda base, size: RamBacking(
-            by_base[base].mapping, anonymous=not shared))
+        if lazy:
+            machine = blank_machine(kvm, vm_config, console, virtio=virtio, backing=RamBacking.host_filled)
+        else:
+            by_base = {r.guest_base: r for r in staging.regions}
+            machine = blank_machine(kvm, vm_config, console, virtio=virtio, backing=lambda base, size: RamBacking(
+                by_base[base].mapping, anonymous=not shared))
         with discard_on_error(machine):
-            apply(machine, state)
-            machine.start(paused=True)
+            pager = None if table is None else LazyRestore(machine, table, started=started, verify=verify_memory,
+                                                           record_ms=record_ms)  # (it owns the table)
+            table = None
+            try:  # (the pages KVM reads as the state goes in are served by the pager)
+                apply(machine, state)
+                machine.start(paused=True)
+            except BaseException:
+                if pager is not None:
+                    pager.close()
+                raise
             if guest_disk:
                 guest_disk.publish()  # a disk written from the snapshot replaces this side's only now
     finally:
+        if table is not None:
+            table.close()
         if guest_disk:
             guest_disk.close()  # the device has its own descriptor
     if guest_disk:
@@ -459,6 +510,7 @@ def inspect(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
         result.update(pages=t.pages, raw_bytes=t.raw_bytes)
         result["totals"] = {"pages": t.pages, "zero_pages": t.zero_pages, "raw_bytes": t.raw_bytes,
                             "payload_bytes": t.payload_bytes, "sections": t.sections}
+        result.update(describe_tail(loaded))  # the index and working set, for a lazy restore
         state_of(loaded, path)  # the state's shape, as a restore checks it
         if verify and config.base is None:
             digest.verify(end, scratch, None if mappable else sink.touched)

@@ -105,8 +105,10 @@ def _host_features() -> tuple:
 
 
 def _state_sections(snap: bytes) -> list[tuple[int, bytes]]:
-    """The seed snapshot's sections but PAGES and END, as (kind, body): what a structured mutant
-    changes before it is framed again with valid checksums (so the decoders past them see it)."""
+    """The seed snapshot's sections but its page data (PAGES, and the MEMORY_INDEX and
+    WORKING_SET that describe them: tests/formats/test_fmt_index.py fuzzes those) and END, as
+    (kind, body): what a structured mutant changes before it is framed again with valid
+    checksums (so the decoders past them see it)."""
     from formats.stream import FRAME, HEADER
 
     out, at = [], HEADER.size
@@ -114,7 +116,8 @@ def _state_sections(snap: bytes) -> list[tuple[int, bytes]]:
         kind, _flags, length, _digest = FRAME.unpack_from(snap, at)
         body = snap[at + FRAME.size:at + FRAME.size + length]
         at += FRAME.size + length
-        if kind not in (formats.SectionKind.PAGES, formats.SectionKind.END):
+        if kind not in (formats.SectionKind.PAGES, formats.SectionKind.MEMORY_INDEX, formats.SectionKind.WORKING_SET,
+                        formats.SectionKind.END):
             out.append((kind, body))
     return out
 
