@@ -29,21 +29,21 @@ import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import formats
 from formats import StreamWriter, ZeroRanges
-from hv.vmm.builder import blank_machine
 from migrate.events import Progress, SnapshotWritten
 from hv.kvm.kvm import Kvm
 from hv.vmm.machine import Machine, RunState, discard_on_error
-from hv.kvm.memory import GuestMemory, RamBacking
+from hv.kvm.memory import GuestMemory
 from hv.kvm.vm import VmConfig
 from migrate import digest, pages
 from migrate.disks import DiskPolicy
 from migrate.errors import IncompatibleError, MissingSections, SnapshotError, StateShapeError
 from migrate.records import Collected, state_sections
 from migrate.snapshot.live import HeldMemory, LiveStats
+from migrate.snapshot.spare import MachineFactory, fresh_machine
 from migrate.snapshot.files import (
     MEM_TRAILER_MAGIC,
     MEM_TRAILER_SIZE,
@@ -306,11 +306,15 @@ def _write_memory_file(path: Path, memory: GuestMemory, runs: Iterable[pages.Mem
     return written
 
 
+RestorePhase = Literal["checked", "built", "applied"]  # what `restore` tells `phase_done` it finished
+
+
 def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
             console: Callable[[bytes], None] = lambda b: None, verify_memory: bool = True,
             disk: str | Path | None = None, disk_dir: str | Path | None = None, share_memory: bool = False,
             virtio_console: Callable[[bytes], None] | None = None,
-            progress: Progress | None = None) -> Machine:
+            progress: Progress | None = None, build: MachineFactory = fresh_machine,
+            phase_done: Callable[[RestorePhase], None] | None = None) -> Machine:
     """A paused machine holding the snapshot at `path` (and its chain), checked before any VM
     exists: versions, checksums, layout, the state's shape, totals, CPUID and (`verify_memory`,
     the default, for every kind) the memory digest. `config`, when given, is the VM this VMM
@@ -323,7 +327,10 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
     A mappable snapshot's `.mem` is read into the VM's own memory (only its data extents); with
     `share_memory` it is mapped instead (MAP_PRIVATE, restored in milliseconds with `verify_memory`
     off, as Firecracker does), and then the file must not change while the VM runs: a page the
-    guest has not written yet is the file's, and a truncated file is SIGBUS."""
+    guest has not written yet is the file's, and a truncated file is SIGBUS.
+
+    `build` makes the machine once everything is checked (`migrate.snapshot.spare`: a new one, or
+    one built before the restore was asked for); `phase_done` hears of each phase's end."""
     path = Path(path)
     chain = snapshot_chain(path)
     head = chain[-1][1]
@@ -358,17 +365,21 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
         state = state_of(loaded, path, kvm)  # its shape and registers checked, before any VM exists
         if problems := cpuid_problems(state.vcpus[0].cpuid, kvm.guest_cpuid):
             raise IncompatibleError(problems)
-
-        by_base = {r.guest_base: r for r in staging.regions}
+        if phase_done:
+            phase_done("checked")
         virtio = head.virtio.build(virtio_console or console, disk_file) if head.virtio else None
-        machine = blank_machine(kvm, vm_config, console, virtio=virtio, backing=lambda base, size: RamBacking(
-            by_base[base].mapping, anonymous=not shared))
+        machine = build(kvm, vm_config, console, virtio=virtio, staging=staging, shared=shared)
     finally:
         if disk_file is not None:
             disk_file.close()  # the device has its own descriptor
+    if phase_done:
+        phase_done("built")
     with discard_on_error(machine):
         apply(machine, state)
-        machine.start(paused=True)
+        if machine.state is RunState.CREATED:  # (a machine built ahead is started paused already)
+            machine.start(paused=True)
+    if phase_done:
+        phase_done("applied")
     return machine
 
 
