@@ -99,7 +99,8 @@ def memory_block_hashes(ranges: Iterable[tuple[int, object]], *, known_zero: Kno
     def hashes(address: int, mv: memoryview) -> np.ndarray:
         zero = known_zero(address, len(mv)) if known_zero else None
         n = block_count(len(mv))
-        if workers <= 1 or n <= 4:
+        to_read = n if zero is None else n - int(np.count_nonzero(zero))
+        if workers <= 1 or to_read <= 4:  # threads started and joined would cost more than the blocks
             return _block_hashes(mv, zero)
         step = -(-n // workers)
         with ThreadPoolExecutor(workers) as pool:

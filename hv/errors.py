@@ -88,6 +88,17 @@ class SlotError(GuestMemoryError):
         super().__init__(f"memory slot {slot}: {detail}")
 
 
+class RamMoveError(GuestMemoryError):
+    """The pages of one mapping could not be moved into a region (mremap, MREMAP_DONTUNMAP):
+    the region's guest range, and the errno (EINVAL: a kernel before 5.13, for a file's pages)."""
+
+    def __init__(self, address: int, length: int, errno: int) -> None:
+        self.address, self.length, self.errno = address, length, errno
+        name = _errno.errorcode.get(errno, str(errno))
+        super().__init__(f"cannot move pages into guest range [{address:#x}, {address + length:#x}): "
+                         f"{name} ({os.strerror(errno)})")
+
+
 class UserfaultError(GuestMemoryError):
     """A userfaultfd operation over guest RAM failed: which one, its errno, and the guest range."""
 

@@ -3,6 +3,8 @@
     migrate snapshot --api SOCK --out FILE [--live] [--incremental-from FILE] [--mappable] [--track-dirty]
     migrate restore FILE [--api SOCK]            run the snapshot's guest, console attached, on the
                  [--disk F|--disk-dir D [--disk-from-snapshot]]   disk as it was at the snapshot
+    migrate restore --wait --api SOCK [--mem SIZE --cpus N]   a VMM ready to restore when asked
+    migrate restore FILE --into SOCK [--json]    restore FILE into that waiting VMM
     migrate inspect FILE [--json]                what a snapshot holds, and whether it checks out
     migrate verify FILE|SOCK [--json]            the memory digest and the built-in guest's rule
     migrate recv --listen HOST:PORT [--api SOCK] [--key-file F] [--once]
@@ -77,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the result as JSON on stdout")
     p.set_defaults(func=cmd_snapshot)
 
-    p = command("restore", "restore a snapshot and run it", """\
+    p = command("restore", "restore a snapshot and run it (here, or in a VMM waiting for it)", """\
   migrate restore vm.snap                       checked (digest), then run; console on this terminal
   migrate restore vm.inc --api /tmp/vm2.sock    the whole chain, with a control socket
   migrate restore vm.snap --timeout 10
@@ -85,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
   migrate restore vm.snap --disk disk.img --disk-from-snapshot   disk.img becomes the snapshot's disk
   migrate restore vm.snap --lazy --json         runs at once, memory loaded on fault and in the background
   migrate restore vm.snap --lazy --record-ms 500
-                                                ... and its first 500 ms of pages stored for the next restore""")
-    p.add_argument("file", metavar="FILE", help="the snapshot (the last of a chain)")
+                                                ... and its first 500 ms of pages stored for the next restore
+  migrate restore --wait --api /tmp/vm.sock --mem 1G    ready (a 1 GiB VM built ahead); waits for:
+  migrate restore vm.snap --into /tmp/vm.sock   restored there; prints the time to its first instruction""")
+    p.add_argument("file", metavar="FILE", nargs="?", help="the snapshot (the last of a chain); not with --wait")
     p.add_argument("--api", metavar="SOCK", help="serve a control socket at this path")
     p.add_argument("--timeout", type=float, default=0, metavar="SECONDS",
                    help="stop the guest after this many seconds; 0: never")
@@ -102,7 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "on fault and in the background, each block checked on its way in (any kind of snapshot)")
     p.add_argument("--record-ms", type=int, default=0, metavar="MS", help="with --lazy: record the pages the "
                    "guest touches in its first MS ms and store them in the snapshot, for later restores to load first")
-    p.add_argument("--json", action="store_true", help="the restore's figures as JSON on stdout when the run ends")
+    p.add_argument("--wait", action="store_true", help="start, get ready and wait for a `restore` request on the "
+                   "--api socket (migrate restore FILE --into SOCK); then run that guest")
+    p.add_argument("--mem", type=parse_size, metavar="SIZE",
+                   help="with --wait: the RAM of the VM built ahead, as hv run's --mem (default 256M; a snapshot "
+                        "of another shape gets a VM built on request)")
+    p.add_argument("--cpus", type=int, metavar="N", help="with --wait: the vCPUs of the VM built ahead (default 1)")
+    p.add_argument("--into", metavar="SOCK", help="restore FILE into the VMM waiting at SOCK (migrate restore "
+                   "--wait) and print what it took")
+    p.add_argument("--json", action="store_true", help="the restore's timings as JSON on stdout (with --into: "
+                   "when answered; here: when the run ends)")
     p.set_defaults(func=cmd_restore)
 
     p = command("inspect", "show and check a snapshot", """\

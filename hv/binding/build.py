@@ -297,6 +297,7 @@ size_t kvmig_bitmap_runs(const uint64_t *bitmap, size_t nbits, uint64_t *starts,
                          size_t max_runs);
 void kvmig_memcopy(void *dst, const void *src, size_t n);
 int kvmig_discard(void *addr, size_t n);
+int kvmig_move_mapping(void *dst, void *src, size_t n);
 """
 
 _HERE = Path(__file__).resolve().parent
@@ -325,7 +326,7 @@ _SOURCE = r"""
 #include <linux/kvm.h>
 #include <linux/userfaultfd.h>
 #include <asm/kvm_para.h>
-#ifndef MADV_POPULATE_WRITE
+#if !defined(MADV_POPULATE_WRITE) || !defined(MREMAP_DONTUNMAP)
 #include <linux/mman.h>  /* a C library older than the kernel's header: the kernel's own number */
 #endif
 
@@ -422,6 +423,16 @@ void kvmig_memcopy(void *dst, const void *src, size_t n) { memcpy(dst, src, n); 
 /* MADV_DONTNEED without the interpreter lock: freeing a large range costs the kernel about a
    microsecond a page, and several threads can free parts of one mapping at once. */
 int kvmig_discard(void *addr, size_t n) { return madvise(addr, n, MADV_DONTNEED) ? -errno : 0; }
+
+/* The pages of [src, src + n) moved to [dst, dst + n), replacing what was mapped there: page
+   tables move, no byte is copied. MREMAP_DONTUNMAP (Linux 5.7; any private mapping, a file's
+   too, since 5.13) leaves src mapped and empty, so whoever owns that range still owns a mapping
+   (Python's mmap objects unmap their own range when closed). A VM's memory slot over dst keeps
+   its address: KVM follows the new pages through its MMU notifier. */
+int kvmig_move_mapping(void *dst, void *src, size_t n) {
+    void *p = mremap(src, n, n, MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP, dst);
+    return p == MAP_FAILED ? -errno : 0;
+}
 """
 
 ffibuilder.cdef(

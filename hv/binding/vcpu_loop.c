@@ -80,6 +80,9 @@ static int park_here(kvmig_park *p, kvmig_run_counts *counts) {
     counts->parks++;
     pthread_cond_broadcast(&p->cond);
     while (p->hold && !p->stop) pthread_cond_wait(&p->cond, &p->lock);
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);  /* before `parked` drops: a waiter for 0 sees it set */
+    counts->unparked_ns = (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
     p->parked--;
     pthread_cond_broadcast(&p->cond);
     int again = !p->stop;

@@ -19,7 +19,9 @@ typedef struct {
     uint16_t base[4], len[4];        /* [KVMIG_FAST_PIO_MAX]: cffi's cdef takes no macro as a size */
     kvmig_uart *uart[4];
 } kvmig_fast_pio;
-typedef struct { uint64_t fast_io_exits, parks; } kvmig_run_counts;
+/* unparked_ns: CLOCK_MONOTONIC (Python's time.monotonic_ns) when the vCPU last left its park for
+   KVM_RUN: after a resume, the moment it enters the guest again; 0 if it never parked */
+typedef struct { uint64_t fast_io_exits, parks, unparked_ns; } kvmig_run_counts;
 typedef struct kvmig_park kvmig_park;
 
 int kvmig_vcpu_run(int vcpu_fd, struct kvm_run *run, const kvmig_fast_pio *fast, kvmig_run_counts *counts,

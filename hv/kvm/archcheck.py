@@ -27,6 +27,7 @@ snapshot exits 3, not 1), and a value cffi cannot even convert (a register past 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Protocol
@@ -256,11 +257,22 @@ class _OffersCpuid(Protocol):
     def guest_cpuid(self) -> tuple[CpuidEntry, ...]: ...
 
 
+# host_features by Kvm: both lists it merges are read once per Kvm, so the merge is done once too
+# (a restore into a waiting VMM asks for it in the request's time)
+_merged: weakref.WeakKeyDictionary[_OffersCpuid, tuple[CpuidEntry, ...]] = weakref.WeakKeyDictionary()
+
+
 def host_features(kvm: _OffersCpuid) -> tuple[CpuidEntry, ...]:
     """The CPUID features this host's KVM offers a guest, for `vcpu_problems`: KVM_GET_SUPPORTED_
     CPUID, with what a vCPU set up here reports OR'd in (nested PVM reports the host's own
     features there, and a guest's CR4 follows what it was shown). `kvm` is an `hv.kvm.kvm.Kvm`;
     read it before a pause (`guest_cpuid` probes a throwaway VM once)."""
+    if (features := _merged.get(kvm)) is None:
+        features = _merged[kvm] = _merge(kvm)
+    return features
+
+
+def _merge(kvm: _OffersCpuid) -> tuple[CpuidEntry, ...]:
     merged: dict[tuple[int, int], CpuidEntry] = {}
     for entry in (*kvm.supported_cpuid, *kvm.guest_cpuid):
         key = (entry.function, entry.index)

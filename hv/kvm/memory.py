@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import mmap
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import NewType
 import numpy as np
 
 from hv.binding.ffi import ffi, lib
-from hv.errors import GuestAddressError, RamReservationError, SlotOverlapError
+from hv.errors import GuestAddressError, RamMoveError, RamReservationError, SlotOverlapError
 from hv.kvm.dirty import PAGE_SHIFT, PAGE_SIZE, DirtyBitmap
 
 _PAGEMAP_PRESENT = np.uint64(1 << 63)
@@ -89,6 +90,27 @@ def anonymous_ram(size: int, *, huge_pages: bool = True) -> mmap.mmap:
     if hasattr(mmap, advice):
         ram.madvise(getattr(mmap, advice))
     return ram
+
+
+@functools.cache
+def pages_movable() -> RamMoveError | None:
+    """Whether this kernel moves a file's private pages into another mapping without unmapping
+    the first (what `MemoryRegion.take_pages` does: MREMAP_DONTUNMAP, any private mapping since
+    Linux 5.13): tried once on a page of a memfd. None if it does, else the error it gave."""
+    fd = os.memfd_create("kvmigrate-probe", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, PAGE_SIZE)
+        source = mmap.mmap(fd, PAGE_SIZE, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    target = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        with ffi.from_buffer(target) as into, ffi.from_buffer(source) as out_of:
+            failed = lib.kvmig_move_mapping(into, out_of, PAGE_SIZE)
+        return RamMoveError(0, PAGE_SIZE, -failed) if failed else None
+    finally:
+        source.close()
+        target.close()
 
 
 @dataclass(frozen=True)
@@ -239,6 +261,21 @@ class MemoryRegion:
     def mapping(self) -> mmap.mmap:
         """The host mapping behind the region (to hand to a VM as its backing)."""
         return self._map
+
+    def take_pages(self, source: MemoryRegion) -> None:
+        """Make `source`'s pages (a region of the same size, in no VM: a restore's staging memory,
+        anonymous or a file's) this region's, in place and without a copy: its host address, and
+        so a VM's memory slot over it, stays (registering a slot costs a grace period of the
+        kernel's, milliseconds; moving page tables does not). `source` is left mapped and empty.
+        Only for a region no vCPU has run on: KVM drops what it had mapped of the old pages, but
+        a guest that ran would lose what it wrote."""
+        if source.size != self.size:
+            raise GuestAddressError(self.guest_base, self.size, f"cannot take {source.size} bytes of pages")
+        failed = lib.kvmig_move_mapping(ffi.cast("void *", self.host_address), ffi.cast("void *", source.host_address),
+                                        self.size)
+        if failed:
+            raise RamMoveError(self.guest_base, self.size, -failed)
+        self.anonymous = source.anonymous
 
     def pages_array(self) -> np.ndarray:
         """The region as a (pages, 4096) uint8 array: zero-copy."""

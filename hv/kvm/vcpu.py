@@ -166,6 +166,12 @@ class Vcpu:
         """Times `run()` parked in C (a pause), since the vCPU was made."""
         return self._counts.parks
 
+    @property
+    def unparked_ns(self) -> int:
+        """When `run()` last left its park for KVM_RUN (`time.monotonic_ns`'s clock; 0: it never
+        parked): after a resume, the moment this vCPU enters the guest again."""
+        return int(self._counts.unparked_ns)
+
     def _payload(self, ctype: str) -> Any:
         return ffi.cast(ctype, self._exit_union)
 

@@ -342,13 +342,20 @@ def blank_machine(
             os.close(virtio.disk_fd)
         raise
     if virtio is not None:
-        with discard_on_error(machine):
-            add_virtio_devices(machine, virtio.disk, virtio.disk_readonly, virtio.console_out, virtio.rng,
-                               virtio.disk_fd, virtio.pci)
-            if virtio.net is not None:  # on PCI when its spec or the config's `pci` says so
-                on_pci = virtio.net.transport == "pci" or virtio.net.device_id in virtio.pci
-                machine.add_virtio_device(virtio.net, transport="pci" if on_pci else "mmio")
+        add_virtio_config(machine, virtio)
     return machine
+
+
+def add_virtio_config(machine: Machine, virtio: VirtioConfig) -> None:
+    """The virtio devices `virtio` asks for, added to a machine none of whose vCPUs has run
+    (`blank_machine`'s last step; a machine built before its restore was asked for takes them
+    then); on failure the machine is discarded, and the disk's fd closed unless a device took it."""
+    with discard_on_error(machine):
+        add_virtio_devices(machine, virtio.disk, virtio.disk_readonly, virtio.console_out, virtio.rng,
+                           virtio.disk_fd, virtio.pci)
+        if virtio.net is not None:  # on PCI when its spec or the config's `pci` says so
+            on_pci = virtio.net.transport == "pci" or virtio.net.device_id in virtio.pci
+            machine.add_virtio_device(virtio.net, transport="pci" if on_pci else "mmio")
 
 
 def multiboot_machine(

@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hv.boot import multiboot
@@ -195,12 +196,16 @@ class MachineRun:
     builds the machine, before it says Ready; `run_machine` prepares one that is not yet.
     Close it (or use it as a context manager) to release the socket. `attach_wait`: how long a
     request that comes before the machine waits for it (a boot, a guest arriving), then is told
-    `NoMachine`."""
+    `NoMachine`. `register` adds the commands this VMM serves itself before it has a machine
+    (`ControlServer.register_unattached`), before the socket takes any request."""
 
-    def __init__(self, api: str | None, *, attach_wait: float = ATTACH_WAIT) -> None:
+    def __init__(self, api: str | None, *, attach_wait: float = ATTACH_WAIT,
+                 register: Callable[[ControlServer], None] | None = None) -> None:
         self.api = api
         self.server = ControlServer(api, attach_wait=attach_wait) if api else None
         if self.server is not None:
+            if register is not None:
+                register(self.server)
             self.server.start()  # the path is ours from now on; requests wait for `attach`
         self.machine: Machine | None = None
         self.ctx: ControlContext | None = None

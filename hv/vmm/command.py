@@ -82,7 +82,7 @@ CONTROL_KINDS = {"BadRequest": ExitStatus.USAGE, "UnknownCommand": ExitStatus.RE
                  "NotInDoubt": ExitStatus.REFUSED, "InDoubt": ExitStatus.IN_DOUBT,
                  "StillInDoubt": ExitStatus.IN_DOUBT, "TooManyConnections": ExitStatus.TRANSPORT,
                  "ConnectionError": ExitStatus.TRANSPORT, "BadReply": ExitStatus.TRANSPORT,
-                 "Timeout": ExitStatus.TRANSPORT, "NoMachine": ExitStatus.REFUSED}
+                 "Timeout": ExitStatus.TRANSPORT, "NoMachine": ExitStatus.REFUSED, "NotWaiting": ExitStatus.REFUSED}
 
 
 def exit_status(error: BaseException, rows: ExitRows) -> ExitStatus:

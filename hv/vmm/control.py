@@ -27,6 +27,11 @@ from `attach(ctx)` on: a command that comes before waits for it up to `ATTACH_WA
 then is told `NoMachine` (a `migrate recv` still waiting for its guest). So a VMM claims
 its socket before it boots, restores, or (a migration target) says Ready, and nothing about the
 socket can fail once the guest runs (after Commit nothing may fail that loses the guest).
+Commands registered with `register_unattached` are what a VMM waiting for its machine serves
+itself (`migrate restore --wait`: `restore`, which makes the machine, and its own `status`):
+answered at once while no machine is attached; once one is, a command only served that way is
+told `NotWaiting`. Their handlers get the request's arrival (`time.monotonic_ns`, when its line
+was whole), so a VMM can say how long it took from there.
 
 The client is `hv.vmm.control_client` (`call`, re-exported here). This module passes 450 lines
 because its parts are one concern that only works whole: the path claimed, the one selector
@@ -63,6 +68,8 @@ from hv.vmm.owner import owner_of
 log = logging.getLogger(__name__)
 
 Handler = Callable[["ControlContext", dict[str, Any], Progress], dict[str, Any]]
+# a command served before there is a machine: its arguments, progress, and when the request arrived (ns)
+UnattachedHandler = Callable[[dict[str, Any], Progress, int], dict[str, Any]]
 ENTRY_POINT_GROUP = "kvmigrate.control"
 MAX_REQUEST = 64 * 1024
 ATTACH_WAIT = 30.0  # seconds a request that came before the machine waits for it (a boot), then NoMachine
@@ -278,6 +285,7 @@ class ControlServer:
             "status": _status, "pause": _pause, "resume": _resume, "stop": _stop,
             "guest-check": _guest_check,
         }
+        self.unattached: dict[str, UnattachedHandler] = {}
         self._exclusive: set[str] = set()
         if load_extensions:
             for register in extensions():
@@ -300,6 +308,14 @@ class ControlServer:
         """Add a command. `exclusive` ones (snapshot, migration) run one at a time; the others
         (status, a cancel) are served while one of those runs."""
         self.handlers[name] = handler
+        if exclusive:
+            self._exclusive.add(name)
+
+    def register_unattached(self, name: str, handler: UnattachedHandler, *, exclusive: bool = False) -> None:
+        """Add a command served while no machine is attached (see the module's docstring); a
+        name may have both kinds of handler (`status`). `exclusive` as for `register` (one
+        `restore` at a time)."""
+        self.unattached[name] = handler
         if exclusive:
             self._exclusive.add(name)
 
@@ -451,9 +467,10 @@ class ControlServer:
             return
         # a line, or what came before the client half-closed (its last request: no newline needed)
         line = bytes(pending.data[:newline + 1] if newline >= 0 else pending.data)
+        received_ns = time.monotonic_ns()
         pending.sock.setblocking(True)
         pending.sock.settimeout(self.reply_timeout)
-        thread = threading.Thread(target=self._serve, args=(pending.sock, line), name="control-conn",
+        thread = threading.Thread(target=self._serve, args=(pending.sock, line, received_ns), name="control-conn",
                                   daemon=True)
         with self._lock:
             self._connections.add(thread)
@@ -471,17 +488,17 @@ class ControlServer:
 
     # --- answering: a thread per command ----------------------------------------------------------
 
-    def _serve(self, conn: socket.socket, line: bytes) -> None:
+    def _serve(self, conn: socket.socket, line: bytes, received_ns: int) -> None:
         try:
             with conn:
-                self._answer(conn, line)
+                self._answer(conn, line, received_ns)
         except OSError as e:  # the client went before its reply was out: the command's work stands
             log.info("control client gone before the reply: %s", e)
         finally:
             with self._lock:
                 self._connections.discard(threading.current_thread())
 
-    def _answer(self, conn: socket.socket, line: bytes) -> None:
+    def _answer(self, conn: socket.socket, line: bytes, received_ns: int) -> None:
         gone = threading.Event()  # the client stopped reading: the command goes on without it
 
         def reply(obj: dict[str, Any]) -> None:
@@ -495,28 +512,40 @@ class ControlServer:
 
         try:
             name, request = parse_request(line)
+            progress: Progress = lambda p: reply({"progress": p})  # noqa: E731
+            waiting = self.unattached.get(name)
+            if waiting is not None and self.ctx is None and not self._closing.is_set():
+                result = self._run(name, lambda: waiting(request, progress, received_ns))
+                reply({"ok": True, "result": result})
+                return
             self._attached.wait(self.attach_wait)  # a request that came during the boot waits for it
             if self.ctx is None:
                 raise ControlError("NoMachine", f"no guest runs here yet; {name!r} is served once one does")
-            handler = self.handlers.get(name)
+            ctx, handler = self.ctx, self.handlers.get(name)
+            if handler is None and waiting is not None:
+                raise ControlError("NotWaiting", f"{name!r} is served only while this process waits for its "
+                                                 "guest, and one runs here now")
             if handler is None:
                 raise ControlError("UnknownCommand",
                                    f"{name!r} (this VM serves: {', '.join(sorted(self.handlers))})")
-            if name in self._exclusive:
-                if not self._busy.acquire(blocking=False):
-                    running, since = self._busy_with
-                    raise Busy(name, f"the {running!r} command", since)
-                try:
-                    self._busy_with = (name, time.time())
-                    result = handler(self.ctx, request, lambda p: reply({"progress": p}))
-                finally:
-                    self._busy.release()
-            else:
-                result = handler(self.ctx, request, lambda p: reply({"progress": p}))
+            result = self._run(name, lambda: handler(ctx, request, progress))
             reply({"ok": True, "result": result})
         except Exception as e:
             log.info("control command failed: %s", e)
             self._reply_error(reply, e)
+
+    def _run(self, name: str, command: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """`command`, one at a time with the other exclusive ones if `name` is one of them."""
+        if name not in self._exclusive:
+            return command()
+        if not self._busy.acquire(blocking=False):
+            running, since = self._busy_with
+            raise Busy(name, f"the {running!r} command", since)
+        try:
+            self._busy_with = (name, time.time())
+            return command()
+        finally:
+            self._busy.release()
 
     @staticmethod
     def _reply_error(reply: Callable[[dict[str, Any]], None], error: BaseException) -> None:

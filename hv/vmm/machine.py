@@ -178,9 +178,11 @@ class Machine:
     def add_virtio_device(self, spec: VirtioDeviceSpec, transport: str = "mmio") -> DevicePlacement:
         """Build the virtio device `spec` declares, place it (`place_virtio_device`), wire it to
         KVM (ioeventfd for its notifications, irqfd for its interrupt) and attach it; only before
-        the machine first starts (arcbox VirtualMachine::add_virtio_device)."""
-        if self._state is not RunState.CREATED or self._ran:
-            raise LifecycleError(self._state, f"add virtio device {spec.device_id!r} (only before it starts)")
+        any vCPU entered the guest (arcbox VirtualMachine::add_virtio_device): created, or
+        started paused (a VM built ahead of the restore that fills it), whose vCPUs are parked
+        and read no bus. A device added to a paused machine starts with its next `resume`."""
+        if self._state not in (RunState.CREATED, RunState.PAUSED) or self._ran:
+            raise LifecycleError(self._state, f"add virtio device {spec.device_id!r} (only before it runs)")
         if transport not in VIRTIO_TRANSPORTS:
             raise ConfigError("transport", transport, f"not one of {VIRTIO_TRANSPORTS}")
         if transport == "pci":
@@ -246,6 +248,14 @@ class Machine:
     @property
     def vcpus(self) -> list[Vcpu]:
         return [s.vcpu for s in self._slots]
+
+    @property
+    def unparked_ns(self) -> int:
+        """When the last of its vCPUs left the park for KVM_RUN (`time.monotonic_ns`'s clock; 0
+        if one never parked): after `resume(wait_running=True)`, the moment the guest runs on
+        every vCPU, as the threads themselves saw it (not when the resuming thread woke)."""
+        times = [v.unparked_ns for v in self.vcpus]
+        return 0 if 0 in times else max(times)
 
     @property
     def stats(self) -> list[VcpuStats]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
@@ -12,14 +11,11 @@ from rich.table import Table
 from rich.text import Text
 
 from hv.kvm.kvm import Kvm
-from hv.devices.serial import Serial16550
-from hv.vmm.cli import LineConsole, MachineRun, run_machine, terminal
-from hv.vmm.command import ExitStatus, UsageError, say
+from hv.vmm.command import ExitStatus
 from hv.vmm.control import call, expect
 from hv.kvm.units import MiB
 from migrate.events import ProgressLine, SnapshotWritten, from_dict
-from migrate.commands.common import (NUMBER, VERIFY_TIMEOUT, FieldTypes, guest_console, print_json, progress_bar,
-                                     results)
+from migrate.commands.common import NUMBER, VERIFY_TIMEOUT, FieldTypes, print_json, progress_bar, results
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
@@ -65,45 +61,10 @@ def _held_for(live: object) -> str:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from migrate.snapshot.lazy import lazy_restore_of, report_when_resident
-    from migrate.snapshot.snapshots import restore
+    """FILE here, a VMM that waits for one (`--wait`), or FILE into it (`--into`)."""
+    from migrate.commands.restoring import cmd_restore as restore_command
 
-    console, watch = guest_console()
-    with MachineRun(args.api) as run, Kvm() as kvm:  # the control socket claimed before the restore
-        if not Path(args.file).is_file():  # the file named is not there: usage (2); a missing base is a refusal (3)
-            raise FileNotFoundError(f"{args.file}: no such snapshot file")
-        if args.record_ms and not args.lazy:
-            raise UsageError("--record-ms records a lazy restore's faults: it needs --lazy")
-        t0 = time.perf_counter()
-        machine = restore(args.file, kvm, console=console, disk=args.disk, disk_dir=args.disk_dir,
-                          share_memory=args.share_mem, virtio_console=LineConsole(), verify_memory=not args.no_verify,
-                          disk_from_snapshot=args.disk_from_snapshot, say_disk=lambda text: say("migrate", text),
-                          lazy=args.lazy, record_ms=args.record_ms)
-        restore_ms = (time.perf_counter() - t0) * 1000
-        lazily = " (lazily: no page read yet)" if args.lazy else ""
-        say("migrate", f"restored {args.file} in {restore_ms:.1f} ms{lazily}")
-        machine.device("serial0", Serial16550).attach_terminal(terminal())  # before the guest runs
-        run.prepare(machine, watch=watch, extra={"console": console})
-        lazy = lazy_restore_of(machine)
-        if lazy is None:
-            machine.resume()
-        else:
-            lazy.resume()
-            report_when_resident(lazy, lambda line, failed: say("migrate", line, "red" if failed else "bold"))
-        try:
-            status = run_machine(machine, run, timeout=args.timeout, start=False)
-        finally:
-            if lazy is not None:
-                lazy.close()
-        result: dict[str, object] = {"path": args.file, "restore_ms": round(restore_ms, 3)}
-        if lazy is not None:
-            stats = lazy.stats()
-            result["lazy"] = stats.as_dict()
-            if stats.error is not None:  # a corrupt page (named on stderr as it was found)
-                status = ExitStatus.FAILED
-        if args.json:
-            print_json(result)
-        return status
+    return restore_command(args)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -40,17 +40,16 @@ import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 import formats
 from formats import StreamWriter, ZeroRanges
-from hv.vmm.builder import blank_machine
 from migrate.events import Progress, SnapshotWritten
 from hv.kvm.kvm import Kvm
 from hv.vmm.machine import Machine, RunState, discard_on_error
-from hv.kvm.memory import GuestMemory, RamBacking
+from hv.kvm.memory import GuestMemory
 from hv.kvm.vm import VmConfig
 from migrate import digest, pages
 from migrate.disks import DiskPolicy
@@ -62,6 +61,7 @@ from migrate.snapshot.lazy import LazyRestore, lazy_restore_of
 from migrate.snapshot.live import HeldMemory, LiveStats
 from migrate.snapshot.pagetable import build_table
 from migrate.snapshot.workingset import describe_tail
+from migrate.snapshot.spare import MachineFactory, fresh_machine
 from migrate.snapshot.files import (
     MEM_TRAILER_MAGIC,
     MEM_TRAILER_SIZE,
@@ -369,12 +369,16 @@ def _write_memory_file(path: Path, memory: GuestMemory, runs: Iterable[pages.Mem
     return written
 
 
+RestorePhase = Literal["checked", "built", "applied"]  # what `restore` tells `phase_done` it finished
+
+
 def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
             console: Callable[[bytes], None] = lambda b: None, verify_memory: bool = True,
             disk: str | Path | None = None, disk_dir: str | Path | None = None, share_memory: bool = False,
             virtio_console: Callable[[bytes], None] | None = None,
             progress: Progress | None = None, disk_from_snapshot: bool = False,
-            say_disk: Callable[[str], None] = log.info, lazy: bool = False, record_ms: int = 0) -> Machine:
+            say_disk: Callable[[str], None] = log.info, lazy: bool = False, record_ms: int = 0,
+            build: MachineFactory = fresh_machine, phase_done: Callable[[RestorePhase], None] | None = None) -> Machine:
     """A paused machine holding the snapshot at `path` (and its chain), checked before any VM
     exists: versions, checksums, layout, the state's shape, totals, CPUID and (`verify_memory`,
     the default, for every kind) the memory digest. `config`, when given, is the VM this VMM
@@ -397,7 +401,10 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
     digest is checked block by block as blocks come in, `verify_memory` False skips that). A
     snapshot's recorded working set is loaded first; `record_ms` records this run's instead: the
     pages the guest touches in its first `record_ms` ms, in order, stored into the snapshot
-    file once the memory is in (`migrate.snapshot.workingset`)."""
+    file once the memory is in (`migrate.snapshot.workingset`).
+
+    `build` makes the machine once everything is checked (`migrate.snapshot.spare`: a new one, or
+    one built before the restore was asked for); `phase_done` hears of each phase's end."""
     started = time.perf_counter()
     path = Path(path)
     chain = snapshot_chain(path)
@@ -412,6 +419,7 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
     guest_disk = disk_for_restore(path, head, DiskPolicy.of(disk, disk_dir),  # before any VM or memory
                                   from_snapshot=disk_from_snapshot)
     table = None
+    staging: GuestMemory | None = None
     try:
         if lazy:  # each file's head and index read and checked; no page
             table = build_table(chain, expected)
@@ -427,7 +435,7 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
                             "shrink while the VM runs", path, memory_file.path)
         else:
             staging = scratch_memory(vm_config)
-        if not lazy:
+        if staging is not None:
             sink = pages.MemorySink(staging)
             loaded = Collected()
             for file_path, _ in chain:  # base first; the last is the head
@@ -437,22 +445,22 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
         state = state_of(loaded, path, kvm)  # its shape and registers checked, before any VM exists
         if problems := cpuid_problems(state.vcpus[0].cpuid, kvm.guest_cpuid):
             raise IncompatibleError(problems)
-
+        if phase_done:
+            phase_done("checked")
         virtio = head.virtio.build(virtio_console or console, guest_disk.disk if guest_disk else None) \
             if head.virtio else None
-        if lazy:
-            machine = blank_machine(kvm, vm_config, console, virtio=virtio, backing=RamBacking.host_filled)
-        else:
-            by_base = {r.guest_base: r for r in staging.regions}
-            machine = blank_machine(kvm, vm_config, console, virtio=virtio, backing=lambda base, size: RamBacking(
-                by_base[base].mapping, anonymous=not shared))
+        # a lazy restore's RAM is empty until the pager fills it; otherwise the checked staging memory
+        machine = build(kvm, vm_config, console, virtio=virtio, staging=staging, shared=shared)
+        if phase_done:
+            phase_done("built")
         with discard_on_error(machine):
             pager = None if table is None else LazyRestore(machine, table, started=started, verify=verify_memory,
                                                            record_ms=record_ms)  # (it owns the table)
             table = None
             try:  # (the pages KVM reads as the state goes in are served by the pager)
                 apply(machine, state)
-                machine.start(paused=True)
+                if machine.state is RunState.CREATED:  # (a machine built ahead is started paused already)
+                    machine.start(paused=True)
             except BaseException:
                 if pager is not None:
                     pager.close()
@@ -466,6 +474,8 @@ def restore(path: str | Path, kvm: Kvm, *, config: VmConfig | None = None,
             guest_disk.close()  # the device has its own descriptor
     if guest_disk:
         say_disk(f"disk: {guest_disk.says}")
+    if phase_done:
+        phase_done("applied")
     return machine
 
 

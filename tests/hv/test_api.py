@@ -204,7 +204,7 @@ def test_linux_arch(kvm: Kvm) -> None:
     assert members(api.LinuxArch) <= arch.used
 
 
-def test_add_virtio_device_only_before_start_and_only_a_known_transport(kvm: Kvm, write_image) -> None:
+def test_add_virtio_device_only_before_it_runs_and_only_a_known_transport(kvm: Kvm, write_image) -> None:
     from hv.errors import ConfigError, LifecycleError
     from hv.vmm.builder import virtio_layout
 
@@ -219,9 +219,13 @@ def test_add_virtio_device_only_before_start_and_only_a_known_transport(kvm: Kvm
         machine.add_virtio_device(VirtioRngSpec())
         assert machine.device_layout()[-1] == virtio_layout(["virtio-rng0"])[0]
         assert machine.device_layout()[-1].pci is None
-        machine.start(paused=True)
+        machine.start(paused=True)  # started, but no vCPU entered the guest (a VM built ahead of a restore)
+        machine.add_virtio_device(VirtioRngSpec("virtio-rng1"))
+        machine.resume()
+        machine.pause()
         with pytest.raises(LifecycleError):
-            machine.add_virtio_device(VirtioRngSpec("virtio-rng1"))
+            machine.add_virtio_device(VirtioRngSpec("virtio-rng2"))
+        assert "virtio-rng2" not in machine.devices
     finally:
         discard(machine)
     on_pci = multiboot_machine(kvm, image, "", VmConfig(mem_size=16 * MiB))

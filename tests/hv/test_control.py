@@ -110,3 +110,33 @@ def test_a_machine_ended_by_a_command_is_closed_at_low_priority_by_another_threa
     assert os.getpriority(os.PRIO_PROCESS, 0) == before  # this thread's priority is untouched
     assert closing_nice == [19, closing_nice[1]] and closing_nice[1] != threading.get_native_id()
     assert not machine.vm.memory.regions  # closed: its RAM unmapped
+
+
+def test_commands_served_before_a_machine_then_refused_once_one_is_attached(kvm: Kvm, tmp_path) -> None:
+    """A VMM waiting for its guest answers its own commands at once (not after `attach_wait`),
+    each handler told when its request arrived; once a machine is attached the names only served
+    that way are told NotWaiting, and a name served both ways goes to the machine's handler."""
+    sock = tmp_path / "vm.sock"
+    server = ControlServer(sock, load_extensions=False, attach_wait=30.0)
+    arrivals: list[int] = []
+
+    def make(args: dict, _progress: object, received_ns: int) -> dict:
+        arrivals.append(received_ns)
+        return {"made": args["what"]}
+
+    server.register_unattached("make", make, exclusive=True)
+    server.register_unattached("status", lambda args, progress, received_ns: {"state": "waiting"})
+    machine = builtin_machine(kvm, bg.GuestParams(ws_mib=1), VmConfig(mem_size=32 * MiB))
+    try:
+        with server:
+            sent = time.monotonic_ns()
+            assert call(sock, "status", timeout=5) == {"state": "waiting"}
+            assert call(sock, "make", timeout=5, what="a guest") == {"made": "a guest"}
+            assert sent <= arrivals[0] <= time.monotonic_ns()
+            server.attach(ControlContext(machine))
+            assert call(sock, "status")["state"] == "created"  # hv's own, of the machine
+            with pytest.raises(ControlError) as e:
+                call(sock, "make", what="another")
+            assert e.value.kind == "NotWaiting" and len(arrivals) == 1
+    finally:
+        machine.vm.close()

@@ -140,3 +140,41 @@ def test_file_backed_private_ram_loads_lazily_and_never_writes_the_file(kvm: Kvm
         assert not vm.memory.regions[0].anonymous
         assert vm.memory.regions[0].populated_pages().count() == 4096  # file pages all count
     assert image.read_bytes()[0x2000:0x200D] == b"from the file"  # copy-on-write: file untouched
+
+
+def test_a_region_takes_another_mappings_pages_in_place(vm: Vm, tmp_path) -> None:
+    """`take_pages`: a restore's staging memory (anonymous, or a file mapped privately) becomes a
+    VM's RAM without a copy and without a new memory slot: the region keeps its host address, the
+    pages are the staging's, and the staging is left mapped and empty."""
+    import mmap
+
+    from hv.kvm.memory import MemoryRegion, RamBacking, pages_movable
+
+    assert pages_movable() is None  # this project's hosts: Linux 6.x
+    region = vm.memory.regions[0]
+    address = region.host_address
+    staging = MemoryRegion(0, region.size, slot=-1, backing=RamBacking.host_filled(0, region.size))
+    staging.view[0x3000:0x3005] = b"moved"
+    region.take_pages(staging)
+    assert region.host_address == address and vm.memory.read(0x3000, 5) == b"moved" and region.anonymous
+    assert bytes(staging.view[0x3000:0x3005]) == bytes(5)  # left mapped, empty
+    staging.close()
+
+    image = tmp_path / "ram.img"
+    with open(image, "wb") as f:
+        f.truncate(region.size)
+        f.seek(0x2000)
+        f.write(b"from the file")
+    with open(image, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), region.size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    from_file = MemoryRegion(0, region.size, slot=-1, backing=mapped)
+    region.take_pages(from_file)
+    assert vm.memory.read(0x2000, 13) == b"from the file" and vm.memory.read(0x3000, 5) == bytes(5)
+    assert not region.anonymous  # a file's pages: they all count as touched
+    vm.memory.write(0x2000, b"FROM")
+    assert image.read_bytes()[0x2000:0x2004] == b"from"  # private: the file is never written
+    from_file.close()
+
+    with pytest.raises(GuestAddressError):
+        smaller = MemoryRegion(0, region.size // 2, slot=-1, backing=RamBacking.host_filled(0, region.size // 2))
+        region.take_pages(smaller)

@@ -31,10 +31,10 @@ from migrate.transport.listener import Listener
 MiB = 1 << 20
 
 
-def kvm_vm_fds() -> int:
-    """VMs this process holds open: a refused migration must leave none behind."""
+def kvm_vm_fds(pid: int | str = "self") -> int:
+    """VMs this process (or process `pid`) holds open: a refused migration must leave none behind."""
     count = 0
-    for fd in Path("/proc/self/fd").iterdir():
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
             count += os.readlink(fd) == "anon_inode:kvm-vm"
         except OSError:
