@@ -15,8 +15,9 @@ From then on the guest's first write to a 2 MiB block waits while the fault thre
 block aside and releases it; a reader thread here takes memory in groups of `GROUP` bytes, in
 address order, as fast as it copies (the blocks it takes are released at once, so the guest stops
 faulting there), hashing each block for the memory digest, and hands the groups on to be encoded,
-at most `buffer_bytes` ahead of the encoders. The reader and the encoders run at a lower priority
-than the vCPUs. The file written from them is the one a paused guest would have given, END's
+at most `buffer_bytes` ahead of the encoders. The reader (once the sweep below is done) and the
+encoders run in the background (`pages.in_background`: nice 19), on CPU time the guest leaves; the
+fault thread does not: a guest waiting on it waits for nothing else. The file written from them is the one a paused guest would have given, END's
 digest included: the memory of the instant, which a restore checks as it checks any snapshot.
 
 Only pages the snapshot holds are read (of those, the encoded ones are all of them or,
@@ -43,16 +44,14 @@ from hv.kvm.memory import GuestMemory, MemoryRegion
 from hv.kvm.write_protect import WriteProtect, WriteProtectStats, pagemap_shows_protection
 from migrate.datapath import block_hashes
 from migrate.errors import SnapshotError
-from migrate.pages import CHUNK_BYTES, MemoryRun, Touched
+from migrate.pages import CHUNK_BYTES, MemoryRun, Touched, in_background
 
 GROUP = CHUNK_BYTES  # bytes taken at a time: whole digest blocks, one PAGES section's worth
 BUFFER_BYTES = 256 << 20  # taken but not yet encoded, at most (the guest is released that far ahead)
 POOL_BYTES = 256 << 20  # at most, per region: buffers faulted in before the pause for blocks written first
 SWEEP_PAGES = (16 << 20) // PAGE_SIZE  # found and released at a time, right after the pause
+FIRST_SWEEP_PAGES = (2 << 20) // PAGE_SIZE  # ... but the first part: one block
 SWEEP_BYTES = 4 << 30  # kept aside by the sweep at most; the rest is kept as it is written
-# The reader's and the encoders' priority: below the vCPUs' (the guest runs first; a snapshot takes
-# the CPU the guest leaves). Not the fault thread's: a guest waiting on it waits for nothing else.
-BACKGROUND_NICE = 10
 assert GROUP % DIGEST_BLOCK == 0
 
 
@@ -143,7 +142,7 @@ class LivePages:
     address order); `digest()` then is the instant's memory digest."""
 
     stable = True  # what it yields never changes: encoders need not copy it
-    nice = BACKGROUND_NICE
+    background = True  # the guest runs meanwhile: the encoders take only the CPU it leaves
 
     def __init__(self, memory: GuestMemory, held: dict[int, WriteProtect], encode: Touched | None,
                  read: Touched | None, buffer_bytes: int) -> None:
@@ -186,7 +185,7 @@ class LivePages:
     def _take_all(self) -> None:
         try:
             read = self._read if self._read is not None else self._find_and_sweep()
-            os.setpriority(os.PRIO_PROCESS, 0, BACKGROUND_NICE)  # 0: this thread (Linux)
+            in_background()
             encode = self._encode if self._encode is not None else read
             for region in self.memory.regions:
                 base = region.guest_base
@@ -205,8 +204,8 @@ class LivePages:
         read = {}
         for region in self.memory.regions:
             held, protected = self._held[region.guest_base], np.zeros(region.npages, dtype=bool)
-            for first in range(0, region.npages, SWEEP_PAGES):
-                part = region.write_protected_pages(first, min(SWEEP_PAGES, region.npages - first))
+            for first, count in _sweep_parts(region.npages):
+                part = region.write_protected_pages(first, count)
                 protected[first: first + len(part)] = part
                 held.narrow(first, part)
                 held.sweep(first, len(part), SWEEP_BYTES)
@@ -224,6 +223,18 @@ class LivePages:
         view, start = memoryview(data), region.guest_base + offset
         return [MemoryRun(start + page * PAGE_SIZE, view[page * PAGE_SIZE: (page + count) * PAGE_SIZE])
                 for page, count in _page_runs(encode, offset // PAGE_SIZE, len(data) // PAGE_SIZE)]
+
+
+def _sweep_parts(npages: int) -> list[tuple[int, int]]:
+    """(first page, pages) of a region's sweep, in address order: one block first, so that the
+    bottom of RAM, where a guest kernel's own data and stacks usually are, is released within a
+    block's copy of the resume; then `SWEEP_PAGES` at a time."""
+    parts, first = [], 0
+    while first < npages:
+        count = min(FIRST_SWEEP_PAGES if first == 0 else SWEEP_PAGES, npages - first)
+        parts.append((first, count))
+        first += count
+    return parts
 
 
 def _page_runs(bitmap: DirtyBitmap, first: int, count: int) -> list[tuple[int, int]]:

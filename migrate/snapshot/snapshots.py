@@ -208,7 +208,7 @@ class PageSource(Protocol):
     """Where a snapshot's pages come from: the paused guest's RAM, or copies of the instant."""
 
     stable: bool  # what `runs` yields does not change while it is encoded
-    nice: int  # the priority of the work on it: a running guest comes first
+    background: bool  # the work on it runs on CPU time the guest leaves (a running guest comes first)
 
     def runs(self) -> Iterable[pages.MemoryRun]: ...
 
@@ -226,7 +226,7 @@ class PausedPages:
     page_runs: list[pages.MemoryRun]
     workers: int
     stable = True
-    nice = 0  # the guest waits for it
+    background = False  # the guest waits for it
 
     def runs(self) -> list[pages.MemoryRun]:
         return self.page_runs
@@ -298,7 +298,7 @@ def _store(machine: Machine, plan: _Plan, source: PageSource, path: Path, *, lev
             if mappable:
                 raw = _write_memory_file(mem.tmp, vm.memory, source.runs(), snapshot_id)
             else:
-                with pages.PageEncoderPool(level, workers, stable=source.stable, nice=source.nice) as pool:
+                with pages.PageEncoderPool(level, workers, stable=source.stable, background=source.background) as pool:
                     for section in pool.encode(source.runs()):
                         f.writelines(writer.pages_parts(section))
                         raw += section.totals.raw_bytes

@@ -11,6 +11,8 @@ After a steady window the snapshot is taken:
 - kvmigrate-live: `migrate snapshot --api SOCK --out FILE --live --json` (the guest paused only
   to capture its state and write-protect its RAM);
 - kvmigrate-paused: the same without `--live` (paused for the whole write);
+- kvmigrate-pause-resume: no snapshot, the control socket's `pause` then `resume` (what any
+  pause costs this guest on this host: the floor under a live snapshot's figure);
 - qemu-background: QEMU 7.2's `background-snapshot` capability and `migrate` to
   `exec:cat > FILE` (userfaultfd write-protect too; QEMU populates all RAM first).
 
@@ -45,6 +47,7 @@ from echo_observer import Console, Observer
 from echo_timeline import SOURCE, percentile
 
 from hv.guests import builtin as bg
+from hv.vmm.control import call
 
 STEADY = 2.0  # seconds of pings and passes before the snapshot
 AFTER = 0.5  # seconds observed after it
@@ -123,8 +126,9 @@ def _observe(console, period: float) -> Observer:
     return observer
 
 
-def kvmigrate_once(workdir: Path, image: Path, scenario: Scenario, tsc_khz: int, period: float, live: bool) -> Run:
-    run = Run("kvmigrate-live" if live else "kvmigrate-paused", "failed")
+def kvmigrate_once(workdir: Path, image: Path, scenario: Scenario, tsc_khz: int, period: float, peer: str) -> Run:
+    run = Run(peer, "failed")
+    live = peer == "kvmigrate-live"
     api, out = workdir / "vm.sock", workdir / "vm.snap"
     with ExitStack() as stack:
         def spawn(stack: ExitStack, role: str, argv: list[str]) -> subprocess.Popen:
@@ -140,10 +144,18 @@ def kvmigrate_once(workdir: Path, image: Path, scenario: Scenario, tsc_khz: int,
                                             "--out", str(out), "--json", *(["--live"] if live else [])])
         observer = _observe(Console(SOURCE, source.stdin.fileno(), source.stdout.fileno()), period)
         start = time.monotonic()
-        command.stdin.write(b"go\n")
-        command.stdin.flush()
-        text = command.stdout.read()
-        end = time.monotonic()
+        if peer == "kvmigrate-pause-resume":
+            call(api, "pause")
+            paused = time.monotonic()
+            call(api, "resume")
+            end = time.monotonic()
+            text = json.dumps({"pause_seconds": end - paused, "file_bytes": 0}).encode()
+        else:
+            command.stdin.write(b"go\n")
+            command.stdin.flush()
+            text = command.stdout.read()
+            end = time.monotonic()
+        command.kill()
         command.wait()
         time.sleep(AFTER)
         observer.stop()
@@ -187,7 +199,7 @@ def qemu_once(workdir: Path, image: Path, scenario: Scenario, tsc_khz: int, peri
     return run
 
 
-PEERS = ["kvmigrate-live", "kvmigrate-paused", "qemu-background"]
+PEERS = ["kvmigrate-live", "kvmigrate-paused", "qemu-background", "kvmigrate-pause-resume"]
 
 
 def once(peer: str, image: Path, scenario: Scenario, tsc_khz: int, period: float) -> Run:
@@ -195,7 +207,7 @@ def once(peer: str, image: Path, scenario: Scenario, tsc_khz: int, period: float
         try:
             if peer == "qemu-background":
                 return qemu_once(Path(tmp), image, scenario, tsc_khz, period)
-            return kvmigrate_once(Path(tmp), image, scenario, tsc_khz, period, live=peer == "kvmigrate-live")
+            return kvmigrate_once(Path(tmp), image, scenario, tsc_khz, period, peer)
         except (qd.BenchError, OSError) as e:
             return Run(peer, "failed", error=str(e)[-500:])
 
@@ -225,7 +237,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--scenario", action="append", choices=sorted(SNAPSHOT_SCENARIOS), metavar="NAME",
                     help=f"repeatable; default {', '.join(HEADLINE)}")
-    ap.add_argument("--peer", action="append", choices=PEERS, help="repeatable; default all three (but "
+    ap.add_argument("--peer", action="append", choices=PEERS, help="repeatable; default the first three (but "
                     "QEMU on hot1g-16g)")
     ap.add_argument("--period-ms", type=float, default=5.0)
     ap.add_argument("--json", action="store_true")
@@ -235,7 +247,7 @@ def main() -> None:
                     "period_ms": args.period_ms, "scenarios": {}}
     for name in args.scenario or HEADLINE:
         scenario = Scenario(SNAPSHOT_SCENARIOS[name].workload, every=1)
-        peers = args.peer or DEFAULT_PEERS.get(name, PEERS)
+        peers = args.peer or DEFAULT_PEERS.get(name, PEERS[:3])
         done: dict[str, list[Run]] = {p: [] for p in peers}
         for i in range(args.runs):
             order = peers if i % 2 == 0 else peers[::-1]
