@@ -57,8 +57,9 @@ assert GROUP % DIGEST_BLOCK == 0
 
 @dataclass(frozen=True)
 class LiveStats:
-    """What holding the instant cost: pages the guest wrote before they were read (`saved`: each
-    made a vCPU or device thread wait), the most memory held aside for them, and the waits."""
+    """What holding the instant cost: pages kept aside (`saved`: by the sweep after the pause, or
+    as a write waited for its block), the most memory they held at once, the writes that waited
+    for the fault thread (`faults`) and how long."""
 
     faults: int
     saved: int
@@ -184,7 +185,7 @@ class LivePages:
 
     def _take_all(self) -> None:
         try:
-            read = self._read if self._read is not None else self._find_and_sweep()
+            read = self._find_and_sweep()
             in_background()
             encode = self._encode if self._encode is not None else read
             for region in self.memory.regions:
@@ -198,19 +199,25 @@ class LivePages:
             self._ready.put(e)
 
     def _find_and_sweep(self) -> Touched:
-        """At the vCPUs' priority, right after the pause, `SWEEP_PAGES` at a time: the pages
-        populated at the instant (still protected, or kept aside since), each part then kept
-        aside and released at once, as far as `SWEEP_BYTES` allows. Returns those pages."""
+        """At the vCPUs' priority, right after the pause, a part at a time (`_sweep_parts`): the
+        pages populated at the instant, unless `protect` was told them (those still protected,
+        and those kept aside since), each part then kept aside and released at once, as far as
+        `SWEEP_BYTES` allows. Returns those pages."""
         read = {}
         for region in self.memory.regions:
-            held, protected = self._held[region.guest_base], np.zeros(region.npages, dtype=bool)
+            held = self._held[region.guest_base]
+            known = self._read[region.guest_base] if self._read is not None else None
+            protected = np.zeros(region.npages, dtype=bool)
             for first, count in _sweep_parts(region.npages):
-                part = region.write_protected_pages(first, count)
-                protected[first: first + len(part)] = part
-                held.narrow(first, part)
-                held.sweep(first, len(part), SWEEP_BYTES)
-            read[region.guest_base] = DirtyBitmap.from_bools(protected)
-            read[region.guest_base] |= held.kept_aside()  # read after the narrowing: none missed
+                if known is None:
+                    part = region.write_protected_pages(first, count)
+                    protected[first: first + count] = part
+                    held.narrow(first, part)
+                held.sweep(first, count, SWEEP_BYTES)
+            if known is None:
+                known = DirtyBitmap.from_bools(protected)
+                known |= held.kept_aside()  # read after the narrowing: none missed
+            read[region.guest_base] = known
         return read
 
     def _take(self, region: MemoryRegion, offset: int, encode: DirtyBitmap) -> list[MemoryRun]:

@@ -80,9 +80,15 @@ def instant(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, object]]:
     yield seen
 
 
-@pytest.mark.parametrize("mappable", [False, True], ids=["compressed", "mappable"])
+@pytest.mark.parametrize(("mappable", "pagemap"), [(False, True), (True, True), (False, False)],
+                         ids=["compressed", "mappable", "touched-read-in-the-pause"])
 def test_a_live_snapshot_holds_the_instant_of_its_pause_while_the_guest_writes_on(
-        busy, kvm: Kvm, tmp_path: Path, instant: dict[str, object], mappable: bool) -> None:
+        busy, kvm: Kvm, tmp_path: Path, instant: dict[str, object], mappable: bool, pagemap: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pagemap`: the kernel's pagemap shows write protection (Linux 5.13), so the pages touched
+    at the instant are found after the pause; without, as on an older kernel, read in it."""
+    if not pagemap:
+        monkeypatch.setattr(live.HeldMemory, "reads_touched_after", property(lambda self: False))
     machine, console = busy
     instant.update(machine=machine, console=console)
     before = console.last_pass()
